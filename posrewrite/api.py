@@ -1,0 +1,364 @@
+"""The Python API: `inspect`, `rewrite` and `check`. The CLI is a thin layer over these functions.
+
+    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> save (atomic) -> validate
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from posrewrite import errors, io
+from posrewrite.math import precision as precision_math
+from posrewrite.math import rope as rope_math
+from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
+from posrewrite.passes.onnx.detect_rope import detect_rope
+from posrewrite.progress import NullReporter
+from posrewrite.sites.base import EncodingSite, Refusal
+from posrewrite.sites.rope import AngleSource, RopeSite
+
+DEFAULT_CHECK_LENGTH = 8192
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Detection:
+    sites: list[EncodingSite]
+    refusals: list[Refusal]
+
+    @property
+    def rope_sites(self) -> list[RopeSite]:
+        return [s for s in self.sites if isinstance(s, RopeSite)]
+
+
+def detect(model: ir.Model) -> Detection:
+    """Every positional encoding the detectors know, and what looked like one but was not understood."""
+    sites: list[EncodingSite] = []
+    refusals: list[Refusal] = []
+    rope_sites, rope_refusals = detect_rope(model)
+    sites.extend(rope_sites)
+    other_nodes: set[int] = set()
+    try:
+        from posrewrite.passes.onnx.detect_other import detect_other_encodings
+    except ImportError:  # the module is optional while it is being built
+        detect_other_encodings = None
+    if detect_other_encodings is not None:
+        other_sites, other_refusals = detect_other_encodings(model)
+        sites.extend(other_sites)
+        refusals.extend(other_refusals)
+        for s in other_sites:
+            for attr in ("nodes", "source_nodes"):
+                for n in getattr(s, attr, ()) or ():
+                    other_nodes.add(id(n))
+    # a Cos claimed by another encoding (sinusoidal tables) is not an unrecognised RoPE
+    by_name = {n.name: n for n in model.graph}
+    for r in rope_refusals:
+        node = by_name.get(r.where)
+        if r.kind == "rope?" and node is not None and id(node) in other_nodes:
+            continue
+        if r.kind == "rope?" and other_nodes and _feeds_other(node, other_nodes):
+            continue
+        refusals.append(r)
+    return Detection(sites, refusals)
+
+
+def _feeds_other(node: ir.Node | None, other_nodes: set[int]) -> bool:
+    if node is None:
+        return False
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or len(seen) > 64:
+            continue
+        seen.add(id(n))
+        if id(n) in other_nodes:
+            return True
+        for out in n.outputs:
+            stack.extend(u.node for u in out.uses())
+    return False
+
+
+@dataclasses.dataclass
+class InspectResult:
+    model_path: str
+    sites: list[EncodingSite]
+    refusals: list[Refusal]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_path,
+            "encodings": [s.to_dict() for s in self.sites],
+            "refusals": [r.to_dict() for r in self.refusals],
+        }
+
+
+def inspect(path: str | os.PathLike) -> InspectResult:
+    """Describes the positional encodings of the model at `path` (weights are not read)."""
+    model = io.load_model(path)
+    found = detect(model)
+    return InspectResult(str(path), found.sites, found.refusals)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewrite
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    input_path: str
+    output_path: str | None
+    modified: bool
+    changes: list[str]
+    notes: list[str]
+    validation: Any = None
+    sites: list[EncodingSite] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input_path,
+            "output": self.output_path,
+            "modified": self.modified,
+            "changes": self.changes,
+            "notes": self.notes,
+            "validation": None if self.validation is None else self.validation.to_dict(),
+            "encodings": [s.to_dict() for s in self.sites],
+        }
+
+
+def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite) -> rope_math.RopeParameters:
+    """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
+    config = read_config_json(model_path)
+    hf = rope_parameters_from_options(options, config_json=config)
+    hf.pop("partial_rotary_factor", None)
+    method = hf.get("rope_type", "default")
+    if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
+        if site.max_positions is not None:
+            hf["original_max_position_embeddings"] = int(site.max_positions)
+        elif config and config.get("max_position_embeddings"):
+            hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
+        else:
+            raise errors.UsageError(
+                f"--rope-method {method} needs the training length and the graph does not tell it "
+                "(angles are computed on the fly, no config.json beside the model): pass --original-max-positions N"
+            )
+    try:
+        params = rope_math.RopeParameters.from_hf(hf)
+        params.validate()
+    except ValueError as exc:
+        raise errors.UsageError(str(exc)) from None
+    return params
+
+
+def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteOptions:
+    if options is None:
+        return RewriteOptions(**kwargs)
+    if kwargs:
+        return dataclasses.replace(options, **kwargs)
+    return options
+
+
+def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, progress=None, **kwargs) -> RewriteResult:
+    """Rewrites the model at `path` as `options` say and saves it (atomically) beside it or to options.output.
+
+    Keyword arguments are RewriteOptions fields: `rewrite("m.onnx", rope_scale=4, rope_method="yarn",
+    original_max_positions=4096, output="m-yarn.onnx")`.
+    """
+    from posrewrite.passes.onnx import rescale
+    from posrewrite.validate import FULL_RUN_MAX_BYTES, MAX_VALIDATION_LENGTH, initializer_bytes, run_full_model, validate_sites
+
+    opts = _options(options, kwargs)
+    progress = progress or NullReporter()
+    if not opts.has_work():
+        raise errors.UsageError("nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions")
+    output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
+    io.ensure_distinct_output(path, output)
+    with progress.stage("loading"):
+        model = io.load_model(path)
+    with progress.stage("detecting"):
+        found = detect(model)
+    if not found.sites:
+        raise errors.NoEncodingError(f"no positional encoding found in {path}")
+    if found.refusals and not opts.allow_partial:
+        first = found.refusals[0]
+        more = f" (and {len(found.refusals) - 1} more)" if len(found.refusals) > 1 else ""
+        raise errors.PartialMatchError(
+            f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model (use --allow-partial)"
+        )
+    changes: list[str] = []
+    notes: list[str] = [f"skipped {r.where}: {r.reason}" for r in found.refusals]
+    plans = []
+    rope_sites = found.rope_sites
+    if opts.rescales_rope:
+        if not rope_sites:
+            raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
+        for site in rope_sites:
+            params = rope_parameters_for(opts, path, site)
+            try:
+                plans.append(rescale.plan_site(site, params))
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
+        with progress.stage("rescaling", total=len(plans)) as stage:
+            for plan in plans:
+                try:
+                    changes.extend(rescale.rescale_site(model.graph, plan))
+                except rescale.RescaleError as exc:
+                    raise errors.UsageError(str(exc)) from None
+                stage.advance()
+    other_changes, other_notes = _other_rewrites(model, found, opts)
+    changes.extend(other_changes)
+    notes.extend(other_notes)
+    if opts.fp32_positions or opts.fuse != "none":
+        extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts)
+        changes.extend(extra_changes)
+        notes.extend(extra_notes)
+    if not changes:
+        notes.append("nothing changed: the model already is as requested")
+    _cleanup(model)
+    with progress.stage("saving"):
+        saved = io.save_model(model, output)
+    report = None
+    if opts.validate and plans:
+        lengths = _validation_lengths(plans)
+        with progress.stage("validating"):
+            report = validate_sites(model, plans, lengths)
+            if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
+                ok, message = run_full_model(saved, min(max(lengths), MAX_VALIDATION_LENGTH))
+                report.rows.append({"site": "model", "length": min(max(lengths), MAX_VALIDATION_LENGTH),
+                                    "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
+            else:
+                report.notes.append("whole-model run skipped: weights over 512 MB (sites were checked)")
+        if not report.ok:
+            _remove_output(saved)
+            bad = next(r for r in report.rows if not r["ok"])
+            raise errors.ValidationError(f"validation failed: {bad}")
+    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
+
+
+def _validation_lengths(plans) -> list[int]:
+    lengths = set()
+    for plan in plans:
+        L = plan.params.original_max_position_embeddings or plan.site.max_positions
+        target = plan.new_length or plan.params.target_length() or (L * 4 if L else 2048)
+        if L:
+            lengths.update({max(2, L // 2), L + 1})
+        lengths.add(int(target))
+    return sorted(n for n in lengths if n <= 4 * 4096)
+
+
+def _remove_output(path: Path) -> None:
+    for p in (Path(path), io.external_data_path(path)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _cleanup(model: ir.Model) -> None:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+
+
+def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list[str], list[str]]:
+    """Extension of ALiBi / absolute / sinusoidal / T5 tables (posrewrite.passes.onnx.extend_tables)."""
+    others = [s for s in found.sites if not isinstance(s, RopeSite)]
+    if not others or not (opts.max_positions or opts.pos_scale or opts.alibi_scale):
+        return [], []
+    from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
+
+    p = ExtendTablesPass(others, max_positions=opts.max_positions, pos_scale=opts.pos_scale, alibi_scale=opts.alibi_scale)
+    p(model)
+    return list(getattr(p, "changes", [])), list(getattr(p, "notes", []))
+
+
+def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) -> tuple[list[str], list[str]]:
+    changes: list[str] = []
+    notes: list[str] = []
+    if opts.fp32_positions:
+        try:
+            from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
+        except ImportError:
+            raise errors.UsageError("--fp32-positions is not available in this build") from None
+        p = Fp32PositionsPass(found.sites)
+        p(model)
+        changes.extend(getattr(p, "changes", []))
+        notes.extend(getattr(p, "notes", []))
+    if opts.fuse != "none":
+        try:
+            from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+        except ImportError:
+            raise errors.UsageError("--fuse is not available in this build") from None
+        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans)
+        p(model)
+        changes.extend(getattr(p, "changes", []))
+        notes.extend(getattr(p, "notes", []))
+    return changes, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CheckResult:
+    model_path: str
+    max_length: int
+    sites: list[dict[str, Any]]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def safe(self) -> bool:
+        return all(s["safe"] for s in self.sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model_path, "max_length": self.max_length, "safe": self.safe, "sites": self.sites, "notes": self.notes}
+
+
+def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
+    """Precision analysis of every positional-encoding site at `max_length` tokens."""
+    model = io.load_model(path)
+    found = detect(model)
+    if not found.sites:
+        raise errors.NoEncodingError(f"no positional encoding found in {path}")
+    n = int(max_length or DEFAULT_CHECK_LENGTH)
+    rows = []
+    for k, site in enumerate(found.sites):
+        if isinstance(site, RopeSite):
+            rows.append(rope_precision(site, n, k))
+        else:
+            try:
+                from posrewrite.passes.onnx.fp32_alibi import alibi_precision
+            except ImportError:
+                continue
+            if site.kind == "alibi":
+                row = alibi_precision(site, n)
+                row.setdefault("site", k)
+                rows.append(row)
+    return CheckResult(str(path), n, rows)
+
+
+def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
+    if site.angles == AngleSource.COMPUTED:
+        report = precision_math.analyse_positions(n, position_dtype=site.position_dtype, angle_dtype=site.angle_dtype,
+                                                 inv_freq=site.inv_freq)
+        row = report.to_dict()
+    else:
+        # positions index a table: they are integers (exact); the table was fitted, so judge its values
+        report = precision_math.analyse_positions(n, position_dtype="int64", angle_dtype="float32", inv_freq=site.inv_freq)
+        row = report.to_dict()
+        row["angle_dtype"] = site.angle_dtype
+        if site.max_positions is not None and n > site.max_positions:
+            row["notes"] = [f"table has {site.max_positions} rows: positions past it fail or read out of bounds"]
+    row.update({"site": index, "kind": "rope", "angles": site.angles.value})
+    return row

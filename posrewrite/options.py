@@ -1,0 +1,284 @@
+"""What the user asked for, as one checked object: :class:`RewriteOptions`.
+
+The CLI and the Python API build the same object; contradictions are refused here, each with one line
+(:class:`~posrewrite.errors.UsageError`), before any model is read. :func:`rope_parameters_from_options` turns
+the RoPE part into an HF-style ``rope_parameters`` dict (``rope_type``, ``factor``,
+``original_max_position_embeddings``, ``rope_theta`` and any extra keys such as ``beta_fast``), the form that
+``posrewrite.math.rope.RopeParameters.from_hf`` reads.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FUSE_MODES",
+    "ROPE_METHODS",
+    "RewriteOptions",
+    "load_rope_params",
+    "read_config_json",
+    "rope_parameters_from_options",
+    "rope_params_from_config",
+]
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from posrewrite.errors import UsageError
+
+#: Scaling methods, named as HF's ``rope_type`` where HF has one ("ntk" is static NTK-aware base scaling).
+ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+#: ``--fuse`` values: leave the graph as is, fuse into com.microsoft RotaryEmbedding (onnxruntime), or into the
+#: standard ONNX RotaryEmbedding (opset 23).
+FUSE_MODES = ("none", "ort", "onnx")
+
+# Accepted spellings of HF rope types / llama.cpp scaling names.
+_METHOD_ALIASES = {"ntk-aware": "ntk", "ntk_aware": "ntk", "dynamic-ntk": "dynamic", "su": "longrope"}
+
+# HF ``rope_type`` values that mean "no scaling".
+_NO_SCALING_TYPES = ("default", "none")
+
+
+def _normalize_method(name: str, flag: str = "--rope-method") -> str:
+    method = _METHOD_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if method not in ROPE_METHODS:
+        raise UsageError(f"{flag} must be one of {', '.join(ROPE_METHODS)}, not {name!r}")
+    return method
+
+
+@dataclasses.dataclass
+class RewriteOptions:
+    """Everything a rewrite may change. ``None`` means "leave as it is" (or "take it from the model")."""
+
+    rope_scale: float | None = None
+    rope_method: str = "linear"
+    original_max_positions: int | None = None
+    rope_base: float | None = None
+    rope_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fp32_positions: bool = False
+    fuse: str = "none"
+    validate: bool = True
+    allow_partial: bool = False
+    max_positions: int | None = None
+    pos_scale: float | None = None
+    alibi_scale: float | None = None
+    output: Path | None = None
+    json: bool = False
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output is not None:
+            self.output = Path(self.output)
+        self.rope_params = dict(self.rope_params or {})
+        self.rope_method = _normalize_method(self.rope_method or "linear")
+        if self.fuse not in FUSE_MODES:
+            raise UsageError(f"--fuse must be one of {', '.join(FUSE_MODES)}, not {self.fuse!r}")
+        _positive(self.rope_scale, "--rope-scale")
+        _positive(self.rope_base, "--rope-base")
+        _positive(self.original_max_positions, "--original-max-positions", integer=True)
+        _positive(self.max_positions, "--max-positions", integer=True)
+        _positive(self.pos_scale, "--pos-scale")
+        _positive(self.alibi_scale, "--alibi-scale")
+
+        params = self.rope_params
+        factor = params.get("factor")
+        if factor is not None:
+            _positive(factor, "--rope-params factor")
+            if self.rope_scale is not None and not math.isclose(float(factor), self.rope_scale, rel_tol=1e-9):
+                raise UsageError(f"--rope-params factor {factor} disagrees with --rope-scale {self.rope_scale:g}")
+        ptype = params.get("rope_type")
+        if ptype is not None and str(ptype).lower() not in _NO_SCALING_TYPES:
+            ptype = _normalize_method(str(ptype), "--rope-params rope_type")
+            if self.rope_method != "linear" and ptype != self.rope_method:
+                raise UsageError(f"--rope-params rope_type {ptype!r} disagrees with --rope-method {self.rope_method!r}")
+            self.rope_method = ptype
+        orig = params.get("original_max_position_embeddings")
+        if orig is not None:
+            _positive(orig, "--rope-params original_max_position_embeddings", integer=True)
+            if self.original_max_positions is not None and int(orig) != self.original_max_positions:
+                raise UsageError(
+                    f"--rope-params original_max_position_embeddings {orig} disagrees with "
+                    f"--original-max-positions {self.original_max_positions}"
+                )
+        theta = params.get("rope_theta")
+        if theta is not None:
+            _positive(theta, "--rope-params rope_theta")
+            if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
+                raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
+        scale = self.effective_rope_scale
+        if scale is not None and scale < 1 and self.rope_method not in ("linear",):
+            raise UsageError(f"--rope-scale {scale:g} is below 1, which only --rope-method linear accepts")
+        if self.rope_method_requires_scale and scale is None and "long_factor" not in params:
+            raise UsageError(f"--rope-method {self.rope_method} needs --rope-scale (or a factor in --rope-params)")
+
+    # -- derived -------------------------------------------------------------------------------------------------
+
+    @property
+    def effective_rope_scale(self) -> float | None:
+        """``--rope-scale``, or the ``factor`` of ``--rope-params``."""
+        if self.rope_scale is not None:
+            return float(self.rope_scale)
+        factor = self.rope_params.get("factor")
+        return float(factor) if factor is not None else None
+
+    @property
+    def rope_method_requires_scale(self) -> bool:
+        return self.rope_method != "linear"
+
+    @property
+    def rescales_rope(self) -> bool:
+        """Whether the RoPE frequencies change (a scale, a new base, or a parameter set)."""
+        return (
+            self.effective_rope_scale is not None
+            or self.rope_base is not None
+            or "long_factor" in self.rope_params
+            or "short_factor" in self.rope_params
+        )
+
+    def has_work(self) -> bool:
+        """Whether these options ask for any change at all."""
+        return (
+            self.rescales_rope
+            or self.fp32_positions
+            or self.fuse != "none"
+            or self.max_positions is not None
+            or self.pos_scale is not None
+            or self.alibi_scale is not None
+        )
+
+    def output_suffix(self) -> str:
+        """A short name for what was done, for default output names (``model.yarn4.onnx``)."""
+        parts = []
+        scale = self.effective_rope_scale
+        if scale is not None:
+            parts.append(f"{self.rope_method}{scale:g}")
+        if self.rope_base is not None:
+            parts.append(f"base{self.rope_base:g}")
+        if self.max_positions is not None:
+            parts.append(f"pos{self.max_positions}")
+        if self.pos_scale is not None:
+            parts.append(f"posx{self.pos_scale:g}")
+        if self.alibi_scale is not None:
+            parts.append(f"alibi{self.alibi_scale:g}")
+        if self.fp32_positions:
+            parts.append("fp32pos")
+        if self.fuse != "none":
+            parts.append(f"fused-{self.fuse}")
+        return "-".join(parts).replace("+", "") or "rewritten"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output"] = str(self.output) if self.output is not None else None
+        return d
+
+
+def _positive(value: Any, flag: str, *, integer: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{flag} must be a number, not {value!r}")
+    if integer and float(value) != int(value):
+        raise UsageError(f"{flag} must be a whole number, not {value!r}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise UsageError(f"{flag} must be greater than 0, not {value!r}")
+
+
+# ------------------------------------------------------------------------------------------ --rope-params
+
+
+def _is_hf_config(d: dict[str, Any]) -> bool:
+    return any(k in d for k in ("rope_parameters", "rope_scaling", "max_position_embeddings", "model_type"))
+
+
+def rope_params_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE part of an HF ``config.json`` as one flat dict (HF 5 ``rope_parameters`` or HF 4
+    ``rope_scaling`` + ``rope_theta``), with ``original_max_position_embeddings`` filled from
+    ``max_position_embeddings`` when the config does not scale. A ``rope_type`` meaning "no scaling" is dropped.
+    """
+    params: dict[str, Any] = {}
+    if "rope_theta" in config and config["rope_theta"] is not None:
+        params["rope_theta"] = config["rope_theta"]
+    rope = config.get("rope_parameters")
+    if rope is None:
+        rope = config.get("rope_scaling")
+    if isinstance(rope, dict):
+        params.update(rope)
+    if "type" in params and "rope_type" not in params:  # HF 4's older spelling
+        params["rope_type"] = params.pop("type")
+    if str(params.get("rope_type", "")).lower() in _NO_SCALING_TYPES:
+        params.pop("rope_type")
+    if "original_max_position_embeddings" not in params and config.get("max_position_embeddings"):
+        if "factor" not in params or "rope_type" not in params:
+            params["original_max_position_embeddings"] = config["max_position_embeddings"]
+    if "partial_rotary_factor" in config and "partial_rotary_factor" not in params:
+        params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    return params
+
+
+def load_rope_params(text: str) -> dict[str, Any]:
+    """Parse ``--rope-params``: JSON text, or the path of a JSON file (which may be a whole HF config.json)."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        source = "--rope-params"
+        raw = stripped
+    else:
+        path = Path(os.path.expanduser(stripped))
+        if not path.is_file():
+            raise UsageError(f"--rope-params is neither JSON text nor an existing file: {text!r}")
+        source = str(path)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --rope-params file {path}: {e}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{source} must be a JSON object, not {type(data).__name__}")
+    if _is_hf_config(data):
+        return rope_params_from_config(data)
+    if "type" in data and "rope_type" not in data:
+        data["rope_type"] = data.pop("type")
+    return data
+
+
+def read_config_json(model_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The HF ``config.json`` beside the model, or ``None`` when there is none (or it is not a JSON object)."""
+    path = Path(model_path).parent / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rope_parameters_from_options(opts: RewriteOptions, *, config_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An HF-style ``rope_parameters`` dict for the rescaled model.
+
+    Precedence for each key: the explicit flag (``--rope-scale``, ``--rope-method``, ``--original-max-positions``,
+    ``--rope-base``), then ``--rope-params``, then the model's ``config.json`` (its ``rope_theta`` and
+    ``max_position_embeddings``). Keys that stay unknown are left out: the caller takes them from the graph.
+    Without any scale the result has ``rope_type`` ``"default"`` (a new base alone).
+    """
+    from_config = rope_params_from_config(config_json) if config_json else {}
+    params: dict[str, Any] = {}
+    scale = opts.effective_rope_scale
+    params["rope_type"] = opts.rope_method if (scale is not None or "long_factor" in opts.rope_params) else "default"
+    if scale is not None:
+        params["factor"] = scale
+    orig = opts.original_max_positions or opts.rope_params.get("original_max_position_embeddings")
+    if orig is None:
+        orig = from_config.get("original_max_position_embeddings")
+    if orig is not None:
+        params["original_max_position_embeddings"] = int(orig)
+    theta = opts.rope_base or opts.rope_params.get("rope_theta") or from_config.get("rope_theta")
+    if theta is not None:
+        params["rope_theta"] = float(theta)
+    for key, value in opts.rope_params.items():
+        params.setdefault(key, value)
+    if "partial_rotary_factor" in from_config:
+        params.setdefault("partial_rotary_factor", from_config["partial_rotary_factor"])
+    return params

@@ -1,0 +1,1 @@
+"""Graph passes: ONNX (`passes.onnx`) and torch.export/fx (`passes.fx`)."""

@@ -1,0 +1,1 @@
+"""ONNX passes over onnx_ir models: detection, rescaling, precision, fusion, cleanup."""

@@ -1,0 +1,162 @@
+"""Small read-only helpers over onnx_ir graphs shared by the detectors and rewrites."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx.reference
+import onnx_ir as ir
+
+# Ops that only move, broadcast or retype data without mixing positions and channels.
+VIEW_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Expand", "Identity", "Transpose", "Cast", "Tile", "Flatten"})
+
+_MAX_FOLD_ELEMENTS = 1 << 22  # never fold tensors bigger than this (weights): they stay lazy
+
+
+def dtype_name(value: ir.Value | None) -> str:
+    if value is None or value.dtype is None:
+        return "unknown"
+    return _DTYPE_NAMES.get(value.dtype, str(value.dtype).lower())
+
+
+_DTYPE_NAMES = {
+    ir.DataType.FLOAT: "float32",
+    ir.DataType.FLOAT16: "float16",
+    ir.DataType.BFLOAT16: "bfloat16",
+    ir.DataType.DOUBLE: "float64",
+    ir.DataType.INT64: "int64",
+    ir.DataType.INT32: "int32",
+}
+
+
+def numpy_dtype(dtype: ir.DataType) -> np.dtype:
+    if dtype == ir.DataType.BFLOAT16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype.numpy())
+
+
+def _tensor_size(tensor: ir.TensorProtocol) -> int:
+    return int(np.prod([d for d in tensor.shape.dims])) if tensor.shape is not None else 0
+
+
+class ConstantEvaluator:
+    """Evaluates values whose whole cone of inputs is constant (inv_freq built from a base with Pow, ...).
+
+    Each node is run with onnx's reference implementation, so no op semantics are written here.
+    Tensors over a size limit (weights) are never read, which keeps external data lazy.
+    """
+
+    def __init__(self, opset: int = 18) -> None:
+        self._cache: dict[int, np.ndarray | None] = {}
+        self._opset = opset
+
+    def __call__(self, value: ir.Value | None) -> np.ndarray | None:
+        if value is None:
+            return None
+        key = id(value)
+        if key not in self._cache:
+            self._cache[key] = None  # guards cycles
+            self._cache[key] = self._evaluate(value)
+        return self._cache[key]
+
+    def _evaluate(self, value: ir.Value) -> np.ndarray | None:
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is not None:
+            if _tensor_size(tensor) > _MAX_FOLD_ELEMENTS:
+                return None
+            return tensor.numpy()
+        node = value.producer()
+        if node is None or node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"):
+            return None
+        if node.domain not in ("", "ai.onnx") or any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()
+        ):
+            return None
+        if node.op_type == "Shape":
+            shape = node.inputs[0].shape if node.inputs[0] is not None else None
+            if shape is None or not shape.is_static():
+                return None
+        inputs = []
+        for inp in node.inputs:
+            if inp is None:
+                inputs.append(None)
+                continue
+            if node.op_type == "Shape":
+                inputs.append(np.zeros([d for d in inp.shape.dims], dtype=numpy_dtype(inp.dtype)))
+                continue
+            arr = self(inp)
+            if arr is None:
+                return None
+            inputs.append(arr)
+        return _run_node(node, inputs, self._opset)[list(node.outputs).index(value)]
+
+
+def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    proto = ir.serde.serialize_node(node)
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
+    del proto.input[:]
+    proto.input.extend(names)
+    out_names = [f"o{k}" for k in range(len(proto.output))]
+    del proto.output[:]
+    proto.output.extend(out_names)
+    proto.name = "fold"
+    domain_opset = onnx.helper.make_opsetid("", max(opset, 18))
+    graph = onnx.helper.make_graph(
+        [proto],
+        "fold",
+        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for n, a in zip(names, inputs) if a is not None],
+        [onnx.helper.make_empty_tensor_value_info(n) for n in out_names],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[domain_opset])
+    feeds = {n: a for n, a in zip(names, inputs) if a is not None}
+    return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
+
+
+def is_scalar_like(arr: np.ndarray | None) -> bool:
+    return arr is not None and arr.size == 1
+
+
+def trace_through(value: ir.Value, ops: Iterable[str] = VIEW_OPS) -> tuple[ir.Value, list[ir.Node]]:
+    """Follows the first input upward while the producer is one of `ops`; returns the value reached."""
+    ops = frozenset(ops)
+    path: list[ir.Node] = []
+    while True:
+        node = value.producer()
+        if node is None or node.op_type not in ops or not node.inputs or node.inputs[0] is None:
+            return value, path
+        path.append(node)
+        value = node.inputs[0]
+
+
+def int_attr(node: ir.Node, name: str, default: int | None = None) -> int | None:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    return int(attr.value)
+
+
+def last_dim(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None or len(value.shape) == 0:
+        return None
+    dim = value.shape[-1]
+    return dim if isinstance(dim, int) else None
+
+
+def rank(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
+
+
+def normalise_axis(axis: int, value_rank: int | None) -> int | None:
+    """Returns a negative axis when the rank is known (so -1 always means 'last'), else the axis as given."""
+    if axis < 0:
+        return axis
+    if value_rank is None:
+        return None
+    return axis - value_rank

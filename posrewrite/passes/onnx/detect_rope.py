@@ -1,0 +1,463 @@
+"""Finds RoPE in an ONNX graph and describes it as `RopeSite`s.
+
+Three steps: (1) the rotation patterns (`rope_patterns`) find every q/k application and the cos/sin
+values it multiplies with; (2) each cos/sin value is traced upstream through broadcasting ops to its
+source: Cos/Sin of computed angles, a row selection of a constant table, or a fused RotaryEmbedding
+node; (3) the angle computation is read: inv_freq (a constant, or folded from a base), positions and
+their dtype, any attention factor. Applications sharing a source form one site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _basics
+
+from posrewrite.math import rope as rope_math
+from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, int_attr, last_dim, rank
+from posrewrite.passes.onnx.rope_patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.sites.base import Refusal
+from posrewrite.sites.rope import AngleSource, Layout, RopeApplication, RopeSite
+
+_FUSED_DOMAINS = {"com.microsoft": "contrib", "": "onnx", "ai.onnx": "onnx"}
+
+
+@dataclasses.dataclass
+class _Source:
+    """Where one cos (or sin) value comes from."""
+
+    kind: AngleSource
+    value: ir.Value  # the site-level value (Cos output or its attention-factor Mul; or the gathered table rows)
+    trig_node: ir.Node | None = None  # Cos/Sin for computed
+    factor: float = 1.0
+    factor_node: ir.Node | None = None
+    table: ir.Value | None = None  # cached: the constant table
+    columns: tuple[int, int] | None = None  # cached: column range of the table holding this function
+    select_node: ir.Node | None = None  # cached: Gather/Slice selecting rows by position
+    path: tuple[ir.Node, ...] = ()
+
+
+class RopeDetector:
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        opset = model.opset_imports.get("", 18)
+        self.fold = ConstantEvaluator(opset)
+        self.tracer = _basics.MatchingTracer()
+        self.refusals: list[Refusal] = []
+
+    # -- step 2: cos/sin value -> source -------------------------------------------------------
+    def _source_of(self, value: ir.Value) -> _Source | str:
+        path: list[ir.Node] = []
+        factor, factor_node = 1.0, None
+        v = value
+        columns: tuple[int, int] | None = None
+        for _ in range(64):
+            node = v.producer()
+            if node is None:
+                return f"{value.name} is a graph input or constant without a position lookup"
+            op = node.op_type
+            if op in ("Cos", "Sin"):
+                site_value = factor_node.outputs[0] if factor_node is not None else node.outputs[0]
+                return _Source(AngleSource.COMPUTED, value=site_value, trig_node=node, factor=factor, factor_node=factor_node, path=tuple(path))
+            if op == "Mul":
+                a, b = node.inputs
+                ca, cb = self.fold(a), self.fold(b)
+                scalar = ca if ca is not None and ca.size == 1 else cb if cb is not None and cb.size == 1 else None
+                if scalar is not None and factor_node is None:
+                    factor, factor_node = float(scalar.reshape(-1)[0]), node
+                    path.append(node)
+                    v = b if scalar is ca else a
+                    continue
+                return f"{value.name}: cos/sin scaled by a non-constant ({node.name})"
+            if op in ("GatherElements", "Gather") and self._repeats_columns(node):
+                path.append(node)  # repeat_interleave of the columns (interleaved layouts)
+                v = node.inputs[0]
+                continue
+            if op in ("Gather", "Slice", "Split", "GatherElements"):
+                data = node.inputs[0]
+                table = None
+                if data is not None and op != "Split":
+                    root = self._stored_table(data)
+                    if root is not None:
+                        data, table = root, self.fold(root)
+                if op in ("Slice", "Split") and self._last_axis_op(node):
+                    # a column range of a combined table (e.g. GPT-J's concat(sin, cos))
+                    rng = self._column_range(node, v)
+                    if rng is None:
+                        return f"{value.name}: column split {node.name} not understood"
+                    columns = rng if columns is None else (rng[0] + columns[0], rng[0] + columns[1])
+                    path.append(node)
+                    v = data
+                    continue
+                if table is not None and table.ndim >= 2:
+                    return _Source(AngleSource.CACHED, value=node.outputs[0], table=data, columns=columns,
+                                   select_node=node, factor=factor, factor_node=factor_node, path=tuple(path))
+                path.append(node)
+                v = data
+                continue
+            if op in VIEW_OPS:
+                path.append(node)
+                v = node.inputs[0]
+                continue
+            if op == "Concat" and len(node.inputs) >= 2 and all(i is node.inputs[0] for i in node.inputs):
+                path.append(node)  # repeat of cos along an axis
+                v = node.inputs[0]
+                continue
+            return f"{value.name}: reached {op} ({node.name}) while looking for cos/sin"
+        return f"{value.name}: source too far upstream"
+
+    def _repeats_columns(self, node: ir.Node) -> bool:
+        """A gather along the last axis with constant indices that only repeats columns in order."""
+        indices = self.fold(node.inputs[1])
+        if indices is None or indices.size == 0:
+            return False
+        axis = int_attr(node, "axis", 0)
+        r = rank(node.inputs[0])
+        if not (axis == -1 or (r is not None and axis == r - 1)):
+            return False
+        cols = np.asarray(indices).reshape(-1, indices.shape[-1])
+        row = cols[0]
+        return bool(np.all(cols == row)) and bool(np.all(np.diff(row) >= 0)) and row[0] == 0
+
+    def _stored_table(self, value: ir.Value) -> ir.Value | None:
+        """The initializer/Constant a table operand is broadcast from (through Expand/Tile/Unsqueeze...)."""
+        v = value
+        for _ in range(16):
+            if ir.convenience.get_const_tensor(v) is not None:
+                return v
+            node = v.producer()
+            if node is None or node.op_type not in ("Expand", "Tile", "Unsqueeze", "Reshape", "Identity", "Cast"):
+                return None
+            v = node.inputs[0]
+        return None
+
+    def _is_small_constant(self, v: ir.Value) -> bool:
+        t = ir.convenience.get_const_tensor(v)
+        return t is not None
+
+    def _last_axis_op(self, node: ir.Node) -> bool:
+        if node.op_type == "Split":
+            axis = int_attr(node, "axis", 0)
+            r = rank(node.inputs[0])
+            return axis == -1 or (r is not None and axis == r - 1)
+        spec = read_slice(node, self.fold)
+        return spec is not None and spec.axis == -1
+
+    def _column_range(self, node: ir.Node, out: ir.Value) -> tuple[int, int] | None:
+        if node.op_type == "Slice":
+            spec = read_slice(node, self.fold)
+            width = last_dim(node.inputs[0])
+            end = spec.end if width is None else min(spec.end, width)
+            return (spec.start, end) if spec.step == 1 else None
+        sizes = self.fold(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if sizes is None and node.attributes.get("split") is not None:
+            sizes = np.array(node.attributes["split"].value)
+        index = list(node.outputs).index(out)
+        if sizes is None:
+            width = last_dim(node.inputs[0])
+            if width is None:
+                return None
+            n = len(node.outputs)
+            sizes = np.full(n, width // n)
+        start = int(np.sum(sizes[:index]))
+        return start, start + int(sizes[index])
+
+    # -- step 3: angles --------------------------------------------------------------------------
+    def _read_angles(self, cos_src: _Source) -> dict | str:
+        """inv_freq, positions and dtypes of computed angles."""
+        angles = cos_src.trig_node.inputs[0]
+        v = angles
+        duplicated = None
+        for _ in range(16):
+            node = v.producer()
+            if node is None:
+                return "angles are a graph input"
+            if node.op_type == "Concat" and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]:
+                duplicated = "concat"
+                v = node.inputs[0]
+                continue
+            if node.op_type in ("Transpose", "Reshape", "Unsqueeze", "Expand", "Tile", "Squeeze"):
+                if node.op_type in ("Reshape", "Expand", "Tile"):
+                    duplicated = duplicated or "repeat"
+                v = node.inputs[0]
+                continue
+            if node.op_type == "Cast":
+                v = node.inputs[0]
+                continue
+            if node.op_type in ("Mul", "MatMul", "Einsum"):
+                break
+            return f"angles produced by {node.op_type} ({node.name}), expected positions x inv_freq"
+        else:
+            return "angle computation too deep"
+        product = node
+        if product.op_type == "Einsum":
+            operands = list(product.inputs)
+        else:
+            operands = list(product.inputs[:2])
+        freq_info = [self._constant_root(o) for o in operands]
+        consts = [k for k, f in enumerate(freq_info) if f is not None]
+        if len(consts) != 1:
+            return f"angle product {product.name}: expected exactly one constant operand (inv_freq), found {len(consts)}"
+        k = consts[0]
+        root_value, use_node, use_index, arr = freq_info[k]
+        positions = operands[1 - k]
+        inv_freq = np.asarray(arr, dtype=np.float64).reshape(-1)
+        pos_root = positions
+        for _ in range(16):
+            p = pos_root.producer()
+            if p is None or p.op_type not in ("Cast", "Unsqueeze", "Reshape", "Expand", "Transpose", "Squeeze"):
+                break
+            pos_root = p.inputs[0]
+        return {
+            "product": product,
+            "inv_freq": inv_freq.astype(np.float32),
+            "inv_freq_root": root_value,
+            "inv_freq_use": (use_node, use_index),
+            "positions": positions,
+            "position_source": pos_root,
+            "position_dtype": dtype_name(positions),
+            "angle_dtype": dtype_name(product.outputs[0]),
+            "duplicated": duplicated,
+        }
+
+    def _constant_root(self, value: ir.Value, ops=("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Transpose")):
+        """The first constant-evaluable value walking up through broadcasting ops, with the (node, input
+        index) where it is consumed; None when the operand depends on runtime data."""
+        use_node, use_index = None, None
+        v = value
+        for _ in range(16):
+            arr = self.fold(v)
+            if arr is not None:
+                return v, use_node, use_index, arr
+            node = v.producer()
+            if node is None or node.op_type not in ops:
+                return None
+            use_node, use_index = node, 0
+            v = node.inputs[0]
+        return None
+
+    # -- assembling sites ------------------------------------------------------------------------
+    def detect(self) -> list[RopeSite]:
+        applications = find_applications(self.model, self.fold, self.tracer)
+        groups: dict[int, list[tuple[ApplicationMatch, _Source, _Source]]] = {}
+        for app in applications:
+            cs, ss = self._source_of(app.cos), self._source_of(app.sin)
+            if isinstance(cs, str) or isinstance(ss, str):
+                self.refusals.append(Refusal("rope", app.output.name or "?", cs if isinstance(cs, str) else ss))
+                continue
+            if cs.kind != ss.kind:
+                self.refusals.append(Refusal("rope", app.output.name or "?", "cos and sin come from different kinds of source"))
+                continue
+            key = id(cs.trig_node.inputs[0]) if cs.kind == AngleSource.COMPUTED else id(cs.table) * 31 + id(ss.table)
+            groups.setdefault(key, []).append((app, cs, ss))
+        sites = []
+        for members in groups.values():
+            site = self._make_site(members)
+            if isinstance(site, str):
+                self.refusals.append(Refusal("rope", members[0][0].output.name or "?", site))
+            else:
+                sites.append(site)
+        sites.extend(self._fused_sites())
+        self._unclaimed_trig(sites)
+        return sites
+
+    def _application(self, app: ApplicationMatch) -> RopeApplication:
+        x, out = app.x, app.output
+        head_dim = last_dim(x)
+        nodes = list(app.nodes)
+        # partial rotary: x = full[..., :rd] and out is concatenated with full[..., rd:]
+        prod = x.producer()
+        if prod is not None and prod.op_type == "Slice":
+            spec = read_slice(prod, self.fold)
+            full = prod.inputs[0]
+            if spec is not None and spec.axis == -1 and spec.start == 0 and spec.step == 1:
+                for use in out.uses():
+                    cat = use.node
+                    if cat.op_type == "Concat" and len(cat.inputs) == 2 and cat.inputs[0] is out:
+                        other = cat.inputs[1].producer()
+                        ospec = read_slice(other, self.fold) if other is not None else None
+                        if ospec is not None and other.inputs[0] is full and ospec.start == spec.end:
+                            x, out, head_dim = full, cat.outputs[0], last_dim(full)
+                            nodes.extend([prod, other, cat])
+                        break
+        if head_dim is None:
+            head_dim = app.rotary_dim if last_dim(x) is None else last_dim(x)
+        num_heads = None
+        if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[1], int):
+            num_heads = x.shape[1]
+        return RopeApplication(input=x, output=out, layout=app.layout, rotary_dim=app.rotary_dim,
+                               head_dim=head_dim, num_heads=num_heads, nodes=tuple(nodes), cos=app.cos, sin=app.sin)
+
+    def _make_site(self, members) -> RopeSite | str:
+        apps = [self._application(m[0]) for m in members]
+        _, cs, ss = members[0]
+        layouts = {a.layout for a in apps}
+        rotary_dims = {a.rotary_dim for a in apps}
+        if len(layouts) != 1 or len(rotary_dims) != 1:
+            return "applications sharing one cos/sin disagree on layout or rotary_dim"
+        layout, rotary_dim = layouts.pop(), rotary_dims.pop()
+        head_dims = {a.head_dim for a in apps if a.head_dim is not None}
+        head_dim = max(head_dims) if head_dims else None
+        notes = []
+        if cs.kind == AngleSource.COMPUTED:
+            info = self._read_angles(cs)
+            if isinstance(info, str):
+                return info
+            if ss.trig_node.inputs[0] is not cs.trig_node.inputs[0]:
+                return "cos and sin are computed from different angles"
+            inv_freq = info["inv_freq"]
+            if 2 * inv_freq.size != rotary_dim:
+                return f"inv_freq has {inv_freq.size} entries but the rotation spans {rotary_dim} channels"
+            if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
+                return "cos and sin are scaled by different factors"
+            return RopeSite(
+                layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.COMPUTED,
+                base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
+                max_positions=None, position_dtype=info["position_dtype"], angle_dtype=info["angle_dtype"],
+                attention_factor=cs.factor, positions=info["positions"], cos=cs.value, sin=ss.value,
+                applications=tuple(apps), source_nodes=(cs.trig_node, ss.trig_node, info["product"]),
+                notes=tuple(notes), extra=_Extra(cos_src=cs, sin_src=ss, angles=info),
+            )
+        # cached tables
+        cos_table = self._table(cs)
+        sin_table = self._table(ss)
+        if cos_table is None or sin_table is None or cos_table.shape != sin_table.shape:
+            return "cos/sin tables have different or unknown shapes"
+        fitted = _fit_tables(cos_table, sin_table, layout)
+        if isinstance(fitted, str):
+            return fitted
+        inv_freq, factor = fitted
+        if 2 * inv_freq.size != rotary_dim:
+            return f"cache holds {2 * inv_freq.size} rotary channels but the rotation spans {rotary_dim}"
+        sel = cs.select_node
+        positions = sel.inputs[1] if sel.op_type in ("Gather", "GatherElements") else None
+        return RopeSite(
+            layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.CACHED,
+            base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=None,
+            max_positions=int(cos_table.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
+            angle_dtype=dtype_name(cs.table), attention_factor=factor * cs.factor, positions=positions,
+            cos=cs.value, sin=ss.value, cos_cache=cs.table, sin_cache=ss.table, applications=tuple(apps),
+            source_nodes=(cs.select_node, ss.select_node), notes=tuple(notes),
+            extra=_Extra(cos_src=cs, sin_src=ss, angles=None),
+        )
+
+    def _table(self, src: _Source) -> np.ndarray | None:
+        t = self.fold(src.table)
+        if t is None:
+            return None
+        t = np.asarray(t, dtype=np.float64)
+        if src.columns is not None:
+            t = t[..., src.columns[0]:src.columns[1]]
+        # drop broadcast axes of size 1: [1, N, w] or [N, 1, w] -> [N, w]
+        kept = [d for d in t.shape[:-1] if d != 1] or [1]
+        return t.reshape(kept + [t.shape[-1]]) if len(kept) == 1 else t
+
+    def _fused_sites(self) -> list[RopeSite]:
+        sites = []
+        by_cache: dict[tuple[int, int], list[ir.Node]] = {}
+        for node in self.model.graph:
+            if node.op_type != "RotaryEmbedding" or node.domain not in _FUSED_DOMAINS:
+                continue
+            contrib = node.domain == "com.microsoft"
+            cos_v, sin_v = (node.inputs[2], node.inputs[3]) if contrib else (node.inputs[1], node.inputs[2])
+            by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
+        for nodes in by_cache.values():
+            node = nodes[0]
+            contrib = node.domain == "com.microsoft"
+            cos_v, sin_v = (node.inputs[2], node.inputs[3]) if contrib else (node.inputs[1], node.inputs[2])
+            positions = node.inputs[1] if contrib else (node.inputs[3] if len(node.inputs) > 3 else None)
+            cos_t, sin_t = self.fold(cos_v), self.fold(sin_v)
+            interleaved = bool(int_attr(node, "interleaved", 0))
+            layout = Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF
+            if cos_t is None or sin_t is None:
+                self.refusals.append(Refusal("rope", node.name or "?", "fused RotaryEmbedding whose caches are computed at run time"))
+                continue
+            fitted = _fit_tables(np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64), "half")
+            if isinstance(fitted, str):
+                self.refusals.append(Refusal("rope", node.name or "?", fitted))
+                continue
+            inv_freq, factor = fitted
+            rotary_dim = int_attr(node, "rotary_embedding_dim", 0) or 2 * inv_freq.size
+            head_dim = last_dim(node.inputs[0])
+            num_heads = int_attr(node, "num_heads", 0) or None
+            if head_dim is not None and rank(node.inputs[0]) == 3 and num_heads:
+                head_dim //= num_heads
+            sites.append(RopeSite(
+                layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.FUSED_OP,
+                base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=None,
+                max_positions=int(cos_t.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
+                angle_dtype=dtype_name(cos_v), attention_factor=factor, positions=positions, cos=cos_v, sin=sin_v,
+                cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes),
+                notes=(f"fused {_FUSED_DOMAINS[node.domain]} RotaryEmbedding",),
+            ))
+        return sites
+
+    def _unclaimed_trig(self, sites: list[RopeSite]) -> None:
+        """Cos nodes that feed q/k-like multiplications but belong to no site are reported as refusals."""
+        claimed = {id(n) for s in sites for n in s.source_nodes if n is not None}
+        for node in self.model.graph:
+            if node.op_type != "Cos" or id(node) in claimed:
+                continue
+            reason = _best_failure(self.tracer)
+            self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
+                                         "Cos node not part of any recognised q/k rotation" + (f" (closest pattern failed: {reason})" if reason else "")))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extra:
+    """Detection details the rewrites need but `inspect` does not show."""
+
+    cos_src: _Source
+    sin_src: _Source
+    angles: dict | None
+
+
+def _best_failure(tracer: _basics.MatchingTracer) -> str | None:
+    best = None
+    for _rule, infos in tracer.best_matches_map.items():
+        for info in infos:
+            if info.status != _basics.MatchStatus.SUCCESS and info.match_result.reason:
+                best = info.match_result.reason
+    return best
+
+
+def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout) -> tuple[np.ndarray, float] | str:
+    """Recovers (inv_freq, attention factor) from cos/sin tables [N, w] by unwrapping their phase."""
+    if cos_t.ndim != 2 or cos_t.shape[0] < 2:
+        return f"cos/sin table of shape {cos_t.shape} is not [positions, channels]"
+    width = cos_t.shape[1]
+    if layout == "half":
+        cols = np.arange(width)
+    elif layout == Layout.ROTATE_HALF:
+        if width % 2 or not np.allclose(cos_t[:, : width // 2], cos_t[:, width // 2:], atol=1e-3):
+            # a table already holding only the half
+            cols = np.arange(width)
+        else:
+            cols = np.arange(width // 2)
+    else:
+        if width % 2 == 0 and np.allclose(cos_t[:, 0::2], cos_t[:, 1::2], atol=1e-3):
+            cols = np.arange(0, width, 2)
+        else:
+            cols = np.arange(width)
+    c, s = cos_t[:, cols], sin_t[:, cols]
+    amplitude = np.sqrt(c[0] ** 2 + s[0] ** 2)
+    factor = float(np.median(amplitude))
+    if factor <= 0:
+        return "cos/sin table has zero amplitude"
+    phase = np.unwrap(np.arctan2(s, c), axis=0)
+    n = phase.shape[0]
+    pos = np.arange(n, dtype=np.float64)
+    # least-squares slope through the origin: phase = pos * inv_freq
+    inv_freq = (pos @ phase) / (pos @ pos)
+    resid = np.max(np.abs(phase - np.outer(pos, inv_freq)))
+    if resid > 1e-2 * max(1.0, n / 1000):
+        return "cos/sin table is not cos/sin of position x frequency (rows not in position order?)"
+    return inv_freq.astype(np.float32), factor
+
+
+def detect_rope(model: ir.Model) -> tuple[list[RopeSite], list[Refusal]]:
+    detector = RopeDetector(model)
+    sites = detector.detect()
+    return sites, detector.refusals

@@ -1,0 +1,237 @@
+"""Rescales RoPE sites: new inverse frequencies, attention factor and cos/sin tables.
+
+All numbers come from `posrewrite.math.rope`; this module only decides where they go in the graph:
+- computed angles, static methods (linear, ntk, yarn, llama3, new base): the inv_freq constant is replaced
+  and the attention factor multiplies cos and sin;
+- computed angles, runtime methods (dynamic, longrope): inv_freq is computed in the graph from the runtime
+  length max(position)+1, exactly as HF does per forward pass;
+- cached tables and fused RotaryEmbedding caches: regenerated (fp32 math, then cast) to the new length;
+  for runtime methods the table is computed in the graph from the runtime inv_freq.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from posrewrite.math import rope as rope_math
+from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
+from posrewrite.sites.rope import AngleSource, Layout, RopeSite
+
+RUNTIME_METHODS = ("dynamic", "longrope")
+_F32 = ir.DataType.FLOAT
+
+
+@dataclasses.dataclass
+class SitePlan:
+    """What the rewrite does to one site (pure numbers; made before touching the graph)."""
+
+    site: RopeSite
+    params: rope_math.RopeParameters
+    inv_freq: np.ndarray | None  # static methods
+    attention_factor: float
+    new_length: int | None  # rows of regenerated tables
+    runtime: bool
+
+    def describe(self) -> str:
+        what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
+        if self.params.rope_theta is not None:
+            what += f", base {self.params.rope_theta:g}"
+        where = f"{self.site.angles.value} rope ({self.site.sites} q/k applications, rotary_dim {self.site.rotary_dim})"
+        extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
+        rows = f", tables {self.site.max_positions} -> {self.new_length} rows" if self.site.max_positions else ""
+        mode = ", inv_freq from the runtime length" if self.runtime else ""
+        return f"{where}: {what}{extra}{rows}{mode}"
+
+
+def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
+    """Computes the new numbers for a site. Raises ValueError for requests the site cannot take."""
+    params.validate()
+    dim = site.rotary_dim
+    base = site.base
+    runtime = params.rope_type in RUNTIME_METHODS
+    inv_freq, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=base, dim=dim, seq_len=None)
+    if runtime:
+        inv_freq = None
+    new_length = None
+    if site.max_positions is not None:
+        target = params.target_length()
+        scaled = int(round(site.max_positions * params.effective_factor()))
+        new_length = max(site.max_positions, scaled, target or 0)
+    return SitePlan(site, params, inv_freq, factor, new_length, runtime)
+
+
+def _runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
+    """float32 [d/2] inverse frequencies for the runtime length `seq` (float32 scalar), HF's formulas."""
+    p, site = plan.params, plan.site
+    dim = site.rotary_dim
+    L = p.original_max_position_embeddings
+    orig = site.inv_freq if p.rope_theta is None else rope_math.default_inv_freq(p.rope_theta, dim)
+    longer = w.op("Greater", seq, w.const(np.float32(L)))
+    if p.rope_type == "longrope":
+        short, _ = rope_math.scaled_inv_freq(p, inv_freq=site.inv_freq, base=site.base, dim=dim, seq_len=L)
+        long, _ = rope_math.scaled_inv_freq(p, inv_freq=site.inv_freq, base=site.base, dim=dim, seq_len=L + 1)
+        return w.op("Where", longer, w.const(long.astype(np.float32)), w.const(short.astype(np.float32)))
+    # dynamic NTK: base' = base * ((s * seq / L) - (s - 1)) ** (d / (d - 2)); inv = 1 / base' ** (2i/d)
+    base = float(p.rope_theta if p.rope_theta is not None else site.base)
+    s = np.float32(p.factor)
+    ratio = w.op("Sub", w.op("Div", w.op("Mul", w.const(s), seq), w.const(np.float32(L))), w.const(np.float32(p.factor - 1)))
+    new_base = w.op("Mul", w.const(np.float32(base)), w.op("Pow", ratio, w.const(np.float32(dim / (dim - 2)))))
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    dyn = w.op("Div", w.const(np.float32(1.0)), w.op("Pow", new_base, w.const(exponents)))
+    return w.op("Where", longer, dyn, w.const(orig.astype(np.float32)))
+
+
+def _seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
+    """max(positions) + 1 as a float32 scalar (HF: torch.max(position_ids) + 1)."""
+    as_float = w.op("Cast", positions, to=_F32)
+    return w.op("Add", w.op("ReduceMax", as_float, keepdims=0), w.const(np.float32(1.0)))
+
+
+class RescaleError(ValueError):
+    pass
+
+
+def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    site = plan.site
+    if site.angles == AngleSource.COMPUTED:
+        return _rescale_computed(graph, plan)
+    if site.angles == AngleSource.CACHED:
+        return _rescale_cached(graph, plan)
+    return _rescale_fused(graph, plan)
+
+
+def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    site = plan.site
+    info = site.extra.angles
+    product: ir.Node = info["product"]
+    root: ir.Value = info["inv_freq_root"]
+    use_node, _ = info["inv_freq_use"]
+    consumer = use_node if use_node is not None else product
+    index = next(i for i, v in enumerate(consumer.inputs) if v is root)
+    shape = list(root.shape.dims) if root.shape is not None and root.shape.is_static() else [-1]
+    dtype = root.dtype or _F32
+    if not plan.runtime:
+        new = add_initializer(graph, plan.inv_freq.reshape(shape), (root.name or "inv_freq"), dtype)
+    else:
+        w = NodeWriter(graph, consumer, "rope_runtime")
+        positions = info["position_source"] if info["position_source"].dtype in (ir.DataType.INT64, ir.DataType.INT32) else info["positions"]
+        seq = _seq_from_positions(w, positions)
+        inv = _runtime_inv_freq(w, plan, seq)
+        inv = w.op("Reshape", inv, w.const(np.array(shape, dtype=np.int64)))
+        new = w.op("Cast", inv, to=dtype) if dtype != _F32 else inv
+        w.commit()
+    consumer.replace_input_with(index, new)
+    _set_attention_factor(graph, site, plan.attention_factor)
+    return [plan.describe()]
+
+
+def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> None:
+    if factor == 1.0:
+        return
+    for src in (site.extra.cos_src, site.extra.sin_src):
+        if src.factor_node is not None:
+            node = src.factor_node
+            k = next(i for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None or (v is not None and v.producer() is not None and v.producer().op_type == "Constant"))
+            old = node.inputs[k]
+            node.replace_input_with(k, add_initializer(graph, np.array(src.factor * factor).reshape(old.shape.dims if old.shape else ()), "attention_factor", old.dtype))
+        else:
+            value = src.trig_node.outputs[0]
+            scale = add_initializer(graph, np.array(factor), "attention_factor", value.dtype or _F32)
+            insert_after_and_redirect(graph, value, "Mul", scale, "attention_factor_mul")
+
+
+def _table_layout(site: RopeSite, width: int) -> str:
+    if width * 2 == site.rotary_dim:
+        return "half"
+    return "interleaved" if site.layout == Layout.INTERLEAVED else "rotate_half"
+
+
+def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    site = plan.site
+    cs, ss = site.extra.cos_src, site.extra.sin_src
+    changes = [plan.describe()]
+    tables = {}
+    for src, fn in ((cs, "cos"), (ss, "sin")):
+        tables.setdefault(id(src.table), (src.table, []))[1].append((src, fn))
+    for table_value, parts in tables.values():
+        old = table_value.const_value.numpy() if table_value.const_value is not None else ir.convenience.get_const_tensor(table_value).numpy()
+        dtype = table_value.dtype
+        select = parts[0][0].select_node
+        factor = plan.attention_factor * site.attention_factor
+        row_axis = next(k for k, d in enumerate(old.shape[:-1]) if d == site.max_positions)
+        new_shape = list(old.shape)
+        new_shape[row_axis] = plan.new_length
+        if not plan.runtime:
+            new = np.zeros(new_shape, dtype=np.float64)
+            for src, fn in parts:
+                lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
+                layout = _table_layout(site, hi - lo)
+                cos, sin = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout)
+                block = cos if fn == "cos" else sin
+                new[..., lo:hi] = block.reshape([plan.new_length if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo])
+            replacement = add_initializer(graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype)
+        else:
+            w = NodeWriter(graph, select, "rope_table")
+            if select.op_type in ("Gather", "GatherElements"):
+                seq = _seq_from_positions(w, select.inputs[1])
+            else:
+                seq = w.op("Cast", w.op("ReduceMax", select.inputs[2], keepdims=0), to=_F32)
+            inv = _runtime_inv_freq(w, plan, seq)
+            rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
+            angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+            pieces = []
+            for src, fn in sorted(parts, key=lambda p: (p[0].columns or (0, 0))[0]):
+                lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
+                t = w.op("Cos" if fn == "cos" else "Sin", angles)
+                if factor != 1.0:
+                    t = w.op("Mul", t, w.const(np.float32(factor)))
+                layout = _table_layout(site, hi - lo)
+                if layout == "rotate_half":
+                    t = w.op("Concat", t, t, axis=-1)
+                elif layout == "interleaved":
+                    t = w.op("Reshape", w.op("Concat", w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))), w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))), axis=-1),
+                             w.const(np.array([0, -1], np.int64)))
+                pieces.append(t)
+            table = pieces[0] if len(pieces) == 1 else w.op("Concat", *pieces, axis=-1)
+            if old.ndim > 2:
+                table = w.op("Reshape", table, w.const(np.array(new_shape, np.int64)))
+            replacement = w.op("Cast", table, to=dtype) if dtype != _F32 else table
+            w.commit()
+        for use in list(table_value.uses()):
+            use.node.replace_input_with(use.idx, replacement)
+    return changes
+
+
+def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    site = plan.site
+    node0 = site.fused_nodes[0]
+    contrib = node0.domain == "com.microsoft"
+    factor = plan.attention_factor * site.attention_factor
+    dtype = site.cos_cache.dtype
+    if plan.runtime:
+        positions = site.positions
+        if positions is None or positions.shape is None or len(positions.shape) != 2:
+            raise RescaleError(f"{plan.params.rope_type} on a fused RotaryEmbedding needs 2-D position_ids")
+        w = NodeWriter(graph, node0, "rope_cache")
+        seq = _seq_from_positions(w, positions)
+        inv = _runtime_inv_freq(w, plan, seq)
+        rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
+        angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+        cos, sin = w.op("Cos", angles), w.op("Sin", angles)
+        if factor != 1.0:
+            cos, sin = w.op("Mul", cos, w.const(np.float32(factor))), w.op("Mul", sin, w.const(np.float32(factor)))
+        if dtype != _F32:
+            cos, sin = w.op("Cast", cos, to=dtype), w.op("Cast", sin, to=dtype)
+        w.commit()
+    else:
+        c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
+        cos = add_initializer(graph, c, "cos_cache", dtype)
+        sin = add_initializer(graph, s, "sin_cache", dtype)
+    for node in site.fused_nodes:
+        ci, si = (2, 3) if contrib else (1, 2)
+        node.replace_input_with(ci, cos)
+        node.replace_input_with(si, sin)
+    return [plan.describe()]

@@ -1,0 +1,193 @@
+"""How a RoPE rotation of q or k looks in an ONNX graph, as onnxscript rewriter patterns.
+
+Each layout is one small pattern class: the rotation `out = x*cos + rotate(x)*sin` with `rotate` written
+as the ops it is exported to. Operand orders of Mul/Add are not separate rules: every pattern is
+expanded into its commuted variants. Axes, slice bounds and head sizes are pattern variables checked in
+`check()`, never literals in the pattern, so a refusal always comes with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _basics, _rewrite_rule
+from onnxscript.rewriter._pattern_ir import _to_graph_pattern
+
+from posrewrite.passes.onnx._graph import ConstantEvaluator, int_attr, normalise_axis, rank
+from posrewrite.sites.rope import Layout
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass
+class SliceSpec:
+    start: int
+    end: int
+    axis: int | None  # negative when known
+    step: int
+
+
+def read_slice(node: ir.Node, fold: ConstantEvaluator) -> SliceSpec | None:
+    """Bounds of a Slice (opset >= 10 inputs, or opset 1 attributes) when they are constants."""
+    if node.op_type != "Slice":
+        return None
+    if len(node.inputs) >= 3:
+        starts, ends = fold(node.inputs[1]), fold(node.inputs[2])
+        axes = fold(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        steps = fold(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    else:
+        get = lambda n: None if node.attributes.get(n) is None else np.array(node.attributes[n].value)  # noqa: E731
+        starts, ends, axes, steps = get("starts"), get("ends"), get("axes"), None
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    data_rank = rank(node.inputs[0])
+    axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+    step = int(steps.reshape(-1)[0]) if steps is not None else 1
+    return SliceSpec(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), normalise_axis(axis, data_rank), step)
+
+
+def _is_last_axis(axis: int | None) -> bool:
+    return axis == -1
+
+
+def _concat_axis_is_last(node: ir.Node) -> bool:
+    axis = int_attr(node, "axis", 0)
+    return normalise_axis(axis, rank(node.outputs[0]) or rank(node.inputs[0])) == -1
+
+
+class _ApplicationPattern(_rewrite_rule.PatternBase):
+    """Base of the rotation patterns: subclasses give the pattern and derive rotary_dim in `check`."""
+
+    layout: Layout
+
+    def __init__(self, fold: ConstantEvaluator) -> None:
+        super().__init__()
+        self.fold = fold
+        self.rotary_dim: int | None = None
+
+    def variants(self) -> list[_rewrite_rule.Pattern]:
+        """The pattern with every operand order of its commutative ops."""
+        graph_pattern = _to_graph_pattern(self.pattern)
+        return [
+            _rewrite_rule.Pattern(variant, self.check, name=f"{self.name}[{k}]")
+            for k, variant in enumerate(graph_pattern.commute())
+        ]
+
+
+class RotateHalfPattern(_ApplicationPattern):
+    """x*cos + concat(-x[..., h:], x[..., :h])*sin (Llama, NeoX and most HF models)."""
+
+    layout = Layout.ROTATE_HALF
+
+    def pattern(self, op, x, cos, sin):
+        x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
+        x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
+        rotated = op.Concat(op.Neg(x2), x1, _outputs=["rotated"])
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+    def check(self, context, x, cos, sin, x1, x2, rotated, **_):
+        result = _basics.MatchResult()
+        first = read_slice(x1.producer(), self.fold)
+        second = read_slice(x2.producer(), self.fold)
+        if first is None or second is None:
+            return result.fail("slice bounds of rotate_half are not constant", x)
+        if not (_is_last_axis(first.axis) and _is_last_axis(second.axis)):
+            return result.fail("rotate_half slices are not on the last axis", x)
+        if first.step != 1 or second.step != 1:
+            return result.fail("rotate_half slices have a step other than 1", x)
+        if not _concat_axis_is_last(rotated.producer()):
+            return result.fail("rotate_half Concat is not on the last axis", rotated)
+        half = first.end
+        if first.start != 0 or second.start != half or half <= 0:
+            return result.fail(f"x is not split into halves (slices [{first.start}:{first.end}], [{second.start}:{second.end}])", x)
+        width = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        if second.end < INT64_MAX // 2 and second.end != 2 * half:
+            return result.fail(f"second half ends at {second.end}, expected {2 * half}", x)
+        if width is not None and width != 2 * half:
+            return result.fail(f"rotated width {width} is not twice the half {half}", x)
+        self.rotary_dim = 2 * half
+        return result
+
+
+class InterleavedStackPattern(_ApplicationPattern):
+    """x*cos + flatten(stack(-x[..., 1::2], x[..., ::2]))*sin (GPT-J's rotate_every_two)."""
+
+    layout = Layout.INTERLEAVED
+
+    def pattern(self, op, x, cos, sin, shape):
+        even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
+        odd = op.Slice(x, _allow_other_inputs=True, _outputs=["odd"])
+        stacked = op.Concat(
+            op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True),
+            op.Unsqueeze(even, _allow_other_inputs=True),
+            _outputs=["stacked"],
+        )
+        rotated = op.Reshape(stacked, shape, _allow_other_attributes=True)
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+    def check(self, context, x, cos, sin, even, odd, stacked, **_):
+        result = _basics.MatchResult()
+        a = read_slice(even.producer(), self.fold)
+        b = read_slice(odd.producer(), self.fold)
+        if a is None or b is None:
+            return result.fail("interleaved slice bounds are not constant", x)
+        if not (_is_last_axis(a.axis) and _is_last_axis(b.axis)) or a.step != 2 or b.step != 2:
+            return result.fail("interleaved slices are not x[..., ::2] and x[..., 1::2]", x)
+        if a.start != 0 or b.start != 1:
+            return result.fail("interleaved slices do not start at 0 and 1", x)
+        if not _concat_axis_is_last(stacked.producer()):
+            return result.fail("interleaved stack is not on the last axis", stacked)
+        width = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        if width is None:
+            return result.fail("rotated width unknown (no static last dimension)", x)
+        self.rotary_dim = width
+        return result
+
+
+APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (RotateHalfPattern, InterleavedStackPattern)
+
+
+@dataclasses.dataclass
+class ApplicationMatch:
+    x: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+    output: ir.Value
+    layout: Layout
+    rotary_dim: int
+    nodes: tuple[ir.Node, ...]
+
+
+def find_applications(
+    model: ir.Model, fold: ConstantEvaluator, tracer: _basics.MatchingTracer | None = None
+) -> list[ApplicationMatch]:
+    """Every q/k rotation in the main graph, each node taken at most once."""
+    matchers = []
+    for cls in APPLICATION_PATTERNS:
+        owner = cls(fold)
+        matchers.extend((owner, p) for p in owner.variants())
+    found: list[ApplicationMatch] = []
+    for node in list(model.graph):
+        if node.op_type not in ("Add", "Sub", "Concat", "Reshape"):
+            continue
+        for owner, compiled in matchers:
+            match = compiled.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
+            if not match:
+                continue
+            b = match.bindings
+            found.append(
+                ApplicationMatch(
+                    x=b["x"], cos=b["cos"], sin=b["sin"], output=node.outputs[0], layout=owner.layout,
+                    rotary_dim=owner.rotary_dim, nodes=tuple(match.nodes),
+                )
+            )
+            break
+    return found
+
+
+def all_variants(patterns: Sequence[_ApplicationPattern]) -> list[_rewrite_rule.Pattern]:
+    return list(itertools.chain.from_iterable(p.variants() for p in patterns))

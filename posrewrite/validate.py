@@ -1,0 +1,218 @@
+"""Validation in onnxruntime: each rewritten site against the math reference, and the whole model.
+
+Sites are checked on the subgraph that computes their cos/sin, cut out of the rewritten model: this runs in
+milliseconds and reads no weights, whatever the model's size. The whole model is also run at the new length
+when its weights are small enough to run here (see `FULL_RUN_MAX_BYTES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from posrewrite.math import rope as rope_math
+from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.sites.rope import AngleSource, Layout, RopeSite
+
+FULL_RUN_MAX_BYTES = 512 * 1024 * 1024
+MAX_VALIDATION_LENGTH = 4096
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r["ok"] for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "rows": self.rows, "notes": self.notes, "seconds": round(self.seconds, 3)}
+
+
+def _ancestor_inputs(graph: ir.Graph, outputs: list[ir.Value]) -> list[ir.Value]:
+    graph_inputs = {id(v): v for v in graph.inputs}
+    seen: set[int] = set()
+    found: dict[int, ir.Value] = {}
+    stack = list(outputs)
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in graph_inputs:
+            found[id(v)] = v
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(i for i in node.inputs if i is not None)
+    return [v for v in graph.inputs if id(v) in found]
+
+
+def _session(model_proto_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_proto_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def subgraph_session(model: ir.Model, outputs: list[ir.Value]):
+    """An onnxruntime session computing `outputs` from the graph inputs they depend on."""
+    inputs = _ancestor_inputs(model.graph, outputs)
+    sub = ir.convenience.extract(model.graph, inputs, outputs)
+    for init in list(sub.initializers.values()):
+        if isinstance(init.const_value, ir.ExternalTensor):  # small tables only; bring them inline
+            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+    sub.opset_imports.update(model.graph.opset_imports)
+    sub_model = ir.Model(sub, ir_version=model.ir_version)
+    proto = ir.to_proto(sub_model)
+    return _session(proto.SerializeToString()), inputs
+
+
+def make_feeds(inputs: list[ir.Value], length: int, batch: int = 1) -> dict[str, np.ndarray]:
+    """Inputs for a run at `length` tokens: ids 0, masks 1, positions 0..length-1."""
+    feeds = {}
+    for v in inputs:
+        name = (v.name or "").lower()
+        dims = list(v.shape.dims) if v.shape is not None else [batch, length]
+        shape = []
+        for k, d in enumerate(dims):
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                shape.append(batch if k == 0 and len(dims) > 1 else length)
+        dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
+        if "position" in name:
+            arr = np.broadcast_to(np.arange(length, dtype=dtype), shape).copy()
+        elif "mask" in name:
+            arr = np.ones(shape, dtype=dtype)
+        else:
+            arr = np.zeros(shape, dtype=dtype)
+        feeds[v.name] = arr
+    return feeds
+
+
+def _as_rows(arr: np.ndarray, length: int) -> np.ndarray:
+    """[.., S, w] (any leading 1-dims) -> [S, w]."""
+    a = np.asarray(arr, dtype=np.float64)
+    a = a.reshape(-1, a.shape[-1])
+    if a.shape[0] != length:
+        a = a[:length] if a.shape[0] > length else a
+    return a
+
+
+def reference_tables(site: RopeSite, params: rope_math.RopeParameters | None, length: int, width: int,
+                     attention_factor_before: float) -> tuple[np.ndarray, np.ndarray]:
+    """What cos/sin of a (rewritten) site must be at positions 0..length-1, from the math module only."""
+    if params is None:
+        inv, factor = site.inv_freq, 1.0
+    else:
+        inv, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=site.base,
+                                                dim=site.rotary_dim, seq_len=length)
+    factor *= attention_factor_before
+    if width * 2 == site.rotary_dim:
+        layout = "half"
+    else:
+        layout = "interleaved" if site.layout == Layout.INTERLEAVED else "rotate_half"
+    return rope_math.cos_sin_tables(inv, length, attention_factor=factor, layout=layout, dtype=np.float64)
+
+
+def tolerance(dtype_name: str, length: int, inv_freq: np.ndarray | None) -> float:
+    """Bound on |graph - reference| for cos/sin: the table's rounding plus the float32 angle rounding at
+    the largest angle (fp32 products and Pow may differ by a few ulp between numpy and onnxruntime)."""
+    table_eps = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}.get(dtype_name, 2.0 ** -23)
+    max_angle = float(length) * float(np.max(inv_freq)) if inv_freq is not None else float(length)
+    return 2 * table_eps + 8 * max_angle * 2.0 ** -24 + 1e-6
+
+
+def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> ValidationReport:
+    """Runs each rewritten site's cos/sin subgraph at `lengths` and compares with the math reference."""
+    report = ValidationReport()
+    start = time.perf_counter()
+    for k, plan in enumerate(plans):
+        site: RopeSite = plan.site
+        params = plan.params
+        if site.angles == AngleSource.FUSED_OP:
+            node = site.fused_nodes[0]
+            contrib = node.domain == "com.microsoft"
+            targets = [node.inputs[2], node.inputs[3]] if contrib else [node.inputs[1], node.inputs[2]]
+        else:
+            app = site.applications[0]
+            targets = [app.cos, app.sin]
+        try:
+            session, inputs = subgraph_session(model, targets)
+        except Exception as exc:  # noqa: BLE001 - reported as a failed row
+            report.rows.append({"site": k, "length": None, "max_abs_error": None, "tolerance": None, "ok": False,
+                                "error": f"cannot run the site subgraph: {exc}"})
+            continue
+        for n in lengths:
+            feeds = make_feeds(inputs, n)
+            try:
+                cos, sin = session.run(None, feeds)
+            except Exception as exc:  # noqa: BLE001
+                report.rows.append({"site": k, "length": n, "max_abs_error": None, "tolerance": None, "ok": False,
+                                    "error": str(exc).splitlines()[0][:200]})
+                continue
+            width = cos.shape[-1]
+            rows = min(n, int(np.prod(cos.shape[:-1])))
+            gcos, gsin = _as_rows(cos, rows), _as_rows(sin, rows)
+            rcos, rsin = reference_tables(site, params, n, width, site.attention_factor)
+            rcos, rsin = rcos[:rows], rsin[:rows]
+            if site.angles == AngleSource.CACHED and site.extra.cos_src.columns is not None:
+                pass  # app.cos already holds only its column range
+            err = float(max(np.max(np.abs(gcos - rcos)), np.max(np.abs(gsin - rsin))))
+            dt = str(np.asarray(cos).dtype)
+            tol = tolerance(dt, n, site.inv_freq)
+            report.rows.append({"site": k, "length": n, "rows": rows, "max_abs_error": err, "tolerance": tol, "ok": err <= tol})
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is not None:
+            total += int(np.prod(t.shape.dims)) * max(1, t.dtype.itemsize if hasattr(t.dtype, "itemsize") else 4)
+    return total
+
+
+def run_full_model(path, length: int) -> tuple[bool, str]:
+    """Runs the saved model at `length` tokens; (ok, message)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        return False, f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}"
+    model_inputs = session.get_inputs()
+    feeds = {}
+    for i in model_inputs:
+        name = i.name.lower()
+        if "int" not in i.type:
+            return True, f"whole-model run skipped: input {i.name} is {i.type}"
+        shape = [d if isinstance(d, int) else (1 if k == 0 and len(i.shape) > 1 else length) for k, d in enumerate(i.shape)]
+        dtype = np.int64 if "int64" in i.type else np.int32
+        if "position" in name:
+            feeds[i.name] = np.broadcast_to(np.arange(length, dtype=dtype), shape).copy()
+        elif "mask" in name:
+            feeds[i.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[i.name] = np.zeros(shape, dtype=dtype)
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"the rewritten model fails at {length} tokens: {str(exc).splitlines()[0][:200]}"
+    for o in outputs:
+        if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.all(np.isfinite(o)):
+            return False, f"the rewritten model gives non-finite outputs at {length} tokens"
+    return True, f"whole model ran at {length} tokens"
