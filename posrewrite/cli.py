@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "advise",
-        help="suggest a scaling method and parameters for a target context",
-        description="Suggest RoPE scaling for a target context length, from --head-dim or a MODEL.",
+        help="which RoPE base a context needs, and whether a model (or a planned rescaling) has it",
+        description="The smallest RoPE base that supports --context (Men et al. 2024) for --head-dim (default "
+        "128) or MODEL's rotary dimension, and whether MODEL, rescaled as the RoPE flags say, meets it.",
     )
     p.add_argument("model", metavar="MODEL", nargs="?")
     p.add_argument("--context", type=int, metavar="N", required=True, help="target context length")
@@ -221,7 +222,8 @@ def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> R
         inverse = 1.0 / ns.rope_freq_scale
         if scale is not None and not _close(scale, inverse):
             raise UsageError(
-                f"--rope-freq-scale {ns.rope_freq_scale:g} (= --rope-scale {inverse:g}) disagrees with --rope-scale {scale:g}"
+                f"--rope-freq-scale {ns.rope_freq_scale:g} (= --rope-scale {inverse:g}) "
+                f"disagrees with --rope-scale {scale:g}"
             )
         scale = inverse
 
@@ -331,7 +333,7 @@ class _Output:
         from rich.console import Console
 
         width = None if _isatty(self.stdout) else 120
-        return Console(file=self.stdout, width=width, highlight=False, soft_wrap=False)
+        return Console(file=self.stdout, width=width, highlight=False, soft_wrap=True)
 
     def emit_json(self, payload: Any) -> None:
         self.stdout.write(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
@@ -468,6 +470,31 @@ def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
     return 0
 
 
+# Site fields shown as their own columns (when a site has them); the rest go to "details".
+_INSPECT_COLUMNS = [
+    "kind",
+    "layout",
+    "head_dim",
+    "rotary_dim",
+    "base",
+    "angles",
+    "position_dtype",
+    "angle_dtype",
+    "max_positions",
+    "attention_factor",
+    "sites",
+]
+_INSPECT_TITLES = {
+    "head_dim": "dim",
+    "rotary_dim": "rotary",
+    "position_dtype": "pos dtype",
+    "angle_dtype": "angle dtype",
+    "max_positions": "max pos",
+    "attention_factor": "attn",
+    "sites": "uses",
+}
+
+
 def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:
     _preload(ns.model)
     from posrewrite import api
@@ -481,11 +508,13 @@ def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:
         sites = payload.get("encodings", [])
         console.print(f"[bold]{_escape(str(ns.model))}[/bold]: {len(sites)} positional encoding site(s)")
         if sites:
-            rows = []
+            keys = [k for k in _INSPECT_COLUMNS if any(k in site for site in sites)]
+            rows = [[i, *(site.get(k) for k in keys)] for i, site in enumerate(sites)]
+            console.print(_table(None, ["#", *(_INSPECT_TITLES.get(k, k) for k in keys)], rows))
             for i, site in enumerate(sites):
-                details = {k: v for k, v in site.items() if k != "kind"}
-                rows.append([i, site.get("kind"), _fmt(details)])
-            console.print(_table(None, ["#", "kind", "details"], rows))
+                details = {k: v for k, v in site.items() if k not in keys and v not in (None, [], {}, "")}
+                if details:
+                    console.print(f"  [dim]#{i}:[/dim] {_escape(_fmt(details))}")
         refusals = payload.get("refusals", [])
         if refusals:
             rows = [[r.get("kind"), r.get("where"), r.get("reason")] for r in refusals]
@@ -546,13 +575,18 @@ def _cmd_advise(ns: argparse.Namespace, out: _Output) -> int:
         raise UsageError(f"--context must be greater than 0, not {ns.context}")
     if ns.head_dim is not None and ns.head_dim <= 0:
         raise UsageError(f"--head-dim must be greater than 0, not {ns.head_dim}")
-    if ns.model is None and ns.head_dim is None:
-        raise UsageError("advise needs --head-dim or a MODEL to read it from")
-    opts = options_from_args(ns, require_work=False) if _rope_flags_given(ns) else None
+    rope_params = None
+    if _rope_flags_given(ns):
+        if ns.model is None:
+            raise UsageError("a planned rescaling (--rope-scale, --rope-method, ...) needs a MODEL to apply it to")
+        from posrewrite.options import read_config_json, rope_parameters_from_options
+
+        opts = options_from_args(ns, require_work=False)
+        rope_params = rope_parameters_from_options(opts, config_json=read_config_json(ns.model))
     path = _preload(ns.model) if ns.model is not None else None
     from posrewrite import advise
 
-    result = advise.advise(ns.context, head_dim=ns.head_dim, path=path, options=opts)
+    result = advise.advise_model(ns.context, head_dim=ns.head_dim, path=path, rope_params=rope_params)
     return _print_lines_result(result, out)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -306,7 +307,7 @@ def test_no_arguments(capsys):
     [
         ["check", "m.onnx", "--max-length", "0"],
         ["advise", "--context", "0", "--head-dim", "64"],
-        ["advise", "--context", "100"],
+        ["advise", "--context", "100", "--rope-scale", "4"],
         ["advise", "--context", "100", "--head-dim", "-4"],
         ["plot", "m.onnx"],
     ],
@@ -558,3 +559,50 @@ def test_check_exit_7_when_unsafe(model, capsys, monkeypatch):
     assert "unsafe" in capsys.readouterr().out
     assert main(["check", str(model), "--json"]) == 7
     assert json.loads(capsys.readouterr().out)["safe"] is False
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_silent_off_a_terminal():
+    from posrewrite.progress import NullReporter, progress_reporter
+
+    stream = io.StringIO()
+    with progress_reporter(stream=stream) as reporter:
+        assert isinstance(reporter, NullReporter)
+        with reporter.stage("work", total=3) as stage:
+            stage.advance()
+            stage.update(completed=3, description="done")
+        reporter.note("a notice")
+    assert stream.getvalue() == ""
+
+
+def test_progress_is_silent_when_disabled_on_a_terminal():
+    from posrewrite.progress import NullReporter, progress_reporter
+
+    with progress_reporter(enabled=False, stream=_FakeTerminal()) as reporter:
+        assert isinstance(reporter, NullReporter)
+
+
+def test_progress_bars_on_a_terminal():
+    from posrewrite.progress import RichReporter, progress_reporter
+
+    stream = _FakeTerminal()
+    with progress_reporter(stream=stream) as reporter:
+        assert isinstance(reporter, RichReporter)
+        with reporter.stage("rescaling", total=2) as stage:
+            stage.advance()
+            stage.advance()
+        reporter.note("3 sites rescaled")
+    assert "3 sites rescaled" in stream.getvalue()
+
+
+def test_advise_json_is_one_object(capsys):
+    assert main(["advise", "--context", "4096", "--head-dim", "64", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["context"] == 4096

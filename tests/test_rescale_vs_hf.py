@@ -117,3 +117,46 @@ def test_longrope_phi3(tmp_path):
         ids = _ids(n, 128)
         err = float(np.max(np.abs(hf_logits("phi3", ids, rope_parameters=params, original_max_position_embeddings=L) - ort_logits(out, ids))))
         assert err <= TOL, f"longrope at {n}: {err:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_torchscript_export(arch, tmp_path):
+    """Graphs from the older TorchScript exporter (inv_freq as a Constant node, shapes computed at run time)."""
+    try:
+        export_hf_onnx(arch, exporter="torchscript")
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"torchscript exporter unavailable: {exc}")
+    _compare(arch, "yarn", tmp_path, exporter="torchscript")
+
+
+def test_gptj_cached_table_linear(tmp_path):
+    """GPT-J keeps a precomputed sin|cos table; the rewrite regenerates it 4x longer. Reference: HF's GPT-J with
+    its table rebuilt by HF's own `create_sinusoidal_positions` formula at positions / 4."""
+    import torch
+    from transformers.models.gptj import modeling_gptj
+
+    from fixtures.hf_models import build_hf_model
+
+    spec = ARCHS["gptj"]
+    L = spec.max_position_embeddings
+    src = export_hf_onnx("gptj")
+    out = tmp_path / "gptj4.onnx"
+    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="linear")
+    assert result.validation.ok
+    model = build_hf_model("gptj")
+    for module in model.modules():
+        if hasattr(module, "embed_positions"):
+            table = modeling_gptj.create_sinusoidal_positions(4 * L, module.rotary_dim)
+            # HF's table at integer positions p holds angle p * inv_freq; linear scaling wants p / 4
+            d = module.rotary_dim
+            inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.int64) / d))
+            angles = torch.einsum("i,j->ij", torch.arange(4 * L, dtype=torch.int64).float() / 4.0, inv).float()
+            assert table.shape == (4 * L, d)
+            module.embed_positions = torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)
+    n = 3 * L
+    ids = _ids(n, 128)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    assert float(np.max(np.abs(ref - ort_logits(out, ids)))) <= TOL
+    with pytest.raises(Exception):  # the original table ends at L rows
+        ort_logits(src, ids)

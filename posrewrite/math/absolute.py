@@ -87,15 +87,9 @@ def fit_sinusoidal(table: np.ndarray, atol: float = 2e-3) -> dict | None:
         a1 = np.arctan2(s[r1], c[r1])
         f = np.mod(a1 - a0, 2 * np.pi) / (r1 - r0)
         candidates = []
-        for rule in ("vaswani", "fairseq"):
-            # base from the slowest frequency: f_last = base^(-2(half-1)/dim) or base^(-1)
-            last = f[-1]
-            if last <= 0 or half < 2:
-                continue
-            expo = 2.0 * (half - 1) / dim if rule == "vaswani" else 1.0
-            base = float(math.exp(-math.log(last) / expo))
-            base_r = float(round(base)) if abs(base - round(base)) < 1e-3 * base else base
-            candidates.append((layout, rule, base_r, sinusoidal_frequencies(dim, base_r, rule)))
+        fitted = fit_frequencies(f, dim, rtol=1e-2)
+        if fitted is not None:
+            candidates.append((layout, fitted[1], fitted[0], sinusoidal_frequencies(dim, fitted[0], fitted[1])))
         candidates.append((layout, "custom", None, f))
         for lay, rule, base, freqs in candidates:
             ref = sinusoidal_table(rows, dim, layout=lay, frequencies=freqs)
@@ -104,10 +98,41 @@ def fit_sinusoidal(table: np.ndarray, atol: float = 2e-3) -> dict | None:
     return None
 
 
-def interpolate_table(table: np.ndarray, new_rows: int, offset: int = 0) -> np.ndarray:
+def _roundness(x: float) -> float:
+    """Relative distance of x to the nearest number with one significant digit (10000, 500000, ...)."""
+    k = math.floor(math.log10(x))
+    lead = round(x / 10**k)
+    return abs(x - lead * 10**k) / x
+
+
+def fit_frequencies(freqs: np.ndarray, dim: int, rtol: float = 1e-4) -> tuple[float, str] | None:
+    """(base, rule) reproducing `freqs` (dim/2 values). The two rules describe the same geometric family
+    with different bases (base_v^(2/dim) = base_f^(1/(dim/2-1))); the one whose base is the rounder number
+    is kept (10000 rather than 13468), and the base is snapped to that round number when within 1e-3."""
+    f = np.asarray(freqs, dtype=np.float64).reshape(-1)
+    if f.size < 2 or f[-1] <= 0 or f[0] <= 0:
+        return None
+    best = None
+    for rule, expo in (("vaswani", 2.0 * (f.size - 1) / dim), ("fairseq", 1.0)):
+        base = float(math.exp((math.log(f[0]) - math.log(f[-1])) / expo))
+        if base <= 1:
+            continue
+        k = math.floor(math.log10(base))
+        nice = round(base / 10**k) * 10**k
+        if abs(nice - base) < 1e-3 * base:
+            base = float(nice)
+        if not np.allclose(sinusoidal_frequencies(dim, base, rule), f, rtol=rtol, atol=0):
+            continue
+        if best is None or _roundness(base) < _roundness(best[0]) - 1e-9:
+            best = (base, rule)
+    return best
+
+
+def interpolate_table(table: np.ndarray, new_rows: int, offset: int = 0, *, scale: float | None = None) -> np.ndarray:
     """Linear interpolation of the trained rows table[offset:] to new_rows - offset rows; the offset rows
     (padding rows, OPT's 2) are kept. New trained row q reads old trained position q * (L - 1) / (L' - 1),
-    so the first and last trained rows are kept and the spacing shrinks by (L - 1) / (L' - 1)."""
+    so the first and last trained rows are kept and the spacing shrinks by (L - 1) / (L' - 1); with
+    `scale` S it reads position q / S instead (Position Interpolation), clamped to the last trained row."""
     t = np.asarray(table)
     head, trained = t[:offset], t[offset:].astype(np.float64)
     old = trained.shape[0]
@@ -117,7 +142,10 @@ def interpolate_table(table: np.ndarray, new_rows: int, offset: int = 0) -> np.n
     if old == 1 or new == 1:
         out = np.repeat(trained[:1], new, axis=0)
     else:
-        x = np.arange(new, dtype=np.float64) * (old - 1) / (new - 1)
+        if scale is None:
+            x = np.arange(new, dtype=np.float64) * (old - 1) / (new - 1)
+        else:
+            x = np.minimum(np.arange(new, dtype=np.float64) / float(scale), old - 1)
         lo = np.floor(x).astype(np.int64)
         hi = np.minimum(lo + 1, old - 1)
         w = (x - lo)[:, None]
@@ -150,7 +178,8 @@ def t5_relative_bucket(rel, bidirectional: bool = True, num_buckets: int = 32, m
 
 def fit_t5_buckets(rel: np.ndarray, buckets: np.ndarray, num_buckets: int) -> dict | None:
     """Finds (bidirectional, max_distance) such that t5_relative_bucket reproduces `buckets` for `rel`.
-    Searches max_distance from the first distance that reaches the last bucket; None when nothing fits."""
+    Searches max_distance near the first distance that reaches the last bucket; "consistent" is the range
+    of max_distance values giving the same buckets (a power of two in it is reported); None if none fits."""
     rel = np.asarray(rel, dtype=np.int64).reshape(-1)
     buckets = np.asarray(buckets, dtype=np.int64).reshape(-1)
     for bidirectional in (True, False):
@@ -167,7 +196,10 @@ def fit_t5_buckets(rel: np.ndarray, buckets: np.ndarray, num_buckets: int) -> di
             lo, hi = max(max_exact + 1, int(guess) - 8), int(guess) + 64
         else:  # never saturates within the probe: max_distance larger than the probe, cannot pin it
             lo, hi = int(mag.max()) + 1, int(mag.max()) + 2
-        for md in range(lo, hi):
-            if np.array_equal(t5_relative_bucket(rel, bidirectional, num_buckets, md), buckets):
-                return {"bidirectional": bidirectional, "max_distance": md, "saturated": bool(saturated.size)}
+        fits = [md for md in range(lo, hi) if np.array_equal(t5_relative_bucket(rel, bidirectional, num_buckets, md), buckets)]
+        if fits:  # coarse bucket tables admit several max_distance values: prefer a power of two
+            powers = [md for md in fits if md & (md - 1) == 0]
+            md = powers[0] if powers else fits[0]
+            return {"bidirectional": bidirectional, "max_distance": md, "saturated": bool(saturated.size),
+                    "consistent": (fits[0], fits[-1])}
     return None

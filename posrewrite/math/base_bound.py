@@ -103,33 +103,46 @@ def bound_curve(inv_freq, n: int) -> np.ndarray:
     return _curve(_theta(inv_freq), 0, int(n))
 
 
-_STAGES = (256, 4096, 65536, 1048576)
+_FIRST_STAGE = 512
+_MAX_CHUNK = 1 << 20
 
 
 def first_negative(inv_freq, context: int) -> int | None:
-    """The smallest integer m in 0..context with B(m) < 0, or None when B stays >= 0 up to ``context``."""
+    """The smallest integer m in 0..context with B(m) < 0, or None when B stays >= 0 up to ``context``.
+
+    Positions are evaluated in doubling ranges (0..511, 512..1023, 1024..2047, ...), so a base that fails at
+    distance m costs about 2m evaluations, not ``context``."""
     theta = _theta(inv_freq)
     stop_all = int(context) + 1
-    start = 0
-    for stop in (*(s for s in _STAGES if s < stop_all), stop_all):
-        # stage by stage, so a failing base is found after evaluating only the short distances
-        chunk = max(stop - start, 1)
-        step = max(chunk, 1 << 20)
-        s = start
-        while s < stop:
-            e = min(stop, s + step)
-            b = _curve(theta, s, e)
-            neg = np.flatnonzero(b < -_TOL)
-            if neg.size:
-                return int(s + neg[0])
-            s = e
-        start = stop
+    start, stop = 0, min(_FIRST_STAGE, stop_all)
+    while start < stop_all:
+        b = _curve(theta, start, stop)
+        neg = np.flatnonzero(b < -_TOL)
+        if neg.size:
+            return int(start + neg[0])
+        start, stop = stop, min(stop_all, stop + min(stop, _MAX_CHUNK))
     return None
 
 
 def supports_context(inv_freq, context: int) -> bool:
-    """True when B(m) >= 0 for every integer m in 0..context."""
-    return first_negative(inv_freq, context) is None
+    """True when B(m) >= 0 for every integer m in 0..context.
+
+    Ranges are checked in the order that finds a violation soonest: the first 512 distances (where a far too
+    small base fails), then the longest distances downward in doubling ranges (where a base a little too
+    small fails: B(m) drifts down with m), so only a base that passes pays for every distance."""
+    theta = _theta(inv_freq)
+    top = int(context) + 1
+    first = min(_FIRST_STAGE, top)
+    if np.any(_curve(theta, 0, first) < -_TOL):
+        return False
+    size = 4096
+    hi = top
+    while hi > first:
+        lo = max(first, hi - size)
+        if np.any(_curve(theta, lo, hi) < -_TOL):
+            return False
+        hi, size = lo, min(2 * size, _MAX_CHUNK)
+    return True
 
 
 def min_base(context: int, dim: int = 128, *, per_decade: int = 96, rtol: float = 1e-4,
@@ -147,7 +160,7 @@ def min_base(context: int, dim: int = 128, *, per_decade: int = 96, rtol: float 
         raise ValueError(f"rotary dim must be even and >= 2, got {dim}")
 
     def ok(b: float) -> bool:
-        return first_negative(geometric_inv_freq(b, dim), context) is None
+        return supports_context(geometric_inv_freq(b, dim), context)
 
     # every point of the log grid is tried in increasing order; a too-small base usually fails at a short
     # distance, which first_negative finds after evaluating only the first few hundred positions

@@ -77,9 +77,18 @@ class ConstantEvaluator:
         ):
             return None
         if node.op_type == "Shape":
-            shape = node.inputs[0].shape if node.inputs[0] is not None else None
-            if shape is None or not shape.is_static():
+            return _static_shape_slice(node)
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None \
+                and node.inputs[0].producer().op_type == "Shape":
+            # x.shape[k] where dimension k is static although others are not (head_dim in TorchScript exports)
+            dims = _shape_dims(node.inputs[0].producer())
+            index = self(node.inputs[1])
+            if dims is None or index is None:
                 return None
+            picked = np.take(np.array(dims, dtype=object), index.astype(np.int64))
+            if any(not isinstance(d, (int, np.integer)) for d in np.atleast_1d(picked)):
+                return None
+            return np.asarray(picked, dtype=np.int64)
         inputs = []
         for inp in node.inputs:
             if inp is None:
@@ -93,6 +102,50 @@ class ConstantEvaluator:
                 return None
             inputs.append(arr)
         return _run_node(node, inputs, self._opset)[list(node.outputs).index(value)]
+
+
+def _shape_dims(shape_node: ir.Node) -> list | None:
+    """The dims a Shape node returns (ints where static, others as given), honouring start/end."""
+    value = shape_node.inputs[0]
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape.dims)
+    if dims and not isinstance(dims[-1], int):
+        dims[-1] = _sliced_last_dim(value)
+    start = int_attr(shape_node, "start", 0)
+    end = int_attr(shape_node, "end", None)
+    return dims[start:end]
+
+
+def _sliced_last_dim(value: ir.Value):
+    """Width of x[..., a:b] when shape inference could not tell it (bounds computed from other shapes)."""
+    node = value.producer()
+    if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
+        return value.shape.dims[-1]
+    fold = ConstantEvaluator()
+    starts, ends, axes = fold(node.inputs[1]), fold(node.inputs[2]), fold(node.inputs[3])
+    steps = fold(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.array([1])
+    data = node.inputs[0]
+    if any(a is None for a in (starts, ends, axes, steps)) or starts.size != 1 or data.shape is None:
+        return value.shape.dims[-1]
+    if normalise_axis(int(axes.reshape(-1)[0]), len(data.shape)) != -1 or int(steps.reshape(-1)[0]) != 1:
+        return value.shape.dims[-1]
+    start, end = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+    width = data.shape.dims[-1]
+    if not isinstance(width, int):
+        width = _sliced_last_dim(data)
+    if isinstance(width, int):
+        end = min(end, width)
+    elif end > 1 << 40 or start < 0 or end < 0:
+        return value.shape.dims[-1]
+    return end - start
+
+
+def _static_shape_slice(shape_node: ir.Node) -> np.ndarray | None:
+    dims = _shape_dims(shape_node)
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        return None
+    return np.array(dims, dtype=np.int64)
 
 
 def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:

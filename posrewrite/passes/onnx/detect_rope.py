@@ -42,6 +42,7 @@ class _Source:
 class RopeDetector:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
+        _ensure_ranks(model)
         opset = model.opset_imports.get("", 18)
         self.fold = ConstantEvaluator(opset)
         self.tracer = _basics.MatchingTracer()
@@ -403,6 +404,21 @@ class RopeDetector:
             reason = _best_failure(self.tracer)
             self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
                                          "Cos node not part of any recognised q/k rotation" + (f" (closest pattern failed: {reason})" if reason else "")))
+
+
+def _ensure_ranks(model: ir.Model) -> None:
+    """Older exporters (TorchScript) leave intermediate shapes out; the patterns need ranks to tell which
+    axis is last. Shape inference is run only then (onnx_ir's pass leaves big weights out of it)."""
+    needs = any(
+        n.op_type == "Neg" and n.inputs and n.inputs[0] is not None and n.inputs[0].shape is None for n in model.graph
+    )
+    if needs:
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        try:
+            ShapeInferencePass()(model)
+        except Exception:  # noqa: BLE001 - detection then works with what it has
+            pass
 
 
 @dataclasses.dataclass(frozen=True)

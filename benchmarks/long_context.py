@@ -1,0 +1,272 @@
+"""Long-context perplexity of a small byte-level RoPE model before and after posrewrite's RoPE rescaling.
+
+    python benchmarks/long_context.py -o docs/long_context.png
+
+The model is ``fixtures/train_lm.py``'s LlamaForCausalLM (trained on 128-byte windows of the Python standard
+library; weights committed in ``fixtures/trained/``, retrained when missing).  It is exported to ONNX once
+(cached), and for every method and scale s the CLI writes a rewritten model:
+
+    python -m posrewrite byte_llama.onnx --rope-scale s --rope-method M --original-max-positions 128 \
+        -o byte_llama.M.s.onnx --no-validate
+
+Every model is evaluated in onnxruntime on the held-out files (never trained on): the same first
+``--tokens`` bytes, cut into non-overlapping windows of s x 128 bytes; perplexity = exp(mean next-byte NLL
+over every predicted position of every window).  The original model is evaluated at every length (plain
+extrapolation); each rewrite at the length matching its scale.  No fine-tuning anywhere.
+
+``--crosscheck`` also builds each rescaled model in Hugging Face transformers (same weights, the
+corresponding ``rope_parameters``) and reports the largest logit difference from the rewritten ONNX model on
+the first window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fixtures import train_lm  # noqa: E402
+
+METHODS = ("linear", "ntk", "dynamic", "yarn")
+SCALES = (1, 2, 4, 8)
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    mx = x.max(axis=-1, keepdims=True)
+    lse = (mx + np.log(np.exp(x - mx).sum(axis=-1, keepdims=True)))[..., 0]
+    picked = np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return lse - picked
+
+
+def windows(tokens: np.ndarray, length: int, budget: int) -> np.ndarray:
+    n = budget // length
+    if n < 1 or n * length > tokens.size:
+        raise ValueError(f"not enough held-out text for windows of {length} (budget {budget}, have {tokens.size})")
+    return tokens[: n * length].reshape(n, length).astype(np.int64)
+
+
+def perplexity(path: Path, tokens: np.ndarray, length: int, budget: int, threads: int, batch: int = 8) -> dict:
+    sess = _session(path, threads)
+    w = windows(tokens, length, budget)
+    total, count = 0.0, 0
+    for s in range(0, len(w), batch):
+        ids = w[s : s + batch]
+        (logits,) = sess.run(["logits"], {"input_ids": ids})
+        nll = _log_softmax_nll(logits[:, :-1], ids[:, 1:])
+        total += float(nll.sum())
+        count += nll.size
+    return {"ppl": math.exp(total / count), "nll": total / count, "windows": len(w), "predicted": count}
+
+
+def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Path | None, str]:
+    out = cache / f"byte_llama.{method}.x{scale}.onnx"
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out, ""
+    cmd = [sys.executable, "-m", "posrewrite", str(src), "--rope-scale", str(scale), "--rope-method", method,
+           "--original-max-positions", str(L), "-o", str(out), "--no-validate"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
+    return out, ""
+
+
+def hf_rope_parameters(method: str, scale: int, L: int) -> dict:
+    from posrewrite.math.rope import ntk_base
+
+    if method == "ntk":
+        head_dim = train_lm.MODEL_CONFIG["hidden_size"] // train_lm.MODEL_CONFIG["num_attention_heads"]
+        return {"rope_type": "default", "rope_theta": ntk_base(train_lm.ROPE_THETA, head_dim, scale)}
+    return {"rope_type": method, "factor": float(scale), "original_max_position_embeddings": L}
+
+
+def crosscheck(path: Path, method: str, scale: int, tokens: np.ndarray, L: int, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = train_lm.load_model(hf_rope_parameters(method, scale, L))
+    ids = windows(tokens, scale * L, scale * L)[:1]
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    (got,) = _session(path, threads).run(["logits"], {"input_ids": ids})
+    return float(np.abs(got - ref).max())
+
+
+def fmt_ppl(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3f}" if x < 100 else f"{x:.4g}"
+
+
+def table(results: dict, L: int, scales: tuple[int, ...], methods: tuple[str, ...]) -> list[str]:
+    head = "| model (no fine-tuning) | " + " | ".join(f"{s}× ({s * L})" for s in scales) + " |"
+    lines = [head, "|---|" + "---:|" * len(scales)]
+    base1 = results["original"].get(1, {}).get("ppl")
+    orig = [results["original"].get(s, {}).get("ppl") for s in scales]
+    lines.append("| original (plain extrapolation) | " + " | ".join(fmt_ppl(x) for x in orig) + " |")
+    for m in methods:
+        cells = []
+        for s in scales:
+            r = results.get(m, {}).get(s)
+            if s == 1:
+                cells.append("= original")
+            elif r is None:
+                cells.append("—")
+            elif "error" in r:
+                cells.append("failed")
+            else:
+                cells.append(fmt_ppl(r["ppl"]))
+        lines.append(f"| {m} (scale = length / {L}) | " + " | ".join(cells) + " |")
+    if base1:
+        lines.append("")
+        lines.append(f"ratio to the 1× perplexity {base1:.3f}:")
+        lines.append("| model | " + " | ".join(f"{s}×" for s in scales) + " |")
+        lines.append("|---|" + "---:|" * len(scales))
+        lines.append("| original | " + " | ".join("—" if x is None else f"{x / base1:.2f}" for x in orig) + " |")
+        for m in methods:
+            cells = []
+            for s in scales:
+                r = results.get(m, {}).get(s)
+                cells.append("—" if s == 1 or r is None or "ppl" not in r else f"{r['ppl'] / base1:.2f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(results: dict, L: int, scales, methods, out_png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    xs = [s for s in scales if s in results["original"]]
+    ax.plot(xs, [results["original"][s]["ppl"] for s in xs], "k--o", lw=2, label="original (plain extrapolation)")
+    base1 = results["original"].get(1, {}).get("ppl")
+    markers = {"linear": "s", "ntk": "^", "dynamic": "v", "yarn": "D"}
+    for m in methods:
+        pts = [(s, results[m][s]["ppl"]) for s in scales if s > 1 and "ppl" in results.get(m, {}).get(s, {})]
+        if base1:
+            pts = [(1, base1)] + pts
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker=markers.get(m, "o"), lw=1.5, label=f"{m} (scale = length / {L})")
+    if base1:
+        ax.axhline(base1 * 1.5, color="gray", ls=":", lw=1, label="1.5 × the 1× perplexity")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(scales), [f"{s}×\n{s * L}" for s in scales])
+    ax.set_xlabel(f"evaluation length (multiple of the training length {L})")
+    ax.set_ylabel("held-out perplexity (bytes)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--out", default="out/long_context.png", help="PNG to write (a .json is written beside)")
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "long_context"))
+    ap.add_argument("--tokens", type=int, default=32768, help="held-out bytes evaluated per length")
+    ap.add_argument("--scales", type=int, nargs="+", default=list(SCALES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--crosscheck", action="store_true", help="compare each rewrite with the HF model's logits")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    L = train_lm.CONTEXT
+    scales = tuple(sorted(set(args.scales)))
+    methods = tuple(args.methods)
+    src = train_lm.ensure_onnx(cache)
+    meta = json.loads(train_lm.META.read_text()) if train_lm.META.exists() else {}
+    tokens = train_lm.heldout_tokens()
+    print(f"model: {src} ({meta.get('parameters', '?')} parameters, trained at {L} bytes, "
+          f"seed {meta.get('seed', '?')}); held-out text: {tokens.size:,} bytes from "
+          f"{len(train_lm.split_files()[1])} stdlib files, {args.tokens:,} evaluated per length", flush=True)
+
+    results: dict = {"original": {}}
+    for s in scales:
+        results["original"][s] = perplexity(src, tokens, s * L, args.tokens, args.threads)
+        print(f"  original @ {s}x: ppl {results['original'][s]['ppl']:.3f}", flush=True)
+    failures = []
+    for m in methods:
+        results[m] = {}
+        for s in scales:
+            if s == 1:
+                continue
+            path, err = rewrite(src, m, s, L, cache)
+            if path is None:
+                results[m][s] = {"error": err}
+                failures.append(f"{m} x{s}: {err}")
+                print(f"  {m} x{s}: rewrite failed ({err})", flush=True)
+                continue
+            r = perplexity(path, tokens, s * L, args.tokens, args.threads)
+            if args.crosscheck:
+                r["max_abs_logit_diff_vs_hf"] = crosscheck(path, m, s, tokens, L, args.threads)
+            results[m][s] = r
+            extra = (f", max |logit - HF| {r['max_abs_logit_diff_vs_hf']:.2e}"
+                     if "max_abs_logit_diff_vs_hf" in r else "")
+            print(f"  {m} @ {s}x: ppl {r['ppl']:.3f}{extra}", flush=True)
+
+    lines = table(results, L, scales, methods)
+    print()
+    print("\n".join(lines))
+    base1 = results["original"].get(1, {}).get("ppl")
+    verdict = []
+    if base1 and 4 in scales:
+        ok = [m for m in methods if "ppl" in results[m].get(4, {}) and results[m][4]["ppl"] <= 1.5 * base1]
+        verdict.append(f"at 4×, within 1.5× of the 1× perplexity: {', '.join(ok) if ok else 'none'}")
+        for s in (4, 8):
+            if s in results["original"]:
+                verdict.append(f"original at {s}×: {results['original'][s]['ppl'] / base1:.2f}× its 1× perplexity")
+    if failures:
+        verdict.append("rewrites that failed: " + "; ".join(failures))
+    print()
+    print("\n".join(verdict))
+
+    out = Path(args.out)
+    title = (f"byte-level Llama ({meta.get('parameters', '?')} params) trained at {L} bytes on stdlib source;\n"
+             f"held-out stdlib files, {args.tokens:,} bytes per length; rewrites by posrewrite, onnxruntime, no fine-tuning")
+    plot(results, L, scales, methods, out, title)
+    doc = {
+        "command": "python benchmarks/long_context.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "training_length": L,
+        "tokens_per_length": args.tokens,
+        "model": {k: meta.get(k) for k in ("parameters", "seed", "train_seconds", "python", "heldout_digest")},
+        "results": {m: {str(s): r for s, r in v.items()} for m, v in results.items()},
+        "table": lines,
+        "verdict": verdict,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.json')} in {doc['seconds']} s")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Finding RoPE in ATen graphs of `torch.export` programs.
+
+A rotation is recognised from its arithmetic, not from names or fixed literals:
+
+    output = x * cos + rotate(x) * sin          (add; either operand order of every add/mul)
+    output = x * cos - rotate'(x) * sin         (sub, with rotate' = -rotate)
+
+``rotate`` is one of the forms in `ROTATIONS` (data, not copies of a rule): rotate-half
+``cat([-x[h:], x[:h]])`` and interleaved ``flatten(stack([-x[1::2], x[0::2]], -1))``, with halves taken by
+``slice`` or ``split``/``chunk`` and negation by ``neg`` or ``mul(-1)``. Slice bounds are read from the
+graph and checked against the head size found in the tensors' shapes. A partial rotation is
+``cat([rotation(x[..., :r]), x[..., r:]])``.
+
+Rotations sharing cos/sin are grouped by their angle source, traced up from cos/sin through views, casts,
+broadcasts, duplications (``cat([f, f])``, ``repeat_interleave``) and attention-factor multiplications to
+either ``cos(positions x inv_freq)`` (computed; inv_freq a buffer/constant or a constant expression) or a
+table placeholder gathered by positions (cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from posrewrite.math import rope as rope_math
+from posrewrite.passes.fx import _graph as g
+from posrewrite.passes.fx._graph import aten
+from posrewrite.passes.fx.sites import AngleSource, FxAngleSource, FxRopeApplication, FxRopeSite, Layout
+from posrewrite.sites.base import Refusal
+
+__all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotations
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """``node`` computes ``sign * R(x)``, R the canonical rotation of ``layout`` on x's last axis."""
+
+    x: Node
+    layout: Layout
+    half: int
+    sign: int
+    nodes: tuple[Node, ...]
+
+
+def _negation_split(p0: object, p1: object) -> tuple[Node, Node, int] | None:
+    """(moved_to_front, moved_to_back, sign) for ``[-a, b]`` (+1) or ``[a, -b]`` (-1)."""
+    n0, n1 = g.negated(p0), g.negated(p1)
+    if n0 is not None and n1 is None:
+        return n0, p1, +1
+    if n1 is not None and n0 is None:
+        return p0, n1, -1
+    return None
+
+
+def _rotate_half(node: Node) -> Rotation | None:
+    """``cat([-x2, x1], last)`` with x1 = x[..., :h], x2 = x[..., h:2h]."""
+    if not g.is_op(node, aten.cat):
+        return None
+    parts, dim = node.args[0], g.arg(node, 1, "dim", 0)
+    if len(parts) != 2 or not g.is_last_dim(node, dim, of=node):
+        return None
+    split = _negation_split(*parts)
+    if split is None:
+        return None
+    second, first, sign = split
+    s2, s1 = g.slice_of(second), g.slice_of(first)
+    if s1 is None or s2 is None or s1.source is not s2.source or s1.step != 1 or s2.step != 1:
+        return None
+    x = s1.source
+    width = g.last_dim(x)
+    if width is None or s1.dim != g.rank(x) - 1 or s2.dim != s1.dim:
+        return None
+    h = s1.end
+    if s1.start != 0 or h is None or 2 * h != width or s2.start != h or s2.end not in (None, width):
+        return None
+    return Rotation(x, Layout.ROTATE_HALF, h, sign, (node, second, first))
+
+
+def _interleaved(node: Node) -> Rotation | None:
+    """``flatten(stack([-x[1::2], x[0::2]], -1))`` (flatten as view/reshape/flatten, or a cat of unsqueezes)."""
+    if not g.is_op(node, aten.view, aten.reshape, aten._unsafe_view, aten.flatten):
+        return None
+    inner = node.args[0]
+    if g.is_op(inner, aten.stack):
+        parts, dim = inner.args[0], g.arg(inner, 1, "dim", 0)
+        if len(parts) != 2 or not g.is_last_dim(inner, dim, of=inner):
+            return None
+    elif g.is_op(inner, aten.cat):
+        parts, dim = inner.args[0], g.arg(inner, 1, "dim", 0)
+        if len(parts) != 2 or not g.is_last_dim(inner, dim, of=inner):
+            return None
+        if not all(g.is_op(p, aten.unsqueeze) and g.is_last_dim(p, p.args[1], of=p) for p in parts):
+            return None
+        parts = [p.args[0] for p in parts]
+    else:
+        return None
+    split = _negation_split(*parts)
+    if split is None:
+        return None
+    odd, even, sign = split
+    so, se = g.slice_of(odd), g.slice_of(even)
+    if so is None or se is None or so.source is not se.source or so.step != 2 or se.step != 2:
+        return None
+    x = se.source
+    width = g.last_dim(x)
+    if width is None or width % 2 or se.dim != g.rank(x) - 1 or so.dim != se.dim:
+        return None
+    if se.start != 0 or so.start != 1 or se.end not in (None, width) or so.end not in (None, width):
+        return None
+    if g.shape(node) != g.shape(x):
+        return None
+    return Rotation(x, Layout.INTERLEAVED, width // 2, sign, (node, inner))
+
+
+#: The rotation forms detection knows; each maps a node to a `Rotation` or None.
+ROTATIONS: tuple[Callable[[Node], Rotation | None], ...] = (_rotate_half, _interleaved)
+
+
+def _rotation(node: object) -> Rotation | None:
+    if not isinstance(node, Node):
+        return None
+    for form in ROTATIONS:
+        r = form(node)
+        if r is not None:
+            return r
+    return None
+
+
+def _mul_pair(node: object) -> tuple[Node, Node] | None:
+    if g.is_op(node, aten.mul) and len(node.args) == 2 and all(isinstance(a, Node) for a in node.args):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _alpha_one(node: Node) -> bool:
+    return node.kwargs.get("alpha", 1) == 1
+
+
+def match_rotation(node: Node) -> FxRopeApplication | None:
+    """The RoPE application whose sum is ``node`` (an add/sub), or None."""
+    if g.is_op(node, aten.add) and _alpha_one(node):
+        orders = [(node.args[0], node.args[1], +1), (node.args[1], node.args[0], +1)]
+    elif g.is_op(node, aten.sub) and _alpha_one(node):
+        orders = [(node.args[0], node.args[1], -1)]
+    else:
+        return None
+    for cos_term, sin_term, want_sign in orders:
+        pc, ps = _mul_pair(cos_term), _mul_pair(sin_term)
+        if pc is None or ps is None:
+            continue
+        for rot_node, sin in (ps, ps[::-1]):
+            rot = _rotation(rot_node)
+            if rot is None or rot.sign != want_sign:
+                continue
+            if pc[0] is rot.x:
+                cos = pc[1]
+            elif pc[1] is rot.x:
+                cos = pc[0]
+            else:
+                continue
+            return _application(node, rot, cos, sin)
+    return None
+
+
+def _application(out: Node, rot: Rotation, cos: Node, sin: Node) -> FxRopeApplication:
+    """Widen a rotation of x[..., :r] followed by cat([rotated, x[..., r:]]) into a partial application."""
+    r = 2 * rot.half
+    x, output = rot.x, out
+    sx = g.slice_of(rot.x)
+    if sx is not None and sx.start == 0 and sx.step == 1 and sx.dim == g.rank(sx.source) - 1 and sx.end == r:
+        for user in out.users:
+            if not g.is_op(user, aten.cat) or not g.is_last_dim(user, g.arg(user, 1, "dim", 0), of=user):
+                continue
+            parts = user.args[0]
+            if len(parts) != 2 or parts[0] is not out:
+                continue
+            rest = g.slice_of(parts[1])
+            if rest is not None and rest.source is sx.source and rest.start == r and rest.end is None and rest.step == 1:
+                x, output = sx.source, user
+                break
+    head_dim = g.last_dim(x) or r
+    return FxRopeApplication(x=x, output=output, rotated=rot.x, layout=rot.layout, rotary_dim=r, head_dim=head_dim,
+                             cos=cos, sin=sin, sign_nodes=rot.nodes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Angle sources
+# --------------------------------------------------------------------------------------------------
+
+# Ops that keep the values of their first input per last-axis column (views, casts, broadcasts, row
+# selections): walking up through them from cos/sin reaches where the angles are made.
+_CARRY = g.CAST_OPS + g.VIEW_OPS + (aten.slice, aten.index, aten.gather, aten.index_select, aten.repeat_interleave)
+
+
+def _walk_up(node: object, stop: Callable[[Node], bool], limit: int = 64) -> tuple[Node | None, list[Node]]:
+    """From ``node`` upward through `_CARRY` ops, duplications and scalar multiplications until ``stop``."""
+    path: list[Node] = []
+    cur = node
+    for _ in range(limit):
+        if not isinstance(cur, Node):
+            return None, path
+        if stop(cur):
+            return cur, path
+        path.append(cur)
+        sm = g.scalar_mul(cur)
+        if sm is not None:
+            cur = sm[0]
+        elif g.is_op(cur, aten.cat) and len(cur.args[0]) == 2 and cur.args[0][0] is cur.args[0][1]:
+            cur = cur.args[0][0]
+        elif g.is_op(cur, *_CARRY):
+            cur = cur.args[0]
+        elif g.is_op(cur, aten.embedding):
+            cur = cur.args[0]
+        elif g.slice_of(cur) is not None:  # a piece of split/chunk
+            cur = g.slice_of(cur).source
+        else:
+            return None, path
+    return None, path
+
+
+def _constant_value(ep: ExportedProgram, node: Node, limit: int = 40) -> torch.Tensor | None:
+    """The value of ``node`` when it depends only on program constants (evaluated on real tensors)."""
+    t = g.placeholder_tensor(ep, node)
+    if t is not None:
+        return t
+    if node.op != "call_function":
+        return None
+    env: dict[Node, object] = {}
+    order: list[Node] = []
+
+    def visit(n: Node) -> bool:
+        if n in env or n in order:
+            return True
+        if len(order) > limit:
+            return False
+        if n.op == "placeholder":
+            v = g.placeholder_tensor(ep, n)
+            if v is None:
+                return False
+            env[n] = v
+            return True
+        if n.op != "call_function":
+            return False
+        for a in n.all_input_nodes:
+            if not visit(a):
+                return False
+        order.append(n)
+        return True
+
+    if not visit(node):
+        return None
+    for n in order:
+        args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+        kwargs = {k: (torch.device("cpu") if k == "device" else v) for k, v in kwargs.items()}
+        try:
+            env[n] = n.target(*args, **kwargs)
+        except Exception:
+            return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _split_product(ep: ExportedProgram, angles: Node, half: int):
+    """(inv_freq node, value, positions, position cast) for ``angles = positions x inv_freq``."""
+    if g.is_op(angles, aten.mul, aten.matmul, aten.bmm) and all(isinstance(a, Node) for a in angles.args[:2]):
+        a, b = angles.args[:2]
+    else:
+        return None
+    for freq_side, pos_side in ((a, b), (b, a)):
+        top, passed = g.through(freq_side, g.CAST_OPS + g.VIEW_OPS)
+        value = _constant_value(ep, top) if isinstance(top, Node) else None
+        if value is None or value.numel() != half or not value.is_floating_point():
+            continue
+        pos, pos_path = g.through(pos_side, g.CAST_OPS + g.VIEW_OPS)
+        if not isinstance(pos, Node) or _constant_value(ep, pos) is not None:
+            continue
+        cast = next((n for n in pos_path if g.is_op(n, aten._to_copy, aten.to)), None)
+        return top, value, pos, cast
+    return None
+
+
+def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSource:
+    """Where the cos/sin of ``app`` come from (computed, cached, or not understood with a reason)."""
+    half = app.rotary_dim // 2
+    cos_node, cos_path = _walk_up(app.cos, lambda n: g.is_op(n, aten.cos))
+    sin_node, sin_path = _walk_up(app.sin, lambda n: g.is_op(n, aten.sin))
+    if cos_node is not None and sin_node is not None:
+        emb_c, emb_s = cos_node.args[0], sin_node.args[0]
+        if emb_c is not emb_s:
+            return FxAngleSource(AngleSource.CACHED, reason="cos and sin are taken of different angles")
+        angles, _ = _walk_up(emb_c, lambda n: g.is_op(n, aten.mul, aten.matmul, aten.bmm) and g.scalar_mul(n) is None)
+        split = _split_product(ep, angles, half) if angles is not None else None
+        if split is None:
+            return FxAngleSource(AngleSource.COMPUTED, cos_node=cos_node, sin_node=sin_node,
+                                 reason="angles are not positions x a constant inv_freq")
+        inv_node, inv_value, positions, cast = split
+        cos_scale = next((n for n in cos_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is cos_node), None)
+        sin_scale = next((n for n in sin_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is sin_node), None)
+        factor = 1.0
+        for n in cos_path:
+            sm = g.scalar_mul(n)
+            if sm is not None:
+                factor *= sm[1]
+        pos_dtype = g.dtype(cast) if cast is not None else g.dtype(positions)
+        return FxAngleSource(
+            AngleSource.COMPUTED,
+            positions=positions,
+            position_cast=cast,
+            inv_freq_node=inv_node,
+            inv_freq=inv_value.detach().to(torch.float32).reshape(-1).cpu().numpy(),
+            angles=angles,
+            cos_node=cos_node,
+            sin_node=sin_node,
+            cos_scale=cos_scale,
+            sin_scale=sin_scale,
+            attention_factor=factor,
+            position_dtype=str(pos_dtype).replace("torch.", ""),
+            angle_dtype=str(g.dtype(angles)).replace("torch.", ""),
+        )
+    # A table placeholder gathered by positions?
+    table, _ = _walk_up(app.cos, lambda n: n.op == "placeholder")
+    if table is not None and g.placeholder_tensor(ep, table) is not None:
+        t = g.placeholder_tensor(ep, table)
+        return FxAngleSource(AngleSource.CACHED, table_node=table, max_positions=int(t.shape[-2]) if t.dim() >= 2 else None,
+                             angle_dtype=str(t.dtype).replace("torch.", ""),
+                             reason="cos/sin are read from a precomputed table")
+    return FxAngleSource(AngleSource.CACHED, reason="cos/sin source not recognised")
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------------
+
+
+def _site_key(app: FxRopeApplication, src: FxAngleSource):
+    if src.kind == AngleSource.COMPUTED and src.cos_node is not None:
+        return ("computed", src.cos_node, app.layout, app.rotary_dim)
+    if src.table_node is not None:
+        return ("table", src.table_node, app.layout, app.rotary_dim)
+    return ("operands", app.cos, app.sin, app.layout, app.rotary_dim)
+
+
+def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
+    """Every RoPE site of ``ep``'s graph, and refusals for rotation-like subgraphs not understood."""
+    groups: dict[tuple, list[tuple[FxRopeApplication, FxAngleSource]]] = {}
+    refusals: list[Refusal] = []
+    claimed: set[Node] = set()
+    for node in ep.graph.nodes:
+        if node in claimed or not g.is_op(node, aten.add, aten.sub):
+            continue
+        app = match_rotation(node)
+        if app is None:
+            continue
+        claimed.add(app.output)
+        src = trace_angle_source(ep, app)
+        groups.setdefault(_site_key(app, src), []).append((app, src))
+    sites: list[FxRopeSite] = []
+    for key, members in groups.items():
+        apps = tuple(a for a, _ in members)
+        src = members[0][1]
+        notes: list[str] = []
+        base = None
+        if src.inv_freq is not None:
+            if src.inv_freq.size * 2 != apps[0].rotary_dim:
+                refusals.append(Refusal("rope", apps[0].output.name,
+                                        f"inv_freq has {src.inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
+                continue
+            base = rope_math.fit_base(src.inv_freq)
+            if base is None:
+                notes.append("inv_freq is not geometric (already scaled?)")
+        if src.reason:
+            notes.append(src.reason)
+        sites.append(FxRopeSite(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
+                                source=src, base=base, applications=apps, notes=tuple(notes)))
+    return sites, refusals

@@ -1,0 +1,194 @@
+"""fx passes as small objects composed by one pass manager (the torch side of load -> detect -> rewrite).
+
+Each pass has one job, runs detection on the program it is given (node references do not survive a
+previous rewrite) and returns an `FxPassResult` whose ``modified`` flag says whether anything changed:
+
+    RescaleRope(params)   new inv_freq / attention factor (static) or runtime inv_freq (dynamic, longrope)
+    Fp32Positions()       positions, angles and cos/sin in float32
+    FuseRope()            applications -> torch.ops.posrewrite.rope_qk / rope
+
+`prepare` makes the working copy (a copy of the graph with the autocast/no-grad regions HF wraps its
+rotary module in inlined); `finalize` rebuilds a verified ExportedProgram.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature
+
+from posrewrite.errors import NoEncodingError, PartialMatchError
+from posrewrite.math import rope as rope_math
+from posrewrite.passes.fx.detect_rope import detect_rope
+from posrewrite.passes.fx.fp32_positions import make_fp32, needs_fp32
+from posrewrite.passes.fx.fuse_rope import fuse_sites
+from posrewrite.passes.fx.rescale import RescaleRefused, apply_rescale, plan_rescale
+
+__all__ = ["FxPass", "FxPassResult", "RescaleRope", "Fp32Positions", "FuseRope", "FxPassManager", "prepare",
+           "finalize"]
+
+
+@dataclasses.dataclass
+class FxPassResult:
+    program: ExportedProgram
+    modified: bool
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+
+class FxPass:
+    """Base: ``__call__(program) -> FxPassResult``; rewrites the (working-copy) program in place."""
+
+    name = "pass"
+
+    def __call__(self, ep: ExportedProgram) -> FxPassResult:
+        result = self.call(ep)
+        if result.modified:
+            ep.graph_module.recompile()
+        return result
+
+    def call(self, ep: ExportedProgram) -> FxPassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RescaleRope(FxPass):
+    name = "rescale-rope"
+
+    def __init__(self, params: rope_math.RopeParameters, *, allow_partial: bool = False) -> None:
+        params.validate()
+        self.params = params
+        self.allow_partial = allow_partial
+
+    def call(self, ep: ExportedProgram) -> FxPassResult:
+        sites, _ = detect_rope(ep)
+        if not sites:
+            raise NoEncodingError("no RoPE site found in the exported program")
+        plans, refused = [], []
+        for site in sites:
+            try:
+                plans.append(plan_rescale(site, self.params))
+            except RescaleRefused as e:
+                refused.append(str(e))
+        if refused and not self.allow_partial:
+            raise PartialMatchError(f"{len(refused)} of {len(sites)} RoPE sites cannot be rescaled: {refused[0]}",
+                                    detail=refused)
+        messages = apply_rescale(ep, plans)
+        return FxPassResult(ep, bool(plans), messages + [f"skipped: {r}" for r in refused])
+
+
+class Fp32Positions(FxPass):
+    name = "fp32-positions"
+
+    def call(self, ep: ExportedProgram) -> FxPassResult:
+        sites, _ = detect_rope(ep)
+        todo = [s for s in sites if needs_fp32(s)]
+        if not todo:
+            return FxPassResult(ep, False, ["positions and angles are already float32"])
+        return FxPassResult(ep, True, make_fp32(ep, todo))
+
+
+class FuseRope(FxPass):
+    name = "fuse-rope"
+
+    def __init__(self, *, allow_partial: bool = False) -> None:
+        self.allow_partial = allow_partial
+
+    def call(self, ep: ExportedProgram) -> FxPassResult:
+        sites, _ = detect_rope(ep)
+        if not sites:
+            raise NoEncodingError("no RoPE site found in the exported program")
+        done, refused = fuse_sites(ep, sites)
+        if refused and not self.allow_partial:
+            raise PartialMatchError(f"{len(refused)} RoPE applications cannot be fused: {refused[0]}", detail=refused)
+        return FxPassResult(ep, bool(done), [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused])
+
+
+class FxPassManager:
+    """Runs ``steps`` in order on a working copy; returns the final program and every message."""
+
+    def __init__(self, steps: list[FxPass]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, ep: ExportedProgram) -> tuple[ExportedProgram, list[str], bool]:
+        work = prepare(ep)
+        messages: list[str] = []
+        modified = False
+        for step in self.steps:
+            result = step(work)
+            modified |= result.modified
+            messages.extend(f"{step.name}: {m}" for m in result.messages)
+        return finalize(work), messages, modified
+
+
+def prepare(ep: ExportedProgram) -> ExportedProgram:
+    """A working copy: its own graph (higher-order regions inlined, metadata asserts dropped) and its own
+    state/constant dicts. Much cheaper than ``run_decompositions({})``, which would also do it."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(ep.graph, {})
+    graph.output(out)
+    gm = torch.fx.GraphModule(ep.graph_module, graph)
+    inline_regions(gm)
+    sig = ExportGraphSignature(input_specs=list(ep.graph_signature.input_specs),
+                               output_specs=list(ep.graph_signature.output_specs))
+    return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+
+
+_REGIONS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+def inline_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline the no-grad/autocast regions (higher-order ops calling submodules) into ``gm``'s graph and
+    drop ``aten._assert_tensor_metadata`` checks (dtype rewrites would trip them)."""
+    graph = gm.graph
+    for _ in range(16):  # nested regions: repeat until none is left
+        hops = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in _REGIONS]
+        if not hops:
+            break
+        for node in hops:
+            idx = next(i for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+            sub_node = node.args[idx]
+            sub = getattr(gm, sub_node.target)
+            operands = node.args[idx + 1:]
+            env: dict = {}
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            env.update(zip(placeholders, operands))
+            outs = None
+            with graph.inserting_before(node):
+                for sn in sub.graph.nodes:
+                    if sn.op == "placeholder":
+                        continue
+                    if sn.op == "output":
+                        outs = torch.fx.node.map_arg(sn.args[0], lambda a: env[a])
+                        continue
+                    if sn.op == "get_attr":
+                        name = f"{sub_node.target}_{sn.target}".replace(".", "_")
+                        setattr(gm, name, getattr(sub, sn.target))
+                        new = graph.get_attr(name)
+                        new.meta = dict(sn.meta)
+                        env[sn] = new
+                        continue
+                    env[sn] = graph.node_copy(sn, lambda a: env[a])
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(outs[user.args[1]])
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
+            if not sub_node.users:
+                graph.erase_node(sub_node)
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(n)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def finalize(ep: ExportedProgram) -> ExportedProgram:
+    gm = ep.graph_module
+    gm.graph.lint()
+    gm.recompile()
+    return ep._update(gm, ep.graph_signature, state_dict=ep.state_dict, constants=ep.constants)
