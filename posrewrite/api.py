@@ -52,6 +52,9 @@ def detect(model: ir.Model) -> Detection:
         detect_other_encodings = None
     if detect_other_encodings is not None:
         other_sites, other_refusals = detect_other_encodings(model)
+        # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
+        rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
+        other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
         sites.extend(other_sites)
         refusals.extend(other_refusals)
         for s in other_sites:
@@ -289,7 +292,7 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) 
             from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
         except ImportError:
             raise errors.UsageError("--fp32-positions is not available in this build") from None
-        p = Fp32PositionsPass(found.sites)
+        p = Fp32PositionsPass(found.sites, plans=plans)
         p(model)
         changes.extend(getattr(p, "changes", []))
         notes.extend(getattr(p, "notes", []))
@@ -349,6 +352,12 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
 
 
 def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
+    try:  # dtype tracing along the graph and table measurement (issue 6)
+        from posrewrite.passes.onnx.fp32_positions import rope_site_precision
+    except ImportError:
+        rope_site_precision = None
+    if rope_site_precision is not None:
+        return rope_site_precision(site, n, index)
     if site.angles == AngleSource.COMPUTED:
         report = precision_math.analyse_positions(n, position_dtype=site.position_dtype, angle_dtype=site.angle_dtype,
                                                  inv_freq=site.inv_freq)

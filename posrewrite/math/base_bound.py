@@ -13,9 +13,9 @@ context length L.  Everything here is computed from that definition (no fitted c
 * ``supports_context(inv_freq, L)`` B(m) >= 0 for all m in 0..L
 * ``min_base(L, dim)``              the smallest base b with B(m) >= 0 on 0..L
 
-Evaluation is exact in float64 and fast: positions m = m0 + j are split into a block start m0 (a multiple of
-C ~ sqrt(n)) and an offset j < C, and cos((m0 + j) theta) = cos(m0 theta) cos(j theta) - sin(m0 theta)
-sin(j theta), so B over n positions is two (n/C x d/2) @ (d/2 x C) matrix products.  Searches first look at
+Evaluation is float64 and fast: positions m = m0 + j are split into a block start m0 (a multiple of 512) and
+an offset j < 512, and cos((m0 + j) theta) = cos(m0 theta) cos(j theta) - sin(m0 theta) sin(j theta), so B
+over n positions is two (n/512 x d/2) @ (d/2 x 512) matrix products (and few cosines: see ``_curve``).  Searches first look at
 short distances (where a too-small base already fails) and only then at the whole range.
 
 Note: for a fixed m, B(m) is not monotone in b, so the set of valid bases is not exactly an interval: there are
@@ -73,21 +73,37 @@ def geometric_inv_freq(base: float, dim: int) -> np.ndarray:
     return np.exp(-np.arange(0, dim, 2, dtype=np.float64) / dim * math.log(base))
 
 
-def _block(n: int) -> int:
-    return int(min(4096, max(64, 2 ** math.ceil(math.log2(max(1.0, math.sqrt(n)))))))
+_C = 512  # offsets j per block
+_G = 4  # blocks per matrix product
+_R = 64  # blocks per super-block
 
 
 def _curve(theta: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """B(m) for m in [start, stop) (float64)."""
+    """B(m) for m in [start, stop) (float64, error ~1e-10 at m ~ 1e6).
+
+    Positions are m = start + 512 (64 u + v) + j with j < 512, v < 64, so e^{i m theta} is a product of three
+    small tables of unit complex numbers (few cosines), and B(m) = Re(sum_i Z[r, i] E[j, i]) with
+    Z = e^{i (start + 512 r) theta}, E = e^{i j theta}: two real matrix products per 512 positions.  The products
+    are batched as small (4 x k) @ (k x 512) matrices so that OpenBLAS runs each on one thread (its threads
+    spin badly on a busy machine)."""
     n = stop - start
     if n <= 0:
         return np.zeros(0)
-    c = _block(n)
-    rows = -(-n // c)
-    m0 = start + c * np.arange(rows, dtype=np.float64)
-    a = np.outer(m0, theta)  # [rows, k]
-    j = np.outer(np.arange(c, dtype=np.float64), theta)  # [c, k]
-    out = np.cos(a) @ np.cos(j).T - np.sin(a) @ np.sin(j).T  # [rows, c]
+    k = theta.size
+    rows = -(-n // _C)
+    supers = -(-rows // _R)
+    u = np.exp(1j * np.outer(start + _C * _R * np.arange(supers, dtype=np.float64), theta))  # [U, k]
+    v = np.exp(1j * np.outer(_C * np.arange(_R, dtype=np.float64), theta))  # [R, k]
+    z = (u[:, None, :] * v[None, :, :]).reshape(-1, k)[:rows]  # [rows, k]
+    pad = -rows % _G
+    if pad:
+        z = np.concatenate([z, np.zeros((pad, k), dtype=z.dtype)])
+    z = z.reshape(-1, _G, k)
+    e = np.exp(1j * np.outer(np.arange(_C, dtype=np.float64), theta))  # [C, k]
+    er = np.ascontiguousarray(e.real.T)
+    ei = np.ascontiguousarray(e.imag.T)
+    out = np.matmul(np.ascontiguousarray(z.real), er)
+    out -= np.matmul(np.ascontiguousarray(z.imag), ei)  # [groups, G, C]
     return out.reshape(-1)[:n]
 
 
@@ -145,7 +161,7 @@ def supports_context(inv_freq, context: int) -> bool:
     return True
 
 
-def min_base(context: int, dim: int = 128, *, per_decade: int = 96, rtol: float = 1e-4,
+def min_base(context: int, dim: int = 128, *, per_decade: int = 96, rtol: float = 1e-3,
              lo: float = 2.0, hi: float = 1e16) -> float:
     """The smallest RoPE base b with B(m) >= 0 for all integer m in 0..context, for rotary dimension ``dim``.
 

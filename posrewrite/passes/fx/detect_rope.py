@@ -286,7 +286,7 @@ def _split_product(ep: ExportedProgram, angles: Node, half: int):
         if not isinstance(pos, Node) or _constant_value(ep, pos) is not None:
             continue
         cast = next((n for n in pos_path if g.is_op(n, aten._to_copy, aten.to)), None)
-        return top, value, pos, cast
+        return top, value, pos, cast, freq_side
     return None
 
 
@@ -304,7 +304,7 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
         if split is None:
             return FxAngleSource(AngleSource.COMPUTED, cos_node=cos_node, sin_node=sin_node,
                                  reason="angles are not positions x a constant inv_freq")
-        inv_node, inv_value, positions, cast = split
+        inv_node, inv_value, positions, cast, inv_operand = split
         cos_scale = next((n for n in cos_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is cos_node), None)
         sin_scale = next((n for n in sin_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is sin_node), None)
         factor = 1.0
@@ -318,6 +318,7 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
             positions=positions,
             position_cast=cast,
             inv_freq_node=inv_node,
+            inv_freq_operand=inv_operand,
             inv_freq=inv_value.detach().to(torch.float32).reshape(-1).cpu().numpy(),
             angles=angles,
             cos_node=cos_node,

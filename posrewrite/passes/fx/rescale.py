@@ -131,16 +131,7 @@ def apply_rescale(ep: ExportedProgram, plans: list[RescalePlan]) -> list[str]:
     for plan in plans:
         src = plan.site.source
         if plan.runtime:
-            inv = _runtime_inv_freq(w, plan)
-            old = src.inv_freq_node
-            old_val = g.val(old)
-            if tuple(old_val.shape) != (plan.site.rotary_dim // 2,):
-                with w.graph.inserting_before(src.angles):
-                    inv = w.call(aten.view.default, (inv, list(old_val.shape)))
-            # only this source's product reads the runtime value
-            for user in list(old.users):
-                if user is src.angles or _feeds(user, src.angles):
-                    user.replace_input_with(old, inv)
+            _swap_operand_root(w, src.angles, src.inv_freq_operand, src.inv_freq_node, _runtime_inv_freq(w, plan))
         elif src.inv_freq_node not in replaced:
             _replace_inv_freq(ep, w, src.inv_freq_node, torch.from_numpy(plan.inv_freq))
             replaced.add(src.inv_freq_node)
@@ -150,13 +141,21 @@ def apply_rescale(ep: ExportedProgram, plans: list[RescalePlan]) -> list[str]:
     return done
 
 
-def _feeds(node: Node, target: Node, depth: int = 8) -> bool:
-    """Whether ``node`` reaches ``target`` through at most ``depth`` single-user view/cast steps."""
-    cur = node
-    for _ in range(depth):
-        if cur is target:
-            return True
-        if len(cur.users) != 1:
-            return False
-        cur = next(iter(cur.users))
-    return cur is target
+def _swap_operand_root(w: GraphWriter, user: Node, operand: Node, root: Node, new_root: Node) -> None:
+    """Make ``user`` read ``operand`` recomputed from ``new_root`` instead of ``root``: the view/cast chain
+    root -> operand is copied (before ``user``) on top of ``new_root``; other readers of root keep it."""
+    chain: list[Node] = []
+    cur = operand
+    while cur is not root:
+        chain.append(cur)
+        cur = cur.args[0]
+    env = {root: new_root}
+    if g.shape(root) != g.shape(new_root):
+        with w.graph.inserting_before(user):
+            env[root] = w.call(aten.view.default, (new_root, list(g.shape(root))))
+    for n in reversed(chain):
+        with w.graph.inserting_before(user):
+            copy = w.graph.node_copy(n, lambda a: env.get(a, a))
+        w._fill_meta(copy)
+        env[n] = copy
+    user.replace_input_with(operand, env[operand])

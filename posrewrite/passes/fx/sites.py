@@ -51,6 +51,7 @@ class FxAngleSource:
     positions: Node | None = None  # integer (or float) positions before the float cast
     position_cast: Node | None = None  # the cast of positions to the angle dtype, when present
     inv_freq_node: Node | None = None
+    inv_freq_operand: Node | None = None  # the operand of the angle product that carries inv_freq
     inv_freq: np.ndarray | None = None  # float32 [rotary_dim / 2]
     angles: Node | None = None  # positions x inv_freq
     cos_node: Node | None = None

@@ -255,7 +255,8 @@ def _is_scores(value: ir.Value) -> bool:
 
 
 def _reaches_add(value: ir.Value, depth: int = 4) -> bool:
-    """True when value (through view ops) is added to a non-constant tensor: an encoding, not a weight."""
+    """True when value (through view ops and slices, never a product) is added to a non-constant tensor:
+    an additive position encoding, not a weight, and not a RoPE cos/sin cache (those multiply q and k)."""
     frontier = [value]
     for _ in range(depth):
         nxt = []
@@ -263,8 +264,10 @@ def _reaches_add(value: ir.Value, depth: int = 4) -> bool:
             for use in v.uses():
                 node = use.node
                 if node.op_type == "Add":
-                    return True
-                if node.op_type in VIEW_OPS or node.op_type in ("Slice", "Gather", "Mul"):
+                    other = node.inputs[1 - use.idx] if len(node.inputs) == 2 else None
+                    if other is not None and other.const_value is None:
+                        return True
+                if node.op_type in VIEW_OPS or node.op_type in ("Slice", "Gather"):
                     nxt.extend(node.outputs)
         frontier = nxt
     return False
@@ -293,6 +296,8 @@ class _Detector:
             ops, _, _ = _cone_ops(indices)
             if "Log" in ops and table.shape[1] <= 256 and table.shape[0] <= 4096:
                 continue  # a bucketed relative bias; found from the scores side (T5)
+            if not _reaches_add(node.outputs[0]):
+                continue  # not an additive encoding (RoPE cos/sin caches are multiplied with q and k)
             idx = self.probe(indices)
             offset = _unit_progression(idx)
             if offset is None:

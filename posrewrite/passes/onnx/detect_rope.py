@@ -76,7 +76,7 @@ class RopeDetector:
                 path.append(node)  # repeat_interleave of the columns (interleaved layouts)
                 v = node.inputs[0]
                 continue
-            if op in ("Gather", "Slice", "Split", "GatherElements"):
+            if op in ("Gather", "Slice", "Split", "GatherElements", "GatherND"):
                 data = node.inputs[0]
                 table = None
                 if data is not None and op != "Split":
@@ -315,7 +315,7 @@ class RopeDetector:
                 return "cos and sin are scaled by different factors"
             return RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.COMPUTED,
-                base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
+                base=_fit_base(inv_freq, info["inv_freq_root"]), inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
                 max_positions=None, position_dtype=info["position_dtype"], angle_dtype=info["angle_dtype"],
                 attention_factor=cs.factor, positions=info["positions"], cos=cs.value, sin=ss.value,
                 applications=tuple(apps), source_nodes=(cs.trig_node, ss.trig_node, info["product"]),
@@ -333,7 +333,7 @@ class RopeDetector:
         if 2 * inv_freq.size != rotary_dim:
             return f"cache holds {2 * inv_freq.size} rotary channels but the rotation spans {rotary_dim}"
         sel = cs.select_node
-        positions = sel.inputs[1] if sel.op_type in ("Gather", "GatherElements") else None
+        positions = sel.inputs[1] if sel.op_type in ("Gather", "GatherElements", "GatherND") else None
         return RopeSite(
             layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.CACHED,
             base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=None,
@@ -428,6 +428,20 @@ class _Extra:
     cos_src: _Source
     sin_src: _Source
     angles: dict | None
+
+
+def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
+    """The base of an inv_freq vector, with a tolerance matching the precision it is stored in."""
+    rtol = {ir.DataType.FLOAT16: 2.0 ** -9, ir.DataType.BFLOAT16: 2.0 ** -6}.get(stored.dtype if stored is not None else None, 1e-4)
+    base = rope_math.fit_base(inv_freq, rtol=rtol)
+    if base is None or rtol == 1e-4:
+        return base
+    # half-precision storage blurs the fit: prefer the roundest base that reproduces the stored vector
+    for digits in range(1, 7):
+        nice = float(f"{base:.{digits}g}")
+        if np.allclose(rope_math.default_inv_freq(nice, 2 * inv_freq.size), inv_freq, rtol=rtol, atol=0):
+            return nice
+    return base
 
 
 def _best_failure(tracer: _basics.MatchingTracer) -> str | None:

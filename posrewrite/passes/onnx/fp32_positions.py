@@ -502,7 +502,11 @@ def site_needs_fp32(site: Any) -> bool:
         tp = table_precision(site)
         return tp is not None and not tp.correct
     if getattr(site, "kind", None) == "alibi":
-        return any(getattr(site, a, None) in _HALF_NAMES for a in ("position_dtype", "compute_dtype"))
+        try:
+            from posrewrite.passes.onnx.fp32_alibi import is_fp32_safe
+        except ImportError:
+            return any(getattr(site, a, None) in _HALF_NAMES for a in ("position_dtype", "compute_dtype"))
+        return not is_fp32_safe(site)
     return False
 
 
@@ -718,6 +722,12 @@ def _part_layout(site: RopeSite, width: int) -> str:
     return "interleaved" if site.layout == Layout.INTERLEAVED else "rotate_half"
 
 
+def _tables_in_use(site: RopeSite) -> bool:
+    if site.angles == AngleSource.FUSED_OP:
+        return any(v is site.cos_cache for n in site.fused_nodes for v in n.inputs)
+    return site.extra is not None and bool(site.extra.cos_src.table.uses()) and bool(site.extra.sin_src.table.uses())
+
+
 def _rewrite_tables(graph: ir.Graph, site: RopeSite, index: int, tp: TablePrecision) -> tuple[list[str], list[str]]:
     rows = tp.rows
     notes = []
@@ -795,6 +805,8 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
                         continue
                     changes, notes = _rewrite_computed(graph, site, k, candidates)
                 else:
+                    if not _tables_in_use(site):  # replaced by an earlier pass (a rescale regenerates them)
+                        continue
                     tp = table_precision(site)
                     if tp is None or tp.correct:
                         continue

@@ -175,7 +175,7 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             replacement = add_initializer(graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype)
         else:
             w = NodeWriter(graph, select, "rope_table")
-            if select.op_type in ("Gather", "GatherElements"):
+            if select.op_type in ("Gather", "GatherElements", "GatherND"):
                 seq = _seq_from_positions(w, select.inputs[1])
             else:
                 seq = w.op("Cast", w.op("ReduceMax", select.inputs[2], keepdims=0), to=_F32)

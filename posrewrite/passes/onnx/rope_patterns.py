@@ -148,7 +148,46 @@ class InterleavedStackPattern(_ApplicationPattern):
         return result
 
 
-APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (RotateHalfPattern, InterleavedStackPattern)
+class InterleavedPairsPattern(_ApplicationPattern):
+    """Pairs as a trailing axis of 2 (Meta's complex multiplication written with reals):
+    xr = x.reshape(..., d/2, 2); out = stack(x0*cos - x1*sin, x0*sin + x1*cos).flatten(-2)."""
+
+    layout = Layout.INTERLEAVED
+
+    def pattern(self, op, x, cos, sin, pairs_shape, i0, i1, out_shape):
+        pairs = op.Reshape(x, pairs_shape, _allow_other_attributes=True, _outputs=["pairs"])
+        x0 = op.Gather(pairs, i0, _allow_other_attributes=True, _outputs=["x0"])
+        x1 = op.Gather(pairs, i1, _allow_other_attributes=True, _outputs=["x1"])
+        real = op.Sub(op.Mul(x0, cos), op.Mul(x1, sin))
+        imag = op.Add(op.Mul(x0, sin), op.Mul(x1, cos))
+        stacked = op.Concat(
+            op.Unsqueeze(real, _allow_other_inputs=True),
+            op.Unsqueeze(imag, _allow_other_inputs=True),
+            _outputs=["stacked"],
+        )
+        return op.Reshape(stacked, out_shape, _allow_other_attributes=True)
+
+    def check(self, context, x, cos, sin, pairs, x0, x1, i0, i1, stacked, **_):
+        result = _basics.MatchResult()
+        a, b = self.fold(i0), self.fold(i1)
+        if a is None or b is None or a.size != 1 or b.size != 1 or int(a) != 0 or int(b) != 1:
+            return result.fail("pair elements are not selected as [..., 0] and [..., 1]", pairs)
+        for g in (x0.producer(), x1.producer()):
+            axis = int_attr(g, "axis", 0)
+            if normalise_axis(axis, rank(pairs)) != -1:
+                return result.fail("pair elements are not taken from the last axis", pairs)
+        if pairs.shape is None or pairs.shape[-1] != 2:
+            return result.fail("x is not reshaped to pairs [..., d/2, 2]", pairs)
+        if not _concat_axis_is_last(stacked.producer()):
+            return result.fail("rotated pairs are not stacked on the last axis", stacked)
+        half = pairs.shape[-2] if isinstance(pairs.shape[-2], int) else None
+        if half is None:
+            return result.fail("number of pairs unknown (no static shape)", pairs)
+        self.rotary_dim = 2 * half
+        return result
+
+
+APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (RotateHalfPattern, InterleavedStackPattern, InterleavedPairsPattern)
 
 
 @dataclasses.dataclass
