@@ -76,35 +76,55 @@ def geometric_inv_freq(base: float, dim: int) -> np.ndarray:
 _C = 512  # offsets j per block
 _G = 4  # blocks per matrix product
 _R = 64  # blocks per super-block
+_DIRECT = 128  # ranges this short are evaluated directly
+
+
+class _Curve:
+    """B(m) over ranges of m for one frequency vector.
+
+    Positions are m = start + 512 (64 u + v) + j with j < 512, v < 64, so e^{i m theta} is a product of three
+    small tables of unit complex numbers (few transcendental evaluations), and B(m) = Re(sum_i Z[r, i] E[j, i])
+    with Z = e^{i (start + 512 r) theta}, E = e^{i j theta}: two real matrix products per 512 positions.  The
+    products are batched as small (4 x k) @ (k x 512) matrices so that OpenBLAS runs each on one thread (its
+    threads spin badly on a busy machine).  Error ~1e-10 at m ~ 1e6 (float64)."""
+
+    def __init__(self, theta: np.ndarray):
+        self.theta = theta
+        self._tables = None
+
+    def tables(self):
+        if self._tables is None:
+            t = self.theta
+            e = np.exp(1j * np.outer(np.arange(_C, dtype=np.float64), t))  # [C, k]
+            v = np.exp(1j * np.outer(_C * np.arange(_R, dtype=np.float64), t))  # [R, k]
+            self._tables = (np.ascontiguousarray(e.real.T), np.ascontiguousarray(e.imag.T), v)
+        return self._tables
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        n = stop - start
+        t = self.theta
+        if n <= 0:
+            return np.zeros(0)
+        if n <= _DIRECT:
+            return np.cos(np.outer(np.arange(start, stop, dtype=np.float64), t)).sum(axis=1)
+        k = t.size
+        er, ei, v = self.tables()
+        rows = -(-n // _C)
+        supers = -(-rows // _R)
+        u = np.exp(1j * np.outer(start + _C * _R * np.arange(supers, dtype=np.float64), t))  # [U, k]
+        z = (u[:, None, :] * v[None, :, :]).reshape(-1, k)[:rows]  # [rows, k]
+        pad = -rows % _G
+        if pad:
+            z = np.concatenate([z, np.zeros((pad, k), dtype=z.dtype)])
+        z = z.reshape(-1, _G, k)
+        out = np.matmul(np.ascontiguousarray(z.real), er)
+        out -= np.matmul(np.ascontiguousarray(z.imag), ei)  # [groups, G, C]
+        return out.reshape(-1)[:n]
 
 
 def _curve(theta: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """B(m) for m in [start, stop) (float64, error ~1e-10 at m ~ 1e6).
-
-    Positions are m = start + 512 (64 u + v) + j with j < 512, v < 64, so e^{i m theta} is a product of three
-    small tables of unit complex numbers (few cosines), and B(m) = Re(sum_i Z[r, i] E[j, i]) with
-    Z = e^{i (start + 512 r) theta}, E = e^{i j theta}: two real matrix products per 512 positions.  The products
-    are batched as small (4 x k) @ (k x 512) matrices so that OpenBLAS runs each on one thread (its threads
-    spin badly on a busy machine)."""
-    n = stop - start
-    if n <= 0:
-        return np.zeros(0)
-    k = theta.size
-    rows = -(-n // _C)
-    supers = -(-rows // _R)
-    u = np.exp(1j * np.outer(start + _C * _R * np.arange(supers, dtype=np.float64), theta))  # [U, k]
-    v = np.exp(1j * np.outer(_C * np.arange(_R, dtype=np.float64), theta))  # [R, k]
-    z = (u[:, None, :] * v[None, :, :]).reshape(-1, k)[:rows]  # [rows, k]
-    pad = -rows % _G
-    if pad:
-        z = np.concatenate([z, np.zeros((pad, k), dtype=z.dtype)])
-    z = z.reshape(-1, _G, k)
-    e = np.exp(1j * np.outer(np.arange(_C, dtype=np.float64), theta))  # [C, k]
-    er = np.ascontiguousarray(e.real.T)
-    ei = np.ascontiguousarray(e.imag.T)
-    out = np.matmul(np.ascontiguousarray(z.real), er)
-    out -= np.matmul(np.ascontiguousarray(z.imag), ei)  # [groups, G, C]
-    return out.reshape(-1)[:n]
+    """B(m) for m in [start, stop) (float64)."""
+    return _Curve(theta)(start, stop)
 
 
 def _theta(inv_freq) -> np.ndarray:
@@ -126,36 +146,41 @@ _MAX_CHUNK = 1 << 20
 def first_negative(inv_freq, context: int) -> int | None:
     """The smallest integer m in 0..context with B(m) < 0, or None when B stays >= 0 up to ``context``.
 
-    Positions are evaluated in doubling ranges (0..511, 512..1023, 1024..2047, ...), so a base that fails at
+    Positions are evaluated in doubling ranges (0..127, 128..511, 512..1023, ...), so a base that fails at
     distance m costs about 2m evaluations, not ``context``."""
-    theta = _theta(inv_freq)
+    curve = _Curve(_theta(inv_freq))
     stop_all = int(context) + 1
-    start, stop = 0, min(_FIRST_STAGE, stop_all)
+    start, stop = 0, min(_DIRECT, stop_all)
     while start < stop_all:
-        b = _curve(theta, start, stop)
-        neg = np.flatnonzero(b < -_TOL)
+        neg = np.flatnonzero(curve(start, stop) < -_TOL)
         if neg.size:
             return int(start + neg[0])
-        start, stop = stop, min(stop_all, stop + min(stop, _MAX_CHUNK))
+        start, stop = stop, min(stop_all, max(_FIRST_STAGE, stop + min(stop, _MAX_CHUNK)))
     return None
 
 
 def supports_context(inv_freq, context: int) -> bool:
     """True when B(m) >= 0 for every integer m in 0..context.
 
-    Ranges are checked in the order that finds a violation soonest: the first 512 distances (where a far too
-    small base fails), then the longest distances downward in doubling ranges (where a base a little too
-    small fails: B(m) drifts down with m), so only a base that passes pays for every distance."""
+    Ranges are checked in the order that finds a violation soonest: the first 128 distances (where a far too
+    small base fails), then the longest distances downward in doubling ranges (where a base a little too small
+    fails: B(m) drifts down with m), after a direct look at 256 distances spread over the whole range; only a
+    base that passes (or nearly) pays for every distance."""
     theta = _theta(inv_freq)
+    curve = _Curve(theta)
     top = int(context) + 1
-    first = min(_FIRST_STAGE, top)
-    if np.any(_curve(theta, 0, first) < -_TOL):
+    first = min(_DIRECT, top)
+    if np.any(curve(0, first) < -_TOL):
         return False
-    size = 4096
+    if top > first:  # a spread of 256 distances, evaluated directly: catches most bases that are too small
+        probe = np.unique(np.linspace(first, top - 1, 256).round())
+        if np.any(np.cos(np.outer(probe, theta)).sum(axis=1) < -_TOL):
+            return False
+    size = 2048
     hi = top
     while hi > first:
         lo = max(first, hi - size)
-        if np.any(_curve(theta, lo, hi) < -_TOL):
+        if np.any(curve(lo, hi) < -_TOL):
             return False
         hi, size = lo, min(2 * size, _MAX_CHUNK)
     return True

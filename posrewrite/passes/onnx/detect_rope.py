@@ -262,7 +262,42 @@ class RopeDetector:
                 sites.append(site)
         sites.extend(self._fused_sites())
         self._unclaimed_trig(sites)
+        for site in sites:
+            self._unmatched_uses(site)
         return sites
+
+    def _unmatched_uses(self, site: RopeSite) -> None:
+        """Multiplications by this site's cos/sin that no rotation pattern accounts for (a layer exported
+        differently): rewriting the site would change them without the tool understanding them."""
+        if site.angles == AngleSource.FUSED_OP:
+            return
+        claimed = {id(n) for app in site.applications for n in app.nodes}
+        claimed.update(id(n) for n in site.source_nodes if n is not None)
+        for root in (site.cos, site.sin):
+            stack, seen = [root], set()
+            while stack:
+                v = stack.pop()
+                if id(v) in seen:
+                    continue
+                seen.add(id(v))
+                for use in v.uses():
+                    node = use.node
+                    if id(node) in claimed:
+                        continue
+                    if node.op_type in VIEW_OPS or node.op_type in ("Slice", "Split", "Gather", "GatherElements", "GatherND") \
+                            or (node.op_type == "Mul" and any(self._scalar(i) for i in node.inputs if i is not v)):
+                        stack.extend(node.outputs)
+                        continue
+                    if node.op_type == "Concat" and all(i is v for i in node.inputs):
+                        stack.extend(node.outputs)
+                        continue
+                    self.refusals.append(Refusal(
+                        "rope", node.name or "?",
+                        f"{node.op_type} uses the RoPE {'cos' if root is site.cos else 'sin'} of a site but is not part of a recognised q/k rotation"))
+
+    def _scalar(self, v: ir.Value | None) -> bool:
+        arr = self.fold(v) if v is not None else None
+        return arr is not None and arr.size == 1
 
     def _application(self, app: ApplicationMatch) -> RopeApplication:
         x, out = app.x, app.output

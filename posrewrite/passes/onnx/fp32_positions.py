@@ -140,17 +140,11 @@ def _geometric_base(f: np.ndarray) -> float | None:
     return math.exp(log_b)
 
 
-def recover_inv_freq(stored: np.ndarray, dtype: str, candidates: Sequence[np.ndarray] = ()) -> np.ndarray | None:
-    """The float32 inverse frequencies whose rounding to ``dtype`` is exactly ``stored``, or None.
-
-    Tries ``candidates`` first (e.g. the frequencies of a rescale plan), then HF's base^(-2i/d) for the
-    base fitted to ``stored`` written with 1 to 7 significant digits (10000, 500000, 1e6...)."""
+def _recover_base(stored: np.ndarray, dtype: str) -> tuple[np.ndarray, float] | None:
+    """(float32 frequencies, base) of HF's base^(-2i/d) whose rounding to ``dtype`` is exactly ``stored``, the
+    base being the fitted one written with 1 to 7 significant digits (10000, 500000, 1e6...)."""
     f = _as_float64(stored).reshape(-1)
     name = precision.dtype_name(dtype)
-    for c in candidates:
-        c = np.asarray(c, dtype=np.float64).reshape(-1)
-        if c.size == f.size and np.array_equal(precision.round_to_dtype(c, name), f):
-            return c.astype(np.float32)
     base = _geometric_base(f)
     if base is None:
         return None
@@ -160,8 +154,22 @@ def recover_inv_freq(stored: np.ndarray, dtype: str, candidates: Sequence[np.nda
             continue
         cand = rope_math.default_inv_freq(nice, 2 * f.size).astype(np.float64)
         if np.array_equal(precision.round_to_dtype(cand, name), f):
-            return cand.astype(np.float32)
+            return cand.astype(np.float32), nice
     return None
+
+
+def recover_inv_freq(stored: np.ndarray, dtype: str, candidates: Sequence[np.ndarray] = ()) -> np.ndarray | None:
+    """The float32 inverse frequencies whose rounding to ``dtype`` is exactly ``stored``, or None.
+
+    Tries ``candidates`` first, then HF's base^(-2i/d) for a round base fitted to ``stored``."""
+    f = _as_float64(stored).reshape(-1)
+    name = precision.dtype_name(dtype)
+    for c in candidates:
+        c = np.asarray(c, dtype=np.float64).reshape(-1)
+        if c.size == f.size and np.array_equal(precision.round_to_dtype(c, name), f):
+            return c.astype(np.float32)
+    found = _recover_base(f, name)
+    return None if found is None else found[0]
 
 
 def _snap_inv_freq(fitted: np.ndarray, rtol: float) -> np.ndarray | None:
@@ -297,7 +305,7 @@ def trace_rope_dtypes(site: RopeSite) -> RopeDtypeTrace | None:
     )
 
 
-def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace, candidates: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray, bool]:
+def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, np.ndarray, bool]:
     """(stored, true, recovered): the frequencies the graph holds (float64) and the ones they round."""
     _, _, inv = _positions_operand(site)
     stored = None
@@ -312,7 +320,7 @@ def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace, candidates: Sequence[n
         stored, stored_dtype = np.asarray(site.inv_freq, dtype=np.float64).reshape(-1), trace.inv_freq_dtype
     if stored_dtype not in _HALF_NAMES and trace.inv_freq_dtype not in _HALF_NAMES:
         return stored, stored, True
-    true = recover_inv_freq(stored, stored_dtype if stored_dtype in _HALF_NAMES else trace.inv_freq_dtype, candidates)
+    true = recover_inv_freq(stored, stored_dtype if stored_dtype in _HALF_NAMES else trace.inv_freq_dtype)
     if true is None:
         return stored, stored, False
     return stored, true.astype(np.float64), True
@@ -524,7 +532,8 @@ def needs_fp32_positions(sites: Iterable[Any]) -> bool:
 class _Lift:
     """Builds float32 copies of values, recomputing their whole cone from exact or float32 sources."""
 
-    def __init__(self, graph: ir.Graph, stem: str, candidates: Sequence[np.ndarray], notes: list[str]) -> None:
+    def __init__(self, graph: ir.Graph, stem: str, candidates: Sequence[tuple[np.ndarray, np.ndarray]],
+                 notes: list[str]) -> None:
         self.graph = graph
         self.stem = stem
         self.candidates = list(candidates)
@@ -622,13 +631,18 @@ class _Lift:
     def _lift_constant(self, value: ir.Value, arr: np.ndarray) -> ir.Value:
         dname = _dtype(value)
         values = _as_float64(arr)
-        if values.size > 1:
-            exact = recover_inv_freq(values, dname, self.candidates)
-            if exact is not None:
-                values = exact.astype(np.float64).reshape(values.shape)
-                self.regenerated.append(value.name or "?")
-            else:
-                self.kept_rounded.append(f"{value.name} ({values.size} values)")
+        exact = None
+        for match, replacement in self.candidates:  # values a rescale wrote in half precision
+            if match.size == values.size and np.array_equal(precision.round_to_dtype(match, dname), values.reshape(-1)):
+                exact = replacement
+                break
+        if exact is None and values.size > 1:
+            exact = recover_inv_freq(values, dname)
+        if exact is not None:
+            values = np.asarray(exact, dtype=np.float64).reshape(values.shape)
+            self.regenerated.append(value.name or "?")
+        elif values.size > 1:
+            self.kept_rounded.append(f"{value.name} ({values.size} values)")
         new = add_initializer(self.graph, values.astype(np.float32), f"{value.name or 'const'}_fp32", _F32)
         self.replaced_constants.append(value)
         return new
@@ -673,12 +687,40 @@ def _remove_dead(graph: ir.Graph, nodes: Sequence[ir.Node], constants: Sequence[
             graph.initializers.pop(v.name)
 
 
-def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, candidates: Sequence[np.ndarray]) -> tuple[list[str], list[str]]:
+def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(values a rescale plan wrote, what they should be) for the plans of ``site``.
+
+    A plan made on a half-precision site starts from the rounded frequencies it found; when those are the
+    rounding of a round base, the plan's frequencies (and attention factor) are recomputed from the exact
+    ones, so that the float32 constants carry no half-precision rounding at all."""
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    stored_dtype = _dtype(site.inv_freq_value) if site.inv_freq_value is not None else site.angle_dtype
+    original = _recover_base(site.inv_freq, stored_dtype) if (site.inv_freq is not None and stored_dtype in _HALF_NAMES) else None
+    for plan in plans:
+        if getattr(plan, "site", None) is not site or getattr(plan, "inv_freq", None) is None:
+            continue
+        match = np.asarray(plan.inv_freq, dtype=np.float64).reshape(-1)
+        exact, factor = match, float(plan.attention_factor)
+        if original is not None:
+            try:
+                inv, factor = rope_math.scaled_inv_freq(plan.params, inv_freq=original[0], base=original[1],
+                                                        dim=site.rotary_dim, seq_len=None)
+                exact = np.asarray(inv, dtype=np.float64).reshape(-1)
+            except ValueError:
+                pass
+        out.append((match, exact))
+        if plan.attention_factor != 1.0:
+            f = float(site.attention_factor)
+            out.append((np.array([plan.attention_factor * f]), np.array([factor * f])))
+    return out
+
+
+def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, plans: Sequence[Any]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     meetings = _meeting_uses(site)
     if not meetings:
         return [], [f"rope site {index}: cos/sin do not meet q/k in a Mul; left as it is"]
-    lift = _Lift(graph, f"rope{index}_fp32", candidates, notes)
+    lift = _Lift(graph, f"rope{index}_fp32", _plan_candidates(site, plans), notes)
     casts: dict[tuple[int, int], ir.Value] = {}
     redirect = []
     for node, idx, v, other in meetings:
@@ -795,7 +837,6 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.changes, self.notes = [], []
         graph = model.graph
-        candidates = [np.asarray(p.inv_freq, dtype=np.float64) for p in self.plans if getattr(p, "inv_freq", None) is not None]
         modified = False
         alibi = []
         for k, site in enumerate(self.sites):
@@ -803,7 +844,7 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
                 if site.angles == AngleSource.COMPUTED:
                     if not site_needs_fp32(site):
                         continue
-                    changes, notes = _rewrite_computed(graph, site, k, candidates)
+                    changes, notes = _rewrite_computed(graph, site, k, self.plans)
                 else:
                     if not _tables_in_use(site):  # replaced by an earlier pass (a rescale regenerates them)
                         continue

@@ -28,10 +28,6 @@ UNSEEN = {
                   dict(rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5}),
                   "fused qkv, q/k LayerNorm, partial rotary 0.5"),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2), "multipliers"),
-    "codegen": ("CodeGenConfig", "CodeGenForCausalLM",
-                dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8, n_ctx=64, vocab_size=128,
-                     hidden_size=None),
-                "GPT-J style interleaved rotary from a sincos table, partial"),
 }
 
 
@@ -73,3 +69,58 @@ def torch_logits(name: str, ids: np.ndarray) -> np.ndarray:
     model = build_model(name)
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+
+from posrewrite import api  # noqa: E402
+
+TOL = 1e-5
+_DEFAULT_RUN = ("gemma3", "nemotron")
+
+
+def _params():
+    for name in UNSEEN:
+        marks = () if name in _DEFAULT_RUN else (pytest.mark.slow,)
+        for target in ("ort", "onnx"):
+            yield pytest.param(name, target, marks=marks, id=f"{name}-{target}")
+
+
+@pytest.mark.parametrize("name,target", list(_params()))
+def test_unseen_architecture_fused(name, target, tmp_path):
+    pytest.importorskip("transformers")
+    from fixtures.hf_models import ort_logits
+
+    src = export_unseen(name)
+    found = api.inspect(src)
+    assert found.sites and not found.refusals
+    out = tmp_path / f"{name}-{target}.onnx"
+    api.rewrite(src, output=out, fuse=target)
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Cos") == ops.count("Sin") == ops.count("Neg") == 0
+    assert ops.count("RotaryEmbedding") == sum(s.sites for s in found.sites)
+    ids = np.random.default_rng(0).integers(3, 128, size=(2, 40))
+    ref = ort_logits(src, ids)
+    assert float(np.max(np.abs(ort_logits(out, ids) - ref))) <= TOL
+    assert float(np.max(np.abs(ort_logits(out, ids) - torch_logits(name, ids)))) <= TOL
+
+
+def test_distinct_configurations_get_distinct_caches(tmp_path):
+    """Gemma 3: local (base 1e4) and global (base 1e6) RoPE in one graph -> two pairs of caches."""
+    pytest.importorskip("transformers")
+    src = export_unseen("gemma3")
+    out = tmp_path / "gemma3.onnx"
+    api.rewrite(src, output=out, fuse="ort")
+    proto = onnx.load(out)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    pairs = {(n.input[2], n.input[3]) for n in proto.graph.node if n.op_type == "RotaryEmbedding"}
+    assert len(pairs) == 2
+    (c1, _), (c2, _) = sorted(pairs)
+    assert not np.allclose(inits[c1], inits[c2])
