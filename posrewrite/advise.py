@@ -112,17 +112,19 @@ def _check(label: str, inv_freq: np.ndarray, dim: int, context: int, attention_f
 def _check_lines(c: ModelCheck, context: int, min_base: float) -> list[str]:
     if c.geometric:
         what = f"base {_fmt(c.base)}"
+        ratio = f", {c.base / min_base:.3g} x the minimum"
     else:
-        what = f"not a plain geometric RoPE (lowest frequency = that of base {_fmt(c.base)})"
-    verdict = "MEETS" if c.meets else "does NOT meet"
-    longest = (f"B(m) >= 0 for every m up to {_fmt(c.longest)}+" if c.longest_capped
-               else f"B(m) first turns negative at m = {c.longest + 1:,}")
-    out = [f"{c.label}: {what}, rotary dim {c.rotary_dim}: {verdict} the bound for context {context:,} ({longest})."]
-    if c.geometric:
-        ratio = c.base / min_base
-        out.append(f"  base / minimum base = {ratio:.3g}" + ("" if c.meets == (ratio >= 1) else
-                   " (B(m) was tested on the frequencies themselves; bases near the bound alternate)"))
-    return out
+        what = f"not geometric, lowest frequency as at base {_fmt(c.base)}"
+        ratio = ""
+    if c.meets:
+        why = (f"B(m) >= 0 for every m up to {_fmt(c.longest)}+" if c.longest_capped
+               else f"B(m) >= 0 up to m = {c.longest:,}")
+        verdict = "MEETS the bound"
+    else:
+        why = f"B(m) < 0 at m = {c.first_negative:,}: supports at most {c.longest:,}"
+        verdict = "does NOT meet the bound"
+    factor = f"; attention factor {c.attention_factor:.4g}" if c.attention_factor != 1.0 else ""
+    return [f"{c.label} ({what}, rotary dim {c.rotary_dim}{ratio}): {verdict}: {why}{factor}"]
 
 
 def advise(
@@ -152,7 +154,7 @@ def advise(
     elif inv_freq is not None:
         dim, dim_source = 2 * int(np.asarray(inv_freq).size), "model's rotary dim"
     else:
-        dim, dim_source = DEFAULT_DIM, "default (the paper's table is for head dim 128)"
+        dim, dim_source = DEFAULT_DIM, "the default: the paper's table is for head dim 128"
     if dim < 4 or dim % 2:
         raise ValueError(f"rotary dim must be even and >= 4, got {dim}")
 
@@ -160,18 +162,20 @@ def advise(
     table = base_bound.PAPER_TABLE.get(context) if dim == 128 else None
     fit = base_bound.paper_fit(context) if dim == 128 else None
 
-    lines = [
-        f"context {context:,}, rotary dim {dim} ({dim_source}):",
-        f"  smallest RoPE base with B(m) = sum_i cos(m*theta_i) >= 0 for all m <= {context:,}: {_fmt(b_min)}",
-        "  (Men et al. 2024, 'Base of RoPE Bounds Context Length', arXiv 2405.14591: below it, attention can no",
-        "  longer favour a similar token over random ones at the longest distances; the bound is necessary, not",
-        "  sufficient: the model must also be trained at that length)",
-    ]
-    if table is not None or fit is not None:
-        ref = [f"paper's table {_fmt(table)}"] if table is not None else []
+    ref = []
+    if table is not None:
+        ref.append(f"paper's table {_fmt(table)}")
+    if fit is not None:
         ref.append(f"paper's fit 0.0424*L^1.628 = {_fmt(fit)}")
-        lines.append("  for comparison: " + ", ".join(ref))
-
+    lines = [
+        f"context {context:,}, rotary dim {dim} ({dim_source})",
+        f"smallest RoPE base: {_fmt(b_min)}  (the smallest b with B(m) = sum_i cos(m * b^(-2i/{dim})) >= 0 "
+        f"for every m <= {context:,};",
+        "  Men et al. 2024, 'Base of RoPE Bounds Context Length', arXiv 2405.14591" + (f"; {', '.join(ref)})" if ref else ")"),
+        "why: B(m) measures how much more attention a token similar to the query gets than a random one at",
+        "  distance m; where it is negative the model cannot tell them apart. Necessary, not sufficient: the",
+        "  model must also be trained (or fine-tuned) at that length.",
+    ]
     checks: list[ModelCheck] = []
     if inv_freq is None and base is not None:
         from posrewrite.math.rope import default_inv_freq

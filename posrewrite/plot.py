@@ -144,8 +144,9 @@ def plot_rope(
         ax.axvline(T, color="tab:red", ls=":", lw=1.5, label=f"target context {T:,}")
     ax.set_xlabel("relative distance m (tokens)")
     ax.set_ylabel("relative upper bound of q\u00b7k")
-    ax.set_title("2. Long-term decay (Su et al. 2021): how much a fixed q\u00b7k can still vary with distance\n"
-                 "(1 = at distance 0; a rewrite that interpolates stretches this curve to the target)", fontsize=9.5)
+    ax.set_title("2. Long-term decay (Su et al. 2021): upper bound of |q\u00b7k| as the distance grows (1 = distance 0);\n"
+                 "RoPE lets far tokens weigh less. Interpolating rewrites stretch this curve toward the target length",
+                 fontsize=9.5)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8.5, loc="upper right")
 

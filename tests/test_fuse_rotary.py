@@ -157,21 +157,28 @@ def test_rescale_cached_table_and_fuse(hf_onnx, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_positions_past_the_cache_fail_loudly(llama_onnx, tmp_path):
+def _fuse_small(src, out, rows: int) -> fuse_rotary.FuseRotaryPass:
+    model = ir.load(str(src))
+    fuse = fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort", max_positions=rows, fuse_attention=False)
+    fuse(model)
+    ir.save(model, str(out))
+    return fuse
+
+
+def test_positions_past_the_cache_fail_loudly(llama_onnx, llama_pos_onnx, tmp_path):
     """Caches hold `max_positions` rows; onnxruntime CPU rejects later positions instead of reading past."""
     from fixtures.hf_models import ort_logits
 
     out = tmp_path / "small.onnx"
-    p = fuse_rotary.FuseRotaryPass  # noqa: F841 - the API passes --max-positions through
-    model = ir.load(str(llama_onnx))
-    found = api.detect(model)
-    fuse = fuse_rotary.FuseRotaryPass(found.rope_sites, target="ort", max_positions=32, fuse_attention=False)
-    fuse(model)
-    ir.save(model, str(out))
+    fuse = _fuse_small(llama_onnx, out, 32)
     assert any("32 rows" in c for c in fuse.changes) and any(">= 32" in n for n in fuse.notes)
     ort_logits(out, _ids(32))
-    with pytest.raises(Exception, match="out of range"):
+    with pytest.raises(Exception, match="Updating cos_cache|out of range"):
         ort_logits(out, _ids(33))
+    out_pos = tmp_path / "small-pos.onnx"
+    _fuse_small(llama_pos_onnx, out_pos, 32)
+    with pytest.raises(Exception, match="out of range"):
+        ort_logits(out_pos, _ids(4), position_ids=np.array([[0, 1, 2, 40]] * 2))
 
 
 # ---------------------------------------------------------------------------------------------------------

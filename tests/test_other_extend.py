@@ -41,7 +41,9 @@ def extend(path, out, **kw):
 @pytest.mark.parametrize("source", [("hf", "gpt2"), ("hf", "mpt"), ("hf", "opt"), ("module", "sinusoidal")])
 def test_runs_past_table_and_unchanged_within(source, tmp_path):
     kind, name = source
-    path = export_other_onnx(name)[0] if kind == "hf" else export_module_onnx(name, mode="table", layout="interleaved")[0]
+    path = (
+        export_other_onnx(name)[0] if kind == "hf" else export_module_onnx(name, mode="table", layout="interleaved")[0]
+    )
     with pytest.raises(Exception):
         ort_run(path, ids(LONG))
     p, modified = extend(path, tmp_path / "ext.onnx", max_positions=LONG)

@@ -48,7 +48,9 @@ def test_slopes_match_hf_bloom_and_mpt(n):
     np.testing.assert_allclose(bloom[:, 0, 1].numpy(), alibi_slopes(n), rtol=1e-6)
     mpt = build_mpt_alibi_tensor(n, 5)  # [n, 1, 5] = m * (j - 4)
     np.testing.assert_allclose(mpt[:, 0, -1].numpy() - mpt[:, 0, -2].numpy(), alibi_slopes(n), rtol=1e-6)
-    np.testing.assert_allclose(mpt[:, 0, :].numpy(), alibi_bias(alibi_slopes(n), 1, 5, form="anchored")[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        mpt[:, 0, :].numpy(), alibi_bias(alibi_slopes(n), 1, 5, form="anchored")[:, 0], rtol=1e-6
+    )
     fit = fit_linear_bias(mpt[:, 0, :].numpy())
     np.testing.assert_allclose(fit[0], alibi_slopes(n), rtol=1e-5)
 
@@ -62,7 +64,7 @@ def test_alibi_bias_forms_equal_under_softmax():
 
 
 def test_sinusoidal_table_matches_tutorial_and_hf():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     n, d = 40, 16
     pos = np.arange(n)[:, None]
     div = np.exp(np.arange(0, d, 2) * (-math.log(10000.0) / d))
@@ -99,8 +101,9 @@ def test_t5_buckets_match_hf(bidirectional, nb, md):
     from transformers.models.t5.modeling_t5 import T5Attention
 
     rel = np.arange(-600, 600)
-    ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional=bidirectional, num_buckets=nb,
-                                                max_distance=md).numpy()
+    ref = T5Attention._relative_position_bucket(
+        torch.tensor(rel), bidirectional=bidirectional, num_buckets=nb, max_distance=md
+    ).numpy()
     np.testing.assert_array_equal(t5_relative_bucket(rel, bidirectional, nb, md), ref)
     fit = fit_t5_buckets(rel, ref, nb)
     assert (fit["bidirectional"], fit["max_distance"], fit["saturated"]) == (bidirectional, md, True)
@@ -110,11 +113,19 @@ def test_near_bias_error_half_precision():
     m = alibi_slopes(4)
     # Bloom fp16: m * j stored in float16 -> near distances wrong at 8192 tokens
     before = near_bias_error(m, 8192, position_dtype="int64", compute_dtype="float32", dtype="float16", form="absolute")
-    after = near_bias_error(m, 8192, position_dtype="float32", compute_dtype="float32", dtype="float16", form="relative")
+    after = near_bias_error(
+        m, 8192, position_dtype="float32", compute_dtype="float32", dtype="float16", form="relative"
+    )
     assert before["exact_fraction"] < 0.5 and before["max_error"] >= 0.5
     assert after["exact_fraction"] == 1.0 and after["max_error"] == 0.0
     # within 2048 tokens fp16 integers are exact and power-of-two slopes keep m*j exact
-    assert near_bias_error(m, 2048, position_dtype="int64", compute_dtype="float32", dtype="float16",
-                           form="absolute")["exact_fraction"] == 1.0
-    bf16 = near_bias_error(m, 8192, position_dtype="bfloat16", compute_dtype="bfloat16", dtype="float32", form="absolute")
+    assert (
+        near_bias_error(m, 2048, position_dtype="int64", compute_dtype="float32", dtype="float16", form="absolute")[
+            "exact_fraction"
+        ]
+        == 1.0
+    )
+    bf16 = near_bias_error(
+        m, 8192, position_dtype="bfloat16", compute_dtype="bfloat16", dtype="float32", form="absolute"
+    )
     assert bf16["exact_fraction"] < 0.1

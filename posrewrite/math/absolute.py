@@ -170,7 +170,9 @@ def t5_relative_bucket(rel, bidirectional: bool = True, num_buckets: int = 32, m
     is_small = rel < max_exact
     with np.errstate(divide="ignore"):
         large = max_exact + (
-            np.log(np.maximum(rel, 1).astype(np.float32) / max_exact) / math.log(max_distance / max_exact) * (nb - max_exact)
+            np.log(np.maximum(rel, 1).astype(np.float32) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (nb - max_exact)
         ).astype(np.int64)
     large = np.minimum(large, nb - 1)
     return buckets + np.where(is_small, rel, large)
@@ -196,10 +198,18 @@ def fit_t5_buckets(rel: np.ndarray, buckets: np.ndarray, num_buckets: int) -> di
             lo, hi = max(max_exact + 1, int(guess) - 8), int(guess) + 64
         else:  # never saturates within the probe: max_distance larger than the probe, cannot pin it
             lo, hi = int(mag.max()) + 1, int(mag.max()) + 2
-        fits = [md for md in range(lo, hi) if np.array_equal(t5_relative_bucket(rel, bidirectional, num_buckets, md), buckets)]
+        fits = [
+            md
+            for md in range(lo, hi)
+            if np.array_equal(t5_relative_bucket(rel, bidirectional, num_buckets, md), buckets)
+        ]
         if fits:  # coarse bucket tables admit several max_distance values: prefer a power of two
             powers = [md for md in fits if md & (md - 1) == 0]
             md = powers[0] if powers else fits[0]
-            return {"bidirectional": bidirectional, "max_distance": md, "saturated": bool(saturated.size),
-                    "consistent": (fits[0], fits[-1])}
+            return {
+                "bidirectional": bidirectional,
+                "max_distance": md,
+                "saturated": bool(saturated.size),
+                "consistent": (fits[0], fits[-1]),
+            }
     return None

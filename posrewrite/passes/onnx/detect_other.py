@@ -15,7 +15,7 @@ does not fit becomes a `Refusal` with the reason.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -167,13 +167,13 @@ def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> lis
         "probe",
         [
             onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-            for n, a in zip(names, inputs)
+            for n, a in zip(names, inputs, strict=False)
             if a is not None
         ],
         [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", max(opset, 18))])
-    feeds = {n: a for n, a in zip(names, inputs) if a is not None}
+    feeds = {n: a for n, a in zip(names, inputs, strict=False) if a is not None}
     return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
 
 
@@ -301,9 +301,15 @@ class _Detector:
             idx = self.probe(indices)
             offset = _unit_progression(idx)
             if offset is None:
-                if {"Range", "CumSum"} & ops and idx is not None and np.ndim(idx) and idx.shape[-1] >= 3:
-                    self.refusals.append(Refusal("learned_absolute", node.name or table.name,
-                        f"table {table.name} is read by positions that are not consecutive ({idx.reshape(-1)[:6].tolist()}...)"))
+                varies = idx is not None and np.ndim(idx) and idx.size > 1 and np.unique(idx).size > 1
+                if {"Range", "CumSum"} & ops and varies and idx.shape[-1] >= 3:  # else token (type) ids
+                    self.refusals.append(
+                        Refusal(
+                            "learned_absolute",
+                            node.name or table.name,
+                            f"table {table.name} is read by positions that are not consecutive ({idx.reshape(-1)[:6].tolist()}...)",
+                        )
+                    )
                 continue  # token / token-type embeddings
             source, buffer = _position_source(indices)
             self._add_read(table, node, indices, offset, source, buffer)
@@ -323,7 +329,7 @@ class _Detector:
             if int(np.reshape(ends, -1)[0]) != PROBE_LENGTH:
                 continue  # not cut to the runtime length
             self._add_read(table, node, None, 0, "range", None, axis=axis)
-        for key, info in self._tables.items():
+        for _key, info in self._tables.items():
             self._classify_table(info)
 
     def _is_table(self, table: ir.Value) -> bool:
@@ -346,8 +352,18 @@ class _Detector:
         return 0 if starts is not None and starts[0] == 1 else None
 
     def _add_read(self, table, node, indices, offset, source, buffer, axis: int = 0) -> None:
-        info = self._tables.setdefault(id(table), {"table": table, "reads": [], "indices": [], "offsets": set(),
-                                                    "source": source, "buffer": buffer, "axis": axis})
+        info = self._tables.setdefault(
+            id(table),
+            {
+                "table": table,
+                "reads": [],
+                "indices": [],
+                "offsets": set(),
+                "source": source,
+                "buffer": buffer,
+                "axis": axis,
+            },
+        )
         info["reads"].append(node)
         if indices is not None:
             info["indices"].append(indices)
@@ -356,19 +372,36 @@ class _Detector:
     def _classify_table(self, info: dict) -> None:
         table: ir.Value = info["table"]
         if len(info["offsets"]) != 1:
-            self.refusals.append(Refusal("learned_absolute", table.name, f"read with different offsets {sorted(info['offsets'])}"))
+            self.refusals.append(
+                Refusal("learned_absolute", table.name, f"read with different offsets {sorted(info['offsets'])}")
+            )
             return
         offset = info["offsets"].pop()
         arr = np.moveaxis(table.const_value.numpy(), info["axis"], 0)
         arr2 = arr.reshape(arr.shape[0], -1)
         rows, dim = arr2.shape
-        common = dict(offset=offset, positions=info["source"], dtype=dtype_name(table), table=table,
-                      reads=tuple(info["reads"]), position_buffer=info["buffer"])
+        common = dict(
+            offset=offset,
+            positions=info["source"],
+            dtype=dtype_name(table),
+            table=table,
+            reads=tuple(info["reads"]),
+            position_buffer=info["buffer"],
+        )
         fit = fit_sinusoidal(arr2.astype(np.float64), atol=_sin_tolerance(table))
         if fit is not None:
-            self.sites.append(SinusoidalSite(max_positions=rows - offset, dim=dim, base=fit["base"], layout=fit["layout"],
-                                             frequency_rule=fit["rule"], frequencies=fit["frequencies"],
-                                             source="constant", **common))
+            self.sites.append(
+                SinusoidalSite(
+                    max_positions=rows - offset,
+                    dim=dim,
+                    base=fit["base"],
+                    layout=fit["layout"],
+                    frequency_rule=fit["rule"],
+                    frequencies=fit["frequencies"],
+                    source="constant",
+                    **common,
+                )
+            )
             return
         if offset >= rows:
             self.refusals.append(Refusal("learned_absolute", table.name, f"offset {offset} past the {rows} rows"))
@@ -385,7 +418,9 @@ class _Detector:
                 if axis is None or rank is None or axis % rank != rank - 1:
                     continue
                 out = node.outputs[0]
-                if not _reaches_add(out) or any(isinstance(s, SinusoidalSite) and s.sin is not None and s.sin is b["x"] for s in self.sites):
+                if not _reaches_add(out) or any(
+                    isinstance(s, SinusoidalSite) and s.sin is not None and s.sin is b["x"] for s in self.sites
+                ):
                     continue
                 self._computed_sinusoid(node, b["x"], layout)
 
@@ -417,14 +452,28 @@ class _Detector:
         dim = 2 * freqs.size
         base, rule = _fit_base(freqs, dim)
         source, _ = _position_source(positions)
-        _, sin_path = _through(x, ())
         sin = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Sin"), None)
         cos = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Cos"), None)
         notes = () if offset is not None else ("positions are not consecutive integers on the probe input",)
-        self.sites.append(SinusoidalSite(max_positions=None, dim=dim, base=base, layout=layout, frequency_rule=rule,
-                                         frequencies=freqs, offset=offset or 0, source="computed", positions=source,
-                                         dtype=dtype_name(node.outputs[0]), reads=(node,), positions_value=positions,
-                                         sin=sin, cos=cos, notes=notes))
+        self.sites.append(
+            SinusoidalSite(
+                max_positions=None,
+                dim=dim,
+                base=base,
+                layout=layout,
+                frequency_rule=rule,
+                frequencies=freqs,
+                offset=offset or 0,
+                source="computed",
+                positions=source,
+                dtype=dtype_name(node.outputs[0]),
+                reads=(node,),
+                positions_value=positions,
+                sin=sin,
+                cos=cos,
+                notes=notes,
+            )
+        )
 
     # -- biases added to attention scores (ALiBi, T5) ---------------------------------------------
     def score_biases(self) -> None:
@@ -435,8 +484,9 @@ class _Detector:
                 if scores is None or bias is None or not _is_scores(scores) or _is_scores(bias):
                     continue
                 for leaf, kind, slices in self._bias_leaves(bias):
-                    group = (t5 if kind == "t5" else alibi).setdefault(id(leaf), {
-                        "leaf": leaf, "kind": kind, "adds": [], "scores": [], "biases": [], "slices": []})
+                    group = (t5 if kind == "t5" else alibi).setdefault(
+                        id(leaf), {"leaf": leaf, "kind": kind, "adds": [], "scores": [], "biases": [], "slices": []}
+                    )
                     group["adds"].append(node)
                     group["scores"].append(scores)
                     group["biases"].append(bias)
@@ -465,7 +515,12 @@ class _Detector:
             if d <= 0:
                 continue
             if v.const_value is not None or (v.producer() is None):
-                if v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point() and v.const_value.size > 1:
+                if (
+                    v.const_value is not None
+                    and v.dtype is not None
+                    and v.dtype.is_floating_point()
+                    and v.const_value.size > 1
+                ):
                     out.append((v, "constant", slices))
                 continue
             node = v.producer()
@@ -475,11 +530,19 @@ class _Detector:
                 out.append((node, "product", slices))
             elif node.op_type == "Neg":
                 stack.append((node.inputs[0], d - 1, slices))
-            elif node.op_type in _SCALE_OPS and node.inputs[1] is not None and node.inputs[1].const_value is not None \
-                    and node.inputs[1].const_value.size == 1:
+            elif (
+                node.op_type in _SCALE_OPS
+                and node.inputs[1] is not None
+                and node.inputs[1].const_value is not None
+                and node.inputs[1].const_value.size == 1
+            ):
                 stack.append((node.inputs[0], d - 1, slices))  # bias scaled by a constant (Falcon: 1/sqrt(d))
-            elif node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None \
-                    and len(node.inputs[0].shape) == 2:
+            elif (
+                node.op_type == "Gather"
+                and node.inputs[0] is not None
+                and node.inputs[0].const_value is not None
+                and len(node.inputs[0].shape) == 2
+            ):
                 out.append((node, "t5", slices))
             elif node.op_type in ("Add", "Where"):
                 for inp in node.inputs:
@@ -515,15 +578,34 @@ class _Detector:
             vals = self.probe(dist)
             form, distances = _distance_form(vals), _position_source(dist)[0]
             if form is None:
-                return Refusal("alibi", mul.name or dist.name,
-                               "slopes multiply a tensor that is neither key positions nor j - i on the probe input")
-            notes = ["distances are formed from the runtime sequence: ALiBi extrapolates past the training length as is"]
+                return Refusal(
+                    "alibi",
+                    mul.name or dist.name,
+                    "slopes multiply a tensor that is neither key positions nor j - i on the probe input",
+                )
+            notes = [
+                "distances are formed from the runtime sequence: ALiBi extrapolates past the training length as is"
+            ]
             if dtype_name(mul.outputs[0]) in ("bfloat16", "float16"):
-                notes.append(f"distances and bias computed in {dtype_name(mul.outputs[0])}: see check / --fp32-positions")
-            return AlibiSite(num_heads=slopes.size, slopes=slopes, source="computed", distances=distances, form=form,
-                             position_dtype=dtype_name(dist_in), compute_dtype=dtype_name(mul.outputs[0]),
-                             standard_slopes=is_standard_slopes(slopes), max_positions=None,
-                             slopes_value=slopes_value, distances_value=dist, product=mul, notes=tuple(notes), **common)
+                notes.append(
+                    f"distances and bias computed in {dtype_name(mul.outputs[0])}: see check / --fp32-positions"
+                )
+            return AlibiSite(
+                num_heads=slopes.size,
+                slopes=slopes,
+                source="computed",
+                distances=distances,
+                form=form,
+                position_dtype=dtype_name(dist_in),
+                compute_dtype=dtype_name(mul.outputs[0]),
+                standard_slopes=is_standard_slopes(slopes),
+                max_positions=None,
+                slopes_value=slopes_value,
+                distances_value=dist,
+                product=mul,
+                notes=tuple(notes),
+                **common,
+            )
         table: ir.Value = leaf
         arr = table.const_value.numpy().astype(np.float64)
         if arr.ndim < 2 or arr.shape[-1] < 2:
@@ -546,10 +628,22 @@ class _Detector:
             return Refusal("alibi", table.name, "constant bias is neither 0 at the last key nor at the first")
         L = int(arr.shape[-1])
         notes = [f"bias baked as a constant of {L} keys: fails past {L} tokens; --max-positions regenerates it"]
-        return AlibiSite(num_heads=heads, slopes=slopes, source="constant", distances="table", form=form,
-                         position_dtype="int64", compute_dtype=dtype_name(table), standard_slopes=is_standard_slopes(slopes, rtol=1e-4),
-                         max_positions=L, table=table, table_axis=len(arr.shape) - 1, slices=tuple(g["slices"]),
-                         notes=tuple(notes), **common)
+        return AlibiSite(
+            num_heads=heads,
+            slopes=slopes,
+            source="constant",
+            distances="table",
+            form=form,
+            position_dtype="int64",
+            compute_dtype=dtype_name(table),
+            standard_slopes=is_standard_slopes(slopes, rtol=1e-4),
+            max_positions=L,
+            table=table,
+            table_axis=len(arr.shape) - 1,
+            slices=tuple(g["slices"]),
+            notes=tuple(notes),
+            **common,
+        )
 
     def _t5(self, g: dict) -> T5BiasSite | Refusal | None:
         gather: ir.Node = g["leaf"]
@@ -569,9 +663,17 @@ class _Detector:
         notes = ["distances past max_distance share the last bucket: runs at any length"]
         if not fit["saturated"]:
             notes.append(f"max_distance is at least {fit['max_distance']} (not reached on a {n}-token probe)")
-        return T5BiasSite(num_buckets=nb, max_distance=fit["max_distance"], bidirectional=fit["bidirectional"],
-                          num_heads=heads, dtype=dtype_name(table), table=table, gather=gather, buckets=buckets,
-                          notes=tuple(notes))
+        return T5BiasSite(
+            num_buckets=nb,
+            max_distance=fit["max_distance"],
+            bidirectional=fit["bidirectional"],
+            num_heads=heads,
+            dtype=dtype_name(table),
+            table=table,
+            gather=gather,
+            buckets=buckets,
+            notes=tuple(notes),
+        )
 
 
 def _sin_tolerance(table: ir.Value) -> float:
@@ -584,7 +686,7 @@ def _fit_base(freqs: np.ndarray, dim: int) -> tuple[float | None, str]:
 
 
 def _distance_form(vals: np.ndarray | None) -> str | None:
-    """"absolute" when the last axis holds key positions 0, 1, 2...; "relative" when [.., i, j] holds
+    """ "absolute" when the last axis holds key positions 0, 1, 2...; "relative" when [.., i, j] holds
     j - i (or -|i - j|)."""
     if vals is None or vals.ndim == 0:
         return None

@@ -16,7 +16,7 @@ Per kind (sites from `detect_other.py`):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -98,11 +98,11 @@ class ExtendTablesPass(ir.passes.InPlacePass):
             return False
         n, scale = target
         old = site.table.const_value.numpy()
-        block = interpolate_table(old, site.offset + n, site.offset, scale=scale)[site.offset:]
+        block = interpolate_table(old, site.offset + n, site.offset, scale=scale)[site.offset :]
         new_table = np.concatenate([old, block.astype(old.dtype)], axis=0)
         table = _replace_initializer(graph, site.table, new_table)
         first = site.offset
-        for gather, idx in zip(site.reads, site.indices):
+        for gather, idx in zip(site.reads, site.indices, strict=False):
             w = NodeWriter(graph, gather, "learned_pos")
             top = w.op("ReduceMax", idx, keepdims=0)
             past = w.op("Greater", top, w.const(np.array(first + L - 1, dtype=numpy_dtype(idx.dtype))))
@@ -110,7 +110,9 @@ class ExtendTablesPass(ir.passes.InPlacePass):
             shifted = w.op("Add", idx, w.const(np.array(L, dtype=numpy_dtype(idx.dtype))))
             new_idx = w.op("Where", w.op("And", past, real), shifted, idx)
             for node in w.nodes:
-                node.outputs[0].dtype = ir.DataType.BOOL if node.op_type in ("Greater", "GreaterOrEqual", "And") else idx.dtype
+                node.outputs[0].dtype = (
+                    ir.DataType.BOOL if node.op_type in ("Greater", "GreaterOrEqual", "And") else idx.dtype
+                )
             w.commit()
             gather.replace_input_with(1, new_idx)
         self._extend_buffer(graph, site.position_buffer, site.offset + n)
@@ -170,8 +172,9 @@ class ExtendTablesPass(ir.passes.InPlacePass):
             prod = x.producer()
             k = list(prod.inputs).index(site.positions_value)
             w = NodeWriter(graph, prod, "sin_pos_scale")
-            scaled = w.op("Mul", site.positions_value,
-                          w.const(np.array(1.0 / self.pos_scale), dtype=site.positions_value.dtype))
+            scaled = w.op(
+                "Mul", site.positions_value, w.const(np.array(1.0 / self.pos_scale), dtype=site.positions_value.dtype)
+            )
             scaled.dtype = site.positions_value.dtype
             w.commit()
             prod.replace_input_with(k, scaled)
@@ -194,10 +197,9 @@ class ExtendTablesPass(ir.passes.InPlacePass):
             new2 = np.concatenate([old2, extra.reshape((-1,) + old2.shape[1:]).astype(old.dtype)], axis=0)
         else:  # positions p -> p / S for every row past the offset rows
             pos = np.arange(rows, dtype=np.float64)
-            pos[site.offset:] = site.offset + (pos[site.offset:] - site.offset) / scale
+            pos[site.offset :] = site.offset + (pos[site.offset :] - site.offset) / scale
             full = sinusoidal_table(rows, site.dim, **kw)  # rows at integer positions, replaced below
             ang = pos[:, None] * site.frequencies[None, :]
-            full[:, : 0] = 0
             if site.layout == "interleaved":
                 full[:, 0::2], full[:, 1::2] = np.sin(ang), np.cos(ang)
             else:
@@ -256,7 +258,14 @@ class ExtendTablesPass(ir.passes.InPlacePass):
 
 def _through(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
     path = []
-    while (node := value.producer()) is not None and node.op_type in ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast"):
+    while (node := value.producer()) is not None and node.op_type in (
+        "Expand",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Cast",
+    ):
         path.append(node)
         value = node.inputs[0]
     return value, path
@@ -303,8 +312,7 @@ def _retarget_length(graph: ir.Graph, slice_node: ir.Node, old: int, new: int) -
                 return clones[id(v)]
             c = v.const_value
             if c is not None and c.size == 1 and int(c.numpy().reshape(-1)[0]) == old:
-                out = w.const(np.full(c.shape.numpy() if hasattr(c.shape, "numpy") else tuple(c.shape), new,
-                                      dtype=c.numpy().dtype))
+                out = w.const(np.full(tuple(c.shape), new, dtype=c.numpy().dtype))
             elif v.producer() is not None and v.producer() in path:
                 node = v.producer()
                 attrs = {a.name: a.value for a in node.attributes.values()}

@@ -14,7 +14,8 @@ Two rewrites, chosen per site:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -56,8 +57,9 @@ def alibi_precision(site: AlibiSite, max_length: int) -> dict[str, Any]:
     compute = site.compute_dtype if site.compute_dtype != "unknown" else "float32"
     out = site.dtype if site.dtype != "unknown" else compute
     form = "relative" if site.form in ("relative", "anchored") else "absolute"
-    err = near_bias_error(site.slopes, n, position_dtype=pos, compute_dtype=compute, dtype=out, form=form,
-                          window=NEAR_WINDOW)
+    err = near_bias_error(
+        site.slopes, n, position_dtype=pos, compute_dtype=compute, dtype=out, form=form, window=NEAR_WINDOW
+    )
     exact = exact_position_count(n, pos)
     tol = max(1e-3, 2.0**-23 * float(np.max(site.slopes)) * max(n - 1, 0))
     return {
@@ -92,8 +94,10 @@ class Fp32AlibiPass(ir.passes.InPlacePass):
         modified = False
         for site in self.sites:
             if is_fp32_safe(site):
-                self.notes.append(f"ALiBi {site.bias.name}: already fp32-safe ({site.form} form, "
-                                  f"product in {site.compute_dtype}, bias in {site.dtype})")
+                self.notes.append(
+                    f"ALiBi {site.bias.name}: already fp32-safe ({site.form} form, "
+                    f"product in {site.compute_dtype}, bias in {site.dtype})"
+                )
                 continue
             if site.dtype in _WIDE and site.source == "computed" and self._promote(model.graph, site):
                 modified = True
@@ -137,8 +141,9 @@ class Fp32AlibiPass(ir.passes.InPlacePass):
     def _relative(self, graph: ir.Graph, site: AlibiSite) -> bool:
         factor = _path_factor(site)
         if factor is None:
-            self.notes.append(f"ALiBi {site.bias.name}: the bias is merged with other terms before the scores; "
-                              "not rewritten")
+            self.notes.append(
+                f"ALiBi {site.bias.name}: the bias is merged with other terms before the scores; not rewritten"
+            )
             return False
         first = min(site.add_nodes, key=lambda n: list(n.graph).index(n) if n.graph is not None else 0)
         k_first = site.add_nodes.index(first)
@@ -155,8 +160,12 @@ class Fp32AlibiPass(ir.passes.InPlacePass):
             d = w.op("Cast", site.distances_value, to=ir.DataType.FLOAT)
             d2 = w.op("Reshape", d, w.op("Concat", i64([-1]), sk, axis=0))
         else:
-            r = w.op("Range", w.const(np.array(0.0, np.float32)), w.op("Cast", w.op("Squeeze", sk), to=ir.DataType.FLOAT),
-                     w.const(np.array(1.0, np.float32)))
+            r = w.op(
+                "Range",
+                w.const(np.array(0.0, np.float32)),
+                w.op("Cast", w.op("Squeeze", sk), to=ir.DataType.FLOAT),
+                w.const(np.array(1.0, np.float32)),
+            )
             d2 = w.op("Unsqueeze", r, i64([0]))
         dk = w.op("Unsqueeze", d2, i64([1]))
         dq = w.op("Unsqueeze", w.op("Slice", d2, w.op("Neg", sq), i64([_INT64_MAX]), i64([1])), i64([2]))
@@ -169,7 +178,7 @@ class Fp32AlibiPass(ir.passes.InPlacePass):
         out = w.op("Cast", bias, to=scores.dtype)
         out.dtype = scores.dtype
         w.commit()
-        for add, bias_in in zip(site.add_nodes, _bias_inputs(site)):
+        for add, bias_in in zip(site.add_nodes, _bias_inputs(site), strict=False):
             add.replace_input_with(bias_in, out)
         self.changes.append(
             f"ALiBi {site.bias.name}: bias rebuilt as slope x (j - i) in float32, cast to {site.dtype} at "
@@ -187,7 +196,7 @@ def _set_dtype(w: NodeWriter, dtype: ir.DataType) -> None:
 
 
 def _bias_inputs(site: AlibiSite) -> list[int]:
-    return [0 if add.inputs[0] is not scores else 1 for add, scores in zip(site.add_nodes, site.scores)]
+    return [0 if add.inputs[0] is not scores else 1 for add, scores in zip(site.add_nodes, site.scores, strict=False)]
 
 
 def _path_factor(site: AlibiSite) -> float | None:
@@ -195,7 +204,7 @@ def _path_factor(site: AlibiSite) -> float | None:
     sqrt(head_dim)); None when anything but view ops, slices, casts and constant scaling is on the way."""
     source = site.product.outputs[0] if site.product is not None else site.table
     factor = 1.0
-    for add, k in zip(site.add_nodes, _bias_inputs(site)):
+    for add, k in zip(site.add_nodes, _bias_inputs(site), strict=False):
         v, f = add.inputs[k], 1.0
         while v is not source:
             node = v.producer()
@@ -203,8 +212,12 @@ def _path_factor(site: AlibiSite) -> float | None:
                 return None
             if node.op_type in VIEW_OPS or node.op_type == "Slice":
                 v = node.inputs[0]
-            elif node.op_type in ("Mul", "Div") and node.inputs[1] is not None and node.inputs[1].const_value is not None \
-                    and node.inputs[1].const_value.size == 1:
+            elif (
+                node.op_type in ("Mul", "Div")
+                and node.inputs[1] is not None
+                and node.inputs[1].const_value is not None
+                and node.inputs[1].const_value.size == 1
+            ):
                 c = float(node.inputs[1].const_value.numpy().reshape(-1)[0])
                 f = f * c if node.op_type == "Mul" else f / c
                 v = node.inputs[0]

@@ -401,13 +401,11 @@ def _half_columns(table: np.ndarray, layout: Layout, half: int) -> np.ndarray:
 
 
 def _redirect(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    ir.convenience.replace_all_uses_with(old, new)
-    for k, out in enumerate(graph.outputs):
-        if out is old:
-            name = old.name
-            old.name = None
-            new.name = name
-            graph.outputs[k] = new
+    if old.is_graph_output():
+        name = old.name
+        old.name = None
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
 def _remove_dead_and_sort(model: ir.Model) -> None:
@@ -467,14 +465,8 @@ def raise_opset(model: ir.Model, target: int) -> str | None:
         const = ir.node("Constant", [], {"value": ir.tensor(np.asarray(axes.value, dtype=np.int64))})
         const.outputs[0].name = (node.name or node.op_type) + "_axes"
         node.graph.insert_before(node, const)
-        inputs = list(node.inputs) + [const.outputs[0]]
-        replacement = ir.node(node.op_type, inputs, dict(node.attributes), name=node.name)
-        for old, new in zip(node.outputs, replacement.outputs):
-            new.name, new.dtype, new.shape = old.name, old.dtype, old.shape
-        node.graph.insert_before(node, replacement)
-        for old, new in zip(list(node.outputs), replacement.outputs):
-            _redirect(node.graph, old, new)
-        node.graph.remove(node, safe=True)
+        node.resize_inputs(2)
+        node.replace_input_with(1, const.outputs[0])
     for node in nodes:
         node.version = None
     model.opset_imports[""] = target
