@@ -235,3 +235,17 @@ def test_rescale_then_fp32_keeps_exact_frequencies(full_fp16, tmp_path):
     expected = rope_math.default_inv_freq(info["base"], info["rotary_dim"]) / np.float32(2.0)
     np.testing.assert_allclose(site.inv_freq, expected, rtol=2**-23)
     assert api.check(out, max_length=8192).sites[0]["safe"]
+
+
+def test_alibi_sites_go_to_the_alibi_pass(tmp_path):
+    pytest.importorskip("posrewrite.passes.onnx.fp32_alibi")
+    from fixtures.other_models import export_other_onnx
+
+    path, _ = export_other_onnx("bloom", dtype="float16")
+    model = io.load_model(path)
+    sites = api.detect(model).sites
+    assert needs_fp32_positions(sites)
+    p = Fp32PositionsPass(sites)
+    assert p(model).modified and any("ALiBi" in c for c in p.changes)
+    io.save_model(model, tmp_path / "fp32.onnx")
+    assert not needs_fp32_positions(api.detect(io.load_model(tmp_path / "fp32.onnx")).sites)

@@ -190,8 +190,10 @@ def _tiny_model(opset: int, nodes, inputs, outputs) -> ir.Model:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 4]) for n in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b", "c"]) for n in outputs])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    return ir.from_proto(proto)
 
 
 def test_raise_opset_moves_reduce_axes():

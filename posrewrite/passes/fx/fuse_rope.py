@@ -141,20 +141,36 @@ def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, use_freqs: bool 
             if seq_axis is None:
                 refused.append(f"{app.output.name}: {why}")
                 continue
-            key = (app.cos, app.sin, app.layout, app.rotary_dim, seq_axis)
+            key = (_structure(app.cos), _structure(app.sin), app.layout, app.rotary_dim, seq_axis)
             groups.setdefault(key, []).append(_Item(app, seq_axis))
-    for (cos, sin, layout, rotary_dim, seq_axis), items in groups.items():
+    for (_, _, layout, rotary_dim, seq_axis), items in groups.items():
         items.sort(key=lambda it: order[it.app.output])
         i = 0
         while i < len(items):
             pair = items[i:i + 2]
             if len(pair) == 2 and not _pairable(pair[0].app, pair[1].app, order):
                 pair = pair[:1]
-            _fuse(w, pair, cos, sin, layout, rotary_dim, seq_axis)
+            _fuse(w, pair, layout, rotary_dim, seq_axis)
             done.append(" + ".join(it.app.describe() for it in pair))
             i += len(pair)
     w.graph.eliminate_dead_code()
     return done, refused
+
+
+def _structure(node: object, depth: int = 8) -> object:
+    """A hashable description of how ``node`` is computed from non-view nodes: two nodes with the same
+    structure hold the same values (e.g. the per-layer ``repeat_interleave(cos)`` copies GPT-J makes)."""
+    if isinstance(node, (list, tuple)):
+        return tuple(_structure(a, depth) for a in node)
+    if not isinstance(node, Node):
+        return node if isinstance(node, (int, float, bool, str, type(None), torch.dtype, torch.device)) else repr(node)
+    if node.op != "call_function" or depth == 0 or not g.is_op(
+            node, *(g.CAST_OPS + g.VIEW_OPS + (aten.slice, aten.repeat_interleave, aten.cat))):
+        if node.target is operator.getitem:
+            return ("getitem", _structure(node.args[0], depth - 1), node.args[1])
+        return node
+    return (node.target, _structure(node.args, depth - 1),
+            tuple(sorted((k, _structure(v, depth - 1)) for k, v in node.kwargs.items())))
 
 
 def _pairable(a: FxRopeApplication, b: FxRopeApplication, order: dict) -> bool:
@@ -163,9 +179,9 @@ def _pairable(a: FxRopeApplication, b: FxRopeApplication, order: dict) -> bool:
     return all(order.get(u, at + 1) > at for u in a.output.users) and g.dtype(a.x) == g.dtype(b.x)
 
 
-def _fuse(w: GraphWriter, items: list[_Item], cos: Node, sin: Node, layout: Layout, rotary_dim: int,
-          seq_axis: int) -> None:
+def _fuse(w: GraphWriter, items: list[_Item], layout: Layout, rotary_dim: int, seq_axis: int) -> None:
     anchor = items[-1].app.output
+    cos, sin = items[-1].app.cos, items[-1].app.sin  # defined before the anchor; equal to the others' by key
     cache: dict = {}
     interleaved = layout == Layout.INTERLEAVED
     with w.graph.inserting_before(anchor):

@@ -136,6 +136,14 @@ def prepare(ep: ExportedProgram) -> ExportedProgram:
     return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
 
 
+def _identity_slice(n: torch.fx.Node) -> bool:
+    if n.op != "call_function" or n.target is not torch.ops.aten.slice.Tensor:
+        return False
+    args = list(n.args) + [None] * (5 - len(n.args))
+    _, _, start, end, step = args[:5]
+    return (start in (None, 0)) and (step in (None, 1)) and isinstance(end, int) and end >= 2**63 - 1
+
+
 _REGIONS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
 
 
@@ -182,6 +190,9 @@ def inline_regions(gm: torch.fx.GraphModule) -> None:
                 graph.erase_node(sub_node)
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(n)
+        elif _identity_slice(n):  # x[:, ...] left in by dynamic shapes
+            n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
     gm.delete_all_unused_submodules()
     gm.recompile()

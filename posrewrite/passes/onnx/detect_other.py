@@ -307,7 +307,8 @@ class _Detector:
                         Refusal(
                             "learned_absolute",
                             node.name or table.name,
-                            f"table {table.name} is read by positions that are not consecutive ({idx.reshape(-1)[:6].tolist()}...)",
+                            f"table {table.name} is read by positions that are not consecutive "
+                            f"({idx.reshape(-1)[:6].tolist()}...)",
                         )
                     )
                 continue  # token / token-type embeddings

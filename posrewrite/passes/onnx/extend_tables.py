@@ -305,28 +305,30 @@ def _retarget_length(graph: ir.Graph, slice_node: ir.Node, old: int, new: int) -
         if path is None:
             continue
         w = NodeWriter(graph, slice_node, "alibi_len")
-        clones: dict[int, ir.Value] = {}
-
-        def clone(v: ir.Value) -> ir.Value:
-            if id(v) in clones:
-                return clones[id(v)]
-            c = v.const_value
-            if c is not None and c.size == 1 and int(c.numpy().reshape(-1)[0]) == old:
-                out = w.const(np.full(tuple(c.shape), new, dtype=c.numpy().dtype))
-            elif v.producer() is not None and v.producer() in path:
-                node = v.producer()
-                attrs = {a.name: a.value for a in node.attributes.values()}
-                out = w.op(node.op_type, *[clone(i) if i is not None else None for i in node.inputs], **attrs)
-            else:
-                out = v
-            clones[id(v)] = out
-            return out
-
-        new_bound = clone(bound)
+        new_bound = _clone_with(w, bound, path, old, new, {})
         w.commit()
         slice_node.replace_input_with(k, new_bound)
         moved += 1
     return moved
+
+
+def _clone_with(w: NodeWriter, v: ir.Value, path: set[ir.Node], old: int, new: int, clones: dict) -> ir.Value:
+    """Copy of the computation of `v` restricted to `path`, with the constant `old` replaced by `new`."""
+    if id(v) in clones:
+        return clones[id(v)]
+    c = v.const_value
+    if c is not None and c.size == 1 and int(c.numpy().reshape(-1)[0]) == old:
+        out = w.const(np.full(tuple(c.shape), new, dtype=c.numpy().dtype))
+    elif v.producer() is not None and v.producer() in path:
+        node = v.producer()
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        inputs = [_clone_with(w, i, path, old, new, clones) if i is not None else None for i in node.inputs]
+        out = w.op(node.op_type, *inputs, **attrs)
+        out.dtype = v.dtype
+    else:
+        out = v
+    clones[id(v)] = out
+    return out
 
 
 def _path_to_constant(value: ir.Value, target: int, depth: int = 8) -> set[ir.Node] | None:

@@ -39,7 +39,7 @@ def is_fp32_safe(site: AlibiSite) -> bool:
     """Structural: positions exact (integers or float32), product in float32, and the bias either kept in
     float32 up to the scores or in the relative form (near distances small, hence exact)."""
     positions_ok = site.position_dtype not in _HALF
-    product_ok = site.compute_dtype in _WIDE or (site.source == "constant" and site.compute_dtype in _WIDE)
+    product_ok = site.compute_dtype in _WIDE
     bias_ok = site.dtype in _WIDE or site.form == "relative"
     return positions_ok and product_ok and bias_ok
 
