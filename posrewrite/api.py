@@ -229,6 +229,16 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     with progress.stage("saving"):
         saved = io.save_model(model, output)
     report = None
+    if opts.validate and not plans and other_changes:
+        from posrewrite.validate import ValidationReport
+
+        report = ValidationReport()
+        length = min(opts.max_positions or 0, MAX_VALIDATION_LENGTH) or None
+        if length and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
+            with progress.stage("validating"):
+                ok, message = run_full_model(saved, length)
+            report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
+                                "ok": ok, "message": message})
     if opts.validate and plans:
         lengths = _validation_lengths(plans)
         with progress.stage("validating"):

@@ -177,7 +177,8 @@ def _application(out: Node, rot: Rotation, cos: Node, sin: Node) -> FxRopeApplic
     r = 2 * rot.half
     x, output = rot.x, out
     sx = g.slice_of(rot.x)
-    if sx is not None and sx.start == 0 and sx.step == 1 and sx.dim == g.rank(sx.source) - 1 and sx.end == r:
+    if (sx is not None and sx.start == 0 and sx.step == 1 and sx.dim == g.rank(sx.source) - 1
+            and (sx.end == r or (sx.end is None and g.last_dim(sx.source) == r))):
         for user in out.users:
             if not g.is_op(user, aten.cat) or not g.is_last_dim(user, g.arg(user, 1, "dim", 0), of=user):
                 continue

@@ -173,15 +173,24 @@ def _structure(node: object, depth: int = 8) -> object:
             tuple(sorted((k, _structure(v, depth - 1)) for k, v in node.kwargs.items())))
 
 
+def _inputs(app: FxRopeApplication) -> list[Node]:
+    return [app.x, app.cos, app.sin]
+
+
 def _pairable(a: FxRopeApplication, b: FxRopeApplication, order: dict) -> bool:
-    """Inserting the fused op just before b's output must precede every user of a's output."""
-    at = order[b.output]
-    return all(order.get(u, at + 1) > at for u in a.output.users) and g.dtype(a.x) == g.dtype(b.x)
+    """The fused op goes right after the last of its inputs; that must precede every user of both outputs."""
+    at = max(order[n] for n in _inputs(a) + _inputs(b))
+    users = list(a.output.users) + list(b.output.users)
+    return all(order.get(u, at + 1) > at for u in users) and g.dtype(a.x) == g.dtype(b.x)
 
 
 def _fuse(w: GraphWriter, items: list[_Item], layout: Layout, rotary_dim: int, seq_axis: int) -> None:
-    anchor = items[-1].app.output
-    cos, sin = items[-1].app.cos, items[-1].app.sin  # defined before the anchor; equal to the others' by key
+    order = {n: i for i, n in enumerate(w.graph.nodes)}
+    last = max((n for it in items for n in _inputs(it.app)), key=order.__getitem__)
+    anchor = last.next
+    # cos/sin of any member (equal by construction of the group): take those defined first
+    cos = min((it.app.cos for it in items), key=order.__getitem__)
+    sin = min((it.app.sin for it in items), key=order.__getitem__)
     cache: dict = {}
     interleaved = layout == Layout.INTERLEAVED
     with w.graph.inserting_before(anchor):

@@ -120,7 +120,7 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _as_float64(arr: np.ndarray) -> np.ndarray:
-    return np.asarray(arr).astype(np.float32).astype(np.float64) if arr.dtype.kind == "V" or "bfloat16" in str(arr.dtype) else np.asarray(arr, dtype=np.float64)
+    return np.asarray(arr).astype(np.float64)  # ml_dtypes' bfloat16 converts exactly too
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,9 +306,10 @@ def trace_rope_dtypes(site: RopeSite) -> RopeDtypeTrace | None:
 
 
 def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(stored, true, recovered): the frequencies the graph holds (float64) and the ones they round."""
+    """(effective, true, recovered), float64: the frequencies that reach the product (after every rounding on
+    the way) and the ones they stand for (stored float32 values, or those a half-precision constant rounds)."""
     _, _, inv = _positions_operand(site)
-    stored = None
+    stored, stored_dtype = None, trace.inv_freq_dtype
     cone, _ = _upstream(inv, include_constants=True)
     for op, _dt, v in cone:
         if op == "constant":
@@ -317,13 +318,16 @@ def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, n
                 stored, stored_dtype = _as_float64(arr).reshape(-1), _dtype(v)
                 break
     if stored is None:
-        stored, stored_dtype = np.asarray(site.inv_freq, dtype=np.float64).reshape(-1), trace.inv_freq_dtype
-    if stored_dtype not in _HALF_NAMES and trace.inv_freq_dtype not in _HALF_NAMES:
-        return stored, stored, True
-    true = recover_inv_freq(stored, stored_dtype if stored_dtype in _HALF_NAMES else trace.inv_freq_dtype)
-    if true is None:
-        return stored, stored, False
-    return stored, true.astype(np.float64), True
+        stored = np.asarray(site.inv_freq, dtype=np.float64).reshape(-1)
+    true, recovered = stored, True
+    if stored_dtype in _HALF_NAMES:
+        exact = recover_inv_freq(stored, stored_dtype)
+        if exact is None:
+            recovered = False
+        else:
+            true = exact.astype(np.float64)
+    effective = precision.round_to_dtype(stored, trace.inv_freq_dtype) if trace.inv_freq_dtype in _HALF_NAMES else stored
+    return effective, true, recovered
 
 
 def _angle_error_stored(true: np.ndarray, stored: np.ndarray, n: int, position_dtype: str, angle_dtype: str) -> float:
@@ -457,12 +461,12 @@ def rope_site_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any
                                                  inv_freq=site.inv_freq)
             row = report.to_dict()
         else:
-            stored, true, recovered = _true_inv_freq(site, trace)
+            effective, true, recovered = _true_inv_freq(site, trace)
             report = precision.analyse_positions(n, position_dtype=trace.position_dtype, angle_dtype=trace.angle_dtype,
                                                  inv_freq=true)
             row = report.to_dict()
             if _rank(trace.inv_freq_dtype) < _rank(trace.angle_dtype) and recovered:
-                err = _angle_error_stored(true, stored, n, trace.position_dtype, trace.angle_dtype)
+                err = _angle_error_stored(true, effective, n, trace.position_dtype, trace.angle_dtype)
                 row["max_angle_error"] = err
                 row["safe"] = bool(report.exact_positions == n and err <= report.angle_tolerance)
             if not recovered:
