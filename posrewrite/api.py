@@ -219,6 +219,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     other_changes, other_notes = _other_rewrites(model, found, opts)
     changes.extend(other_changes)
     notes.extend(other_notes)
+    if opts.rescales_rope and not opts.fp32_positions and _half_precision_positions(found):
+        opts = dataclasses.replace(opts, fp32_positions=True)
+        notes.append("positions or angles are computed in half precision: --fp32-positions is implied by the rescale")
     if opts.fp32_positions or opts.fuse != "none":
         extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts)
         changes.extend(extra_changes)
@@ -294,6 +297,14 @@ def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list
     return list(getattr(p, "changes", [])), list(getattr(p, "notes", []))
 
 
+def _half_precision_positions(found: Detection) -> bool:
+    try:
+        from posrewrite.passes.onnx.fp32_positions import needs_fp32_positions
+    except ImportError:
+        return False
+    return bool(needs_fp32_positions(found.rope_sites))
+
+
 def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) -> tuple[list[str], list[str]]:
     changes: list[str] = []
     notes: list[str] = []
@@ -302,7 +313,12 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) 
             from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
         except ImportError:
             raise errors.UsageError("--fp32-positions is not available in this build") from None
-        p = Fp32PositionsPass(found.sites, plans=plans)
+        sites = found.sites
+        if opts.fuse != "none":
+            # fused ops get caches computed in fp32 by the math module: only the other encodings need the pass
+            sites = [s for s in found.sites if not isinstance(s, RopeSite)]
+            notes.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
+        p = Fp32PositionsPass(sites, plans=plans)
         p(model)
         changes.extend(getattr(p, "changes", []))
         notes.extend(getattr(p, "notes", []))

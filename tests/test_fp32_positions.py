@@ -111,7 +111,7 @@ def test_rotary_module_at_4096_matches_fp64_within_fp16_bound(rotary_fp16, tmp_p
     pos = np.arange(N)
     before = ort_rotary(path, q, k)
     after = ort_rotary(out, q, k)
-    for x, yb, ya in zip((q, k), before, after):
+    for x, yb, ya in zip((q, k), before, after, strict=True):
         assert ya.dtype == np.float16
         assert _ratio(ya, x, info, pos) <= 1.0  # measured ~0.25
         assert _ratio(yb, x, info, pos) > 100.0  # measured ~545: angles off by up to 2.2 rad
@@ -158,7 +158,7 @@ def test_full_model_rotated_qk_at_4096(full_fp16, tmp_path):
         exposed = tmp_path / f"{tag}_qk.onnx"
         io.save_model(m, exposed)
         sess = _session(exposed)
-        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": ids})))
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": ids}), strict=True))
         assert np.all(np.isfinite(res["logits"]))
         ratios[tag] = max(_ratio(res[y], res[x], info, pos) for x, y in pairs)
     assert ratios["after"] <= 1.0  # measured ~0.24
@@ -180,7 +180,7 @@ def test_bf16_variant_is_analysed_and_rewritten_statically(full_fp16, tmp_path):
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     m = io.load_model(out)
     assert all(n.outputs[0].dtype == ir.DataType.FLOAT for n in m.graph if n.op_type in ("Cos", "Sin"))
-    with pytest.raises(Exception):  # the original: bfloat16 Sin is not in the ONNX schema
+    with pytest.raises(Exception, match="bfloat16"):  # the original: bfloat16 Sin is not in the ONNX schema
         _session(bf16)
 
 
@@ -196,7 +196,8 @@ def test_cached_fp16_math_tables_regenerated(rotary_cached, tmp_path):
     (site2,) = api.detect(io.load_model(out)).rope_sites
     assert rope_site_precision(site2, n)["safe"]
     table = ir.convenience.get_const_tensor(site2.cos_cache).numpy()
-    c, _ = rope_math.cos_sin_tables(rope_math.default_inv_freq(info["base"], info["rotary_dim"]), n, layout="rotate_half")
+    inv = rope_math.default_inv_freq(info["base"], info["rotary_dim"])
+    c, _ = rope_math.cos_sin_tables(inv, n, layout="rotate_half")
     np.testing.assert_array_equal(table, c.astype(np.float16))  # correctly rounded from fp32 math
     q, k = _qkv(n, info)
     pos = np.arange(n)

@@ -64,7 +64,8 @@ def _build(path, variant: str) -> None:
     n("Add", ["qc", "rs"], ["q_rot"])
     graph = helper.make_graph(
         nodes, "rope",
-        [helper.make_tensor_value_info("q", F16, [1, "S", HEADS, DIM]), helper.make_tensor_value_info("positions", pos_type, ["S"])],
+        [helper.make_tensor_value_info("q", F16, [1, "S", HEADS, DIM]),
+         helper.make_tensor_value_info("positions", pos_type, ["S"])],
         [helper.make_tensor_value_info("q_rot", F16, [1, "S", HEADS, DIM])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9

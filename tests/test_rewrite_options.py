@@ -71,3 +71,15 @@ def test_no_rope_exit_4(tmp_path):
     proc = _cli(gpt2, "--rope-scale", "4", "-o", tmp_path / "o.onnx")
     assert proc.returncode == 4, proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_rescale_of_half_precision_positions_implies_fp32(tmp_path):
+    from fixtures.modules import build_fp16_legacy_rope
+    from posrewrite import api
+
+    src, _ = build_fp16_legacy_rope()
+    out = tmp_path / "out.onnx"
+    result = api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+    assert any("implied" in n for n in result.notes)
+    assert api.check(out, max_length=4096).safe
+    assert not api.check(src, max_length=4096).safe

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 
 import torch
 
@@ -133,7 +134,13 @@ def prepare(ep: ExportedProgram) -> ExportedProgram:
     inline_regions(gm)
     sig = ExportGraphSignature(input_specs=list(ep.graph_signature.input_specs),
                                output_specs=list(ep.graph_signature.output_specs))
-    return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+    return _rebuild(ep, gm, sig, dict(ep.state_dict), dict(ep.constants))
+
+
+def _rebuild(ep, gm, sig, state_dict, constants) -> ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # pytree deprecation noise in deepcopy
+        return ep._update(gm, sig, state_dict=state_dict, constants=constants)
 
 
 def _identity_slice(n: torch.fx.Node) -> bool:
@@ -202,4 +209,4 @@ def finalize(ep: ExportedProgram) -> ExportedProgram:
     gm = ep.graph_module
     gm.graph.lint()
     gm.recompile()
-    return ep._update(gm, ep.graph_signature, state_dict=ep.state_dict, constants=ep.constants)
+    return _rebuild(ep, gm, ep.graph_signature, ep.state_dict, ep.constants)

@@ -184,7 +184,7 @@ class RopeDetector:
                     duplicated = duplicated or "repeat"
                 v = node.inputs[0]
                 continue
-            if node.op_type == "Cast":
+            if node.op_type in ("Cast", "Identity"):
                 v = node.inputs[0]
                 continue
             if node.op_type in ("Mul", "MatMul", "Einsum"):
@@ -199,6 +199,14 @@ class RopeDetector:
             operands = list(product.inputs[:2])
         freq_info = [self._constant_root(o) for o in operands]
         consts = [k for k, f in enumerate(freq_info) if f is not None]
+        runtime = None
+        if not consts:
+            for k, operand in enumerate(operands):
+                runtime = _runtime_marker(operand)
+                if runtime is not None:
+                    freq_info[k] = (operand, None, None, np.asarray(runtime["inv_freq"], np.float32))
+                    consts = [k]
+                    break
         if len(consts) != 1:
             return f"angle product {product.name}: expected exactly one constant operand (inv_freq), found {len(consts)}"
         k = consts[0]
@@ -221,6 +229,7 @@ class RopeDetector:
             "position_dtype": dtype_name(positions),
             "angle_dtype": dtype_name(product.outputs[0]),
             "duplicated": duplicated,
+            "runtime": runtime,
         }
 
     def _constant_root(self, value: ir.Value, ops=("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Transpose")):
@@ -348,6 +357,10 @@ class RopeDetector:
                 return f"inv_freq has {inv_freq.size} entries but the rotation spans {rotary_dim} channels"
             if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
                 return "cos and sin are scaled by different factors"
+            if info["runtime"] is not None:
+                r = info["runtime"]
+                notes.append(f"inv_freq computed at run time ({r['rope_type']} x{r['factor']:g} from L={r['original_max_position_embeddings']}, "
+                             "written by posrewrite); base and inv_freq shown are the model's before that rescale")
             return RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.COMPUTED,
                 base=_fit_base(inv_freq, info["inv_freq_root"]), inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
@@ -361,7 +374,7 @@ class RopeDetector:
         sin_table = self._table(ss)
         if cos_table is None or sin_table is None or cos_table.shape != sin_table.shape:
             return "cos/sin tables have different or unknown shapes"
-        fitted = _fit_tables(cos_table, sin_table, layout)
+        fitted = _fit_tables(cos_table, sin_table, layout, _eps(cs.table))
         if isinstance(fitted, str):
             return fitted
         inv_freq, factor = fitted
@@ -410,7 +423,7 @@ class RopeDetector:
             if cos_t is None or sin_t is None:
                 self.refusals.append(Refusal("rope", node.name or "?", "fused RotaryEmbedding whose caches are computed at run time"))
                 continue
-            fitted = _fit_tables(np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64), "half")
+            fitted = _fit_tables(np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64), "half", _eps(cos_v))
             if isinstance(fitted, str):
                 self.refusals.append(Refusal("rope", node.name or "?", fitted))
                 continue
@@ -465,6 +478,31 @@ class _Extra:
     angles: dict | None
 
 
+RUNTIME_INV_FREQ_KEY = "posrewrite.runtime_inv_freq"
+
+
+def _runtime_marker(value: ir.Value) -> dict | None:
+    """The parameters posrewrite recorded on a run-time inv_freq computation (dynamic / longrope)."""
+    import json
+
+    v = value
+    for _ in range(8):
+        node = v.producer()
+        if node is None:
+            return None
+        text = node.metadata_props.get(RUNTIME_INV_FREQ_KEY)
+        if text:
+            return json.loads(text)
+        if node.op_type not in ("Cast", "Reshape", "Unsqueeze", "Expand", "Identity", "Transpose"):
+            return None
+        v = node.inputs[0]
+    return None
+
+
+def _eps(value: ir.Value | None) -> float:
+    return {ir.DataType.FLOAT16: 2.0 ** -10, ir.DataType.BFLOAT16: 2.0 ** -7}.get(value.dtype if value is not None else None, 2.0 ** -23)
+
+
 def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
     """The base of an inv_freq vector, with a tolerance matching the precision it is stored in."""
     rtol = {ir.DataType.FLOAT16: 2.0 ** -9, ir.DataType.BFLOAT16: 2.0 ** -6}.get(stored.dtype if stored is not None else None, 1e-4)
@@ -488,7 +526,7 @@ def _best_failure(tracer: _basics.MatchingTracer) -> str | None:
     return best
 
 
-def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout) -> tuple[np.ndarray, float] | str:
+def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout, eps: float = 2.0 ** -23) -> tuple[np.ndarray, float] | str:
     """Recovers (inv_freq, attention factor) from cos/sin tables [N, w] by unwrapping their phase."""
     if cos_t.ndim != 2 or cos_t.shape[0] < 2:
         return f"cos/sin table of shape {cos_t.shape} is not [positions, channels]"
@@ -517,7 +555,8 @@ def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout) -> tuple[np.ndarra
     # least-squares slope through the origin: phase = pos * inv_freq
     inv_freq = (pos @ phase) / (pos @ pos)
     resid = np.max(np.abs(phase - np.outer(pos, inv_freq)))
-    if resid > 1e-2 * max(1.0, n / 1000):
+    # tables computed in half precision drift by up to ~position x eps in phase
+    if resid > 1e-2 * max(1.0, n / 1000) + 4 * n * eps:
         return "cos/sin table is not cos/sin of position x frequency (rows not in position order?)"
     return inv_freq.astype(np.float32), factor
 

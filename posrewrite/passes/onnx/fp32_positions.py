@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -38,7 +39,6 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
-from posrewrite.passes.onnx._graph import numpy_dtype
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 __all__ = [
@@ -326,7 +326,9 @@ def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, n
             recovered = False
         else:
             true = exact.astype(np.float64)
-    effective = precision.round_to_dtype(stored, trace.inv_freq_dtype) if trace.inv_freq_dtype in _HALF_NAMES else stored
+    effective = stored
+    if trace.inv_freq_dtype in _HALF_NAMES:
+        effective = precision.round_to_dtype(stored, trace.inv_freq_dtype)
     return effective, true, recovered
 
 
@@ -437,7 +439,8 @@ def table_precision(site: RopeSite, n: int | None = None) -> TablePrecision | No
             scores[d] = max(scores[d], float(np.max(np.abs(ce - c))), float(np.max(np.abs(se - s))))
     math_dtype = min(scores, key=lambda d: (scores[d], -_rank(d)[0]))
     tol = max(precision.default_angle_tolerance(true, m), 2.0 * stored)
-    return TablePrecision(dname, rows, math_dtype, err, stored, tol, inv.astype(np.float32), factor, snapped is not None)
+    return TablePrecision(dname, rows, math_dtype, err, stored, tol, inv.astype(np.float32), factor,
+                          snapped is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,8 +453,9 @@ def rope_site_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any
 
     Keys: kind, site, angles, max_length, position_dtype, angle_dtype, exact_positions,
     exact_position_fraction, colliding_positions, max_angle_error, angle_tolerance, safe, plus
-    inv_freq_dtype, cos_sin_dtype, applied_dtype, dtype_path (computed) or table_dtype, math_dtype (tables),
-    and notes."""
+    inv_freq_dtype, cos_sin_dtype, applied_dtype, dtype_path (computed) or table_dtype, math_dtype,
+    index_dtype, rows_checked (tables: counts and fraction are over the min(n, rows) rows that exist), and
+    notes."""
     n = int(n)
     notes: list[str] = []
     if site.angles == AngleSource.COMPUTED:
@@ -481,7 +485,8 @@ def rope_site_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any
         tp = table_precision(site, n)
         index_dtype = _dtype(site.positions) if site.positions is not None else "int64"
         if tp is None:
-            report = precision.analyse_positions(n, position_dtype="int64", angle_dtype="float32", inv_freq=site.inv_freq)
+            report = precision.analyse_positions(n, position_dtype="int64", angle_dtype="float32",
+                                                 inv_freq=site.inv_freq)
             row = report.to_dict()
             row["angle_dtype"] = site.angle_dtype
         else:
@@ -491,7 +496,7 @@ def rope_site_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any
             row = report.to_dict()
             row.update(max_length=n, max_angle_error=tp.max_angle_error, angle_tolerance=tp.tolerance,
                        safe=bool(report.exact_positions == m and tp.correct),
-                       table_dtype=tp.table_dtype, math_dtype=tp.math_dtype, index_dtype=index_dtype)
+                       table_dtype=tp.table_dtype, math_dtype=tp.math_dtype, index_dtype=index_dtype, rows_checked=m)
             notes.append(f"table values match {tp.math_dtype} math (inferred from the stored cos/sin)")
             if not tp.recovered:
                 notes.append("frequencies fitted from the table (no round base matches)")
@@ -596,7 +601,8 @@ class _Lift:
         if self.clean(value):
             return value if value.dtype == _F32 else self.cast(value, _F32)
         node = value.producer()
-        const = _const_array(value) if (node is None or node.op_type == "Constant" or value.const_value is not None) else None
+        is_leaf = node is None or node.op_type == "Constant" or value.const_value is not None
+        const = _const_array(value) if is_leaf else None
         if const is not None:
             return self._lift_constant(value, const)
         if node is None:  # a half-precision graph input: its values are already rounded
@@ -620,7 +626,7 @@ class _Lift:
             return self._fallback(value, node)
         inputs = [self(i) if (i is not None and _is_float(i)) else i for i in node.inputs]
         new = self._new(op, inputs, node.attributes.values(), num_outputs=len(node.outputs))
-        for old_out, new_out in zip(node.outputs, new.outputs):
+        for old_out, new_out in zip(node.outputs, new.outputs, strict=True):
             new_out.dtype = _F32 if _is_float(old_out) else old_out.dtype
             new_out.shape = old_out.shape
             self._memo[id(old_out)] = new_out
@@ -699,7 +705,9 @@ def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndar
     ones, so that the float32 constants carry no half-precision rounding at all."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
     stored_dtype = _dtype(site.inv_freq_value) if site.inv_freq_value is not None else site.angle_dtype
-    original = _recover_base(site.inv_freq, stored_dtype) if (site.inv_freq is not None and stored_dtype in _HALF_NAMES) else None
+    original = None
+    if site.inv_freq is not None and stored_dtype in _HALF_NAMES:
+        original = _recover_base(site.inv_freq, stored_dtype)
     for plan in plans:
         if getattr(plan, "site", None) is not site or getattr(plan, "inv_freq", None) is None:
             continue
@@ -870,7 +878,8 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
             from posrewrite.passes.onnx.fp32_alibi import Fp32AlibiPass
         except ImportError:
             if any(site_needs_fp32(s) for s in sites):
-                self.notes.append("ALiBi computed in half precision left as it is: fp32 ALiBi is not available in this build")
+                self.notes.append("ALiBi computed in half precision left as it is: "
+                                  "fp32 ALiBi is not available in this build")
             return False
         p = Fp32AlibiPass(sites)
         result = p(model)

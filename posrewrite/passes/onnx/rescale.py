@@ -12,12 +12,14 @@ All numbers come from `posrewrite.math.rope`; this module only decides where the
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
+from posrewrite.passes.onnx.detect_rope import RUNTIME_INV_FREQ_KEY
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
@@ -49,6 +51,9 @@ class SitePlan:
 def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     """Computes the new numbers for a site. Raises ValueError for requests the site cannot take."""
     params.validate()
+    if site.extra is not None and site.extra.angles is not None and site.extra.angles.get("runtime"):
+        raise ValueError("this RoPE already computes inv_freq at run time (a posrewrite dynamic/longrope rewrite): "
+                         "rescale the original model instead")
     dim = site.rotary_dim
     base = site.base
     runtime = params.rope_type in RUNTIME_METHODS
@@ -122,6 +127,10 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
         inv = _runtime_inv_freq(w, plan, seq)
         inv = w.op("Reshape", inv, w.const(np.array(shape, dtype=np.int64)))
         new = w.op("Cast", inv, to=dtype) if dtype != _F32 else inv
+        new.producer().metadata_props[RUNTIME_INV_FREQ_KEY] = json.dumps({
+            "rope_type": plan.params.rope_type, "factor": plan.params.factor,
+            "original_max_position_embeddings": plan.params.original_max_position_embeddings,
+            "base": site.base, "inv_freq": [float(f) for f in site.inv_freq]})
         w.commit()
     consumer.replace_input_with(index, new)
     _set_attention_factor(graph, site, plan.attention_factor)
