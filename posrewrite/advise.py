@@ -196,9 +196,9 @@ def advise(
             new, att = rope_math.scaled_inv_freq(
                 params, inv_freq=inv.astype(np.float32), base=base, dim=dim, seq_len=context
             )
-            label = f"after {params.rope_type} x{params.effective_factor():g}"
-            if params.rope_type == "dynamic":
-                label += f" (at runtime length {context:,})"
+            from posrewrite.plot import rewrite_label
+
+            label = rewrite_label(params, context)
             checks.append(_check(label, np.asarray(new, dtype=np.float64), dim, context, att))
         for c in checks:
             lines.extend(_check_lines(c, context, b_min))

@@ -24,7 +24,7 @@ import numpy as np
 
 from posrewrite.math import base_bound
 
-__all__ = ["PlotResult", "wavelengths", "decay_curve", "plot_rope", "plot_model"]
+__all__ = ["PlotResult", "wavelengths", "decay_curve", "plot_rope", "plot_model", "plot", "rewrite_label"]
 
 _MAX_POINTS = 4000  # distances drawn per curve
 
@@ -236,9 +236,7 @@ def plot_model(
         T = int(target_context or params.target_length() or round(factor * L))
         scaled, att = rope_math.scaled_inv_freq(params, inv_freq=inv.astype(np.float32), base=site.base, dim=dim,
                                                 seq_len=T)
-        label = f"after {params.rope_type} \u00d7{factor:g}"
-        if params.rope_type == "dynamic":
-            label += f" (at runtime length {T:,})"
+        label = rewrite_label(params, T)
     else:
         T = int(target_context or L)
     base = "not geometric" if site.base is None else f"base {site.base:g}"
@@ -246,3 +244,31 @@ def plot_model(
     res = plot_rope(inv, original_context=L, target_context=T, scaled_inv_freq=scaled, attention_factor=att,
                     out_png=out_png, title=title, label_after=label)
     return res
+
+
+def rewrite_label(params, runtime_length: int | None = None) -> str:
+    """'after yarn x4', 'after base 5e+05', 'after dynamic x4 (at runtime length 512)'."""
+    t = params.rope_type
+    if t == "default":
+        return "after base " + ("unchanged" if params.rope_theta is None else f"{params.rope_theta:g}")
+    label = f"after {t} x{params.effective_factor():g}"
+    if params.rope_theta is not None:
+        label += f", base {params.rope_theta:g}"
+    if t == "dynamic" and runtime_length is not None:
+        label += f" (at runtime length {runtime_length:,})"
+    return label
+
+
+def plot(path: str | os.PathLike, out_png: str | os.PathLike, opts=None) -> PlotResult:
+    """The CLI's entry: ``opts`` is a :class:`posrewrite.options.RewriteOptions` (the rope flags), an HF
+    ``rope_parameters`` dict, or None (the model as it is)."""
+    rope_params = None
+    original = None
+    if isinstance(opts, dict):
+        rope_params = dict(opts)
+    elif opts is not None:
+        from posrewrite.options import read_config_json, rope_parameters_from_options
+
+        rope_params = rope_parameters_from_options(opts, config_json=read_config_json(path))
+        original = getattr(opts, "original_max_positions", None)
+    return plot_model(path, out_png, rope_params or None, original_context=original)

@@ -179,6 +179,7 @@ def export_onnx(
     validate: bool = True,
     atol: float = 1e-4,
     external_data: bool = False,
+    optimize: bool = True,
     config: Any = None,
     **options: Any,
 ) -> TorchExportResult:
@@ -188,7 +189,7 @@ def export_onnx(
     ``com.microsoft.RotaryEmbedding`` (``fuse=True`` / ``"ort"``) or the opset-23 ``RotaryEmbedding``
     (``fuse="onnx"``, which raises the opset to 23). With ``validate`` the saved model is run in
     onnxruntime (CPU) on ``args`` and compared with the rewritten program (``ValidationError`` past
-    ``atol``).
+    ``atol``). ``optimize`` is passed to ``torch.onnx.export`` (its onnxscript graph optimizer).
     """
     from posrewrite.ops.rope_onnx import onnx_opset_for, translation_table
 
@@ -218,7 +219,7 @@ def export_onnx(
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             new, args, kwargs=kwargs, dynamo=True, custom_translation_table=translation_table(target),
-            opset_version=opset, input_names=input_names, output_names=output_names,
+            opset_version=opset, input_names=input_names, output_names=output_names, optimize=optimize,
         )
     onnx_program.save(str(out), external_data=external_data)
     ops: dict[str, int] = {}

@@ -144,8 +144,7 @@ def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> Validati
             contrib = node.domain == "com.microsoft"
             targets = [node.inputs[2], node.inputs[3]] if contrib else [node.inputs[1], node.inputs[2]]
         else:
-            app = site.applications[0]
-            targets = [app.cos, app.sin]
+            targets = current_cos_sin(model, site.applications[0])
         try:
             session, inputs = subgraph_session(model, targets)
         except Exception as exc:  # noqa: BLE001 - reported as a failed row
@@ -173,6 +172,33 @@ def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> Validati
             report.rows.append({"site": k, "length": n, "rows": rows, "max_abs_error": err, "tolerance": tol, "ok": err <= tol})
     report.seconds = time.perf_counter() - start
     return report
+
+
+def current_cos_sin(model: ir.Model, app) -> list[ir.Value]:
+    """The cos/sin values a rotation multiplies with now: later passes (fp32 positions) may have replaced
+    the ones detection saw; the replacements are found from the rotation's own Mul nodes."""
+    if app.cos.graph is model.graph and app.sin.graph is model.graph and app.cos.uses() and app.sin.uses():
+        return [app.cos, app.sin]
+    inside = {id(n) for n in app.nodes}
+    found: dict[str, ir.Value] = {}
+    for node in app.nodes:
+        if node.op_type != "Mul":
+            continue
+        for v in node.inputs:
+            if v is None or v is app.input or (v.producer() is not None and id(v.producer()) in inside):
+                continue
+            w = v
+            for _ in range(12):
+                p = w.producer()
+                if p is None:
+                    break
+                if p.op_type in ("Cos", "Sin"):
+                    found.setdefault(p.op_type.lower(), v)
+                    break
+                w = p.inputs[0]
+    if "cos" not in found or "sin" not in found:
+        return [app.cos, app.sin]
+    return [found["cos"], found["sin"]]
 
 
 def initializer_bytes(model: ir.Model) -> int:

@@ -181,6 +181,33 @@ def scalar_mul(node: Any) -> tuple[Node, float] | None:
     return None
 
 
+def cast_dtype(node: Any) -> torch.dtype | None:
+    """The dtype a cast node (_to_copy / to.*) converts to, None when it is not such a cast."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    t = node.target
+    if t is aten._to_copy.default or t is aten.to.dtype_layout:
+        return node.kwargs.get("dtype")
+    if t is aten.to.dtype:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    if t is aten.to.device:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+    return None
+
+
+def set_cast_dtype(node: Node, dtype: torch.dtype) -> None:
+    """Make a cast node (see `cast_dtype`) convert to ``dtype``."""
+    t = node.target
+    if t is aten._to_copy.default or t is aten.to.dtype_layout or "dtype" in node.kwargs:
+        node.kwargs = {**node.kwargs, "dtype": dtype}
+    elif t is aten.to.dtype:
+        node.args = (node.args[0], dtype, *node.args[2:])
+    elif t is aten.to.device:
+        node.args = (node.args[0], node.args[1], dtype, *node.args[3:])
+    else:
+        raise ValueError(f"{node.name} is not a cast")
+
+
 CAST_OPS = (aten._to_copy, aten.to, aten.type_as, aten.clone, aten.alias, aten.contiguous, aten.lift_fresh_copy,
             aten.detach)
 VIEW_OPS = (aten.unsqueeze, aten.squeeze, aten.expand, aten.view, aten.reshape, aten._unsafe_view, aten.permute,

@@ -54,11 +54,8 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
         changed: set[Node] = set()
         # positions -> float32
         cast = src.position_cast
-        if cast is not None:
-            if g.is_op(cast, aten._to_copy):
-                cast.kwargs = {**cast.kwargs, "dtype": torch.float32}
-            else:
-                cast.args = (cast.args[0], torch.float32, *cast.args[2:])
+        if cast is not None and g.cast_dtype(cast) is not None:
+            g.set_cast_dtype(cast, torch.float32)
             changed.add(cast)
         else:
             pos = src.positions
@@ -68,7 +65,13 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
                 if u is not new and _on_path(u, src.angles):
                     u.replace_input_with(pos, new)
             changed.add(new)
-        # inv_freq -> float32 values
+        # inv_freq -> float32 values, and no narrowing cast on its way to the product
+        cur = src.inv_freq_operand
+        while cur is not None and cur is not src.inv_freq_node:
+            if g.cast_dtype(cur) in (torch.float16, torch.bfloat16):
+                g.set_cast_dtype(cur, torch.float32)
+                changed.add(cur)
+            cur = cur.args[0]
         inv_node = src.inv_freq_node
         if g.dtype(inv_node) != torch.float32:
             values = rope_math.default_inv_freq(site.base, site.rotary_dim) if site.base else src.inv_freq
@@ -81,8 +84,8 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
         # casts between the inputs and cos/sin that would narrow the angles again -> float32
         region = _between(changed, {src.cos_node, src.sin_node})
         for n in region:
-            if g.is_op(n, aten._to_copy) and n.kwargs.get("dtype") in (torch.float16, torch.bfloat16):
-                n.kwargs = {**n.kwargs, "dtype": torch.float32}
+            if g.cast_dtype(n) in (torch.float16, torch.bfloat16):
+                g.set_cast_dtype(n, torch.float32)
         old = {n: g.dtype(n) for n in (src.cos_node, src.sin_node)}
         w.refresh(region)
         for n, dt in old.items():

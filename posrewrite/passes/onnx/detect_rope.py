@@ -361,9 +361,14 @@ class RopeDetector:
                 r = info["runtime"]
                 notes.append(f"inv_freq computed at run time ({r['rope_type']} x{r['factor']:g} from L={r['original_max_position_embeddings']}, "
                              "written by posrewrite); base and inv_freq shown are the model's before that rescale")
+            base = _fit_base(inv_freq, info["inv_freq_root"])
+            if base is not None and info["inv_freq_root"].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
+                inv_freq = rope_math.default_inv_freq(base, rotary_dim)
+                notes.append(f"inv_freq stored in {dtype_name(info['inv_freq_root'])}: exact base-{base:g} frequencies assumed")
             return RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.COMPUTED,
-                base=_fit_base(inv_freq, info["inv_freq_root"]), inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
+                base=base, inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
                 max_positions=None, position_dtype=info["position_dtype"], angle_dtype=info["angle_dtype"],
                 attention_factor=cs.factor, positions=info["positions"], cos=cs.value, sin=ss.value,
                 applications=tuple(apps), source_nodes=(cs.trig_node, ss.trig_node, info["product"]),

@@ -1,16 +1,282 @@
-"""Fuses the decomposed attention around fused RotaryEmbedding nodes (work in progress)."""
+"""Fuses the decomposed attention around fused RotaryEmbedding nodes (`--fuse ort`).
+
+Once RoPE is a com.microsoft.RotaryEmbedding node, onnxscript's onnxruntime fusions recognise the attention
+around it: `fuse_sdpa` (MatMul/scale/mask/Softmax/MatMul -> an SDPA function), then `fuse_gqa`
+(SDPA + RotaryEmbedding + repeat_kv -> GroupQueryAttention with do_rotary and the cos/sin caches), or
+`fuse_mha*` / `replace_sdpa_by_mha` (-> MultiHeadAttention after the RotaryEmbedding nodes, the mask kept as
+an attention bias). This pass uses them (with the RMSNorm / skip-normalisation fusions the GQA rule expects to have run
+first), and adds the checks they leave out:
+
+- GroupQueryAttention is always causal and rotates by its own positions (past length + 0..S-1), and
+  onnxscript's GQA rule drops the attention mask without looking at it and takes the sequence length from
+  max(position_ids)+1. So the GQA rule is only run when every attention mask is verified to be exactly causal
+  (evaluated on the graph for several lengths, from input shapes alone) and every RotaryEmbedding's positions
+  are Range(0, S). Otherwise (sliding windows, padding masks, position_ids given as an input) attention goes to
+  MultiHeadAttention, which keeps the mask and the RotaryEmbedding nodes: exact, a little slower.
+- The result is counted: how many attentions became which op, and why GQA was not used.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_ir as ir
+
+_FUSION_DOMAIN = "ai.onnxruntime._fusion"
+_MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp underflows to 0 in fp32/fp16)
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
-    def __init__(self, rotary_nodes=()) -> None:
+    def __init__(self, rotary_nodes=(), *, allow_gqa: bool = True, probe_lengths=(3, 7, 12)) -> None:
         super().__init__()
         self.rotary_nodes = list(rotary_nodes)
+        self.allow_gqa = allow_gqa
+        self.probe_lengths = tuple(probe_lengths)
         self.changes: list[str] = []
         self.notes: list[str] = []
+        self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return ir.passes.PassResult(model, False)
+        try:
+            from onnxscript.rewriter.ort_fusions import _core
+            from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
+            from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
+            from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
+            from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
+            from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+            from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+            from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
+            from onnxscript.rewriter.ort_fusions.skip_normalization import (
+                fuse_skip_layer_normalization,
+                fuse_skip_rms_normalization,
+            )
+            from onnxscript.optimizer import optimize
+        except ImportError as exc:  # pragma: no cover - onnxscript is a dependency
+            self.notes.append(f"attention not fused: onnxscript's onnxruntime fusions are unavailable ({exc})")
+            return ir.passes.PassResult(model, False)
+        before = _count_ops(model)
+        try:
+            _core._pre_optimize(model)
+            # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2...) as SimplifiedLayerNormalization
+            counts = {"rms_normalization": fuse_rms_normalization(model),
+                      "skip_layer_normalization": fuse_skip_layer_normalization(model),
+                      "skip_rms_normalization": fuse_skip_rms_normalization(model)}
+            counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
+            sdpa = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _FUSION_DOMAIN]
+            gqa_ok, why = self._gqa_is_exact(model, sdpa) if sdpa else (False, "no attention recognised")
+            if gqa_ok:
+                counts["gqa"] = fuse_gqa(model)
+            for name, fn in (("mha1", fuse_mha1), ("mha2", fuse_mha2), ("mha_scale", fuse_mha_scale)):
+                counts[name] = fn(model)
+            if counts["mha1"] or counts["mha2"]:
+                counts["mha_bias"] = fuse_mha_bias(model)
+            counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
+            optimize(model)
+        except Exception as exc:  # noqa: BLE001 - RoPE fusion stands on its own; say why attention did not follow
+            self.notes.append(f"attention fusion stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            return ir.passes.PassResult(model, True)
+        self.counts = counts
+        after = _count_ops(model)
+        gqa = after.get("GroupQueryAttention", 0) - before.get("GroupQueryAttention", 0)
+        mha = after.get("MultiHeadAttention", 0) - before.get("MultiHeadAttention", 0)
+        left = after.get("Softmax", 0)
+        if gqa or mha:
+            parts = []
+            if gqa:
+                parts.append(f"{gqa} into com.microsoft.GroupQueryAttention (RoPE inside, do_rotary=1)")
+            if mha:
+                parts.append(f"{mha} into com.microsoft.MultiHeadAttention after RotaryEmbedding")
+            self.changes.append("fused attention: " + ", ".join(parts) + " (onnxscript ort_fusions, checked by posrewrite)")
+        if not gqa and (mha or counts.get("sdpa")):
+            why = why or "onnxscript's GQA rule did not match"
+            self.notes.append(f"GroupQueryAttention not used: {why}")
+        norms = sum(counts.get(k, 0) for k in ("rms_normalization", "skip_layer_normalization", "skip_rms_normalization"))
+        if norms:
+            self.changes.append(f"fused {norms} normalisation(s) (RMSNorm/LayerNorm + residual Add) for onnxruntime")
+        if left:
+            self.notes.append(f"{left} attention(s) not fused (Softmax left in the graph)")
+        return ir.passes.PassResult(model, bool(gqa or mha or norms))
+
+    # -----------------------------------------------------------------------------------------------
+    def _gqa_is_exact(self, model: ir.Model, sdpa_nodes: list[ir.Node]) -> tuple[bool, str | None]:
+        if not self.allow_gqa:
+            return False, "disabled"
+        rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft"]
+        for node in rotary:
+            if not _positions_are_arange(node.inputs[1]):
+                return False, ("positions are not 0..S-1 (position_ids is a model input): GroupQueryAttention "
+                               "would rotate by its own positions")
+        masks = {}
+        for node in sdpa_nodes:
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            if mask is None:
+                return False, "an attention without a mask is not causal"
+            masks[id(mask)] = mask
+        for mask in masks.values():
+            verdict = _mask_kind(model, mask, self.probe_lengths)
+            if verdict != "causal":
+                return False, f"attention mask {mask.name}: {verdict}"
+        return True, None
+
+
+def _count_ops(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _positions_are_arange(value: ir.Value | None) -> bool:
+    """position_ids built as Expand(Unsqueeze(Range(0, n, 1))) (casts and reshapes allowed)."""
+    v = value
+    for _ in range(12):
+        if v is None:
+            return False
+        node = v.producer()
+        if node is None:
+            return False
+        if node.op_type == "Range":
+            start = ir.convenience.get_const_tensor(node.inputs[0])
+            delta = ir.convenience.get_const_tensor(node.inputs[2])
+            return (start is not None and delta is not None and int(start.numpy().reshape(-1)[0]) == 0
+                    and int(delta.numpy().reshape(-1)[0]) == 1)
+        if node.op_type not in ("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Squeeze"):
+            return False
+        v = node.inputs[0]
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# what an attention mask is, found by evaluating it
+# ---------------------------------------------------------------------------------------------------
+
+
+def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
+    """"causal" when the additive mask is 0 on and below the diagonal and masked above it for every probed
+    length (computed from the input shapes alone); otherwise why not."""
+    graph = model.graph
+    inputs = set(graph.inputs)
+    nodes: list[ir.Node] = []
+    seen: set[int] = set()
+    stack = [mask]
+    while stack:
+        v = stack.pop()
+        node = v.producer()
+        if node is None:
+            if v in inputs:
+                return f"depends on the values of input {v.name} (not only on shapes)"
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        if node.op_type == "Shape":
+            continue
+        if node.domain not in ("", "ai.onnx") or any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()
+        ):
+            return f"computed by {node.domain}::{node.op_type}"
+        stack.extend(i for i in node.inputs if i is not None)
+    if len(nodes) > 2000:
+        return "mask computation too large to check"
+    order = {id(n): k for k, n in enumerate(graph)}
+    nodes.sort(key=lambda n: order.get(id(n), 0))
+    symbols = [d for i in graph.inputs if i.shape is not None for d in i.shape if not isinstance(d, int)]
+    for n in lengths:
+        sizes = {}
+        for i in graph.inputs:
+            if i.shape is None or len(i.shape) < 2:
+                continue
+            b, s = i.shape[0], i.shape[1]
+            if not isinstance(b, int):
+                sizes[str(b)] = 2
+            if not isinstance(s, int):
+                sizes[str(s)] = n
+        try:
+            value = _evaluate(model, nodes, mask, sizes)
+        except _Unresolvable as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001
+            return f"could not be evaluated ({type(exc).__name__})"
+        value = np.asarray(value, dtype=np.float64)
+        if value.ndim < 2 or value.shape[-1] != n or value.shape[-2] not in (1, n):
+            return f"has shape {value.shape} at {n} tokens"
+        full = np.broadcast_to(value, value.shape[:-2] + (n, n)).reshape(-1, n, n)
+        lower = np.tril(np.ones((n, n), dtype=bool))
+        if not (np.all(full[:, lower] == 0) and np.all(full[:, ~lower] <= _MASKED)):
+            window = _sliding_window(full, n)
+            return f"sliding window of {window} tokens" if window else "not a causal mask"
+    del symbols
+    return "causal"
+
+
+def _sliding_window(full: np.ndarray, n: int) -> int | None:
+    for w in range(1, n):
+        i, j = np.indices((n, n))
+        keep = (j <= i) & (i - j < w)
+        if np.all(full[:, keep] == 0) and np.all(full[:, ~keep] <= _MASKED):
+            return w
+    return None
+
+
+class _Unresolvable(Exception):
+    pass
+
+
+def _evaluate(model: ir.Model, nodes: list[ir.Node], target: ir.Value, sizes: dict[str, int]) -> np.ndarray:
+    """Runs `nodes` (the cone of `target`) in onnxruntime with Shape nodes replaced by the shapes that the
+    symbolic dims take for `sizes`."""
+    import onnxruntime as ort
+
+    protos = []
+    initializers = []
+    names: dict[int, str] = {}
+
+    def name_of(v: ir.Value | None) -> str:
+        if v is None:
+            return ""
+        if id(v) not in names:
+            names[id(v)] = f"v{len(names)}"
+            t = ir.convenience.get_const_tensor(v) if v.producer() is None else None
+            if t is not None:
+                arr = t.numpy()
+                if arr.size > 1 << 20:
+                    raise _Unresolvable("mask computation reads a large tensor")
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(arr), names[id(v)]))
+        return names[id(v)]
+
+    for node in nodes:
+        if node.op_type == "Shape":
+            x = node.inputs[0]
+            if x.shape is None:
+                raise _Unresolvable(f"shape of {x.name} unknown")
+            dims = []
+            for d in x.shape:
+                if isinstance(d, int):
+                    dims.append(d)
+                elif str(d) in sizes:
+                    dims.append(sizes[str(d)])
+                else:
+                    raise _Unresolvable(f"dimension {d} of {x.name} is not tied to an input's shape")
+            start = node.attributes.get_int("start", 0)
+            end = node.attributes.get_int("end", len(dims))
+            arr = np.array(dims[slice(start, end)], dtype=np.int64)
+            protos.append(onnx.helper.make_node("Constant", [], [name_of(node.outputs[0])],
+                                                value=onnx.numpy_helper.from_array(arr)))
+            continue
+        proto = ir.serde.serialize_node(node)
+        del proto.input[:]
+        proto.input.extend(name_of(i) for i in node.inputs)
+        del proto.output[:]
+        proto.output.extend(name_of(o) for o in node.outputs)
+        proto.name = f"n{len(protos)}"
+        protos.append(proto)
+    out = onnx.helper.make_empty_tensor_value_info(name_of(target))
+    graph = onnx.helper.make_graph(protos, "mask", [], [out], initializer=initializers)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = model.ir_version or 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {})[0]

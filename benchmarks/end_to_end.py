@@ -1,0 +1,137 @@
+"""End-to-end onnxruntime CPU latency of a Llama-shaped export: original vs posrewrite-fused.
+
+    python benchmarks/end_to_end.py [--layers 8 --hidden 1024 --heads 16 --kv-heads 4]
+                                    [--lengths 512,1024,2048,4096] [--threads 2] [--repeat 3]
+
+The model is a real transformers LlamaForCausalLM (random weights, fixtures.hf_models.export_llama_onnx_large)
+exported with the dynamo exporter (input_ids -> logits, batch 1). Variants, all from that one export:
+  original    the export as is
+  rope        RoPE fused only (com.microsoft.RotaryEmbedding, attention left decomposed)
+  fuse-ort    `posrewrite M.onnx --fuse ort`: RoPE fused, then the attention around it
+  onnxscript  onnxscript's optimize_for_ort on the original export (--with-onnxscript; for reference)
+Each length: one warm-up run, then the median of --repeat runs. Logits of every variant are compared with
+the original's at the first length (max abs difference printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def build_variants(src: Path, tmp: Path, with_onnxscript: bool, max_positions: int) -> dict[str, Path]:
+    import onnx_ir as ir
+
+    from posrewrite import api
+    from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+
+    variants = {"original": src}
+    model = ir.load(str(src))
+    found = api.detect(model)
+    rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions, fuse_attention=False)
+    rope(model)
+    out = tmp / "rope.onnx"
+    ir.save(model, str(out), external_data="rope.onnx.data")
+    variants["rope"] = out
+    del model
+    model = ir.load(str(src))
+    found = api.detect(model)
+    full = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
+    t = time.perf_counter()
+    full(model)
+    print(f"posrewrite --fuse ort: {time.perf_counter() - t:.1f} s; " + "; ".join(full.changes))
+    for n in full.notes:
+        print(f"  note: {n}")
+    out = tmp / "fuse-ort.onnx"
+    ir.save(model, str(out), external_data="fuse-ort.onnx.data")
+    variants["fuse-ort"] = out
+    del model
+    if with_onnxscript:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model = ir.load(str(src))
+        optimize_for_ort(model)
+        out = tmp / "onnxscript.onnx"
+        ir.save(model, str(out), external_data="onnxscript.onnx.data")
+        variants["onnxscript"] = out
+    gc.collect()
+    return variants
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--lengths", default="512,1024,2048,4096")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--with-onnxscript", action="store_true")
+    args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    from fixtures.hf_models import export_llama_onnx_large
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    t = time.perf_counter()
+    src = export_llama_onnx_large(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+                                  kv_heads=args.kv_heads, vocab=args.vocab)
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads "
+          f"({time.perf_counter() - t:.0f} s to export or load from the cache)")
+    with tempfile.TemporaryDirectory() as d:
+        variants = build_variants(Path(src), Path(d), args.with_onnxscript, max(max(lengths), 4096))
+        results: dict[str, dict[int, float]] = {name: {} for name in variants}
+        ref = None
+        for name, path in variants.items():
+            sess = session(path, args.threads)
+            for k, n in enumerate(lengths):
+                ids = np.random.default_rng(n).integers(3, args.vocab, size=(1, n)).astype(np.int64)
+                out = sess.run(None, {"input_ids": ids})[0]
+                if k == 0:
+                    if ref is None:
+                        ref = out
+                    else:
+                        print(f"{name}: max |logits - original| at {n} tokens = {float(np.max(np.abs(out - ref))):.2e}")
+                times = []
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    sess.run(None, {"input_ids": ids})
+                    times.append(time.perf_counter() - t)
+                results[name][n] = statistics.median(times) * 1e3
+            del sess
+            gc.collect()
+    print(f"\nonnxruntime {ort.__version__} CPU, {args.threads} thread(s), batch 1, median of {args.repeat} (ms)")
+    names = list(variants)
+    print(f"{'tokens':>7} " + " ".join(f"{n:>11}" for n in names) + " " + " ".join(f"{'orig/' + n:>16}" for n in names[1:]))
+    for n in lengths:
+        row = f"{n:>7} " + " ".join(f"{results[v][n]:>11.1f}" for v in names)
+        row += " " + " ".join(f"{results['original'][n] / results[v][n]:>15.2f}x" for v in names[1:])
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
