@@ -97,10 +97,13 @@ def main(argv=None) -> int:
 
     lengths = [int(n) for n in args.lengths.split(",")]
     t = time.perf_counter()
-    src = export_llama_onnx_large(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
-                                  kv_heads=args.kv_heads, vocab=args.vocab)
-    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads "
-          f"({time.perf_counter() - t:.0f} s to export or load from the cache)")
+    src = export_llama_onnx_large(
+        num_layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab
+    )
+    print(
+        f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} kv heads "
+        f"({time.perf_counter() - t:.0f} s to export or load from the cache)"
+    )
     with tempfile.TemporaryDirectory() as d:
         variants = build_variants(Path(src), Path(d), args.with_onnxscript, max(max(lengths), 4096))
         results: dict[str, dict[int, float]] = {name: {} for name in variants}
@@ -125,7 +128,12 @@ def main(argv=None) -> int:
             gc.collect()
     print(f"\nonnxruntime {ort.__version__} CPU, {args.threads} thread(s), batch 1, median of {args.repeat} (ms)")
     names = list(variants)
-    print(f"{'tokens':>7} " + " ".join(f"{n:>11}" for n in names) + " " + " ".join(f"{'orig/' + n:>16}" for n in names[1:]))
+    print(
+        f"{'tokens':>7} "
+        + " ".join(f"{n:>11}" for n in names)
+        + " "
+        + " ".join(f"{'orig/' + n:>16}" for n in names[1:])
+    )
     for n in lengths:
         row = f"{n:>7} " + " ".join(f"{results[v][n]:>11.1f}" for v in names)
         row += " " + " ".join(f"{results['original'][n] / results[v][n]:>15.2f}x" for v in names[1:])

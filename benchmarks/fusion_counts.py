@@ -103,7 +103,10 @@ def count(arch: str) -> dict:
             try:
                 row[name] = fn(Path(src), Path(d))
             except Exception as exc:  # noqa: BLE001 - a fuser failing is a result
-                row[name] = {"fused": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"}
+                row[name] = {
+                    "fused": None,
+                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}",
+                }
     return row
 
 

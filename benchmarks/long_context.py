@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -67,25 +66,48 @@ def windows(tokens: np.ndarray, length: int, budget: int) -> np.ndarray:
     return tokens[: n * length].reshape(n, length).astype(np.int64)
 
 
-def perplexity(path: Path, tokens: np.ndarray, length: int, budget: int, threads: int, batch: int = 8) -> dict:
+def perplexity(
+    path: Path, tokens: np.ndarray, length: int, budget: int, threads: int, train_length: int, batch: int = 8
+) -> dict:
+    """Perplexity over every predicted byte of the windows, and over the bytes at positions >= train_length
+    only (those whose context reaches past the training length; absent at 1x)."""
     sess = _session(path, threads)
     w = windows(tokens, length, budget)
-    total, count = 0.0, 0
+    total, count, tail, tail_count = 0.0, 0, 0.0, 0
     for s in range(0, len(w), batch):
         ids = w[s : s + batch]
         (logits,) = sess.run(["logits"], {"input_ids": ids})
-        nll = _log_softmax_nll(logits[:, :-1], ids[:, 1:])
+        nll = _log_softmax_nll(logits[:, :-1], ids[:, 1:])  # nll[:, p] predicts the byte at position p + 1
         total += float(nll.sum())
         count += nll.size
-    return {"ppl": math.exp(total / count), "nll": total / count, "windows": len(w), "predicted": count}
+        t = nll[:, train_length - 1 :]
+        tail += float(t.sum())
+        tail_count += t.size
+    out = {"ppl": math.exp(total / count), "nll": total / count, "windows": len(w), "predicted": count}
+    if tail_count:
+        out["ppl_past_train_length"] = math.exp(tail / tail_count)
+    return out
 
 
 def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Path | None, str]:
     out = cache / f"byte_llama.{method}.x{scale}.onnx"
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
         return out, ""
-    cmd = [sys.executable, "-m", "posrewrite", str(src), "--rope-scale", str(scale), "--rope-method", method,
-           "--original-max-positions", str(L), "-o", str(out), "--no-validate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "posrewrite",
+        str(src),
+        "--rope-scale",
+        str(scale),
+        "--rope-method",
+        method,
+        "--original-max-positions",
+        str(L),
+        "-o",
+        str(out),
+        "--no-validate",
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
@@ -98,6 +120,8 @@ def hf_rope_parameters(method: str, scale: int, L: int) -> dict:
     if method == "ntk":
         head_dim = train_lm.MODEL_CONFIG["hidden_size"] // train_lm.MODEL_CONFIG["num_attention_heads"]
         return {"rope_type": "default", "rope_theta": ntk_base(train_lm.ROPE_THETA, head_dim, scale)}
+    if method in ("linear", "dynamic"):  # HF's dynamic compares with config.max_position_embeddings (= L)
+        return {"rope_type": method, "factor": float(scale)}
     return {"rope_type": method, "factor": float(scale), "original_max_position_embeddings": L}
 
 
@@ -138,6 +162,17 @@ def table(results: dict, L: int, scales: tuple[int, ...], methods: tuple[str, ..
             else:
                 cells.append(fmt_ppl(r["ppl"]))
         lines.append(f"| {m} (scale = length / {L}) | " + " | ".join(cells) + " |")
+    tail_scales = [s for s in scales if s > 1]
+    if tail_scales:
+        lines.append("")
+        lines.append(
+            f"perplexity of the bytes at positions ≥ {L} only (their context reaches past the training length):"
+        )
+        lines.append("| model | " + " | ".join(f"{s}× ({s * L})" for s in tail_scales) + " |")
+        lines.append("|---|" + "---:|" * len(tail_scales))
+        for m in ("original",) + tuple(methods):
+            cells = [fmt_ppl(results.get(m, {}).get(s, {}).get("ppl_past_train_length")) for s in tail_scales]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if base1:
         lines.append("")
         lines.append(f"ratio to the 1× perplexity {base1:.3f}:")
@@ -158,6 +193,7 @@ def plot(results: dict, L: int, scales, methods, out_png: Path, title: str) -> N
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     xs = [s for s in scales if s in results["original"]]
@@ -169,11 +205,13 @@ def plot(results: dict, L: int, scales, methods, out_png: Path, title: str) -> N
         if base1:
             pts = [(1, base1)] + pts
         if len(pts) > 1:
-            ax.plot(*zip(*pts), marker=markers.get(m, "o"), lw=1.5, label=f"{m} (scale = length / {L})")
+            ax.plot(*zip(*pts, strict=True), marker=markers.get(m, "o"), lw=1.5, label=f"{m} (scale = length / {L})")
     if base1:
         ax.axhline(base1 * 1.5, color="gray", ls=":", lw=1, label="1.5 × the 1× perplexity")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xticks(list(scales), [f"{s}×\n{s * L}" for s in scales])
     ax.set_xlabel(f"evaluation length (multiple of the training length {L})")
     ax.set_ylabel("held-out perplexity (bytes)")
@@ -205,14 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     src = train_lm.ensure_onnx(cache)
     meta = json.loads(train_lm.META.read_text()) if train_lm.META.exists() else {}
     tokens = train_lm.heldout_tokens()
-    print(f"model: {src} ({meta.get('parameters', '?')} parameters, trained at {L} bytes, "
-          f"seed {meta.get('seed', '?')}); held-out text: {tokens.size:,} bytes from "
-          f"{len(train_lm.split_files()[1])} stdlib files, {args.tokens:,} evaluated per length", flush=True)
+    print(
+        f"model: {src} ({meta.get('parameters', '?')} parameters, trained at {L} bytes, "
+        f"seed {meta.get('seed', '?')}); held-out text: {tokens.size:,} bytes from "
+        f"{len(train_lm.split_files()[1])} stdlib files, {args.tokens:,} evaluated per length",
+        flush=True,
+    )
 
     results: dict = {"original": {}}
     for s in scales:
-        results["original"][s] = perplexity(src, tokens, s * L, args.tokens, args.threads)
-        print(f"  original @ {s}x: ppl {results['original'][s]['ppl']:.3f}", flush=True)
+        results["original"][s] = perplexity(src, tokens, s * L, args.tokens, args.threads, L)
+        print(f"  original @ {s}x: ppl {results['original'][s]['ppl']:.3f}", flush=True)  # noqa: E501
     failures = []
     for m in methods:
         results[m] = {}
@@ -225,12 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{m} x{s}: {err}")
                 print(f"  {m} x{s}: rewrite failed ({err})", flush=True)
                 continue
-            r = perplexity(path, tokens, s * L, args.tokens, args.threads)
+            r = perplexity(path, tokens, s * L, args.tokens, args.threads, L)
             if args.crosscheck:
                 r["max_abs_logit_diff_vs_hf"] = crosscheck(path, m, s, tokens, L, args.threads)
             results[m][s] = r
-            extra = (f", max |logit - HF| {r['max_abs_logit_diff_vs_hf']:.2e}"
-                     if "max_abs_logit_diff_vs_hf" in r else "")
+            extra = f", max |logit - HF| {r['max_abs_logit_diff_vs_hf']:.2e}" if "max_abs_logit_diff_vs_hf" in r else ""
             print(f"  {m} @ {s}x: ppl {r['ppl']:.3f}{extra}", flush=True)
 
     lines = table(results, L, scales, methods)
@@ -250,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(verdict))
 
     out = Path(args.out)
-    title = (f"byte-level Llama ({meta.get('parameters', '?')} params) trained at {L} bytes on stdlib source;\n"
-             f"held-out stdlib files, {args.tokens:,} bytes per length; rewrites by posrewrite, onnxruntime, no fine-tuning")
+    title = (
+        f"byte-level Llama ({meta.get('parameters', '?')} params) trained at {L} bytes on stdlib source;\n"
+        f"held-out stdlib files, {args.tokens:,} bytes per length; rewrites by posrewrite, onnxruntime, "
+        "no fine-tuning"
+    )
     plot(results, L, scales, methods, out, title)
     doc = {
         "command": "python benchmarks/long_context.py " + " ".join(argv if argv is not None else sys.argv[1:]),

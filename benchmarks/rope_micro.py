@@ -52,9 +52,11 @@ def unfused_model(shape, dtype) -> bytes:
         helper.make_node("Add", ["a", "bb"], ["y"]),
     ]
     inits = [i64("zero", [0]), i64("half", [d // 2]), i64("end", [d]), i64("axis", [-1])]
-    inputs = [helper.make_tensor_value_info("x", t, list(shape)),
-              helper.make_tensor_value_info("cos", t, [1, 1, s, d]),
-              helper.make_tensor_value_info("sin", t, [1, 1, s, d])]
+    inputs = [
+        helper.make_tensor_value_info("x", t, list(shape)),
+        helper.make_tensor_value_info("cos", t, [1, 1, s, d]),
+        helper.make_tensor_value_info("sin", t, [1, 1, s, d]),
+    ]
     return _model(nodes, inputs, [helper.make_tensor_value_info("y", t, list(shape))], inits)
 
 
@@ -65,12 +67,19 @@ def fused_model(shape, dtype, op: str, rows: int) -> bytes:
     ang = np.arange(rows)[:, None] * inv[None]
     cos = numpy_helper.from_array(np.cos(ang).astype(dtype), "cos_cache")
     sin = numpy_helper.from_array(np.sin(ang).astype(dtype), "sin_cache")
-    inputs = [helper.make_tensor_value_info("x", t, list(shape)),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [b, s])]
+    inputs = [
+        helper.make_tensor_value_info("x", t, list(shape)),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [b, s]),
+    ]
     outputs = [helper.make_tensor_value_info("y", t, list(shape))]
     if op == "contrib":
-        node = helper.make_node("RotaryEmbedding", ["x", "position_ids", "cos_cache", "sin_cache"], ["y"],
-                                domain="com.microsoft", interleaved=0)
+        node = helper.make_node(
+            "RotaryEmbedding",
+            ["x", "position_ids", "cos_cache", "sin_cache"],
+            ["y"],
+            domain="com.microsoft",
+            interleaved=0,
+        )
         return _model([node], inputs, outputs, [cos, sin], domains=["com.microsoft"])
     node = helper.make_node("RotaryEmbedding", ["x", "cos_cache", "sin_cache", "position_ids"], ["y"], interleaved=0)
     return _model([node], inputs, outputs, [cos, sin])
@@ -162,14 +171,19 @@ def main(argv=None) -> int:
         print()
         return 0
     print(f"onnxruntime {ort.__version__} CPU, {args.threads} thread(s), median of {args.repeat} (ms)")
-    head = f"{'shape':>16} {'dtype':>8} {'MB':>7} {'unfused':>8} {'contrib':>8} {'onnx23':>8} {'copy':>7} " \
-           f"{'unf/contrib':>11} {'unf/onnx23':>10} {'contrib/copy':>12} {'onnx23/copy':>11}"
+    head = (
+        f"{'shape':>16} {'dtype':>8} {'MB':>7} {'unfused':>8} {'contrib':>8} {'onnx23':>8} {'copy':>7} "
+        f"{'unf/contrib':>11} {'unf/onnx23':>10} {'contrib/copy':>12} {'onnx23/copy':>11}"
+    )
     print(head)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['shape']:>16} {r['dtype']:>8} {r['MB']:>7} {fmt(r.get('unfused'), '8.3f')} {fmt(r.get('contrib'), '8.3f')} "
-              f"{fmt(r.get('onnx23'), '8.3f')} {r['copy']:7.3f} {fmt(r.get('unfused/contrib'), '10.2f')}x "
-              f"{fmt(r.get('unfused/onnx23'), '9.2f')}x {fmt(r.get('contrib/copy'), '11.2f')}x {fmt(r.get('onnx23/copy'), '10.2f')}x")
+        print(
+            f"{r['shape']:>16} {r['dtype']:>8} {r['MB']:>7} {fmt(r.get('unfused'), '8.3f')} "
+            f"{fmt(r.get('contrib'), '8.3f')} {fmt(r.get('onnx23'), '8.3f')} {r['copy']:7.3f} "
+            f"{fmt(r.get('unfused/contrib'), '10.2f')}x {fmt(r.get('unfused/onnx23'), '9.2f')}x "
+            f"{fmt(r.get('contrib/copy'), '11.2f')}x {fmt(r.get('onnx23/copy'), '10.2f')}x"
+        )
         for k, v in r.items():
             if k.endswith("_error"):
                 print(f"{'':>16} {k}: {v}")

@@ -17,7 +17,6 @@ length for its attention to use it.  Rescaling without fine-tuning can satisfy t
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -117,8 +116,11 @@ def _check_lines(c: ModelCheck, context: int, min_base: float) -> list[str]:
         what = f"not geometric, lowest frequency as at base {_fmt(c.base)}"
         ratio = ""
     if c.meets:
-        why = (f"B(m) >= 0 for every m up to {_fmt(c.longest)}+" if c.longest_capped
-               else f"B(m) >= 0 up to m = {c.longest:,}")
+        why = (
+            f"B(m) >= 0 for every m up to {_fmt(c.longest)}+"
+            if c.longest_capped
+            else f"B(m) >= 0 up to m = {c.longest:,}"
+        )
         verdict = "MEETS the bound"
     else:
         why = f"B(m) < 0 at m = {c.first_negative:,}: supports at most {c.longest:,}"
@@ -171,10 +173,12 @@ def advise(
         f"context {context:,}, rotary dim {dim} ({dim_source})",
         f"smallest RoPE base: {_fmt(b_min)}  (the smallest b with B(m) = sum_i cos(m * b^(-2i/{dim})) >= 0 "
         f"for every m <= {context:,};",
-        "  Men et al. 2024, 'Base of RoPE Bounds Context Length', arXiv 2405.14591" + (f"; {', '.join(ref)})" if ref else ")"),
+        "  Men et al. 2024, 'Base of RoPE Bounds Context Length', arXiv 2405.14591"
+        + (f"; {', '.join(ref)})" if ref else ")"),
         "why: B(m) measures how much more attention a token similar to the query gets than a random one at",
         "  distance m; where it is negative the model cannot tell them apart. Necessary, not sufficient: the",
-        "  model must also be trained (or fine-tuned) at that length.",
+        "  model must also be trained (or fine-tuned) at that length. Near the bound valid and invalid bases",
+        "  alternate, so a model is judged on its own frequencies (below), not by comparing bases.",
     ]
     checks: list[ModelCheck] = []
     if inv_freq is None and base is not None:
@@ -235,10 +239,17 @@ def advise_model(
     if rp is not None:
         original = rp.get("original_max_position_embeddings") or site.max_positions
     res = advise(
-        context, None, site.base, inv_freq=inv, rotary_dim=int(site.rotary_dim), rope_params=rp,
+        context,
+        None,
+        site.base,
+        inv_freq=inv,
+        rotary_dim=int(site.rotary_dim),
+        rope_params=rp,
         original_context=original,
     )
-    head = f"model {os.fspath(path)}: RoPE base {_fmt(site.base)}, head dim {site.head_dim}, rotary dim {site.rotary_dim}"
+    head = (
+        f"model {os.fspath(path)}: RoPE base {_fmt(site.base)}, head dim {site.head_dim}, rotary dim {site.rotary_dim}"
+    )
     if n > 1:
         head += f" ({n} RoPE configurations; the first is shown)"
     if head_dim is not None and head_dim != site.rotary_dim:

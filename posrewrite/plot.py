@@ -124,9 +124,11 @@ def plot_rope(
         ax.axhline(T, color="tab:red", ls=":", lw=1.5, label=f"target context {T:,}")
     ax.set_xlabel("frequency pair i (0 = fastest)")
     ax.set_ylabel("wavelength 2\u03c0/\u03b8\u1d62 (tokens)")
-    ax.set_title("1. Wavelength of each rotary pair. Above the green line a pair never made a full turn in "
-                 "training;\nbetween green and red it would see angles beyond the trained range at the target length",
-                 fontsize=9.5)
+    ax.set_title(
+        "1. Wavelength of each rotary pair. Above the green line a pair never made a full turn in "
+        "training;\nbetween green and red it would see angles beyond the trained range at the target length",
+        fontsize=9.5,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8.5, loc="upper left")
 
@@ -136,17 +138,26 @@ def plot_rope(
     m = _distances(n)
     ax.plot(m, decay_curve(inv, m), lw=0.8, label="before", color="tab:blue")
     if after is not None:
-        ax.plot(m, decay_curve(after, m) * attention_factor**2, lw=0.8, alpha=0.85, color="tab:orange",
-                label=label_after + (f" (\u00d7 attention factor\u00b2 = {attention_factor**2:.3f})"
-                                     if attention_factor != 1.0 else ""))
+        ax.plot(
+            m,
+            decay_curve(after, m) * attention_factor**2,
+            lw=0.8,
+            alpha=0.85,
+            color="tab:orange",
+            label=label_after
+            + (f" (\u00d7 attention factor\u00b2 = {attention_factor**2:.3f})" if attention_factor != 1.0 else ""),
+        )
     ax.axvline(L, color="tab:green", ls="--", lw=1.2, label=f"training context {L:,}")
     if T != L:
         ax.axvline(T, color="tab:red", ls=":", lw=1.5, label=f"target context {T:,}")
     ax.set_xlabel("relative distance m (tokens)")
     ax.set_ylabel("relative upper bound of q\u00b7k")
-    ax.set_title("2. Long-term decay (Su et al. 2021): upper bound of |q\u00b7k| as the distance grows (1 = distance 0);\n"
-                 "RoPE lets far tokens weigh less. Interpolating rewrites stretch this curve toward the target length",
-                 fontsize=9.5)
+    ax.set_title(
+        "2. Long-term decay (Su et al. 2021): upper bound of |q\u00b7k| as the distance grows "
+        "(1 = distance 0);\n"
+        "RoPE lets far tokens weigh less. Interpolating rewrites stretch this curve toward the target length",
+        fontsize=9.5,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8.5, loc="upper right")
 
@@ -155,16 +166,20 @@ def plot_rope(
     b_before = base_bound.bound_curve(inv, n + 1)[m] / k
     ax.plot(m, b_before, lw=0.8, color="tab:blue", label="before")
     if after is not None:
-        ax.plot(m, base_bound.bound_curve(after, n + 1)[m] / k, lw=0.8, alpha=0.85, color="tab:orange",
-                label=label_after)
+        ax.plot(
+            m, base_bound.bound_curve(after, n + 1)[m] / k, lw=0.8, alpha=0.85, color="tab:orange", label=label_after
+        )
     ax.axhline(0, color="black", lw=1)
     ax.axvline(L, color="tab:green", ls="--", lw=1.2, label=f"training context {L:,}")
     if T != L:
         ax.axvline(T, color="tab:red", ls=":", lw=1.5, label=f"target context {T:,}")
     ax.set_xlabel("relative distance m (tokens)")
     ax.set_ylabel("B(m) / (d/2)")
-    ax.set_title("3. Base-bound criterion (Men et al. 2024): B(m) = \u03a3\u1d62 cos(m\u03b8\u1d62) must stay \u2265 0 "
-                 "up to the context length", fontsize=9.5)
+    ax.set_title(
+        "3. Base-bound criterion (Men et al. 2024): B(m) = \u03a3\u1d62 cos(m\u03b8\u1d62) must stay \u2265 0 "
+        "up to the context length",
+        fontsize=9.5,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8.5, loc="upper right")
 
@@ -184,11 +199,13 @@ def plot_rope(
         first_a = base_bound.first_negative(after, n)
         lines.append(
             f"{label_after}: wavelengths {wl_after.min():.4g} .. {wl_after.max():.4g} tokens; "
-            f"{_count_long(wl_after, T)} of {k} pairs exceed the target {T:,}; attention factor {attention_factor:.4g}; "
+            f"{_count_long(wl_after, T)} of {k} pairs exceed the target {T:,}; "
+            f"attention factor {attention_factor:.4g}; "
             "B(m) >= 0 up to m = " + (f"{n:,}+" if first_a is None else f"{first_a - 1:,}")
         )
-    return PlotResult(str(out), dim, L, T, wl, wl_after, float(attention_factor),
-                      None if after is None else label_after, lines)
+    return PlotResult(
+        str(out), dim, L, T, wl, wl_after, float(attention_factor), None if after is None else label_after, lines
+    )
 
 
 def plot_model(
@@ -234,15 +251,24 @@ def plot_model(
         params = rope_math.RopeParameters.from_hf(rp)
         factor = params.effective_factor()
         T = int(target_context or params.target_length() or round(factor * L))
-        scaled, att = rope_math.scaled_inv_freq(params, inv_freq=inv.astype(np.float32), base=site.base, dim=dim,
-                                                seq_len=T)
+        scaled, att = rope_math.scaled_inv_freq(
+            params, inv_freq=inv.astype(np.float32), base=site.base, dim=dim, seq_len=T
+        )
         label = rewrite_label(params, T)
     else:
         T = int(target_context or L)
     base = "not geometric" if site.base is None else f"base {site.base:g}"
     title = f"{Path(path).name}: RoPE {base}, rotary dim {dim}; training context {L:,} \u2192 target {T:,}"
-    res = plot_rope(inv, original_context=L, target_context=T, scaled_inv_freq=scaled, attention_factor=att,
-                    out_png=out_png, title=title, label_after=label)
+    res = plot_rope(
+        inv,
+        original_context=L,
+        target_context=T,
+        scaled_inv_freq=scaled,
+        attention_factor=att,
+        out_png=out_png,
+        title=title,
+        label_after=label,
+    )
     return res
 
 

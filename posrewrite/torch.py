@@ -3,7 +3,7 @@
     import posrewrite.torch as pt
 
     ep = torch.export.export(model, (input_ids, position_ids))
-    sites = pt.detect(ep)                                    # RoPE sites found in the ATen graph
+    sites = pt.detect(ep)                                    # RoPE / ALiBi sites found in the ATen graph
     new = pt.rewrite(ep, rope_scale=4, rope_method="yarn", original_max_positions=4096, fuse=True)
     result = pt.export_onnx(model, (input_ids, position_ids), "model.onnx",
                             rope_scale=4, rope_method="yarn", fuse="ort")   # export + rewrite + save + ORT check
@@ -35,15 +35,18 @@ from posrewrite.math.rope import RopeParameters
 from posrewrite.options import RewriteOptions, rope_parameters_from_options
 from posrewrite.passes.fx.detect_rope import detect_rope
 from posrewrite.passes.fx.pipeline import Fp32Positions, FuseRope, FxPass, FxPassManager, RescaleRope, prepare
-from posrewrite.passes.fx.sites import FxRopeSite
+from posrewrite.passes.fx.detect_alibi import detect_alibi
+from posrewrite.passes.fx.sites import FxAlibiSite, FxRopeSite
 
 __all__ = ["detect", "rewrite", "export_onnx", "TorchExportResult", "rope_parameters"]
 
 
-def detect(program: torch.export.ExportedProgram) -> list[FxRopeSite]:
-    """The RoPE sites of ``program`` (a working copy is analysed; ``program`` is not changed)."""
-    sites, _ = detect_rope(prepare(program))
-    return sites
+def detect(program: torch.export.ExportedProgram) -> list[FxRopeSite | FxAlibiSite]:
+    """The RoPE and ALiBi sites of ``program`` (a working copy is analysed; ``program`` is not changed).
+    ``site.to_dict()`` gives the JSON form the ONNX side's ``inspect`` prints."""
+    work = prepare(program)
+    sites, _ = detect_rope(work)
+    return [*sites, *detect_alibi(work)]
 
 
 def _fuse_mode(fuse: bool | str | None) -> str:

@@ -52,8 +52,7 @@ def test_advise_model_base_meets_or_not():
 
 @pytest.mark.parametrize("method", ["linear", "ntk", "dynamic", "yarn"])
 def test_advise_planned_rewrite(method):
-    r = adv.advise(512, base=10000, rotary_dim=32, rope_params={"rope_type": method, "factor": 4},
-                   original_context=128)
+    r = adv.advise(512, base=10000, rotary_dim=32, rope_params={"rope_type": method, "factor": 4}, original_context=128)
     before, after = r.checks
     assert not before.meets and after.meets
     assert after.label.startswith(f"after {method} x4")
@@ -94,8 +93,15 @@ def test_plot_rope_writes_png_and_wavelengths(tmp_path):
     params = RopeParameters.from_hf({"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 128})
     new, att = scaled_inv_freq(params, inv_freq=inv, base=10000.0, dim=32)
     out = tmp_path / "rope.png"
-    r = plot_rope(inv, original_context=128, target_context=512, scaled_inv_freq=new, attention_factor=att,
-                  out_png=out, label_after="after yarn x4")
+    r = plot_rope(
+        inv,
+        original_context=128,
+        target_context=512,
+        scaled_inv_freq=new,
+        attention_factor=att,
+        out_png=out,
+        label_after="after yarn x4",
+    )
     assert _png_ok(out)
     # independent: wavelength_i = 2 pi b^(2i/d)
     expect = 2 * math.pi * 10000.0 ** (np.arange(0, 32, 2) / 32)
@@ -130,7 +136,8 @@ def test_plot_and_advise_on_fixture_model(llama_onnx, tmp_path):
     expect = 2 * math.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
     np.testing.assert_allclose(r.wavelengths_before, expect, rtol=1e-5)
     assert r.target_context == 256
-    a = adv.advise_model(256, path=llama_onnx, rope_params={"rope_type": "yarn", "factor": 4,
-                                                            "original_max_position_embeddings": 64})
+    a = adv.advise_model(
+        256, path=llama_onnx, rope_params={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64}
+    )
     assert a.dim == 16 and len(a.checks) == 2
     assert a.lines[0].startswith("model ") and "base 10,000" in a.lines[0]

@@ -29,8 +29,15 @@ import pytest
 from posrewrite.math import base_bound as bb
 
 # (context, paper table value, relative tolerance our value meets)
-WITHIN_10 = [(1024, 4.3e3), (2048, 1.6e4), (4096, 2.7e4), (8192, 8.4e4), (65536, 2.1e6), (262144, 3.6e7),
-             (524288, 6.4e7)]
+WITHIN_10 = [
+    (1024, 4.3e3),
+    (2048, 1.6e4),
+    (4096, 2.7e4),
+    (8192, 8.4e4),
+    (65536, 2.1e6),
+    (262144, 3.6e7),
+    (524288, 6.4e7),
+]
 WITHIN_30 = [(16384, 3.1e5), (32768, 6.4e5), (1048576, 5.1e8)]
 
 
@@ -100,7 +107,7 @@ def test_min_base_128k_is_below_the_paper_value():
 def test_min_base_grows_with_context_and_tracks_paper_fit():
     values = [bb.min_base(L, 128) for L in (1024, 8192, 65536)]
     assert values == sorted(values)
-    for L, b in zip((1024, 8192, 65536), values):
+    for L, b in zip((1024, 8192, 65536), values, strict=True):
         assert 0.5 < b / bb.paper_fit(L) < 2.0
 
 

@@ -12,8 +12,23 @@ from posrewrite import api, errors
 from posrewrite.passes.onnx import fuse_rotary
 
 TOL = 1e-5
-ARCH_NAMES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral", "phi3", "phi", "stablelm", "gemma", "gemma2",
-              "olmo", "olmo2", "gptj", "cohere", "glm"]
+ARCH_NAMES = [
+    "llama",
+    "gpt_neox",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "phi",
+    "stablelm",
+    "gemma",
+    "gemma2",
+    "olmo",
+    "olmo2",
+    "gptj",
+    "cohere",
+    "glm",
+]
 
 
 def _ids(n: int, batch: int = 2, seed: int = 0) -> np.ndarray:
@@ -50,7 +65,8 @@ def test_every_arch_fused_equals_original(arch, target, hf_onnx, tmp_path):
     _check_fused(out, n_rot)
     if target == "onnx":
         assert onnx.load(out, load_external_data=False).opset_import[0].version >= 23 or any(
-            o.domain in ("", "ai.onnx") and o.version == 23 for o in onnx.load(out).opset_import)
+            o.domain in ("", "ai.onnx") and o.version == 23 for o in onnx.load(out).opset_import
+        )
     for n in (7, 60):  # GPT-J's sincos table has 64 rows: stay inside it
         ids = _ids(n)
         assert float(np.max(np.abs(ort_logits(out, ids) - ort_logits(src, ids)))) <= TOL
@@ -67,8 +83,15 @@ def test_position_ids_input(llama_pos_onnx, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
-@pytest.mark.parametrize("kind,variant", [("three_d_rope", None), ("legacy_cached_rope", "gather"),
-                                          ("legacy_cached_rope", "slice"), ("interleaved_rope_attention", "gptj")])
+@pytest.mark.parametrize(
+    "kind,variant",
+    [
+        ("three_d_rope", None),
+        ("legacy_cached_rope", "gather"),
+        ("legacy_cached_rope", "slice"),
+        ("interleaved_rope_attention", "gptj"),
+    ],
+)
 def test_hand_written_modules(kind, variant, target, module_onnx, tmp_path):
     """[B, S, H, D] rotations, cached tables gathered or sliced, GPT-J partial interleaved."""
     from fixtures.modules import ort_run
@@ -98,12 +121,22 @@ def test_fp16_positions_are_fixed_by_the_fp32_caches(fp16_rope_onnx, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
-@pytest.mark.parametrize("arch,method", [("llama", "yarn"), ("gpt_neox", "yarn"), ("cohere", "yarn"),
-                                         ("llama", "dynamic"), ("glm", "dynamic"), ("stablelm", "llama3"),
-                                         ("mistral", "ntk")])
+@pytest.mark.parametrize(
+    "arch,method",
+    [
+        ("llama", "yarn"),
+        ("gpt_neox", "yarn"),
+        ("cohere", "yarn"),
+        ("llama", "dynamic"),
+        ("glm", "dynamic"),
+        ("stablelm", "llama3"),
+        ("mistral", "ntk"),
+    ],
+)
 def test_rescale_and_fuse_vs_hf(arch, method, target, hf_onnx, tmp_path):
-    from fixtures.hf_models import hf_logits, ort_logits
     from test_rescale_vs_hf import _hf_params
+
+    from fixtures.hf_models import hf_logits, ort_logits
 
     L = 64
     src = hf_onnx(arch)
@@ -128,11 +161,23 @@ def test_longrope_and_fuse_vs_hf(hf_onnx, tmp_path):
     rng = np.random.default_rng(0)
     short = [float(v) for v in 1.0 + 0.1 * rng.random(half)]
     long = [float(v) for v in 1.0 + 3.0 * np.linspace(0, 1, half)]
-    out, result = _fuse(hf_onnx("phi3"), tmp_path, "ort", rope_scale=4.0, rope_method="longrope",
-                        original_max_positions=L, rope_params={"short_factor": short, "long_factor": long})
+    out, result = _fuse(
+        hf_onnx("phi3"),
+        tmp_path,
+        "ort",
+        rope_scale=4.0,
+        rope_method="longrope",
+        original_max_positions=L,
+        rope_params={"short_factor": short, "long_factor": long},
+    )
     assert result.validation.ok
-    params = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": L,
-              "short_factor": short, "long_factor": long}
+    params = {
+        "rope_type": "longrope",
+        "factor": 4.0,
+        "original_max_position_embeddings": L,
+        "short_factor": short,
+        "long_factor": long,
+    }
     for n in (L // 2, 3 * L):
         ids = _ids(n, batch=1)
         ref = hf_logits("phi3", ids, rope_parameters=params, original_max_position_embeddings=L)
@@ -159,7 +204,9 @@ def test_rescale_cached_table_and_fuse(hf_onnx, tmp_path):
 
 def _fuse_small(src, out, rows: int) -> fuse_rotary.FuseRotaryPass:
     model = ir.load(str(src))
-    fuse = fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort", max_positions=rows, fuse_attention=False)
+    fuse = fuse_rotary.FuseRotaryPass(
+        api.detect(model).rope_sites, target="ort", max_positions=rows, fuse_attention=False
+    )
     fuse(model)
     ir.save(model, str(out))
     return fuse
@@ -189,8 +236,12 @@ def test_positions_past_the_cache_fail_loudly(llama_onnx, llama_pos_onnx, tmp_pa
 def _tiny_model(opset: int, nodes, inputs, outputs) -> ir.Model:
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 4]) for n in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b", "c"]) for n in outputs])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 4]) for n in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["a", "b", "c"]) for n in outputs],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     proto.ir_version = 8
     return ir.from_proto(proto)

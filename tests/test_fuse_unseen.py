@@ -9,24 +9,54 @@ import numpy as np
 
 from fixtures.cache import cached
 
-_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
 
 #: name -> (config class, model class, config overrides, what is special about its RoPE)
 UNSEEN = {
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(head_dim=16, num_key_value_heads=2, sliding_window=16, query_pre_attn_scalar=16,
-                    layer_types=["sliding_attention", "full_attention"]),
-               "two RoPE configurations (local base 1e4, global base 1e6): two sites, distinct caches"),
-    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(num_key_value_heads=2, sliding_window=None),
-                   "biases, LayerNorm"),
-    "nemotron": ("NemotronConfig", "NemotronForCausalLM",
-                 dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                              "partial_rotary_factor": 0.5}),
-                 "partial rotary 0.5"),
-    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
-                  dict(rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5}),
-                  "fused qkv, q/k LayerNorm, partial rotary 0.5"),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=16,
+            num_key_value_heads=2,
+            sliding_window=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "two RoPE configurations (local base 1e4, global base 1e6): two sites, distinct caches",
+    ),
+    "starcoder2": (
+        "Starcoder2Config",
+        "Starcoder2ForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=None),
+        "biases, LayerNorm",
+    ),
+    "nemotron": (
+        "NemotronConfig",
+        "NemotronForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        "partial rotary 0.5",
+    ),
+    "persimmon": (
+        "PersimmonConfig",
+        "PersimmonForCausalLM",
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5}),
+        "fused qkv, q/k LayerNorm, partial rotary 0.5",
+    ),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2), "multipliers"),
 }
 

@@ -198,3 +198,31 @@ def test_sites_json():
     assert d["kind"] == "rope" and d["layout"] == "interleaved" and d["rotary_dim"] == 4 and d["sites"] == 2
     assert d["angles"] == "computed" and d["position_dtype"] == "float32"
     assert np.isclose(d["base"], BASE)
+
+
+def test_alibi_detected_in_bloom():
+    transformers = pytest.importorskip("transformers")
+    from posrewrite.math.alibi import alibi_slopes
+
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    ids = torch.randint(0, 128, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(Logits(model), (ids, torch.ones(2, 8, dtype=torch.long)))
+    sites = [s for s in pt.detect(ep) if s.kind == "alibi"]
+    assert len(sites) == 1
+    d = sites[0].to_dict()
+    assert d["num_heads"] == 4
+    np.testing.assert_allclose(d["slopes"], alibi_slopes(4), rtol=1e-6)
+    assert not [s for s in pt.detect(ep) if s.kind == "rope"]

@@ -15,14 +15,15 @@ context length L.  Everything here is computed from that definition (no fitted c
 
 Evaluation is float64 and fast: positions m = m0 + j are split into a block start m0 (a multiple of 512) and
 an offset j < 512, and cos((m0 + j) theta) = cos(m0 theta) cos(j theta) - sin(m0 theta) sin(j theta), so B
-over n positions is two (n/512 x d/2) @ (d/2 x 512) matrix products (and few cosines: see ``_curve``).  Searches first look at
-short distances (where a too-small base already fails) and only then at the whole range.
+over n positions is two (n/512 x d/2) @ (d/2 x 512) matrix products (and few cosines: see ``_Curve``).
+Searches look first where a too-small base fails (short distances, a sparse probe, the longest distances) and
+only then at the whole range.
 
 Note: for a fixed m, B(m) is not monotone in b, so the set of valid bases is not exactly an interval: there are
 narrow pockets of valid bases below the bound and (rarely) narrow invalid ones above it.  ``min_base`` tries
 every point of a log grid (96 points per decade) in increasing order and returns the first valid one, refined by
-bisection against the grid point before it; a pocket narrower than the grid step can be missed.  To judge a concrete model, test its
-inverse frequencies directly with :func:`supports_context` (the advisor does).
+bisection against the grid point before it; a pocket narrower than the grid step can be missed.  To judge a
+concrete model, test its inverse frequencies directly with :func:`supports_context` (the advisor does).
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ def supports_context(inv_freq, context: int) -> bool:
     return True
 
 
-def min_base(context: int, dim: int = 128, *, per_decade: int = 96, rtol: float = 1e-3,
-             lo: float = 2.0, hi: float = 1e16) -> float:
+def min_base(
+    context: int, dim: int = 128, *, per_decade: int = 96, rtol: float = 1e-3, lo: float = 2.0, hi: float = 1e16
+) -> float:
     """The smallest RoPE base b with B(m) >= 0 for all integer m in 0..context, for rotary dimension ``dim``.
 
     Scans b upward on a log grid (``per_decade`` points per decade, starting at ``lo``) for the first valid

@@ -101,7 +101,7 @@ def _runtime_inv_freq(w: GraphWriter, plan: RescalePlan) -> Node:
     L = p.original_max_position_embeddings
     orig = src.inv_freq if p.rope_theta is None else rope_math.default_inv_freq(p.rope_theta, dim)
     with w.graph.inserting_before(src.angles):
-        seq = w.call(aten.add.Tensor, (w.call(aten.amax.default, (src.positions,)), 1))
+        seq = w.call(aten.add.Tensor, (w.call(aten.max.default, (src.positions,)), 1))
         longer = w.call(aten.gt.Scalar, (seq, L))
     if p.rope_type == "longrope":
         short, _ = rope_math.scaled_inv_freq(p, inv_freq=src.inv_freq, base=site.base, dim=dim, seq_len=L)

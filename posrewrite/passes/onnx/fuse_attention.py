@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"
 _MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp underflows to 0 in fp32/fp16)
+_MAX_PROBE = 4200  # longest sequence a mask is evaluated at
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
@@ -38,19 +39,19 @@ class FuseAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
+            from onnxscript.optimizer import optimize
             from onnxscript.rewriter.ort_fusions import _core
             from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
             from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
             from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
             from onnxscript.rewriter.ort_fusions.mha_scale import fuse_mha_scale
-            from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
             from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+            from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
             from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
             from onnxscript.rewriter.ort_fusions.skip_normalization import (
                 fuse_skip_layer_normalization,
                 fuse_skip_rms_normalization,
             )
-            from onnxscript.optimizer import optimize
         except ImportError as exc:  # pragma: no cover - onnxscript is a dependency
             self.notes.append(f"attention not fused: onnxscript's onnxruntime fusions are unavailable ({exc})")
             return ir.passes.PassResult(model, False)
@@ -58,9 +59,11 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         try:
             _core._pre_optimize(model)
             # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2...) as SimplifiedLayerNormalization
-            counts = {"rms_normalization": fuse_rms_normalization(model),
-                      "skip_layer_normalization": fuse_skip_layer_normalization(model),
-                      "skip_rms_normalization": fuse_skip_rms_normalization(model)}
+            counts = {
+                "rms_normalization": fuse_rms_normalization(model),
+                "skip_layer_normalization": fuse_skip_layer_normalization(model),
+                "skip_rms_normalization": fuse_skip_rms_normalization(model),
+            }
             counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
             sdpa = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _FUSION_DOMAIN]
             gqa_ok, why = self._gqa_is_exact(model, sdpa) if sdpa else (False, "no attention recognised")
@@ -73,7 +76,9 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
             optimize(model)
         except Exception as exc:  # noqa: BLE001 - RoPE fusion stands on its own; say why attention did not follow
-            self.notes.append(f"attention fusion stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            self.notes.append(
+                f"attention fusion stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
             return ir.passes.PassResult(model, True)
         self.counts = counts
         after = _count_ops(model)
@@ -86,11 +91,15 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 parts.append(f"{gqa} into com.microsoft.GroupQueryAttention (RoPE inside, do_rotary=1)")
             if mha:
                 parts.append(f"{mha} into com.microsoft.MultiHeadAttention after RotaryEmbedding")
-            self.changes.append("fused attention: " + ", ".join(parts) + " (onnxscript ort_fusions, checked by posrewrite)")
+            self.changes.append(
+                "fused attention: " + ", ".join(parts) + " (onnxscript ort_fusions, checked by posrewrite)"
+            )
         if not gqa and (mha or counts.get("sdpa")):
             why = why or "onnxscript's GQA rule did not match"
             self.notes.append(f"GroupQueryAttention not used: {why}")
-        norms = sum(counts.get(k, 0) for k in ("rms_normalization", "skip_layer_normalization", "skip_rms_normalization"))
+        norms = sum(
+            counts.get(k, 0) for k in ("rms_normalization", "skip_layer_normalization", "skip_rms_normalization")
+        )
         if norms:
             self.changes.append(f"fused {norms} normalisation(s) (RMSNorm/LayerNorm + residual Add) for onnxruntime")
         if left:
@@ -104,8 +113,10 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft"]
         for node in rotary:
             if not _positions_are_arange(node.inputs[1]):
-                return False, ("positions are not 0..S-1 (position_ids is a model input): GroupQueryAttention "
-                               "would rotate by its own positions")
+                return False, (
+                    "positions are not 0..S-1 (position_ids is a model input): GroupQueryAttention "
+                    "would rotate by its own positions"
+                )
         masks = {}
         for node in sdpa_nodes:
             mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -138,8 +149,12 @@ def _positions_are_arange(value: ir.Value | None) -> bool:
         if node.op_type == "Range":
             start = ir.convenience.get_const_tensor(node.inputs[0])
             delta = ir.convenience.get_const_tensor(node.inputs[2])
-            return (start is not None and delta is not None and int(start.numpy().reshape(-1)[0]) == 0
-                    and int(delta.numpy().reshape(-1)[0]) == 1)
+            return (
+                start is not None
+                and delta is not None
+                and int(start.numpy().reshape(-1)[0]) == 0
+                and int(delta.numpy().reshape(-1)[0]) == 1
+            )
         if node.op_type not in ("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Squeeze"):
             return False
         v = node.inputs[0]
@@ -152,7 +167,7 @@ def _positions_are_arange(value: ir.Value | None) -> bool:
 
 
 def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
-    """"causal" when the additive mask is 0 on and below the diagonal and masked above it for every probed
+    """ "causal" when the additive mask is 0 on and below the diagonal and masked above it for every probed
     length (computed from the input shapes alone); otherwise why not."""
     graph = model.graph
     inputs = set(graph.inputs)
@@ -179,6 +194,13 @@ def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
         stack.extend(i for i in node.inputs if i is not None)
     if len(nodes) > 2000:
         return "mask computation too large to check"
+    # a window (sliding attention) appears as an integer constant in the mask's computation: probe past it
+    lengths = list(lengths)
+    for c in _integer_constants(nodes):
+        if 4 <= c < 1 << 40:
+            if c + 2 > _MAX_PROBE:
+                return f"its computation holds the constant {c} (a window?), past the {_MAX_PROBE} tokens checked"
+            lengths.append(c + 2)
     order = {id(n): k for k, n in enumerate(graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
     symbols = [d for i in graph.inputs if i.shape is not None for d in i.shape if not isinstance(d, int)]
@@ -198,7 +220,7 @@ def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
             return str(exc)
         except Exception as exc:  # noqa: BLE001
             return f"could not be evaluated ({type(exc).__name__})"
-        value = np.asarray(value, dtype=np.float64)
+        value = np.asarray(value, dtype=np.float32)
         if value.ndim < 2 or value.shape[-1] != n or value.shape[-2] not in (1, n):
             return f"has shape {value.shape} at {n} tokens"
         full = np.broadcast_to(value, value.shape[:-2] + (n, n)).reshape(-1, n, n)
@@ -210,12 +232,33 @@ def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
     return "causal"
 
 
+def _integer_constants(nodes: list[ir.Node]) -> set[int]:
+    found: set[int] = set()
+    for node in nodes:
+        values = list(node.inputs)
+        if node.op_type == "Constant":
+            values = list(node.outputs)
+        for v in values:
+            t = ir.convenience.get_const_tensor(v) if v is not None else None
+            if t is None:
+                continue
+            arr = t.numpy()
+            if arr.size <= 8 and np.issubdtype(arr.dtype, np.integer):
+                found.update(int(x) for x in arr.reshape(-1))
+    return found
+
+
 def _sliding_window(full: np.ndarray, n: int) -> int | None:
-    for w in range(1, n):
-        i, j = np.indices((n, n))
-        keep = (j <= i) & (i - j < w)
-        if np.all(full[:, keep] == 0) and np.all(full[:, ~keep] <= _MASKED):
-            return w
+    """w when token i sees exactly tokens i-w+1 .. i (HF's sliding_window), else None."""
+    row = full[0, n - 1]
+    seen = np.flatnonzero(row == 0)
+    if seen.size == 0 or seen[-1] != n - 1 or np.any(np.diff(seen) != 1):
+        return None
+    w = int(seen.size)
+    i, j = np.indices((n, n))
+    keep = (j <= i) & (i - j < w)
+    if np.all(full[:, keep] == 0) and np.all(full[:, ~keep] <= _MASKED):
+        return w
     return None
 
 
@@ -261,8 +304,11 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], target: ir.Value, sizes: di
             start = node.attributes.get_int("start", 0)
             end = node.attributes.get_int("end", len(dims))
             arr = np.array(dims[slice(start, end)], dtype=np.int64)
-            protos.append(onnx.helper.make_node("Constant", [], [name_of(node.outputs[0])],
-                                                value=onnx.numpy_helper.from_array(arr)))
+            protos.append(
+                onnx.helper.make_node(
+                    "Constant", [], [name_of(node.outputs[0])], value=onnx.numpy_helper.from_array(arr)
+                )
+            )
             continue
         proto = ir.serde.serialize_node(node)
         del proto.input[:]

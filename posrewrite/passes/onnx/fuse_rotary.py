@@ -35,8 +35,8 @@ import onnx_ir as ir
 
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
-from posrewrite.passes.onnx._build import NodeWriter, add_initializer
-from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
+from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
+from posrewrite.passes.onnx._graph import ConstantEvaluator, rank
 from posrewrite.sites.rope import AngleSource, Layout, RopeApplication, RopeSite
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
@@ -65,8 +65,9 @@ class FuseRotaryPass(ir.passes.InPlacePass):
     `changes` and `notes` are filled with one line per site / per thing the user should know.
     """
 
-    def __init__(self, sites, *, target: str = "ort", plans=(), max_positions: int | None = None,
-                 fuse_attention: bool = True) -> None:
+    def __init__(
+        self, sites, *, target: str = "ort", plans=(), max_positions: int | None = None, fuse_attention: bool = True
+    ) -> None:
         super().__init__()
         if target not in ("ort", "onnx"):
             raise FuseRefusal(f"--fuse must be 'ort' or 'onnx', not {target!r}")
@@ -84,7 +85,10 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         todo = [s for s in self.sites if s.angles != AngleSource.FUSED_OP and s.applications]
         for s in self.sites:
             if s.angles == AngleSource.FUSED_OP:
-                self.notes.append(f"already fused: {len(s.fused_nodes)} RotaryEmbedding node(s) ({s.notes[0] if s.notes else ''}) left as they are")
+                self.notes.append(
+                    f"already fused: {len(s.fused_nodes)} RotaryEmbedding node(s) "
+                    f"({s.notes[0] if s.notes else ''}) left as they are"
+                )
         if not todo:
             return ir.passes.PassResult(model, False)
         if self.target == "onnx":
@@ -133,23 +137,35 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                 caches_by_dtype[dtype] = self._caches(graph, w, site, plan, dtype, positions, memo)
         w.commit()
         nodes = []
-        for app, form in zip(apps, forms):
+        for app, form in zip(apps, forms, strict=True):
             caches = caches_by_dtype[app.input.dtype or _F32]
             nodes.append(self._replace(graph, site, app, form, positions, caches))
         if plan is not None:
             # the site is now a fused op: validation reads its caches from the fused node
             first = caches_by_dtype[apps[0].input.dtype or _F32]
-            plan.site = dataclasses.replace(site, angles=AngleSource.FUSED_OP, fused_nodes=tuple(nodes),
-                                            cos_cache=first.cos, sin_cache=first.sin, cos=first.cos, sin=first.sin,
-                                            positions=positions, applications=())
+            plan.site = dataclasses.replace(
+                site,
+                angles=AngleSource.FUSED_OP,
+                fused_nodes=tuple(nodes),
+                cos_cache=first.cos,
+                sin_cache=first.sin,
+                cos=first.cos,
+                sin=first.sin,
+                positions=positions,
+                applications=(),
+            )
         rows = {c.rows for c in caches_by_dtype.values()}
         rows_text = "rows = max(position)+1 at run time" if rows == {None} else f"{max(r for r in rows if r)} rows"
         op = "com.microsoft.RotaryEmbedding" if self.target == "ort" else "RotaryEmbedding-23"
         kinds = sorted({f.kind for f in forms})
-        partial = f", rotary_dim {site.rotary_dim} of {site.head_dim}" if site.head_dim and site.rotary_dim < site.head_dim else ""
+        partial = (
+            f", rotary_dim {site.rotary_dim} of {site.head_dim}"
+            if site.head_dim and site.rotary_dim < site.head_dim
+            else ""
+        )
         self.changes.append(
-            f"fused {len(apps)} {site.layout.value} rotation(s) ({site.angles.value} angles{partial}, {'/'.join(kinds)}) "
-            f"into {op}; caches {rows_text}, {', '.join(dtype_name_of(d) for d in caches_by_dtype)}"
+            f"fused {len(apps)} {site.layout.value} rotation(s) ({site.angles.value} angles{partial}, "
+            f"{'/'.join(kinds)}) into {op}; caches {rows_text}, {', '.join(dtype_name_of(d) for d in caches_by_dtype)}"
         )
         if site.angles == AngleSource.COMPUTED and site.position_dtype in ("float16", "bfloat16"):
             self.notes.append(
@@ -164,7 +180,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             )
 
     # -- position ids [B, S] int64 ------------------------------------------------------------------
-    def _position_ids(self, w: NodeWriter, site: RopeSite, app: RopeApplication, form: "_Form") -> ir.Value:
+    def _position_ids(self, w: NodeWriter, site: RopeSite, app: RopeApplication, form: _Form) -> ir.Value:
         source = _integer_positions(site, self._fold)
         if source is None:
             # rows selected by a Slice table[start:start+S]: positions start .. start+S-1
@@ -173,12 +189,14 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             if sel is not None and sel.op_type == "Slice" and len(sel.inputs) > 1:
                 s0 = self._fold(sel.inputs[1])
                 start = 0 if s0 is not None and int(np.asarray(s0).reshape(-1)[0]) == 0 else sel.inputs[1]
-            seq = w.op("Shape", form.seq_source(app), start=form.seq_axis, end=form.seq_axis + 1)
+            seq = w.op("Shape", app.input, start=form.seq_axis, end=form.seq_axis + 1)
             seq = w.op("Squeeze", seq, w.const(np.array([0], np.int64)))
             source = w.op("Range", w.const(np.int64(0)), seq, w.const(np.int64(1)))
-            source.shape, source.dtype = ir.Shape([_dim(form.seq_source(app), form.seq_axis)]), _I64
+            source.shape, source.dtype = ir.Shape([_dim(app.input, form.seq_axis)]), _I64
             if start is not None and not isinstance(start, int):
-                source = w.op("Add", source, w.op("Cast", w.op("Reshape", start, w.const(np.array([], np.int64))), to=_I64))
+                source = w.op(
+                    "Add", source, w.op("Cast", w.op("Reshape", start, w.const(np.array([], np.int64))), to=_I64)
+                )
         r = rank(source)
         source_shape = source.shape
         if source.dtype != _I64:
@@ -191,15 +209,17 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             if len(dims) < 3 or not all(_is_one(d) for d in dims[2:]):
                 raise FuseRefusal(f"positions {source.name} of shape {source.shape} are not [batch, seq]")
             source = w.op("Reshape", source, w.const(np.array([0, -1], np.int64)))
-        batch = w.op("Shape", form.batch_source(app), start=0, end=1)
+        batch = w.op("Shape", app.input, start=0, end=1)
         shape = w.op("Concat", batch, w.const(np.array([1], np.int64)), axis=0)
         out = w.op("Expand", source, shape)
         out.dtype = _I64
-        out.shape = ir.Shape([_dim(form.batch_source(app), 0), _dim(form.seq_source(app), form.seq_axis)])
+        out.shape = ir.Shape([_dim(app.input, 0), _dim(app.input, form.seq_axis)])
         return out
 
     # -- caches ---------------------------------------------------------------------------------------
-    def _caches(self, graph, w: NodeWriter, site: RopeSite, plan, dtype: ir.DataType, positions: ir.Value, memo) -> _Caches:
+    def _caches(
+        self, graph, w: NodeWriter, site: RopeSite, plan, dtype: ir.DataType, positions: ir.Value, memo
+    ) -> _Caches:
         half = site.rotary_dim // 2
         if plan is not None and plan.runtime:
             return self._runtime_caches(w, site, plan, dtype, positions)
@@ -213,7 +233,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             key = ("plan", inv_freq.tobytes(), float(factor), rows, dtype)
             if key not in memo:
                 c, s = rope_math.cos_sin_tables(inv_freq, rows, attention_factor=factor, layout="half")
-                memo[key] = _Caches(add_initializer(graph, c, "rope_cos_cache", dtype), add_initializer(graph, s, "rope_sin_cache", dtype), rows)
+                memo[key] = _Caches(
+                    add_initializer(graph, c, "rope_cos_cache", dtype),
+                    add_initializer(graph, s, "rope_sin_cache", dtype),
+                    rows,
+                )
             return memo[key]
         if site.angles == AngleSource.CACHED:
             tables = []
@@ -223,23 +247,37 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                     raise FuseRefusal(f"cos/sin table {src.table.name} is not a constant")
                 t = np.asarray(t)
                 if src.columns is not None:
-                    t = t[..., src.columns[0]:src.columns[1]]
+                    t = t[..., src.columns[0] : src.columns[1]]
                 kept = [d for d in t.shape[:-1] if d != 1] or [1]
                 t = t.reshape(kept + [t.shape[-1]])
                 if t.ndim != 2:
                     raise FuseRefusal(f"cos/sin table {src.table.name} of shape {t.shape} is not [positions, channels]")
                 tables.append(_half_columns(t, site.layout, half))
-            key = ("table", id(site.extra.cos_src.table), id(site.extra.sin_src.table), site.extra.cos_src.columns, dtype)
+            key = (
+                "table",
+                id(site.extra.cos_src.table),
+                id(site.extra.sin_src.table),
+                site.extra.cos_src.columns,
+                dtype,
+            )
             if key not in memo:
                 c, s = tables
-                memo[key] = _Caches(add_initializer(graph, c, "rope_cos_cache", dtype), add_initializer(graph, s, "rope_sin_cache", dtype), int(c.shape[0]))
+                memo[key] = _Caches(
+                    add_initializer(graph, c, "rope_cos_cache", dtype),
+                    add_initializer(graph, s, "rope_sin_cache", dtype),
+                    int(c.shape[0]),
+                )
             return memo[key]
         rows = self._default_rows(site)
         inv_freq = np.asarray(site.inv_freq, np.float32)
         key = ("computed", inv_freq.tobytes(), float(site.attention_factor), rows, dtype)
         if key not in memo:
             c, s = rope_math.cos_sin_tables(inv_freq, rows, attention_factor=site.attention_factor, layout="half")
-            memo[key] = _Caches(add_initializer(graph, c, "rope_cos_cache", dtype), add_initializer(graph, s, "rope_sin_cache", dtype), rows)
+            memo[key] = _Caches(
+                add_initializer(graph, c, "rope_cos_cache", dtype),
+                add_initializer(graph, s, "rope_sin_cache", dtype),
+                rows,
+            )
         return memo[key]
 
     def _default_rows(self, site: RopeSite) -> int:
@@ -253,8 +291,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         inv = _runtime_inv_freq(w, plan, seq)
         n = w.op("Cast", seq, to=_I64)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), n, w.const(np.int64(1))), to=_F32)
-        angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
-                      w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+        angles = w.op(
+            "Mul",
+            w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
+            w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
+        )
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
         factor = plan.attention_factor * site.attention_factor
         if factor != 1.0:
@@ -264,7 +305,9 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         return _Caches(cos, sin, None)
 
     # -- the fused node ------------------------------------------------------------------------------
-    def _replace(self, graph: ir.Graph, site: RopeSite, app: RopeApplication, form: "_Form", positions, caches: _Caches) -> ir.Node:
+    def _replace(
+        self, graph: ir.Graph, site: RopeSite, app: RopeApplication, form: _Form, positions, caches: _Caches
+    ) -> ir.Node:
         w = NodeWriter(graph, app.output.producer(), "rope_fused")
         x = app.input
         attrs: dict = {"interleaved": int(app.layout == Layout.INTERLEAVED)}
@@ -281,8 +324,6 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             node = ir.node("RotaryEmbedding", [x, positions, caches.cos, caches.sin], attrs, domain=CONTRIB_DOMAIN)
         else:
             node = ir.node("RotaryEmbedding", [x, caches.cos, caches.sin, positions], attrs)
-        from posrewrite.passes.onnx._build import unique_name
-
         node.name = unique_name(graph, "rope_RotaryEmbedding")
         y = node.outputs[0]
         y.name = node.name + "_out"
@@ -300,7 +341,9 @@ class FuseRotaryPass(ir.passes.InPlacePass):
 
 
 def dtype_name_of(dtype: ir.DataType) -> str:
-    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(dtype, str(dtype))
+    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(
+        dtype, str(dtype)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,12 +356,6 @@ class _Form:
     kind: str  # "bhsd" (fed as is) | "bshd" (viewed as [B, S, H*D])
     seq_axis: int
     num_heads: int | None
-
-    def seq_source(self, app: RopeApplication) -> ir.Value:
-        return app.input
-
-    def batch_source(self, app: RopeApplication) -> ir.Value:
-        return app.input
 
 
 def _is_one(d) -> bool:
@@ -420,12 +457,23 @@ def _remove_dead_and_sort(model: ir.Model) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 #: versions whose meaning changed without the schema saying so (attributes/inputs look alike)
-_SEMANTIC_CHANGES = {("GroupNormalization", 21): "scale/bias became per channel",
-                     ("GridSample", 20): "mode names and the sampling rule changed",
-                     ("DFT", 20): "axis moved to an input with a new default"}
+_SEMANTIC_CHANGES = {
+    ("GroupNormalization", 21): "scale/bias became per channel",
+    ("GridSample", 20): "mode names and the sampling rule changed",
+    ("DFT", 20): "axis moved to an input with a new default",
+}
 #: ops whose `axes` attribute became an input at opset 18 (moved by `raise_opset`)
-_REDUCE_18 = ("ReduceMax", "ReduceMin", "ReduceMean", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-              "ReduceLogSumExp", "ReduceSumSquare")
+_REDUCE_18 = (
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceMean",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
 
 
 def raise_opset(model: ir.Model, target: int) -> str | None:
@@ -457,8 +505,8 @@ def raise_opset(model: ir.Model, target: int) -> str | None:
     if problems:
         what = "; ".join(f"{op}: {why}" for op, why in sorted(problems.items()))
         raise FuseRefusal(
-            f"--fuse onnx needs opset {target} and this model (opset {current}) has ops whose meaning changes on the way: "
-            f"{what}. Use --fuse ort (com.microsoft.RotaryEmbedding works at any opset)"
+            f"--fuse onnx needs opset {target} and this model (opset {current}) has ops whose meaning changes "
+            f"on the way: {what}. Use --fuse ort (com.microsoft.RotaryEmbedding works at any opset)"
         )
     for node in moves:
         axes = node.attributes.pop("axes")
@@ -519,7 +567,7 @@ def _step_breaks(node: ir.Node, old, new) -> str | None:
     new_in = [i.name for i in new.inputs]
     if new_in[: len(old_in)] != old_in:
         return f"inputs changed ({old_in} -> {new_in})"
-    for extra in new.inputs[len(old_in):]:
+    for extra in new.inputs[len(old_in) :]:
         if extra.option != onnx.defs.OpSchema.FormalParameterOption.Optional:
             return f"new required input {extra.name}"
     if len(new.outputs) < len(old.outputs):
