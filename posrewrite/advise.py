@@ -196,10 +196,16 @@ def advise(
             rp = dict(rope_params)
             if original_context is not None:
                 rp.setdefault("original_max_position_embeddings", int(original_context))
-            params = rope_math.RopeParameters.from_hf(rp)
-            new, att = rope_math.scaled_inv_freq(
-                params, inv_freq=inv.astype(np.float32), base=base, dim=dim, seq_len=context
-            )
+            try:
+                params = rope_math.RopeParameters.from_hf(rp)
+                new, att = rope_math.scaled_inv_freq(
+                    params, inv_freq=inv.astype(np.float32), base=base, dim=dim, seq_len=context
+                )
+            except ValueError as exc:
+                from posrewrite import errors
+
+                hint = "; pass --original-max-positions" if "original_max_position_embeddings" in str(exc) else ""
+                raise errors.UsageError(f"{exc}{hint}") from None
             from posrewrite.plot import rewrite_label
 
             label = rewrite_label(params, context)
