@@ -33,9 +33,9 @@ import torch
 from posrewrite.errors import UsageError, ValidationError
 from posrewrite.math.rope import RopeParameters
 from posrewrite.options import RewriteOptions, rope_parameters_from_options
+from posrewrite.passes.fx.detect_alibi import detect_alibi
 from posrewrite.passes.fx.detect_rope import detect_rope
 from posrewrite.passes.fx.pipeline import Fp32Positions, FuseRope, FxPass, FxPassManager, RescaleRope, prepare
-from posrewrite.passes.fx.detect_alibi import detect_alibi
 from posrewrite.passes.fx.sites import FxAlibiSite, FxRopeSite
 
 __all__ = ["detect", "rewrite", "export_onnx", "TorchExportResult", "rope_parameters"]
@@ -97,7 +97,7 @@ def rope_parameters(opts: RewriteOptions, config: Any = None) -> RopeParameters 
     return rp
 
 
-def _steps(opts: RewriteOptions, config: Any) -> list[FxPass]:
+def _steps(opts: RewriteOptions, config: Any, fuse_angles: str = "tables") -> list[FxPass]:
     steps: list[FxPass] = []
     params = rope_parameters(opts, config)
     if params is not None:
@@ -105,7 +105,7 @@ def _steps(opts: RewriteOptions, config: Any) -> list[FxPass]:
     if opts.fp32_positions:
         steps.append(Fp32Positions())
     if opts.fuse != "none":
-        steps.append(FuseRope(allow_partial=opts.allow_partial))
+        steps.append(FuseRope(allow_partial=opts.allow_partial, angles=fuse_angles))
     return steps
 
 
@@ -119,18 +119,26 @@ def rewrite(
     rope_params: dict[str, Any] | None = None,
     fp32_positions: bool = False,
     fuse: bool | str = False,
+    fuse_angles: str = "tables",
     allow_partial: bool = False,
     config: Any = None,
     messages: list[str] | None = None,
 ) -> torch.export.ExportedProgram:
     """A new ExportedProgram with RoPE rescaled / made fp32-safe / fused; ``program`` is left as it is.
 
-    ``messages``, when given a list, receives one line per change (and per site skipped).
+    ``fuse_angles``: "tables" (the fused op reads the cos/sin the graph computes) or "inv_freq" (the op
+    computes them in float32 from positions and inv_freq where the site allows; in ONNX the angles are
+    then computed just before RotaryEmbedding). ``messages``, when given a list, receives one line per
+    change (and per site skipped).
     """
+    from posrewrite.passes.fx.fuse_rope import ANGLE_MODES
+
+    if fuse_angles not in ANGLE_MODES:
+        raise UsageError(f"fuse_angles must be one of {', '.join(ANGLE_MODES)}, not {fuse_angles!r}")
     opts = _options(rope_scale=rope_scale, rope_method=rope_method, original_max_positions=original_max_positions,
                     rope_base=rope_base, rope_params=rope_params, fp32_positions=fp32_positions, fuse=fuse,
                     allow_partial=allow_partial)
-    new, lines, _ = FxPassManager(_steps(opts, config))(program)
+    new, lines, _ = FxPassManager(_steps(opts, config, fuse_angles))(program)
     if messages is not None:
         messages.extend(lines)
     return new
@@ -197,7 +205,7 @@ def export_onnx(
     from posrewrite.ops.rope_onnx import onnx_opset_for, translation_table
 
     unknown = set(options) - {"rope_scale", "rope_method", "original_max_positions", "rope_base", "rope_params",
-                              "fp32_positions", "fuse", "allow_partial"}
+                              "fp32_positions", "fuse", "fuse_angles", "allow_partial"}
     if unknown:
         raise UsageError(f"export_onnx got unknown option {sorted(unknown)[0]!r}")
     args = tuple(args)
@@ -247,13 +255,13 @@ def _validate(path: Path, program: torch.export.ExportedProgram, args: tuple, kw
     inputs = sess.get_inputs()
     if len(inputs) != len(feeds_in):
         raise ValidationError(f"the ONNX model has {len(inputs)} inputs, the example has {len(feeds_in)} tensors")
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_in)}
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, feeds_in, strict=True)}
     got = sess.run(None, feeds)
     with torch.no_grad():
         want = program.module()(*args, **(kwargs or {}))
     want = [t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
     diff = 0.0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=False):
         diff = max(diff, float(np.max(np.abs(np.asarray(a, np.float64) - b.detach().double().cpu().numpy())))
                    if b.numel() else 0.0)
     if not diff <= atol:

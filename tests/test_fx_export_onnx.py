@@ -30,7 +30,7 @@ def _ort(path, ids, pos):
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    return sess.run(None, dict(zip(names, (ids.numpy(), pos.numpy()))))[0]
+    return sess.run(None, dict(zip(names, (ids.numpy(), pos.numpy()), strict=True)))[0]
 
 
 @pytest.mark.parametrize(
@@ -42,14 +42,14 @@ def _ort(path, ids, pos):
     ],
 )
 def test_export_onnx_fused_matches_hf(tmp_path, arch, fuse, method, rope_parameters, domain):
-    model = build_hf_model(arch)
+    model = build_hf_model(arch, num_hidden_layers=1)  # one layer keeps the ONNX export short
     result = pt.export_onnx(
         LogitsOnlyWithPositions(model), _example(), tmp_path / f"{arch}.onnx", dynamic_shapes=_dynamic(),
         input_names=["input_ids", "position_ids"], output_names=["logits"], optimize=False,
         rope_scale=4.0, rope_method=method, fuse=fuse,  # L comes from model.config
     )
     assert result.path.is_file()
-    assert result.onnx_ops.get(f"{domain}::RotaryEmbedding") == 4  # q and k of 2 layers
+    assert result.onnx_ops.get(f"{domain}::RotaryEmbedding") == 2  # q and k
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
     assert any("fuse-rope" in m for m in result.messages)
     # longer than the training length, another batch size
@@ -58,7 +58,7 @@ def test_export_onnx_fused_matches_hf(tmp_path, arch, fuse, method, rope_paramet
     got = _ort(result.path, ids, pos)
     with torch.no_grad():
         torch_out = result.program.module()(ids, pos).numpy()
-        hf = build_hf_model(arch, rope_parameters=rope_parameters)(input_ids=ids, position_ids=pos,
-                                                                   use_cache=False).logits.numpy()
+        hf_model = build_hf_model(arch, rope_parameters=rope_parameters, num_hidden_layers=1)
+        hf = hf_model(input_ids=ids, position_ids=pos, use_cache=False).logits.numpy()
     assert np.abs(got - torch_out).max() <= 1e-5
     assert np.abs(got - hf).max() <= 1e-5

@@ -105,8 +105,8 @@ def _inputs(seq, offset=0, seed=2):
     return x, (torch.arange(seq) + offset)[None].expand(3, -1).contiguous()
 
 
-@pytest.mark.parametrize("partial", [False, True])
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style,partial", [(s, False) for s in STYLES] +
+                         [(s, True) for s in ("split", "sub", "interleaved", "interleaved_bshd")])
 def test_spellings_detect_rescale_and_fuse(style, partial):
     r = 4 if partial else HEAD
     module = RopeAttention(style, rotary_dim=r)

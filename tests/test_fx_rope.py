@@ -22,7 +22,7 @@ L = 64  # max_position_embeddings of the tiny models
 LAYERS = 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(arch: str) -> torch.export.ExportedProgram:
     """The default tiny ``arch`` exported with dynamic batch and length (input_ids, position_ids)."""
     model = build_hf_model(arch)
@@ -31,7 +31,8 @@ def exported(arch: str) -> torch.export.ExportedProgram:
     b, s = torch.export.Dim("batch"), torch.export.Dim("seq", max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(LogitsOnlyWithPositions(model), (ids, pos), dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}))
+        dyn = ({0: b, 1: s}, {0: b, 1: s})
+        return torch.export.export(LogitsOnlyWithPositions(model), (ids, pos), dynamic_shapes=dyn)
 
 
 def _tokens(n: int, batch: int = 1, seed: int = 1):
@@ -204,3 +205,33 @@ def test_rescale_and_fuse_match_hf():
     ids, pos = _tokens(180)
     want = _hf("gpt_neox", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L}, ids, pos)
     assert (_run(new, ids, pos) - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm"])
+def test_fuse_with_angles_in_kernel(arch):
+    """fuse_angles="inv_freq": the op computes cos/sin from positions and (rescaled) inv_freq itself."""
+    ep = exported(arch)
+    new = pt.rewrite(ep, rope_scale=4.0, rope_method="yarn", original_max_positions=L, fuse=True,
+                     fuse_angles="inv_freq")
+    calls = _fused_calls(new)
+    assert len(calls) == LAYERS and all(c.target is torch.ops.posrewrite.rope_qk_freqs.default for c in calls)
+    assert not [n for n in new.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.cos.default]
+    ids, pos = _tokens(150)
+    want = _hf(arch, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L}, ids, pos)
+    assert (_run(new, ids, pos) - want).abs().max().item() <= 1e-5
+
+
+def test_static_export_without_position_ids():
+    """input_ids only, static shapes: positions are arange(n) made inside the graph."""
+    from fixtures.hf_models import LogitsOnly
+
+    model = build_hf_model("llama")
+    ids, pos = _tokens(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(LogitsOnly(model), (ids,))
+    new = pt.rewrite(ep, rope_scale=4.0, rope_method="dynamic", original_max_positions=L, fuse=True)
+    assert len(_fused_calls(new)) == LAYERS
+    with torch.no_grad():
+        got = new.module()(ids)
+    assert (got - _hf("llama", {"rope_type": "dynamic", "factor": 4.0}, ids, pos)).abs().max().item() <= 1e-5

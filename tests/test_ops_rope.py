@@ -104,7 +104,10 @@ def test_gradients_float64():
     c = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     s = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     for interleaved in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b, c_, s_: ops.rope_qk(a, b, c_, s_, interleaved, 6, 2), (q, k, c, s))
+        def fn(a, b, c_, s_, il=interleaved):
+            return ops.rope_qk(a, b, c_, s_, il, 6, 2)
+
+        assert torch.autograd.gradcheck(fn, (q, k, c, s))
 
 
 _INTERPRET_SCRIPT = textwrap.dedent(
@@ -212,5 +215,5 @@ def test_onnx_export_to_rotary_embedding(target, interleaved, seq_axis, freqs):
     q2, k2, pos2, _ = _inputs(seq_axis, batch=3, seq=7, seed=3)
     got = sess.run(None, {"q": q2.numpy(), "k": k2.numpy(), "pos": pos2.numpy()})
     want = model(q2, k2, pos2)
-    for a, b_ in zip(got, want):
+    for a, b_ in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b_.numpy(), atol=1e-5)

@@ -16,7 +16,7 @@ cos/sin in float32 with Mul/Cos/Sin first.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir

@@ -73,8 +73,8 @@ def _rope_kernel(
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, FROM_FREQS: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    block = tl.program_id(1)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: prompts can exceed 2**31 elements
+    block = tl.program_id(1).to(tl.int64)
     b = token // seq_len
     s = token % seq_len
     if block < n_q_blocks:
@@ -143,7 +143,6 @@ def launch(
     if from_freqs:
         pos = positions.expand(batch, seq)
         freq = inv_freq.to(torch.float32).contiguous()
-        cq = cs = None
         c_ptr, s_ptr = freq, freq  # unused
         c_strides = (0, 0, 0, 0, 0)
         s_strides = (0, 0, 0, 0, 0)

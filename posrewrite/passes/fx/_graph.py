@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
@@ -333,7 +334,8 @@ class GraphWriter:
         while name in taken:
             i += 1
             name = f"{stem}_{i}"
-        first_user = next((n for n in self.graph.nodes if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)), None)
+        user_names = set(ep.graph_signature.user_inputs)
+        first_user = next((n for n in self.graph.nodes if n.op == "placeholder" and n.name in user_names), None)
         if first_user is None:
             first_user = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
         with self.graph.inserting_before(first_user):

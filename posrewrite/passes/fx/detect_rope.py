@@ -20,9 +20,8 @@ table placeholder gathered by positions (cached).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
@@ -186,12 +185,13 @@ def _application(out: Node, rot: Rotation, cos: Node, sin: Node) -> FxRopeApplic
             if len(parts) != 2 or parts[0] is not out:
                 continue
             rest = g.slice_of(parts[1])
-            if rest is not None and rest.source is sx.source and rest.start == r and rest.end is None and rest.step == 1:
+            if (rest is not None and rest.source is sx.source and rest.start == r and rest.end is None
+                    and rest.step == 1):
                 x, output = sx.source, user
                 break
     head_dim = g.last_dim(x) or r
     return FxRopeApplication(x=x, output=output, rotated=rot.x, layout=rot.layout, rotary_dim=r, head_dim=head_dim,
-                             cos=cos, sin=sin, sign_nodes=rot.nodes)
+                             cos=cos, sin=sin, nodes=rot.nodes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def _split_product(ep: ExportedProgram, angles: Node, half: int):
         if value is None or value.numel() != half or not value.is_floating_point():
             continue
         pos, pos_path = g.through(pos_side, g.CAST_OPS + g.VIEW_OPS)
-        if not isinstance(pos, Node) or _constant_value(ep, pos) is not None:
+        if not isinstance(pos, Node):  # (positions may be constant: arange(n) of a static export)
             continue
         cast = next((n for n in pos_path if g.is_op(n, aten._to_copy, aten.to)), None)
         return top, value, pos, cast, freq_side
@@ -334,7 +334,8 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
     table, _ = _walk_up(app.cos, lambda n: n.op == "placeholder")
     if table is not None and g.placeholder_tensor(ep, table) is not None:
         t = g.placeholder_tensor(ep, table)
-        return FxAngleSource(AngleSource.CACHED, table_node=table, max_positions=int(t.shape[-2]) if t.dim() >= 2 else None,
+        rows = int(t.shape[-2]) if t.dim() >= 2 else None
+        return FxAngleSource(AngleSource.CACHED, table_node=table, max_positions=rows,
                              angle_dtype=str(t.dtype).replace("torch.", ""),
                              reason="cos/sin are read from a precomputed table")
     return FxAngleSource(AngleSource.CACHED, reason="cos/sin source not recognised")
@@ -368,7 +369,7 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
         src = trace_angle_source(ep, app)
         groups.setdefault(_site_key(app, src), []).append((app, src))
     sites: list[FxRopeSite] = []
-    for key, members in groups.items():
+    for members in groups.values():
         apps = tuple(a for a, _ in members)
         src = members[0][1]
         notes: list[str] = []

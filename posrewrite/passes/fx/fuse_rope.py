@@ -4,7 +4,9 @@ The op takes half-form cos/sin (one value per rotated pair). The graph's cos/sin
 (``cat([f, f])`` for rotate-half, ``repeat_interleave(f, 2)`` for interleaved); the pass checks that
 duplication on the path from the angles to the multiplication and then takes ``cos[..., :r/2]`` or
 ``cos[..., ::2]``. Applications with the same cos/sin are fused in pairs (q and k of one layer: one
-kernel launch); a leftover application gets the single-tensor op.
+kernel launch); a leftover application gets the single-tensor op. With ``angles="inv_freq"`` the
+`posrewrite::rope_qk_freqs` op is used instead where the angles are ``positions x inv_freq`` with a
+constant inv_freq: the kernel computes cos/sin itself and the graph's cos/sin computation goes away.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import posrewrite.ops.rope  # noqa: F401  (registers torch.ops.posrewrite.*)
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
 from posrewrite.passes.fx.detect_rope import _walk_up
-from posrewrite.passes.fx.sites import FxRopeApplication, FxRopeSite, Layout
+from posrewrite.passes.fx.sites import AngleSource, FxRopeApplication, FxRopeSite, Layout
 
 __all__ = ["FusionRefused", "fusable", "fuse_sites"]
 
@@ -126,10 +128,48 @@ def _half(w: GraphWriter, table: Node, layout: Layout, rotary_dim: int, cache: d
 class _Item:
     app: FxRopeApplication
     seq_axis: int
+    kernel_angles: tuple | None = None  # (positions, inv_freq, attention factor) for the *_freqs ops
 
 
-def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, use_freqs: bool = False) -> tuple[list[str], list[str]]:
-    """Replace every fusable application by the custom op; returns (done lines, refusal lines)."""
+ANGLE_MODES = ("tables", "inv_freq")
+
+
+def _kernel_angles(site: FxRopeSite, app: FxRopeApplication, seq_axis: int) -> tuple[Node, Node, float] | None:
+    """(positions, inv_freq, attention factor) when the op may compute this application's angles itself:
+    computed angles from constant inv_freq and [batch, seq] positions, and only broadcasts, casts,
+    duplications and the attention factor between cos(angles) and the multiplication."""
+    src = site.source
+    if src.kind != AngleSource.COMPUTED or src.inv_freq_node is None or src.positions is None:
+        return None
+    ps, xs = g.shape(src.positions), g.shape(app.x)
+    if ps is None or xs is None or len(ps) != 2 or g.dtype(src.positions) not in (torch.int64, torch.int32):
+        return None
+    if not (ps[1] is xs[seq_axis] or ps[1] == xs[seq_axis]):
+        return None
+    allowed = g.CAST_OPS + (aten.unsqueeze, aten.expand, aten.repeat_interleave, aten.cat, aten.mul)
+    for table, fn in ((app.cos, src.cos_node), (app.sin, src.sin_node)):
+        found, path = _walk_up(table, lambda n, fn=fn: n is fn)
+        if found is None:
+            return None
+        for n in path:
+            if g.is_op(n, aten.slice):  # a prefix of the channels (GLM: cos[..., :r/2] of cat(f, f))
+                sl = g.slice_of(n)
+                if sl is None or sl.dim != g.rank(n) - 1 or sl.start != 0 or sl.step != 1:
+                    return None
+            elif not g.is_op(n, *allowed):
+                return None
+    if g.shape(src.inv_freq_node) != (app.rotary_dim // 2,):
+        return None
+    return src.positions, src.inv_freq_node, float(src.attention_factor)
+
+
+def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, angles: str = "tables") -> tuple[list[str], list[str]]:
+    """Replace every fusable application by the custom op; returns (done lines, refusal lines).
+
+    ``angles``: "tables" (the op reads half-form cos/sin made by the graph) or "inv_freq" (the op computes
+    cos/sin from positions and inv_freq in float32 where the site allows it, else tables)."""
+    if angles not in ANGLE_MODES:
+        raise ValueError(f"angles must be one of {', '.join(ANGLE_MODES)}, not {angles!r}")
     w = GraphWriter(ep)
     order = {n: i for i, n in enumerate(ep.graph.nodes)}
     done: list[str] = []
@@ -141,8 +181,9 @@ def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, use_freqs: bool 
             if seq_axis is None:
                 refused.append(f"{app.output.name}: {why}")
                 continue
+            kernel = _kernel_angles(site, app, seq_axis) if angles == "inv_freq" else None
             key = (_structure(app.cos), _structure(app.sin), app.layout, app.rotary_dim, seq_axis)
-            groups.setdefault(key, []).append(_Item(app, seq_axis))
+            groups.setdefault(key, []).append(_Item(app, seq_axis, kernel))
     for (_, _, layout, rotary_dim, seq_axis), items in groups.items():
         items.sort(key=lambda it: order[it.app.output])
         i = 0
@@ -193,6 +234,20 @@ def _fuse(w: GraphWriter, items: list[_Item], layout: Layout, rotary_dim: int, s
     sin = min((it.app.sin for it in items), key=order.__getitem__)
     cache: dict = {}
     interleaved = layout == Layout.INTERLEAVED
+    kernel = items[0].kernel_angles
+    if kernel is not None and all(it.kernel_angles is not None and it.kernel_angles[:2] == kernel[:2] and
+                                  it.kernel_angles[2] == kernel[2] for it in items):
+        positions, inv_freq, factor = kernel
+        with w.graph.inserting_before(anchor):
+            if len(items) == 2:
+                fused = w.call(torch.ops.posrewrite.rope_qk_freqs.default,
+                               (items[0].app.x, items[1].app.x, positions, inv_freq, factor, interleaved, seq_axis))
+                outs = [w.call(operator.getitem, (fused, 0)), w.call(operator.getitem, (fused, 1))]
+            else:
+                outs = [w.call(torch.ops.posrewrite.rope_freqs.default,
+                               (items[0].app.x, positions, inv_freq, factor, interleaved, seq_axis))]
+        _redirect(w, items, outs)
+        return
     with w.graph.inserting_before(anchor):
         c = _half(w, cos, layout, rotary_dim, cache)
         s = _half(w, sin, layout, rotary_dim, cache)
@@ -203,7 +258,12 @@ def _fuse(w: GraphWriter, items: list[_Item], layout: Layout, rotary_dim: int, s
         else:
             fused = w.call(torch.ops.posrewrite.rope.default, (items[0].app.x, c, s, interleaved, rotary_dim, seq_axis))
             outs = [fused]
-    for it, out in zip(items, outs):
+    _redirect(w, items, outs)
+
+
+def _redirect(w: GraphWriter, items: list[_Item], outs: list[Node]) -> None:
+    """Readers of each application's output read the fused op's output (cast back if the dtype differs)."""
+    for it, out in zip(items, outs, strict=True):
         old = it.app.output
         want = g.dtype(old)
         if want is not None and g.dtype(out) != want:

@@ -18,7 +18,6 @@ import operator
 import warnings
 
 import torch
-
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature
 
@@ -94,14 +93,15 @@ class Fp32Positions(FxPass):
 class FuseRope(FxPass):
     name = "fuse-rope"
 
-    def __init__(self, *, allow_partial: bool = False) -> None:
+    def __init__(self, *, allow_partial: bool = False, angles: str = "tables") -> None:
         self.allow_partial = allow_partial
+        self.angles = angles
 
     def call(self, ep: ExportedProgram) -> FxPassResult:
         sites, _ = detect_rope(ep)
         if not sites:
             raise NoEncodingError("no RoPE site found in the exported program")
-        done, refused = fuse_sites(ep, sites)
+        done, refused = fuse_sites(ep, sites, angles=self.angles)
         if refused and not self.allow_partial:
             raise PartialMatchError(f"{len(refused)} RoPE applications cannot be fused: {refused[0]}", detail=refused)
         return FxPassResult(ep, bool(done), [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused])
@@ -169,14 +169,14 @@ def inline_regions(gm: torch.fx.GraphModule) -> None:
             operands = node.args[idx + 1:]
             env: dict = {}
             placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-            env.update(zip(placeholders, operands))
+            env.update(zip(placeholders, operands, strict=True))
             outs = None
             with graph.inserting_before(node):
                 for sn in sub.graph.nodes:
                     if sn.op == "placeholder":
                         continue
                     if sn.op == "output":
-                        outs = torch.fx.node.map_arg(sn.args[0], lambda a: env[a])
+                        outs = torch.fx.node.map_arg(sn.args[0], env.__getitem__)
                         continue
                     if sn.op == "get_attr":
                         name = f"{sub_node.target}_{sn.target}".replace(".", "_")
@@ -185,7 +185,7 @@ def inline_regions(gm: torch.fx.GraphModule) -> None:
                         new.meta = dict(sn.meta)
                         env[sn] = new
                         continue
-                    env[sn] = graph.node_copy(sn, lambda a: env[a])
+                    env[sn] = graph.node_copy(sn, env.__getitem__)
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
             for user in list(node.users):
                 if user.target is operator.getitem:

@@ -30,7 +30,7 @@ class FxRopeApplication:
     head_dim: int
     cos: Node  # the tensors multiplied with x (broadcast to it), full rotary width
     sin: Node
-    sign_nodes: tuple[Node, ...] = ()  # the matched rotation nodes (for reports)
+    nodes: tuple[Node, ...] = ()  # the matched rotation nodes (for reports)
 
     def describe(self) -> str:
         part = f", rotary_dim {self.rotary_dim} of {self.head_dim}" if self.rotary_dim != self.head_dim else ""
