@@ -291,8 +291,8 @@ class RopeDetector:
                 seen.add(id(v))
                 for use in v.uses():
                     node = use.node
-                    if id(node) in claimed:
-                        continue
+                    if id(node) in claimed or node.op_type in ("Shape", "Size"):
+                        continue  # reading only the shape is not a use of the values
                     if node.op_type in VIEW_OPS or node.op_type in ("Slice", "Split", "Gather", "GatherElements", "GatherND") \
                             or (node.op_type == "Mul" and any(self._scalar(i) for i in node.inputs if i is not v)):
                         stack.extend(node.outputs)
