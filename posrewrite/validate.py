@@ -139,7 +139,9 @@ def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> Validati
     for k, plan in enumerate(plans):
         site: RopeSite = plan.site
         params = plan.params
-        if site.angles == AngleSource.FUSED_OP:
+        if site.angles == AngleSource.FUSED_OP and site.cos_cache is not None and site.sin_cache is not None:
+            targets = [site.cos_cache, site.sin_cache]  # the caches (the fused node may be inside an attention op now)
+        elif site.angles == AngleSource.FUSED_OP:
             node = site.fused_nodes[0]
             contrib = node.domain == "com.microsoft"
             targets = [node.inputs[2], node.inputs[3]] if contrib else [node.inputs[1], node.inputs[2]]

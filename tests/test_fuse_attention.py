@@ -65,6 +65,27 @@ def test_position_ids_input_keeps_rotary_nodes(llama_pos_onnx, tmp_path):
     assert float(np.max(np.abs(ort_logits(out, ids, pos) - ort_logits(llama_pos_onnx, ids, pos)))) <= TOL
 
 
+@pytest.mark.parametrize("arch,with_positions", [("llama", False), ("llama", True), ("gpt_neox", False)])
+def test_fuse_onnx_attention23(arch, with_positions, hf_onnx, tmp_path):
+    """--fuse onnx: Attention-23 after RotaryEmbedding-23; is_causal only where the mask was verified causal."""
+    from fixtures.hf_models import ort_logits
+
+    src = hf_onnx(arch, with_position_ids=with_positions)
+    out = tmp_path / "fused23.onnx"
+    api.rewrite(src, output=out, fuse="onnx")
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4 and ops["Softmax"] == 0, ops
+    causal = [
+        any(a.name == "is_causal" and a.i for a in n.attribute) for n in proto.graph.node if n.op_type == "Attention"
+    ]
+    assert all(causal) != with_positions  # position_ids feed HF's packed-sequence mask: kept as attn_mask
+    ids = _ids(40)
+    pos = np.stack([np.arange(40) + 3, np.arange(40) + 11]) if with_positions else None
+    assert float(np.max(np.abs(ort_logits(out, ids, pos) - ort_logits(src, ids, pos)))) <= TOL
+
+
 def test_mask_probe_tells_causal_from_sliding(hf_onnx):
     """Gemma 2 alternates sliding-window (32 tokens) and full causal layers: the probe sees both."""
     model = ir.load(str(hf_onnx("gemma2")))

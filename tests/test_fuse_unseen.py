@@ -111,7 +111,7 @@ import pytest  # noqa: E402
 from posrewrite import api  # noqa: E402
 
 TOL = 1e-5
-_DEFAULT_RUN = ("gemma3", "nemotron")
+_DEFAULT_RUN = ("gemma3", "nemotron", "granite")  # granite: attention scale 1.0 (not 1/sqrt(d))
 
 
 def _params():
@@ -135,7 +135,9 @@ def test_unseen_architecture_fused(name, target, tmp_path):
     onnx.checker.check_model(proto, full_check=True)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("Cos") == ops.count("Sin") == ops.count("Neg") == 0
-    assert ops.count("RotaryEmbedding") == sum(s.sites for s in found.sites)
+    from test_fuse_rotary import rotations
+
+    assert rotations(proto) == sum(s.sites for s in found.sites)
     ids = np.random.default_rng(0).integers(3, 128, size=(2, 40))
     ref = ort_logits(src, ids)
     assert float(np.max(np.abs(ort_logits(out, ids) - ref))) <= TOL
@@ -151,6 +153,7 @@ def test_distinct_configurations_get_distinct_caches(tmp_path):
     proto = onnx.load(out)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     pairs = {(n.input[2], n.input[3]) for n in proto.graph.node if n.op_type == "RotaryEmbedding"}
+    pairs |= {(n.input[7], n.input[8]) for n in proto.graph.node if n.op_type == "GroupQueryAttention"}
     assert len(pairs) == 2
     (c1, _), (c2, _) = sorted(pairs)
     assert not np.allclose(inits[c1], inits[c2])

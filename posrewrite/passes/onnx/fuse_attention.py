@@ -1,19 +1,23 @@
-"""Fuses the decomposed attention around fused RotaryEmbedding nodes (`--fuse ort`).
+"""Fuses the decomposed attention around fused RotaryEmbedding nodes (`--fuse ort`, `--fuse onnx`).
 
 Once RoPE is a com.microsoft.RotaryEmbedding node, onnxscript's onnxruntime fusions recognise the attention
 around it: `fuse_sdpa` (MatMul/scale/mask/Softmax/MatMul -> an SDPA function), then `fuse_gqa`
 (SDPA + RotaryEmbedding + repeat_kv -> GroupQueryAttention with do_rotary and the cos/sin caches), or
 `fuse_mha*` / `replace_sdpa_by_mha` (-> MultiHeadAttention after the RotaryEmbedding nodes, the mask kept as
-an attention bias). This pass uses them (with the RMSNorm / skip-normalisation fusions the GQA rule expects to have run
-first), and adds the checks they leave out:
+an attention bias). This pass uses them (after the RMSNorm / skip-normalisation fusions the GQA rule expects)
+and adds the checks they leave out:
 
-- GroupQueryAttention is always causal and rotates by its own positions (past length + 0..S-1), and
-  onnxscript's GQA rule drops the attention mask without looking at it and takes the sequence length from
-  max(position_ids)+1. So the GQA rule is only run when every attention mask is verified to be exactly causal
-  (evaluated on the graph for several lengths, from input shapes alone) and every RotaryEmbedding's positions
-  are Range(0, S). Otherwise (sliding windows, padding masks, position_ids given as an input) attention goes to
+- GroupQueryAttention is always causal and rotates by its own positions (past length + 0..S-1); onnxscript's
+  GQA rule drops the attention mask without looking at it, takes the sequence length from max(position_ids)+1
+  and drops a non-default attention scale. So the GQA rule only runs when every attention mask is verified
+  to be exactly causal (evaluated on the graph for several lengths, from input shapes alone), every
+  RotaryEmbedding's positions are Range(0, S) and every scale is 1/sqrt(head_size). Otherwise (sliding
+  windows, padding masks, position_ids given as an input, custom scales) attention goes to
   MultiHeadAttention, which keeps the mask and the RotaryEmbedding nodes: exact, a little slower.
-- The result is counted: how many attentions became which op, and why GQA was not used.
+- `--fuse onnx`: the SDPA found by `fuse_sdpa` becomes ai.onnx Attention-23 (is_causal=1 where the mask is
+  verified causal, the mask kept otherwise; repeat_kv undone, Attention-23 takes fewer kv heads).
+- onnxscript writes RMSNorm as SimplifiedLayerNormalization in the ONNX domain, which only onnxruntime knows
+  (onnx.checker rejects it): those are written back as standard ops (onnxruntime fuses them again on load).
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ _MAX_PROBE = 4200  # longest sequence a mask is evaluated at
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
-    def __init__(self, rotary_nodes=(), *, allow_gqa: bool = True, probe_lengths=(3, 7, 12)) -> None:
+    def __init__(
+        self, rotary_nodes=(), *, target: str = "ort", allow_gqa: bool = True, probe_lengths=(3, 7, 12)
+    ) -> None:
         super().__init__()
+        self.target = target
         self.rotary_nodes = list(rotary_nodes)
         self.allow_gqa = allow_gqa
         self.probe_lengths = tuple(probe_lengths)
         self.changes: list[str] = []
         self.notes: list[str] = []
         self.counts: dict[str, int] = {}
+        self._att23_detail = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
@@ -58,33 +66,47 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         before = _count_ops(model)
         try:
             _core._pre_optimize(model)
-            # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2...) as SimplifiedLayerNormalization
-            counts = {
-                "rms_normalization": fuse_rms_normalization(model),
-                "skip_layer_normalization": fuse_skip_layer_normalization(model),
-                "skip_rms_normalization": fuse_skip_rms_normalization(model),
-            }
+            counts: dict[str, int] = {}
+            if self.target == "ort":
+                # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2) as SimplifiedLayerNormalization
+                counts["rms_normalization"] = fuse_rms_normalization(model)
+                counts["skip_layer_normalization"] = fuse_skip_layer_normalization(model)
+                counts["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
             counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
             sdpa = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _FUSION_DOMAIN]
-            gqa_ok, why = self._gqa_is_exact(model, sdpa) if sdpa else (False, "no attention recognised")
-            if gqa_ok:
-                counts["gqa"] = fuse_gqa(model)
-            for name, fn in (("mha1", fuse_mha1), ("mha2", fuse_mha2), ("mha_scale", fuse_mha_scale)):
-                counts[name] = fn(model)
-            if counts["mha1"] or counts["mha2"]:
-                counts["mha_bias"] = fuse_mha_bias(model)
-            counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
+            if self.target == "onnx":
+                counts["attention23"] = self._sdpa_to_onnx_attention(model, sdpa)
+                why = None
+            else:
+                gqa_ok, why = self._gqa_is_exact(model, sdpa) if sdpa else (False, "no attention recognised")
+                if gqa_ok:
+                    counts["gqa"] = fuse_gqa(model)
+                for name, fn in (("mha1", fuse_mha1), ("mha2", fuse_mha2), ("mha_scale", fuse_mha_scale)):
+                    counts[name] = fn(model)
+                if counts["mha1"] or counts["mha2"]:
+                    counts["mha_bias"] = fuse_mha_bias(model)
+                counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
             optimize(model)
+            # onnxscript writes SimplifiedLayerNormalization into the ONNX domain, where only onnxruntime knows it
+            # (onnx.checker rejects it): write it back as standard ops; onnxruntime fuses them again at load time
+            counts["rms_unfused"] = _decompose_simplified_layer_norm(model)
         except Exception as exc:  # noqa: BLE001 - RoPE fusion stands on its own; say why attention did not follow
-            self.notes.append(
-                f"attention fusion stopped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            )
+            optimize(model)  # inlines any SDPA left as a function call, so the model stays runnable
+            if any(n.domain == _FUSION_DOMAIN for n in model.graph):
+                raise
+            message = str(exc).splitlines()[0][:160] if str(exc) else ""
+            self.notes.append(f"attention fusion stopped: {type(exc).__name__}: {message}")
             return ir.passes.PassResult(model, True)
         self.counts = counts
         after = _count_ops(model)
         gqa = after.get("GroupQueryAttention", 0) - before.get("GroupQueryAttention", 0)
+        att23 = counts.get("attention23", 0)
         mha = after.get("MultiHeadAttention", 0) - before.get("MultiHeadAttention", 0)
         left = after.get("Softmax", 0)
+        if att23:
+            self.changes.append(
+                f"fused attention: {att23} into Attention-23 after RotaryEmbedding-23 ({self._att23_detail})"
+            )
         if gqa or mha:
             parts = []
             if gqa:
@@ -94,19 +116,66 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             self.changes.append(
                 "fused attention: " + ", ".join(parts) + " (onnxscript ort_fusions, checked by posrewrite)"
             )
-        if not gqa and (mha or counts.get("sdpa")):
+        if self.target == "ort" and not gqa and (mha or counts.get("sdpa")):
             why = why or "onnxscript's GQA rule did not match"
             self.notes.append(f"GroupQueryAttention not used: {why}")
         norms = sum(
-            counts.get(k, 0) for k in ("rms_normalization", "skip_layer_normalization", "skip_rms_normalization")
+            after.get(k, 0) - before.get(k, 0) for k in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
         )
         if norms:
-            self.changes.append(f"fused {norms} normalisation(s) (RMSNorm/LayerNorm + residual Add) for onnxruntime")
+            self.changes.append(
+                f"fused {norms} residual Add + normalisation pair(s) into com.microsoft.Skip*Normalization"
+            )
         if left:
             self.notes.append(f"{left} attention(s) not fused (Softmax left in the graph)")
-        return ir.passes.PassResult(model, bool(gqa or mha or norms))
+        return ir.passes.PassResult(model, bool(gqa or mha or norms or att23))
 
     # -----------------------------------------------------------------------------------------------
+    def _sdpa_to_onnx_attention(self, model: ir.Model, sdpa_nodes: list[ir.Node]) -> int:
+        """SDPA (onnxscript's intermediate op) -> ai.onnx Attention-23: causal masks (verified) become
+        is_causal=1, other masks stay as attn_mask; repeat_kv is undone (Attention-23 takes fewer kv heads)."""
+        graph = model.graph
+        verdicts: dict[int, str] = {}
+        causal = grouped = 0
+        for node in sdpa_nodes:
+            q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            scale = node.attributes.get("scale")
+            key_format = node.attributes.get_string("key_format", "BHSd")
+            new_nodes = []
+            if key_format == "BSHd":
+                t = ir.node("Transpose", [k], {"perm": [0, 2, 1, 3]})
+                new_nodes.append(t)
+                k = t.outputs[0]
+            k0, v0 = _unrepeat_kv(k), _unrepeat_kv(v)
+            if k0 is not None and v0 is not None and k0.shape is not None and v0.shape is not None:
+                if k0.shape[1] == v0.shape[1]:
+                    k, v = k0, v0
+                    grouped += 1
+            attrs: dict = {}
+            if scale is not None and scale.value is not None:
+                attrs["scale"] = float(scale.value)
+            inputs = [q, k, v]
+            if mask is not None:
+                if id(mask) not in verdicts:
+                    verdicts[id(mask)] = _mask_kind(model, mask, self.probe_lengths)
+                if verdicts[id(mask)] == "causal":
+                    attrs["is_causal"] = 1
+                    causal += 1
+                else:
+                    inputs.append(mask)
+            att = ir.node("Attention", inputs, attrs, name=(node.name or "sdpa") + "_attention23")
+            att.outputs[0].name = node.outputs[0].name
+            att.outputs[0].dtype, att.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+            new_nodes.append(att)
+            graph.insert_before(node, new_nodes)
+            old = node.outputs[0]
+            old.name = None
+            ir.convenience.replace_all_uses_with(old, att.outputs[0], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+        self._att23_detail = f"{causal} with is_causal=1 (mask verified), {grouped} with grouped kv heads"
+        return len(sdpa_nodes)
+
     def _gqa_is_exact(self, model: ir.Model, sdpa_nodes: list[ir.Node]) -> tuple[bool, str | None]:
         if not self.allow_gqa:
             return False, "disabled"
@@ -117,6 +186,11 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                     "positions are not 0..S-1 (position_ids is a model input): GroupQueryAttention "
                     "would rotate by its own positions"
                 )
+        for node in sdpa_nodes:
+            scale = node.attributes.get("scale")
+            if scale is not None and scale.value is not None:
+                # onnxscript's GQA rule does not carry the scale over (it would use 1/sqrt(head_size))
+                return False, f"attention scale {float(scale.value):.6g} is not 1/sqrt(head_size)"
         masks = {}
         for node in sdpa_nodes:
             mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -128,6 +202,84 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             if verdict != "causal":
                 return False, f"attention mask {mask.name}: {verdict}"
         return True, None
+
+
+def _decompose_simplified_layer_norm(model: ir.Model) -> int:
+    """SimplifiedLayerNormalization(X, scale) -> X * 1/sqrt(mean(X^2) + eps) * scale, in standard ops."""
+    graph = model.graph
+    done = 0
+    for node in [n for n in graph if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx")]:
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            continue
+        x, scale = node.inputs[0], node.inputs[1]
+        axis = node.attributes.get_int("axis", -1)
+        eps = node.attributes.get_float("epsilon", 1e-5)
+        stash = node.attributes.get_int("stash_type", 1)
+        dtype = x.dtype or ir.DataType.FLOAT
+        nodes: list[ir.Node] = []
+        op = _Emitter(nodes)
+        const = op.const
+
+        compute = ir.DataType.FLOAT if stash == 1 else dtype
+        xc = op("Cast", x, to=compute) if compute != dtype else x
+        mean = op("ReduceMean", op("Mul", xc, xc), const(np.array([axis], np.int64)), keepdims=1)
+        eps_c = const(np.array(eps, dtype=compute.numpy()))
+        y = op("Mul", xc, op("Reciprocal", op("Sqrt", op("Add", mean, eps_c))))
+        if compute != dtype:
+            y = op("Cast", y, to=dtype)
+        y = op("Mul", y, scale)
+        out = node.outputs[0]
+        y.name = out.name
+        if out.dtype is not None:
+            y.dtype = out.dtype
+        if out.shape is not None:
+            y.shape = out.shape
+        out.name = None
+        graph.insert_before(node, nodes)
+        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        done += 1
+    return done
+
+
+class _Emitter:
+    """op("Mul", a, b, attr=...) -> output value; the nodes are collected in order."""
+
+    def __init__(self, nodes: list[ir.Node]) -> None:
+        self.nodes = nodes
+
+    def __call__(self, op_type: str, *inputs: ir.Value, **attrs) -> ir.Value:
+        node = ir.node(op_type, list(inputs), attrs or None)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, arr) -> ir.Value:
+        return self("Constant", value=ir.tensor(np.asarray(arr)))
+
+
+def _unrepeat_kv(value: ir.Value) -> ir.Value | None:
+    """k0 [B, Hkv, S, D] when value = Reshape(Expand(Unsqueeze(k0, [2]), [B, Hkv, G, S, D]), [B, Hkv*G, S, D])
+    (HF's repeat_kv: head h reads kv head h // G, as Attention-23 and GroupQueryAttention do)."""
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    expand = reshape.inputs[0].producer()
+    if expand is None or expand.op_type != "Expand":
+        return None
+    unsq = expand.inputs[0].producer()
+    if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.inputs) < 2:
+        return None
+    axes = ir.convenience.get_const_tensor(unsq.inputs[1])
+    if axes is None or [int(a) for a in axes.numpy().reshape(-1)] != [2]:
+        return None
+    k0 = unsq.inputs[0]
+    shp, out = k0.shape, value.shape
+    if shp is None or out is None or len(shp) != 4 or len(out) != 4:
+        return None
+    hkv, h = shp[1], out[1]
+    if not (isinstance(hkv, int) and isinstance(h, int) and h % hkv == 0) or shp[3] != out[3]:
+        return None
+    return k0
 
 
 def _count_ops(model: ir.Model) -> dict[str, int]:

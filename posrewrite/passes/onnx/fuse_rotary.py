@@ -108,10 +108,10 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         left = [n for n in graph if id(n) in source_ids and n.op_type in ("Cos", "Sin")]
         if left:
             self.notes.append(f"{len(left)} Cos/Sin node(s) still in the graph (used by something other than q/k)")
-        if self.fuse_attention and self.target == "ort":
+        if self.fuse_attention:
             from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
 
-            att = FuseAttentionPass(self.fused_nodes)
+            att = FuseAttentionPass(self.fused_nodes, target=self.target)
             att(model)
             self.changes.extend(att.changes)
             self.notes.extend(att.notes)
@@ -141,7 +141,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             caches = caches_by_dtype[app.input.dtype or _F32]
             nodes.append(self._replace(graph, site, app, form, positions, caches))
         if plan is not None:
-            # the site is now a fused op: validation reads its caches from the fused node
+            # the site is now a fused op: validation checks its caches (cos_cache / sin_cache) against the plan
             first = caches_by_dtype[apps[0].input.dtype or _F32]
             plan.site = dataclasses.replace(
                 site,
@@ -315,6 +315,8 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         partial = head_dim is not None and app.rotary_dim < head_dim
         if partial:
             attrs["rotary_embedding_dim"] = int(app.rotary_dim)
+            if not form.num_heads:
+                raise FuseRefusal(f"partial rotary on {x.name}: the number of heads is not static (num_heads needed)")
         if form.kind == "bshd":
             x = w.op("Reshape", x, w.const(np.array([0, 0, -1], np.int64)))
             attrs["num_heads"] = int(form.num_heads)
