@@ -22,6 +22,7 @@ from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import AngleSource, RopeSite
 
 DEFAULT_CHECK_LENGTH = 8192
+FUSE_COMPARE_LENGTH = 48  # tokens at which a fused-only model is run beside the original
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,8 +223,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if opts.rescales_rope and not opts.fp32_positions and _half_precision_positions(found):
         opts = dataclasses.replace(opts, fp32_positions=True)
         notes.append("positions or angles are computed in half precision: --fp32-positions is implied by the rescale")
+    fused_cache_rows: list = [None]  # set by the fusion: rows of its static caches
     if opts.fp32_positions or opts.fuse != "none":
-        extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts)
+        extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts, path, fused_cache_rows)
         changes.extend(extra_changes)
         notes.extend(extra_notes)
     if not changes:
@@ -242,6 +244,16 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                 ok, message = run_full_model(saved, length)
             report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                                 "ok": ok, "message": message})
+    if opts.validate and not plans and not other_changes and opts.fuse != "none" and changes:
+        from posrewrite.validate import ValidationReport, compare_models
+
+        # fusion alone must not change what the model computes: run both on the same tokens
+        report = ValidationReport()
+        if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
+            with progress.stage("validating"):
+                report.rows.append(compare_models(path, saved, FUSE_COMPARE_LENGTH))
+        else:
+            report.notes.append("original/fused comparison skipped: weights over 512 MB")
     if opts.validate and plans:
         lengths = _validation_lengths(plans)
         with progress.stage("validating"):
@@ -252,10 +264,16 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                                     "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
             else:
                 report.notes.append("whole-model run skipped: weights over 512 MB (sites were checked)")
-        if not report.ok:
-            _remove_output(saved)
-            bad = next(r for r in report.rows if not r["ok"])
-            raise errors.ValidationError(f"validation failed: {bad}")
+    rows = fused_cache_rows[0]
+    if report is not None and rows and rows < 4 * MAX_VALIDATION_LENGTH and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
+        from posrewrite.validate import probe_past_cache
+
+        # positions past the fused caches must fail loudly, not give unrotated q/k
+        report.rows.append(probe_past_cache(saved, int(rows)))
+    if report is not None and not report.ok:
+        _remove_output(saved)
+        bad = next(r for r in report.rows if not r["ok"])
+        raise errors.ValidationError(f"validation failed: {bad}")
     return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
 
 
@@ -305,7 +323,19 @@ def _half_precision_positions(found: Detection) -> bool:
     return bool(needs_fp32_positions(found.rope_sites))
 
 
-def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) -> tuple[list[str], list[str]]:
+def _fused_cache_rows(opts: RewriteOptions, model_path) -> int | None:
+    """Rows of fused caches for sites without a table of their own: --max-positions, else config.json's
+    max_position_embeddings (None: the pass's default)."""
+    if opts.max_positions:
+        return int(opts.max_positions)
+    config = read_config_json(model_path) if model_path is not None else None
+    value = (config or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions, model_path=None,
+                          fused_cache_rows: list | None = None) -> tuple[list[str], list[str]]:
+    fused_cache_rows = fused_cache_rows if fused_cache_rows is not None else [None]
     changes: list[str] = []
     notes: list[str] = []
     if opts.fp32_positions:
@@ -327,8 +357,9 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions) 
             from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
         except ImportError:
             raise errors.UsageError("--fuse is not available in this build") from None
-        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans)
+        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans, max_positions=_fused_cache_rows(opts, model_path))
         p(model)
+        fused_cache_rows[0] = p.cache_rows
         changes.extend(getattr(p, "changes", []))
         notes.extend(getattr(p, "notes", []))
     return changes, notes

@@ -127,10 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp32-positions", action="store_true", help="compute positions and angles in fp32 (no fp16 rounding)"
     )
     g.add_argument(
-        "--fuse", default="none", metavar="MODE", help=f"fuse RoPE into one op: {', '.join(FUSE_MODES)} (default none)"
+        "--fuse", default="none", metavar="MODE", help=(
+            f"fuse RoPE (and the attention around it) into fused ops: {', '.join(FUSE_MODES)}. ort: "
+            "com.microsoft.RotaryEmbedding/GroupQueryAttention/MultiHeadAttention (onnxruntime only); onnx: "
+            "RotaryEmbedding-23 + Attention-23 (raises the opset to 23). Default none: a rescaled model keeps "
+            "standard ops and runs on every runtime and opset it ran on before"
+        ),
     )
     g.add_argument(
-        "--max-positions", type=int, metavar="N", help="extend absolute / sinusoidal / ALiBi tables to N positions"
+        "--max-positions", type=int, metavar="N",
+        help="extend absolute / sinusoidal / ALiBi tables to N positions; rows of fused RoPE caches "
+        "(default: config.json's max_position_embeddings, else 4096)"
     )
     g.add_argument("--pos-scale", type=float, metavar="S", help="interpolate learned absolute positions by S")
     g.add_argument("--alibi-scale", type=float, metavar="S", help="scale ALiBi slopes by S")
@@ -457,6 +464,9 @@ def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
             console.print(
                 _table("validation (onnxruntime)", ["site", "length", "max |error|", "tolerance", "ok"], rows)
             )
+            for r in validation.rows:
+                if r.get("message") and (r.get("site") == "past cache" or not r.get("ok")):
+                    console.print(f"  [dim]{_escape(str(r.get('site')))}:[/dim] {_escape(r['message'])}")
             for line in getattr(validation, "notes", []) or []:
                 console.print(f"  [dim]note:[/dim] {_escape(line)}")
         if result.output_path is not None and not failed:

@@ -212,22 +212,22 @@ def initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def run_full_model(path, length: int) -> tuple[bool, str]:
-    """Runs the saved model at `length` tokens; (ok, message)."""
+def _session_for(path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        return False, f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}"
-    model_inputs = session.get_inputs()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _full_model_feeds(session, length: int) -> dict[str, np.ndarray] | str:
+    """Integer inputs for a whole-model run at `length` tokens (ids 0/1, valid for any vocabulary; positions
+    0..length-1; masks of ones), or a string saying why the model cannot be fed this way."""
     feeds = {}
-    for i in model_inputs:
+    for i in session.get_inputs():
         name = i.name.lower()
         if "int" not in i.type:
-            return True, f"whole-model run skipped: input {i.name} is {i.type}"
+            return f"input {i.name} is {i.type}"
         shape = [d if isinstance(d, int) else (1 if k == 0 and len(i.shape) > 1 else length) for k, d in enumerate(i.shape)]
         dtype = np.int64 if "int64" in i.type else np.int32
         if "position" in name:
@@ -235,7 +235,19 @@ def run_full_model(path, length: int) -> tuple[bool, str]:
         elif "mask" in name:
             feeds[i.name] = np.ones(shape, dtype=dtype)
         else:
-            feeds[i.name] = np.zeros(shape, dtype=dtype)
+            feeds[i.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype) % 2, shape).copy()
+    return feeds
+
+
+def run_full_model(path, length: int) -> tuple[bool, str]:
+    """Runs the saved model at `length` tokens; (ok, message)."""
+    try:
+        session = _session_for(path)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}"
+    feeds = _full_model_feeds(session, length)
+    if isinstance(feeds, str):
+        return True, f"whole-model run skipped: {feeds}"
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001
@@ -244,3 +256,71 @@ def run_full_model(path, length: int) -> tuple[bool, str]:
         if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.all(np.isfinite(o)):
             return False, f"the rewritten model gives non-finite outputs at {length} tokens"
     return True, f"whole model ran at {length} tokens"
+
+
+def compare_models(original, rewritten, length: int) -> dict[str, Any]:
+    """Runs the original and the rewritten model on the same inputs at `length` tokens and compares their first
+    floating output. For rewrites that must not change the function (fusion alone): fp32 models must agree to
+    float32 round-off; half-precision ones within half-precision noise (the fused caches are computed in fp32,
+    so they are closer to exact than the original, not bit-identical to it)."""
+    row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None, "ok": True}
+    try:
+        ref_session, new_session = _session_for(original), _session_for(rewritten)
+    except Exception as exc:  # noqa: BLE001
+        row.update(ok=False, message=f"onnxruntime cannot load a model: {str(exc).splitlines()[0][:200]}")
+        return row
+    feeds = _full_model_feeds(ref_session, length)
+    if isinstance(feeds, str):
+        row["message"] = f"comparison skipped: {feeds}"
+        return row
+    try:
+        ref = ref_session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        row["message"] = f"comparison skipped: the original fails at {length} tokens: {str(exc).splitlines()[0][:160]}"
+        return row
+    try:
+        new = new_session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        row.update(ok=False, message=f"the rewritten model fails at {length} tokens: {str(exc).splitlines()[0][:200]}")
+        return row
+    pairs = [(a, b) for a, b in zip(ref, new) if np.issubdtype(np.asarray(a).dtype, np.floating)]
+    if not pairs:
+        row["message"] = "comparison skipped: no floating output"
+        return row
+    a, b = (np.asarray(x, dtype=np.float64) for x in pairs[0])
+    if a.shape != b.shape:
+        row.update(ok=False, message=f"output shapes differ: {a.shape} vs {b.shape}")
+        return row
+    half = np.asarray(pairs[0][0]).dtype in (np.float16,) or str(np.asarray(pairs[0][0]).dtype) == "bfloat16"
+    scale = 1.0 + float(np.max(np.abs(a)))
+    tol = (5e-2 if half else 1e-3) * scale
+    err = float(np.max(np.abs(a - b)))
+    row.update(max_abs_error=err, tolerance=tol, ok=bool(err <= tol and np.all(np.isfinite(b))),
+               message=f"original and rewritten outputs at {length} tokens")
+    return row
+
+
+def probe_past_cache(path, rows: int) -> dict[str, Any]:
+    """Runs a fused model at `rows + 1` tokens, one position past its caches: the run must fail with an error
+    (onnxruntime CPU checks position ids against the cache) rather than give outputs from unrotated or
+    out-of-bounds values. The error comes from the first layer's RotaryEmbedding, so the probe is cheap."""
+    length = rows + 1
+    row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None, "ok": True}
+    try:
+        session = _session_for(path)
+    except Exception as exc:  # noqa: BLE001
+        row.update(ok=False, message=f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}")
+        return row
+    feeds = _full_model_feeds(session, length)
+    if isinstance(feeds, str):
+        row["message"] = f"probe skipped: {feeds}"
+        return row
+    try:
+        session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc).splitlines()[0]
+        text = text.split("Status Message:", 1)[-1].strip()  # onnxruntime's own reason, without the node preamble
+        row["message"] = f"position {rows} is rejected by onnxruntime: {text[:160]}"
+        return row
+    row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
+    return row

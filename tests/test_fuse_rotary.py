@@ -288,3 +288,54 @@ def test_combined_with_fp32_positions(fp16_rope_onnx, tmp_path):
     out, result = _fuse(src, tmp_path, "ort", fp32_positions=True)
     ops = _ops(out)
     assert rotations(onnx.load(out)) == 2 and ops.count("Cos") == 0
+
+
+def test_fuse_only_rewrite_is_compared_with_the_original(llama_onnx, tmp_path):
+    """With validation on, a fusion alone is checked by running the original and the fused model in
+    onnxruntime on the same tokens (the original export is the reference)."""
+    result = api.rewrite(llama_onnx, output=tmp_path / "f.onnx", fuse="ort", validate=True)
+    rows = [r for r in result.validation.rows if r["site"] == "model"]
+    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["max_abs_error"] is not None
+    assert rows[0]["max_abs_error"] <= 1e-4
+    # one position past the caches: validation shows that onnxruntime rejects it rather than reading past
+    past = [r for r in result.validation.rows if r["site"] == "past cache"]
+    assert len(past) == 1 and past[0]["ok"] and past[0]["length"] == 4097 and "rejected" in past[0]["message"]
+
+
+def test_comparison_catches_a_wrong_fused_cache(llama_onnx, tmp_path):
+    """A fused model whose sin cache has the wrong sign (rotation the other way) must fail the comparison."""
+    from posrewrite.validate import compare_models
+
+    out = tmp_path / "f.onnx"
+    api.rewrite(llama_onnx, output=out, fuse="ort", validate=False)
+    model = ir.load(out)
+    sins = [v for name, v in model.graph.initializers.items() if "sin" in name]
+    assert sins
+    for v in sins:
+        v.const_value = ir.tensor(-v.const_value.numpy())
+    bad = tmp_path / "bad.onnx"
+    ir.save(model, bad)
+    row = compare_models(llama_onnx, bad, 48)
+    assert not row["ok"] and row["max_abs_error"] > row["tolerance"]
+    good = compare_models(llama_onnx, out, 48)
+    assert good["ok"]
+
+
+def test_cache_rows_follow_config_json(llama_onnx, tmp_path):
+    """Computed angles get fused caches as long as config.json's max_position_embeddings (beside the model),
+    unless --max-positions says otherwise."""
+    import json
+    import shutil
+
+    src = tmp_path / "model.onnx"
+    shutil.copy(llama_onnx, src)
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 300}))
+
+    def cache_rows(path) -> set[int]:
+        proto = onnx.load(path)
+        return {int(t.dims[0]) for t in proto.graph.initializer if "cos_cache" in t.name}
+
+    api.rewrite(src, output=tmp_path / "a.onnx", fuse="ort")
+    assert cache_rows(tmp_path / "a.onnx") == {300}
+    api.rewrite(src, output=tmp_path / "b.onnx", fuse="ort", max_positions=1000)
+    assert cache_rows(tmp_path / "b.onnx") == {1000}

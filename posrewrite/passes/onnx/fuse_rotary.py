@@ -76,6 +76,8 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         self.plans = {id(p.site): p for p in plans or ()}
         self.max_positions = max_positions
         self.fuse_attention = fuse_attention
+        #: rows of the shortest static fused cache (positions from here on are outside it); None: none static
+        self.cache_rows: int | None = None
         self.changes: list[str] = []
         self.notes: list[str] = []
         self.fused_nodes: list[ir.Node] = []
@@ -173,6 +175,8 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                 "so the fused model also fixes that precision loss (its outputs differ from the original's)"
             )
         if all(r is not None for r in rows):
+            shortest = min(r for r in rows if r)
+            self.cache_rows = shortest if self.cache_rows is None else min(self.cache_rows, shortest)
             self.notes.append(
                 f"positions >= {max(r for r in rows if r)} are outside the fused caches: onnxruntime CPU rejects them "
                 "with an error, the CUDA contrib kernel has been seen to pass q/k through unrotated; use "
@@ -285,10 +289,10 @@ class FuseRotaryPass(ir.passes.InPlacePass):
 
     def _runtime_caches(self, w: NodeWriter, site: RopeSite, plan, dtype, positions: ir.Value) -> _Caches:
         """dynamic/longrope: the runtime inv_freq (from max(position)+1, HF's rule), rows 0..max(position)."""
-        from posrewrite.passes.onnx.rescale import _runtime_inv_freq, _seq_from_positions
+        from posrewrite.passes.onnx.rescale import runtime_inv_freq, seq_from_positions
 
-        seq = _seq_from_positions(w, positions)
-        inv = _runtime_inv_freq(w, plan, seq)
+        seq = seq_from_positions(w, positions)
+        inv = runtime_inv_freq(w, plan, seq)
         n = w.op("Cast", seq, to=_I64)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), n, w.const(np.int64(1))), to=_F32)
         angles = w.op(

@@ -68,7 +68,7 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     return SitePlan(site, params, inv_freq, factor, new_length, runtime)
 
 
-def _runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
+def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
     """float32 [d/2] inverse frequencies for the runtime length `seq` (float32 scalar), HF's formulas."""
     p, site = plan.params, plan.site
     dim = site.rotary_dim
@@ -89,7 +89,7 @@ def _runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
     return w.op("Where", longer, dyn, w.const(orig.astype(np.float32)))
 
 
-def _seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
+def seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
     """max(positions) + 1 as a float32 scalar (HF: torch.max(position_ids) + 1)."""
     as_float = w.op("Cast", positions, to=_F32)
     return w.op("Add", w.op("ReduceMax", as_float, keepdims=0), w.const(np.float32(1.0)))
@@ -123,8 +123,8 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
     else:
         w = NodeWriter(graph, consumer, "rope_runtime")
         positions = info["position_source"] if info["position_source"].dtype in (ir.DataType.INT64, ir.DataType.INT32) else info["positions"]
-        seq = _seq_from_positions(w, positions)
-        inv = _runtime_inv_freq(w, plan, seq)
+        seq = seq_from_positions(w, positions)
+        inv = runtime_inv_freq(w, plan, seq)
         inv = w.op("Reshape", inv, w.const(np.array(shape, dtype=np.int64)))
         new = w.op("Cast", inv, to=dtype) if dtype != _F32 else inv
         new.producer().metadata_props[RUNTIME_INV_FREQ_KEY] = json.dumps({
@@ -185,10 +185,10 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
         else:
             w = NodeWriter(graph, select, "rope_table")
             if select.op_type in ("Gather", "GatherElements", "GatherND"):
-                seq = _seq_from_positions(w, select.inputs[1])
+                seq = seq_from_positions(w, select.inputs[1])
             else:
                 seq = w.op("Cast", w.op("ReduceMax", select.inputs[2], keepdims=0), to=_F32)
-            inv = _runtime_inv_freq(w, plan, seq)
+            inv = runtime_inv_freq(w, plan, seq)
             rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
             angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
             pieces = []
@@ -225,8 +225,8 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         if positions is None or positions.shape is None or len(positions.shape) != 2:
             raise RescaleError(f"{plan.params.rope_type} on a fused RotaryEmbedding needs 2-D position_ids")
         w = NodeWriter(graph, node0, "rope_cache")
-        seq = _seq_from_positions(w, positions)
-        inv = _runtime_inv_freq(w, plan, seq)
+        seq = seq_from_positions(w, positions)
+        inv = runtime_inv_freq(w, plan, seq)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
         angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
