@@ -251,7 +251,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         report = ValidationReport()
         if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
             with progress.stage("validating"):
-                report.rows.append(compare_models(path, saved, FUSE_COMPARE_LENGTH))
+                for length in _fuse_compare_lengths(found):
+                    report.rows.append(compare_models(path, saved, length))
         else:
             report.notes.append("original/fused comparison skipped: weights over 512 MB")
     if opts.validate and plans:
@@ -275,6 +276,23 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         bad = next(r for r in report.rows if not r["ok"])
         raise errors.ValidationError(f"validation failed: {bad}")
     return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
+
+
+def _fuse_compare_lengths(found: Detection) -> list[int]:
+    """Lengths at which a fused model is compared with the original: a short prompt, and one token past
+    every length at which a site switches its frequencies at run time (LongRoPE exports, dynamic rewrites)."""
+    from posrewrite.validate import MAX_VALIDATION_LENGTH
+
+    lengths = {FUSE_COMPARE_LENGTH}
+    for site in found.rope_sites:
+        info = site.extra.angles if site.extra is not None else None
+        if not info:
+            continue
+        switch = (info.get("selected") or {}).get("threshold") or (info.get("runtime") or {}).get(
+            "original_max_position_embeddings")
+        if switch and switch + 1 <= MAX_VALIDATION_LENGTH:
+            lengths.add(int(switch) + 1)
+    return sorted(lengths)
 
 
 def _validation_lengths(plans) -> list[int]:

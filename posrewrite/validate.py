@@ -111,12 +111,11 @@ def _as_rows(arr: np.ndarray, length: int) -> np.ndarray:
 def reference_tables(site: RopeSite, params: rope_math.RopeParameters | None, length: int, width: int,
                      attention_factor_before: float) -> tuple[np.ndarray, np.ndarray]:
     """What cos/sin of a (rewritten) site must be at positions 0..length-1, from the math module only."""
-    if params is None:
-        inv, factor = site.inv_freq, 1.0
-    else:
+    if params is None:  # not rescaled: the site's own frequencies and attention factor
+        inv, factor = site.inv_freq, attention_factor_before
+    else:  # rescaled: the new method's attention factor replaces the old one, as in HF
         inv, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=site.base,
                                                 dim=site.rotary_dim, seq_len=length)
-    factor *= attention_factor_before
     if width * 2 == site.rotary_dim:
         layout = "half"
     else:
@@ -139,7 +138,9 @@ def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> Validati
     for k, plan in enumerate(plans):
         site: RopeSite = plan.site
         params = plan.params
-        if site.angles == AngleSource.FUSED_OP and site.cos_cache is not None and site.sin_cache is not None:
+        if getattr(plan, "caches", None) is not None:
+            targets = list(plan.caches)  # written by the rescale (the fused node may be inside an attention op)
+        elif site.angles == AngleSource.FUSED_OP and site.cos_cache is not None and site.sin_cache is not None:
             targets = [site.cos_cache, site.sin_cache]  # the caches (the fused node may be inside an attention op now)
         elif site.angles == AngleSource.FUSED_OP:
             node = site.fused_nodes[0]
@@ -220,10 +221,39 @@ def _session_for(path, quiet: bool = False):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _full_model_feeds(session, length: int) -> dict[str, np.ndarray] | str:
-    """Integer inputs for a whole-model run at `length` tokens (ids 0/1, valid for any vocabulary; positions
-    0..length-1; masks of ones), or a string saying why the model cannot be fed this way."""
+def token_id_limits(path) -> dict[str, int]:
+    """Vocabulary size per integer graph input that indexes an embedding table (a Gather whose data is an
+    initializer), read from shapes only: the table's weights are not loaded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name for i in proto.graph.input}
+    tables = {t.name: t.dims for t in proto.graph.initializer}
+    limits: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in inputs and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            if len(dims) == 2 and dims[0] > 0:
+                limits[node.input[1]] = min(limits.get(node.input[1], dims[0]), int(dims[0]))
+    return limits
+
+
+def _token_ids(count: int, vocab: int | None) -> np.ndarray:
+    """`count` ids that avoid the ends of the vocabulary, where pad/bos/eos and other special tokens live (a
+    zero pad embedding can turn a whole-model run into NaNs that say nothing about the rewrite)."""
+    if vocab is None or vocab < 16:
+        lo, span = (3, 7) if vocab is None else (min(3, vocab - 1), max(1, vocab - 3))
+    else:
+        lo, span = vocab // 4, max(1, vocab // 2)
+    return lo + (np.arange(count, dtype=np.int64) * 7919) % span
+
+
+def _full_model_feeds(session, length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray] | str:
+    """Integer inputs for a whole-model run at `length` tokens (token ids from the middle of the vocabulary,
+    `vocab` giving its size per input when known; positions 0..length-1; masks of ones), or a string saying
+    why the model cannot be fed this way."""
     feeds = {}
+    vocab = vocab or {}
     for i in session.get_inputs():
         name = i.name.lower()
         if "int" not in i.type:
@@ -235,7 +265,8 @@ def _full_model_feeds(session, length: int) -> dict[str, np.ndarray] | str:
         elif "mask" in name:
             feeds[i.name] = np.ones(shape, dtype=dtype)
         else:
-            feeds[i.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype) % 2, shape).copy()
+            ids = _token_ids(shape[-1] if shape else 1, vocab.get(i.name)).astype(dtype)
+            feeds[i.name] = np.broadcast_to(ids, shape).copy()
     return feeds
 
 
@@ -245,7 +276,7 @@ def run_full_model(path, length: int) -> tuple[bool, str]:
         session = _session_for(path)
     except Exception as exc:  # noqa: BLE001
         return False, f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}"
-    feeds = _full_model_feeds(session, length)
+    feeds = _full_model_feeds(session, length, token_id_limits(path))
     if isinstance(feeds, str):
         return True, f"whole-model run skipped: {feeds}"
     try:
@@ -269,7 +300,7 @@ def compare_models(original, rewritten, length: int) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         row.update(ok=False, message=f"onnxruntime cannot load a model: {str(exc).splitlines()[0][:200]}")
         return row
-    feeds = _full_model_feeds(ref_session, length)
+    feeds = _full_model_feeds(ref_session, length, token_id_limits(original))
     if isinstance(feeds, str):
         row["message"] = f"comparison skipped: {feeds}"
         return row
@@ -288,6 +319,9 @@ def compare_models(original, rewritten, length: int) -> dict[str, Any]:
         row["message"] = "comparison skipped: no floating output"
         return row
     a, b = (np.asarray(x, dtype=np.float64) for x in pairs[0])
+    if not np.all(np.isfinite(a)):
+        row["message"] = f"comparison skipped: the original model itself gives non-finite outputs at {length} tokens"
+        return row
     if a.shape != b.shape:
         row.update(ok=False, message=f"output shapes differ: {a.shape} vs {b.shape}")
         return row
@@ -311,7 +345,7 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         row.update(ok=False, message=f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}")
         return row
-    feeds = _full_model_feeds(session, length)
+    feeds = _full_model_feeds(session, length, token_id_limits(path))
     if isinstance(feeds, str):
         row["message"] = f"probe skipped: {feeds}"
         return row

@@ -25,6 +25,8 @@ __all__ = [
     "RopeParameters",
     "default_inv_freq",
     "fit_base",
+    "PriorScaling",
+    "fit_scaled_base",
     "ntk_base",
     "dynamic_ntk_base",
     "yarn_attention_factor",
@@ -326,6 +328,90 @@ def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float = 1e-4
         if np.all(np.abs(default_inv_freq(nice, dim) - f32) <= ulp):
             return nice
     return base
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorScaling:
+    """Scaling an inverse-frequency vector found in a model already carries (an export of a scaled model,
+    such as Llama 3.1's llama3 rope or a YaRN config).
+
+    ``kind`` is ``"linear"`` (every frequency divided by ``factor``), ``"by_frequency"`` (llama3 / YaRN /
+    NTK-by-parts: the highest frequencies unchanged, the lowest divided by ``factor``, a ramp between) or
+    ``"by_length"`` (LongRoPE: one of two vectors chosen by the sequence length at run time);
+    ``unscaled`` counts the leading frequencies left as they were.
+    """
+
+    kind: str
+    factor: float
+    unscaled: int
+
+    def describe(self) -> str:
+        if self.kind == "by_length":
+            return f"LongRoPE (frequencies switched by sequence length, up to / {self.factor:.4g})"
+        if self.kind == "linear":
+            return f"every frequency / {self.factor:.6g} (linear)"
+        return (f"highest {self.unscaled} frequencies unchanged, lowest / {self.factor:.6g} "
+                "(llama3 / YaRN style)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "factor": float(self.factor), "unscaled_frequencies": int(self.unscaled)}
+
+
+def _snap(value: float, matches, *, rel: float = 1e-3) -> float:
+    """The shortest decimal (1 to 7 significant digits) near ``value`` for which ``matches`` holds."""
+    for digits in _NICE_DIGITS:
+        nice = float(f"{value:.{digits}g}")
+        if nice > 0 and abs(nice - value) <= rel * value and matches(nice):
+            return nice
+    return value
+
+
+def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
+                    rtol: float = 1e-4) -> tuple[float, PriorScaling] | None:
+    """(base, scaling) for an inverse-frequency vector that is a *scaled* ``b^(-2i/dim)``; None when it is
+    plainly geometric (see `fit_base`) or not recognisable.
+
+    Two shapes are recognised without knowing the method's parameters: a constant divisor (linear position
+    interpolation: ``b^(-2i/d) / s``) and a divisor growing from 1 at the highest frequencies to ``s`` at
+    the lowest (llama3, YaRN, NTK-by-parts all leave the fastest-turning frequencies alone). In the second
+    case the base comes from the unchanged leading frequencies alone, so at least three must be unchanged.
+    """
+    f = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
+    k = f.size
+    if k < 3 or not np.all(np.isfinite(f)) or np.any(f <= 0) or np.any(np.diff(f) >= 0):
+        return None
+    dim = 2 * k if dim is None else int(dim)
+    if dim // 2 != k:
+        raise ValueError(f"inv_freq has {k} entries, rotary dim {dim} needs {dim // 2}")
+    close = max(rtol, 4e-7)  # float32 round-off of a stored vector
+    f32 = np.asarray(inv_freq, dtype=_F32).reshape(-1)
+
+    if abs(f[0] - 1.0) > rtol:  # linear: f = b^(-2i/d) / s
+        scale = 1.0 / f[0]
+        base = fit_base(f * scale, dim, rtol=rtol)
+        if base is None:
+            return None
+        factor = _snap(scale, lambda s: abs(1.0 / s - f[0]) <= close * f[0], rel=1e-5)
+        base = _snap(base, lambda b: np.allclose(default_inv_freq(b, dim) / _f32(factor), f32, rtol=close, atol=0),
+                     rel=1e-5)
+        return base, PriorScaling("linear", factor, 0)
+
+    x = 2.0 * np.arange(k) / dim
+    y = -np.log(f)
+    run = 2
+    log_b = y[1] / x[1]
+    while run < k and abs(math.exp(-x[run] * log_b) - f[run]) <= rtol * f[run]:
+        run += 1
+        log_b = float(np.dot(x[:run], y[:run]) / np.dot(x[:run], x[:run]))
+    if run < 3 or run == k or not log_b > 0:
+        return None
+    base = math.exp(log_b)
+    divisor = np.exp(-x * log_b) / f  # 1 at the unchanged frequencies, growing to s
+    if np.any(np.diff(divisor) < -rtol * divisor[1:]) or divisor[-1] <= 1.0 + rtol:
+        return None
+    factor = _snap(float(divisor[-1]), lambda s: abs(s - divisor[-1]) <= close * s, rel=1e-4)
+    base = _snap(base, lambda b: np.allclose(default_inv_freq(b, dim)[:run], f32[:run], rtol=close, atol=0), rel=1e-4)
+    return base, PriorScaling("by_frequency", factor, run)
 
 
 def ntk_base(base: float, dim: int, factor: float) -> float:

@@ -64,6 +64,7 @@ class RopeSite(EncodingSite):
     source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
     fused_nodes: tuple[ir.Node, ...] = ()  # fused_op: the RotaryEmbedding nodes
     notes: tuple[str, ...] = ()
+    prior_scaling: Any = None  # posrewrite.math.rope.PriorScaling when inv_freq is already scaled
     extra: Any = dataclasses.field(default=None, repr=False, compare=False)  # detector details for rewrites
 
     @property
@@ -82,6 +83,7 @@ class RopeSite(EncodingSite):
             "position_dtype": self.position_dtype,
             "angle_dtype": self.angle_dtype,
             "attention_factor": float(self.attention_factor),
+            "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
             "sites": self.sites,
             "cos": self.cos.name,
             "sin": self.sin.name,

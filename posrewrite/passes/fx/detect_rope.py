@@ -373,7 +373,7 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
         apps = tuple(a for a, _ in members)
         src = members[0][1]
         notes: list[str] = []
-        base = None
+        base = prior = None
         if src.inv_freq is not None:
             if src.inv_freq.size * 2 != apps[0].rotary_dim:
                 refusals.append(Refusal("rope", apps[0].output.name,
@@ -381,9 +381,17 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                 continue
             base = rope_math.fit_base(src.inv_freq)
             if base is None:
-                notes.append("inv_freq is not geometric (already scaled?)")
+                fitted = rope_math.fit_scaled_base(src.inv_freq)
+                if fitted is None:
+                    notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
+                                 "(or the model's config) to rescale it")
+                else:
+                    base, prior = fitted
+                    notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
+                                 "replaces that scaling (as new rope_parameters in the config would)")
         if src.reason:
             notes.append(src.reason)
         sites.append(FxRopeSite(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
-                                source=src, base=base, applications=apps, notes=tuple(notes)))
+                                source=src, base=base, applications=apps, notes=tuple(notes),
+                                prior_scaling=prior))
     return sites, refusals

@@ -59,8 +59,13 @@ def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescaleP
     if src.kind != AngleSource.COMPUTED or src.inv_freq is None:
         raise RescaleRefused(f"{src.reason or 'angle source not understood'}: cannot rescale "
                              f"({site.applications[0].output.name})")
+    if site.prior_scaling is not None and params.rope_theta is None:
+        # already scaled: the new parameters replace that scaling, starting from the recovered base
+        params = dataclasses.replace(params, rope_theta=site.base)
     try:
         params.validate()
+        if params.rope_type == "dynamic" and site.base is None and params.rope_theta is None:
+            raise ValueError("dynamic needs the RoPE base, and inv_freq is not geometric (pass rope_base)")
         inv, factor = rope_math.scaled_inv_freq(params, inv_freq=src.inv_freq, base=site.base, dim=site.rotary_dim)
     except ValueError as e:
         raise RescaleRefused(str(e)) from None

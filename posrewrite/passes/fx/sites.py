@@ -79,6 +79,7 @@ class FxRopeSite(EncodingSite):
     base: float | None
     applications: tuple[FxRopeApplication, ...]
     notes: tuple[str, ...] = ()
+    prior_scaling: Any = None  # posrewrite.math.rope.PriorScaling when inv_freq is already scaled
 
     @property
     def angles(self) -> AngleSource:
@@ -105,6 +106,7 @@ class FxRopeSite(EncodingSite):
             "position_dtype": s.position_dtype,
             "angle_dtype": s.angle_dtype,
             "attention_factor": float(s.attention_factor),
+            "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
             "sites": self.sites,
             "cos": self.applications[0].cos.name if self.applications else None,
             "sin": self.applications[0].sin.name if self.applications else None,

@@ -200,11 +200,21 @@ class RopeDetector:
         freq_info = [self._constant_root(o) for o in operands]
         consts = [k for k, f in enumerate(freq_info) if f is not None]
         runtime = None
+        selected = None
         if not consts:
             for k, operand in enumerate(operands):
-                runtime = _runtime_marker(operand)
-                if runtime is not None:
-                    freq_info[k] = (operand, None, None, np.asarray(runtime["inv_freq"], np.float32))
+                marked = _runtime_marker(operand)
+                if marked is not None:
+                    marker_value, runtime = marked
+                    freq_info[k] = (marker_value, None, None, np.asarray(runtime["inv_freq"], np.float32))
+                    consts = [k]
+                    break
+        if not consts:
+            for k, operand in enumerate(operands):
+                found = self._length_selected(operand)
+                if found is not None:
+                    root, use_node, use_index, selected = found
+                    freq_info[k] = (root, use_node, use_index, selected["short"])
                     consts = [k]
                     break
         if len(consts) != 1:
@@ -230,6 +240,41 @@ class RopeDetector:
             "angle_dtype": dtype_name(product.outputs[0]),
             "duplicated": duplicated,
             "runtime": runtime,
+            "selected": selected,
+        }
+
+    def _length_selected(self, value: ir.Value):
+        """HF's LongRoPE export: inv_freq = Where(max(position)+1 > L, long, short) with constant branches.
+        Returns (the Where output, its consumer, input index, {"threshold", "short", "long"}) or None."""
+        use_node, use_index = None, None
+        v = value
+        for _ in range(16):
+            node = v.producer()
+            if node is None:
+                return None
+            if node.op_type == "Where":
+                break
+            if node.op_type not in ("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Transpose"):
+                return None
+            use_node, use_index = node, 0
+            v = node.inputs[0]
+        else:
+            return None
+        cond, long_v, short_v = node.inputs
+        compare = cond.producer() if cond is not None else None
+        if compare is None or compare.op_type not in ("Greater", "Less"):
+            return None
+        a, b = (self.fold(x) for x in compare.inputs)
+        threshold = b if compare.op_type == "Greater" else a
+        if threshold is None or (a is None) == (b is None) or np.asarray(threshold).size != 1:
+            return None
+        long_f, short_f = self.fold(long_v), self.fold(short_v)
+        if long_f is None or short_f is None or np.asarray(long_f).size != np.asarray(short_f).size:
+            return None
+        return v, use_node, use_index, {
+            "threshold": int(np.asarray(threshold).reshape(-1)[0]),
+            "short": np.asarray(short_f, np.float32).reshape(-1),
+            "long": np.asarray(long_f, np.float32).reshape(-1),
         }
 
     def _constant_root(self, value: ir.Value, ops=("Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Transpose")):
@@ -362,6 +407,19 @@ class RopeDetector:
                 notes.append(f"inv_freq computed at run time ({r['rope_type']} x{r['factor']:g} from L={r['original_max_position_embeddings']}, "
                              "written by posrewrite); base and inv_freq shown are the model's before that rescale")
             base = _fit_base(inv_freq, info["inv_freq_root"])
+            prior = None
+            if info["selected"] is not None:
+                sel = info["selected"]
+                ratio = sel["short"].astype(np.float64) / sel["long"].astype(np.float64)
+                prior = rope_math.PriorScaling("by_length", float(np.max(ratio)), 0)
+                notes.append(f"inv_freq switches at run time (LongRoPE export): the short frequencies up to "
+                             f"{sel['threshold']} tokens, the long ones (up to {np.max(ratio):.4g}x slower) beyond; "
+                             "inv_freq shown is the short one")
+                if base is None:
+                    notes.append("the base is not recoverable from LongRoPE frequencies: a rescale needs "
+                                 "--rope-base or a config.json with rope_theta beside the model")
+            elif base is None:
+                base, prior = _fit_scaled_base(inv_freq, info["inv_freq_root"], notes)
             if base is not None and info["inv_freq_root"].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
                 # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
                 inv_freq = rope_math.default_inv_freq(base, rotary_dim)
@@ -372,7 +430,7 @@ class RopeDetector:
                 max_positions=None, position_dtype=info["position_dtype"], angle_dtype=info["angle_dtype"],
                 attention_factor=cs.factor, positions=info["positions"], cos=cs.value, sin=ss.value,
                 applications=tuple(apps), source_nodes=(cs.trig_node, ss.trig_node, info["product"]),
-                notes=tuple(notes), extra=_Extra(cos_src=cs, sin_src=ss, angles=info),
+                notes=tuple(notes), prior_scaling=prior, extra=_Extra(cos_src=cs, sin_src=ss, angles=info),
             )
         # cached tables
         cos_table = self._table(cs)
@@ -387,9 +445,12 @@ class RopeDetector:
             return f"cache holds {2 * inv_freq.size} rotary channels but the rotation spans {rotary_dim}"
         sel = cs.select_node
         positions = sel.inputs[1] if sel.op_type in ("Gather", "GatherElements", "GatherND") else None
+        base, prior = rope_math.fit_base(inv_freq), None
+        if base is None:
+            base, prior = _fit_scaled_base(inv_freq, None, notes)
         return RopeSite(
             layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.CACHED,
-            base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=None,
+            base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
             max_positions=int(cos_table.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
             angle_dtype=dtype_name(cs.table), attention_factor=factor * cs.factor, positions=positions,
             cos=cs.value, sin=ss.value, cos_cache=cs.table, sin_cache=ss.table, applications=tuple(apps),
@@ -438,13 +499,16 @@ class RopeDetector:
             num_heads = int_attr(node, "num_heads", 0) or None
             if head_dim is not None and rank(node.inputs[0]) == 3 and num_heads:
                 head_dim //= num_heads
+            notes = [f"fused {_FUSED_DOMAINS[node.domain]} RotaryEmbedding"]
+            base, prior = rope_math.fit_base(inv_freq), None
+            if base is None:
+                base, prior = _fit_scaled_base(inv_freq, None, notes)
             sites.append(RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.FUSED_OP,
-                base=rope_math.fit_base(inv_freq), inv_freq=inv_freq, inv_freq_value=None,
+                base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
                 max_positions=int(cos_t.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
                 angle_dtype=dtype_name(cos_v), attention_factor=factor, positions=positions, cos=cos_v, sin=sin_v,
-                cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes),
-                notes=(f"fused {_FUSED_DOMAINS[node.domain]} RotaryEmbedding",),
+                cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
             ))
         return sites
 
@@ -486,8 +550,9 @@ class _Extra:
 RUNTIME_INV_FREQ_KEY = "posrewrite.runtime_inv_freq"
 
 
-def _runtime_marker(value: ir.Value) -> dict | None:
-    """The parameters posrewrite recorded on a run-time inv_freq computation (dynamic / longrope)."""
+def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:
+    """(the run-time inv_freq value, the parameters posrewrite recorded on it) for a dynamic / longrope
+    rewrite of posrewrite's, walking up from an operand of the angle product."""
     import json
 
     v = value
@@ -497,7 +562,7 @@ def _runtime_marker(value: ir.Value) -> dict | None:
             return None
         text = node.metadata_props.get(RUNTIME_INV_FREQ_KEY)
         if text:
-            return json.loads(text)
+            return v, json.loads(text)
         if node.op_type not in ("Cast", "Reshape", "Unsqueeze", "Expand", "Identity", "Transpose"):
             return None
         v = node.inputs[0]
@@ -520,6 +585,20 @@ def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
         if np.allclose(rope_math.default_inv_freq(nice, 2 * inv_freq.size), inv_freq, rtol=rtol, atol=0):
             return nice
     return base
+
+
+def _fit_scaled_base(inv_freq: np.ndarray, stored: ir.Value | None, notes: list[str]):
+    """(base, PriorScaling) of an already-scaled inv_freq, or (None, None); adds a note saying what was found."""
+    rtol = {ir.DataType.FLOAT16: 2.0 ** -9, ir.DataType.BFLOAT16: 2.0 ** -6}.get(stored.dtype if stored is not None else None, 1e-4)
+    fitted = rope_math.fit_scaled_base(inv_freq, rtol=rtol)
+    if fitted is None:
+        notes.append("inv_freq is not geometric and its scaling is not recognised: pass --rope-base (or a "
+                     "config.json with rope_theta beside the model) to rescale it")
+        return None, None
+    base, prior = fitted
+    notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale replaces that "
+                 "scaling (as new rope_parameters in config.json would)")
+    return base, prior
 
 
 def _best_failure(tracer: _basics.MatchingTracer) -> str | None:

@@ -721,9 +721,8 @@ def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndar
             except ValueError:
                 pass
         out.append((match, exact))
-        if plan.attention_factor != 1.0:
-            f = float(site.attention_factor)
-            out.append((np.array([plan.attention_factor * f]), np.array([factor * f])))
+        if plan.attention_factor != 1.0:  # the rescale wrote the new factor in place of the old one
+            out.append((np.array([plan.attention_factor]), np.array([factor])))
     return out
 
 

@@ -227,8 +227,15 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         half = site.rotary_dim // 2
         if plan is not None and plan.runtime:
             return self._runtime_caches(w, site, plan, dtype, positions)
+        info = site.extra.angles if (plan is None and site.extra is not None) else None
+        if info is not None and (info.get("runtime") or info.get("selected")):
+            # inv_freq chosen at run time (a LongRoPE export, a posrewrite dynamic rewrite): caches from that value
+            inv = w.op("Reshape", info["inv_freq_root"], w.const(np.array([-1], np.int64)))
+            if info["inv_freq_root"].dtype not in (None, _F32):
+                inv = w.op("Cast", inv, to=_F32)
+            return self._caches_from_inv(w, inv, site.attention_factor, dtype, positions)
         if plan is not None:
-            factor = plan.attention_factor * site.attention_factor
+            factor = plan.attention_factor  # replaces the export's own factor (HF semantics)
             rows = int(plan.new_length or plan.params.target_length() or 0)
             if site.angles == AngleSource.COMPUTED:
                 rows = max(rows, self._default_rows(site))
@@ -293,6 +300,15 @@ class FuseRotaryPass(ir.passes.InPlacePass):
 
         seq = seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
+        return self._caches_from_inv(w, inv, plan.attention_factor, dtype, positions, seq)
+
+    def _caches_from_inv(self, w: NodeWriter, inv: ir.Value, factor: float, dtype, positions: ir.Value,
+                         seq: ir.Value | None = None) -> _Caches:
+        """cos/sin caches for rows 0..max(position) from a float32 [d/2] inv_freq computed in the graph."""
+        from posrewrite.passes.onnx.rescale import seq_from_positions
+
+        if seq is None:
+            seq = seq_from_positions(w, positions)
         n = w.op("Cast", seq, to=_I64)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), n, w.const(np.int64(1))), to=_F32)
         angles = w.op(
@@ -301,7 +317,6 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
         )
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
-        factor = plan.attention_factor * site.attention_factor
         if factor != 1.0:
             cos, sin = w.op("Mul", cos, w.const(np.float32(factor))), w.op("Mul", sin, w.const(np.float32(factor)))
         if dtype != _F32:

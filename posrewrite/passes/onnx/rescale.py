@@ -36,6 +36,7 @@ class SitePlan:
     attention_factor: float
     new_length: int | None  # rows of regenerated tables
     runtime: bool
+    caches: tuple[ir.Value, ir.Value] | None = None  # fused sites: the cos/sin caches written by the rescale
 
     def describe(self) -> str:
         what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
@@ -56,7 +57,18 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
                          "rescale the original model instead")
     dim = site.rotary_dim
     base = site.base
+    if site.prior_scaling is not None and base is None and params.rope_theta is None:
+        raise ValueError(f"this RoPE is already scaled ({site.prior_scaling.describe()}) and its base cannot be "
+                         "recovered from the graph: pass --rope-base (the model's rope_theta) or put its "
+                         "config.json beside it")
+    if site.prior_scaling is not None and params.rope_theta is None:
+        # the export already carries a scaling: new rope_parameters replace it (as in HF), so every method
+        # starts from the plain frequencies of the recovered base
+        params = dataclasses.replace(params, rope_theta=base)
     runtime = params.rope_type in RUNTIME_METHODS
+    if runtime and params.rope_type == "dynamic" and base is None and params.rope_theta is None:
+        raise ValueError("dynamic needs the RoPE base, and inv_freq is not geometric (pass --rope-base or a "
+                         "config.json with rope_theta)")
     inv_freq, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=base, dim=dim, seq_len=None)
     if runtime:
         inv_freq = None
@@ -138,15 +150,15 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
 
 
 def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> None:
-    if factor == 1.0:
-        return
+    """Make cos and sin carry `factor` in all: the new method's attention factor replaces any factor the
+    export already had (a YaRN/LongRoPE export), as new rope_parameters do in HF."""
     for src in (site.extra.cos_src, site.extra.sin_src):
         if src.factor_node is not None:
             node = src.factor_node
             k = next(i for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None or (v is not None and v.producer() is not None and v.producer().op_type == "Constant"))
             old = node.inputs[k]
-            node.replace_input_with(k, add_initializer(graph, np.array(src.factor * factor).reshape(old.shape.dims if old.shape else ()), "attention_factor", old.dtype))
-        else:
+            node.replace_input_with(k, add_initializer(graph, np.array(factor).reshape(old.shape.dims if old.shape else ()), "attention_factor", old.dtype))
+        elif factor != 1.0:
             value = src.trig_node.outputs[0]
             scale = add_initializer(graph, np.array(factor), "attention_factor", value.dtype or _F32)
             insert_after_and_redirect(graph, value, "Mul", scale, "attention_factor_mul")
@@ -169,7 +181,8 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
         old = table_value.const_value.numpy() if table_value.const_value is not None else ir.convenience.get_const_tensor(table_value).numpy()
         dtype = table_value.dtype
         select = parts[0][0].select_node
-        factor = plan.attention_factor * site.attention_factor
+        # the table carries what the Mul after the gather (if any) does not
+        factor = plan.attention_factor / parts[0][0].factor
         row_axis = next(k for k, d in enumerate(old.shape[:-1]) if d == site.max_positions)
         new_shape = list(old.shape)
         new_shape[row_axis] = plan.new_length
@@ -218,7 +231,7 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
     node0 = site.fused_nodes[0]
     contrib = node0.domain == "com.microsoft"
-    factor = plan.attention_factor * site.attention_factor
+    factor = plan.attention_factor
     dtype = site.cos_cache.dtype
     if plan.runtime:
         positions = site.positions
@@ -243,4 +256,5 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         ci, si = (2, 3) if contrib else (1, 2)
         node.replace_input_with(ci, cos)
         node.replace_input_with(si, sin)
+    plan.caches = (cos, sin)
     return [plan.describe()]
