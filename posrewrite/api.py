@@ -207,9 +207,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         for site in rope_sites:
             params = rope_parameters_for(opts, path, site)
             try:
-                plans.append(rescale.plan_site(site, params))
+                plan = rescale.plan_site(site, params)
             except ValueError as exc:
                 raise errors.UsageError(str(exc)) from None
+            if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
+                plan.new_length = max(plan.new_length, int(opts.max_positions))
+            plans.append(plan)
         with progress.stage("rescaling", total=len(plans)) as stage:
             for plan in plans:
                 try:
@@ -217,7 +220,17 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                 except rescale.RescaleError as exc:
                     raise errors.UsageError(str(exc)) from None
                 stage.advance()
+    if opts.max_positions and not opts.rescales_rope:
+        # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
+        extensions = [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
+        for plan in extensions:
+            changes.extend(rescale.rescale_site(model.graph, plan))
+        plans.extend(extensions)
     other_changes, other_notes = _other_rewrites(model, found, opts)
+    if opts.max_positions:
+        from posrewrite.passes.onnx.extend_tables import extend_square_masks
+
+        other_changes.extend(extend_square_masks(model.graph, int(opts.max_positions)))
     changes.extend(other_changes)
     notes.extend(other_notes)
     if opts.rescales_rope and not opts.fp32_positions and _half_precision_positions(found):
@@ -241,7 +254,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         length = min(opts.max_positions or 0, MAX_VALIDATION_LENGTH) or None
         if length and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
             with progress.stage("validating"):
-                ok, message = run_full_model(saved, length)
+                ok, message = run_full_model(saved, length, original=path)
             report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                                 "ok": ok, "message": message})
     if opts.validate and not plans and not other_changes and opts.fuse != "none" and changes:
@@ -260,7 +273,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         with progress.stage("validating"):
             report = validate_sites(model, plans, lengths)
             if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-                ok, message = run_full_model(saved, min(max(lengths), MAX_VALIDATION_LENGTH))
+                ok, message = run_full_model(saved, min(max(lengths), MAX_VALIDATION_LENGTH), original=path)
                 report.rows.append({"site": "model", "length": min(max(lengths), MAX_VALIDATION_LENGTH),
                                     "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
             else:

@@ -97,3 +97,36 @@ def test_computed_sinusoid_pos_scale(tmp_path):
     p, modified = extend(path, tmp_path / "ext.onnx", pos_scale=2.0)
     assert modified
     assert not np.allclose(ort_run(tmp_path / "ext.onnx", ids(8)), ort_run(path, ids(8)))
+
+
+def test_gpt_neo_mask_buffers_extended(tmp_path):
+    """GPT-Neo bakes a causal mask (global layers) and a banded one (local layers, window 16) at T x T and
+    slices them by length, one bound as min(seq, T). With --max-positions both grow by their rule in i - j
+    and the bound moves. Reference: HF's GPT-Neo built for LONG positions (its masks computed by HF) whose
+    position table is the rewritten model's interpolated block."""
+    import onnx
+    import torch
+    import transformers
+
+    from fixtures.other_models import build_hf
+    from posrewrite import api
+
+    path, _ = export_other_onnx("gpt_neo")
+    with pytest.raises((ORTFail, ORTInvalidArgument)):
+        ort_run(path, ids(LONG))
+    out = tmp_path / "neo.onnx"
+    result = api.rewrite(path, output=out, max_positions=LONG)
+    assert result.validation.ok and sum("mask" in c for c in result.changes) == 2
+    table = next(onnx.numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer
+                 if tuple(i.dims) == (TABLE + LONG, 64))
+    model = build_hf("gpt_neo")
+    config = transformers.GPTNeoConfig(**{**model.config.to_dict(), "max_position_embeddings": LONG})
+    longer = transformers.GPTNeoForCausalLM(config).eval()
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = torch.from_numpy(table[TABLE:].copy())
+    longer.load_state_dict(state)
+    x = torch.from_numpy(ids(LONG))
+    with torch.no_grad():
+        ref = longer(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(ort_run(out, ids(LONG)), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ort_run(out, ids(TABLE)), ort_run(path, ids(TABLE)), atol=1e-5, rtol=0)

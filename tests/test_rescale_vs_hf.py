@@ -160,3 +160,49 @@ def test_gptj_cached_table_linear(tmp_path):
     assert float(np.max(np.abs(ref - ort_logits(out, ids)))) <= TOL
     with pytest.raises(Exception):  # the original table ends at L rows
         ort_logits(src, ids)
+
+
+def test_max_positions_extends_rope_tables(tmp_path):
+    """--max-positions alone on GPT-J's sin|cos table: the original fails past n_positions, the extended model
+    equals HF's GPT-J built with a longer n_positions (HF recomputes its table from the config) and keeps
+    the trained rows bit for bit."""
+    import onnx_ir as ir
+    import torch
+
+    from fixtures.hf_models import build_hf_model
+
+    L = ARCHS["gptj"].max_position_embeddings
+    src = export_hf_onnx("gptj")
+    out = tmp_path / "gptj-long.onnx"
+    result = api.rewrite(src, output=out, max_positions=4 * L)
+    assert result.validation.ok and any("same frequencies" in c for c in result.changes)
+    longer = build_hf_model("gptj", max_position_embeddings=4 * L)  # GPT-J: n_positions
+    longer.load_state_dict(build_hf_model("gptj").state_dict())
+    for n in (L // 2, L + 8, 4 * L):
+        ids = _ids(n, 128)
+        with torch.no_grad():
+            ref = longer(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+        assert float(np.max(np.abs(ref - ort_logits(out, ids)))) <= TOL
+    with pytest.raises(Exception):
+        ort_logits(src, _ids(4 * L, 128))
+    tables = []
+    for path in (src, out):
+        (site,) = api.detect(ir.load(path)).rope_sites[:1]
+        t = ir.convenience.get_const_tensor(site.cos_cache).numpy()
+        tables.append(t.reshape(-1, t.shape[-1]))
+    assert tables[0].shape[0] == L and tables[1].shape[0] == 4 * L
+    assert np.array_equal(tables[1][:L], tables[0])  # trained rows kept bit for bit
+
+
+def test_max_positions_extends_fused_caches(tmp_path):
+    """A fused model whose RotaryEmbedding caches end at L rows, extended with --max-positions: it runs at
+    4L and equals HF's Llama there (HF computes cos/sin for any length)."""
+    L = ARCHS["llama"].max_position_embeddings
+    fused = tmp_path / "fused.onnx"
+    api.rewrite(export_hf_onnx("llama"), output=fused, fuse="onnx", max_positions=L)
+    out = tmp_path / "long.onnx"
+    result = api.rewrite(fused, output=out, max_positions=4 * L)
+    assert result.validation.ok
+    for n in (L // 2, 4 * L):
+        ids = _ids(n, 128)
+        assert float(np.max(np.abs(hf_logits("llama", ids) - ort_logits(out, ids)))) <= TOL

@@ -27,7 +27,7 @@ from posrewrite.passes.onnx._graph import numpy_dtype
 from posrewrite.sites.base import EncodingSite
 from posrewrite.sites.other import AlibiSite, LearnedAbsoluteSite, SinusoidalSite, T5BiasSite
 
-__all__ = ["ExtendTablesPass"]
+__all__ = ["ExtendTablesPass", "extend_square_masks"]
 
 _LENGTH_OPS = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Neg", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast"})
 
@@ -254,6 +254,84 @@ class ExtendTablesPass(ir.passes.InPlacePass):
             + (f"; {moved} Slice bound(s) computed from {L} now use {n}" if moved else "")
         )
         return True
+
+
+def _toeplitz_values(square: np.ndarray) -> np.ndarray | None:
+    """f(d) for d = -(T-1)..T-1 when square[i, j] == f(i - j) for every i, j; None otherwise."""
+    t = square.shape[0]
+    f = np.concatenate([square[0, :0:-1], square[:, 0]])  # d = -(T-1)..-1 from row 0, then 0..T-1
+    i, j = np.indices(square.shape)
+    if not np.array_equal(f[i - j + t - 1], square):
+        return None
+    return f
+
+
+def extend_square_masks(graph: ir.Graph, rows: int) -> list[str]:
+    """Constant causal / sliding-window masks baked at the training length (GPT-Neo's ``bias`` buffer, older
+    GPT-2 and GPT-NeoX exports): a [.., T, T] constant with two values that depends only on i - j and is
+    read through Slice fails past T like a position table. It is rebuilt at `rows` x `rows` by the same rule
+    (distances beyond T-1 take the value at T-1: causal stays causal, a window narrower than T stays
+    closed). Returns one line per extended mask."""
+    changes = []
+    for value in list(graph.initializers.values()):
+        shape = value.shape
+        if value.const_value is None or shape is None or len(shape) < 2 or not shape.is_static():
+            continue
+        t = shape[-1]
+        if shape[-2] != t or t >= rows or t < 2 or any(d != 1 for d in list(shape)[:-2]):
+            continue
+        uses = list(value.uses())
+        if not uses or any(_through_users(u.node) != "Slice" for u in uses):
+            continue
+        square = value.const_value.numpy().reshape(t, t)
+        if np.unique(square).size > 2:
+            continue
+        f = _toeplitz_values(square)
+        if f is None:
+            continue
+        d = np.arange(rows)[:, None] - np.arange(rows)[None, :]
+        new = f[np.clip(d, -(t - 1), t - 1) + t - 1].reshape(tuple(list(shape)[:-2]) + (rows, rows))
+        replaced = _replace_initializer(graph, value, new.astype(square.dtype))
+        slices = _forget_shapes(replaced, t)
+        moved = sum(_retarget_length(graph, node, t, rows) for node in slices)  # bounds like min(seq, T)
+        bounds = f", {moved} slice bound(s) computed from {t} moved to {rows}" if moved else ""
+        changes.append(f"mask {value.name} -> {replaced.name}: {t}x{t} -> {rows}x{rows} (same rule in i - j){bounds}")
+    return changes
+
+
+def _forget_shapes(value: ir.Value, old: int, depth: int = 4) -> list[ir.Node]:
+    """Shapes recorded by the exporter on the slices of a grown constant may hold its old size as a static
+    dim, which onnxruntime would trust: they are dropped (onnxruntime infers them again). Returns the
+    Slice nodes met on the way."""
+    slices: list[ir.Node] = []
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for use in v.uses():
+                node = use.node
+                if node.op_type not in ("Slice", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze"):
+                    continue
+                if node.op_type == "Slice" and node not in slices:
+                    slices.append(node)
+                for out in node.outputs:
+                    if out.shape is not None and any(d == old for d in out.shape):
+                        out.shape = None
+                    nxt.append(out)
+        frontier = nxt
+    return slices
+
+
+def _through_users(node: ir.Node) -> str:
+    """The op type reached from `node` through shape-only ops (Slice of a Cast of a mask counts as Slice)."""
+    for _ in range(4):
+        if node.op_type not in ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze"):
+            return node.op_type
+        users = [u.node for out in node.outputs for u in out.uses()]
+        if len(users) != 1:
+            return node.op_type
+        node = users[0]
+    return node.op_type
 
 
 def _through(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:

@@ -37,8 +37,17 @@ class SitePlan:
     new_length: int | None  # rows of regenerated tables
     runtime: bool
     caches: tuple[ir.Value, ir.Value] | None = None  # fused sites: the cos/sin caches written by the rescale
+    keep_rows: bool = False  # extension only: the original rows are copied, new rows appended
+
+    @property
+    def extends_only(self) -> bool:
+        """Same frequencies, longer tables (--max-positions without a rescale)."""
+        return self.params.rope_type == "default" and self.params.rope_theta is None
 
     def describe(self) -> str:
+        if self.extends_only:
+            return (f"{self.site.angles.value} rope ({self.site.sites} q/k applications): tables "
+                    f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
         what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
         if self.params.rope_theta is not None:
             what += f", base {self.params.rope_theta:g}"
@@ -78,6 +87,20 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
         scaled = int(round(site.max_positions * params.effective_factor()))
         new_length = max(site.max_positions, scaled, target or 0)
     return SitePlan(site, params, inv_freq, factor, new_length, runtime)
+
+
+def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
+    """--max-positions on a RoPE site with a cos/sin table (GPT-J, CodeGen, fused caches): the table grows
+    to `rows` with the site's own frequencies and attention factor; rows it had are kept bit for bit, so
+    logits within the old length do not change. None when the site needs nothing."""
+    if site.angles == AngleSource.COMPUTED or site.max_positions is None or site.max_positions >= rows:
+        return None
+    inv = site.inv_freq
+    if site.base is not None and site.prior_scaling is None:
+        inv = rope_math.default_inv_freq(site.base, site.rotary_dim)  # exact, rather than fitted from the table
+    params = rope_math.RopeParameters(rope_type="default")
+    return SitePlan(site, params, np.asarray(inv, np.float32), float(site.attention_factor), int(rows), False,
+                    keep_rows=True)
 
 
 def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
@@ -194,6 +217,10 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
                 cos, sin = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout)
                 block = cos if fn == "cos" else sin
                 new[..., lo:hi] = block.reshape([plan.new_length if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo])
+            if plan.keep_rows:
+                kept = [slice(None)] * old.ndim
+                kept[row_axis] = slice(0, old.shape[row_axis])
+                new[tuple(kept)] = old
             replacement = add_initializer(graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype)
         else:
             w = NodeWriter(graph, select, "rope_table")
@@ -250,6 +277,10 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         w.commit()
     else:
         c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
+        if plan.keep_rows:
+            for table, cache in ((c, site.cos_cache), (s, site.sin_cache)):
+                old = ir.convenience.get_const_tensor(cache).numpy()
+                table[: old.shape[0]] = old
         cos = add_initializer(graph, c, "cos_cache", dtype)
         sin = add_initializer(graph, s, "sin_cache", dtype)
     for node in site.fused_nodes:
