@@ -235,3 +235,35 @@ def test_static_export_without_position_ids():
     with torch.no_grad():
         got = new.module()(ids)
     assert (got - _hf("llama", {"rope_type": "dynamic", "factor": 4.0}, ids, pos)).abs().max().item() <= 1e-5
+
+
+def test_rotation_cast_to_own_dtype_ernie():
+    """Ernie 4.5 writes ``q.float() * cos + rotate_every_two(q).float() * sin`` with cos/sin sliced and
+    repeat-interleaved: the cast around the rotation is looked through. Checked against HF's Ernie 4.5
+    with YaRN rope_parameters, and the fused program against the original."""
+    import transformers
+
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=L, pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.Ernie4_5ForCausalLM(transformers.Ernie4_5Config(**kw)).eval()
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L,
+            "rope_theta": base.config.rope_parameters["rope_theta"]}
+    scaled = transformers.Ernie4_5ForCausalLM(transformers.Ernie4_5Config(**kw, rope_parameters=yarn)).eval()
+    scaled.load_state_dict(base.state_dict())
+    ids, pos = _tokens(8)
+    s = torch.export.Dim("seq", max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(LogitsOnlyWithPositions(base), (ids, pos), dynamic_shapes=({1: s}, {1: s}))
+    (site,) = pt.detect(ep)
+    assert site.layout.value == "interleaved" and site.sites == 2 * LAYERS
+    new = pt.rewrite(ep, rope_scale=4.0, rope_method="yarn", original_max_positions=L)
+    fused = pt.rewrite(ep, fuse=True)
+    assert sum(1 for n in fused.graph.nodes if "posrewrite" in str(n.target)) >= 1
+    for n in (L // 2, 3 * L):
+        ids, pos = _tokens(n)
+        with torch.no_grad():
+            ref = scaled(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert float((_run(new, ids, pos) - ref).abs().max()) <= 1e-5
+        assert float((_run(fused, ids, pos) - _run(ep, ids, pos)).abs().max()) <= 1e-5

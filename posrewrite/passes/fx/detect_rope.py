@@ -132,6 +132,12 @@ def _rotation(node: object) -> Rotation | None:
         r = form(node)
         if r is not None:
             return r
+    # ``rotate(x).float()`` (Ernie 4.5, GLM-4.5): a cast to x's own dtype changes nothing
+    target = g.cast_dtype(node)
+    if target is not None and node.args and isinstance(node.args[0], Node):
+        inner = _rotation(node.args[0])
+        if inner is not None and g.dtype(inner.x) == target:
+            return dataclasses.replace(inner, nodes=inner.nodes + (node,))
     return None
 
 
