@@ -70,6 +70,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             if self.target == "ort":
                 # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2) as SimplifiedLayerNormalization
                 counts["rms_normalization"] = fuse_rms_normalization(model)
+                _uniform_norm_inputs(model)
                 counts["skip_layer_normalization"] = fuse_skip_layer_normalization(model)
                 counts["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
             counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
@@ -204,6 +205,24 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         return True, None
 
 
+def _uniform_norm_inputs(model: ir.Model) -> None:
+    """onnxscript fuses a mixed-precision RMSNorm (fp16 x normalised in fp32 with an fp32 weight, OLMo's q/k
+    norms) into SimplifiedLayerNormalization(x: fp16, scale: fp32); its skip rule would then build a
+    SkipSimplifiedLayerNormalization whose inputs disagree in type, which onnxruntime refuses. Casting x to
+    the scale's type first changes nothing numerically (the norm is computed in fp32) and keeps the types
+    of any later fusion consistent."""
+    graph = model.graph
+    for node in [n for n in graph if n.op_type == "SimplifiedLayerNormalization"]:
+        x, scale = node.inputs[0], node.inputs[1]
+        if x is None or scale is None or x.dtype is None or scale.dtype is None or x.dtype == scale.dtype:
+            continue
+        cast = ir.node("Cast", [x], attributes={"to": scale.dtype})
+        cast.outputs[0].dtype = scale.dtype
+        cast.outputs[0].shape = x.shape
+        graph.insert_before(node, cast)
+        node.replace_input_with(0, cast.outputs[0])
+
+
 def _decompose_simplified_layer_norm(model: ir.Model) -> int:
     """SimplifiedLayerNormalization(X, scale) -> X * 1/sqrt(mean(X^2) + eps) * scale, in standard ops."""
     graph = model.graph
@@ -225,8 +244,13 @@ def _decompose_simplified_layer_norm(model: ir.Model) -> int:
         mean = op("ReduceMean", op("Mul", xc, xc), const(np.array([axis], np.int64)), keepdims=1)
         eps_c = const(np.array(eps, dtype=compute.numpy()))
         y = op("Mul", xc, op("Reciprocal", op("Sqrt", op("Add", mean, eps_c))))
-        if compute != dtype:
-            y = op("Cast", y, to=dtype)
+        # onnxruntime's SimplifiedLayerNormalization takes X: T and scale: V (mixed precision, OLMo's fp16 q/k
+        # norms with fp32 weights) and returns V
+        target = node.outputs[0].dtype or scale.dtype or dtype
+        if compute != target:
+            y = op("Cast", y, to=target)
+        if scale.dtype is not None and scale.dtype != target:
+            scale = op("Cast", scale, to=target)
         y = op("Mul", y, scale)
         out = node.outputs[0]
         y.name = out.name

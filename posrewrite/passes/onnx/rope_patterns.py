@@ -187,7 +187,64 @@ class InterleavedPairsPattern(_ApplicationPattern):
         return result
 
 
-APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (RotateHalfPattern, InterleavedStackPattern, InterleavedPairsPattern)
+def _same_cast(result: _basics.MatchResult, x_cast: ir.Value, rot_cast: ir.Value) -> bool:
+    """Both operands cast to one dtype (the rotation of a half-precision q done in float32)."""
+    to = [int_attr(v.producer(), "to", -1) for v in (x_cast, rot_cast)]
+    if to[0] != to[1] or to[0] < 0:
+        result.fail("x and rotate(x) are cast to different dtypes", x_cast)
+        return False
+    return True
+
+
+class RotateHalfCastPattern(RotateHalfPattern):
+    """Cast(x)*cos + Cast(rotate_half(x))*sin: a half-precision q promoted to float32 cos/sin by torch's
+    type promotion (OLMo 2/3 in fp16/bf16). The rotation is exact in either dtype, so x is the cast value."""
+
+    x_binding = "x_cast"
+
+    def pattern(self, op, x, cos, sin):
+        x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
+        x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
+        rotated = op.Concat(op.Neg(x2), x1, _outputs=["rotated"])
+        x_cast = op.Cast(x, _allow_other_attributes=True, _outputs=["x_cast"])
+        rot_cast = op.Cast(rotated, _allow_other_attributes=True, _outputs=["rot_cast"])
+        return op.Add(op.Mul(x_cast, cos), op.Mul(rot_cast, sin))
+
+    def check(self, context, x, cos, sin, x1, x2, rotated, x_cast, rot_cast, **_):
+        result = super().check(context, x, cos, sin, x1, x2, rotated)
+        if result and not _same_cast(result, x_cast, rot_cast):
+            return result
+        return result
+
+
+class InterleavedStackCastPattern(InterleavedStackPattern):
+    """Cast(x)*cos + Cast(rotate_every_two(x))*sin (Ernie 4.5 / GLM style ``.float()`` on half models)."""
+
+    x_binding = "x_cast"
+
+    def pattern(self, op, x, cos, sin, shape):
+        even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
+        odd = op.Slice(x, _allow_other_inputs=True, _outputs=["odd"])
+        stacked = op.Concat(
+            op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True),
+            op.Unsqueeze(even, _allow_other_inputs=True),
+            _outputs=["stacked"],
+        )
+        rotated = op.Reshape(stacked, shape, _allow_other_attributes=True)
+        x_cast = op.Cast(x, _allow_other_attributes=True, _outputs=["x_cast"])
+        rot_cast = op.Cast(rotated, _allow_other_attributes=True, _outputs=["rot_cast"])
+        return op.Add(op.Mul(x_cast, cos), op.Mul(rot_cast, sin))
+
+    def check(self, context, x, cos, sin, even, odd, stacked, x_cast, rot_cast, **_):
+        result = super().check(context, x, cos, sin, even, odd, stacked)
+        if result and not _same_cast(result, x_cast, rot_cast):
+            return result
+        return result
+
+
+APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (
+    RotateHalfPattern, InterleavedStackPattern, InterleavedPairsPattern, RotateHalfCastPattern, InterleavedStackCastPattern,
+)
 
 
 @dataclasses.dataclass
@@ -218,10 +275,13 @@ def find_applications(
             if not match:
                 continue
             b = match.bindings
+            x = b[getattr(owner, "x_binding", "x")]
+            # the cast of x (cast patterns) stays: it is x's producer, not part of the rotation
+            nodes = tuple(n for n in match.nodes if n is not x.producer())
             found.append(
                 ApplicationMatch(
-                    x=b["x"], cos=b["cos"], sin=b["sin"], output=node.outputs[0], layout=owner.layout,
-                    rotary_dim=owner.rotary_dim, nodes=tuple(match.nodes),
+                    x=x, cos=b["cos"], sin=b["sin"], output=node.outputs[0], layout=owner.layout,
+                    rotary_dim=owner.rotary_dim, nodes=nodes,
                 )
             )
             break
