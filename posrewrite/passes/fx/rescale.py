@@ -59,6 +59,9 @@ def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescaleP
     if src.kind != AngleSource.COMPUTED or src.inv_freq is None:
         raise RescaleRefused(f"{src.reason or 'angle source not understood'}: cannot rescale "
                              f"({site.applications[0].output.name})")
+    if site.prior_scaling is not None and site.base is None and params.rope_theta is None:
+        raise RescaleRefused(f"this RoPE is already scaled ({site.prior_scaling.describe()}) and its base is not in "
+                             "the graph: pass rope_base (the model's rope_theta) or its config")
     if site.prior_scaling is not None and params.rope_theta is None:
         # already scaled: the new parameters replace that scaling, starting from the recovered base
         params = dataclasses.replace(params, rope_theta=site.base)
