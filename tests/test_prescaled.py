@@ -181,3 +181,19 @@ def test_fx_rescale_replaces_prior_scaling():
             got = new.module()(ids, pos)
             ref = ref_model(input_ids=ids, position_ids=pos, use_cache=False).logits
         assert float((got - ref).abs().max()) <= TOL
+
+
+def test_posrewrite_output_rescaled_again(tmp_path):
+    """A rescale leaves a mark with the base on the node reading the new inv_freq (tiny YaRN vectors are not
+    recognisable from their values: fewer than three frequencies stay unscaled). Rescaling the output again
+    starts from that base: x4 YaRN then x8 YaRN equals HF's x8 YaRN model."""
+    L = ARCHS["llama"].max_position_embeddings
+    first, second = tmp_path / "x4.onnx", tmp_path / "x8.onnx"
+    api.rewrite(export_hf_onnx("llama"), output=first, rope_scale=4.0, rope_method="yarn", original_max_positions=L)
+    (site,) = api.inspect(first).sites
+    assert site.base == pytest.approx(ARCHS["llama"].base) and site.prior_scaling.kind == "rewritten"
+    api.rewrite(first, output=second, rope_scale=8.0, rope_method="yarn", original_max_positions=L)
+    for n in (L // 2, 3 * L):
+        ids = _ids(n)
+        err = float(np.max(np.abs(hf_logits("llama", ids, rope_parameters=_target("yarn", L)) - ort_logits(second, ids))))
+        assert err <= TOL, f"{n} tokens: {err:.3g}"

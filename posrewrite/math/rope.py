@@ -337,7 +337,8 @@ class PriorScaling:
 
     ``kind`` is ``"linear"`` (every frequency divided by ``factor``), ``"by_frequency"`` (llama3 / YaRN /
     NTK-by-parts: the highest frequencies unchanged, the lowest divided by ``factor``, a ramp between) or
-    ``"by_length"`` (LongRoPE: one of two vectors chosen by the sequence length at run time);
+    ``"by_length"`` (LongRoPE: one of two vectors chosen by the sequence length at run time) or
+    ``"rewritten"`` (a posrewrite rescale, base read from the mark it leaves in the graph);
     ``unscaled`` counts the leading frequencies left as they were.
     """
 
@@ -346,6 +347,8 @@ class PriorScaling:
     unscaled: int
 
     def describe(self) -> str:
+        if self.kind == "rewritten":
+            return f"rescaled by posrewrite (x{self.factor:g})"
         if self.kind == "by_length":
             return f"LongRoPE (frequencies switched by sequence length, up to / {self.factor:.4g})"
         if self.kind == "linear":

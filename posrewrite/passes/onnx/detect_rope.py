@@ -9,6 +9,8 @@ their dtype, any attention factor. Applications sharing a source form one site.
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 
 import numpy as np
@@ -229,7 +231,10 @@ class RopeDetector:
             if p is None or p.op_type not in ("Cast", "Unsqueeze", "Reshape", "Expand", "Transpose", "Squeeze"):
                 break
             pos_root = p.inputs[0]
+        consumer = use_node if use_node is not None else product
+        rescaled = consumer.metadata_props.get(RESCALED_KEY)
         return {
+            "rescaled": json.loads(rescaled) if rescaled else None,
             "product": product,
             "inv_freq": inv_freq.astype(np.float32),
             "inv_freq_root": root_value,
@@ -418,6 +423,12 @@ class RopeDetector:
                 if base is None:
                     notes.append("the base is not recoverable from LongRoPE frequencies: a rescale needs "
                                  "--rope-base or a config.json with rope_theta beside the model")
+            elif base is None and info["rescaled"] and info["rescaled"].get("base"):
+                r = info["rescaled"]
+                base = float(r["base"])
+                prior = rope_math.PriorScaling("rewritten", float(r.get("factor") or 1.0), 0)
+                notes.append(f"inv_freq written by posrewrite ({r['rope_type']} x{r.get('factor') or 1:g} from base "
+                             f"{base:g}); a rescale starts again from that base")
             elif base is None:
                 base, prior = _fit_scaled_base(inv_freq, info["inv_freq_root"], notes)
             if base is not None and info["inv_freq_root"].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
@@ -548,6 +559,8 @@ class _Extra:
 
 
 RUNTIME_INV_FREQ_KEY = "posrewrite.runtime_inv_freq"
+#: on the node that consumes a rescaled inv_freq constant: what the rescale did (JSON)
+RESCALED_KEY = "posrewrite.rescaled_rope"
 
 
 def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:

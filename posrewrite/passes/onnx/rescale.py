@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
-from posrewrite.passes.onnx.detect_rope import RUNTIME_INV_FREQ_KEY
+from posrewrite.passes.onnx.detect_rope import RESCALED_KEY, RUNTIME_INV_FREQ_KEY
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
@@ -168,6 +168,12 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
             "base": site.base, "inv_freq": [float(f) for f in site.inv_freq]})
         w.commit()
     consumer.replace_input_with(index, new)
+    if not plan.runtime:
+        # lets a later inspect / rescale of the output know the base its frequencies were built from
+        base = plan.params.rope_theta if plan.params.rope_theta is not None else site.base
+        consumer.metadata_props[RESCALED_KEY] = json.dumps({
+            "rope_type": plan.params.rope_type, "factor": plan.params.factor,
+            "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base})
     _set_attention_factor(graph, site, plan.attention_factor)
     return [plan.describe()]
 
