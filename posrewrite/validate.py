@@ -326,8 +326,8 @@ def _run_once(path, length: int, what: str) -> tuple[bool, str]:
 
 
 def compare_models(original, rewritten, length: int) -> dict[str, Any]:
-    """Runs the original and the rewritten model on the same inputs at `length` tokens and compares their first
-    floating output. For rewrites that must not change the function (fusion alone): fp32 models must agree to
+    """Runs the original and the rewritten model on the same inputs at `length` tokens and compares every
+    floating output (logits, and presents of KV-cache models); the row reports the worst one. For rewrites that must not change the function (fusion alone): fp32 models must agree to
     float32 round-off; half-precision ones within half-precision noise (the fused caches are computed in fp32,
     so they are closer to exact than the original, not bit-identical to it)."""
     row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None, "ok": True}

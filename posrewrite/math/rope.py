@@ -27,6 +27,7 @@ __all__ = [
     "fit_base",
     "PriorScaling",
     "fit_scaled_base",
+    "parameters_for_site",
     "ntk_base",
     "dynamic_ntk_base",
     "yarn_attention_factor",
@@ -321,13 +322,7 @@ def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float = 1e-4
     # Snap to the shortest decimal whose float32 vector reproduces the input to 1 ulp.
     f32 = np.asarray(inv_freq, dtype=_F32).reshape(-1)
     ulp = np.spacing(np.abs(f32))
-    for digits in _NICE_DIGITS:
-        nice = float(f"{base:.{digits}g}")
-        if nice <= 1.0 or abs(nice - base) > 1e-5 * base:
-            continue
-        if np.all(np.abs(default_inv_freq(nice, dim) - f32) <= ulp):
-            return nice
-    return base
+    return _snap(base, lambda b: b > 1.0 and bool(np.all(np.abs(default_inv_freq(b, dim) - f32) <= ulp)), rel=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +410,22 @@ def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
     factor = _snap(float(divisor[-1]), lambda s: abs(s - divisor[-1]) <= close * s, rel=1e-4)
     base = _snap(base, lambda b: np.allclose(default_inv_freq(b, dim)[:run], f32[:run], rtol=close, atol=0), rel=1e-4)
     return base, PriorScaling("by_frequency", factor, run)
+
+
+def parameters_for_site(params: RopeParameters, base: float | None, prior: PriorScaling | None) -> RopeParameters:
+    """`params` as applied to a site with fitted `base` whose inv_freq already carries `prior` (or None).
+
+    New parameters replace a prior scaling, as in HF: every method then starts from the plain frequencies
+    of the base. Raises ValueError when that base (or, for ``dynamic``, any base) is unknown."""
+    if prior is not None and params.rope_theta is None:
+        if base is None:
+            raise ValueError(f"this RoPE is already scaled ({prior.describe()}) and its base cannot be recovered "
+                             "from the graph: pass --rope-base / rope_base (the model's rope_theta) or its config.json")
+        params = dataclasses.replace(params, rope_theta=base)
+    if params.rope_type == "dynamic" and base is None and params.rope_theta is None:
+        raise ValueError("dynamic needs the RoPE base, and inv_freq is not geometric (pass --rope-base / rope_base "
+                         "or a config.json with rope_theta)")
+    return params
 
 
 def ntk_base(base: float, dim: int, factor: float) -> float:

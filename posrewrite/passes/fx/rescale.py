@@ -59,16 +59,9 @@ def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescaleP
     if src.kind != AngleSource.COMPUTED or src.inv_freq is None:
         raise RescaleRefused(f"{src.reason or 'angle source not understood'}: cannot rescale "
                              f"({site.applications[0].output.name})")
-    if site.prior_scaling is not None and site.base is None and params.rope_theta is None:
-        raise RescaleRefused(f"this RoPE is already scaled ({site.prior_scaling.describe()}) and its base is not in "
-                             "the graph: pass rope_base (the model's rope_theta) or its config")
-    if site.prior_scaling is not None and params.rope_theta is None:
-        # already scaled: the new parameters replace that scaling, starting from the recovered base
-        params = dataclasses.replace(params, rope_theta=site.base)
     try:
         params.validate()
-        if params.rope_type == "dynamic" and site.base is None and params.rope_theta is None:
-            raise ValueError("dynamic needs the RoPE base, and inv_freq is not geometric (pass rope_base)")
+        params = rope_math.parameters_for_site(params, site.base, site.prior_scaling)
         inv, factor = rope_math.scaled_inv_freq(params, inv_freq=src.inv_freq, base=site.base, dim=site.rotary_dim)
     except ValueError as e:
         raise RescaleRefused(str(e)) from None

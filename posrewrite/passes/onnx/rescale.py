@@ -66,18 +66,8 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
                          "rescale the original model instead")
     dim = site.rotary_dim
     base = site.base
-    if site.prior_scaling is not None and base is None and params.rope_theta is None:
-        raise ValueError(f"this RoPE is already scaled ({site.prior_scaling.describe()}) and its base cannot be "
-                         "recovered from the graph: pass --rope-base (the model's rope_theta) or put its "
-                         "config.json beside it")
-    if site.prior_scaling is not None and params.rope_theta is None:
-        # the export already carries a scaling: new rope_parameters replace it (as in HF), so every method
-        # starts from the plain frequencies of the recovered base
-        params = dataclasses.replace(params, rope_theta=base)
+    params = rope_math.parameters_for_site(params, base, site.prior_scaling)
     runtime = params.rope_type in RUNTIME_METHODS
-    if runtime and params.rope_type == "dynamic" and base is None and params.rope_theta is None:
-        raise ValueError("dynamic needs the RoPE base, and inv_freq is not geometric (pass --rope-base or a "
-                         "config.json with rope_theta)")
     inv_freq, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=base, dim=dim, seq_len=None)
     if runtime:
         inv_freq = None

@@ -69,6 +69,10 @@ class _ApplicationPattern(_rewrite_rule.PatternBase):
         self.fold = fold
         self.rotary_dim: int | None = None
 
+    def combine(self, op, x, rotated, cos, sin):
+        """x*cos + rotate(x)*sin, the sum every rotate-and-add pattern ends in."""
+        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
     def variants(self) -> list[_rewrite_rule.Pattern]:
         """The pattern with every operand order of its commutative ops."""
         graph_pattern = _to_graph_pattern(self.pattern)
@@ -87,7 +91,7 @@ class RotateHalfPattern(_ApplicationPattern):
         x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
         x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
         rotated = op.Concat(op.Neg(x2), x1, _outputs=["rotated"])
-        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+        return self.combine(op, x, rotated, cos, sin)
 
     def check(self, context, x, cos, sin, x1, x2, rotated, **_):
         result = _basics.MatchResult()
@@ -127,7 +131,7 @@ class InterleavedStackPattern(_ApplicationPattern):
             _outputs=["stacked"],
         )
         rotated = op.Reshape(stacked, shape, _allow_other_attributes=True)
-        return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+        return self.combine(op, x, rotated, cos, sin)
 
     def check(self, context, x, cos, sin, even, odd, stacked, **_):
         result = _basics.MatchResult()
@@ -187,59 +191,32 @@ class InterleavedPairsPattern(_ApplicationPattern):
         return result
 
 
-def _same_cast(result: _basics.MatchResult, x_cast: ir.Value, rot_cast: ir.Value) -> bool:
-    """Both operands cast to one dtype (the rotation of a half-precision q done in float32)."""
-    to = [int_attr(v.producer(), "to", -1) for v in (x_cast, rot_cast)]
-    if to[0] != to[1] or to[0] < 0:
-        result.fail("x and rotate(x) are cast to different dtypes", x_cast)
-        return False
-    return True
-
-
-class RotateHalfCastPattern(RotateHalfPattern):
-    """Cast(x)*cos + Cast(rotate_half(x))*sin: a half-precision q promoted to float32 cos/sin by torch's
-    type promotion (OLMo 2/3 in fp16/bf16). The rotation is exact in either dtype, so x is the cast value."""
+class _CastOperands:
+    """Mixin: Cast(x)*cos + Cast(rotate(x))*sin, both casts to one dtype. A half-precision q meets float32
+    cos/sin through torch's type promotion (OLMo 2/3 in fp16/bf16, ``.float()`` in Ernie 4.5 / GLM). The
+    rotation is exact in either dtype, so the application's x is the cast value."""
 
     x_binding = "x_cast"
 
-    def pattern(self, op, x, cos, sin):
-        x1 = op.Slice(x, _allow_other_inputs=True, _outputs=["x1"])
-        x2 = op.Slice(x, _allow_other_inputs=True, _outputs=["x2"])
-        rotated = op.Concat(op.Neg(x2), x1, _outputs=["rotated"])
+    def combine(self, op, x, rotated, cos, sin):
         x_cast = op.Cast(x, _allow_other_attributes=True, _outputs=["x_cast"])
         rot_cast = op.Cast(rotated, _allow_other_attributes=True, _outputs=["rot_cast"])
         return op.Add(op.Mul(x_cast, cos), op.Mul(rot_cast, sin))
 
-    def check(self, context, x, cos, sin, x1, x2, rotated, x_cast, rot_cast, **_):
-        result = super().check(context, x, cos, sin, x1, x2, rotated)
-        if result and not _same_cast(result, x_cast, rot_cast):
-            return result
+    def check(self, context, x_cast, rot_cast, **bindings):
+        result = super().check(context, **bindings)
+        to = [int_attr(v.producer(), "to", -1) for v in (x_cast, rot_cast)]
+        if result and (to[0] != to[1] or to[0] < 0):
+            return result.fail("x and rotate(x) are cast to different dtypes", x_cast)
         return result
 
 
-class InterleavedStackCastPattern(InterleavedStackPattern):
-    """Cast(x)*cos + Cast(rotate_every_two(x))*sin (Ernie 4.5 / GLM style ``.float()`` on half models)."""
+class RotateHalfCastPattern(_CastOperands, RotateHalfPattern):
+    """Cast(x)*cos + Cast(rotate_half(x))*sin."""
 
-    x_binding = "x_cast"
 
-    def pattern(self, op, x, cos, sin, shape):
-        even = op.Slice(x, _allow_other_inputs=True, _outputs=["even"])
-        odd = op.Slice(x, _allow_other_inputs=True, _outputs=["odd"])
-        stacked = op.Concat(
-            op.Unsqueeze(op.Neg(odd), _allow_other_inputs=True),
-            op.Unsqueeze(even, _allow_other_inputs=True),
-            _outputs=["stacked"],
-        )
-        rotated = op.Reshape(stacked, shape, _allow_other_attributes=True)
-        x_cast = op.Cast(x, _allow_other_attributes=True, _outputs=["x_cast"])
-        rot_cast = op.Cast(rotated, _allow_other_attributes=True, _outputs=["rot_cast"])
-        return op.Add(op.Mul(x_cast, cos), op.Mul(rot_cast, sin))
-
-    def check(self, context, x, cos, sin, even, odd, stacked, x_cast, rot_cast, **_):
-        result = super().check(context, x, cos, sin, even, odd, stacked)
-        if result and not _same_cast(result, x_cast, rot_cast):
-            return result
-        return result
+class InterleavedStackCastPattern(_CastOperands, InterleavedStackPattern):
+    """Cast(x)*cos + Cast(rotate_every_two(x))*sin."""
 
 
 APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (
