@@ -26,7 +26,8 @@ def time_posrewrite(src: Path, out: Path) -> tuple[float, int]:
     from posrewrite import api
 
     t = time.perf_counter()
-    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=2048, validate=False)
+    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=2048,
+                         validate=False)
     elapsed = time.perf_counter() - t
     return elapsed, sum(s.sites for s in result.sites if s.kind == "rope")
 
@@ -72,8 +73,10 @@ def main() -> None:
             t, fused = time_onnxscript(src, Path(tmp) / f"os{k}.onnx")
             theirs.append(t)
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"posrewrite rewrite (yarn x4, {ours_sites} RoPE applications): median {a:.2f} s over {args.repeat} runs; peak RSS growth {rss_ours:.0f} MB")
-    print(f"onnxscript optimize_for_ort (RotaryEmbedding nodes in its output: {fused}): median {b:.2f} s over {args.repeat} runs")
+    print(f"posrewrite rewrite (yarn x4, {ours_sites} RoPE applications): median {a:.2f} s over {args.repeat} runs; "
+          f"peak RSS growth {rss_ours:.0f} MB")
+    print(f"onnxscript optimize_for_ort (RotaryEmbedding nodes in its output: {fused}): "
+          f"median {b:.2f} s over {args.repeat} runs")
     print(f"ratio onnxscript / posrewrite: {b / a:.2f}x")
 
 

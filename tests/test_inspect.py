@@ -50,7 +50,8 @@ def test_inspect_json_cli():
                           capture_output=True, text=True, check=True)
     data = json.loads(proc.stdout)
     (enc,) = data["encodings"]
-    for key in ("kind", "layout", "head_dim", "rotary_dim", "base", "angles", "max_positions", "position_dtype", "sites"):
+    for key in ("kind", "layout", "head_dim", "rotary_dim", "base", "angles", "max_positions", "position_dtype",
+                "sites"):
         assert key in enc
     assert enc["kind"] == "rope" and enc["rotary_dim"] == 8 and enc["head_dim"] == 16
 

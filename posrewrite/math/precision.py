@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_ANGLE_TOLERANCE",
     "mantissa_bits",
+    "smallest_subnormal",
     "dtype_name",
     "exact_integer_limit",
     "round_to_dtype",
@@ -85,6 +86,15 @@ def mantissa_bits(dtype: Any) -> int:
     if name not in _FLOATS:
         raise ValueError(f"{name} is not a floating-point type")
     return _FLOATS[name][0]
+
+
+def smallest_subnormal(dtype: Any) -> float:
+    """2^(emin - p): the spacing of a float format's values near zero (float16: 2^-24, float32: 2^-149)."""
+    name = dtype_name(dtype)
+    if name not in _FLOATS:
+        raise ValueError(f"{name} is not a floating-point type")
+    p, emin, _ = _FLOATS[name]
+    return 2.0 ** (emin - p)
 
 
 def exact_integer_limit(dtype: Any) -> int:

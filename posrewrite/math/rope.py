@@ -20,11 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from posrewrite.math.precision import dtype_name, mantissa_bits, smallest_subnormal
+
 __all__ = [
     "ROPE_METHODS",
     "RopeParameters",
     "default_inv_freq",
     "fit_base",
+    "inv_freq_tolerance",
+    "unit_roundoff",
     "PriorScaling",
     "fit_scaled_base",
     "parameters_for_site",
@@ -98,7 +102,7 @@ class RopeParameters:
         *,
         max_position_embeddings: int | None = None,
         original_max_position_embeddings: int | None = None,
-    ) -> "RopeParameters":
+    ) -> RopeParameters:
         """Parse an HF v5 ``rope_parameters`` or v4 ``rope_scaling`` dict.
 
         The method name comes from ``rope_type`` (or the v4 ``type``); ``"ntk"`` is accepted as our own name
@@ -296,11 +300,62 @@ def default_inv_freq(base: float, dim: int) -> np.ndarray:
 
 _NICE_DIGITS = range(1, 8)
 
+# How far an exporter's float32 b^(-2i/d) can be from the exact value, whatever its operation order.
+# exp(-x * ln b): ln b and the product each round, so the exponent y carries up to 3 roundings of |y| (x itself
+# one more where 2i/d is not exact), which exp turns into 3 u |y| relative; exp and a final cast add ~3 u.
+# 1 / b**x: only x's rounding reaches the exponent (u |y|); pow (<= 2 ulp), the reciprocal and a cast ~6 u.
+# The bound covers both: u |f| (6 + 3 |ln f|).
+_EXPONENT_ROUNDINGS = 3
+_VALUE_ROUNDINGS = 6
 
-def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float = 1e-4) -> float | None:
+
+def unit_roundoff(dtype: Any = "float32") -> float:
+    """u = 2^-(p+1) for a float format with p explicit mantissa bits (float32: 2^-24, float16: 2^-11)."""
+    return 2.0 ** -(mantissa_bits(dtype) + 1)
+
+
+def inv_freq_tolerance(inv_freq: np.ndarray, dtype: Any = "float32") -> np.ndarray:
+    """Per-element bound on |stored - exact| for a stored ``b^(-2i/d)`` (or a scaled one), whatever operation
+    order computed it in ``dtype`` (the storage type; at least float32 is assumed for the arithmetic):
+    ``u * |f| * (_VALUE_ROUNDINGS + _EXPONENT_ROUNDINGS * |ln f|)``, plus the type's spacing near zero for
+    values stored as subnormals (the slowest frequencies of a large base in float16)."""
+    f = np.abs(np.asarray(inv_freq, dtype=np.float64))
+    u = max(unit_roundoff(dtype), unit_roundoff("float32"))
+    log_f = np.abs(np.log(np.where(f > 0, f, 1.0)))
+    return u * f * (_VALUE_ROUNDINGS + _EXPONENT_ROUNDINGS * log_f) + smallest_subnormal(dtype)
+
+
+def _storage_dtype(inv_freq: np.ndarray, dtype: Any) -> str:
+    if dtype is not None:
+        return dtype_name(dtype)
+    name = np.asarray(inv_freq).dtype.name
+    return name if name in ("float16", "float32") else "float32"
+
+
+def _agrees(candidate: np.ndarray, stored: np.ndarray, dtype: str) -> bool:
+    """``candidate`` (exact or float32) and ``stored`` agree within a stored vector's round-off."""
+    diff = np.abs(np.asarray(candidate, dtype=np.float64) - np.asarray(stored, dtype=np.float64))
+    return bool(np.all(diff <= inv_freq_tolerance(stored, dtype)))
+
+
+def _exact_inv_freq(base: float, dim: int, count: int | None = None) -> np.ndarray:
+    """float64 b^(-2i/d), the value every exporter's float32 or half vector approximates."""
+    k = dim // 2 if count is None else count
+    return np.exp(-(2.0 * np.arange(k) / dim) * math.log(base))
+
+
+def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float | None = None,
+             dtype: Any = None) -> float | None:
     """Recover b from ``inv_freq_i = b^(-2i/dim)``; None when the vector is not geometric (within ``rtol``,
-    element-wise) or has fewer than two entries. The fitted value is snapped to the shortest decimal (1 to 7
-    significant digits) whose float32 vector matches ``inv_freq`` to 1 ulp, so 10000 comes back exact."""
+    element-wise; default 1e-4, or a few units of a half-precision storage type) or has fewer than two entries.
+
+    ``dtype`` is the type the vector was stored in (default: its numpy dtype, float32 for anything else;
+    "bfloat16" may be named). The fitted value is snapped to the shortest decimal (1 to 7 significant digits)
+    whose exact vector agrees with ``inv_freq`` within that type's round-off (`inv_freq_tolerance`), so 10000
+    comes back exact whatever operation order the exporter computed its vector in."""
+    store = _storage_dtype(inv_freq, dtype)
+    if rtol is None:
+        rtol = max(1e-4, 2.0 ** (1 - mantissa_bits(store)))
     f = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
     k = f.size
     if k < 2 or not np.all(np.isfinite(f)) or np.any(f <= 0):
@@ -317,12 +372,11 @@ def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float = 1e-4
         return None
     base = math.exp(log_b)
     model = np.exp(-x * log_b)
-    if np.max(np.abs(model - f) / f) > rtol:
+    if np.any(np.abs(model - f) > rtol * f + smallest_subnormal(store)):
         return None
-    # Snap to the shortest decimal whose float32 vector reproduces the input to 1 ulp.
-    f32 = np.asarray(inv_freq, dtype=_F32).reshape(-1)
-    ulp = np.spacing(np.abs(f32))
-    return _snap(base, lambda b: b > 1.0 and bool(np.all(np.abs(default_inv_freq(b, dim) - f32) <= ulp)), rel=1e-5)
+    # The base is known to within the round-off of the slowest frequency over its exponent.
+    window = max(1e-5, 2.0 * float(inv_freq_tolerance(f[-1:], store)[0] / f[-1]) / x[-1])
+    return _snap(base, lambda b: b > 1.0 and _agrees(_exact_inv_freq(b, dim), f, store), rel=window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,8 +418,8 @@ def _snap(value: float, matches, *, rel: float = 1e-3) -> float:
     return value
 
 
-def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
-                    rtol: float = 1e-4) -> tuple[float, PriorScaling] | None:
+def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float | None = None,
+                    dtype: Any = None) -> tuple[float, PriorScaling] | None:
     """(base, scaling) for an inverse-frequency vector that is a *scaled* ``b^(-2i/dim)``; None when it is
     plainly geometric (see `fit_base`) or not recognisable.
 
@@ -373,7 +427,11 @@ def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
     interpolation: ``b^(-2i/d) / s``) and a divisor growing from 1 at the highest frequencies to ``s`` at
     the lowest (llama3, YaRN, NTK-by-parts all leave the fastest-turning frequencies alone). In the second
     case the base comes from the unchanged leading frequencies alone, so at least three must be unchanged.
+    ``rtol`` and ``dtype`` as in `fit_base`; snapped values agree with the vector within its round-off.
     """
+    store = _storage_dtype(inv_freq, dtype)
+    if rtol is None:
+        rtol = max(1e-4, 2.0 ** (1 - mantissa_bits(store)))
     f = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
     k = f.size
     if k < 3 or not np.all(np.isfinite(f)) or np.any(f <= 0) or np.any(np.diff(f) >= 0):
@@ -381,17 +439,14 @@ def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
     dim = 2 * k if dim is None else int(dim)
     if dim // 2 != k:
         raise ValueError(f"inv_freq has {k} entries, rotary dim {dim} needs {dim // 2}")
-    close = max(rtol, 4e-7)  # float32 round-off of a stored vector
-    f32 = np.asarray(inv_freq, dtype=_F32).reshape(-1)
 
     if abs(f[0] - 1.0) > rtol:  # linear: f = b^(-2i/d) / s
         scale = 1.0 / f[0]
-        base = fit_base(f * scale, dim, rtol=rtol)
+        base = fit_base(f * scale, dim, rtol=rtol, dtype=store)
         if base is None:
             return None
-        factor = _snap(scale, lambda s: abs(1.0 / s - f[0]) <= close * f[0], rel=1e-5)
-        base = _snap(base, lambda b: np.allclose(default_inv_freq(b, dim) / _f32(factor), f32, rtol=close, atol=0),
-                     rel=1e-5)
+        factor = _snap(scale, lambda s: _agrees(f[:1] * s, np.ones(1), store), rel=1e-5)
+        base = _snap(base, lambda b: _agrees(_exact_inv_freq(b, dim) / factor, f, store), rel=1e-5)
         return base, PriorScaling("linear", factor, 0)
 
     x = 2.0 * np.arange(k) / dim
@@ -407,8 +462,8 @@ def fit_scaled_base(inv_freq: np.ndarray, dim: int | None = None, *,
     divisor = np.exp(-x * log_b) / f  # 1 at the unchanged frequencies, growing to s
     if np.any(np.diff(divisor) < -rtol * divisor[1:]) or divisor[-1] <= 1.0 + rtol:
         return None
-    factor = _snap(float(divisor[-1]), lambda s: abs(s - divisor[-1]) <= close * s, rel=1e-4)
-    base = _snap(base, lambda b: np.allclose(default_inv_freq(b, dim)[:run], f32[:run], rtol=close, atol=0), rel=1e-4)
+    factor = _snap(float(divisor[-1]), lambda s: _agrees(f[-1:] * s, np.exp(-x[-1:] * log_b), store), rel=1e-4)
+    base = _snap(base, lambda b: _agrees(_exact_inv_freq(b, dim, run), f[:run], store), rel=1e-4)
     return base, PriorScaling("by_frequency", factor, run)
 
 

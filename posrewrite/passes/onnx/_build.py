@@ -47,7 +47,8 @@ class NodeWriter:
         return add_initializer(self.graph, np.asarray(array), f"{self.stem}_c", dtype)
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attributes or None, name=unique_name(self.graph, f"{self.stem}_{op_type}"))
+        name = unique_name(self.graph, f"{self.stem}_{op_type}")
+        node = ir.node(op_type, list(inputs), attributes or None, name=name)
         node.outputs[0].name = node.name + "_out"
         self.nodes.append(node)
         return node.outputs[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -162,11 +162,11 @@ def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> lis
         [proto],
         "fold",
         [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-         for n, a in zip(names, inputs) if a is not None],
+         for n, a in zip(names, inputs, strict=True) if a is not None],
         [onnx.helper.make_empty_tensor_value_info(n) for n in out_names],
     )
     model = onnx.helper.make_model(graph, opset_imports=[domain_opset])
-    feeds = {n: a for n, a in zip(names, inputs) if a is not None}
+    feeds = {n: a for n, a in zip(names, inputs, strict=True) if a is not None}
     return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
 
 

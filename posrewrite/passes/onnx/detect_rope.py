@@ -586,28 +586,21 @@ def _eps(value: ir.Value | None) -> float:
     return {ir.DataType.FLOAT16: 2.0 ** -10, ir.DataType.BFLOAT16: 2.0 ** -7}.get(value.dtype if value is not None else None, 2.0 ** -23)
 
 
-def _fit_rtol(stored: ir.Value | None) -> float:
-    """Relative tolerance of a base fit for an inv_freq stored in `stored`'s precision."""
-    return {ir.DataType.FLOAT16: 2.0 ** -9, ir.DataType.BFLOAT16: 2.0 ** -6}.get(stored.dtype if stored is not None else None, 1e-4)
+def _stored_dtype(stored: ir.Value | None) -> str | None:
+    """The float type an inv_freq vector is stored in (its round-off bounds the base fit), or None."""
+    if stored is None or stored.dtype is None or not stored.dtype.is_floating_point():
+        return None
+    return stored.dtype.name
 
 
 def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
-    """The base of an inv_freq vector, with a tolerance matching the precision it is stored in."""
-    rtol = _fit_rtol(stored)
-    base = rope_math.fit_base(inv_freq, rtol=rtol)
-    if base is None or rtol == 1e-4:
-        return base
-    # half-precision storage blurs the fit: prefer the roundest base that reproduces the stored vector
-    for digits in range(1, 7):
-        nice = float(f"{base:.{digits}g}")
-        if np.allclose(rope_math.default_inv_freq(nice, 2 * inv_freq.size), inv_freq, rtol=rtol, atol=0):
-            return nice
-    return base
+    """The base of an inv_freq vector, within the round-off of the precision it is stored in."""
+    return rope_math.fit_base(inv_freq, dtype=_stored_dtype(stored))
 
 
 def _fit_scaled_base(inv_freq: np.ndarray, stored: ir.Value | None, notes: list[str]):
     """(base, PriorScaling) of an already-scaled inv_freq, or (None, None); adds a note saying what was found."""
-    fitted = rope_math.fit_scaled_base(inv_freq, rtol=_fit_rtol(stored))
+    fitted = rope_math.fit_scaled_base(inv_freq, dtype=_stored_dtype(stored))
     if fitted is None:
         notes.append("inv_freq is not geometric and its scaling is not recognised: pass --rope-base (or a "
                      "config.json with rope_theta beside the model) to rescale it")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -107,7 +107,8 @@ class RotateHalfPattern(_ApplicationPattern):
             return result.fail("rotate_half Concat is not on the last axis", rotated)
         half = first.end
         if first.start != 0 or second.start != half or half <= 0:
-            return result.fail(f"x is not split into halves (slices [{first.start}:{first.end}], [{second.start}:{second.end}])", x)
+            return result.fail(f"x is not split into halves (slices [{first.start}:{first.end}], "
+                               f"[{second.start}:{second.end}])", x)
         width = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
         if second.end < INT64_MAX // 2 and second.end != 2 * half:
             return result.fail(f"second half ends at {second.end}, expected {2 * half}", x)
@@ -220,7 +221,8 @@ class InterleavedStackCastPattern(_CastOperands, InterleavedStackPattern):
 
 
 APPLICATION_PATTERNS: Sequence[type[_ApplicationPattern]] = (
-    RotateHalfPattern, InterleavedStackPattern, InterleavedPairsPattern, RotateHalfCastPattern, InterleavedStackCastPattern,
+    RotateHalfPattern, InterleavedStackPattern, InterleavedPairsPattern, RotateHalfCastPattern,
+    InterleavedStackCastPattern,
 )
 
 
