@@ -267,3 +267,19 @@ def test_rotation_cast_to_own_dtype_ernie():
             ref = scaled(input_ids=ids, position_ids=pos, use_cache=False).logits
         assert float((_run(new, ids, pos) - ref).abs().max()) <= 1e-5
         assert float((_run(fused, ids, pos) - _run(ep, ids, pos)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_detect_half_precision_hf_base(dtype):
+    # HF keeps inv_freq in the model's dtype after .half() / .to(bfloat16): the base is still the config's,
+    # fitted within that dtype's round-off (it was None, "not geometric", when fitted at float32 tolerance)
+    model = build_hf_model("llama").to(getattr(torch, dtype))
+    ids, pos = _tokens(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(LogitsOnlyWithPositions(model), (ids, pos))
+    sites, refusals = detect_rope(prepare(ep))
+    assert not refusals and len(sites) == 1
+    assert sites[0].source.inv_freq_dtype == dtype
+    assert sites[0].base == float(model.config.rope_parameters["rope_theta"])
+    assert sites[0].prior_scaling is None

@@ -327,6 +327,7 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
             inv_freq_node=inv_node,
             inv_freq_operand=inv_operand,
             inv_freq=inv_value.detach().to(torch.float32).reshape(-1).cpu().numpy(),
+            inv_freq_dtype=str(inv_value.dtype).replace("torch.", ""),
             angles=angles,
             cos_node=cos_node,
             sin_node=sin_node,
@@ -385,9 +386,9 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                 refusals.append(Refusal("rope", apps[0].output.name,
                                         f"inv_freq has {src.inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
                 continue
-            base = rope_math.fit_base(src.inv_freq)
+            base = rope_math.fit_base(src.inv_freq, dtype=src.inv_freq_dtype)
             if base is None:
-                fitted = rope_math.fit_scaled_base(src.inv_freq)
+                fitted = rope_math.fit_scaled_base(src.inv_freq, dtype=src.inv_freq_dtype)
                 if fitted is None:
                     notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
                                  "(or the model's config) to rescale it")

@@ -53,6 +53,7 @@ class FxAngleSource:
     inv_freq_node: Node | None = None
     inv_freq_operand: Node | None = None  # the operand of the angle product that carries inv_freq
     inv_freq: np.ndarray | None = None  # float32 [rotary_dim / 2]
+    inv_freq_dtype: str = "float32"  # the dtype inv_freq is stored in (its round-off bounds the base fit)
     angles: Node | None = None  # positions x inv_freq
     cos_node: Node | None = None
     sin_node: Node | None = None
