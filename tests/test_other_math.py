@@ -88,7 +88,8 @@ def test_interpolate_table_keeps_offset_rows_and_endpoints():
     out = interpolate_table(t, 2 + 128, offset=2)
     assert out.shape == (130, 8) and out.dtype == np.float32
     np.testing.assert_array_equal(out[:2], t[:2])
-    np.testing.assert_allclose(out[2], t[2]) and np.testing.assert_allclose(out[-1], t[-1], rtol=1e-6)
+    np.testing.assert_allclose(out[2], t[2])
+    np.testing.assert_allclose(out[-1], t[-1], rtol=1e-6)
     x = 5 * 31 / 127  # row 5 of the new trained block reads trained position 5 * 31/127
     np.testing.assert_allclose(out[2 + 5], t[2 + int(x)] * (1 - x % 1) + t[3 + int(x)] * (x % 1), rtol=1e-5)
     scaled = interpolate_table(t, 2 + 128, offset=2, scale=4.0)
