@@ -484,6 +484,14 @@ class RopeDetector:
         sites = []
         by_cache: dict[tuple[int, int], list[ir.Node]] = {}
         for node in self.model.graph:
+            if _is_rotary_attention(node):
+                cos_v, sin_v = _attention_caches(node)
+                if cos_v is None or sin_v is None:
+                    self.refusals.append(Refusal("rope", node.name or "?", "GroupQueryAttention with do_rotary=1 "
+                                                 "but no cos_cache/sin_cache inputs"))
+                    continue
+                by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
+                continue
             if node.op_type != "RotaryEmbedding" or node.domain not in _FUSED_DOMAINS:
                 continue
             contrib = node.domain == "com.microsoft"
@@ -491,6 +499,13 @@ class RopeDetector:
             by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
         for nodes in by_cache.values():
             node = nodes[0]
+            if _is_rotary_attention(node):
+                site = self._attention_site(nodes)
+                if isinstance(site, str):
+                    self.refusals.append(Refusal("rope", node.name or "?", site))
+                else:
+                    sites.append(site)
+                continue
             contrib = node.domain == "com.microsoft"
             cos_v, sin_v = (node.inputs[2], node.inputs[3]) if contrib else (node.inputs[1], node.inputs[2])
             positions = node.inputs[1] if contrib else (node.inputs[3] if len(node.inputs) > 3 else None)
@@ -523,6 +538,46 @@ class RopeDetector:
             ))
         return sites
 
+    def _attention_site(self, nodes: list[ir.Node]) -> RopeSite | str:
+        """RoPE applied inside com.microsoft.GroupQueryAttention (do_rotary=1): its caches [rows, rotary_dim/2]
+        are the site's tables; positions are the op's own (past length + 0..S-1)."""
+        node = nodes[0]
+        cos_v, sin_v = _attention_caches(node)
+        producer = cos_v.producer()
+        if producer is not None and producer.op_type == "If":
+            return (f"{node.op_type} caches chosen at run time by If ({producer.name}): the two-cache LongRoPE form "
+                    "(short and long caches switched on the sequence length) is not rewritten yet")
+        cos_t, sin_t = self.fold(cos_v), self.fold(sin_v)
+        if cos_t is None or sin_t is None:
+            return f"{node.op_type} whose cos/sin caches are computed at run time"
+        cos_t, sin_t = np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64)
+        if cos_t.ndim != 2 or cos_t.shape != sin_t.shape:
+            return f"{node.op_type} caches of shapes {cos_t.shape} and {sin_t.shape}, expected two [rows, rotary_dim/2]"
+        fitted = _fit_tables(cos_t, sin_t, "half", _eps(cos_v))
+        if isinstance(fitted, str):
+            return fitted
+        inv_freq, factor = fitted
+        interleaved = bool(int_attr(node, "rotary_interleaved", 0))
+        rotary_dim = 2 * inv_freq.size
+        head_dim = _attention_head_size(node)
+        if head_dim is not None and rotary_dim > head_dim:
+            return f"{node.op_type} caches rotate {rotary_dim} channels but heads have {head_dim}"
+        notes = [f"rotary inside com.microsoft.{node.op_type} (do_rotary=1, rotary_interleaved={int(interleaved)}): "
+                 f"{len(nodes)} node(s) share caches {cos_v.name}/{sin_v.name} [{cos_t.shape[0]}, {cos_t.shape[1]}]; "
+                 "positions are the op's own (past length + 0..S-1)"]
+        if head_dim is not None and rotary_dim < head_dim:
+            notes.append(f"partial rotary: {rotary_dim} of {head_dim} channels")
+        base, prior = rope_math.fit_base(inv_freq), None
+        if base is None:
+            base, prior = _fit_scaled_base(inv_freq, None, notes)
+        return RopeSite(
+            layout=Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF, head_dim=head_dim, rotary_dim=rotary_dim,
+            angles=AngleSource.FUSED_OP, base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
+            max_positions=int(cos_t.shape[0]), position_dtype="int32", angle_dtype=dtype_name(cos_v),
+            attention_factor=factor, positions=None, cos=cos_v, sin=sin_v, cos_cache=cos_v, sin_cache=sin_v,
+            fused_nodes=tuple(nodes), notes=tuple(notes), op=f"com.microsoft.{node.op_type}",
+        )
+
     def _unclaimed_trig(self, sites: list[RopeSite]) -> None:
         """Cos nodes that feed q/k-like multiplications but belong to no site are reported as refusals."""
         claimed = {id(n) for s in sites for n in s.source_nodes if n is not None}
@@ -532,6 +587,40 @@ class RopeDetector:
             reason = _best_failure(self.tracer)
             self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
                                          "Cos node not part of any recognised q/k rotation" + (f" (closest pattern failed: {reason})" if reason else "")))
+
+
+#: attention ops that rotate q/k themselves: op_type -> (cos_cache input index, sin_cache input index)
+ROTARY_ATTENTION_CACHES = {"GroupQueryAttention": (7, 8)}
+
+
+def _is_rotary_attention(node: ir.Node) -> bool:
+    return (node.domain == "com.microsoft" and node.op_type in ROTARY_ATTENTION_CACHES
+            and int_attr(node, "do_rotary", 0) == 1)
+
+
+def _attention_caches(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    ci, si = ROTARY_ATTENTION_CACHES[node.op_type]
+    inputs = list(node.inputs)
+    return (inputs[ci] if len(inputs) > ci else None), (inputs[si] if len(inputs) > si else None)
+
+
+def fused_cache_indices(node: ir.Node) -> tuple[int, int]:
+    """Input indices of the cos and sin caches of a fused RoPE node (RotaryEmbedding or a rotary attention op)."""
+    if _is_rotary_attention(node):
+        return ROTARY_ATTENTION_CACHES[node.op_type]
+    return (2, 3) if node.domain == "com.microsoft" else (1, 2)
+
+
+def _attention_head_size(node: ir.Node) -> int | None:
+    """Head size of GroupQueryAttention: query [B, S, N*H] with separate k/v, or packed [B, S, (N + 2 Nkv)*H]."""
+    width = last_dim(node.inputs[0])
+    heads = int_attr(node, "num_heads", 0)
+    kv = int_attr(node, "kv_num_heads", 0)
+    if width is None or not heads:
+        return None
+    packed = len(node.inputs) < 2 or node.inputs[1] is None
+    div = heads + 2 * kv if packed else heads
+    return width // div if div and width % div == 0 else None
 
 
 def _ensure_ranks(model: ir.Model) -> None:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
-from posrewrite.passes.onnx.detect_rope import RESCALED_KEY, RUNTIME_INV_FREQ_KEY
+from posrewrite.passes.onnx.detect_rope import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, fused_cache_indices
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
@@ -253,15 +253,17 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
 def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
     node0 = site.fused_nodes[0]
-    contrib = node0.domain == "com.microsoft"
     factor = plan.attention_factor
     dtype = site.cos_cache.dtype
     if plan.runtime:
         positions = site.positions
-        if positions is None or positions.shape is None or len(positions.shape) != 2:
+        total = _attention_total_length(node0)
+        if total is None and (positions is None or positions.shape is None or len(positions.shape) != 2):
             raise RescaleError(f"{plan.params.rope_type} on a fused RotaryEmbedding needs 2-D position_ids")
         w = NodeWriter(graph, node0, "rope_cache")
-        seq = seq_from_positions(w, positions)
+        # rotary attention: the run-time length is the op's total_sequence_length (past + new tokens), which is
+        # max(position)+1 of the tokens it rotates
+        seq = w.op("Cast", total, to=_F32) if total is not None else seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
         angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
@@ -280,8 +282,15 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         cos = add_initializer(graph, c, "cos_cache", dtype)
         sin = add_initializer(graph, s, "sin_cache", dtype)
     for node in site.fused_nodes:
-        ci, si = (2, 3) if contrib else (1, 2)
+        ci, si = fused_cache_indices(node)
         node.replace_input_with(ci, cos)
         node.replace_input_with(si, sin)
     plan.caches = (cos, sin)
     return [plan.describe()]
+
+
+def _attention_total_length(node: ir.Node) -> ir.Value | None:
+    """GroupQueryAttention's total_sequence_length input (a scalar), None for other fused nodes."""
+    if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention" and len(node.inputs) > 6:
+        return node.inputs[6]
+    return None
