@@ -304,7 +304,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         _remove_output(saved)
         bad = next(r for r in report.rows if not r["ok"])
         raise errors.ValidationError(f"validation failed: {bad}")
-    context = max([p.new_length for p in plans if p.new_length] + [rows or 0]) or None
+    context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [rows or 0]) or None
     hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
     return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
                          context_length=context, rope_parameters=hf_params)

@@ -1,0 +1,235 @@
+"""RoPE inside com.microsoft.GroupQueryAttention: onnxruntime-genai builder models (tiny Llama, Qwen2, Mistral, Phi-3,
+random weights, context 128), posrewrite's own `--fuse ort` output, and genai / HF model folders.
+
+References: HF transformers models built with the same weights and `rope_parameters` (fixtures.genai_models.hf_model),
+onnxruntime-genai generating from the output folder, and the original model where a rewrite must not change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+og = pytest.importorskip("onnxruntime_genai")
+torch = pytest.importorskip("torch")
+
+import posrewrite.api as pr  # noqa: E402
+from fixtures.genai_models import CONTEXT, genai_folder, hf_model, onnx_logits  # noqa: E402
+from posrewrite import cli  # noqa: E402
+
+L = CONTEXT
+TOL = 1e-5  # fp32 logits of a 2-layer model: ~2e-7 measured; 1e-5 leaves room for summation order
+
+
+def _ids(n: int, vocab: int = 128) -> np.ndarray:
+    return np.random.default_rng(0).integers(3, vocab, size=(1, n))
+
+
+def _hf(arch: str, ids: np.ndarray, rope_parameters: dict | None = None) -> np.ndarray:
+    model = hf_model(arch, rope_parameters=rope_parameters)
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("arch,base", [("llama", 1e4), ("qwen2", 1e6), ("mistral", 1e4), ("phi3", 1e4)])
+def test_inspect_builder_model(arch, base):
+    found = pr.inspect(genai_folder(arch))
+    assert found.refusals == []
+    (site,) = found.sites
+    d = site.to_dict()
+    assert d["op"] == "com.microsoft.GroupQueryAttention" and d["angles"] == "fused_op"
+    assert (d["max_positions"], d["rotary_dim"], d["head_dim"], d["sites"]) == (L, 16, 16, 2)
+    assert d["base"] == pytest.approx(base, rel=1e-6) and d["attention_factor"] == pytest.approx(1.0, abs=1e-6)
+    assert d["cos"] == "cos_cache" and d["layout"] == "rotate_half"
+
+
+def test_builder_model_equals_hf():
+    """The fixture itself: the builder's model is HF's model (so HF is a valid reference for the rewrites)."""
+    ids = _ids(L)
+    for arch in ("llama", "phi3"):
+        vocab = 192 if arch == "phi3" else 128
+        ids = _ids(L, vocab)
+        assert np.abs(onnx_logits(genai_folder(arch) / "model.onnx", ids) - _hf(arch, ids)).max() <= TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("method", ["yarn", "llama3"])
+def test_rescale_equals_hf_at_3x(tmp_path, arch, method):
+    src = genai_folder(arch)
+    out = tmp_path / "model.onnx"
+    result = pr.rewrite(src / "model.onnx", rope_scale=4, rope_method=method, output=out)
+    assert result.validation.ok and result.context_length == 4 * L
+    shutil.copy(src / "genai_config.json", tmp_path)
+    ids = _ids(3 * L)
+    rp = {"rope_type": method, "factor": 4.0, "original_max_position_embeddings": L}
+    if method == "llama3":
+        rp.update(low_freq_factor=1.0, high_freq_factor=4.0)  # posrewrite's defaults (HF requires them)
+    got, want = onnx_logits(out, ids), _hf(arch, ids, rp)
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_dynamic_runtime_caches_equal_hf(tmp_path):
+    """dynamic: caches computed per call from total_sequence_length (HF: a fresh model per length)."""
+    src = genai_folder("llama")
+    out = tmp_path / "model.onnx"
+    result = pr.rewrite(src / "model.onnx", rope_scale=4, rope_method="dynamic", output=out)
+    assert result.validation.ok
+    shutil.copy(src / "genai_config.json", tmp_path)
+    rp = {"rope_type": "dynamic", "factor": 4.0}
+    for n in (L // 2, 3 * L):
+        ids = _ids(n)
+        assert np.abs(onnx_logits(out, ids) - _hf("llama", ids, rp)).max() <= TOL
+    ids = _ids(L // 2)  # within L: the original model
+    assert np.abs(onnx_logits(out, ids) - onnx_logits(src / "model.onnx", ids)).max() <= TOL
+
+
+def test_phi3_rescale_keeps_the_model_within_L(tmp_path):
+    """Phi-3 (HF allows it only default/longrope): --max-positions keeps every output within L bit for bit and
+    runs past it; dynamic equals the original within L."""
+    src = genai_folder("phi3")
+    shutil.copy(src / "genai_config.json", tmp_path)
+    ids = _ids(L, 192)
+    original = onnx_logits(src / "model.onnx", ids)
+    pr.rewrite(src / "model.onnx", max_positions=3 * L, output=tmp_path / "ext.onnx")
+    assert np.array_equal(onnx_logits(tmp_path / "ext.onnx", ids), original)
+    assert onnx_logits(tmp_path / "ext.onnx", _ids(3 * L, 192)).shape[1] == 3 * L
+    pr.rewrite(src / "model.onnx", rope_scale=4, rope_method="dynamic", output=tmp_path / "dyn.onnx")
+    assert np.abs(onnx_logits(tmp_path / "dyn.onnx", ids) - original).max() <= TOL
+
+
+def test_max_positions_grows_caches_keeping_trained_rows(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    src = genai_folder("llama")
+    out = tmp_path / "model.onnx"
+    pr.rewrite(src / "model.onnx", max_positions=3 * L, output=out)
+    (site,) = pr.inspect(out).sites
+    assert site.max_positions == 3 * L and site.base == pytest.approx(1e4)
+
+    def caches(path):
+        m = onnx.load(path)
+        gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        return inits[gqa.input[7]], inits[gqa.input[8]]
+
+    (c0, s0), (c1, s1) = caches(src / "model.onnx"), caches(out)
+    assert c1.shape == (3 * L, 8) and np.array_equal(c1[:L], c0) and np.array_equal(s1[:L], s0)
+    shutil.copy(src / "genai_config.json", tmp_path)
+    ids = _ids(3 * L)  # the original frequencies past L: HF's default model (which extrapolates)
+    assert np.abs(onnx_logits(out, ids) - _hf("llama", ids)).max() <= TOL
+
+
+def test_fused_output_rescales_like_rescale_then_fuse(tmp_path):
+    """posrewrite's own --fuse ort output (GroupQueryAttention, rotary inside) is found again and rescaled: both
+    routes give HF's yarn model."""
+    from fixtures.hf_models import export_hf_onnx, hf_logits, ort_logits
+
+    x = Path(export_hf_onnx("llama"))  # max_position_embeddings 64
+    yarn = dict(rope_scale=4, rope_method="yarn", original_max_positions=64)
+    pr.rewrite(x, fuse="ort", output=tmp_path / "f.onnx")
+    (site,) = pr.inspect(tmp_path / "f.onnx").sites
+    assert site.op == "com.microsoft.GroupQueryAttention"
+    pr.rewrite(tmp_path / "f.onnx", output=tmp_path / "f-y.onnx", **yarn)
+    pr.rewrite(x, output=tmp_path / "y.onnx", **yarn)
+    pr.rewrite(tmp_path / "y.onnx", fuse="ort", output=tmp_path / "y-f.onnx")
+    ids = _ids(192)
+    a, b = ort_logits(tmp_path / "f-y.onnx", ids), ort_logits(tmp_path / "y-f.onnx", ids)
+    ref = hf_logits("llama", ids, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 64})
+    assert np.abs(a - b).max() <= TOL and np.abs(a - ref).max() <= TOL
+
+
+def _generate(folder: Path, max_length: int) -> int:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens((np.arange(100, dtype=np.int32) % 90 + 3))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return len(gen.get_sequence(0))
+
+
+def test_genai_folder_generates_past_the_old_context(tmp_path, capsys):
+    src = tmp_path / "in"
+    shutil.copytree(genai_folder("llama"), src)  # a private copy: the shared cache entry stays as built
+    before = _tree_digest(src)
+    out = tmp_path / "out"
+    code = cli.main([str(src), "--rope-scale", "4", "--rope-method", "yarn", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "context_length 128 -> 512" in text and ("copied" in text or "reflinked" in text)
+    assert _tree_digest(src) == before  # the input is never modified
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["context_length"] == 4 * L and config["search"]["max_length"] == 4 * L
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.onnx.data"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+    assert _generate(out, 3 * L - 34) == 3 * L - 34  # nothing edited by hand
+    with pytest.raises(Exception, match="context_length"):
+        _generate(src, 3 * L - 34)
+
+
+def test_genai_folder_link_weights(tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(genai_folder("llama"), src)
+    out = tmp_path / "out"
+    result = pr.rewrite(src, max_positions=2 * L, link_weights=True, output=out)
+    assert any("hard-linked" in n for n in result.notes)
+    assert (out / "model.onnx.data").stat().st_ino == (src / "model.onnx.data").stat().st_ino
+    assert _generate(out, L + 30) == L + 30
+
+
+def test_folder_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([str(empty), "--rope-scale", "2"]) == 2
+    assert "genai_config.json" in capsys.readouterr().err
+    src = tmp_path / "in"
+    shutil.copytree(genai_folder("llama"), src)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    assert cli.main([str(src), "--rope-scale", "2", "-o", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an empty folder" in err
+
+
+def test_hf_folder_config_as_transformers_writes_it(tmp_path):
+    """An HF/Optimum-style folder (config.json + model.onnx): config.json gets the new rope_parameters and
+    max_position_embeddings; transformers builds from it a model whose logits are the rewritten ONNX model's."""
+    import transformers
+
+    from fixtures.hf_models import export_hf_onnx, hf_config, ort_logits
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(export_hf_onnx("llama"), src / "model.onnx")
+    hf_config("llama").save_pretrained(src)
+    out = tmp_path / "out"
+    result = pr.rewrite(src, rope_scale=4, rope_method="yarn", output=out)
+    assert result.validation.ok
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 4.0
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 64
+    assert config["max_position_embeddings"] == 256
+    cfg = transformers.AutoConfig.from_pretrained(out)
+    from fixtures.hf_models import build_hf_model
+
+    ref = build_hf_model("llama")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    ids = _ids(192)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ort_logits(out / "model.onnx", ids) - want).max() <= TOL
