@@ -154,7 +154,7 @@ def _generate(folder: Path, max_length: int) -> int:
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens((np.arange(100, dtype=np.int32) % 90 + 3))
+    gen.append_tokens(np.arange(100, dtype=np.int32) % 90 + 3)
     while not gen.is_done():
         gen.generate_next_token()
     return len(gen.get_sequence(0))
