@@ -149,13 +149,15 @@ class RewriteResult:
 
 def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite) -> rope_math.RopeParameters:
     """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
+    from posrewrite.passes.onnx.rescale import switched_threshold as rescale_switched_threshold
+
     config = read_config_json(model_path)
     hf = rope_parameters_from_options(options, config_json=config)
     hf.pop("partial_rotary_factor", None)
     method = hf.get("rope_type", "default")
     if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
         if site.max_positions is not None:
-            hf["original_max_position_embeddings"] = int(site.max_positions)
+            hf["original_max_position_embeddings"] = int(rescale_switched_threshold(site) or site.max_positions)
         elif config and config.get("max_position_embeddings"):
             hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
         else:

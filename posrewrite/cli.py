@@ -513,7 +513,8 @@ _INSPECT_TITLES = {
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:
-    _preload(ns.model)
+    if not Path(ns.model).is_dir():  # a model folder: api.inspect reads its model
+        _preload(ns.model)
     from posrewrite import api
 
     result = api.inspect(Path(ns.model))

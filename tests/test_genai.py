@@ -233,3 +233,44 @@ def test_hf_folder_config_as_transformers_writes_it(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(ort_logits(out / "model.onnx", ids) - want).max() <= TOL
+
+
+LONG = {"rope_type": "longrope", "factor": 8.0, "original_max_position_embeddings": 128,
+        "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 7.2, 7.8, 8.0]}
+
+
+def test_longrope_two_cache_form_inspected():
+    (site,) = pr.inspect(genai_folder("phi3_longrope")).sites
+    d = site.to_dict()
+    assert d["op"] == "com.microsoft.GroupQueryAttention" and d["max_positions"] == 4 * L
+    assert d["prior_scaling"]["kind"] == "by_length" and d["base"] is None
+    assert "switched by /model/rope_caches_subgraph/If: short [128, 8] up to 128 tokens" in d["notes"][0]
+    # HF's LongRoPE attention factor sqrt(1 + ln(512/128) / ln(128))
+    assert d["attention_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(128)), rel=1e-6)
+
+
+def test_longrope_max_positions_and_rescale(tmp_path):
+    src = genai_folder("phi3_longrope")
+    shutil.copy(src / "genai_config.json", tmp_path)
+    pr.rewrite(src / "model.onnx", max_positions=6 * L, output=tmp_path / "ext.onnx")
+    for n in (100, 129, 4 * L):  # short and long caches: the trained rows are kept bit for bit
+        ids = _ids(n, 192)
+        assert np.array_equal(onnx_logits(tmp_path / "ext.onnx", ids), onnx_logits(src / "model.onnx", ids))
+    assert onnx_logits(tmp_path / "ext.onnx", _ids(6 * L - 10, 192)).shape[1] == 6 * L - 10
+    # new LongRoPE factors: equals HF's Phi-3 with them, below and above the switch and past the old caches
+    result = pr.rewrite(src / "model.onnx", rope_params=dict(LONG), rope_base=1e4, output=tmp_path / "lr8.onnx")
+    assert result.context_length == 8 * L
+    ref = hf_model("phi3_longrope", rope_parameters={**LONG, "rope_theta": 1e4})
+    for n in (100, 129, 6 * L):
+        ids = _ids(n, 192)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(ids)).logits.numpy()
+        assert np.abs(onnx_logits(tmp_path / "lr8.onnx", ids) - want).max() <= TOL
+
+
+def test_longrope_rescale_without_base_is_refused(capsys):
+    code = cli.main([str(genai_folder("phi3_longrope") / "model.onnx"), "--rope-scale", "2", "--rope-method", "yarn",
+                     "-o", "/nonexistent-dir/x.onnx"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--rope-base" in err

@@ -545,8 +545,7 @@ class RopeDetector:
         cos_v, sin_v = _attention_caches(node)
         producer = cos_v.producer()
         if producer is not None and producer.op_type == "If":
-            return (f"{node.op_type} caches chosen at run time by If ({producer.name}): the two-cache LongRoPE form "
-                    "(short and long caches switched on the sequence length) is not rewritten yet")
+            return self._switched_attention_site(nodes, producer)
         cos_t, sin_t = self.fold(cos_v), self.fold(sin_v)
         if cos_t is None or sin_t is None:
             return f"{node.op_type} whose cos/sin caches are computed at run time"
@@ -576,6 +575,64 @@ class RopeDetector:
             max_positions=int(cos_t.shape[0]), position_dtype="int32", angle_dtype=dtype_name(cos_v),
             attention_factor=factor, positions=None, cos=cos_v, sin=sin_v, cos_cache=cos_v, sin_cache=sin_v,
             fused_nodes=tuple(nodes), notes=tuple(notes), op=f"com.microsoft.{node.op_type}",
+        )
+
+    def _switched_attention_site(self, nodes: list[ir.Node], if_node: ir.Node) -> RopeSite | str:
+        """onnxruntime-genai's LongRoPE form (Phi-3/3.5 128k): If(length > L) selects constant long caches [N, d/2]
+        (then) or short caches [L, d/2] (else), fed to GroupQueryAttention."""
+        node = nodes[0]
+        cos_v, sin_v = _attention_caches(node)
+        why = f"{node.op_type} caches chosen at run time by If ({if_node.name})"
+        if sin_v.producer() is not if_node:
+            return f"{why}, but its sin cache comes from elsewhere"
+        compare = if_node.inputs[0].producer() if if_node.inputs and if_node.inputs[0] is not None else None
+        threshold = self.fold(compare.inputs[1]) if compare is not None and compare.op_type == "Greater" else None
+        if threshold is None or np.asarray(threshold).size != 1:
+            return f"{why}: the condition is not Greater(length, constant)"
+        L = int(np.asarray(threshold).reshape(-1)[0])
+        outputs = list(if_node.outputs)
+        ci, si = outputs.index(cos_v), outputs.index(sin_v)
+        branches = {}
+        for name in ("then_branch", "else_branch"):
+            attr = if_node.attributes.get(name)
+            graph = attr.value if attr is not None else None
+            consts = []
+            for k in (ci, si):
+                value = graph.outputs[k] if graph is not None and len(graph.outputs) > max(ci, si) else None
+                producer = value.producer() if value is not None else None
+                is_const = producer is not None and producer.op_type == "Constant"
+                tensor = producer.attributes.get("value") if is_const else None
+                if tensor is None:
+                    return f"{why}: its {name} does not output constant caches"
+                consts.append((producer, np.asarray(tensor.value.numpy(), np.float64)))
+            fitted = _fit_tables(consts[0][1], consts[1][1], "half", _eps(cos_v))
+            if isinstance(fitted, str):
+                return f"{why}, {name}: {fitted}"
+            branches[name] = (consts, fitted)
+        (long_consts, (long_inv, long_factor)) = branches["then_branch"]
+        (short_consts, (short_inv, short_factor)) = branches["else_branch"]
+        rows = int(long_consts[0][1].shape[0])
+        if short_inv.size != long_inv.size:
+            return f"{why}: short and long caches differ in width"
+        ratio = short_inv.astype(np.float64) / long_inv.astype(np.float64)
+        notes = [f"rotary inside com.microsoft.{node.op_type} (do_rotary=1), {len(nodes)} node(s); LongRoPE caches "
+                 f"switched by {if_node.name}: short [{short_consts[0][1].shape[0]}, {short_inv.size}] up to {L} "
+                 f"tokens (attention factor {short_factor:.6g}), long [{rows}, {long_inv.size}] beyond (up to "
+                 f"{np.max(ratio):.4g}x slower, attention factor {long_factor:.6g}); inv_freq shown is the short one"]
+        base, prior = rope_math.fit_base(short_inv), rope_math.PriorScaling("by_length", float(np.max(ratio)), 0)
+        if base is None:
+            notes.append("the base is not recoverable from LongRoPE frequencies: a rescale needs --rope-base "
+                         "(the model's rope_theta)")
+        interleaved = bool(int_attr(node, "rotary_interleaved", 0))
+        selected = {"threshold": L, "short": short_inv, "long": long_inv, "if_node": if_node,
+                    "long_constants": (long_consts[0][0], long_consts[1][0]), "long_factor": long_factor}
+        return RopeSite(
+            layout=Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF, head_dim=_attention_head_size(node),
+            rotary_dim=2 * short_inv.size, angles=AngleSource.FUSED_OP, base=base, inv_freq=short_inv,
+            inv_freq_value=None, prior_scaling=prior, max_positions=rows, position_dtype="int32",
+            angle_dtype=dtype_name(cos_v), attention_factor=short_factor, positions=None, cos=cos_v, sin=sin_v,
+            cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
+            op=f"com.microsoft.{node.op_type}", extra=_Extra(cos_src=None, sin_src=None, angles={"selected": selected}),
         )
 
     def _unclaimed_trig(self, sites: list[RopeSite]) -> None:

@@ -74,9 +74,22 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     new_length = None
     if site.max_positions is not None:
         target = params.target_length()
-        scaled = int(round(site.max_positions * params.effective_factor()))
-        new_length = max(site.max_positions, scaled, target or 0)
+        trained = switched_threshold(site) or site.max_positions  # LongRoPE caches: the short length
+        scaled = int(round(trained * params.effective_factor()))
+        new_length = max(site.max_positions if trained == site.max_positions else 0, scaled, target or 0)
     return SitePlan(site, params, inv_freq, factor, new_length, runtime)
+
+
+def switched_threshold(site: RopeSite) -> int | None:
+    """L of onnxruntime-genai's LongRoPE caches (short up to L tokens, long beyond), None for other sites."""
+    selected = _switched(site)
+    return int(selected["threshold"]) if selected else None
+
+
+def _switched(site: RopeSite) -> dict | None:
+    angles = site.extra.angles if site.extra is not None else None
+    selected = (angles or {}).get("selected")
+    return selected if selected and "if_node" in selected else None
 
 
 def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
@@ -86,7 +99,11 @@ def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
     if site.angles == AngleSource.COMPUTED or site.max_positions is None or site.max_positions >= rows:
         return None
     inv = site.inv_freq
-    if site.base is not None and site.prior_scaling is None:
+    if _switched(site):  # LongRoPE caches: the long ones grow (and are what the plan describes past L)
+        inv = _switched(site)["long"]
+        site = dataclasses.replace(site, inv_freq=np.asarray(inv, np.float32),
+                                   attention_factor=float(_switched(site)["long_factor"]))
+    elif site.base is not None and site.prior_scaling is None:
         inv = rope_math.default_inv_freq(site.base, site.rotary_dim)  # exact, rather than fitted from the table
     params = rope_math.RopeParameters(rope_type="default")
     return SitePlan(site, params, np.asarray(inv, np.float32), float(site.attention_factor), int(rows), False,
@@ -273,6 +290,8 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         if dtype != _F32:
             cos, sin = w.op("Cast", cos, to=dtype), w.op("Cast", sin, to=dtype)
         w.commit()
+    elif plan.keep_rows and _switched(site):
+        return _extend_switched(plan)
     else:
         c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
         if plan.keep_rows:
@@ -294,3 +313,24 @@ def _attention_total_length(node: ir.Node) -> ir.Value | None:
     if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention" and len(node.inputs) > 6:
         return node.inputs[6]
     return None
+
+
+def _extend_switched(plan: SitePlan) -> list[str]:
+    """--max-positions on onnxruntime-genai's LongRoPE caches: the long caches (the If's then branch) grow to
+    plan.new_length rows with their own frequencies and attention factor, trained rows kept bit for bit."""
+    selected = _switched(plan.site)
+    factor = float(selected["long_factor"])
+    c, s = rope_math.cos_sin_tables(np.asarray(selected["long"], np.float32), plan.new_length,
+                                    attention_factor=factor, layout="half")
+    for node, table in zip(selected["long_constants"], (c, s), strict=True):
+        old = node.attributes["value"].value
+        kept = old.numpy()
+        table[: kept.shape[0]] = kept
+        new = ir.tensor(table.astype(kept.dtype), name=old.name)
+        node.attributes["value"] = ir.AttrTensor("value", new)
+        out = node.outputs[0]
+        if out.shape is not None:
+            out.shape = ir.Shape([plan.new_length, table.shape[1]])
+    return [f"LongRoPE caches inside {plan.site.op} (switch at {selected['threshold']} tokens): long caches "
+            f"{plan.site.max_positions} -> {plan.new_length} rows, same frequencies (trained rows kept); "
+            "short caches unchanged"]
