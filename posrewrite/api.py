@@ -438,7 +438,11 @@ class CheckResult:
 
 
 def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
-    """Precision analysis of every positional-encoding site at `max_length` tokens."""
+    """Precision analysis of every positional-encoding site at `max_length` tokens (a model folder: its model)."""
+    if Path(path).is_dir():
+        from posrewrite.folders import model_files
+
+        path = model_files(path)[0]
     model = io.load_model(path)
     found = detect(model)
     if not found.sites:

@@ -560,7 +560,8 @@ _CHECK_COLUMNS = [
 def _cmd_check(ns: argparse.Namespace, out: _Output) -> int:
     if ns.max_length is not None and ns.max_length <= 0:
         raise UsageError(f"--max-length must be greater than 0, not {ns.max_length}")
-    _preload(ns.model)
+    if not Path(ns.model).is_dir():  # a model folder: api.check reads its model
+        _preload(ns.model)
     from posrewrite import api
 
     result = api.check(Path(ns.model), max_length=ns.max_length)
