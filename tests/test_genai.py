@@ -274,3 +274,29 @@ def test_longrope_rescale_without_base_is_refused(capsys):
                      "-o", "/nonexistent-dir/x.onnx"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--rope-base" in err
+
+
+def test_second_rescale_of_fused_output_starts_from_the_base(tmp_path):
+    """`make demo`'s rescale-and-fuse output (yarn x4, GroupQueryAttention) rescaled again to yarn x8 equals HF's
+    yarn x8 model: the caches carry posrewrite's record of the base, not a compounded scaling. Same for a genai
+    model rescaled twice."""
+    from fixtures.hf_models import export_hf_onnx, hf_logits, ort_logits
+
+    x = Path(export_hf_onnx("llama"))
+    pr.rewrite(x, rope_scale=4, rope_method="yarn", original_max_positions=64, fuse="ort", output=tmp_path / "f4.onnx")
+    (site,) = pr.inspect(tmp_path / "f4.onnx").sites
+    assert site.base == pytest.approx(1e4) and site.prior_scaling.kind == "rewritten"
+    pr.rewrite(tmp_path / "f4.onnx", rope_scale=8, rope_method="yarn", original_max_positions=64,
+               output=tmp_path / "f8.onnx")
+    ids = _ids(300)
+    ref = hf_logits("llama", ids, rope_parameters={"rope_type": "yarn", "factor": 8.0,
+                                                   "original_max_position_embeddings": 64})
+    assert np.abs(ort_logits(tmp_path / "f8.onnx", ids) - ref).max() <= TOL
+
+    src = genai_folder("llama")
+    shutil.copy(src / "genai_config.json", tmp_path)
+    pr.rewrite(src / "model.onnx", rope_scale=4, rope_method="yarn", output=tmp_path / "g4.onnx")
+    pr.rewrite(tmp_path / "g4.onnx", rope_scale=8, rope_method="yarn", output=tmp_path / "g8.onnx")  # L recorded
+    ids = _ids(3 * L)
+    want = _hf("llama", ids, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": L})
+    assert np.abs(onnx_logits(tmp_path / "g8.onnx", ids) - want).max() <= TOL

@@ -529,12 +529,14 @@ class RopeDetector:
             base, prior = rope_math.fit_base(inv_freq), None
             if base is None:
                 base, prior = _fit_scaled_base(inv_freq, None, notes)
+                base, prior = _rewritten_base(self.model.graph, cos_v, base, prior, notes)
             sites.append(RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.FUSED_OP,
                 base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
                 max_positions=int(cos_t.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
                 angle_dtype=dtype_name(cos_v), attention_factor=factor, positions=positions, cos=cos_v, sin=sin_v,
                 cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
+                extra=_marker_extra(self.model.graph, cos_v, prior),
             ))
         return sites
 
@@ -569,12 +571,14 @@ class RopeDetector:
         base, prior = rope_math.fit_base(inv_freq), None
         if base is None:
             base, prior = _fit_scaled_base(inv_freq, None, notes)
+            base, prior = _rewritten_base(self.model.graph, cos_v, base, prior, notes)
         return RopeSite(
             layout=Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF, head_dim=head_dim, rotary_dim=rotary_dim,
             angles=AngleSource.FUSED_OP, base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
             max_positions=int(cos_t.shape[0]), position_dtype="int32", angle_dtype=dtype_name(cos_v),
             attention_factor=factor, positions=None, cos=cos_v, sin=sin_v, cos_cache=cos_v, sin_cache=sin_v,
             fused_nodes=tuple(nodes), notes=tuple(notes), op=f"com.microsoft.{node.op_type}",
+            extra=_marker_extra(self.model.graph, cos_v, prior),
         )
 
     def _switched_attention_site(self, nodes: list[ir.Node], if_node: ir.Node) -> RopeSite | str:
@@ -707,6 +711,40 @@ class _Extra:
 RUNTIME_INV_FREQ_KEY = "posrewrite.runtime_inv_freq"
 #: on the node that consumes a rescaled inv_freq constant: what the rescale did (JSON)
 RESCALED_KEY = "posrewrite.rescaled_rope"
+
+
+def mark_rescaled_cache(graph: ir.Graph, cache: ir.Value, what: dict) -> None:
+    """Records on the graph (metadata_props, keyed by the cos cache's name, which survives attention fusion and
+    saving) the rescale a fused cache was computed with, so that inspect / a later rescale start from its base."""
+    if cache.name and what.get("base") is not None:
+        graph.metadata_props[f"{RESCALED_KEY}:{cache.name}"] = json.dumps(what)
+
+
+def _cache_marker(graph: ir.Graph, cache: ir.Value) -> dict | None:
+    text = graph.metadata_props.get(f"{RESCALED_KEY}:{cache.name}") if cache.name else None
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _rewritten_base(graph: ir.Graph, cache: ir.Value, base: float | None, prior, notes: list[str]):
+    """(base, prior) of a fused cache: a posrewrite rescale's record when the fit finds no plain base."""
+    marker = _cache_marker(graph, cache) if base is None else None
+    if not marker:
+        return base, prior
+    notes[:] = [n for n in notes if "not geometric" not in n and "already scaled" not in n]
+    base = float(marker["base"])
+    notes.append(f"caches written by posrewrite ({marker['rope_type']} x{marker.get('factor') or 1:g} from base "
+                 f"{base:g}); a rescale starts again from that base")
+    return base, rope_math.PriorScaling("rewritten", float(marker.get("factor") or 1.0), 0)
+
+
+def _marker_extra(graph: ir.Graph, cache: ir.Value, prior) -> _Extra | None:
+    """Detection details of a fused site whose caches posrewrite rescaled: the record (for its trained length)."""
+    if prior is None or prior.kind != "rewritten":
+        return None
+    return _Extra(cos_src=None, sin_src=None, angles={"rescaled": _cache_marker(graph, cache)})
 
 
 def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:

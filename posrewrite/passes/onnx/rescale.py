@@ -19,7 +19,12 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
-from posrewrite.passes.onnx.detect_rope import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, fused_cache_indices
+from posrewrite.passes.onnx.detect_rope import (
+    RESCALED_KEY,
+    RUNTIME_INV_FREQ_KEY,
+    fused_cache_indices,
+    mark_rescaled_cache,
+)
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
@@ -76,14 +81,21 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
         target = params.target_length()
         trained = switched_threshold(site) or site.max_positions  # LongRoPE caches: the short length
         scaled = int(round(trained * params.effective_factor()))
-        new_length = max(site.max_positions if trained == site.max_positions else 0, scaled, target or 0)
+        new_length = max(site.max_positions, scaled, target or 0)  # never fewer rows than the model had
     return SitePlan(site, params, inv_freq, factor, new_length, runtime)
 
 
 def switched_threshold(site: RopeSite) -> int | None:
-    """L of onnxruntime-genai's LongRoPE caches (short up to L tokens, long beyond), None for other sites."""
+    """The trained length of a fused site whose caches hold more rows: L of onnxruntime-genai's LongRoPE caches
+    (short up to L tokens, long beyond), or the L a posrewrite rescale recorded; None for other sites."""
     selected = _switched(site)
-    return int(selected["threshold"]) if selected else None
+    if selected:
+        return int(selected["threshold"])
+    if site.angles == AngleSource.FUSED_OP and site.extra is not None and site.extra.angles:
+        record = site.extra.angles.get("rescaled") or {}
+        if record.get("original_max_position_embeddings"):
+            return int(record["original_max_position_embeddings"])
+    return None
 
 
 def _switched(site: RopeSite) -> dict | None:
@@ -108,6 +120,13 @@ def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
     params = rope_math.RopeParameters(rope_type="default")
     return SitePlan(site, params, np.asarray(inv, np.float32), float(site.attention_factor), int(rows), False,
                     keep_rows=True)
+
+
+def rescaled_record(plan: SitePlan) -> dict:
+    """What a static rescale did, as recorded for inspect and later rescales (RESCALED_KEY)."""
+    base = plan.params.rope_theta if plan.params.rope_theta is not None else plan.site.base
+    return {"rope_type": plan.params.rope_type, "factor": plan.params.factor,
+            "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base}
 
 
 def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
@@ -300,6 +319,8 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
                 table[: old.shape[0]] = old
         cos = add_initializer(graph, c, "cos_cache", dtype)
         sin = add_initializer(graph, s, "sin_cache", dtype)
+        if not plan.keep_rows:
+            mark_rescaled_cache(graph, cos, rescaled_record(plan))
     for node in site.fused_nodes:
         ci, si = fused_cache_indices(node)
         node.replace_input_with(ci, cos)
