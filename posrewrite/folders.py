@@ -227,8 +227,9 @@ def rewrite_folder(folder: str | os.PathLike, options, *, progress=None):
     out = Path(options.output) if options.output is not None else default_output_folder(src, options.output_suffix())
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise errors.UsageError(f"{out} exists and is not an empty folder: give a new folder with -o")
-    if os.path.abspath(out) == os.path.abspath(src):
-        raise errors.UsageError("the output folder must differ from the input folder")
+    src_real, out_real = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([src_real, out_real]) == src_real:
+        raise errors.UsageError(f"the output folder {out} must not be the input folder or inside it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

@@ -203,6 +203,12 @@ def test_folder_errors(tmp_path, capsys):
     assert cli.main([str(src), "--rope-scale", "2", "-o", str(busy)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an empty folder" in err
+    assert cli.main([str(src), "--rope-scale", "2", "-o", str(src / "sub")]) == 2
+    assert "inside it" in capsys.readouterr().err
+    (src / "genai_config.json").write_text("{not json")
+    assert cli.main([str(src), "--rope-scale", "2", "-o", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "genai_config.json" in err and not (tmp_path / "o").exists()
 
 
 def test_hf_folder_config_as_transformers_writes_it(tmp_path):
