@@ -306,3 +306,34 @@ def test_second_rescale_of_fused_output_starts_from_the_base(tmp_path):
     ids = _ids(3 * L)
     want = _hf("llama", ids, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": L})
     assert np.abs(onnx_logits(tmp_path / "g8.onnx", ids) - want).max() <= TOL
+
+
+def test_partial_rotary_inside_gqa(tmp_path):
+    """Phi-2-style partial rotary (16 of 32 channels), caches [128, 8]. The builder's Phi differs from HF's by ~5e-3
+    on the logits already (a builder matter, as large as what RoPE changes in this tiny model), so the rewritten
+    caches are compared with HF's own rotary embedding for the same rope_parameters, and the logits with the
+    original builder model where they must not change."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = genai_folder("phi")
+    (site,) = pr.inspect(src).sites
+    assert (site.rotary_dim, site.head_dim, site.max_positions) == (16, 32, L)
+    assert any("partial rotary: 16 of 32" in n for n in site.notes)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L}
+    pr.rewrite(src / "model.onnx", rope_scale=4, rope_method="yarn", output=tmp_path / "y.onnx")
+    m = onnx.load(tmp_path / "y.onnx")
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    cos, sin = inits[gqa.input[7]], inits[gqa.input[8]]
+    assert cos.shape == (4 * L, 8)
+    rotary = hf_model("phi", rope_parameters=yarn).model.rotary_emb
+    x = torch.zeros(1, 4 * L, 32)
+    with torch.no_grad():
+        hc, hs = rotary(x, torch.arange(4 * L)[None])
+    assert np.abs(cos - hc[0, :, :8].numpy()).max() <= TOL and np.abs(sin - hs[0, :, :8].numpy()).max() <= TOL
+    shutil.copy(src / "genai_config.json", tmp_path)
+    pr.rewrite(src / "model.onnx", rope_scale=4, rope_method="dynamic", output=tmp_path / "d.onnx")
+    ids = _ids(L)
+    assert np.abs(onnx_logits(tmp_path / "d.onnx", ids) - onnx_logits(src / "model.onnx", ids)).max() <= TOL
+    assert onnx_logits(tmp_path / "y.onnx", _ids(3 * L)).shape[1] == 3 * L
