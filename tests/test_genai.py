@@ -337,3 +337,26 @@ def test_partial_rotary_inside_gqa(tmp_path):
     ids = _ids(L)
     assert np.abs(onnx_logits(tmp_path / "d.onnx", ids) - onnx_logits(src / "model.onnx", ids)).max() <= TOL
     assert onnx_logits(tmp_path / "y.onnx", _ids(3 * L)).shape[1] == 3 * L
+
+
+def test_hf_config_rope_scaling_key_kept(tmp_path):
+    """A config.json written with the older `rope_scaling` key (transformers 4) keeps that key, rope_theta at the
+    top; transformers reads the same parameters back from either form."""
+    import transformers
+
+    from fixtures.hf_models import hf_config
+    from posrewrite.folders import updated_hf_config
+
+    v5 = hf_config("llama").to_dict()
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"} | {"rope_theta": 10000.0, "rope_scaling": None}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+            "beta_slow": 1.0}
+    new4, lines = updated_hf_config(v4, yarn, 256)
+    assert "rope_parameters" not in new4 and new4["rope_scaling"] == yarn and new4["rope_theta"] == 10000.0
+    assert new4["max_position_embeddings"] == 256 and len(lines) == 2
+    new5, _ = updated_hf_config(v5, yarn, 256)
+    for k, config in enumerate((new4, new5)):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "config.json").write_text(json.dumps(config))
+    a, b = (transformers.AutoConfig.from_pretrained(tmp_path / str(k)) for k in (0, 1))
+    assert a.rope_parameters == b.rope_parameters and b.rope_parameters == {**yarn, "rope_theta": 10000.0}
