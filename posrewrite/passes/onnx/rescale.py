@@ -321,6 +321,7 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         sin = add_initializer(graph, s, "sin_cache", dtype)
         if not plan.keep_rows:
             mark_rescaled_cache(graph, cos, rescaled_record(plan))
+    graph.metadata_props.pop(f"{RESCALED_KEY}:{site.cos_cache.name}", None)  # the old caches' record, if any
     for node in site.fused_nodes:
         ci, si = fused_cache_indices(node)
         node.replace_input_with(ci, cos)
