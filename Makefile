@@ -1,7 +1,8 @@
 # posrewrite: `make test` and `make demo` do all of the set-up on a fresh machine, then run.
 #
 #   make test            create .venv (python3.11, else python3), install, run the whole pytest suite
-#   make demo            install, export a tiny HF Llama, inspect it, rescale it 4x with YaRN, inspect again
+#   make demo            install, export a tiny HF Llama, inspect it, rescale it 4x with YaRN, inspect again, fuse;
+#                        rescale an onnxruntime-genai model folder and generate past its old context
 #   make install         only the set-up (skipped while pyproject.toml and this Makefile are unchanged)
 #   make clean           remove build outputs (out/, build/, *.egg-info); `make distclean` also removes .venv
 #
