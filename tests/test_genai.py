@@ -149,15 +149,23 @@ def test_fused_output_rescales_like_rescale_then_fuse(tmp_path):
     assert np.abs(a - b).max() <= TOL and np.abs(a - ref).max() <= TOL
 
 
+PROMPT = np.arange(100) % 90 + 3
+
+
 def _generate(folder: Path, max_length: int) -> int:
+    return len(_generated(folder, max_length))
+
+
+def _generated(folder: Path, max_length: int) -> np.ndarray:
+    """Greedy onnxruntime-genai generation from the folder, as a user runs it."""
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(np.arange(100, dtype=np.int32) % 90 + 3)
+    gen.append_tokens(PROMPT.astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
-    return len(gen.get_sequence(0))
+    return np.asarray(gen.get_sequence(0))
 
 
 def test_genai_folder_generates_past_the_old_context(tmp_path, capsys):
@@ -175,7 +183,12 @@ def test_genai_folder_generates_past_the_old_context(tmp_path, capsys):
     for name in ("tokenizer.json", "tokenizer_config.json", "model.onnx.data"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
-    assert _generate(out, 3 * L - 34) == 3 * L - 34  # nothing edited by hand
+    tokens = _generated(out, 3 * L - 34)  # nothing edited by hand
+    ref = hf_model("llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L})
+    with torch.no_grad():  # HF's greedy generation with the same rope_parameters, token for token
+        want = ref.generate(torch.from_numpy(PROMPT)[None], max_length=3 * L - 34, min_length=3 * L - 34,
+                            do_sample=False, pad_token_id=0)[0].numpy()
+    assert len(tokens) == 3 * L - 34 and np.array_equal(tokens, want)
     with pytest.raises(Exception, match="context_length"):
         _generate(src, 3 * L - 34)
 
