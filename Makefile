@@ -2,7 +2,8 @@
 #
 #   make test            create .venv, install the locked versions, run ruff and the whole suite (slow tests too)
 #   make check           the same set-up, then ruff and a fast subset of the suite (< 2 minutes)
-#   make demo            install, export a tiny HF Llama, inspect it, rescale it 4x with YaRN, inspect again
+#   make demo            install, export a tiny HF Llama, inspect it, rescale it 4x with YaRN, inspect again, fuse;
+#                        rescale an onnxruntime-genai model folder and generate past its old context
 #   make install         only the set-up (skipped while the lock, pyproject.toml and this Makefile are unchanged)
 #   make lint            ruff check, with the locked ruff
 #   make lock            re-resolve requirements/dev.lock from pyproject.toml's ranges (newest releases today)

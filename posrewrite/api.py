@@ -105,7 +105,12 @@ class InspectResult:
 
 
 def inspect(path: str | os.PathLike) -> InspectResult:
-    """Describes the positional encodings of the model at `path` (weights are not read)."""
+    """Describes the positional encodings of the model at `path` (weights are not read). A genai / HF export
+    folder: its (first) model."""
+    if Path(path).is_dir():
+        from posrewrite.folders import model_files
+
+        path = model_files(path)[0]
     model = io.load_model(path)
     found = detect(model)
     return InspectResult(str(path), found.sites, found.refusals)
@@ -125,6 +130,10 @@ class RewriteResult:
     notes: list[str]
     validation: Any = None
     sites: list[EncodingSite] = dataclasses.field(default_factory=list)
+    #: positions the rewritten RoPE tables / caches hold (None: computed on the fly, or no RoPE rewritten)
+    context_length: int | None = None
+    #: HF-style rope_parameters of each rescaled RoPE site (what config.json gets in a folder rewrite)
+    rope_parameters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,13 +149,15 @@ class RewriteResult:
 
 def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite) -> rope_math.RopeParameters:
     """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
+    from posrewrite.passes.onnx.rescale import switched_threshold as rescale_switched_threshold
+
     config = read_config_json(model_path)
     hf = rope_parameters_from_options(options, config_json=config)
     hf.pop("partial_rotary_factor", None)
     method = hf.get("rope_type", "default")
     if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
         if site.max_positions is not None:
-            hf["original_max_position_embeddings"] = int(site.max_positions)
+            hf["original_max_position_embeddings"] = int(rescale_switched_threshold(site) or site.max_positions)
         elif config and config.get("max_position_embeddings"):
             hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
         else:
@@ -170,12 +181,19 @@ def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteO
     return options
 
 
-def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, progress=None, **kwargs) -> RewriteResult:
+def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, progress=None, saver=None,
+            **kwargs) -> RewriteResult:
     """Rewrites the model at `path` as `options` say and saves it (atomically) beside it or to options.output.
 
     Keyword arguments are RewriteOptions fields: `rewrite("m.onnx", rope_scale=4, rope_method="yarn",
-    original_max_positions=4096, output="m-yarn.onnx")`.
+    original_max_positions=4096, output="m-yarn.onnx")`. A folder (onnxruntime-genai's genai_config.json, or
+    an HF/Optimum export with config.json) is rewritten into a new folder: `posrewrite.folders`.
+    `saver(model, output) -> Path` replaces `io.save_model` (the folder rewrite's weight-sharing save).
     """
+    if Path(path).is_dir():
+        from posrewrite.folders import rewrite_folder
+
+        return rewrite_folder(path, _options(options, kwargs), progress=progress)
     from posrewrite.passes.onnx import rescale
     from posrewrite.validate import FULL_RUN_MAX_BYTES, MAX_VALIDATION_LENGTH, initializer_bytes, run_full_model, validate_sites
 
@@ -245,7 +263,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         notes.append("nothing changed: the model already is as requested")
     _cleanup(model)
     with progress.stage("saving"):
-        saved = io.save_model(model, output)
+        saved = (saver or io.save_model)(model, output)
     report = None
     if opts.validate and not plans and other_changes:
         from posrewrite.validate import ValidationReport
@@ -288,7 +306,10 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         _remove_output(saved)
         bad = next(r for r in report.rows if not r["ok"])
         raise errors.ValidationError(f"validation failed: {bad}")
-    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
+    context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [rows or 0]) or None
+    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
+    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
+                         context_length=context, rope_parameters=hf_params)
 
 
 def _fuse_compare_lengths(found: Detection) -> list[int]:
@@ -417,7 +438,11 @@ class CheckResult:
 
 
 def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
-    """Precision analysis of every positional-encoding site at `max_length` tokens."""
+    """Precision analysis of every positional-encoding site at `max_length` tokens (a model folder: its model)."""
+    if Path(path).is_dir():
+        from posrewrite.folders import model_files
+
+        path = model_files(path)[0]
     model = io.load_model(path)
     found = detect(model)
     if not found.sites:

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_exit_code_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="the ONNX model (external data is read from beside it)")
+    p.add_argument("model", metavar="MODEL", help="the ONNX model (external data is read from beside it), or a "
+                   "model folder (onnxruntime-genai's genai_config.json, or config.json + *.onnx): -o is a new folder")
     _add_rope_flags(p)
     g = p.add_argument_group("other rewrites")
     g.add_argument(
@@ -144,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument(
         "-o", "--output", type=Path, metavar="OUT", help="output model (default: MODEL.<what>.onnx beside MODEL)"
+    )
+    g.add_argument(
+        "--link-weights", action="store_true",
+        help="folders: hard-link the external weights into OUT (onnxruntime reads them; onnx/onnx_ir refuse "
+        "hard-linked data) instead of a copy-on-write clone or copy",
     )
     g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime validation")
     g.add_argument(
@@ -296,6 +302,7 @@ def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> R
         "pos_scale",
         "alibi_scale",
         "output",
+        "link_weights",
     ):
         if hasattr(ns, name):
             fields[name] = getattr(ns, name)
@@ -433,7 +440,7 @@ def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None
 
 def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
     opts = options_from_args(ns)
-    model = _preload(ns.model, output=opts.output)
+    model = Path(ns.model) if Path(ns.model).is_dir() else _preload(ns.model, output=opts.output)
 
     from posrewrite import api
     from posrewrite.progress import progress_reporter
@@ -506,7 +513,8 @@ _INSPECT_TITLES = {
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:
-    _preload(ns.model)
+    if not Path(ns.model).is_dir():  # a model folder: api.inspect reads its model
+        _preload(ns.model)
     from posrewrite import api
 
     result = api.inspect(Path(ns.model))
@@ -552,7 +560,8 @@ _CHECK_COLUMNS = [
 def _cmd_check(ns: argparse.Namespace, out: _Output) -> int:
     if ns.max_length is not None and ns.max_length <= 0:
         raise UsageError(f"--max-length must be greater than 0, not {ns.max_length}")
-    _preload(ns.model)
+    if not Path(ns.model).is_dir():  # a model folder: api.check reads its model
+        _preload(ns.model)
     from posrewrite import api
 
     result = api.check(Path(ns.model), max_length=ns.max_length)

@@ -65,6 +65,7 @@ class RewriteOptions:
     pos_scale: float | None = None
     alibi_scale: float | None = None
     output: Path | None = None
+    link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     json: bool = False
     debug: bool = False
 

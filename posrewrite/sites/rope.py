@@ -20,7 +20,7 @@ class Layout(str, enum.Enum):
 class AngleSource(str, enum.Enum):
     COMPUTED = "computed"  # cos/sin of positions x inv_freq computed in the graph
     CACHED = "cached"  # precomputed cos/sin tables gathered or sliced by positions
-    FUSED_OP = "fused_op"  # a RotaryEmbedding node holding its caches
+    FUSED_OP = "fused_op"  # a RotaryEmbedding node (or an attention op with rotary inside) holding its caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,7 @@ class RopeSite(EncodingSite):
     notes: tuple[str, ...] = ()
     prior_scaling: Any = None  # posrewrite.math.rope.PriorScaling when inv_freq is already scaled
     extra: Any = dataclasses.field(default=None, repr=False, compare=False)  # detector details for rewrites
+    op: str | None = None  # fused_op inside an attention op: "com.microsoft.GroupQueryAttention"
 
     @property
     def sites(self) -> int:
@@ -89,4 +90,5 @@ class RopeSite(EncodingSite):
             "sin": self.sin.name,
             "inv_freq": None if self.inv_freq_value is None else self.inv_freq_value.name,
             "notes": list(self.notes),
+            **({"op": self.op} if self.op else {}),
         }

@@ -484,6 +484,14 @@ class RopeDetector:
         sites = []
         by_cache: dict[tuple[int, int], list[ir.Node]] = {}
         for node in self.model.graph:
+            if _is_rotary_attention(node):
+                cos_v, sin_v = _attention_caches(node)
+                if cos_v is None or sin_v is None:
+                    self.refusals.append(Refusal("rope", node.name or "?", "GroupQueryAttention with do_rotary=1 "
+                                                 "but no cos_cache/sin_cache inputs"))
+                    continue
+                by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
+                continue
             if node.op_type != "RotaryEmbedding" or node.domain not in _FUSED_DOMAINS:
                 continue
             contrib = node.domain == "com.microsoft"
@@ -491,6 +499,13 @@ class RopeDetector:
             by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
         for nodes in by_cache.values():
             node = nodes[0]
+            if _is_rotary_attention(node):
+                site = self._attention_site(nodes)
+                if isinstance(site, str):
+                    self.refusals.append(Refusal("rope", node.name or "?", site))
+                else:
+                    sites.append(site)
+                continue
             contrib = node.domain == "com.microsoft"
             cos_v, sin_v = (node.inputs[2], node.inputs[3]) if contrib else (node.inputs[1], node.inputs[2])
             positions = node.inputs[1] if contrib else (node.inputs[3] if len(node.inputs) > 3 else None)
@@ -514,14 +529,115 @@ class RopeDetector:
             base, prior = rope_math.fit_base(inv_freq), None
             if base is None:
                 base, prior = _fit_scaled_base(inv_freq, None, notes)
+                base, prior = _rewritten_base(self.model.graph, cos_v, base, prior, notes)
             sites.append(RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.FUSED_OP,
                 base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
                 max_positions=int(cos_t.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
                 angle_dtype=dtype_name(cos_v), attention_factor=factor, positions=positions, cos=cos_v, sin=sin_v,
                 cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
+                extra=_marker_extra(self.model.graph, cos_v, prior),
             ))
         return sites
+
+    def _attention_site(self, nodes: list[ir.Node]) -> RopeSite | str:
+        """RoPE applied inside com.microsoft.GroupQueryAttention (do_rotary=1): its caches [rows, rotary_dim/2]
+        are the site's tables; positions are the op's own (past length + 0..S-1)."""
+        node = nodes[0]
+        cos_v, sin_v = _attention_caches(node)
+        producer = cos_v.producer()
+        if producer is not None and producer.op_type == "If":
+            return self._switched_attention_site(nodes, producer)
+        cos_t, sin_t = self.fold(cos_v), self.fold(sin_v)
+        if cos_t is None or sin_t is None:
+            return f"{node.op_type} whose cos/sin caches are computed at run time"
+        cos_t, sin_t = np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64)
+        if cos_t.ndim != 2 or cos_t.shape != sin_t.shape:
+            return f"{node.op_type} caches of shapes {cos_t.shape} and {sin_t.shape}, expected two [rows, rotary_dim/2]"
+        fitted = _fit_tables(cos_t, sin_t, "half", _eps(cos_v))
+        if isinstance(fitted, str):
+            return fitted
+        inv_freq, factor = fitted
+        interleaved = bool(int_attr(node, "rotary_interleaved", 0))
+        rotary_dim = 2 * inv_freq.size
+        head_dim = _attention_head_size(node)
+        if head_dim is not None and rotary_dim > head_dim:
+            return f"{node.op_type} caches rotate {rotary_dim} channels but heads have {head_dim}"
+        notes = [f"rotary inside com.microsoft.{node.op_type} (do_rotary=1, rotary_interleaved={int(interleaved)}): "
+                 f"{len(nodes)} node(s) share caches {cos_v.name}/{sin_v.name} [{cos_t.shape[0]}, {cos_t.shape[1]}]; "
+                 "positions are the op's own (past length + 0..S-1)"]
+        if head_dim is not None and rotary_dim < head_dim:
+            notes.append(f"partial rotary: {rotary_dim} of {head_dim} channels")
+        base, prior = rope_math.fit_base(inv_freq), None
+        if base is None:
+            base, prior = _fit_scaled_base(inv_freq, None, notes)
+            base, prior = _rewritten_base(self.model.graph, cos_v, base, prior, notes)
+        return RopeSite(
+            layout=Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF, head_dim=head_dim, rotary_dim=rotary_dim,
+            angles=AngleSource.FUSED_OP, base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
+            max_positions=int(cos_t.shape[0]), position_dtype="int32", angle_dtype=dtype_name(cos_v),
+            attention_factor=factor, positions=None, cos=cos_v, sin=sin_v, cos_cache=cos_v, sin_cache=sin_v,
+            fused_nodes=tuple(nodes), notes=tuple(notes), op=f"com.microsoft.{node.op_type}",
+            extra=_marker_extra(self.model.graph, cos_v, prior),
+        )
+
+    def _switched_attention_site(self, nodes: list[ir.Node], if_node: ir.Node) -> RopeSite | str:
+        """onnxruntime-genai's LongRoPE form (Phi-3/3.5 128k): If(length > L) selects constant long caches [N, d/2]
+        (then) or short caches [L, d/2] (else), fed to GroupQueryAttention."""
+        node = nodes[0]
+        cos_v, sin_v = _attention_caches(node)
+        why = f"{node.op_type} caches chosen at run time by If ({if_node.name})"
+        if sin_v.producer() is not if_node:
+            return f"{why}, but its sin cache comes from elsewhere"
+        compare = if_node.inputs[0].producer() if if_node.inputs and if_node.inputs[0] is not None else None
+        threshold = self.fold(compare.inputs[1]) if compare is not None and compare.op_type == "Greater" else None
+        if threshold is None or np.asarray(threshold).size != 1:
+            return f"{why}: the condition is not Greater(length, constant)"
+        L = int(np.asarray(threshold).reshape(-1)[0])
+        outputs = list(if_node.outputs)
+        ci, si = outputs.index(cos_v), outputs.index(sin_v)
+        branches = {}
+        for name in ("then_branch", "else_branch"):
+            attr = if_node.attributes.get(name)
+            graph = attr.value if attr is not None else None
+            consts = []
+            for k in (ci, si):
+                value = graph.outputs[k] if graph is not None and len(graph.outputs) > max(ci, si) else None
+                producer = value.producer() if value is not None else None
+                is_const = producer is not None and producer.op_type == "Constant"
+                tensor = producer.attributes.get("value") if is_const else None
+                if tensor is None:
+                    return f"{why}: its {name} does not output constant caches"
+                consts.append((producer, np.asarray(tensor.value.numpy(), np.float64)))
+            fitted = _fit_tables(consts[0][1], consts[1][1], "half", _eps(cos_v))
+            if isinstance(fitted, str):
+                return f"{why}, {name}: {fitted}"
+            branches[name] = (consts, fitted)
+        (long_consts, (long_inv, long_factor)) = branches["then_branch"]
+        (short_consts, (short_inv, short_factor)) = branches["else_branch"]
+        rows = int(long_consts[0][1].shape[0])
+        if short_inv.size != long_inv.size:
+            return f"{why}: short and long caches differ in width"
+        ratio = short_inv.astype(np.float64) / long_inv.astype(np.float64)
+        notes = [f"rotary inside com.microsoft.{node.op_type} (do_rotary=1), {len(nodes)} node(s); LongRoPE caches "
+                 f"switched by {if_node.name}: short [{short_consts[0][1].shape[0]}, {short_inv.size}] up to {L} "
+                 f"tokens (attention factor {short_factor:.6g}), long [{rows}, {long_inv.size}] beyond (up to "
+                 f"{np.max(ratio):.4g}x slower, attention factor {long_factor:.6g}); inv_freq shown is the short one"]
+        base, prior = rope_math.fit_base(short_inv), rope_math.PriorScaling("by_length", float(np.max(ratio)), 0)
+        if base is None:
+            notes.append("the base is not recoverable from LongRoPE frequencies: a rescale needs --rope-base "
+                         "(the model's rope_theta)")
+        interleaved = bool(int_attr(node, "rotary_interleaved", 0))
+        selected = {"threshold": L, "short": short_inv, "long": long_inv, "if_node": if_node,
+                    "long_constants": (long_consts[0][0], long_consts[1][0]), "long_factor": long_factor}
+        return RopeSite(
+            layout=Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF, head_dim=_attention_head_size(node),
+            rotary_dim=2 * short_inv.size, angles=AngleSource.FUSED_OP, base=base, inv_freq=short_inv,
+            inv_freq_value=None, prior_scaling=prior, max_positions=rows, position_dtype="int32",
+            angle_dtype=dtype_name(cos_v), attention_factor=short_factor, positions=None, cos=cos_v, sin=sin_v,
+            cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
+            op=f"com.microsoft.{node.op_type}", extra=_Extra(cos_src=None, sin_src=None, angles={"selected": selected}),
+        )
 
     def _unclaimed_trig(self, sites: list[RopeSite]) -> None:
         """Cos nodes that feed q/k-like multiplications but belong to no site are reported as refusals."""
@@ -532,6 +648,40 @@ class RopeDetector:
             reason = _best_failure(self.tracer)
             self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
                                          "Cos node not part of any recognised q/k rotation" + (f" (closest pattern failed: {reason})" if reason else "")))
+
+
+#: attention ops that rotate q/k themselves: op_type -> (cos_cache input index, sin_cache input index)
+ROTARY_ATTENTION_CACHES = {"GroupQueryAttention": (7, 8)}
+
+
+def _is_rotary_attention(node: ir.Node) -> bool:
+    return (node.domain == "com.microsoft" and node.op_type in ROTARY_ATTENTION_CACHES
+            and int_attr(node, "do_rotary", 0) == 1)
+
+
+def _attention_caches(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    ci, si = ROTARY_ATTENTION_CACHES[node.op_type]
+    inputs = list(node.inputs)
+    return (inputs[ci] if len(inputs) > ci else None), (inputs[si] if len(inputs) > si else None)
+
+
+def fused_cache_indices(node: ir.Node) -> tuple[int, int]:
+    """Input indices of the cos and sin caches of a fused RoPE node (RotaryEmbedding or a rotary attention op)."""
+    if _is_rotary_attention(node):
+        return ROTARY_ATTENTION_CACHES[node.op_type]
+    return (2, 3) if node.domain == "com.microsoft" else (1, 2)
+
+
+def _attention_head_size(node: ir.Node) -> int | None:
+    """Head size of GroupQueryAttention: query [B, S, N*H] with separate k/v, or packed [B, S, (N + 2 Nkv)*H]."""
+    width = last_dim(node.inputs[0])
+    heads = int_attr(node, "num_heads", 0)
+    kv = int_attr(node, "kv_num_heads", 0)
+    if width is None or not heads:
+        return None
+    packed = len(node.inputs) < 2 or node.inputs[1] is None
+    div = heads + 2 * kv if packed else heads
+    return width // div if div and width % div == 0 else None
 
 
 def _ensure_ranks(model: ir.Model) -> None:
@@ -561,6 +711,40 @@ class _Extra:
 RUNTIME_INV_FREQ_KEY = "posrewrite.runtime_inv_freq"
 #: on the node that consumes a rescaled inv_freq constant: what the rescale did (JSON)
 RESCALED_KEY = "posrewrite.rescaled_rope"
+
+
+def mark_rescaled_cache(graph: ir.Graph, cache: ir.Value, what: dict) -> None:
+    """Records on the graph (metadata_props, keyed by the cos cache's name, which survives attention fusion and
+    saving) the rescale a fused cache was computed with, so that inspect / a later rescale start from its base."""
+    if cache.name and what.get("base") is not None:
+        graph.metadata_props[f"{RESCALED_KEY}:{cache.name}"] = json.dumps(what)
+
+
+def _cache_marker(graph: ir.Graph, cache: ir.Value) -> dict | None:
+    text = graph.metadata_props.get(f"{RESCALED_KEY}:{cache.name}") if cache.name else None
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _rewritten_base(graph: ir.Graph, cache: ir.Value, base: float | None, prior, notes: list[str]):
+    """(base, prior) of a fused cache: a posrewrite rescale's record when the fit finds no plain base."""
+    marker = _cache_marker(graph, cache) if base is None else None
+    if not marker:
+        return base, prior
+    notes[:] = [n for n in notes if "not geometric" not in n and "already scaled" not in n]
+    base = float(marker["base"])
+    notes.append(f"caches written by posrewrite ({marker['rope_type']} x{marker.get('factor') or 1:g} from base "
+                 f"{base:g}); a rescale starts again from that base")
+    return base, rope_math.PriorScaling("rewritten", float(marker.get("factor") or 1.0), 0)
+
+
+def _marker_extra(graph: ir.Graph, cache: ir.Value, prior) -> _Extra | None:
+    """Detection details of a fused site whose caches posrewrite rescaled: the record (for its trained length)."""
+    if prior is None or prior.kind != "rewritten":
+        return None
+    return _Extra(cos_src=None, sin_src=None, angles={"rescaled": _cache_marker(graph, cache)})
 
 
 def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:

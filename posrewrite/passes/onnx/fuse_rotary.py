@@ -249,6 +249,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                     add_initializer(graph, s, "rope_sin_cache", dtype),
                     rows,
                 )
+                if not plan.extends_only:  # lets inspect / a later rescale of the fused model find the base
+                    from posrewrite.passes.onnx.detect_rope import mark_rescaled_cache
+                    from posrewrite.passes.onnx.rescale import rescaled_record
+
+                    mark_rescaled_cache(graph, memo[key].cos, rescaled_record(plan))
             return memo[key]
         if site.angles == AngleSource.CACHED:
             tables = []
@@ -289,6 +294,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                 add_initializer(graph, s, "rope_sin_cache", dtype),
                 rows,
             )
+            rescaled = (site.extra.angles or {}).get("rescaled") if site.extra is not None else None
+            if rescaled:  # a posrewrite rescale's output being fused: its record follows the caches
+                from posrewrite.passes.onnx.detect_rope import mark_rescaled_cache
+
+                mark_rescaled_cache(graph, memo[key].cos, rescaled)
         return memo[key]
 
     def _default_rows(self, site: RopeSite) -> int:

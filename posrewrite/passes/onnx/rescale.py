@@ -19,7 +19,12 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
-from posrewrite.passes.onnx.detect_rope import RESCALED_KEY, RUNTIME_INV_FREQ_KEY
+from posrewrite.passes.onnx.detect_rope import (
+    RESCALED_KEY,
+    RUNTIME_INV_FREQ_KEY,
+    fused_cache_indices,
+    mark_rescaled_cache,
+)
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
@@ -74,9 +79,29 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     new_length = None
     if site.max_positions is not None:
         target = params.target_length()
-        scaled = int(round(site.max_positions * params.effective_factor()))
-        new_length = max(site.max_positions, scaled, target or 0)
+        trained = switched_threshold(site) or site.max_positions  # LongRoPE caches: the short length
+        scaled = int(round(trained * params.effective_factor()))
+        new_length = max(site.max_positions, scaled, target or 0)  # never fewer rows than the model had
     return SitePlan(site, params, inv_freq, factor, new_length, runtime)
+
+
+def switched_threshold(site: RopeSite) -> int | None:
+    """The trained length of a fused site whose caches hold more rows: L of onnxruntime-genai's LongRoPE caches
+    (short up to L tokens, long beyond), or the L a posrewrite rescale recorded; None for other sites."""
+    selected = _switched(site)
+    if selected:
+        return int(selected["threshold"])
+    if site.angles == AngleSource.FUSED_OP and site.extra is not None and site.extra.angles:
+        record = site.extra.angles.get("rescaled") or {}
+        if record.get("original_max_position_embeddings"):
+            return int(record["original_max_position_embeddings"])
+    return None
+
+
+def _switched(site: RopeSite) -> dict | None:
+    angles = site.extra.angles if site.extra is not None else None
+    selected = (angles or {}).get("selected")
+    return selected if selected and "if_node" in selected else None
 
 
 def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
@@ -86,11 +111,22 @@ def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
     if site.angles == AngleSource.COMPUTED or site.max_positions is None or site.max_positions >= rows:
         return None
     inv = site.inv_freq
-    if site.base is not None and site.prior_scaling is None:
+    if _switched(site):  # LongRoPE caches: the long ones grow (and are what the plan describes past L)
+        inv = _switched(site)["long"]
+        site = dataclasses.replace(site, inv_freq=np.asarray(inv, np.float32),
+                                   attention_factor=float(_switched(site)["long_factor"]))
+    elif site.base is not None and site.prior_scaling is None:
         inv = rope_math.default_inv_freq(site.base, site.rotary_dim)  # exact, rather than fitted from the table
     params = rope_math.RopeParameters(rope_type="default")
     return SitePlan(site, params, np.asarray(inv, np.float32), float(site.attention_factor), int(rows), False,
                     keep_rows=True)
+
+
+def rescaled_record(plan: SitePlan) -> dict:
+    """What a static rescale did, as recorded for inspect and later rescales (RESCALED_KEY)."""
+    base = plan.params.rope_theta if plan.params.rope_theta is not None else plan.site.base
+    return {"rope_type": plan.params.rope_type, "factor": plan.params.factor,
+            "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base}
 
 
 def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
@@ -253,15 +289,17 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
 def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
     node0 = site.fused_nodes[0]
-    contrib = node0.domain == "com.microsoft"
     factor = plan.attention_factor
     dtype = site.cos_cache.dtype
     if plan.runtime:
         positions = site.positions
-        if positions is None or positions.shape is None or len(positions.shape) != 2:
+        total = _attention_total_length(node0)
+        if total is None and (positions is None or positions.shape is None or len(positions.shape) != 2):
             raise RescaleError(f"{plan.params.rope_type} on a fused RotaryEmbedding needs 2-D position_ids")
         w = NodeWriter(graph, node0, "rope_cache")
-        seq = seq_from_positions(w, positions)
+        # rotary attention: the run-time length is the op's total_sequence_length (past + new tokens), which is
+        # max(position)+1 of the tokens it rotates
+        seq = w.op("Cast", total, to=_F32) if total is not None else seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
         rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
         angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
@@ -271,6 +309,8 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         if dtype != _F32:
             cos, sin = w.op("Cast", cos, to=dtype), w.op("Cast", sin, to=dtype)
         w.commit()
+    elif plan.keep_rows and _switched(site):
+        return _extend_switched(plan)
     else:
         c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
         if plan.keep_rows:
@@ -279,9 +319,40 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
                 table[: old.shape[0]] = old
         cos = add_initializer(graph, c, "cos_cache", dtype)
         sin = add_initializer(graph, s, "sin_cache", dtype)
+        if not plan.keep_rows:
+            mark_rescaled_cache(graph, cos, rescaled_record(plan))
+    graph.metadata_props.pop(f"{RESCALED_KEY}:{site.cos_cache.name}", None)  # the old caches' record, if any
     for node in site.fused_nodes:
-        ci, si = (2, 3) if contrib else (1, 2)
+        ci, si = fused_cache_indices(node)
         node.replace_input_with(ci, cos)
         node.replace_input_with(si, sin)
     plan.caches = (cos, sin)
     return [plan.describe()]
+
+
+def _attention_total_length(node: ir.Node) -> ir.Value | None:
+    """GroupQueryAttention's total_sequence_length input (a scalar), None for other fused nodes."""
+    if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention" and len(node.inputs) > 6:
+        return node.inputs[6]
+    return None
+
+
+def _extend_switched(plan: SitePlan) -> list[str]:
+    """--max-positions on onnxruntime-genai's LongRoPE caches: the long caches (the If's then branch) grow to
+    plan.new_length rows with their own frequencies and attention factor, trained rows kept bit for bit."""
+    selected = _switched(plan.site)
+    factor = float(selected["long_factor"])
+    c, s = rope_math.cos_sin_tables(np.asarray(selected["long"], np.float32), plan.new_length,
+                                    attention_factor=factor, layout="half")
+    for node, table in zip(selected["long_constants"], (c, s), strict=True):
+        old = node.attributes["value"].value
+        kept = old.numpy()
+        table[: kept.shape[0]] = kept
+        new = ir.tensor(table.astype(kept.dtype), name=old.name)
+        node.attributes["value"] = ir.AttrTensor("value", new)
+        out = node.outputs[0]
+        if out.shape is not None:
+            out.shape = ir.Shape([plan.new_length, table.shape[1]])
+    return [f"LongRoPE caches inside {plan.site.op} (switch at {selected['threshold']} tokens): long caches "
+            f"{plan.site.max_positions} -> {plan.new_length} rows, same frequencies (trained rows kept); "
+            "short caches unchanged"]
