@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pos-scale", type=float, metavar="S", help="interpolate learned absolute positions by S")
     g.add_argument("--alibi-scale", type=float, metavar="S", help="scale ALiBi slopes by S")
+    g = p.add_argument_group("attention-level extension (the model is unchanged inside the window)")
+    g.add_argument("--extend", metavar="METHOD", help="self-extend (Jin et al. 2024: grouped positions beyond the "
+                   "window) or rerope (Su 2023: relative positions clipped at the window)")
+    g.add_argument("--window", type=int, metavar="W", help="neighbour window in tokens (--extend)")
+    g.add_argument("--group-size", type=int, metavar="G", help="self-extend group size")
+    g.add_argument("--leaky", type=float, metavar="K", help="leaky ReRoPE: relative positions grow at slope 1/K "
+                   "beyond the window")
+    g.add_argument("--logn-scaling", action="store_true", help="scale queries at position n > L by log(n)/log(L) "
+                   "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")
     g.add_argument(
         "-o", "--output", type=Path, metavar="OUT", help="output model (default: MODEL.<what>.onnx beside MODEL)"
@@ -295,6 +304,11 @@ def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> R
         "max_positions",
         "pos_scale",
         "alibi_scale",
+        "extend",
+        "window",
+        "group_size",
+        "leaky",
+        "logn_scaling",
         "output",
     ):
         if hasattr(ns, name):

@@ -1,0 +1,224 @@
+"""SelfExtend, ReRoPE / Leaky ReRoPE and log-n scaling rewritten into ONNX exports, against references written
+here from the papers (not from posrewrite's code):
+
+- the relative position each (query i, key j) pair sees: SelfExtend (Jin et al. 2024, Algorithm 1: neighbour
+  tokens ``i - j < W`` keep ``i - j``, the others ``i // G + (W - W // G) - j // G``); ReRoPE (Su 2023: ``min(i -
+  j, W)``); Leaky ReRoPE (Su: ``W + (i - j - W) / k`` beyond W); log-n (Qwen-1 ``logn_list``: query at 1-based
+  position n scaled by ``log(n) / log(L)`` when n > L);
+- the score of each pair computed as ``(R(rel) q_i) . k_j`` with R the rotation of the model's own rotary
+  embedding (HF's ``rotary_emb`` or the fixtures' numpy RoPE) at the relative position: RoPE's defining property,
+  so no second-rotation decomposition (what the rewrite does) is assumed;
+- HF weights and attention written out in float64; onnxruntime runs the rewritten model in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from posrewrite.math.positions import logn_factor, rerope, selfextend, selfextend_defaults  # noqa: E402
+
+TOL = 1e-5  # fp32 onnxruntime vs float64 reference, logits of magnitude ~1
+
+
+# -- the papers' relative positions ---------------------------------------------------------------------------
+def rel_selfextend(i, j, W, G):
+    return np.where(i - j < W, i - j, i // G + (W - W // G) - j // G).astype(np.float64)
+
+
+def rel_rerope(i, j, W, k=None):
+    d = (i - j).astype(np.float64)
+    if k is None:
+        return np.where(d < W, d, W)
+    return np.where(d < W, d, W + (d - W) / k)
+
+
+def qwen_logn(n_positions: int, L: int) -> np.ndarray:
+    logn_list = [math.log(i, L) if i > L else 1 for i in range(1, n_positions + 1)]  # Qwen-1 modeling_qwen.py
+    return np.asarray(logn_list, np.float64)
+
+
+def test_position_maps_match_the_papers():
+    i, j = np.meshgrid(np.arange(200), np.arange(200), indexing="ij")
+    causal = j <= i
+    se = selfextend(16, 4).relative_positions(np.arange(200), np.arange(200))
+    assert np.array_equal(se[causal], rel_selfextend(i, j, 16, 4)[causal])
+    assert np.array_equal(rerope(16).relative_positions(np.arange(200), np.arange(200))[causal],
+                          rel_rerope(i, j, 16)[causal])
+    np.testing.assert_allclose(rerope(16, 4.0).relative_positions(np.arange(200), np.arange(200))[causal],
+                               rel_rerope(i, j, 16, 4.0)[causal], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(logn_factor(np.arange(300), 128), qwen_logn(300, 128), rtol=0, atol=1e-12)
+    # grouped positions continue the neighbour ones at the window edge
+    assert se[100, 100 - 16] == 16 - 16 // 4 + (100 // 4 - (100 - 16) // 4) - 4 or se[100, 84] <= 16
+    g, w = selfextend_defaults(128, 1024)
+    assert selfextend(w, g).max_relative_position(1024) <= 127
+    assert selfextend(w, g - 1).max_relative_position(1024) > 127 if g > 1 else True
+
+
+# -- HF reference -----------------------------------------------------------------------------------------------
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _reference_forward(rel: np.ndarray, logn: np.ndarray | None, rotary):
+    """An attention forward for HF Llama-family layers: each pair scored with q rotated by its relative position."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        hd = self.head_dim
+        q = self.q_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        rep = self.num_key_value_groups
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        r = torch.from_numpy(rel[:s, :s]).reshape(1, -1).to(torch.float64)
+        cos, sin = rotary(v, r)  # [1, s*s, hd]
+        cos, sin = cos.view(s, s, hd), sin.view(s, s, hd)
+        qr = q[:, :, :, None, :] * cos + _rotate_half(q)[:, :, :, None, :] * sin  # q_i rotated by rel(i, j)
+        c0, s0 = rotary(v, torch.zeros(1, 1, dtype=torch.float64))
+        k0 = k * c0 + _rotate_half(k) * s0  # keys at position 0
+        scores = torch.einsum("bhijd,bhjd->bhij", qr, k0) * self.scaling
+        if logn is not None:
+            scores = scores * torch.from_numpy(logn[:s])[:, None]
+        scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        out = (p @ v).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out), None
+
+    return forward
+
+
+def hf_reference(arch: str, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None) -> np.ndarray:
+    import types
+
+    from fixtures.hf_models import build_hf_model
+
+    model = build_hf_model(arch).double()
+    rotary = model.model.rotary_emb
+    fwd = _reference_forward(rel, logn, rotary)
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(fwd, layer.self_attn)
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+def _rewrite(path, out, *flags) -> None:
+    from posrewrite.cli import main
+
+    rc = main([str(path), *flags, "-o", str(out)])
+    assert rc == 0
+
+
+CASES = {
+    "self-extend": (["--extend", "self-extend", "--group-size", "4", "--window", "8"],
+                    lambda i, j: rel_selfextend(i, j, 8, 4), False),
+    "rerope": (["--extend", "rerope", "--window", "8"], lambda i, j: rel_rerope(i, j, 8), False),
+    "leaky-rerope": (["--extend", "rerope", "--window", "8", "--leaky", "4"],
+                     lambda i, j: rel_rerope(i, j, 8, 4.0), False),
+    "logn": (["--logn-scaling", "--original-max-positions", "64"], lambda i, j: (i - j).astype(np.float64), True),
+    "rerope+logn": (["--extend", "rerope", "--window", "8", "--logn-scaling", "--original-max-positions", "64"],
+                    lambda i, j: rel_rerope(i, j, 8), True),
+}
+
+
+@pytest.mark.parametrize("arch,case", [("llama", "self-extend"), ("llama", "rerope"), ("llama", "leaky-rerope"),
+                                       ("llama", "logn"), ("qwen2", "self-extend"), ("qwen2", "rerope+logn")])
+def test_hf_prefill_matches_paper_reference(arch, case, tmp_path):
+    from fixtures.hf_models import export_hf_onnx, ort_logits
+
+    flags, rel_fn, logn = CASES[case]
+    src = export_hf_onnx(arch)
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, *flags)
+    s = 96  # past the tiny models' 64 trained positions
+    ids = np.random.default_rng(3).integers(3, 128, size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    ref = hf_reference(arch, ids, rel_fn(i, j), qwen_logn(s, 64) if logn else None)
+    got = ort_logits(out, ids)
+    assert np.abs(got - ref).max() <= TOL
+    plain = ort_logits(src, ids)
+    assert np.abs(plain - ref).max() > 10 * TOL  # the rewrite changed what the model computes
+
+
+# -- hand-written modules (numpy reference RoPE from fixtures.modules) ----------------------------------------
+def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    from fixtures.modules import default_inv_freq, reference_rope, torch_module
+
+    m = torch_module(info)
+    w = {k: v.detach().double().numpy() for k, v in m.state_dict().items()}
+    b, s = ids.shape
+    nh, hd = info["num_heads"], info["head_dim"]
+    inv = default_inv_freq(info["rotary_dim"], info["base"])
+    x = w["embed.weight"][ids]
+    q = (x @ w["q_proj.weight"].T).reshape(b, s, nh, hd)
+    k = (x @ w["k_proj.weight"].T).reshape(b, s, nh, hd)
+    v = (x @ w["v_proj.weight"].T).reshape(b, s, nh, hd)
+    # q_i rotated by rel(i, j) for every pair: [b, s*s, nh, hd]
+    pairs = np.repeat(q, s, axis=1)
+    qr = reference_rope(pairs, rel[:s, :s].reshape(1, -1), inv, info["layout"], info["rotary_dim"])
+    qr = qr.reshape(b, s, s, nh, hd)
+    scores = np.einsum("bijhd,bjhd->bhij", qr, k) / math.sqrt(hd)
+    scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    a = np.einsum("bhij,bjhd->bihd", p, v).reshape(b, s, nh * hd)
+    return (x + a @ w["o_proj.weight"].T) @ w["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("kind,params,case", [
+    ("interleaved_rope_attention", dict(variant="meta"), "self-extend"),
+    ("interleaved_rope_attention", dict(variant="gptj"), "leaky-rerope"),
+    ("legacy_cached_rope", dict(variant="gather"), "rerope"),
+])
+def test_modules_match_paper_reference(module_onnx, kind, params, case, tmp_path):
+    from fixtures.modules import ort_run
+
+    path, info = module_onnx(kind, **params)
+    flags, rel_fn, _ = CASES[case]
+    out = tmp_path / "out.onnx"
+    _rewrite(path, out, *flags)
+    s = 60  # the cached-table module holds 64 rows
+    ids = np.random.default_rng(5).integers(3, 128, size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    ref = module_reference(info, ids, rel_fn(i, j))
+    assert np.abs(ort_run(out, ids) - ref).max() <= TOL
+
+
+# -- refusals -----------------------------------------------------------------------------------------------------
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posrewrite", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--extend", "rerope"], "--window"),
+    (["--extend", "self-extend", "--window", "8"], "--group-size"),
+    (["--extend", "rerope", "--window", "8", "--group-size", "2"], "group"),
+    (["--extend", "rerope", "--window", "8", "--leaky", "1"], "k > 1"),
+    (["--extend", "self-extend", "--group-size", "2", "--window", "8", "--rope-scale", "4"], "rope"),
+    (["--extend", "rerope", "--window", "8", "--fuse", "ort"], "fuse"),
+    (["--logn-scaling"], "original"),
+])
+def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle):
+    res = _cli(llama_onnx, *flags, "-o", tmp_path / "o.onnx")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("posrewrite: error: ") and res.stderr.count("\n") == 1
+    assert needle in res.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_kv_cache_export_refused_with_reason(tmp_path):
+    from fixtures.hf_models import export_hf_onnx_with_cache
+
+    src = export_hf_onnx_with_cache("llama")
+    res = _cli(src, "--extend", "self-extend", "--group-size", "4", "--window", "8", "-o", tmp_path / "o.onnx")
+    assert res.returncode == 2, res.stderr
+    assert "keys are cached after rotation" in res.stderr
+    assert "Traceback" not in res.stderr
