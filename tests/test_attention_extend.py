@@ -222,3 +222,58 @@ def test_kv_cache_export_refused_with_reason(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "keys are cached after rotation" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_logn_kv_cache_decode_matches_reference(tmp_path):
+    """log-n only scales queries, so it applies to decode-step exports: a step at positions past..past+seq-1
+    equals HF's model with Qwen-1's factor on q (keys and values from the cache, presents unchanged)."""
+    import types
+
+    from fixtures.hf_models import (
+        WithKVCache,
+        build_hf_model,
+        export_hf_onnx_with_cache,
+        kv_cache_inputs,
+        ort_session,
+    )
+
+    src = export_hf_onnx_with_cache("llama")
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, "--logn-scaling", "--original-max-positions", "8")
+    model = build_hf_model("llama").double()
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        hd = self.head_dim
+        q = self.q_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, s, -1, hd).transpose(1, 2)
+        cos, sin = position_embeddings
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k, v = cache.update(k, v, self.layer_idx)
+        rep = self.num_key_value_groups
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        n = torch.from_numpy(positions[0] + 1).double()  # 1-based query positions
+        q = q * torch.where(n > 8, torch.log(n) / math.log(8), torch.ones_like(n))[:, None]
+        scores = (q @ k.transpose(-1, -2)) * self.scaling
+        key_pos = torch.arange(k.shape[2])
+        scores = scores.masked_fill(key_pos[None, :] > torch.from_numpy(positions[0])[:, None], float("-inf"))
+        o = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(o), None
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(forward, layer.self_attn)
+    sess, plain = ort_session(out), ort_session(src)
+    for past, seq in ((7, 5), (12, 1), (13, 1)):  # prefill-with-past, then single decode steps past L
+        feeds = kv_cache_inputs("llama", past, seq, seed=past)
+        positions = feeds["position_ids"]
+        past_t = [torch.from_numpy(feeds[f"past_key_values.{i}.{k}"]).double() for i in range(2)
+                  for k in ("key", "value")]
+        with torch.no_grad():
+            ref = WithKVCache(model)(*(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask",
+                                                                             "position_ids")), past_t)
+        got = sess.run(None, feeds)
+        for a, r in zip(got, ref, strict=True):
+            assert np.abs(a - r.numpy()).max() <= TOL
+        assert np.abs(plain.run(None, feeds)[0] - ref[0].numpy()).max() > 10 * TOL
