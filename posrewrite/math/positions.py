@@ -34,8 +34,11 @@ import math
 import numpy as np
 
 __all__ = [
+    "ATTENTION_METHODS",
     "AttentionExtension",
+    "cli_flags",
     "logn_factor",
+    "recommended",
     "rerope",
     "selfextend",
     "selfextend_defaults",
@@ -166,3 +169,41 @@ def logn_factor(positions: np.ndarray, original: int) -> np.ndarray:
         raise ValueError(f"log-n scaling needs a trained length >= 2, got {L}")
     n = np.asarray(positions, dtype=np.float64) + 1.0
     return np.maximum(1.0, np.log(np.maximum(n, 1.0)) / math.log(L))
+
+
+ATTENTION_METHODS = ("self-extend", "rerope", "leaky-rerope")
+
+
+def recommended(method: str, original: int, target: int) -> dict:
+    """Parameters for an attention-level method extending a model trained on ``original`` tokens to ``target``.
+
+    - self-extend: :func:`selfextend_defaults` (W = L/4, the smallest G keeping every relative position < L);
+    - rerope: W = L/2 (Su's experiments clip at a fraction of the training length; every relative position is
+      then < L at any length);
+    - leaky-rerope: W = L/2 and the smallest slope 1/k (k >= 2, one decimal) keeping the largest relative position
+      ``W + (N - 1 - W) / k`` below L.
+    Returns {"window": W, "group_size": G} or {"window": W, "leaky": k} or {"window": W}.
+    """
+    L, N = int(original), int(target)
+    if method == "self-extend":
+        g, w = selfextend_defaults(L, N)
+        return {"window": w, "group_size": g}
+    w = max(1, L // 2)
+    if method == "rerope":
+        return {"window": w}
+    if method == "leaky-rerope":
+        need = (N - 1 - w) / max(L - 1 - w, 1)
+        k = max(2.0, math.ceil(need * 10) / 10)
+        return {"window": w, "leaky": k}
+    raise ValueError(f"unknown attention method {method!r}")
+
+
+def cli_flags(method: str, params: dict) -> list[str]:
+    """The posrewrite flags of an attention-level method with ``params`` from :func:`recommended`."""
+    ext = "self-extend" if method == "self-extend" else "rerope"
+    flags = ["--extend", ext, "--window", str(params["window"])]
+    if "group_size" in params:
+        flags += ["--group-size", str(params["group_size"])]
+    if "leaky" in params:
+        flags += ["--leaky", f"{params['leaky']:g}"]
+    return flags

@@ -293,6 +293,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         return []
     if not sites:
         raise AttentionExtendError("no RoPE found: the attention-level methods rewrite RoPE attention")
+    if extension is not None and extension.method == "self-extend" and int(extension.group_size) == 1:
+        extension = None  # group size 1: grouped positions are the positions; the model's own attention
+        if logn_length is None:
+            return []
     for site in sites:
         _check_site(site, extension)
     pairs = find_score_pairs(model, sites)
