@@ -214,14 +214,45 @@ def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_kv_cache_export_refused_with_reason(tmp_path):
-    from fixtures.hf_models import export_hf_onnx_with_cache
+KV_CASES = {
+    "self-extend": (["--extend", "self-extend", "--group-size", "2", "--window", "4"],
+                    lambda i, j: rel_selfextend(i, j, 4, 2), False),
+    "rerope+logn": (["--extend", "rerope", "--window", "4", "--logn-scaling", "--original-max-positions", "8"],
+                    lambda i, j: rel_rerope(i, j, 4), True),
+    "leaky-rerope": (["--extend", "rerope", "--window", "4", "--leaky", "3"],
+                     lambda i, j: rel_rerope(i, j, 4, 3.0), False),
+}
 
-    src = export_hf_onnx_with_cache("llama")
-    res = _cli(src, "--extend", "self-extend", "--group-size", "4", "--window", "8", "-o", tmp_path / "o.onnx")
-    assert res.returncode == 2, res.stderr
-    assert "keys are cached after rotation" in res.stderr
-    assert "Traceback" not in res.stderr
+
+@pytest.mark.parametrize("arch,case", [("llama", "self-extend"), ("llama", "rerope+logn"),
+                                       ("qwen2", "leaky-rerope")])
+def test_kv_cache_decode_step_by_step(arch, case, tmp_path):
+    """KV-cache exports: the rewritten cache holds keys before rotation and every step rotates all keys at their
+    positions (normal and second rotation). A prefill of 10 tokens from an empty cache, then 14 single-token
+    steps fed their own presents, equal the paper reference over the whole sequence at every position."""
+    from fixtures.hf_models import ARCHS, export_hf_onnx_with_cache, ort_session
+
+    flags, rel_fn, logn = KV_CASES[case]
+    src = export_hf_onnx_with_cache(arch)
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, *flags)
+    sess = ort_session(out)
+    s = 24
+    ids = np.random.default_rng(3).integers(3, 128, size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    ref = hf_reference(arch, ids, rel_fn(i, j), qwen_logn(s, 8) if logn else None)
+    spec = ARCHS[arch]
+    past = [np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32) for _ in range(4)]
+    t = 0
+    for n in [10] + [1] * 14:
+        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((1, t + n), np.int64),
+                 "position_ids": np.arange(t, t + n)[None]}
+        for layer in range(2):
+            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+        logits, *past = sess.run(None, feeds)
+        assert np.abs(logits - ref[:, t:t + n]).max() <= TOL, (t, n)
+        t += n
 
 
 def test_logn_kv_cache_decode_matches_reference(tmp_path):

@@ -15,8 +15,13 @@ scaling by constants, transposes, reshapes and GQA's repeat_kv expands), the rew
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
 factors and earlier rescales carry over unchanged.
 
-KV-cache exports: keys are cached after rotation, so a second rotation of past keys cannot be formed from the
-cache; SelfExtend / ReRoPE are refused on such graphs (log-n, which only touches queries, is applied).
+KV-cache exports (``past_key_values.*`` in, ``present.*`` out): keys are cached after rotation, and a second
+rotation of a rotated key cannot be formed, so SelfExtend / ReRoPE change what the cache holds: ``present.*.key``
+becomes the keys *before* rotation, and every step rotates all keys (past and new) at their positions 0..T-1
+(T = the cache length), once with the model's cos/sin and once at the second positions.  Key positions are
+their indices in the cache (no left padding).  A cache written by the original model cannot be continued by the
+rewritten one (and vice versa); prefill and decode must both run the rewritten model.  log-n only touches
+queries and leaves the cache as it is.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ class _Builder:
             for old_out, new_out in zip(node.outputs, new.outputs, strict=True):
                 new_out.name = new.name + f"_out{old_out.index()}"
                 new_out.dtype = old_out.dtype
-                new_out.shape = old_out.shape
+                new_out.shape = None  # a clone may run on other lengths (all keys of a cache)
                 memo[id(old_out)] = new_out
             self.nodes.append(new)
         return mapped(target)
@@ -278,12 +283,48 @@ def _map_positions(b: _Builder, positions: ir.Value, affine: tuple[float, float,
     return b.op("Add", b.op("Mul", p, b.const(np.array(a), dtype)), b.const(np.array(c), dtype))
 
 
-def _distance(b: _Builder, rows: ir.Value) -> ir.Value:
-    """[B or 1, 1, S, S] float32: p_q - p_k."""
+def _distance(b: _Builder, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
+    """[B or 1, 1, S, T] float32: p_q - p_k (keys at the query positions unless ``key_rows`` are given)."""
     p = b.op("Cast", rows, to=ir.DataType.FLOAT)
+    pk = p if key_rows is None else b.op("Cast", key_rows, to=ir.DataType.FLOAT)
     d = b.op("Sub", b.op("Unsqueeze", p, b.const(np.array([-1], np.int64))),
-             b.op("Unsqueeze", p, b.const(np.array([-2], np.int64))))
+             b.op("Unsqueeze", pk, b.const(np.array([-2], np.int64))))
     return b.op("Unsqueeze", d, b.const(np.array([1], np.int64)))
+
+
+def _check_cache_path(pair: ScorePair) -> None:
+    """KV-cache pairs: exactly one Concat (past keys, new keys) on the key path, the new keys reaching it from the
+    rotation through view ops only, and the cache axis readable."""
+    concats = [n for n in pair.k_path if n.op_type == "Concat"]
+    if len(concats) != 1:
+        raise AttentionExtendError(f"{len(concats)} Concat nodes on the key path of {pair.matmul.name}: the cache "
+                                   "layout is not understood")
+    concat = concats[0]
+    if "axis" not in concat.attributes or len(concat.inputs) != 2:
+        raise AttentionExtendError(f"key cache Concat {concat.name} not understood")
+    before = pair.k_path[:pair.k_path.index(concat)]
+    if any(n.op_type not in VIEW_OPS for n in before):
+        raise AttentionExtendError(f"keys are scaled before they are cached ({concat.name}): not supported")
+
+
+def _key_positions_like(b: _Builder, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
+    """Positions 0..T-1 of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions``
+    ([T], [1, T], [1, T, 1] or [1, 1, T]), and as rows [1, T] int64."""
+    end = {"end": axis + 1} if axis != -1 else {}
+    t = b.op("Squeeze", b.op("Shape", keys, start=axis, **end), b.const(np.array([0], np.int64)))
+    r0 = b.op("Range", b.const(np.array(0, np.int64)), t, b.const(np.array(1, np.int64)))
+    r0.dtype = ir.DataType.INT64
+    rows = b.op("Unsqueeze", r0, b.const(np.array([0], np.int64)))
+    rows.dtype = ir.DataType.INT64
+    r = r0
+    axes = {None: [0], 2: [0, 2], 1: [0, 1]}.get(_squeeze_axis(positions)) if rank(positions) != 1 else None
+    if axes is not None:
+        r = b.op("Unsqueeze", r0, b.const(np.array(axes, np.int64)))
+    r.dtype = ir.DataType.INT64
+    if positions.dtype is not None and positions.dtype != ir.DataType.INT64:
+        r = b.op("Cast", r, to=positions.dtype)
+        r.dtype = positions.dtype
+    return r, rows
 
 
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,
@@ -308,12 +349,9 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         raise AttentionExtendError(f"only {len(pairs)} attention score MatMuls found for {apps} q/k rotations: "
                                    "refusing to rewrite some attentions and not others")
     if extension is not None:
-        cached = [p for p in pairs if p.cached_keys]
-        if cached:
-            raise AttentionExtendError(
-                f"{extension.describe()} on a KV-cache export: keys are cached after rotation, so the second "
-                "(grouped or clipped) rotation of past keys cannot be formed from the cache; export the model "
-                "without a KV cache (prefill), or use --logn-scaling alone, which only scales queries")
+        for p in pairs:
+            if p.cached_keys:
+                _check_cache_path(p)
     graph = model.graph
     b = _Builder(graph, "posrewrite_extend")
     rows_memo: dict[int, ir.Value] = {}
@@ -322,16 +360,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}
     posmap_memo: dict[tuple[int, str], ir.Value] = {}
 
-    def second_trig(site: RopeSite, side: str) -> dict[int, ir.Value]:
-        """{id(site.cos): cos2, id(site.sin): sin2} for the second positions of one side."""
-        key = (id(site), side)
+    def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
+        """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
+        key = (id(site), id(positions))
         if key in trig_memo:
             return trig_memo[key]
-        pkey = (id(site.positions), side)
-        if pkey not in posmap_memo:
-            affine = extension.query_affine() if side == "q" else extension.key_affine()
-            posmap_memo[pkey] = _map_positions(b, site.positions, affine, extension.integer_positions)
-        subs = {id(site.positions): posmap_memo[pkey]}
+        subs = {id(site.positions): positions}
         allowed = _ancestors_until([site.cos, site.sin], {id(site.positions)})
         memo: dict[int, ir.Value] = {}
         cos2 = b.clone(site.cos, subs, allowed, memo)
@@ -340,6 +374,56 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             raise AttentionExtendError("cos/sin do not depend on the positions found; cannot re-rotate")
         trig_memo[key] = {id(site.cos): cos2, id(site.sin): sin2}
         return trig_memo[key]
+
+    def mapped_positions(positions: ir.Value, side: str) -> ir.Value:
+        pkey = (id(positions), side)
+        if pkey not in posmap_memo:
+            affine = extension.query_affine() if side == "q" else extension.key_affine()
+            posmap_memo[pkey] = _map_positions(b, positions, affine, extension.integer_positions)
+        return posmap_memo[pkey]
+
+    def second_trig(site: RopeSite, side: str) -> dict[int, ir.Value]:
+        """{id(site.cos): cos2, id(site.sin): sin2} for the second positions of one side."""
+        return trig_at(site, mapped_positions(site.positions, side))
+
+    def rotation_allowed(site: RopeSite, app: RopeApplication) -> set[int]:
+        return _rotation_nodes(app) | _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
+
+    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """KV-cache attention: the cache is made to hold keys before rotation, and every step rotates all keys
+        (past and new) at their positions 0..T-1, once normally and once at the second positions. Returns
+        (the key rows [1, T], the rotated keys, the second-rotation operand of the score MatMul)."""
+        site, app = pair.k_site, pair.k_app
+        concat = next(n for n in pair.k_path if n.op_type == "Concat")
+        pos_in_path = pair.k_path.index(concat)
+        before, after = pair.k_path[:pos_in_path], pair.k_path[pos_in_path + 1:]
+        idx_new = next(i for i, v in enumerate(concat.inputs) if v is app.output or
+                       (v is not None and v.producer() is not None and v.producer() in before))
+        new_in = concat.inputs[idx_new]
+        unrot_new = b.clone(new_in, {id(app.output): app.input}, {id(n) for n in before}, {})
+        axis = int(concat.attributes["axis"].value)
+        inputs = list(concat.inputs)
+        inputs[idx_new] = unrot_new
+        unrot_all = b.op("Concat", *inputs, axis=axis)
+        unrot_all.dtype, unrot_all.shape = concat.outputs[0].dtype, concat.outputs[0].shape
+        kpos, key_rows = _key_positions_like(b, site.positions, unrot_all, axis)
+        allowed = rotation_allowed(site, app)
+        subs = {id(app.input): unrot_all, **trig_at(site, kpos)}
+        k_all = b.clone(app.output, subs, allowed, {})
+        subs2 = {id(app.input): unrot_all, **trig_at(site, mapped_positions(kpos, "k"))}
+        k2_all = b.clone(app.output, subs2, allowed, {})
+        old = concat.outputs[0]
+        after_ids = {id(n) for n in after}
+        for node, idx in list(old.uses()):
+            node.replace_input_with(idx, k_all if id(node) in after_ids else unrot_all)
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                name = old.name
+                old.name = unique_name(graph, f"{name}_rotated")
+                unrot_all.name = name
+                graph.outputs[i] = unrot_all
+        k2 = b.clone(pair.matmul.inputs[1], {id(k_all): k2_all}, after_ids, {})
+        return key_rows, k_all, k2
 
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
                        operand: ir.Value) -> ir.Value:
@@ -362,11 +446,15 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         merged = scores
         if extension is not None:
             q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0])
-            k2 = second_operand(pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1])
+            if pair.cached_keys:
+                key_rows, _, k2 = cached_keys(pair)
+                dist = _distance(b, rows, key_rows)
+            else:
+                k2 = second_operand(pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1])
+                dist = dist_memo.get(id(rows))
+                if dist is None:
+                    dist = dist_memo[id(rows)] = _distance(b, rows)
             scores2 = b.op("MatMul", q2, k2)
-            dist = dist_memo.get(id(rows))
-            if dist is None:
-                dist = dist_memo[id(rows)] = _distance(b, rows)
             if extension.method == "rerope":
                 dist = b.op("Abs", dist)
             far = b.op("GreaterOrEqual", dist, b.const(np.array(float(extension.window), np.float32)))
