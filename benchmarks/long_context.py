@@ -41,7 +41,7 @@ FREQUENCY_METHODS = ("linear", "ntk", "dynamic", "yarn")
 # attention-level methods (posrewrite.math.positions.recommended gives their parameters for each length)
 ATTENTION_METHODS = ("self-extend", "rerope", "leaky-rerope", "rerope+logn")
 METHODS = FREQUENCY_METHODS + ATTENTION_METHODS
-SCALES = (1, 2, 4, 8)
+SCALES = (1, 2, 4, 8, 16)
 
 
 def _session(path: Path, threads: int):
