@@ -10,7 +10,6 @@ import json
 import math
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +17,14 @@ import pytest
 pytest.importorskip("torch")
 
 
-def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "posrewrite", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+def _cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line in this process (no interpreter start-up per call): exit code, stdout, stderr."""
+    from posrewrite.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 def _ppl(path, ids: np.ndarray) -> float:
@@ -47,8 +51,8 @@ def text_file(tmp_path_factory):
     return p
 
 
-def test_eval_text_ranks_candidates_and_winner_command_works(llama_onnx, text_file, tmp_path):
-    res = _cli("advise", llama_onnx, "--context", 128, "--eval-text", text_file, "--original-max-positions", 64,
+def test_eval_text_ranks_candidates_and_winner_command_works(llama_onnx, text_file, tmp_path, capsys):
+    res = _cli(capsys, "advise", llama_onnx, "--context", 128, "--eval-text", text_file, "--original-max-positions", 64,
                "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)  # stdout is exactly one JSON object
@@ -68,18 +72,18 @@ def test_eval_text_ranks_candidates_and_winner_command_works(llama_onnx, text_fi
     argv = shlex.split(winner["command"])[1:]
     if argv and argv[0] != "(no":
         out = tmp_path / "winner.onnx"
-        run = _cli(*argv, "-o", out)
+        run = _cli(capsys, *argv, "-o", out)
         assert run.returncode == 0, run.stderr
         assert _ppl(out, ids) == pytest.approx(winner["perplexity"], rel=1e-6)
 
 
-def test_without_eval_text_says_rule_of_thumb(llama_onnx):
-    res = _cli("advise", llama_onnx, "--context", 256, "--original-max-positions", 64, "--json")
+def test_without_eval_text_says_rule_of_thumb(llama_onnx, capsys):
+    res = _cli(capsys, "advise", llama_onnx, "--context", 256, "--original-max-positions", 64, "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["method"]["measured"] is False
     assert "RULE OF THUMB" in doc["method"]["rule_of_thumb"][0]
-    text = _cli("advise", llama_onnx, "--context", 256, "--original-max-positions", 64)
+    text = _cli(capsys, "advise", llama_onnx, "--context", 256, "--original-max-positions", 64)
     assert "RULE OF THUMB, not measured" in text.stdout and "--extend self-extend" in text.stdout
 
 
@@ -89,9 +93,9 @@ def test_without_eval_text_says_rule_of_thumb(llama_onnx):
     (["--context", 128, "--eval-text", "TEXT", "--original-max-positions", 64, "--rope-scale", 2], "leave out"),
     (["--context", 1000, "--eval-text", "TEXT", "--original-max-positions", 64], "fewer than one window"),
 ])
-def test_eval_text_usage_errors(llama_onnx, text_file, args, needle):
+def test_eval_text_usage_errors(llama_onnx, text_file, args, needle, capsys):
     args = [text_file if a == "TEXT" else a for a in args]
-    res = _cli("advise", llama_onnx, *args)
+    res = _cli(capsys, "advise", llama_onnx, *args)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("posrewrite: error: ") and res.stderr.count("\n") == 1
     assert needle in res.stderr

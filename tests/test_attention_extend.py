@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -192,9 +191,14 @@ def test_modules_match_paper_reference(module_onnx, kind, params, case, tmp_path
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "posrewrite", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+def _cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line in this process (no interpreter start-up per call): exit code, stdout, stderr."""
+    from posrewrite.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -206,8 +210,8 @@ def _cli(*args) -> subprocess.CompletedProcess:
     (["--extend", "rerope", "--window", "8", "--fuse", "ort"], "fuse"),
     (["--logn-scaling"], "original"),
 ])
-def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle):
-    res = _cli(llama_onnx, *flags, "-o", tmp_path / "o.onnx")
+def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle, capsys):
+    res = _cli(capsys, llama_onnx, *flags, "-o", tmp_path / "o.onnx")
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("posrewrite: error: ") and res.stderr.count("\n") == 1
     assert needle in res.stderr
