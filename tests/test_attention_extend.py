@@ -124,16 +124,21 @@ CASES = {
     "logn": (["--logn-scaling", "--original-max-positions", "64"], lambda i, j: (i - j).astype(np.float64), True),
     "rerope+logn": (["--extend", "rerope", "--window", "8", "--logn-scaling", "--original-max-positions", "64"],
                     lambda i, j: rel_rerope(i, j, 8), True),
+    "self-extend+logn": (["--extend", "self-extend", "--group-size", "4", "--window", "8", "--logn-scaling",
+                          "--original-max-positions", "64"], lambda i, j: rel_selfextend(i, j, 8, 4), True),
 }
 
 
-@pytest.mark.parametrize("arch,case", [("llama", "self-extend"), ("llama", "rerope"), ("llama", "leaky-rerope"),
-                                       ("llama", "logn"), ("qwen2", "self-extend"), ("qwen2", "rerope+logn")])
-def test_hf_prefill_matches_paper_reference(arch, case, tmp_path):
+@pytest.mark.parametrize("arch,case,exporter", [
+    ("llama", "self-extend", "dynamo"), ("llama", "rerope", "dynamo"), ("llama", "leaky-rerope", "dynamo"),
+    ("llama", "logn", "dynamo"), ("qwen2", "self-extend", "dynamo"), ("qwen2", "rerope+logn", "dynamo"),
+    ("llama", "self-extend+logn", "torchscript"),  # the exporter Optimum-style exports come from
+])
+def test_hf_prefill_matches_paper_reference(arch, case, exporter, tmp_path):
     from fixtures.hf_models import export_hf_onnx, ort_logits
 
     flags, rel_fn, logn = CASES[case]
-    src = export_hf_onnx(arch)
+    src = export_hf_onnx(arch, exporter=exporter)
     out = tmp_path / "out.onnx"
     _rewrite(src, out, *flags)
     s = 96  # past the tiny models' 64 trained positions
