@@ -264,6 +264,14 @@ def test_kv_cache_decode_step_by_step(arch, case, tmp_path):
         t += n
 
 
+def test_second_extension_refused(llama_onnx, tmp_path, capsys):
+    _rewrite(llama_onnx, tmp_path / "a.onnx", "--extend", "rerope", "--window", "8")
+    res = _cli(capsys, tmp_path / "a.onnx", "--logn-scaling", "--original-max-positions", "64",
+               "-o", tmp_path / "b.onnx")
+    assert res.returncode == 2 and "already rewritten by posrewrite (rerope (window 8))" in res.stderr
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def test_logn_kv_cache_decode_matches_reference(tmp_path):
     """log-n only scales queries, so it applies to decode-step exports: a step at positions past..past+seq-1
     equals HF's model with Qwen-1's factor on q (keys and values from the cache, presents unchanged)."""

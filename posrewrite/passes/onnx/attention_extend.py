@@ -332,6 +332,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite."""
     if extension is None and logn_length is None:
         return []
+    done = next((n.metadata_props[EXTENDED_KEY] for n in model.graph if EXTENDED_KEY in n.metadata_props), None)
+    if done is not None:
+        raise AttentionExtendError(f"this model's attention was already rewritten by posrewrite ({done.strip()}): "
+                                   "apply --extend / --logn-scaling to the original model")
     if not sites:
         raise AttentionExtendError("no RoPE found: the attention-level methods rewrite RoPE attention")
     if extension is not None and extension.method == "self-extend" and int(extension.group_size) == 1:
