@@ -126,6 +126,8 @@ CASES = {
                     lambda i, j: rel_rerope(i, j, 8), True),
     "self-extend+logn": (["--extend", "self-extend", "--group-size", "4", "--window", "8", "--logn-scaling",
                           "--original-max-positions", "64"], lambda i, j: rel_selfextend(i, j, 8, 4), True),
+    "rerope+logn32": (["--extend", "rerope", "--window", "8", "--logn-scaling", "--original-max-positions", "32"],
+                      lambda i, j: rel_rerope(i, j, 8), 32),
 }
 
 
@@ -144,7 +146,7 @@ def test_hf_prefill_matches_paper_reference(arch, case, exporter, tmp_path):
     s = 96  # past the tiny models' 64 trained positions
     ids = np.random.default_rng(3).integers(3, 128, size=(1, s)).astype(np.int64)
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
-    ref = hf_reference(arch, ids, rel_fn(i, j), qwen_logn(s, 64) if logn else None)
+    ref = hf_reference(arch, ids, rel_fn(i, j), qwen_logn(s, 64 if logn is True else logn) if logn else None)
     got = ort_logits(out, ids)
     assert np.abs(got - ref).max() <= TOL
     plain = ort_logits(src, ids)
@@ -152,7 +154,7 @@ def test_hf_prefill_matches_paper_reference(arch, case, exporter, tmp_path):
 
 
 # -- hand-written modules (numpy reference RoPE from fixtures.modules) ----------------------------------------
-def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray) -> np.ndarray:
+def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None = None) -> np.ndarray:
     from fixtures.modules import default_inv_freq, reference_rope, torch_module
 
     m = torch_module(info)
@@ -169,6 +171,8 @@ def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray) -> np.ndarray
     qr = reference_rope(pairs, rel[:s, :s].reshape(1, -1), inv, info["layout"], info["rotary_dim"])
     qr = qr.reshape(b, s, s, nh, hd)
     scores = np.einsum("bijhd,bjhd->bhij", qr, k) / math.sqrt(hd)
+    if logn is not None:
+        scores = scores * logn[:s, None]
     scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -180,18 +184,19 @@ def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray) -> np.ndarray
     ("interleaved_rope_attention", dict(variant="meta"), "self-extend"),
     ("interleaved_rope_attention", dict(variant="gptj"), "leaky-rerope"),
     ("legacy_cached_rope", dict(variant="gather"), "rerope"),
+    ("three_d_rope", {}, "rerope+logn32"),
 ])
 def test_modules_match_paper_reference(module_onnx, kind, params, case, tmp_path):
     from fixtures.modules import ort_run
 
     path, info = module_onnx(kind, **params)
-    flags, rel_fn, _ = CASES[case]
+    flags, rel_fn, logn = CASES[case]
     out = tmp_path / "out.onnx"
     _rewrite(path, out, *flags)
     s = 60  # the cached-table module holds 64 rows
     ids = np.random.default_rng(5).integers(3, 128, size=(1, s)).astype(np.int64)
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
-    ref = module_reference(info, ids, rel_fn(i, j))
+    ref = module_reference(info, ids, rel_fn(i, j), qwen_logn(s, 64 if logn is True else logn) if logn else None)
     assert np.abs(ort_run(out, ids) - ref).max() <= TOL
 
 
