@@ -134,6 +134,7 @@ CASES = {
 @pytest.mark.parametrize("arch,case,exporter", [
     ("llama", "self-extend", "dynamo"), ("llama", "rerope", "dynamo"), ("llama", "leaky-rerope", "dynamo"),
     ("llama", "logn", "dynamo"), ("qwen2", "self-extend", "dynamo"), ("qwen2", "rerope+logn", "dynamo"),
+    ("mistral", "leaky-rerope", "dynamo"),
     ("llama", "self-extend+logn", "torchscript"),  # the exporter Optimum-style exports come from
 ])
 def test_hf_prefill_matches_paper_reference(arch, case, exporter, tmp_path):
