@@ -94,12 +94,13 @@ def _reference_forward(rel: np.ndarray, logn: np.ndarray | None, rotary):
     return forward
 
 
-def hf_reference(arch: str, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None) -> np.ndarray:
+def hf_reference(arch: str, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None,
+                 rope_parameters: dict | None = None) -> np.ndarray:
     import types
 
     from fixtures.hf_models import build_hf_model
 
-    model = build_hf_model(arch).double()
+    model = build_hf_model(arch, rope_parameters=rope_parameters).double()
     rotary = model.model.rotary_emb
     fwd = _reference_forward(rel, logn, rotary)
     for layer in model.model.layers:
@@ -268,6 +269,21 @@ def test_kv_cache_decode_step_by_step(arch, case, tmp_path):
         logits, *past = sess.run(None, feeds)
         assert np.abs(logits - ref[:, t:t + n]).max() <= TOL, (t, n)
         t += n
+
+
+def test_logn_with_yarn_matches_hf_yarn_with_qwen_logn(llama_onnx, tmp_path):
+    """log-n combines with a frequency method: YaRN x4 + log-n equals HF's YaRN model with Qwen-1's factor."""
+    from fixtures.hf_models import ort_logits
+
+    out = tmp_path / "out.onnx"
+    _rewrite(llama_onnx, out, "--rope-scale", "4", "--rope-method", "yarn", "--original-max-positions", "64",
+             "--logn-scaling")
+    s = 96
+    ids = np.random.default_rng(4).integers(3, 128, size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    ref = hf_reference("llama", ids, (i - j).astype(np.float64), qwen_logn(s, 64), rope_parameters=yarn)
+    assert np.abs(ort_logits(out, ids) - ref).max() <= TOL
 
 
 def test_second_extension_refused(llama_onnx, tmp_path, capsys):
