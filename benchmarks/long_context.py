@@ -37,8 +37,11 @@ if str(REPO) not in sys.path:
 
 from fixtures import train_lm  # noqa: E402
 
-METHODS = ("linear", "ntk", "dynamic", "yarn")
-SCALES = (1, 2, 4, 8)
+FREQUENCY_METHODS = ("linear", "ntk", "dynamic", "yarn")
+# attention-level methods (posrewrite.math.positions.recommended gives their parameters for each length)
+ATTENTION_METHODS = ("self-extend", "rerope", "leaky-rerope", "rerope+logn")
+METHODS = FREQUENCY_METHODS + ATTENTION_METHODS
+SCALES = (1, 2, 4, 8, 16)
 
 
 def _session(path: Path, threads: int):
@@ -89,28 +92,44 @@ def perplexity(
     return out
 
 
+def method_flags(method: str, scale: int, L: int) -> list[str]:
+    """The posrewrite flags of one row of the table at scale x L tokens."""
+    if method in FREQUENCY_METHODS:
+        return ["--rope-scale", str(scale), "--rope-method", method, "--original-max-positions", str(L)]
+    from posrewrite.math.positions import cli_flags, recommended
+
+    base, _, logn = method.partition("+")
+    flags = cli_flags(base, recommended(base, L, scale * L))
+    if logn:
+        flags += ["--logn-scaling", "--original-max-positions", str(L)]
+    return flags
+
+
+def params_label(method: str, L: int, scales) -> str:
+    if method in FREQUENCY_METHODS:
+        return f"{method} (scale = length / {L})"
+    from posrewrite.math.positions import recommended
+
+    base, _, logn = method.partition("+")
+    per = [recommended(base, L, s * L) for s in scales]
+    keys = [k for k in per[0] if k != "window"]
+    what = f"W {per[0]['window']}" + "".join(f", {k.replace('group_size', 'G').replace('leaky', 'k')} "
+                                             + "/".join(f"{p[k]:g}" for p in per) for k in keys)
+    return f"{method} ({what})"
+
+
 def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Path | None, str]:
     out = cache / f"byte_llama.{method}.x{scale}.onnx"
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+    flags = method_flags(method, scale, L)
+    stamp = out.with_suffix(".flags")
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime and stamp.exists() and \
+            stamp.read_text() == " ".join(flags):
         return out, ""
-    cmd = [
-        sys.executable,
-        "-m",
-        "posrewrite",
-        str(src),
-        "--rope-scale",
-        str(scale),
-        "--rope-method",
-        method,
-        "--original-max-positions",
-        str(L),
-        "-o",
-        str(out),
-        "--no-validate",
-    ]
+    cmd = [sys.executable, "-m", "posrewrite", str(src), *flags, "-o", str(out), "--no-validate"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
+    stamp.write_text(" ".join(flags))
     return out, ""
 
 
@@ -153,7 +172,7 @@ def table(results: dict, L: int, scales: tuple[int, ...], methods: tuple[str, ..
         cells = []
         for s in scales:
             r = results.get(m, {}).get(s)
-            if s == 1:
+            if s == 1 and m in FREQUENCY_METHODS:
                 cells.append("= original")
             elif r is None:
                 cells.append("—")
@@ -161,7 +180,7 @@ def table(results: dict, L: int, scales: tuple[int, ...], methods: tuple[str, ..
                 cells.append("failed")
             else:
                 cells.append(fmt_ppl(r["ppl"]))
-        lines.append(f"| {m} (scale = length / {L}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {params_label(m, L, scales)} | " + " | ".join(cells) + " |")
     tail_scales = [s for s in scales if s > 1]
     if tail_scales:
         lines.append("")
@@ -183,7 +202,8 @@ def table(results: dict, L: int, scales: tuple[int, ...], methods: tuple[str, ..
             cells = []
             for s in scales:
                 r = results.get(m, {}).get(s)
-                cells.append("—" if s == 1 or r is None or "ppl" not in r else f"{r['ppl'] / base1:.2f}")
+                skip = s == 1 and m in FREQUENCY_METHODS
+                cells.append("—" if skip or r is None or "ppl" not in r else f"{r['ppl'] / base1:.2f}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -199,13 +219,17 @@ def plot(results: dict, L: int, scales, methods, out_png: Path, title: str) -> N
     xs = [s for s in scales if s in results["original"]]
     ax.plot(xs, [results["original"][s]["ppl"] for s in xs], "k--o", lw=2, label="original (plain extrapolation)")
     base1 = results["original"].get(1, {}).get("ppl")
-    markers = {"linear": "s", "ntk": "^", "dynamic": "v", "yarn": "D"}
+    markers = {"linear": "s", "ntk": "^", "dynamic": "v", "yarn": "D", "self-extend": "P", "rerope": "X",
+               "leaky-rerope": "*", "rerope+logn": "h"}
     for m in methods:
-        pts = [(s, results[m][s]["ppl"]) for s in scales if s > 1 and "ppl" in results.get(m, {}).get(s, {})]
-        if base1:
+        first = 1 if m in FREQUENCY_METHODS else 0
+        pts = [(s, results[m][s]["ppl"]) for s in scales if s > first and "ppl" in results.get(m, {}).get(s, {})]
+        if base1 and m in FREQUENCY_METHODS:
             pts = [(1, base1)] + pts
         if len(pts) > 1:
-            ax.plot(*zip(*pts, strict=True), marker=markers.get(m, "o"), lw=1.5, label=f"{m} (scale = length / {L})")
+            style = "-" if m in FREQUENCY_METHODS else "-."
+            ax.plot(*zip(*pts, strict=True), style, marker=markers.get(m, "o"), lw=1.5,
+                    label=params_label(m, L, scales))
     if base1:
         ax.axhline(base1 * 1.5, color="gray", ls=":", lw=1, label="1.5 × the 1× perplexity")
     ax.set_xscale("log", base=2)
@@ -258,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         results[m] = {}
         for s in scales:
-            if s == 1:
+            if s == 1 and m in FREQUENCY_METHODS:
                 continue
             path, err = rewrite(src, m, s, L, cache)
             if path is None:
@@ -267,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {m} x{s}: rewrite failed ({err})", flush=True)
                 continue
             r = perplexity(path, tokens, s * L, args.tokens, args.threads, L)
-            if args.crosscheck:
+            if args.crosscheck and m in FREQUENCY_METHODS:
                 r["max_abs_logit_diff_vs_hf"] = crosscheck(path, m, s, tokens, L, args.threads)
             results[m][s] = r
             extra = f", max |logit - HF| {r['max_abs_logit_diff_vs_hf']:.2e}" if "max_abs_logit_diff_vs_hf" in r else ""
@@ -284,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in (4, 8):
             if s in results["original"]:
                 verdict.append(f"original at {s}×: {results['original'][s]['ppl'] / base1:.2f}× its 1× perplexity")
+    for s in scales:
+        if s == 1:
+            continue
+        ranked = sorted((results[m][s]["ppl"], m) for m in methods if "ppl" in results[m].get(s, {}))
+        if ranked:
+            verdict.append(f"best at {s}×: {ranked[0][1]} ({ranked[0][0]:.3f})")
     if failures:
         verdict.append("rewrites that failed: " + "; ".join(failures))
     print()

@@ -259,6 +259,10 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts, path, fused_cache_rows)
         changes.extend(extra_changes)
         notes.extend(extra_notes)
+    attention_changes: list[str] = []
+    if opts.extend is not None or opts.logn_scaling:
+        attention_changes = _attention_extension(model, path, opts)
+        changes.extend(attention_changes)
     if not changes:
         notes.append("nothing changed: the model already is as requested")
     _cleanup(model)
@@ -296,6 +300,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                                     "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
             else:
                 report.notes.append("whole-model run skipped: weights over 512 MB (sites were checked)")
+    if opts.validate and attention_changes and not plans and not other_changes:
+        report = _validate_attention(path, saved, model, opts, progress)
     rows = fused_cache_rows[0]
     if report is not None and rows and rows < 4 * MAX_VALIDATION_LENGTH and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
         from posrewrite.validate import probe_past_cache
@@ -310,6 +316,68 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
     return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
                          context_length=context, rope_parameters=hf_params)
+
+
+def logn_length_for(options: RewriteOptions, model_path: str | os.PathLike) -> int:
+    """L of --logn-scaling: --original-max-positions, else config.json's seq_length (Qwen-1),
+    original_max_position_embeddings or max_position_embeddings."""
+    if options.original_max_positions:
+        return int(options.original_max_positions)
+    config = read_config_json(model_path) or {}
+    for key in ("seq_length", "original_max_position_embeddings", "max_position_embeddings"):
+        if config.get(key):
+            return int(config[key])
+    raise errors.UsageError("--logn-scaling needs the trained length L: pass --original-max-positions N "
+                            "(or keep the model's config.json beside it)")
+
+
+def _attention_extension(model: ir.Model, path, opts: RewriteOptions) -> list[str]:
+    """SelfExtend / ReRoPE / log-n (posrewrite.passes.onnx.attention_extend) on the (re-detected) RoPE sites."""
+    from posrewrite.passes.onnx.attention_extend import AttentionExtendError, extend_attention
+
+    logn = logn_length_for(opts, path) if opts.logn_scaling else None
+    sites = detect(model).rope_sites
+    try:
+        return extend_attention(model, sites, opts.attention_extension, logn)
+    except AttentionExtendError as exc:
+        raise errors.UsageError(str(exc)) from None
+
+
+def _validate_attention(path, saved, model: ir.Model, opts: RewriteOptions, progress):
+    """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it must
+    run."""
+    from posrewrite.validate import (
+        FULL_RUN_MAX_BYTES,
+        MAX_VALIDATION_LENGTH,
+        ValidationReport,
+        compare_models,
+        initializer_bytes,
+        run_full_model,
+    )
+
+    report = ValidationReport()
+    if initializer_bytes(model) > FULL_RUN_MAX_BYTES:
+        report.notes.append("whole-model runs skipped: weights over 512 MB")
+        return report
+    inside = [opts.window] if opts.window else []
+    if opts.logn_scaling:
+        inside.append(logn_length_for(opts, path))
+    length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
+    cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
+    with progress.stage("validating"):
+        if cache and opts.extend is not None:
+            report.notes.append("KV-cache export: the cache now holds keys before rotation, so the original and the "
+                                "rewritten model read a past differently and are not compared; the rewritten model "
+                                "is run")
+        else:
+            row = compare_models(path, saved, length)
+            row["site"] = "model inside the window"
+            report.rows.append(row)
+        far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
+        ok, message = run_full_model(saved, far, original=path)
+        report.rows.append({"site": "model", "length": far, "max_abs_error": None, "tolerance": None, "ok": ok,
+                            "message": message})
+    return report
 
 
 def _fuse_compare_lengths(found: Detection) -> list[int]:

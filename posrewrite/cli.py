@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pos-scale", type=float, metavar="S", help="interpolate learned absolute positions by S")
     g.add_argument("--alibi-scale", type=float, metavar="S", help="scale ALiBi slopes by S")
+    g = p.add_argument_group("attention-level extension (the model is unchanged inside the window)")
+    g.add_argument("--extend", metavar="METHOD", help="self-extend (Jin et al. 2024: grouped positions beyond the "
+                   "window) or rerope (Su 2023: relative positions clipped at the window)")
+    g.add_argument("--window", type=int, metavar="W", help="neighbour window in tokens (--extend)")
+    g.add_argument("--group-size", type=int, metavar="G", help="self-extend group size")
+    g.add_argument("--leaky", type=float, metavar="K", help="leaky ReRoPE: relative positions grow at slope 1/K "
+                   "beyond the window")
+    g.add_argument("--logn-scaling", action="store_true", help="scale queries at position n > L by log(n)/log(L) "
+                   "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")
     g.add_argument(
         "-o", "--output", type=Path, metavar="OUT", help="output model (default: MODEL.<what>.onnx beside MODEL)"
@@ -197,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", nargs="?")
     p.add_argument("--context", type=int, metavar="N", required=True, help="target context length")
     p.add_argument("--head-dim", type=int, metavar="D", help="attention head dimension (default: from MODEL)")
+    p.add_argument("--eval-text", type=Path, metavar="FILE", help="measure every method (frequency and attention "
+                   "level) on this text at --context tokens in onnxruntime and rank them (needs MODEL)")
     _add_rope_flags(p)
     _add_common(p)
     p.set_defaults(handler=_cmd_advise)
@@ -301,6 +312,11 @@ def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> R
         "max_positions",
         "pos_scale",
         "alibi_scale",
+        "extend",
+        "window",
+        "group_size",
+        "leaky",
+        "logn_scaling",
         "output",
         "link_weights",
     ):
@@ -594,6 +610,8 @@ def _cmd_advise(ns: argparse.Namespace, out: _Output) -> int:
         raise UsageError(f"--context must be greater than 0, not {ns.context}")
     if ns.head_dim is not None and ns.head_dim <= 0:
         raise UsageError(f"--head-dim must be greater than 0, not {ns.head_dim}")
+    if getattr(ns, "eval_text", None) is not None:
+        return _cmd_advise_eval(ns, out)
     rope_params = None
     if _rope_flags_given(ns):
         if ns.model is None:
@@ -606,6 +624,49 @@ def _cmd_advise(ns: argparse.Namespace, out: _Output) -> int:
     from posrewrite import advise
 
     result = advise.advise_model(ns.context, head_dim=ns.head_dim, path=path, rope_params=rope_params)
+    from posrewrite.advise_eval import rule_of_thumb
+
+    rule = rule_of_thumb(_training_length(ns), ns.context)
+    result.lines.extend(rule)
+    if out.json:
+        out.emit_json(result.to_dict() | {"method": {"measured": False, "rule_of_thumb": rule}})
+        return 0
+    return _print_lines_result(result, out)
+
+
+def _training_length(ns: argparse.Namespace) -> int | None:
+    """--original-max-positions (or --yarn-orig-ctx), else config.json beside MODEL."""
+    orig = ns.original_max_positions or ns.yarn_orig_ctx
+    if orig:
+        return int(orig)
+    if ns.model is not None:
+        from posrewrite.options import read_config_json
+
+        config = read_config_json(ns.model) or {}
+        rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        for value in (rp.get("original_max_position_embeddings") if isinstance(rp, dict) else None,
+                      config.get("original_max_position_embeddings"), config.get("max_position_embeddings")):
+            if value:
+                return int(value)
+    return None
+
+
+def _cmd_advise_eval(ns: argparse.Namespace, out: _Output) -> int:
+    if ns.model is None:
+        raise UsageError("--eval-text needs a MODEL to rewrite and measure")
+    for flag in ("rope_scale", "rope_freq_scale", "rope_method", "rope_base", "rope_params"):
+        if getattr(ns, flag, None) is not None:
+            raise UsageError(f"--eval-text measures every method itself: leave out --{flag.replace('_', '-')}")
+    original = _training_length(ns)
+    if original is None:
+        raise UsageError("--eval-text needs the training length: pass --original-max-positions L (or keep "
+                         "config.json beside MODEL)")
+    path = _preload(ns.model)
+    from posrewrite.advise_eval import evaluate_candidates
+    from posrewrite.progress import progress_reporter
+
+    with progress_reporter(enabled=not out.json) as reporter:
+        result = evaluate_candidates(path, ns.context, ns.eval_text, original, progress=reporter)
     return _print_lines_result(result, out)
 
 

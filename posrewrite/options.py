@@ -64,6 +64,12 @@ class RewriteOptions:
     max_positions: int | None = None
     pos_scale: float | None = None
     alibi_scale: float | None = None
+    # attention-level methods (posrewrite.math.positions, posrewrite.passes.onnx.attention_extend)
+    extend: str | None = None  # "self-extend" | "rerope"
+    window: int | None = None
+    group_size: int | None = None
+    leaky: float | None = None
+    logn_scaling: bool = False
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     json: bool = False
@@ -82,6 +88,7 @@ class RewriteOptions:
         _positive(self.max_positions, "--max-positions", integer=True)
         _positive(self.pos_scale, "--pos-scale")
         _positive(self.alibi_scale, "--alibi-scale")
+        self._check_attention_methods()
 
         params = self.rope_params
         factor = params.get("factor")
@@ -113,6 +120,45 @@ class RewriteOptions:
             raise UsageError(f"--rope-scale {scale:g} is below 1, which only --rope-method linear accepts")
         if self.rope_method_requires_scale and scale is None and "long_factor" not in params:
             raise UsageError(f"--rope-method {self.rope_method} needs --rope-scale (or a factor in --rope-params)")
+
+    def _check_attention_methods(self) -> None:
+        from posrewrite.math.positions import AttentionExtension
+
+        if self.extend is not None:
+            self.extend = str(self.extend).strip().lower().replace("_", "-")
+            if self.extend == "selfextend":
+                self.extend = "self-extend"
+            if self.extend not in ("self-extend", "rerope"):
+                raise UsageError(f"--extend must be self-extend or rerope, not {self.extend!r}")
+            if self.window is None:
+                raise UsageError(f"--extend {self.extend} needs --window W (the neighbour window in tokens)")
+            if self.extend == "self-extend" and self.group_size is None:
+                raise UsageError("--extend self-extend needs --group-size G (and --window W)")
+            if self.rescales_rope:
+                raise UsageError(f"--extend {self.extend} contradicts rescaling RoPE (--rope-scale/--rope-base/"
+                                 "--rope-params): both map far positions into the trained range; use one of them")
+            if self.fuse != "none":
+                raise UsageError(f"--extend {self.extend} cannot be combined with --fuse: fused attention ops have no "
+                                 "place for the second score matrix")
+            try:
+                AttentionExtension(self.extend, int(self.window), self.group_size, self.leaky)
+            except ValueError as exc:
+                raise UsageError(f"--extend {self.extend}: {exc}") from None
+        else:
+            for flag, value in (("--window", self.window), ("--group-size", self.group_size), ("--leaky", self.leaky)):
+                if value is not None:
+                    raise UsageError(f"{flag} belongs to --extend self-extend / rerope")
+        if self.logn_scaling and self.fuse != "none":
+            raise UsageError("--logn-scaling cannot be combined with --fuse: fused attention ops have no place for it")
+
+    @property
+    def attention_extension(self):
+        """The posrewrite.math.positions.AttentionExtension these options ask for, or None."""
+        if self.extend is None:
+            return None
+        from posrewrite.math.positions import AttentionExtension
+
+        return AttentionExtension(self.extend, int(self.window), self.group_size, self.leaky)
 
     # -- derived -------------------------------------------------------------------------------------------------
 
@@ -147,6 +193,8 @@ class RewriteOptions:
             or self.max_positions is not None
             or self.pos_scale is not None
             or self.alibi_scale is not None
+            or self.extend is not None
+            or self.logn_scaling
         )
 
     def output_suffix(self) -> str:
@@ -159,6 +207,11 @@ class RewriteOptions:
             parts.append(f"base{self.rope_base:g}")
         if self.max_positions is not None:
             parts.append(f"pos{self.max_positions}")
+        if self.extend is not None:
+            group = f"g{self.group_size}" if self.group_size else ""
+            parts.append(f"{self.extend.replace('-', '')}{self.window}{group}")
+        if self.logn_scaling:
+            parts.append("logn")
         if self.pos_scale is not None:
             parts.append(f"posx{self.pos_scale:g}")
         if self.alibi_scale is not None:

@@ -1,0 +1,101 @@
+"""``posrewrite advise --eval-text``: every candidate rewritten and measured on the user's text, ranked.
+
+The perplexity of the model as it is is recomputed here from onnxruntime logits (a plain next-token NLL), and
+the winner's printed command line is run and re-measured, so the table is checked against measurements made
+outside posrewrite's evaluation code."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+
+def _cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line in this process (no interpreter start-up per call): exit code, stdout, stderr."""
+    from posrewrite.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
+def _ppl(path, ids: np.ndarray) -> float:
+    from fixtures.hf_models import ort_logits
+
+    total, count = 0.0, 0
+    for w in ids:
+        logits = ort_logits(path, w[None]).astype(np.float64)[0, :-1]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= logp[np.arange(len(w) - 1), w[1:]].sum()
+        count += len(w) - 1
+    return math.exp(total / count)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    # ASCII only: the tiny model's vocabulary has 128 entries, and without tokenizer.json it reads bytes
+    rng = np.random.default_rng(7)
+    words = [bytes(rng.integers(97, 123, size=rng.integers(2, 8)).astype(np.uint8)) for _ in range(40)]
+    text = b" ".join(words[i] for i in rng.integers(0, 40, size=200))
+    p = tmp_path_factory.mktemp("txt") / "eval.txt"
+    p.write_bytes(text[: 2 * 128])
+    return p
+
+
+def test_eval_text_ranks_candidates_and_winner_command_works(llama_onnx, text_file, tmp_path, capsys):
+    res = _cli(capsys, "advise", llama_onnx, "--context", 128, "--eval-text", text_file, "--original-max-positions", 64,
+               "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)  # stdout is exactly one JSON object
+    ranked = doc["ranked"]
+    names = [c["name"] for c in ranked]
+    for m in ("original (no rewrite)", "linear", "ntk", "dynamic", "yarn", "self-extend", "rerope", "leaky-rerope",
+              "rerope+logn"):
+        assert m in names
+    ppls = [c["perplexity"] for c in ranked]
+    assert all(p is not None for p in ppls) and ppls == sorted(ppls)
+    ids = np.frombuffer(text_file.read_bytes(), np.uint8).astype(np.int64).reshape(2, 128)
+    original = next(c for c in ranked if c["name"] == "original (no rewrite)")
+    assert original["perplexity"] == pytest.approx(_ppl(llama_onnx, ids), rel=1e-6)
+    # the winner's command line, run as printed (plus -o), gives the model measured for the table
+    winner = doc["winner"]
+    assert winner["name"] == ranked[0]["name"]
+    argv = shlex.split(winner["command"])[1:]
+    if argv and argv[0] != "(no":
+        out = tmp_path / "winner.onnx"
+        run = _cli(capsys, *argv, "-o", out)
+        assert run.returncode == 0, run.stderr
+        assert _ppl(out, ids) == pytest.approx(winner["perplexity"], rel=1e-6)
+
+
+def test_without_eval_text_says_rule_of_thumb(llama_onnx, capsys):
+    res = _cli(capsys, "advise", llama_onnx, "--context", 256, "--original-max-positions", 64, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["method"]["measured"] is False
+    assert "RULE OF THUMB" in doc["method"]["rule_of_thumb"][0]
+    text = _cli(capsys, "advise", llama_onnx, "--context", 256, "--original-max-positions", 64)
+    assert "RULE OF THUMB, not measured" in text.stdout and "--extend self-extend" in text.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--context", 128, "--eval-text", "/nonexistent/file.txt", "--original-max-positions", 64], "--eval-text"),
+    (["--context", 128, "--eval-text", "TEXT"], "training length"),
+    (["--context", 128, "--eval-text", "TEXT", "--original-max-positions", 64, "--rope-scale", 2], "leave out"),
+    (["--context", 1000, "--eval-text", "TEXT", "--original-max-positions", 64], "fewer than one window"),
+])
+def test_eval_text_usage_errors(llama_onnx, text_file, args, needle, capsys):
+    args = [text_file if a == "TEXT" else a for a in args]
+    res = _cli(capsys, "advise", llama_onnx, *args)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("posrewrite: error: ") and res.stderr.count("\n") == 1
+    assert needle in res.stderr
