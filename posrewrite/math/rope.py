@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,9 @@ __all__ = [
     "parameters_for_site",
     "ntk_base",
     "dynamic_ntk_base",
+    "RuntimeOps",
+    "NumpyOps",
+    "runtime_inv_freq",
     "yarn_attention_factor",
     "yarn_correction_range",
     "longrope_attention_factor",
@@ -499,6 +502,76 @@ def dynamic_ntk_base(base: float, dim: int, factor: float, seq_len: int, max_pos
         return float(base)
     # Same Python-float operation order as HF.
     return float(base) * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+
+
+class RuntimeOps(Protocol):
+    """The tensor operations the run-time formulas need. The ONNX node writer and the fx graph writer
+    implement it, and `NumpyOps` evaluates it; handles are whatever the implementation uses. ``const`` takes a
+    float32 numpy scalar or vector."""
+
+    def const(self, value: np.ndarray) -> Any: ...
+    def mul(self, a: Any, b: Any) -> Any: ...
+    def div(self, a: Any, b: Any) -> Any: ...
+    def sub(self, a: Any, b: Any) -> Any: ...
+    def pow(self, a: Any, b: Any) -> Any: ...
+    def greater(self, a: Any, b: Any) -> Any: ...
+    def where(self, condition: Any, a: Any, b: Any) -> Any: ...
+
+
+class NumpyOps:
+    """`RuntimeOps` in float32 numpy: the run-time formulas evaluated for one length (tests, plots)."""
+
+    def const(self, value: np.ndarray) -> np.ndarray:
+        return np.asarray(value, dtype=_F32)
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.multiply(a, b, dtype=_F32)
+
+    def div(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, dtype=_F32)
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.subtract(a, b, dtype=_F32)
+
+    def pow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):  # a negative ratio below L: Where drops it, as in the graph
+            return np.power(a, b, dtype=_F32)
+
+    def greater(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.greater(a, b)
+
+    def where(self, condition: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(condition, a, b).astype(_F32)
+
+
+def runtime_inv_freq(ops: RuntimeOps, seq: Any, params: RopeParameters, *, inv_freq: np.ndarray | None,
+                     base: float | None, dim: int) -> Any:
+    """float32 [dim/2] inverse frequencies for the run-time length ``seq`` (a float32 scalar handle, HF's
+    ``max(position_ids) + 1``), written with ``ops`` so the ONNX and fx rewrites build the same arithmetic.
+
+    ``dynamic``: HF's ``base * ((s * seq / L) - (s - 1)) ** (d / (d - 2))`` then ``1 / base' ** (2i/d)`` past L,
+    the original frequencies up to L. ``longrope``: the long vector past L, the short one up to L.
+    ``inv_freq`` / ``base`` are the site's (the base given in ``params.rope_theta`` wins)."""
+    dim = _check_dim(dim)
+    L = params.original_max_position_embeddings
+    if L is None:
+        raise ValueError(f"{params.rope_type} needs original_max_position_embeddings")
+    longer = ops.greater(seq, ops.const(_f32(L)))
+    if params.rope_type == "longrope":
+        short, _ = scaled_inv_freq(params, inv_freq=inv_freq, base=base, dim=dim, seq_len=L)
+        long, _ = scaled_inv_freq(params, inv_freq=inv_freq, base=base, dim=dim, seq_len=L + 1)
+        return ops.where(longer, ops.const(long.astype(_F32)), ops.const(short.astype(_F32)))
+    if params.rope_type != "dynamic":
+        raise ValueError(f"{params.rope_type} has no run-time formula")
+    b = params.rope_theta if params.rope_theta is not None else base
+    if b is None:
+        raise ValueError("dynamic needs the base (rope_theta)")
+    orig = default_inv_freq(b, dim) if params.rope_theta is not None or inv_freq is None else inv_freq
+    s = float(params.factor)
+    ratio = ops.sub(ops.div(ops.mul(ops.const(_f32(s)), seq), ops.const(_f32(L))), ops.const(_f32(s - 1)))
+    new_base = ops.mul(ops.const(_f32(b)), ops.pow(ratio, ops.const(_f32(dim / (dim - 2)))))
+    dyn = ops.div(ops.const(_f32(1.0)), ops.pow(new_base, ops.const(_exponents(dim))))
+    return ops.where(longer, dyn, ops.const(np.asarray(orig, dtype=_F32)))
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -94,34 +94,54 @@ def _set_attention_factor(w: GraphWriter, site: FxRopeSite, factor: float) -> No
                 u.replace_input_with(fn, mul)
 
 
+class FxOps:
+    """`posrewrite.math.rope.RuntimeOps` as ATen calls inserted before ``anchor``: scalars stay Python numbers
+    (ATen's Tensor-Scalar overloads), vectors become constant placeholders."""
+
+    def __init__(self, w: GraphWriter, anchor: Node) -> None:
+        self.w, self.anchor = w, anchor
+
+    def _call(self, target, args: tuple) -> Node:
+        with self.w.graph.inserting_before(self.anchor):
+            return self.w.call(target, args)
+
+    def const(self, value: np.ndarray) -> Node | float:
+        value = np.asarray(value, dtype=np.float32)
+        if value.ndim == 0:
+            return float(value)
+        return self.w.add_constant("posrewrite_runtime_const", torch.from_numpy(value.copy()))
+
+    def mul(self, a, b) -> Node:
+        return self._call(aten.mul.Tensor, (b, a) if not isinstance(a, Node) else (a, b))
+
+    def div(self, a, b) -> Node:
+        if isinstance(a, Node):
+            return self._call(aten.div.Tensor, (a, b))
+        recip = self._call(aten.reciprocal.default, (b,))  # torch's scalar / tensor
+        return recip if a == 1.0 else self._call(aten.mul.Tensor, (recip, a))
+
+    def sub(self, a, b) -> Node:
+        return self._call(aten.sub.Tensor, (a, b))
+
+    def pow(self, a, b) -> Node:
+        return self._call(aten.pow.Tensor_Tensor if isinstance(b, Node) else aten.pow.Tensor_Scalar, (a, b))
+
+    def greater(self, a, b) -> Node:
+        return self._call(aten.gt.Tensor if isinstance(b, Node) else aten.gt.Scalar, (a, b))
+
+    def where(self, condition, a, b) -> Node:
+        return self._call(aten.where.self, (condition, a, b))
+
+
 def _runtime_inv_freq(w: GraphWriter, plan: RescalePlan) -> Node:
-    """float32 [d/2] inv_freq computed from max(positions) + 1 (inserted before the angle product)."""
-    p, site = plan.params, plan.site
+    """float32 [d/2] inv_freq computed from max(positions) + 1 (inserted before the angle product), by the
+    formula in `posrewrite.math.rope.runtime_inv_freq`."""
+    site = plan.site
     src = site.source
-    dim = site.rotary_dim
-    L = p.original_max_position_embeddings
-    orig = src.inv_freq if p.rope_theta is None else rope_math.default_inv_freq(p.rope_theta, dim)
-    with w.graph.inserting_before(src.angles):
-        seq = w.call(aten.add.Tensor, (w.call(aten.max.default, (src.positions,)), 1))
-        longer = w.call(aten.gt.Scalar, (seq, L))
-    if p.rope_type == "longrope":
-        short, _ = rope_math.scaled_inv_freq(p, inv_freq=src.inv_freq, base=site.base, dim=dim, seq_len=L)
-        long, _ = rope_math.scaled_inv_freq(p, inv_freq=src.inv_freq, base=site.base, dim=dim, seq_len=L + 1)
-        short_c = w.add_constant("posrewrite_short_inv_freq", torch.from_numpy(short.astype(np.float32)))
-        long_c = w.add_constant("posrewrite_long_inv_freq", torch.from_numpy(long.astype(np.float32)))
-        with w.graph.inserting_before(src.angles):
-            return w.call(aten.where.self, (longer, long_c, short_c))
-    # dynamic NTK, HF's float32 op order: base * ((s * n / L) - (s - 1)) ** (d / (d - 2)); 1 / base ** (2i/d)
-    base = float(p.rope_theta if p.rope_theta is not None else site.base)
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    exp_c = w.add_constant("posrewrite_rope_exponents", exponents)
-    orig_c = w.add_constant("posrewrite_inv_freq", torch.from_numpy(np.asarray(orig, dtype=np.float32)))
-    with w.graph.inserting_before(src.angles):
-        ratio = w.call(aten.sub.Tensor, (w.call(aten.div.Tensor, (w.call(aten.mul.Tensor, (seq, float(p.factor))), L)),
-                                         float(p.factor - 1)))
-        new_base = w.call(aten.mul.Tensor, (w.call(aten.pow.Tensor_Scalar, (ratio, dim / (dim - 2))), base))
-        dyn = w.call(aten.reciprocal.default, (w.call(aten.pow.Tensor_Tensor, (new_base, exp_c)),))
-        return w.call(aten.where.self, (longer, dyn, orig_c))
+    ops = FxOps(w, src.angles)
+    seq = ops._call(aten.add.Tensor, (ops._call(aten.max.default, (src.positions,)), 1))
+    return rope_math.runtime_inv_freq(ops, seq, plan.params, inv_freq=src.inv_freq, base=site.base,
+                                      dim=site.rotary_dim)
 
 
 def apply_rescale(ep: ExportedProgram, plans: list[RescalePlan]) -> list[str]:

@@ -129,25 +129,40 @@ def rescaled_record(plan: SitePlan) -> dict:
             "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base}
 
 
+class OnnxOps:
+    """`posrewrite.math.rope.RuntimeOps` as ONNX nodes written by a NodeWriter."""
+
+    def __init__(self, w: NodeWriter) -> None:
+        self.w = w
+
+    def const(self, value: np.ndarray) -> ir.Value:
+        return self.w.const(np.asarray(value, dtype=np.float32))
+
+    def mul(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Mul", a, b)
+
+    def div(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Div", a, b)
+
+    def sub(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Sub", a, b)
+
+    def pow(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Pow", a, b)
+
+    def greater(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Greater", a, b)
+
+    def where(self, condition: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.w.op("Where", condition, a, b)
+
+
 def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
-    """float32 [d/2] inverse frequencies for the runtime length `seq` (float32 scalar), HF's formulas."""
-    p, site = plan.params, plan.site
-    dim = site.rotary_dim
-    L = p.original_max_position_embeddings
-    orig = site.inv_freq if p.rope_theta is None else rope_math.default_inv_freq(p.rope_theta, dim)
-    longer = w.op("Greater", seq, w.const(np.float32(L)))
-    if p.rope_type == "longrope":
-        short, _ = rope_math.scaled_inv_freq(p, inv_freq=site.inv_freq, base=site.base, dim=dim, seq_len=L)
-        long, _ = rope_math.scaled_inv_freq(p, inv_freq=site.inv_freq, base=site.base, dim=dim, seq_len=L + 1)
-        return w.op("Where", longer, w.const(long.astype(np.float32)), w.const(short.astype(np.float32)))
-    # dynamic NTK: base' = base * ((s * seq / L) - (s - 1)) ** (d / (d - 2)); inv = 1 / base' ** (2i/d)
-    base = float(p.rope_theta if p.rope_theta is not None else site.base)
-    s = np.float32(p.factor)
-    ratio = w.op("Sub", w.op("Div", w.op("Mul", w.const(s), seq), w.const(np.float32(L))), w.const(np.float32(p.factor - 1)))
-    new_base = w.op("Mul", w.const(np.float32(base)), w.op("Pow", ratio, w.const(np.float32(dim / (dim - 2)))))
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    dyn = w.op("Div", w.const(np.float32(1.0)), w.op("Pow", new_base, w.const(exponents)))
-    return w.op("Where", longer, dyn, w.const(orig.astype(np.float32)))
+    """float32 [d/2] inverse frequencies for the runtime length `seq` (float32 scalar): HF's formulas, written
+    once in `posrewrite.math.rope.runtime_inv_freq`."""
+    site = plan.site
+    return rope_math.runtime_inv_freq(OnnxOps(w), seq, plan.params, inv_freq=site.inv_freq, base=site.base,
+                                      dim=site.rotary_dim)
 
 
 def seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
