@@ -28,8 +28,10 @@ __all__ = [
 ]
 
 import functools
+import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,20 +130,33 @@ def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
 # ------------------------------------------------------------------------------------------- external data
 
 
-def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every tensor of the model: initializers and tensor attributes, in all graphs and subgraphs."""
-    for graph in model.graphs():
+def _graph_tensors(graph: ir.Graph | ir.Function) -> Iterator[ir.TensorProtocol]:
+    """Initializers (of graphs) and tensor attributes of ``graph``'s nodes, recursing into subgraphs."""
+    if isinstance(graph, ir.Graph):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.is_ref() or attr.value is None:
-                    continue
-                if attr.type == ir.AttributeType.TENSOR:
-                    yield attr.value
-                elif attr.type == ir.AttributeType.TENSORS:
-                    yield from attr.value
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
+            elif attr.type == ir.AttributeType.GRAPH:
+                yield from _graph_tensors(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    yield from _graph_tensors(sub)
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of the model: initializers and tensor attributes, in the main graph, its subgraphs (If,
+    Loop, Scan bodies) and the bodies of the model's local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions.values():
+        yield from _graph_tensors(function)
 
 
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -150,44 +165,183 @@ def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
             yield tensor
 
 
-def _check_external_data(model: ir.Model, path: Path, base_dir: Path) -> list[str]:
-    """Check, with stat calls only, that each external tensor's bytes exist where onnx_ir will look."""
-    sizes: dict[str, int] = {}
-    base_real = os.path.realpath(base_dir)
-    for tensor in _external_tensors(model):
-        data_path = os.path.join(base_dir, tensor.location)
-        name = tensor.name or "(unnamed)"
-        if data_path not in sizes:
-            real = os.path.realpath(data_path)
-            if os.path.commonpath([base_real, real]) != base_real:
-                raise ModelLoadError(
-                    f"{path}: external data '{tensor.location}' of tensor '{name}' lies outside the model's "
-                    f"directory ({real}); onnx_ir refuses to read it"
-                )
+# ----------------------------------------------------------------------------------- the loading policy
+#
+# Every TensorProto of the file (main graph, subgraphs, local function bodies, attributes, attribute defaults)
+# is checked on the protobuf, before onnx_ir sees it and before a byte of external data is read:
+#   - external data: a relative location without NUL, resolved against the model's folder and staying inside it
+#     (symlinks resolved), a regular file with one link, offset/length parseable, the declared length at least
+#     what the shape needs, and offset + bytes within the file;
+#   - inline data: a known data type, non-negative dimensions, raw_data exactly the bytes the shape needs;
+#   - what onnx_ir would drop on the way (sparse tensors, training_info) and strings that are not UTF-8 (onnx_ir
+#     cannot write them back) are refused rather than lost.
+
+_TENSOR = onnx.TensorProto
+_TYPE_STRING = 9  # google.protobuf FieldDescriptor.TYPE_STRING
+_TYPE_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
+def _printable(text: object, limit: int = 120) -> str:
+    """A name from the model, safe to print on one line of a terminal: control characters escaped, cut short."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+class _ProtoChecker:
+    def __init__(self, path: Path, base_dir: Path) -> None:
+        self.path = path
+        self.base_dir = base_dir
+        self.base_real = os.path.realpath(base_dir)
+        self.files: dict[str, int] = {}  # real path -> size
+
+    def fail(self, message: str) -> None:
+        raise ModelLoadError(f"{self.path}: {message}")
+
+    def walk(self, msg: object, where: object) -> None:
+        """Check ``msg`` and everything in it; ``where`` is rendered (by :meth:`_where`) only for a message."""
+        if isinstance(msg, _TENSOR):
+            self.tensor(msg, where)
+            return
+        if isinstance(msg, onnx.SparseTensorProto):
+            self.fail(f"{self._where(where)} is a sparse tensor, which posrewrite does not support (it would be lost)")
+        for field, value in msg.ListFields():
+            name = field.name
+            if field.type == _TYPE_MESSAGE:
+                if name == "training_info":
+                    self.fail("the model holds training_info, which posrewrite does not support (it would be lost)")
+                if name == "sparse_initializer":
+                    self.fail(
+                        f"{self._where(where)} has sparse initializers, which posrewrite does not support "
+                        "(they would be lost)"
+                    )
+                if field.is_repeated:
+                    for k, item in enumerate(value):
+                        self.walk(item, (where, name, k, item))
+                else:
+                    self.walk(value, (where, name, None, None))
+            elif field.type == _TYPE_STRING:
+                for item in value if field.is_repeated else (value,):
+                    if isinstance(item, bytes):
+                        self.fail(
+                            f"{self._where(where)}.{name} is not valid UTF-8 ({_printable(item, 60)}); "
+                            "ONNX strings must be"
+                        )
+
+    @classmethod
+    def _where(cls, where: object) -> str:
+        if not isinstance(where, tuple):
+            return str(where)
+        parent, name, k, item = where
+        text = f"{cls._where(parent)}.{name}"
+        if k is not None:
+            text += f"[{k}]"
+            label = getattr(item, "name", None)
+            if isinstance(label, str) and label:
+                text += f" '{_printable(label, 60)}'"
+        return text
+
+    def tensor(self, t: onnx.TensorProto, where: str) -> None:
+        for text in (t.name, t.doc_string):
+            if isinstance(text, bytes):
+                self.fail(f"{self._where(where)}: a string of the tensor is not valid UTF-8")
+        label = f"tensor '{_printable(t.name)}'" if t.name else self._where(where)
+        try:
+            dtype = ir.DataType(t.data_type)
+        except ValueError:
+            self.fail(f"{label} has an unknown data type {t.data_type}")
+        if dtype == ir.DataType.UNDEFINED:
+            self.fail(f"{label} has data type UNDEFINED")
+        if any(d < 0 for d in t.dims):
+            self.fail(f"{label} has a negative dimension {list(t.dims)}")
+        count = math.prod(t.dims)
+        if dtype == ir.DataType.STRING:
+            if t.data_location == _TENSOR.EXTERNAL:
+                self.fail(f"{label}: string tensors cannot be stored as external data")
+            if len(t.string_data) != count:
+                self.fail(f"{label} has {len(t.string_data)} strings, its shape needs {count}")
+            for s in t.string_data:
+                if not isinstance(s, bytes):
+                    self.fail(f"{label}: bad string data")
+            return
+        nbytes = math.ceil(count * dtype.itemsize)
+        if t.data_location == _TENSOR.EXTERNAL:
+            self.external(t, label, nbytes)
+            return
+        if t.HasField("raw_data"):
+            have = len(t.raw_data)
+            if have != nbytes:
+                self.fail(f"{label} has {have} bytes of raw_data, its shape {list(t.dims)} needs {nbytes}")
+            return
+        typed = [len(f) for f in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data) if len(f)]
+        have = sum(typed)
+        need = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
+        if dtype.itemsize == 0.5:
+            need = (count + 1) // 2
+        if dtype.itemsize < 0.5:  # 2-bit and 6-bit packings: only "some data" is checked
+            need = min(need, 1)
+        if have < need:
+            self.fail(f"{label} holds {have} values, its shape {list(t.dims)} needs {need}")
+
+    def external(self, t: onnx.TensorProto, label: str, nbytes: int) -> None:
+        entries = {}
+        for e in t.external_data:
+            if isinstance(e.key, bytes) or isinstance(e.value, bytes):
+                self.fail(f"{label}: external data entries are not valid UTF-8")
+            entries[e.key] = e.value
+        location = entries.get("location", "")
+        shown = _printable(location)
+        if not location:
+            self.fail(f"{label} is stored as external data without a location")
+        if "\0" in location:
+            self.fail(f"external data location '{shown}' of {label} contains a NUL character")
+        try:
+            offset = int(entries.get("offset", "0") or 0)
+            length = int(entries["length"]) if entries.get("length") not in (None, "") else None
+        except ValueError:
+            self.fail(f"{label}: external data offset/length are not integers")
+        if offset < 0 or (length is not None and length < 0):
+            self.fail(f"{label}: negative external data offset or length")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            self.fail(f"external data '{shown}' of {label} is an absolute path; it must lie in the model's folder")
+        data_path = os.path.join(self.base_dir, location)
+        real = os.path.realpath(data_path)
+        if os.path.commonpath([self.base_real, real]) != self.base_real or real == self.base_real:
+            self.fail(f"external data '{shown}' of {label} lies outside the model's directory; refused")
+        if real not in self.files:
             try:
                 st = os.stat(real)
             except FileNotFoundError:
-                raise ModelLoadError(
-                    f"{path}: external data file '{tensor.location}' of tensor '{name}' is missing "
-                    f"(expected at {data_path})"
-                ) from None
+                self.fail(f"external data file '{shown}' of {label} is missing (expected at {_printable(data_path)})")
             except OSError as e:
-                raise ModelLoadError(
-                    f"{path}: cannot read external data file '{tensor.location}': {e.strerror}"
-                ) from None
+                self.fail(f"cannot read external data file '{shown}': {e.strerror}")
+            if not stat.S_ISREG(st.st_mode):
+                self.fail(f"external data '{shown}' of {label} is not a regular file")
             if st.st_nlink > 1:
-                raise ModelLoadError(
-                    f"{path}: external data file '{tensor.location}' has {st.st_nlink} hard links, which onnx_ir "
-                    "refuses to read; copy it to a file of its own"
+                self.fail(
+                    f"external data file '{shown}' has {st.st_nlink} hard links, which onnx_ir refuses to read; "
+                    "copy it to a file of its own"
                 )
-            sizes[data_path] = st.st_size
-        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-        if end > sizes[data_path]:
-            raise ModelLoadError(
-                f"{path}: external data file '{tensor.location}' is truncated: tensor '{name}' needs bytes up "
-                f"to {end} but the file has {sizes[data_path]}"
+            self.files[real] = st.st_size
+        if length is not None and length < nbytes:
+            self.fail(f"{label} declares {length} bytes of external data, its shape {list(t.dims)} needs {nbytes}")
+        end = offset + nbytes
+        if end > self.files[real]:
+            self.fail(
+                f"external data file '{shown}' is truncated: {label} needs bytes up to {end} but the file has "
+                f"{self.files[real]}"
             )
-    return sorted(sizes)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path, base_dir: Path) -> list[str]:
+    """Apply the loading policy to every tensor and string of ``proto``; return the external data files."""
+    checker = _ProtoChecker(path, base_dir)
+    try:
+        checker.walk(proto, "model")
+    except RecursionError:
+        raise ModelLoadError(f"{path}: the model's graphs are nested too deeply") from None
+    return sorted(checker.files)
 
 
 def external_data_files(model: ir.Model) -> list[Path]:
@@ -252,6 +406,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot read: {e.strerror}") from None
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(f"{path}: not a regular file (a device, FIFO or socket), not an ONNX model file")
     if st.st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     if not os.access(path, os.R_OK):
@@ -267,19 +423,24 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph; truncated or another format?)")
     _check_opset(proto, path)
+    base_dir = Path(os.path.abspath(path)).parent
+    data_files = _check_proto(proto, path, base_dir)
+    try:
+        onnx.checker.check_model(os.fspath(path))  # the path: external data checked in its folder
+    except Exception as e:  # ValidationError, or anything the checker trips on
+        reason = _printable(" ".join(str(e).split()) or type(e).__name__, 300)
+        raise ModelLoadError(f"{path}: invalid ONNX model (onnx.checker: {reason})") from None
 
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = _printable(" ".join(str(e).split()) or type(e).__name__, 300)
         raise ModelLoadError(f"{path}: invalid ONNX model: {reason}") from None
     del proto
 
-    base_dir = Path(os.path.abspath(path)).parent
     for tensor in _all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = os.fspath(base_dir)
-    data_files = _check_external_data(model, path, base_dir)
     model.meta[_META_SOURCE] = os.path.abspath(path)
     model.meta[_META_DATA_FILES] = data_files
     return model
