@@ -177,7 +177,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     original_max_positions=4096, output="m-yarn.onnx")`.
     """
     from posrewrite.passes.onnx import rescale
-    from posrewrite.validate import FULL_RUN_MAX_BYTES, MAX_VALIDATION_LENGTH, initializer_bytes, run_full_model, validate_sites
 
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
@@ -185,6 +184,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         raise errors.UsageError("nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions")
     output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
     io.ensure_distinct_output(path, output)
+    io.check_output_path(output)
     with progress.stage("loading"):
         model = io.load_model(path)
     with progress.stage("detecting"):
@@ -244,8 +244,33 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if not changes:
         notes.append("nothing changed: the model already is as requested")
     _cleanup(model)
+    # Write beside the output, validate what was written, and only then switch it into place: a failure or an
+    # interrupt at any point (validation included) leaves the previous output, if any, and nothing else.
     with progress.stage("saving"):
-        saved = io.save_model(model, output)
+        staged = io.stage_model(model, output)
+    with staged:
+        saved = staged.path
+        report = _validate_staged(model, found, plans, other_changes, changes, opts, path, saved, fused_cache_rows,
+                                  progress)
+        if report is not None and not report.ok:
+            bad = next(r for r in report.rows if not r["ok"])
+            raise errors.ValidationError(f"validation failed: {bad}")
+        saved = staged.commit()
+    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
+
+
+def _validate_staged(model, found: Detection, plans, other_changes, changes, opts: RewriteOptions, path, saved,
+                     fused_cache_rows, progress):
+    """Validation of the written (not yet switched) model at ``saved``; None when nothing was validated."""
+    from posrewrite.validate import (
+        FULL_RUN_MAX_BYTES,
+        MAX_VALIDATION_LENGTH,
+        initializer_bytes,
+        run_full_model,
+        validate_sites,
+    )
+
+    run_full_model = _loads_or_refuses(run_full_model, path)
     report = None
     if opts.validate and not plans and other_changes:
         from posrewrite.validate import ValidationReport
@@ -284,11 +309,34 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
 
         # positions past the fused caches must fail loudly, not give unrotated q/k
         report.rows.append(probe_past_cache(saved, int(rows)))
-    if report is not None and not report.ok:
-        _remove_output(saved)
-        bad = next(r for r in report.rows if not r["ok"])
-        raise errors.ValidationError(f"validation failed: {bad}")
-    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
+    return report
+
+
+def _loads_or_refuses(run_full_model, original):
+    """``run_full_model`` that turns "the original model cannot be loaded by onnxruntime" into an error (exit 3):
+    a model onnxruntime cannot load is not a rewrite that validated."""
+
+    def run(saved, length, original=original):
+        ok, message = run_full_model(saved, length, original=original)
+        if ok and "skipped" in message:
+            reason = _onnxruntime_load_error(original)
+            if reason is not None:
+                raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
+        return ok, message
+
+    return run
+
+
+def _onnxruntime_load_error(path) -> str | None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        return " ".join(str(exc).split())[:300]
+    return None
 
 
 def _fuse_compare_lengths(found: Detection) -> list[int]:

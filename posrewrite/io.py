@@ -23,14 +23,18 @@ __all__ = [
     "load_model",
     "max_supported_opset",
     "preload_model",
+    "StagedModel",
+    "check_output_path",
     "save_model",
+    "stage_model",
     "source_path",
 ]
 
 import functools
 import math
 import os
-import shutil
+import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -502,6 +506,205 @@ def _inline_external_tensors(model: ir.Model) -> list[tuple[object, ir.TensorPro
     return restore
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The absolute output path, or an error when it cannot be written safely.
+
+    Only a new path or an existing regular file is ever replaced; a directory, device, FIFO, socket or symbolic
+    link is refused, and so is a path whose folder does not exist (it is not created).
+
+    Raises:
+        UsageError: the path is empty.
+        OutputError: any other reason (exit 8).
+    """
+    if not os.fspath(path).strip() or os.fspath(path) in (".", ".."):
+        raise UsageError("the output path is empty or a directory: give a file name (-o OUT.onnx)")
+    if "\0" in os.fspath(path):
+        raise UsageError("the output path contains a NUL character")
+    out = Path(os.path.abspath(path))
+    shown = _printable(out, 300)
+    try:
+        parent = os.stat(out.parent)
+    except FileNotFoundError:
+        raise OutputError(f"cannot write {shown}: the directory {_printable(out.parent, 300)} does not exist") from None
+    except OSError as e:
+        raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(parent.st_mode):
+        raise OutputError(f"cannot write {shown}: {_printable(out.parent, 300)} is not a directory")
+    for candidate in (out, external_data_path(out)):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"cannot write {_printable(candidate, 300)}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(
+                f"cannot write {_printable(candidate, 300)}: it exists and is not a regular file (a device, FIFO, "
+                "socket or link); posrewrite replaces only regular files"
+            )
+    return out
+
+
+def _data_name_pattern(out: Path) -> re.Pattern[str]:
+    return re.compile(re.escape(out.name) + r"(\.[0-9a-f]{12})?\.data")
+
+
+def _owned_data_files(out: Path) -> list[Path]:
+    """Data files that earlier saves to ``out`` wrote beside it: ``OUT.data`` and ``OUT.<hex>.data``."""
+    pattern = _data_name_pattern(out)
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    return [out.parent / n for n in names if pattern.fullmatch(n)]
+
+
+class StagedModel:
+    """A model written beside its output under names no reader uses yet; :meth:`commit` switches it into place.
+
+    - The external data goes to ``OUT.data`` when no such file exists, else to a fresh ``OUT.<hex>.data``: the
+      file an existing ``OUT`` reads is never written to.
+    - The model goes to a hidden ``.OUT.tmp-*`` file in the same folder (so the data's relative location holds,
+      and :attr:`path` can be loaded and validated by onnxruntime before anything is switched).
+    - :meth:`commit` renames the model over ``OUT`` (one atomic rename: readers see the old model with its old
+      data, or the new one with its new data) and then removes the data files of the previous ``OUT``.
+    - :meth:`discard` (also on any exception, ``KeyboardInterrupt`` included, inside ``with``) removes what
+      was written.
+    """
+
+    def __init__(self, out: Path, path: Path, data: Path | None, protected: list[Path]) -> None:
+        self.out = out
+        self.path = path
+        self.data = data
+        self._protected = protected
+        self.committed = False
+
+    def commit(self) -> Path:
+        if self.committed:
+            return self.out
+        check_output_path(self.out)  # nothing became a device or directory meanwhile
+        old_data = [p for p in _owned_data_files(self.out) if self.data is None or p.name != self.data.name]
+        try:
+            os.replace(self.path, self.out)
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"cannot write {_printable(self.out, 300)}: {e.strerror or e}") from None
+        self.committed = True
+        for p in old_data:
+            if any(_same_file(p, keep) for keep in self._protected):
+                continue
+            with _suppress_os_error():
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    p.unlink()
+        return self.out
+
+    def discard(self) -> None:
+        if self.committed:
+            return
+        for p in (self.path, self.data):
+            if p is not None:
+                with _suppress_os_error():
+                    p.unlink()
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.committed:
+            self.discard()
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def stage_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: Literal["auto"] | bool | None = "auto",
+) -> StagedModel:
+    """Write ``model`` beside ``path`` without touching ``path`` or any file a reader of it uses (see
+    :class:`StagedModel`); ``external_data`` as for :func:`save_model`.
+
+    Raises:
+        UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
+        OutputError: the file cannot be written (see :func:`check_output_path`; disk full, model too large inline).
+    """
+    out = check_output_path(path)
+    data_files = model.meta.get(_META_DATA_FILES) or []
+    protected = [Path(p) for p in [*data_files, *external_data_files(model)]]
+    ensure_distinct_output(source_path(model), out, data_files=protected)
+
+    if external_data is None or external_data == "auto":
+        use_external = any(True for _ in _external_tensors(model)) or bool(data_files)
+        use_external = use_external or _initializer_bytes(model) > INLINE_LIMIT_BYTES
+    elif isinstance(external_data, bool):
+        use_external = external_data
+    else:
+        raise ValueError(f"external_data must be 'auto', None, True or False, not {external_data!r}")
+    if not use_external and _initializer_bytes(model) > INLINE_LIMIT_BYTES:
+        raise OutputError(f"cannot write {out} as one file: its tensors exceed 1.8 GB; save with external data")
+
+    shown = _printable(out, 300)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-", suffix=".onnx")
+        os.close(fd)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would become the output's mode
+    except OSError as e:
+        raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+    staged = StagedModel(out, Path(tmp_name), None, protected)
+    try:
+        if use_external:
+            data = external_data_path(out)
+            try:  # claim the name: never write into a data file that exists (an older OUT may read it)
+                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                data = _fresh_data_path(out)
+                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            staged.data = data
+            ir.save(model, staged.path, external_data=data.name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+            if data.stat().st_size == 0:  # every tensor was small: no data file
+                data.unlink()
+                staged.data = None
+        else:
+            restore = _inline_external_tensors(model)
+            try:
+                ir.save(model, staged.path)
+            finally:
+                for value, tensor in restore:
+                    value.const_value = tensor
+    except BaseException as e:
+        staged.discard()
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+        if isinstance(e, ValueError):  # protobuf refuses messages over 2 GiB
+            raise OutputError(f"cannot write {shown}: {' '.join(str(e).split())}") from None
+        raise
+    return staged
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fresh_data_path(out: Path) -> Path:
+    for _ in range(100):
+        candidate = out.with_name(f"{out.name}.{secrets.token_hex(6)}.data")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise OutputError(f"cannot find a free name for the external data of {out}")
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -515,67 +718,14 @@ def save_model(
             external data or its tensors exceed :data:`INLINE_LIMIT_BYTES`, and inside the file otherwise.
             ``True``: always external; ``False``: always inside the file.
 
-    The model is written to a temporary directory beside ``path`` and moved into place once complete, so an
-    interrupted or failed save leaves no partial file. The model object itself is left unchanged.
+    :func:`stage_model` then :meth:`StagedModel.commit`: a reader of ``path`` sees the old model or the new one,
+    never a mix; a failed or interrupted save leaves nothing behind. The model object itself is left unchanged.
+    When ``<path>.data`` exists already, the new data goes to ``<path>.<hex>.data`` and the old file is removed
+    once the new model is in place.
 
     Raises:
         UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
-        OutputError: the file cannot be written (directory not writable, disk full, model too large inline).
+        OutputError: the file cannot be written (missing directory, not a regular file, disk full, too large).
     """
-    out = Path(os.path.abspath(path))
-    data_files = model.meta.get(_META_DATA_FILES) or []
-    ensure_distinct_output(source_path(model), out, data_files=[*data_files, *external_data_files(model)])
-
-    if external_data is None or external_data == "auto":
-        use_external = any(True for _ in _external_tensors(model)) or bool(data_files)
-        use_external = use_external or _initializer_bytes(model) > INLINE_LIMIT_BYTES
-    elif isinstance(external_data, bool):
-        use_external = external_data
-    else:
-        raise ValueError(f"external_data must be 'auto', None, True or False, not {external_data!r}")
-
-    if out.is_dir():
-        raise OutputError(f"cannot write {out}: it is a directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-
-    final_data = external_data_path(out)
-    tmp_model = tmp_dir / out.name
-    tmp_data = tmp_dir / final_data.name
-    moved_data = False
-    try:
-        if use_external:
-            ir.save(model, tmp_model, external_data=final_data.name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
-        else:
-            if _initializer_bytes(model) > INLINE_LIMIT_BYTES:
-                raise OutputError(f"cannot write {out} as one file: its tensors exceed 1.8 GB; save with external data")
-            restore = _inline_external_tensors(model)
-            try:
-                ir.save(model, tmp_model)
-            finally:
-                for value, tensor in restore:
-                    value.const_value = tensor
-        if tmp_data.exists() and tmp_data.stat().st_size > 0:  # every tensor may have been small
-            os.replace(tmp_data, final_data)
-            moved_data = True
-        os.replace(tmp_model, out)
-    except OutputError:
-        raise
-    except OSError as e:
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-    except ValueError as e:  # protobuf refuses messages over 2 GiB
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {' '.join(str(e).split())}") from None
-    except BaseException:
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+    with stage_model(model, path, external_data=external_data) as staged:
+        return staged.commit()
