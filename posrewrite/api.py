@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from posrewrite import errors, io
+from posrewrite.limits import MAX_LENGTH
 from posrewrite.math import precision as precision_math
 from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
@@ -157,9 +159,24 @@ def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, 
     try:
         params = rope_math.RopeParameters.from_hf(hf)
         params.validate()
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise errors.UsageError(str(exc)) from None
+    _check_target_length(hf, site)
     return params
+
+
+def _check_target_length(hf: dict[str, Any], site: RopeSite) -> None:
+    """A rescale's target length (scale x the trained length) within the documented bound (exit 2)."""
+    factor = hf.get("factor")
+    trained = hf.get("original_max_position_embeddings") or site.max_positions
+    if factor is None or not trained:
+        return
+    target = float(factor) * float(trained)
+    if target > MAX_LENGTH:
+        raise errors.UsageError(
+            f"--rope-scale {float(factor):g} x the trained length {int(trained)} = {target:.4g} positions, over the "
+            f"limit of {MAX_LENGTH} (see README, Reliability)"
+        )
 
 
 def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteOptions:
@@ -197,6 +214,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         raise errors.PartialMatchError(
             f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model (use --allow-partial)"
         )
+    if opts.max_positions:
+        _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
     changes: list[str] = []
     notes: list[str] = [f"skipped {r.where}: {r.reason}" for r in found.refusals]
     plans = []
@@ -212,6 +231,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                 raise errors.UsageError(str(exc)) from None
             if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
                 plan.new_length = max(plan.new_length, int(opts.max_positions))
+            if plan.new_length is not None:
+                if plan.new_length > MAX_LENGTH:
+                    raise errors.UsageError(
+                        f"the rescaled length {plan.new_length} is over the limit of {MAX_LENGTH} (lower --rope-scale)"
+                    )
+                _check_table_budget([site], int(plan.new_length), "--rope-scale")
             plans.append(plan)
         with progress.stage("rescaling", total=len(plans)) as stage:
             for plan in plans:
@@ -244,6 +269,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if not changes:
         notes.append("nothing changed: the model already is as requested")
     _cleanup(model)
+    if opts.validate:
+        _check_inputs_fit_budget(model)
     # Write beside the output, validate what was written, and only then switch it into place: a failure or an
     # interrupt at any point (validation included) leaves the previous output, if any, and nothing else.
     with progress.stage("saving"):
@@ -310,6 +337,46 @@ def _validate_staged(model, found: Detection, plans, other_changes, changes, opt
         # positions past the fused caches must fail loudly, not give unrotated q/k
         report.rows.append(probe_past_cache(saved, int(rows)))
     return report
+
+
+def _check_table_budget(sites, rows: int, flag: str) -> None:
+    """Tables grown to ``rows`` positions (learned, sinusoidal, ALiBi, RoPE cos/sin) stay within the memory
+    budget, counted at 8 bytes an element (they are computed in float64); exit 2 naming the flag otherwise."""
+    from posrewrite.limits import MEMORY_BUDGET_BYTES
+
+    for site in sites:
+        for attr in ("table", "cos_cache", "sin_cache"):
+            value = getattr(site, attr, None)
+            shape = getattr(value, "shape", None)
+            if shape is None or not shape.is_static() or not len(shape.dims):
+                continue
+            dims = [int(d) for d in shape.dims]
+            largest = max(dims)
+            elements = math.prod(dims)
+            square = dims.count(largest) >= 2  # [.., T, T]: both axes grow
+            per_row = elements / (largest * largest if square else max(1, largest))
+            new_bytes = per_row * (rows * rows if square else rows) * 8
+            if new_bytes > MEMORY_BUDGET_BYTES:
+                raise errors.UsageError(
+                    f"{flag} {rows}: the table {getattr(value, 'name', '?')} {dims} would need {new_bytes / 2**30:.3g} "
+                    f"GiB, over the memory budget of {MEMORY_BUDGET_BYTES >> 20} MiB (see README, Reliability)"
+                )
+
+
+def _check_inputs_fit_budget(model: ir.Model) -> None:
+    """Validation feeds every graph input: a static shape declared past the memory budget cannot be fed."""
+    from posrewrite.limits import MEMORY_BUDGET_BYTES, fits_budget
+
+    for value in model.graph.inputs:
+        shape = value.shape
+        if shape is None or not shape.is_static() or value.dtype is None:
+            continue
+        itemsize = max(1.0, float(value.dtype.itemsize))
+        if not fits_budget(shape.dims, itemsize):
+            raise errors.UsageError(
+                f"input '{value.name}' declares the static shape {list(shape.dims)}, over the memory budget of "
+                f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"
+            )
 
 
 def _loads_or_refuses(run_full_model, original):
@@ -466,6 +533,8 @@ class CheckResult:
 
 def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
     """Precision analysis of every positional-encoding site at `max_length` tokens."""
+    if max_length is not None and not 0 < int(max_length) <= MAX_LENGTH:
+        raise errors.UsageError(f"--max-length {max_length} is outside 1..{MAX_LENGTH} (see README, Reliability)")
     model = io.load_model(path)
     found = detect(model)
     if not found.sites:

@@ -589,8 +589,9 @@ def _cmd_check(ns: argparse.Namespace, out: _Output) -> int:
         from posrewrite.errors import UnsafeModelError
 
         unsafe = [str(site.get("site", k)) for k, site in enumerate(result.sites) if not site.get("safe")]
+        length = getattr(result, "max_length", None) or ns.max_length or "the checked"
         print(
-            f"{PROG}: error: unsafe at {result.max_length} tokens: site(s) {', '.join(unsafe)} lose position or angle "
+            f"{PROG}: error: unsafe at {length} tokens: site(s) {', '.join(unsafe)} lose position or angle "
             "precision (try --fp32-positions)",
             file=sys.stderr,
         )

@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 import functools
+import glob
 import math
 import os
 import re
@@ -592,7 +593,8 @@ class StagedModel:
             self.discard()
             raise OutputError(f"cannot write {_printable(self.out, 300)}: {e.strerror or e}") from None
         self.committed = True
-        for p in old_data:
+        stale = [p for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*.onnx") if p != self.path]
+        for p in old_data + stale:  # the replaced model's data, and what killed runs (SIGKILL) left
             if any(_same_file(p, keep) for keep in self._protected):
                 continue
             with _suppress_os_error():
