@@ -369,12 +369,15 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
 
     for value in model.graph.inputs:
         shape = value.shape
-        if shape is None or not shape.is_static() or value.dtype is None:
+        if shape is None or value.dtype is None:
             continue
+        static = [int(d) for d in shape.dims if isinstance(d, int)]
+        symbolic = len(shape.dims) - len(static)
         itemsize = max(1.0, float(value.dtype.itemsize))
-        if not fits_budget(shape.dims, itemsize):
+        # symbolic axes are fed at most the longest validation length (one of them; batch is 1)
+        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize):
             raise errors.UsageError(
-                f"input '{value.name}' declares the static shape {list(shape.dims)}, over the memory budget of "
+                f"input '{value.name}' declares the shape {list(shape.dims)}, over the memory budget of "
                 f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"
             )
 
@@ -447,6 +450,22 @@ def _cleanup(model: ir.Model) -> None:
 
     RemoveUnusedNodesPass()(model)
     TopologicalSortPass()(model)
+    _drop_untyped_value_info(model)
+
+
+def _drop_untyped_value_info(model: ir.Model) -> None:
+    """A value whose type is a tensor of unknown element type (shape inference failed on a model whose declared
+    shapes contradict its ops) cannot be written as value_info: forget its type and shape, as if never inferred.
+    Graph inputs and outputs keep theirs (they are the model's interface)."""
+    for graph in model.graphs():
+        interface = {id(v) for v in (*graph.inputs, *graph.outputs)}
+        for node in graph:
+            for value in node.outputs:
+                if id(value) in interface or value.type is None:
+                    continue
+                if getattr(value.type, "dtype", True) is None:
+                    value.type = None
+                    value.shape = None
 
 
 def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list[str], list[str]]:
@@ -561,8 +580,17 @@ def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
         from posrewrite.passes.onnx.fp32_positions import rope_site_precision
     except ImportError:
         rope_site_precision = None
-    if rope_site_precision is not None:
-        return rope_site_precision(site, n, index)
+    try:
+        if rope_site_precision is not None:
+            return rope_site_precision(site, n, index)
+        return _rope_precision_fallback(site, n, index)
+    except ValueError as exc:  # an element type the analysis does not know (or the model does not say)
+        raise errors.ModelLoadError(
+            f"site {index}: cannot analyse its precision: {exc} (the model's element types are missing or invalid)"
+        ) from None
+
+
+def _rope_precision_fallback(site: RopeSite, n: int, index: int) -> dict[str, Any]:
     if site.angles == AngleSource.COMPUTED:
         report = precision_math.analyse_positions(n, position_dtype=site.position_dtype, angle_dtype=site.angle_dtype,
                                                  inv_freq=site.inv_freq)

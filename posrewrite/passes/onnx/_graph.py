@@ -61,7 +61,12 @@ class ConstantEvaluator:
         key = id(value)
         if key not in self._cache:
             self._cache[key] = None  # guards cycles
-            self._cache[key] = self._evaluate(value)
+            try:
+                self._cache[key] = self._evaluate(value)
+            except RecursionError:
+                raise
+            except Exception:  # noqa: BLE001 - a malformed node (bad index, wrong type): not a known constant
+                self._cache[key] = None
         return self._cache[key]
 
     def _evaluate(self, value: ir.Value) -> np.ndarray | None:
