@@ -219,6 +219,7 @@ class _ProtoChecker:
             for vi in (*msg.input, *msg.output):
                 if not vi.name:
                     self.fail(f"{self._where(where)} has an input or output without a name")
+            self.string_uses(msg)
         if isinstance(msg, onnx.SparseTensorProto):
             self.fail(f"{self._where(where)} is a sparse tensor, which posrewrite does not support (it would be lost)")
         for field, value in msg.ListFields():
@@ -268,6 +269,31 @@ class _ProtoChecker:
                 self.fail(f"{label}: its required input {k} has no name")
         if node.output and not any(node.output):
             self.fail(f"{label}: none of its outputs has a name")
+
+    def string_uses(self, graph: onnx.GraphProto) -> None:
+        """A string initializer feeds only inputs that take strings (onnxruntime refuses the model otherwise;
+        posrewrite would read a string tensor as numbers)."""
+        strings = {t.name for t in graph.initializer if t.data_type == _TENSOR.STRING}
+        if not strings:
+            return
+        for node in graph.node:
+            if node.domain not in _DEFAULT_DOMAINS or not any(i in strings for i in node.input):
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, self.opset, "")
+            except Exception:  # noqa: BLE001 - unknown op: nothing to check
+                continue
+            constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+            for k, name in enumerate(node.input):
+                if name not in strings or not schema.inputs:
+                    continue
+                param = schema.inputs[min(k, len(schema.inputs) - 1)]
+                allowed = constraints.get(param.type_str, [param.type_str])
+                if "tensor(string)" not in allowed:
+                    self.fail(
+                        f"string tensor '{_printable(name)}' feeds input {k} of node '{_printable(node.name)}' "
+                        f"({node.op_type}), which does not take strings"
+                    )
 
     @classmethod
     def _where(cls, where: object) -> str:
@@ -537,6 +563,55 @@ def _inline_external_tensors(model: ir.Model) -> list[tuple[object, ir.TensorPro
     return restore
 
 
+def _inline_nested_external_tensors(model: ir.Model) -> list[tuple[object, str, object]]:
+    """ir.save moves only the main graph's initializers into the new data file: external tensors anywhere else
+    (node attributes, subgraph initializers, local function bodies) would keep a location relative to the input's
+    folder, which means nothing (or another file) beside the output. They are read (within the checked bounds) and
+    written inline; return what to restore afterwards."""
+    restore: list[tuple[object, str, object]] = []
+
+    def copy(t: ir.ExternalTensor) -> ir.Tensor:
+        return ir.Tensor(t.numpy().copy(), name=t.name, dtype=t.dtype)
+
+    def visit(graph, is_main: bool) -> None:
+        if isinstance(graph, ir.Graph) and not is_main:
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    restore.append((value, "const_value", value.const_value))
+                    value.const_value = copy(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    restore.append((node.attributes, name, attr))
+                    node.attributes[name] = ir.AttrTensor(name, copy(attr.value))
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.value
+                ):
+                    restore.append((node.attributes, name, attr))
+                    tensors = [copy(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value]
+                    node.attributes[name] = ir.AttrTensors(name, tensors)
+                elif attr.type == ir.AttributeType.GRAPH:
+                    visit(attr.value, False)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        visit(sub, False)
+
+    visit(model.graph, True)
+    for function in model.functions.values():
+        visit(function, False)
+    return restore
+
+
+def _restore(restore: list[tuple[object, str, object]]) -> None:
+    for owner, key, old in reversed(restore):
+        if isinstance(owner, ir.Value):
+            owner.const_value = old
+        else:
+            owner[key] = old
+
+
 def check_output_path(path: str | os.PathLike) -> Path:
     """The absolute output path, or an error when it cannot be written safely.
 
@@ -692,7 +767,9 @@ def stage_model(
     except OSError as e:
         raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
     staged = StagedModel(out, Path(tmp_name), None, protected)
+    nested: list[tuple[object, str, object]] = []
     try:
+        nested = _inline_nested_external_tensors(model)
         if use_external:
             data = external_data_path(out)
             try:  # claim the name: never write into a data file that exists (an older OUT may read it)
@@ -714,12 +791,14 @@ def stage_model(
                 for value, tensor in restore:
                     value.const_value = tensor
     except BaseException as e:
+        _restore(nested)
         staged.discard()
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
         if isinstance(e, ValueError):  # protobuf refuses messages over 2 GiB
             raise OutputError(f"cannot write {shown}: {' '.join(str(e).split())}") from None
         raise
+    _restore(nested)
     return staged
 
 

@@ -242,14 +242,18 @@ def rope_params_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def load_rope_params(text: str) -> dict[str, Any]:
     """Parse ``--rope-params``: JSON text, or the path of a JSON file (which may be a whole HF config.json)."""
     stripped = text.strip()
-    if stripped.startswith("{"):
+    if stripped.startswith(("{", "[")):
         source = "--rope-params"
         raw = stripped
         if len(raw) > MAX_CONFIG_BYTES:
             raise UsageError(f"--rope-params text is over {MAX_CONFIG_BYTES} bytes")
     else:
         path = Path(os.path.expanduser(stripped))
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a name too long, a NUL
+            is_file = False
+        if not is_file:
             raise UsageError(f"--rope-params is neither JSON text nor an existing file: {_shown(text)}")
         source = str(path)
         raw = _read_small_json_file(path, "--rope-params file", UsageError)
