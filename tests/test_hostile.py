@@ -178,7 +178,9 @@ def test_rewriting_over_an_output_switches_model_and_data_and_removes_the_old_da
     run = run_cli([str(model), "--rope-scale", "4", "--original-max-positions", "64", "--no-validate", "-o", str(out)])
     assert run.code == 0, run.stderr
     names = sorted(p.name for p in out_dir.iterdir())
-    assert len(names) == 2 and names[0] == "o.onnx" and names[1].startswith("o.onnx.") and names[1].endswith(".data")
+    # the new data went to a fresh name (the old o.onnx.data was never written to), the old one is gone
+    assert len(names) == 2 and names[0] == "o.onnx" and names[1] != "o.onnx.data"
+    assert names[1].startswith("o.onnx.") and names[1].endswith(".data")
     locations = {e.value for t in onnx.load(out, load_external_data=False).graph.initializer for e in t.external_data
                  if e.key == "location"}
     assert locations == {names[1]}
@@ -215,8 +217,8 @@ def test_output_onto_a_fifo_or_device_or_into_a_missing_folder_is_exit_8(tmp_pat
     model = save(rope_proto(), model_dir / "model.onnx")
     fifo = out_dir / "fifo.onnx"
     os.mkfifo(fifo)
-    targets = [fifo, Path("/dev/null")]
-    if os.geteuid() == 0:  # a character device of our own (the same as /dev/null), safe to lose
+    targets = [fifo]
+    if os.geteuid() == 0:  # a character device of our own (like /dev/null, which a failing run would replace)
         device = out_dir / "null.onnx"
         os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
         targets.append(device)
@@ -470,10 +472,14 @@ def test_terminal_escapes_from_the_model_are_not_printed_raw(model_dir):
 
 def test_library_logs_stay_off_stderr_unless_debug(model_dir, out_dir):
     proto = rope_proto()
-    proto.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "unused"))  # ORT warns
+    proto.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 7  # onnx_ir's shape inference logs a traceback
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "unused"))
     path = save(proto, model_dir / "model.onnx")
-    run = run_cli(rescale_args(path, out_dir / "o.onnx"))
-    assert run.code == 0 and run.stderr == "", run.stderr
+    # a subprocess: under pytest, logging goes to pytest's handler instead of stderr
+    res = _bounded_cli(rescale_args(path, out_dir / "o.onnx"))
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-500:]
+    debug = _bounded_cli(rescale_args(path, out_dir / "o2.onnx", "--debug"))
+    assert debug.returncode == 0 and "Shape inference failed" in debug.stderr
 
 
 def test_check_says_why_it_exits_7(model_dir):
@@ -500,7 +506,7 @@ except ImportError:  # pragma: no cover - hypothesis is in the dev extra
 
 if given is not None:
 
-    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=1000, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3), which=st.integers(0, len(hostile.ARG_LISTS) - 1))
     def test_fuzz_the_command_line_contract(tmp_path_factory, seed, rounds, which):
