@@ -1,6 +1,6 @@
 """The Python API: `inspect`, `rewrite` and `check`. The CLI is a thin layer over these functions.
 
-    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> save (atomic) -> validate
+    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> write beside -> validate -> switch
 """
 
 from __future__ import annotations
@@ -435,14 +435,6 @@ def _validation_lengths(plans) -> list[int]:
             lengths.update({max(2, L // 2), L + 1})
         lengths.add(int(target))
     return sorted(n for n in lengths if n <= 4 * 4096)
-
-
-def _remove_output(path: Path) -> None:
-    for p in (Path(path), io.external_data_path(path)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _cleanup(model: ir.Model) -> None:

@@ -1,13 +1,21 @@
 """Load and save ONNX models through onnx_ir, safely.
 
 - :func:`load_model` parses the graph but never reads weight bytes: tensors stored as external data stay
-  :class:`onnx_ir.ExternalTensor` objects, memory-mapped only when a pass actually reads one. Every way a model
-  can be unusable (missing file, not ONNX, corrupt or truncated protobuf, missing or short external-data file,
-  unsupported opset) is reported as a one-line :class:`~posrewrite.errors.ModelLoadError` at load time.
-- :func:`save_model` writes atomically: everything goes to a private temporary directory beside the output and
-  is moved into place with :func:`os.replace` only once complete. External tensors that no pass touched are
-  copied file-to-file from the input's data file (``copy_file_range`` on Linux), never held in memory all at
-  once. Nothing is ever written over the input model or its data files.
+  :class:`onnx_ir.ExternalTensor` objects, memory-mapped only when a pass actually reads one. One loading policy
+  applies to every tensor of the file, in the main graph, subgraphs (If/Loop/Scan) and local function bodies
+  alike, before a byte of external data is read: external data must be a regular file inside the model's folder
+  (resolved against that folder, symlinks followed), with the tensor's bytes within the file and its declared
+  length; inline data must match its shape; sparse tensors, training_info and strings that are not UTF-8 are
+  refused rather than dropped. Every way a model can be unusable is a one-line
+  :class:`~posrewrite.errors.ModelLoadError` (exit 3) at load time.
+- :func:`stage_model` / :func:`save_model` follow one output protocol: the new model is written beside the output
+  under names no reader uses (its data under a fresh name when the old data file exists), can be validated
+  there, and is switched into place by one rename of the .onnx, after which the replaced model's data is removed:
+  a reader sees the old model with its data or the new one with its data, never a mix. Any failure before the
+  switch (an exception, KeyboardInterrupt, SIGTERM via the CLI) removes what was written. Only regular files or
+  new paths are replaced; a missing output folder is an error, never created. External tensors that no pass
+  touched are copied file-to-file from the input's data file, never held in memory all at once. Nothing is ever
+  written over the input model or its data files.
 """
 
 from __future__ import annotations
