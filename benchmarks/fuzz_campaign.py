@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import random
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,10 @@ def one_case(root: Path, seed: int, rounds: int) -> tuple[int, list[str], str]:
     out_dir = case / "out"
     out_dir.mkdir()
     args = hostile.ARG_LISTS[seed % len(hostile.ARG_LISTS)]
+    if args[0] == "{model}" and seed % 3 == 0:  # a rewrite: hostile flag values too
+        rng = random.Random(seed)
+        args = args + hostile.fill_extra([(rng.choice(sorted(hostile.FLAG_VALUES)), rng.randrange(20))
+                                          for _ in range(rng.randrange(1, 3))])
     argv = hostile.fill_args(args, model=base, out=out_dir / "out.onnx", missing=case / "nowhere" / "out.onnx")
     before = hostile.tree_digest(model_dir)
     run = hostile.run_cli(argv)
