@@ -341,8 +341,8 @@ def _validate_staged(model, found: Detection, plans, other_changes, changes, opt
 
 def _check_table_budget(sites, rows: int, flag: str) -> None:
     """Tables grown to ``rows`` positions (learned, sinusoidal, ALiBi, RoPE cos/sin) stay within the memory
-    budget, counted at 8 bytes an element (they are computed in float64); exit 2 naming the flag otherwise."""
-    from posrewrite.limits import MEMORY_BUDGET_BYTES
+    budget, counted at TABLE_BYTES_PER_ELEMENT (float64 math and temporaries); exit 2 naming the flag otherwise."""
+    from posrewrite.limits import MEMORY_BUDGET_BYTES, TABLE_BYTES_PER_ELEMENT
 
     for site in sites:
         for attr in ("table", "cos_cache", "sin_cache"):
@@ -351,15 +351,28 @@ def _check_table_budget(sites, rows: int, flag: str) -> None:
             if shape is None or not shape.is_static() or not len(shape.dims):
                 continue
             dims = [int(d) for d in shape.dims]
-            largest = max(dims)
             elements = math.prod(dims)
-            square = dims.count(largest) >= 2  # [.., T, T]: both axes grow
-            per_row = elements / (largest * largest if square else max(1, largest))
-            new_bytes = per_row * (rows * rows if square else rows) * 8
+            if elements == 0:
+                continue
+            width = getattr(site, "dim", None)
+            old_rows = getattr(site, "rows", None) or getattr(site, "max_positions", None)
+            axis = getattr(site, "table_axis", None)
+            if isinstance(width, int) and width > 0 and attr == "table" and not isinstance(axis, int):
+                new_elements = rows * width  # learned / sinusoidal: [rows, dim]
+            elif isinstance(axis, int) and -len(dims) <= axis < len(dims):  # ALiBi baked along a key axis
+                old = dims[axis]
+                square = dims.count(old) >= 2 and old > 1  # [.., T, T]: both axes grow
+                new_elements = elements // (old * old) * rows * rows if square else elements // old * rows
+            elif isinstance(old_rows, int) and old_rows > 0 and elements % old_rows == 0:
+                new_elements = elements // old_rows * rows  # RoPE caches: [rows, width]
+            else:
+                new_elements = elements // max(dims) * rows
+            new_bytes = new_elements * TABLE_BYTES_PER_ELEMENT
             if new_bytes > MEMORY_BUDGET_BYTES:
                 raise errors.UsageError(
-                    f"{flag} {rows}: the table {getattr(value, 'name', '?')} {dims} would need {new_bytes / 2**30:.3g} "
-                    f"GiB, over the memory budget of {MEMORY_BUDGET_BYTES >> 20} MiB (see README, Reliability)"
+                    f"{flag} {rows}: the table {getattr(value, 'name', '?')} {dims} would need about "
+                    f"{new_bytes / 2**30:.3g} GiB, over the memory budget of {MEMORY_BUDGET_BYTES >> 20} MiB "
+                    "(see README, Reliability)"
                 )
 
 
