@@ -232,6 +232,15 @@ def test_output_onto_a_fifo_or_device_or_into_a_missing_folder_is_exit_8(tmp_pat
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(p.name for p in targets if p.parent == out_dir)
 
 
+def test_plot_into_a_missing_folder_is_exit_8_and_creates_nothing(tmp_path, model_dir):
+    pytest.importorskip("matplotlib")
+    model = save(rope_proto(), model_dir / "model.onnx")
+    missing = tmp_path / "nowhere" / "plot.png"
+    run = run_cli(["plot", str(model), "--original-max-positions", "64", "-o", str(missing)])
+    assert_error(run, 8, "does not exist")
+    assert not missing.parent.exists()
+
+
 # ------------------------------------------------------------------------------- 5. non-UTF-8 strings
 
 
