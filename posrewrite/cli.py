@@ -440,10 +440,11 @@ def _notice(message: str) -> None:
 def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None) -> Path:
     """Read the model once up front so a bad file fails fast with exit 3 (the API reuses the parsed model), and
     refuse an ``output`` that would overwrite the model or its external data."""
-    from posrewrite.io import ensure_distinct_output, external_data_files, preload_model
+    from posrewrite.io import check_output_path, ensure_distinct_output, external_data_files, preload_model
 
     if output is not None:
         ensure_distinct_output(path, output)
+        check_output_path(output)  # before a possibly long load: a missing folder or a device fails at once
     model = preload_model(path)
     if output is not None:
         ensure_distinct_output(path, output, data_files=external_data_files(model))
