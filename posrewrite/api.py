@@ -1,11 +1,12 @@
 """The Python API: `inspect`, `rewrite` and `check`. The CLI is a thin layer over these functions.
 
-    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> save (atomic) -> validate
+    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> write beside -> validate -> switch
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from posrewrite import errors, io
+from posrewrite.limits import MAX_LENGTH
 from posrewrite.math import precision as precision_math
 from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
@@ -168,9 +170,24 @@ def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, 
     try:
         params = rope_math.RopeParameters.from_hf(hf)
         params.validate()
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise errors.UsageError(str(exc)) from None
+    _check_target_length(hf, site)
     return params
+
+
+def _check_target_length(hf: dict[str, Any], site: RopeSite) -> None:
+    """A rescale's target length (scale x the trained length) within the documented bound (exit 2)."""
+    factor = hf.get("factor")
+    trained = hf.get("original_max_position_embeddings") or site.max_positions
+    if factor is None or not trained:
+        return
+    target = float(factor) * float(trained)
+    if target > MAX_LENGTH:
+        raise errors.UsageError(
+            f"--rope-scale {float(factor):g} x the trained length {int(trained)} = {target:.4g} positions, over the "
+            f"limit of {MAX_LENGTH} (see README, Reliability)"
+        )
 
 
 def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteOptions:
@@ -195,7 +212,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
 
         return rewrite_folder(path, _options(options, kwargs), progress=progress)
     from posrewrite.passes.onnx import rescale
-    from posrewrite.validate import FULL_RUN_MAX_BYTES, MAX_VALIDATION_LENGTH, initializer_bytes, run_full_model, validate_sites
 
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
@@ -203,6 +219,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         raise errors.UsageError("nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions")
     output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
     io.ensure_distinct_output(path, output)
+    io.check_output_path(output)
     with progress.stage("loading"):
         model = io.load_model(path)
     with progress.stage("detecting"):
@@ -215,6 +232,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         raise errors.PartialMatchError(
             f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model (use --allow-partial)"
         )
+    if opts.max_positions:
+        _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
     changes: list[str] = []
     notes: list[str] = [f"skipped {r.where}: {r.reason}" for r in found.refusals]
     plans = []
@@ -230,6 +249,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                 raise errors.UsageError(str(exc)) from None
             if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
                 plan.new_length = max(plan.new_length, int(opts.max_positions))
+            if plan.new_length is not None:
+                if plan.new_length > MAX_LENGTH:
+                    raise errors.UsageError(
+                        f"the rescaled length {plan.new_length} is over the limit of {MAX_LENGTH} (lower --rope-scale)"
+                    )
+                _check_table_budget([site], int(plan.new_length), "--rope-scale")
             plans.append(plan)
         with progress.stage("rescaling", total=len(plans)) as stage:
             for plan in plans:
@@ -266,8 +291,57 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if not changes:
         notes.append("nothing changed: the model already is as requested")
     _cleanup(model)
+    if opts.validate:
+        _check_inputs_fit_budget(model)
+    # Write beside the output, validate what was written, and only then switch it into place: a failure or an
+    # interrupt at any point (validation included) leaves the previous output, if any, and nothing else.
     with progress.stage("saving"):
-        saved = (saver or io.save_model)(model, output)
+        if saver is not None:  # a folder rewrite writes into its own staging folder and switches the folder
+            staged = _WrittenInStage(saver(model, output))
+        else:
+            staged = io.stage_model(model, output)
+    with staged:
+        saved = staged.path
+        report = _validate_staged(model, found, plans, other_changes, changes, attention_changes, opts, path, saved,
+                                  fused_cache_rows, progress)
+        if report is not None and not report.ok:
+            bad = next(r for r in report.rows if not r["ok"])
+            raise errors.ValidationError(f"validation failed: {bad}")
+        saved = staged.commit()
+    context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [fused_cache_rows[0] or 0]) or None
+    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
+    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
+                         context_length=context, rope_parameters=hf_params)
+
+
+class _WrittenInStage:
+    """A model already written inside a staging folder (folder rewrites): nothing to switch or remove here."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _WrittenInStage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def commit(self) -> Path:
+        return self.path
+
+
+def _validate_staged(model, found: Detection, plans, other_changes, changes, attention_changes,
+                     opts: RewriteOptions, path, saved, fused_cache_rows, progress):
+    """Validation of the written (not yet switched) model at ``saved``; None when nothing was validated."""
+    from posrewrite.validate import (
+        FULL_RUN_MAX_BYTES,
+        MAX_VALIDATION_LENGTH,
+        initializer_bytes,
+        run_full_model,
+        validate_sites,
+    )
+
+    run_full_model = _loads_or_refuses(run_full_model, path)
     report = None
     if opts.validate and not plans and other_changes:
         from posrewrite.validate import ValidationReport
@@ -308,14 +382,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
 
         # positions past the fused caches must fail loudly, not give unrotated q/k
         report.rows.append(probe_past_cache(saved, int(rows)))
-    if report is not None and not report.ok:
-        _remove_output(saved)
-        bad = next(r for r in report.rows if not r["ok"])
-        raise errors.ValidationError(f"validation failed: {bad}")
-    context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [rows or 0]) or None
-    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
-    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
-                         context_length=context, rope_parameters=hf_params)
+    return report
 
 
 def logn_length_for(options: RewriteOptions, model_path: str | os.PathLike) -> int:
@@ -380,6 +447,89 @@ def _validate_attention(path, saved, model: ir.Model, opts: RewriteOptions, prog
     return report
 
 
+def _check_table_budget(sites, rows: int, flag: str) -> None:
+    """Tables grown to ``rows`` positions (learned, sinusoidal, ALiBi, RoPE cos/sin) stay within the memory
+    budget, counted at TABLE_BYTES_PER_ELEMENT (float64 math and temporaries); exit 2 naming the flag otherwise."""
+    from posrewrite.limits import MEMORY_BUDGET_BYTES, TABLE_BYTES_PER_ELEMENT
+
+    for site in sites:
+        for attr in ("table", "cos_cache", "sin_cache"):
+            value = getattr(site, attr, None)
+            shape = getattr(value, "shape", None)
+            if shape is None or not shape.is_static() or not len(shape.dims):
+                continue
+            dims = [int(d) for d in shape.dims]
+            elements = math.prod(dims)
+            if elements == 0:
+                continue
+            width = getattr(site, "dim", None)
+            old_rows = getattr(site, "rows", None) or getattr(site, "max_positions", None)
+            axis = getattr(site, "table_axis", None)
+            if isinstance(width, int) and width > 0 and attr == "table" and not isinstance(axis, int):
+                new_elements = rows * width  # learned / sinusoidal: [rows, dim]
+            elif isinstance(axis, int) and -len(dims) <= axis < len(dims):  # ALiBi baked along a key axis
+                old = dims[axis]
+                square = dims.count(old) >= 2 and old > 1  # [.., T, T]: both axes grow
+                new_elements = elements // (old * old) * rows * rows if square else elements // old * rows
+            elif isinstance(old_rows, int) and old_rows > 0 and elements % old_rows == 0:
+                new_elements = elements // old_rows * rows  # RoPE caches: [rows, width]
+            else:
+                new_elements = elements // max(dims) * rows
+            new_bytes = new_elements * TABLE_BYTES_PER_ELEMENT
+            if new_bytes > MEMORY_BUDGET_BYTES:
+                raise errors.UsageError(
+                    f"{flag} {rows}: the table {getattr(value, 'name', '?')} {dims} would need about "
+                    f"{new_bytes / 2**30:.3g} GiB, over the memory budget of {MEMORY_BUDGET_BYTES >> 20} MiB "
+                    "(see README, Reliability)"
+                )
+
+
+def _check_inputs_fit_budget(model: ir.Model) -> None:
+    """Validation feeds every graph input: a static shape declared past the memory budget cannot be fed."""
+    from posrewrite.limits import MEMORY_BUDGET_BYTES, fits_budget
+
+    for value in model.graph.inputs:
+        shape = value.shape
+        if shape is None or value.dtype is None:
+            continue
+        static = [int(d) for d in shape.dims if isinstance(d, int)]
+        symbolic = len(shape.dims) - len(static)
+        itemsize = max(1.0, float(value.dtype.itemsize))
+        # symbolic axes are fed at most the longest validation length (one of them; batch is 1)
+        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize):
+            raise errors.UsageError(
+                f"input '{value.name}' declares the shape {list(shape.dims)}, over the memory budget of "
+                f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"
+            )
+
+
+def _loads_or_refuses(run_full_model, original):
+    """``run_full_model`` that turns "the original model cannot be loaded by onnxruntime" into an error (exit 3):
+    a model onnxruntime cannot load is not a rewrite that validated."""
+
+    def run(saved, length, original=original):
+        ok, message = run_full_model(saved, length, original=original)
+        if ok and "skipped" in message:
+            reason = _onnxruntime_load_error(original)
+            if reason is not None:
+                raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
+        return ok, message
+
+    return run
+
+
+def _onnxruntime_load_error(path) -> str | None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        return " ".join(str(exc).split())[:300]
+    return None
+
+
 def _fuse_compare_lengths(found: Detection) -> list[int]:
     """Lengths at which a fused model is compared with the original: a short prompt, and one token past
     every length at which a site switches its frequencies at run time (LongRoPE exports, dynamic rewrites)."""
@@ -408,19 +558,27 @@ def _validation_lengths(plans) -> list[int]:
     return sorted(n for n in lengths if n <= 4 * 4096)
 
 
-def _remove_output(path: Path) -> None:
-    for p in (Path(path), io.external_data_path(path)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def _cleanup(model: ir.Model) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
     RemoveUnusedNodesPass()(model)
     TopologicalSortPass()(model)
+    _drop_untyped_value_info(model)
+
+
+def _drop_untyped_value_info(model: ir.Model) -> None:
+    """A value whose type is a tensor of unknown element type (shape inference failed on a model whose declared
+    shapes contradict its ops) cannot be written as value_info: forget its type and shape, as if never inferred.
+    Graph inputs and outputs keep theirs (they are the model's interface)."""
+    for graph in model.graphs():
+        interface = {id(v) for v in (*graph.inputs, *graph.outputs)}
+        for node in graph:
+            for value in node.outputs:
+                if id(value) in interface or value.type is None:
+                    continue
+                if getattr(value.type, "dtype", True) is None:
+                    value.type = None
+                    value.shape = None
 
 
 def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list[str], list[str]]:
@@ -507,6 +665,8 @@ class CheckResult:
 
 def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
     """Precision analysis of every positional-encoding site at `max_length` tokens (a model folder: its model)."""
+    if max_length is not None and not 0 < int(max_length) <= MAX_LENGTH:
+        raise errors.UsageError(f"--max-length {max_length} is outside 1..{MAX_LENGTH} (see README, Reliability)")
     if Path(path).is_dir():
         from posrewrite.folders import model_files
 
@@ -537,8 +697,17 @@ def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
         from posrewrite.passes.onnx.fp32_positions import rope_site_precision
     except ImportError:
         rope_site_precision = None
-    if rope_site_precision is not None:
-        return rope_site_precision(site, n, index)
+    try:
+        if rope_site_precision is not None:
+            return rope_site_precision(site, n, index)
+        return _rope_precision_fallback(site, n, index)
+    except ValueError as exc:  # an element type the analysis does not know (or the model does not say)
+        raise errors.ModelLoadError(
+            f"site {index}: cannot analyse its precision: {exc} (the model's element types are missing or invalid)"
+        ) from None
+
+
+def _rope_precision_fallback(site: RopeSite, n: int, index: int) -> dict[str, Any]:
     if site.angles == AngleSource.COMPUTED:
         report = precision_math.analyse_positions(n, position_dtype=site.position_dtype, angle_dtype=site.angle_dtype,
                                                  inv_freq=site.inv_freq)

@@ -14,10 +14,12 @@ __all__ = ["main", "build_parser", "options_from_args"]
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -103,6 +105,12 @@ def _add_rope_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _output_path(text: str) -> Path:
+    if not text.strip() or "\0" in text or Path(text).name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"not a file name: {text!r}")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -153,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")
     g.add_argument(
-        "-o", "--output", type=Path, metavar="OUT", help="output model (default: MODEL.<what>.onnx beside MODEL)"
+        "-o", "--output", type=_output_path, metavar="OUT",
+        help="output model (default: MODEL.<what>.onnx beside MODEL; its folder must exist)",
     )
     g.add_argument(
         "--link-weights", action="store_true",
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL")
     _add_rope_flags(p)
-    p.add_argument("-o", "--output", type=Path, metavar="OUT.png", required=True, help="the picture to write")
+    p.add_argument("-o", "--output", type=_output_path, metavar="OUT.png", required=True, help="the picture to write")
     _add_common(p)
     p.set_defaults(handler=_cmd_plot)
 
@@ -427,9 +436,19 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]]):
 
 
 def _escape(text: str) -> str:
+    """Text for the rich console: markup escaped, and control characters (terminal escape sequences a model's
+    names may hold) shown as escapes instead of being sent to the terminal."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(_printable(text))
+
+
+def _printable(text: object) -> str:
+    """``text`` with every non-printable character (ESC, BEL, CR, newlines, ...) written as a Python escape."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _notice(message: str) -> None:
@@ -444,10 +463,11 @@ def _notice(message: str) -> None:
 def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None) -> Path:
     """Read the model once up front so a bad file fails fast with exit 3 (the API reuses the parsed model), and
     refuse an ``output`` that would overwrite the model or its external data."""
-    from posrewrite.io import ensure_distinct_output, external_data_files, preload_model
+    from posrewrite.io import check_output_path, ensure_distinct_output, external_data_files, preload_model
 
     if output is not None:
         ensure_distinct_output(path, output)
+        check_output_path(output)  # before a possibly long load: a missing folder or a device fails at once
     model = preload_model(path)
     if output is not None:
         ensure_distinct_output(path, output, data_files=external_data_files(model))
@@ -461,6 +481,8 @@ def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
     from posrewrite import api
     from posrewrite.progress import progress_reporter
 
+    if not opts.debug:
+        _quiet_onnxruntime()
     with progress_reporter(enabled=not out.json) as reporter:
         result = api.rewrite(model, opts, progress=reporter)
 
@@ -592,6 +614,13 @@ def _cmd_check(ns: argparse.Namespace, out: _Output) -> int:
     if not result.safe:
         from posrewrite.errors import UnsafeModelError
 
+        unsafe = [str(site.get("site", k)) for k, site in enumerate(result.sites) if not site.get("safe")]
+        length = getattr(result, "max_length", None) or ns.max_length or "the checked"
+        print(
+            f"{PROG}: error: unsafe at {length} tokens: site(s) {', '.join(unsafe)} lose position or angle "
+            "precision (try --fp32-positions)",
+            file=sys.stderr,
+        )
         return UnsafeModelError.exit_code
     return 0
 
@@ -683,7 +712,58 @@ def _print_lines_result(result: Any, out: _Output) -> int:
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's own log (coloured warnings about unused initializers...) stays off stderr: errors only."""
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+    except Exception:  # noqa: BLE001 - no onnxruntime: nothing to quiet
+        pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``except BaseException`` removes what it wrote."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _library_output_captured(debug: bool):
+    """Warnings (numpy RuntimeWarnings, onnx_ir, onnxscript) and library log records are kept off stderr unless
+    --debug: an error is one line, a success prints only its result."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _report_error(out: _Output, code: int, kind: str, message: str) -> None:
+    message = _printable(" ".join(message.split()))
     print(f"{PROG}: error: {message}", file=sys.stderr)
     if out.json:
         try:
@@ -704,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     # In --json mode nothing but the one JSON object may reach stdout: stray prints go to stderr.
     guard = contextlib.redirect_stdout(sys.stderr) if out.json else contextlib.nullcontext()
     try:
-        with guard:
+        with guard, _sigterm_as_interrupt(), _library_output_captured(debug):
             ns = build_parser().parse_args(_with_default_command(args))
             if getattr(ns, "handler", None) is None:
                 raise UsageError(f"give a MODEL to rewrite or a command (see '{PROG} --help')")
@@ -716,8 +796,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _report_error(out, e.exit_code, type(e).__name__, str(e))
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if isinstance(e, _Terminated):
+            print(f"{PROG}: error: terminated (nothing was left behind)", file=sys.stderr)
+            return 143
+        print(f"{PROG}: error: interrupted (nothing was left behind)", file=sys.stderr)
         return 130
     except BrokenPipeError:
         with contextlib.suppress(Exception):

@@ -1,13 +1,21 @@
 """Load and save ONNX models through onnx_ir, safely.
 
 - :func:`load_model` parses the graph but never reads weight bytes: tensors stored as external data stay
-  :class:`onnx_ir.ExternalTensor` objects, memory-mapped only when a pass actually reads one. Every way a model
-  can be unusable (missing file, not ONNX, corrupt or truncated protobuf, missing or short external-data file,
-  unsupported opset) is reported as a one-line :class:`~posrewrite.errors.ModelLoadError` at load time.
-- :func:`save_model` writes atomically: everything goes to a private temporary directory beside the output and
-  is moved into place with :func:`os.replace` only once complete. External tensors that no pass touched are
-  copied file-to-file from the input's data file (``copy_file_range`` on Linux), never held in memory all at
-  once. Nothing is ever written over the input model or its data files.
+  :class:`onnx_ir.ExternalTensor` objects, memory-mapped only when a pass actually reads one. One loading policy
+  applies to every tensor of the file, in the main graph, subgraphs (If/Loop/Scan) and local function bodies
+  alike, before a byte of external data is read: external data must be a regular file inside the model's folder
+  (resolved against that folder, symlinks followed), with the tensor's bytes within the file and its declared
+  length; inline data must match its shape; sparse tensors, training_info and strings that are not UTF-8 are
+  refused rather than dropped. Every way a model can be unusable is a one-line
+  :class:`~posrewrite.errors.ModelLoadError` (exit 3) at load time.
+- :func:`stage_model` / :func:`save_model` follow one output protocol: the new model is written beside the output
+  under names no reader uses (its data under a fresh name when the old data file exists), can be validated
+  there, and is switched into place by one rename of the .onnx, after which the replaced model's data is removed:
+  a reader sees the old model with its data or the new one with its data, never a mix. Any failure before the
+  switch (an exception, KeyboardInterrupt, SIGTERM via the CLI) removes what was written. Only regular files or
+  new paths are replaced; a missing output folder is an error, never created. External tensors that no pass
+  touched are copied file-to-file from the input's data file, never held in memory all at once. Nothing is ever
+  written over the input model or its data files.
 """
 
 from __future__ import annotations
@@ -23,13 +31,20 @@ __all__ = [
     "load_model",
     "max_supported_opset",
     "preload_model",
+    "StagedModel",
+    "check_output_path",
     "save_model",
+    "stage_model",
     "source_path",
 ]
 
 import functools
+import glob
+import math
 import os
-import shutil
+import re
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,20 +143,33 @@ def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
 # ------------------------------------------------------------------------------------------- external data
 
 
-def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """Every tensor of the model: initializers and tensor attributes, in all graphs and subgraphs."""
-    for graph in model.graphs():
+def _graph_tensors(graph: ir.Graph | ir.Function) -> Iterator[ir.TensorProtocol]:
+    """Initializers (of graphs) and tensor attributes of ``graph``'s nodes, recursing into subgraphs."""
+    if isinstance(graph, ir.Graph):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.is_ref() or attr.value is None:
-                    continue
-                if attr.type == ir.AttributeType.TENSOR:
-                    yield attr.value
-                elif attr.type == ir.AttributeType.TENSORS:
-                    yield from attr.value
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
+            elif attr.type == ir.AttributeType.GRAPH:
+                yield from _graph_tensors(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    yield from _graph_tensors(sub)
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of the model: initializers and tensor attributes, in the main graph, its subgraphs (If,
+    Loop, Scan bodies) and the bodies of the model's local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions.values():
+        yield from _graph_tensors(function)
 
 
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -150,44 +178,245 @@ def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
             yield tensor
 
 
-def _check_external_data(model: ir.Model, path: Path, base_dir: Path) -> list[str]:
-    """Check, with stat calls only, that each external tensor's bytes exist where onnx_ir will look."""
-    sizes: dict[str, int] = {}
-    base_real = os.path.realpath(base_dir)
-    for tensor in _external_tensors(model):
-        data_path = os.path.join(base_dir, tensor.location)
-        name = tensor.name or "(unnamed)"
-        if data_path not in sizes:
-            real = os.path.realpath(data_path)
-            if os.path.commonpath([base_real, real]) != base_real:
-                raise ModelLoadError(
-                    f"{path}: external data '{tensor.location}' of tensor '{name}' lies outside the model's "
-                    f"directory ({real}); onnx_ir refuses to read it"
-                )
+# ----------------------------------------------------------------------------------- the loading policy
+#
+# Every TensorProto of the file (main graph, subgraphs, local function bodies, attributes, attribute defaults)
+# is checked on the protobuf, before onnx_ir sees it and before a byte of external data is read:
+#   - external data: a relative location without NUL, resolved against the model's folder and staying inside it
+#     (symlinks resolved), a regular file with one link, offset/length parseable, the declared length at least
+#     what the shape needs, and offset + bytes within the file;
+#   - inline data: a known data type, non-negative dimensions, raw_data exactly the bytes the shape needs;
+#   - what onnx_ir would drop on the way (sparse tensors, training_info) and strings that are not UTF-8 (onnx_ir
+#     cannot write them back) are refused rather than lost.
+
+_TENSOR = onnx.TensorProto
+_TYPE_STRING = 9  # google.protobuf FieldDescriptor.TYPE_STRING
+_TYPE_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
+def _printable(text: object, limit: int = 120) -> str:
+    """A name from the model, safe to print on one line of a terminal: control characters escaped, cut short."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+class _ProtoChecker:
+    def __init__(self, path: Path, base_dir: Path) -> None:
+        self.path = path
+        self.base_dir = base_dir
+        self.base_real = os.path.realpath(base_dir)
+        self.files: dict[str, int] = {}  # real path -> size
+        self.opset = MIN_OPSET
+
+    def fail(self, message: str) -> None:
+        raise ModelLoadError(f"{self.path}: {message}")
+
+    def walk(self, msg: object, where: object) -> None:
+        """Check ``msg`` and everything in it; ``where`` is rendered (by :meth:`_where`) only for a message."""
+        if isinstance(msg, _TENSOR):
+            self.tensor(msg, where)
+            return
+        if isinstance(msg, onnx.NodeProto):
+            self.node(msg, where)
+        elif isinstance(msg, onnx.AttributeProto) and msg.type == onnx.AttributeProto.UNDEFINED:
+            if not msg.ref_attr_name:
+                self.fail(f"{self._where(where)}: attribute '{_printable(msg.name)}' has no type")
+        elif isinstance(msg, onnx.GraphProto):
+            for vi in (*msg.input, *msg.output):
+                if not vi.name:
+                    self.fail(f"{self._where(where)} has an input or output without a name")
+            self.string_uses(msg)
+        if isinstance(msg, onnx.SparseTensorProto):
+            self.fail(f"{self._where(where)} is a sparse tensor, which posrewrite does not support (it would be lost)")
+        for field, value in msg.ListFields():
+            name = field.name
+            if field.type == _TYPE_MESSAGE:
+                if name == "training_info":
+                    self.fail("the model holds training_info, which posrewrite does not support (it would be lost)")
+                if name == "sparse_initializer":
+                    self.fail(
+                        f"{self._where(where)} has sparse initializers, which posrewrite does not support "
+                        "(they would be lost)"
+                    )
+                if field.is_repeated:
+                    for k, item in enumerate(value):
+                        self.walk(item, (where, name, k, item))
+                else:
+                    self.walk(value, (where, name, None, None))
+            elif field.type == _TYPE_STRING:
+                for item in value if field.is_repeated else (value,):
+                    if isinstance(item, bytes):
+                        self.fail(
+                            f"{self._where(where)}.{name} is not valid UTF-8 ({_printable(item, 60)}); "
+                            "ONNX strings must be"
+                        )
+
+    def node(self, node: onnx.NodeProto, where: object) -> None:
+        """A node of a standard op has the inputs and outputs its schema requires (named where required); no
+        node has two attributes of one name."""
+        names = [a.name for a in node.attribute]
+        if len(set(names)) != len(names):
+            self.fail(f"{self._where(where)} has two attributes of the same name")
+        if node.domain not in _DEFAULT_DOMAINS or not isinstance(node.op_type, str):
+            return
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opset, "")
+        except Exception:  # noqa: BLE001 - an op onnx does not know (onnxruntime may): nothing to check
+            return
+        label = f"node '{_printable(node.name)}' ({_printable(node.op_type)})" if node.name else self._where(where)
+        if not schema.min_input <= len(node.input) <= schema.max_input:
+            self.fail(f"{label} has {len(node.input)} inputs, {node.op_type} takes {schema.min_input} to "
+                      f"{schema.max_input}")
+        if not schema.min_output <= len(node.output) <= schema.max_output:
+            self.fail(f"{label} has {len(node.output)} outputs, {node.op_type} gives {schema.min_output} to "
+                      f"{schema.max_output}")
+        for k, param in enumerate(schema.inputs[: len(node.input)]):
+            if param.option == onnx.defs.OpSchema.FormalParameterOption.Single and not node.input[k]:
+                self.fail(f"{label}: its required input {k} has no name")
+        if node.output and not any(node.output):
+            self.fail(f"{label}: none of its outputs has a name")
+
+    def string_uses(self, graph: onnx.GraphProto) -> None:
+        """A string initializer feeds only inputs that take strings (onnxruntime refuses the model otherwise;
+        posrewrite would read a string tensor as numbers)."""
+        strings = {t.name for t in graph.initializer if t.data_type == _TENSOR.STRING}
+        if not strings:
+            return
+        for node in graph.node:
+            if node.domain not in _DEFAULT_DOMAINS or not any(i in strings for i in node.input):
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, self.opset, "")
+            except Exception:  # noqa: BLE001 - unknown op: nothing to check
+                continue
+            constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+            for k, name in enumerate(node.input):
+                if name not in strings or not schema.inputs:
+                    continue
+                param = schema.inputs[min(k, len(schema.inputs) - 1)]
+                allowed = constraints.get(param.type_str, [param.type_str])
+                if "tensor(string)" not in allowed:
+                    self.fail(
+                        f"string tensor '{_printable(name)}' feeds input {k} of node '{_printable(node.name)}' "
+                        f"({node.op_type}), which does not take strings"
+                    )
+
+    @classmethod
+    def _where(cls, where: object) -> str:
+        if not isinstance(where, tuple):
+            return str(where)
+        parent, name, k, item = where
+        text = f"{cls._where(parent)}.{name}"
+        if k is not None:
+            text += f"[{k}]"
+            label = getattr(item, "name", None)
+            if isinstance(label, str) and label:
+                text += f" '{_printable(label, 60)}'"
+        return text
+
+    def tensor(self, t: onnx.TensorProto, where: str) -> None:
+        for text in (t.name, t.doc_string):
+            if isinstance(text, bytes):
+                self.fail(f"{self._where(where)}: a string of the tensor is not valid UTF-8")
+        label = f"tensor '{_printable(t.name)}'" if t.name else self._where(where)
+        try:
+            dtype = ir.DataType(t.data_type)
+        except ValueError:
+            self.fail(f"{label} has an unknown data type {t.data_type}")
+        if dtype == ir.DataType.UNDEFINED:
+            self.fail(f"{label} has data type UNDEFINED")
+        if any(d < 0 for d in t.dims):
+            self.fail(f"{label} has a negative dimension {list(t.dims)}")
+        count = math.prod(t.dims)
+        if dtype == ir.DataType.STRING:
+            if t.data_location == _TENSOR.EXTERNAL:
+                self.fail(f"{label}: string tensors cannot be stored as external data")
+            if len(t.string_data) != count:
+                self.fail(f"{label} has {len(t.string_data)} strings, its shape needs {count}")
+            for s in t.string_data:
+                if not isinstance(s, bytes):
+                    self.fail(f"{label}: bad string data")
+            return
+        nbytes = math.ceil(count * dtype.itemsize)
+        if t.data_location == _TENSOR.EXTERNAL:
+            self.external(t, label, nbytes)
+            return
+        if t.HasField("raw_data"):
+            have = len(t.raw_data)
+            if have != nbytes:
+                self.fail(f"{label} has {have} bytes of raw_data, its shape {list(t.dims)} needs {nbytes}")
+            return
+        typed = [len(f) for f in (t.float_data, t.int32_data, t.int64_data, t.double_data, t.uint64_data) if len(f)]
+        have = sum(typed)
+        need = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
+        if dtype.itemsize == 0.5:
+            need = (count + 1) // 2
+        if dtype.itemsize < 0.5:  # 2-bit and 6-bit packings: only "some data" is checked
+            need = min(need, 1)
+        if have < need:
+            self.fail(f"{label} holds {have} values, its shape {list(t.dims)} needs {need}")
+
+    def external(self, t: onnx.TensorProto, label: str, nbytes: int) -> None:
+        entries = {}
+        for e in t.external_data:
+            if isinstance(e.key, bytes) or isinstance(e.value, bytes):
+                self.fail(f"{label}: external data entries are not valid UTF-8")
+            entries[e.key] = e.value
+        location = entries.get("location", "")
+        shown = _printable(location)
+        if not location:
+            self.fail(f"{label} is stored as external data without a location")
+        if "\0" in location:
+            self.fail(f"external data location '{shown}' of {label} contains a NUL character")
+        try:
+            offset = int(entries.get("offset", "0") or 0)
+            length = int(entries["length"]) if entries.get("length") not in (None, "") else None
+        except ValueError:
+            self.fail(f"{label}: external data offset/length are not integers")
+        if offset < 0 or (length is not None and length < 0):
+            self.fail(f"{label}: negative external data offset or length")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            self.fail(f"external data '{shown}' of {label} is an absolute path; it must lie in the model's folder")
+        data_path = os.path.join(self.base_dir, location)
+        real = os.path.realpath(data_path)
+        if os.path.commonpath([self.base_real, real]) != self.base_real or real == self.base_real:
+            self.fail(f"external data '{shown}' of {label} lies outside the model's directory; refused")
+        if real not in self.files:
             try:
                 st = os.stat(real)
             except FileNotFoundError:
-                raise ModelLoadError(
-                    f"{path}: external data file '{tensor.location}' of tensor '{name}' is missing "
-                    f"(expected at {data_path})"
-                ) from None
+                self.fail(f"external data file '{shown}' of {label} is missing (expected at {_printable(data_path)})")
             except OSError as e:
-                raise ModelLoadError(
-                    f"{path}: cannot read external data file '{tensor.location}': {e.strerror}"
-                ) from None
+                self.fail(f"cannot read external data file '{shown}': {e.strerror}")
+            if not stat.S_ISREG(st.st_mode):
+                self.fail(f"external data '{shown}' of {label} is not a regular file")
             if st.st_nlink > 1:
-                raise ModelLoadError(
-                    f"{path}: external data file '{tensor.location}' has {st.st_nlink} hard links, which onnx_ir "
-                    "refuses to read; copy it to a file of its own"
+                self.fail(
+                    f"external data file '{shown}' has {st.st_nlink} hard links, which onnx_ir refuses to read; "
+                    "copy it to a file of its own"
                 )
-            sizes[data_path] = st.st_size
-        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-        if end > sizes[data_path]:
-            raise ModelLoadError(
-                f"{path}: external data file '{tensor.location}' is truncated: tensor '{name}' needs bytes up "
-                f"to {end} but the file has {sizes[data_path]}"
+            self.files[real] = st.st_size
+        if length is not None and length < nbytes:
+            self.fail(f"{label} declares {length} bytes of external data, its shape {list(t.dims)} needs {nbytes}")
+        end = offset + nbytes
+        if end > self.files[real]:
+            self.fail(
+                f"external data file '{shown}' is truncated: {label} needs bytes up to {end} but the file has "
+                f"{self.files[real]}"
             )
-    return sorted(sizes)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path, base_dir: Path) -> list[str]:
+    """Apply the loading policy to every tensor and string of ``proto``; return the external data files."""
+    checker = _ProtoChecker(path, base_dir)
+    checker.opset = max((op.version for op in proto.opset_import if op.domain in _DEFAULT_DOMAINS), default=MIN_OPSET)
+    try:
+        checker.walk(proto, "model")
+    except RecursionError:
+        raise ModelLoadError(f"{path}: the model's graphs are nested too deeply") from None
+    return sorted(checker.files)
 
 
 def external_data_files(model: ir.Model) -> list[Path]:
@@ -252,6 +481,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot read: {e.strerror}") from None
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(f"{path}: not a regular file (a device, FIFO or socket), not an ONNX model file")
     if st.st_size == 0:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     if not os.access(path, os.R_OK):
@@ -267,19 +498,18 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph; truncated or another format?)")
     _check_opset(proto, path)
-
+    base_dir = Path(os.path.abspath(path)).parent
+    data_files = _check_proto(proto, path, base_dir)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        reason = _printable(" ".join(str(e).split()) or type(e).__name__, 300)
         raise ModelLoadError(f"{path}: invalid ONNX model: {reason}") from None
     del proto
 
-    base_dir = Path(os.path.abspath(path)).parent
     for tensor in _all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = os.fspath(base_dir)
-    data_files = _check_external_data(model, path, base_dir)
     model.meta[_META_SOURCE] = os.path.abspath(path)
     model.meta[_META_DATA_FILES] = data_files
     return model
@@ -341,6 +571,259 @@ def _inline_external_tensors(model: ir.Model) -> list[tuple[object, ir.TensorPro
     return restore
 
 
+def _inline_nested_external_tensors(model: ir.Model) -> list[tuple[object, str, object]]:
+    """ir.save moves only the main graph's initializers into the new data file: external tensors anywhere else
+    (node attributes, subgraph initializers, local function bodies) would keep a location relative to the input's
+    folder, which means nothing (or another file) beside the output. They are read (within the checked bounds) and
+    written inline; return what to restore afterwards."""
+    restore: list[tuple[object, str, object]] = []
+
+    def copy(t: ir.ExternalTensor) -> ir.Tensor:
+        return ir.Tensor(t.numpy().copy(), name=t.name, dtype=t.dtype)
+
+    def visit(graph, is_main: bool) -> None:
+        if isinstance(graph, ir.Graph) and not is_main:
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    restore.append((value, "const_value", value.const_value))
+                    value.const_value = copy(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    restore.append((node.attributes, name, attr))
+                    node.attributes[name] = ir.AttrTensor(name, copy(attr.value))
+                elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.value
+                ):
+                    restore.append((node.attributes, name, attr))
+                    tensors = [copy(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value]
+                    node.attributes[name] = ir.AttrTensors(name, tensors)
+                elif attr.type == ir.AttributeType.GRAPH:
+                    visit(attr.value, False)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        visit(sub, False)
+
+    visit(model.graph, True)
+    for function in model.functions.values():
+        visit(function, False)
+    return restore
+
+
+def _restore(restore: list[tuple[object, str, object]]) -> None:
+    for owner, key, old in reversed(restore):
+        if isinstance(owner, ir.Value):
+            owner.const_value = old
+        else:
+            owner[key] = old
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The absolute output path, or an error when it cannot be written safely.
+
+    Only a new path or an existing regular file is ever replaced; a directory, device, FIFO, socket or symbolic
+    link is refused, and so is a path whose folder does not exist (it is not created).
+
+    Raises:
+        UsageError: the path is empty.
+        OutputError: any other reason (exit 8).
+    """
+    if not os.fspath(path).strip() or os.fspath(path) in (".", ".."):
+        raise UsageError("the output path is empty or a directory: give a file name (-o OUT.onnx)")
+    if "\0" in os.fspath(path):
+        raise UsageError("the output path contains a NUL character")
+    out = Path(os.path.abspath(path))
+    shown = _printable(out, 300)
+    try:
+        parent = os.stat(out.parent)
+    except FileNotFoundError:
+        raise OutputError(f"cannot write {shown}: the directory {_printable(out.parent, 300)} does not exist") from None
+    except OSError as e:
+        raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(parent.st_mode):
+        raise OutputError(f"cannot write {shown}: {_printable(out.parent, 300)} is not a directory")
+    for candidate in (out, external_data_path(out)):
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"cannot write {_printable(candidate, 300)}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(
+                f"cannot write {_printable(candidate, 300)}: it exists and is not a regular file (a device, FIFO, "
+                "socket or link); posrewrite replaces only regular files"
+            )
+    return out
+
+
+def _data_name_pattern(out: Path) -> re.Pattern[str]:
+    return re.compile(re.escape(out.name) + r"(\.[0-9a-f]{12})?\.data")
+
+
+def _owned_data_files(out: Path) -> list[Path]:
+    """Data files that earlier saves to ``out`` wrote beside it: ``OUT.data`` and ``OUT.<hex>.data``."""
+    pattern = _data_name_pattern(out)
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    return [out.parent / n for n in names if pattern.fullmatch(n)]
+
+
+class StagedModel:
+    """A model written beside its output under names no reader uses yet; :meth:`commit` switches it into place.
+
+    - The external data goes to ``OUT.data`` when no such file exists, else to a fresh ``OUT.<hex>.data``: the
+      file an existing ``OUT`` reads is never written to.
+    - The model goes to a hidden ``.OUT.tmp-*`` file in the same folder (so the data's relative location holds,
+      and :attr:`path` can be loaded and validated by onnxruntime before anything is switched).
+    - :meth:`commit` renames the model over ``OUT`` (one atomic rename: readers see the old model with its old
+      data, or the new one with its new data) and then removes the data files of the previous ``OUT``.
+    - :meth:`discard` (also on any exception, ``KeyboardInterrupt`` included, inside ``with``) removes what
+      was written.
+    """
+
+    def __init__(self, out: Path, path: Path, data: Path | None, protected: list[Path]) -> None:
+        self.out = out
+        self.path = path
+        self.data = data
+        self._protected = protected
+        self.committed = False
+
+    def commit(self) -> Path:
+        if self.committed:
+            return self.out
+        check_output_path(self.out)  # nothing became a device or directory meanwhile
+        old_data = [p for p in _owned_data_files(self.out) if self.data is None or p.name != self.data.name]
+        try:
+            os.replace(self.path, self.out)
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"cannot write {_printable(self.out, 300)}: {e.strerror or e}") from None
+        self.committed = True
+        stale = [p for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*.onnx") if p != self.path]
+        for p in old_data + stale:  # the replaced model's data, and what killed runs (SIGKILL) left
+            if any(_same_file(p, keep) for keep in self._protected):
+                continue
+            with _suppress_os_error():
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    p.unlink()
+        return self.out
+
+    def discard(self) -> None:
+        if self.committed:
+            return
+        for p in (self.path, self.data):
+            if p is not None:
+                with _suppress_os_error():
+                    p.unlink()
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self.committed:
+            self.discard()
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def stage_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: Literal["auto"] | bool | None = "auto",
+) -> StagedModel:
+    """Write ``model`` beside ``path`` without touching ``path`` or any file a reader of it uses (see
+    :class:`StagedModel`); ``external_data`` as for :func:`save_model`.
+
+    Raises:
+        UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
+        OutputError: the file cannot be written (see :func:`check_output_path`; disk full, model too large inline).
+    """
+    out = check_output_path(path)
+    data_files = model.meta.get(_META_DATA_FILES) or []
+    protected = [Path(p) for p in [*data_files, *external_data_files(model)]]
+    ensure_distinct_output(source_path(model), out, data_files=protected)
+
+    if external_data is None or external_data == "auto":
+        use_external = any(True for _ in _external_tensors(model)) or bool(data_files)
+        use_external = use_external or _initializer_bytes(model) > INLINE_LIMIT_BYTES
+    elif isinstance(external_data, bool):
+        use_external = external_data
+    else:
+        raise ValueError(f"external_data must be 'auto', None, True or False, not {external_data!r}")
+    if not use_external and _initializer_bytes(model) > INLINE_LIMIT_BYTES:
+        raise OutputError(f"cannot write {out} as one file: its tensors exceed 1.8 GB; save with external data")
+
+    shown = _printable(out, 300)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-", suffix=".onnx")
+        os.close(fd)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would become the output's mode
+    except OSError as e:
+        raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+    staged = StagedModel(out, Path(tmp_name), None, protected)
+    nested: list[tuple[object, str, object]] = []
+    try:
+        nested = _inline_nested_external_tensors(model)
+        if use_external:
+            data = external_data_path(out)
+            try:  # claim the name: never write into a data file that exists (an older OUT may read it)
+                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                data = _fresh_data_path(out)
+                fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            staged.data = data
+            ir.save(model, staged.path, external_data=data.name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+            if data.stat().st_size == 0:  # every tensor was small: no data file
+                data.unlink()
+                staged.data = None
+        else:
+            restore = _inline_external_tensors(model)
+            try:
+                ir.save(model, staged.path)
+            finally:
+                for value, tensor in restore:
+                    value.const_value = tensor
+    except BaseException as e:
+        _restore(nested)
+        staged.discard()
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
+        if isinstance(e, ValueError):  # protobuf refuses messages over 2 GiB
+            raise OutputError(f"cannot write {shown}: {' '.join(str(e).split())}") from None
+        raise
+    _restore(nested)
+    return staged
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fresh_data_path(out: Path) -> Path:
+    for _ in range(100):
+        candidate = out.with_name(f"{out.name}.{secrets.token_hex(6)}.data")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise OutputError(f"cannot find a free name for the external data of {out}")
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -354,67 +837,14 @@ def save_model(
             external data or its tensors exceed :data:`INLINE_LIMIT_BYTES`, and inside the file otherwise.
             ``True``: always external; ``False``: always inside the file.
 
-    The model is written to a temporary directory beside ``path`` and moved into place once complete, so an
-    interrupted or failed save leaves no partial file. The model object itself is left unchanged.
+    :func:`stage_model` then :meth:`StagedModel.commit`: a reader of ``path`` sees the old model or the new one,
+    never a mix; a failed or interrupted save leaves nothing behind. The model object itself is left unchanged.
+    When ``<path>.data`` exists already, the new data goes to ``<path>.<hex>.data`` and the old file is removed
+    once the new model is in place.
 
     Raises:
         UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
-        OutputError: the file cannot be written (directory not writable, disk full, model too large inline).
+        OutputError: the file cannot be written (missing directory, not a regular file, disk full, too large).
     """
-    out = Path(os.path.abspath(path))
-    data_files = model.meta.get(_META_DATA_FILES) or []
-    ensure_distinct_output(source_path(model), out, data_files=[*data_files, *external_data_files(model)])
-
-    if external_data is None or external_data == "auto":
-        use_external = any(True for _ in _external_tensors(model)) or bool(data_files)
-        use_external = use_external or _initializer_bytes(model) > INLINE_LIMIT_BYTES
-    elif isinstance(external_data, bool):
-        use_external = external_data
-    else:
-        raise ValueError(f"external_data must be 'auto', None, True or False, not {external_data!r}")
-
-    if out.is_dir():
-        raise OutputError(f"cannot write {out}: it is a directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-
-    final_data = external_data_path(out)
-    tmp_model = tmp_dir / out.name
-    tmp_data = tmp_dir / final_data.name
-    moved_data = False
-    try:
-        if use_external:
-            ir.save(model, tmp_model, external_data=final_data.name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
-        else:
-            if _initializer_bytes(model) > INLINE_LIMIT_BYTES:
-                raise OutputError(f"cannot write {out} as one file: its tensors exceed 1.8 GB; save with external data")
-            restore = _inline_external_tensors(model)
-            try:
-                ir.save(model, tmp_model)
-            finally:
-                for value, tensor in restore:
-                    value.const_value = tensor
-        if tmp_data.exists() and tmp_data.stat().st_size > 0:  # every tensor may have been small
-            os.replace(tmp_data, final_data)
-            moved_data = True
-        os.replace(tmp_model, out)
-    except OutputError:
-        raise
-    except OSError as e:
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-    except ValueError as e:  # protobuf refuses messages over 2 GiB
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {' '.join(str(e).split())}") from None
-    except BaseException:
-        if moved_data:
-            final_data.unlink(missing_ok=True)
-        raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+    with stage_model(model, path, external_data=external_data) as staged:
+        return staged.commit()

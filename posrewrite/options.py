@@ -23,10 +23,12 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from posrewrite.errors import UsageError
+from posrewrite.errors import ModelLoadError, UsageError
+from posrewrite.limits import MAX_CONFIG_BYTES, MAX_LENGTH, MAX_ROPE_BASE, MAX_SCALE
 
 #: Scaling methods, named as HF's ``rope_type`` where HF has one ("ntk" is static NTK-aware base scaling).
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
@@ -82,18 +84,18 @@ class RewriteOptions:
         self.rope_method = _normalize_method(self.rope_method or "linear")
         if self.fuse not in FUSE_MODES:
             raise UsageError(f"--fuse must be one of {', '.join(FUSE_MODES)}, not {self.fuse!r}")
-        _positive(self.rope_scale, "--rope-scale")
-        _positive(self.rope_base, "--rope-base")
-        _positive(self.original_max_positions, "--original-max-positions", integer=True)
-        _positive(self.max_positions, "--max-positions", integer=True)
-        _positive(self.pos_scale, "--pos-scale")
-        _positive(self.alibi_scale, "--alibi-scale")
+        _positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        _positive(self.rope_base, "--rope-base", maximum=MAX_ROPE_BASE)
+        _positive(self.original_max_positions, "--original-max-positions", integer=True, maximum=MAX_LENGTH)
+        _positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
+        _positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        _positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         self._check_attention_methods()
 
         params = self.rope_params
         factor = params.get("factor")
         if factor is not None:
-            _positive(factor, "--rope-params factor")
+            _positive(factor, "--rope-params factor", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
             if self.rope_scale is not None and not math.isclose(float(factor), self.rope_scale, rel_tol=1e-9):
                 raise UsageError(f"--rope-params factor {factor} disagrees with --rope-scale {self.rope_scale:g}")
         ptype = params.get("rope_type")
@@ -104,7 +106,7 @@ class RewriteOptions:
             self.rope_method = ptype
         orig = params.get("original_max_position_embeddings")
         if orig is not None:
-            _positive(orig, "--rope-params original_max_position_embeddings", integer=True)
+            _positive(orig, "--rope-params original_max_position_embeddings", integer=True, maximum=MAX_LENGTH)
             if self.original_max_positions is not None and int(orig) != self.original_max_positions:
                 raise UsageError(
                     f"--rope-params original_max_position_embeddings {orig} disagrees with "
@@ -112,7 +114,7 @@ class RewriteOptions:
                 )
         theta = params.get("rope_theta")
         if theta is not None:
-            _positive(theta, "--rope-params rope_theta")
+            _positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
             if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
                 raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
         scale = self.effective_rope_scale
@@ -228,15 +230,35 @@ class RewriteOptions:
         return d
 
 
-def _positive(value: Any, flag: str, *, integer: bool = False) -> None:
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and value < 1e12 else f"{value:g}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _positive(
+    value: Any, flag: str, *, integer: bool = False, maximum: float | None = None, minimum: float | None = None
+) -> None:
+    """``value`` is None or a finite number > 0 (a whole one with ``integer``) within [minimum, maximum]."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{flag} must be a number, not {value!r}")
-    if integer and float(value) != int(value):
-        raise UsageError(f"{flag} must be a whole number, not {value!r}")
-    if not math.isfinite(float(value)) or value <= 0:
-        raise UsageError(f"{flag} must be greater than 0, not {value!r}")
+        raise UsageError(f"{flag} must be a number, not {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit integer
+        raise UsageError(f"{flag} is out of range ({_shown(value)})") from None
+    if not math.isfinite(number) or number <= 0:
+        raise UsageError(f"{flag} must be greater than 0, not {_shown(value)}")
+    if integer and number != int(number):
+        raise UsageError(f"{flag} must be a whole number, not {_shown(value)}")
+    if maximum is not None and number > maximum:
+        raise UsageError(f"{flag} {_shown(value)} is over the limit of {_bound(maximum)} (see README, Reliability)")
+    if minimum is not None and number < minimum:
+        raise UsageError(f"{flag} {_shown(value)} is under the limit of {_bound(minimum)} (see README, Reliability)")
 
 
 # ------------------------------------------------------------------------------------------ --rope-params
@@ -274,24 +296,25 @@ def rope_params_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def load_rope_params(text: str) -> dict[str, Any]:
     """Parse ``--rope-params``: JSON text, or the path of a JSON file (which may be a whole HF config.json)."""
     stripped = text.strip()
-    if stripped.startswith("{"):
+    if stripped.startswith(("{", "[")):
         source = "--rope-params"
         raw = stripped
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UsageError(f"--rope-params text is over {MAX_CONFIG_BYTES} bytes")
     else:
         path = Path(os.path.expanduser(stripped))
-        if not path.is_file():
-            raise UsageError(f"--rope-params is neither JSON text nor an existing file: {text!r}")
-        source = str(path)
         try:
-            raw = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --rope-params file {path}: {e}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a name too long, a NUL
+            is_file = False
+        if not is_file:
+            raise UsageError(f"--rope-params is neither JSON text nor an existing file: {_shown(text)}")
+        source = str(path)
+        raw = _read_small_json_file(path, "--rope-params file", UsageError)
+    data = _parse_json(raw, source, UsageError)
     if not isinstance(data, dict):
         raise UsageError(f"{source} must be a JSON object, not {type(data).__name__}")
+    _check_config_values(data, Path(source))
     if _is_hf_config(data):
         return rope_params_from_config(data)
     if "type" in data and "rope_type" not in data:
@@ -302,11 +325,93 @@ def load_rope_params(text: str) -> dict[str, Any]:
 def read_config_json(model_path: str | os.PathLike) -> dict[str, Any] | None:
     """The HF ``config.json`` beside the model, or ``None`` when there is none (or it is not a JSON object)."""
     path = Path(model_path).parent / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    if not os.path.lexists(path):
         return None
-    return data if isinstance(data, dict) else None
+    raw = _read_small_json_file(path, "config.json beside the model", ModelLoadError)
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return None  # not JSON: as if there were none (the flags must then say what the graph does not)
+    if not isinstance(data, dict):
+        return None
+    _check_config_values(data, path)
+    return data
+
+
+def _read_small_json_file(path: Path, what: str, error: type[Exception]) -> str:
+    """The text of ``path``, read only when it is a regular file of at most MAX_CONFIG_BYTES (a FIFO would block
+    forever, a link to /dev/zero would never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path} is not a regular file (a FIFO, device or directory); refused")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise error(f"{what} {path} has {st.st_size} bytes, over the limit of {MAX_CONFIG_BYTES}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{what} {path} is not a regular file; refused")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise error(f"{what} {path} is over the limit of {MAX_CONFIG_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text") from None
+
+
+def _parse_json(raw: str, source: str, error: type[Exception]) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise error(f"{source} is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise error(f"{source} is not usable JSON: {' '.join(str(e).split())[:120]}") from None
+
+
+# keys of config.json (top level, or inside rope_scaling / rope_parameters) that must be numbers, and their bound
+_CONFIG_NUMBERS: dict[str, tuple[bool, float]] = {
+    "max_position_embeddings": (True, MAX_LENGTH),
+    "original_max_position_embeddings": (True, MAX_LENGTH),
+    "rope_theta": (False, MAX_ROPE_BASE),
+    "factor": (False, MAX_SCALE),
+    "partial_rotary_factor": (False, 1.0),
+    "beta_fast": (False, 1e6),
+    "beta_slow": (False, 1e6),
+    "attention_factor": (False, 1e6),
+    "low_freq_factor": (False, 1e6),
+    "high_freq_factor": (False, 1e6),
+}
+
+
+def _check_config_values(config: dict[str, Any], path: Path) -> None:
+    """config.json values posrewrite uses are numbers within the documented bounds (exit 2 naming the key)."""
+    sections = [(config, "")]
+    for key in ("rope_scaling", "rope_parameters"):
+        section = config.get(key)
+        if section is not None and not isinstance(section, dict):
+            raise UsageError(f"{path}: {key} must be a JSON object, not {type(section).__name__}")
+        if isinstance(section, dict):
+            sections.append((section, f"{key}."))
+    for section, prefix in sections:
+        for key, (integer, bound) in _CONFIG_NUMBERS.items():
+            if section.get(key) is not None:
+                _positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
+        for key in ("long_factor", "short_factor"):
+            values = section.get(key)
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) > 65536:
+                raise UsageError(f"{path}: {prefix}{key} must be a list of numbers")
+            for v in values:
+                _positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
 
 
 def rope_parameters_from_options(opts: RewriteOptions, *, config_json: dict[str, Any] | None = None) -> dict[str, Any]:

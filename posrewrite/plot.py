@@ -184,8 +184,7 @@ def plot_rope(
     ax.legend(fontsize=8.5, loc="upper right")
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     plt.close(fig)
 
     first_b = base_bound.first_negative(inv, n)
@@ -206,6 +205,31 @@ def plot_rope(
     return PlotResult(
         str(out), dim, L, T, wl, wl_after, float(attention_factor), None if after is None else label_after, lines
     )
+
+
+def _save_figure(fig, out: Path) -> None:
+    """The output protocol of posrewrite.io for a picture: only a new path or a regular file is replaced, the
+    folder must exist, the file is written beside and renamed into place, and a failure leaves nothing."""
+    import tempfile
+
+    from posrewrite.errors import OutputError
+    from posrewrite.io import _umask, check_output_path
+
+    out = check_output_path(out)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-", suffix=out.suffix or ".png")
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
 
 
 def plot_model(

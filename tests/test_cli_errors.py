@@ -237,7 +237,7 @@ BAD_OPTIONS = [
     (["--rope-scale", "4", "--rope-params", '{"factor": 8}'], "disagrees with --rope-scale"),
     (["--rope-scale", "4", "--rope-method", "yarn", "--rope-params", '{"rope_type": "llama3"}'], "disagrees"),
     (["--rope-scale", "4", "--rope-params", "{not json"], "not valid JSON"),
-    (["--rope-scale", "4", "--rope-params", "[1, 2]"], "neither JSON text nor an existing file"),
+    (["--rope-scale", "4", "--rope-params", "[1, 2]"], "must be a JSON object, not list"),
     (["--rope-scale", "4", "--rope-params", "missing.json"], "neither JSON text nor an existing file"),
     (["--rope-base", "0"], "--rope-base must be greater than 0"),
     (["--rope-freq-base", "-1"], "--rope-base must be greater than 0"),

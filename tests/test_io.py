@@ -233,6 +233,7 @@ def test_load_does_not_read_weights(tmp_path):
 def test_save_streams_untouched_external_tensors(tmp_path):
     path = _big_external_model(tmp_path, 128 * 2**20)
     out = tmp_path / "out" / "copy.onnx"
+    out.parent.mkdir()
     res = subprocess.run(
         [sys.executable, "-c", _RSS_SCRIPT, str(path), str(out)],
         capture_output=True,
@@ -279,6 +280,7 @@ def test_save_external_round_trip(tmp_path):
     src = write_external(tmp_path / "in" / "m.onnx")
     before = {p.name: digest(p) for p in src.parent.iterdir()}
     model = pio.load_model(src)
+    (tmp_path / "out").mkdir()  # the output folder is never created: a missing one is an error
     out = pio.save_model(model, tmp_path / "out" / "r.onnx")
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.onnx", "r.onnx.data"]
     locations = {

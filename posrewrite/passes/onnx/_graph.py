@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -60,7 +61,12 @@ class ConstantEvaluator:
         key = id(value)
         if key not in self._cache:
             self._cache[key] = None  # guards cycles
-            self._cache[key] = self._evaluate(value)
+            try:
+                self._cache[key] = self._evaluate(value)
+            except RecursionError:
+                raise
+            except Exception:  # noqa: BLE001 - a malformed node (bad index, wrong type): not a known constant
+                self._cache[key] = None
         return self._cache[key]
 
     def _evaluate(self, value: ir.Value) -> np.ndarray | None:
@@ -89,19 +95,53 @@ class ConstantEvaluator:
             if any(not isinstance(d, (int, np.integer)) for d in np.atleast_1d(picked)):
                 return None
             return np.asarray(picked, dtype=np.int64)
+        if _declared_elements(value) > _MAX_FOLD_ELEMENTS:
+            return None  # a static shape too big to materialise (a model may declare any length)
         inputs = []
         for inp in node.inputs:
             if inp is None:
                 inputs.append(None)
                 continue
-            if node.op_type == "Shape":
-                inputs.append(np.zeros([d for d in inp.shape.dims], dtype=numpy_dtype(inp.dtype)))
-                continue
             arr = self(inp)
             if arr is None:
                 return None
             inputs.append(arr)
+        if _predicted_elements(node, inputs) > _MAX_FOLD_ELEMENTS:
+            return None
         return _run_node(node, inputs, self._opset)[list(node.outputs).index(value)]
+
+
+def _declared_elements(value: ir.Value) -> int:
+    """Elements of ``value`` by its declared shape (0 when unknown or symbolic)."""
+    shape = value.shape
+    if shape is None or not shape.is_static():
+        return 0
+    return math.prod(int(d) for d in shape.dims)
+
+
+def _predicted_elements(node: ir.Node, inputs: list[np.ndarray | None]) -> int:
+    """Elements the ops that create tensors from values (Range, ConstantOfShape, Expand, Tile) would produce; 0
+    for the others (their outputs are no bigger than their inputs times a small factor)."""
+    try:
+        if node.op_type == "Range" and len(inputs) == 3 and all(a is not None and a.size == 1 for a in inputs):
+            start, limit, delta = (float(a.reshape(-1)[0]) for a in inputs)
+            if delta == 0 or not all(math.isfinite(v) for v in (start, limit, delta)):
+                return 1 << 62
+            return max(0, math.ceil((limit - start) / delta))
+        if node.op_type == "ConstantOfShape" and inputs and inputs[0] is not None:
+            return math.prod(max(0, int(d)) for d in inputs[0].reshape(-1))
+        if node.op_type == "Expand" and len(inputs) == 2 and inputs[0] is not None and inputs[1] is not None:
+            dims = [int(d) for d in inputs[1].reshape(-1)]
+            data = list(inputs[0].shape)
+            rank = max(len(dims), len(data))
+            dims = [1] * (rank - len(dims)) + dims
+            data = [1] * (rank - len(data)) + data
+            return math.prod(max(a, b) for a, b in zip(dims, data, strict=True))
+        if node.op_type == "Tile" and len(inputs) == 2 and inputs[0] is not None and inputs[1] is not None:
+            return inputs[0].size * math.prod(max(0, int(r)) for r in inputs[1].reshape(-1))
+    except (ValueError, OverflowError, TypeError):
+        return 1 << 62
+    return 0
 
 
 def _shape_dims(shape_node: ir.Node) -> list | None:

@@ -23,6 +23,7 @@ import onnx.reference
 import onnx_ir as ir
 from onnxscript.rewriter._rewrite_rule import PatternBase
 
+from posrewrite.limits import fits_budget
 from posrewrite.math.absolute import fit_frequencies, fit_sinusoidal, fit_t5_buckets
 from posrewrite.math.alibi import fit_linear_bias, is_standard_slopes
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, numpy_dtype
@@ -75,6 +76,9 @@ def _matches(pattern: PatternBase, model: ir.Model) -> Iterable[tuple[ir.Node, d
 # ------------------------------------------------------------------------------------------------ probe
 
 
+_PROBE_BUDGET_BYTES = 64 << 20  # a probe input: a short sequence, never a declared static length of 2^28
+
+
 def _probe_feed(value: ir.Value, length: int) -> np.ndarray | None:
     if value.shape is None or value.dtype is None:
         return None
@@ -86,6 +90,8 @@ def _probe_feed(value: ir.Value, length: int) -> np.ndarray | None:
             dims.append(1 if k == 0 and len(value.shape) >= 2 else length)
     name = (value.name or "").lower()
     dt = numpy_dtype(value.dtype)
+    if not fits_budget(dims, dt.itemsize, budget=_PROBE_BUDGET_BYTES):
+        return None  # a declared static length too big to feed (the probe says nothing then)
     if value.dtype == ir.DataType.BOOL:
         return np.ones(dims, dtype=bool)
     if value.dtype.is_floating_point():

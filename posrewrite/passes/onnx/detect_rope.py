@@ -495,6 +495,8 @@ class RopeDetector:
             if node.op_type != "RotaryEmbedding" or node.domain not in _FUSED_DOMAINS:
                 continue
             contrib = node.domain == "com.microsoft"
+            if len(node.inputs) < (4 if contrib else 3):  # a malformed node: cos/sin caches missing
+                continue
             cos_v, sin_v = (node.inputs[2], node.inputs[3]) if contrib else (node.inputs[1], node.inputs[2])
             by_cache.setdefault((id(cos_v), id(sin_v)), []).append(node)
         for nodes in by_cache.values():

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.errors import UsageError
+from posrewrite.limits import MEMORY_BUDGET_BYTES, fits_budget
 from posrewrite.math.absolute import interpolate_table, sinusoidal_table
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer
 from posrewrite.passes.onnx._graph import numpy_dtype
@@ -289,9 +291,18 @@ def extend_square_masks(graph: ir.Graph, rows: int) -> list[str]:
         f = _toeplitz_values(square)
         if f is None:
             continue
-        d = np.arange(rows)[:, None] - np.arange(rows)[None, :]
-        new = f[np.clip(d, -(t - 1), t - 1) + t - 1].reshape(tuple(list(shape)[:-2]) + (rows, rows))
-        replaced = _replace_initializer(graph, value, new.astype(square.dtype))
+        if not fits_budget((rows, rows), square.dtype.itemsize):
+            raise UsageError(
+                f"--max-positions {rows}: the {t}x{t} mask {value.name} would become {rows}x{rows} "
+                f"({rows * rows * square.dtype.itemsize / 2**30:.3g} GiB), over the memory budget of "
+                f"{MEMORY_BUDGET_BYTES >> 20} MiB (see README, Reliability)"
+            )
+        # g[k] = the value at distance i - j = k - (rows - 1); row i of the new mask is g[i + rows - 1 - j] for
+        # j = 0..rows-1, a window of g reversed: only the rows x rows result is allocated
+        g = f[np.clip(np.arange(-(rows - 1), rows), -(t - 1), t - 1) + t - 1]
+        windows = np.lib.stride_tricks.sliding_window_view(g[::-1], rows)[::-1]
+        new = np.ascontiguousarray(windows, dtype=square.dtype).reshape(tuple(list(shape)[:-2]) + (rows, rows))
+        replaced = _replace_initializer(graph, value, new)
         slices = _forget_shapes(replaced, t)
         moved = sum(_retarget_length(graph, node, t, rows) for node in slices)  # bounds like min(seq, T)
         bounds = f", {moved} slice bound(s) computed from {t} moved to {rows}" if moved else ""
