@@ -288,11 +288,13 @@ def test_longrope_max_positions_and_rescale(tmp_path):
         assert np.abs(onnx_logits(tmp_path / "lr8.onnx", ids) - want).max() <= TOL
 
 
-def test_longrope_rescale_without_base_is_refused(capsys):
+def test_longrope_rescale_without_base_is_refused(capsys, tmp_path):
+    out = tmp_path / "x.onnx"
     code = cli.main([str(genai_folder("phi3_longrope") / "model.onnx"), "--rope-scale", "2", "--rope-method", "yarn",
-                     "-o", "/nonexistent-dir/x.onnx"])
+                     "-o", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--rope-base" in err
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_second_rescale_of_fused_output_starts_from_the_base(tmp_path):
