@@ -9,9 +9,8 @@ their dtype, any attention factor. Applications sharing a source form one site.
 
 from __future__ import annotations
 
-import json
-
 import dataclasses
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -63,7 +62,14 @@ class RopeDetector:
             op = node.op_type
             if op in ("Cos", "Sin"):
                 site_value = factor_node.outputs[0] if factor_node is not None else node.outputs[0]
-                return _Source(AngleSource.COMPUTED, value=site_value, trig_node=node, factor=factor, factor_node=factor_node, path=tuple(path))
+                return _Source(
+                    AngleSource.COMPUTED,
+                    value=site_value,
+                    trig_node=node,
+                    factor=factor,
+                    factor_node=factor_node,
+                    path=tuple(path),
+                )
             if op == "Mul":
                 a, b = node.inputs
                 ca, cb = self.fold(a), self.fold(b)
@@ -220,7 +226,9 @@ class RopeDetector:
                     consts = [k]
                     break
         if len(consts) != 1:
-            return f"angle product {product.name}: expected exactly one constant operand (inv_freq), found {len(consts)}"
+            return (
+                f"angle product {product.name}: expected exactly one constant operand (inv_freq), found {len(consts)}"
+            )
         k = consts[0]
         root_value, use_node, use_index, arr = freq_info[k]
         positions = operands[1 - k]
@@ -308,7 +316,9 @@ class RopeDetector:
                 self.refusals.append(Refusal("rope", app.output.name or "?", cs if isinstance(cs, str) else ss))
                 continue
             if cs.kind != ss.kind:
-                self.refusals.append(Refusal("rope", app.output.name or "?", "cos and sin come from different kinds of source"))
+                self.refusals.append(
+                    Refusal("rope", app.output.name or "?", "cos and sin come from different kinds of source")
+                )
                 continue
             key = id(cs.trig_node.inputs[0]) if cs.kind == AngleSource.COMPUTED else id(cs.table) * 31 + id(ss.table)
             groups.setdefault(key, []).append((app, cs, ss))
@@ -343,16 +353,24 @@ class RopeDetector:
                     node = use.node
                     if id(node) in claimed or node.op_type in ("Shape", "Size"):
                         continue  # reading only the shape is not a use of the values
-                    if node.op_type in VIEW_OPS or node.op_type in ("Slice", "Split", "Gather", "GatherElements", "GatherND") \
-                            or (node.op_type == "Mul" and any(self._scalar(i) for i in node.inputs if i is not v)):
+                    if (
+                        node.op_type in VIEW_OPS
+                        or node.op_type in ("Slice", "Split", "Gather", "GatherElements", "GatherND")
+                        or (node.op_type == "Mul" and any(self._scalar(i) for i in node.inputs if i is not v))
+                    ):
                         stack.extend(node.outputs)
                         continue
                     if node.op_type == "Concat" and all(i is v for i in node.inputs):
                         stack.extend(node.outputs)
                         continue
-                    self.refusals.append(Refusal(
-                        "rope", node.name or "?",
-                        f"{node.op_type} uses the RoPE {'cos' if root is site.cos else 'sin'} of a site but is not part of a recognised q/k rotation"))
+                    self.refusals.append(
+                        Refusal(
+                            "rope",
+                            node.name or "?",
+                            f"{node.op_type} uses the RoPE {'cos' if root is site.cos else 'sin'} of a site but is "
+                            "not part of a recognised q/k rotation",
+                        )
+                    )
 
     def _scalar(self, v: ir.Value | None) -> bool:
         arr = self.fold(v) if v is not None else None
@@ -409,7 +427,8 @@ class RopeDetector:
                 return "cos and sin are scaled by different factors"
             if info["runtime"] is not None:
                 r = info["runtime"]
-                notes.append(f"inv_freq computed at run time ({r['rope_type']} x{r['factor']:g} from L={r['original_max_position_embeddings']}, "
+                notes.append(f"inv_freq computed at run time ({r['rope_type']} x{r['factor']:g} "
+                             f"from L={r['original_max_position_embeddings']}, "
                              "written by posrewrite); base and inv_freq shown are the model's before that rescale")
             base = _fit_base(inv_freq, info["inv_freq_root"])
             prior = None
@@ -434,7 +453,8 @@ class RopeDetector:
             if base is not None and info["inv_freq_root"].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
                 # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
                 inv_freq = rope_math.default_inv_freq(base, rotary_dim)
-                notes.append(f"inv_freq stored in {dtype_name(info['inv_freq_root'])}: exact base-{base:g} frequencies assumed")
+                notes.append(f"inv_freq stored in {dtype_name(info['inv_freq_root'])}: exact base-{base:g} "
+                             "frequencies assumed")
             return RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.COMPUTED,
                 base=base, inv_freq=inv_freq, inv_freq_value=info["inv_freq_root"],
@@ -462,7 +482,8 @@ class RopeDetector:
         return RopeSite(
             layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.CACHED,
             base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
-            max_positions=int(cos_table.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
+            max_positions=int(cos_table.shape[0]),
+            position_dtype=dtype_name(positions) if positions is not None else "int64",
             angle_dtype=dtype_name(cs.table), attention_factor=factor * cs.factor, positions=positions,
             cos=cs.value, sin=ss.value, cos_cache=cs.table, sin_cache=ss.table, applications=tuple(apps),
             source_nodes=(cs.select_node, ss.select_node), notes=tuple(notes),
@@ -515,7 +536,8 @@ class RopeDetector:
             interleaved = bool(int_attr(node, "interleaved", 0))
             layout = Layout.INTERLEAVED if interleaved else Layout.ROTATE_HALF
             if cos_t is None or sin_t is None:
-                self.refusals.append(Refusal("rope", node.name or "?", "fused RotaryEmbedding whose caches are computed at run time"))
+                self.refusals.append(Refusal("rope", node.name or "?",
+                                             "fused RotaryEmbedding whose caches are computed at run time"))
                 continue
             fitted = _fit_tables(np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64), "half", _eps(cos_v))
             if isinstance(fitted, str):
@@ -535,7 +557,8 @@ class RopeDetector:
             sites.append(RopeSite(
                 layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, angles=AngleSource.FUSED_OP,
                 base=base, inv_freq=inv_freq, inv_freq_value=None, prior_scaling=prior,
-                max_positions=int(cos_t.shape[0]), position_dtype=dtype_name(positions) if positions is not None else "int64",
+                max_positions=int(cos_t.shape[0]),
+                position_dtype=dtype_name(positions) if positions is not None else "int64",
                 angle_dtype=dtype_name(cos_v), attention_factor=factor, positions=positions, cos=cos_v, sin=sin_v,
                 cos_cache=cos_v, sin_cache=sin_v, fused_nodes=tuple(nodes), notes=tuple(notes),
                 extra=_marker_extra(self.model.graph, cos_v, prior),
@@ -649,7 +672,8 @@ class RopeDetector:
                 continue
             reason = _best_failure(self.tracer)
             self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
-                                         "Cos node not part of any recognised q/k rotation" + (f" (closest pattern failed: {reason})" if reason else "")))
+                                         "Cos node not part of any recognised q/k rotation"
+                                         + (f" (closest pattern failed: {reason})" if reason else "")))
 
 
 #: attention ops that rotate q/k themselves: op_type -> (cos_cache input index, sin_cache input index)
@@ -769,7 +793,8 @@ def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:
 
 
 def _eps(value: ir.Value | None) -> float:
-    return {ir.DataType.FLOAT16: 2.0 ** -10, ir.DataType.BFLOAT16: 2.0 ** -7}.get(value.dtype if value is not None else None, 2.0 ** -23)
+    dtype = value.dtype if value is not None else None
+    return {ir.DataType.FLOAT16: 2.0 ** -10, ir.DataType.BFLOAT16: 2.0 ** -7}.get(dtype, 2.0 ** -23)
 
 
 def _stored_dtype(stored: ir.Value | None) -> str | None:
@@ -806,7 +831,8 @@ def _best_failure(tracer: _basics.MatchingTracer) -> str | None:
     return best
 
 
-def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout, eps: float = 2.0 ** -23) -> tuple[np.ndarray, float] | str:
+def _fit_tables(cos_t: np.ndarray, sin_t: np.ndarray, layout,
+                eps: float = 2.0 ** -23) -> tuple[np.ndarray, float] | str:
     """Recovers (inv_freq, attention factor) from cos/sin tables [N, w] by unwrapping their phase."""
     if cos_t.ndim != 2 or cos_t.shape[0] < 2:
         return f"cos/sin table of shape {cos_t.shape} is not [positions, channels]"

@@ -198,7 +198,11 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
         new = add_initializer(graph, plan.inv_freq.reshape(shape), (root.name or "inv_freq"), dtype)
     else:
         w = NodeWriter(graph, consumer, "rope_runtime")
-        positions = info["position_source"] if info["position_source"].dtype in (ir.DataType.INT64, ir.DataType.INT32) else info["positions"]
+        positions = (
+            info["position_source"]
+            if info["position_source"].dtype in (ir.DataType.INT64, ir.DataType.INT32)
+            else info["positions"]
+        )
         seq = seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
         inv = w.op("Reshape", inv, w.const(np.array(shape, dtype=np.int64)))
@@ -225,9 +229,20 @@ def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> Non
     for src in (site.extra.cos_src, site.extra.sin_src):
         if src.factor_node is not None:
             node = src.factor_node
-            k = next(i for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None or (v is not None and v.producer() is not None and v.producer().op_type == "Constant"))
+            k = next(
+                i
+                for i, v in enumerate(node.inputs)
+                if v is not None
+                and v.const_value is not None
+                or (v is not None and v.producer() is not None and v.producer().op_type == "Constant")
+            )
             old = node.inputs[k]
-            node.replace_input_with(k, add_initializer(graph, np.array(factor).reshape(old.shape.dims if old.shape else ()), "attention_factor", old.dtype))
+            node.replace_input_with(
+                k,
+                add_initializer(
+                    graph, np.array(factor).reshape(old.shape.dims if old.shape else ()), "attention_factor", old.dtype
+                ),
+            )
         elif factor != 1.0:
             value = src.trig_node.outputs[0]
             scale = add_initializer(graph, np.array(factor), "attention_factor", value.dtype or _F32)
@@ -248,7 +263,11 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
     for src, fn in ((cs, "cos"), (ss, "sin")):
         tables.setdefault(id(src.table), (src.table, []))[1].append((src, fn))
     for table_value, parts in tables.values():
-        old = table_value.const_value.numpy() if table_value.const_value is not None else ir.convenience.get_const_tensor(table_value).numpy()
+        old = (
+            table_value.const_value.numpy()
+            if table_value.const_value is not None
+            else ir.convenience.get_const_tensor(table_value).numpy()
+        )
         dtype = table_value.dtype
         select = parts[0][0].select_node
         # the table carries what the Mul after the gather (if any) does not
@@ -261,14 +280,20 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             for src, fn in parts:
                 lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
                 layout = _table_layout(site, hi - lo)
-                cos, sin = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout)
+                cos, sin = rope_math.cos_sin_tables(
+                    plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout
+                )
                 block = cos if fn == "cos" else sin
-                new[..., lo:hi] = block.reshape([plan.new_length if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo])
+                new[..., lo:hi] = block.reshape(
+                    [plan.new_length if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo]
+                )
             if plan.keep_rows:
                 kept = [slice(None)] * old.ndim
                 kept[row_axis] = slice(0, old.shape[row_axis])
                 new[tuple(kept)] = old
-            replacement = add_initializer(graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype)
+            replacement = add_initializer(
+                graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype
+            )
         else:
             w = NodeWriter(graph, select, "rope_table")
             if select.op_type in ("Gather", "GatherElements", "GatherND"):
@@ -276,8 +301,16 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             else:
                 seq = w.op("Cast", w.op("ReduceMax", select.inputs[2], keepdims=0), to=_F32)
             inv = runtime_inv_freq(w, plan, seq)
-            rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
-            angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+            rows = w.op(
+                "Cast",
+                w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))),
+                to=_F32,
+            )
+            angles = w.op(
+                "Mul",
+                w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
+                w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
+            )
             pieces = []
             for src, fn in sorted(parts, key=lambda p: (p[0].columns or (0, 0))[0]):
                 lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
@@ -288,8 +321,16 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
                 if layout == "rotate_half":
                     t = w.op("Concat", t, t, axis=-1)
                 elif layout == "interleaved":
-                    t = w.op("Reshape", w.op("Concat", w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))), w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))), axis=-1),
-                             w.const(np.array([0, -1], np.int64)))
+                    t = w.op(
+                        "Reshape",
+                        w.op(
+                            "Concat",
+                            w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))),
+                            w.op("Unsqueeze", t, w.const(np.array([-1], np.int64))),
+                            axis=-1,
+                        ),
+                        w.const(np.array([0, -1], np.int64)),
+                    )
                 pieces.append(t)
             table = pieces[0] if len(pieces) == 1 else w.op("Concat", *pieces, axis=-1)
             if old.ndim > 2:
@@ -316,8 +357,16 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         # max(position)+1 of the tokens it rotates
         seq = w.op("Cast", total, to=_F32) if total is not None else seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
-        rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))), to=_F32)
-        angles = w.op("Mul", w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))), w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+        rows = w.op(
+            "Cast",
+            w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))),
+            to=_F32,
+        )
+        angles = w.op(
+            "Mul",
+            w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
+            w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
+        )
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
         if factor != 1.0:
             cos, sin = w.op("Mul", cos, w.const(np.float32(factor))), w.op("Mul", sin, w.const(np.float32(factor)))
