@@ -402,3 +402,366 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
         return row
     row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
     return row
+
+
+# ==================================================================================================
+# The rotation oracle: rotated q/k of the rewritten model against a numpy rotation of its own pre-rotation q/k
+# ==================================================================================================
+
+_ACT_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+_FLOAT32_EPS = 2.0 ** -23
+
+
+@dataclasses.dataclass
+class RopeReference:
+    """What the rotations of one RoPE site of the ORIGINAL model must compute in the rewritten one: the site
+    (layout, rotary_dim, frequencies as found) and, for a rescale, the plan whose parameters give the new
+    frequencies and attention factor (`posrewrite.math.rope`); None keeps the site's own numbers."""
+
+    site: RopeSite
+    plan: Any = None
+
+    def frequencies(self, length: int) -> tuple[np.ndarray, float]:
+        """inv_freq [rotary_dim/2] and attention factor at a call over positions 0..length-1."""
+        site, plan = self.site, self.plan
+        if plan is None:
+            return np.asarray(site.inv_freq, np.float64), float(site.attention_factor)
+        if plan.params.rope_type == "default" and plan.params.rope_theta is None:  # an extension: same numbers
+            inv = plan.inv_freq if plan.inv_freq is not None else site.inv_freq
+            return np.asarray(inv, np.float64), float(plan.attention_factor)
+        inv, factor = rope_math.scaled_inv_freq(plan.params, inv_freq=site.inv_freq, base=site.base,
+                                                dim=site.rotary_dim, seq_len=length)
+        return np.asarray(inv, np.float64), float(factor)
+
+
+def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,
+                   rotary_dim: int) -> np.ndarray:
+    """RoPE by the paper's definition, in float64: x [..., S, D] rotated on its first `rotary_dim` channels by
+    angles positions × inv_freq, times `factor`; `layout` "rotate_half" pairs channel i with i + rotary_dim/2,
+    "interleaved" pairs 2i with 2i+1. The remaining channels pass through."""
+    x = np.asarray(x, np.float64)
+    angles = np.asarray(positions, np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    cos, sin = np.cos(angles) * factor, np.sin(angles) * factor
+    xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    if layout == Layout.INTERLEAVED.value:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = np.empty_like(xr)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = b * cos + a * sin
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+        out = np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return np.concatenate([out, rest], axis=-1)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {}
+    for v in graph.inputs:
+        found[v.name] = v
+    for name, v in graph.initializers.items():
+        found[name] = v
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                found[v.name] = v
+    return found
+
+
+def _graph_inputs_for(graph: ir.Graph, outputs: list[ir.Value], stop: list[ir.Value]) -> list[ir.Value]:
+    """Graph inputs that `outputs` depend on other than through the values in `stop`."""
+    graph_inputs = {id(v) for v in graph.inputs}
+    stops = {id(v) for v in stop}
+    seen: set[int] = set()
+    found: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen or id(v) in stops:
+            continue
+        seen.add(id(v))
+        if id(v) in graph_inputs:
+            found.add(id(v))
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(i for i in node.inputs if i is not None)
+            for attr in node.attributes.values():  # outer values read by If/Loop bodies
+                if attr.type == ir.AttributeType.GRAPH:
+                    stack.extend(_outer_values(attr.value))
+    return [v for v in graph.inputs if id(v) in found]
+
+
+def _outer_values(sub: ir.Graph) -> list[ir.Value]:
+    inner = {id(v) for v in sub.inputs}
+    for node in sub:
+        inner.update(id(o) for o in node.outputs)
+    return [v for node in sub for v in node.inputs if v is not None and id(v) not in inner]
+
+
+def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
+    sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [v.name for v in outputs])
+    for init in list(sub.initializers.values()):
+        if isinstance(init.const_value, ir.ExternalTensor):  # only what the rotation needs (small tables)
+            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+    sub.opset_imports.update(model.graph.opset_imports)
+    proto = ir.to_proto(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
+    return _session(proto.SerializeToString())
+
+
+def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Graph inputs for a call over positions 0..length-1 with no past: ids from the middle of the vocabulary,
+    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions."""
+    feeds = {}
+    for v in inputs:
+        name = (v.name or "").lower()
+        dims = list(v.shape.dims) if v.shape is not None else [None, None]
+        cache = ("past" in name or "cache" in name) and len(dims) >= 3
+        shape, first = [], True
+        for d in dims:
+            if isinstance(d, int):
+                shape.append(d)
+            elif cache:
+                shape.append(1 if first else 0)
+            else:
+                shape.append(1 if first and len(dims) > 1 else length)
+            first = False
+        dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
+        if "position" in name and not cache:
+            arr = np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
+        elif "mask" in name:
+            arr = np.ones(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer) and not cache:
+            ids = _token_ids(shape[-1] if shape else 1, (vocab or {}).get(v.name)).astype(dtype)
+            arr = np.broadcast_to(ids, shape).copy()
+        else:
+            arr = np.zeros(shape, dtype=dtype)
+        feeds[v.name] = arr
+    return feeds
+
+
+def _random_input(value: ir.Value, length: int, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+    """Random data of `value`'s shape with every symbolic dimension but the first at `length`; the axis that
+    holds the positions (the last symbolic one). None when the shape does not say."""
+    if value.shape is None or value.dtype is None:
+        return None
+    dims = list(value.shape.dims)
+    symbolic = [k for k, d in enumerate(dims) if not isinstance(d, int)]
+    if not symbolic or len(dims) < 3:
+        return None
+    seq_axis = symbolic[-1] if len(symbolic) > 1 or symbolic[0] != 0 else None
+    if seq_axis is None:
+        return None
+    shape = [d if isinstance(d, int) else (1 if k == symbolic[0] and k != seq_axis else length)
+             for k, d in enumerate(dims)]
+    return rng.standard_normal(shape).astype(numpy_dtype(value.dtype)), seq_axis
+
+
+def _heads_last(a: np.ndarray, seq_axis: int, head_dim: int) -> np.ndarray:
+    """[..., S, D]: q/k as [B,H,S,D], [B,S,H,D] or [B,S,H*D], the positions on axis -2, one head per row."""
+    a = np.asarray(a, np.float64)
+    seq_axis = seq_axis % a.ndim
+    if a.shape[-1] != head_dim and a.shape[-1] % head_dim == 0:
+        a = a.reshape(*a.shape[:-1], a.shape[-1] // head_dim, head_dim)
+    return np.moveaxis(a, seq_axis, -2)
+
+
+@dataclasses.dataclass
+class _Rotation:
+    label: str
+    pre: ir.Value
+    post: ir.Value
+    reference: RopeReference
+    head_dim: int
+    layout: str
+    rotary_dim: int
+    fused: bool = False
+
+
+def find_rotations(model: ir.Model, references: list[RopeReference]) -> tuple[list[_Rotation], list[ir.Node], int]:
+    """The q/k rotations of the rewritten `model` belonging to the original sites in `references`, found by
+    the names of the values the original rotations read and wrote: rotations still written out (x·cos +
+    rotate(x)·sin), RotaryEmbedding nodes (either domain) and GroupQueryAttention nodes rotating inside.
+    Returns (rotations, GroupQueryAttention nodes with do_rotary, rotations the original sites have)."""
+    by_name = _values_by_name(model.graph)
+    rotations: list[_Rotation] = []
+    expected = 0
+    claimed: set[int] = set()
+    for k, ref in enumerate(references):
+        site = ref.site
+        expected += site.sites
+        for app in site.applications:
+            post = by_name.get(app.output.name)
+            pre = by_name.get(app.input.name)
+            if post is None or pre is None or post.producer() is None:
+                continue
+            if post.producer().op_type == "RotaryEmbedding":
+                continue  # counted with the fused nodes below
+            head_dim = app.head_dim or site.head_dim or app.rotary_dim
+            rotations.append(_Rotation(f"{k}: {app.output.name}", pre, post, ref, head_dim, app.layout.value,
+                                       app.rotary_dim))
+            claimed.add(id(post))
+    fused = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention" and "do_rotary" in n.attributes
+           and n.attributes["do_rotary"].as_int()]
+    for node in fused:
+        ref = _reference_for(node, references, by_name)
+        if ref is None:
+            continue
+        site = ref.site
+        apps = [a for a in site.applications if a.head_dim] or list(site.applications)
+        head_dim = site.head_dim or (apps[0].head_dim if apps else None) or site.rotary_dim
+        rotations.append(_Rotation(f"{references.index(ref)}: {node.name}", node.inputs[0], node.outputs[0], ref,
+                                   head_dim, site.layout.value, site.rotary_dim, fused=True))
+    return rotations, gqa, expected
+
+
+def _reference_for(node: ir.Node, references: list[RopeReference], by_name: dict) -> RopeReference | None:
+    """The original site a fused node belongs to: the one whose rotations read its input (by name), else the
+    only site."""
+    x = node.inputs[0]
+    for ref in references:
+        names = {a.input.name for a in ref.site.applications} | {n.inputs[0].name for n in ref.site.fused_nodes}
+        if x is not None and x.name in names:
+            return ref
+    return references[0] if len(references) == 1 else None
+
+
+def check_rotation(model: ir.Model, rot: _Rotation, length: int, vocab: dict[str, int] | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """Runs one rotation of the rewritten model at `length` positions: the pre-rotation q/k is random (an
+    input of the extracted rotation subgraph: no weights read) where its shape is known, else computed from
+    the model's inputs; the rotated q/k is compared with `numpy_rotation` of the same values."""
+    row: dict[str, Any] = {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1],
+                           "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
+    graph = model.graph
+    rng = np.random.default_rng(seed + length)
+    random = _random_input(rot.pre, length, rng)
+    try:
+        if random is not None:
+            x, seq_axis = random
+            others = _graph_inputs_for(graph, [rot.post], [rot.pre])
+            session = _extracted_session(model, [rot.pre, *others], [rot.post])
+            feeds = _input_feeds(others, length, vocab)
+            feeds[rot.pre.name] = x
+            (y,) = session.run(None, feeds)
+            source = "random pre-rotation values"
+        else:
+            others = _graph_inputs_for(graph, [rot.pre, rot.post], [])
+            session = _extracted_session(model, others, [rot.pre, rot.post])
+            x, y = session.run(None, _input_feeds(others, length, vocab))
+            seq_axis = _seq_axis(x.shape, length)
+            source = "the model's pre-rotation values"
+    except Exception as exc:  # noqa: BLE001 - a rotation that cannot run at this length is a failed check
+        row["message"] = f"rotation does not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+        return row
+    if seq_axis is None or np.asarray(y).shape != np.asarray(x).shape:
+        row["message"] = f"cannot line up pre-rotation {np.shape(x)} with rotated {np.shape(y)} at {length} positions"
+        return row
+    xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
+    inv, factor = rot.reference.frequencies(length)
+    positions = np.arange(xs.shape[-2])
+    expected = numpy_rotation(xs, inv, factor, positions, rot.layout, rot.rotary_dim)
+    scale = float(np.max(np.abs(xs[..., : rot.rotary_dim]))) * 2.0 * max(1.0, abs(factor))
+    dtype = str(np.asarray(x).dtype)
+    rel = 4 * _ACT_EPS.get(dtype, _FLOAT32_EPS) + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
+    tol = rel * scale
+    row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
+               compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
+                        f"{factor:.6g}) of {source}, positions 0..{length - 1}",
+               tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
+    return row
+
+
+def _seq_axis(shape, length: int) -> int | None:
+    axes = [k for k, d in enumerate(shape[:-1]) if d == length]
+    if not axes:
+        return None
+    return len(shape) - 2 if (len(shape) - 2) in axes else axes[-1]
+
+
+def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, length: int,
+                       vocab: dict[str, int] | None = None) -> dict[str, Any]:
+    """A GroupQueryAttention node rotating q/k inside: its q/k are not exposed, so its cos/sin caches (as the
+    graph computes them at this length) and its `rotary_interleaved` flag drive a lone com.microsoft.RotaryEmbedding
+    on random q, compared with the numpy rotation."""
+    import onnx
+
+    row: dict[str, Any] = {"site": str(0), "rotation": node.name, "length": length, "max_abs_error": None,
+                           "tolerance": None, "ok": False}
+    try:
+        cos_v, sin_v = node.inputs[7], node.inputs[8]
+        others = _graph_inputs_for(model.graph, [cos_v, sin_v], [])
+        cos, sin = _extracted_session(model, others, [cos_v, sin_v]).run(None, _input_feeds(others, length, vocab))
+        heads = node.attributes["num_heads"].as_int()
+        interleaved = node.attributes["rotary_interleaved"].as_int() if "rotary_interleaved" in node.attributes else 0
+        head_dim = ref.site.head_dim or ref.site.rotary_dim
+        rd = 2 * cos.shape[-1]
+        elem = onnx.helper.np_dtype_to_tensor_dtype(cos.dtype)
+        attrs = {"interleaved": interleaved, "num_heads": heads}
+        if rd < head_dim:
+            attrs["rotary_embedding_dim"] = rd
+        g = onnx.helper.make_graph(
+            [onnx.helper.make_node("RotaryEmbedding", ["x", "p", "c", "s"], ["y"], domain="com.microsoft", **attrs)],
+            "gqa_rotation",
+            [onnx.helper.make_tensor_value_info("x", elem, [1, length, heads * head_dim]),
+             onnx.helper.make_tensor_value_info("p", onnx.TensorProto.INT64, [1, length]),
+             onnx.helper.make_tensor_value_info("c", elem, list(cos.shape)),
+             onnx.helper.make_tensor_value_info("s", elem, list(sin.shape))],
+            [onnx.helper.make_tensor_value_info("y", elem, None)])
+        proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+        x = np.random.default_rng(length).standard_normal((1, length, heads * head_dim)).astype(cos.dtype)
+        (y,) = _session(proto.SerializeToString()).run(None, {"x": x, "p": np.arange(length)[None], "c": cos,
+                                                              "s": sin})
+    except Exception as exc:  # noqa: BLE001
+        row["message"] = f"GroupQueryAttention rotation does not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+        return row
+    xs, ys = _heads_last(x, 1, head_dim), _heads_last(y, 1, head_dim)
+    inv, factor = ref.frequencies(length)
+    expected = numpy_rotation(xs, inv, factor, np.arange(length), ref.site.layout.value, ref.site.rotary_dim)
+    scale = float(np.max(np.abs(xs[..., : ref.site.rotary_dim]))) * 2.0 * max(1.0, abs(factor))
+    dtype = str(cos.dtype)
+    rel = 4 * _ACT_EPS.get(dtype, _FLOAT32_EPS) + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    err = float(np.max(np.abs(ys - expected)))
+    row.update(max_abs_error=err, tolerance=rel * scale, ok=bool(np.isfinite(err) and err <= rel * scale),
+               compared=f"RotaryEmbedding with this GroupQueryAttention's caches and rotary_interleaved on random q "
+                        f"vs numpy {ref.site.layout.value} rotation, positions 0..{length - 1}",
+               tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
+    return row
+
+
+def check_rotations(model: ir.Model, references: list[RopeReference], lengths: list[int],
+                    vocab: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Rows of the rotation oracle: every rotation of every site at every length (the rotation subgraphs only,
+    no weights), plus a row saying whether every rotation of the original sites was found."""
+    rotations, gqa, expected = find_rotations(model, references)
+    found = len(rotations) + 2 * len(gqa)
+    rows: list[dict[str, Any]] = [{
+        "site": "rotations", "length": None, "max_abs_error": None, "tolerance": None, "ok": found >= expected,
+        "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original sites ({expected})"}]
+    for n in lengths:
+        worst: dict[str, dict[str, Any]] = {}
+        for rot in rotations:
+            row = check_rotation(model, rot, n, vocab)
+            key = row["site"]
+            if key not in worst or _worse(row, worst[key]):
+                worst[key] = row
+        for node in gqa:
+            ref = references[0] if len(references) == 1 else None
+            if ref is None:
+                continue
+            row = check_gqa_rotation(model, node, ref, n, vocab)
+            if "gqa" not in worst or _worse(row, worst["gqa"]):
+                worst["gqa"] = row
+        rows.extend(worst.values())
+    return rows
+
+
+def _worse(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a["ok"] != b["ok"]:
+        return not a["ok"]
+    if a["max_abs_error"] is None or b["max_abs_error"] is None:
+        return a["max_abs_error"] is None
+    return a["max_abs_error"] / (a["tolerance"] or 1.0) > b["max_abs_error"] / (b["tolerance"] or 1.0)
