@@ -22,7 +22,6 @@ from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import AngleSource, RopeSite
 
 DEFAULT_CHECK_LENGTH = 8192
-FUSE_COMPARE_LENGTH = 48  # tokens at which a fused-only model is run beside the original
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +176,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     original_max_positions=4096, output="m-yarn.onnx")`.
     """
     from posrewrite.passes.onnx import rescale
-    from posrewrite.validate import FULL_RUN_MAX_BYTES, MAX_VALIDATION_LENGTH, initializer_bytes, run_full_model, validate_sites
 
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
@@ -247,76 +245,72 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     with progress.stage("saving"):
         saved = io.save_model(model, output)
     report = None
-    if opts.validate and not plans and other_changes:
-        from posrewrite.validate import ValidationReport
+    if opts.validate and changes:
+        from posrewrite.validate import validate_rewrite
 
-        report = ValidationReport()
-        length = min(opts.max_positions or 0, MAX_VALIDATION_LENGTH) or None
-        if length and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-            with progress.stage("validating"):
-                ok, message = run_full_model(saved, length, original=path)
-            report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
-                                "ok": ok, "message": message})
-    if opts.validate and not plans and not other_changes and opts.fuse != "none" and changes:
-        from posrewrite.validate import ValidationReport, compare_models
-
-        # fusion alone must not change what the model computes: run both on the same tokens
-        report = ValidationReport()
-        if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-            with progress.stage("validating"):
-                for length in _fuse_compare_lengths(found):
-                    report.rows.append(compare_models(path, saved, length))
-        else:
-            report.notes.append("original/fused comparison skipped: weights over 512 MB")
-    if opts.validate and plans:
-        lengths = _validation_lengths(plans)
         with progress.stage("validating"):
-            report = validate_sites(model, plans, lengths)
-            if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-                ok, message = run_full_model(saved, min(max(lengths), MAX_VALIDATION_LENGTH), original=path)
-                report.rows.append({"site": "model", "length": min(max(lengths), MAX_VALIDATION_LENGTH),
-                                    "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
-            else:
-                report.notes.append("whole-model run skipped: weights over 512 MB (sites were checked)")
-    rows = fused_cache_rows[0]
-    if report is not None and rows and rows < 4 * MAX_VALIDATION_LENGTH and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-        from posrewrite.validate import probe_past_cache
-
-        # positions past the fused caches must fail loudly, not give unrotated q/k
-        report.rows.append(probe_past_cache(saved, int(rows)))
+            report = validate_rewrite(path, saved, opts, found=found, plans=plans, other_changes=other_changes,
+                                      fused_cache_rows=fused_cache_rows[0])
     if report is not None and not report.ok:
         _remove_output(saved)
-        bad = next(r for r in report.rows if not r["ok"])
-        raise errors.ValidationError(f"validation failed: {bad}")
+        from posrewrite.validate import describe_failure
+
+        raise errors.ValidationError(f"validation failed: {describe_failure(report)}")
     return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites)
 
 
-def _fuse_compare_lengths(found: Detection) -> list[int]:
-    """Lengths at which a fused model is compared with the original: a short prompt, and one token past
-    every length at which a site switches its frequencies at run time (LongRoPE exports, dynamic rewrites)."""
-    from posrewrite.validate import MAX_VALIDATION_LENGTH
+@dataclasses.dataclass
+class ValidateResult:
+    """`posrewrite validate ORIGINAL REWRITTEN [flags]`: whether REWRITTEN is what the flags make of ORIGINAL."""
 
-    lengths = {FUSE_COMPARE_LENGTH}
+    original: str
+    rewritten: str
+    validation: Any
+    output_path: None = None
+    modified: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"original": self.original, "rewritten": self.rewritten, "validation": self.validation.to_dict()}
+
+
+def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options: RewriteOptions | None = None,
+             **kwargs) -> ValidateResult:
+    """The rewrite's own oracle for a model rewritten earlier or by another tool: without RoPE options,
+    REWRITTEN must compute what ORIGINAL computes (and its rotations the original's); with them, REWRITTEN
+    must be that rescale of ORIGINAL. Raises nothing for a failed check: see `.validation.ok`."""
+    from posrewrite.passes.onnx import rescale
+    from posrewrite.validate import validate_rewrite
+
+    opts = _options(options, kwargs)
+    orig_model = io.load_model(original)
+    io.load_model(rewritten)  # a bad file fails here, with exit 3
+    found = detect(orig_model)
+    if opts.rescales_rope and not found.rope_sites:
+        raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {original}")
+    plans = []
     for site in found.rope_sites:
-        info = site.extra.angles if site.extra is not None else None
-        if not info:
-            continue
-        switch = (info.get("selected") or {}).get("threshold") or (info.get("runtime") or {}).get(
-            "original_max_position_embeddings")
-        if switch and switch + 1 <= MAX_VALIDATION_LENGTH:
-            lengths.add(int(switch) + 1)
-    return sorted(lengths)
-
-
-def _validation_lengths(plans) -> list[int]:
-    lengths = set()
-    for plan in plans:
-        L = plan.params.original_max_position_embeddings or plan.site.max_positions
-        target = plan.new_length or plan.params.target_length() or (L * 4 if L else 2048)
-        if L:
-            lengths.update({max(2, L // 2), L + 1})
-        lengths.add(int(target))
-    return sorted(n for n in lengths if n <= 4 * 4096)
+        if opts.rescales_rope:
+            try:
+                plan = rescale.plan_site(site, rope_parameters_for(opts, original, site))
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
+            if opts.max_positions and plan.new_length is not None:
+                plan.new_length = max(plan.new_length, int(opts.max_positions))
+            plans.append(plan)
+        elif opts.max_positions:
+            plan = rescale.plan_extension(site, opts.max_positions)
+            if plan is not None:
+                plans.append(plan)
+    others = [s for s in found.sites if not isinstance(s, RopeSite)]
+    other_changes = ["tables"] if others and (opts.max_positions or opts.pos_scale or opts.alibi_scale) else []
+    rows = None
+    if not any(s.angles.value == "fused_op" for s in found.rope_sites):
+        fused = [s.max_positions for s in detect(io.load_model(rewritten)).rope_sites
+                 if s.angles.value == "fused_op" and s.max_positions]
+        rows = min(fused) if fused else None
+    report = validate_rewrite(original, rewritten, opts, found=found, plans=plans, other_changes=other_changes,
+                              fused_cache_rows=rows, rotations=True)
+    return ValidateResult(str(original), str(rewritten), report)
 
 
 def _remove_output(path: Path) -> None:
