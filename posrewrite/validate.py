@@ -663,14 +663,15 @@ def check_rotation(model: ir.Model, rot: _Rotation, length: int, vocab: dict[str
                            "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
     graph = model.graph
     rng = np.random.default_rng(seed + length)
-    random = _random_input(rot.pre, length, rng)
+    feed_at = _feed_point(rot.pre, rot.post)
+    random = _random_input(feed_at, length, rng) if feed_at is not None else None
     try:
         if random is not None:
             x, seq_axis = random
-            others = _graph_inputs_for(graph, [rot.post], [rot.pre])
-            session = _extracted_session(model, [rot.pre, *others], [rot.post])
+            others = _graph_inputs_for(graph, [rot.post], [feed_at])
+            session = _extracted_session(model, [feed_at, *others], [rot.post])
             feeds = _input_feeds(others, length, vocab)
-            feeds[rot.pre.name] = x
+            feeds[feed_at.name] = x
             (y,) = session.run(None, feeds)
             source = "random pre-rotation values"
         else:
@@ -699,6 +700,53 @@ def check_rotation(model: ir.Model, rot: _Rotation, length: int, vocab: dict[str
                         f"{factor:.6g}) of {source}, positions 0..{length - 1}",
                tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
     return row
+
+
+_PASS_THROUGH = ("Cast", "Identity")
+_WEIGHTED = ("MatMul", "Gemm", "MatMulNBits", "Conv", "Attention", "GroupQueryAttention",
+             "MultiHeadAttention", "LayerNormalization", "SimplifiedLayerNormalization")
+
+
+def _feed_point(pre: ir.Value, post: ir.Value) -> ir.Value | None:
+    """The value to feed random q/k at: `pre`, or the value it was cast from when the rotation also reads that
+    one (torch's type promotion casts q and rotate_half(q) separately). None when the rotated value depends on
+    the hidden states other than through it (then the model's own q/k are captured instead)."""
+    chain = [pre]
+    while len(chain) < 4:
+        node = chain[-1].producer()
+        if node is None or node.op_type not in _PASS_THROUGH or not node.inputs or node.inputs[0] is None:
+            break
+        chain.append(node.inputs[0])
+    for k, c in enumerate(chain):
+        nodes = _nodes_between(post, c)
+        if nodes is None:
+            return None
+        seen = {id(v) for n in nodes for v in n.inputs if v is not None}
+        if any(id(a) in seen for a in chain[k + 1:]):
+            continue  # the rotation reads an ancestor of c directly: feed further up
+        if any(n.op_type in _WEIGHTED for n in nodes):
+            return None
+        return c
+    return None
+
+
+def _nodes_between(post: ir.Value, stop: ir.Value, limit: int = 2000) -> list[ir.Node] | None:
+    """Nodes `post` depends on, not looking past `stop` (None past `limit` nodes)."""
+    seen_nodes: dict[int, ir.Node] = {}
+    stack, seen = [post], set()
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen or v is stop:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes[id(node)] = node
+        if len(seen_nodes) > limit:
+            return None
+        stack.extend(node.inputs)
+    return list(seen_nodes.values())
 
 
 def _seq_axis(shape, length: int) -> int | None:
@@ -873,7 +921,8 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     if not changes_outputs:
         lengths.update(_switch_lengths(rope_sites))
     for p in plans:
-        if p.params.rope_type == "dynamic" and p.params.original_max_position_embeddings:
+        if (p.params.rope_type == "dynamic" and p.params.original_max_position_embeddings
+                and p.site.prior_scaling is None and p.params.rope_theta is None):
             lengths.add(max(2, int(p.params.original_max_position_embeddings) // 2))  # dynamic keeps it below L
     if not changes_outputs and (touches_rope or other_changes):
         lengths.add(FUSE_COMPARE_LENGTH)
