@@ -853,6 +853,32 @@ def _half(dtype_name: str | None) -> bool:
     return str(dtype_name) in ("float16", "bfloat16")
 
 
+def _site_key(site: RopeSite) -> tuple:
+    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
+
+
+def _plan_for(site: RopeSite, plans: list) -> Any:
+    """The plan made for `site` (a later pass may have replaced the plan's site object by an updated copy)."""
+    for p in plans:
+        if p.site is site:
+            return p
+    key = _site_key(site)
+    for p in plans:
+        if _site_key(p.site) == key:
+            return p
+    inputs = {a.input.name for a in site.applications}
+    for p in plans:  # fused since: its nodes read the rotations' inputs (or a Reshape of them)
+        read = set()
+        for node in p.site.fused_nodes:
+            x = node.inputs[0]
+            read.add(x.name)
+            if x.producer() is not None and x.producer().inputs:
+                read.add(x.producer().inputs[0].name)
+        if inputs and inputs <= read:
+            return p
+    return None
+
+
 def rotation_lengths(references: list[RopeReference]) -> list[int]:
     """Lengths for the rotation oracle: below and just above each site's original length, and the new one."""
     lengths = {FUSE_COMPARE_LENGTH}
@@ -903,8 +929,7 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     report = ValidationReport()
     start = time.perf_counter()
     rope_sites = list(found.rope_sites)
-    by_site = {id(p.site): p for p in plans}
-    references = [RopeReference(s, by_site.get(id(s))) for s in rope_sites]
+    references = [RopeReference(s, _plan_for(s, plans)) for s in rope_sites]
     rescaled = any(p.params.rope_type != "default" or p.params.rope_theta is not None for p in plans)
     touches_rope = bool(plans) or options.fuse != "none" or options.fp32_positions if rotations is None else rotations
     vocab = token_id_limits(original)
@@ -913,7 +938,10 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
             from posrewrite import io
 
             model = io.load_model(rewritten)
-        report.rows.extend(check_rotations(model, references, rotation_lengths(references), vocab))
+        lengths = set(rotation_lengths(references))
+        # the fused caches' last row (claimed by the rewrite, or by --max-positions) must be reachable
+        lengths.update(n for n in (fused_cache_rows, options.max_positions) if n and n <= 4 * MAX_VALIDATION_LENGTH)
+        report.rows.extend(check_rotations(model, references, sorted(lengths), vocab))
     half_positions = any(_half(s.position_dtype) or _half(s.angle_dtype) for s in rope_sites)
     changes_outputs = (rescaled or bool(options.pos_scale) or bool(options.alibi_scale)
                        or (options.fp32_positions and half_positions))
