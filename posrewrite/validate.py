@@ -654,42 +654,17 @@ def _reference_for(node: ir.Node, references: list[RopeReference], by_name: dict
     return references[0] if len(references) == 1 else None
 
 
-def check_rotation(model: ir.Model, rot: _Rotation, length: int, vocab: dict[str, int] | None = None,
-                   seed: int = 0) -> dict[str, Any]:
-    """Runs one rotation of the rewritten model at `length` positions: the pre-rotation q/k is random (an
-    input of the extracted rotation subgraph: no weights read) where its shape is known, else computed from
-    the model's inputs; the rotated q/k is compared with `numpy_rotation` of the same values."""
+def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: int | None, length: int,
+                      source: str) -> dict[str, Any]:
+    """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions 0..length-1)."""
     row: dict[str, Any] = {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1],
                            "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
-    graph = model.graph
-    rng = np.random.default_rng(seed + length)
-    feed_at = _feed_point(rot.pre, rot.post)
-    random = _random_input(feed_at, length, rng) if feed_at is not None else None
-    try:
-        if random is not None:
-            x, seq_axis = random
-            others = _graph_inputs_for(graph, [rot.post], [feed_at])
-            session = _extracted_session(model, [feed_at, *others], [rot.post])
-            feeds = _input_feeds(others, length, vocab)
-            feeds[feed_at.name] = x
-            (y,) = session.run(None, feeds)
-            source = "random pre-rotation values"
-        else:
-            others = _graph_inputs_for(graph, [rot.pre, rot.post], [])
-            session = _extracted_session(model, others, [rot.pre, rot.post])
-            x, y = session.run(None, _input_feeds(others, length, vocab))
-            seq_axis = _seq_axis(x.shape, length)
-            source = "the model's pre-rotation values"
-    except Exception as exc:  # noqa: BLE001 - a rotation that cannot run at this length is a failed check
-        row["message"] = f"rotation does not run at {length} positions: {str(exc).splitlines()[0][:200]}"
-        return row
-    if seq_axis is None or np.asarray(y).shape != np.asarray(x).shape:
+    if seq_axis is None or np.shape(y) != np.shape(x):
         row["message"] = f"cannot line up pre-rotation {np.shape(x)} with rotated {np.shape(y)} at {length} positions"
         return row
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
-    positions = np.arange(xs.shape[-2])
-    expected = numpy_rotation(xs, inv, factor, positions, rot.layout, rot.rotary_dim)
+    expected = numpy_rotation(xs, inv, factor, np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
     scale = float(np.max(np.abs(xs[..., : rot.rotary_dim]))) * 2.0 * max(1.0, abs(factor))
     dtype = str(np.asarray(x).dtype)
     rel = 4 * _ACT_EPS.get(dtype, _FLOAT32_EPS) + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
@@ -700,6 +675,74 @@ def check_rotation(model: ir.Model, rot: _Rotation, length: int, vocab: dict[str
                         f"{factor:.6g}) of {source}, positions 0..{length - 1}",
                tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
     return row
+
+
+class _RotationRunner:
+    """Runs the rotations of a rewritten model at given lengths. A rotation whose rotated q/k depends on the
+    hidden states only through its pre-rotation q/k is run on its own subgraph with random q/k (no weights
+    read); the others are captured together from one run of the model's prefix that computes them."""
+
+    def __init__(self, model: ir.Model, rotations: list[_Rotation], vocab: dict[str, int] | None) -> None:
+        self.model, self.vocab = model, vocab
+        self.alone: list[tuple[_Rotation, ir.Value, Any, list[ir.Value]]] = []
+        self.captured: list[_Rotation] = []
+        self.errors: dict[int, str] = {}
+        for rot in rotations:
+            feed_at = _feed_point(rot.pre, rot.post)
+            if feed_at is None or _random_input(feed_at, 2, np.random.default_rng(0)) is None:
+                self.captured.append(rot)
+                continue
+            try:
+                others = _graph_inputs_for(model.graph, [rot.post], [feed_at])
+                session = _extracted_session(model, [feed_at, *others], [rot.post])
+            except Exception as exc:  # noqa: BLE001 - reported as a failed row
+                self.errors[id(rot)] = f"cannot extract the rotation: {str(exc).splitlines()[0][:200]}"
+                continue
+            self.alone.append((rot, feed_at, session, others))
+        self.prefix = None
+        if self.captured:
+            outputs = [v for rot in self.captured for v in (rot.pre, rot.post)]
+            try:
+                self.prefix_inputs = _graph_inputs_for(model.graph, outputs, [])
+                self.prefix = _extracted_session(model, self.prefix_inputs, outputs)
+            except Exception as exc:  # noqa: BLE001
+                for rot in self.captured:
+                    self.errors[id(rot)] = f"cannot extract the rotations: {str(exc).splitlines()[0][:200]}"
+
+    def rows(self, rotations: list[_Rotation], length: int, seed: int = 0) -> list[dict[str, Any]]:
+        rows = []
+        for rot in rotations:
+            if id(rot) in self.errors:
+                rows.append(self._failed(rot, length, self.errors[id(rot)]))
+        rng = np.random.default_rng(seed + length)
+        for rot, feed_at, session, others in self.alone:
+            x, seq_axis = _random_input(feed_at, length, rng)
+            feeds = _input_feeds(others, length, self.vocab)
+            feeds[feed_at.name] = x
+            try:
+                (y,) = session.run(None, feeds)
+            except Exception as exc:  # noqa: BLE001 - a rotation that cannot run at this length fails
+                rows.append(self._failed(rot, length, f"rotation does not run at {length} positions: "
+                                                      f"{str(exc).splitlines()[0][:200]}"))
+                continue
+            rows.append(_compare_rotation(rot, x, y, seq_axis, length, "random pre-rotation values"))
+        if self.prefix is not None:
+            try:
+                values = self.prefix.run(None, _input_feeds(self.prefix_inputs, length, self.vocab))
+            except Exception as exc:  # noqa: BLE001
+                message = f"rotations do not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+                rows.extend(self._failed(rot, length, message) for rot in self.captured)
+                return rows
+            for k, rot in enumerate(self.captured):
+                x, y = values[2 * k], values[2 * k + 1]
+                rows.append(_compare_rotation(rot, x, y, _seq_axis(np.shape(x), length), length,
+                                              "the model's pre-rotation values"))
+        return rows
+
+    @staticmethod
+    def _failed(rot: _Rotation, length: int, message: str) -> dict[str, Any]:
+        return {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1], "length": length,
+                "max_abs_error": None, "tolerance": None, "ok": False, "message": message}
 
 
 _PASS_THROUGH = ("Cast", "Identity")
@@ -816,11 +859,13 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
     rows: list[dict[str, Any]] = [{
         "site": "rotations", "length": None, "max_abs_error": None, "tolerance": None, "ok": found >= expected,
         "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original sites ({expected})"}]
+    runner = _RotationRunner(model, rotations, vocab)
     for n in lengths:
         worst: dict[str, dict[str, Any]] = {}
-        for rot in rotations:
-            row = check_rotation(model, rot, n, vocab)
+        counts: dict[str, int] = {}
+        for row in runner.rows(rotations, n):
             key = row["site"]
+            counts[key] = counts.get(key, 0) + 1
             if key not in worst or _worse(row, worst[key]):
                 worst[key] = row
         for node in gqa:
@@ -828,8 +873,11 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
             if ref is None:
                 continue
             row = check_gqa_rotation(model, node, ref, n, vocab)
+            counts["gqa"] = counts.get("gqa", 0) + 1
             if "gqa" not in worst or _worse(row, worst["gqa"]):
                 worst["gqa"] = row
+        for key, row in worst.items():
+            row["rotations_checked"] = counts[key]  # the row shows the worst of them
         rows.extend(worst.values())
     return rows
 
