@@ -1,8 +1,12 @@
-"""Validation in onnxruntime: each rewritten site against the math reference, and the whole model.
+"""Validation in onnxruntime: an oracle of what a rewrite claims, never a re-reading of what it wrote.
 
-Sites are checked on the subgraph that computes their cos/sin, cut out of the rewritten model: this runs in
-milliseconds and reads no weights, whatever the model's size. The whole model is also run at the new length
-when its weights are small enough to run here (see `FULL_RUN_MAX_BYTES`).
+- Rotations (every RoPE rewrite): each q/k rotation of the rewritten model, run on its own subgraph with
+  random pre-rotation q/k (no weights read) or captured from the model's prefix, against `numpy_rotation`
+  of the same q/k with the frequencies and attention factor `posrewrite.math.rope` gives for the request.
+- Output-preserving rewrites: the original and the rewritten model on the same inputs, one after the other,
+  within `output_tolerance` (from the outputs' magnitude and dtype; see COMPARE_EPS_UNITS).
+- Rescales: the whole rewritten model at the new length runs and gives finite outputs.
+Entry points: `validate_rewrite` (called by `api.rewrite` and `api.validate`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import numpy_dtype
-from posrewrite.sites.rope import AngleSource, Layout, RopeSite
+from posrewrite.sites.rope import Layout, RopeSite
 
-FULL_RUN_MAX_BYTES = 512 * 1024 * 1024
 MAX_VALIDATION_LENGTH = 4096
 
 
@@ -37,182 +40,12 @@ class ValidationReport:
         return {"ok": self.ok, "rows": self.rows, "notes": self.notes, "seconds": round(self.seconds, 3)}
 
 
-def _ancestor_inputs(graph: ir.Graph, outputs: list[ir.Value]) -> list[ir.Value]:
-    graph_inputs = {id(v): v for v in graph.inputs}
-    seen: set[int] = set()
-    found: dict[int, ir.Value] = {}
-    stack = list(outputs)
-    while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        if id(v) in graph_inputs:
-            found[id(v)] = v
-            continue
-        node = v.producer()
-        if node is not None:
-            stack.extend(i for i in node.inputs if i is not None)
-    return [v for v in graph.inputs if id(v) in found]
-
-
 def _session(model_proto_bytes: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model_proto_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def subgraph_session(model: ir.Model, outputs: list[ir.Value]):
-    """An onnxruntime session computing `outputs` from the graph inputs they depend on."""
-    inputs = _ancestor_inputs(model.graph, outputs)
-    sub = ir.convenience.extract(model.graph, inputs, outputs)
-    for init in list(sub.initializers.values()):
-        if isinstance(init.const_value, ir.ExternalTensor):  # small tables only; bring them inline
-            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
-    sub.opset_imports.update(model.graph.opset_imports)
-    sub_model = ir.Model(sub, ir_version=model.ir_version)
-    proto = ir.to_proto(sub_model)
-    return _session(proto.SerializeToString()), inputs
-
-
-def make_feeds(inputs: list[ir.Value], length: int, batch: int = 1) -> dict[str, np.ndarray]:
-    """Inputs for a run at `length` tokens: ids 0, masks 1, positions 0..length-1."""
-    feeds = {}
-    for v in inputs:
-        name = (v.name or "").lower()
-        dims = list(v.shape.dims) if v.shape is not None else [batch, length]
-        shape = []
-        for k, d in enumerate(dims):
-            if isinstance(d, int):
-                shape.append(d)
-            else:
-                shape.append(batch if k == 0 and len(dims) > 1 else length)
-        dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
-        if "position" in name:
-            arr = np.broadcast_to(np.arange(length, dtype=dtype), shape).copy()
-        elif "mask" in name:
-            arr = np.ones(shape, dtype=dtype)
-        else:
-            arr = np.zeros(shape, dtype=dtype)
-        feeds[v.name] = arr
-    return feeds
-
-
-def _as_rows(arr: np.ndarray, length: int) -> np.ndarray:
-    """[.., S, w] (any leading 1-dims) -> [S, w]."""
-    a = np.asarray(arr, dtype=np.float64)
-    a = a.reshape(-1, a.shape[-1])
-    if a.shape[0] != length:
-        a = a[:length] if a.shape[0] > length else a
-    return a
-
-
-def reference_tables(site: RopeSite, params: rope_math.RopeParameters | None, length: int, width: int,
-                     attention_factor_before: float) -> tuple[np.ndarray, np.ndarray]:
-    """What cos/sin of a (rewritten) site must be at positions 0..length-1, from the math module only."""
-    if params is None or (params.rope_type == "default" and params.rope_theta is None):
-        # not rescaled (at most extended): the site's own frequencies and attention factor
-        inv, factor = site.inv_freq, attention_factor_before
-    else:  # rescaled: the new method's attention factor replaces the old one, as in HF
-        inv, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=site.base,
-                                                dim=site.rotary_dim, seq_len=length)
-    if width * 2 == site.rotary_dim:
-        layout = "half"
-    else:
-        layout = "interleaved" if site.layout == Layout.INTERLEAVED else "rotate_half"
-    return rope_math.cos_sin_tables(inv, length, attention_factor=factor, layout=layout, dtype=np.float64)
-
-
-def tolerance(dtype_name: str, length: int, inv_freq: np.ndarray | None) -> float:
-    """Bound on |graph - reference| for cos/sin: the table's rounding plus the float32 angle rounding at
-    the largest angle (fp32 products and Pow may differ by a few ulp between numpy and onnxruntime)."""
-    table_eps = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}.get(dtype_name, 2.0 ** -23)
-    max_angle = float(length) * float(np.max(inv_freq)) if inv_freq is not None else float(length)
-    return 2 * table_eps + 8 * max_angle * 2.0 ** -24 + 1e-6
-
-
-def validate_sites(model: ir.Model, plans: list, lengths: list[int]) -> ValidationReport:
-    """Runs each rewritten site's cos/sin subgraph at `lengths` and compares with the math reference."""
-    report = ValidationReport()
-    start = time.perf_counter()
-    for k, plan in enumerate(plans):
-        site: RopeSite = plan.site
-        params = plan.params
-        if getattr(plan, "caches", None) is not None:
-            targets = list(plan.caches)  # written by the rescale (the fused node may be inside an attention op)
-        elif site.angles == AngleSource.FUSED_OP and site.cos_cache is not None and site.sin_cache is not None:
-            targets = [site.cos_cache, site.sin_cache]  # the caches (the fused node may be inside an attention op now)
-        elif site.angles == AngleSource.FUSED_OP:
-            node = site.fused_nodes[0]
-            contrib = node.domain == "com.microsoft"
-            targets = [node.inputs[2], node.inputs[3]] if contrib else [node.inputs[1], node.inputs[2]]
-        else:
-            targets = current_cos_sin(model, site.applications[0])
-        try:
-            session, inputs = subgraph_session(model, targets)
-        except Exception as exc:  # noqa: BLE001 - reported as a failed row
-            report.rows.append({"site": k, "length": None, "max_abs_error": None, "tolerance": None, "ok": False,
-                                "error": f"cannot run the site subgraph: {exc}"})
-            continue
-        for n in lengths:
-            feeds = make_feeds(inputs, n)
-            try:
-                cos, sin = session.run(None, feeds)
-            except Exception as exc:  # noqa: BLE001
-                report.rows.append({"site": k, "length": n, "max_abs_error": None, "tolerance": None, "ok": False,
-                                    "error": str(exc).splitlines()[0][:200]})
-                continue
-            width = cos.shape[-1]
-            rows = min(n, int(np.prod(cos.shape[:-1])))
-            gcos, gsin = _as_rows(cos, rows), _as_rows(sin, rows)
-            rcos, rsin = reference_tables(site, params, n, width, site.attention_factor)
-            rcos, rsin = rcos[:rows], rsin[:rows]
-            if site.angles == AngleSource.CACHED and site.extra.cos_src.columns is not None:
-                pass  # app.cos already holds only its column range
-            err = float(max(np.max(np.abs(gcos - rcos)), np.max(np.abs(gsin - rsin))))
-            dt = str(np.asarray(cos).dtype)
-            tol = tolerance(dt, n, site.inv_freq)
-            report.rows.append({"site": k, "length": n, "rows": rows, "max_abs_error": err, "tolerance": tol, "ok": err <= tol})
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def current_cos_sin(model: ir.Model, app) -> list[ir.Value]:
-    """The cos/sin values a rotation multiplies with now: later passes (fp32 positions) may have replaced
-    the ones detection saw; the replacements are found from the rotation's own Mul nodes."""
-    if app.cos.graph is model.graph and app.sin.graph is model.graph and app.cos.uses() and app.sin.uses():
-        return [app.cos, app.sin]
-    inside = {id(n) for n in app.nodes}
-    found: dict[str, ir.Value] = {}
-    for node in app.nodes:
-        if node.op_type != "Mul":
-            continue
-        for v in node.inputs:
-            if v is None or v is app.input or (v.producer() is not None and id(v.producer()) in inside):
-                continue
-            w = v
-            for _ in range(12):
-                p = w.producer()
-                if p is None:
-                    break
-                if p.op_type in ("Cos", "Sin"):
-                    found.setdefault(p.op_type.lower(), v)
-                    break
-                w = p.inputs[0]
-    if "cos" not in found or "sin" not in found:
-        return [app.cos, app.sin]
-    return [found["cos"], found["sin"]]
-
-
-def initializer_bytes(model: ir.Model) -> int:
-    total = 0
-    for v in model.graph.initializers.values():
-        t = v.const_value
-        if t is not None:
-            total += int(np.prod(t.shape.dims)) * max(1, t.dtype.itemsize if hasattr(t.dtype, "itemsize") else 4)
-    return total
 
 
 def _session_for(path, quiet: bool = False):
@@ -344,7 +177,8 @@ def output_tolerance(reference: np.ndarray) -> tuple[float, str]:
     eps = _DTYPE_EPS.get(dtype, 2.0 ** -23)
     a = np.asarray(reference, dtype=np.float64)
     magnitude = float(np.max(np.abs(a))) if a.size else 0.0
-    return units * eps * max(magnitude, np.finfo(np.float32).tiny), f"{units:g} {dtype} eps x max|original| ({magnitude:.3g})"
+    how = f"{units:g} {dtype} eps x max|original| ({magnitude:.3g})"
+    return units * eps * max(magnitude, float(np.finfo(np.float32).tiny)), how
 
 
 def _run_model(path, feeds_from=None, length: int = 0, vocab=None):
@@ -386,7 +220,8 @@ def compare_models(original, rewritten, length: int) -> dict[str, Any]:
         a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         if not np.all(np.isfinite(a)):
             if k == 0:
-                row["message"] = f"comparison skipped: the original model itself gives non-finite outputs at {length} tokens"
+                row["message"] = ("comparison skipped: the original model itself gives non-finite outputs at "
+                                  f"{length} tokens")
                 return row
             continue
         if a.shape != b.shape:
@@ -834,7 +669,8 @@ def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, lengt
         (y,) = _session(proto.SerializeToString()).run(None, {"x": x, "p": np.arange(length)[None], "c": cos,
                                                               "s": sin})
     except Exception as exc:  # noqa: BLE001
-        row["message"] = f"GroupQueryAttention rotation does not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+        row["message"] = (f"GroupQueryAttention rotation does not run at {length} positions: "
+                          f"{str(exc).splitlines()[0][:200]}")
         return row
     xs, ys = _heads_last(x, 1, head_dim), _heads_last(y, 1, head_dim)
     inv, factor = ref.frequencies(length)
