@@ -163,8 +163,8 @@ def _run_once(path, length: int, what: str) -> tuple[bool, str]:
 # output's magnitude (max |original output|). Measured on the fixtures (tests/test_validation.py,
 # `python benchmarks/validation_noise.py`): benign changes (onnxruntime graph optimisation level, intra-op
 # threads 1 vs 2) move fp32 logits by up to 4.8e-7 of their magnitude (4 eps) and fp16 ones by 4.6e-4 (0.5 eps);
-# correct fusions by up to 1.5e-6 (13 eps, fp32) and 8e-4 (0.8 eps, fp16). The bound is 64 eps (fp32: 7.6e-6)
-# and 8 eps (fp16: 7.8e-3), 5-16x above what correct rewrites move, far below what a wrong rotation moves
+# correct fusions of 8 architectures by up to 5.4e-7 (fp32) and 4.6e-4 (fp16). The bound is 64 eps (fp32: 7.6e-6)
+# and 8 eps (fp16: 7.8e-3), 14-17x above what correct rewrites move, far below what a wrong rotation moves
 # (the Cohere fusion without `interleaved`: 4e-3 of the magnitude).
 COMPARE_EPS_UNITS = {"float32": 64.0, "float16": 8.0, "bfloat16": 8.0, "float64": 2.0 ** 29}
 _DTYPE_EPS = {"float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float64": 2.0 ** -52}
