@@ -754,7 +754,9 @@ def _plan_for(site: RopeSite, plans: list) -> Any:
     for p in plans:  # fused since: its nodes read the rotations' inputs (or a Reshape of them)
         read = set()
         for node in p.site.fused_nodes:
-            x = node.inputs[0]
+            x = node.inputs[0] if node.inputs else None
+            if x is None:  # the node was folded into an attention op since
+                continue
             read.add(x.name)
             if x.producer() is not None and x.producer().inputs:
                 read.add(x.producer().inputs[0].name)
@@ -764,19 +766,27 @@ def _plan_for(site: RopeSite, plans: list) -> Any:
 
 
 def rotation_lengths(references: list[RopeReference]) -> list[int]:
-    """Lengths for the rotation oracle: below and just above each site's original length, and the new one."""
+    """Lengths for the rotation oracle: below and just above each site's original length L and the new length,
+    never past the rows a table holds (a table of L rows serves positions 0..L-1 only)."""
     lengths = {FUSE_COMPARE_LENGTH}
+    limits = []
     for ref in references:
-        plan = ref.plan
-        L = None
+        plan, site = ref.plan, ref.site
         if plan is not None:
-            L = plan.params.original_max_position_embeddings or ref.site.max_positions
+            L = plan.params.original_max_position_embeddings or site.max_positions
             target = plan.new_length or plan.params.target_length() or (L * 4 if L else 2048)
             lengths.add(int(target))
+            if site.max_positions is not None:
+                limits.append(int(plan.new_length or site.max_positions))
         else:
-            L = ref.site.max_positions
+            L = site.max_positions
+            if L:
+                limits.append(int(L))
         if L:
             lengths.update({max(2, L // 2), L + 1})
+    limit = min(limits) if limits else None
+    if limit is not None:
+        lengths = {min(n, limit) for n in lengths}
     return sorted(n for n in lengths if n <= 4 * MAX_VALIDATION_LENGTH)
 
 
@@ -813,7 +823,10 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     report = ValidationReport()
     start = time.perf_counter()
     rope_sites = list(found.rope_sites)
-    references = [RopeReference(s, _plan_for(s, plans)) for s in rope_sites]
+    if len(plans) == len(rope_sites) and all(_plan_for(s, plans) is None for s in rope_sites):
+        references = [RopeReference(s, p) for s, p in zip(rope_sites, plans, strict=True)]  # one plan per site
+    else:
+        references = [RopeReference(s, _plan_for(s, plans)) for s in rope_sites]
     rescaled = any(p.params.rope_type != "default" or p.params.rope_theta is not None for p in plans)
     touches_rope = bool(plans) or options.fuse != "none" or options.fp32_positions if rotations is None else rotations
     vocab = token_id_limits(original)
