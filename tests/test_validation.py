@@ -306,3 +306,22 @@ def test_no_false_alarm_fused(method, target, tmp_path):
     result = api.rewrite(src, output=tmp_path / "out.onnx", fuse=target, **METHODS[method])
     assert result.validation.ok, result.validation.to_dict()
     _rotation_rows(result)
+
+
+def test_validate_command_rope_params_and_errors(tmp_path, capsys):
+    """`posrewrite validate` takes the rescale as --rope-params too; a wrong claim exits 6; a missing file is one
+    line and exit 3."""
+    import json
+
+    src = _direct()
+    out = tmp_path / "yarn.onnx"
+    api.rewrite(src, output=out, validate=False, **YARN)
+    params = json.dumps({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L})
+    assert cli.main(["validate", str(src), str(out), "--rope-params", params]) == 0, capsys.readouterr().err
+    # the same file is not a linear rescale, nor unchanged
+    assert cli.main(["validate", str(src), str(out), "--rope-scale", "4"]) == 6
+    assert cli.main(["validate", str(src), str(out)]) == 6
+    capsys.readouterr()
+    assert cli.main(["validate", str(src), str(tmp_path / "missing.onnx")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("posrewrite: error:")
