@@ -482,9 +482,13 @@ def _reference_for(node: ir.Node, references: list[RopeReference], by_name: dict
     """The original site a fused node belongs to: the one whose rotations read its input (by name), else the
     only site."""
     x = node.inputs[0]
+    reads = set() if x is None else {x.name}
+    if x is not None and x.producer() is not None and x.producer().op_type == "Reshape":
+        reads.add(x.producer().inputs[0].name)  # [B,S,H,D] rotations are fused on a [B,S,H*D] view
     for ref in references:
-        names = {a.input.name for a in ref.site.applications} | {n.inputs[0].name for n in ref.site.fused_nodes}
-        if x is not None and x.name in names:
+        names = {a.input.name for a in ref.site.applications}
+        names |= {n.inputs[0].name for n in ref.site.fused_nodes if n.inputs and n.inputs[0] is not None}
+        if reads & names:
             return ref
     return references[0] if len(references) == 1 else None
 
