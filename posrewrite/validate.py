@@ -409,13 +409,11 @@ def _random_input(value: ir.Value, length: int, rng: np.random.Generator) -> tup
         return None
     dims = list(value.shape.dims)
     symbolic = [k for k, d in enumerate(dims) if not isinstance(d, int)]
-    if not symbolic or len(dims) < 3:
-        return None
-    seq_axis = symbolic[-1] if len(symbolic) > 1 or symbolic[0] != 0 else None
-    if seq_axis is None:
-        return None
-    shape = [d if isinstance(d, int) else (1 if k == symbolic[0] and k != seq_axis else length)
-             for k, d in enumerate(dims)]
+    others = [k for k in symbolic if k != 0]
+    if len(others) != 1 or len(dims) < 3:
+        return None  # no length axis, or more than one candidate (heads not static): capture the model's own
+    seq_axis = others[0]
+    shape = [d if isinstance(d, int) else (length if k == seq_axis else 1) for k, d in enumerate(dims)]
     return rng.standard_normal(shape).astype(numpy_dtype(value.dtype)), seq_axis
 
 
@@ -423,7 +421,7 @@ def _heads_last(a: np.ndarray, seq_axis: int, head_dim: int) -> np.ndarray:
     """[..., S, D]: q/k as [B,H,S,D], [B,S,H,D] or [B,S,H*D], the positions on axis -2, one head per row."""
     a = np.asarray(a, np.float64)
     seq_axis = seq_axis % a.ndim
-    if a.shape[-1] != head_dim and a.shape[-1] % head_dim == 0:
+    if a.ndim == 3 and a.shape[-1] != head_dim and a.shape[-1] % head_dim == 0:  # [B,S,H*D] only
         a = a.reshape(*a.shape[:-1], a.shape[-1] // head_dim, head_dim)
     return np.moveaxis(a, seq_axis, -2)
 
