@@ -245,7 +245,9 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
     (onnxruntime CPU checks position ids against the cache) rather than give outputs from unrotated or
     out-of-bounds values. The error comes from the first layer's RotaryEmbedding, so the probe is cheap."""
     length = rows + 1
-    row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None, "ok": True}
+    row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None, "ok": True,
+                           "compared": f"the fused model at {length} tokens, one past its {rows}-row caches: must be "
+                                       "rejected"}
     try:
         session = _session_for(path, quiet=True)
     except Exception as exc:  # noqa: BLE001
