@@ -266,8 +266,6 @@ class ValidateResult:
     original: str
     rewritten: str
     validation: Any
-    output_path: None = None
-    modified: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"original": self.original, "rewritten": self.rewritten, "validation": self.validation.to_dict()}
