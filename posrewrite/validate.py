@@ -526,11 +526,24 @@ class _RotationRunner:
         self.alone: list[tuple[_Rotation, ir.Value, Any, list[ir.Value]]] = []
         self.captured: list[_Rotation] = []
         self.errors: dict[int, str] = {}
+        fed: list[tuple[_Rotation, ir.Value]] = []
         for rot in rotations:
             feed_at = _feed_point(rot.pre, rot.post)
             if feed_at is None or _random_input(feed_at, 2, np.random.default_rng(0)) is None:
                 self.captured.append(rot)
-                continue
+            else:
+                fed.append((rot, feed_at))
+        self.together = None
+        if len({id(f) for _, f in fed}) == len(fed) > 1:  # one session for all of them (each its own input)
+            try:
+                feeds_at = [f for _, f in fed]
+                others = _graph_inputs_for(model.graph, [r.post for r, _ in fed], feeds_at)
+                session = _extracted_session(model, [*feeds_at, *others], [r.post for r, _ in fed])
+                self.together = (fed, session, others)
+                fed = []
+            except Exception:  # noqa: BLE001 - one session per rotation then
+                pass
+        for rot, feed_at in fed:
             try:
                 others = _graph_inputs_for(model.graph, [rot.post], [feed_at])
                 session = _extracted_session(model, [feed_at, *others], [rot.post])
@@ -554,6 +567,20 @@ class _RotationRunner:
             if id(rot) in self.errors:
                 rows.append(self._failed(rot, length, self.errors[id(rot)]))
         rng = np.random.default_rng(seed + length)
+        if self.together is not None:
+            fed, session, others = self.together
+            feeds = _input_feeds(others, length, self.vocab)
+            xs = [_random_input(f, length, rng) for _, f in fed]
+            for (_, f), (x, _) in zip(fed, xs, strict=True):
+                feeds[f.name] = x
+            try:
+                ys = session.run(None, feeds)
+            except Exception as exc:  # noqa: BLE001 - rotations that cannot run at this length fail
+                message = f"rotations do not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+                rows.extend(self._failed(rot, length, message) for rot, _ in fed)
+            else:
+                for (rot, _), (x, seq_axis), y in zip(fed, xs, ys, strict=True):
+                    rows.append(_compare_rotation(rot, x, y, seq_axis, length, "random pre-rotation values"))
         for rot, feed_at, session, others in self.alone:
             x, seq_axis = _random_input(feed_at, length, rng)
             feeds = _input_feeds(others, length, self.vocab)
