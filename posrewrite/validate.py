@@ -889,12 +889,12 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
         for n in sorted(lengths):
             if n <= MAX_VALIDATION_LENGTH:
                 report.rows.append(compare_models(original, rewritten, n))
-    if rescaled or (other_changes and changes_outputs) or (other_changes and options.max_positions):
-        length = MAX_VALIDATION_LENGTH
-        if plans and rescaled:
-            length = min(max(rotation_lengths(references)), MAX_VALIDATION_LENGTH)
-        elif options.max_positions:
-            length = min(int(options.max_positions), MAX_VALIDATION_LENGTH)
+    length = None
+    if rescaled:
+        length = min(max(rotation_lengths(references)), MAX_VALIDATION_LENGTH)
+    elif (other_changes or plans) and options.max_positions:  # extended tables: run at their new length
+        length = min(int(options.max_positions), MAX_VALIDATION_LENGTH)
+    if length:
         ok, message = run_full_model(rewritten, length, original=original)
         report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                             "ok": ok, "message": message,
