@@ -24,7 +24,6 @@ from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import AngleSource, RopeSite
 
 DEFAULT_CHECK_LENGTH = 8192
-FUSE_COMPARE_LENGTH = 48  # tokens at which a fused-only model is run beside the original
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,8 +304,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         report = _validate_staged(model, found, plans, other_changes, changes, attention_changes, opts, path, saved,
                                   fused_cache_rows, progress)
         if report is not None and not report.ok:
-            bad = next(r for r in report.rows if not r["ok"])
-            raise errors.ValidationError(f"validation failed: {bad}")
+            from posrewrite.validate import describe_failure
+
+            raise errors.ValidationError(f"validation failed: {describe_failure(report)}")
         saved = staged.commit()
     context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [fused_cache_rows[0] or 0]) or None
     hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
@@ -332,56 +332,19 @@ class _WrittenInStage:
 
 def _validate_staged(model, found: Detection, plans, other_changes, changes, attention_changes,
                      opts: RewriteOptions, path, saved, fused_cache_rows, progress):
-    """Validation of the written (not yet switched) model at ``saved``; None when nothing was validated."""
-    from posrewrite.validate import (
-        FULL_RUN_MAX_BYTES,
-        MAX_VALIDATION_LENGTH,
-        initializer_bytes,
-        run_full_model,
-        validate_sites,
-    )
+    """Validation of the written (not yet switched) model at ``saved``: the oracle of `posrewrite.validate`
+    (attention-level extensions: `_validate_attention`); None when nothing was validated. A model whose
+    original onnxruntime cannot load is an error (exit 3), not a validation that passed."""
+    if not opts.validate or not changes:
+        return None
+    if attention_changes and not plans and not other_changes:
+        return _validate_attention(path, saved, model, opts, progress)
+    from posrewrite.validate import validate_rewrite
 
-    run_full_model = _loads_or_refuses(run_full_model, path)
-    report = None
-    if opts.validate and not plans and other_changes:
-        from posrewrite.validate import ValidationReport
-
-        report = ValidationReport()
-        length = min(opts.max_positions or 0, MAX_VALIDATION_LENGTH) or None
-        if length and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-            with progress.stage("validating"):
-                ok, message = run_full_model(saved, length, original=path)
-            report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
-                                "ok": ok, "message": message})
-    if opts.validate and not plans and not other_changes and opts.fuse != "none" and changes:
-        from posrewrite.validate import ValidationReport, compare_models
-
-        # fusion alone must not change what the model computes: run both on the same tokens
-        report = ValidationReport()
-        if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-            with progress.stage("validating"):
-                for length in _fuse_compare_lengths(found):
-                    report.rows.append(compare_models(path, saved, length))
-        else:
-            report.notes.append("original/fused comparison skipped: weights over 512 MB")
-    if opts.validate and plans:
-        lengths = _validation_lengths(plans)
-        with progress.stage("validating"):
-            report = validate_sites(model, plans, lengths)
-            if initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-                ok, message = run_full_model(saved, min(max(lengths), MAX_VALIDATION_LENGTH), original=path)
-                report.rows.append({"site": "model", "length": min(max(lengths), MAX_VALIDATION_LENGTH),
-                                    "max_abs_error": None, "tolerance": None, "ok": ok, "message": message})
-            else:
-                report.notes.append("whole-model run skipped: weights over 512 MB (sites were checked)")
-    if opts.validate and attention_changes and not plans and not other_changes:
-        report = _validate_attention(path, saved, model, opts, progress)
-    rows = fused_cache_rows[0]
-    if report is not None and rows and rows < 4 * MAX_VALIDATION_LENGTH and initializer_bytes(model) <= FULL_RUN_MAX_BYTES:
-        from posrewrite.validate import probe_past_cache
-
-        # positions past the fused caches must fail loudly, not give unrotated q/k
-        report.rows.append(probe_past_cache(saved, int(rows)))
+    with progress.stage("validating"):
+        report = validate_rewrite(path, saved, opts, found=found, plans=plans, other_changes=other_changes,
+                                  fused_cache_rows=fused_cache_rows[0])
+    _refuse_if_original_cannot_load(report, path)
     return report
 
 
@@ -413,19 +376,9 @@ def _attention_extension(model: ir.Model, path, opts: RewriteOptions) -> list[st
 def _validate_attention(path, saved, model: ir.Model, opts: RewriteOptions, progress):
     """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it must
     run."""
-    from posrewrite.validate import (
-        FULL_RUN_MAX_BYTES,
-        MAX_VALIDATION_LENGTH,
-        ValidationReport,
-        compare_models,
-        initializer_bytes,
-        run_full_model,
-    )
+    from posrewrite.validate import MAX_VALIDATION_LENGTH, ValidationReport, compare_models, run_full_model
 
     report = ValidationReport()
-    if initializer_bytes(model) > FULL_RUN_MAX_BYTES:
-        report.notes.append("whole-model runs skipped: weights over 512 MB")
-        return report
     inside = [opts.window] if opts.window else []
     if opts.logn_scaling:
         inside.append(logn_length_for(opts, path))
@@ -443,7 +396,9 @@ def _validate_attention(path, saved, model: ir.Model, opts: RewriteOptions, prog
         far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
         ok, message = run_full_model(saved, far, original=path)
         report.rows.append({"site": "model", "length": far, "max_abs_error": None, "tolerance": None, "ok": ok,
-                            "message": message})
+                            "message": message,
+                            "compared": f"the rewritten model at {far} tokens: runs, every output finite"})
+    _refuse_if_original_cannot_load(report, path)
     return report
 
 
@@ -503,19 +458,14 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
             )
 
 
-def _loads_or_refuses(run_full_model, original):
-    """``run_full_model`` that turns "the original model cannot be loaded by onnxruntime" into an error (exit 3):
-    a model onnxruntime cannot load is not a rewrite that validated."""
-
-    def run(saved, length, original=original):
-        ok, message = run_full_model(saved, length, original=original)
-        if ok and "skipped" in message:
-            reason = _onnxruntime_load_error(original)
-            if reason is not None:
-                raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
-        return ok, message
-
-    return run
+def _refuse_if_original_cannot_load(report, original) -> None:
+    """A validation row skipped because the original does not run says nothing about the rewrite; when
+    onnxruntime cannot even load the original, that is an error (exit 3), not a validation that passed."""
+    if report is None or not any("skipped" in str(r.get("message", "")) for r in report.rows):
+        return
+    reason = _onnxruntime_load_error(original)
+    if reason is not None:
+        raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
 
 
 def _onnxruntime_load_error(path) -> str | None:
@@ -530,32 +480,59 @@ def _onnxruntime_load_error(path) -> str | None:
     return None
 
 
-def _fuse_compare_lengths(found: Detection) -> list[int]:
-    """Lengths at which a fused model is compared with the original: a short prompt, and one token past
-    every length at which a site switches its frequencies at run time (LongRoPE exports, dynamic rewrites)."""
-    from posrewrite.validate import MAX_VALIDATION_LENGTH
+@dataclasses.dataclass
+class ValidateResult:
+    """`posrewrite validate ORIGINAL REWRITTEN [flags]`: whether REWRITTEN is what the flags make of ORIGINAL."""
 
-    lengths = {FUSE_COMPARE_LENGTH}
+    original: str
+    rewritten: str
+    validation: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"original": self.original, "rewritten": self.rewritten, "validation": self.validation.to_dict()}
+
+
+def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options: RewriteOptions | None = None,
+             **kwargs) -> ValidateResult:
+    """The rewrite's own oracle for a model rewritten earlier or by another tool: without RoPE options,
+    REWRITTEN must compute what ORIGINAL computes (and its rotations the original's); with them, REWRITTEN
+    must be that rescale of ORIGINAL. Raises nothing for a failed check: see `.validation.ok`."""
+    from posrewrite.passes.onnx import rescale
+    from posrewrite.validate import validate_rewrite
+
+    opts = _options(options, kwargs)
+    orig_model = io.load_model(original)
+    io.load_model(rewritten)  # a bad file fails here, with exit 3
+    found = detect(orig_model)
+    if opts.rescales_rope and not found.rope_sites:
+        raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {original}")
+    plans = []
     for site in found.rope_sites:
-        info = site.extra.angles if site.extra is not None else None
-        if not info:
-            continue
-        switch = (info.get("selected") or {}).get("threshold") or (info.get("runtime") or {}).get(
-            "original_max_position_embeddings")
-        if switch and switch + 1 <= MAX_VALIDATION_LENGTH:
-            lengths.add(int(switch) + 1)
-    return sorted(lengths)
-
-
-def _validation_lengths(plans) -> list[int]:
-    lengths = set()
-    for plan in plans:
-        L = plan.params.original_max_position_embeddings or plan.site.max_positions
-        target = plan.new_length or plan.params.target_length() or (L * 4 if L else 2048)
-        if L:
-            lengths.update({max(2, L // 2), L + 1})
-        lengths.add(int(target))
-    return sorted(n for n in lengths if n <= 4 * 4096)
+        if opts.rescales_rope:
+            try:
+                plan = rescale.plan_site(site, rope_parameters_for(opts, original, site))
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
+            if opts.max_positions and plan.new_length is not None:
+                plan.new_length = max(plan.new_length, int(opts.max_positions))
+            plans.append(plan)
+        elif opts.max_positions:
+            plan = rescale.plan_extension(site, opts.max_positions)
+            if plan is not None:
+                plans.append(plan)
+    others = [s for s in found.sites if not isinstance(s, RopeSite)]
+    other_changes = ["tables"] if others and (opts.max_positions or opts.pos_scale or opts.alibi_scale) else []
+    rows = None
+    if not any(s.angles.value == "fused_op" for s in found.rope_sites):  # fused by the rewrite: probe its caches
+        try:
+            fused = [s.max_positions for s in detect(io.load_model(rewritten)).rope_sites
+                     if s.angles.value == "fused_op" and s.max_positions]
+        except Exception:  # noqa: BLE001 - the probe is an extra; the rotations are checked regardless
+            fused = []
+        rows = min(fused) if fused else None
+    report = validate_rewrite(original, rewritten, opts, found=found, plans=plans, other_changes=other_changes,
+                              fused_cache_rows=rows, rotations=True)
+    return ValidateResult(str(original), str(rewritten), report)
 
 
 def _cleanup(model: ir.Model) -> None:

@@ -27,7 +27,7 @@ from posrewrite.errors import EXIT_CODES, PosrewriteError, UsageError
 from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, load_rope_params
 
 PROG = "posrewrite"
-COMMANDS = ("rewrite", "inspect", "check", "plot", "advise")
+COMMANDS = ("rewrite", "inspect", "check", "plot", "advise", "validate")
 
 _DESCRIPTION = """\
 Find the positional encodings of an exported transformer (ONNX) and rewrite them: rescale RoPE for longer
@@ -175,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(handler=_cmd_rewrite)
+
+    p = sub.add_parser(
+        "validate",
+        help="check a rewrite made earlier or by another tool (exit 0 holds, 6 does not)",
+        description="Check that REWRITTEN is what the flags make of ORIGINAL: without RoPE flags, that it computes "
+        "the same outputs (fusion, fp32 positions on a safe model); with them, that its q/k rotations are that "
+        "rescale of ORIGINAL's (numpy rotation of the rewritten model's own q/k) and the model runs at the new "
+        "length.",
+        epilog=_exit_code_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("original", metavar="ORIGINAL", help="the model before the rewrite")
+    p.add_argument("rewritten", metavar="REWRITTEN", help="the rewritten model")
+    _add_rope_flags(p)
+    g = p.add_argument_group("other rewrites")
+    g.add_argument("--fp32-positions", action="store_true",
+                   help="the rewrite made half-precision positions fp32 (outputs of such models are not compared)")
+    g.add_argument("--max-positions", type=int, metavar="N", help="the rewrite extended tables to N positions")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_validate)
 
     p = sub.add_parser(
         "inspect",
@@ -502,18 +522,7 @@ def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
         for line in getattr(result, "notes", []) or []:
             console.print(f"  [dim]note:[/dim] {_escape(line)}")
         if validation is not None:
-            rows = [
-                [r.get("site"), r.get("length"), r.get("max_abs_error"), r.get("tolerance"), r.get("ok")]
-                for r in validation.rows
-            ]
-            console.print(
-                _table("validation (onnxruntime)", ["site", "length", "max |error|", "tolerance", "ok"], rows)
-            )
-            for r in validation.rows:
-                if r.get("message") and (r.get("site") == "past cache" or not r.get("ok")):
-                    console.print(f"  [dim]{_escape(str(r.get('site')))}:[/dim] {_escape(r['message'])}")
-            for line in getattr(validation, "notes", []) or []:
-                console.print(f"  [dim]note:[/dim] {_escape(line)}")
+            _print_validation(console, validation)
         if result.output_path is not None and not failed:
             console.print(f"wrote [bold]{_escape(str(result.output_path))}[/bold]")
     if failed:
@@ -548,6 +557,43 @@ _INSPECT_TITLES = {
     "attention_factor": "attn",
     "sites": "uses",
 }
+
+
+def _cmd_validate(ns: argparse.Namespace, out: _Output) -> int:
+    opts = options_from_args(ns, require_work=False)
+    _preload(ns.original)
+    _preload(ns.rewritten)
+    from posrewrite import api
+
+    result = api.validate(Path(ns.original), Path(ns.rewritten), opts)
+    validation = result.validation
+    if out.json:
+        out.emit_json(result.to_dict())
+    else:
+        _print_validation(out.console(), validation)
+    if not validation.ok:
+        from posrewrite.errors import ValidationError
+        from posrewrite.validate import describe_failure
+
+        print(f"{PROG}: error: validation failed: {describe_failure(validation)}", file=sys.stderr)
+        return ValidationError.exit_code
+    return 0
+
+
+def _print_validation(console, validation) -> None:
+    """The validation table: each row with what was compared with what, its error and tolerance."""
+    rows = [
+        [r.get("site"), r.get("length"), r.get("max_abs_error"), r.get("tolerance"), r.get("ok"),
+         r.get("compared") or r.get("message") or ""]
+        for r in validation.rows
+    ]
+    console.print(_table("validation (onnxruntime)", ["site", "length", "max |error|", "tolerance", "ok", "compared"],
+                         rows))
+    for r in validation.rows:
+        if r.get("message") and (r.get("site") == "past cache" or not r.get("ok")):
+            console.print(f"  [dim]{_escape(str(r.get('site')))}:[/dim] {_escape(r['message'])}")
+    for line in getattr(validation, "notes", []) or []:
+        console.print(f"  [dim]note:[/dim] {_escape(line)}")
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:

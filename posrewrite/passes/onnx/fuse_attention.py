@@ -64,6 +64,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             self.notes.append(f"attention not fused: onnxscript's onnxruntime fusions are unavailable ({exc})")
             return ir.passes.PassResult(model, False)
         before = _count_ops(model)
+        rotary_attrs = _rotary_attributes(model)
         try:
             _core._pre_optimize(model)
             counts: dict[str, int] = {}
@@ -91,6 +92,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             # onnxscript writes SimplifiedLayerNormalization into the ONNX domain, where only onnxruntime knows it
             # (onnx.checker rejects it): write it back as standard ops; onnxruntime fuses them again at load time
             counts["rms_unfused"] = _decompose_simplified_layer_norm(model)
+            counts["rotary_attributes_restored"] = _restore_rotary_attributes(model, rotary_attrs)
         except Exception as exc:  # noqa: BLE001 - RoPE fusion stands on its own; say why attention did not follow
             optimize(model)  # inlines any SDPA left as a function call, so the model stays runnable
             if any(n.domain == _FUSION_DOMAIN for n in model.graph):
@@ -203,6 +205,55 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             if verdict != "causal":
                 return False, f"attention mask {mask.name}: {verdict}"
         return True, None
+
+
+_ROTARY_LAYOUT_ATTRS = ("interleaved", "rotary_embedding_dim")
+
+
+def _rotary_attributes(model: ir.Model) -> dict[tuple[str, str], dict[str, int]]:
+    """Layout attributes of the com.microsoft.RotaryEmbedding nodes, by the names of their cos/sin caches."""
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    for node in model.graph:
+        if node.op_type == "RotaryEmbedding" and node.domain == "com.microsoft" and len(node.inputs) >= 4:
+            cos, sin = node.inputs[2], node.inputs[3]
+            if cos is None or sin is None:
+                continue
+            attrs = {k: int(node.attributes[k].as_int()) for k in _ROTARY_LAYOUT_ATTRS if k in node.attributes}
+            found[(cos.name, sin.name)] = attrs
+    return found
+
+
+def _restore_rotary_attributes(model: ir.Model, recorded: dict[tuple[str, str], dict[str, int]]) -> int:
+    """onnxscript's MultiHeadAttention rules re-create the RotaryEmbedding nodes they match without their
+    attributes ("TODO: forward other attributes" in onnxscript's mha.py): an interleaved rotation silently becomes
+    a rotate-half one. Writes `interleaved` / `rotary_embedding_dim` back from the nodes posrewrite wrote (same
+    caches), with `num_heads` from the attention node reading the output where a partial rotary needs it."""
+    restored = 0
+    for node in model.graph:
+        if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.inputs) < 4:
+            continue
+        cos, sin = node.inputs[2], node.inputs[3]
+        attrs = recorded.get((cos.name if cos is not None else "", sin.name if sin is not None else ""))
+        if not attrs:
+            continue
+        changed = False
+        for key, value in attrs.items():
+            current = node.attributes[key].as_int() if key in node.attributes else 0
+            if current != value:
+                node.attributes[key] = ir.AttrInt64(key, value)
+                changed = True
+        if attrs.get("rotary_embedding_dim") and "num_heads" not in node.attributes:
+            heads = None
+            for user, _ in node.outputs[0].uses():
+                if "num_heads" in user.attributes:
+                    heads = user.attributes["num_heads"].as_int()
+                    break
+            if heads is None:
+                raise ValueError(f"partial RotaryEmbedding {node.name} re-created without num_heads")
+            node.attributes["num_heads"] = ir.AttrInt64("num_heads", heads)
+            changed = True
+        restored += int(changed)
+    return restored
 
 
 def _uniform_norm_inputs(model: ir.Model) -> None:
