@@ -343,7 +343,7 @@ def _validate_staged(model, found: Detection, plans, other_changes, changes, att
 
     with progress.stage("validating"):
         report = validate_rewrite(path, saved, opts, found=found, plans=plans, other_changes=other_changes,
-                                  fused_cache_rows=fused_cache_rows[0])
+                                  fused_cache_rows=fused_cache_rows[0], model=model)
     _refuse_if_original_cannot_load(report, path)
     return report
 

@@ -288,14 +288,31 @@ class RopeReference:
     def frequencies(self, length: int) -> tuple[np.ndarray, float]:
         """inv_freq [rotary_dim/2] and attention factor at a call over positions 0..length-1."""
         site, plan = self.site, self.plan
+        keeps = plan is None or (plan.params.rope_type == "default" and plan.params.rope_theta is None)
+        switch = _length_switch(site)
+        if keeps and switch is not None:  # LongRoPE export: short frequencies up to L, long ones past it
+            if length <= int(switch["threshold"]):
+                return np.asarray(switch["short"], np.float64), float(site.attention_factor)
+            inv = plan.inv_freq if plan is not None and plan.inv_freq is not None else switch["long"]
+            factor = switch.get("long_factor", plan.attention_factor if plan is not None else site.attention_factor)
+            return np.asarray(inv, np.float64), float(factor)
         if plan is None:
             return np.asarray(site.inv_freq, np.float64), float(site.attention_factor)
-        if plan.params.rope_type == "default" and plan.params.rope_theta is None:  # an extension: same numbers
+        if keeps:  # an extension: same numbers
             inv = plan.inv_freq if plan.inv_freq is not None else site.inv_freq
             return np.asarray(inv, np.float64), float(plan.attention_factor)
         inv, factor = rope_math.scaled_inv_freq(plan.params, inv_freq=site.inv_freq, base=site.base,
                                                 dim=site.rotary_dim, seq_len=length)
         return np.asarray(inv, np.float64), float(factor)
+
+
+def _length_switch(site: RopeSite) -> dict[str, Any] | None:
+    """The short/long frequencies of a site that switches them by length (LongRoPE exports), or None."""
+    angles = getattr(site.extra, "angles", None)
+    selected = angles.get("selected") if isinstance(angles, dict) else None
+    if not isinstance(selected, dict) or not {"threshold", "short", "long"} <= selected.keys():
+        return None
+    return selected
 
 
 def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,

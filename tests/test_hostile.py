@@ -109,13 +109,13 @@ def test_validation_runs_before_the_output_exists_and_a_crash_there_leaves_nothi
     model = save(rope_proto(weight_elems=1024), model_dir / "model.onnx", external=True)
     out = out_dir / "o.onnx"
     seen = {}
-    real = validate.validate_sites
+    real = validate.validate_rewrite
 
     def watching(*args, **kwargs):
         seen["output existed during validation"] = out.exists()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(validate, "validate_sites", watching)
+    monkeypatch.setattr(validate, "validate_rewrite", watching)
     assert run_cli(rescale_args(model, out)).code == 0
     assert seen == {"output existed during validation": False}
     assert sorted(p.name for p in out_dir.iterdir()) == ["o.onnx", "o.onnx.data"]
@@ -123,7 +123,7 @@ def test_validation_runs_before_the_output_exists_and_a_crash_there_leaves_nothi
     def crashing(*args, **kwargs):
         raise RuntimeError("validation crashed")
 
-    monkeypatch.setattr(validate, "validate_sites", crashing)
+    monkeypatch.setattr(validate, "validate_rewrite", crashing)
     out2 = out_dir / "o2.onnx"
     run = run_cli(rescale_args(model, out2))
     assert run.code == 1 and len(run.stderr.splitlines()) == 1
@@ -196,7 +196,7 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not interrupt")
 
-    validate.validate_sites = killed
+    validate.validate_rewrite = killed
     sys.exit(main(sys.argv[1:]))
 """)
 

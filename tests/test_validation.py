@@ -175,13 +175,13 @@ def swap_kv_heads(model: ir.Model) -> None:
 
 def _fault_in_rewrite(monkeypatch, inject) -> None:
     """The rewrite saves a model with `inject` applied: its own validation must refuse it."""
-    real = io.save_model
+    real = io.stage_model
 
     def faulty(model, output, *args, **kwargs):
         inject(model)
         return real(model, output, *args, **kwargs)
 
-    monkeypatch.setattr(io, "save_model", faulty)
+    monkeypatch.setattr(io, "stage_model", faulty)
 
 
 FAULTS = {
