@@ -148,7 +148,9 @@ class RewriteResult:
         }
 
 
-def rope_parameters_for(options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite) -> rope_math.RopeParameters:
+def rope_parameters_for(
+    options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite
+) -> rope_math.RopeParameters:
     """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
     from posrewrite.passes.onnx.rescale import switched_threshold as rescale_switched_threshold
 
@@ -215,7 +217,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
     if not opts.has_work():
-        raise errors.UsageError("nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions")
+        raise errors.UsageError(
+            "nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions"
+        )
     output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
     io.ensure_distinct_output(path, output)
     io.check_output_path(output)
@@ -229,7 +233,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         first = found.refusals[0]
         more = f" (and {len(found.refusals) - 1} more)" if len(found.refusals) > 1 else ""
         raise errors.PartialMatchError(
-            f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model (use --allow-partial)"
+            f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model "
+            "(use --allow-partial)"
         )
     if opts.max_positions:
         _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
@@ -565,7 +570,8 @@ def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list
         return [], []
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
 
-    p = ExtendTablesPass(others, max_positions=opts.max_positions, pos_scale=opts.pos_scale, alibi_scale=opts.alibi_scale)
+    p = ExtendTablesPass(others, max_positions=opts.max_positions, pos_scale=opts.pos_scale,
+                         alibi_scale=opts.alibi_scale)
     p(model)
     return list(getattr(p, "changes", [])), list(getattr(p, "notes", []))
 
@@ -612,7 +618,8 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions, 
             from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
         except ImportError:
             raise errors.UsageError("--fuse is not available in this build") from None
-        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans, max_positions=_fused_cache_rows(opts, model_path))
+        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans,
+                           max_positions=_fused_cache_rows(opts, model_path))
         p(model)
         fused_cache_rows[0] = p.cache_rows
         changes.extend(getattr(p, "changes", []))
@@ -637,7 +644,8 @@ class CheckResult:
         return all(s["safe"] for s in self.sites)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model_path, "max_length": self.max_length, "safe": self.safe, "sites": self.sites, "notes": self.notes}
+        return {"model": self.model_path, "max_length": self.max_length, "safe": self.safe, "sites": self.sites,
+                "notes": self.notes}
 
 
 def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
@@ -691,7 +699,8 @@ def _rope_precision_fallback(site: RopeSite, n: int, index: int) -> dict[str, An
         row = report.to_dict()
     else:
         # positions index a table: they are integers (exact); the table was fitted, so judge its values
-        report = precision_math.analyse_positions(n, position_dtype="int64", angle_dtype="float32", inv_freq=site.inv_freq)
+        report = precision_math.analyse_positions(n, position_dtype="int64", angle_dtype="float32",
+                                                  inv_freq=site.inv_freq)
         row = report.to_dict()
         row["angle_dtype"] = site.angle_dtype
         if site.max_positions is not None and n > site.max_positions:
