@@ -66,9 +66,15 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         before = _count_ops(model)
         cache_gqa, cache_reasons = 0, []
         if self.target == "ort" and self.allow_gqa:
+            # attention with a KV cache (Optimum / HF decode exports): GroupQueryAttention, checked here
+            from onnx_ir.passes.common import ShapeInferencePass
+
             from posrewrite.passes.onnx.fuse_cache_attention import fuse_cache_attention
 
-            # attention with a KV cache (Optimum / HF decode exports): GroupQueryAttention, checked here
+            try:  # shapes first: later rules (skip normalisation) check the shapes of what this writes
+                ShapeInferencePass()(model)
+            except Exception:  # noqa: BLE001 - shapes help, they are not required
+                pass
             cache_gqa, cache_reasons = fuse_cache_attention(model)
         try:
             _core._pre_optimize(model)

@@ -474,16 +474,19 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
     )
     for o, stem in zip(gqa.outputs, ("out", "present_key", "present_value"), strict=True):
         o.name = f"{gqa.name}_{stem}"
-    dtype = att.out.dtype
-    B = att.out.shape[0] if att.out.shape is not None else None  # noqa: N806
+    dtype = att.out.dtype or att.q_rot.inputs[0].dtype
+    qs = att.q_rot.inputs[0].shape
+    batch, seq = (qs[0], qs[2]) if qs is not None and len(qs) == 4 else (None, None)
+    for v, n in ((q3, att.heads), (k3, att.kv_heads), (v3, att.kv_heads)):
+        v.dtype, v.shape = dtype, ir.Shape([batch, seq, n * att.head_size])
     gqa.outputs[0].dtype = dtype
-    gqa.outputs[0].shape = ir.Shape([B, None, att.heads * att.head_size])
+    gqa.outputs[0].shape = ir.Shape([batch, seq, att.heads * att.head_size])
     for o, old in ((gqa.outputs[1], att.k_all), (gqa.outputs[2], att.v_all)):
         o.dtype = old.dtype
         o.shape = old.shape
     w.nodes.append(gqa)
     out4 = w.op("Reshape", gqa.outputs[0], w.const(np.array([0, 0, att.heads, att.head_size], np.int64)))
-    out4.dtype = dtype
+    out4.dtype, out4.shape = dtype, ir.Shape([batch, seq, att.heads, att.head_size])
     # the graph reads out [B, H, S, D], usually through Transpose(0, 2, 1, 3): give that Transpose's output directly
     users = list(att.out.uses())
     t = users[0].node if len(users) == 1 else None
@@ -492,7 +495,8 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
         replaced, new = t.outputs[0], out4
     else:
         replaced, new = att.out, w.op("Transpose", out4, perm=[0, 2, 1, 3])
-    new.shape = replaced.shape
+    if new is not out4:
+        new.shape = replaced.shape or ir.Shape([batch, att.heads, seq, att.head_size])
     new.dtype = dtype
     w.commit()
     for rot in (att.q_rot, att.k_rot):  # shapes read from the rotated [B, H, S, D] tensors: the same as its input's

@@ -1,0 +1,146 @@
+"""`--fuse ort` on an Optimum-layout export (KV cache, position_ids, attention_mask): latency side by side.
+
+The model is a random-weight Llama exported as Optimum's ``text-generation-with-past`` does (see
+``fixtures.hf_models.export_optimum_layout``; optimum itself is not needed): default 8 layers, hidden 1024,
+16 q / 4 kv heads, intermediate 2816, vocab 32000, 4096 positions. It is rewritten with
+``posrewrite --fuse ort --max-positions 4096`` and both models are run in one process, interleaved (original,
+fused, original, ...), on the same feeds: prefill 512 and 2048 tokens (empty past) and one decode step at 2048
+past. Medians, their ratio, and the largest difference of logits / presents are printed. A column for an
+onnxruntime-genai builder model of the same weights is printed only when ``onnxruntime_genai`` is installed
+(it is not in the project's environment: the column is skipped then).
+
+Rewrite time: ``posrewrite --fuse ort`` against onnxscript's ``optimize_for_ort`` on the same file (the same
+kind of work: fusions of the whole model, no validation), and posrewrite's rescale alone.
+
+    python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ops(path: Path) -> str:
+    import onnx
+
+    counts = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    keys = ("GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding", "Softmax",
+            "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+    return ", ".join(f"{counts[k]} {k}" for k in keys if counts[k])
+
+
+def _rewrite_times(src: Path, tmp: Path, repeat: int) -> None:
+    import onnx_ir as ir
+    from onnxscript.rewriter import ort_fusions
+
+    from posrewrite import api
+
+    def ours() -> None:
+        api.rewrite(src, output=tmp / "ours.onnx", fuse="ort", max_positions=4096, validate=False)
+
+    def rescale() -> None:
+        api.rewrite(src, output=tmp / "rescaled.onnx", rope_scale=2.0, rope_method="yarn",
+                    original_max_positions=4096, validate=False)
+
+    def theirs() -> None:
+        model = ir.load(src)
+        model, _ = ort_fusions.optimize_for_ort(model)
+        ir.save(model, tmp / "theirs.onnx")
+
+    times: dict[str, list[float]] = {"posrewrite --fuse ort": [], "onnxscript optimize_for_ort": [],
+                                     "posrewrite rescale (yarn x2)": []}
+    for _ in range(repeat):
+        for name, fn in zip(times, (ours, theirs, rescale), strict=True):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    print(f"\nrewrite time (same file, medians of {repeat}, interleaved):")
+    for name, ts in times.items():
+        print(f"  {name:30s} {statistics.median(ts):6.2f} s")
+    print(f"  optimize_for_ort output: {_ops(tmp / 'theirs.onnx')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--decode-past", type=int, default=2048)
+    parser.add_argument("--rewrite-repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    from fixtures.hf_models import export_optimum_layout, optimum_feeds
+    from posrewrite import api
+
+    t = time.perf_counter()
+    src = export_optimum_layout(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+                                kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                                max_position_embeddings=4096)
+    print(f"Optimum-layout export: {src} ({time.perf_counter() - t:.0f} s)")
+    tmp = Path(tempfile.mkdtemp(prefix="posrewrite-optimum-"))
+    fused = tmp / "fused.onnx"
+    t = time.perf_counter()
+    result = api.rewrite(src, output=fused, fuse="ort", max_positions=4096, validate=False)
+    print(f"posrewrite --fuse ort --max-positions 4096: {time.perf_counter() - t:.1f} s")
+    for line in result.changes + result.notes:
+        print("  ", line)
+    print(f"(a) original: {_ops(src)}")
+    print(f"(b) fused:    {_ops(fused)}")
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        print("(c) onnxruntime-genai is installed, but building its model of these weights is not automated here")
+    except ImportError:
+        print("(c) onnxruntime-genai builder model: skipped (onnxruntime_genai not installed)")
+
+    a, b = _session(src, args.threads), _session(fused, args.threads)
+    cases = [(f"prefill {n}", dict(batch=1, past=0, seq=n)) for n in (int(x) for x in args.lengths.split(","))]
+    cases.append((f"decode, {args.decode_past} past", dict(batch=1, past=args.decode_past, seq=1)))
+    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, medians of {args.repeat} (interleaved):")
+    print(f"  {'case':22s} {'(a) original':>13s} {'(b) fused':>11s} {'(a)/(b)':>8s}  max |diff| logits/presents")
+    for name, kw in cases:
+        feeds = optimum_feeds(src, **kw)
+        ra, rb = a.run(None, feeds), b.run(None, feeds)  # warm-up, and the outputs compared
+        err = max(float(np.max(np.abs(x - y))) for x, y in zip(ra, rb, strict=True))
+        scale = max(float(np.max(np.abs(x))) for x in ra)
+        ta, tb = [], []
+        for _ in range(args.repeat):
+            for sess, times in ((a, ta), (b, tb)):
+                t = time.perf_counter()
+                sess.run(None, feeds)
+                times.append(time.perf_counter() - t)
+        ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+        print(f"  {name:22s} {ma:10.1f} ms {mb:8.1f} ms {ma / mb:7.2f}x  {err:.2e} (outputs up to {scale:.2g})")
+    del a, b
+    if args.rewrite_repeat:
+        _rewrite_times(src, tmp, args.rewrite_repeat)
+
+
+if __name__ == "__main__":
+    main()
