@@ -429,8 +429,11 @@ def _rotary_3d(w: NodeWriter, node: ir.Node, x3: ir.Value, heads: int) -> ir.Val
     return rot.outputs[0]
 
 
-def _shared_lengths(w: NodeWriter, att: _Attention, q3: ir.Value, shared: dict) -> tuple[ir.Value, ir.Value]:
-    """(seqlens_k [B] int32 = P+S-1 for every entry, total_sequence_length scalar int32 = P+S)."""
+def _shared_lengths(w: NodeWriter, att: _Attention, q3: ir.Value, shared: dict
+                    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(seqlens_k [B] int32 = P+S-1 for every entry, total_sequence_length scalar int32 = P+S,
+    query_seqlens [B] int32 = S: every new token is valid, which lets batches of several new tokens after a past
+    through onnxruntime's CPU kernel)."""
     if "lengths" in shared:  # every layer's past has the same length: computed once, from the first layer
         return shared["lengths"]
     past = w.op("Shape", att.past_key, start=2, end=3)
@@ -439,7 +442,8 @@ def _shared_lengths(w: NodeWriter, att: _Attention, q3: ir.Value, shared: dict) 
     total32 = w.op("Cast", w.op("Reshape", total, w.const(np.array([], np.int64))), to=_I32)
     batch = w.op("Shape", q3, start=0, end=1)
     seqlens = w.op("Cast", w.op("Expand", w.op("Sub", total, w.const(np.array([1], np.int64))), batch), to=_I32)
-    shared["lengths"] = (seqlens, total32)
+    query_seqlens = w.op("Cast", w.op("Expand", seq, batch), to=_I32)
+    shared["lengths"] = (seqlens, total32, query_seqlens)
     return shared["lengths"]
 
 
@@ -462,11 +466,12 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
     q3 = _rotary_3d(w, att.q_rot, _bsd(w, att.q_rot.inputs[0]), att.heads)
     k3 = _rotary_3d(w, att.k_rot, _bsd(w, att.k_rot.inputs[0]), att.kv_heads)
     v3 = _bsd(w, att.v_new)
-    seqlens, total = _shared_lengths(w, att, q3, shared)
+    seqlens, total, query_seqlens = _shared_lengths(w, att, q3, shared)
     bias = _clamped_bias(w, att.bias, shared)
     gqa = ir.node(
         "GroupQueryAttention",
-        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, None, None, None, bias],
+        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, None, None, None, bias, None, None, None, None,
+         None, query_seqlens],
         {"num_heads": att.heads, "kv_num_heads": att.kv_heads, "scale": float(att.scale)},
         domain=_CONTRIB,
         num_outputs=3,
