@@ -298,6 +298,7 @@ def _bias_is_at_least_causal(model: ir.Model, bias: ir.Value) -> str | None:
     inputs = set(graph.inputs)
     cone: list[ir.Node] = []
     needed: list[ir.Value] = []
+    shape_only: list[ir.Value] = []  # read only through Shape: fed as zeros of their shape, never computed
     seen: set[int] = set()
     stack = [bias]
     while stack:
@@ -315,9 +316,19 @@ def _bias_is_at_least_causal(model: ir.Model, bias: ir.Value) -> str | None:
             a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()
         ):
             return f"computed by {node.domain}::{node.op_type}"
+        if node.op_type == "Shape" and node.inputs[0] not in inputs:
+            if node.inputs[0] not in shape_only:
+                shape_only.append(node.inputs[0])
+            continue
         stack.extend(i for i in node.inputs if i is not None)
         if len(cone) > 5000:
             return "its computation is too large to check"
+    # a value also computed in the cone (read by something other than a Shape) is computed, not fed
+    shape_only = [v for v in shape_only if v.producer() is None or id(v.producer()) not in seen]
+    if any(not v.name for v in shape_only):
+        return "reads the shape of an unnamed value"
+    dims = _dims_of_inputs(graph)
+    needed.extend(shape_only)
     order = {id(n): k for k, n in enumerate(graph)}
     cone.sort(key=lambda n: order.get(id(n), 0))
     try:
@@ -331,10 +342,12 @@ def _bias_is_at_least_causal(model: ir.Model, bias: ir.Value) -> str | None:
             if padded:
                 mask[0, : min(2, total - 1)] = 0
             feeds = {}
+            sizes = {k: {"batch": 2, "seq": seq, "past": past, "total": total}[role] for k, role in dims.items()}
             for v in needed:
-                feed = _feed(v, past, seq, mask)
+                feed = _zeros_of_shape(v, sizes) if v in shape_only else _feed(v, past, seq, mask)
                 if feed is None:
-                    return f"depends on input {v.name}, which this check cannot feed"
+                    return (f"depends on the shape of {v.name} {v.shape}, not tied to the inputs' dimensions"
+                            if v in shape_only else f"depends on input {v.name}, which this check cannot feed")
                 feeds[v.name] = feed
             try:
                 value = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
@@ -347,6 +360,42 @@ def _bias_is_at_least_causal(model: ir.Model, bias: ir.Value) -> str | None:
             if not np.all(value[:, :, future] <= _MASKED):
                 return f"does not mask future keys (past {past}, {seq} new tokens): not causal"
     return None
+
+
+def _dims_of_inputs(graph: ir.Graph) -> dict[str, str]:
+    """Symbolic dimension name -> role (batch, seq, past, total), from the inputs of Optimum's layout."""
+    roles: dict[str, str] = {}
+    for v in graph.inputs:
+        name, shape = (v.name or "").lower(), v.shape
+        if shape is None:
+            continue
+        dims = [str(d) if not isinstance(d, int) else None for d in shape]
+        if name in ("input_ids", "position_ids") and len(dims) == 2:
+            pairs = zip(dims, ("batch", "seq"), strict=True)
+        elif name == "attention_mask" and len(dims) == 2:
+            pairs = zip(dims, ("batch", "total"), strict=True)
+        elif "past" in name and len(dims) == 4:
+            pairs = ((dims[0], "batch"), (dims[2], "past"))
+        else:
+            continue
+        for d, role in pairs:
+            if d is not None:
+                roles.setdefault(d, role)
+    return roles
+
+
+def _zeros_of_shape(v: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
+    if v.shape is None or v.dtype is None:
+        return None
+    dims = []
+    for d in v.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif str(d) in sizes:
+            dims.append(sizes[str(d)])
+        else:
+            return None
+    return np.zeros(dims, dtype=v.dtype.numpy())
 
 
 def _feed(v: ir.Value, past: int, seq: int, mask: np.ndarray) -> np.ndarray | None:
