@@ -76,8 +76,12 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             except Exception:  # noqa: BLE001 - shapes help, they are not required
                 pass
             cache_gqa, cache_reasons = fuse_cache_attention(model)
+        # every attention became GroupQueryAttention: onnxscript's attention rules have nothing left to do, and
+        # their pre-optimisation (folding, shape rules: most of the time on a 32-layer model) is skipped
+        light = bool(cache_gqa) and not any(n.op_type == "Softmax" for n in model.graph)
         try:
-            _core._pre_optimize(model)
+            if not light:
+                _core._pre_optimize(model)
             counts: dict[str, int] = {}
             if self.target == "ort":
                 # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2) as SimplifiedLayerNormalization
@@ -85,9 +89,11 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 _uniform_norm_inputs(model)
                 counts["skip_layer_normalization"] = fuse_skip_layer_normalization(model)
                 counts["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
-            counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
+            counts["sdpa"] = 0 if light else fuse_sdpa(model, apply_shape_inference=True)
             sdpa = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _FUSION_DOMAIN]
-            if self.target == "onnx":
+            if light:
+                why = None
+            elif self.target == "onnx":
                 counts["attention23"] = self._sdpa_to_onnx_attention(model, sdpa)
                 why = None
             else:
@@ -99,7 +105,12 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 if counts["mha1"] or counts["mha2"]:
                     counts["mha_bias"] = fuse_mha_bias(model)
                 counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
-            optimize(model)
+            if light:
+                from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+                RemoveUnusedNodesPass()(model)
+            else:
+                optimize(model)
             # onnxscript writes SimplifiedLayerNormalization into the ONNX domain, where only onnxruntime knows it
             # (onnx.checker rejects it): write it back as standard ops; onnxruntime fuses them again at load time
             counts["rms_unfused"] = _decompose_simplified_layer_norm(model)
@@ -287,17 +298,22 @@ def _fuse_rms_norm_other_forms(model: ir.Model) -> int:
         if mul2 is None:
             continue
         scale = mul2.inputs[1] if mul2.inputs[0] is normed else mul2.inputs[0]
+        ident = scale.producer()
+        if ident is not None and ident.op_type == "Identity":  # the torchscript exporter's deduplicated weights
+            scale = ident.inputs[0]
         if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
             continue  # shape and type only: the weight itself is never read
         src = xc.producer()
         x = src.inputs[0] if src is not None and src.op_type == "Cast" else xc
         out = mul2.outputs[0]
-        if xc.dtype != ir.DataType.FLOAT or scale.dtype != out.dtype or x.dtype is None:
+        compute = ir.DataType(src.attributes.get_int("to")) if x is not xc else xc.dtype
+        target = ir.DataType(cast.attributes.get_int("to")) if cast is not None else compute
+        if compute != ir.DataType.FLOAT or scale.dtype != target:
             continue
         node = ir.node("SimplifiedLayerNormalization", [x, scale],
                        {"axis": -1, "epsilon": float(eps), "stash_type": 1}, name=(r.name or "rms") + "_fused")
         y = node.outputs[0]
-        y.dtype, y.shape = out.dtype, out.shape
+        y.dtype, y.shape = target, out.shape
         graph.insert_before(mul2, node)
         name = out.name
         out.name = None
