@@ -88,11 +88,16 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str]]:
                 continue
         kept.append(att)
     shared: dict = {}
+    heads_views = [v for att in kept for v in (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new)]
     for att in kept:
         _rewrite(model, att, shared)
     if kept:
         from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+        RemoveUnusedNodesPass()(model)
+        for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
+            if v is not None and v.producer() is not None and v.producer().graph is graph:
+                _shape_through_transpose(graph, v)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
     return len(kept), reasons
@@ -558,8 +563,40 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
             if use.node.op_type == "Shape":
                 use.node.replace_input_with(use.idx, rot.inputs[0])
     _replace(replaced, new)
+    if new is not out4:
+        # Transpose(Transpose(out4, 0213), 0213) is out4: the graph's transpose back to [B, S, H, D] reads out4
+        for use in list(new.uses()):
+            t2 = use.node
+            if t2.op_type == "Transpose" and list(t2.attributes.get_ints("perm", [])) == [0, 2, 1, 3] \
+                    and not t2.outputs[0].is_graph_output():
+                ir.convenience.replace_all_uses_with(t2.outputs[0], out4)
+                graph.remove(t2, safe=True)
+        _shape_through_transpose(graph, new)
     _replace(att.k_all, gqa.outputs[1])
     _replace(att.v_all, gqa.outputs[2])
+
+
+def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
+    """Shape(Transpose(t, perm)) -> Gather(Shape(t), perm) when the Transpose is read only by Shape nodes, so
+    that the transpose (a copy of q, k or v) is no longer computed."""
+    t = _producer(v, "Transpose")
+    users = [u.node for u in v.uses()]
+    if t is None or not users or v.is_graph_output() or any(u.op_type != "Shape" for u in users):
+        return
+    perm = list(t.attributes.get_ints("perm", []))
+    if not perm:
+        return
+    for shape_node in users:
+        w = NodeWriter(graph, shape_node, "gqa_shape")
+        full = w.op("Gather", w.op("Shape", t.inputs[0]), w.const(np.array(perm, np.int64)), axis=0)
+        start = shape_node.attributes.get_int("start", 0)
+        end = shape_node.attributes.get_int("end", len(perm))
+        if (start, end) != (0, len(perm)):
+            full = w.op("Slice", full, w.const(np.array([start], np.int64)), w.const(np.array([end], np.int64)))
+        out = shape_node.outputs[0]
+        full.dtype, full.shape = _I64, out.shape
+        w.commit()
+        _replace(out, full)
 
 
 def _replace(old: ir.Value, new: ir.Value) -> None:
