@@ -262,10 +262,11 @@ def _match(graph: ir.Graph, sm: ir.Node) -> _Attention:
         if node.attributes.get_int("rotary_embedding_dim", 0) not in (0, head_size) and "num_heads" not in \
                 node.attributes:
             raise NotFused("partial rotary without num_heads")
-    if bias is not None and (bias.dtype is not None and q.dtype is not None and bias.dtype != q.dtype):
-        raise NotFused(f"attention bias {bias.name} is {bias.dtype}, queries are {q.dtype}")
-    if q.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-        raise NotFused(f"queries of type {q.dtype}")
+    dtype = q.dtype or q_rot.inputs[0].dtype or past_key.dtype
+    if bias is not None and (bias.dtype is not None and dtype is not None and bias.dtype != dtype):
+        raise NotFused(f"attention bias {bias.name} is {bias.dtype}, queries are {dtype}")
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        raise NotFused(f"queries of type {dtype}")
     if bias is None:
         raise NotFused("no attention bias: the attention is not causal, GroupQueryAttention is")
     return _Attention(sm, q_rot, k_rot, k_all, v_all, past_key, past_value, v_new, bias, scale, pv.outputs[0],
