@@ -12,7 +12,7 @@ onnxruntime-genai builder model of the same weights is printed only when ``onnxr
 Rewrite time: ``posrewrite --fuse ort`` against onnxscript's ``optimize_for_ort`` on the same file (the same
 kind of work: fusions of the whole model, no validation), and posrewrite's rescale alone.
 
-    python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5]
+    python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5] [--kernel-times 3]
 """
 
 from __future__ import annotations
@@ -38,6 +38,33 @@ def _session(path: Path, threads: int):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
+    """Median over `runs` of the summed kernel times (onnxruntime's profiler) of one run: less sensitive than
+    wall time to other processes competing for the CPU between kernels."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    per_run = [0.0] * len(spans)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            for k, (lo, hi) in enumerate(spans):
+                if lo <= e["ts"] <= hi:
+                    per_run[k] += e["dur"] / 1e3
+                    break
+    return statistics.median(per_run[1:] or per_run)
 
 
 def _ops(path: Path) -> str:
@@ -93,6 +120,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--decode-past", type=int, default=2048)
     parser.add_argument("--rewrite-repeat", type=int, default=3)
+    parser.add_argument("--kernel-times", type=int, default=0, help="also sum kernel times over N profiled runs")
     args = parser.parse_args()
 
     from fixtures.hf_models import export_optimum_layout, optimum_feeds
@@ -120,7 +148,7 @@ def main() -> None:
         print("(c) onnxruntime-genai builder model: skipped (onnxruntime_genai not installed)")
 
     a, b = _session(src, args.threads), _session(fused, args.threads)
-    cases = [(f"prefill {n}", dict(batch=1, past=0, seq=n)) for n in (int(x) for x in args.lengths.split(","))]
+    cases = [(f"prefill {n}", dict(batch=1, past=0, seq=n)) for n in (int(x) for x in args.lengths.split(",") if x)]
     cases.append((f"decode, {args.decode_past} past", dict(batch=1, past=args.decode_past, seq=1)))
     print(f"\nlatency, onnxruntime CPU, {args.threads} threads, medians of {args.repeat} (interleaved):")
     print(f"  {'case':22s} {'(a) original':>13s} {'(b) fused':>11s} {'(a)/(b)':>8s}  max |diff| logits/presents")
@@ -137,6 +165,9 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
         ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
         print(f"  {name:22s} {ma:10.1f} ms {mb:8.1f} ms {ma / mb:7.2f}x  {err:.2e} (outputs up to {scale:.2g})")
+        if args.kernel_times:
+            ka, kb = (_kernel_ms(p, feeds, args.threads, args.kernel_times) for p in (src, fused))
+            print(f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x")
     del a, b
     if args.rewrite_repeat:
         _rewrite_times(src, tmp, args.rewrite_repeat)
