@@ -40,6 +40,35 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _genai_model(args, tmp: Path) -> Path | None:
+    """onnxruntime-genai's builder model (``-p fp32 -e cpu``) of the same weights, or None when the builder is
+    not installed. A one-word-per-id tokenizer is written beside the HF checkpoint (the builder wants one)."""
+    try:
+        import onnxruntime_genai.models.builder  # noqa: F401
+    except ImportError:
+        return None
+    import subprocess
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fixtures.hf_models import optimum_layout_hf_model
+
+    hf = tmp / "hf"
+    optimum_layout_hf_model(num_layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                            vocab=args.vocab, intermediate=args.intermediate,
+                            max_position_embeddings=4096).save_pretrained(hf)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(args.vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(hf)
+    out = tmp / "genai"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    "-p", "fp32", "-e", "cpu", "-c", str(tmp / "genai-cache")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "model.onnx"
+
+
 def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
     """Median over `runs` of the summed kernel times (onnxruntime's profiler) of one run: less sensitive than
     wall time to other processes competing for the CPU between kernels."""
@@ -121,6 +150,7 @@ def main() -> None:
     parser.add_argument("--decode-past", type=int, default=2048)
     parser.add_argument("--rewrite-repeat", type=int, default=3)
     parser.add_argument("--kernel-times", type=int, default=0, help="also sum kernel times over N profiled runs")
+    parser.add_argument("--no-genai", dest="genai", action="store_false", help="skip the genai builder column")
     args = parser.parse_args()
 
     from fixtures.hf_models import export_optimum_layout, optimum_feeds
@@ -140,35 +170,52 @@ def main() -> None:
         print("  ", line)
     print(f"(a) original: {_ops(src)}")
     print(f"(b) fused:    {_ops(fused)}")
-    try:
-        import onnxruntime_genai  # noqa: F401
-
-        print("(c) onnxruntime-genai is installed, but building its model of these weights is not automated here")
-    except ImportError:
-        print("(c) onnxruntime-genai builder model: skipped (onnxruntime_genai not installed)")
+    genai = _genai_model(args, tmp) if args.genai else None
+    if genai is None:
+        print("(c) onnxruntime-genai builder model: skipped (onnxruntime_genai not installed, or --no-genai)")
+    else:
+        print(f"(c) genai:    {_ops(genai)}")
 
     a, b = _session(src, args.threads), _session(fused, args.threads)
+    c = _session(genai, args.threads) if genai is not None else None
+    c_inputs = {i.name for i in c.get_inputs()} if c is not None else set()
     cases = [(f"prefill {n}", dict(batch=1, past=0, seq=n)) for n in (int(x) for x in args.lengths.split(",") if x)]
     cases.append((f"decode, {args.decode_past} past", dict(batch=1, past=args.decode_past, seq=1)))
     print(f"\nlatency, onnxruntime CPU, {args.threads} threads, medians of {args.repeat} (interleaved):")
-    print(f"  {'case':22s} {'(a) original':>13s} {'(b) fused':>11s} {'(a)/(b)':>8s}  max |diff| logits/presents")
+    head = f"  {'case':22s} {'(a) original':>13s} {'(b) fused':>11s} {'(a)/(b)':>8s}"
+    if c is not None:
+        head += f" {'(c) genai':>11s} {'(c)/(b)':>8s}"
+    print(head + "  max |diff| logits/presents (b vs a; c vs a: logits)")
     for name, kw in cases:
         feeds = optimum_feeds(src, **kw)
         ra, rb = a.run(None, feeds), b.run(None, feeds)  # warm-up, and the outputs compared
         err = max(float(np.max(np.abs(x - y))) for x, y in zip(ra, rb, strict=True))
         scale = max(float(np.max(np.abs(x))) for x in ra)
-        ta, tb = [], []
+        runs = [(a, feeds, []), (b, feeds, [])]
+        if c is not None:
+            c_feeds = {k: v for k, v in feeds.items() if k in c_inputs}
+            err_c = float(np.max(np.abs(c.run(None, c_feeds)[0] - ra[0])))
+            runs.append((c, c_feeds, []))
         for _ in range(args.repeat):
-            for sess, times in ((a, ta), (b, tb)):
+            for sess, f, times in runs:
                 t = time.perf_counter()
-                sess.run(None, feeds)
+                sess.run(None, f)
                 times.append(time.perf_counter() - t)
-        ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
-        print(f"  {name:22s} {ma:10.1f} ms {mb:8.1f} ms {ma / mb:7.2f}x  {err:.2e} (outputs up to {scale:.2g})")
+        ma, mb = (statistics.median(r[2]) * 1e3 for r in runs[:2])
+        line = f"  {name:22s} {ma:10.1f} ms {mb:8.1f} ms {ma / mb:7.2f}x"
+        if c is not None:
+            mc = statistics.median(runs[2][2]) * 1e3
+            line += f" {mc:8.1f} ms {mc / mb:7.2f}x"
+        tail = f"  {err:.2e} (outputs up to {scale:.2g})" + (f"; c: {err_c:.2e}" if c is not None else "")
+        print(line + tail)
         if args.kernel_times:
             ka, kb = (_kernel_ms(p, feeds, args.threads, args.kernel_times) for p in (src, fused))
-            print(f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x")
-    del a, b
+            line = f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x"
+            if c is not None:
+                kc = _kernel_ms(genai, c_feeds, args.threads, args.kernel_times)
+                line += f" {kc:8.1f} ms {kc / kb:7.2f}x"
+            print(line)
+    del a, b, c
     if args.rewrite_repeat:
         _rewrite_times(src, tmp, args.rewrite_repeat)
 
