@@ -81,10 +81,13 @@ def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     for _ in range(runs + 1):
         sess.run(None, feeds)
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink(missing_ok=True)
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     per_run = [0.0] * len(spans)
     for e in events:
