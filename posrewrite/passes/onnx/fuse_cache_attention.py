@@ -57,6 +57,8 @@ class _Attention:
     heads: int
     kv_heads: int
     head_size: int
+    k_rep: ir.Value | None = None  # keys / values with kv heads expanded (repeat_kv), [B, H, T, D]
+    v_rep: ir.Value | None = None
 
 
 class NotFused(Exception):
@@ -270,7 +272,7 @@ def _match(graph: ir.Graph, sm: ir.Node) -> _Attention:
     if bias is None:
         raise NotFused("no attention bias: the attention is not causal, GroupQueryAttention is")
     return _Attention(sm, q_rot, k_rot, k_all, v_all, past_key, past_value, v_new, bias, scale, pv.outputs[0],
-                      heads, kv_heads, head_size)
+                      heads, kv_heads, head_size, k_rep, pv.inputs[1])
 
 
 def _heads(q_rot: ir.Node, k_rep: ir.Value, head_size: int) -> int | None:
@@ -573,6 +575,24 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
                 ir.convenience.replace_all_uses_with(t2.outputs[0], out4)
                 graph.remove(t2, safe=True)
         _shape_through_transpose(graph, new)
+    # shapes read from the expanded keys/values: [B, H, T, D] from the cache's shape, so repeat_kv is not computed
+    for rep, full in ((att.k_rep, att.k_all), (att.v_rep, att.v_all)):
+        if rep is None or rep is full:
+            continue
+        for use in [u for u in rep.uses() if u.node.op_type == "Shape"]:
+            shape_node = use.node
+            w = NodeWriter(graph, shape_node, "gqa_shape")
+            heads = w.const(np.array([att.heads], np.int64))
+            full_shape = w.op("Concat", w.op("Shape", full, start=0, end=1), heads,
+                              w.op("Shape", full, start=2, end=4), axis=0)
+            start = shape_node.attributes.get_int("start", 0)
+            end = shape_node.attributes.get_int("end", 4)
+            if (start, end) != (0, 4):
+                full_shape = w.op("Slice", full_shape, w.const(np.array([start], np.int64)),
+                                  w.const(np.array([end], np.int64)))
+            full_shape.dtype, full_shape.shape = _I64, shape_node.outputs[0].shape
+            w.commit()
+            _replace(shape_node.outputs[0], full_shape)
     _replace(att.k_all, gqa.outputs[1])
     _replace(att.v_all, gqa.outputs[2])
 
