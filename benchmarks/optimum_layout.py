@@ -43,11 +43,14 @@ def _session(path: Path, threads: int):
 def _genai_model(args, tmp: Path) -> Path | None:
     """onnxruntime-genai's builder model (``-p fp32 -e cpu``) of the same weights, or None when the builder is
     not installed. A one-word-per-id tokenizer is written beside the HF checkpoint (the builder wants one)."""
-    try:
-        import onnxruntime_genai.models.builder  # noqa: F401
+    import importlib.util
+    import subprocess
+
+    try:  # not imported here: importing the builder configures logging for the whole process
+        if importlib.util.find_spec("onnxruntime_genai.models.builder") is None:
+            return None
     except ImportError:
         return None
-    import subprocess
 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
