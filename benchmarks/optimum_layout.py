@@ -18,6 +18,7 @@ kind of work: fusions of the whole model, no validation), and posrewrite's resca
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -222,8 +223,11 @@ def main() -> None:
                 line += f" {kc:8.1f} ms {kc / kb:7.2f}x"
             print(line)
     del a, b, c
-    if args.rewrite_repeat:
-        _rewrite_times(src, tmp, args.rewrite_repeat)
+    try:
+        if args.rewrite_repeat:
+            _rewrite_times(src, tmp, args.rewrite_repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # fused, genai and HF copies: gigabytes at the default size
 
 
 if __name__ == "__main__":
