@@ -47,11 +47,22 @@ class NodeWriter:
         return add_initializer(self.graph, np.asarray(array), f"{self.stem}_c", dtype)
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        if op_type == "Shape" and ("start" in attributes or "end" in attributes) and self._opset() < 15:
+            # Shape's start/end attributes are opset 15; before that they are ignored (the whole shape)
+            start, end = int(attributes.pop("start", 0)), int(attributes.pop("end", 1 << 62))
+            whole = self.op("Shape", *inputs)
+            return self.op(
+                "Slice", whole, self.const(np.array([start], np.int64)), self.const(np.array([end], np.int64))
+            )
         name = unique_name(self.graph, f"{self.stem}_{op_type}")
         node = ir.node(op_type, list(inputs), attributes or None, name=name)
         node.outputs[0].name = node.name + "_out"
         self.nodes.append(node)
         return node.outputs[0]
+
+    def _opset(self) -> int:
+        imports = self.graph.opset_imports
+        return int(imports.get("", imports.get("ai.onnx", 21)))
 
     def commit(self) -> None:
         if self.nodes:

@@ -65,18 +65,36 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         before = _count_ops(model)
         rotary_attrs = _rotary_attributes(model)
+        cache_gqa, cache_reasons = 0, []
+        if self.target == "ort" and self.allow_gqa:
+            # attention with a KV cache (Optimum / HF decode exports): GroupQueryAttention, checked here
+            from onnx_ir.passes.common import ShapeInferencePass
+
+            from posrewrite.passes.onnx.fuse_cache_attention import fuse_cache_attention
+
+            try:  # shapes first: later rules (skip normalisation) check the shapes of what this writes
+                ShapeInferencePass()(model)
+            except Exception:  # noqa: BLE001 - shapes help, they are not required
+                pass
+            cache_gqa, cache_reasons = fuse_cache_attention(model)
+        # every attention became GroupQueryAttention: onnxscript's attention rules have nothing left to do, and
+        # their pre-optimisation (folding, shape rules: most of the time on a 32-layer model) is skipped
+        light = bool(cache_gqa) and not any(n.op_type == "Softmax" for n in model.graph)
         try:
-            _core._pre_optimize(model)
+            if not light:
+                _core._pre_optimize(model)
             counts: dict[str, int] = {}
             if self.target == "ort":
                 # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2) as SimplifiedLayerNormalization
-                counts["rms_normalization"] = fuse_rms_normalization(model)
+                counts["rms_normalization"] = _fuse_rms_norm_other_forms(model) + fuse_rms_normalization(model)
                 _uniform_norm_inputs(model)
                 counts["skip_layer_normalization"] = fuse_skip_layer_normalization(model)
                 counts["skip_rms_normalization"] = fuse_skip_rms_normalization(model)
-            counts["sdpa"] = fuse_sdpa(model, apply_shape_inference=True)
+            counts["sdpa"] = 0 if light else fuse_sdpa(model, apply_shape_inference=True)
             sdpa = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _FUSION_DOMAIN]
-            if self.target == "onnx":
+            if light:
+                why = None
+            elif self.target == "onnx":
                 counts["attention23"] = self._sdpa_to_onnx_attention(model, sdpa)
                 why = None
             else:
@@ -88,7 +106,12 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                 if counts["mha1"] or counts["mha2"]:
                     counts["mha_bias"] = fuse_mha_bias(model)
                 counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
-            optimize(model)
+            if light:
+                from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+                RemoveUnusedNodesPass()(model)
+            else:
+                optimize(model)
             # onnxscript writes SimplifiedLayerNormalization into the ONNX domain, where only onnxruntime knows it
             # (onnx.checker rejects it): write it back as standard ops; onnxruntime fuses them again at load time
             counts["rms_unfused"] = _decompose_simplified_layer_norm(model)
@@ -110,6 +133,20 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             self.changes.append(
                 f"fused attention: {att23} into Attention-23 after RotaryEmbedding-23 ({self._att23_detail})"
             )
+        gqa -= cache_gqa
+        if cache_gqa:
+            self.changes.append(
+                f"fused attention: {cache_gqa} with a KV cache into com.microsoft.GroupQueryAttention (attention "
+                "bias kept, verified to mask every future key; RotaryEmbedding before it, with the graph's "
+                "position_ids; kv heads not expanded)"
+            )
+        has_cache = any("past" in (v.name or "") for v in model.graph.inputs)
+        if cache_reasons and (cache_gqa or has_cache):
+            more = f" (and {len(cache_reasons) - 3} more)" if len(cache_reasons) > 3 else ""
+            self.notes.append(
+                f"{len(cache_reasons)} attention(s) with a KV cache not fused into GroupQueryAttention: "
+                + "; ".join(cache_reasons[:3]) + more
+            )
         if gqa or mha:
             parts = []
             if gqa:
@@ -119,7 +156,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             self.changes.append(
                 "fused attention: " + ", ".join(parts) + " (onnxscript ort_fusions, checked by posrewrite)"
             )
-        if self.target == "ort" and not gqa and (mha or counts.get("sdpa")):
+        if self.target == "ort" and not gqa and not cache_gqa and (mha or counts.get("sdpa")):
             why = why or "onnxscript's GQA rule did not match"
             self.notes.append(f"GroupQueryAttention not used: {why}")
         norms = sum(
@@ -131,7 +168,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
             )
         if left:
             self.notes.append(f"{left} attention(s) not fused (Softmax left in the graph)")
-        return ir.passes.PassResult(model, bool(gqa or mha or norms or att23))
+        return ir.passes.PassResult(model, bool(gqa or cache_gqa or mha or norms or att23))
 
     # -----------------------------------------------------------------------------------------------
     def _sdpa_to_onnx_attention(self, model: ir.Model, sdpa_nodes: list[ir.Node]) -> int:
@@ -256,6 +293,91 @@ def _restore_rotary_attributes(model: ir.Model, recorded: dict[tuple[str, str], 
     return restored
 
 
+def _const_scalar(v: ir.Value | None) -> float | None:
+    t = ir.convenience.get_const_tensor(v) if v is not None else None
+    if t is None or t.size != 1:
+        return None
+    return float(np.asarray(t.numpy(), dtype=np.float64).reshape(-1)[0])
+
+
+def _only(v: ir.Value, op_type: str) -> ir.Node | None:
+    users = [u.node for u in v.uses()]
+    if len(users) != 1 or users[0].op_type != op_type or users[0].domain not in ("", "ai.onnx") or v.is_graph_output():
+        return None
+    return users[0]
+
+
+def _fuse_rms_norm_other_forms(model: ir.Model) -> int:
+    """RMSNorm as the torchscript exporter writes it at opset < 18 (Optimum's exports), which onnxscript's rule
+    (ReduceMean axes as an input, Reciprocal) does not match: x32 = Cast(x) or x;
+    y = Mul(scale, Cast(Mul(x32, Div(1, Sqrt(Add(ReduceMean(Pow(x32, 2), axes=[-1]), eps)))))) ->
+    SimplifiedLayerNormalization(x, scale, epsilon=eps, stash_type=1) (computed in fp32 as well)."""
+    graph = model.graph
+    done = 0
+    for r in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
+        axes = r.attributes.get_ints("axes") if len(r.inputs) < 2 else None
+        if axes is None and len(r.inputs) > 1:
+            t = ir.convenience.get_const_tensor(r.inputs[1])
+            axes = [int(a) for a in t.numpy().reshape(-1)] if t is not None else None
+        pw = r.inputs[0].producer()
+        if axes is None or list(axes) != [-1] or r.attributes.get_int("keepdims", 1) != 1 or pw is None:
+            continue
+        if pw.op_type != "Pow" or _const_scalar(pw.inputs[1]) != 2.0:
+            continue
+        xc = pw.inputs[0]
+        add = _only(r.outputs[0], "Add")
+        eps = _const_scalar(add.inputs[1]) if add is not None else None
+        sqrt = _only(add.outputs[0], "Sqrt") if add is not None else None
+        inv_node = None
+        if sqrt is not None:
+            users = [u.node for u in sqrt.outputs[0].uses()]
+            if len(users) == 1 and users[0].op_type == "Reciprocal":
+                inv_node = users[0]
+            elif len(users) == 1 and users[0].op_type == "Div" and users[0].inputs[1] is sqrt.outputs[0] and \
+                    _const_scalar(users[0].inputs[0]) == 1.0:
+                inv_node = users[0]
+        if eps is None or inv_node is None:
+            continue
+        mul1 = _only(inv_node.outputs[0], "Mul")
+        if mul1 is None or xc not in mul1.inputs:
+            continue
+        normed = mul1.outputs[0]
+        cast = _only(normed, "Cast")
+        if cast is not None:
+            normed = cast.outputs[0]
+        mul2 = _only(normed, "Mul")
+        if mul2 is None:
+            continue
+        scale = mul2.inputs[1] if mul2.inputs[0] is normed else mul2.inputs[0]
+        ident = scale.producer()
+        if ident is not None and ident.op_type == "Identity":  # the torchscript exporter's deduplicated weights
+            scale = ident.inputs[0]
+        if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
+            continue  # shape and type only: the weight itself is never read
+        src = xc.producer()
+        x = src.inputs[0] if src is not None and src.op_type == "Cast" else xc
+        out = mul2.outputs[0]
+        compute = ir.DataType(src.attributes.get_int("to")) if x is not xc else xc.dtype
+        target = ir.DataType(cast.attributes.get_int("to")) if cast is not None else compute
+        if compute != ir.DataType.FLOAT or scale.dtype != target:
+            continue
+        node = ir.node("SimplifiedLayerNormalization", [x, scale],
+                       {"axis": -1, "epsilon": float(eps), "stash_type": 1}, name=(r.name or "rms") + "_fused")
+        y = node.outputs[0]
+        y.dtype, y.shape = target, out.shape
+        graph.insert_before(mul2, node)
+        name = out.name
+        out.name = None
+        y.name = name
+        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+        done += 1
+    if done:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+    return done
+
+
 def _uniform_norm_inputs(model: ir.Model) -> None:
     """onnxscript fuses a mixed-precision RMSNorm (fp16 x normalised in fp32 with an fp32 weight, OLMo's q/k
     norms) into SimplifiedLayerNormalization(x: fp16, scale: fp32); its skip rule would then build a
@@ -278,6 +400,7 @@ def _decompose_simplified_layer_norm(model: ir.Model) -> int:
     """SimplifiedLayerNormalization(X, scale) -> X * 1/sqrt(mean(X^2) + eps) * scale, in standard ops."""
     graph = model.graph
     done = 0
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
     for node in [n for n in graph if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx")]:
         if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
             continue
@@ -292,7 +415,10 @@ def _decompose_simplified_layer_norm(model: ir.Model) -> int:
 
         compute = ir.DataType.FLOAT if stash == 1 else dtype
         xc = op("Cast", x, to=compute) if compute != dtype else x
-        mean = op("ReduceMean", op("Mul", xc, xc), const(np.array([axis], np.int64)), keepdims=1)
+        if opset >= 18:
+            mean = op("ReduceMean", op("Mul", xc, xc), const(np.array([axis], np.int64)), keepdims=1)
+        else:  # axes are an attribute before opset 18
+            mean = op("ReduceMean", op("Mul", xc, xc), axes=[axis], keepdims=1)
         eps_c = const(np.array(eps, dtype=compute.numpy()))
         y = op("Mul", xc, op("Reciprocal", op("Sqrt", op("Add", mean, eps_c))))
         # onnxruntime's SimplifiedLayerNormalization takes X: T and scale: V (mixed precision, OLMo's fp16 q/k

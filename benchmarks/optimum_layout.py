@@ -1,0 +1,234 @@
+"""`--fuse ort` on an Optimum-layout export (KV cache, position_ids, attention_mask): latency side by side.
+
+The model is a random-weight Llama exported as Optimum's ``text-generation-with-past`` does (see
+``fixtures.hf_models.export_optimum_layout``; optimum itself is not needed): default 8 layers, hidden 1024,
+16 q / 4 kv heads, intermediate 2816, vocab 32000, 4096 positions. It is rewritten with
+``posrewrite --fuse ort --max-positions 4096`` and both models are run in one process, interleaved (original,
+fused, original, ...), on the same feeds: prefill 512 and 2048 tokens (empty past) and one decode step at 2048
+past. Medians, their ratio, and the largest difference of logits / presents are printed. A column for an
+onnxruntime-genai builder model of the same weights is printed only when ``onnxruntime_genai`` is installed
+(it is not in the project's environment: the column is skipped then).
+
+Rewrite time: ``posrewrite --fuse ort`` against onnxscript's ``optimize_for_ort`` on the same file (the same
+kind of work: fusions of the whole model, no validation), and posrewrite's rescale alone.
+
+    python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5] [--kernel-times 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _genai_model(args, tmp: Path) -> Path | None:
+    """onnxruntime-genai's builder model (``-p fp32 -e cpu``) of the same weights, or None when the builder is
+    not installed. A one-word-per-id tokenizer is written beside the HF checkpoint (the builder wants one)."""
+    import importlib.util
+    import subprocess
+
+    try:  # not imported here: importing the builder configures logging for the whole process
+        if importlib.util.find_spec("onnxruntime_genai.models.builder") is None:
+            return None
+    except ImportError:
+        return None
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fixtures.hf_models import optimum_layout_hf_model
+
+    hf = tmp / "hf"
+    optimum_layout_hf_model(num_layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                            vocab=args.vocab, intermediate=args.intermediate,
+                            max_position_embeddings=4096).save_pretrained(hf)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(args.vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(hf)
+    out = tmp / "genai"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    "-p", "fp32", "-e", "cpu", "-c", str(tmp / "genai-cache")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "model.onnx"
+
+
+def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
+    """Median over `runs` of the summed kernel times (onnxruntime's profiler) of one run: less sensitive than
+    wall time to other processes competing for the CPU between kernels."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, feeds)
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink(missing_ok=True)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    per_run = [0.0] * len(spans)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            for k, (lo, hi) in enumerate(spans):
+                if lo <= e["ts"] <= hi:
+                    per_run[k] += e["dur"] / 1e3
+                    break
+    return statistics.median(per_run[1:] or per_run)
+
+
+def _ops(path: Path) -> str:
+    import onnx
+
+    counts = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    keys = ("GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding", "Softmax",
+            "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+    return ", ".join(f"{counts[k]} {k}" for k in keys if counts[k])
+
+
+def _rewrite_times(src: Path, tmp: Path, repeat: int) -> None:
+    import onnx_ir as ir
+    from onnxscript.rewriter import ort_fusions
+
+    from posrewrite import api
+
+    def ours() -> None:
+        api.rewrite(src, output=tmp / "ours.onnx", fuse="ort", max_positions=4096, validate=False)
+
+    def rescale() -> None:
+        api.rewrite(src, output=tmp / "rescaled.onnx", rope_scale=2.0, rope_method="yarn",
+                    original_max_positions=4096, validate=False)
+
+    def theirs() -> None:
+        model = ir.load(src)
+        model, _ = ort_fusions.optimize_for_ort(model)
+        ir.save(model, tmp / "theirs.onnx")
+
+    times: dict[str, list[float]] = {"posrewrite --fuse ort": [], "onnxscript optimize_for_ort": [],
+                                     "posrewrite rescale (yarn x2)": []}
+    for _ in range(repeat):
+        for name, fn in zip(times, (ours, theirs, rescale), strict=True):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    print(f"\nrewrite time (same file, medians of {repeat}, interleaved):")
+    for name, ts in times.items():
+        print(f"  {name:30s} {statistics.median(ts):6.2f} s")
+    print(f"  optimize_for_ort output: {_ops(tmp / 'theirs.onnx')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--decode-past", type=int, default=2048)
+    parser.add_argument("--rewrite-repeat", type=int, default=3)
+    parser.add_argument("--kernel-times", type=int, default=0, help="also sum kernel times over N profiled runs")
+    parser.add_argument("--no-genai", dest="genai", action="store_false", help="skip the genai builder column")
+    args = parser.parse_args()
+
+    from fixtures.hf_models import export_optimum_layout, optimum_feeds
+    from posrewrite import api
+
+    t = time.perf_counter()
+    src = export_optimum_layout(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+                                kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                                max_position_embeddings=4096)
+    print(f"Optimum-layout export: {src} ({time.perf_counter() - t:.0f} s)")
+    tmp = Path(tempfile.mkdtemp(prefix="posrewrite-optimum-"))
+    fused = tmp / "fused.onnx"
+    t = time.perf_counter()
+    result = api.rewrite(src, output=fused, fuse="ort", max_positions=4096, validate=False)
+    print(f"posrewrite --fuse ort --max-positions 4096: {time.perf_counter() - t:.1f} s")
+    for line in result.changes + result.notes:
+        print("  ", line)
+    print(f"(a) original: {_ops(src)}")
+    print(f"(b) fused:    {_ops(fused)}")
+    genai = _genai_model(args, tmp) if args.genai else None
+    if genai is None:
+        print("(c) onnxruntime-genai builder model: skipped (onnxruntime_genai not installed, or --no-genai)")
+    else:
+        print(f"(c) genai:    {_ops(genai)}")
+
+    a, b = _session(src, args.threads), _session(fused, args.threads)
+    c = _session(genai, args.threads) if genai is not None else None
+    c_inputs = {i.name for i in c.get_inputs()} if c is not None else set()
+    cases = [(f"prefill {n}", dict(batch=1, past=0, seq=n)) for n in (int(x) for x in args.lengths.split(",") if x)]
+    cases.append((f"decode, {args.decode_past} past", dict(batch=1, past=args.decode_past, seq=1)))
+    print(f"\nlatency, onnxruntime CPU, {args.threads} threads, medians of {args.repeat} (interleaved):")
+    head = f"  {'case':22s} {'(a) original':>13s} {'(b) fused':>11s} {'(a)/(b)':>8s}"
+    if c is not None:
+        head += f" {'(c) genai':>11s} {'(c)/(b)':>8s}"
+    print(head + "  max |diff| logits/presents (b vs a; c vs a: logits)")
+    for name, kw in cases:
+        feeds = optimum_feeds(src, **kw)
+        ra, rb = a.run(None, feeds), b.run(None, feeds)  # warm-up, and the outputs compared
+        err = max(float(np.max(np.abs(x - y))) for x, y in zip(ra, rb, strict=True))
+        scale = max(float(np.max(np.abs(x))) for x in ra)
+        runs = [(a, feeds, []), (b, feeds, [])]
+        if c is not None:
+            c_feeds = {k: v for k, v in feeds.items() if k in c_inputs}
+            err_c = float(np.max(np.abs(c.run(None, c_feeds)[0] - ra[0])))
+            runs.append((c, c_feeds, []))
+        for _ in range(args.repeat):
+            for sess, f, times in runs:
+                t = time.perf_counter()
+                sess.run(None, f)
+                times.append(time.perf_counter() - t)
+        ma, mb = (statistics.median(r[2]) * 1e3 for r in runs[:2])
+        line = f"  {name:22s} {ma:10.1f} ms {mb:8.1f} ms {ma / mb:7.2f}x"
+        if c is not None:
+            mc = statistics.median(runs[2][2]) * 1e3
+            line += f" {mc:8.1f} ms {mc / mb:7.2f}x"
+        tail = f"  {err:.2e} (outputs up to {scale:.2g})" + (f"; c: {err_c:.2e}" if c is not None else "")
+        print(line + tail)
+        if args.kernel_times:
+            ka, kb = (_kernel_ms(p, feeds, args.threads, args.kernel_times) for p in (src, fused))
+            line = f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x"
+            if c is not None:
+                kc = _kernel_ms(genai, c_feeds, args.threads, args.kernel_times)
+                line += f" {kc:8.1f} ms {kc / kb:7.2f}x"
+            print(line)
+    del a, b, c
+    try:
+        if args.rewrite_repeat:
+            _rewrite_times(src, tmp, args.rewrite_repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # fused, genai and HF copies: gigabytes at the default size
+
+
+if __name__ == "__main__":
+    main()

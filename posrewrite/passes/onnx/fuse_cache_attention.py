@@ -1,0 +1,628 @@
+"""Decode-style attention (Optimum / HF exports with a KV cache) -> com.microsoft.GroupQueryAttention.
+
+The graph this recognises, per layer, after posrewrite fused RoPE into com.microsoft.RotaryEmbedding nodes::
+
+    q = RotaryEmbedding(q_heads [B, H, S, D], position_ids, cos, sin)
+    k_all = Concat(past_key [B, Hkv, P, D], RotaryEmbedding(k_heads, ...), axis=2)      -> present.{i}.key
+    v_all = Concat(past_value, v_heads, axis=2)                                       -> present.{i}.value
+    scores = (q * a) @ Transpose(repeat_kv(k_all) * b)   (or (q @ k^T) * s, or / s)   scale = a*b, s, 1/s
+    p = Softmax(scores + bias)                (optionally Where(IsNaN(p), 0, p): torch's SDPA export)
+    out = p @ repeat_kv(v_all)                                                         [B, H, S, D]
+
+GroupQueryAttention(q, k, v [B, S, *], past_key, past_value, seqlens_k, total_sequence_length,
+attention_bias=bias, scale=..) computes the same thing when its own causal mask adds nothing to the bias:
+GroupQueryAttention masks key j for query i when j > P + i (P = seqlens_k + 1 - S, the past length given
+seqlens_k = P + S - 1 for every batch entry) and adds the bias elsewhere. So the bias is *evaluated* (onnxruntime,
+on its own cone of the graph) for several past/sequence lengths, with an all-ones and a left-padded
+attention_mask, and must mask every key after the query's position (at or below -1e4: exp underflows to zero).
+The RotaryEmbedding nodes stay outside the attention (rotating by the graph's own position_ids, whatever they
+are) and read the [B, S, H*D] view of the projections. Kv heads are not expanded any more (GroupQueryAttention
+reads head h from kv head h // (H / Hkv), as HF's repeat_kv does).
+
+One difference is allowed and stated: a query row whose keys are all masked (a left-padding position) gives
+NaN in the original before its Where(IsNaN) turns it to zero; the bias is clamped to the dtype's lowest finite
+value so that GroupQueryAttention gives a finite average there instead. Such rows are padding: no real
+position reads them (their keys are masked by the same attention_mask at every later step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from posrewrite.passes.onnx._build import NodeWriter
+
+_MASKED = -1.0e4
+_CONTRIB = "com.microsoft"
+_I64 = ir.DataType.INT64
+_I32 = ir.DataType.INT32
+
+
+@dataclasses.dataclass
+class _Attention:
+    softmax: ir.Node
+    q_rot: ir.Node
+    k_rot: ir.Node
+    k_all: ir.Value
+    v_all: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
+    v_new: ir.Value
+    bias: ir.Value | None
+    scale: float
+    out: ir.Value  # [B, H, S, D]
+    heads: int
+    kv_heads: int
+    head_size: int
+    k_rep: ir.Value | None = None  # keys / values with kv heads expanded (repeat_kv), [B, H, T, D]
+    v_rep: ir.Value | None = None
+
+
+class NotFused(Exception):
+    """Why one attention is not rewritten (said in the notes)."""
+
+
+def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str]]:
+    """Rewrites every recognised attention with a KV cache into GroupQueryAttention. Returns (count, reasons
+    for the attentions left as they are)."""
+    graph = model.graph
+    found: list[_Attention] = []
+    reasons: list[str] = []
+    for node in [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
+        try:
+            found.append(_match(graph, node))
+        except NotFused as exc:
+            reasons.append(f"{node.name or 'Softmax'}: {exc}")
+    if not found:
+        return 0, reasons
+    verdicts: dict[int, str | None] = {}
+    kept = []
+    for att in found:
+        if att.bias is not None:
+            key = id(att.bias)
+            if key not in verdicts:
+                verdicts[key] = _bias_is_at_least_causal(model, att.bias)
+            if verdicts[key] is not None:
+                reasons.append(f"{att.softmax.name or 'Softmax'}: attention bias {att.bias.name}: {verdicts[key]}")
+                continue
+        kept.append(att)
+    shared: dict = {}
+    heads_views = [v for att in kept for v in (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new)]
+    for att in kept:
+        _rewrite(model, att, shared)
+    if kept:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+        RemoveUnusedNodesPass()(model)
+        for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
+            if v is not None and v.producer() is not None and v.producer().graph is graph:
+                _shape_through_transpose(graph, v)
+        RemoveUnusedNodesPass()(model)
+        TopologicalSortPass()(model)
+    return len(kept), reasons
+
+
+# ---------------------------------------------------------------------------------------------------
+# matching
+# ---------------------------------------------------------------------------------------------------
+
+
+def _producer(v: ir.Value | None, *ops: str) -> ir.Node | None:
+    node = v.producer() if v is not None else None
+    if node is None or node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def _scalar(v: ir.Value | None) -> float | None:
+    if v is None:
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    if t is None:
+        return None
+    arr = t.numpy()
+    if arr.size != 1:
+        return None
+    return float(np.asarray(arr, dtype=np.float64).reshape(-1)[0])
+
+
+def _strip_scale(v: ir.Value) -> tuple[ir.Value, float]:
+    """v = x * c (or x / c, c * x) with a constant scalar c -> (x, c); else (v, 1)."""
+    factor = 1.0
+    for _ in range(3):
+        node = _producer(v, "Mul", "Div")
+        if node is None:
+            break
+        a, b = node.inputs[0], node.inputs[1]
+        cb, ca = _scalar(b), _scalar(a)
+        if node.op_type == "Div" and cb is not None and cb != 0:
+            v, factor = a, factor / cb
+        elif node.op_type == "Mul" and cb is not None:
+            v, factor = a, factor * cb
+        elif node.op_type == "Mul" and ca is not None:
+            v, factor = b, factor * ca
+        else:
+            break
+    return v, factor
+
+
+def _rotary(v: ir.Value) -> ir.Node | None:
+    node = v.producer()
+    if node is None or node.op_type != "RotaryEmbedding" or node.domain != _CONTRIB:
+        return None
+    return node
+
+
+def _unrepeat(v: ir.Value) -> ir.Value:
+    """x when v = Reshape(Expand(Unsqueeze(x, axis 2), [B, Hkv, G, T, D]), [B, Hkv*G, T, D]) (HF's repeat_kv)."""
+    reshape = _producer(v, "Reshape")
+    expand = _producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsq = _producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsq is None:
+        return v
+    axes = unsq.attributes.get_ints("axes") if len(unsq.inputs) < 2 else None
+    if axes is None and len(unsq.inputs) > 1:
+        t = ir.convenience.get_const_tensor(unsq.inputs[1])
+        axes = [int(a) for a in t.numpy().reshape(-1)] if t is not None else None
+    if axes is None or list(axes) != [2]:
+        return v
+    return unsq.inputs[0]
+
+
+def _cache_concat(graph: ir.Graph, v: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """v = Concat(past (a graph input), new, axis=2) -> (past, new)."""
+    node = _producer(v, "Concat")
+    if node is None or len(node.inputs) != 2:
+        raise NotFused(f"{v.name} is not Concat(past, new): no KV cache input")
+    axis = node.attributes.get_int("axis", 0)
+    if axis not in (2, -2):
+        raise NotFused(f"the cache concatenation {node.name} is on axis {axis}, not the sequence axis 2")
+    past, new = node.inputs
+    for _ in range(4):  # Identity, or a one-input Concat (the torchscript exporter writes one for layer 0)
+        p = _producer(past, "Identity", "Concat")
+        if p is None or len(p.inputs) != 1:
+            break
+        past = p.inputs[0]
+    if past not in graph.inputs:
+        raise NotFused(f"the cache concatenation {node.name} does not read a graph input first")
+    if past.shape is None or len(past.shape) != 4:
+        raise NotFused(f"past cache {past.name} is not 4-D [batch, kv_heads, past, head_size]")
+    return past, new
+
+
+def _match(graph: ir.Graph, sm: ir.Node) -> _Attention:
+    axis = sm.attributes.get_int("axis", -1)
+    x = sm.inputs[0]
+    rank = len(x.shape) if x.shape is not None else 4
+    if axis not in (-1, rank - 1):
+        raise NotFused(f"Softmax on axis {axis}, not the key axis")
+    # probabilities: p, or Where(IsNaN(p), 0, p)
+    probs = sm.outputs[0]
+    users = [u.node for u in probs.uses()]
+    if any(u.op_type not in ("MatMul", "IsNaN", "Where") for u in users) or probs.is_graph_output():
+        raise NotFused("the probabilities are read by something other than the value MatMul")
+    where = next((u for u in users if u.op_type == "Where"), None)
+    if where is not None:
+        isnan = _producer(where.inputs[0], "IsNaN")
+        zero = ir.convenience.get_const_tensor(where.inputs[1])
+        if (isnan is None or isnan.inputs[0] is not probs or where.inputs[2] is not probs or zero is None
+                or zero.numpy().size != 1 or float(zero.numpy().reshape(-1)[0]) != 0.0):
+            raise NotFused("the probabilities go through a Where that is not Where(IsNaN(p), 0, p)")
+        probs = where.outputs[0]
+        users = [u.node for u in probs.uses()]
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not probs:
+        raise NotFused("the probabilities are not multiplied by the values (p @ v)")
+    pv = users[0]
+    # scores (+ bias)
+    bias = None
+    add = _producer(x, "Add")
+    scores = x
+    if add is not None:
+        for i in (0, 1):
+            s, _ = _strip_scale(add.inputs[i])
+            if _producer(s, "MatMul") is not None:
+                scores, bias = add.inputs[i], add.inputs[1 - i]
+                break
+        else:
+            raise NotFused("no q @ k^T under the Softmax's Add")
+    s, scale = _strip_scale(scores)
+    qk = _producer(s, "MatMul")
+    if qk is None:
+        raise NotFused("no q @ k^T under the Softmax")
+    q, a = _strip_scale(qk.inputs[0])
+    kt, b = _strip_scale(qk.inputs[1])
+    scale *= a * b
+    transpose = _producer(kt, "Transpose")
+    if transpose is None or list(transpose.attributes.get_ints("perm", [])) != [0, 1, 3, 2]:
+        raise NotFused("k^T is not Transpose(k, perm=[0, 1, 3, 2])")
+    k_rep, b2 = _strip_scale(transpose.inputs[0])
+    scale *= b2
+    q_rot = _rotary(q)
+    if q_rot is None:
+        raise NotFused("q is not the output of a fused com.microsoft.RotaryEmbedding")
+    k_all = _unrepeat(k_rep)
+    v_all = _unrepeat(pv.inputs[1])
+    past_key, k_new = _cache_concat(graph, k_all)
+    past_value, v_new = _cache_concat(graph, v_all)
+    k_rot = _rotary(k_new)
+    if k_rot is None:
+        raise NotFused("the new keys are not the output of a fused com.microsoft.RotaryEmbedding")
+    kv_heads, head_size = past_key.shape[1], past_key.shape[3]
+    if not isinstance(kv_heads, int) or not isinstance(head_size, int):
+        raise NotFused(f"kv heads / head size of {past_key.name} {past_key.shape} are not static")
+    heads = _heads(q_rot, k_rep, head_size)
+    if heads is None:
+        raise NotFused("the number of query heads is not known statically")
+    if heads % kv_heads:
+        raise NotFused(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
+    if k_all is k_rep and heads != kv_heads:
+        raise NotFused("keys have fewer heads than queries but are not expanded by repeat_kv")
+    for node in (q_rot, k_rot):
+        if node.attributes.get_int("rotary_embedding_dim", 0) not in (0, head_size) and "num_heads" not in \
+                node.attributes:
+            raise NotFused("partial rotary without num_heads")
+    dtype = q.dtype or q_rot.inputs[0].dtype or past_key.dtype
+    if bias is not None and (bias.dtype is not None and dtype is not None and bias.dtype != dtype):
+        raise NotFused(f"attention bias {bias.name} is {bias.dtype}, queries are {dtype}")
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        raise NotFused(f"queries of type {dtype}")
+    if bias is None:
+        raise NotFused("no attention bias: the attention is not causal, GroupQueryAttention is")
+    return _Attention(sm, q_rot, k_rot, k_all, v_all, past_key, past_value, v_new, bias, scale, pv.outputs[0],
+                      heads, kv_heads, head_size, k_rep, pv.inputs[1])
+
+
+def _heads(q_rot: ir.Node, k_rep: ir.Value, head_size: int) -> int | None:
+    for shape in (q_rot.inputs[0].shape, q_rot.outputs[0].shape, k_rep.shape):
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+            return shape[1]
+    if "num_heads" in q_rot.attributes:
+        return q_rot.attributes.get_int("num_heads")
+    # [B, S, H, D] -> Transpose -> q_heads, after a MatMul with a [hidden, H*D] weight (shape only, never read)
+    node = _producer(q_rot.inputs[0], "Transpose")
+    reshape = _producer(node.inputs[0], "Reshape") if node is not None else None
+    mm = _producer(reshape.inputs[0], "MatMul", "Add") if reshape is not None else None
+    while mm is not None and mm.op_type == "Add":  # projection bias
+        mm = _producer(mm.inputs[0], "MatMul", "Add")
+    if mm is not None:
+        w = mm.inputs[1]
+        if w.shape is not None and len(w.shape) == 2 and isinstance(w.shape[1], int) and w.shape[1] % head_size == 0:
+            return w.shape[1] // head_size
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bias must mask every key after the query's position
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bias_is_at_least_causal(model: ir.Model, bias: ir.Value) -> str | None:
+    """None when, evaluated for several (past, seq) and attention masks, the bias [B|1, 1|H, S, P+S] masks
+    every key j > P + i for query i; else why not."""
+    graph = model.graph
+    inputs = set(graph.inputs)
+    cone: list[ir.Node] = []
+    needed: list[ir.Value] = []
+    shape_only: list[ir.Value] = []  # read only through Shape: fed as zeros of their shape, never computed
+    seen: set[int] = set()
+    stack = [bias]
+    while stack:
+        v = stack.pop()
+        node = v.producer()
+        if node is None:
+            if v in inputs and v not in needed:
+                needed.append(v)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        cone.append(node)
+        if node.domain not in ("", "ai.onnx") or any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()
+        ):
+            return f"computed by {node.domain}::{node.op_type}"
+        if node.op_type == "Shape" and node.inputs[0] not in inputs:
+            if node.inputs[0] not in shape_only:
+                shape_only.append(node.inputs[0])
+            continue
+        stack.extend(i for i in node.inputs if i is not None)
+        if len(cone) > 5000:
+            return "its computation is too large to check"
+    # a value also computed in the cone (read by something other than a Shape) is computed, not fed
+    shape_only = [v for v in shape_only if v.producer() is None or id(v.producer()) not in seen]
+    if any(not v.name for v in shape_only):
+        return "reads the shape of an unnamed value"
+    dims = _dims_of_inputs(graph)
+    needed.extend(shape_only)
+    order = {id(n): k for k, n in enumerate(graph)}
+    cone.sort(key=lambda n: order.get(id(n), 0))
+    try:
+        session = _session(model, cone, needed, bias)
+    except Exception as exc:  # noqa: BLE001
+        return f"could not be evaluated ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    for past, seq in ((0, 5), (4, 3), (7, 1)):
+        total = past + seq
+        for padded in (False, True):
+            mask = np.ones((2, total), np.int64)
+            if padded:
+                mask[0, : min(2, total - 1)] = 0
+            feeds = {}
+            sizes = {k: {"batch": 2, "seq": seq, "past": past, "total": total}[role] for k, role in dims.items()}
+            for v in needed:
+                feed = _zeros_of_shape(v, sizes) if v in shape_only else _feed(v, past, seq, mask)
+                if feed is None:
+                    return (f"depends on the shape of {v.name} {v.shape}, not tied to the inputs' dimensions"
+                            if v in shape_only else f"depends on input {v.name}, which this check cannot feed")
+                feeds[v.name] = feed
+            try:
+                value = np.asarray(session.run(None, feeds)[0], dtype=np.float32)
+            except Exception as exc:  # noqa: BLE001
+                return f"could not be evaluated ({type(exc).__name__})"
+            if value.ndim != 4 or value.shape[2] != seq or value.shape[3] != total or value.shape[0] not in (1, 2):
+                return f"has shape {value.shape} for {seq} new and {total} total tokens (want [B, 1|H, S, T])"
+            i, j = np.indices((seq, total))
+            future = j > past + i
+            if not np.all(value[:, :, future] <= _MASKED):
+                return f"does not mask future keys (past {past}, {seq} new tokens): not causal"
+    return None
+
+
+def _dims_of_inputs(graph: ir.Graph) -> dict[str, str]:
+    """Symbolic dimension name -> role (batch, seq, past, total), from the inputs of Optimum's layout."""
+    roles: dict[str, str] = {}
+    for v in graph.inputs:
+        name, shape = (v.name or "").lower(), v.shape
+        if shape is None:
+            continue
+        dims = [str(d) if not isinstance(d, int) else None for d in shape]
+        if name in ("input_ids", "position_ids") and len(dims) == 2:
+            pairs = zip(dims, ("batch", "seq"), strict=True)
+        elif name == "attention_mask" and len(dims) == 2:
+            pairs = zip(dims, ("batch", "total"), strict=True)
+        elif "past" in name and len(dims) == 4:
+            pairs = ((dims[0], "batch"), (dims[2], "past"))
+        else:
+            continue
+        for d, role in pairs:
+            if d is not None:
+                roles.setdefault(d, role)
+    return roles
+
+
+def _zeros_of_shape(v: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
+    if v.shape is None or v.dtype is None:
+        return None
+    dims = []
+    for d in v.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif str(d) in sizes:
+            dims.append(sizes[str(d)])
+        else:
+            return None
+    return np.zeros(dims, dtype=v.dtype.numpy())
+
+
+def _feed(v: ir.Value, past: int, seq: int, mask: np.ndarray) -> np.ndarray | None:
+    name = (v.name or "").lower()
+    dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+    if name == "attention_mask":
+        return mask.astype(dtype)
+    if name == "input_ids":
+        return np.ones((2, seq), dtype)
+    if name == "position_ids":
+        return np.broadcast_to(np.arange(past, past + seq), (2, seq)).astype(dtype)
+    if "past" in name and v.shape is not None and len(v.shape) == 4:
+        dims = [d if isinstance(d, int) else 0 for d in v.shape]
+        return np.zeros((2, dims[1], past, dims[3]), dtype)
+    return None
+
+
+def _session(model: ir.Model, cone: list[ir.Node], needed: list[ir.Value], target: ir.Value):
+    import onnxruntime as ort
+
+    names: dict[int, str] = {}
+    initializers = []
+
+    def name_of(v: ir.Value | None) -> str:
+        if v is None:
+            return ""
+        if id(v) not in names:
+            names[id(v)] = v.name if v in needed else f"v{len(names)}"
+            if v.producer() is None and v not in needed:
+                t = ir.convenience.get_const_tensor(v)
+                if t is None:
+                    raise ValueError(f"{v.name} has no value")
+                if t.size > 1 << 20:
+                    raise ValueError("reads a large tensor")
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(t.numpy()), names[id(v)]))
+        return names[id(v)]
+
+    protos = []
+    for node in cone:
+        proto = ir.serde.serialize_node(node)
+        del proto.input[:]
+        proto.input.extend(name_of(i) for i in node.inputs)
+        del proto.output[:]
+        proto.output.extend(name_of(o) for o in node.outputs)
+        proto.name = f"n{len(protos)}"
+        protos.append(proto)
+    ins = [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in needed]
+    out = onnx.helper.make_empty_tensor_value_info(name_of(target))
+    g = onnx.helper.make_graph(protos, "bias", ins, [out], initializer=initializers)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(g, opset_imports=opsets)
+    proto.ir_version = model.ir_version or 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# rewriting
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bsd(w: NodeWriter, x: ir.Value) -> ir.Value:
+    """[B, S, N*D] view of x [B, N, S, D]: from before its Transpose when there is one (no copy)."""
+    t = _producer(x, "Transpose")
+    if t is not None and list(t.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
+        src = t.inputs[0]
+    else:
+        src = w.op("Transpose", x, perm=[0, 2, 1, 3])
+    return w.op("Reshape", src, w.const(np.array([0, 0, -1], np.int64)))
+
+
+def _rotary_3d(w: NodeWriter, node: ir.Node, x3: ir.Value, heads: int) -> ir.Value:
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    attrs["num_heads"] = heads
+    name = (node.name or "rope") + "_bsd"
+    rot = ir.node("RotaryEmbedding", [x3, *node.inputs[1:]], attrs, domain=_CONTRIB, name=name)
+    rot.outputs[0].name = rot.name + "_out"
+    w.nodes.append(rot)
+    return rot.outputs[0]
+
+
+def _shared_lengths(w: NodeWriter, att: _Attention, q3: ir.Value, shared: dict
+                    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(seqlens_k [B] int32 = P+S-1 for every entry, total_sequence_length scalar int32 = P+S,
+    query_seqlens [B] int32 = S: every new token is valid, which lets batches of several new tokens after a past
+    through onnxruntime's CPU kernel)."""
+    if "lengths" in shared:  # every layer's past has the same length: computed once, from the first layer
+        return shared["lengths"]
+    past = w.op("Shape", att.past_key, start=2, end=3)
+    seq = w.op("Shape", q3, start=1, end=2)
+    total = w.op("Add", past, seq)
+    total32 = w.op("Cast", w.op("Reshape", total, w.const(np.array([], np.int64))), to=_I32)
+    batch = w.op("Shape", q3, start=0, end=1)
+    seqlens = w.op("Cast", w.op("Expand", w.op("Sub", total, w.const(np.array([1], np.int64))), batch), to=_I32)
+    query_seqlens = w.op("Cast", w.op("Expand", seq, batch), to=_I32)
+    shared["lengths"] = (seqlens, total32, query_seqlens)
+    return shared["lengths"]
+
+
+def _clamped_bias(w: NodeWriter, bias: ir.Value, shared: dict) -> ir.Value:
+    if id(bias) not in shared:
+        dtype = bias.dtype or ir.DataType.FLOAT
+        lowest = np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min
+        low = w.const(np.array(lowest, dtype=np.float32), dtype=dtype if dtype != ir.DataType.BFLOAT16 else None)
+        if dtype == ir.DataType.BFLOAT16:
+            low = w.op("Cast", low, to=dtype)
+        shared[id(bias)] = w.op("Max", bias, low)
+    return shared[id(bias)]
+
+
+def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
+    graph = model.graph
+    anchor = att.softmax
+    # everything it reads precedes the Softmax; the rotated values are recomputed from the projections
+    w = NodeWriter(graph, anchor, "gqa")
+    q3 = _rotary_3d(w, att.q_rot, _bsd(w, att.q_rot.inputs[0]), att.heads)
+    k3 = _rotary_3d(w, att.k_rot, _bsd(w, att.k_rot.inputs[0]), att.kv_heads)
+    v3 = _bsd(w, att.v_new)
+    seqlens, total, query_seqlens = _shared_lengths(w, att, q3, shared)
+    bias = _clamped_bias(w, att.bias, shared)
+    gqa = ir.node(
+        "GroupQueryAttention",
+        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, None, None, None, bias, None, None, None, None,
+         None, query_seqlens],
+        {"num_heads": att.heads, "kv_num_heads": att.kv_heads, "scale": float(att.scale)},
+        domain=_CONTRIB,
+        num_outputs=3,
+        name=(att.softmax.name or "attention") + "_gqa",
+    )
+    for o, stem in zip(gqa.outputs, ("out", "present_key", "present_value"), strict=True):
+        o.name = f"{gqa.name}_{stem}"
+    dtype = att.out.dtype or att.q_rot.inputs[0].dtype
+    qs = att.q_rot.inputs[0].shape
+    batch, seq = (qs[0], qs[2]) if qs is not None and len(qs) == 4 else (None, None)
+    for v, n in ((q3, att.heads), (k3, att.kv_heads), (v3, att.kv_heads)):
+        v.dtype, v.shape = dtype, ir.Shape([batch, seq, n * att.head_size])
+    gqa.outputs[0].dtype = dtype
+    gqa.outputs[0].shape = ir.Shape([batch, seq, att.heads * att.head_size])
+    for o, old in ((gqa.outputs[1], att.k_all), (gqa.outputs[2], att.v_all)):
+        o.dtype = old.dtype
+        o.shape = old.shape
+    w.nodes.append(gqa)
+    out4 = w.op("Reshape", gqa.outputs[0], w.const(np.array([0, 0, att.heads, att.head_size], np.int64)))
+    out4.dtype, out4.shape = dtype, ir.Shape([batch, seq, att.heads, att.head_size])
+    # the graph reads out [B, H, S, D], usually through Transpose(0, 2, 1, 3): give that Transpose's output directly
+    users = list(att.out.uses())
+    t = users[0].node if len(users) == 1 else None
+    if (t is not None and t.op_type == "Transpose" and list(t.attributes.get_ints("perm", [])) == [0, 2, 1, 3]
+            and not att.out.is_graph_output()):
+        replaced, new = t.outputs[0], out4
+    else:
+        replaced, new = att.out, w.op("Transpose", out4, perm=[0, 2, 1, 3])
+    if new is not out4:
+        new.shape = replaced.shape or ir.Shape([batch, att.heads, seq, att.head_size])
+    new.dtype = dtype
+    w.commit()
+    for rot in (att.q_rot, att.k_rot):  # shapes read from the rotated [B, H, S, D] tensors: the same as its input's
+        for use in list(rot.outputs[0].uses()):
+            if use.node.op_type == "Shape":
+                use.node.replace_input_with(use.idx, rot.inputs[0])
+    _replace(replaced, new)
+    if new is not out4:
+        # Transpose(Transpose(out4, 0213), 0213) is out4: the graph's transpose back to [B, S, H, D] reads out4
+        for use in list(new.uses()):
+            t2 = use.node
+            if t2.op_type == "Transpose" and list(t2.attributes.get_ints("perm", [])) == [0, 2, 1, 3] \
+                    and not t2.outputs[0].is_graph_output():
+                ir.convenience.replace_all_uses_with(t2.outputs[0], out4)
+                graph.remove(t2, safe=True)
+        _shape_through_transpose(graph, new)
+    # shapes read from the expanded keys/values: [B, H, T, D] from the cache's shape, so repeat_kv is not computed
+    for rep, full in ((att.k_rep, att.k_all), (att.v_rep, att.v_all)):
+        if rep is None or rep is full:
+            continue
+        for use in [u for u in rep.uses() if u.node.op_type == "Shape"]:
+            shape_node = use.node
+            w = NodeWriter(graph, shape_node, "gqa_shape")
+            heads = w.const(np.array([att.heads], np.int64))
+            full_shape = w.op("Concat", w.op("Shape", full, start=0, end=1), heads,
+                              w.op("Shape", full, start=2, end=4), axis=0)
+            start = shape_node.attributes.get_int("start", 0)
+            end = shape_node.attributes.get_int("end", 4)
+            if (start, end) != (0, 4):
+                full_shape = w.op("Slice", full_shape, w.const(np.array([start], np.int64)),
+                                  w.const(np.array([end], np.int64)))
+            full_shape.dtype, full_shape.shape = _I64, shape_node.outputs[0].shape
+            w.commit()
+            _replace(shape_node.outputs[0], full_shape)
+    _replace(att.k_all, gqa.outputs[1])
+    _replace(att.v_all, gqa.outputs[2])
+
+
+def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
+    """Shape(Transpose(t, perm)) -> Gather(Shape(t), perm) when the Transpose is read only by Shape nodes, so
+    that the transpose (a copy of q, k or v) is no longer computed."""
+    t = _producer(v, "Transpose")
+    users = [u.node for u in v.uses()]
+    if t is None or not users or v.is_graph_output() or any(u.op_type != "Shape" for u in users):
+        return
+    perm = list(t.attributes.get_ints("perm", []))
+    if not perm:
+        return
+    for shape_node in users:
+        w = NodeWriter(graph, shape_node, "gqa_shape")
+        full = w.op("Gather", w.op("Shape", t.inputs[0]), w.const(np.array(perm, np.int64)), axis=0)
+        start = shape_node.attributes.get_int("start", 0)
+        end = shape_node.attributes.get_int("end", len(perm))
+        if (start, end) != (0, len(perm)):
+            full = w.op("Slice", full, w.const(np.array([start], np.int64)), w.const(np.array([end], np.int64)))
+        out = shape_node.outputs[0]
+        full.dtype, full.shape = _I64, out.shape
+        w.commit()
+        _replace(out, full)
+
+
+def _replace(old: ir.Value, new: ir.Value) -> None:
+    if old.is_graph_output():
+        name = old.name
+        old.name = None
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)

@@ -1,0 +1,89 @@
+"""`--fuse ort` on decode-style exports (Optimum's layout: input_ids, attention_mask, position_ids,
+past_key_values.* in; logits, present.* out). The reference is the original export run in onnxruntime on the
+same feeds (prefill and decode steps, with and without left padding)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from fixtures.llama_graph import build_llama
+from posrewrite import api
+
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_optimum_layout_fused_equals_original(tmp_path):
+    """GroupQueryAttention per layer (no Softmax left), residual + RMSNorm pairs fused; logits and presents equal
+    the original's within fp32 round-off at every non-padded position, prefill and decode."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from fixtures.hf_models import export_optimum_layout, optimum_feeds, ort_session
+
+    src = export_optimum_layout(num_layers=2)
+    out = tmp_path / "fused.onnx"
+    result = api.rewrite(src, output=out, fuse="ort")
+    assert any("GroupQueryAttention" in c for c in result.changes), result.notes
+    ops = _ops(out)
+    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0 and ops["MultiHeadAttention"] == 0
+    assert ops["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x (attention, MLP) residual pairs
+    assert ops["RotaryEmbedding"] == 4 and ops["Cos"] == ops["Sin"] == 0
+    original, fused = ort_session(src), ort_session(out)
+    for batch, past, seq, pad in ((1, 0, 9, 0), (2, 0, 9, 3), (2, 9, 1, 3), (1, 20, 4, 0), (2, 6, 3, 0)):
+        feeds = optimum_feeds(src, batch=batch, past=past, seq=seq, left_pad=pad)
+        ref, got = original.run(None, feeds), fused.run(None, feeds)
+        keep = feeds["attention_mask"].astype(bool)
+        for k, (a, b) in enumerate(zip(ref, got, strict=True)):
+            assert np.all(np.isfinite(b))
+            # logits: [B, S, V] at the new positions; presents: [B, Hkv, T, D] at every position
+            diff = np.abs(a - b)[keep[:, past:]] if k == 0 else np.abs(a - b).transpose(0, 2, 1, 3)[keep]
+            tol = 64 * _EPS32 * max(1.0, float(np.max(np.abs(a))))
+            assert float(diff.max()) <= tol, f"batch={batch} past={past} seq={seq} pad={pad} output {k}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_only_where_the_bias_masks_the_future(causal, tmp_path):
+    """A bias that masks only padding (not future keys) is not GroupQueryAttention's contract: refused, with
+    the reason in the notes; a causal + padding bias is fused."""
+    src = build_llama(tmp_path / "m" / "model.onnx", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                      vocab=128, causal=causal)
+    out = tmp_path / "fused.onnx"
+    result = api.rewrite(src, output=out, fuse="ort", validate=False)
+    ops = _ops(out)
+    if causal:
+        assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
+    else:
+        assert ops["GroupQueryAttention"] == 0
+        assert any("not causal" in n for n in result.notes), result.notes
+
+
+def test_rewrites_never_read_untouched_weights(tmp_path, monkeypatch):
+    """Rescale and --fuse ort on an export with external data: no weight is read into memory (the data file is
+    copied file to file); only the small tensors a pass rewrites are."""
+    src = build_llama(tmp_path / "m" / "model.onnx", layers=2, hidden=256, heads=8, kv_heads=2, intermediate=512,
+                      vocab=512)
+    read: list[str] = []
+
+    def guard(method):
+        def wrapped(self, *args, **kwargs):
+            if self.nbytes > 16384:
+                read.append(self.name)
+            return method(self, *args, **kwargs)
+
+        return wrapped
+
+    for name in ("numpy", "tobytes", "__array__"):
+        monkeypatch.setattr(ir.ExternalTensor, name, guard(getattr(ir.ExternalTensor, name)))
+    api.rewrite(src, output=tmp_path / "r.onnx", rope_scale=2.0, rope_method="yarn", original_max_positions=4096,
+                validate=False)
+    api.rewrite(src, output=tmp_path / "f.onnx", fuse="ort", validate=False)
+    assert read == []
+    assert _ops(tmp_path / "f.onnx")["GroupQueryAttention"] == 2
