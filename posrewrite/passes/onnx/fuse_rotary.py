@@ -315,17 +315,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
     def _caches_from_inv(self, w: NodeWriter, inv: ir.Value, factor: float, dtype, positions: ir.Value,
                          seq: ir.Value | None = None) -> _Caches:
         """cos/sin caches for rows 0..max(position) from a float32 [d/2] inv_freq computed in the graph."""
-        from posrewrite.passes.onnx.rescale import seq_from_positions
+        from posrewrite.passes.onnx.rescale import seq_from_positions, table_angles
 
         if seq is None:
             seq = seq_from_positions(w, positions)
-        n = w.op("Cast", seq, to=_I64)
-        rows = w.op("Cast", w.op("Range", w.const(np.int64(0)), n, w.const(np.int64(1))), to=_F32)
-        angles = w.op(
-            "Mul",
-            w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
-            w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
-        )
+        angles = table_angles(w, inv, w.op("Cast", seq, to=_I64))
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
         if factor != 1.0:
             cos, sin = w.op("Mul", cos, w.const(np.float32(factor))), w.op("Mul", sin, w.const(np.float32(factor)))

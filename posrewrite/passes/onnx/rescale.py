@@ -165,6 +165,14 @@ def runtime_inv_freq(w: NodeWriter, plan: SitePlan, seq: ir.Value) -> ir.Value:
                                       dim=site.rotary_dim)
 
 
+def table_angles(w: NodeWriter, inv: ir.Value, rows: ir.Value) -> ir.Value:
+    """float32 [rows, d/2] angles p * inv_freq for p = 0..rows-1 (an int64 scalar), the rows of a cos/sin table
+    built in the graph from a run-time inv_freq."""
+    positions = w.op("Cast", w.op("Range", w.const(np.int64(0)), rows, w.const(np.int64(1))), to=_F32)
+    return w.op("Mul", w.op("Unsqueeze", positions, w.const(np.array([1], np.int64))),
+                w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))))
+
+
 def seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
     """max(positions) + 1 as a float32 scalar (HF: torch.max(position_ids) + 1)."""
     as_float = w.op("Cast", positions, to=_F32)
@@ -301,16 +309,7 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             else:
                 seq = w.op("Cast", w.op("ReduceMax", select.inputs[2], keepdims=0), to=_F32)
             inv = runtime_inv_freq(w, plan, seq)
-            rows = w.op(
-                "Cast",
-                w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))),
-                to=_F32,
-            )
-            angles = w.op(
-                "Mul",
-                w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
-                w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
-            )
+            angles = table_angles(w, inv, w.const(np.int64(plan.new_length)))
             pieces = []
             for src, fn in sorted(parts, key=lambda p: (p[0].columns or (0, 0))[0]):
                 lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
@@ -357,16 +356,7 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         # max(position)+1 of the tokens it rotates
         seq = w.op("Cast", total, to=_F32) if total is not None else seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
-        rows = w.op(
-            "Cast",
-            w.op("Range", w.const(np.int64(0)), w.const(np.int64(plan.new_length)), w.const(np.int64(1))),
-            to=_F32,
-        )
-        angles = w.op(
-            "Mul",
-            w.op("Unsqueeze", rows, w.const(np.array([1], np.int64))),
-            w.op("Unsqueeze", inv, w.const(np.array([0], np.int64))),
-        )
+        angles = table_angles(w, inv, w.const(np.int64(plan.new_length)))
         cos, sin = w.op("Cos", angles), w.op("Sin", angles)
         if factor != 1.0:
             cos, sin = w.op("Mul", cos, w.const(np.float32(factor))), w.op("Mul", sin, w.const(np.float32(factor)))
