@@ -507,7 +507,33 @@ def _reference_for(node: ir.Node, references: list[RopeReference], by_name: dict
         names |= {n.inputs[0].name for n in ref.site.fused_nodes if n.inputs and n.inputs[0] is not None}
         if reads & names:
             return ref
-    return references[0] if len(references) == 1 else None
+    if len(references) == 1:
+        return references[0]
+    return _reference_by_caches(node, references)
+
+
+def _reference_by_caches(node: ir.Node, references: list[RopeReference]) -> RopeReference | None:
+    """A fused node whose input no longer carries an original rotation's name (onnxscript's attention rules
+    re-create RotaryEmbedding nodes on the projection's output): the site whose own frequencies and attention
+    factor give the first rows of the node's constant cos cache, when exactly one does."""
+    k = 2 if node.domain == "com.microsoft" else 1  # contrib: (x, position_ids, cos, sin); opset 23: (x, cos, sin, ..)
+    cos_v = node.inputs[k] if len(node.inputs) > k else None
+    tensor = ir.convenience.get_const_tensor(cos_v) if cos_v is not None else None
+    if tensor is None:
+        return None
+    cos = np.asarray(tensor.numpy(), np.float64)
+    if cos.ndim != 2 or cos.shape[0] < 2:
+        return None
+    rows = np.arange(min(cos.shape[0], 16), dtype=np.float64)
+    matches = []
+    for ref in references:
+        inv, factor = ref.frequencies(2)
+        if inv.size != cos.shape[1]:
+            continue
+        expected = factor * np.cos(rows[:, None] * inv[None, :])
+        if np.max(np.abs(cos[: rows.size] - expected)) <= 1e-3 * max(1.0, abs(factor)):
+            matches.append(ref)
+    return matches[0] if len(matches) == 1 else None
 
 
 def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: int | None, length: int,
