@@ -272,8 +272,16 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
 # The rotation oracle: rotated q/k of the rewritten model against a numpy rotation of its own pre-rotation q/k
 # ==================================================================================================
 
-_ACT_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
-_FLOAT32_EPS = 2.0 ** -23
+
+
+def _rotation_tolerance(xs: np.ndarray, rotary_dim: int, inv: np.ndarray, factor: float, length: int,
+                        dtype: str) -> tuple[float, str]:
+    """(bound, how) on |rotated - numpy rotation| of q/k `xs`: 4 ulp of the activation dtype (float32 at least)
+    plus the float32 round-off of angles up to length x max(inv_freq), relative to 2 max|x| max(1, factor)."""
+    scale = float(np.max(np.abs(xs[..., :rotary_dim]))) * 2.0 * max(1.0, abs(factor))
+    eps = max(_DTYPE_EPS.get(dtype, _DTYPE_EPS["float32"]), _DTYPE_EPS["float32"])
+    rel = 4 * eps + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    return rel * scale, f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off"
 
 
 @dataclasses.dataclass
@@ -547,15 +555,12 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
     expected = numpy_rotation(xs, inv, factor, np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
-    scale = float(np.max(np.abs(xs[..., : rot.rotary_dim]))) * 2.0 * max(1.0, abs(factor))
-    dtype = str(np.asarray(x).dtype)
-    rel = 4 * _ACT_EPS.get(dtype, _FLOAT32_EPS) + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    tol, how = _rotation_tolerance(xs, rot.rotary_dim, inv, factor, length, str(np.asarray(x).dtype))
     err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
-    tol = rel * scale
     row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
                compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
                         f"{factor:.6g}) of {source}, positions 0..{length - 1}",
-               tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
+               tolerance_from=how)
     return row
 
 
@@ -749,14 +754,12 @@ def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, lengt
     xs, ys = _heads_last(x, 1, head_dim), _heads_last(y, 1, head_dim)
     inv, factor = ref.frequencies(length)
     expected = numpy_rotation(xs, inv, factor, np.arange(length), ref.site.layout.value, ref.site.rotary_dim)
-    scale = float(np.max(np.abs(xs[..., : ref.site.rotary_dim]))) * 2.0 * max(1.0, abs(factor))
-    dtype = str(cos.dtype)
-    rel = 4 * _ACT_EPS.get(dtype, _FLOAT32_EPS) + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    tol, how = _rotation_tolerance(xs, ref.site.rotary_dim, inv, factor, length, str(cos.dtype))
     err = float(np.max(np.abs(ys - expected)))
-    row.update(max_abs_error=err, tolerance=rel * scale, ok=bool(np.isfinite(err) and err <= rel * scale),
+    row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
                compared=f"RotaryEmbedding with this GroupQueryAttention's caches and rotary_interleaved on random q "
                         f"vs numpy {ref.site.layout.value} rotation, positions 0..{length - 1}",
-               tolerance_from=f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off")
+               tolerance_from=how)
     return row
 
 
