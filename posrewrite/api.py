@@ -275,7 +275,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         plans.extend(extensions)
     other_changes, other_notes = _other_rewrites(model, found, opts)
     if opts.max_positions:
-        from posrewrite.passes.onnx.extend_tables import extend_square_masks
+        from posrewrite.passes.onnx.masks import extend_square_masks
 
         other_changes.extend(extend_square_masks(model.graph, int(opts.max_positions)))
     changes.extend(other_changes)
@@ -667,7 +667,7 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
             rows.append(rope_precision(site, n, k))
         else:
             try:
-                from posrewrite.passes.onnx.fp32_alibi import alibi_precision
+                from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
             except ImportError:
                 continue
             if site.kind == "alibi":

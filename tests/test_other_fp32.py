@@ -15,8 +15,8 @@ import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from fixtures.other_models import export_other_onnx, ort_run, torch_logits  # noqa: E402
+from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass, alibi_precision  # noqa: E402
 from posrewrite.passes.onnx.detect_other import detect_other_encodings  # noqa: E402
-from posrewrite.passes.onnx.fp32_alibi import Fp32AlibiPass, alibi_precision  # noqa: E402
 from tests.test_other_math import paper_slopes  # noqa: E402
 
 N, WINDOW = 8192, 256

@@ -1,4 +1,5 @@
-"""Building new nodes and constants into an onnx_ir graph in topological order."""
+"""Building new nodes and constants into an onnx_ir graph in topological order; replacing an initializer and
+the slice bounds computed from its length when a table grows."""
 
 from __future__ import annotations
 
@@ -84,3 +85,76 @@ def insert_after_and_redirect(graph: ir.Graph, value: ir.Value, op_type: str, ot
         if out is value:
             graph.outputs[i] = node.outputs[0]
     return node
+
+
+def replace_initializer(graph: ir.Graph, old: ir.Value, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array` (in `old`'s dtype) read everywhere `old` was; `old` is dropped when
+    nothing reads it any more."""
+    new = add_initializer(graph, array, (old.name or "table").replace(".", "_"), old.dtype)
+    ir.convenience.replace_all_uses_with(old, new)
+    for k, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[k] = new
+    if old.name in graph.initializers and not list(old.uses()):
+        graph.initializers.pop(old.name)
+    return new
+
+
+_LENGTH_OPS = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Neg", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast"})
+
+
+def retarget_length(graph: ir.Graph, slice_node: ir.Node, old: int, new: int) -> int:
+    """Slice bounds computed from a table's length (MPT: start = max(0, L - key_length)) are recomputed
+    with the new length: the arithmetic path from a constant equal to `old` to the bound is cloned with
+    `new` in its place (the original nodes may serve other consumers). Returns how many bounds moved."""
+    moved = 0
+    for k in (1, 2):
+        if k >= len(slice_node.inputs) or slice_node.inputs[k] is None:
+            continue
+        bound = slice_node.inputs[k]
+        path = _path_to_constant(bound, old)
+        if path is None:
+            continue
+        w = NodeWriter(graph, slice_node, "alibi_len")
+        new_bound = _clone_with(w, bound, path, old, new, {})
+        w.commit()
+        slice_node.replace_input_with(k, new_bound)
+        moved += 1
+    return moved
+
+
+def _clone_with(w: NodeWriter, v: ir.Value, path: set[ir.Node], old: int, new: int, clones: dict) -> ir.Value:
+    """Copy of the computation of `v` restricted to `path`, with the constant `old` replaced by `new`."""
+    if id(v) in clones:
+        return clones[id(v)]
+    c = v.const_value
+    if c is not None and c.size == 1 and int(c.numpy().reshape(-1)[0]) == old:
+        out = w.const(np.full(tuple(c.shape), new, dtype=c.numpy().dtype))
+    elif v.producer() is not None and v.producer() in path:
+        node = v.producer()
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        inputs = [_clone_with(w, i, path, old, new, clones) if i is not None else None for i in node.inputs]
+        out = w.op(node.op_type, *inputs, **attrs)
+        out.dtype = v.dtype
+    else:
+        out = v
+    clones[id(v)] = out
+    return out
+
+
+def _path_to_constant(value: ir.Value, target: int, depth: int = 8) -> set[ir.Node] | None:
+    """Nodes on integer-arithmetic paths from a scalar constant equal to `target` to `value`."""
+    c = value.const_value
+    if c is not None:
+        return set() if c.size == 1 and int(c.numpy().reshape(-1)[0]) == target else None
+    node = value.producer()
+    if node is None or node.op_type not in _LENGTH_OPS or depth == 0:
+        return None
+    found: set[ir.Node] | None = None
+    for inp in node.inputs:
+        if inp is None:
+            continue
+        sub = _path_to_constant(inp, target, depth - 1)
+        if sub is not None:
+            found = (found or set()) | sub
+    return None if found is None else found | {node}

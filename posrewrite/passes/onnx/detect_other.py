@@ -1,4 +1,5 @@
-"""Finds ALiBi, learned absolute, sinusoidal and T5 relative-bias encodings in an ONNX graph.
+"""The machinery that finds ALiBi, learned absolute, sinusoidal and T5 relative-bias encodings in an ONNX
+graph, and `detect_other_encodings`, which runs each kind's detector (in `absolute/`, `alibi/`, `t5/`).
 
 Where a candidate is found is structural (onnxscript patterns, match only):
 - `_TableGather`  Gather(table, indices) of a constant 2-D table   -> learned / sinusoidal / T5 table
@@ -9,13 +10,15 @@ What a candidate is comes from its values: the position computation is evaluated
 all-ones attention mask, token ids that are not padding), which gives offsets (OPT's +2, RoBERTa's
 padding_idx + 1) and the form of ALiBi distances without knowing how an exporter spelled them; tables are
 fitted (sinusoid formula, per-head linear bias, T5 buckets). Anything that looks like an encoding but
-does not fit becomes a `Refusal` with the reason.
+does not fit becomes a `Refusal` with the reason. Biases added to scores are classified here once
+(`score_biases`) and read by the ALiBi or T5 reader.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -24,16 +27,13 @@ import onnx_ir as ir
 from onnxscript.rewriter._rewrite_rule import PatternBase
 
 from posrewrite.limits import fits_budget
-from posrewrite.math.absolute import fit_frequencies, fit_sinusoidal, fit_t5_buckets
-from posrewrite.math.alibi import fit_linear_bias, is_standard_slopes
+from posrewrite.math.absolute import fit_frequencies
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, numpy_dtype
 from posrewrite.sites.base import EncodingSite, Refusal
-from posrewrite.sites.other import AlibiSite, LearnedAbsoluteSite, SinusoidalSite, T5BiasSite
 
-__all__ = ["detect_other_encodings", "PROBE_LENGTH"]
+__all__ = ["detect_other_encodings", "score_biases", "BiasGroup", "DetectionContext", "PROBE_LENGTH"]
 
 PROBE_LENGTH = 6  # sequence length of the probe input that position computations are evaluated on
-T5_PROBE_LENGTH = 512  # long enough to see T5 buckets saturate (max_distance 128 by default)
 _MAX_CONE = 400  # nodes evaluated per probe value; bigger cones are not position computations
 _SCALE_OPS = frozenset({"Mul", "Div"})
 
@@ -279,408 +279,134 @@ def _reaches_add(value: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------- detector
+# ------------------------------------------------------------------------------------------- context
 
 
-class _Detector:
+class DetectionContext:
+    """What every kind's detector reads a model with: the probe (values on the probe input, see module doc)
+    and the constant folder, shared so each value is evaluated once."""
+
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.probe = _Probe(model, PROBE_LENGTH)
         self.const = ConstantEvaluator(model.opset_imports.get("", 18))
-        self.sites: list[EncodingSite] = []
-        self.refusals: list[Refusal] = []
-        self._tables: dict[int, dict] = {}  # id(table) -> reads of a position table
 
-    # -- tables read by position (Gather / Slice) ------------------------------------------------
-    def tables(self) -> None:
-        for node, b in _matches(_TableGather(), self.model):
-            table, indices = b["table"], b["indices"]
-            if not self._is_table(table) or (node.attributes.get("axis") and node.attributes["axis"].value != 0):
+
+# ------------------------------------------------------------------------------ biases added to scores
+
+
+@dataclasses.dataclass
+class BiasGroup:
+    """One source of a bias added to attention scores, with every Add that brings it to the scores.
+
+    `kind` is "product" (`leaf` the Mul of slopes and distances), "constant" (`leaf` a constant table) or
+    "t5" (`leaf` a Gather from a bucket table)."""
+
+    leaf: ir.Node | ir.Value
+    kind: str
+    adds: list[ir.Node] = dataclasses.field(default_factory=list)
+    scores: list[ir.Value] = dataclasses.field(default_factory=list)
+    biases: list[ir.Value] = dataclasses.field(default_factory=list)
+    slices: list[ir.Node] = dataclasses.field(default_factory=list)
+
+
+BiasReader = Callable[[DetectionContext, BiasGroup], EncodingSite | Refusal | None]
+
+
+def score_biases(
+    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader
+) -> tuple[list[EncodingSite], list[Refusal]]:
+    """Every bias added to attention scores, classified by what builds it and read by its kind's reader:
+    `alibi` for slopes x distances products and constant tables, `t5` for Gathers from bucket tables
+    (ALiBi groups first, each kind in the order found)."""
+    groups: dict[str, dict[int, BiasGroup]] = {"alibi": {}, "t5": {}}
+    for node, b in _matches(_ScoresBias(), ctx.model):
+        for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
+            if scores is None or bias is None or not _is_scores(scores) or _is_scores(bias):
                 continue
-            if len(table.shape) != 2:
-                continue
-            ops, _, _ = _cone_ops(indices)
-            if "Log" in ops and table.shape[1] <= 256 and table.shape[0] <= 4096:
-                continue  # a bucketed relative bias; found from the scores side (T5)
-            if not _reaches_add(node.outputs[0]):
-                continue  # not an additive encoding (RoPE cos/sin caches are multiplied with q and k)
-            idx = self.probe(indices)
-            offset = _unit_progression(idx)
-            if offset is None:
-                varies = idx is not None and np.ndim(idx) and idx.size > 1 and np.unique(idx).size > 1
-                if {"Range", "CumSum"} & ops and varies and idx.shape[-1] >= 3:  # else token (type) ids
-                    self.refusals.append(
-                        Refusal(
-                            "learned_absolute",
-                            node.name or table.name,
-                            f"table {table.name} is read by positions that are not consecutive "
-                            f"({idx.reshape(-1)[:6].tolist()}...)",
-                        )
-                    )
-                continue  # token / token-type embeddings
-            source, buffer = _position_source(indices)
-            self._add_read(table, node, indices, offset, source, buffer)
-        for node, b in _matches(_TableSlice(), self.model):
-            table = b["table"]
-            if not self._is_table(table) or len(table.shape) < 2 or not _reaches_add(node.outputs[0]):
-                continue
-            axis = self._sliced_axis(node)
-            if axis is None or table.shape[axis] < 8:
-                continue
-            dims = [d for k, d in enumerate(table.shape) if k != axis and d != 1]
-            if len(dims) != 1:
-                continue
-            starts, ends = self.probe(node.inputs[1]), self.probe(node.inputs[2])
-            if starts is None or ends is None or int(np.reshape(starts, -1)[0]) != 0:
-                continue
-            if int(np.reshape(ends, -1)[0]) != PROBE_LENGTH:
-                continue  # not cut to the runtime length
-            self._add_read(table, node, None, 0, "range", None, axis=axis)
-        for _key, info in self._tables.items():
-            self._classify_table(info)
-
-    def _is_table(self, table: ir.Value) -> bool:
-        return (
-            table is not None
-            and table.const_value is not None
-            and table.dtype is not None
-            and table.dtype.is_floating_point()
-            and table.shape is not None
-        )
-
-    def _sliced_axis(self, node: ir.Node) -> int | None:
-        rank = len(node.inputs[0].shape)
-        if len(node.inputs) > 3 and node.inputs[3] is not None:
-            axes = self.const(node.inputs[3])
-            if axes is None or axes.size != 1:
-                return None
-            return int(axes.reshape(-1)[0]) % rank
-        starts = node.inputs[1].shape
-        return 0 if starts is not None and starts[0] == 1 else None
-
-    def _add_read(self, table, node, indices, offset, source, buffer, axis: int = 0) -> None:
-        info = self._tables.setdefault(
-            id(table),
-            {
-                "table": table,
-                "reads": [],
-                "indices": [],
-                "offsets": set(),
-                "source": source,
-                "buffer": buffer,
-                "axis": axis,
-            },
-        )
-        info["reads"].append(node)
-        if indices is not None:
-            info["indices"].append(indices)
-        info["offsets"].add(offset)
-
-    def _classify_table(self, info: dict) -> None:
-        table: ir.Value = info["table"]
-        if len(info["offsets"]) != 1:
-            self.refusals.append(
-                Refusal("learned_absolute", table.name, f"read with different offsets {sorted(info['offsets'])}")
-            )
-            return
-        offset = info["offsets"].pop()
-        arr = np.moveaxis(table.const_value.numpy(), info["axis"], 0)
-        arr2 = arr.reshape(arr.shape[0], -1)
-        rows, dim = arr2.shape
-        common = dict(
-            offset=offset,
-            positions=info["source"],
-            dtype=dtype_name(table),
-            table=table,
-            reads=tuple(info["reads"]),
-            position_buffer=info["buffer"],
-        )
-        fit = fit_sinusoidal(arr2.astype(np.float64), atol=_sin_tolerance(table))
-        if fit is not None:
-            self.sites.append(
-                SinusoidalSite(
-                    max_positions=rows - offset,
-                    dim=dim,
-                    base=fit["base"],
-                    layout=fit["layout"],
-                    frequency_rule=fit["rule"],
-                    frequencies=fit["frequencies"],
-                    source="constant",
-                    **common,
-                )
-            )
-            return
-        if offset >= rows:
-            self.refusals.append(Refusal("learned_absolute", table.name, f"offset {offset} past the {rows} rows"))
-            return
-        self.sites.append(LearnedAbsoluteSite(rows=rows, dim=dim, indices=tuple(info["indices"]), **common))
-
-    # -- computed sinusoidal ----------------------------------------------------------------------
-    def computed_sinusoids(self) -> None:
-        for pattern, layout in ((_SinCosStack(), "interleaved"), (_SinCosConcat(), "concat")):
-            for node, b in _matches(pattern, self.model):
-                concat = node if node.op_type == "Concat" else node.inputs[0].producer()
-                axis = concat.attributes["axis"].value if "axis" in concat.attributes else None
-                rank = len(concat.outputs[0].shape) if concat.outputs[0].shape is not None else None
-                if axis is None or rank is None or axis % rank != rank - 1:
-                    continue
-                out = node.outputs[0]
-                if not _reaches_add(out) or any(
-                    isinstance(s, SinusoidalSite) and s.sin is not None and s.sin is b["x"] for s in self.sites
-                ):
-                    continue
-                self._computed_sinusoid(node, b["x"], layout)
-
-    def _computed_sinusoid(self, node: ir.Node, x: ir.Value, layout: str) -> None:
-        prod = x.producer()
-        where = node.name or x.name
-        if prod is None or prod.op_type not in ("Mul", "Div", "MatMul"):
-            self.refusals.append(Refusal("sinusoidal", where, "sin/cos argument is not positions x frequencies"))
-            return
-        freqs = positions = None
-        for k in (0, 1):
-            f = self.const(prod.inputs[1 - k])
-            if f is not None and self.const(prod.inputs[k]) is None:
-                freqs = f.astype(np.float64).reshape(-1)
-                if prod.op_type == "Div":
-                    freqs = 1.0 / freqs
-                positions = prod.inputs[k]
-                break
-        if freqs is None:
-            self.refusals.append(Refusal("sinusoidal", where, "frequencies are not constant"))
-            return
-        pos_vals = self.probe(positions)
-        offset = None
-        if pos_vals is not None:
-            flat = np.asarray(pos_vals)
-            flat = flat.reshape(-1, flat.shape[-1]) if flat.shape[-1] > 1 else flat.reshape(1, -1)
-            if np.allclose(flat, np.round(flat)):
-                offset = _unit_progression(np.round(flat).astype(np.int64))
-        dim = 2 * freqs.size
-        base, rule = _fit_base(freqs, dim)
-        source, _ = _position_source(positions)
-        sin = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Sin"), None)
-        cos = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Cos"), None)
-        notes = () if offset is not None else ("positions are not consecutive integers on the probe input",)
-        self.sites.append(
-            SinusoidalSite(
-                max_positions=None,
-                dim=dim,
-                base=base,
-                layout=layout,
-                frequency_rule=rule,
-                frequencies=freqs,
-                offset=offset or 0,
-                source="computed",
-                positions=source,
-                dtype=dtype_name(node.outputs[0]),
-                reads=(node,),
-                positions_value=positions,
-                sin=sin,
-                cos=cos,
-                notes=notes,
-            )
-        )
-
-    # -- biases added to attention scores (ALiBi, T5) ---------------------------------------------
-    def score_biases(self) -> None:
-        alibi: dict[int, dict] = {}
-        t5: dict[int, dict] = {}
-        for node, b in _matches(_ScoresBias(), self.model):
-            for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
-                if scores is None or bias is None or not _is_scores(scores) or _is_scores(bias):
-                    continue
-                for leaf, kind, slices in self._bias_leaves(bias):
-                    group = (t5 if kind == "t5" else alibi).setdefault(
-                        id(leaf), {"leaf": leaf, "kind": kind, "adds": [], "scores": [], "biases": [], "slices": []}
-                    )
-                    group["adds"].append(node)
-                    group["scores"].append(scores)
-                    group["biases"].append(bias)
-                    group["slices"].extend(s for s in slices if s not in group["slices"])
-                break
-        for group in alibi.values():
-            site = self._alibi(group)
+            for leaf, kind, slices in _bias_leaves(ctx.const, bias):
+                group = groups["t5" if kind == "t5" else "alibi"].setdefault(id(leaf), BiasGroup(leaf, kind))
+                group.adds.append(node)
+                group.scores.append(scores)
+                group.biases.append(bias)
+                group.slices.extend(s for s in slices if s not in group.slices)
+            break
+    sites: list[EncodingSite] = []
+    refusals: list[Refusal] = []
+    for name, reader in (("alibi", alibi), ("t5", t5)):
+        for group in groups[name].values():
+            site = reader(ctx, group)
             if isinstance(site, Refusal):
-                self.refusals.append(site)
+                refusals.append(site)
             elif site is not None:
-                self.sites.append(site)
-        for group in t5.values():
-            site = self._t5(group)
-            if isinstance(site, Refusal):
-                self.refusals.append(site)
-            elif site is not None:
-                self.sites.append(site)
+                sites.append(site)
+    return sites, refusals
 
-    def _bias_leaves(self, bias: ir.Value, depth: int = 12) -> list[tuple[object, str, list[ir.Node]]]:
-        """Walks up from a bias added to scores to what builds it: a slopes x distances product, a constant
-        table, or a Gather from a bucket table. Adds (a mask added to the bias) are followed on both sides."""
-        out = []
-        stack = [(bias, depth, [])]
-        while stack:
-            v, d, slices = stack.pop()
-            if d <= 0:
-                continue
-            if v.const_value is not None or (v.producer() is None):
-                if (
-                    v.const_value is not None
-                    and v.dtype is not None
-                    and v.dtype.is_floating_point()
-                    and v.const_value.size > 1
-                ):
-                    out.append((v, "constant", slices))
-                continue
-            node = v.producer()
-            if node.op_type in VIEW_OPS or node.op_type == "Slice":
-                stack.append((node.inputs[0], d - 1, slices + ([node] if node.op_type == "Slice" else [])))
-            elif node.op_type == "Mul" and self._slopes_side(node) is not None:
-                out.append((node, "product", slices))
-            elif node.op_type == "Neg":
-                stack.append((node.inputs[0], d - 1, slices))
-            elif (
-                node.op_type in _SCALE_OPS
-                and node.inputs[1] is not None
-                and node.inputs[1].const_value is not None
-                and node.inputs[1].const_value.size == 1
+
+def _bias_leaves(
+    const: ConstantEvaluator, bias: ir.Value, depth: int = 12
+) -> list[tuple[ir.Node | ir.Value, str, list[ir.Node]]]:
+    """Walks up from a bias added to scores to what builds it: a slopes x distances product, a constant
+    table, or a Gather from a bucket table. Adds (a mask added to the bias) are followed on both sides."""
+    out = []
+    stack = [(bias, depth, [])]
+    while stack:
+        v, d, slices = stack.pop()
+        if d <= 0:
+            continue
+        if v.const_value is not None or (v.producer() is None):
+            if (
+                v.const_value is not None
+                and v.dtype is not None
+                and v.dtype.is_floating_point()
+                and v.const_value.size > 1
             ):
-                stack.append((node.inputs[0], d - 1, slices))  # bias scaled by a constant (Falcon: 1/sqrt(d))
-            elif (
-                node.op_type == "Gather"
-                and node.inputs[0] is not None
-                and node.inputs[0].const_value is not None
-                and len(node.inputs[0].shape) == 2
-            ):
-                out.append((node, "t5", slices))
-            elif node.op_type in ("Add", "Where"):
-                for inp in node.inputs:
-                    if inp is not None:
-                        stack.append((inp, d - 1, slices))
-        return out
+                out.append((v, "constant", slices))
+            continue
+        node = v.producer()
+        if node.op_type in VIEW_OPS or node.op_type == "Slice":
+            stack.append((node.inputs[0], d - 1, slices + ([node] if node.op_type == "Slice" else [])))
+        elif node.op_type == "Mul" and _slopes_side(const, node) is not None:
+            out.append((node, "product", slices))
+        elif node.op_type == "Neg":
+            stack.append((node.inputs[0], d - 1, slices))
+        elif (
+            node.op_type in _SCALE_OPS
+            and node.inputs[1] is not None
+            and node.inputs[1].const_value is not None
+            and node.inputs[1].const_value.size == 1
+        ):
+            stack.append((node.inputs[0], d - 1, slices))  # bias scaled by a constant (Falcon: 1/sqrt(d))
+        elif (
+            node.op_type == "Gather"
+            and node.inputs[0] is not None
+            and node.inputs[0].const_value is not None
+            and len(node.inputs[0].shape) == 2
+        ):
+            out.append((node, "t5", slices))
+        elif node.op_type in ("Add", "Where"):
+            for inp in node.inputs:
+                if inp is not None:
+                    stack.append((inp, d - 1, slices))
+    return out
 
-    def _slopes_side(self, mul: ir.Node) -> int | None:
-        for k in (0, 1):
-            a, other = mul.inputs[k], mul.inputs[1 - k]
-            if a is None or other is None:
-                continue
-            s = self.const(a)
-            if s is None or s.size < 2 or self.const(other) is not None:
-                continue
-            if sum(1 for d in s.shape if d != 1) != 1:
-                continue
-            vals = s.astype(np.float64).reshape(-1)
-            if np.all(vals > 0) and np.all(vals <= 1):
-                return k
-        return None
 
-    def _alibi(self, g: dict) -> AlibiSite | Refusal | None:
-        leaf = g["leaf"]
-        bias_dtype = dtype_name(g["biases"][0])
-        common = dict(add_nodes=tuple(g["adds"]), scores=tuple(g["scores"]), bias=g["biases"][0], dtype=bias_dtype)
-        if g["kind"] == "product":
-            mul: ir.Node = leaf
-            k = self._slopes_side(mul)
-            slopes_value, dist_in = mul.inputs[k], mul.inputs[1 - k]
-            slopes = self.const(slopes_value).astype(np.float64).reshape(-1)
-            dist, _ = _through(dist_in, ("Cast",))
-            vals = self.probe(dist)
-            form, distances = _distance_form(vals), _position_source(dist)[0]
-            if form is None:
-                return Refusal(
-                    "alibi",
-                    mul.name or dist.name,
-                    "slopes multiply a tensor that is neither key positions nor j - i on the probe input",
-                )
-            notes = [
-                "distances are formed from the runtime sequence: ALiBi extrapolates past the training length as is"
-            ]
-            if dtype_name(mul.outputs[0]) in ("bfloat16", "float16"):
-                notes.append(
-                    f"distances and bias computed in {dtype_name(mul.outputs[0])}: see check / --fp32-positions"
-                )
-            return AlibiSite(
-                num_heads=slopes.size,
-                slopes=slopes,
-                source="computed",
-                distances=distances,
-                form=form,
-                position_dtype=dtype_name(dist_in),
-                compute_dtype=dtype_name(mul.outputs[0]),
-                standard_slopes=is_standard_slopes(slopes),
-                max_positions=None,
-                slopes_value=slopes_value,
-                distances_value=dist,
-                product=mul,
-                notes=tuple(notes),
-                **common,
-            )
-        table: ir.Value = leaf
-        arr = table.const_value.numpy().astype(np.float64)
-        if arr.ndim < 2 or arr.shape[-1] < 2:
-            return None
-        heads = int(np.prod(arr.shape[:-1]))
-        if sum(1 for d in arr.shape[:-1] if d != 1) > 1 or heads < 2:
-            return Refusal("alibi", table.name, f"constant bias {list(arr.shape)} is not [heads, ..., keys]")
-        fit = fit_linear_bias(arr.reshape(heads, arr.shape[-1]))
-        if fit is None:
-            return Refusal("alibi", table.name, "constant bias added to scores is not linear along the keys")
-        slopes, intercepts = fit
-        if not np.all(slopes > 0):
-            return Refusal("alibi", table.name, "constant bias does not decrease with distance")
-        last = intercepts + slopes * (arr.shape[-1] - 1)
-        if np.allclose(last, 0, atol=1e-6):
-            form = "anchored"
-        elif np.allclose(intercepts, 0, atol=1e-6):
-            form = "absolute"
-        else:
-            return Refusal("alibi", table.name, "constant bias is neither 0 at the last key nor at the first")
-        L = int(arr.shape[-1])
-        notes = [f"bias baked as a constant of {L} keys: fails past {L} tokens; --max-positions regenerates it"]
-        return AlibiSite(
-            num_heads=heads,
-            slopes=slopes,
-            source="constant",
-            distances="table",
-            form=form,
-            position_dtype="int64",
-            compute_dtype=dtype_name(table),
-            standard_slopes=is_standard_slopes(slopes, rtol=1e-4),
-            max_positions=L,
-            table=table,
-            table_axis=len(arr.shape) - 1,
-            slices=tuple(g["slices"]),
-            notes=tuple(notes),
-            **common,
-        )
-
-    def _t5(self, g: dict) -> T5BiasSite | Refusal | None:
-        gather: ir.Node = g["leaf"]
-        table, buckets = gather.inputs[0], gather.inputs[1]
-        ops, _, _ = _cone_ops(buckets)
-        if "Log" not in ops:
-            return None
-        nb, heads = (int(d) for d in table.shape)
-        vals = _Probe(self.model, T5_PROBE_LENGTH)(buckets)
-        if vals is None or vals.ndim < 2 or vals.shape[-1] != vals.shape[-2]:
-            return Refusal("t5_relative_bias", gather.name or table.name, "bucket computation could not be evaluated")
-        n = vals.shape[-1]
-        rel = np.arange(n)[None, :] - np.arange(n)[:, None]
-        fit = fit_t5_buckets(rel, vals.reshape(-1, n, n)[0], nb)
-        if fit is None:
-            return Refusal("t5_relative_bias", gather.name or table.name, "buckets do not follow T5's rule")
-        notes = ["distances past max_distance share the last bucket: runs at any length"]
-        if not fit["saturated"]:
-            notes.append(f"max_distance is at least {fit['max_distance']} (not reached on a {n}-token probe)")
-        return T5BiasSite(
-            num_buckets=nb,
-            max_distance=fit["max_distance"],
-            bidirectional=fit["bidirectional"],
-            num_heads=heads,
-            dtype=dtype_name(table),
-            table=table,
-            gather=gather,
-            buckets=buckets,
-            notes=tuple(notes),
-        )
+def _slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
+    """The input of `mul` that holds ALiBi slopes (a constant vector along one axis, values in (0, 1]) while
+    the other is not constant; None when neither does."""
+    for k in (0, 1):
+        a, other = mul.inputs[k], mul.inputs[1 - k]
+        if a is None or other is None:
+            continue
+        s = const(a)
+        if s is None or s.size < 2 or const(other) is not None:
+            continue
+        if sum(1 for d in s.shape if d != 1) != 1:
+            continue
+        vals = s.astype(np.float64).reshape(-1)
+        if np.all(vals > 0) and np.all(vals <= 1):
+            return k
+    return None
 
 
 def _sin_tolerance(table: ir.Value) -> float:
@@ -692,32 +418,22 @@ def _fit_base(freqs: np.ndarray, dim: int) -> tuple[float | None, str]:
     return (None, "custom") if fit is None else fit
 
 
-def _distance_form(vals: np.ndarray | None) -> str | None:
-    """ "absolute" when the last axis holds key positions 0, 1, 2...; "relative" when [.., i, j] holds
-    j - i (or -|i - j|)."""
-    if vals is None or vals.ndim == 0:
-        return None
-    v = np.asarray(vals, dtype=np.float64)
-    n = v.shape[-1]
-    if n < 3:
-        return None
-    j = np.arange(n, dtype=np.float64)
-    rows = v.reshape(-1, n)
-    if np.all(rows == j[None, :]):
-        return "absolute"
-    if v.ndim >= 2 and v.shape[-2] == n:
-        mats = v.reshape(-1, n, n)
-        rel = j[None, :] - j[:, None]
-        if np.all(mats == rel) or np.all(mats == -np.abs(rel)) or np.all(mats == -rel):
-            return "relative"
-    return None
-
-
 def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every ALiBi, learned absolute, sinusoidal and T5 relative-bias encoding in `model`'s main graph, and
-    the candidates that were not understood."""
-    detector = _Detector(model)
-    detector.tables()
-    detector.computed_sinusoids()
-    detector.score_biases()
-    return detector.sites, detector.refusals
+    the candidates that were not understood: position tables, then computed sinusoids, then score biases."""
+    # each kind's detector is built on the machinery above, hence imported here and not at the top
+    from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
+    from posrewrite.passes.onnx.alibi.detect import alibi_site
+    from posrewrite.passes.onnx.t5.detect import t5_site
+
+    ctx = DetectionContext(model)
+    sites: list[EncodingSite] = []
+    refusals: list[Refusal] = []
+    for found, refused in (
+        detect_position_tables(ctx),
+        detect_computed_sinusoids(ctx),
+        score_biases(ctx, alibi=alibi_site, t5=t5_site),
+    ):
+        sites.extend(found)
+        refusals.extend(refused)
+    return sites, refusals

@@ -23,7 +23,7 @@ one Cast to the activation dtype is inserted where cos/sin meet q/k. The old nod
 when nothing else reads them; every other value keeps its dtype. Half-precision cos/sin tables whose values
 are not those of fp32 math are regenerated from fp32 math (correctly rounded to the table dtype). Sites that
 are already safe are not touched, so a safe model comes out unchanged. ALiBi sites go to
-``posrewrite.passes.onnx.fp32_alibi.Fp32AlibiPass`` when that module exists.
+``posrewrite.passes.onnx.alibi.fp32.Fp32AlibiPass`` when that module exists.
 """
 
 from __future__ import annotations
@@ -520,7 +520,7 @@ def site_needs_fp32(site: Any) -> bool:
         return tp is not None and not tp.correct
     if getattr(site, "kind", None) == "alibi":
         try:
-            from posrewrite.passes.onnx.fp32_alibi import is_fp32_safe
+            from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe
         except ImportError:
             return any(getattr(site, a, None) in _HALF_NAMES for a in ("position_dtype", "compute_dtype"))
         return not is_fp32_safe(site)
@@ -874,7 +874,7 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
 
     def _alibi(self, model: ir.Model, sites: list) -> bool:
         try:
-            from posrewrite.passes.onnx.fp32_alibi import Fp32AlibiPass
+            from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
         except ImportError:
             if any(site_needs_fp32(s) for s in sites):
                 self.notes.append("ALiBi computed in half precision left as it is: "

@@ -24,8 +24,8 @@ from posrewrite.math.alibi import near_bias_error
 from posrewrite.math.precision import colliding_positions, exact_position_count
 from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import VIEW_OPS
+from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.other import AlibiSite
 
 __all__ = ["Fp32AlibiPass", "alibi_precision", "is_fp32_safe", "NEAR_WINDOW"]
 
