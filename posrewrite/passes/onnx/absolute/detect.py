@@ -10,6 +10,8 @@ computed in the graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
@@ -42,6 +44,19 @@ def detect_position_tables(ctx: DetectionContext) -> tuple[list[EncodingSite], l
     return _Tables(ctx).run()
 
 
+@dataclasses.dataclass
+class _TableReads:
+    """The reads of one constant table by position; the first read gives how positions are formed."""
+
+    table: ir.Value
+    source: str  # "range" | "mask_cumsum" | "constant" | "input" (see `_position_source`)
+    buffer: ir.Value | None  # the arange initializer positions are sliced from, if any
+    axis: int  # the table's position axis
+    reads: list[ir.Node] = dataclasses.field(default_factory=list)
+    indices: list[ir.Value] = dataclasses.field(default_factory=list)
+    offsets: set[int] = dataclasses.field(default_factory=set)
+
+
 class _Tables:
     """Reads of constant tables by position, gathered per table, then classified per table."""
 
@@ -51,7 +66,7 @@ class _Tables:
         self.const = ctx.const
         self.sites: list[EncodingSite] = []
         self.refusals: list[Refusal] = []
-        self._tables: dict[int, dict] = {}  # id(table) -> reads of a position table
+        self._tables: dict[int, _TableReads] = {}  # id(table) -> its reads by position
 
     def run(self) -> tuple[list[EncodingSite], list[Refusal]]:
         for node, b in _matches(_TableGather(), self.model):
@@ -97,7 +112,7 @@ class _Tables:
             if int(np.reshape(ends, -1)[0]) != PROBE_LENGTH:
                 continue  # not cut to the runtime length
             self._add_read(table, node, None, 0, "range", None, axis=axis)
-        for _key, info in self._tables.items():
+        for info in self._tables.values():
             self._classify_table(info)
         return self.sites, self.refusals
 
@@ -120,42 +135,40 @@ class _Tables:
         starts = node.inputs[1].shape
         return 0 if starts is not None and starts[0] == 1 else None
 
-    def _add_read(self, table, node, indices, offset, source, buffer, axis: int = 0) -> None:
-        info = self._tables.setdefault(
-            id(table),
-            {
-                "table": table,
-                "reads": [],
-                "indices": [],
-                "offsets": set(),
-                "source": source,
-                "buffer": buffer,
-                "axis": axis,
-            },
-        )
-        info["reads"].append(node)
+    def _add_read(
+        self,
+        table: ir.Value,
+        node: ir.Node,
+        indices: ir.Value | None,
+        offset: int,
+        source: str,
+        buffer: ir.Value | None,
+        axis: int = 0,
+    ) -> None:
+        reads = self._tables.setdefault(id(table), _TableReads(table, source, buffer, axis))
+        reads.reads.append(node)
         if indices is not None:
-            info["indices"].append(indices)
-        info["offsets"].add(offset)
+            reads.indices.append(indices)
+        reads.offsets.add(offset)
 
-    def _classify_table(self, info: dict) -> None:
-        table: ir.Value = info["table"]
-        if len(info["offsets"]) != 1:
+    def _classify_table(self, info: _TableReads) -> None:
+        table = info.table
+        if len(info.offsets) != 1:
             self.refusals.append(
-                Refusal("learned_absolute", table.name, f"read with different offsets {sorted(info['offsets'])}")
+                Refusal("learned_absolute", table.name, f"read with different offsets {sorted(info.offsets)}")
             )
             return
-        offset = info["offsets"].pop()
-        arr = np.moveaxis(table.const_value.numpy(), info["axis"], 0)
+        offset = info.offsets.pop()
+        arr = np.moveaxis(table.const_value.numpy(), info.axis, 0)
         arr2 = arr.reshape(arr.shape[0], -1)
         rows, dim = arr2.shape
         common = dict(
             offset=offset,
-            positions=info["source"],
+            positions=info.source,
             dtype=dtype_name(table),
             table=table,
-            reads=tuple(info["reads"]),
-            position_buffer=info["buffer"],
+            reads=tuple(info.reads),
+            position_buffer=info.buffer,
         )
         fit = fit_sinusoidal(arr2.astype(np.float64), atol=_sin_tolerance(table))
         if fit is not None:
@@ -175,7 +188,7 @@ class _Tables:
         if offset >= rows:
             self.refusals.append(Refusal("learned_absolute", table.name, f"offset {offset} past the {rows} rows"))
             return
-        self.sites.append(LearnedAbsoluteSite(rows=rows, dim=dim, indices=tuple(info["indices"]), **common))
+        self.sites.append(LearnedAbsoluteSite(rows=rows, dim=dim, indices=tuple(info.indices), **common))
 
 
 def detect_computed_sinusoids(ctx: DetectionContext) -> tuple[list[SinusoidalSite], list[Refusal]]:

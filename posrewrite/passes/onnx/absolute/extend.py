@@ -22,10 +22,12 @@ import onnx_ir as ir
 
 from posrewrite.math.absolute import interpolate_table, sinusoidal_table
 from posrewrite.passes.onnx._build import NodeWriter, replace_initializer
-from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.passes.onnx._graph import numpy_dtype, trace_through
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 
 __all__ = ["extend_learned", "extend_sinusoidal"]
+
+_VIEWS = ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast")  # between a buffer and its Gather
 
 
 def _target(trained: int, max_positions: int | None, pos_scale: float | None) -> tuple[int, float] | None:
@@ -109,7 +111,7 @@ def _extend_indexed_buffers(
             node = use.node
             if node.op_type not in ("Gather", "GatherElements") or use.idx != 1:
                 continue
-            data, _ = _through(node.inputs[0])
+            data, _ = trace_through(node.inputs[0], _VIEWS)
             c = data.const_value
             if data is table or c is None or data.shape is None or old not in tuple(data.shape):
                 continue
@@ -120,21 +122,6 @@ def _extend_indexed_buffers(
             replace_initializer(graph, data, np.pad(arr, pad, mode="edge"))
             changes.append(f"buffer {data.name} read by positions: {old} -> {new} (last column repeated)")
     return changes
-
-
-def _through(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
-    path = []
-    while (node := value.producer()) is not None and node.op_type in (
-        "Expand",
-        "Reshape",
-        "Unsqueeze",
-        "Squeeze",
-        "Identity",
-        "Cast",
-    ):
-        path.append(node)
-        value = node.inputs[0]
-    return value, path
 
 
 def extend_sinusoidal(

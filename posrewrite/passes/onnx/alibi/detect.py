@@ -12,13 +12,12 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math.alibi import fit_linear_bias, is_standard_slopes
-from posrewrite.passes.onnx._graph import dtype_name
+from posrewrite.passes.onnx._graph import dtype_name, trace_through
 from posrewrite.passes.onnx.detect_other import (
     BiasGroup,
     DetectionContext,
     _position_source,
     _slopes_side,
-    _through,
 )
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import Refusal
@@ -40,7 +39,7 @@ def _computed(ctx: DetectionContext, mul: ir.Node, common: dict) -> AlibiSite | 
     k = _slopes_side(ctx.const, mul)
     slopes_value, dist_in = mul.inputs[k], mul.inputs[1 - k]
     slopes = ctx.const(slopes_value).astype(np.float64).reshape(-1)
-    dist, _ = _through(dist_in, ("Cast",))
+    dist, _ = trace_through(dist_in, ("Cast",))
     vals = ctx.probe(dist)
     form, distances = _distance_form(vals), _position_source(dist)[0]
     if form is None:
