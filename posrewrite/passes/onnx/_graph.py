@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -45,19 +46,56 @@ def _tensor_size(tensor: ir.TensorProtocol) -> int:
 
 
 class ConstantEvaluator:
-    """Evaluates values whose whole cone of inputs is constant (inv_freq built from a base with Pow, ...).
+    """Evaluates values whose whole cone of inputs is known: constants (inv_freq built from a base with Pow, ...)
+    and, when `feed` is given, graph inputs fed with probe values (position computations evaluated on a short
+    probe sequence, see detect_other).
 
-    Each node is run with onnx's reference implementation, so no op semantics are written here.
-    Tensors over a size limit (weights) are never read, which keeps external data lazy.
+    Each node is run with onnx's reference implementation (`onnx.reference.ReferenceEvaluator`) at the model's
+    own opset, so no op semantics are written here and an opset-11 ``Unsqueeze(axes=)`` means what it says. The
+    walk itself is ours: onnxscript's and onnx_ir's constant folding rewrite the graph (they replace values by
+    initializers), while detection must only read it, and probing needs values of graph inputs that are not in
+    the graph. Tensors over a size limit (weights) are never read, which keeps external data lazy; `Shape` is
+    answered from static shapes when they are known.
     """
 
-    def __init__(self, opset: int = 18) -> None:
+    def __init__(
+        self,
+        opset: int | None = None,
+        *,
+        feed: Callable[[ir.Value], np.ndarray | None] | None = None,
+        inputs: Iterable[ir.Value] = (),
+        max_nodes: int | None = None,
+    ) -> None:
+        """`opset`: default-domain opset the nodes are run at (None: the opset of the node's graph, else 18).
+        `feed`: the value of each graph input in `inputs` (None: that input is unknown). `max_nodes`: nodes
+        evaluated per call at most (a bigger cone is reported as unknown)."""
         self._cache: dict[int, np.ndarray | None] = {}
         self._opset = opset
+        self._feed = feed
+        self._inputs = {id(v): v for v in inputs}
+        self._max_nodes = max_nodes
+        self._budget: int | None = None
+
+    @classmethod
+    def for_model(cls, model: ir.Model) -> ConstantEvaluator:
+        """The constant folder of `model`'s main graph, at the model's opset."""
+        return cls(model_opset(model))
 
     def __call__(self, value: ir.Value | None) -> np.ndarray | None:
         if value is None:
             return None
+        if self._feed is None:
+            return self._eval(value)
+        # probing: values of arbitrary subgraphs on made-up inputs; numpy warnings and failures mean "unknown"
+        self._budget = self._max_nodes
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self._eval(value)
+        except Exception:  # noqa: BLE001 - includes RecursionError on a very deep cone: not evaluable
+            return None
+
+    def _eval(self, value: ir.Value) -> np.ndarray | None:
         key = id(value)
         if key not in self._cache:
             self._cache[key] = None  # guards cycles
@@ -70,6 +108,8 @@ class ConstantEvaluator:
         return self._cache[key]
 
     def _evaluate(self, value: ir.Value) -> np.ndarray | None:
+        if self._feed is not None and id(value) in self._inputs:
+            return self._feed(value)
         tensor = ir.convenience.get_const_tensor(value)
         if tensor is not None:
             if _tensor_size(tensor) > _MAX_FOLD_ELEMENTS:
@@ -83,32 +123,56 @@ class ConstantEvaluator:
         ):
             return None
         if node.op_type == "Shape":
-            return _static_shape_slice(node)
+            static = _static_shape_slice(node)
+            if static is not None or self._feed is None:
+                return static
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None \
                 and node.inputs[0].producer().op_type == "Shape":
             # x.shape[k] where dimension k is static although others are not (head_dim in TorchScript exports)
-            dims = _shape_dims(node.inputs[0].producer())
-            index = self(node.inputs[1])
-            if dims is None or index is None:
-                return None
-            picked = np.take(np.array(dims, dtype=object), index.astype(np.int64))
-            if any(not isinstance(d, (int, np.integer)) for d in np.atleast_1d(picked)):
-                return None
-            return np.asarray(picked, dtype=np.int64)
+            picked = self._static_dims_picked(node)
+            if picked is not None or self._feed is None:
+                return picked
         if _declared_elements(value) > _MAX_FOLD_ELEMENTS:
             return None  # a static shape too big to materialise (a model may declare any length)
+        if self._budget is not None:
+            self._budget -= 1
+            if self._budget < 0:
+                return None
         inputs = []
         for inp in node.inputs:
             if inp is None:
                 inputs.append(None)
                 continue
-            arr = self(inp)
+            arr = self._eval(inp)
             if arr is None:
                 return None
             inputs.append(arr)
         if _predicted_elements(node, inputs) > _MAX_FOLD_ELEMENTS:
             return None
-        return _run_node(node, inputs, self._opset)[list(node.outputs).index(value)]
+        return run_node(node, inputs, self._node_opset(node))[list(node.outputs).index(value)]
+
+    def _static_dims_picked(self, node: ir.Node) -> np.ndarray | None:
+        dims = _shape_dims(node.inputs[0].producer())
+        index = self._eval(node.inputs[1])
+        if dims is None or index is None:
+            return None
+        picked = np.take(np.array(dims, dtype=object), index.astype(np.int64))
+        if any(not isinstance(d, (int, np.integer)) for d in np.atleast_1d(picked)):
+            return None
+        return np.asarray(picked, dtype=np.int64)
+
+    def _node_opset(self, node: ir.Node) -> int:
+        if self._opset is not None:
+            return self._opset
+        graph = node.graph
+        opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx")) if graph is not None else None
+        return opset if opset is not None else 18
+
+
+def model_opset(model: ir.Model) -> int:
+    """The default-domain opset of `model` (18 when it imports none)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    return opset if opset is not None else 18
 
 
 def _declared_elements(value: ir.Value) -> int:
@@ -162,7 +226,7 @@ def _sliced_last_dim(value: ir.Value):
     node = value.producer()
     if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
         return value.shape.dims[-1]
-    fold = ConstantEvaluator()
+    fold = ConstantEvaluator()  # at the opset of the Slice's graph
     starts, ends, axes = fold(node.inputs[1]), fold(node.inputs[2]), fold(node.inputs[3])
     steps = fold(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.array([1])
     data = node.inputs[0]
@@ -188,7 +252,9 @@ def _static_shape_slice(shape_node: ir.Node) -> np.ndarray | None:
     return np.array(dims, dtype=np.int64)
 
 
-def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+def run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Outputs of `node` on `inputs` (None: an omitted optional input), by onnx's reference implementation of
+    the op at default-domain `opset`."""
     proto = ir.serde.serialize_node(node)
     names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
     del proto.input[:]
@@ -197,7 +263,7 @@ def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> lis
     del proto.output[:]
     proto.output.extend(out_names)
     proto.name = "fold"
-    domain_opset = onnx.helper.make_opsetid("", max(opset, 18))
+    proto.domain = ""
     graph = onnx.helper.make_graph(
         [proto],
         "fold",
@@ -205,7 +271,7 @@ def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> lis
          for n, a in zip(names, inputs, strict=True) if a is not None],
         [onnx.helper.make_empty_tensor_value_info(n) for n in out_names],
     )
-    model = onnx.helper.make_model(graph, opset_imports=[domain_opset])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     feeds = {n: a for n, a in zip(names, inputs, strict=True) if a is not None}
     return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
 

@@ -17,18 +17,15 @@ does not fit becomes a `Refusal` with the reason. Biases added to scores are cla
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import onnx
-import onnx.reference
 import onnx_ir as ir
-from onnxscript.rewriter._rewrite_rule import PatternBase
+from onnxscript.rewriter.pattern import PatternBase
 
 from posrewrite.limits import fits_budget
 from posrewrite.math.absolute import fit_frequencies
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, numpy_dtype
+from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, model_opset, numpy_dtype
 from posrewrite.sites.base import EncodingSite, Refusal
 
 __all__ = ["detect_other_encodings", "score_biases", "BiasGroup", "DetectionContext", "PROBE_LENGTH"]
@@ -103,84 +100,13 @@ def _probe_feed(value: ir.Value, length: int) -> np.ndarray | None:
     return np.full(dims, 5, dtype=dt)  # token ids: any id that is not padding
 
 
-class _Probe:
-    """Evaluates values of the graph on a probe input (see module doc), node by node with onnx's reference
-    implementation; constant cones are folded on the way."""
-
-    def __init__(self, model: ir.Model, length: int) -> None:
-        self.length = length
-        self._opset = model.opset_imports.get("", 18)
-        self._cache: dict[int, np.ndarray | None] = {}
-        self._inputs = {id(v): v for v in model.graph.inputs}
-
-    def __call__(self, value: ir.Value | None) -> np.ndarray | None:
-        if value is None:
-            return None
-        self._budget = _MAX_CONE
-        try:
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return self._eval(value)
-        except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: not evaluable
-            return None
-
-    def _eval(self, value: ir.Value) -> np.ndarray | None:
-        key = id(value)
-        if key in self._cache:
-            return self._cache[key]
-        self._cache[key] = None
-        result = self._compute(value)
-        self._cache[key] = result
-        return result
-
-    def _compute(self, value: ir.Value) -> np.ndarray | None:
-        if key_input := self._inputs.get(id(value)):
-            return _probe_feed(key_input, self.length)
-        tensor = ir.convenience.get_const_tensor(value)
-        if tensor is not None:
-            if tensor.size > (1 << 22):
-                return None
-            return tensor.numpy()
-        node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx"):
-            return None
-        self._budget -= 1
-        if self._budget < 0:
-            return None
-        inputs = []
-        for inp in node.inputs:
-            if inp is None:
-                inputs.append(None)
-                continue
-            arr = self._eval(inp)
-            if arr is None:
-                return None
-            inputs.append(arr)
-        outputs = _run_node(node, inputs, self._opset)
-        return outputs[list(node.outputs).index(value)]
-
-
-def _run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
-    proto = ir.serde.serialize_node(node)
-    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
-    del proto.input[:]
-    proto.input.extend(names)
-    outs = [f"o{k}" for k in range(len(proto.output))]
-    del proto.output[:]
-    proto.output.extend(outs)
-    graph = onnx.helper.make_graph(
-        [proto],
-        "probe",
-        [
-            onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-            for n, a in zip(names, inputs, strict=False)
-            if a is not None
-        ],
-        [onnx.helper.make_empty_tensor_value_info(n) for n in outs],
+def _probe(model: ir.Model, length: int) -> ConstantEvaluator:
+    """Evaluates values of the graph on a probe input of `length` tokens (see module doc); constant cones are
+    folded on the way. The evaluator is _graph's constant folder, fed with `_probe_feed` for the graph inputs."""
+    return ConstantEvaluator(
+        model_opset(model), feed=lambda value: _probe_feed(value, length), inputs=model.graph.inputs,
+        max_nodes=_MAX_CONE,
     )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", max(opset, 18))])
-    feeds = {n: a for n, a in zip(names, inputs, strict=False) if a is not None}
-    return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -288,8 +214,8 @@ class DetectionContext:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self.probe = _Probe(model, PROBE_LENGTH)
-        self.const = ConstantEvaluator(model.opset_imports.get("", 18))
+        self.probe = _probe(model, PROBE_LENGTH)
+        self.const = ConstantEvaluator.for_model(model)
 
 
 # ------------------------------------------------------------------------------ biases added to scores

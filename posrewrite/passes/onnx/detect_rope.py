@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _basics
+from onnxscript.rewriter import pattern as orp
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, int_attr, last_dim, rank
@@ -46,7 +46,7 @@ class RopeDetector:
         _ensure_ranks(model)
         opset = model.opset_imports.get("", 18)
         self.fold = ConstantEvaluator(opset)
-        self.tracer = _basics.MatchingTracer()
+        self.tracer = orp.MatchingTracer()
         self.refusals: list[Refusal] = []
 
     # -- step 2: cos/sin value -> source -------------------------------------------------------
@@ -822,11 +822,11 @@ def _fit_scaled_base(inv_freq: np.ndarray, stored: ir.Value | None, notes: list[
     return base, prior
 
 
-def _best_failure(tracer: _basics.MatchingTracer) -> str | None:
+def _best_failure(tracer: orp.MatchingTracer) -> str | None:
     best = None
     for _rule, infos in tracer.best_matches_map.items():
         for info in infos:
-            if info.status != _basics.MatchStatus.SUCCESS and info.match_result.reason:
+            if info.status != orp.MatchStatus.SUCCESS and info.match_result.reason:
                 best = info.match_result.reason
     return best
 

@@ -31,6 +31,19 @@ _MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp unde
 _MAX_PROBE = 4200  # longest sequence a mask is evaluated at
 
 
+def _pre_optimize(model: ir.Model) -> None:
+    """What onnxscript's `fuse_xformers` runs before its attention rules (ort_fusions._core._pre_optimize in
+    onnxscript 0.7), written with public calls: shape inference, optimisation, the shape rules, optimisation."""
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+
+    ShapeInferencePass()(model)
+    optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimize(model)
+
+
 class FuseAttentionPass(ir.passes.InPlacePass):
     def __init__(
         self, rotary_nodes=(), *, target: str = "ort", allow_gqa: bool = True, probe_lengths=(3, 7, 12)
@@ -48,7 +61,6 @@ class FuseAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
             from onnxscript.optimizer import optimize
-            from onnxscript.rewriter.ort_fusions import _core
             from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
             from onnxscript.rewriter.ort_fusions.mha import fuse_mha1, fuse_mha2
             from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
@@ -82,7 +94,7 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         light = bool(cache_gqa) and not any(n.op_type == "Softmax" for n in model.graph)
         try:
             if not light:
-                _core._pre_optimize(model)
+                _pre_optimize(model)
             counts: dict[str, int] = {}
             if self.target == "ort":
                 # normalisations first: the GQA rule expects q/k RMSNorm (Qwen3, OLMo2) as SimplifiedLayerNormalization

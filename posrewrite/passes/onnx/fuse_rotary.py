@@ -1,8 +1,11 @@
 """Replaces every detected RoPE rotation with one fused RotaryEmbedding node.
 
-    --fuse ort   com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache)   (onnxruntime contrib op)
+    --fuse ort   com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache)   (onnxruntime contrib op;
+                 a model below opset 13 is raised to 13, the opset of the ops written around it)
     --fuse onnx  RotaryEmbedding-23(x, cos_cache, sin_cache, position_ids)              (the model's opset is
                  raised to 23 first, or the fusion is refused naming the op that cannot be raised)
+
+The opset is raised by onnxscript's version converter (passes/onnx/opset.py).
 
 Both ops take caches [rows, rotary_dim/2] in the activation dtype and position ids [batch, seq] (int64).
 Where the caches come from, per site (the numbers always come from `posrewrite.math.rope`):
@@ -30,18 +33,21 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
 from posrewrite.passes.onnx._graph import ConstantEvaluator, rank
+from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
 from posrewrite.sites.rope import AngleSource, Layout, RopeApplication, RopeSite
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
 DEFAULT_MAX_POSITIONS = 4096
 ONNX_ROTARY_OPSET = 23
+#: the oldest default-domain opset of the ops the pass writes (Unsqueeze with axes as an input); a model below it
+#: is raised to it by the version converter
+WRITTEN_OPSET = 13
 CONTRIB_DOMAIN = "com.microsoft"
 
 _I64 = ir.DataType.INT64
@@ -95,10 +101,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         if self.target == "onnx":
             upgraded = raise_opset(model, ONNX_ROTARY_OPSET)
-            if upgraded:
-                self.changes.append(upgraded)
         else:
+            upgraded = raise_opset(model, WRITTEN_OPSET, purpose="--fuse ort writes")
             model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
+        if upgraded:
+            self.changes.append(upgraded)
         graph = model.graph
         self._order = {id(n): k for k, n in enumerate(graph)}
         self._fold = ConstantEvaluator(model.opset_imports.get("", 18))
@@ -193,8 +200,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             if sel is not None and sel.op_type == "Slice" and len(sel.inputs) > 1:
                 s0 = self._fold(sel.inputs[1])
                 start = 0 if s0 is not None and int(np.asarray(s0).reshape(-1)[0]) == 0 else sel.inputs[1]
-            seq = w.op("Shape", app.input, start=form.seq_axis, end=form.seq_axis + 1)
-            seq = w.op("Squeeze", seq, w.const(np.array([0], np.int64)))
+            seq = w.op("Gather", w.op("Shape", app.input), w.const(np.int64(form.seq_axis)), axis=0)  # a scalar
             source = w.op("Range", w.const(np.int64(0)), seq, w.const(np.int64(1)))
             source.shape, source.dtype = ir.Shape([_dim(app.input, form.seq_axis)]), _I64
             if start is not None and not isinstance(start, int):
@@ -213,7 +219,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             if len(dims) < 3 or not all(_is_one(d) for d in dims[2:]):
                 raise FuseRefusal(f"positions {source.name} of shape {source.shape} are not [batch, seq]")
             source = w.op("Reshape", source, w.const(np.array([0, -1], np.int64)))
-        batch = w.op("Shape", app.input, start=0, end=1)
+        batch = w.op("Gather", w.op("Shape", app.input), w.const(np.array([0], np.int64)), axis=0)
         shape = w.op("Concat", batch, w.const(np.array([1], np.int64)), axis=0)
         out = w.op("Expand", source, shape)
         out.dtype = _I64
@@ -481,133 +487,19 @@ def _remove_dead_and_sort(model: ir.Model) -> None:
 # raising the default-domain opset (for RotaryEmbedding-23)
 # ---------------------------------------------------------------------------------------------------
 
-#: versions whose meaning changed without the schema saying so (attributes/inputs look alike)
-_SEMANTIC_CHANGES = {
-    ("GroupNormalization", 21): "scale/bias became per channel",
-    ("GridSample", 20): "mode names and the sampling rule changed",
-    ("DFT", 20): "axis moved to an input with a new default",
-}
-#: ops whose `axes` attribute became an input at opset 18 (moved by `raise_opset`)
-_REDUCE_18 = (
-    "ReduceMax",
-    "ReduceMin",
-    "ReduceMean",
-    "ReduceProd",
-    "ReduceL1",
-    "ReduceL2",
-    "ReduceLogSum",
-    "ReduceLogSumExp",
-    "ReduceSumSquare",
-)
 
-
-def raise_opset(model: ir.Model, target: int) -> str | None:
-    """Raises the default-domain opset to `target` in place; returns a change line, None when nothing to do.
-
-    A version step is taken only when it keeps the node's meaning: same inputs (new ones optional), every
-    attribute the node sets still exists, every default it relies on unchanged; the `axes` attribute of
-    Reduce* ops (an input since 18) is moved. Any other step refuses with the op named (FuseRefusal), before
-    the model is touched.
-    """
-    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if current is None:
-        model.opset_imports[""] = target
-        return None
-    if current >= target:
-        return None
-    nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain in ("", "ai.onnx")]
-    for fn in model.functions.values():
-        nodes.extend(n for n in ir.traversal.RecursiveGraphIterator(fn) if n.domain in ("", "ai.onnx"))
-    moves = []
-    problems: dict[str, str] = {}
-    for node in nodes:
-        version = node.version or current
-        verdict = _upgrade_verdict(node, version, target)
-        if verdict == "move_axes":
-            moves.append(node)
-        elif verdict is not None:
-            problems.setdefault(node.op_type, verdict)
-    if problems:
-        what = "; ".join(f"{op}: {why}" for op, why in sorted(problems.items()))
-        raise FuseRefusal(
-            f"--fuse onnx needs opset {target} and this model (opset {current}) has ops whose meaning changes "
-            f"on the way: {what}. Use --fuse ort (com.microsoft.RotaryEmbedding works at any opset)"
-        )
-    for node in moves:
-        axes = node.attributes.pop("axes")
-        const = ir.node("Constant", [], {"value": ir.tensor(np.asarray(axes.value, dtype=np.int64))})
-        const.outputs[0].name = (node.name or node.op_type) + "_axes"
-        node.graph.insert_before(node, const)
-        node.resize_inputs(2)
-        node.replace_input_with(1, const.outputs[0])
-    for node in nodes:
-        node.version = None
-    model.opset_imports[""] = target
-    model.opset_imports.pop("ai.onnx", None)
-    for fn in model.functions.values():
-        if "" in fn.opset_imports:
-            fn.opset_imports[""] = target
-    needed_ir = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", target)])
-    model.ir_version = max(model.ir_version or 0, needed_ir)
-    return f"default-domain opset {current} -> {target} (for RotaryEmbedding-23)"
-
-
-def _upgrade_verdict(node: ir.Node, version: int, target: int) -> str | None:
-    """None when every version step from `version` to `target` keeps `node`'s meaning; else why not."""
+def raise_opset(model: ir.Model, target: int, *, purpose: str = "--fuse onnx needs") -> str | None:
+    """Raises the default-domain opset to `target` in place with onnxscript's version converter (see
+    passes/onnx/opset.py); returns a change line, None when nothing to do. A node the converter cannot take to
+    `target` is a FuseRefusal naming its op, raised before the model is touched."""
+    current = model_onnx_opset(model)
     try:
-        old = onnx.defs.get_schema(node.op_type, version, "")
-    except onnx.defs.SchemaError:
-        return f"no schema at opset {version}"
-    move_axes = False
-    while True:
-        try:
-            new = onnx.defs.get_schema(node.op_type, target, "")
-        except onnx.defs.SchemaError:
-            return f"removed before opset {target}"
-        # the next version after `old`
-        step = None
-        for v in range(old.since_version + 1, target + 1):
-            s = onnx.defs.get_schema(node.op_type, v, "")
-            if s.since_version != old.since_version:
-                step = s
-                break
-        if step is None:
-            return "move_axes" if move_axes else None
-        why = _SEMANTIC_CHANGES.get((node.op_type, step.since_version))
-        if why:
-            return f"{why} at opset {step.since_version}"
-        if node.op_type in _REDUCE_18 and step.since_version == 18 and "axes" in node.attributes:
-            move_axes = True
-            old = step
-            continue
-        reason = _step_breaks(node, old, step)
-        if reason:
-            return f"{reason} at opset {step.since_version}"
-        old = step
-        del new
-
-
-def _step_breaks(node: ir.Node, old, new) -> str | None:
-    old_in = [i.name for i in old.inputs]
-    new_in = [i.name for i in new.inputs]
-    if new_in[: len(old_in)] != old_in:
-        return f"inputs changed ({old_in} -> {new_in})"
-    for extra in new.inputs[len(old_in) :]:
-        if extra.option != onnx.defs.OpSchema.FormalParameterOption.Optional:
-            return f"new required input {extra.name}"
-    if len(new.outputs) < len(old.outputs):
-        return "outputs removed"
-    for name, attr in old.attributes.items():
-        default = attr.default_value.SerializeToString() if attr.default_value is not None else b""
-        if name not in new.attributes:
-            if name in node.attributes or default:
-                return f"attribute {name} removed"
-            continue
-        new_default = new.attributes[name].default_value
-        new_default = new_default.SerializeToString() if new_default is not None else b""
-        if name not in node.attributes and default != new_default:
-            return f"default of {name} changed"
-    for name, attr in new.attributes.items():
-        if name not in old.attributes and attr.required:
-            return f"new required attribute {name}"
-    return None
+        raised = convert_opset(model, target)
+    except OpsetConversionError as exc:
+        instead = (" Use --fuse ort (com.microsoft.RotaryEmbedding works at any opset from 13)"
+                   if target == ONNX_ROTARY_OPSET else "")
+        raise FuseRefusal(f"{purpose} opset {target}: {exc}.{instead}") from None
+    if not raised:
+        return None
+    why = "for RotaryEmbedding-23" if target == ONNX_ROTARY_OPSET else "for the ops the fusion writes"
+    return f"default-domain opset {current} -> {target} ({why})"

@@ -14,13 +14,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _basics, _rewrite_rule
-from onnxscript.rewriter._pattern_ir import _to_graph_pattern
+from onnxscript.rewriter import pattern as orp
 
 from posrewrite.passes.onnx._graph import ConstantEvaluator, int_attr, normalise_axis, rank
 from posrewrite.sites.rope import Layout
 
 INT64_MAX = np.iinfo(np.int64).max
+
+
+def _no_replacement(op, **_) -> None:
+    """Replacement of the match-only rules: never called (returning None would mean 'no rewrite')."""
+    return None
 
 
 @dataclasses.dataclass
@@ -59,7 +63,7 @@ def _concat_axis_is_last(node: ir.Node) -> bool:
     return normalise_axis(axis, rank(node.outputs[0]) or rank(node.inputs[0])) == -1
 
 
-class _ApplicationPattern(_rewrite_rule.PatternBase):
+class _ApplicationPattern(orp.PatternBase):
     """Base of the rotation patterns: subclasses give the pattern and derive rotary_dim in `check`."""
 
     layout: Layout
@@ -73,13 +77,17 @@ class _ApplicationPattern(_rewrite_rule.PatternBase):
         """x*cos + rotate(x)*sin, the sum every rotate-and-add pattern ends in."""
         return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
 
-    def variants(self) -> list[_rewrite_rule.Pattern]:
-        """The pattern with every operand order of its commutative ops."""
-        graph_pattern = _to_graph_pattern(self.pattern)
-        return [
-            _rewrite_rule.Pattern(variant, self.check, name=f"{self.name}[{k}]")
-            for k, variant in enumerate(graph_pattern.commute())
-        ]
+    def variants(self) -> list[orp.Pattern]:
+        """The pattern with every operand order of its commutative ops.
+
+        onnxscript's public way to commute a pattern is `RewriteRule.commute()`: the rule's replacement is
+        never called here (only `match` is used), so it is a function that builds nothing.
+        """
+        rule = orp.RewriteRule(self.pattern, _no_replacement, self.check, name=self.name)
+        variants = list(rule.commute())
+        for k, variant in enumerate(variants):
+            variant.name = f"{self.name}[{k}]"
+        return variants
 
 
 class RotateHalfPattern(_ApplicationPattern):
@@ -94,7 +102,7 @@ class RotateHalfPattern(_ApplicationPattern):
         return self.combine(op, x, rotated, cos, sin)
 
     def check(self, context, x, cos, sin, x1, x2, rotated, **_):
-        result = _basics.MatchResult()
+        result = orp.MatchResult()
         first = read_slice(x1.producer(), self.fold)
         second = read_slice(x2.producer(), self.fold)
         if first is None or second is None:
@@ -135,7 +143,7 @@ class InterleavedStackPattern(_ApplicationPattern):
         return self.combine(op, x, rotated, cos, sin)
 
     def check(self, context, x, cos, sin, even, odd, stacked, **_):
-        result = _basics.MatchResult()
+        result = orp.MatchResult()
         a = read_slice(even.producer(), self.fold)
         b = read_slice(odd.producer(), self.fold)
         if a is None or b is None:
@@ -173,7 +181,7 @@ class InterleavedPairsPattern(_ApplicationPattern):
         return op.Reshape(stacked, out_shape, _allow_other_attributes=True)
 
     def check(self, context, x, cos, sin, pairs, x0, x1, i0, i1, stacked, **_):
-        result = _basics.MatchResult()
+        result = orp.MatchResult()
         a, b = self.fold(i0), self.fold(i1)
         if a is None or b is None or a.size != 1 or b.size != 1 or int(a) != 0 or int(b) != 1:
             return result.fail("pair elements are not selected as [..., 0] and [..., 1]", pairs)
@@ -238,7 +246,7 @@ class ApplicationMatch:
 
 
 def find_applications(
-    model: ir.Model, fold: ConstantEvaluator, tracer: _basics.MatchingTracer | None = None
+    model: ir.Model, fold: ConstantEvaluator, tracer: orp.MatchingTracer | None = None
 ) -> list[ApplicationMatch]:
     """Every q/k rotation in the main graph, each node taken at most once."""
     matchers = []
@@ -267,5 +275,5 @@ def find_applications(
     return found
 
 
-def all_variants(patterns: Sequence[_ApplicationPattern]) -> list[_rewrite_rule.Pattern]:
+def all_variants(patterns: Sequence[_ApplicationPattern]) -> list[orp.Pattern]:
     return list(itertools.chain.from_iterable(p.variants() for p in patterns))
