@@ -457,7 +457,7 @@ class _Detector:
             if np.allclose(flat, np.round(flat)):
                 offset = _unit_progression(np.round(flat).astype(np.int64))
         dim = 2 * freqs.size
-        base, rule = _fit_base(freqs, dim)
+        base, rule = fit_frequencies(freqs, dim) or (None, "custom")
         source, _ = _position_source(positions)
         sin = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Sin"), None)
         cos = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Cos"), None)
@@ -685,11 +685,6 @@ class _Detector:
 
 def _sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
-
-
-def _fit_base(freqs: np.ndarray, dim: int) -> tuple[float | None, str]:
-    fit = fit_frequencies(freqs, dim)
-    return (None, "custom") if fit is None else fit
 
 
 def _distance_form(vals: np.ndarray | None) -> str | None:
