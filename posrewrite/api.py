@@ -14,7 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from posrewrite import errors, io
-from posrewrite.limits import MAX_LENGTH
+from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
 from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
 from posrewrite.passes.onnx.detect_other import detect_other_encodings
@@ -25,9 +25,6 @@ from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import RopeSite
-
-DEFAULT_CHECK_LENGTH = 8192
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # detection

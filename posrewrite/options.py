@@ -14,6 +14,7 @@ __all__ = [
     "ROPE_METHODS",
     "RewriteOptions",
     "load_rope_params",
+    "options_from_flags",
     "read_config_json",
     "rope_parameters_from_options",
     "rope_params_from_config",
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,118 @@ class RewriteOptions:
         d = dataclasses.asdict(self)
         d["output"] = str(self.output) if self.output is not None else None
         return d
+
+
+#: RewriteOptions fields a command's flags may set as they are (the RoPE flags are mapped by `options_from_flags`).
+_PLAIN_FIELDS = (
+    "fp32_positions",
+    "fuse",
+    "validate",
+    "allow_partial",
+    "max_positions",
+    "pos_scale",
+    "alibi_scale",
+    "extend",
+    "window",
+    "group_size",
+    "leaky",
+    "logn_scaling",
+    "output",
+    "link_weights",
+)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -> RewriteOptions:
+    """RewriteOptions from a command's flags (argparse's names: ``rope_scale``, ``rope_freq_scale``,
+    ``yarn_orig_ctx``...; absent ones are not given), refusing contradictions with one line each.
+
+    The llama.cpp spellings are mapped here: ``--rope-freq-scale F`` is ``--rope-scale 1/F``,
+    ``--rope-scaling none`` no scaling, ``--yarn-orig-ctx`` (0: from the model) ``--original-max-positions``,
+    ``--yarn-beta-fast/-slow`` and ``--yarn-attn-factor`` (a multiple of YaRN's 0.1 ln(S) + 1) rope
+    parameters; every other value is checked by RewriteOptions itself."""
+    scale = flags.get("rope_scale")
+    freq_scale = flags.get("rope_freq_scale")
+    if freq_scale is not None:
+        if not freq_scale > 0 or not math.isfinite(freq_scale):
+            raise UsageError(f"--rope-freq-scale must be greater than 0, not {freq_scale:g}")
+        inverse = 1.0 / freq_scale
+        if scale is not None and not _close(scale, inverse):
+            raise UsageError(
+                f"--rope-freq-scale {freq_scale:g} (= --rope-scale {inverse:g}) disagrees with --rope-scale {scale:g}"
+            )
+        scale = inverse
+
+    method = flags.get("rope_method")
+    method = method.strip().lower() if method else None
+    if method == "none":
+        if scale is not None:
+            raise UsageError("--rope-scaling none contradicts --rope-scale")
+        method = None
+
+    orig = flags.get("original_max_positions")
+    yarn_orig_ctx = flags.get("yarn_orig_ctx")
+    if yarn_orig_ctx:  # llama.cpp: 0 means "from the model"
+        if orig is not None and orig != yarn_orig_ctx:
+            raise UsageError(f"--yarn-orig-ctx {yarn_orig_ctx} disagrees with --original-max-positions {orig}")
+        orig = yarn_orig_ctx
+    elif yarn_orig_ctx is not None and yarn_orig_ctx < 0:
+        raise UsageError(f"--yarn-orig-ctx must be 0 or more, not {yarn_orig_ctx}")
+
+    params = load_rope_params(flags["rope_params"]) if flags.get("rope_params") else {}
+    params_type = params.get("rope_type")
+    if params_type in _NO_SCALING_TYPES:
+        params_type = None
+    # an explicit --rope-method (linear too, which RewriteOptions cannot tell from its default) must be used
+    has_factor = params.get("factor") is not None or "long_factor" in params
+    if method is not None and scale is None and not has_factor:
+        raise UsageError(f"--rope-method {method} needs --rope-scale (or a factor in --rope-params)")
+    if method is not None and params_type is not None and str(params_type).lower() != method:
+        raise UsageError(f"--rope-params rope_type {params_type!r} disagrees with --rope-method {method!r}")
+
+    effective_method = method or (str(params_type).lower() if params_type else None)
+    yarn_flags = {
+        "--yarn-beta-fast": ("beta_fast", flags.get("yarn_beta_fast")),
+        "--yarn-beta-slow": ("beta_slow", flags.get("yarn_beta_slow")),
+    }
+    attn_factor = flags.get("yarn_attn_factor")
+    if attn_factor is not None:
+        factor = scale if scale is not None else params.get("factor")
+        magnitude = 0.1 * math.log(factor) + 1.0 if factor is not None and factor > 1 else 1.0
+        yarn_flags["--yarn-attn-factor"] = ("attention_factor", attn_factor * magnitude)
+    for flag, (key, value) in yarn_flags.items():
+        if value is None:
+            continue
+        if effective_method != "yarn":
+            raise UsageError(f"{flag} applies only to --rope-method yarn")
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag} must be greater than 0, not {value:g}")
+        if key in params and not _close(float(params[key]), value):
+            raise UsageError(f"{flag} disagrees with {key}={params[key]} in --rope-params")
+        params[key] = value
+
+    fields: dict[str, Any] = dict(
+        rope_scale=scale,
+        rope_method=method or "linear",
+        original_max_positions=orig,
+        rope_base=flags.get("rope_base"),
+        rope_params=params,
+        json=bool(flags.get("json", False)),
+        debug=bool(flags.get("debug", False)),
+    )
+    fields.update({name: flags[name] for name in _PLAIN_FIELDS if name in flags})
+    if isinstance(fields.get("fuse"), str):
+        fields["fuse"] = fields["fuse"].strip().lower()
+    opts = RewriteOptions(**fields)
+    if require_work and not opts.has_work():
+        raise UsageError(
+            "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
+            "--max-positions, --pos-scale or --alibi-scale"
+        )
+    return opts
 
 
 def _bound(value: float) -> str:
