@@ -309,8 +309,10 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
     }
     attn_factor = flags.get("yarn_attn_factor")
     if attn_factor is not None:
+        from posrewrite.math.rope import yarn_attention_factor
+
         factor = scale if scale is not None else params.get("factor")
-        magnitude = 0.1 * math.log(factor) + 1.0 if factor is not None and factor > 1 else 1.0
+        magnitude = yarn_attention_factor(factor) if factor is not None else 1.0  # 0.1 ln(S) + 1, 1 for S <= 1
         yarn_flags["--yarn-attn-factor"] = ("attention_factor", attn_factor * magnitude)
     for flag, (key, value) in yarn_flags.items():
         if value is None:

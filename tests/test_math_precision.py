@@ -20,6 +20,7 @@ from posrewrite.math.precision import (  # noqa: E402
     float32_to_bfloat16_bits,
     machine_epsilon,
     mantissa_bits,
+    max_exponent,
     round_to_dtype,
     unit_roundoff,
 )
@@ -52,6 +53,9 @@ def test_machine_epsilon_and_unit_roundoff_match_torch():
         assert machine_epsilon(name) == torch.finfo(t).eps
         assert unit_roundoff(name) == torch.finfo(t).eps / 2
     assert machine_epsilon("fp16") == 2.0 ** -10
+    for name, t in {**TORCH, "float64": torch.float64}.items():
+        # the largest finite value is (2 - eps) * 2^emax
+        assert torch.finfo(t).max == (2 - torch.finfo(t).eps) * 2.0 ** max_exponent(name)
     with pytest.raises(ValueError):
         machine_epsilon("int32")
 

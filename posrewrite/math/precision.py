@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_ANGLE_TOLERANCE",
     "mantissa_bits",
     "machine_epsilon",
+    "max_exponent",
     "unit_roundoff",
     "smallest_subnormal",
     "dtype_name",
@@ -88,6 +89,14 @@ def mantissa_bits(dtype: Any) -> int:
     if name not in _FLOATS:
         raise ValueError(f"{name} is not a floating-point type")
     return _FLOATS[name][0]
+
+
+def max_exponent(dtype: Any) -> int:
+    """emax, the exponent of a float format's largest finite value (float16 15, bfloat16 and float32 127)."""
+    name = dtype_name(dtype)
+    if name not in _FLOATS:
+        raise ValueError(f"{name} is not a floating-point type")
+    return _FLOATS[name][2]
 
 
 def machine_epsilon(dtype: Any) -> float:

@@ -98,11 +98,9 @@ def _is_float(value: ir.Value | None) -> bool:
 def _rank(name: str) -> tuple[int, int]:
     """Sort key: lower is less precise (mantissa bits, then exponent range). Non-floats rank highest."""
     try:
-        p = precision.mantissa_bits(name)
+        return (precision.mantissa_bits(name), precision.max_exponent(name))
     except ValueError:
         return (10**6, 10**6)
-    emax = {"bfloat16": 127, "float16": 15, "float32": 127, "float64": 1023}[precision.dtype_name(name)]
-    return (p, emax)
 
 
 def _lowest(names: Iterable[str], default: str) -> str:
