@@ -24,7 +24,7 @@ from pathlib import Path
 from posrewrite import render
 from posrewrite.errors import EXIT_CODES, PosrewriteError, UsageError
 from posrewrite.limits import DEFAULT_CHECK_LENGTH
-from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, options_from_flags
+from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, check_positive, options_from_flags
 from posrewrite.render import PROG, Output
 
 COMMANDS = ("rewrite", "inspect", "check", "plot", "advise", "validate")
@@ -357,8 +357,7 @@ def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_check(ns: argparse.Namespace, out: Output) -> int:
-    if ns.max_length is not None and ns.max_length <= 0:
-        raise UsageError(f"--max-length must be greater than 0, not {ns.max_length}")
+    check_positive(ns.max_length, "--max-length", integer=True)
     if not Path(ns.model).is_dir():  # a model folder: api.check reads its model
         _preload(ns.model)
     from posrewrite import api
@@ -387,10 +386,8 @@ def _cmd_plot(ns: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
-    if ns.context <= 0:
-        raise UsageError(f"--context must be greater than 0, not {ns.context}")
-    if ns.head_dim is not None and ns.head_dim <= 0:
-        raise UsageError(f"--head-dim must be greater than 0, not {ns.head_dim}")
+    check_positive(ns.context, "--context", integer=True)
+    check_positive(ns.head_dim, "--head-dim", integer=True)
     if getattr(ns, "eval_text", None) is not None:
         return _cmd_advise_eval(ns, out)
     rope_params = None

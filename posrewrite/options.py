@@ -13,6 +13,7 @@ __all__ = [
     "FUSE_MODES",
     "ROPE_METHODS",
     "RewriteOptions",
+    "check_positive",
     "load_rope_params",
     "options_from_flags",
     "read_config_json",
@@ -86,18 +87,18 @@ class RewriteOptions:
         self.rope_method = _normalize_method(self.rope_method or "linear")
         if self.fuse not in FUSE_MODES:
             raise UsageError(f"--fuse must be one of {', '.join(FUSE_MODES)}, not {self.fuse!r}")
-        _positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
-        _positive(self.rope_base, "--rope-base", maximum=MAX_ROPE_BASE)
-        _positive(self.original_max_positions, "--original-max-positions", integer=True, maximum=MAX_LENGTH)
-        _positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
-        _positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
-        _positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.rope_base, "--rope-base", maximum=MAX_ROPE_BASE)
+        check_positive(self.original_max_positions, "--original-max-positions", integer=True, maximum=MAX_LENGTH)
+        check_positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
+        check_positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         self._check_attention_methods()
 
         params = self.rope_params
         factor = params.get("factor")
         if factor is not None:
-            _positive(factor, "--rope-params factor", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+            check_positive(factor, "--rope-params factor", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
             if self.rope_scale is not None and not math.isclose(float(factor), self.rope_scale, rel_tol=1e-9):
                 raise UsageError(f"--rope-params factor {factor} disagrees with --rope-scale {self.rope_scale:g}")
         ptype = params.get("rope_type")
@@ -108,7 +109,7 @@ class RewriteOptions:
             self.rope_method = ptype
         orig = params.get("original_max_position_embeddings")
         if orig is not None:
-            _positive(orig, "--rope-params original_max_position_embeddings", integer=True, maximum=MAX_LENGTH)
+            check_positive(orig, "--rope-params original_max_position_embeddings", integer=True, maximum=MAX_LENGTH)
             if self.original_max_positions is not None and int(orig) != self.original_max_positions:
                 raise UsageError(
                     f"--rope-params original_max_position_embeddings {orig} disagrees with "
@@ -116,7 +117,7 @@ class RewriteOptions:
                 )
         theta = params.get("rope_theta")
         if theta is not None:
-            _positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
+            check_positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
             if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
                 raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
         scale = self.effective_rope_scale
@@ -355,7 +356,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _positive(
+def check_positive(
     value: Any, flag: str, *, integer: bool = False, maximum: float | None = None, minimum: float | None = None
 ) -> None:
     """``value`` is None or a finite number > 0 (a whole one with ``integer``) within [minimum, maximum]."""
@@ -519,7 +520,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
     for section, prefix in sections:
         for key, (integer, bound) in _CONFIG_NUMBERS.items():
             if section.get(key) is not None:
-                _positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
+                check_positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
         for key in ("long_factor", "short_factor"):
             values = section.get(key)
             if values is None:
@@ -527,7 +528,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             if not isinstance(values, list) or len(values) > 65536:
                 raise UsageError(f"{path}: {prefix}{key} must be a list of numbers")
             for v in values:
-                _positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
+                check_positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
 
 
 def rope_parameters_from_options(opts: RewriteOptions, *, config_json: dict[str, Any] | None = None) -> dict[str, Any]:
