@@ -14,17 +14,17 @@ from typing import Any
 import onnx_ir as ir
 
 from posrewrite import errors, io
-from posrewrite.limits import MAX_LENGTH
-from posrewrite.math import precision as precision_math
+from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
 from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
+from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
+from posrewrite.passes.onnx.detect_other import detect_other_encodings
 from posrewrite.passes.onnx.detect_rope import detect_rope
+from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass, needs_fp32_positions, rope_site_precision
+from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
-from posrewrite.sites.rope import AngleSource, RopeSite
-
-DEFAULT_CHECK_LENGTH = 8192
-
+from posrewrite.sites.rope import RopeSite
 
 # ---------------------------------------------------------------------------------------------------------------
 # detection
@@ -48,21 +48,16 @@ def detect(model: ir.Model) -> Detection:
     rope_sites, rope_refusals = detect_rope(model)
     sites.extend(rope_sites)
     other_nodes: set[int] = set()
-    try:
-        from posrewrite.passes.onnx.detect_other import detect_other_encodings
-    except ImportError:  # the module is optional while it is being built
-        detect_other_encodings = None
-    if detect_other_encodings is not None:
-        other_sites, other_refusals = detect_other_encodings(model)
-        # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
-        rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
-        other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
-        sites.extend(other_sites)
-        refusals.extend(other_refusals)
-        for s in other_sites:
-            for attr in ("nodes", "source_nodes"):
-                for n in getattr(s, attr, ()) or ():
-                    other_nodes.add(id(n))
+    other_sites, other_refusals = detect_other_encodings(model)
+    # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
+    rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
+    other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
+    sites.extend(other_sites)
+    refusals.extend(other_refusals)
+    for s in other_sites:
+        for attr in ("nodes", "source_nodes"):
+            for n in getattr(s, attr, ()) or ():
+                other_nodes.add(id(n))
     # a Cos claimed by another encoding (sinusoidal tables) is not an unrecognised RoPE
     by_name = {n.name: n for n in model.graph}
     for r in rope_refusals:
@@ -577,10 +572,6 @@ def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list
 
 
 def _half_precision_positions(found: Detection) -> bool:
-    try:
-        from posrewrite.passes.onnx.fp32_positions import needs_fp32_positions
-    except ImportError:
-        return False
     return bool(needs_fp32_positions(found.rope_sites))
 
 
@@ -600,10 +591,6 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions, 
     changes: list[str] = []
     notes: list[str] = []
     if opts.fp32_positions:
-        try:
-            from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
-        except ImportError:
-            raise errors.UsageError("--fp32-positions is not available in this build") from None
         sites = found.sites
         if opts.fuse != "none":
             # fused ops get caches computed in fp32 by the math module: only the other encodings need the pass
@@ -614,10 +601,6 @@ def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions, 
         changes.extend(getattr(p, "changes", []))
         notes.extend(getattr(p, "notes", []))
     if opts.fuse != "none":
-        try:
-            from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
-        except ImportError:
-            raise errors.UsageError("--fuse is not available in this build") from None
         p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans,
                            max_positions=_fused_cache_rows(opts, model_path))
         p(model)
@@ -665,45 +648,19 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
     for k, site in enumerate(found.sites):
         if isinstance(site, RopeSite):
             rows.append(rope_precision(site, n, k))
-        else:
-            try:
-                from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
-            except ImportError:
-                continue
-            if site.kind == "alibi":
-                row = alibi_precision(site, n)
-                row.setdefault("site", k)
-                rows.append(row)
+        elif site.kind == "alibi":
+            row = alibi_precision(site, n)
+            row.setdefault("site", k)
+            rows.append(row)
     return CheckResult(str(path), n, rows)
 
 
 def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
     try:  # dtype tracing along the graph and table measurement (issue 6)
-        from posrewrite.passes.onnx.fp32_positions import rope_site_precision
-    except ImportError:
-        rope_site_precision = None
-    try:
-        if rope_site_precision is not None:
-            return rope_site_precision(site, n, index)
-        return _rope_precision_fallback(site, n, index)
+        return rope_site_precision(site, n, index)
     except ValueError as exc:  # an element type the analysis does not know (or the model does not say)
         raise errors.ModelLoadError(
             f"site {index}: cannot analyse its precision: {exc} (the model's element types are missing or invalid)"
         ) from None
 
 
-def _rope_precision_fallback(site: RopeSite, n: int, index: int) -> dict[str, Any]:
-    if site.angles == AngleSource.COMPUTED:
-        report = precision_math.analyse_positions(n, position_dtype=site.position_dtype, angle_dtype=site.angle_dtype,
-                                                 inv_freq=site.inv_freq)
-        row = report.to_dict()
-    else:
-        # positions index a table: they are integers (exact); the table was fitted, so judge its values
-        report = precision_math.analyse_positions(n, position_dtype="int64", angle_dtype="float32",
-                                                  inv_freq=site.inv_freq)
-        row = report.to_dict()
-        row["angle_dtype"] = site.angle_dtype
-        if site.max_positions is not None and n > site.max_positions:
-            row["notes"] = [f"table has {site.max_positions} rows: positions past it fail or read out of bounds"]
-    row.update({"site": index, "kind": "rope", "angles": site.angles.value})
-    return row

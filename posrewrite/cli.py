@@ -1,10 +1,11 @@
-"""The ``posrewrite`` command: argument parsing, output formatting and exit codes — nothing else.
+"""The ``posrewrite`` command: argument parsing, dispatch and exit codes — nothing else.
 
-Every command parses its flags into :class:`~posrewrite.options.RewriteOptions` (or plain arguments), calls the
-Python API (``posrewrite.api``, ``posrewrite.plot``, ``posrewrite.advise``, imported lazily so that ``--help``
-and usage errors stay fast), and prints the result: rich tables for people, or exactly one JSON object on
-stdout with ``--json``. Errors print one line ``posrewrite: error: ...`` on stderr and exit with the code of
-their :mod:`posrewrite.errors` class; ``--debug`` adds the traceback.
+Every command maps its flags to :class:`~posrewrite.options.RewriteOptions` (`options_from_flags`, where every
+option value is checked) or plain arguments, calls the Python API (``posrewrite.api``, ``posrewrite.plot``,
+``posrewrite.advise``, imported lazily so that ``--help`` and usage errors stay fast), and hands the result to
+:mod:`posrewrite.render`: rich tables for people, or exactly one JSON object on stdout with ``--json``. Errors
+print one line ``posrewrite: error: ...`` on stderr and exit with the code of their :mod:`posrewrite.errors`
+class; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ __all__ = ["main", "build_parser", "options_from_args"]
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import IO, Any
 
+from posrewrite import render
 from posrewrite.errors import EXIT_CODES, PosrewriteError, UsageError
-from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, load_rope_params
+from posrewrite.limits import DEFAULT_CHECK_LENGTH
+from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, check_positive, options_from_flags
+from posrewrite.render import PROG, Output
 
-PROG = "posrewrite"
 COMMANDS = ("rewrite", "inspect", "check", "plot", "advise", "validate")
 
 _DESCRIPTION = """\
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check each site's position and angle precision up to --max-length (exit 7 when unsafe).",
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--max-length", type=int, metavar="N", help="longest sequence to check (default: the model's)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help=f"longest sequence to check (default: {DEFAULT_CHECK_LENGTH})")
     _add_common(p)
     p.set_defaults(handler=_cmd_check)
 
@@ -262,104 +263,9 @@ def _with_default_command(argv: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------------------- options
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9)
-
-
 def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> RewriteOptions:
-    """Turn parsed flags into RewriteOptions, refusing contradictions with one line each."""
-    scale = ns.rope_scale
-    if ns.rope_freq_scale is not None:
-        if not ns.rope_freq_scale > 0 or not math.isfinite(ns.rope_freq_scale):
-            raise UsageError(f"--rope-freq-scale must be greater than 0, not {ns.rope_freq_scale:g}")
-        inverse = 1.0 / ns.rope_freq_scale
-        if scale is not None and not _close(scale, inverse):
-            raise UsageError(
-                f"--rope-freq-scale {ns.rope_freq_scale:g} (= --rope-scale {inverse:g}) "
-                f"disagrees with --rope-scale {scale:g}"
-            )
-        scale = inverse
-
-    method = ns.rope_method.strip().lower() if ns.rope_method else None
-    if method == "none":
-        if scale is not None:
-            raise UsageError("--rope-scaling none contradicts --rope-scale")
-        method = None
-
-    orig = ns.original_max_positions
-    if ns.yarn_orig_ctx:  # llama.cpp: 0 means "from the model"
-        if orig is not None and orig != ns.yarn_orig_ctx:
-            raise UsageError(f"--yarn-orig-ctx {ns.yarn_orig_ctx} disagrees with --original-max-positions {orig}")
-        orig = ns.yarn_orig_ctx
-    elif ns.yarn_orig_ctx is not None and ns.yarn_orig_ctx < 0:
-        raise UsageError(f"--yarn-orig-ctx must be 0 or more, not {ns.yarn_orig_ctx}")
-
-    params = load_rope_params(ns.rope_params) if ns.rope_params else {}
-    params_type = params.get("rope_type")
-    if params_type in ("default", "none"):
-        params_type = None
-    has_factor = params.get("factor") is not None or "long_factor" in params
-    if method is not None and scale is None and not has_factor:
-        raise UsageError(f"--rope-method {method} needs --rope-scale (or a factor in --rope-params)")
-    if method is not None and params_type is not None and str(params_type).lower() != method:
-        raise UsageError(f"--rope-params rope_type {params_type!r} disagrees with --rope-method {method!r}")
-
-    effective_method = method or (str(params_type).lower() if params_type else None)
-    yarn_flags = {
-        "--yarn-beta-fast": ("beta_fast", ns.yarn_beta_fast),
-        "--yarn-beta-slow": ("beta_slow", ns.yarn_beta_slow),
-    }
-    if ns.yarn_attn_factor is not None:
-        factor = scale if scale is not None else params.get("factor")
-        magnitude = 0.1 * math.log(factor) + 1.0 if factor is not None and factor > 1 else 1.0
-        yarn_flags["--yarn-attn-factor"] = ("attention_factor", ns.yarn_attn_factor * magnitude)
-    for flag, (key, value) in yarn_flags.items():
-        if value is None:
-            continue
-        if effective_method != "yarn":
-            raise UsageError(f"{flag} applies only to --rope-method yarn")
-        if not math.isfinite(value) or value <= 0:
-            raise UsageError(f"{flag} must be greater than 0, not {value:g}")
-        if key in params and not _close(float(params[key]), value):
-            raise UsageError(f"{flag} disagrees with {key}={params[key]} in --rope-params")
-        params[key] = value
-
-    fields: dict[str, Any] = dict(
-        rope_scale=scale,
-        rope_method=method or "linear",
-        original_max_positions=orig,
-        rope_base=ns.rope_base,
-        rope_params=params,
-        json=ns.json,
-        debug=ns.debug,
-    )
-    for name in (
-        "fp32_positions",
-        "fuse",
-        "validate",
-        "allow_partial",
-        "max_positions",
-        "pos_scale",
-        "alibi_scale",
-        "extend",
-        "window",
-        "group_size",
-        "leaky",
-        "logn_scaling",
-        "output",
-        "link_weights",
-    ):
-        if hasattr(ns, name):
-            fields[name] = getattr(ns, name)
-    if isinstance(fields.get("fuse"), str):
-        fields["fuse"] = fields["fuse"].strip().lower()
-    opts = RewriteOptions(**fields)
-    if require_work and not opts.has_work():
-        raise UsageError(
-            "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
-            "--max-positions, --pos-scale or --alibi-scale"
-        )
-    return opts
+    """Parsed flags as RewriteOptions (see `posrewrite.options.options_from_flags`, which checks them)."""
+    return options_from_flags(vars(ns), require_work=require_work)
 
 
 def _rope_flags_given(ns: argparse.Namespace) -> bool:
@@ -376,105 +282,6 @@ def _rope_flags_given(ns: argparse.Namespace) -> bool:
         "yarn_attn_factor",
     )
     return any(getattr(ns, n, None) is not None for n in names)
-
-
-# --------------------------------------------------------------------------------------------------- output
-
-
-class _Output:
-    """Where a command's result goes: one JSON object on the real stdout, or rich text."""
-
-    def __init__(self, stdout: IO[str], json_mode: bool) -> None:
-        self.stdout = stdout
-        self.json = json_mode
-
-    def console(self):
-        from rich.console import Console
-
-        width = None if _isatty(self.stdout) else 120
-        return Console(file=self.stdout, width=width, highlight=False, soft_wrap=True)
-
-    def emit_json(self, payload: Any) -> None:
-        self.stdout.write(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
-        self.stdout.flush()
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types only: numpy scalars/arrays, paths, tuples, sets, non-finite floats ('inf', 'nan')."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays
-        return _jsonable(obj.tolist())
-    if hasattr(obj, "value") and hasattr(obj, "name"):  # enums
-        return _jsonable(obj.value)
-    return str(obj)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.3g}" if (value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)) else f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        shown = ", ".join(_fmt(v) for v in value[:4])
-        return f"[{shown}{', …' if len(value) > 4 else ''}]"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-    if value is None:
-        return "-"
-    return str(value)
-
-
-def _table(title: str | None, columns: list[str], rows: list[list[Any]]):
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(_escape(_fmt(v)) for v in row))
-    return table
-
-
-def _escape(text: str) -> str:
-    """Text for the rich console: markup escaped, and control characters (terminal escape sequences a model's
-    names may hold) shown as escapes instead of being sent to the terminal."""
-    from rich.markup import escape
-
-    return escape(_printable(text))
-
-
-def _printable(text: object) -> str:
-    """``text`` with every non-printable character (ESC, BEL, CR, newlines, ...) written as a Python escape."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _notice(message: str) -> None:
-    """A notice for a person watching: stderr, only on a terminal."""
-    if _isatty(sys.stderr):
-        print(f"{PROG}: {message}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -494,7 +301,7 @@ def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None
     return Path(path)
 
 
-def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
+def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns)
     model = Path(ns.model) if Path(ns.model).is_dir() else _preload(ns.model, output=opts.output)
 
@@ -506,185 +313,81 @@ def _cmd_rewrite(ns: argparse.Namespace, out: _Output) -> int:
     with progress_reporter(enabled=not out.json) as reporter:
         result = api.rewrite(model, opts, progress=reporter)
 
+    render.show_rewrite(out, model, result)
     validation = getattr(result, "validation", None)
-    failed = validation is not None and not validation.ok
-    if out.json:
-        out.emit_json(result.to_dict())
-    else:
-        console = out.console()
-        changes = list(getattr(result, "changes", []) or [])
-        if result.modified:
-            console.print(f"[bold]{_escape(str(model))}[/bold]: {len(changes)} change(s)")
-        else:
-            console.print(f"[bold]{_escape(str(model))}[/bold]: nothing to change")
-        for line in changes:
-            console.print(f"  • {_escape(line)}")
-        for line in getattr(result, "notes", []) or []:
-            console.print(f"  [dim]note:[/dim] {_escape(line)}")
-        if validation is not None:
-            _print_validation(console, validation)
-        if result.output_path is not None and not failed:
-            console.print(f"wrote [bold]{_escape(str(result.output_path))}[/bold]")
-    if failed:
+    if validation is not None and not validation.ok:
         from posrewrite.errors import ValidationError
 
         bad = [r.get("site") for r in validation.rows if not r.get("ok")]
-        print(f"{PROG}: error: validation failed for {len(bad)} site(s): {', '.join(map(str, bad))}", file=sys.stderr)
+        render.print_error(f"validation failed for {len(bad)} site(s): {', '.join(map(str, bad))}")
         return ValidationError.exit_code
     return 0
 
 
-# Site fields shown as their own columns (when a site has them); the rest go to "details".
-_INSPECT_COLUMNS = [
-    "kind",
-    "layout",
-    "head_dim",
-    "rotary_dim",
-    "base",
-    "angles",
-    "position_dtype",
-    "angle_dtype",
-    "max_positions",
-    "attention_factor",
-    "sites",
-]
-_INSPECT_TITLES = {
-    "head_dim": "dim",
-    "rotary_dim": "rotary",
-    "position_dtype": "pos dtype",
-    "angle_dtype": "angle dtype",
-    "max_positions": "max pos",
-    "attention_factor": "attn",
-    "sites": "uses",
-}
-
-
-def _cmd_validate(ns: argparse.Namespace, out: _Output) -> int:
+def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns, require_work=False)
     _preload(ns.original)
     _preload(ns.rewritten)
     from posrewrite import api
 
     result = api.validate(Path(ns.original), Path(ns.rewritten), opts)
-    validation = result.validation
-    if out.json:
-        out.emit_json(result.to_dict())
-    else:
-        _print_validation(out.console(), validation)
-    if not validation.ok:
+    render.show_validation(out, result)
+    if not result.validation.ok:
         from posrewrite.errors import ValidationError
         from posrewrite.validate import describe_failure
 
-        print(f"{PROG}: error: validation failed: {describe_failure(validation)}", file=sys.stderr)
+        render.print_error(f"validation failed: {describe_failure(result.validation)}")
         return ValidationError.exit_code
     return 0
 
 
-def _print_validation(console, validation) -> None:
-    """The validation table: each row with what was compared with what, its error and tolerance."""
-    rows = [
-        [r.get("site"), r.get("length"), r.get("max_abs_error"), r.get("tolerance"), r.get("ok"),
-         r.get("compared") or r.get("message") or ""]
-        for r in validation.rows
-    ]
-    console.print(_table("validation (onnxruntime)", ["site", "length", "max |error|", "tolerance", "ok", "compared"],
-                         rows))
-    for r in validation.rows:
-        if r.get("message") and (r.get("site") == "past cache" or not r.get("ok")):
-            console.print(f"  [dim]{_escape(str(r.get('site')))}:[/dim] {_escape(r['message'])}")
-    for line in getattr(validation, "notes", []) or []:
-        console.print(f"  [dim]note:[/dim] {_escape(line)}")
-
-
-def _cmd_inspect(ns: argparse.Namespace, out: _Output) -> int:
+def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
     if not Path(ns.model).is_dir():  # a model folder: api.inspect reads its model
         _preload(ns.model)
     from posrewrite import api
 
     result = api.inspect(Path(ns.model))
-    payload = result.to_dict()
-    if out.json:
-        out.emit_json(payload)
-    else:
-        console = out.console()
-        sites = payload.get("encodings", [])
-        console.print(f"[bold]{_escape(str(ns.model))}[/bold]: {len(sites)} positional encoding site(s)")
-        if sites:
-            keys = [k for k in _INSPECT_COLUMNS if any(k in site for site in sites)]
-            rows = [[i, *(site.get(k) for k in keys)] for i, site in enumerate(sites)]
-            console.print(_table(None, ["#", *(_INSPECT_TITLES.get(k, k) for k in keys)], rows))
-            for i, site in enumerate(sites):
-                details = {k: v for k, v in site.items() if k not in keys and v not in (None, [], {}, "")}
-                if details:
-                    console.print(f"  [dim]#{i}:[/dim] {_escape(_fmt(details))}")
-        refusals = payload.get("refusals", [])
-        if refusals:
-            rows = [[r.get("kind"), r.get("where"), r.get("reason")] for r in refusals]
-            console.print(_table("not understood", ["kind", "where", "reason"], rows))
+    render.show_inspect(out, ns.model, result.to_dict())
     if not result.sites:
         from posrewrite.errors import NoEncodingError
 
-        print(f"{PROG}: error: no positional encoding found in {ns.model}", file=sys.stderr)
+        render.print_error(f"no positional encoding found in {ns.model}")
         return NoEncodingError.exit_code
     return 0
 
 
-_CHECK_COLUMNS = [
-    ("kind", "kind"),
-    ("position_dtype", "positions"),
-    ("angle_dtype", "angles"),
-    ("exact_position_fraction", "exact positions"),
-    ("colliding_positions", "colliding"),
-    ("max_angle_error", "max angle error"),
-    ("max_length", "up to"),
-    ("safe", "safe"),
-]
-
-
-def _cmd_check(ns: argparse.Namespace, out: _Output) -> int:
-    if ns.max_length is not None and ns.max_length <= 0:
-        raise UsageError(f"--max-length must be greater than 0, not {ns.max_length}")
+def _cmd_check(ns: argparse.Namespace, out: Output) -> int:
+    check_positive(ns.max_length, "--max-length", integer=True)
     if not Path(ns.model).is_dir():  # a model folder: api.check reads its model
         _preload(ns.model)
     from posrewrite import api
 
     result = api.check(Path(ns.model), max_length=ns.max_length)
-    if out.json:
-        out.emit_json(result.to_dict())
-    else:
-        console = out.console()
-        rows = [[site.get(key) for key, _ in _CHECK_COLUMNS] for site in result.sites]
-        console.print(_table(f"{ns.model}: precision check", [title for _, title in _CHECK_COLUMNS], rows))
-        verdict = "[green]safe[/green]" if result.safe else "[red]unsafe[/red] (try --fp32-positions)"
-        console.print(f"verdict: {verdict}")
+    render.show_check(out, ns.model, result)
     if not result.safe:
         from posrewrite.errors import UnsafeModelError
 
         unsafe = [str(site.get("site", k)) for k, site in enumerate(result.sites) if not site.get("safe")]
         length = getattr(result, "max_length", None) or ns.max_length or "the checked"
-        print(
-            f"{PROG}: error: unsafe at {length} tokens: site(s) {', '.join(unsafe)} lose position or angle "
-            "precision (try --fp32-positions)",
-            file=sys.stderr,
-        )
+        render.print_error(f"unsafe at {length} tokens: site(s) {', '.join(unsafe)} lose position or angle "
+                           "precision (try --fp32-positions)")
         return UnsafeModelError.exit_code
     return 0
 
 
-def _cmd_plot(ns: argparse.Namespace, out: _Output) -> int:
+def _cmd_plot(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns, require_work=False) if _rope_flags_given(ns) else None
     _preload(ns.model, output=ns.output)
     from posrewrite import plot
 
     result = plot.plot(Path(ns.model), ns.output, opts)
-    return _print_lines_result(result, out)
+    render.show_lines(out, result)
+    return 0
 
 
-def _cmd_advise(ns: argparse.Namespace, out: _Output) -> int:
-    if ns.context <= 0:
-        raise UsageError(f"--context must be greater than 0, not {ns.context}")
-    if ns.head_dim is not None and ns.head_dim <= 0:
-        raise UsageError(f"--head-dim must be greater than 0, not {ns.head_dim}")
+def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
+    check_positive(ns.context, "--context", integer=True)
+    check_positive(ns.head_dim, "--head-dim", integer=True)
     if getattr(ns, "eval_text", None) is not None:
         return _cmd_advise_eval(ns, out)
     rope_params = None
@@ -703,10 +406,8 @@ def _cmd_advise(ns: argparse.Namespace, out: _Output) -> int:
 
     rule = rule_of_thumb(_training_length(ns), ns.context)
     result.lines.extend(rule)
-    if out.json:
-        out.emit_json(result.to_dict() | {"method": {"measured": False, "rule_of_thumb": rule}})
-        return 0
-    return _print_lines_result(result, out)
+    render.show_lines(out, result, extra={"method": {"measured": False, "rule_of_thumb": rule}})
+    return 0
 
 
 def _training_length(ns: argparse.Namespace) -> int | None:
@@ -726,7 +427,7 @@ def _training_length(ns: argparse.Namespace) -> int | None:
     return None
 
 
-def _cmd_advise_eval(ns: argparse.Namespace, out: _Output) -> int:
+def _cmd_advise_eval(ns: argparse.Namespace, out: Output) -> int:
     if ns.model is None:
         raise UsageError("--eval-text needs a MODEL to rewrite and measure")
     for flag in ("rope_scale", "rope_freq_scale", "rope_method", "rope_base", "rope_params"):
@@ -742,16 +443,7 @@ def _cmd_advise_eval(ns: argparse.Namespace, out: _Output) -> int:
 
     with progress_reporter(enabled=not out.json) as reporter:
         result = evaluate_candidates(path, ns.context, ns.eval_text, original, progress=reporter)
-    return _print_lines_result(result, out)
-
-
-def _print_lines_result(result: Any, out: _Output) -> int:
-    if out.json:
-        out.emit_json(result.to_dict())
-    else:
-        console = out.console()
-        for line in result.lines:
-            console.print(_escape(line))
+    render.show_lines(out, result)
     return 0
 
 
@@ -808,20 +500,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _report_error(out: _Output, code: int, kind: str, message: str) -> None:
-    message = _printable(" ".join(message.split()))
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    if out.json:
-        try:
-            out.emit_json({"error": {"exit_code": code, "type": kind, "message": message}})
-        except Exception:  # stdout gone: the exit code still says it
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (see :mod:`posrewrite.errors`)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    out = _Output(sys.stdout, json_mode="--json" in args)
+    out = Output(sys.stdout, json_mode="--json" in args)
     debug = "--debug" in args
     if not args:
         build_parser().print_usage(sys.stderr)
@@ -840,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except PosrewriteError as e:
         if debug:
             traceback.print_exc()
-        _report_error(out, e.exit_code, type(e).__name__, str(e))
+        render.report_error(out, e.exit_code, type(e).__name__, str(e))
         return e.exit_code
     except KeyboardInterrupt as e:
         if isinstance(e, _Terminated):
@@ -858,5 +540,5 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(f"internal error: {type(e).__name__}: {e}".split())
         if not debug:
             message += " (rerun with --debug for the traceback)"
-        _report_error(out, 1, "InternalError", message)
+        render.report_error(out, 1, "InternalError", message)
         return 1

@@ -4,6 +4,7 @@ unbounded memory or time. Values past a bound are refused with exit 2 (a flag or
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_CHECK_LENGTH",
     "MAX_CONFIG_BYTES",
     "MAX_LENGTH",
     "MAX_ROPE_BASE",
@@ -19,6 +20,8 @@ from collections.abc import Iterable
 #: Longest sequence posrewrite plans for, checks or builds a table for (--max-positions, --original-max-positions,
 #: check --max-length, a rescale's target length, config.json's max_position_embeddings): 2^22 = 4,194,304.
 MAX_LENGTH = 1 << 22
+#: Sequence length ``check`` analyses when --max-length is not given.
+DEFAULT_CHECK_LENGTH = 8192
 #: Largest --rope-scale / --pos-scale / --alibi-scale (and --rope-params factor).
 MAX_SCALE = 4096.0
 #: Largest RoPE base (--rope-base, rope_theta).

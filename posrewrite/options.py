@@ -13,7 +13,9 @@ __all__ = [
     "FUSE_MODES",
     "ROPE_METHODS",
     "RewriteOptions",
+    "check_positive",
     "load_rope_params",
+    "options_from_flags",
     "read_config_json",
     "rope_parameters_from_options",
     "rope_params_from_config",
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +87,18 @@ class RewriteOptions:
         self.rope_method = _normalize_method(self.rope_method or "linear")
         if self.fuse not in FUSE_MODES:
             raise UsageError(f"--fuse must be one of {', '.join(FUSE_MODES)}, not {self.fuse!r}")
-        _positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
-        _positive(self.rope_base, "--rope-base", maximum=MAX_ROPE_BASE)
-        _positive(self.original_max_positions, "--original-max-positions", integer=True, maximum=MAX_LENGTH)
-        _positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
-        _positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
-        _positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.rope_base, "--rope-base", maximum=MAX_ROPE_BASE)
+        check_positive(self.original_max_positions, "--original-max-positions", integer=True, maximum=MAX_LENGTH)
+        check_positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
+        check_positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         self._check_attention_methods()
 
         params = self.rope_params
         factor = params.get("factor")
         if factor is not None:
-            _positive(factor, "--rope-params factor", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+            check_positive(factor, "--rope-params factor", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
             if self.rope_scale is not None and not math.isclose(float(factor), self.rope_scale, rel_tol=1e-9):
                 raise UsageError(f"--rope-params factor {factor} disagrees with --rope-scale {self.rope_scale:g}")
         ptype = params.get("rope_type")
@@ -106,7 +109,7 @@ class RewriteOptions:
             self.rope_method = ptype
         orig = params.get("original_max_position_embeddings")
         if orig is not None:
-            _positive(orig, "--rope-params original_max_position_embeddings", integer=True, maximum=MAX_LENGTH)
+            check_positive(orig, "--rope-params original_max_position_embeddings", integer=True, maximum=MAX_LENGTH)
             if self.original_max_positions is not None and int(orig) != self.original_max_positions:
                 raise UsageError(
                     f"--rope-params original_max_position_embeddings {orig} disagrees with "
@@ -114,7 +117,7 @@ class RewriteOptions:
                 )
         theta = params.get("rope_theta")
         if theta is not None:
-            _positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
+            check_positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
             if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
                 raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
         scale = self.effective_rope_scale
@@ -230,6 +233,120 @@ class RewriteOptions:
         return d
 
 
+#: RewriteOptions fields a command's flags may set as they are (the RoPE flags are mapped by `options_from_flags`).
+_PLAIN_FIELDS = (
+    "fp32_positions",
+    "fuse",
+    "validate",
+    "allow_partial",
+    "max_positions",
+    "pos_scale",
+    "alibi_scale",
+    "extend",
+    "window",
+    "group_size",
+    "leaky",
+    "logn_scaling",
+    "output",
+    "link_weights",
+)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -> RewriteOptions:
+    """RewriteOptions from a command's flags (argparse's names: ``rope_scale``, ``rope_freq_scale``,
+    ``yarn_orig_ctx``...; absent ones are not given), refusing contradictions with one line each.
+
+    The llama.cpp spellings are mapped here: ``--rope-freq-scale F`` is ``--rope-scale 1/F``,
+    ``--rope-scaling none`` no scaling, ``--yarn-orig-ctx`` (0: from the model) ``--original-max-positions``,
+    ``--yarn-beta-fast/-slow`` and ``--yarn-attn-factor`` (a multiple of YaRN's 0.1 ln(S) + 1) rope
+    parameters; every other value is checked by RewriteOptions itself."""
+    scale = flags.get("rope_scale")
+    freq_scale = flags.get("rope_freq_scale")
+    if freq_scale is not None:
+        if not freq_scale > 0 or not math.isfinite(freq_scale):
+            raise UsageError(f"--rope-freq-scale must be greater than 0, not {freq_scale:g}")
+        inverse = 1.0 / freq_scale
+        if scale is not None and not _close(scale, inverse):
+            raise UsageError(
+                f"--rope-freq-scale {freq_scale:g} (= --rope-scale {inverse:g}) disagrees with --rope-scale {scale:g}"
+            )
+        scale = inverse
+
+    method = flags.get("rope_method")
+    method = method.strip().lower() if method else None
+    if method == "none":
+        if scale is not None:
+            raise UsageError("--rope-scaling none contradicts --rope-scale")
+        method = None
+
+    orig = flags.get("original_max_positions")
+    yarn_orig_ctx = flags.get("yarn_orig_ctx")
+    if yarn_orig_ctx:  # llama.cpp: 0 means "from the model"
+        if orig is not None and orig != yarn_orig_ctx:
+            raise UsageError(f"--yarn-orig-ctx {yarn_orig_ctx} disagrees with --original-max-positions {orig}")
+        orig = yarn_orig_ctx
+    elif yarn_orig_ctx is not None and yarn_orig_ctx < 0:
+        raise UsageError(f"--yarn-orig-ctx must be 0 or more, not {yarn_orig_ctx}")
+
+    params = load_rope_params(flags["rope_params"]) if flags.get("rope_params") else {}
+    params_type = params.get("rope_type")
+    if params_type in _NO_SCALING_TYPES:
+        params_type = None
+    # an explicit --rope-method (linear too, which RewriteOptions cannot tell from its default) must be used
+    has_factor = params.get("factor") is not None or "long_factor" in params
+    if method is not None and scale is None and not has_factor:
+        raise UsageError(f"--rope-method {method} needs --rope-scale (or a factor in --rope-params)")
+    if method is not None and params_type is not None and str(params_type).lower() != method:
+        raise UsageError(f"--rope-params rope_type {params_type!r} disagrees with --rope-method {method!r}")
+
+    effective_method = method or (str(params_type).lower() if params_type else None)
+    yarn_flags = {
+        "--yarn-beta-fast": ("beta_fast", flags.get("yarn_beta_fast")),
+        "--yarn-beta-slow": ("beta_slow", flags.get("yarn_beta_slow")),
+    }
+    attn_factor = flags.get("yarn_attn_factor")
+    if attn_factor is not None:
+        from posrewrite.math.rope import yarn_attention_factor
+
+        factor = scale if scale is not None else params.get("factor")
+        magnitude = yarn_attention_factor(factor) if factor is not None else 1.0  # 0.1 ln(S) + 1, 1 for S <= 1
+        yarn_flags["--yarn-attn-factor"] = ("attention_factor", attn_factor * magnitude)
+    for flag, (key, value) in yarn_flags.items():
+        if value is None:
+            continue
+        if effective_method != "yarn":
+            raise UsageError(f"{flag} applies only to --rope-method yarn")
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag} must be greater than 0, not {value:g}")
+        if key in params and not _close(float(params[key]), value):
+            raise UsageError(f"{flag} disagrees with {key}={params[key]} in --rope-params")
+        params[key] = value
+
+    fields: dict[str, Any] = dict(
+        rope_scale=scale,
+        rope_method=method or "linear",
+        original_max_positions=orig,
+        rope_base=flags.get("rope_base"),
+        rope_params=params,
+        json=bool(flags.get("json", False)),
+        debug=bool(flags.get("debug", False)),
+    )
+    fields.update({name: flags[name] for name in _PLAIN_FIELDS if name in flags})
+    if isinstance(fields.get("fuse"), str):
+        fields["fuse"] = fields["fuse"].strip().lower()
+    opts = RewriteOptions(**fields)
+    if require_work and not opts.has_work():
+        raise UsageError(
+            "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
+            "--max-positions, --pos-scale or --alibi-scale"
+        )
+    return opts
+
+
 def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and value < 1e12 else f"{value:g}"
 
@@ -239,7 +356,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _positive(
+def check_positive(
     value: Any, flag: str, *, integer: bool = False, maximum: float | None = None, minimum: float | None = None
 ) -> None:
     """``value`` is None or a finite number > 0 (a whole one with ``integer``) within [minimum, maximum]."""
@@ -403,7 +520,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
     for section, prefix in sections:
         for key, (integer, bound) in _CONFIG_NUMBERS.items():
             if section.get(key) is not None:
-                _positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
+                check_positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
         for key in ("long_factor", "short_factor"):
             values = section.get(key)
             if values is None:
@@ -411,7 +528,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             if not isinstance(values, list) or len(values) > 65536:
                 raise UsageError(f"{path}: {prefix}{key} must be a list of numbers")
             for v in values:
-                _positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
+                check_positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
 
 
 def rope_parameters_from_options(opts: RewriteOptions, *, config_json: dict[str, Any] | None = None) -> dict[str, Any]:

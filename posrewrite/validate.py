@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import numpy_dtype
 from posrewrite.sites.rope import Layout, RopeSite
@@ -167,14 +168,21 @@ def _run_once(path, length: int, what: str) -> tuple[bool, str]:
 # and 8 eps (fp16: 7.8e-3), 14-17x above what correct rewrites move, far below what a wrong rotation moves
 # (the issue's Cohere fusion without `interleaved`: 4e-3 of the magnitude).
 COMPARE_EPS_UNITS = {"float32": 64.0, "float16": 8.0, "bfloat16": 8.0, "float64": 2.0 ** 29}
-_DTYPE_EPS = {"float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float64": 2.0 ** -52}
+
+
+def _eps(dtype: str) -> float:
+    """Machine epsilon of a float dtype (`posrewrite.math.precision`); float32's for any other type."""
+    try:
+        return precision.machine_epsilon(dtype)
+    except ValueError:
+        return precision.machine_epsilon("float32")
 
 
 def output_tolerance(reference: np.ndarray) -> tuple[float, str]:
     """(bound, how) for comparing a rewritten model's output with the original's `reference`."""
     dtype = str(np.asarray(reference).dtype)
     units = COMPARE_EPS_UNITS.get(dtype, 64.0)
-    eps = _DTYPE_EPS.get(dtype, 2.0 ** -23)
+    eps = _eps(dtype)
     a = np.asarray(reference, dtype=np.float64)
     magnitude = float(np.max(np.abs(a))) if a.size else 0.0
     how = f"{units:g} {dtype} eps x max|original| ({magnitude:.3g})"
@@ -279,8 +287,8 @@ def _rotation_tolerance(xs: np.ndarray, rotary_dim: int, inv: np.ndarray, factor
     """(bound, how) on |rotated - numpy rotation| of q/k `xs`: 4 ulp of the activation dtype (float32 at least)
     plus the float32 round-off of angles up to length x max(inv_freq), relative to 2 max|x| max(1, factor)."""
     scale = float(np.max(np.abs(xs[..., :rotary_dim]))) * 2.0 * max(1.0, abs(factor))
-    eps = max(_DTYPE_EPS.get(dtype, _DTYPE_EPS["float32"]), _DTYPE_EPS["float32"])
-    rel = 4 * eps + 8 * float(length) * float(np.max(inv)) * 2.0 ** -24 + 1e-6
+    eps = max(_eps(dtype), _eps("float32"))
+    rel = 4 * eps + 8 * float(length) * float(np.max(inv)) * precision.unit_roundoff("float32") + 1e-6
     return rel * scale, f"{rel:.3g} x 2 max|x| x max(1, factor): 4 {dtype} ulp + fp32 angle round-off"
 
 

@@ -89,3 +89,16 @@ def test_rewritten_model_checks_safe(capsys, fp16_legacy, tmp_path):
     capsys.readouterr()
     code, payload = _check_json(capsys, out, "--max-length", 4096)
     assert code == 0 and payload["sites"][0]["safe"] is True
+
+
+def test_max_length_help_states_the_default_check_uses(capsys, fp16_legacy):
+    # the help's "default: N" is the length a check without --max-length really analyses
+    import re
+
+    assert main(["check", "--help"]) == 0
+    match = re.search(r"default: (\d+)\)", " ".join(capsys.readouterr().out.split()))
+    assert match, "check --help does not state the --max-length default"
+    code, payload = _check_json(capsys, fp16_legacy)
+    assert payload["max_length"] == int(match.group(1))
+    (site,) = payload["sites"]
+    assert site["colliding_positions"] == colliding_positions(int(match.group(1)), "float16")

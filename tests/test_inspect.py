@@ -67,3 +67,26 @@ def test_torchscript_exporter():
             pytest.skip(f"torchscript export unavailable: {exc}")
         (site,) = [s for s in api.inspect(path).sites if s.kind == "rope"]
         assert site.rotary_dim == info["rotary_dim"] and site.layout.value == info["layout"]
+
+
+def test_refusal_names_the_failure_that_matched_most():
+    # "closest pattern failed: ..." is the reason of the failed match that got furthest (onnxscript's
+    # MatchingTracer keeps each rule's best tries; MatchInfo.score counts the pattern nodes matched)
+    import onnx_ir as ir
+    from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus
+
+    from posrewrite.passes.onnx.detect_rope import _best_failure
+
+    x = ir.Value(name="x")
+    nodes = [ir.Node("", "Neg", [x]) for _ in range(3)]
+    graph = ir.Graph([x], [nodes[0].outputs[0]], nodes=nodes)
+    tracer = MatchingTracer()
+    for rule, matched, reason in (("far", 3, "sin is not the same angle"), ("near", 1, "no Cos"),
+                                  ("late", 2, "wrong slice")):
+        result = MatchResult()
+        for node in nodes[:matched]:
+            result.add_node(node)
+        result.fail(reason)
+        tracer.log(rule, graph, nodes[0], result, MatchStatus.CONDITION_FAILED)
+    assert _best_failure(tracer) == "sin is not the same angle"
+    assert _best_failure(MatchingTracer()) is None

@@ -18,8 +18,11 @@ from posrewrite.math.precision import (  # noqa: E402
     exact_integer_limit,
     exact_position_count,
     float32_to_bfloat16_bits,
+    machine_epsilon,
     mantissa_bits,
+    max_exponent,
     round_to_dtype,
+    unit_roundoff,
 )
 
 TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -43,6 +46,18 @@ def test_mantissa_bits_and_aliases():
         mantissa_bits("int64")
     with pytest.raises(ValueError):
         dtype_name("float8_e4m3")
+
+
+def test_machine_epsilon_and_unit_roundoff_match_torch():
+    for name, t in {**TORCH, "float64": torch.float64}.items():
+        assert machine_epsilon(name) == torch.finfo(t).eps
+        assert unit_roundoff(name) == torch.finfo(t).eps / 2
+    assert machine_epsilon("fp16") == 2.0 ** -10
+    for name, t in {**TORCH, "float64": torch.float64}.items():
+        # the largest finite value is (2 - eps) * 2^emax
+        assert torch.finfo(t).max == (2 - torch.finfo(t).eps) * 2.0 ** max_exponent(name)
+    with pytest.raises(ValueError):
+        machine_epsilon("int32")
 
 
 def test_exact_integer_limit():

@@ -29,6 +29,9 @@ from posrewrite.math.rope import (  # noqa: E402
     fit_base,
     longrope_attention_factor,
     ntk_base,
+    recover_base,
+    recover_inv_freq,
+    round_base_inv_freq,
     scaled_inv_freq,
     yarn_attention_factor,
 )
@@ -611,3 +614,76 @@ def test_fit_base_half_precision_storage(theta):
     assert fit_base(exact.astype(np.float16)) == theta
     bf16 = torch.from_numpy(exact.astype(np.float32)).to(torch.bfloat16).float().numpy()
     assert fit_base(bf16, dtype="bfloat16") == theta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# recovering the float32 inv_freq a half-precision export rounded
+# ----------------------------------------------------------------------------------------------------------
+
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _half_of(inv: np.ndarray, dtype: str) -> np.ndarray:
+    """HF's float32 vector as a half-precision export stores it (torch's cast), back in float64."""
+    return torch.from_numpy(inv).to(HALF[dtype]).double().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("theta", [10000.0, 500000.0, 1e6])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_recover_inv_freq_from_half_hf(dtype, theta, head_dim):
+    ref, _ = hf_inv_freq(llama_config(head_dim, {"rope_type": "default"}, theta=theta))
+    stored = _half_of(ref, dtype)
+    found = recover_base(stored, dtype)
+    assert found is not None
+    inv, base = found
+    assert base == theta
+    assert inv.dtype == np.float32
+    # the recovered vector is HF's float32 one (within float32 round-off) and rounds to what was stored
+    assert_matches(inv, ref)
+    np.testing.assert_array_equal(torch.from_numpy(inv).to(HALF[dtype]).double().numpy(), stored)
+    np.testing.assert_array_equal(recover_inv_freq(stored, dtype), inv)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("theta", [75000.0, 25000.0, 1.5e6, 330000.0])
+def test_recover_base_within_half_round_off(dtype, theta):
+    # a base of a few significant digits: the recovered base is the shortest decimal near the fit whose vector
+    # rounds to the same stored values, so it lies within what the dtype can resolve: the slowest frequency
+    # f = b^(-x) is stored within u f (u = 2^-(p+1) from torch's finfo), so ln b is known to u / x.
+    # (A base with more digits than that resolution, 271828 in float16, is not recovered: the decimals of
+    # the fitted base, off by 4e-4, do not include it; such a vector is kept as stored.)
+    dim = 64
+    ref, _ = hf_inv_freq(llama_config(dim, {"rope_type": "default"}, theta=theta))
+    stored = _half_of(ref, dtype)
+    found = recover_base(stored, dtype)
+    assert found is not None
+    u = torch.finfo(HALF[dtype]).eps / 2
+    x_last = (dim - 2) / dim
+    assert found[1] == pytest.approx(theta, rel=2 * u / x_last)
+    np.testing.assert_array_equal(torch.from_numpy(found[0]).to(HALF[dtype]).double().numpy(), stored)
+
+
+def test_recover_inv_freq_candidates_and_refusals():
+    ref, _ = hf_inv_freq(llama_config(64, {"rope_type": "linear", "factor": 4.0}))
+    stored = _half_of(ref, "float16")
+    # a scaled vector is no round base's b^(-2i/d): nothing is recovered without the vector it rounds
+    assert recover_base(stored, "float16") is None
+    assert recover_inv_freq(stored, "float16") is None
+    got = recover_inv_freq(stored, "float16", candidates=[np.ones(32), ref.astype(np.float64)])
+    np.testing.assert_array_equal(got, ref)
+    # a vector perturbed by more than its storage rounding is not recovered
+    bumped = stored.copy()
+    bumped[5] *= 1.0 + 8 * torch.finfo(torch.float16).eps
+    assert recover_inv_freq(bumped, "float16") is None
+
+
+def test_round_base_inv_freq():
+    ref, _ = hf_inv_freq(llama_config(64, {"rope_type": "default"}, theta=10000.0))
+    rng = np.random.default_rng(0)
+    fitted = ref.astype(np.float64) * (1.0 + rng.uniform(-1e-3, 1e-3, ref.size))  # measured from a table
+    got = round_base_inv_freq(fitted, rtol=2e-3)
+    assert got is not None
+    assert_matches(got, ref)
+    assert round_base_inv_freq(fitted, rtol=1e-4) is None
+    assert round_base_inv_freq(np.array([0.5, 0.25]), rtol=2e-3) is None  # first frequency is not 1

@@ -16,6 +16,9 @@ import numpy as np
 __all__ = [
     "DEFAULT_ANGLE_TOLERANCE",
     "mantissa_bits",
+    "machine_epsilon",
+    "max_exponent",
+    "unit_roundoff",
     "smallest_subnormal",
     "dtype_name",
     "exact_integer_limit",
@@ -86,6 +89,25 @@ def mantissa_bits(dtype: Any) -> int:
     if name not in _FLOATS:
         raise ValueError(f"{name} is not a floating-point type")
     return _FLOATS[name][0]
+
+
+def max_exponent(dtype: Any) -> int:
+    """emax, the exponent of a float format's largest finite value (float16 15, bfloat16 and float32 127)."""
+    name = dtype_name(dtype)
+    if name not in _FLOATS:
+        raise ValueError(f"{name} is not a floating-point type")
+    return _FLOATS[name][2]
+
+
+def machine_epsilon(dtype: Any) -> float:
+    """eps = 2^-p, the spacing of a float format's values just above 1 (bfloat16 2^-7, float16 2^-10,
+    float32 2^-23, float64 2^-52)."""
+    return 2.0 ** -mantissa_bits(dtype)
+
+
+def unit_roundoff(dtype: Any = "float32") -> float:
+    """u = 2^-(p+1) = eps / 2, the largest relative error of rounding to nearest (float32 2^-24, float16 2^-11)."""
+    return 2.0 ** -(mantissa_bits(dtype) + 1)
 
 
 def smallest_subnormal(dtype: Any) -> float:

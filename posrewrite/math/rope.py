@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from posrewrite.math.precision import dtype_name, mantissa_bits, smallest_subnormal
+from posrewrite.math.precision import dtype_name, mantissa_bits, round_to_dtype, smallest_subnormal, unit_roundoff
 
 __all__ = [
     "ROPE_METHODS",
     "RopeParameters",
     "default_inv_freq",
     "fit_base",
+    "recover_inv_freq",
+    "recover_base",
+    "round_base_inv_freq",
     "inv_freq_tolerance",
     "unit_roundoff",
     "PriorScaling",
@@ -312,11 +316,6 @@ _EXPONENT_ROUNDINGS = 3
 _VALUE_ROUNDINGS = 6
 
 
-def unit_roundoff(dtype: Any = "float32") -> float:
-    """u = 2^-(p+1) for a float format with p explicit mantissa bits (float32: 2^-24, float16: 2^-11)."""
-    return 2.0 ** -(mantissa_bits(dtype) + 1)
-
-
 def inv_freq_tolerance(inv_freq: np.ndarray, dtype: Any = "float32") -> np.ndarray:
     """Per-element bound on |stored - exact| for a stored ``b^(-2i/d)`` (or a scaled one), whatever operation
     order computed it in ``dtype`` (the storage type; at least float32 is assumed for the arithmetic):
@@ -368,18 +367,76 @@ def fit_base(inv_freq: np.ndarray, dim: int | None = None, *, rtol: float | None
         raise ValueError(f"inv_freq has {k} entries, rotary dim {dim} needs {dim // 2}")
     if abs(f[0] - 1.0) > rtol:
         return None
-    x = 2.0 * np.arange(k) / dim
-    y = -np.log(f)
-    log_b = float(np.dot(x, y) / np.dot(x, x))  # least squares through the origin
-    if not (math.isfinite(log_b) and log_b > 0):
+    log_b = _log_base(f, dim)
+    if log_b is None:
         return None
     base = math.exp(log_b)
+    x = 2.0 * np.arange(k) / dim
     model = np.exp(-x * log_b)
     if np.any(np.abs(model - f) > rtol * f + smallest_subnormal(store)):
         return None
     # The base is known to within the round-off of the slowest frequency over its exponent.
     window = max(1e-5, 2.0 * float(inv_freq_tolerance(f[-1:], store)[0] / f[-1]) / x[-1])
     return _snap(base, lambda b: b > 1.0 and _agrees(_exact_inv_freq(b, dim), f, store), rel=window)
+
+
+def _log_base(f: np.ndarray, dim: int) -> float | None:
+    """Least-squares ln b of ``f_i = b^(-2i/dim)`` (a line through the origin in (2i/dim, -ln f)); None when
+    ``f`` has fewer than two entries, is not finite and positive, or the fit is not a base > 1."""
+    if f.size < 2 or not np.all(np.isfinite(f)) or np.any(f <= 0):
+        return None
+    x = 2.0 * np.arange(f.size) / dim
+    log_b = float(np.dot(x, -np.log(f)) / np.dot(x, x))
+    return log_b if math.isfinite(log_b) and log_b > 0 else None
+
+
+def _round_base(inv_freq: np.ndarray, matches: Callable[[np.ndarray], bool]) -> tuple[np.ndarray, float] | None:
+    """(float32 HF ``b^(-2i/d)``, b) for the shortest decimal b (1 to 7 significant digits) near the base
+    fitted to ``inv_freq`` (d = 2 * its length, first entry within 1e-2 of 1) whose vector ``matches``."""
+    f = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
+    if f.size < 2 or abs(f[0] - 1.0) > 1e-2:
+        return None
+    log_b = _log_base(f, 2 * f.size)
+    if log_b is None:
+        return None
+    for nice in _decimals(math.exp(log_b)):
+        if nice <= 1.0:
+            continue
+        cand = default_inv_freq(nice, 2 * f.size)
+        if matches(cand.astype(np.float64)):
+            return cand, nice
+    return None
+
+
+def recover_base(stored: np.ndarray, dtype: Any) -> tuple[np.ndarray, float] | None:
+    """(float32 frequencies, base) of HF's ``b^(-2i/d)`` (d = 2 * len(stored)) whose rounding to ``dtype``
+    is exactly ``stored``, b a round decimal (10000, 500000, 1e6...) near the fitted base; None otherwise.
+    This recovers the float32 vector a half-precision export rounded."""
+    f = np.asarray(stored).astype(np.float64).reshape(-1)  # ml_dtypes' bfloat16 converts exactly too
+    name = dtype_name(dtype)
+    return _round_base(f, lambda cand: bool(np.array_equal(round_to_dtype(cand, name), f)))
+
+
+def recover_inv_freq(stored: np.ndarray, dtype: Any, candidates: Sequence[np.ndarray] = ()) -> np.ndarray | None:
+    """The float32 inverse frequencies whose rounding to ``dtype`` is exactly ``stored``, or None.
+
+    Tries ``candidates`` first, then HF's b^(-2i/d) for a round base fitted to ``stored`` (`recover_base`)."""
+    f = np.asarray(stored).astype(np.float64).reshape(-1)
+    name = dtype_name(dtype)
+    for c in candidates:
+        c = np.asarray(c, dtype=np.float64).reshape(-1)
+        if c.size == f.size and np.array_equal(round_to_dtype(c, name), f):
+            return c.astype(np.float32)
+    found = recover_base(f, name)
+    return None if found is None else found[0]
+
+
+def round_base_inv_freq(fitted: np.ndarray, rtol: float) -> np.ndarray | None:
+    """HF's float32 b^(-2i/d) for a round base b whose every frequency is within ``rtol`` (relative) of
+    ``fitted`` (frequencies measured from a cos/sin table, say), or None."""
+    f = np.asarray(fitted, dtype=np.float64).reshape(-1)
+    found = _round_base(f, lambda cand: bool(np.max(np.abs(cand - f) / cand) <= rtol))
+    return None if found is None else found[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,10 +469,15 @@ class PriorScaling:
         return {"kind": self.kind, "factor": float(self.factor), "unscaled_frequencies": int(self.unscaled)}
 
 
-def _snap(value: float, matches, *, rel: float = 1e-3) -> float:
-    """The shortest decimal (1 to 7 significant digits) near ``value`` for which ``matches`` holds."""
+def _decimals(value: float) -> Iterator[float]:
+    """``value`` written with 1 to 7 significant digits, shortest first."""
     for digits in _NICE_DIGITS:
-        nice = float(f"{value:.{digits}g}")
+        yield float(f"{value:.{digits}g}")
+
+
+def _snap(value: float, matches: Callable[[float], bool], *, rel: float = 1e-3) -> float:
+    """The shortest decimal (1 to 7 significant digits) near ``value`` for which ``matches`` holds."""
+    for nice in _decimals(value):
         if nice > 0 and abs(nice - value) <= rel * value and matches(nice):
             return nice
     return value

@@ -31,7 +31,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.math.positions import AttentionExtension, logn_factor
+from posrewrite.math.positions import AttentionExtension
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
@@ -494,8 +494,3 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         changes.append(f"attention: log-n scaling in {len(pairs)} attention layers (scores of the query at position "
                        f"p times max(1, log(p+1)/log({logn_length})))")
     return changes
-
-
-def logn_reference(positions: np.ndarray, original: int) -> np.ndarray:
-    """The factors the graph applies (for reports): posrewrite.math.positions.logn_factor."""
-    return logn_factor(positions, original)

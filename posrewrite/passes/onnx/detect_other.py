@@ -24,7 +24,6 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import PatternBase
 
 from posrewrite.limits import fits_budget
-from posrewrite.math.absolute import fit_frequencies
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, model_opset, numpy_dtype
 from posrewrite.sites.base import EncodingSite, Refusal
 
@@ -337,11 +336,6 @@ def _slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
 
 def _sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
-
-
-def _fit_base(freqs: np.ndarray, dim: int) -> tuple[float | None, str]:
-    fit = fit_frequencies(freqs, dim)
-    return (None, "custom") if fit is None else fit
 
 
 def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:

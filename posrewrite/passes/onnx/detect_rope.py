@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
 from posrewrite.math import rope as rope_math
+from posrewrite.math.precision import machine_epsilon
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, int_attr, last_dim, rank
 from posrewrite.passes.onnx.rope_patterns import ApplicationMatch, find_applications, read_slice
 from posrewrite.sites.base import Refusal
@@ -793,8 +794,9 @@ def _runtime_marker(value: ir.Value) -> tuple[ir.Value, dict] | None:
 
 
 def _eps(value: ir.Value | None) -> float:
-    dtype = value.dtype if value is not None else None
-    return {ir.DataType.FLOAT16: 2.0 ** -10, ir.DataType.BFLOAT16: 2.0 ** -7}.get(dtype, 2.0 ** -23)
+    """Machine epsilon of a half-precision table's type; float32's for any other (or unknown) type."""
+    name = dtype_name(value)
+    return machine_epsilon(name if name in ("float16", "bfloat16") else "float32")
 
 
 def _stored_dtype(stored: ir.Value | None) -> str | None:
@@ -823,11 +825,14 @@ def _fit_scaled_base(inv_freq: np.ndarray, stored: ir.Value | None, notes: list[
 
 
 def _best_failure(tracer: orp.MatchingTracer) -> str | None:
-    best = None
-    for _rule, infos in tracer.best_matches_map.items():
+    """The reason of the failed match that got furthest (highest `MatchInfo.score`: most pattern nodes
+    matched), the first of equals; None when no pattern failed with a reason."""
+    best, best_score = None, -1
+    for infos in tracer.best_matches_map.values():
         for info in infos:
-            if info.status != orp.MatchStatus.SUCCESS and info.match_result.reason:
-                best = info.match_result.reason
+            if (info.status != orp.MatchStatus.SUCCESS and info.match_result.reason
+                    and info.score() > best_score):
+                best, best_score = info.match_result.reason, info.score()
     return best
 
 

@@ -23,7 +23,7 @@ one Cast to the activation dtype is inserted where cos/sin meet q/k. The old nod
 when nothing else reads them; every other value keeps its dtype. Half-precision cos/sin tables whose values
 are not those of fp32 math are regenerated from fp32 math (correctly rounded to the table dtype). Sites that
 are already safe are not touched, so a safe model comes out unchanged. ALiBi sites go to
-``posrewrite.passes.onnx.alibi.fp32.Fp32AlibiPass`` when that module exists.
+``posrewrite.passes.onnx.alibi.fp32.Fp32AlibiPass``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
+from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass, is_fp32_safe
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "RopeDtypeTrace",
     "TablePrecision",
     "needs_fp32_positions",
-    "recover_inv_freq",
     "rope_site_precision",
     "site_needs_fp32",
     "table_precision",
@@ -98,11 +98,9 @@ def _is_float(value: ir.Value | None) -> bool:
 def _rank(name: str) -> tuple[int, int]:
     """Sort key: lower is less precise (mantissa bits, then exponent range). Non-floats rank highest."""
     try:
-        p = precision.mantissa_bits(name)
+        return (precision.mantissa_bits(name), precision.max_exponent(name))
     except ValueError:
         return (10**6, 10**6)
-    emax = {"bfloat16": 127, "float16": 15, "float32": 127, "float64": 1023}[precision.dtype_name(name)]
-    return (p, emax)
 
 
 def _lowest(names: Iterable[str], default: str) -> str:
@@ -121,71 +119,6 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _as_float64(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr).astype(np.float64)  # ml_dtypes' bfloat16 converts exactly too
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# inverse frequencies
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _geometric_base(f: np.ndarray) -> float | None:
-    """Least-squares b of f_i = b^(-2i/d) (d = 2 * len(f)); None when f is not positive with f_0 == 1."""
-    k = f.size
-    if k < 2 or not np.all(np.isfinite(f)) or np.any(f <= 0) or abs(f[0] - 1.0) > 1e-2:
-        return None
-    x = 2.0 * np.arange(k) / (2 * k)
-    log_b = float(np.dot(x, -np.log(f)) / np.dot(x, x))
-    if not (math.isfinite(log_b) and log_b > 0):
-        return None
-    return math.exp(log_b)
-
-
-def _recover_base(stored: np.ndarray, dtype: str) -> tuple[np.ndarray, float] | None:
-    """(float32 frequencies, base) of HF's base^(-2i/d) whose rounding to ``dtype`` is exactly ``stored``, the
-    base being the fitted one written with 1 to 7 significant digits (10000, 500000, 1e6...)."""
-    f = _as_float64(stored).reshape(-1)
-    name = precision.dtype_name(dtype)
-    base = _geometric_base(f)
-    if base is None:
-        return None
-    for digits in range(1, 8):
-        nice = float(f"{base:.{digits}g}")
-        if nice <= 1.0:
-            continue
-        cand = rope_math.default_inv_freq(nice, 2 * f.size).astype(np.float64)
-        if np.array_equal(precision.round_to_dtype(cand, name), f):
-            return cand.astype(np.float32), nice
-    return None
-
-
-def recover_inv_freq(stored: np.ndarray, dtype: str, candidates: Sequence[np.ndarray] = ()) -> np.ndarray | None:
-    """The float32 inverse frequencies whose rounding to ``dtype`` is exactly ``stored``, or None.
-
-    Tries ``candidates`` first, then HF's base^(-2i/d) for a round base fitted to ``stored``."""
-    f = _as_float64(stored).reshape(-1)
-    name = precision.dtype_name(dtype)
-    for c in candidates:
-        c = np.asarray(c, dtype=np.float64).reshape(-1)
-        if c.size == f.size and np.array_equal(precision.round_to_dtype(c, name), f):
-            return c.astype(np.float32)
-    found = _recover_base(f, name)
-    return None if found is None else found[0]
-
-
-def _snap_inv_freq(fitted: np.ndarray, rtol: float) -> np.ndarray | None:
-    """HF's base^(-2i/d) for a round base within ``rtol`` of frequencies fitted from a table, or None."""
-    f = np.asarray(fitted, dtype=np.float64).reshape(-1)
-    base = _geometric_base(f)
-    if base is None:
-        return None
-    for digits in range(1, 8):
-        nice = float(f"{base:.{digits}g}")
-        if nice <= 1.0:
-            continue
-        cand = rope_math.default_inv_freq(nice, 2 * f.size).astype(np.float64)
-        if np.max(np.abs(cand - f) / cand) <= rtol:
-            return cand.astype(np.float32)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +254,7 @@ def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, n
         stored = np.asarray(site.inv_freq, dtype=np.float64).reshape(-1)
     true, recovered = stored, True
     if stored_dtype in _HALF_NAMES:
-        exact = recover_inv_freq(stored, stored_dtype)
+        exact = rope_math.recover_inv_freq(stored, stored_dtype)
         if exact is None:
             recovered = False
         else:
@@ -414,11 +347,11 @@ def table_precision(site: RopeSite, n: int | None = None) -> TablePrecision | No
     rows = cos_t.shape[0]
     m = rows if n is None else max(1, min(int(n), rows))
     dname = dtype if dtype in _NAMES.values() else "float32"
-    snapped = _snap_inv_freq(site.inv_freq, rtol=2e-3) if site.inv_freq is not None else None
+    snapped = rope_math.round_base_inv_freq(site.inv_freq, rtol=2e-3) if site.inv_freq is not None else None
     inv = snapped if snapped is not None else np.asarray(site.inv_freq, dtype=np.float32)
     true = inv.astype(np.float64)
     factor = float(np.median(cos_t[0]))
-    if abs(factor - 1.0) <= 2.0 ** -precision.mantissa_bits(dname):
+    if abs(factor - 1.0) <= precision.machine_epsilon(dname):
         factor = 1.0
     step = max(1, (1 << 20) // max(1, true.size))
     err = stored = 0.0
@@ -519,10 +452,6 @@ def site_needs_fp32(site: Any) -> bool:
         tp = table_precision(site)
         return tp is not None and not tp.correct
     if getattr(site, "kind", None) == "alibi":
-        try:
-            from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe
-        except ImportError:
-            return any(getattr(site, a, None) in _HALF_NAMES for a in ("position_dtype", "compute_dtype"))
         return not is_fp32_safe(site)
     return False
 
@@ -647,7 +576,7 @@ class _Lift:
                 exact = replacement
                 break
         if exact is None and values.size > 1:
-            exact = recover_inv_freq(values, dname)
+            exact = rope_math.recover_inv_freq(values, dname)
         if exact is not None:
             values = np.asarray(exact, dtype=np.float64).reshape(values.shape)
             self.regenerated.append(value.name or "?")
@@ -707,7 +636,7 @@ def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndar
     stored_dtype = _dtype(site.inv_freq_value) if site.inv_freq_value is not None else site.angle_dtype
     original = None
     if site.inv_freq is not None and stored_dtype in _HALF_NAMES:
-        original = _recover_base(site.inv_freq, stored_dtype)
+        original = rope_math.recover_base(site.inv_freq, stored_dtype)
     for plan in plans:
         if getattr(plan, "site", None) is not site or getattr(plan, "inv_freq", None) is None:
             continue
@@ -873,13 +802,6 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def _alibi(self, model: ir.Model, sites: list) -> bool:
-        try:
-            from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
-        except ImportError:
-            if any(site_needs_fp32(s) for s in sites):
-                self.notes.append("ALiBi computed in half precision left as it is: "
-                                  "fp32 ALiBi is not available in this build")
-            return False
         p = Fp32AlibiPass(sites)
         result = p(model)
         self.changes.extend(getattr(p, "changes", []))

@@ -15,13 +15,12 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.math.absolute import fit_sinusoidal
+from posrewrite.math.absolute import fit_frequencies, fit_sinusoidal
 from posrewrite.passes.onnx._graph import dtype_name
 from posrewrite.passes.onnx.detect_other import (
     PROBE_LENGTH,
     DetectionContext,
     _cone_ops,
-    _fit_base,
     _matches,
     _position_source,
     _reaches_add,
@@ -235,7 +234,7 @@ def _computed_sinusoid(ctx: DetectionContext, node: ir.Node, x: ir.Value, layout
         if np.allclose(flat, np.round(flat)):
             offset = _unit_progression(np.round(flat).astype(np.int64))
     dim = 2 * freqs.size
-    base, rule = _fit_base(freqs, dim)
+    base, rule = fit_frequencies(freqs, dim) or (None, "custom")
     source, _ = _position_source(positions)
     sin = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Sin"), None)
     cos = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Cos"), None)

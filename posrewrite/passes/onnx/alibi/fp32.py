@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math.alibi import near_bias_error
-from posrewrite.math.precision import colliding_positions, exact_position_count
+from posrewrite.math.precision import colliding_positions, exact_position_count, machine_epsilon
 from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import VIEW_OPS
 from posrewrite.sites.alibi import AlibiSite
@@ -61,7 +61,7 @@ def alibi_precision(site: AlibiSite, max_length: int) -> dict[str, Any]:
         site.slopes, n, position_dtype=pos, compute_dtype=compute, dtype=out, form=form, window=NEAR_WINDOW
     )
     exact = exact_position_count(n, pos)
-    tol = max(1e-3, 2.0**-23 * float(np.max(site.slopes)) * max(n - 1, 0))
+    tol = max(1e-3, machine_epsilon("float32") * float(np.max(site.slopes)) * max(n - 1, 0))
     return {
         "kind": "alibi",
         "position_dtype": pos,
