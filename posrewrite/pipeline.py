@@ -266,19 +266,20 @@ class Pipeline:
 
 
 def run_passes(passes: Sequence[ir.passes.PassBase], model: ir.Model) -> ir.passes.PassResult:
-    """``passes`` composed by one `onnx_ir.passes.PassManager`; an error a pass raises on purpose (a
-    `PosrewriteError`: bad request, refusal) comes out as itself, not wrapped in onnx_ir's PassError."""
+    """``passes`` composed by one `onnx_ir.passes.PassManager`; what a pass raises (a `PosrewriteError`: bad
+    request, refusal with its exit code; a failed precondition) comes out as itself, not wrapped in onnx_ir's
+    PassError."""
     if not passes:
         return ir.passes.PassResult(model, False)
     try:
         return ir.passes.PassManager(list(passes), steps=1)(model)
-    except (ir.passes.PassError, ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+    except ir.passes.PassError as exc:
         cause: BaseException | None = exc
-        while cause is not None and isinstance(cause, ir.passes.PassError | ir.passes.InvariantError):
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+        if cause is exc:
+            raise
+        raise cause from None
 
 
 def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequence[SitePlan], *,
