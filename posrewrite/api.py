@@ -1,6 +1,7 @@
 """The Python API: `inspect`, `rewrite` and `check`. The CLI is a thin layer over these functions.
 
-    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> write beside -> validate -> switch
+    load -> detect (typed sites) -> plan (pure math) -> build pipeline (posrewrite.pipeline) -> run its passes
+    -> write beside -> validate (the pipeline's step) -> switch
 """
 
 from __future__ import annotations

@@ -101,25 +101,17 @@ class RewriteReport:
         return any(p.modified for p in self.passes) or bool(self.changes)
 
     def claim_plan(self, plan: SitePlan) -> None:
-        """Claims ``plan``; replaces an earlier claim for the same site (by `site_key`, or by being the same
-        plan's derived copy)."""
-        for k, old in enumerate(self.rope_plans):
-            if old is plan or site_key(old.site) == site_key(plan.site):
-                self.rope_plans[k] = plan
-                return
+        """Claims that ``plan`` was applied to its site."""
         self.rope_plans.append(plan)
 
     def replace_plan(self, old: SitePlan, new: SitePlan) -> None:
-        """A later pass rewrote ``old``'s site into another form: ``new`` is what it now claims."""
+        """A later pass rewrote ``old``'s site into another form: ``new`` (derived from ``old``) is what the
+        rewrite now claims for it."""
         for k, p in enumerate(self.rope_plans):
             if p is old:
                 self.rope_plans[k] = new
                 return
         self.rope_plans.append(new)
-
-    def plan_for(self, site: RopeSite) -> SitePlan | None:
-        key = site_key(site)
-        return next((p for p in self.rope_plans if p.site is site or site_key(p.site) == key), None)
 
 
 @dataclasses.dataclass
