@@ -135,6 +135,26 @@ class PipelineContext:
             self._detected_model = id(model)
         return self._detection
 
+    def rope_sites(self, model: ir.Model) -> list[RopeSite]:
+        """The RoPE sites of ``model`` as it is now: those of `detection`, and, in the order of the report's
+        claims, the site of a claimed plan that the detector cannot read back. A runtime rescale (dynamic,
+        longrope) of a cached table computes the table in the graph in a form the detector does not match; the
+        rescale left that site's rotations as they were (checked here: every rotation node is still in the
+        graph) and the plan describes its new angle source."""
+        detected = list(self.detection(model).rope_sites)
+        by_key = {site_key(s): s for s in detected}
+        out: list[RopeSite] = []
+        for plan in self.report.rope_plans:
+            key = site_key(plan.site)
+            if key in by_key:
+                out.append(by_key.pop(key))
+            elif plan.site.applications and all(
+                n.graph is model.graph for a in plan.site.applications for n in a.nodes
+            ):
+                out.append(plan.site)
+        kept = {id(s) for s in out}
+        return out + [s for s in detected if id(s) not in kept]
+
     def seed(self, model: ir.Model, detection: Detection) -> None:
         """A detection the caller made on ``model`` before any pass ran (the one its plans come from)."""
         self._detection = detection

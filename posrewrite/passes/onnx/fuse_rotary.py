@@ -63,12 +63,13 @@ class _Caches:
 class FuseRotaryPass(ReportingPass):
     """One RotaryEmbedding node per q/k rotation of every RoPE site (see the module docstring).
 
-    ``sites``: None reads the RoPE sites of the pipeline's detection of the model as the pass finds it (after a
-    rescale: the rescaled sites). ``plans`` (default: the plans claimed in the context's report) are found
-    again on those sites by `site_key`. `changes` and `notes` get one line per site / per thing the user should
-    know; the report gets the fused caches' rows, the fused nodes (what attention fusion follows) and, for a
-    planned site, a plan derived for its fused form (the given plans are not changed). Attention is fused by
-    `FuseAttentionPass`, the next step of the pipeline; the replaced nodes are left to the cleanup.
+    ``sites``: None reads the RoPE sites of the model as the pass finds it (`PipelineContext.rope_sites`: the
+    pipeline's detection; after a rescale, the rescaled sites). ``plans`` (default: the plans claimed in the
+    context's report) are found again on those sites by `site_key`. `changes` and `notes` get one line per
+    site / per thing the user should know; the report gets the fused caches' rows, the fused nodes (what
+    attention fusion follows) and, for a planned site, a plan derived for its fused form (the given plans are
+    not changed). Attention is fused by `FuseAttentionPass`, the next step of the pipeline; the replaced nodes
+    are left to the cleanup.
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class FuseRotaryPass(ReportingPass):
 
     # -----------------------------------------------------------------------------------------------
     def run(self, model: ir.Model) -> ir.passes.PassResult:
-        sites = self.sites if self.sites is not None else self.context.detection(model).rope_sites
+        sites = self.sites if self.sites is not None else self.context.rope_sites(model)
         plans = self.given_plans if self.given_plans is not None else tuple(self.context.report.rope_plans)
         self.plans = {site_key(p.site): p for p in plans}
         self.fused_nodes = []
