@@ -144,3 +144,18 @@ def test_errors_of_a_pass_are_not_wrapped(llama_onnx):
 
     with pytest.raises(errors.UsageError, match="refused on purpose"):
         run_passes([*cleanup_passes(), _Refuse()], model)
+
+
+def test_fusion_after_a_runtime_rescale_of_cached_tables(hf_onnx, tmp_path):
+    """GPT-J (a cached sincos table), dynamic x2, then --fuse: the rescale computes the table in the graph in a
+    form the detector does not read back; the fusion still replaces every q/k rotation of the original (one
+    RotaryEmbedding each), its caches from the runtime inverse frequencies."""
+    path = hf_onnx("gptj")
+    applications = sum(len(s.applications) for s in api.detect(io.load_model(path)).rope_sites)
+    out = tmp_path / "dynamic-fused.onnx"
+    result = api.rewrite(path, output=out, rope_scale=2.0, rope_method="dynamic", original_max_positions=64,
+                         fuse="ort")
+    fused = [n for n in io.load_model(out).graph if n.op_type == "RotaryEmbedding"]
+    assert applications == 4 and len(fused) == applications
+    assert any("rows = max(position)+1 at run time" in c for c in result.changes)
+    assert result.validation is not None and result.validation.ok
