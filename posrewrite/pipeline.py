@@ -62,6 +62,12 @@ def site_key(site: RopeSite) -> tuple[str | None, ...]:
     return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
 
 
+def _still_in(graph: ir.Graph, site: RopeSite) -> bool:
+    """Whether every rotation node (or fused node) of ``site`` is still a node of ``graph``."""
+    nodes = [n for a in site.applications for n in a.nodes] or list(site.fused_nodes)
+    return bool(nodes) and all(n.graph is graph for n in nodes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the shared report
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,9 +144,9 @@ class PipelineContext:
     def rope_sites(self, model: ir.Model) -> list[RopeSite]:
         """The RoPE sites of ``model`` as it is now: those of `detection`, and, in the order of the report's
         claims, the site of a claimed plan that the detector cannot read back. A runtime rescale (dynamic,
-        longrope) of a cached table computes the table in the graph in a form the detector does not match; the
-        rescale left that site's rotations as they were (checked here: every rotation node is still in the
-        graph) and the plan describes its new angle source."""
+        longrope) of a cached table or of fused caches computes them in the graph in a form the detector does not
+        match; the rescale left that site's rotations (or fused nodes) as they were (checked here: each is still
+        in the graph) and the plan describes its new angle source."""
         detected = list(self.detection(model).rope_sites)
         by_key = {site_key(s): s for s in detected}
         out: list[RopeSite] = []
@@ -148,9 +154,7 @@ class PipelineContext:
             key = site_key(plan.site)
             if key in by_key:
                 out.append(by_key.pop(key))
-            elif plan.site.applications and all(
-                n.graph is model.graph for a in plan.site.applications for n in a.nodes
-            ):
+            elif _still_in(model.graph, plan.site):
                 out.append(plan.site)
         kept = {id(s) for s in out}
         return out + [s for s in detected if id(s) not in kept]
@@ -337,7 +341,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
         if options.fuse != "none":
             fp32_preface.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
         else:
-            passes.append(Fp32PositionsPass(None, context=context, preface=fp32_preface))
+            passes.append(Fp32PositionsPass(None, context=context, alibi=False, preface=fp32_preface))
             fp32_preface = []
         passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
     if options.fuse != "none":

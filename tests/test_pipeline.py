@@ -159,3 +159,21 @@ def test_fusion_after_a_runtime_rescale_of_cached_tables(hf_onnx, tmp_path):
     assert applications == 4 and len(fused) == applications
     assert any("rows = max(position)+1 at run time" in c for c in result.changes)
     assert result.validation is not None and result.validation.ok
+
+
+def test_alibi_fp32_is_its_own_step():
+    """An fp16 BLOOM (one ALiBi site, no RoPE) with --fp32-positions: the RoPE step changes nothing, the ALiBi
+    step rewrites the one site once (and does not see its own output as another site)."""
+    from fixtures.other_models import export_other_onnx
+
+    path, _ = export_other_onnx("bloom", dtype="float16")
+    model = io.load_model(path)
+    found = api.detect(model)
+    alibi = [s for s in found.sites if s.kind == "alibi"]
+    steps = build_pipeline(RewriteOptions(fp32_positions=True, validate=False), found, [], model_path=path)
+    report = steps.run(model)
+    records = {r.name: r for r in report.passes}
+    assert list(records) == ["Fp32PositionsPass", "Fp32AlibiPass"]
+    assert not records["Fp32PositionsPass"].modified and not records["Fp32PositionsPass"].changes
+    assert records["Fp32AlibiPass"].modified and len(alibi) == 1
+    assert len(records["Fp32AlibiPass"].changes) == len(alibi) and not records["Fp32AlibiPass"].notes
