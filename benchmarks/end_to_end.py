@@ -35,23 +35,27 @@ def build_variants(src: Path, tmp: Path, with_onnxscript: bool, with_rope: bool,
     import onnx_ir as ir
 
     from posrewrite import api
+    from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
     from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+    from posrewrite.pipeline import cleanup_passes, run_passes
 
     variants = {"original": src}
     if with_rope:
         model = ir.load(str(src))
         found = api.detect(model)
-        rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions, fuse_attention=False)
-        rope(model)
+        rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
+        run_passes([rope, *cleanup_passes()], model)
         out = tmp / "rope.onnx"
         ir.save(model, str(out), external_data="rope.onnx.data")
         variants["rope"] = out
         del model
     model = ir.load(str(src))
     found = api.detect(model)
-    full = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
+    rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
+    attention = FuseAttentionPass(target="ort", context=rope.context, after_rotary=True)
     t = time.perf_counter()
-    full(model)
+    run_passes([rope, *cleanup_passes(), attention, *cleanup_passes()], model)
+    full = rope.context.report
     print(f"posrewrite --fuse ort: {time.perf_counter() - t:.1f} s; " + "; ".join(full.changes))
     for n in full.notes:
         print(f"  note: {n}")

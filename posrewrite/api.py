@@ -1,6 +1,7 @@
 """The Python API: `inspect`, `rewrite` and `check`. The CLI is a thin layer over these functions.
 
-    load -> detect (typed sites) -> plan (pure math) -> rewrite passes -> write beside -> validate -> switch
+    load -> detect (typed sites) -> plan (pure math) -> build pipeline (posrewrite.pipeline) -> run its passes
+    -> write beside -> validate (the pipeline's step) -> switch
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -20,11 +21,15 @@ from posrewrite.options import RewriteOptions, read_config_json, rope_parameters
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
 from posrewrite.passes.onnx.detect_other import detect_other_encodings
 from posrewrite.passes.onnx.detect_rope import detect_rope
-from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass, needs_fp32_positions, rope_site_precision
-from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+from posrewrite.passes.onnx.fp32_positions import needs_fp32_positions, rope_site_precision
+from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import RopeSite
+
+if TYPE_CHECKING:
+    from posrewrite.passes.onnx.rescale import SitePlan
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # detection
@@ -207,8 +212,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         from posrewrite.folders import rewrite_folder
 
         return rewrite_folder(path, _options(options, kwargs), progress=progress)
-    from posrewrite.passes.onnx import rescale
-
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
     if not opts.has_work():
@@ -233,64 +236,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         )
     if opts.max_positions:
         _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
-    changes: list[str] = []
-    notes: list[str] = [f"skipped {r.where}: {r.reason}" for r in found.refusals]
-    plans = []
-    rope_sites = found.rope_sites
-    if opts.rescales_rope:
-        if not rope_sites:
-            raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
-        for site in rope_sites:
-            params = rope_parameters_for(opts, path, site)
-            try:
-                plan = rescale.plan_site(site, params)
-            except ValueError as exc:
-                raise errors.UsageError(str(exc)) from None
-            if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
-                plan.new_length = max(plan.new_length, int(opts.max_positions))
-            if plan.new_length is not None:
-                if plan.new_length > MAX_LENGTH:
-                    raise errors.UsageError(
-                        f"the rescaled length {plan.new_length} is over the limit of {MAX_LENGTH} (lower --rope-scale)"
-                    )
-                _check_table_budget([site], int(plan.new_length), "--rope-scale")
-            plans.append(plan)
-        with progress.stage("rescaling", total=len(plans)) as stage:
-            for plan in plans:
-                try:
-                    changes.extend(rescale.rescale_site(model.graph, plan))
-                except rescale.RescaleError as exc:
-                    raise errors.UsageError(str(exc)) from None
-                stage.advance()
-    if opts.max_positions and not opts.rescales_rope:
-        # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
-        extensions = [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
-        for plan in extensions:
-            changes.extend(rescale.rescale_site(model.graph, plan))
-        plans.extend(extensions)
-    other_changes, other_notes = _other_rewrites(model, found, opts)
-    if opts.max_positions:
-        from posrewrite.passes.onnx.masks import extend_square_masks
-
-        other_changes.extend(extend_square_masks(model.graph, int(opts.max_positions)))
-    changes.extend(other_changes)
-    notes.extend(other_notes)
-    if opts.rescales_rope and not opts.fp32_positions and _half_precision_positions(found):
-        opts = dataclasses.replace(opts, fp32_positions=True)
-        notes.append("positions or angles are computed in half precision: --fp32-positions is implied by the rescale")
-    fused_cache_rows: list = [None]  # set by the fusion: rows of its static caches
-    if opts.fp32_positions or opts.fuse != "none":
-        extra_changes, extra_notes = _precision_and_fusion(model, found, plans, opts, path, fused_cache_rows)
-        changes.extend(extra_changes)
-        notes.extend(extra_notes)
-    attention_changes: list[str] = []
-    if opts.extend is not None or opts.logn_scaling:
-        attention_changes = _attention_extension(model, path, opts)
-        changes.extend(attention_changes)
-    if not changes:
-        notes.append("nothing changed: the model already is as requested")
-    _cleanup(model)
-    if opts.validate:
+    plans = rope_plans(opts, path, found)
+    steps = build_pipeline(opts, found, plans, model_path=path, progress=progress,
+                           half_precision_positions=bool(opts.rescales_rope and _half_precision_positions(found)))
+    steps.context.seed(model, found)
+    report = steps.run(model)
+    if steps.options.validate:
         _check_inputs_fit_budget(model)
     # Write beside the output, validate what was written, and only then switch it into place: a failure or an
     # interrupt at any point (validation included) leaves the previous output, if any, and nothing else.
@@ -301,17 +252,51 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
             staged = io.stage_model(model, output)
     with staged:
         saved = staged.path
-        report = _validate_staged(model, found, plans, other_changes, changes, attention_changes, opts, path, saved,
-                                  fused_cache_rows, progress)
-        if report is not None and not report.ok:
+        validation = steps.validation(report, saved, model, progress)
+        if validation is not None and not validation.ok:
             from posrewrite.validate import describe_failure
 
-            raise errors.ValidationError(f"validation failed: {describe_failure(report)}")
+            raise errors.ValidationError(f"validation failed: {describe_failure(validation)}")
         saved = staged.commit()
-    context = max([p.new_length or p.params.target_length() or 0 for p in plans] + [fused_cache_rows[0] or 0]) or None
-    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in plans if not p.extends_only]
-    return RewriteResult(str(path), str(saved), bool(changes), changes, notes, report, found.sites,
-                         context_length=context, rope_parameters=hf_params)
+    claimed = report.rope_plans
+    context = max([p.new_length or p.params.target_length() or 0 for p in claimed]
+                  + [report.fused_cache_rows or 0]) or None
+    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
+    return RewriteResult(str(path), str(saved), bool(report.changes), list(report.changes), list(report.notes),
+                         validation, found.sites, context_length=context, rope_parameters=hf_params)
+
+
+def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
+    """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
+    plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
+    plan per RoPE table that is shorter. Usage errors (exit 2) for requests a site cannot take."""
+    from posrewrite.passes.onnx import rescale
+
+    rope_sites = found.rope_sites
+    if not opts.rescales_rope:
+        if not opts.max_positions:
+            return []
+        # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
+        return [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
+    if not rope_sites:
+        raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
+    plans = []
+    for site in rope_sites:
+        params = rope_parameters_for(opts, path, site)
+        try:
+            plan = rescale.plan_site(site, params)
+        except ValueError as exc:
+            raise errors.UsageError(str(exc)) from None
+        if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
+            plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
+        if plan.new_length is not None:
+            if plan.new_length > MAX_LENGTH:
+                raise errors.UsageError(
+                    f"the rescaled length {plan.new_length} is over the limit of {MAX_LENGTH} (lower --rope-scale)"
+                )
+            _check_table_budget([site], int(plan.new_length), "--rope-scale")
+        plans.append(plan)
+    return plans
 
 
 class _WrittenInStage:
@@ -328,78 +313,6 @@ class _WrittenInStage:
 
     def commit(self) -> Path:
         return self.path
-
-
-def _validate_staged(model, found: Detection, plans, other_changes, changes, attention_changes,
-                     opts: RewriteOptions, path, saved, fused_cache_rows, progress):
-    """Validation of the written (not yet switched) model at ``saved``: the oracle of `posrewrite.validate`
-    (attention-level extensions: `_validate_attention`); None when nothing was validated. A model whose
-    original onnxruntime cannot load is an error (exit 3), not a validation that passed."""
-    if not opts.validate or not changes:
-        return None
-    if attention_changes and not plans and not other_changes:
-        return _validate_attention(path, saved, model, opts, progress)
-    from posrewrite.validate import validate_rewrite
-
-    with progress.stage("validating"):
-        report = validate_rewrite(path, saved, opts, found=found, plans=plans, other_changes=other_changes,
-                                  fused_cache_rows=fused_cache_rows[0], model=model)
-    _refuse_if_original_cannot_load(report, path)
-    return report
-
-
-def logn_length_for(options: RewriteOptions, model_path: str | os.PathLike) -> int:
-    """L of --logn-scaling: --original-max-positions, else config.json's seq_length (Qwen-1),
-    original_max_position_embeddings or max_position_embeddings."""
-    if options.original_max_positions:
-        return int(options.original_max_positions)
-    config = read_config_json(model_path) or {}
-    for key in ("seq_length", "original_max_position_embeddings", "max_position_embeddings"):
-        if config.get(key):
-            return int(config[key])
-    raise errors.UsageError("--logn-scaling needs the trained length L: pass --original-max-positions N "
-                            "(or keep the model's config.json beside it)")
-
-
-def _attention_extension(model: ir.Model, path, opts: RewriteOptions) -> list[str]:
-    """SelfExtend / ReRoPE / log-n (posrewrite.passes.onnx.attention_extend) on the (re-detected) RoPE sites."""
-    from posrewrite.passes.onnx.attention_extend import AttentionExtendError, extend_attention
-
-    logn = logn_length_for(opts, path) if opts.logn_scaling else None
-    sites = detect(model).rope_sites
-    try:
-        return extend_attention(model, sites, opts.attention_extension, logn)
-    except AttentionExtendError as exc:
-        raise errors.UsageError(str(exc)) from None
-
-
-def _validate_attention(path, saved, model: ir.Model, opts: RewriteOptions, progress):
-    """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it must
-    run."""
-    from posrewrite.validate import MAX_VALIDATION_LENGTH, ValidationReport, compare_models, run_full_model
-
-    report = ValidationReport()
-    inside = [opts.window] if opts.window else []
-    if opts.logn_scaling:
-        inside.append(logn_length_for(opts, path))
-    length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
-    cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
-    with progress.stage("validating"):
-        if cache and opts.extend is not None:
-            report.notes.append("KV-cache export: the cache now holds keys before rotation, so the original and the "
-                                "rewritten model read a past differently and are not compared; the rewritten model "
-                                "is run")
-        else:
-            row = compare_models(path, saved, length)
-            row["site"] = "model inside the window"
-            report.rows.append(row)
-        far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
-        ok, message = run_full_model(saved, far, original=path)
-        report.rows.append({"site": "model", "length": far, "max_abs_error": None, "tolerance": None, "ok": ok,
-                            "message": message,
-                            "compared": f"the rewritten model at {far} tokens: runs, every output finite"})
-    _refuse_if_original_cannot_load(report, path)
-    return report
 
 
 def _check_table_budget(sites, rows: int, flag: str) -> None:
@@ -458,28 +371,6 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
             )
 
 
-def _refuse_if_original_cannot_load(report, original) -> None:
-    """A validation row skipped because the original does not run says nothing about the rewrite; when
-    onnxruntime cannot even load the original, that is an error (exit 3), not a validation that passed."""
-    if report is None or not any("skipped" in str(r.get("message", "")) for r in report.rows):
-        return
-    reason = _onnxruntime_load_error(original)
-    if reason is not None:
-        raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
-
-
-def _onnxruntime_load_error(path) -> str | None:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-        return " ".join(str(exc).split())[:300]
-    return None
-
-
 @dataclasses.dataclass
 class ValidateResult:
     """`posrewrite validate ORIGINAL REWRITTEN [flags]`: whether REWRITTEN is what the flags make of ORIGINAL."""
@@ -514,7 +405,7 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
             except ValueError as exc:
                 raise errors.UsageError(str(exc)) from None
             if opts.max_positions and plan.new_length is not None:
-                plan.new_length = max(plan.new_length, int(opts.max_positions))
+                plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
             plans.append(plan)
         elif opts.max_positions:
             plan = rescale.plan_extension(site, opts.max_positions)
@@ -535,79 +426,8 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
     return ValidateResult(str(original), str(rewritten), report)
 
 
-def _cleanup(model: ir.Model) -> None:
-    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
-
-    RemoveUnusedNodesPass()(model)
-    TopologicalSortPass()(model)
-    _drop_untyped_value_info(model)
-
-
-def _drop_untyped_value_info(model: ir.Model) -> None:
-    """A value whose type is a tensor of unknown element type (shape inference failed on a model whose declared
-    shapes contradict its ops) cannot be written as value_info: forget its type and shape, as if never inferred.
-    Graph inputs and outputs keep theirs (they are the model's interface)."""
-    for graph in model.graphs():
-        interface = {id(v) for v in (*graph.inputs, *graph.outputs)}
-        for node in graph:
-            for value in node.outputs:
-                if id(value) in interface or value.type is None:
-                    continue
-                if getattr(value.type, "dtype", True) is None:
-                    value.type = None
-                    value.shape = None
-
-
-def _other_rewrites(model, found: Detection, opts: RewriteOptions) -> tuple[list[str], list[str]]:
-    """Extension of ALiBi / absolute / sinusoidal / T5 tables (posrewrite.passes.onnx.extend_tables)."""
-    others = [s for s in found.sites if not isinstance(s, RopeSite)]
-    if not others or not (opts.max_positions or opts.pos_scale or opts.alibi_scale):
-        return [], []
-    from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
-
-    p = ExtendTablesPass(others, max_positions=opts.max_positions, pos_scale=opts.pos_scale,
-                         alibi_scale=opts.alibi_scale)
-    p(model)
-    return list(getattr(p, "changes", [])), list(getattr(p, "notes", []))
-
-
 def _half_precision_positions(found: Detection) -> bool:
     return bool(needs_fp32_positions(found.rope_sites))
-
-
-def _fused_cache_rows(opts: RewriteOptions, model_path) -> int | None:
-    """Rows of fused caches for sites without a table of their own: --max-positions, else config.json's
-    max_position_embeddings (None: the pass's default)."""
-    if opts.max_positions:
-        return int(opts.max_positions)
-    config = read_config_json(model_path) if model_path is not None else None
-    value = (config or {}).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _precision_and_fusion(model, found: Detection, plans, opts: RewriteOptions, model_path=None,
-                          fused_cache_rows: list | None = None) -> tuple[list[str], list[str]]:
-    fused_cache_rows = fused_cache_rows if fused_cache_rows is not None else [None]
-    changes: list[str] = []
-    notes: list[str] = []
-    if opts.fp32_positions:
-        sites = found.sites
-        if opts.fuse != "none":
-            # fused ops get caches computed in fp32 by the math module: only the other encodings need the pass
-            sites = [s for s in found.sites if not isinstance(s, RopeSite)]
-            notes.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
-        p = Fp32PositionsPass(sites, plans=plans)
-        p(model)
-        changes.extend(getattr(p, "changes", []))
-        notes.extend(getattr(p, "notes", []))
-    if opts.fuse != "none":
-        p = FuseRotaryPass(found.rope_sites, target=opts.fuse, plans=plans,
-                           max_positions=_fused_cache_rows(opts, model_path))
-        p(model)
-        fused_cache_rows[0] = p.cache_rows
-        changes.extend(getattr(p, "changes", []))
-        notes.extend(getattr(p, "notes", []))
-    return changes, notes
 
 
 # ---------------------------------------------------------------------------------------------------------------

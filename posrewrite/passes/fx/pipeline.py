@@ -7,6 +7,9 @@ previous rewrite) and returns an `FxPassResult` whose ``modified`` flag says whe
     Fp32Positions()       positions, angles and cos/sin in float32
     FuseRope()            applications -> torch.ops.posrewrite.rope_qk / rope
 
+Like the ONNX pipeline (`posrewrite.pipeline`), the manager keeps one shared `FxReport`: each step's result
+(name, modified, messages) is recorded in the order the steps ran.
+
 `prepare` makes the working copy (a copy of the graph with the autocast/no-grad regions HF wraps its
 rotary module in inlined); `finalize` rebuilds a verified ExportedProgram.
 """
@@ -28,8 +31,8 @@ from posrewrite.passes.fx.fp32_positions import make_fp32, needs_fp32
 from posrewrite.passes.fx.fuse_rope import fuse_sites
 from posrewrite.passes.fx.rescale import RescaleRefused, apply_rescale, plan_rescale
 
-__all__ = ["FxPass", "FxPassResult", "RescaleRope", "Fp32Positions", "FuseRope", "FxPassManager", "prepare",
-           "finalize"]
+__all__ = ["FxPass", "FxPassResult", "FxPassRecord", "FxReport", "RescaleRope", "Fp32Positions", "FuseRope",
+           "FxPassManager", "prepare", "finalize"]
 
 
 @dataclasses.dataclass
@@ -37,6 +40,30 @@ class FxPassResult:
     program: ExportedProgram
     modified: bool
     messages: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class FxPassRecord:
+    """What one step did: its name, whether it modified the program, its messages."""
+
+    name: str
+    modified: bool
+    messages: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class FxReport:
+    """The steps of one `FxPassManager` run, in order."""
+
+    records: list[FxPassRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def messages(self) -> list[str]:
+        return [f"{r.name}: {m}" for r in self.records for m in r.messages]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.records)
 
 
 class FxPass:
@@ -108,20 +135,22 @@ class FuseRope(FxPass):
 
 
 class FxPassManager:
-    """Runs ``steps`` in order on a working copy; returns the final program and every message."""
+    """Runs ``steps`` in order on a working copy (each re-detects on the program as the steps before left it);
+    returns the final program, every message and whether anything changed. ``report`` gets one record per
+    step (a new `FxReport` when not given)."""
 
-    def __init__(self, steps: list[FxPass]) -> None:
+    def __init__(self, steps: list[FxPass], report: FxReport | None = None) -> None:
         self.steps = list(steps)
+        self.report = report if report is not None else FxReport()
 
     def __call__(self, ep: ExportedProgram) -> tuple[ExportedProgram, list[str], bool]:
         work = prepare(ep)
-        messages: list[str] = []
-        modified = False
+        start = len(self.report.records)
         for step in self.steps:
             result = step(work)
-            modified |= result.modified
-            messages.extend(f"{step.name}: {m}" for m in result.messages)
-        return finalize(work), messages, modified
+            self.report.records.append(FxPassRecord(step.name, bool(result.modified), tuple(result.messages)))
+        run = FxReport(self.report.records[start:])
+        return finalize(work), run.messages, run.modified
 
 
 def prepare(ep: ExportedProgram) -> ExportedProgram:

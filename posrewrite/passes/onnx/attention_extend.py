@@ -31,12 +31,14 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.errors import UsageError
 from posrewrite.math.positions import AttentionExtension
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
+from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
 
-__all__ = ["AttentionExtendError", "ScorePair", "extend_attention", "find_score_pairs"]
+__all__ = ["AttentionExtendError", "AttentionExtendPass", "ScorePair", "extend_attention", "find_score_pairs"]
 
 _PATH_OPS = VIEW_OPS | {"Mul", "Div"}
 EXTENDED_KEY = "posrewrite.attention_extension"
@@ -325,6 +327,27 @@ def _key_positions_like(b: _Builder, positions: ir.Value, keys: ir.Value, axis: 
         r = b.op("Cast", r, to=positions.dtype)
         r.dtype = positions.dtype
     return r, rows
+
+
+class AttentionExtendPass(ReportingPass):
+    """--extend / --logn-scaling (`extend_attention`) on the RoPE sites of the model as the pass finds it (the
+    pipeline's detection, after any earlier rewrite); its changes are claimed as the attention extension. A
+    request the model cannot take is a usage error (exit 2)."""
+
+    def __init__(self, extension: AttentionExtension | None, logn_length: int | None,
+                 context: PipelineContext | None = None) -> None:
+        super().__init__(context)
+        self.extension = extension
+        self.logn_length = logn_length
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        sites = self.context.detection(model).rope_sites
+        try:
+            self.changes.extend(extend_attention(model, sites, self.extension, self.logn_length))
+        except AttentionExtendError as exc:
+            raise UsageError(str(exc)) from None
+        self.context.report.attention_changes.extend(self.changes)
+        return ir.passes.PassResult(model, bool(self.changes))
 
 
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,

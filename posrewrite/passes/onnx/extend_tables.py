@@ -15,45 +15,50 @@ import onnx_ir as ir
 
 from posrewrite.passes.onnx.absolute.extend import extend_learned, extend_sinusoidal
 from posrewrite.passes.onnx.alibi.extend import extend_alibi
+from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite
+from posrewrite.sites.rope import RopeSite
 from posrewrite.sites.t5 import T5BiasSite
 
 __all__ = ["ExtendTablesPass"]
 
 
-class ExtendTablesPass(ir.passes.InPlacePass):
+class ExtendTablesPass(ReportingPass):
     """Extends the ALiBi / learned / sinusoidal / T5 sites to `max_positions` (see module doc).
 
-    After `call`, `changes` lists what was rewritten and `notes` what was left as is and why.
+    ``sites``: the sites to extend; None: the non-RoPE sites of the model as the pass finds it (the pipeline's
+    cached detection). After `call`, `changes` lists what was rewritten and `notes` what was left as is and
+    why (also appended to the context's report, the changes as other-encoding claims).
     """
 
     def __init__(
         self,
-        sites: Sequence[EncodingSite],
+        sites: Sequence[EncodingSite] | None = None,
         *,
         max_positions: int | None = None,
         pos_scale: float | None = None,
         alibi_scale: float | None = None,
+        context: PipelineContext | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(context)
         if max_positions is not None and max_positions < 1:
             raise ValueError("max_positions must be positive")
         for name, v in (("pos_scale", pos_scale), ("alibi_scale", alibi_scale)):
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive")
-        self.sites = list(sites)
+        self.sites = None if sites is None else list(sites)
         self.max_positions = max_positions
         self.pos_scale = pos_scale
         self.alibi_scale = alibi_scale
-        self.changes: list[str] = []
-        self.notes: list[str] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.changes, self.notes = [], []
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for site in self.sites:
+        sites = self.sites
+        if sites is None:
+            sites = [s for s in self.context.detection(model).sites if not isinstance(s, RopeSite)]
+        for site in sites:
             if isinstance(site, LearnedAbsoluteSite):
                 modified |= self._learned(model.graph, site)
             elif isinstance(site, SinusoidalSite):
@@ -65,6 +70,7 @@ class ExtendTablesPass(ir.passes.InPlacePass):
                     f"T5 relative bias {site.table.name}: runs at any length as is (distances past "
                     f"max_distance={site.max_distance} share the last bucket)"
                 )
+        self.context.report.other_changes.extend(self.changes)
         return ir.passes.PassResult(model, modified)
 
     # -- per kind: absolute/extend.py, alibi/extend.py -------------------------------------------------

@@ -22,8 +22,8 @@ when their values are the rounding of a geometric base^(-2i/d) (or of a rescale 
 one Cast to the activation dtype is inserted where cos/sin meet q/k. The old nodes are left to be removed
 when nothing else reads them; every other value keeps its dtype. Half-precision cos/sin tables whose values
 are not those of fp32 math are regenerated from fp32 math (correctly rounded to the table dtype). Sites that
-are already safe are not touched, so a safe model comes out unchanged. ALiBi sites go to
-``posrewrite.passes.onnx.alibi.fp32.Fp32AlibiPass``.
+are already safe are not touched, so a safe model comes out unchanged. ALiBi sites given to the pass are made
+safe by ``posrewrite.passes.onnx.alibi.fp32.make_alibi_fp32`` (the pipeline runs ``Fp32AlibiPass`` as its own step).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
-from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass, is_fp32_safe
+from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe, make_alibi_fp32
+from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 __all__ = [
@@ -627,25 +628,28 @@ def _remove_dead(graph: ir.Graph, nodes: Sequence[ir.Node], constants: Sequence[
 
 
 def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(values a rescale plan wrote, what they should be) for the plans of ``site``.
+    """(values a rescale plan wrote, what they should be) for the plans of ``site`` (found by `site_key`: the
+    plan was made on the detection before the rescale, ``site`` comes from the one after it).
 
     A plan made on a half-precision site starts from the rounded frequencies it found; when those are the
     rounding of a round base, the plan's frequencies (and attention factor) are recomputed from the exact
     ones, so that the float32 constants carry no half-precision rounding at all."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
-    stored_dtype = _dtype(site.inv_freq_value) if site.inv_freq_value is not None else site.angle_dtype
-    original = None
-    if site.inv_freq is not None and stored_dtype in _HALF_NAMES:
-        original = rope_math.recover_base(site.inv_freq, stored_dtype)
     for plan in plans:
-        if getattr(plan, "site", None) is not site or getattr(plan, "inv_freq", None) is None:
+        if site_key(plan.site) != site_key(site) or plan.inv_freq is None:
             continue
+        planned = plan.site  # the numbers the plan started from (the site before the rescale)
+        stored_dtype = (_dtype(planned.inv_freq_value) if planned.inv_freq_value is not None
+                        else planned.angle_dtype)
+        original = None
+        if planned.inv_freq is not None and stored_dtype in _HALF_NAMES:
+            original = rope_math.recover_base(planned.inv_freq, stored_dtype)
         match = np.asarray(plan.inv_freq, dtype=np.float64).reshape(-1)
         exact, factor = match, float(plan.attention_factor)
         if original is not None:
             try:
                 inv, factor = rope_math.scaled_inv_freq(plan.params, inv_freq=original[0], base=original[1],
-                                                        dim=site.rotary_dim, seq_len=None)
+                                                        dim=planned.rotary_dim, seq_len=None)
                 exact = np.asarray(inv, dtype=np.float64).reshape(-1)
             except ValueError:
                 pass
@@ -704,12 +708,6 @@ def _part_layout(site: RopeSite, width: int) -> str:
     return "interleaved" if site.layout == Layout.INTERLEAVED else "rotate_half"
 
 
-def _tables_in_use(site: RopeSite) -> bool:
-    if site.angles == AngleSource.FUSED_OP:
-        return any(v is site.cos_cache for n in site.fused_nodes for v in n.inputs)
-    return site.extra is not None and bool(site.extra.cos_src.table.uses()) and bool(site.extra.sin_src.table.uses())
-
-
 def _rewrite_tables(graph: ir.Graph, site: RopeSite, index: int, tp: TablePrecision) -> tuple[list[str], list[str]]:
     rows = tp.rows
     notes = []
@@ -759,35 +757,36 @@ def _rewrite_tables(graph: ir.Graph, site: RopeSite, index: int, tp: TablePrecis
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Fp32PositionsPass(ir.passes.InPlacePass):
+class Fp32PositionsPass(ReportingPass):
     """Moves the position/angle/cos/sin computation of every unsafe site to float32 (see the module doc).
 
-    ``sites`` come from detection on the model the pass is run on. ``plans`` (optional, the rescale plans run
-    before) let frequencies that a rescale stored in half precision be restored exactly. After a call,
-    ``changes`` and ``notes`` describe what was done; ``modified`` is False (and the model untouched) when
-    every site was already safe."""
+    ``sites``: the sites to make safe (from detection on the model the pass is run on); None: the sites of the
+    pipeline's detection of the model as the pass finds it (re-detected after an earlier rewrite). ``plans``
+    (default: the RoPE plans claimed in the context's report) let frequencies that a rescale stored in half
+    precision be restored exactly. ``alibi``: ALiBi sites among them are made safe too (`make_alibi_fp32`);
+    the pipeline runs `Fp32AlibiPass` as its own step instead. After a call, ``changes`` and ``notes``
+    describe what was done; ``modified`` is False (and the model untouched) when every site was already safe."""
 
-    def __init__(self, sites: Iterable[Any], *, plans: Iterable[Any] | None = None) -> None:
-        super().__init__()
-        self.sites = list(sites)
-        self.plans = list(plans or [])
-        self.changes: list[str] = []
-        self.notes: list[str] = []
+    def __init__(self, sites: Iterable[Any] | None = None, *, plans: Iterable[Any] | None = None,
+                 alibi: bool = True, context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
+        super().__init__(context, preface=preface)
+        self.sites = None if sites is None else list(sites)
+        self.plans = None if plans is None else tuple(plans)
+        self.alibi = alibi
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.changes, self.notes = [], []
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        sites = self.sites if self.sites is not None else self.context.detection(model).sites
+        plans = self.plans if self.plans is not None else tuple(self.context.report.rope_plans)
         modified = False
         alibi = []
-        for k, site in enumerate(self.sites):
+        for k, site in enumerate(sites):
             if isinstance(site, RopeSite):
                 if site.angles == AngleSource.COMPUTED:
                     if not site_needs_fp32(site):
                         continue
-                    changes, notes = _rewrite_computed(graph, site, k, self.plans)
+                    changes, notes = _rewrite_computed(graph, site, k, plans)
                 else:
-                    if not _tables_in_use(site):  # replaced by an earlier pass (a rescale regenerates them)
-                        continue
                     tp = table_precision(site)
                     if tp is None or tp.correct:
                         continue
@@ -795,15 +794,8 @@ class Fp32PositionsPass(ir.passes.InPlacePass):
                 self.changes.extend(changes)
                 self.notes.extend(notes)
                 modified = modified or bool(changes)
-            elif getattr(site, "kind", None) == "alibi":
+            elif self.alibi and getattr(site, "kind", None) == "alibi":
                 alibi.append(site)
         if alibi:
-            modified = self._alibi(model, alibi) or modified
+            modified = make_alibi_fp32(model, alibi, self.changes, self.notes) or modified
         return ir.passes.PassResult(model, modified)
-
-    def _alibi(self, model: ir.Model, sites: list) -> bool:
-        p = Fp32AlibiPass(sites)
-        result = p(model)
-        self.changes.extend(getattr(p, "changes", []))
-        self.notes.extend(getattr(p, "notes", []))
-        return bool(getattr(result, "modified", False))

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from posrewrite.pipeline import PipelineContext, ReportingPass
+
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"
 _MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp underflows to 0 in fp32/fp16)
 _MAX_PROBE = 4200  # longest sequence a mask is evaluated at
@@ -44,21 +46,27 @@ def _pre_optimize(model: ir.Model) -> None:
     optimize(model)
 
 
-class FuseAttentionPass(ir.passes.InPlacePass):
+class FuseAttentionPass(ReportingPass):
+    """Attention (and its normalisations) into onnxruntime / ONNX attention ops, after RotaryEmbedding fusion.
+
+    ``after_rotary``: run only when an earlier `FuseRotaryPass` of the same pipeline fused rotations (the
+    report's fused nodes); without them the model's attention is left as it is."""
+
     def __init__(
-        self, rotary_nodes=(), *, target: str = "ort", allow_gqa: bool = True, probe_lengths=(3, 7, 12)
+        self, *, target: str = "ort", allow_gqa: bool = True, probe_lengths=(3, 7, 12),
+        context: PipelineContext | None = None, after_rotary: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(context)
         self.target = target
-        self.rotary_nodes = list(rotary_nodes)
         self.allow_gqa = allow_gqa
         self.probe_lengths = tuple(probe_lengths)
-        self.changes: list[str] = []
-        self.notes: list[str] = []
+        self.after_rotary = after_rotary
         self.counts: dict[str, int] = {}
         self._att23_detail = ""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.after_rotary and not self.context.report.fused_rotary_nodes:
+            return ir.passes.PassResult(model, False)
         try:
             from onnxscript.optimizer import optimize
             from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa

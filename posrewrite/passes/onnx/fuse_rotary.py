@@ -40,6 +40,7 @@ from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
 from posrewrite.passes.onnx._graph import ConstantEvaluator, rank
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
+from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 from posrewrite.sites.rope import AngleSource, Layout, RopeApplication, RopeSite
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
@@ -65,33 +66,40 @@ class _Caches:
     rows: int | None  # None: computed in the graph for the runtime length
 
 
-class FuseRotaryPass(ir.passes.InPlacePass):
+class FuseRotaryPass(ReportingPass):
     """One RotaryEmbedding node per q/k rotation of every RoPE site (see the module docstring).
 
-    `changes` and `notes` are filled with one line per site / per thing the user should know.
+    ``sites``: None reads the RoPE sites of the model as the pass finds it (`PipelineContext.rope_sites`: the
+    pipeline's detection; after a rescale, the rescaled sites). ``plans`` (default: the plans claimed in the
+    context's report) are found again on those sites by `site_key`. `changes` and `notes` get one line per
+    site / per thing the user should know; the report gets the fused caches' rows, the fused nodes (what
+    attention fusion follows) and, for a planned site, a plan derived for its fused form (the given plans are
+    not changed). Attention is fused by `FuseAttentionPass`, the next step of the pipeline; the replaced nodes
+    are left to the cleanup.
     """
 
     def __init__(
-        self, sites, *, target: str = "ort", plans=(), max_positions: int | None = None, fuse_attention: bool = True
+        self, sites=None, *, target: str = "ort", plans=None, max_positions: int | None = None,
+        context: PipelineContext | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(context)
         if target not in ("ort", "onnx"):
             raise FuseRefusal(f"--fuse must be 'ort' or 'onnx', not {target!r}")
-        self.sites: list[RopeSite] = list(sites)
+        self.sites: list[RopeSite] | None = None if sites is None else list(sites)
         self.target = target
-        self.plans = {id(p.site): p for p in plans or ()}
+        self.given_plans = None if plans is None else tuple(plans)
         self.max_positions = max_positions
-        self.fuse_attention = fuse_attention
-        #: rows of the shortest static fused cache (positions from here on are outside it); None: none static
-        self.cache_rows: int | None = None
-        self.changes: list[str] = []
-        self.notes: list[str] = []
+        #: the RotaryEmbedding nodes written by the last call
         self.fused_nodes: list[ir.Node] = []
 
     # -----------------------------------------------------------------------------------------------
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        todo = [s for s in self.sites if s.angles != AngleSource.FUSED_OP and s.applications]
-        for s in self.sites:
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        sites = self.sites if self.sites is not None else self.context.rope_sites(model)
+        plans = self.given_plans if self.given_plans is not None else tuple(self.context.report.rope_plans)
+        self.plans = {site_key(p.site): p for p in plans}
+        self.fused_nodes = []
+        todo = [s for s in sites if s.angles != AngleSource.FUSED_OP and s.applications]
+        for s in sites:
             if s.angles == AngleSource.FUSED_OP:
                 self.notes.append(
                     f"already fused: {len(s.fused_nodes)} RotaryEmbedding node(s) "
@@ -112,23 +120,17 @@ class FuseRotaryPass(ir.passes.InPlacePass):
         cache_memo: dict[tuple, _Caches] = {}
         for site in todo:
             self._fuse_site(graph, site, cache_memo)
-        _remove_dead_and_sort(model)
         source_ids = {id(n) for s in todo for n in s.source_nodes if n is not None}
-        left = [n for n in graph if id(n) in source_ids and n.op_type in ("Cos", "Sin")]
+        live = _live_nodes(graph)
+        left = [n for n in graph if id(n) in source_ids and n.op_type in ("Cos", "Sin") and id(n) in live]
         if left:
             self.notes.append(f"{len(left)} Cos/Sin node(s) still in the graph (used by something other than q/k)")
-        if self.fuse_attention:
-            from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
-
-            att = FuseAttentionPass(self.fused_nodes, target=self.target)
-            att(model)
-            self.changes.extend(att.changes)
-            self.notes.extend(att.notes)
+        self.context.report.fused_rotary_nodes.extend(self.fused_nodes)
         return ir.passes.PassResult(model, True)
 
     # -----------------------------------------------------------------------------------------------
     def _fuse_site(self, graph: ir.Graph, site: RopeSite, memo: dict) -> None:
-        plan = self.plans.get(id(site))
+        plan = self.plans.get(site_key(site))
         apps = sorted(site.applications, key=lambda a: min(self._order.get(id(n), 1 << 30) for n in a.nodes))
         forms = []
         for app in apps:
@@ -151,8 +153,9 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             nodes.append(self._replace(graph, site, app, form, positions, caches))
         if plan is not None:
             # the site is now a fused op: validation checks its caches (cos_cache / sin_cache) against the plan
+            # made for it, which the report now claims for the fused form
             first = caches_by_dtype[apps[0].input.dtype or _F32]
-            plan.site = dataclasses.replace(
+            fused_site = dataclasses.replace(
                 site,
                 angles=AngleSource.FUSED_OP,
                 fused_nodes=tuple(nodes),
@@ -163,6 +166,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
                 positions=positions,
                 applications=(),
             )
+            self.context.report.replace_plan(plan, dataclasses.replace(plan, site=fused_site))
         rows = {c.rows for c in caches_by_dtype.values()}
         rows_text = "rows = max(position)+1 at run time" if rows == {None} else f"{max(r for r in rows if r)} rows"
         op = "com.microsoft.RotaryEmbedding" if self.target == "ort" else "RotaryEmbedding-23"
@@ -183,7 +187,8 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             )
         if all(r is not None for r in rows):
             shortest = min(r for r in rows if r)
-            self.cache_rows = shortest if self.cache_rows is None else min(self.cache_rows, shortest)
+            claimed = self.context.report.fused_cache_rows
+            self.context.report.fused_cache_rows = shortest if claimed is None else min(claimed, shortest)
             self.notes.append(
                 f"positions >= {max(r for r in rows if r)} are outside the fused caches: onnxruntime CPU rejects them "
                 "with an error, the CUDA contrib kernel has been seen to pass q/k through unrotated; use "
@@ -476,11 +481,22 @@ def _redirect(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
-def _remove_dead_and_sort(model: ir.Model) -> None:
-    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
-
-    RemoveUnusedNodesPass()(model)
-    TopologicalSortPass()(model)
+def _live_nodes(graph: ir.Graph) -> set[int]:
+    """Ids of the nodes of ``graph`` that the pipeline's cleanup (RemoveUnusedNodesPass) keeps: what the graph
+    outputs, or a subgraph, reads (directly or through other kept nodes)."""
+    roots = [v.producer() for v in graph.outputs]
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.graph is not graph:  # subgraph nodes read outer values directly
+            roots.extend(v.producer() for v in node.inputs if v is not None)
+    live: set[int] = set()
+    stack = [n for n in roots if n is not None and n.graph is graph]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+    return live
 
 
 # ---------------------------------------------------------------------------------------------------

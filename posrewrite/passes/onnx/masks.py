@@ -13,8 +13,22 @@ import onnx_ir as ir
 from posrewrite.errors import UsageError
 from posrewrite.limits import MEMORY_BUDGET_BYTES, fits_budget
 from posrewrite.passes.onnx._build import replace_initializer, retarget_length
+from posrewrite.pipeline import PipelineContext, ReportingPass
 
-__all__ = ["extend_square_masks"]
+__all__ = ["ExtendSquareMasksPass", "extend_square_masks"]
+
+
+class ExtendSquareMasksPass(ReportingPass):
+    """--max-positions: causal masks baked as [T, T] constants grow to ``rows`` (`extend_square_masks`)."""
+
+    def __init__(self, rows: int, context: PipelineContext | None = None) -> None:
+        super().__init__(context)
+        self.rows = int(rows)
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        self.changes.extend(extend_square_masks(model.graph, self.rows))
+        self.context.report.other_changes.extend(self.changes)
+        return ir.passes.PassResult(model, bool(self.changes))
 
 
 def _toeplitz_values(square: np.ndarray) -> np.ndarray | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
 from posrewrite.passes.onnx.detect_rope import (
@@ -25,15 +27,17 @@ from posrewrite.passes.onnx.detect_rope import (
     fused_cache_indices,
     mark_rescaled_cache,
 )
+from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, Layout, RopeSite
 
 RUNTIME_METHODS = ("dynamic", "longrope")
 _F32 = ir.DataType.FLOAT
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SitePlan:
-    """What the rewrite does to one site (pure numbers; made before touching the graph)."""
+    """What the rewrite does to one site (pure numbers; made before touching the graph). Frozen: a step that
+    needs other numbers derives a new plan (`dataclasses.replace`)."""
 
     site: RopeSite
     params: rope_math.RopeParameters
@@ -41,7 +45,6 @@ class SitePlan:
     attention_factor: float
     new_length: int | None  # rows of regenerated tables
     runtime: bool
-    caches: tuple[ir.Value, ir.Value] | None = None  # fused sites: the cos/sin caches written by the rescale
     keep_rows: bool = False  # extension only: the original rows are copied, new rows appended
 
     @property
@@ -181,6 +184,42 @@ def seq_from_positions(w: NodeWriter, positions: ir.Value) -> ir.Value:
 
 class RescaleError(ValueError):
     pass
+
+
+class RescaleRopePass(ReportingPass):
+    """Applies frozen `SitePlan`s (rescales, or --max-positions extensions of RoPE tables) to the sites of the
+    detection they were made from; claims each plan in the shared report.
+
+    The plans must come from the model as it is when the pass runs: `requires` refuses a model that an
+    earlier pass of the same pipeline modified (its sites would no longer be the plans' sites).
+    ``usage_errors``: a plan the graph cannot take is a usage error (exit 2), as for a user's rescale."""
+
+    def __init__(self, plans: Sequence[SitePlan], context: PipelineContext | None = None, *,
+                 usage_errors: bool = True) -> None:
+        super().__init__(context)
+        self.plans: tuple[SitePlan, ...] = tuple(plans)
+        self.usage_errors = usage_errors
+        self._generation = self.context.generation
+
+    def requires(self, model: ir.Model) -> None:
+        if self.context.generation != self._generation:
+            raise ir.passes.PreconditionError(
+                "RescaleRopePass: the model was rewritten after its plans were made; plan on a new detection")
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.plans:
+            return ir.passes.PassResult(model, False)
+        with self.context.progress.stage("rescaling", total=len(self.plans)) as stage:
+            for plan in self.plans:
+                try:
+                    self.changes.extend(rescale_site(model.graph, plan))
+                except RescaleError as exc:
+                    if not self.usage_errors:
+                        raise
+                    raise errors.UsageError(str(exc)) from None
+                self.context.report.claim_plan(plan)
+                stage.advance()
+        return ir.passes.PassResult(model, True)
 
 
 def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
@@ -380,7 +419,6 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         ci, si = fused_cache_indices(node)
         node.replace_input_with(ci, cos)
         node.replace_input_with(si, sin)
-    plan.caches = (cos, sin)
     return [plan.describe()]
 
 

@@ -24,10 +24,11 @@ from posrewrite.math.alibi import near_bias_error
 from posrewrite.math.precision import colliding_positions, exact_position_count, machine_epsilon
 from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import VIEW_OPS
+from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite
 
-__all__ = ["Fp32AlibiPass", "alibi_precision", "is_fp32_safe", "NEAR_WINDOW"]
+__all__ = ["Fp32AlibiPass", "alibi_precision", "is_fp32_safe", "make_alibi_fp32", "NEAR_WINDOW"]
 
 NEAR_WINDOW = 256  # distances whose bias `check` requires to be exact
 _HALF = ("float16", "bfloat16")
@@ -79,18 +80,34 @@ def alibi_precision(site: AlibiSite, max_length: int) -> dict[str, Any]:
     }
 
 
-class Fp32AlibiPass(ir.passes.InPlacePass):
+class Fp32AlibiPass(ReportingPass):
     """Makes every ALiBi site fp32-safe (see module doc); modified=False when all already are.
-    `changes` and `notes` say what was done per site after `call`."""
+    ``sites``: None reads the ALiBi sites of the pipeline's (cached) detection. `changes` and `notes` say what
+    was done per site after `call` (and are appended to the context's report)."""
 
-    def __init__(self, sites: Sequence[EncodingSite]) -> None:
-        super().__init__()
-        self.sites = [s for s in sites if isinstance(s, AlibiSite)]
-        self.changes: list[str] = []
-        self.notes: list[str] = []
+    def __init__(self, sites: Sequence[EncodingSite] | None = None, *, context: PipelineContext | None = None,
+                 preface: Sequence[str] = ()) -> None:
+        super().__init__(context, preface=preface)
+        self.sites = None if sites is None else [s for s in sites if isinstance(s, AlibiSite)]
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.changes, self.notes = [], []
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        sites = self.sites if self.sites is not None else self.context.detection(model).sites
+        return ir.passes.PassResult(model, make_alibi_fp32(model, sites, self.changes, self.notes))
+
+
+def make_alibi_fp32(model: ir.Model, sites: Sequence[EncodingSite], changes: list[str], notes: list[str]) -> bool:
+    """The rewrite of `Fp32AlibiPass` as a function (also what `Fp32PositionsPass` does with ALiBi sites it is
+    given): appends to ``changes`` / ``notes``; True when the model was modified."""
+    return _AlibiFp32([s for s in sites if isinstance(s, AlibiSite)], changes, notes).rewrite(model)
+
+
+class _AlibiFp32:
+    def __init__(self, sites: list[AlibiSite], changes: list[str], notes: list[str]) -> None:
+        self.sites = sites
+        self.changes = changes
+        self.notes = notes
+
+    def rewrite(self, model: ir.Model) -> bool:
         modified = False
         for site in self.sites:
             if is_fp32_safe(site):
@@ -104,8 +121,10 @@ class Fp32AlibiPass(ir.passes.InPlacePass):
             elif self._relative(model.graph, site):
                 modified = True
         if modified:
+            # the replaced products go now, not at the pipeline's cleanup: a model written by this function
+            # alone is detected as rewritten (the dead half-precision ALiBi would be found again)
             ir.passes.common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified)
+        return modified
 
     def _promote(self, graph: ir.Graph, site: AlibiSite) -> bool:
         mul = site.product

@@ -1,0 +1,447 @@
+"""The rewrite pipeline: which passes run for a `RewriteOptions`, in what order and why, and what they claim.
+
+    detection (cached) ──▶ PassManager([rescale RoPE, extend tables, extend masks, fp32 RoPE, fp32 ALiBi,
+                                         fuse RotaryEmbedding, cleanup, fuse attention, extend attention,
+                                         cleanup]) ──▶ RewriteReport (changes, notes, claims) ──▶ validation step
+
+Every posrewrite pass is a `ReportingPass`: an `onnx_ir` in-place pass that implements `run(model)`, fills its
+own `changes` / `notes` lines and hands them, with its `PassResult`, to the shared `PipelineContext`. The context
+appends them to one `RewriteReport` and keeps the detection of the model cached until a pass reports
+``modified=True``: a pass that needs sites reads `context.detection(model)`, which is never a detection made
+before an earlier rewrite. Plans are frozen; a pass that rewrites a planned site under another form (the fusion)
+claims a derived plan in the report, it does not change the plan it was given.
+
+The validation step (`ValidationStep`) checks the report's claims against the written model with the oracles
+of `posrewrite.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from posrewrite import errors
+from posrewrite.options import RewriteOptions, read_config_json
+from posrewrite.progress import NullReporter
+from posrewrite.sites.rope import RopeSite
+
+if TYPE_CHECKING:
+    from posrewrite.api import Detection
+    from posrewrite.passes.onnx.rescale import SitePlan
+    from posrewrite.validate import ValidationReport
+
+__all__ = [
+    "NOTHING_CHANGED",
+    "DropUntypedValueInfoPass",
+    "PassRecord",
+    "Pipeline",
+    "PipelineContext",
+    "ReportingPass",
+    "RewriteReport",
+    "ValidationStep",
+    "build_pipeline",
+    "cleanup_passes",
+    "logn_length_for",
+    "run_passes",
+    "site_key",
+]
+
+NOTHING_CHANGED = "nothing changed: the model already is as requested"
+
+
+def site_key(site: RopeSite) -> tuple[str | None, ...]:
+    """A name for a RoPE site that survives rewrites of its angles (rescale, fp32): the inputs of its q/k
+    rotations and the names of its fused nodes. Plans made on one detection are found again on a later one
+    by this key."""
+    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
+
+
+def _still_in(graph: ir.Graph, site: RopeSite) -> bool:
+    """Whether every rotation node (or fused node) of ``site`` is still a node of ``graph``."""
+    nodes = [n for a in site.applications for n in a.nodes] or list(site.fused_nodes)
+    return bool(nodes) and all(n.graph is graph for n in nodes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shared report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: its name, whether it modified the model, and its own lines."""
+
+    name: str
+    modified: bool
+    changes: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """Every pass's changes and notes, in the order the passes ran, and what the rewrite claims (checked by
+    the validation step)."""
+
+    changes: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    #: claim: the RoPE sites rescaled or extended, with their plans (a fused site: the plan of its fused form)
+    rope_plans: list[SitePlan] = dataclasses.field(default_factory=list)
+    #: claim: ALiBi / learned / sinusoidal / T5 tables and baked masks rewritten
+    other_changes: list[str] = dataclasses.field(default_factory=list)
+    #: claim: rows of the shortest static fused RoPE cache (positions from here on are outside it)
+    fused_cache_rows: int | None = None
+    #: the RotaryEmbedding nodes the fusion wrote (what attention fusion follows)
+    fused_rotary_nodes: list[ir.Node] = dataclasses.field(default_factory=list)
+    #: claim: attention-level extension (SelfExtend / ReRoPE / log-n) written
+    attention_changes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return any(p.modified for p in self.passes) or bool(self.changes)
+
+    def claim_plan(self, plan: SitePlan) -> None:
+        """Claims that ``plan`` was applied to its site."""
+        self.rope_plans.append(plan)
+
+    def replace_plan(self, old: SitePlan, new: SitePlan) -> None:
+        """A later pass rewrote ``old``'s site into another form: ``new`` (derived from ``old``) is what the
+        rewrite now claims for it."""
+        for k, p in enumerate(self.rope_plans):
+            if p is old:
+                self.rope_plans[k] = new
+                return
+        self.rope_plans.append(new)
+
+
+@dataclasses.dataclass
+class PipelineContext:
+    """What the passes of one pipeline share: the report, the cached detection, where the model came from."""
+
+    report: RewriteReport = dataclasses.field(default_factory=RewriteReport)
+    model_path: str | os.PathLike | None = None
+    progress: Any = dataclasses.field(default_factory=NullReporter)
+    _detection: Detection | None = dataclasses.field(default=None, repr=False)
+    _detected_model: int | None = dataclasses.field(default=None, repr=False)
+    #: counts the rewrites (passes that reported modified=True) since the context was made
+    generation: int = 0
+
+    def detection(self, model: ir.Model) -> Detection:
+        """The detection of ``model`` as it is now: cached until a pass reports a modification."""
+        if self._detection is None or self._detected_model != id(model):
+            from posrewrite.api import detect
+
+            self._detection = detect(model)
+            self._detected_model = id(model)
+        return self._detection
+
+    def rope_sites(self, model: ir.Model) -> list[RopeSite]:
+        """The RoPE sites of ``model`` as it is now: those of `detection`, and, in the order of the report's
+        claims, the site of a claimed plan that the detector cannot read back. A runtime rescale (dynamic,
+        longrope) of a cached table or of fused caches computes them in the graph in a form the detector does not
+        match; the rescale left that site's rotations (or fused nodes) as they were (checked here: each is still
+        in the graph) and the plan describes its new angle source."""
+        detected = list(self.detection(model).rope_sites)
+        by_key = {site_key(s): s for s in detected}
+        out: list[RopeSite] = []
+        for plan in self.report.rope_plans:
+            key = site_key(plan.site)
+            if key in by_key:
+                out.append(by_key.pop(key))
+            elif _still_in(model.graph, plan.site):
+                out.append(plan.site)
+        kept = {id(s) for s in out}
+        return out + [s for s in detected if id(s) not in kept]
+
+    def seed(self, model: ir.Model, detection: Detection) -> None:
+        """A detection the caller made on ``model`` before any pass ran (the one its plans come from)."""
+        self._detection = detection
+        self._detected_model = id(model)
+
+    def record(self, pass_: ReportingPass, result: ir.passes.PassResult) -> None:
+        report = self.report
+        report.changes.extend(pass_.changes)
+        report.notes.extend(pass_.notes)
+        report.passes.append(PassRecord(type(pass_).__name__, bool(result.modified), tuple(pass_.changes),
+                                        tuple(pass_.notes)))
+        if result.modified:
+            self._detection = None
+            self.generation += 1
+
+
+class ReportingPass(ir.passes.InPlacePass):
+    """A posrewrite pass: implements `run(model) -> PassResult`, writes its own ``changes`` / ``notes`` lines;
+    `call` hands them to the shared context (which appends them to its report and drops its cached detection
+    when the model was modified). Without a context the pass has one of its own (standalone use)."""
+
+    def __init__(self, context: PipelineContext | None = None, *, preface: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.context = context if context is not None else PipelineContext()
+        #: notes the pipeline attaches to this step (why it runs, how it is configured), reported first
+        self.preface = tuple(preface)
+        self.changes: list[str] = []
+        self.notes: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.changes, self.notes = [], list(self.preface)
+        result = self.run(model)
+        self.context.record(self, result)
+        return result
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:  # pragma: no cover - every pass implements it
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cleanup
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DropUntypedValueInfoPass(ir.passes.InPlacePass):
+    """A value whose type is a tensor of unknown element type (shape inference failed on a model whose declared
+    shapes contradict its ops) cannot be written as value_info: forget its type and shape, as if never inferred.
+    Graph inputs and outputs keep theirs (they are the model's interface). onnx_ir has no pass for this."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in model.graphs():
+            interface = {id(v) for v in (*graph.inputs, *graph.outputs)}
+            for node in graph:
+                for value in node.outputs:
+                    if id(value) in interface or value.type is None:
+                        continue
+                    if getattr(value.type, "dtype", True) is None:
+                        value.type = None
+                        value.shape = None
+                        modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def cleanup_passes() -> list[ir.passes.PassBase]:
+    """The cleanup after rewrites: nodes nothing reads (the replaced rotations, cos/sin computations, ALiBi
+    products), a topological order for the nodes the passes inserted, and value types nobody can write.
+    Opsets and initializers are left as they are: a rewrite never drops an opset import or an input."""
+    return [RemoveUnusedNodesPass(), TopologicalSortPass(), DropUntypedValueInfoPass()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building the pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fused_cache_rows_for(options: RewriteOptions, model_path: str | os.PathLike | None) -> int | None:
+    """Rows of fused caches for sites without a table of their own: --max-positions, else config.json's
+    max_position_embeddings (None: the pass's default)."""
+    if options.max_positions:
+        return int(options.max_positions)
+    config = read_config_json(model_path) if model_path is not None else None
+    value = (config or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def logn_length_for(options: RewriteOptions, model_path: str | os.PathLike) -> int:
+    """L of --logn-scaling: --original-max-positions, else config.json's seq_length (Qwen-1),
+    original_max_position_embeddings or max_position_embeddings."""
+    if options.original_max_positions:
+        return int(options.original_max_positions)
+    config = read_config_json(model_path) or {}
+    for key in ("seq_length", "original_max_position_embeddings", "max_position_embeddings"):
+        if config.get(key):
+            return int(config[key])
+    raise errors.UsageError("--logn-scaling needs the trained length L: pass --original-max-positions N "
+                            "(or keep the model's config.json beside it)")
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """What a rewrite runs: the passes (in order), the options they run under (an implied --fp32-positions
+    included), the shared context, and the validation of the written model."""
+
+    options: RewriteOptions
+    passes: list[ir.passes.PassBase]
+    context: PipelineContext
+    validation: ValidationStep
+
+    @property
+    def report(self) -> RewriteReport:
+        return self.context.report
+
+    def run(self, model: ir.Model) -> RewriteReport:
+        """Runs every pass on ``model`` (in place); the report says what they did."""
+        report = self.context.report
+        run_passes(self.passes, model)
+        if not report.changes:
+            report.notes.append(NOTHING_CHANGED)
+        return report
+
+
+def run_passes(passes: Sequence[ir.passes.PassBase], model: ir.Model) -> ir.passes.PassResult:
+    """``passes`` composed by one `onnx_ir.passes.PassManager`; what a pass raises (a `PosrewriteError`: bad
+    request, refusal with its exit code; a failed precondition) comes out as itself, not wrapped in onnx_ir's
+    PassError."""
+    if not passes:
+        return ir.passes.PassResult(model, False)
+    try:
+        return ir.passes.PassManager(list(passes), steps=1)(model)
+    except ir.passes.PassError as exc:
+        cause: BaseException | None = exc
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is exc:
+            raise
+        raise cause from None
+
+
+def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequence[SitePlan], *,
+                   model_path: str | os.PathLike | None = None, half_precision_positions: bool = False,
+                   progress: Any = None) -> Pipeline:
+    """The passes a rewrite runs for ``options`` on a model whose ``detection`` is given, and why:
+
+    1. RoPE rescale or --max-positions extension (``plans``, made from ``detection`` before anything is touched);
+    2. other encodings (ALiBi / learned / sinusoidal / T5 tables), then causal masks baked as [T, T] constants
+       (--max-positions);
+    3. fp32 positions: RoPE, then ALiBi (implied by a rescale of half-precision positions; with --fuse the
+       fused caches are fp32 math already, so only ALiBi);
+    4. --fuse: RotaryEmbedding, cleanup (onnxscript's attention rules and the KV-cache fusion's shape inference
+       read a sorted graph without the replaced rotations), attention fusion;
+    5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites;
+    6. cleanup.
+    """
+    from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
+    from posrewrite.passes.onnx.attention_extend import AttentionExtendPass
+    from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
+    from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
+    from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
+    from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+    from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
+    from posrewrite.passes.onnx.rescale import RescaleRopePass
+
+    context = PipelineContext(model_path=model_path, progress=progress or NullReporter())
+    context.report.notes.extend(f"skipped {r.where}: {r.reason}" for r in detection.refusals)
+    passes: list[ir.passes.PassBase] = []
+    if plans:
+        passes.append(RescaleRopePass(plans, context, usage_errors=options.rescales_rope))
+    others = [s for s in detection.sites if not isinstance(s, RopeSite)]
+    if others and (options.max_positions or options.pos_scale or options.alibi_scale):
+        passes.append(ExtendTablesPass(None, context=context, max_positions=options.max_positions,
+                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale))
+    if options.max_positions:
+        passes.append(ExtendSquareMasksPass(int(options.max_positions), context))
+    fp32_preface: list[str] = []
+    if options.rescales_rope and not options.fp32_positions and half_precision_positions:
+        options = dataclasses.replace(options, fp32_positions=True)
+        fp32_preface.append("positions or angles are computed in half precision: --fp32-positions is implied by "
+                            "the rescale")
+    if options.fp32_positions:
+        if options.fuse != "none":
+            fp32_preface.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
+        else:
+            passes.append(Fp32PositionsPass(None, context=context, alibi=False, preface=fp32_preface))
+            fp32_preface = []
+        passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
+    if options.fuse != "none":
+        passes.append(FuseRotaryPass(None, context=context, target=options.fuse,
+                                     max_positions=fused_cache_rows_for(options, model_path)))
+        passes.extend(cleanup_passes())
+        passes.append(FuseAttentionPass(target=options.fuse, context=context, after_rotary=True))
+    if options.extend is not None or options.logn_scaling:
+        logn = logn_length_for(options, model_path) if options.logn_scaling else None
+        passes.append(AttentionExtendPass(options.attention_extension, logn, context))
+    passes.extend(cleanup_passes())
+    return Pipeline(options, passes, context, ValidationStep(options, detection, model_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: the report's claims against the written model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ValidationStep:
+    """Checks what the passes claim (`RewriteReport`) against the model written at ``saved`` (not yet switched
+    into place), with the oracles of `posrewrite.validate`:
+
+    - attention-level extension alone: the rewritten model equals the original inside the window (and below L
+      for log-n) and runs past it;
+    - anything else: `validate_rewrite` with the claimed RoPE plans, other-encoding changes and fused cache rows.
+
+    None when validation is off or nothing changed. A model whose original onnxruntime cannot load is an error
+    (exit 3), not a validation that passed."""
+
+    options: RewriteOptions
+    detection: Detection
+    model_path: str | os.PathLike | None
+
+    def __call__(self, report: RewriteReport, saved: str | os.PathLike, model: ir.Model,
+                 progress: Any = None) -> ValidationReport | None:
+        progress = progress or NullReporter()
+        if not self.options.validate or not report.changes:
+            return None
+        path = self.model_path
+        if report.attention_changes and not report.rope_plans and not report.other_changes:
+            result = self._attention(saved, model, progress)
+        else:
+            from posrewrite.validate import validate_rewrite
+
+            with progress.stage("validating"):
+                result = validate_rewrite(path, saved, self.options, found=self.detection,
+                                          plans=list(report.rope_plans), other_changes=list(report.other_changes),
+                                          fused_cache_rows=report.fused_cache_rows, model=model)
+        refuse_if_original_cannot_load(result, path)
+        return result
+
+    def _attention(self, saved, model: ir.Model, progress) -> ValidationReport:
+        """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it
+        must run."""
+        from posrewrite.validate import MAX_VALIDATION_LENGTH, ValidationReport, compare_models, run_full_model
+
+        opts, path = self.options, self.model_path
+        report = ValidationReport()
+        inside = [opts.window] if opts.window else []
+        if opts.logn_scaling:
+            inside.append(logn_length_for(opts, path))
+        length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
+        cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
+        with progress.stage("validating"):
+            if cache and opts.extend is not None:
+                report.notes.append("KV-cache export: the cache now holds keys before rotation, so the original and "
+                                    "the rewritten model read a past differently and are not compared; the rewritten "
+                                    "model is run")
+            else:
+                row = compare_models(path, saved, length)
+                row["site"] = "model inside the window"
+                report.rows.append(row)
+            far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
+            ok, message = run_full_model(saved, far, original=path)
+            report.rows.append({"site": "model", "length": far, "max_abs_error": None, "tolerance": None, "ok": ok,
+                                "message": message,
+                                "compared": f"the rewritten model at {far} tokens: runs, every output finite"})
+        return report
+
+
+def refuse_if_original_cannot_load(report: ValidationReport | None, original) -> None:
+    """A validation row skipped because the original does not run says nothing about the rewrite; when
+    onnxruntime cannot even load the original, that is an error (exit 3), not a validation that passed."""
+    if report is None or not any("skipped" in str(r.get("message", "")) for r in report.rows):
+        return
+    reason = _onnxruntime_load_error(original)
+    if reason is not None:
+        raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
+
+
+def _onnxruntime_load_error(path) -> str | None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(Path(path)), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        return " ".join(str(exc).split())[:300]
+    return None
