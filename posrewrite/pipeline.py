@@ -8,8 +8,10 @@ Every posrewrite pass is a `ReportingPass`: an `onnx_ir` in-place pass that impl
 own `changes` / `notes` lines and hands them, with its `PassResult`, to the shared `PipelineContext`. The context
 appends them to one `RewriteReport` and keeps the detection of the model cached until a pass reports
 ``modified=True``: a pass that needs sites reads `context.detection(model)`, which is never a detection made
-before an earlier rewrite. Plans are frozen; a pass that rewrites a planned site under another form (the fusion)
-claims a derived plan in the report, it does not change the plan it was given.
+before an earlier rewrite (the fusion reads `context.rope_sites(model)`: that detection, plus the sites a
+runtime rescale claims and the detector cannot read back, whose rotations the rescale left as they were).
+Plans are frozen; a pass that rewrites a planned site under another form (the fusion) claims a derived plan in
+the report, it does not change the plan it was given.
 
 The validation step (`ValidationStep`) checks the report's claims against the written model with the oracles
 of `posrewrite.validate`.
