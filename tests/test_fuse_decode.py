@@ -21,13 +21,26 @@ def _ops(path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def test_optimum_layout_fused_equals_original(tmp_path):
+def _gqa_attributes(path) -> list[dict]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": list(n.input)}
+            for n in graph.node if n.op_type == "GroupQueryAttention"]
+
+
+@pytest.mark.parametrize("rotary_inside", [True, False])
+def test_optimum_layout_fused_equals_original(rotary_inside, tmp_path, monkeypatch):
     """GroupQueryAttention per layer (no Softmax left), residual + RMSNorm pairs fused; logits and presents equal
-    the original's within fp32 round-off at every non-padded position, prefill and decode."""
+    the original's within fp32 round-off at every non-padded position, prefill, decode and left padding (where
+    Optimum's position_ids are cumsum(mask) - 1, not past + i). RoPE inside GroupQueryAttention (do_rotary=1,
+    the graph's position_ids as its position_ids input); when the probe of the kernel's rotary contract says no
+    (simulated here), the RotaryEmbedding nodes stay before it and the note says why."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from fixtures.hf_models import export_optimum_layout, optimum_feeds, ort_session
+    from posrewrite.passes.onnx import fuse_cache_attention as fca
 
+    if not rotary_inside:
+        monkeypatch.setattr(fca, "_rotary_probe", lambda *a: "simulated: the kernel rotates differently")
     src = export_optimum_layout(num_layers=2)
     out = tmp_path / "fused.onnx"
     result = api.rewrite(src, output=out, fuse="ort")
@@ -35,7 +48,16 @@ def test_optimum_layout_fused_equals_original(tmp_path):
     ops = _ops(out)
     assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0 and ops["MultiHeadAttention"] == 0
     assert ops["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x (attention, MLP) residual pairs
-    assert ops["RotaryEmbedding"] == 4 and ops["Cos"] == ops["Sin"] == 0
+    assert ops["Cos"] == ops["Sin"] == 0
+    gqa = _gqa_attributes(out)
+    if rotary_inside:
+        assert ops["RotaryEmbedding"] == 0
+        assert all(g.get("do_rotary") == 1 and g["inputs"][9] for g in gqa), gqa  # position_ids given
+        assert any("RoPE inside 2" in c for c in result.changes), result.changes
+    else:
+        assert ops["RotaryEmbedding"] == 4
+        assert all(not g.get("do_rotary") for g in gqa), gqa
+        assert any("RotaryEmbedding before 2: simulated" in c for c in result.changes), result.changes
     original, fused = ort_session(src), ort_session(out)
     for batch, past, seq, pad in ((1, 0, 9, 0), (2, 0, 9, 3), (2, 9, 1, 3), (1, 20, 4, 0), (2, 6, 3, 0)):
         feeds = optimum_feeds(src, batch=batch, past=past, seq=seq, left_pad=pad)
