@@ -49,6 +49,8 @@ def test_optimum_layout_fused_equals_original(rotary_inside, tmp_path, monkeypat
     assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0 and ops["MultiHeadAttention"] == 0
     assert ops["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x (attention, MLP) residual pairs
     assert ops["Cos"] == ops["Sin"] == 0
+    # q/k/v straight from their projections, the output straight into o_proj: no head transposes left
+    assert ops["Transpose"] == 0, ops
     gqa = _gqa_attributes(out)
     if rotary_inside:
         assert ops["RotaryEmbedding"] == 0
