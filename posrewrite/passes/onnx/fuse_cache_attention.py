@@ -78,6 +78,12 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
             reasons.append(f"{node.name or 'Softmax'}: {exc}")
     if not found:
         return 0, reasons, ""
+    biases: list[ir.Value] = []  # one mask for every layer that computes the same one (checked and clamped once)
+    for att in found:
+        if att.bias is not None:
+            att.bias = next((b for b in biases if _same_computation(b, att.bias)), att.bias)
+            if not any(b is att.bias for b in biases):
+                biases.append(att.bias)
     verdicts: dict[int, str | None] = {}
     kept = []
     for att in found:
@@ -100,6 +106,7 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
         from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
         RemoveUnusedNodesPass()(model)
+        _shape_without_concat(graph)
         for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
             if v is not None and v.producer() is not None and v.producer().graph is graph:
                 _shape_through_transpose(graph, v)
@@ -714,11 +721,47 @@ def _clamped_bias(w: NodeWriter, bias: ir.Value, shared: dict) -> ir.Value:
     if id(bias) not in shared:
         dtype = bias.dtype or ir.DataType.FLOAT
         lowest = np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min
-        low = w.const(np.array(lowest, dtype=np.float32), dtype=dtype if dtype != ir.DataType.BFLOAT16 else None)
-        if dtype == ir.DataType.BFLOAT16:
-            low = w.op("Cast", low, to=dtype)
-        shared[id(bias)] = w.op("Max", bias, low)
+        where = _producer(bias, "Where")
+        branches = [ir.convenience.get_const_tensor(i) for i in where.inputs[1:]] if where is not None else [None]
+        if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) and all(
+                t is not None and t.size <= 16 for t in branches):
+            # Where(mask, a, b) with constant a, b (torch's bool mask -> 0 / -inf): clamp the constants instead
+            clamped = [w.const(np.maximum(np.asarray(t.numpy(), np.float32), lowest), dtype=dtype) for t in branches]
+            shared[id(bias)] = w.op("Where", where.inputs[0], *clamped)
+        else:
+            low = w.const(np.array(lowest, dtype=np.float32), dtype=dtype if dtype != ir.DataType.BFLOAT16 else None)
+            if dtype == ir.DataType.BFLOAT16:
+                low = w.op("Cast", low, to=dtype)
+            shared[id(bias)] = w.op("Max", bias, low)
+        shared[id(bias)].dtype = dtype
+        shared[id(bias)].shape = bias.shape
     return shared[id(bias)]
+
+
+def _same_computation(a: ir.Value, b: ir.Value) -> bool:
+    """a and b are computed by the same op from the same values (or equal small constants): every layer's
+    copy of the mask (torch's export writes Where(mask, 0, -inf) once per layer)."""
+    if a is b:
+        return True
+    na, nb = a.producer(), b.producer()
+    if na is None or nb is None or (na.op_type, na.domain, len(na.inputs), len(na.outputs)) != (
+            nb.op_type, nb.domain, len(nb.inputs), len(nb.outputs)) or na.outputs.index(a) != nb.outputs.index(b):
+        return False
+    if {k: v.value for k, v in na.attributes.items() if v.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        } != {k: v.value for k, v in nb.attributes.items()} or any(
+            v.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for v in na.attributes.values()):
+        return False
+    for x, y in zip(na.inputs, nb.inputs, strict=True):
+        if x is y:
+            continue
+        tx = ir.convenience.get_const_tensor(x) if x is not None else None
+        ty = ir.convenience.get_const_tensor(y) if y is not None else None
+        if tx is None or ty is None or tx.size > 64 or ty.size > 64 or tx.dtype != ty.dtype:
+            return False
+        ax, ay = np.asarray(tx.numpy()), np.asarray(ty.numpy())
+        if ax.shape != ay.shape or not np.array_equal(ax, ay, equal_nan=True):
+            return False
+    return True
 
 
 def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> str | None:
@@ -956,6 +999,45 @@ def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
         full.dtype, full.shape = _I64, out.shape
         w.commit()
         _replace(out, full)
+
+
+def _shape_without_concat(graph: ir.Graph) -> None:
+    """Shape(Concat(past, new, axis)) -> the shape computed from the inputs' shapes, when the Concat of a cache
+    input is read only for its shape (the export's total length): the concatenation (a copy of the whole
+    cache) is no longer computed."""
+    for node in [n for n in graph if n.op_type == "Concat" and n.domain in ("", "ai.onnx")]:
+        out = node.outputs[0]
+        users = [u.node for u in out.uses()]
+        ranks = {len(i.shape) if i is not None and i.shape is not None else None for i in node.inputs}
+        if (not users or out.is_graph_output() or any(u.op_type != "Shape" for u in users) or len(ranks) != 1
+                or None in ranks or not any(i in graph.inputs for i in node.inputs)):
+            continue
+        if len(node.inputs) == 1:  # Concat([x]) is x
+            ir.convenience.replace_all_uses_with(out, node.inputs[0])
+            graph.remove(node, safe=True)
+            continue
+        rank = ranks.pop()
+        axis = node.attributes.get_int("axis", 0)
+        axis = axis + rank if axis < 0 else axis
+        for shape_node in users:
+            w = NodeWriter(graph, shape_node, "concat_shape")
+            first = node.inputs[0]
+            total = w.op("Shape", first, start=axis, end=axis + 1)
+            for other in node.inputs[1:]:
+                total = w.op("Add", total, w.op("Shape", other, start=axis, end=axis + 1))
+            pieces = ([w.op("Shape", first, start=0, end=axis)] if axis > 0 else []) + [total]
+            if axis + 1 < rank:
+                pieces.append(w.op("Shape", first, start=axis + 1, end=rank))
+            full = w.op("Concat", *pieces, axis=0) if len(pieces) > 1 else total
+            start = shape_node.attributes.get_int("start", 0)
+            end = shape_node.attributes.get_int("end", rank)
+            if (start, end) != (0, rank):
+                full = w.op("Slice", full, w.const(np.array([start], np.int64)), w.const(np.array([end], np.int64)))
+            full.dtype, full.shape = _I64, shape_node.outputs[0].shape
+            w.commit()
+            _replace(shape_node.outputs[0], full)
+        if not any(True for _ in out.uses()):
+            graph.remove(node, safe=True)
 
 
 def _replace(old: ir.Value, new: ir.Value) -> None:
