@@ -27,20 +27,26 @@ def _gqa_attributes(path) -> list[dict]:
             for n in graph.node if n.op_type == "GroupQueryAttention"]
 
 
-@pytest.mark.parametrize("rotary_inside", [True, False])
-def test_optimum_layout_fused_equals_original(rotary_inside, tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["rotary_inside", "rotary_outside", "views_unproven"])
+def test_optimum_layout_fused_equals_original(form, tmp_path, monkeypatch):
     """GroupQueryAttention per layer (no Softmax left), residual + RMSNorm pairs fused; logits and presents equal
     the original's within fp32 round-off at every non-padded position, prefill, decode and left padding (where
     Optimum's position_ids are cumsum(mask) - 1, not past + i). RoPE inside GroupQueryAttention (do_rotary=1,
     the graph's position_ids as its position_ids input); when the probe of the kernel's rotary contract says no
-    (simulated here), the RotaryEmbedding nodes stay before it and the note says why."""
+    (simulated here), the RotaryEmbedding nodes stay before it and the note says why. q/k/v and the output are
+    the projections' / o_proj's own tensors; where the reshapes between are not proven views (simulated), the
+    [B, S, N*D] views are written instead."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from fixtures.hf_models import export_optimum_layout, optimum_feeds, ort_session
     from posrewrite.passes.onnx import fuse_cache_attention as fca
 
+    rotary_inside = form != "rotary_outside"
     if not rotary_inside:
         monkeypatch.setattr(fca, "_rotary_probe", lambda *a: "simulated: the kernel rotates differently")
+    if form == "views_unproven":
+        monkeypatch.setattr(fca, "_flat_projection", lambda *a: None)
+        monkeypatch.setattr(fca, "_flat_output", lambda *a: None)
     src = export_optimum_layout(num_layers=2)
     out = tmp_path / "fused.onnx"
     result = api.rewrite(src, output=out, fuse="ort")
@@ -50,8 +56,13 @@ def test_optimum_layout_fused_equals_original(rotary_inside, tmp_path, monkeypat
     assert ops["SkipSimplifiedLayerNormalization"] == 4  # 2 layers x (attention, MLP) residual pairs
     assert ops["Cos"] == ops["Sin"] == 0
     # q/k/v straight from their projections, the output straight into o_proj: no head transposes left
-    assert ops["Transpose"] == 0, ops
+    assert (ops["Transpose"] == 0) == (form != "views_unproven"), ops
     gqa = _gqa_attributes(out)
+    # one mask for both layers (the export writes one per layer), its clamp folded into constants; the cache is
+    # not concatenated just to read the total length
+    assert len({g["inputs"][10] for g in gqa}) == 1 and ops["Max"] == 0, gqa
+    graph = onnx.load(str(out), load_external_data=False).graph
+    assert not [n.name for n in graph.node if n.op_type == "Concat" and any("past" in i for i in n.input)]
     if rotary_inside:
         assert ops["RotaryEmbedding"] == 0
         assert all(g.get("do_rotary") == 1 and g["inputs"][9] for g in gqa), gqa  # position_ids given

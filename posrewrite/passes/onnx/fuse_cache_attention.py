@@ -15,9 +15,17 @@ GroupQueryAttention masks key j for query i when j > P + i (P = seqlens_k + 1 - 
 seqlens_k = P + S - 1 for every batch entry) and adds the bias elsewhere. So the bias is *evaluated* (onnxruntime,
 on its own cone of the graph) for several past/sequence lengths, with an all-ones and a left-padded
 attention_mask, and must mask every key after the query's position (at or below -1e4: exp underflows to zero).
-The RotaryEmbedding nodes stay outside the attention (rotating by the graph's own position_ids, whatever they
-are) and read the [B, S, H*D] view of the projections. Kv heads are not expanded any more (GroupQueryAttention
-reads head h from kv head h // (H / Hkv), as HF's repeat_kv does).
+Layers that compute the same mask (torch writes Where(mask, 0, -inf) once per layer) share one, checked once.
+
+RoPE goes inside (do_rotary=1, the RotaryEmbedding's cos/sin caches, and its positions -- the graph's own
+position_ids, whatever they are -- as GroupQueryAttention's position_ids input) when the two RotaryEmbedding
+nodes share positions and caches, rotate whole heads, and a probe of the installed onnxruntime (GroupQueryAttention
+rotating by position_ids against RotaryEmbedding + GroupQueryAttention without rotation, random positions)
+agrees; otherwise the RotaryEmbedding nodes stay before it, on the [B, S, N*D] view. q, k, v are read as the
+projections computed them ([B, S, N*D]) and the graph's [B, S, H*D] attention output is GroupQueryAttention's,
+where the reshapes between are proven views (`_Dims`: their shape tensors read as dimensions of known values);
+otherwise reshapes to and from [B, S, N*D] are written. Kv heads are not expanded any more
+(GroupQueryAttention reads head h from kv head h // (H / Hkv), as HF's repeat_kv does).
 
 One difference is allowed and stated: a query row whose keys are all masked (a left-padding position) gives
 NaN in the original before its Where(IsNaN) turns it to zero; the bias is clamped to the dtype's lowest finite
