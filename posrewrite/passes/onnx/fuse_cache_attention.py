@@ -752,7 +752,9 @@ def _same_computation(a: ir.Value, b: ir.Value) -> bool:
     if a is b:
         return True
     na, nb = a.producer(), b.producer()
-    if na is None or nb is None or (na.op_type, na.domain, len(na.inputs), len(na.outputs)) != (
+    if na is None or na.op_type.startswith(("Random", "Multinomial", "Bernoulli", "Dropout")):
+        return False  # not a function of its inputs
+    if nb is None or (na.op_type, na.domain, len(na.inputs), len(na.outputs)) != (
             nb.op_type, nb.domain, len(nb.inputs), len(nb.outputs)) or na.outputs.index(a) != nb.outputs.index(b):
         return False
     if {k: v.value for k, v in na.attributes.items() if v.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
