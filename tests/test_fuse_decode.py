@@ -122,3 +122,25 @@ def test_rewrites_never_read_untouched_weights(tmp_path, monkeypatch):
     api.rewrite(src, output=tmp_path / "f.onnx", fuse="ort", validate=False)
     assert read == []
     assert _ops(tmp_path / "f.onnx")["GroupQueryAttention"] == 2
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_head_reshape_is_read_as_a_view_only_when_proven(order):
+    """x [B, S, 2*4] -> Reshape(x, [dim a of x, dim b of x, 2, 4]) -> Transpose(0, 2, 1, 3): GroupQueryAttention
+    may read x itself only when (a, b) = (0, 1); with batch and sequence swapped the heads are other data."""
+    from types import SimpleNamespace
+
+    from posrewrite.passes.onnx import fuse_cache_attention as fca
+
+    x = ir.Value(name="x", shape=ir.Shape(["B", "S", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    shape = ir.node("Shape", [x])
+    picks = [ir.node("Gather", [shape.outputs[0], ir.Value(name=f"i{k}", const_value=ir.tensor(np.array([k])))])
+             for k in order]
+    heads = ir.Value(name="hd", const_value=ir.tensor(np.array([2, 4], np.int64)))
+    target = ir.node("Concat", [picks[0].outputs[0], picks[1].outputs[0], heads], {"axis": 0})
+    reshape = ir.node("Reshape", [x, target.outputs[0]])
+    transpose = ir.node("Transpose", [reshape.outputs[0]], {"perm": [0, 2, 1, 3]})
+    att = SimpleNamespace(out=ir.Value(name="out"), q_rot=SimpleNamespace(inputs=[transpose.outputs[0]]),
+                          k_rot=SimpleNamespace(inputs=[ir.Value(name="k")]), heads=2, kv_heads=2, head_size=4)
+    found = fca._flat_projection(fca._Dims(att), transpose.outputs[0], 2)
+    assert (found is x) == (order == (0, 1))
