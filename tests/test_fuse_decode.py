@@ -57,6 +57,7 @@ def test_optimum_layout_fused_equals_original(form, tmp_path, monkeypatch):
     assert ops["Cos"] == ops["Sin"] == 0
     # q/k/v straight from their projections, the output straight into o_proj: no head transposes left
     assert (ops["Transpose"] == 0) == (form != "views_unproven"), ops
+    assert any("head reshapes/transposes kept around 2" in c for c in result.changes) == (form == "views_unproven")
     gqa = _gqa_attributes(out)
     # one mask for both layers (the export writes one per layer), its clamp folded into constants; the cache is
     # not concatenated just to read the total length

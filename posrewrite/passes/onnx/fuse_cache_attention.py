@@ -106,10 +106,12 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
     shared: dict = {}
     heads_views = [v for att in kept for v in (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new)]
     outside: dict[str, int] = {}
+    copies = 0
     for att in kept:
-        why = _rewrite(model, att, shared)
+        why, views = _rewrite(model, att, shared)
         if why is not None:
             outside[why] = outside.get(why, 0) + 1
+        copies += not views
     if kept:
         from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
@@ -123,6 +125,8 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
     inside = len(kept) - sum(outside.values())
     parts = [f"RoPE inside {inside} (do_rotary=1, cos/sin caches and the graph's position_ids)"] if inside else []
     parts += [f"RotaryEmbedding before {n}: {why}" for why, n in outside.items()]
+    if copies:
+        parts.append(f"head reshapes/transposes kept around {copies} (not proven views of the projections)")
     return len(kept), reasons, "; ".join(parts)
 
 
@@ -774,8 +778,9 @@ def _same_computation(a: ir.Value, b: ir.Value) -> bool:
     return True
 
 
-def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> str | None:
-    """Writes the GroupQueryAttention of `att`; returns why its rotation stays outside it (None: inside)."""
+def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> tuple[str | None, bool]:
+    """Writes the GroupQueryAttention of `att`; returns why its rotation stays outside it (None: inside), and
+    whether it reads the projections and gives o_proj its input directly (reshapes proven to be views)."""
     graph = model.graph
     anchor = att.softmax
     # everything it reads precedes the Softmax; the rotated values are recomputed from the projections
@@ -876,7 +881,7 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> str | None:
             _replace(shape_node.outputs[0], full_shape)
     _replace(att.k_all, gqa.outputs[1])
     _replace(att.v_all, gqa.outputs[2])
-    return outside
+    return outside, all(f is not None for f in flat) and flat_out is not None
 
 
 # ---------------------------------------------------------------------------------------------------
