@@ -77,38 +77,45 @@ def _genai_model(args, tmp: Path) -> Path | None:
     return out / "model.onnx"
 
 
-def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> tuple[float, dict[str, float]]:
-    """Median over `runs` of the summed kernel times (onnxruntime's profiler) of one run: less sensitive than
-    wall time to other processes competing for the CPU between kernels; and the mean per run by op type."""
+def _kernel_ms(models: list[tuple[Path, dict]], threads: int, runs: int) -> list[tuple[float, dict[str, float]]]:
+    """Per model: the median over `runs` of the summed kernel times (onnxruntime's profiler) of one run, less
+    sensitive than wall time to other processes competing for the CPU between kernels, and the mean per run by
+    op type. The models run interleaved (one run of each in turn), so that they see the same load."""
     import json
 
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sessions = []
+    for path, feeds in models:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
+        sessions.append((ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), feeds))
     for _ in range(runs + 1):
-        sess.run(None, feeds)
-    trace = Path(sess.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink(missing_ok=True)
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    per_run = [0.0] * len(spans)
-    by_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            for k, (lo, hi) in enumerate(spans):
-                if lo <= e["ts"] <= hi:
-                    per_run[k] += e["dur"] / 1e3
-                    if k > 0 or len(spans) == 1:  # the first run warms up
-                        op = e.get("args", {}).get("op_name", "?")
-                        by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / max(1, len(spans) - 1)
-                    break
-    return statistics.median(per_run[1:] or per_run), by_op
+        for sess, feeds in sessions:
+            sess.run(None, feeds)
+    results = []
+    for sess, _ in sessions:
+        trace = Path(sess.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink(missing_ok=True)
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+        per_run = [0.0] * len(spans)
+        by_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                for k, (lo, hi) in enumerate(spans):
+                    if lo <= e["ts"] <= hi:
+                        per_run[k] += e["dur"] / 1e3
+                        if k > 0 or len(spans) == 1:  # the first run warms up
+                            op = e.get("args", {}).get("op_name", "?")
+                            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / max(1, len(spans) - 1)
+                        break
+        results.append((statistics.median(per_run[1:] or per_run), by_op))
+    return results
 
 
 def _print_ops(columns: dict[str, dict[str, float]], top: int) -> None:
@@ -234,11 +241,13 @@ def main() -> None:
         tail = f"  {err:.2e} (outputs up to {scale:.2g})" + (f"; c: {err_c:.2e}" if c is not None else "")
         print(line + tail)
         if args.kernel_times:
-            (ka, oa), (kb, ob) = (_kernel_ms(p, feeds, args.threads, args.kernel_times) for p in (src, fused))
+            models = [(src, feeds), (fused, feeds)] + ([(genai, c_feeds)] if c is not None else [])
+            kernel = _kernel_ms(models, args.threads, args.kernel_times)
+            (ka, oa), (kb, ob) = kernel[:2]
             line = f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x"
             columns = {"(a)": oa, "(b)": ob}
             if c is not None:
-                kc, columns["(c)"] = _kernel_ms(genai, c_feeds, args.threads, args.kernel_times)
+                kc, columns["(c)"] = kernel[2]
                 line += f" {kc:8.1f} ms {kc / kb:7.2f}x"
             print(line)
             if args.kernel_ops:
