@@ -13,6 +13,10 @@ Rewrite time: ``posrewrite --fuse ort`` against onnxscript's ``optimize_for_ort`
 kind of work: fusions of the whole model, no validation), and posrewrite's rescale alone.
 
     python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5] [--kernel-times 3]
+                                        [--kernel-ops 12]
+
+Summed kernel times (``--kernel-times``, and per op type with ``--kernel-ops``) move much less than wall time
+when other processes share the CPU: compare those on a loaded machine.
 """
 
 from __future__ import annotations
@@ -73,34 +77,53 @@ def _genai_model(args, tmp: Path) -> Path | None:
     return out / "model.onnx"
 
 
-def _kernel_ms(path: Path, feeds: dict, threads: int, runs: int) -> float:
-    """Median over `runs` of the summed kernel times (onnxruntime's profiler) of one run: less sensitive than
-    wall time to other processes competing for the CPU between kernels."""
+def _kernel_ms(models: list[tuple[Path, dict]], threads: int, runs: int) -> list[tuple[float, dict[str, float]]]:
+    """Per model: the median over `runs` of the summed kernel times (onnxruntime's profiler) of one run, less
+    sensitive than wall time to other processes competing for the CPU between kernels, and the mean per run by
+    op type. The models run interleaved (one run of each in turn), so that they see the same load."""
     import json
 
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sessions = []
+    for path, feeds in models:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "posrewrite-kernel-times")
+        sessions.append((ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), feeds))
     for _ in range(runs + 1):
-        sess.run(None, feeds)
-    trace = Path(sess.end_profiling())
-    events = json.loads(trace.read_text())
-    trace.unlink(missing_ok=True)
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    per_run = [0.0] * len(spans)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            for k, (lo, hi) in enumerate(spans):
-                if lo <= e["ts"] <= hi:
-                    per_run[k] += e["dur"] / 1e3
-                    break
-    return statistics.median(per_run[1:] or per_run)
+        for sess, feeds in sessions:
+            sess.run(None, feeds)
+    results = []
+    for sess, _ in sessions:
+        trace = Path(sess.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink(missing_ok=True)
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+        per_run = [0.0] * len(spans)
+        by_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                for k, (lo, hi) in enumerate(spans):
+                    if lo <= e["ts"] <= hi:
+                        per_run[k] += e["dur"] / 1e3
+                        if k > 0 or len(spans) == 1:  # the first run warms up
+                            op = e.get("args", {}).get("op_name", "?")
+                            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / max(1, len(spans) - 1)
+                        break
+        results.append((statistics.median(per_run[1:] or per_run), by_op))
+    return results
+
+
+def _print_ops(columns: dict[str, dict[str, float]], top: int) -> None:
+    """Summed kernel time per op type (ms per run), the `top` largest, one column per model."""
+    ops = sorted({o for c in columns.values() for o in c}, key=lambda o: -max(c.get(o, 0.0) for c in columns.values()))
+    print(f"    {'op type (kernel ms/run)':34s}" + "".join(f"{name:>12s}" for name in columns))
+    for op in ops[:top]:
+        print(f"    {op:34s}" + "".join(f"{c.get(op, 0.0):12.2f}" for c in columns.values()))
 
 
 def _ops(path: Path) -> str:
@@ -108,7 +131,7 @@ def _ops(path: Path) -> str:
 
     counts = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     keys = ("GroupQueryAttention", "MultiHeadAttention", "RotaryEmbedding", "Softmax",
-            "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+            "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "Transpose")
     return ", ".join(f"{counts[k]} {k}" for k in keys if counts[k])
 
 
@@ -157,6 +180,8 @@ def main() -> None:
     parser.add_argument("--decode-past", type=int, default=2048)
     parser.add_argument("--rewrite-repeat", type=int, default=3)
     parser.add_argument("--kernel-times", type=int, default=0, help="also sum kernel times over N profiled runs")
+    parser.add_argument("--kernel-ops", type=int, default=0,
+                        help="with --kernel-times: also print the N op types with the most kernel time, per model")
     parser.add_argument("--no-genai", dest="genai", action="store_false", help="skip the genai builder column")
     args = parser.parse_args()
 
@@ -216,12 +241,17 @@ def main() -> None:
         tail = f"  {err:.2e} (outputs up to {scale:.2g})" + (f"; c: {err_c:.2e}" if c is not None else "")
         print(line + tail)
         if args.kernel_times:
-            ka, kb = (_kernel_ms(p, feeds, args.threads, args.kernel_times) for p in (src, fused))
+            models = [(src, feeds), (fused, feeds)] + ([(genai, c_feeds)] if c is not None else [])
+            kernel = _kernel_ms(models, args.threads, args.kernel_times)
+            (ka, oa), (kb, ob) = kernel[:2]
             line = f"  {'  summed kernel time':22s} {ka:10.1f} ms {kb:8.1f} ms {ka / kb:7.2f}x"
+            columns = {"(a)": oa, "(b)": ob}
             if c is not None:
-                kc = _kernel_ms(genai, c_feeds, args.threads, args.kernel_times)
+                kc, columns["(c)"] = kernel[2]
                 line += f" {kc:8.1f} ms {kc / kb:7.2f}x"
             print(line)
+            if args.kernel_ops:
+                _print_ops(columns, args.kernel_ops)
     del a, b, c
     try:
         if args.rewrite_repeat:

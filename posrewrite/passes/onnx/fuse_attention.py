@@ -85,7 +85,7 @@ class FuseAttentionPass(ReportingPass):
             return ir.passes.PassResult(model, False)
         before = _count_ops(model)
         rotary_attrs = _rotary_attributes(model)
-        cache_gqa, cache_reasons = 0, []
+        cache_gqa, cache_reasons, cache_detail = 0, [], ""
         if self.target == "ort" and self.allow_gqa:
             # attention with a KV cache (Optimum / HF decode exports): GroupQueryAttention, checked here
             from onnx_ir.passes.common import ShapeInferencePass
@@ -96,7 +96,7 @@ class FuseAttentionPass(ReportingPass):
                 ShapeInferencePass()(model)
             except Exception:  # noqa: BLE001 - shapes help, they are not required
                 pass
-            cache_gqa, cache_reasons = fuse_cache_attention(model)
+            cache_gqa, cache_reasons, cache_detail = fuse_cache_attention(model)
         # every attention became GroupQueryAttention: onnxscript's attention rules have nothing left to do, and
         # their pre-optimisation (folding, shape rules: most of the time on a 32-layer model) is skipped
         light = bool(cache_gqa) and not any(n.op_type == "Softmax" for n in model.graph)
@@ -157,8 +157,7 @@ class FuseAttentionPass(ReportingPass):
         if cache_gqa:
             self.changes.append(
                 f"fused attention: {cache_gqa} with a KV cache into com.microsoft.GroupQueryAttention (attention "
-                "bias kept, verified to mask every future key; RotaryEmbedding before it, with the graph's "
-                "position_ids; kv heads not expanded)"
+                f"bias kept, verified to mask every future key; {cache_detail}; kv heads not expanded)"
             )
         has_cache = any("past" in (v.name or "") for v in model.graph.inputs)
         if cache_reasons and (cache_gqa or has_cache):

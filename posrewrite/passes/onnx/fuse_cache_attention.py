@@ -15,9 +15,17 @@ GroupQueryAttention masks key j for query i when j > P + i (P = seqlens_k + 1 - 
 seqlens_k = P + S - 1 for every batch entry) and adds the bias elsewhere. So the bias is *evaluated* (onnxruntime,
 on its own cone of the graph) for several past/sequence lengths, with an all-ones and a left-padded
 attention_mask, and must mask every key after the query's position (at or below -1e4: exp underflows to zero).
-The RotaryEmbedding nodes stay outside the attention (rotating by the graph's own position_ids, whatever they
-are) and read the [B, S, H*D] view of the projections. Kv heads are not expanded any more (GroupQueryAttention
-reads head h from kv head h // (H / Hkv), as HF's repeat_kv does).
+Layers that compute the same mask (torch writes Where(mask, 0, -inf) once per layer) share one, checked once.
+
+RoPE goes inside (do_rotary=1, the RotaryEmbedding's cos/sin caches, and its positions -- the graph's own
+position_ids, whatever they are -- as GroupQueryAttention's position_ids input) when the two RotaryEmbedding
+nodes share positions and caches, rotate whole heads, and a probe of the installed onnxruntime (GroupQueryAttention
+rotating by position_ids against RotaryEmbedding + GroupQueryAttention without rotation, random positions)
+agrees; otherwise the RotaryEmbedding nodes stay before it, on the [B, S, N*D] view. q, k, v are read as the
+projections computed them ([B, S, N*D]) and the graph's [B, S, H*D] attention output is GroupQueryAttention's,
+where the reshapes between are proven views (`_Dims`: their shape tensors read as dimensions of known values);
+otherwise reshapes to and from [B, S, N*D] are written. Kv heads are not expanded any more
+(GroupQueryAttention reads head h from kv head h // (H / Hkv), as HF's repeat_kv does).
 
 One difference is allowed and stated: a query row whose keys are all masked (a left-padding position) gives
 NaN in the original before its Where(IsNaN) turns it to zero; the bias is clamped to the dtype's lowest finite
@@ -65,9 +73,9 @@ class NotFused(Exception):
     """Why one attention is not rewritten (said in the notes)."""
 
 
-def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str]]:
+def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
     """Rewrites every recognised attention with a KV cache into GroupQueryAttention. Returns (count, reasons
-    for the attentions left as they are)."""
+    for the attentions left as they are, what the fused attentions hold: where their rotation is)."""
     graph = model.graph
     found: list[_Attention] = []
     reasons: list[str] = []
@@ -77,7 +85,13 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str]]:
         except NotFused as exc:
             reasons.append(f"{node.name or 'Softmax'}: {exc}")
     if not found:
-        return 0, reasons
+        return 0, reasons, ""
+    biases: list[ir.Value] = []  # one mask for every layer that computes the same one (checked and clamped once)
+    for att in found:
+        if att.bias is not None:
+            att.bias = next((b for b in biases if _same_computation(b, att.bias)), att.bias)
+            if not any(b is att.bias for b in biases):
+                biases.append(att.bias)
     verdicts: dict[int, str | None] = {}
     kept = []
     for att in found:
@@ -91,18 +105,29 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str]]:
         kept.append(att)
     shared: dict = {}
     heads_views = [v for att in kept for v in (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new)]
+    outside: dict[str, int] = {}
+    copies = 0
     for att in kept:
-        _rewrite(model, att, shared)
+        why, views = _rewrite(model, att, shared)
+        if why is not None:
+            outside[why] = outside.get(why, 0) + 1
+        copies += not views
     if kept:
         from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
         RemoveUnusedNodesPass()(model)
+        _shape_without_concat(graph)
         for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
             if v is not None and v.producer() is not None and v.producer().graph is graph:
                 _shape_through_transpose(graph, v)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
-    return len(kept), reasons
+    inside = len(kept) - sum(outside.values())
+    parts = [f"RoPE inside {inside} (do_rotary=1, cos/sin caches and the graph's position_ids)"] if inside else []
+    parts += [f"RotaryEmbedding before {n}: {why}" for why, n in outside.items()]
+    if copies:
+        parts.append(f"head reshapes/transposes kept around {copies} (not proven views of the projections)")
+    return len(kept), reasons, "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,6 +487,206 @@ def _session(model: ir.Model, cone: list[ir.Node], needed: list[ir.Value], targe
 
 
 # ---------------------------------------------------------------------------------------------------
+# layouts: which reshapes around the attention are views of GroupQueryAttention's [B, S, N*D] inputs / output
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Dims:
+    """Dimensions known equal by construction (a Transpose moves them, a MatMul with a 2-D weight keeps the
+    leading ones, a rotation keeps all, the attention output has the query's batch and rows, a reshape proven
+    to be a view keeps the ones it copies), so that shape tensors built from Shape/Gather/Concat can be read as
+    "dimension k of value v"."""
+
+    def __init__(self, att: _Attention) -> None:
+        self.att = att
+        self.kept: dict[int, tuple[ir.Value, dict[int, int]]] = {}  # reshape output -> (its input, dims it keeps)
+
+    def _next(self, v: ir.Value, i: int) -> tuple[ir.Value, int] | None:
+        """One step towards where dimension i of v comes from, or None."""
+        if v is self.att.out and i in (0, 2):
+            return self.att.q_rot.inputs[0], i
+        if id(v) in self.kept and i in self.kept[id(v)][1]:
+            return self.kept[id(v)][0], self.kept[id(v)][1][i]
+        node = v.producer()
+        if node is None:
+            return None
+        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+            perm = list(node.attributes.get_ints("perm", []))
+            return (node.inputs[0], perm[i]) if perm and i < len(perm) else None
+        if node.op_type == "RotaryEmbedding" and node.domain == _CONTRIB:
+            return node.inputs[0], i
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            a, b = node.inputs[0], node.inputs[1]
+            if a.shape is not None and b.shape is not None and len(b.shape) == 2 and i < len(a.shape) - 1:
+                return a, i
+        return None
+
+    def root(self, v: ir.Value, i: int) -> tuple[ir.Value, int]:
+        for _ in range(64):
+            step = self._next(v, i)
+            if step is None:
+                break
+            v, i = step
+        return v, i
+
+    def static(self, v: ir.Value, i: int) -> int | None:
+        att = self.att
+        known = {id(att.out): (att.heads, att.head_size), id(att.q_rot.inputs[0]): (att.heads, att.head_size),
+                 id(att.k_rot.inputs[0]): (att.kv_heads, att.head_size)}
+        for _ in range(64):
+            if v.shape is not None and i < len(v.shape) and isinstance(v.shape[i], int):
+                return v.shape[i]
+            if id(v) in known and i in (1, 3):
+                return known[id(v)][i // 2]
+            step = self._next(v, i)
+            if step is None:
+                return None
+            v, i = step
+        return None
+
+    def same(self, elem: int | tuple[ir.Value, int] | None, v: ir.Value, i: int) -> bool:
+        """elem (an int, or dimension k of a value) is dimension i of v."""
+        if elem is None:
+            return False
+        if isinstance(elem, int):
+            return elem == self.static(v, i)
+        if self.root(*elem) == self.root(v, i):  # tuples of (value, index): values compared by identity
+            return True
+        a, b = self.static(*elem), self.static(v, i)
+        return a is not None and a == b
+
+
+def _elements(v: ir.Value | None, depth: int = 0) -> list | None:
+    """The elements of a small int64 shape tensor: ints, (value, k) for "dimension k of value", None unknown.
+    None when the tensor's form is not one of Constant, Shape, Gather, Concat, Unsqueeze, Squeeze, Slice, Cast."""
+    if v is None or depth > 16:
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    if t is not None:
+        arr = np.asarray(t.numpy())
+        if arr.ndim > 1 or arr.size > 8 or arr.dtype.kind not in "iu":
+            return None
+        return [int(x) for x in arr.reshape(-1)]
+    node = v.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Shape":
+        x = node.inputs[0]
+        if x.shape is None:
+            return None
+        rank = len(x.shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        start, end = (max(0, min(rank, k + rank if k < 0 else k)) for k in (start, end))
+        return [(x, k) for k in range(start, end)]
+    if op in ("Unsqueeze", "Squeeze", "Cast"):
+        return _elements(node.inputs[0], depth + 1)
+    if op == "Concat":
+        out: list = []
+        for i in node.inputs:
+            part = _elements(i, depth + 1)
+            if part is None:
+                return None
+            out.extend(part)
+        return out
+    if op == "Gather":
+        data, idx = _elements(node.inputs[0], depth + 1), ir.convenience.get_const_tensor(node.inputs[1])
+        if data is None or idx is None or node.attributes.get_int("axis", 0) != 0:
+            return None
+        picks = [int(k) for k in np.asarray(idx.numpy()).reshape(-1)]
+        if any(not -len(data) <= k < len(data) for k in picks):
+            return None
+        return [data[k] for k in picks]
+    if op == "Slice":
+        data = _elements(node.inputs[0], depth + 1)
+        bounds = [ir.convenience.get_const_tensor(i) if i is not None else None for i in node.inputs[1:]]
+        if data is None or len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+            return None
+        if len(bounds) > 2 and bounds[2] is not None and [int(a) for a in bounds[2].numpy().reshape(-1)] != [0]:
+            return None
+        if len(bounds) > 3 and bounds[3] is not None and [int(a) for a in bounds[3].numpy().reshape(-1)] != [1]:
+            return None
+        start, end = (int(np.asarray(b.numpy()).reshape(-1)[0]) for b in bounds[:2])
+        return data[slice(start, end)]
+    return None
+
+
+def _reshape_keeps(dims: _Dims, node: ir.Node, wanted: list) -> bool:
+    """Reshape `node` gives a tensor whose dimension k is wanted[k]: (value, i) for "dimension i of value",
+    an int for a static size; its target's 0 (copy) must copy a wanted dimension, one -1 is allowed when every
+    other dimension is proven (then it is the remaining one)."""
+    if node.attributes.get_int("allowzero", 0):
+        return False
+    x = node.inputs[0]
+    target = _elements(node.inputs[1])
+    if target is None or len(target) != len(wanted):
+        return False
+    unknown = 0
+    for k, (e, want) in enumerate(zip(target, wanted, strict=True)):
+        if e == -1:
+            unknown += 1
+            continue
+        if e == 0:  # copies the input's dimension k
+            ok = isinstance(want, tuple) and x.shape is not None and k < len(x.shape) and dims.same((x, k), *want)
+        elif isinstance(want, int):
+            ok = isinstance(e, int) and e == want or isinstance(e, tuple) and dims.static(*e) == want
+        else:
+            ok = dims.same(e, *want)
+        if not ok:
+            return False
+    return unknown <= 1
+
+
+def _flat_projection(dims: _Dims, heads_view: ir.Value, n: int) -> ir.Value | None:
+    """x [B, S, n*D] when heads_view [B, n, S, D] = Transpose(Reshape(x, [B, S, n, D]), 0213) with the
+    reshape proven to keep x's first two dimensions: GroupQueryAttention's input, no copy and no reshape."""
+    d = dims.att.head_size
+    t = _producer(heads_view, "Transpose")
+    if t is None or list(t.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    r = _producer(t.inputs[0], "Reshape")
+    if r is None:
+        return None
+    x = r.inputs[0]
+    if x.shape is None or len(x.shape) != 3 or x.shape[2] != n * d:
+        return None
+    if not _reshape_keeps(dims, r, [(x, 0), (x, 1), n, d]):
+        return None
+    dims.kept[id(r.outputs[0])] = (x, {0: 0, 1: 1})
+    return x
+
+
+def _flat_output(dims: _Dims) -> tuple[ir.Value, list[ir.Node]] | None:
+    """The value the graph computes as the attention output in [B, S, H*D] (what GroupQueryAttention returns),
+    with the nodes between: out [B, H, S, D] -> (Reshape to the same shape) -> Transpose(0213) -> Reshape to
+    [B, S, H*D]; each reshape proven by its shape tensor. None when the graph's form is another."""
+    att = dims.att
+    h, d = att.heads, att.head_size
+    v, chain = att.out, []
+    users = [u.node for u in v.uses() if u.node.op_type != "Shape"]
+    if len(users) == 1 and users[0].op_type == "Reshape" and users[0].inputs[0] is v:
+        r = users[0]
+        if not _reshape_keeps(dims, r, [(v, 0), h, (v, 2), d]):
+            return None
+        chain.append(r)
+        v = r.outputs[0]
+        users = [u.node for u in v.uses() if u.node.op_type != "Shape"]
+    if len(users) != 1 or users[0].op_type != "Transpose" or list(users[0].attributes.get_ints("perm", [])) != [
+            0, 2, 1, 3]:
+        return None
+    chain.append(users[0])
+    v = users[0].outputs[0]
+    users = [u.node for u in v.uses() if u.node.op_type != "Shape"]
+    if len(users) != 1 or users[0].op_type != "Reshape" or users[0].inputs[0] is not v:
+        return None
+    if not _reshape_keeps(dims, users[0], [(att.out, 0), (att.out, 2), h * d]):
+        return None
+    chain.append(users[0])
+    return users[0].outputs[0], chain
+
+
+# ---------------------------------------------------------------------------------------------------
 # rewriting
 # ---------------------------------------------------------------------------------------------------
 
@@ -508,28 +733,82 @@ def _clamped_bias(w: NodeWriter, bias: ir.Value, shared: dict) -> ir.Value:
     if id(bias) not in shared:
         dtype = bias.dtype or ir.DataType.FLOAT
         lowest = np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min
-        low = w.const(np.array(lowest, dtype=np.float32), dtype=dtype if dtype != ir.DataType.BFLOAT16 else None)
-        if dtype == ir.DataType.BFLOAT16:
-            low = w.op("Cast", low, to=dtype)
-        shared[id(bias)] = w.op("Max", bias, low)
+        where = _producer(bias, "Where")
+        branches = [ir.convenience.get_const_tensor(i) for i in where.inputs[1:]] if where is not None else [None]
+        if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) and all(
+                t is not None and t.size <= 16 for t in branches):
+            # Where(mask, a, b) with constant a, b (torch's bool mask -> 0 / -inf): clamp the constants instead
+            clamped = [w.const(np.maximum(np.asarray(t.numpy(), np.float32), lowest), dtype=dtype) for t in branches]
+            shared[id(bias)] = w.op("Where", where.inputs[0], *clamped)
+        else:
+            low = w.const(np.array(lowest, dtype=np.float32), dtype=dtype if dtype != ir.DataType.BFLOAT16 else None)
+            if dtype == ir.DataType.BFLOAT16:
+                low = w.op("Cast", low, to=dtype)
+            shared[id(bias)] = w.op("Max", bias, low)
+        shared[id(bias)].dtype = dtype
+        shared[id(bias)].shape = bias.shape
     return shared[id(bias)]
 
 
-def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
+def _same_computation(a: ir.Value, b: ir.Value) -> bool:
+    """a and b are computed by the same op from the same values (or equal small constants): every layer's
+    copy of the mask (torch's export writes Where(mask, 0, -inf) once per layer)."""
+    if a is b:
+        return True
+    na, nb = a.producer(), b.producer()
+    if na is None or na.op_type.startswith(("Random", "Multinomial", "Bernoulli", "Dropout")):
+        return False  # not a function of its inputs
+    if nb is None or (na.op_type, na.domain, len(na.inputs), len(na.outputs)) != (
+            nb.op_type, nb.domain, len(nb.inputs), len(nb.outputs)) or na.outputs.index(a) != nb.outputs.index(b):
+        return False
+    if {k: v.value for k, v in na.attributes.items() if v.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        } != {k: v.value for k, v in nb.attributes.items()} or any(
+            v.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for v in na.attributes.values()):
+        return False
+    for x, y in zip(na.inputs, nb.inputs, strict=True):
+        if x is y:
+            continue
+        tx = ir.convenience.get_const_tensor(x) if x is not None else None
+        ty = ir.convenience.get_const_tensor(y) if y is not None else None
+        if tx is None or ty is None or tx.size > 64 or ty.size > 64 or tx.dtype != ty.dtype:
+            return False
+        ax, ay = np.asarray(tx.numpy()), np.asarray(ty.numpy())
+        if ax.shape != ay.shape or not np.array_equal(ax, ay, equal_nan=True):
+            return False
+    return True
+
+
+def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> tuple[str | None, bool]:
+    """Writes the GroupQueryAttention of `att`; returns why its rotation stays outside it (None: inside), and
+    whether it reads the projections and gives o_proj its input directly (reshapes proven to be views)."""
     graph = model.graph
     anchor = att.softmax
     # everything it reads precedes the Softmax; the rotated values are recomputed from the projections
     w = NodeWriter(graph, anchor, "gqa")
-    q3 = _rotary_3d(w, att.q_rot, _bsd(w, att.q_rot.inputs[0]), att.heads)
-    k3 = _rotary_3d(w, att.k_rot, _bsd(w, att.k_rot.inputs[0]), att.kv_heads)
-    v3 = _bsd(w, att.v_new)
+    outside = _rotary_stays_outside(att, shared)
+    attrs: dict = {"num_heads": att.heads, "kv_num_heads": att.kv_heads, "scale": float(att.scale)}
+    # q, k, v as the projections computed them ([B, S, N*D]) where the graph's reshapes to heads are proven views
+    dims = _Dims(att)
+    flat = [_flat_projection(dims, x, n) for x, n in ((att.q_rot.inputs[0], att.heads),
+                                                      (att.k_rot.inputs[0], att.kv_heads), (att.v_new, att.kv_heads))]
+    q3, k3, v3 = (f if f is not None else _bsd(w, x)
+                  for f, x in zip(flat, (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new), strict=True))
+    flat_out = _flat_output(dims)  # read before the graph changes: its shape tensors read the attention output
+    if outside is None:  # GroupQueryAttention rotates q and k itself, by the same positions and caches
+        positions, cos, sin = att.q_rot.inputs[1:4]
+        attrs["do_rotary"] = 1
+        attrs["rotary_interleaved"] = att.q_rot.attributes.get_int("interleaved", 0)
+    else:
+        q3 = _rotary_3d(w, att.q_rot, q3, att.heads)
+        k3 = _rotary_3d(w, att.k_rot, k3, att.kv_heads)
+        positions = cos = sin = None
     seqlens, total, query_seqlens = _shared_lengths(w, att, q3, shared)
     bias = _clamped_bias(w, att.bias, shared)
     gqa = ir.node(
         "GroupQueryAttention",
-        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, None, None, None, bias, None, None, None, None,
-         None, query_seqlens],
-        {"num_heads": att.heads, "kv_num_heads": att.kv_heads, "scale": float(att.scale)},
+        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, cos, sin, positions, bias, None, None, None,
+         None, None, query_seqlens],
+        attrs,
         domain=_CONTRIB,
         num_outputs=3,
         name=(att.softmax.name or "attention") + "_gqa",
@@ -540,7 +819,8 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
     qs = att.q_rot.inputs[0].shape
     batch, seq = (qs[0], qs[2]) if qs is not None and len(qs) == 4 else (None, None)
     for v, n in ((q3, att.heads), (k3, att.kv_heads), (v3, att.kv_heads)):
-        v.dtype, v.shape = dtype, ir.Shape([batch, seq, n * att.head_size])
+        if not any(v is f for f in flat):  # written here (the graph's own projections keep their shapes)
+            v.dtype, v.shape = dtype, ir.Shape([batch, seq, n * att.head_size])
     gqa.outputs[0].dtype = dtype
     gqa.outputs[0].shape = ir.Shape([batch, seq, att.heads * att.head_size])
     for o, old in ((gqa.outputs[1], att.k_all), (gqa.outputs[2], att.v_all)):
@@ -549,6 +829,12 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
     w.nodes.append(gqa)
     out4 = w.op("Reshape", gqa.outputs[0], w.const(np.array([0, 0, att.heads, att.head_size], np.int64)))
     out4.dtype, out4.shape = dtype, ir.Shape([batch, seq, att.heads, att.head_size])
+    if flat_out is not None:  # the graph's [B, S, H*D] attention output is GroupQueryAttention's: read it
+        w.commit()
+        _replace(flat_out[0], gqa.outputs[0])
+        for node in reversed(flat_out[1]):
+            if not any(True for _ in node.outputs[0].uses()):
+                graph.remove(node, safe=True)
     # the graph reads out [B, H, S, D], usually through Transpose(0, 2, 1, 3): give that Transpose's output directly
     users = list(att.out.uses())
     t = users[0].node if len(users) == 1 else None
@@ -595,6 +881,116 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> None:
             _replace(shape_node.outputs[0], full_shape)
     _replace(att.k_all, gqa.outputs[1])
     _replace(att.v_all, gqa.outputs[2])
+    return outside, all(f is not None for f in flat) and flat_out is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoPE inside GroupQueryAttention
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rotary_stays_outside(att: _Attention, shared: dict) -> str | None:
+    """None when GroupQueryAttention's own rotation (do_rotary=1 with the q/k RotaryEmbedding's cos/sin caches
+    and positions as its position_ids input) computes what the two RotaryEmbedding nodes do; else why not.
+    The graph's form is checked here, the kernel's contract by `_rotary_probe` (an evaluation)."""
+    q_rot, k_rot = att.q_rot, att.k_rot
+    if len(q_rot.inputs) < 4 or len(k_rot.inputs) < 4:
+        return "RotaryEmbedding without its caches"
+    if any(a is not b for a, b in zip(q_rot.inputs[1:4], k_rot.inputs[1:4], strict=True)):
+        return "q and k are rotated with different positions or caches"
+    positions, cos, sin = q_rot.inputs[1:4]
+    interleaved = {n.attributes.get_int("interleaved", 0) for n in (q_rot, k_rot)}
+    if len(interleaved) != 1:
+        return "q and k rotate in different layouts"
+    for node in (q_rot, k_rot):
+        if node.attributes.get_int("is_packed_batching", 0) or node.attributes.get_float("scale", 1.0) != 1.0:
+            return "RotaryEmbedding with packed batching or a scale"
+        if node.attributes.get_int("rotary_embedding_dim", 0) not in (0, att.head_size):
+            return "partial rotary (GroupQueryAttention rotates whole heads here)"
+    if positions.shape is None or len(positions.shape) != 2 or positions.dtype != _I64:
+        return f"positions {positions.name} are not [batch, sequence] int64"
+    dtype = att.out.dtype or q_rot.inputs[0].dtype
+    for cache in (cos, sin):
+        shape = cache.shape
+        if shape is None or len(shape) != 2 or shape[1] != att.head_size // 2 or cache.dtype != dtype:
+            return f"cos/sin cache {cache.name} is not [rows, {att.head_size // 2}] {dtype}"
+    key = ("rotary_probe", att.heads, att.kv_heads, att.head_size, interleaved.pop(), dtype)
+    if key not in shared:
+        shared[key] = _rotary_probe(*key[1:])
+    return shared[key]
+
+
+def _rotary_probe(heads: int, kv_heads: int, head_size: int, interleaved: int, dtype: ir.DataType) -> str | None:
+    """Runs, in the installed onnxruntime, GroupQueryAttention with do_rotary=1 and position_ids against
+    RotaryEmbedding (as written here: [B, S, N*D] input, num_heads) + GroupQueryAttention without rotation, on
+    random q/k/v, caches, pasts, a causal bias and random (non-monotonic, per batch entry) positions, for a
+    prompt, a batched step after a past and a decode step. None when every output agrees within round-off."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto
+        from onnx import helper as oh
+
+        elem = int(dtype)
+        np_type = np.float16 if dtype == ir.DataType.FLOAT16 else np.float32
+        if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return f"not checked for {dtype} queries"
+        names = ("q", "k", "v", "past_k", "past_v", "cos", "sin", "bias")
+        ins = [oh.make_tensor_value_info(n, elem, None) for n in names]
+        ins += [oh.make_tensor_value_info("pos", TensorProto.INT64, None)]
+        ins += [oh.make_tensor_value_info(n, TensorProto.INT32, None) for n in ("seqlens_k", "total", "q_lens")]
+        attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
+        rot = {"interleaved": interleaved}
+        tail = ["seqlens_k", "total"]
+        extra = ["bias", "", "", "", "", "", "q_lens"]
+        inside = [oh.make_node("GroupQueryAttention", ["q", "k", "v", "past_k", "past_v", *tail, "cos", "sin", "pos",
+                                                      *extra], ["o", "pk", "pv"], domain=_CONTRIB, do_rotary=1,
+                               rotary_interleaved=interleaved, **attrs)]
+        outside = [
+            oh.make_node("RotaryEmbedding", ["q", "pos", "cos", "sin"], ["qr"], domain=_CONTRIB, num_heads=heads,
+                         **rot),
+            oh.make_node("RotaryEmbedding", ["k", "pos", "cos", "sin"], ["kr"], domain=_CONTRIB, num_heads=kv_heads,
+                         **rot),
+            oh.make_node("GroupQueryAttention", ["qr", "kr", "v", "past_k", "past_v", *tail, "", "", "", *extra],
+                         ["o", "pk", "pv"], domain=_CONTRIB, **attrs),
+        ]
+        outs = [oh.make_tensor_value_info(n, elem, None) for n in ("o", "pk", "pv")]
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        sessions = []
+        for nodes in (inside, outside):
+            proto = oh.make_model(oh.make_graph(nodes, "probe", ins, outs),
+                                  opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(_CONTRIB, 1)])
+            sessions.append(ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]))
+        rng = np.random.default_rng(0)
+        rows = 64
+        angles = rng.uniform(-np.pi, np.pi, size=(rows, head_size // 2))
+        for batch, past, seq in ((2, 0, 5), (2, 4, 3), (2, 7, 1)):
+            total = past + seq
+            bias = np.where(np.arange(total)[None, :] > past + np.arange(seq)[:, None], -1.0e4, 0.0)
+            feeds = {
+                "q": rng.standard_normal((batch, seq, heads * head_size)),
+                "k": rng.standard_normal((batch, seq, kv_heads * head_size)),
+                "v": rng.standard_normal((batch, seq, kv_heads * head_size)),
+                "past_k": rng.standard_normal((batch, kv_heads, past, head_size)),
+                "past_v": rng.standard_normal((batch, kv_heads, past, head_size)),
+                "cos": np.cos(angles), "sin": np.sin(angles),
+                "bias": np.broadcast_to(bias, (batch, 1, seq, total)),
+            }
+            feeds = {k: np.ascontiguousarray(v, dtype=np_type) for k, v in feeds.items()}
+            feeds["pos"] = rng.integers(0, rows, size=(batch, seq)).astype(np.int64)
+            feeds["seqlens_k"] = np.full((batch,), total - 1, np.int32)
+            feeds["total"] = np.array(total, np.int32)
+            feeds["q_lens"] = np.full((batch,), seq, np.int32)
+            got, want = (s.run(None, feeds) for s in sessions)
+            eps = float(np.finfo(np_type).eps)
+            for a, b in zip(got, want, strict=True):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                if a.shape != b.shape or not np.all(np.abs(a - b) <= 16 * eps * max(1.0, float(np.abs(b).max()))):
+                    return (f"this onnxruntime's GroupQueryAttention rotates differently (past {past}, {seq} new "
+                            "tokens, random positions)")
+    except Exception as exc:  # noqa: BLE001 - an older onnxruntime without position_ids: keep the rotation out
+        return f"GroupQueryAttention with do_rotary and position_ids did not run ({type(exc).__name__})"
+    return None
 
 
 def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
@@ -618,6 +1014,45 @@ def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
         full.dtype, full.shape = _I64, out.shape
         w.commit()
         _replace(out, full)
+
+
+def _shape_without_concat(graph: ir.Graph) -> None:
+    """Shape(Concat(past, new, axis)) -> the shape computed from the inputs' shapes, when the Concat of a cache
+    input is read only for its shape (the export's total length): the concatenation (a copy of the whole
+    cache) is no longer computed."""
+    for node in [n for n in graph if n.op_type == "Concat" and n.domain in ("", "ai.onnx")]:
+        out = node.outputs[0]
+        users = [u.node for u in out.uses()]
+        ranks = {len(i.shape) if i is not None and i.shape is not None else None for i in node.inputs}
+        if (not users or out.is_graph_output() or any(u.op_type != "Shape" for u in users) or len(ranks) != 1
+                or None in ranks or not any(i in graph.inputs for i in node.inputs)):
+            continue
+        if len(node.inputs) == 1:  # Concat([x]) is x
+            ir.convenience.replace_all_uses_with(out, node.inputs[0])
+            graph.remove(node, safe=True)
+            continue
+        rank = ranks.pop()
+        axis = node.attributes.get_int("axis", 0)
+        axis = axis + rank if axis < 0 else axis
+        for shape_node in users:
+            w = NodeWriter(graph, shape_node, "concat_shape")
+            first = node.inputs[0]
+            total = w.op("Shape", first, start=axis, end=axis + 1)
+            for other in node.inputs[1:]:
+                total = w.op("Add", total, w.op("Shape", other, start=axis, end=axis + 1))
+            pieces = ([w.op("Shape", first, start=0, end=axis)] if axis > 0 else []) + [total]
+            if axis + 1 < rank:
+                pieces.append(w.op("Shape", first, start=axis + 1, end=rank))
+            full = w.op("Concat", *pieces, axis=0) if len(pieces) > 1 else total
+            start = shape_node.attributes.get_int("start", 0)
+            end = shape_node.attributes.get_int("end", rank)
+            if (start, end) != (0, rank):
+                full = w.op("Slice", full, w.const(np.array([start], np.int64)), w.const(np.array([end], np.int64)))
+            full.dtype, full.shape = _I64, shape_node.outputs[0].shape
+            w.commit()
+            _replace(shape_node.outputs[0], full)
+        if not any(True for _ in out.uses()):
+            graph.remove(node, safe=True)
 
 
 def _replace(old: ir.Value, new: ir.Value) -> None:
