@@ -95,7 +95,7 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
                     back = w.call(aten._to_copy.default, (n,), {"dtype": dt})
                 for u in users:
                     u.replace_input_with(n, back)
-        done.append(f"rope ({site.sites} applications): positions {src.position_dtype}, angles {src.angle_dtype} "
+        done.append(f"rope ({site.rotations} applications): positions {src.position_dtype}, angles {src.angle_dtype} "
                      f"-> float32 (cos/sin cast after)")
     w.graph.eliminate_dead_code()
     return done

@@ -49,7 +49,7 @@ class RescalePlan:
             what += f", base {p.rope_theta:g}"
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         mode = ", inv_freq from the runtime length" if self.runtime else ""
-        return (f"rope ({self.site.sites} applications, rotary_dim {self.site.rotary_dim}): "
+        return (f"rope ({self.site.rotations} applications, rotary_dim {self.site.rotary_dim}): "
                 f"{what}{extra}{mode}")
 
 
