@@ -64,7 +64,8 @@ class SitePlan:
         what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
         if self.params.rope_theta is not None:
             what += f", base {self.params.rope_theta:g}"
-        where = f"{self.site.angles.value} rope ({self.site.rotations} q/k applications, rotary_dim {self.site.rotary_dim})"
+        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications, "
+                 f"rotary_dim {self.site.rotary_dim})")
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         rows = f", tables {self.site.max_positions} -> {self.new_length} rows" if self.site.max_positions else ""
         mode = ", inv_freq from the runtime length" if self.runtime else ""
