@@ -30,7 +30,14 @@ from torch.fx import Node
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import aten
-from posrewrite.passes.fx.sites import FxComputedHandles, FxRopeApplication, FxRopeSite, FxTableHandles, Layout
+from posrewrite.passes.fx.sites import (
+    FxComputedHandles,
+    FxRopeApplication,
+    FxRopeSite,
+    FxTableHandles,
+    FxTrigHandles,
+    Layout,
+)
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import CachedTable, ComputedAngles, InvFreqOrigin, RopeEncoding
 
@@ -41,6 +48,8 @@ class NotUnderstood(Exception):
 
 #: why a table site is not rescaled (the fx side reads tables but does not fit them)
 TABLE_NOTE = "cos/sin are read from a precomputed table"
+#: why computed angles without a constant inv_freq are not rescaled
+RUNTIME_NOTE = "angles are not positions x a constant inv_freq"
 
 __all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
 
@@ -309,9 +318,10 @@ def _split_product(ep: ExportedProgram, angles: Node, half: int):
 
 def trace_angle_source(
     ep: ExportedProgram, app: FxRopeApplication
-) -> tuple[ComputedAngles, FxComputedHandles, np.ndarray] | tuple[CachedTable, FxTableHandles, None]:
-    """Where the cos/sin of ``app`` come from: computed angles (with inv_freq) or a precomputed table.
-    Raises NotUnderstood with the reason otherwise."""
+) -> (tuple[ComputedAngles, FxComputedHandles, np.ndarray] | tuple[ComputedAngles, FxTrigHandles, None]
+      | tuple[CachedTable, FxTableHandles, None]):
+    """Where the cos/sin of ``app`` come from: computed angles (with inv_freq when it is a constant) or a
+    precomputed table. Raises NotUnderstood with the reason otherwise."""
     half = app.rotary_dim // 2
     cos_node, cos_path = _walk_up(app.cos, lambda n: g.is_op(n, aten.cos))
     sin_node, sin_path = _walk_up(app.sin, lambda n: g.is_op(n, aten.sin))
@@ -321,8 +331,10 @@ def trace_angle_source(
             raise NotUnderstood("cos and sin are taken of different angles")
         angles, _ = _walk_up(emb_c, lambda n: g.is_op(n, aten.mul, aten.matmul, aten.bmm) and g.scalar_mul(n) is None)
         split = _split_product(ep, angles, half) if angles is not None else None
-        if split is None:
-            raise NotUnderstood("angles are not positions x a constant inv_freq")
+        if split is None:  # inv_freq made at run time (a dynamic rescale's output, ...)
+            source = ComputedAngles(position_dtype="unknown", angle_dtype="unknown",
+                                    inv_freq_origin=InvFreqOrigin.RUNTIME)
+            return source, FxTrigHandles(cos_node, sin_node), None
         inv_node, inv_value, positions, cast, inv_operand = split
         cos_scale = next((n for n in cos_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is cos_node), None)
         sin_scale = next((n for n in sin_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is sin_node), None)
@@ -359,8 +371,8 @@ def trace_angle_source(
 # --------------------------------------------------------------------------------------------------
 
 
-def _site_key(app: FxRopeApplication, handles: FxComputedHandles | FxTableHandles) -> tuple:
-    if isinstance(handles, FxComputedHandles):
+def _site_key(app: FxRopeApplication, handles: FxComputedHandles | FxTrigHandles | FxTableHandles) -> tuple:
+    if isinstance(handles, FxComputedHandles | FxTrigHandles):
         return ("computed", handles.cos_node, app.layout, app.rotary_dim)
     return ("table", handles.table_node, app.layout, app.rotary_dim)
 
@@ -368,7 +380,7 @@ def _site_key(app: FxRopeApplication, handles: FxComputedHandles | FxTableHandle
 def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
     """Every RoPE site of ``ep``'s graph, and refusals for rotation-like subgraphs not understood."""
     groups: dict[tuple, list[tuple[FxRopeApplication, ComputedAngles | CachedTable,
-                                   FxComputedHandles | FxTableHandles, np.ndarray | None]]] = {}
+                                   FxComputedHandles | FxTrigHandles | FxTableHandles, np.ndarray | None]]] = {}
     refusals: list[Refusal] = []
     claimed: set[Node] = set()
     for node in ep.graph.nodes:
@@ -408,6 +420,8 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                                  "replaces that scaling (as new rope_parameters in the config would)")
         if isinstance(source, CachedTable):
             notes.append(TABLE_NOTE)
+        elif inv_freq is None:
+            notes.append(RUNTIME_NOTE)
         encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
                                 source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
         sites.append(FxRopeSite(encoding=encoding, applications=apps, handles=handles))

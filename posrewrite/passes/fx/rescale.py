@@ -21,7 +21,7 @@ from torch.fx import Node
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
-from posrewrite.passes.fx.detect_rope import TABLE_NOTE
+from posrewrite.passes.fx.detect_rope import RUNTIME_NOTE, TABLE_NOTE
 from posrewrite.passes.fx.sites import FxRopeSite
 from posrewrite.sites.rope import CachedTable, ComputedAngles
 
@@ -58,7 +58,7 @@ class RescalePlan:
 def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescalePlan:
     """The new inv_freq / attention factor of ``site``; raises `RescaleRefused` when impossible."""
     if not isinstance(site.source, ComputedAngles) or site.inv_freq is None:
-        why = TABLE_NOTE if isinstance(site.source, CachedTable) else "angle source not understood"
+        why = TABLE_NOTE if isinstance(site.source, CachedTable) else RUNTIME_NOTE
         raise RescaleRefused(f"{why}: cannot rescale ({site.applications[0].output.name})")
     try:
         params.validate()

@@ -17,8 +17,8 @@ from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
 from posrewrite.sites.rope import AngleSource, Layout, RopeEncoding, RopeSource
 
-__all__ = ["FxRopeApplication", "FxComputedHandles", "FxTableHandles", "FxRopeSite", "FxAlibiSite", "AngleSource",
-           "Layout"]
+__all__ = ["FxRopeApplication", "FxComputedHandles", "FxTrigHandles", "FxTableHandles", "FxRopeSite", "FxAlibiSite",
+           "AngleSource", "Layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +58,22 @@ class FxComputedHandles:
 
 
 @dataclasses.dataclass(frozen=True)
+class FxTrigHandles:
+    """Computed angles whose product could not be split into positions x a constant inv_freq (inv_freq made at
+    run time, e.g. by a dynamic rescale): only the ``aten.cos``/``aten.sin`` calls are known."""
+
+    cos_node: Node
+    sin_node: Node
+
+
+@dataclasses.dataclass(frozen=True)
 class FxTableHandles:
     """Where a `CachedTable` lives in an fx graph: the table placeholder the rows are read from."""
 
     table_node: Node
 
 
-FxHandles = FxComputedHandles | FxTableHandles
+FxHandles = FxComputedHandles | FxTrigHandles | FxTableHandles
 
 
 @dataclasses.dataclass(frozen=True)
