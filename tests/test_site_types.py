@@ -163,3 +163,25 @@ def test_attention_rotary_from_the_genai_builder():
     assert source.selection is None and not source.interleaved
     assert site.base == pytest.approx(1e4, rel=1e-6)
     assert all(n.op_type == "GroupQueryAttention" for n in site.fused_nodes)
+
+
+def test_fx_and_onnx_describe_llama_with_the_same_types(llama_onnx):
+    """One description for both sides: torch.export of the same HF Llama gives the ONNX export's encoding."""
+    torch = pytest.importorskip("torch")
+    from fixtures.hf_models import LogitsOnlyWithPositions, build_hf_model
+    from posrewrite.passes.fx.detect_rope import detect_rope
+    from posrewrite.passes.fx.pipeline import prepare
+    from posrewrite.passes.fx.sites import FxComputedHandles
+
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8)[None]
+    ep = torch.export.export(LogitsOnlyWithPositions(build_hf_model("llama")), (ids, pos))
+    (fx_site,), refusals = detect_rope(prepare(ep))
+    (onnx_site,) = _rope_sites(llama_onnx)
+    assert not refusals and isinstance(fx_site.encoding, RopeEncoding)
+    assert isinstance(fx_site.source, ComputedAngles) and isinstance(fx_site.handles, FxComputedHandles)
+    a, b = fx_site.encoding, onnx_site.encoding
+    assert (a.layout, a.rotary_dim, a.head_dim, a.prior_scaling) == (b.layout, b.rotary_dim, b.head_dim, None)
+    assert a.base == pytest.approx(b.base, rel=1e-6)
+    np.testing.assert_allclose(a.inv_freq, b.inv_freq, rtol=1e-6)
+    assert a.source.attention_factor == b.source.attention_factor == 1.0

@@ -41,7 +41,7 @@ class InvFreqOrigin(str, enum.Enum):
 
     CONSTANT = "constant"  # an initializer / Constant holding the vector
     FOLDED = "folded"  # constant ops computing it (base ** (-2i/d) in the graph), folded at detection
-    RUNTIME = "runtime"  # a posrewrite dynamic / longrope rewrite: a formula of the run-time length
+    RUNTIME = "runtime"  # computed from run-time values (a dynamic / longrope rewrite: a formula of the length)
     LENGTH_SELECTED = "length_selected"  # HF's LongRoPE export: Where(length > L, long, short)
 
 
