@@ -6,14 +6,15 @@ GroupQueryAttention rotating with its own caches)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import types
 import typing
 
 import numpy as np
 import pytest
 
-import posrewrite.sites.base as sites_base
-import posrewrite.sites.other as sites_other
+import posrewrite.sites as sites_package
 import posrewrite.sites.rope as sites_rope
 from posrewrite import api, io
 from posrewrite.math import rope as rope_math
@@ -37,7 +38,10 @@ def _dataclasses_of(module: types.ModuleType) -> list[type]:
 
 
 def _site_modules() -> list[types.ModuleType]:
-    modules = [sites_base, sites_rope, sites_other]
+    """Every module of `posrewrite.sites` (found, not listed: a new kind's module is checked too) and the fx sites."""
+    names = [m.name for m in pkgutil.iter_modules(sites_package.__path__)]
+    modules = [importlib.import_module(f"posrewrite.sites.{name}") for name in names]
+    assert sites_rope in modules
     try:
         import posrewrite.passes.fx.sites as fx_sites
     except ImportError:  # torch not installed: the fx side is not there to check
