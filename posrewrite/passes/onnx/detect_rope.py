@@ -16,17 +16,17 @@ import onnx_ir as ir
 from onnxscript.rewriter import _basics
 
 from posrewrite.math import rope as rope_math
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, last_dim
+from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope_angles import read_angles
 from posrewrite.passes.onnx.rope_base import _fit_base, _fit_scaled_base, table_base
 from posrewrite.passes.onnx.rope_fused import FusedRopeDetector, fused_cache_indices
+from posrewrite.passes.onnx.rope_lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope_markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope_patterns import ApplicationMatch, find_applications, read_slice
 from posrewrite.passes.onnx.rope_sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope_tables import NotUnderstood, _eps, fit_tables, table_array
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
-    AngleSource,
     CachedTable,
     ComputedAngles,
     Layout,
@@ -83,51 +83,10 @@ class RopeDetector:
         fused = FusedRopeDetector(self.model, self.fold)
         sites.extend(fused.detect())
         self.refusals.extend(fused.refusals)
-        self._unclaimed_trig(sites)
+        self.refusals.extend(unclaimed_cos(self.model, sites, _best_failure(self.tracer)))
         for site in sites:
-            self._unmatched_uses(site)
+            self.refusals.extend(unmatched_uses(site, self.fold))
         return sites
-
-    def _unmatched_uses(self, site: RopeSite) -> None:
-        """Multiplications by this site's cos/sin that no rotation pattern accounts for (a layer exported
-        differently): rewriting the site would change them without the tool understanding them."""
-        if site.angles == AngleSource.FUSED_OP:
-            return
-        claimed = {id(n) for app in site.applications for n in app.nodes}
-        claimed.update(id(n) for n in site.source_nodes if n is not None)
-        for root in (site.cos, site.sin):
-            stack, seen = [root], set()
-            while stack:
-                v = stack.pop()
-                if id(v) in seen:
-                    continue
-                seen.add(id(v))
-                for use in v.uses():
-                    node = use.node
-                    if id(node) in claimed or node.op_type in ("Shape", "Size"):
-                        continue  # reading only the shape is not a use of the values
-                    if (
-                        node.op_type in VIEW_OPS
-                        or node.op_type in ("Slice", "Split", "Gather", "GatherElements", "GatherND")
-                        or (node.op_type == "Mul" and any(self._scalar(i) for i in node.inputs if i is not v))
-                    ):
-                        stack.extend(node.outputs)
-                        continue
-                    if node.op_type == "Concat" and all(i is v for i in node.inputs):
-                        stack.extend(node.outputs)
-                        continue
-                    self.refusals.append(
-                        Refusal(
-                            "rope",
-                            node.name or "?",
-                            f"{node.op_type} uses the RoPE {'cos' if root is site.cos else 'sin'} of a site but is "
-                            "not part of a recognised q/k rotation",
-                        )
-                    )
-
-    def _scalar(self, v: ir.Value | None) -> bool:
-        arr = self.fold(v) if v is not None else None
-        return arr is not None and arr.size == 1
 
     def _application(self, app: ApplicationMatch) -> RopeApplication:
         x, out = app.x, app.output
@@ -258,17 +217,6 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=positions, cos_cache=cs.table,
                         sin_cache=ss.table, applications=tuple(apps), source_nodes=(cs.select, ss.select),
                         handles=handles)
-
-    def _unclaimed_trig(self, sites: list[RopeSite]) -> None:
-        """Cos nodes that feed q/k-like multiplications but belong to no site are reported as refusals."""
-        claimed = {id(n) for s in sites for n in s.source_nodes if n is not None}
-        for node in self.model.graph:
-            if node.op_type != "Cos" or id(node) in claimed:
-                continue
-            reason = _best_failure(self.tracer)
-            self.refusals.append(Refusal("rope?", node.name or node.outputs[0].name or "?",
-                                         "Cos node not part of any recognised q/k rotation"
-                                         + (f" (closest pattern failed: {reason})" if reason else "")))
 
 
 def _ensure_ranks(model: ir.Model) -> None:
