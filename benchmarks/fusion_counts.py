@@ -97,7 +97,7 @@ def count(arch: str) -> dict:
 
     src = export_hf_onnx(arch)
     found = api.inspect(src)
-    row: dict = {"arch": arch, "rotations": sum(s.sites for s in found.sites)}
+    row: dict = {"arch": arch, "rotations": sum(s.rotations for s in found.sites)}
     with tempfile.TemporaryDirectory() as d:
         for name, fn in TOOLS.items():
             try:

@@ -29,7 +29,7 @@ def time_posrewrite(src: Path, out: Path) -> tuple[float, int]:
     result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=2048,
                          validate=False)
     elapsed = time.perf_counter() - t
-    return elapsed, sum(s.sites for s in result.sites if s.kind == "rope")
+    return elapsed, sum(s.rotations for s in result.sites if s.kind == "rope")
 
 
 def time_onnxscript(src: Path, out: Path) -> tuple[float, int]:

@@ -305,12 +305,14 @@ class RopeReference:
         """inv_freq [rotary_dim/2] and attention factor at a call over positions 0..length-1."""
         site, plan = self.site, self.plan
         keeps = plan is None or (plan.params.rope_type == "default" and plan.params.rope_theta is None)
-        switch = _length_switch(site)
+        switch = site.encoding.selection
         if keeps and switch is not None:  # LongRoPE export: short frequencies up to L, long ones past it
-            if length <= int(switch["threshold"]):
-                return np.asarray(switch["short"], np.float64), float(site.attention_factor)
-            inv = plan.inv_freq if plan is not None and plan.inv_freq is not None else switch["long"]
-            factor = switch.get("long_factor", plan.attention_factor if plan is not None else site.attention_factor)
+            if length <= switch.threshold:
+                return np.asarray(switch.short, np.float64), float(site.attention_factor)
+            inv = plan.inv_freq if plan is not None and plan.inv_freq is not None else switch.long
+            factor = switch.long_factor
+            if factor is None:
+                factor = plan.attention_factor if plan is not None else site.attention_factor
             return np.asarray(inv, np.float64), float(factor)
         if plan is None:
             return np.asarray(site.inv_freq, np.float64), float(site.attention_factor)
@@ -320,15 +322,6 @@ class RopeReference:
         inv, factor = rope_math.scaled_inv_freq(plan.params, inv_freq=site.inv_freq, base=site.base,
                                                 dim=site.rotary_dim, seq_len=length)
         return np.asarray(inv, np.float64), float(factor)
-
-
-def _length_switch(site: RopeSite) -> dict[str, Any] | None:
-    """The short/long frequencies of a site that switches them by length (LongRoPE exports), or None."""
-    angles = getattr(site.extra, "angles", None)
-    selected = angles.get("selected") if isinstance(angles, dict) else None
-    if not isinstance(selected, dict) or not {"threshold", "short", "long"} <= selected.keys():
-        return None
-    return selected
 
 
 def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,
@@ -484,7 +477,7 @@ def find_rotations(model: ir.Model, references: list[RopeReference]) -> tuple[li
     claimed: set[int] = set()
     for k, ref in enumerate(references):
         site = ref.site
-        expected += site.sites
+        expected += site.rotations
         for app in site.applications:
             post = by_name.get(app.output.name)
             pre = by_name.get(app.input.name)
@@ -880,11 +873,9 @@ def _switch_lengths(sites) -> set[int]:
     dynamic rewrites): a fused model must keep the switch."""
     lengths: set[int] = set()
     for site in sites:
-        info = site.extra.angles if site.extra is not None else None
-        if not info:
-            continue
-        switch = (info.get("selected") or {}).get("threshold") or (info.get("runtime") or {}).get(
-            "original_max_position_embeddings")
+        encoding = site.encoding
+        switch = (encoding.selection.threshold if encoding.selection is not None
+                  else encoding.runtime.original_max_position_embeddings if encoding.runtime is not None else None)
         if switch and switch + 1 <= MAX_VALIDATION_LENGTH:
             lengths.add(int(switch) + 1)
     return lengths

@@ -71,7 +71,7 @@ def test_every_arch_fused_equals_original(arch, target, hf_onnx, tmp_path):
     from fixtures.hf_models import ort_logits
 
     src = hf_onnx(arch)
-    n_rot = sum(s.sites for s in api.inspect(src).sites)
+    n_rot = sum(s.rotations for s in api.inspect(src).sites)
     out, result = _fuse(src, tmp_path, target)
     _check_fused(out, n_rot)
     if target == "onnx":

@@ -137,7 +137,7 @@ def test_unseen_architecture_fused(name, target, tmp_path):
     assert ops.count("Cos") == ops.count("Sin") == ops.count("Neg") == 0
     from test_fuse_rotary import rotations
 
-    assert rotations(proto) == sum(s.sites for s in found.sites)
+    assert rotations(proto) == sum(s.rotations for s in found.sites)
     ids = np.random.default_rng(0).integers(3, 128, size=(2, 40))
     ref = ort_logits(src, ids)
     assert float(np.max(np.abs(ort_logits(out, ids) - ref))) <= TOL

@@ -115,7 +115,7 @@ def test_spellings_detect_rescale_and_fuse(style, partial):
     assert not refusals and len(sites) == 1, style
     site = sites[0]
     assert site.layout.value == ("interleaved" if style.startswith("interleaved") else "rotate_half")
-    assert (site.rotary_dim, site.head_dim, site.sites) == (r, HEAD, 2)
+    assert (site.rotary_dim, site.head_dim, site.rotations) == (r, HEAD, 2)
     assert site.angles.value == "computed" and site.base == pytest.approx(BASE)
 
     x, pos = _inputs(11, offset=30)

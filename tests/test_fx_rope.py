@@ -257,7 +257,7 @@ def test_rotation_cast_to_own_dtype_ernie():
         warnings.simplefilter("ignore")
         ep = torch.export.export(LogitsOnlyWithPositions(base), (ids, pos), dynamic_shapes=({1: s}, {1: s}))
     (site,) = pt.detect(ep)
-    assert site.layout.value == "interleaved" and site.sites == 2 * LAYERS
+    assert site.layout.value == "interleaved" and site.rotations == 2 * LAYERS
     new = pt.rewrite(ep, rope_scale=4.0, rope_method="yarn", original_max_positions=L)
     fused = pt.rewrite(ep, fuse=True)
     assert sum(1 for n in fused.graph.nodes if "posrewrite" in str(n.target)) >= 1

@@ -28,7 +28,7 @@ def test_found_through_casts(olmo2_fp16):
     found = api.inspect(olmo2_fp16)
     assert not found.refusals
     (site,) = found.sites
-    assert site.sites == 4 and site.base == pytest.approx(ARCHS["olmo2"].base)
+    assert site.rotations == 4 and site.base == pytest.approx(ARCHS["olmo2"].base)
     assert api.check(olmo2_fp16, max_length=4096).safe  # angles are float32 in this export
 
 

@@ -111,7 +111,7 @@ def test_longrope_export_is_found_and_needs_a_base(tmp_path):
     src = export_hf_onnx("llama", rope_parameters=_longrope_prior(L, spec.rotary_dim // 2))
     (site,) = api.inspect(src).sites
     assert site.base is None and site.prior_scaling is not None and site.prior_scaling.kind == "by_length"
-    assert site.sites == 2 * 2  # q and k of both layers
+    assert site.rotations == 2 * 2  # q and k of both layers
     for method in ("yarn", "linear"):
         with pytest.raises(UsageError, match="rope-base"):
             api.rewrite(src, output=tmp_path / f"{method}.onnx", rope_scale=8.0, rope_method=method,

@@ -1,4 +1,14 @@
-"""Description of a RoPE encoding: one cos/sin source and the q/k applications that use it."""
+"""Description of a RoPE encoding: one cos/sin source and the q/k rotations that use it.
+
+Two layers:
+
+- `RopeEncoding`, free of any IR: layout, dimensions, base, inv_freq, typed prior scaling and the angle
+  source, a tagged union of frozen dataclasses (`ComputedAngles` | `CachedTable` | `FusedCaches` |
+  `AttentionRotary`), each holding exactly the facts its kind has. The ONNX and the torch.fx sides share it.
+- `RopeSite` (ONNX): an encoding plus the `onnx_ir` values and nodes it was found on (`OnnxComputedHandles`,
+  `OnnxCachedHandles`, `OnnxSwitchedCaches`), so a rewrite pass acts on exactly those. The fx side's
+  `FxRopeSite` (`posrewrite/passes/fx/sites.py`) holds the same encoding with torch.fx nodes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
 
 
@@ -18,9 +29,274 @@ class Layout(str, enum.Enum):
 
 
 class AngleSource(str, enum.Enum):
+    """The JSON `angles` value: the tag of the angle-source union (`FUSED_OP` covers two of its kinds)."""
+
     COMPUTED = "computed"  # cos/sin of positions x inv_freq computed in the graph
     CACHED = "cached"  # precomputed cos/sin tables gathered or sliced by positions
     FUSED_OP = "fused_op"  # a RotaryEmbedding node (or an attention op with rotary inside) holding its caches
+
+
+class InvFreqOrigin(str, enum.Enum):
+    """How the inv_freq operand of computed angles is produced."""
+
+    CONSTANT = "constant"  # an initializer / Constant holding the vector
+    FOLDED = "folded"  # constant ops computing it (base ** (-2i/d) in the graph), folded at detection
+    RUNTIME = "runtime"  # computed from run-time values (a dynamic / longrope rewrite: a formula of the length)
+    LENGTH_SELECTED = "length_selected"  # HF's LongRoPE export: Where(length > L, long, short)
+
+
+# -- facts shared by several kinds -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RescaleRecord:
+    """What an earlier posrewrite rescale recorded in the graph (the base its frequencies were built from)."""
+
+    rope_type: str
+    factor: float | None
+    original_max_position_embeddings: int | None
+    base: float | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RescaleRecord:
+        omp = data.get("original_max_position_embeddings")
+        return cls(
+            rope_type=str(data.get("rope_type") or "default"),
+            factor=None if data.get("factor") is None else float(data["factor"]),
+            original_max_position_embeddings=None if omp is None else int(omp),
+            base=None if data.get("base") is None else float(data["base"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rope_type": self.rope_type, "factor": self.factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings, "base": self.base}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInvFreq:
+    """inv_freq computed at run time by a posrewrite dynamic / longrope rewrite, with the numbers it started from."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    base: float | None
+    inv_freq: np.ndarray  # float32 [rotary_dim / 2]: the model's frequencies before that rewrite
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RuntimeInvFreq:
+        return cls(
+            rope_type=str(data["rope_type"]),
+            factor=float(data["factor"]),
+            original_max_position_embeddings=int(data["original_max_position_embeddings"]),
+            base=None if data.get("base") is None else float(data["base"]),
+            inv_freq=np.asarray(data["inv_freq"], np.float32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthSelection:
+    """Frequencies switched by sequence length (LongRoPE): `short` up to `threshold` tokens, `long` beyond."""
+
+    threshold: int
+    short: np.ndarray  # float32 [rotary_dim / 2]
+    long: np.ndarray  # float32 [rotary_dim / 2]
+    long_factor: float | None = None  # attention factor of the long caches, when the export holds both caches
+
+
+# -- the angle-source union ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputedAngles:
+    """cos/sin of positions x inv_freq computed in the graph."""
+
+    kind: ClassVar[AngleSource] = AngleSource.COMPUTED
+
+    position_dtype: str  # dtype the positions are in when multiplied with inv_freq
+    angle_dtype: str  # dtype of the product and of cos/sin
+    inv_freq_origin: InvFreqOrigin
+    inv_freq_dtype: str | None = None  # float type inv_freq is stored in (its round-off bounds the base fit)
+    attention_factor: float = 1.0  # constant Mul after Cos/Sin (YaRN / LongRoPE exports)
+    runtime: RuntimeInvFreq | None = None  # origin RUNTIME: the rewrite's parameters
+    selection: LengthSelection | None = None  # origin LENGTH_SELECTED: the two vectors
+    rescaled: RescaleRecord | None = None  # inv_freq written by an earlier posrewrite rescale
+    duplicated: str | None = None  # how angles are widened to rotary_dim: "concat" | "repeat" | None
+
+    @property
+    def max_positions(self) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTable:
+    """Constant cos/sin tables whose rows are selected by position (Gather / Slice)."""
+
+    kind: ClassVar[AngleSource] = AngleSource.CACHED
+
+    rows: int
+    dtype: str  # dtype of the stored tables
+    position_dtype: str  # dtype of the row index ("int64" when rows are sliced)
+    row_selection: str  # op selecting rows: "Gather" | "GatherElements" | "GatherND" | "Slice"
+    attention_factor: float  # amplitude of the tables times any constant Mul after the selection
+    cos_columns: tuple[int, int] | None = None  # column range of a combined table holding cos (GPT-J: concat)
+    sin_columns: tuple[int, int] | None = None
+    cos_scale: float = 1.0  # constant Mul applied after selecting the cos rows
+    sin_scale: float = 1.0
+
+    @property
+    def angle_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedCaches:
+    """A RotaryEmbedding node (ONNX 23 or com.microsoft) rotating with its own cos/sin caches [rows, d/2].
+
+    `rows` is None when the caches are computed at run time (a fusion of run-time frequencies, whose
+    `runtime` or `selection` then says how)."""
+
+    kind: ClassVar[AngleSource] = AngleSource.FUSED_OP
+
+    op: str  # "RotaryEmbedding" | "com.microsoft.RotaryEmbedding"
+    rows: int | None
+    dtype: str
+    position_dtype: str
+    attention_factor: float
+    rescaled: RescaleRecord | None = None  # caches written by a posrewrite rescale
+    runtime: RuntimeInvFreq | None = None
+    selection: LengthSelection | None = None
+
+    @property
+    def angle_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRotary:
+    """An attention op that rotates q/k itself (com.microsoft.GroupQueryAttention do_rotary=1) with its caches.
+
+    Positions are the op's own (past length + 0..S-1). `selection`: onnxruntime-genai's LongRoPE form, an
+    If choosing long or short constant caches by length."""
+
+    kind: ClassVar[AngleSource] = AngleSource.FUSED_OP
+
+    op: str  # "com.microsoft.GroupQueryAttention"
+    rows: int
+    dtype: str
+    interleaved: bool
+    attention_factor: float
+    rescaled: RescaleRecord | None = None
+    selection: LengthSelection | None = None
+
+    @property
+    def position_dtype(self) -> str:
+        return "int32"
+
+    @property
+    def angle_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return self.rows
+
+
+RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary
+
+SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary)
+
+
+# -- the IR-free description ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeEncoding:
+    """One RoPE configuration as numbers and kinds, with no reference into any graph."""
+
+    layout: Layout
+    head_dim: int | None
+    rotary_dim: int
+    source: RopeSource
+    base: float | None  # recovered from inv_freq (None when not geometric)
+    inv_freq: np.ndarray | None  # float32 [rotary_dim/2], as found (computed) or fitted (tables)
+    prior_scaling: PriorScaling | None = None  # set when inv_freq is already scaled
+    notes: tuple[str, ...] = ()
+
+    @property
+    def angles(self) -> AngleSource:
+        return self.source.kind
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.source.max_positions
+
+    @property
+    def position_dtype(self) -> str:
+        return self.source.position_dtype
+
+    @property
+    def angle_dtype(self) -> str:
+        return self.source.angle_dtype
+
+    @property
+    def attention_factor(self) -> float:
+        return self.source.attention_factor
+
+    @property
+    def op(self) -> str | None:
+        """The fused op holding an attention rotary (JSON `op`), None otherwise."""
+        return self.source.op if isinstance(self.source, AttentionRotary) else None
+
+    @property
+    def selection(self) -> LengthSelection | None:
+        """Frequencies switched by length (LongRoPE), whatever the source kind."""
+        source = self.source
+        return source.selection if isinstance(source, ComputedAngles | FusedCaches | AttentionRotary) else None
+
+    @property
+    def runtime(self) -> RuntimeInvFreq | None:
+        """inv_freq computed at run time by a posrewrite rewrite, whatever the source kind."""
+        source = self.source
+        return source.runtime if isinstance(source, ComputedAngles | FusedCaches) else None
+
+    @property
+    def rescaled(self) -> RescaleRecord | None:
+        """The record of an earlier posrewrite rescale, whatever the source kind."""
+        source = self.source
+        return source.rescaled if isinstance(source, ComputedAngles | FusedCaches | AttentionRotary) else None
+
+    def to_dict(self, *, rotations: int, cos: str | None, sin: str | None, inv_freq: str | None) -> dict[str, Any]:
+        return {
+            "kind": "rope",
+            "layout": self.layout.value,
+            "head_dim": self.head_dim,
+            "rotary_dim": self.rotary_dim,
+            "base": None if self.base is None else float(self.base),
+            "angles": self.angles.value,
+            "max_positions": self.max_positions,
+            "position_dtype": self.position_dtype,
+            "angle_dtype": self.angle_dtype,
+            "attention_factor": float(self.attention_factor),
+            "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
+            "sites": rotations,  # the name `inspect --json` users and its table read (q/k rotations)
+            "rotations": rotations,
+            "cos": cos,
+            "sin": sin,
+            "inv_freq": inv_freq,
+            "notes": list(self.notes),
+            **({"op": self.op} if self.op else {}),
+        }
+
+
+# -- ONNX handles ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,56 +315,176 @@ class RopeApplication:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnnxTrig:
+    """cos or sin of computed angles: the Cos/Sin node and the constant Mul after it, if any."""
+
+    trig: ir.Node
+    scale: ir.Node | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxComputedHandles:
+    """Where a `ComputedAngles` source lives in the graph."""
+
+    product: ir.Node  # positions x inv_freq (Mul / MatMul / Einsum)
+    inv_freq: ir.Value  # the operand root holding inv_freq (constant, Where output, run-time value)
+    inv_freq_consumer: ir.Node  # the node reading `inv_freq` (the product or a broadcasting op before it)
+    positions: ir.Value  # the product's positions operand
+    position_source: ir.Value  # positions before casts / broadcasts
+    cos: OnnxTrig
+    sin: OnnxTrig
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxTableRead:
+    """cos or sin rows read from a constant table."""
+
+    table: ir.Value  # the initializer / Constant
+    select: ir.Node  # Gather / Slice selecting rows by position
+    scale: ir.Node | None = None  # constant Mul after the selection
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxCachedHandles:
+    """Where a `CachedTable` source lives in the graph."""
+
+    cos: OnnxTableRead
+    sin: OnnxTableRead
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxSwitchedCaches:
+    """onnxruntime-genai's LongRoPE caches: the If choosing them and the Constant nodes of the long ones."""
+
+    if_node: ir.Node
+    long_cos: ir.Node
+    long_sin: ir.Node
+
+
+OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeSite(EncodingSite):
-    """One RoPE configuration: a cos/sin source and every q/k application sharing it."""
+    """One RoPE configuration of an ONNX graph: its `RopeEncoding` and the values and nodes it was found on."""
 
     kind: ClassVar[str] = "rope"
 
-    layout: Layout
-    head_dim: int | None
-    rotary_dim: int
-    angles: AngleSource
-    base: float | None  # recovered from inv_freq (None when not geometric)
-    inv_freq: np.ndarray | None  # float32 [rotary_dim/2], as found (computed) or fitted (cached)
-    inv_freq_value: ir.Value | None  # the initializer/constant holding inv_freq, when there is one
-    max_positions: int | None  # rows of a cos/sin cache, None when computed on the fly
-    position_dtype: str  # dtype the positions are in when multiplied with inv_freq ("float32", ...)
-    angle_dtype: str  # dtype of the position x frequency product and of cos/sin
-    attention_factor: float  # factor already multiplying cos and sin (1.0 when none)
-    positions: ir.Value | None  # integer (or float) positions feeding the angle computation
+    encoding: RopeEncoding
     cos: ir.Value  # the cos tensor as produced by the source (before per-layer broadcasting)
     sin: ir.Value
-    cos_cache: ir.Value | None = None  # cached/fused_op: the tables
+    positions: ir.Value | None = None  # integer (or float) positions feeding the angles / the fused op
+    inv_freq_value: ir.Value | None = None  # the initializer/constant holding inv_freq, when there is one
+    cos_cache: ir.Value | None = None  # cached / fused: the tables
     sin_cache: ir.Value | None = None
     applications: tuple[RopeApplication, ...] = ()
     source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
-    fused_nodes: tuple[ir.Node, ...] = ()  # fused_op: the RotaryEmbedding nodes
-    notes: tuple[str, ...] = ()
-    prior_scaling: Any = None  # posrewrite.math.rope.PriorScaling when inv_freq is already scaled
-    extra: Any = dataclasses.field(default=None, repr=False, compare=False)  # detector details for rewrites
-    op: str | None = None  # fused_op inside an attention op: "com.microsoft.GroupQueryAttention"
+    fused_nodes: tuple[ir.Node, ...] = ()  # fused: the RotaryEmbedding / attention nodes
+    handles: OnnxHandles | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    # the description's fields, read through
+    @property
+    def layout(self) -> Layout:
+        return self.encoding.layout
 
     @property
-    def sites(self) -> int:
+    def head_dim(self) -> int | None:
+        return self.encoding.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.encoding.rotary_dim
+
+    @property
+    def source(self) -> RopeSource:
+        return self.encoding.source
+
+    @property
+    def angles(self) -> AngleSource:
+        return self.encoding.angles
+
+    @property
+    def base(self) -> float | None:
+        return self.encoding.base
+
+    @property
+    def inv_freq(self) -> np.ndarray | None:
+        return self.encoding.inv_freq
+
+    @property
+    def prior_scaling(self) -> PriorScaling | None:
+        return self.encoding.prior_scaling
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.encoding.notes
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.encoding.max_positions
+
+    @property
+    def position_dtype(self) -> str:
+        return self.encoding.position_dtype
+
+    @property
+    def angle_dtype(self) -> str:
+        return self.encoding.angle_dtype
+
+    @property
+    def attention_factor(self) -> float:
+        return self.encoding.attention_factor
+
+    @property
+    def op(self) -> str | None:
+        return self.encoding.op
+
+    @property
+    def rotations(self) -> int:
+        """How many q/k rotations use this encoding (applications, or fused nodes)."""
         return len(self.applications) if self.applications else len(self.fused_nodes)
 
+    def computed_handles(self) -> OnnxComputedHandles:
+        """The graph handles of computed angles; ValueError for other sources."""
+        if not isinstance(self.handles, OnnxComputedHandles):
+            raise ValueError(f"a {self.angles.value} RoPE site has no angle computation")
+        return self.handles
+
+    def cached_handles(self) -> OnnxCachedHandles:
+        """The graph handles of cached tables; ValueError for other sources."""
+        if not isinstance(self.handles, OnnxCachedHandles):
+            raise ValueError(f"a {self.angles.value} RoPE site has no cached tables")
+        return self.handles
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "layout": self.layout.value,
-            "head_dim": self.head_dim,
-            "rotary_dim": self.rotary_dim,
-            "base": None if self.base is None else float(self.base),
-            "angles": self.angles.value,
-            "max_positions": self.max_positions,
-            "position_dtype": self.position_dtype,
-            "angle_dtype": self.angle_dtype,
-            "attention_factor": float(self.attention_factor),
-            "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
-            "sites": self.sites,
-            "cos": self.cos.name,
-            "sin": self.sin.name,
-            "inv_freq": None if self.inv_freq_value is None else self.inv_freq_value.name,
-            "notes": list(self.notes),
-            **({"op": self.op} if self.op else {}),
-        }
+        return self.encoding.to_dict(
+            rotations=self.rotations,
+            cos=self.cos.name,
+            sin=self.sin.name,
+            inv_freq=None if self.inv_freq_value is None else self.inv_freq_value.name,
+        )
+
+
+__all__ = [
+    "AngleSource",
+    "AttentionRotary",
+    "CachedTable",
+    "ComputedAngles",
+    "FusedCaches",
+    "InvFreqOrigin",
+    "Layout",
+    "LengthSelection",
+    "OnnxCachedHandles",
+    "OnnxComputedHandles",
+    "OnnxHandles",
+    "OnnxSwitchedCaches",
+    "OnnxTableRead",
+    "OnnxTrig",
+    "RescaleRecord",
+    "RopeApplication",
+    "RopeEncoding",
+    "RopeSite",
+    "RopeSource",
+    "RuntimeInvFreq",
+    "SOURCE_KINDS",
+]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
@@ -29,8 +30,26 @@ from torch.fx import Node
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import aten
-from posrewrite.passes.fx.sites import AngleSource, FxAngleSource, FxRopeApplication, FxRopeSite, Layout
+from posrewrite.passes.fx.sites import (
+    FxComputedHandles,
+    FxRopeApplication,
+    FxRopeSite,
+    FxTableHandles,
+    FxTrigHandles,
+    Layout,
+)
 from posrewrite.sites.base import Refusal
+from posrewrite.sites.rope import CachedTable, ComputedAngles, InvFreqOrigin, RopeEncoding
+
+
+class NotUnderstood(Exception):
+    """A cos/sin source detection cannot describe; the message is the refusal's reason."""
+
+
+#: why a table site is not rescaled (the fx side reads tables but does not fit them)
+TABLE_NOTE = "cos/sin are read from a precomputed table"
+#: why computed angles without a constant inv_freq are not rescaled
+RUNTIME_NOTE = "angles are not positions x a constant inv_freq"
 
 __all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
 
@@ -297,20 +316,25 @@ def _split_product(ep: ExportedProgram, angles: Node, half: int):
     return None
 
 
-def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSource:
-    """Where the cos/sin of ``app`` come from (computed, cached, or not understood with a reason)."""
+def trace_angle_source(
+    ep: ExportedProgram, app: FxRopeApplication
+) -> (tuple[ComputedAngles, FxComputedHandles, np.ndarray] | tuple[ComputedAngles, FxTrigHandles, None]
+      | tuple[CachedTable, FxTableHandles, None]):
+    """Where the cos/sin of ``app`` come from: computed angles (with inv_freq when it is a constant) or a
+    precomputed table. Raises NotUnderstood with the reason otherwise."""
     half = app.rotary_dim // 2
     cos_node, cos_path = _walk_up(app.cos, lambda n: g.is_op(n, aten.cos))
     sin_node, sin_path = _walk_up(app.sin, lambda n: g.is_op(n, aten.sin))
     if cos_node is not None and sin_node is not None:
         emb_c, emb_s = cos_node.args[0], sin_node.args[0]
         if emb_c is not emb_s:
-            return FxAngleSource(AngleSource.CACHED, reason="cos and sin are taken of different angles")
+            raise NotUnderstood("cos and sin are taken of different angles")
         angles, _ = _walk_up(emb_c, lambda n: g.is_op(n, aten.mul, aten.matmul, aten.bmm) and g.scalar_mul(n) is None)
         split = _split_product(ep, angles, half) if angles is not None else None
-        if split is None:
-            return FxAngleSource(AngleSource.COMPUTED, cos_node=cos_node, sin_node=sin_node,
-                                 reason="angles are not positions x a constant inv_freq")
+        if split is None:  # inv_freq made at run time (a dynamic rescale's output, ...)
+            source = ComputedAngles(position_dtype="unknown", angle_dtype="unknown",
+                                    inv_freq_origin=InvFreqOrigin.RUNTIME)
+            return source, FxTrigHandles(cos_node, sin_node), None
         inv_node, inv_value, positions, cast, inv_operand = split
         cos_scale = next((n for n in cos_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is cos_node), None)
         sin_scale = next((n for n in sin_path if g.scalar_mul(n) is not None and g.scalar_mul(n)[0] is sin_node), None)
@@ -320,32 +344,26 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
             if sm is not None:
                 factor *= sm[1]
         pos_dtype = g.dtype(cast) if cast is not None else g.dtype(positions)
-        return FxAngleSource(
-            AngleSource.COMPUTED,
-            positions=positions,
-            position_cast=cast,
-            inv_freq_node=inv_node,
-            inv_freq_operand=inv_operand,
-            inv_freq=inv_value.detach().to(torch.float32).reshape(-1).cpu().numpy(),
-            inv_freq_dtype=str(inv_value.dtype).replace("torch.", ""),
-            angles=angles,
-            cos_node=cos_node,
-            sin_node=sin_node,
-            cos_scale=cos_scale,
-            sin_scale=sin_scale,
-            attention_factor=factor,
+        source = ComputedAngles(
             position_dtype=str(pos_dtype).replace("torch.", ""),
             angle_dtype=str(g.dtype(angles)).replace("torch.", ""),
+            inv_freq_origin=InvFreqOrigin.CONSTANT,
+            inv_freq_dtype=str(inv_value.dtype).replace("torch.", ""),
+            attention_factor=factor,
         )
+        handles = FxComputedHandles(
+            positions=positions, inv_freq_node=inv_node, inv_freq_operand=inv_operand, angles=angles,
+            cos_node=cos_node, sin_node=sin_node, position_cast=cast, cos_scale=cos_scale, sin_scale=sin_scale,
+        )
+        return source, handles, inv_value.detach().to(torch.float32).reshape(-1).cpu().numpy()
     # A table placeholder gathered by positions?
     table, _ = _walk_up(app.cos, lambda n: n.op == "placeholder")
-    if table is not None and g.placeholder_tensor(ep, table) is not None:
-        t = g.placeholder_tensor(ep, table)
-        rows = int(t.shape[-2]) if t.dim() >= 2 else None
-        return FxAngleSource(AngleSource.CACHED, table_node=table, max_positions=rows,
-                             angle_dtype=str(t.dtype).replace("torch.", ""),
-                             reason="cos/sin are read from a precomputed table")
-    return FxAngleSource(AngleSource.CACHED, reason="cos/sin source not recognised")
+    t = g.placeholder_tensor(ep, table) if table is not None else None
+    if t is not None and t.dim() >= 2:
+        source = CachedTable(rows=int(t.shape[-2]), dtype=str(t.dtype).replace("torch.", ""),
+                             position_dtype="unknown", row_selection="unknown", attention_factor=1.0)
+        return source, FxTableHandles(table), None
+    raise NotUnderstood("cos/sin source not recognised")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,17 +371,16 @@ def trace_angle_source(ep: ExportedProgram, app: FxRopeApplication) -> FxAngleSo
 # --------------------------------------------------------------------------------------------------
 
 
-def _site_key(app: FxRopeApplication, src: FxAngleSource):
-    if src.kind == AngleSource.COMPUTED and src.cos_node is not None:
-        return ("computed", src.cos_node, app.layout, app.rotary_dim)
-    if src.table_node is not None:
-        return ("table", src.table_node, app.layout, app.rotary_dim)
-    return ("operands", app.cos, app.sin, app.layout, app.rotary_dim)
+def _site_key(app: FxRopeApplication, handles: FxComputedHandles | FxTrigHandles | FxTableHandles) -> tuple:
+    if isinstance(handles, FxComputedHandles | FxTrigHandles):
+        return ("computed", handles.cos_node, app.layout, app.rotary_dim)
+    return ("table", handles.table_node, app.layout, app.rotary_dim)
 
 
 def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
     """Every RoPE site of ``ep``'s graph, and refusals for rotation-like subgraphs not understood."""
-    groups: dict[tuple, list[tuple[FxRopeApplication, FxAngleSource]]] = {}
+    groups: dict[tuple, list[tuple[FxRopeApplication, ComputedAngles | CachedTable,
+                                   FxComputedHandles | FxTrigHandles | FxTableHandles, np.ndarray | None]]] = {}
     refusals: list[Refusal] = []
     claimed: set[Node] = set()
     for node in ep.graph.nodes:
@@ -373,22 +390,27 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
         if app is None:
             continue
         claimed.add(app.output)
-        src = trace_angle_source(ep, app)
-        groups.setdefault(_site_key(app, src), []).append((app, src))
+        try:
+            source, handles, inv_freq = trace_angle_source(ep, app)
+        except NotUnderstood as refused:
+            refusals.append(Refusal("rope", app.output.name, f"{app.describe()}: {refused}"))
+            continue
+        groups.setdefault(_site_key(app, handles), []).append((app, source, handles, inv_freq))
     sites: list[FxRopeSite] = []
     for members in groups.values():
-        apps = tuple(a for a, _ in members)
-        src = members[0][1]
+        apps = tuple(m[0] for m in members)
+        _, source, handles, inv_freq = members[0]
         notes: list[str] = []
         base = prior = None
-        if src.inv_freq is not None:
-            if src.inv_freq.size * 2 != apps[0].rotary_dim:
+        if inv_freq is not None:
+            if inv_freq.size * 2 != apps[0].rotary_dim:
                 refusals.append(Refusal("rope", apps[0].output.name,
-                                        f"inv_freq has {src.inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
+                                        f"inv_freq has {inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
                 continue
-            base = rope_math.fit_base(src.inv_freq, dtype=src.inv_freq_dtype)
+            dtype = source.inv_freq_dtype if isinstance(source, ComputedAngles) else None
+            base = rope_math.fit_base(inv_freq, dtype=dtype)
             if base is None:
-                fitted = rope_math.fit_scaled_base(src.inv_freq, dtype=src.inv_freq_dtype)
+                fitted = rope_math.fit_scaled_base(inv_freq, dtype=dtype)
                 if fitted is None:
                     notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
                                  "(or the model's config) to rescale it")
@@ -396,9 +418,11 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                     base, prior = fitted
                     notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
                                  "replaces that scaling (as new rope_parameters in the config would)")
-        if src.reason:
-            notes.append(src.reason)
-        sites.append(FxRopeSite(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
-                                source=src, base=base, applications=apps, notes=tuple(notes),
-                                prior_scaling=prior))
+        if isinstance(source, CachedTable):
+            notes.append(TABLE_NOTE)
+        elif inv_freq is None:
+            notes.append(RUNTIME_NOTE)
+        encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
+                                source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
+        sites.append(FxRopeSite(encoding=encoding, applications=apps, handles=handles))
     return sites, refusals

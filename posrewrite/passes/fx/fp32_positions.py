@@ -17,14 +17,15 @@ from torch.fx import Node
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
-from posrewrite.passes.fx.sites import AngleSource, FxRopeSite
+from posrewrite.passes.fx.sites import FxComputedHandles, FxRopeSite
+from posrewrite.sites.rope import ComputedAngles
 
 __all__ = ["needs_fp32", "make_fp32"]
 
 
 def needs_fp32(site: FxRopeSite) -> bool:
     src = site.source
-    return src.kind == AngleSource.COMPUTED and src.angles is not None and (
+    return isinstance(src, ComputedAngles) and isinstance(site.handles, FxComputedHandles) and (
         src.angle_dtype != "float32" or src.position_dtype not in ("float32", "int64", "int32")
     )
 
@@ -50,7 +51,7 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
     for site in sites:
         if not needs_fp32(site):
             continue
-        src = site.source
+        src = site.computed_handles()
         changed: set[Node] = set()
         # positions -> float32
         cast = src.position_cast
@@ -74,7 +75,7 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
             cur = cur.args[0]
         inv_node = src.inv_freq_node
         if g.dtype(inv_node) != torch.float32:
-            values = rope_math.default_inv_freq(site.base, site.rotary_dim) if site.base else src.inv_freq
+            values = rope_math.default_inv_freq(site.base, site.rotary_dim) if site.base else site.inv_freq
             const = w.add_constant("posrewrite_inv_freq_fp32", torch.from_numpy(np.asarray(values, np.float32))
                                    .reshape(g.shape(inv_node)))
             for u in list(inv_node.users):
@@ -95,7 +96,8 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
                     back = w.call(aten._to_copy.default, (n,), {"dtype": dt})
                 for u in users:
                     u.replace_input_with(n, back)
-        done.append(f"rope ({site.sites} applications): positions {src.position_dtype}, angles {src.angle_dtype} "
+        done.append(f"rope ({site.rotations} applications): positions {site.source.position_dtype}, "
+                     f"angles {site.source.angle_dtype} "
                      f"-> float32 (cos/sin cast after)")
     w.graph.eliminate_dead_code()
     return done

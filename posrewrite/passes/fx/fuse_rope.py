@@ -22,7 +22,7 @@ import posrewrite.ops.rope  # noqa: F401  (registers torch.ops.posrewrite.*)
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
 from posrewrite.passes.fx.detect_rope import _walk_up
-from posrewrite.passes.fx.sites import AngleSource, FxRopeApplication, FxRopeSite, Layout
+from posrewrite.passes.fx.sites import FxComputedHandles, FxRopeApplication, FxRopeSite, Layout
 
 __all__ = ["FusionRefused", "fusable", "fuse_sites"]
 
@@ -138,9 +138,9 @@ def _kernel_angles(site: FxRopeSite, app: FxRopeApplication, seq_axis: int) -> t
     """(positions, inv_freq, attention factor) when the op may compute this application's angles itself:
     computed angles from constant inv_freq and [batch, seq] positions, and only broadcasts, casts,
     duplications and the attention factor between cos(angles) and the multiplication."""
-    src = site.source
-    if src.kind != AngleSource.COMPUTED or src.inv_freq_node is None or src.positions is None:
+    if not isinstance(site.handles, FxComputedHandles):
         return None
+    src = site.handles
     ps, xs = g.shape(src.positions), g.shape(app.x)
     if ps is None or xs is None or len(ps) != 2 or g.dtype(src.positions) not in (torch.int64, torch.int32):
         return None
@@ -160,7 +160,7 @@ def _kernel_angles(site: FxRopeSite, app: FxRopeApplication, seq_axis: int) -> t
                 return None
     if g.shape(src.inv_freq_node) != (app.rotary_dim // 2,):
         return None
-    return src.positions, src.inv_freq_node, float(src.attention_factor)
+    return src.positions, src.inv_freq_node, float(site.source.attention_factor)
 
 
 def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, angles: str = "tables") -> tuple[list[str], list[str]]:

@@ -90,17 +90,18 @@ class RescaleRope(FxPass):
         self.allow_partial = allow_partial
 
     def call(self, ep: ExportedProgram) -> FxPassResult:
-        sites, _ = detect_rope(ep)
+        sites, refusals = detect_rope(ep)
         if not sites:
             raise NoEncodingError("no RoPE site found in the exported program")
-        plans, refused = [], []
+        plans, refused = [], [r.reason for r in refusals]
         for site in sites:
             try:
                 plans.append(plan_rescale(site, self.params))
             except RescaleRefused as e:
                 refused.append(str(e))
         if refused and not self.allow_partial:
-            raise PartialMatchError(f"{len(refused)} of {len(sites)} RoPE sites cannot be rescaled: {refused[0]}",
+            raise PartialMatchError(f"{len(refused)} of {len(sites) + len(refusals)} RoPE sites cannot be rescaled: "
+                                    f"{refused[0]}",
                                     detail=refused)
         messages = apply_rescale(ep, plans)
         return FxPassResult(ep, bool(plans), messages + [f"skipped: {r}" for r in refused])
@@ -125,10 +126,11 @@ class FuseRope(FxPass):
         self.angles = angles
 
     def call(self, ep: ExportedProgram) -> FxPassResult:
-        sites, _ = detect_rope(ep)
+        sites, refusals = detect_rope(ep)
         if not sites:
             raise NoEncodingError("no RoPE site found in the exported program")
         done, refused = fuse_sites(ep, sites, angles=self.angles)
+        refused = [r.reason for r in refusals] + refused
         if refused and not self.allow_partial:
             raise PartialMatchError(f"{len(refused)} RoPE applications cannot be fused: {refused[0]}", detail=refused)
         return FxPassResult(ep, bool(done), [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused])

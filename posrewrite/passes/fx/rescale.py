@@ -21,7 +21,9 @@ from torch.fx import Node
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
-from posrewrite.passes.fx.sites import AngleSource, FxRopeSite
+from posrewrite.passes.fx.detect_rope import RUNTIME_NOTE, TABLE_NOTE
+from posrewrite.passes.fx.sites import FxRopeSite
+from posrewrite.sites.rope import CachedTable, ComputedAngles
 
 __all__ = ["RUNTIME_METHODS", "RescalePlan", "plan_rescale", "apply_rescale", "RescaleRefused"]
 
@@ -49,20 +51,19 @@ class RescalePlan:
             what += f", base {p.rope_theta:g}"
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         mode = ", inv_freq from the runtime length" if self.runtime else ""
-        return (f"rope ({self.site.sites} applications, rotary_dim {self.site.rotary_dim}): "
+        return (f"rope ({self.site.rotations} applications, rotary_dim {self.site.rotary_dim}): "
                 f"{what}{extra}{mode}")
 
 
 def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescalePlan:
     """The new inv_freq / attention factor of ``site``; raises `RescaleRefused` when impossible."""
-    src = site.source
-    if src.kind != AngleSource.COMPUTED or src.inv_freq is None:
-        raise RescaleRefused(f"{src.reason or 'angle source not understood'}: cannot rescale "
-                             f"({site.applications[0].output.name})")
+    if not isinstance(site.source, ComputedAngles) or site.inv_freq is None:
+        why = TABLE_NOTE if isinstance(site.source, CachedTable) else RUNTIME_NOTE
+        raise RescaleRefused(f"{why}: cannot rescale ({site.applications[0].output.name})")
     try:
         params.validate()
         params = rope_math.parameters_for_site(params, site.base, site.prior_scaling)
-        inv, factor = rope_math.scaled_inv_freq(params, inv_freq=src.inv_freq, base=site.base, dim=site.rotary_dim)
+        inv, factor = rope_math.scaled_inv_freq(params, inv_freq=site.inv_freq, base=site.base, dim=site.rotary_dim)
     except ValueError as e:
         raise RescaleRefused(str(e)) from None
     runtime = params.rope_type in RUNTIME_METHODS
@@ -81,7 +82,7 @@ def _replace_inv_freq(ep: ExportedProgram, w: GraphWriter, node: Node, value: to
 
 
 def _set_attention_factor(w: GraphWriter, site: FxRopeSite, factor: float) -> None:
-    src = site.source
+    src = site.computed_handles()
     for fn, scale in ((src.cos_node, src.cos_scale), (src.sin_node, src.sin_scale)):
         if scale is not None:
             a, b = scale.args
@@ -137,10 +138,10 @@ def _runtime_inv_freq(w: GraphWriter, plan: RescalePlan) -> Node:
     """float32 [d/2] inv_freq computed from max(positions) + 1 (inserted before the angle product), by the
     formula in `posrewrite.math.rope.runtime_inv_freq`."""
     site = plan.site
-    src = site.source
+    src = site.computed_handles()
     ops = FxOps(w, src.angles)
     seq = ops._call(aten.add.Tensor, (ops._call(aten.max.default, (src.positions,)), 1))
-    return rope_math.runtime_inv_freq(ops, seq, plan.params, inv_freq=src.inv_freq, base=site.base,
+    return rope_math.runtime_inv_freq(ops, seq, plan.params, inv_freq=site.inv_freq, base=site.base,
                                       dim=site.rotary_dim)
 
 
@@ -150,7 +151,7 @@ def apply_rescale(ep: ExportedProgram, plans: list[RescalePlan]) -> list[str]:
     done: list[str] = []
     replaced: set[Node] = set()
     for plan in plans:
-        src = plan.site.source
+        src = plan.site.computed_handles()
         if plan.runtime:
             _swap_operand_root(w, src.angles, src.inv_freq_operand, src.inv_freq_node, _runtime_inv_freq(w, plan))
         elif src.inv_freq_node not in replaced:

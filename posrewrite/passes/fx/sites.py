@@ -1,7 +1,8 @@
 """What fx detection finds: RoPE sites described by the fx nodes of a `torch.export` graph.
 
-The same vocabulary as `posrewrite.sites.rope` (``Layout``, ``AngleSource``, the JSON keys of
-``to_dict()``), holding ``torch.fx.Node`` references instead of ``onnx_ir`` values.
+The description is the ONNX side's own: `posrewrite.sites.rope.RopeEncoding` (layout, dimensions, base,
+typed prior scaling, the angle-source union); beside it the ``torch.fx.Node`` handles the rewrites act on
+(`FxComputedHandles` for computed angles, `FxTableHandles` for a precomputed table).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Any, ClassVar
 import numpy as np
 from torch.fx import Node
 
+from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.rope import AngleSource, Layout
+from posrewrite.sites.rope import AngleSource, Layout, RopeEncoding, RopeSource
 
-__all__ = ["FxRopeApplication", "FxAngleSource", "FxRopeSite", "FxAlibiSite", "AngleSource", "Layout"]
+__all__ = ["FxRopeApplication", "FxComputedHandles", "FxTrigHandles", "FxTableHandles", "FxRopeSite", "FxAlibiSite",
+           "AngleSource", "Layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,82 +41,107 @@ class FxRopeApplication:
 
 
 @dataclasses.dataclass(frozen=True)
-class FxAngleSource:
-    """Where cos/sin come from.
+class FxComputedHandles:
+    """Where `ComputedAngles` live in an fx graph: ``positions x inv_freq`` (``angles``), ``inv_freq`` a
+    placeholder backed by a buffer or constant (``inv_freq_node``), the ``aten.cos``/``aten.sin`` calls and the
+    ``mul`` by the attention factor when there is one (``cos_scale``/``sin_scale``)."""
 
-    ``computed``: ``positions x inv_freq`` in the graph; ``inv_freq`` is a placeholder backed by a buffer
-    or constant (``inv_freq_node``), ``angles`` the product node, ``cos_node``/``sin_node`` the
-    ``aten.cos``/``aten.sin`` calls and ``cos_scale``/``sin_scale`` the ``mul`` by the attention factor
-    when there is one. ``cached``: a precomputed table placeholder (``table_node``) gathered by positions.
-    """
-
-    kind: AngleSource
-    positions: Node | None = None  # integer (or float) positions before the float cast
+    positions: Node  # integer (or float) positions before the float cast
+    inv_freq_node: Node
+    inv_freq_operand: Node  # the operand of the angle product that carries inv_freq
+    angles: Node  # positions x inv_freq
+    cos_node: Node
+    sin_node: Node
     position_cast: Node | None = None  # the cast of positions to the angle dtype, when present
-    inv_freq_node: Node | None = None
-    inv_freq_operand: Node | None = None  # the operand of the angle product that carries inv_freq
-    inv_freq: np.ndarray | None = None  # float32 [rotary_dim / 2]
-    inv_freq_dtype: str = "float32"  # the dtype inv_freq is stored in (its round-off bounds the base fit)
-    angles: Node | None = None  # positions x inv_freq
-    cos_node: Node | None = None
-    sin_node: Node | None = None
     cos_scale: Node | None = None
     sin_scale: Node | None = None
-    attention_factor: float = 1.0
-    position_dtype: str = "unknown"
-    angle_dtype: str = "unknown"
-    table_node: Node | None = None
-    max_positions: int | None = None
-    reason: str = ""  # why the source is not understood (kind stays CACHED/None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FxTrigHandles:
+    """Computed angles whose product could not be split into positions x a constant inv_freq (inv_freq made at
+    run time, e.g. by a dynamic rescale): only the ``aten.cos``/``aten.sin`` calls are known."""
+
+    cos_node: Node
+    sin_node: Node
+
+
+@dataclasses.dataclass(frozen=True)
+class FxTableHandles:
+    """Where a `CachedTable` lives in an fx graph: the table placeholder the rows are read from."""
+
+    table_node: Node
+
+
+FxHandles = FxComputedHandles | FxTrigHandles | FxTableHandles
 
 
 @dataclasses.dataclass(frozen=True)
 class FxRopeSite(EncodingSite):
-    """One RoPE configuration of a graph: its angle source and every q/k application using it."""
+    """One RoPE configuration of a graph: its `RopeEncoding` and every q/k application using it."""
 
     kind: ClassVar[str] = "rope"
 
-    layout: Layout
-    head_dim: int
-    rotary_dim: int
-    source: FxAngleSource
-    base: float | None
+    encoding: RopeEncoding
     applications: tuple[FxRopeApplication, ...]
-    notes: tuple[str, ...] = ()
-    prior_scaling: Any = None  # posrewrite.math.rope.PriorScaling when inv_freq is already scaled
+    handles: FxHandles = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def layout(self) -> Layout:
+        return self.encoding.layout
+
+    @property
+    def head_dim(self) -> int | None:
+        return self.encoding.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.encoding.rotary_dim
+
+    @property
+    def source(self) -> RopeSource:
+        return self.encoding.source
 
     @property
     def angles(self) -> AngleSource:
-        return self.source.kind
+        return self.encoding.angles
+
+    @property
+    def base(self) -> float | None:
+        return self.encoding.base
 
     @property
     def inv_freq(self) -> np.ndarray | None:
-        return self.source.inv_freq
+        return self.encoding.inv_freq
 
     @property
-    def sites(self) -> int:
+    def prior_scaling(self) -> PriorScaling | None:
+        return self.encoding.prior_scaling
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.encoding.notes
+
+    @property
+    def rotations(self) -> int:
+        """How many q/k rotations use this encoding."""
         return len(self.applications)
 
+    def computed_handles(self) -> FxComputedHandles:
+        """The fx handles of computed angles; ValueError for a table site."""
+        if not isinstance(self.handles, FxComputedHandles):
+            raise ValueError(f"a {self.angles.value} RoPE site has no angle computation")
+        return self.handles
+
     def to_dict(self) -> dict[str, Any]:
-        s = self.source
-        return {
-            "kind": self.kind,
-            "layout": self.layout.value,
-            "head_dim": self.head_dim,
-            "rotary_dim": self.rotary_dim,
-            "base": None if self.base is None else float(self.base),
-            "angles": s.kind.value,
-            "max_positions": s.max_positions,
-            "position_dtype": s.position_dtype,
-            "angle_dtype": s.angle_dtype,
-            "attention_factor": float(s.attention_factor),
-            "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
-            "sites": self.sites,
-            "cos": self.applications[0].cos.name if self.applications else None,
-            "sin": self.applications[0].sin.name if self.applications else None,
-            "inv_freq": None if s.inv_freq_node is None else s.inv_freq_node.name,
-            "notes": list(self.notes),
-        }
+        first = self.applications[0] if self.applications else None
+        inv = self.handles.inv_freq_node if isinstance(self.handles, FxComputedHandles) else None
+        return self.encoding.to_dict(
+            rotations=self.rotations,
+            cos=None if first is None else first.cos.name,
+            sin=None if first is None else first.sin.name,
+            inv_freq=None if inv is None else inv.name,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -280,13 +280,24 @@ def is_scalar_like(arr: np.ndarray | None) -> bool:
     return arr is not None and arr.size == 1
 
 
-def trace_through(value: ir.Value, ops: Iterable[str] = VIEW_OPS) -> tuple[ir.Value, list[ir.Node]]:
-    """Follows the first input upward while the producer is one of `ops`; returns the value reached."""
+def trace_through(
+    value: ir.Value,
+    ops: Iterable[str] = VIEW_OPS,
+    *,
+    limit: int | None = None,
+    until: Callable[[ir.Value], bool] | None = None,
+) -> tuple[ir.Value, list[ir.Node]]:
+    """Follows the first input upward while the producer is one of `ops`; returns the value reached and the
+    nodes passed. Stops early at a value for which `until` holds, or after `limit` nodes."""
     ops = frozenset(ops)
     path: list[ir.Node] = []
     while True:
+        if until is not None and until(value):
+            return value, path
         node = value.producer()
         if node is None or node.op_type not in ops or not node.inputs or node.inputs[0] is None:
+            return value, path
+        if limit is not None and len(path) >= limit:
             return value, path
         path.append(node)
         value = node.inputs[0]

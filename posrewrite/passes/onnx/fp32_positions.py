@@ -41,7 +41,7 @@ from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe, make_alibi_fp32
 from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
-from posrewrite.sites.rope import AngleSource, Layout, RopeSite
+from posrewrite.sites.rope import AngleSource, CachedTable, Layout, OnnxCachedHandles, OnnxComputedHandles, RopeSite
 
 __all__ = [
     "Fp32PositionsPass",
@@ -197,16 +197,15 @@ def _chain(value: ir.Value) -> list[str]:
 
 
 def _positions_operand(site: RopeSite) -> tuple[ir.Node, ir.Value, ir.Value]:
-    info = site.extra.angles
-    product: ir.Node = info["product"]
-    positions: ir.Value = info["positions"]
+    handles = site.computed_handles()
+    product, positions = handles.product, handles.positions
     others = [v for v in product.inputs if v is not positions and v is not None]
     return product, positions, others[0] if others else positions
 
 
 def trace_rope_dtypes(site: RopeSite) -> RopeDtypeTrace | None:
     """Dtypes along a computed site as the graph is now; None for cached tables and fused ops."""
-    if site.angles != AngleSource.COMPUTED or site.extra is None or not site.extra.angles:
+    if not isinstance(site.handles, OnnxComputedHandles):
         return None
     product, positions, inv = _positions_operand(site)
     pos_cone, half_inputs = _upstream(positions, include_constants=False)
@@ -216,7 +215,7 @@ def trace_rope_dtypes(site: RopeSite) -> RopeDtypeTrace | None:
     inv_dtype = _lowest((dt for _, dt, _ in inv_cone), _dtype(inv))
     product_dtype = _dtype(product.outputs[0])
     angle_dtypes = [product_dtype]
-    trig = site.extra.cos_src.trig_node
+    trig = site.computed_handles().cos.trig
     v = trig.inputs[0]
     for _ in range(32):
         if v is None or v is product.outputs[0]:
@@ -314,16 +313,17 @@ def _site_tables(site: RopeSite) -> tuple[np.ndarray, np.ndarray, str] | None:
         if c is None or s is None:
             return None
         return _as_float64(c).reshape(c.shape[0], -1), _as_float64(s).reshape(s.shape[0], -1), _dtype(site.cos_cache)
-    if site.extra is None:
+    if not isinstance(site.handles, OnnxCachedHandles) or not isinstance(site.source, CachedTable):
         return None
+    handles, source = site.handles, site.source
     out = []
-    for src in (site.extra.cos_src, site.extra.sin_src):
-        t = _const_array(src.table)
+    for read, columns in ((handles.cos, source.cos_columns), (handles.sin, source.sin_columns)):
+        t = _const_array(read.table)
         if t is None:
             return None
         t = _as_float64(t)
-        if src.columns is not None:
-            t = t[..., src.columns[0]:src.columns[1]]
+        if columns is not None:
+            t = t[..., columns[0]:columns[1]]
         kept = [d for d in t.shape[:-1] if d != 1] or [1]
         if len(kept) != 1:
             return None
@@ -332,7 +332,7 @@ def _site_tables(site: RopeSite) -> tuple[np.ndarray, np.ndarray, str] | None:
         if 2 * w != site.rotary_dim:
             t = t[:, : w // 2] if site.layout == Layout.ROTATE_HALF else t[:, 0::2]
         out.append(t)
-    return out[0], out[1], _dtype(site.extra.cos_src.table)
+    return out[0], out[1], _dtype(handles.cos.table)
 
 
 def _wrap(x: np.ndarray) -> np.ndarray:
@@ -687,8 +687,8 @@ def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, plans: Sequen
         node.replace_input_with(idx, new)
     _remove_dead(graph, lift.replaced, lift.replaced_constants)
     act_names = sorted({_dtype(other) for _, _, _, other in meetings if other is not None})
-    what = (f"rope site {index} ({site.sites} q/k applications): positions, angles and cos/sin computed in float32, "
-            f"cast to {'/'.join(act_names) or 'the activation dtype'} where they meet q/k")
+    what = (f"rope site {index} ({site.rotations} q/k applications): positions, angles and cos/sin computed in "
+            f"float32, cast to {'/'.join(act_names) or 'the activation dtype'} where they meet q/k")
     if lift.regenerated:
         what += f"; inverse frequencies regenerated from fp32 math ({', '.join(lift.regenerated)})"
     if lift.kept_rounded:
@@ -728,16 +728,17 @@ def _rewrite_tables(graph: ir.Graph, site: RopeSite, index: int, tp: TablePrecis
                     node.replace_input_with(k, sin_v)
         _remove_dead(graph, [], list(olds))
     else:
-        cs, ss = site.extra.cos_src, site.extra.sin_src
-        tables: dict[int, tuple[ir.Value, list]] = {}
-        for src, fn in ((cs, "cos"), (ss, "sin")):
-            tables.setdefault(id(src.table), (src.table, []))[1].append((src, fn))
+        handles, source = site.cached_handles(), site.source
+        assert isinstance(source, CachedTable)
+        tables: dict[int, tuple[ir.Value, list[tuple[tuple[int, int] | None, str]]]] = {}
+        for read, columns, fn in ((handles.cos, source.cos_columns, "cos"), (handles.sin, source.sin_columns, "sin")):
+            tables.setdefault(id(read.table), (read.table, []))[1].append((columns, fn))
         for table_value, parts in tables.values():
             old = _const_array(table_value)
             row_axis = next(k for k, d in enumerate(old.shape[:-1]) if d == rows)
             new = np.zeros(old.shape, dtype=np.float32)
-            for src, fn in parts:
-                lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
+            for columns, fn in parts:
+                lo, hi = columns if columns is not None else (0, old.shape[-1])
                 c, s = rope_math.cos_sin_tables(tp.inv_freq, rows, attention_factor=tp.attention_factor,
                                                 layout=_part_layout(site, hi - lo))
                 block = c if fn == "cos" else s

@@ -38,10 +38,20 @@ import onnx_ir as ir
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
-from posrewrite.passes.onnx._graph import ConstantEvaluator, rank
+from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
+from posrewrite.passes.onnx.rope_markers import mark_rescaled_cache
 from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
-from posrewrite.sites.rope import AngleSource, Layout, RopeApplication, RopeSite
+from posrewrite.sites.rope import (
+    AngleSource,
+    CachedTable,
+    FusedCaches,
+    Layout,
+    OnnxCachedHandles,
+    OnnxComputedHandles,
+    RopeApplication,
+    RopeSite,
+)
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
 DEFAULT_MAX_POSITIONS = 4096
@@ -155,9 +165,21 @@ class FuseRotaryPass(ReportingPass):
             # the site is now a fused op: validation checks its caches (cos_cache / sin_cache) against the plan
             # made for it, which the report now claims for the fused form
             first = caches_by_dtype[apps[0].input.dtype or _F32]
+            node0 = nodes[0]
+            fused = FusedCaches(
+                op=f"{node0.domain}.{node0.op_type}" if node0.domain not in ("", "ai.onnx") else node0.op_type,
+                rows=first.rows,
+                dtype=dtype_name(first.cos),
+                position_dtype="int64",
+                attention_factor=site.attention_factor,
+                rescaled=site.encoding.rescaled,
+                runtime=site.encoding.runtime,
+                selection=site.encoding.selection,
+            )
             fused_site = dataclasses.replace(
                 site,
-                angles=AngleSource.FUSED_OP,
+                encoding=dataclasses.replace(site.encoding, source=fused),
+                handles=None,
                 fused_nodes=tuple(nodes),
                 cos_cache=first.cos,
                 sin_cache=first.sin,
@@ -200,7 +222,7 @@ class FuseRotaryPass(ReportingPass):
         source = _integer_positions(site, self._fold)
         if source is None:
             # rows selected by a Slice table[start:start+S]: positions start .. start+S-1
-            sel = site.extra.cos_src.select_node if site.extra is not None else None
+            sel = site.handles.cos.select if isinstance(site.handles, OnnxCachedHandles) else None
             start = None
             if sel is not None and sel.op_type == "Slice" and len(sel.inputs) > 1:
                 s0 = self._fold(sel.inputs[1])
@@ -238,11 +260,11 @@ class FuseRotaryPass(ReportingPass):
         half = site.rotary_dim // 2
         if plan is not None and plan.runtime:
             return self._runtime_caches(w, site, plan, dtype, positions)
-        info = site.extra.angles if (plan is None and site.extra is not None) else None
-        if info is not None and (info.get("runtime") or info.get("selected")):
+        computed = site.handles if plan is None and isinstance(site.handles, OnnxComputedHandles) else None
+        if computed is not None and (site.encoding.runtime is not None or site.encoding.selection is not None):
             # inv_freq chosen at run time (a LongRoPE export, a posrewrite dynamic rewrite): caches from that value
-            inv = w.op("Reshape", info["inv_freq_root"], w.const(np.array([-1], np.int64)))
-            if info["inv_freq_root"].dtype not in (None, _F32):
+            inv = w.op("Reshape", computed.inv_freq, w.const(np.array([-1], np.int64)))
+            if computed.inv_freq.dtype not in (None, _F32):
                 inv = w.op("Cast", inv, to=_F32)
             return self._caches_from_inv(w, inv, site.attention_factor, dtype, positions)
         if plan is not None:
@@ -261,30 +283,33 @@ class FuseRotaryPass(ReportingPass):
                     rows,
                 )
                 if not plan.extends_only:  # lets inspect / a later rescale of the fused model find the base
-                    from posrewrite.passes.onnx.detect_rope import mark_rescaled_cache
                     from posrewrite.passes.onnx.rescale import rescaled_record
 
                     mark_rescaled_cache(graph, memo[key].cos, rescaled_record(plan))
             return memo[key]
         if site.angles == AngleSource.CACHED:
             tables = []
-            for src in (site.extra.cos_src, site.extra.sin_src):
-                t = self._fold(src.table)
+            cached, source = site.cached_handles(), site.source
+            assert isinstance(source, CachedTable)
+            for read, columns in ((cached.cos, source.cos_columns), (cached.sin, source.sin_columns)):
+                t = self._fold(read.table)
                 if t is None:
-                    raise FuseRefusal(f"cos/sin table {src.table.name} is not a constant")
+                    raise FuseRefusal(f"cos/sin table {read.table.name} is not a constant")
                 t = np.asarray(t)
-                if src.columns is not None:
-                    t = t[..., src.columns[0] : src.columns[1]]
+                if columns is not None:
+                    t = t[..., columns[0] : columns[1]]
                 kept = [d for d in t.shape[:-1] if d != 1] or [1]
                 t = t.reshape(kept + [t.shape[-1]])
                 if t.ndim != 2:
-                    raise FuseRefusal(f"cos/sin table {src.table.name} of shape {t.shape} is not [positions, channels]")
+                    raise FuseRefusal(
+                        f"cos/sin table {read.table.name} of shape {t.shape} is not [positions, channels]"
+                    )
                 tables.append(_half_columns(t, site.layout, half))
             key = (
                 "table",
-                id(site.extra.cos_src.table),
-                id(site.extra.sin_src.table),
-                site.extra.cos_src.columns,
+                id(cached.cos.table),
+                id(cached.sin.table),
+                source.cos_columns,
                 dtype,
             )
             if key not in memo:
@@ -305,11 +330,9 @@ class FuseRotaryPass(ReportingPass):
                 add_initializer(graph, s, "rope_sin_cache", dtype),
                 rows,
             )
-            rescaled = (site.extra.angles or {}).get("rescaled") if site.extra is not None else None
-            if rescaled:  # a posrewrite rescale's output being fused: its record follows the caches
-                from posrewrite.passes.onnx.detect_rope import mark_rescaled_cache
-
-                mark_rescaled_cache(graph, memo[key].cos, rescaled)
+            rescaled = site.encoding.rescaled
+            if rescaled is not None:  # a posrewrite rescale's output being fused: its record follows the caches
+                mark_rescaled_cache(graph, memo[key].cos, rescaled.to_json())
         return memo[key]
 
     def _default_rows(self, site: RopeSite) -> int:
@@ -437,10 +460,9 @@ def _dim(value: ir.Value, axis: int):
 def _integer_positions(site: RopeSite, fold: ConstantEvaluator) -> ir.Value | None:
     """The positions as found in the graph, before casts and broadcasts (a Range, position_ids...)."""
     if site.angles == AngleSource.COMPUTED:
-        info = site.extra.angles if site.extra is not None else None
-        if info is None:
+        if not isinstance(site.handles, OnnxComputedHandles):
             return None
-        return info.get("position_source") or info.get("positions")
+        return site.handles.position_source
     if site.positions is None:
         return None
     v = site.positions

@@ -28,7 +28,15 @@ from posrewrite.passes.onnx.detect_rope import (
     mark_rescaled_cache,
 )
 from posrewrite.pipeline import PipelineContext, ReportingPass
-from posrewrite.sites.rope import AngleSource, Layout, RopeSite
+from posrewrite.sites.rope import (
+    AngleSource,
+    CachedTable,
+    Layout,
+    LengthSelection,
+    OnnxSwitchedCaches,
+    OnnxTableRead,
+    RopeSite,
+)
 
 RUNTIME_METHODS = ("dynamic", "longrope")
 _F32 = ir.DataType.FLOAT
@@ -54,12 +62,13 @@ class SitePlan:
 
     def describe(self) -> str:
         if self.extends_only:
-            return (f"{self.site.angles.value} rope ({self.site.sites} q/k applications): tables "
+            return (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications): tables "
                     f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
         what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
         if self.params.rope_theta is not None:
             what += f", base {self.params.rope_theta:g}"
-        where = f"{self.site.angles.value} rope ({self.site.sites} q/k applications, rotary_dim {self.site.rotary_dim})"
+        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications, "
+                 f"rotary_dim {self.site.rotary_dim})")
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         rows = f", tables {self.site.max_positions} -> {self.new_length} rows" if self.site.max_positions else ""
         mode = ", inv_freq from the runtime length" if self.runtime else ""
@@ -69,7 +78,7 @@ class SitePlan:
 def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     """Computes the new numbers for a site. Raises ValueError for requests the site cannot take."""
     params.validate()
-    if site.extra is not None and site.extra.angles is not None and site.extra.angles.get("runtime"):
+    if site.encoding.runtime is not None:
         raise ValueError("this RoPE already computes inv_freq at run time (a posrewrite dynamic/longrope rewrite): "
                          "rescale the original model instead")
     dim = site.rotary_dim
@@ -91,20 +100,21 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
 def switched_threshold(site: RopeSite) -> int | None:
     """The trained length of a fused site whose caches hold more rows: L of onnxruntime-genai's LongRoPE caches
     (short up to L tokens, long beyond), or the L a posrewrite rescale recorded; None for other sites."""
-    selected = _switched(site)
-    if selected:
-        return int(selected["threshold"])
-    if site.angles == AngleSource.FUSED_OP and site.extra is not None and site.extra.angles:
-        record = site.extra.angles.get("rescaled") or {}
-        if record.get("original_max_position_embeddings"):
-            return int(record["original_max_position_embeddings"])
+    switched = _switched(site)
+    if switched is not None:
+        return switched[0].threshold
+    record = site.encoding.rescaled
+    if site.angles == AngleSource.FUSED_OP and record is not None and record.original_max_position_embeddings:
+        return int(record.original_max_position_embeddings)
     return None
 
 
-def _switched(site: RopeSite) -> dict | None:
-    angles = site.extra.angles if site.extra is not None else None
-    selected = (angles or {}).get("selected")
-    return selected if selected and "if_node" in selected else None
+def _switched(site: RopeSite) -> tuple[LengthSelection, OnnxSwitchedCaches] | None:
+    """onnxruntime-genai's LongRoPE caches (an If choosing them by length), with the If's handles; else None."""
+    selection = site.encoding.selection
+    if selection is None or not isinstance(site.handles, OnnxSwitchedCaches):
+        return None
+    return selection, site.handles
 
 
 def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
@@ -114,10 +124,14 @@ def plan_extension(site: RopeSite, rows: int) -> SitePlan | None:
     if site.angles == AngleSource.COMPUTED or site.max_positions is None or site.max_positions >= rows:
         return None
     inv = site.inv_freq
-    if _switched(site):  # LongRoPE caches: the long ones grow (and are what the plan describes past L)
-        inv = _switched(site)["long"]
-        site = dataclasses.replace(site, inv_freq=np.asarray(inv, np.float32),
-                                   attention_factor=float(_switched(site)["long_factor"]))
+    switched = _switched(site)
+    if switched is not None:  # LongRoPE caches: the long ones grow (and are what the plan describes past L)
+        selection = switched[0]
+        inv = selection.long
+        factor = site.attention_factor if selection.long_factor is None else selection.long_factor
+        source = dataclasses.replace(site.source, attention_factor=float(factor))
+        site = dataclasses.replace(site, encoding=dataclasses.replace(
+            site.encoding, inv_freq=np.asarray(inv, np.float32), source=source))
     elif site.base is not None and site.prior_scaling is None:
         inv = rope_math.default_inv_freq(site.base, site.rotary_dim)  # exact, rather than fitted from the table
     params = rope_math.RopeParameters(rope_type="default")
@@ -233,11 +247,9 @@ def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
 
 def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
-    info = site.extra.angles
-    product: ir.Node = info["product"]
-    root: ir.Value = info["inv_freq_root"]
-    use_node, _ = info["inv_freq_use"]
-    consumer = use_node if use_node is not None else product
+    handles = site.computed_handles()
+    root = handles.inv_freq
+    consumer = handles.inv_freq_consumer
     index = next(i for i, v in enumerate(consumer.inputs) if v is root)
     shape = list(root.shape.dims) if root.shape is not None and root.shape.is_static() else [-1]
     dtype = root.dtype or _F32
@@ -246,9 +258,9 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
     else:
         w = NodeWriter(graph, consumer, "rope_runtime")
         positions = (
-            info["position_source"]
-            if info["position_source"].dtype in (ir.DataType.INT64, ir.DataType.INT32)
-            else info["positions"]
+            handles.position_source
+            if handles.position_source.dtype in (ir.DataType.INT64, ir.DataType.INT32)
+            else handles.positions
         )
         seq = seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
@@ -273,9 +285,10 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
 def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> None:
     """Make cos and sin carry `factor` in all: the new method's attention factor replaces any factor the
     export already had (a YaRN/LongRoPE export), as new rope_parameters do in HF."""
-    for src in (site.extra.cos_src, site.extra.sin_src):
-        if src.factor_node is not None:
-            node = src.factor_node
+    handles = site.computed_handles()
+    for trig in (handles.cos, handles.sin):
+        if trig.scale is not None:
+            node = trig.scale
             k = next(
                 i
                 for i, v in enumerate(node.inputs)
@@ -291,7 +304,7 @@ def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> Non
                 ),
             )
         elif factor != 1.0:
-            value = src.trig_node.outputs[0]
+            value = trig.trig.outputs[0]
             scale = add_initializer(graph, np.array(factor), "attention_factor", value.dtype or _F32)
             insert_after_and_redirect(graph, value, "Mul", scale, "attention_factor_mul")
 
@@ -304,11 +317,13 @@ def _table_layout(site: RopeSite, width: int) -> str:
 
 def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
-    cs, ss = site.extra.cos_src, site.extra.sin_src
+    handles, source = site.cached_handles(), site.source
+    assert isinstance(source, CachedTable)
     changes = [plan.describe()]
-    tables = {}
-    for src, fn in ((cs, "cos"), (ss, "sin")):
-        tables.setdefault(id(src.table), (src.table, []))[1].append((src, fn))
+    tables: dict[int, tuple[ir.Value, list[tuple[OnnxTableRead, tuple[int, int] | None, float, str]]]] = {}
+    for read, columns, scale, fn in ((handles.cos, source.cos_columns, source.cos_scale, "cos"),
+                                     (handles.sin, source.sin_columns, source.sin_scale, "sin")):
+        tables.setdefault(id(read.table), (read.table, []))[1].append((read, columns, scale, fn))
     for table_value, parts in tables.values():
         old = (
             table_value.const_value.numpy()
@@ -316,16 +331,16 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             else ir.convenience.get_const_tensor(table_value).numpy()
         )
         dtype = table_value.dtype
-        select = parts[0][0].select_node
+        select = parts[0][0].select
         # the table carries what the Mul after the gather (if any) does not
-        factor = plan.attention_factor / parts[0][0].factor
+        factor = plan.attention_factor / parts[0][2]
         row_axis = next(k for k, d in enumerate(old.shape[:-1]) if d == site.max_positions)
         new_shape = list(old.shape)
         new_shape[row_axis] = plan.new_length
         if not plan.runtime:
             new = np.zeros(new_shape, dtype=np.float64)
-            for src, fn in parts:
-                lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
+            for _read, columns, _scale, fn in parts:
+                lo, hi = columns if columns is not None else (0, old.shape[-1])
                 layout = _table_layout(site, hi - lo)
                 cos, sin = rope_math.cos_sin_tables(
                     plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout
@@ -350,8 +365,8 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             inv = runtime_inv_freq(w, plan, seq)
             angles = table_angles(w, inv, w.const(np.int64(plan.new_length)))
             pieces = []
-            for src, fn in sorted(parts, key=lambda p: (p[0].columns or (0, 0))[0]):
-                lo, hi = src.columns if src.columns is not None else (0, old.shape[-1])
+            for _read, columns, _scale, fn in sorted(parts, key=lambda p: (p[1] or (0, 0))[0]):
+                lo, hi = columns if columns is not None else (0, old.shape[-1])
                 t = w.op("Cos" if fn == "cos" else "Sin", angles)
                 if factor != 1.0:
                     t = w.op("Mul", t, w.const(np.float32(factor)))
@@ -402,7 +417,7 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         if dtype != _F32:
             cos, sin = w.op("Cast", cos, to=dtype), w.op("Cast", sin, to=dtype)
         w.commit()
-    elif plan.keep_rows and _switched(site):
+    elif plan.keep_rows and _switched(site) is not None:
         return _extend_switched(plan)
     else:
         c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
@@ -432,11 +447,13 @@ def _attention_total_length(node: ir.Node) -> ir.Value | None:
 def _extend_switched(plan: SitePlan) -> list[str]:
     """--max-positions on onnxruntime-genai's LongRoPE caches: the long caches (the If's then branch) grow to
     plan.new_length rows with their own frequencies and attention factor, trained rows kept bit for bit."""
-    selected = _switched(plan.site)
-    factor = float(selected["long_factor"])
-    c, s = rope_math.cos_sin_tables(np.asarray(selected["long"], np.float32), plan.new_length,
+    switched = _switched(plan.site)
+    assert switched is not None
+    selection, handles = switched
+    factor = float(plan.site.attention_factor if selection.long_factor is None else selection.long_factor)
+    c, s = rope_math.cos_sin_tables(np.asarray(selection.long, np.float32), plan.new_length,
                                     attention_factor=factor, layout="half")
-    for node, table in zip(selected["long_constants"], (c, s), strict=True):
+    for node, table in zip((handles.long_cos, handles.long_sin), (c, s), strict=True):
         old = node.attributes["value"].value
         kept = old.numpy()
         table[: kept.shape[0]] = kept
@@ -445,6 +462,6 @@ def _extend_switched(plan: SitePlan) -> list[str]:
         out = node.outputs[0]
         if out.shape is not None:
             out.shape = ir.Shape([plan.new_length, table.shape[1]])
-    return [f"LongRoPE caches inside {plan.site.op} (switch at {selected['threshold']} tokens): long caches "
+    return [f"LongRoPE caches inside {plan.site.op} (switch at {selection.threshold} tokens): long caches "
             f"{plan.site.max_positions} -> {plan.new_length} rows, same frequencies (trained rows kept); "
             "short caches unchanged"]

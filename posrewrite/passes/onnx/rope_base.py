@@ -1,0 +1,55 @@
+"""The base of an inv_freq vector found in a graph: plain geometric, already scaled, or the base an earlier
+posrewrite rescale recorded. Adds the notes `inspect` shows about it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from posrewrite.math import rope as rope_math
+from posrewrite.sites.rope import RescaleRecord
+
+
+def _stored_dtype(stored: ir.Value | None) -> str | None:
+    """The float type an inv_freq vector is stored in (its round-off bounds the base fit), or None."""
+    if stored is None or stored.dtype is None or not stored.dtype.is_floating_point():
+        return None
+    return stored.dtype.name
+
+
+def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
+    """The base of an inv_freq vector, within the round-off of the precision it is stored in."""
+    return rope_math.fit_base(inv_freq, dtype=_stored_dtype(stored))
+
+
+def _fit_scaled_base(
+    inv_freq: np.ndarray, stored: ir.Value | None, notes: list[str]
+) -> tuple[float | None, rope_math.PriorScaling | None]:
+    """(base, PriorScaling) of an already-scaled inv_freq, or (None, None); adds a note saying what was found."""
+    fitted = rope_math.fit_scaled_base(inv_freq, dtype=_stored_dtype(stored))
+    if fitted is None:
+        notes.append("inv_freq is not geometric and its scaling is not recognised: pass --rope-base (or a "
+                     "config.json with rope_theta beside the model) to rescale it")
+        return None, None
+    base, prior = fitted
+    notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale replaces that "
+                 "scaling (as new rope_parameters in config.json would)")
+    return base, prior
+
+
+def table_base(
+    inv_freq: np.ndarray, record: RescaleRecord | None, notes: list[str]
+) -> tuple[float | None, rope_math.PriorScaling | None]:
+    """(base, prior scaling) of frequencies fitted from tables: plain, already scaled, or (when neither fits
+    and posrewrite wrote the caches: `record`) the base its rescale recorded."""
+    base = rope_math.fit_base(inv_freq)
+    if base is not None:
+        return base, None
+    base, prior = _fit_scaled_base(inv_freq, None, notes)
+    if base is not None or record is None or record.base is None:
+        return base, prior
+    notes[:] = [n for n in notes if "not geometric" not in n and "already scaled" not in n]
+    factor = record.factor or 1.0
+    notes.append(f"caches written by posrewrite ({record.rope_type} x{factor:g} from base "
+                 f"{record.base:g}); a rescale starts again from that base")
+    return record.base, rope_math.PriorScaling("rewritten", float(factor), 0)
