@@ -35,8 +35,8 @@ def build_variants(src: Path, tmp: Path, with_onnxscript: bool, with_rope: bool,
     import onnx_ir as ir
 
     from posrewrite import api
-    from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
-    from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+    from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
+    from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
     from posrewrite.pipeline import cleanup_passes, run_passes
 
     variants = {"original": src}

@@ -60,8 +60,8 @@ def main() -> None:
     ours, theirs = [], []
     # import the code first, so the growth below is data held by the rewrite, not modules being loaded
     import posrewrite.api  # noqa: F401
-    import posrewrite.passes.onnx.detect_rope  # noqa: F401
-    import posrewrite.passes.onnx.rescale  # noqa: F401
+    import posrewrite.passes.onnx.rope.detect  # noqa: F401
+    import posrewrite.passes.onnx.rope.rescale  # noqa: F401
 
     rss0 = _rss_mb()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,15 +20,15 @@ from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
 from posrewrite.passes.onnx.detect_other import detect_other_encodings
-from posrewrite.passes.onnx.detect_rope import detect_rope
-from posrewrite.passes.onnx.fp32_positions import needs_fp32_positions, rope_site_precision
+from posrewrite.passes.onnx.rope.detect import detect_rope
+from posrewrite.passes.onnx.rope.fp32 import needs_fp32_positions, rope_site_precision
 from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import RopeSite
 
 if TYPE_CHECKING:
-    from posrewrite.passes.onnx.rescale import SitePlan
+    from posrewrite.passes.onnx.rope.rescale import SitePlan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def rope_parameters_for(
     options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite
 ) -> rope_math.RopeParameters:
     """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
-    from posrewrite.passes.onnx.rescale import switched_threshold as rescale_switched_threshold
+    from posrewrite.passes.onnx.rope.rescale import switched_threshold as rescale_switched_threshold
 
     config = read_config_json(model_path)
     hf = rope_parameters_from_options(options, config_json=config)
@@ -270,7 +270,7 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
     """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
     plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
     plan per RoPE table that is shorter. Usage errors (exit 2) for requests a site cannot take."""
-    from posrewrite.passes.onnx import rescale
+    from posrewrite.passes.onnx.rope import rescale
 
     rope_sites = found.rope_sites
     if not opts.rescales_rope:
@@ -388,7 +388,7 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
     """The rewrite's own oracle for a model rewritten earlier or by another tool: without RoPE options,
     REWRITTEN must compute what ORIGINAL computes (and its rotations the original's); with them, REWRITTEN
     must be that rescale of ORIGINAL. Raises nothing for a failed check: see `.validation.ok`."""
-    from posrewrite.passes.onnx import rescale
+    from posrewrite.passes.onnx.rope import rescale
     from posrewrite.validate import validate_rewrite
 
     opts = _options(options, kwargs)

@@ -69,7 +69,7 @@ class RewriteOptions:
     max_positions: int | None = None
     pos_scale: float | None = None
     alibi_scale: float | None = None
-    # attention-level methods (posrewrite.math.positions, posrewrite.passes.onnx.attention_extend)
+    # attention-level methods (posrewrite.math.positions, posrewrite.passes.onnx.attention.extend)
     extend: str | None = None  # "self-extend" | "rerope"
     window: int | None = None
     group_size: int | None = None

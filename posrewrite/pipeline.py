@@ -35,7 +35,7 @@ from posrewrite.sites.rope import RopeSite
 
 if TYPE_CHECKING:
     from posrewrite.api import Detection
-    from posrewrite.passes.onnx.rescale import SitePlan
+    from posrewrite.passes.onnx.rope.rescale import SitePlan
     from posrewrite.validate import ValidationReport
 
 __all__ = [
@@ -316,13 +316,13 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     6. cleanup.
     """
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
-    from posrewrite.passes.onnx.attention_extend import AttentionExtendPass
+    from posrewrite.passes.onnx.attention.extend import AttentionExtendPass
+    from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
-    from posrewrite.passes.onnx.fp32_positions import Fp32PositionsPass
-    from posrewrite.passes.onnx.fuse_attention import FuseAttentionPass
-    from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
-    from posrewrite.passes.onnx.rescale import RescaleRopePass
+    from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
+    from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
+    from posrewrite.passes.onnx.rope.rescale import RescaleRopePass
 
     context = PipelineContext(model_path=model_path, progress=progress or NullReporter())
     context.report.notes.extend(f"skipped {r.where}: {r.reason}" for r in detection.refusals)

@@ -27,7 +27,7 @@ from fixtures.precision_models import (  # noqa: E402
 )
 from posrewrite import api, io  # noqa: E402
 from posrewrite.math import rope as rope_math  # noqa: E402
-from posrewrite.passes.onnx.fp32_positions import (  # noqa: E402
+from posrewrite.passes.onnx.rope.fp32 import (  # noqa: E402
     Fp32PositionsPass,
     needs_fp32_positions,
     rope_site_precision,

@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 
 from posrewrite import api
-from posrewrite.passes.onnx import fuse_attention
-from posrewrite.passes.onnx.fuse_rotary import FuseRotaryPass
+from posrewrite.passes.onnx.attention import fuse as fuse_attention
+from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
 
 TOL = 1e-5
 

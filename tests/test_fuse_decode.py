@@ -39,7 +39,7 @@ def test_optimum_layout_fused_equals_original(form, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from fixtures.hf_models import export_optimum_layout, optimum_feeds, ort_session
-    from posrewrite.passes.onnx import fuse_cache_attention as fca
+    from posrewrite.passes.onnx.attention import fuse_cache as fca
 
     rotary_inside = form != "rotary_outside"
     if not rotary_inside:
@@ -131,7 +131,7 @@ def test_head_reshape_is_read_as_a_view_only_when_proven(order):
     may read x itself only when (a, b) = (0, 1); with batch and sequence swapped the heads are other data."""
     from types import SimpleNamespace
 
-    from posrewrite.passes.onnx import fuse_cache_attention as fca
+    from posrewrite.passes.onnx.attention import fuse_cache as fca
 
     x = ir.Value(name="x", shape=ir.Shape(["B", "S", 8]), type=ir.TensorType(ir.DataType.FLOAT))
     shape = ir.node("Shape", [x])

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from posrewrite import api, errors
-from posrewrite.passes.onnx import fuse_rotary
+from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
 TOL = 1e-5
 ARCH_NAMES = [
@@ -287,7 +287,7 @@ def test_raise_opset_refuses_changed_meaning():
 
 
 def test_combined_with_fp32_positions(fp16_rope_onnx, tmp_path):
-    pytest.importorskip("posrewrite.passes.onnx.fp32_positions")
+    pytest.importorskip("posrewrite.passes.onnx.rope.fp32")
     src, _ = fp16_rope_onnx
     out, result = _fuse(src, tmp_path, "ort", fp32_positions=True)
     ops = _ops(out)

@@ -75,7 +75,7 @@ def test_refusal_names_the_failure_that_matched_most():
     import onnx_ir as ir
     from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus
 
-    from posrewrite.passes.onnx.detect_rope import _best_failure
+    from posrewrite.passes.onnx.rope.detect import _best_failure
 
     x = ir.Value(name="x")
     nodes = [ir.Node("", "Neg", [x]) for _ in range(3)]

@@ -137,7 +137,7 @@ def test_raise_opset_converts_group_normalization_scale_to_per_channel():
     import onnxruntime as ort
     from onnx import helper
 
-    from posrewrite.passes.onnx import fuse_rotary
+    from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
     node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2, epsilon=1e-5)
     model = _one_node_model(18, node, {"x": [2, 4, 3], "s": [2], "b": [2]}, [2, 4, 3])
@@ -161,7 +161,7 @@ def test_raise_opset_refuses_what_onnx_converter_cannot_convert_and_leaves_the_m
     from onnx import TensorProto, helper
 
     from posrewrite import errors
-    from posrewrite.passes.onnx import fuse_rotary
+    from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
     f = TensorProto.FLOAT
     body = helper.make_graph(

@@ -13,7 +13,7 @@ import pytest
 
 from posrewrite import api, errors, io
 from posrewrite.options import RewriteOptions
-from posrewrite.passes.onnx.rescale import RescaleRopePass, SitePlan
+from posrewrite.passes.onnx.rope.rescale import RescaleRopePass, SitePlan
 from posrewrite.pipeline import (
     NOTHING_CHANGED,
     PipelineContext,

@@ -19,7 +19,7 @@ from posrewrite.math.rope import NumpyOps, RopeParameters, default_inv_freq, run
 from posrewrite.passes.fx._graph import GraphWriter  # noqa: E402
 from posrewrite.passes.fx.rescale import FxOps  # noqa: E402
 from posrewrite.passes.onnx._build import NodeWriter  # noqa: E402
-from posrewrite.passes.onnx.rescale import OnnxOps  # noqa: E402
+from posrewrite.passes.onnx.rope.rescale import OnnxOps  # noqa: E402
 
 L = 4096
 LENGTHS = [100, 4096, 4097, 6000, 20000]

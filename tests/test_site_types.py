@@ -130,7 +130,7 @@ def test_fused_caches_from_a_fused_rotary(llama_onnx, tmp_path):
     import onnx_ir as ir
 
     from fixtures.hf_models import ARCHS
-    from posrewrite.passes.onnx import fuse_rotary
+    from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
     model = ir.load(str(llama_onnx))
     fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort", fuse_attention=False)(model)

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
-from posrewrite.passes.onnx.detect_rope import (
+from posrewrite.passes.onnx.rope.detect import (
     RESCALED_KEY,
     RUNTIME_INV_FREQ_KEY,
     fused_cache_indices,

@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, int_attr, last_dim, rank, trace_through
-from posrewrite.passes.onnx.rope_patterns import read_slice
-from posrewrite.passes.onnx.rope_tables import NotUnderstood
+from posrewrite.passes.onnx.rope.patterns import read_slice
+from posrewrite.passes.onnx.rope.tables import NotUnderstood
 
 #: ops a stored table is broadcast through before its rows are selected
 _TABLE_BROADCAST_OPS = ("Expand", "Tile", "Unsqueeze", "Reshape", "Identity", "Cast")

@@ -9,9 +9,9 @@ import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, int_attr, last_dim, rank
-from posrewrite.passes.onnx.rope_base import table_base
-from posrewrite.passes.onnx.rope_markers import cache_record
-from posrewrite.passes.onnx.rope_tables import NotUnderstood, _eps, fit_tables
+from posrewrite.passes.onnx.rope.base import table_base
+from posrewrite.passes.onnx.rope.markers import cache_record
+from posrewrite.passes.onnx.rope.tables import NotUnderstood, _eps, fit_tables
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     AttentionRotary,

@@ -1,12 +1,12 @@
 """Finds RoPE in an ONNX graph and describes it as `RopeSite`s.
 
-Three steps: (1) the rotation patterns (`rope_patterns`) find every q/k application and the cos/sin
+Three steps: (1) the rotation patterns (`patterns`) find every q/k application and the cos/sin
 values it multiplies with; (2) each cos/sin value is traced upstream through broadcasting ops to its
-source (`rope_sources`): Cos/Sin of computed angles or a row selection of a constant table; (3) the
-source is read: the angle computation (`rope_angles`: inv_freq as a constant, folded from a base, a run-time
+source (`sources`): Cos/Sin of computed angles or a row selection of a constant table; (3) the
+source is read: the angle computation (`angles`: inv_freq as a constant, folded from a base, a run-time
 formula or a LongRoPE selection; positions and their dtype; any attention factor) or the tables
-(`rope_tables`). Applications sharing a source form one site. Fused RoPE ops (RotaryEmbedding, attention
-ops with rotary inside) are described by `rope_fused`. The base of what was found: `rope_base`.
+(`tables`). Applications sharing a source form one site. Fused RoPE ops (RotaryEmbedding, attention
+ops with rotary inside) are described by `fused`. The base of what was found: `base`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from onnxscript.rewriter import pattern as orp
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
-from posrewrite.passes.onnx.rope_angles import read_angles
-from posrewrite.passes.onnx.rope_base import _fit_base, _fit_scaled_base, table_base
-from posrewrite.passes.onnx.rope_fused import FusedRopeDetector, fused_cache_indices
-from posrewrite.passes.onnx.rope_lint import unclaimed_cos, unmatched_uses
-from posrewrite.passes.onnx.rope_markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
-from posrewrite.passes.onnx.rope_patterns import ApplicationMatch, find_applications, read_slice
-from posrewrite.passes.onnx.rope_sources import TableSource, TrigSource, trace_source
-from posrewrite.passes.onnx.rope_tables import NotUnderstood, _eps, fit_tables, table_array
+from posrewrite.passes.onnx.rope.angles import read_angles
+from posrewrite.passes.onnx.rope.base import _fit_base, _fit_scaled_base, table_base
+from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_indices
+from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
+from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
+from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
+from posrewrite.passes.onnx.rope.tables import NotUnderstood, _eps, fit_tables, table_array
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     CachedTable,

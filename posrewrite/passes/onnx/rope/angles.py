@@ -10,8 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, trace_through
-from posrewrite.passes.onnx.rope_markers import node_record, runtime_marker
-from posrewrite.passes.onnx.rope_tables import NotUnderstood
+from posrewrite.passes.onnx.rope.markers import node_record, runtime_marker
+from posrewrite.passes.onnx.rope.tables import NotUnderstood
 from posrewrite.sites.rope import InvFreqOrigin, LengthSelection, RescaleRecord, RuntimeInvFreq
 
 #: ops between the angle product and Cos/Sin that only reshape or widen the angles

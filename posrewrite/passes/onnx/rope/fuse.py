@@ -40,7 +40,7 @@ from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
-from posrewrite.passes.onnx.rope_markers import mark_rescaled_cache
+from posrewrite.passes.onnx.rope.markers import mark_rescaled_cache
 from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 from posrewrite.sites.rope import (
     AngleSource,
@@ -283,7 +283,7 @@ class FuseRotaryPass(ReportingPass):
                     rows,
                 )
                 if not plan.extends_only:  # lets inspect / a later rescale of the fused model find the base
-                    from posrewrite.passes.onnx.rescale import rescaled_record
+                    from posrewrite.passes.onnx.rope.rescale import rescaled_record
 
                     mark_rescaled_cache(graph, memo[key].cos, rescaled_record(plan))
             return memo[key]
@@ -340,7 +340,7 @@ class FuseRotaryPass(ReportingPass):
 
     def _runtime_caches(self, w: NodeWriter, site: RopeSite, plan, dtype, positions: ir.Value) -> _Caches:
         """dynamic/longrope: the runtime inv_freq (from max(position)+1, HF's rule), rows 0..max(position)."""
-        from posrewrite.passes.onnx.rescale import runtime_inv_freq, seq_from_positions
+        from posrewrite.passes.onnx.rope.rescale import runtime_inv_freq, seq_from_positions
 
         seq = seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
@@ -349,7 +349,7 @@ class FuseRotaryPass(ReportingPass):
     def _caches_from_inv(self, w: NodeWriter, inv: ir.Value, factor: float, dtype, positions: ir.Value,
                          seq: ir.Value | None = None) -> _Caches:
         """cos/sin caches for rows 0..max(position) from a float32 [d/2] inv_freq computed in the graph."""
-        from posrewrite.passes.onnx.rescale import seq_from_positions, table_angles
+        from posrewrite.passes.onnx.rope.rescale import seq_from_positions, table_angles
 
         if seq is None:
             seq = seq_from_positions(w, positions)

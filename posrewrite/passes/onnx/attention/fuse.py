@@ -90,7 +90,7 @@ class FuseAttentionPass(ReportingPass):
             # attention with a KV cache (Optimum / HF decode exports): GroupQueryAttention, checked here
             from onnx_ir.passes.common import ShapeInferencePass
 
-            from posrewrite.passes.onnx.fuse_cache_attention import fuse_cache_attention
+            from posrewrite.passes.onnx.attention.fuse_cache import fuse_cache_attention
 
             try:  # shapes first: later rules (skip normalisation) check the shapes of what this writes
                 ShapeInferencePass()(model)
