@@ -21,7 +21,7 @@ from posrewrite.options import RewriteOptions, read_config_json, rope_parameters
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
 from posrewrite.passes.onnx.detect_other import detect_other_encodings
 from posrewrite.passes.onnx.rope.detect import detect_rope
-from posrewrite.passes.onnx.rope.fp32 import needs_fp32_positions, rope_site_precision
+from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_site_precision
 from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal

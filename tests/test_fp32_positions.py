@@ -27,8 +27,8 @@ from fixtures.precision_models import (  # noqa: E402
 )
 from posrewrite import api, io  # noqa: E402
 from posrewrite.math import rope as rope_math  # noqa: E402
-from posrewrite.passes.onnx.rope.fp32 import (  # noqa: E402
-    Fp32PositionsPass,
+from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass  # noqa: E402
+from posrewrite.passes.onnx.rope.precision import (  # noqa: E402
     needs_fp32_positions,
     rope_site_precision,
     trace_rope_dtypes,

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from posrewrite import api, io
-from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass, rope_site_precision, trace_rope_dtypes
+from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
+from posrewrite.passes.onnx.rope.precision import rope_site_precision, trace_rope_dtypes
 
 F16, F32, I64 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.INT64
 HEADS, DIM, BASE = 2, 8, 10000.0

@@ -276,10 +276,6 @@ def run_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> list
     return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
 
 
-def is_scalar_like(arr: np.ndarray | None) -> bool:
-    return arr is not None and arr.size == 1
-
-
 def trace_through(
     value: ir.Value,
     ops: Iterable[str] = VIEW_OPS,

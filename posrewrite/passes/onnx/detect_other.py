@@ -2,10 +2,10 @@
 graph, and `detect_other_encodings`, which runs each kind's detector (in `absolute/`, `alibi/`, `t5/`).
 
 Where a candidate is found is structural (onnxscript patterns, match only):
-- `_TableGather`  Gather(table, indices) of a constant 2-D table   -> learned / sinusoidal / T5 table
-- `_TableSlice`   Slice(table, ...) of a constant table             -> learned / sinusoidal read by length
+- `TableGather`  Gather(table, indices) of a constant 2-D table   -> learned / sinusoidal / T5 table
+- `TableSlice`   Slice(table, ...) of a constant table             -> learned / sinusoidal read by length
 - `_ScoresBias`   Add(scores, bias) where scores come from a MatMul -> ALiBi (computed or baked) / T5 bias
-- `_SinCosConcat`, `_SinCosStack`  [sin(x) | cos(x)] or interleaved  -> computed sinusoidal
+- `SinCosConcat`, `SinCosStack`  [sin(x) | cos(x)] or interleaved  -> computed sinusoidal
 What a candidate is comes from its values: the position computation is evaluated on a probe input (a short
 all-ones attention mask, token ids that are not padding), which gives offsets (OPT's +2, RoBERTa's
 padding_idx + 1) and the form of ALiBi distances without knowing how an exporter spelled them; tables are
@@ -37,12 +37,12 @@ _SCALE_OPS = frozenset({"Mul", "Div"})
 # ---------------------------------------------------------------------------------------------- patterns
 
 
-class _TableGather(PatternBase):
+class TableGather(PatternBase):
     def pattern(self, op, table, indices):
         return op.Gather(table, indices)
 
 
-class _TableSlice(PatternBase):
+class TableSlice(PatternBase):
     def pattern(self, op, table, starts, ends):
         return op.Slice(table, starts, ends, _allow_other_inputs=True)
 
@@ -52,17 +52,17 @@ class _ScoresBias(PatternBase):
         return op.Add(scores, bias)
 
 
-class _SinCosConcat(PatternBase):
+class SinCosConcat(PatternBase):
     def pattern(self, op, x):
         return op.Concat(op.Sin(x), op.Cos(x))
 
 
-class _SinCosStack(PatternBase):
+class SinCosStack(PatternBase):
     def pattern(self, op, x, axes1, axes2, shape):
         return op.Reshape(op.Concat(op.Unsqueeze(op.Sin(x), axes1), op.Unsqueeze(op.Cos(x), axes2)), shape)
 
 
-def _matches(pattern: PatternBase, model: ir.Model) -> Iterable[tuple[ir.Node, dict]]:
+def pattern_matches(pattern: PatternBase, model: ir.Model) -> Iterable[tuple[ir.Node, dict]]:
     for node in list(model.graph):
         match = pattern.match(model, model.graph, node, check_nodes_are_removable=False)
         if match:
@@ -99,7 +99,7 @@ def _probe_feed(value: ir.Value, length: int) -> np.ndarray | None:
     return np.full(dims, 5, dtype=dt)  # token ids: any id that is not padding
 
 
-def _probe(model: ir.Model, length: int) -> ConstantEvaluator:
+def make_probe(model: ir.Model, length: int) -> ConstantEvaluator:
     """Evaluates values of the graph on a probe input of `length` tokens (see module doc); constant cones are
     folded on the way. The evaluator is _graph's constant folder, fed with `_probe_feed` for the graph inputs."""
     return ConstantEvaluator(
@@ -111,7 +111,7 @@ def _probe(model: ir.Model, length: int) -> ConstantEvaluator:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _cone_ops(value: ir.Value, limit: int = 200) -> tuple[set[str], list[ir.Node], list[ir.Value]]:
+def cone_ops(value: ir.Value, limit: int = 200) -> tuple[set[str], list[ir.Node], list[ir.Value]]:
     """Op types, nodes and graph inputs/initializers upstream of `value` (bounded walk)."""
     ops: set[str] = set()
     nodes: list[ir.Node] = []
@@ -133,9 +133,9 @@ def _cone_ops(value: ir.Value, limit: int = 200) -> tuple[set[str], list[ir.Node
     return ops, nodes, leaves
 
 
-def _position_source(value: ir.Value) -> tuple[str, ir.Value | None]:
+def position_source(value: ir.Value) -> tuple[str, ir.Value | None]:
     """How positions are formed: "mask_cumsum", "range", "constant" (a sliced arange buffer) or "input"."""
-    ops, nodes, leaves = _cone_ops(value)
+    ops, nodes, leaves = cone_ops(value)
     if "CumSum" in ops:
         return "mask_cumsum", None
     for node in nodes:
@@ -150,7 +150,7 @@ def _position_source(value: ir.Value) -> tuple[str, ir.Value | None]:
     return "constant", None
 
 
-def _unit_progression(idx: np.ndarray | None) -> int | None:
+def unit_progression(idx: np.ndarray | None) -> int | None:
     """Offset c when every row of idx (last axis) is c, c+1, c+2, ...; None otherwise."""
     if idx is None or idx.ndim == 0 or idx.shape[-1] < 3 or not np.issubdtype(idx.dtype, np.integer):
         return None
@@ -185,7 +185,7 @@ def _is_scores(value: ir.Value) -> bool:
     return all(i is not None and i.const_value is None for i in node.inputs)
 
 
-def _reaches_add(value: ir.Value, depth: int = 4) -> bool:
+def reaches_add(value: ir.Value, depth: int = 4) -> bool:
     """True when value (through view ops and slices, never a product) is added to a non-constant tensor:
     an additive position encoding, not a weight, and not a RoPE cos/sin cache (those multiply q and k)."""
     frontier = [value]
@@ -213,7 +213,7 @@ class DetectionContext:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self.probe = _probe(model, PROBE_LENGTH)
+        self.probe = make_probe(model, PROBE_LENGTH)
         self.const = ConstantEvaluator.for_model(model)
 
 
@@ -245,7 +245,7 @@ def score_biases(
     `alibi` for slopes x distances products and constant tables, `t5` for Gathers from bucket tables
     (ALiBi groups first, each kind in the order found)."""
     groups: dict[str, dict[int, BiasGroup]] = {"alibi": {}, "t5": {}}
-    for node, b in _matches(_ScoresBias(), ctx.model):
+    for node, b in pattern_matches(_ScoresBias(), ctx.model):
         for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
             if scores is None or bias is None or not _is_scores(scores) or _is_scores(bias):
                 continue
@@ -291,7 +291,7 @@ def _bias_leaves(
         node = v.producer()
         if node.op_type in VIEW_OPS or node.op_type == "Slice":
             stack.append((node.inputs[0], d - 1, slices + ([node] if node.op_type == "Slice" else [])))
-        elif node.op_type == "Mul" and _slopes_side(const, node) is not None:
+        elif node.op_type == "Mul" and slopes_side(const, node) is not None:
             out.append((node, "product", slices))
         elif node.op_type == "Neg":
             stack.append((node.inputs[0], d - 1, slices))
@@ -316,7 +316,7 @@ def _bias_leaves(
     return out
 
 
-def _slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
+def slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
     """The input of `mul` that holds ALiBi slopes (a constant vector along one axis, values in (0, 1]) while
     the other is not constant; None when neither does."""
     for k in (0, 1):
@@ -334,7 +334,7 @@ def _slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
     return None
 
 
-def _sin_tolerance(table: ir.Value) -> float:
+def sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
 
 

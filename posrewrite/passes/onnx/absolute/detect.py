@@ -20,16 +20,16 @@ from posrewrite.passes.onnx._graph import dtype_name
 from posrewrite.passes.onnx.detect_other import (
     PROBE_LENGTH,
     DetectionContext,
-    _cone_ops,
-    _matches,
-    _position_source,
-    _reaches_add,
-    _sin_tolerance,
-    _SinCosConcat,
-    _SinCosStack,
-    _TableGather,
-    _TableSlice,
-    _unit_progression,
+    SinCosConcat,
+    SinCosStack,
+    TableGather,
+    TableSlice,
+    cone_ops,
+    pattern_matches,
+    position_source,
+    reaches_add,
+    sin_tolerance,
+    unit_progression,
 )
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 from posrewrite.sites.base import EncodingSite, Refusal
@@ -48,7 +48,7 @@ class _TableReads:
     """The reads of one constant table by position; the first read gives how positions are formed."""
 
     table: ir.Value
-    source: str  # "range" | "mask_cumsum" | "constant" | "input" (see `_position_source`)
+    source: str  # "range" | "mask_cumsum" | "constant" | "input" (see `position_source`)
     buffer: ir.Value | None  # the arange initializer positions are sliced from, if any
     axis: int  # the table's position axis
     reads: list[ir.Node] = dataclasses.field(default_factory=list)
@@ -68,19 +68,19 @@ class _Tables:
         self._tables: dict[int, _TableReads] = {}  # id(table) -> its reads by position
 
     def run(self) -> tuple[list[EncodingSite], list[Refusal]]:
-        for node, b in _matches(_TableGather(), self.model):
+        for node, b in pattern_matches(TableGather(), self.model):
             table, indices = b["table"], b["indices"]
             if not self._is_table(table) or (node.attributes.get("axis") and node.attributes["axis"].value != 0):
                 continue
             if len(table.shape) != 2:
                 continue
-            ops, _, _ = _cone_ops(indices)
+            ops, _, _ = cone_ops(indices)
             if "Log" in ops and table.shape[1] <= 256 and table.shape[0] <= 4096:
                 continue  # a bucketed relative bias; found from the scores side (T5)
-            if not _reaches_add(node.outputs[0]):
+            if not reaches_add(node.outputs[0]):
                 continue  # not an additive encoding (RoPE cos/sin caches are multiplied with q and k)
             idx = self.probe(indices)
-            offset = _unit_progression(idx)
+            offset = unit_progression(idx)
             if offset is None:
                 varies = idx is not None and np.ndim(idx) and idx.size > 1 and np.unique(idx).size > 1
                 if {"Range", "CumSum"} & ops and varies and idx.shape[-1] >= 3:  # else token (type) ids
@@ -93,11 +93,11 @@ class _Tables:
                         )
                     )
                 continue  # token / token-type embeddings
-            source, buffer = _position_source(indices)
+            source, buffer = position_source(indices)
             self._add_read(table, node, indices, offset, source, buffer)
-        for node, b in _matches(_TableSlice(), self.model):
+        for node, b in pattern_matches(TableSlice(), self.model):
             table = b["table"]
-            if not self._is_table(table) or len(table.shape) < 2 or not _reaches_add(node.outputs[0]):
+            if not self._is_table(table) or len(table.shape) < 2 or not reaches_add(node.outputs[0]):
                 continue
             axis = self._sliced_axis(node)
             if axis is None or table.shape[axis] < 8:
@@ -169,7 +169,7 @@ class _Tables:
             reads=tuple(info.reads),
             position_buffer=info.buffer,
         )
-        fit = fit_sinusoidal(arr2.astype(np.float64), atol=_sin_tolerance(table))
+        fit = fit_sinusoidal(arr2.astype(np.float64), atol=sin_tolerance(table))
         if fit is not None:
             self.sites.append(
                 SinusoidalSite(
@@ -195,15 +195,15 @@ def detect_computed_sinusoids(ctx: DetectionContext) -> tuple[list[SinusoidalSit
     not positions x constant frequencies."""
     sites: list[SinusoidalSite] = []
     refusals: list[Refusal] = []
-    for pattern, layout in ((_SinCosStack(), "interleaved"), (_SinCosConcat(), "concat")):
-        for node, b in _matches(pattern, ctx.model):
+    for pattern, layout in ((SinCosStack(), "interleaved"), (SinCosConcat(), "concat")):
+        for node, b in pattern_matches(pattern, ctx.model):
             concat = node if node.op_type == "Concat" else node.inputs[0].producer()
             axis = concat.attributes["axis"].value if "axis" in concat.attributes else None
             rank = len(concat.outputs[0].shape) if concat.outputs[0].shape is not None else None
             if axis is None or rank is None or axis % rank != rank - 1:
                 continue
             out = node.outputs[0]
-            if not _reaches_add(out) or any(s.sin is not None and s.sin is b["x"] for s in sites):
+            if not reaches_add(out) or any(s.sin is not None and s.sin is b["x"] for s in sites):
                 continue
             found = _computed_sinusoid(ctx, node, b["x"], layout)
             (refusals if isinstance(found, Refusal) else sites).append(found)
@@ -232,10 +232,10 @@ def _computed_sinusoid(ctx: DetectionContext, node: ir.Node, x: ir.Value, layout
         flat = np.asarray(pos_vals)
         flat = flat.reshape(-1, flat.shape[-1]) if flat.shape[-1] > 1 else flat.reshape(1, -1)
         if np.allclose(flat, np.round(flat)):
-            offset = _unit_progression(np.round(flat).astype(np.int64))
+            offset = unit_progression(np.round(flat).astype(np.int64))
     dim = 2 * freqs.size
     base, rule = fit_frequencies(freqs, dim) or (None, "custom")
-    source, _ = _position_source(positions)
+    source, _ = position_source(positions)
     sin = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Sin"), None)
     cos = next((u.node.outputs[0] for u in x.uses() if u.node.op_type == "Cos"), None)
     notes = () if offset is not None else ("positions are not consecutive integers on the probe input",)

@@ -16,8 +16,8 @@ from posrewrite.passes.onnx._graph import dtype_name, trace_through
 from posrewrite.passes.onnx.detect_other import (
     BiasGroup,
     DetectionContext,
-    _position_source,
-    _slopes_side,
+    position_source,
+    slopes_side,
 )
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import Refusal
@@ -36,12 +36,12 @@ def alibi_site(ctx: DetectionContext, group: BiasGroup) -> AlibiSite | Refusal |
 
 
 def _computed(ctx: DetectionContext, mul: ir.Node, common: dict) -> AlibiSite | Refusal:
-    k = _slopes_side(ctx.const, mul)
+    k = slopes_side(ctx.const, mul)
     slopes_value, dist_in = mul.inputs[k], mul.inputs[1 - k]
     slopes = ctx.const(slopes_value).astype(np.float64).reshape(-1)
     dist, _ = trace_through(dist_in, ("Cast",))
     vals = ctx.probe(dist)
-    form, distances = _distance_form(vals), _position_source(dist)[0]
+    form, distances = _distance_form(vals), position_source(dist)[0]
     if form is None:
         return Refusal(
             "alibi",

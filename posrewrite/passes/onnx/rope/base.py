@@ -17,12 +17,12 @@ def _stored_dtype(stored: ir.Value | None) -> str | None:
     return stored.dtype.name
 
 
-def _fit_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
+def stored_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
     """The base of an inv_freq vector, within the round-off of the precision it is stored in."""
     return rope_math.fit_base(inv_freq, dtype=_stored_dtype(stored))
 
 
-def _fit_scaled_base(
+def scaled_base(
     inv_freq: np.ndarray, stored: ir.Value | None, notes: list[str]
 ) -> tuple[float | None, rope_math.PriorScaling | None]:
     """(base, PriorScaling) of an already-scaled inv_freq, or (None, None); adds a note saying what was found."""
@@ -45,7 +45,7 @@ def table_base(
     base = rope_math.fit_base(inv_freq)
     if base is not None:
         return base, None
-    base, prior = _fit_scaled_base(inv_freq, None, notes)
+    base, prior = scaled_base(inv_freq, None, notes)
     if base is not None or record is None or record.base is None:
         return base, prior
     notes[:] = [n for n in notes if "not geometric" not in n and "already scaled" not in n]

@@ -18,13 +18,13 @@ from onnxscript.rewriter import pattern as orp
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope.angles import read_angles
-from posrewrite.passes.onnx.rope.base import _fit_base, _fit_scaled_base, table_base
+from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_base
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_indices
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
-from posrewrite.passes.onnx.rope.tables import NotUnderstood, _eps, fit_tables, table_array
+from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     CachedTable,
@@ -148,7 +148,7 @@ class RopeDetector:
             notes.append(f"inv_freq computed at run time ({r.rope_type} x{r.factor:g} "
                          f"from L={r.original_max_position_embeddings}, "
                          "written by posrewrite); base and inv_freq shown are the model's before that rescale")
-        base = _fit_base(inv_freq, info.inv_freq_root)
+        base = stored_base(inv_freq, info.inv_freq_root)
         prior = None
         if info.selection is not None:
             sel = info.selection
@@ -167,7 +167,7 @@ class RopeDetector:
             notes.append(f"inv_freq written by posrewrite ({r.rope_type} x{r.factor or 1:g} from base "
                          f"{base:g}); a rescale starts again from that base")
         elif base is None:
-            base, prior = _fit_scaled_base(inv_freq, info.inv_freq_root, notes)
+            base, prior = scaled_base(inv_freq, info.inv_freq_root, notes)
         if base is not None and info.inv_freq_root.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
             inv_freq = rope_math.default_inv_freq(base, rotary_dim)
@@ -197,7 +197,7 @@ class RopeDetector:
         sin_table = table_array(self.fold, ss.table, ss.columns)
         if cos_table is None or sin_table is None or cos_table.shape != sin_table.shape:
             raise NotUnderstood("cos/sin tables have different or unknown shapes")
-        inv_freq, factor = fit_tables(cos_table, sin_table, layout, _eps(cs.table))
+        inv_freq, factor = fit_tables(cos_table, sin_table, layout, table_eps(cs.table))
         if 2 * inv_freq.size != rotary_dim:
             raise NotUnderstood(f"cache holds {2 * inv_freq.size} rotary channels but the rotation spans {rotary_dim}")
         sel = cs.select

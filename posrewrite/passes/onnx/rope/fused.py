@@ -11,7 +11,7 @@ from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, int_attr, last_dim, rank
 from posrewrite.passes.onnx.rope.base import table_base
 from posrewrite.passes.onnx.rope.markers import cache_record
-from posrewrite.passes.onnx.rope.tables import NotUnderstood, _eps, fit_tables
+from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_eps
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     AttentionRotary,
@@ -113,7 +113,7 @@ class FusedRopeDetector:
         if cos_t is None or sin_t is None:
             raise NotUnderstood("fused RotaryEmbedding whose caches are computed at run time")
         inv_freq, factor = fit_tables(np.asarray(cos_t, np.float64), np.asarray(sin_t, np.float64), "half",
-                                      _eps(cos_v))
+                                      table_eps(cos_v))
         rotary_dim = int_attr(node, "rotary_embedding_dim", 0) or 2 * inv_freq.size
         head_dim = last_dim(node.inputs[0])
         num_heads = int_attr(node, "num_heads", 0) or None
@@ -150,7 +150,7 @@ class FusedRopeDetector:
         if cos_t.ndim != 2 or cos_t.shape != sin_t.shape:
             raise NotUnderstood(f"{node.op_type} caches of shapes {cos_t.shape} and {sin_t.shape}, expected two "
                                 "[rows, rotary_dim/2]")
-        inv_freq, factor = fit_tables(cos_t, sin_t, "half", _eps(cos_v))
+        inv_freq, factor = fit_tables(cos_t, sin_t, "half", table_eps(cos_v))
         interleaved = bool(int_attr(node, "rotary_interleaved", 0))
         rotary_dim = 2 * inv_freq.size
         head_dim = attention_head_size(node)
@@ -201,7 +201,7 @@ class FusedRopeDetector:
                     raise NotUnderstood(f"{why}: its {name} does not output constant caches")
                 consts.append((producer, np.asarray(tensor.value.numpy(), np.float64)))
             try:
-                fitted = fit_tables(consts[0][1], consts[1][1], "half", _eps(cos_v))
+                fitted = fit_tables(consts[0][1], consts[1][1], "half", table_eps(cos_v))
             except NotUnderstood as refused:
                 raise NotUnderstood(f"{why}, {name}: {refused}") from None
             branches[name] = (consts, fitted)

@@ -9,7 +9,6 @@ expanded into its commuted variants. Axes, slice bounds and head sizes are patte
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -273,7 +272,3 @@ def find_applications(
             )
             break
     return found
-
-
-def all_variants(patterns: Sequence[_ApplicationPattern]) -> list[orp.Pattern]:
-    return list(itertools.chain.from_iterable(p.variants() for p in patterns))

@@ -15,7 +15,7 @@ class NotUnderstood(Exception):
     """A RoPE source that detection cannot describe; the message is the refusal's reason."""
 
 
-def _eps(value: ir.Value | None) -> float:
+def table_eps(value: ir.Value | None) -> float:
     """Machine epsilon of a half-precision table's type; float32's for any other (or unknown) type."""
     name = dtype_name(value)
     return machine_epsilon(name if name in ("float16", "bfloat16") else "float32")

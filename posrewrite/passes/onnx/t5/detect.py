@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from posrewrite.math.absolute import fit_t5_buckets
 from posrewrite.passes.onnx._graph import dtype_name
-from posrewrite.passes.onnx.detect_other import BiasGroup, DetectionContext, _cone_ops, _probe
+from posrewrite.passes.onnx.detect_other import BiasGroup, DetectionContext, cone_ops, make_probe
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.t5 import T5BiasSite
 
@@ -24,11 +24,11 @@ def t5_site(ctx: DetectionContext, group: BiasGroup) -> T5BiasSite | Refusal | N
     follow T5's rule, or None when they are not computed with a Log (no T5 bucketing)."""
     gather: ir.Node = group.leaf
     table, buckets = gather.inputs[0], gather.inputs[1]
-    ops, _, _ = _cone_ops(buckets)
+    ops, _, _ = cone_ops(buckets)
     if "Log" not in ops:
         return None
     nb, heads = (int(d) for d in table.shape)
-    vals = _probe(ctx.model, T5_PROBE_LENGTH)(buckets)
+    vals = make_probe(ctx.model, T5_PROBE_LENGTH)(buckets)
     if vals is None or vals.ndim < 2 or vals.shape[-1] != vals.shape[-2]:
         return Refusal("t5_relative_bias", gather.name or table.name, "bucket computation could not be evaluated")
     n = vals.shape[-1]
