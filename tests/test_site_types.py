@@ -133,7 +133,9 @@ def test_fused_caches_from_a_fused_rotary(llama_onnx, tmp_path):
     from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
     model = ir.load(str(llama_onnx))
-    fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort", fuse_attention=False)(model)
+    from posrewrite.pipeline import cleanup_passes, run_passes
+
+    run_passes([fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort"), *cleanup_passes()], model)
     out = tmp_path / "fused.onnx"
     ir.save(model, str(out))
     (site,) = _rope_sites(out)
