@@ -53,7 +53,7 @@ class FuseAttentionPass(ReportingPass):
     report's fused nodes); without them the model's attention is left as it is."""
 
     def __init__(
-        self, *, target: str = "ort", allow_gqa: bool = True, probe_lengths=(3, 7, 12),
+        self, *, target: str = "ort", allow_gqa: bool = True, probe_lengths: tuple[int, ...] = (3, 7, 12),
         context: PipelineContext | None = None, after_rotary: bool = False,
     ) -> None:
         super().__init__(context)

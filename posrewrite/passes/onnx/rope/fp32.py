@@ -15,7 +15,7 @@ safe by ``posrewrite.passes.onnx.alibi.fp32.make_alibi_fp32`` (the pipeline runs
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -35,7 +35,11 @@ from posrewrite.passes.onnx.rope._dtypes import (
 )
 from posrewrite.passes.onnx.rope.precision import TablePrecision, site_needs_fp32, table_precision
 from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
+from posrewrite.sites.base import EncodingSite
 from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite
+
+if TYPE_CHECKING:
+    from posrewrite.passes.onnx.rope.rescale import SitePlan
 
 __all__ = ["Fp32PositionsPass"]
 
@@ -216,7 +220,7 @@ def _remove_dead(graph: ir.Graph, nodes: Sequence[ir.Node], constants: Sequence[
             graph.initializers.pop(v.name)
 
 
-def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _plan_candidates(site: RopeSite, plans: Sequence[SitePlan]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(values a rescale plan wrote, what they should be) for the plans of ``site`` (found by `site_key`: the
     plan was made on the detection before the rescale, ``site`` comes from the one after it).
 
@@ -248,7 +252,7 @@ def _plan_candidates(site: RopeSite, plans: Sequence[Any]) -> list[tuple[np.ndar
     return out
 
 
-def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, plans: Sequence[Any]) -> tuple[list[str], list[str]]:
+def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, plans: Sequence[SitePlan]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     meetings = _meeting_uses(site)
     if not meetings:
@@ -357,7 +361,7 @@ class Fp32PositionsPass(ReportingPass):
     the pipeline runs `Fp32AlibiPass` as its own step instead. After a call, ``changes`` and ``notes``
     describe what was done; ``modified`` is False (and the model untouched) when every site was already safe."""
 
-    def __init__(self, sites: Iterable[Any] | None = None, *, plans: Iterable[Any] | None = None,
+    def __init__(self, sites: Iterable[EncodingSite] | None = None, *, plans: Iterable[SitePlan] | None = None,
                  alibi: bool = True, context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
         super().__init__(context, preface=preface)
         self.sites = None if sites is None else list(sites)

@@ -31,6 +31,8 @@ consumer are removed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -42,6 +44,9 @@ from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
 from posrewrite.passes.onnx.rope.markers import mark_rescaled_cache
 from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
+
+if TYPE_CHECKING:
+    from posrewrite.passes.onnx.rope.rescale import SitePlan
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
@@ -89,8 +94,8 @@ class FuseRotaryPass(ReportingPass):
     """
 
     def __init__(
-        self, sites=None, *, target: str = "ort", plans=None, max_positions: int | None = None,
-        context: PipelineContext | None = None,
+        self, sites: Iterable[RopeSite] | None = None, *, target: str = "ort", plans: Iterable[SitePlan] | None = None,
+        max_positions: int | None = None, context: PipelineContext | None = None,
     ) -> None:
         super().__init__(context)
         if target not in ("ort", "onnx"):
