@@ -252,7 +252,9 @@ def _plan_candidates(site: RopeSite, plans: Sequence[SitePlan]) -> list[tuple[np
     return out
 
 
-def _rewrite_computed(graph: ir.Graph, site: RopeSite, index: int, plans: Sequence[SitePlan]) -> tuple[list[str], list[str]]:
+def _rewrite_computed(
+    graph: ir.Graph, site: RopeSite, index: int, plans: Sequence[SitePlan]
+) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     meetings = _meeting_uses(site)
     if not meetings:
