@@ -21,6 +21,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.pipeline import site_key
 from posrewrite.sites.rope import Layout, RopeSite
 
 MAX_VALIDATION_LENGTH = 4096
@@ -815,18 +816,14 @@ def _half(dtype_name: str | None) -> bool:
     return str(dtype_name) in ("float16", "bfloat16")
 
 
-def _site_key(site: RopeSite) -> tuple:
-    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
-
-
 def _plan_for(site: RopeSite, plans: list) -> Any:
     """The plan made for `site` (a later pass may have replaced the plan's site object by an updated copy)."""
     for p in plans:
         if p.site is site:
             return p
-    key = _site_key(site)
+    key = site_key(site)
     for p in plans:
-        if _site_key(p.site) == key:
+        if site_key(p.site) == key:
             return p
     inputs = {a.input.name for a in site.applications}
     for p in plans:  # fused since: its nodes read the rotations' inputs (or a Reshape of them)
