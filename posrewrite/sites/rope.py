@@ -364,25 +364,12 @@ class OnnxSwitchedCaches:
 OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches
 
 
-@dataclasses.dataclass(frozen=True)
-class RopeSite(EncodingSite):
-    """One RoPE configuration of an ONNX graph: its `RopeEncoding` and the values and nodes it was found on."""
-
-    kind: ClassVar[str] = "rope"
+class RopeEncodingFields:
+    """The fields of a site's `RopeEncoding`, read through on the site (``site.base`` is ``site.encoding.base``).
+    Mixed into the ONNX `RopeSite` and the fx `FxRopeSite`, which both hold an ``encoding``."""
 
     encoding: RopeEncoding
-    cos: ir.Value  # the cos tensor as produced by the source (before per-layer broadcasting)
-    sin: ir.Value
-    positions: ir.Value | None = None  # integer (or float) positions feeding the angles / the fused op
-    inv_freq_value: ir.Value | None = None  # the initializer/constant holding inv_freq, when there is one
-    cos_cache: ir.Value | None = None  # cached / fused: the tables
-    sin_cache: ir.Value | None = None
-    applications: tuple[RopeApplication, ...] = ()
-    source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
-    fused_nodes: tuple[ir.Node, ...] = ()  # fused: the RotaryEmbedding / attention nodes
-    handles: OnnxHandles | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    # the description's fields, read through
     @property
     def layout(self) -> Layout:
         return self.encoding.layout
@@ -439,6 +426,25 @@ class RopeSite(EncodingSite):
     def op(self) -> str | None:
         return self.encoding.op
 
+
+@dataclasses.dataclass(frozen=True)
+class RopeSite(RopeEncodingFields, EncodingSite):
+    """One RoPE configuration of an ONNX graph: its `RopeEncoding` and the values and nodes it was found on."""
+
+    kind: ClassVar[str] = "rope"
+
+    encoding: RopeEncoding
+    cos: ir.Value  # the cos tensor as produced by the source (before per-layer broadcasting)
+    sin: ir.Value
+    positions: ir.Value | None = None  # integer (or float) positions feeding the angles / the fused op
+    inv_freq_value: ir.Value | None = None  # the initializer/constant holding inv_freq, when there is one
+    cos_cache: ir.Value | None = None  # cached / fused: the tables
+    sin_cache: ir.Value | None = None
+    applications: tuple[RopeApplication, ...] = ()
+    source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
+    fused_nodes: tuple[ir.Node, ...] = ()  # fused: the RotaryEmbedding / attention nodes
+    handles: OnnxHandles | None = dataclasses.field(default=None, repr=False, compare=False)
+
     @property
     def rotations(self) -> int:
         """How many q/k rotations use this encoding (applications, or fused nodes)."""
@@ -483,6 +489,7 @@ __all__ = [
     "RescaleRecord",
     "RopeApplication",
     "RopeEncoding",
+    "RopeEncodingFields",
     "RopeSite",
     "RopeSource",
     "RuntimeInvFreq",

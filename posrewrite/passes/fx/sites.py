@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch.fx import Node
 
-from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.rope import AngleSource, Layout, RopeEncoding, RopeSource
+from posrewrite.sites.rope import AngleSource, Layout, RopeEncoding, RopeEncodingFields
 
 __all__ = ["FxRopeApplication", "FxComputedHandles", "FxTrigHandles", "FxTableHandles", "FxRopeSite", "FxAlibiSite",
            "AngleSource", "Layout"]
@@ -77,7 +76,7 @@ FxHandles = FxComputedHandles | FxTrigHandles | FxTableHandles
 
 
 @dataclasses.dataclass(frozen=True)
-class FxRopeSite(EncodingSite):
+class FxRopeSite(RopeEncodingFields, EncodingSite):
     """One RoPE configuration of a graph: its `RopeEncoding` and every q/k application using it."""
 
     kind: ClassVar[str] = "rope"
@@ -85,42 +84,6 @@ class FxRopeSite(EncodingSite):
     encoding: RopeEncoding
     applications: tuple[FxRopeApplication, ...]
     handles: FxHandles = dataclasses.field(repr=False, compare=False)
-
-    @property
-    def layout(self) -> Layout:
-        return self.encoding.layout
-
-    @property
-    def head_dim(self) -> int | None:
-        return self.encoding.head_dim
-
-    @property
-    def rotary_dim(self) -> int:
-        return self.encoding.rotary_dim
-
-    @property
-    def source(self) -> RopeSource:
-        return self.encoding.source
-
-    @property
-    def angles(self) -> AngleSource:
-        return self.encoding.angles
-
-    @property
-    def base(self) -> float | None:
-        return self.encoding.base
-
-    @property
-    def inv_freq(self) -> np.ndarray | None:
-        return self.encoding.inv_freq
-
-    @property
-    def prior_scaling(self) -> PriorScaling | None:
-        return self.encoding.prior_scaling
-
-    @property
-    def notes(self) -> tuple[str, ...]:
-        return self.encoding.notes
 
     @property
     def rotations(self) -> int:
