@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -326,3 +326,17 @@ def normalise_axis(axis: int, value_rank: int | None) -> int | None:
     if value_rank is None:
         return None
     return axis - value_rank
+
+
+def concrete_dims(shape: ir.Shape, sizes: Mapping[str, int]) -> list[int] | None:
+    """The dimensions of `shape` with each symbolic one replaced by its size in `sizes` (the sizes an evaluation
+    binds the model's symbolic input dimensions to); None when a symbolic dimension is not in `sizes`."""
+    dims = []
+    for d in shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif str(d) in sizes:
+            dims.append(sizes[str(d)])
+        else:
+            return None
+    return dims

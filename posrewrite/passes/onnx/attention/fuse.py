@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._graph import concrete_dims
 from posrewrite.pipeline import PipelineContext, ReportingPass
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"
@@ -665,14 +666,10 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], target: ir.Value, sizes: di
             x = node.inputs[0]
             if x.shape is None:
                 raise _Unresolvable(f"shape of {x.name} unknown")
-            dims = []
-            for d in x.shape:
-                if isinstance(d, int):
-                    dims.append(d)
-                elif str(d) in sizes:
-                    dims.append(sizes[str(d)])
-                else:
-                    raise _Unresolvable(f"dimension {d} of {x.name} is not tied to an input's shape")
+            dims = concrete_dims(x.shape, sizes)
+            if dims is None:
+                d = next(d for d in x.shape if not isinstance(d, int) and str(d) not in sizes)
+                raise _Unresolvable(f"dimension {d} of {x.name} is not tied to an input's shape")
             start = node.attributes.get_int("start", 0)
             end = node.attributes.get_int("end", len(dims))
             arr = np.array(dims[slice(start, end)], dtype=np.int64)

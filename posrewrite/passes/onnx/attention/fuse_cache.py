@@ -42,6 +42,7 @@ import onnx
 import onnx_ir as ir
 
 from posrewrite.passes.onnx._build import NodeWriter
+from posrewrite.passes.onnx._graph import concrete_dims
 
 _MASKED = -1.0e4
 _CONTRIB = "com.microsoft"
@@ -420,15 +421,8 @@ def _dims_of_inputs(graph: ir.Graph) -> dict[str, str]:
 def _zeros_of_shape(v: ir.Value, sizes: dict[str, int]) -> np.ndarray | None:
     if v.shape is None or v.dtype is None:
         return None
-    dims = []
-    for d in v.shape:
-        if isinstance(d, int):
-            dims.append(d)
-        elif str(d) in sizes:
-            dims.append(sizes[str(d)])
-        else:
-            return None
-    return np.zeros(dims, dtype=v.dtype.numpy())
+    dims = concrete_dims(v.shape, sizes)
+    return None if dims is None else np.zeros(dims, dtype=v.dtype.numpy())
 
 
 def _feed(v: ir.Value, past: int, seq: int, mask: np.ndarray) -> np.ndarray | None:
