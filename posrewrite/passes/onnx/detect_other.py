@@ -24,7 +24,14 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import PatternBase
 
 from posrewrite.limits import fits_budget
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, dtype_name, model_opset, numpy_dtype
+from posrewrite.passes.onnx._graph import (
+    VIEW_OPS,
+    ConstantEvaluator,
+    dtype_name,
+    model_opset,
+    numpy_dtype,
+    trace_through,
+)
 from posrewrite.sites.base import EncodingSite, Refusal
 
 __all__ = ["detect_other_encodings", "score_biases", "BiasGroup", "DetectionContext", "PROBE_LENGTH"]
@@ -160,24 +167,15 @@ def unit_progression(idx: np.ndarray | None) -> int | None:
     return c if np.all(rows == expected[None, :]) else None
 
 
-def _through(value: ir.Value, ops: Iterable[str]) -> tuple[ir.Value, list[ir.Node]]:
-    ops = frozenset(ops)
-    path = []
-    while (node := value.producer()) is not None and node.op_type in ops and node.inputs and node.inputs[0] is not None:
-        path.append(node)
-        value = node.inputs[0]
-    return value, path
-
-
 def _is_scores(value: ir.Value) -> bool:
     """True when value is q @ k^T, possibly scaled by a constant and reshaped."""
-    v, _ = _through(value, VIEW_OPS)
+    v, _ = trace_through(value)
     node = v.producer()
     if node is not None and node.op_type in _SCALE_OPS:
         for k in (0, 1):
             other = node.inputs[1 - k]
             if other is not None and other.const_value is not None and other.const_value.size == 1:
-                v, _ = _through(node.inputs[k], VIEW_OPS)
+                v, _ = trace_through(node.inputs[k])
                 break
     node = v.producer()
     if node is None or node.op_type != "MatMul":
