@@ -87,6 +87,17 @@ def insert_after_and_redirect(graph: ir.Graph, value: ir.Value, op_type: str, ot
     return node
 
 
+def divide_input(graph: ir.Graph, node: ir.Node, value: ir.Value, divisor: float, stem: str) -> None:
+    """Makes `node` read `value / divisor` where it read `value` (a Mul by the reciprocal, in value's dtype,
+    inserted before `node`); other readers of `value` are left as they are."""
+    k = list(node.inputs).index(value)
+    w = NodeWriter(graph, node, stem)
+    scaled = w.op("Mul", value, w.const(np.array(1.0 / divisor), dtype=value.dtype))
+    scaled.dtype = value.dtype
+    w.commit()
+    node.replace_input_with(k, scaled)
+
+
 def replace_initializer(graph: ir.Graph, old: ir.Value, array: np.ndarray) -> ir.Value:
     """A new initializer holding `array` (in `old`'s dtype) read everywhere `old` was; `old` is dropped when
     nothing reads it any more."""

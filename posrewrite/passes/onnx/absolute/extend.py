@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math.absolute import interpolate_table, sinusoidal_table
-from posrewrite.passes.onnx._build import NodeWriter, replace_initializer
+from posrewrite.passes.onnx._build import NodeWriter, divide_input, replace_initializer
 from posrewrite.passes.onnx._graph import numpy_dtype, trace_through
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 
@@ -133,13 +133,7 @@ def extend_sinusoidal(
         if pos_scale is None or pos_scale == 1:
             return [], ["computed sinusoidal encoding: runs at any length as is"]
         x = site.sin.producer().inputs[0]
-        prod = x.producer()
-        k = list(prod.inputs).index(site.positions_value)
-        w = NodeWriter(graph, prod, "sin_pos_scale")
-        scaled = w.op("Mul", site.positions_value, w.const(np.array(1.0 / pos_scale), dtype=site.positions_value.dtype))
-        scaled.dtype = site.positions_value.dtype
-        w.commit()
-        prod.replace_input_with(k, scaled)
+        divide_input(graph, x.producer(), site.positions_value, pos_scale, "sin_pos_scale")
         return [f"computed sinusoidal encoding: positions divided by {pos_scale:g}"], []
     L = site.max_positions
     target = _target(L, max_positions, pos_scale)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._build import NodeWriter, replace_initializer, retarget_length
+from posrewrite.passes.onnx._build import divide_input, replace_initializer, retarget_length
 from posrewrite.sites.alibi import AlibiSite
 
 __all__ = ["extend_alibi"]
@@ -27,7 +27,7 @@ def extend_alibi(
         notes = ["ALiBi is built from the runtime sequence: it extrapolates past the training length as is"]
         if scale == 1.0:
             return [], notes
-        _scale_slopes(graph, site, scale)
+        divide_input(graph, site.product, site.slopes_value, scale, "alibi_scale")
         return [f"ALiBi slopes divided by {scale:g} (distances / {scale:g})"], notes
     L = site.max_positions
     n = max(L, max_positions or L)
@@ -56,13 +56,3 @@ def extend_alibi(
         + (f"; {moved} Slice bound(s) computed from {L} now use {n}" if moved else "")
     )
     return [change], []
-
-
-def _scale_slopes(graph: ir.Graph, site: AlibiSite, scale: float) -> None:
-    mul = site.product
-    k = list(mul.inputs).index(site.slopes_value)
-    w = NodeWriter(graph, mul, "alibi_scale")
-    scaled = w.op("Mul", site.slopes_value, w.const(np.array(1.0 / scale), dtype=site.slopes_value.dtype))
-    scaled.dtype = site.slopes_value.dtype
-    w.commit()
-    mul.replace_input_with(k, scaled)
