@@ -50,6 +50,7 @@ __all__ = [
     "build_pipeline",
     "cleanup_passes",
     "logn_length_for",
+    "model_fingerprint",
     "run_passes",
     "site_key",
 ]
@@ -68,6 +69,53 @@ def _still_in(graph: ir.Graph, site: RopeSite) -> bool:
     """Whether every rotation node (or fused node) of ``site`` is still a node of ``graph``."""
     nodes = [n for a in site.applications for n in a.nodes] or list(site.fused_nodes)
     return bool(nodes) and all(n.graph is graph for n in nodes)
+
+
+#: in-memory constants up to this many bytes are fingerprinted by content (inv_freq, slopes, small tables): a
+#: pass may change such a tensor's bytes in place; larger ones (weights) by identity only, never read
+FINGERPRINT_CONTENT_BYTES = 1 << 16
+
+
+def _tensor_token(tensor: object) -> tuple:
+    if tensor is None:
+        return (None,)
+    if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):  # reading them would load weights
+        return (id(tensor),)
+    try:
+        if tensor.nbytes <= FINGERPRINT_CONTENT_BYTES:
+            return (id(tensor), hash(tensor.tobytes()))
+    except (AttributeError, TypeError, ValueError):  # a tensor type without bytes (strings): identity
+        pass
+    return (id(tensor),)
+
+
+def model_fingerprint(model: ir.Model) -> int:
+    """A hash of what detection reads: every graph's nodes (identity, op, domain, the identity of their input
+    and output values, their attributes), inputs, outputs and initializers, and the bytes of in-memory
+    constants up to `FINGERPRINT_CONTENT_BYTES`. Weights in external data are never read (identity only).
+    Two calls give the same number exactly when nothing detection could see has changed in between."""
+    parts: list[tuple] = []
+    for graph in model.graphs():
+        parts.append(("graph", id(graph), tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs)))
+        for name, value in graph.initializers.items():
+            parts.append(("init", name, id(value), _tensor_token(value.const_value)))
+        for node in graph:
+            attrs = []
+            for key, attr in node.attributes.items():
+                value = attr.value
+                if isinstance(value, ir.TensorProtocol):
+                    token = _tensor_token(value)
+                elif isinstance(value, ir.Graph):
+                    token = (id(value),)
+                else:
+                    try:
+                        token = (hash(value if not isinstance(value, list) else tuple(value)),)
+                    except TypeError:
+                        token = (id(attr), id(value))
+                attrs.append((key, token))
+            parts.append((id(node), node.op_type, node.domain, tuple(id(v) for v in node.inputs),
+                          tuple(id(v) for v in node.outputs), tuple(attrs)))
+    return hash(tuple(parts))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,16 +179,22 @@ class PipelineContext:
     progress: Any = dataclasses.field(default_factory=NullReporter)
     _detection: Detection | None = dataclasses.field(default=None, repr=False)
     _detected_model: int | None = dataclasses.field(default=None, repr=False)
+    _fingerprint: int | None = dataclasses.field(default=None, repr=False)
     #: counts the rewrites (passes that reported modified=True) since the context was made
     generation: int = 0
 
     def detection(self, model: ir.Model) -> Detection:
-        """The detection of ``model`` as it is now: cached until a pass reports a modification."""
-        if self._detection is None or self._detected_model != id(model):
+        """The detection of ``model`` as it is now: cached while the model is unchanged. Any modification drops
+        it, whoever made it: a posrewrite pass reporting ``modified=True``, or any other pass (an onnx_ir pass
+        of the user's between two of ours) that changed a node, an edge, an attribute, an initializer or the
+        bytes of a small in-memory constant (`model_fingerprint`)."""
+        fingerprint = model_fingerprint(model)
+        if self._detection is None or self._detected_model != id(model) or self._fingerprint != fingerprint:
             from posrewrite.api import detect
 
             self._detection = detect(model)
             self._detected_model = id(model)
+            self._fingerprint = fingerprint
         return self._detection
 
     def rope_sites(self, model: ir.Model) -> list[RopeSite]:
@@ -165,6 +219,7 @@ class PipelineContext:
         """A detection the caller made on ``model`` before any pass ran (the one its plans come from)."""
         self._detection = detection
         self._detected_model = id(model)
+        self._fingerprint = model_fingerprint(model)
 
     def record(self, pass_: ReportingPass, result: ir.passes.PassResult) -> None:
         report = self.report
