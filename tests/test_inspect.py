@@ -61,10 +61,7 @@ def test_torchscript_exporter():
     spec = [a for a, s in ARCHS.items() if s.torchscript_ok and a in ("llama", "gpt_neox")]
     for arch in spec:
         info = arch_info(arch)
-        try:
-            path = export_hf_onnx(arch, exporter="torchscript")
-        except Exception as exc:  # the exporter itself may be unavailable in this torch build
-            pytest.skip(f"torchscript export unavailable: {exc}")
+        path = export_hf_onnx(arch, exporter="torchscript")  # a failed export is a failure, not a skip
         (site,) = [s for s in api.inspect(path).sites if s.kind == "rope"]
         assert site.rotary_dim == info["rotary_dim"] and site.layout.value == info["layout"]
 
