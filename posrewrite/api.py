@@ -19,8 +19,7 @@ from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
 from posrewrite.math import rope as rope_math
 from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
-from posrewrite.passes.onnx.detect_other import detect_other_encodings
-from posrewrite.passes.onnx.rope.detect import detect_rope
+from posrewrite.passes.onnx.detect import Detection, detect
 from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_site_precision
 from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
@@ -29,66 +28,6 @@ from posrewrite.sites.rope import RopeSite
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# detection
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Detection:
-    sites: list[EncodingSite]
-    refusals: list[Refusal]
-
-    @property
-    def rope_sites(self) -> list[RopeSite]:
-        return [s for s in self.sites if isinstance(s, RopeSite)]
-
-
-def detect(model: ir.Model) -> Detection:
-    """Every positional encoding the detectors know, and what looked like one but was not understood."""
-    sites: list[EncodingSite] = []
-    refusals: list[Refusal] = []
-    rope_sites, rope_refusals = detect_rope(model)
-    sites.extend(rope_sites)
-    other_nodes: set[int] = set()
-    other_sites, other_refusals = detect_other_encodings(model)
-    # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
-    rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
-    other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
-    sites.extend(other_sites)
-    refusals.extend(other_refusals)
-    for s in other_sites:
-        for attr in ("nodes", "source_nodes"):
-            for n in getattr(s, attr, ()) or ():
-                other_nodes.add(id(n))
-    # a Cos claimed by another encoding (sinusoidal tables) is not an unrecognised RoPE
-    by_name = {n.name: n for n in model.graph}
-    for r in rope_refusals:
-        node = by_name.get(r.where)
-        if r.kind == "rope?" and node is not None and id(node) in other_nodes:
-            continue
-        if r.kind == "rope?" and other_nodes and _feeds_other(node, other_nodes):
-            continue
-        refusals.append(r)
-    return Detection(sites, refusals)
-
-
-def _feeds_other(node: ir.Node | None, other_nodes: set[int]) -> bool:
-    if node is None:
-        return False
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or len(seen) > 64:
-            continue
-        seen.add(id(n))
-        if id(n) in other_nodes:
-            return True
-        for out in n.outputs:
-            stack.extend(u.node for u in out.uses())
-    return False
 
 
 @dataclasses.dataclass

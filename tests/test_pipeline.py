@@ -13,15 +13,9 @@ import pytest
 
 from posrewrite import api, errors, io
 from posrewrite.options import RewriteOptions
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, cleanup_passes
 from posrewrite.passes.onnx.rope.rescale import RescaleRopePass, SitePlan
-from posrewrite.pipeline import (
-    NOTHING_CHANGED,
-    PipelineContext,
-    ReportingPass,
-    build_pipeline,
-    cleanup_passes,
-    run_passes,
-)
+from posrewrite.pipeline import NOTHING_CHANGED, build_pipeline, run_passes
 from posrewrite.sites.rope import AngleSource
 
 
@@ -222,7 +216,7 @@ def test_a_foreign_pass_between_two_posrewrite_passes_drops_the_cached_detection
 def test_fingerprint_sees_in_place_changes_and_nothing_else(llama_onnx):
     """The detection cache's key: unchanged by reading the model; changed by a new node, a rewired input, an
     attribute, and the bytes of a small constant changed in place."""
-    from posrewrite.pipeline import model_fingerprint
+    from posrewrite.passes.onnx._infra import model_fingerprint
 
     model = io.load_model(llama_onnx)
     first = model_fingerprint(model)

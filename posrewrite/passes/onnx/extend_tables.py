@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.absolute.extend import extend_learned, extend_sinusoidal
 from posrewrite.passes.onnx.alibi.extend import extend_alibi
-from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, site_key
 from posrewrite.passes.onnx.alibi.fp32 import make_alibi_fp32
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
@@ -34,7 +35,6 @@ from posrewrite.passes.onnx.rope._dtypes import (
     is_float,
 )
 from posrewrite.passes.onnx.rope.precision import TablePrecision, site_needs_fp32, table_precision
-from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 from posrewrite.sites.base import EncodingSite
 from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite
 

@@ -1,0 +1,72 @@
+"""Every positional encoding the detectors know, in one call: RoPE (`rope.detect`), then ALiBi, learned /
+sinusoidal tables and T5 biases (`detect_other`), with what looked like an encoding but was not understood.
+
+This is the aggregator above the per-kind detectors; the pass infrastructure (`_infra`) and the API call it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from posrewrite.passes.onnx.detect_other import detect_other_encodings
+from posrewrite.passes.onnx.rope.detect import detect_rope
+from posrewrite.sites.base import EncodingSite, Refusal
+from posrewrite.sites.rope import RopeSite
+
+__all__ = ["Detection", "detect"]
+
+
+@dataclasses.dataclass
+class Detection:
+    sites: list[EncodingSite]
+    refusals: list[Refusal]
+
+    @property
+    def rope_sites(self) -> list[RopeSite]:
+        return [s for s in self.sites if isinstance(s, RopeSite)]
+
+
+def detect(model: ir.Model) -> Detection:
+    """Every positional encoding the detectors know, and what looked like one but was not understood."""
+    sites: list[EncodingSite] = []
+    refusals: list[Refusal] = []
+    rope_sites, rope_refusals = detect_rope(model)
+    sites.extend(rope_sites)
+    other_nodes: set[int] = set()
+    other_sites, other_refusals = detect_other_encodings(model)
+    # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
+    rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
+    other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
+    sites.extend(other_sites)
+    refusals.extend(other_refusals)
+    for s in other_sites:
+        for attr in ("nodes", "source_nodes"):
+            for n in getattr(s, attr, ()) or ():
+                other_nodes.add(id(n))
+    # a Cos claimed by another encoding (sinusoidal tables) is not an unrecognised RoPE
+    by_name = {n.name: n for n in model.graph}
+    for r in rope_refusals:
+        node = by_name.get(r.where)
+        if r.kind == "rope?" and node is not None and id(node) in other_nodes:
+            continue
+        if r.kind == "rope?" and other_nodes and _feeds_other(node, other_nodes):
+            continue
+        refusals.append(r)
+    return Detection(sites, refusals)
+
+
+def _feeds_other(node: ir.Node | None, other_nodes: set[int]) -> bool:
+    if node is None:
+        return False
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or len(seen) > 64:
+            continue
+        seen.add(id(n))
+        if id(n) in other_nodes:
+            return True
+        for out in n.outputs:
+            stack.extend(u.node for u in out.uses())
+    return False
