@@ -150,7 +150,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if Path(path).is_dir():
         from posrewrite.folders import rewrite_folder
 
-        return rewrite_folder(path, _options(options, kwargs), progress=progress)
+        return rewrite_folder(path, _options(options, kwargs), rewrite_model=rewrite, progress=progress)
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
     if not opts.has_work():

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from posrewrite.math.precision import dtype_name, mantissa_bits, round_to_dtype, smallest_subnormal, unit_roundoff
+from posrewrite.math.dtypes import dtype_name, mantissa_bits, round_to_dtype, smallest_subnormal, unit_roundoff
 
 __all__ = [
     "ROPE_METHODS",
