@@ -21,8 +21,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import numpy_dtype
-from posrewrite.passes.onnx._infra import site_key
-from posrewrite.sites.rope import Layout, RopeSite
+from posrewrite.sites.rope import Layout, RopeSite, site_key
 
 MAX_VALIDATION_LENGTH = 4096
 

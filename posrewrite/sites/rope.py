@@ -494,4 +494,12 @@ __all__ = [
     "RopeSource",
     "RuntimeInvFreq",
     "SOURCE_KINDS",
+    "site_key",
 ]
+
+
+def site_key(site: RopeSite) -> tuple[str | None, ...]:
+    """A name for a RoPE site that survives rewrites of its angles (rescale, fp32): the inputs of its q/k
+    rotations and the names of its fused nodes. Plans made on one detection are found again on a later one
+    by this key."""
+    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)

@@ -19,7 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from posrewrite.passes.onnx.detect import Detection, detect
 from posrewrite.progress import NullReporter
-from posrewrite.sites.rope import RopeSite
+from posrewrite.sites.rope import RopeSite, site_key
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
@@ -32,15 +32,7 @@ __all__ = [
     "RewriteReport",
     "cleanup_passes",
     "model_fingerprint",
-    "site_key",
 ]
-
-
-def site_key(site: RopeSite) -> tuple[str | None, ...]:
-    """A name for a RoPE site that survives rewrites of its angles (rescale, fp32): the inputs of its q/k
-    rotations and the names of its fused nodes. Plans made on one detection are found again on a later one
-    by this key."""
-    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
 
 
 def _still_in(graph: ir.Graph, site: RopeSite) -> bool:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
-from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, site_key
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.alibi.fp32 import make_alibi_fp32
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
@@ -36,7 +36,7 @@ from posrewrite.passes.onnx.rope._dtypes import (
 )
 from posrewrite.passes.onnx.rope.precision import TablePrecision, site_needs_fp32, table_precision
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite
+from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite, site_key
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan

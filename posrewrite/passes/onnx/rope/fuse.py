@@ -41,7 +41,7 @@ from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
-from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, site_key
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
 from posrewrite.passes.onnx.rope.markers import mark_rescaled_cache
 
@@ -56,6 +56,7 @@ from posrewrite.sites.rope import (
     OnnxComputedHandles,
     RopeApplication,
     RopeSite,
+    site_key,
 )
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
