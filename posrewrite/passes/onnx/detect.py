@@ -9,12 +9,15 @@ import dataclasses
 
 import onnx_ir as ir
 
-from posrewrite.passes.onnx.detect_other import detect_other_encodings
+from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
+from posrewrite.passes.onnx.alibi.detect import alibi_site
+from posrewrite.passes.onnx.detect_other import DetectionContext, score_biases
 from posrewrite.passes.onnx.rope.detect import detect_rope
+from posrewrite.passes.onnx.t5.detect import t5_site
 from posrewrite.sites.base import EncodingSite, Refusal
 from posrewrite.sites.rope import RopeSite
 
-__all__ = ["Detection", "detect"]
+__all__ = ["Detection", "detect", "detect_other_encodings"]
 
 
 @dataclasses.dataclass
@@ -70,3 +73,19 @@ def _feeds_other(node: ir.Node | None, other_nodes: set[int]) -> bool:
         for out in n.outputs:
             stack.extend(u.node for u in out.uses())
     return False
+
+
+def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:
+    """Every ALiBi, learned absolute, sinusoidal and T5 relative-bias encoding in `model`'s main graph, and
+    the candidates that were not understood: position tables, then computed sinusoids, then score biases."""
+    ctx = DetectionContext(model)
+    sites: list[EncodingSite] = []
+    refusals: list[Refusal] = []
+    for found, refused in (
+        detect_position_tables(ctx),
+        detect_computed_sinusoids(ctx),
+        score_biases(ctx, alibi=alibi_site, t5=t5_site),
+    ):
+        sites.extend(found)
+        refusals.extend(refused)
+    return sites, refusals
