@@ -237,11 +237,13 @@ BiasReader = Callable[[DetectionContext, BiasGroup], EncodingSite | Refusal | No
 
 
 def score_biases(
-    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader
+    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader, claimed: list[ir.Node] | None = None,
+    refused: dict[int, Refusal] | None = None,
 ) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every bias added to attention scores, classified by what builds it and read by its kind's reader:
     `alibi` for slopes x distances products and constant tables, `t5` for Gathers from bucket tables
-    (ALiBi groups first, each kind in the order found)."""
+    (ALiBi groups first, each kind in the order found). `claimed` receives the Adds of the groups read as a
+    site, `refused` the refusal of each Add (by id) whose group was refused."""
     groups: dict[str, dict[int, BiasGroup]] = {"alibi": {}, "t5": {}}
     for node, b in pattern_matches(_ScoresBias(), ctx.model):
         for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
@@ -261,8 +263,12 @@ def score_biases(
             site = reader(ctx, group)
             if isinstance(site, Refusal):
                 refusals.append(site)
+                if refused is not None:
+                    refused.update((id(a), site) for a in group.adds)
             elif site is not None:
                 sites.append(site)
+                if claimed is not None:
+                    claimed.extend(group.adds)
     return sites, refusals
 
 
@@ -336,22 +342,36 @@ def sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
 
 
+def _nodes(model: ir.Model) -> list[ir.Node]:
+    return list(model.graph)
+
+
 def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every ALiBi, learned absolute, sinusoidal and T5 relative-bias encoding in `model`'s main graph, and
     the candidates that were not understood: position tables, then computed sinusoids, then score biases."""
     # each kind's detector is built on the machinery above, hence imported here and not at the top
     from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
     from posrewrite.passes.onnx.alibi.detect import alibi_site
+    from posrewrite.passes.onnx.bias.detect import score_bias_sites
     from posrewrite.passes.onnx.t5.detect import t5_site
 
     ctx = DetectionContext(model)
     sites: list[EncodingSite] = []
     refusals: list[Refusal] = []
+    claimed: list[ir.Node] = []
+    refused_adds: dict[int, Refusal] = {}
     for found, refused in (
         detect_position_tables(ctx),
         detect_computed_sinusoids(ctx),
-        score_biases(ctx, alibi=alibi_site, t5=t5_site),
+        score_biases(ctx, alibi=alibi_site, t5=t5_site, claimed=claimed, refused=refused_adds),
     ):
         sites.extend(found)
         refusals.extend(refused)
+    # the Adds no reader explained, read by value; a site found there replaces the reader's refusal (a value
+    # refusal of an Add a reader refused already is not repeated)
+    quiet = [n for n in _nodes(model) if id(n) in refused_adds]
+    by_value, by_value_refused = score_bias_sites(ctx, claimed, quiet=quiet)
+    replaced = {id(refused_adds[id(a)]) for s in by_value for a in s.add_nodes if id(a) in refused_adds}
+    refusals = [r for r in refusals if id(r) not in replaced] + by_value_refused
+    sites.extend(by_value)
     return sites, refusals
