@@ -52,6 +52,7 @@ __all__ = [
     "family_values",
     "bias_values",
     "paper_slopes_match",
+    "near_bias_precision",
 ]
 
 MASK_THRESHOLD = -1e4  # a bias entry at or below this (or -inf, nan) masks the key: no encoding reads it
@@ -465,3 +466,37 @@ def paper_slopes_match(slopes: np.ndarray, rtol: float = 1e-4) -> bool:
     """Whether ALiBi slopes are the paper's geometric ones for their number of heads (any order kept)."""
     s = np.asarray(slopes, dtype=np.float64).reshape(-1)
     return bool(s.size > 0 and np.allclose(s, alibi_slopes(s.size), rtol=rtol, atol=0))
+
+
+def near_bias_precision(
+    family: str, params: dict[str, Any], max_length: int, *, dtype: Any, symmetric: bool = True, form: str = "relative",
+    window: int = 256,
+) -> dict[str, float]:
+    """How exact the bias of the last query (position max_length - 1) is over its `window` nearest keys when the
+    positions, the distance and the formula are all in `dtype` (a bias computed in half precision): each
+    position rounded to `dtype`, the formula of the rounded distance rounded to `dtype`, against the formula
+    of the exact distance in float64. Returns max_error (absolute), exact_fraction (within half an ulp of the
+    exact value in `dtype`) and window."""
+    from posrewrite.math.precision import round_to_dtype
+
+    name = dtype_name(dtype)
+    name = name if name in ("bfloat16", "float16", "float32", "float64") else "float32"
+    n = int(max_length)
+    i = float(n - 1)
+    d = np.arange(min(window, n), dtype=np.float64)
+    j = i - d
+    if form == "key_only":
+        rounded = round_to_dtype(j - i, name)
+    else:
+        ri, rj = round_to_dtype(np.array([i]), name), round_to_dtype(j, name)
+        rounded = round_to_dtype(ri - rj, name)
+        rounded = np.abs(rounded) if symmetric else rounded
+    exact = family_values(family, params, d if form != "key_only" else -d)
+    got = round_to_dtype(family_values(family, params, np.abs(rounded) if form != "key_only" else rounded), name)
+    if form == "key_only":  # m_h j: compare what softmax sees, relative to the query's own key
+        exact, got = exact - exact[:, :1], got - got[:, :1]
+    err = np.abs(got - exact)
+    scale = np.maximum(np.abs(exact), 1e-30)
+    ulp_half = scale * unit_roundoff(name)
+    return {"max_error": float(err.max()), "exact_fraction": float(np.mean(err <= ulp_half * (1 + 1e-9) + 1e-12)),
+            "window": int(d.size)}
