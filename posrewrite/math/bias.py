@@ -1,7 +1,8 @@
 """Score biases b_h(i, j) added to attention scores, described by what they compute (numpy only).
 
-A bias read at a few lengths is split into a mask (entries at or below `MASK_THRESHOLD`, or not finite: causal
-or sliding-window masks folded into the bias) and values. The values are then described as
+A bias read at a few lengths is split into a mask (entries not finite, at or below `FILL_THRESHOLD`, or a
+repeated fill value at or below `MASK_THRESHOLD`: causal or sliding-window masks folded into the bias) and
+values. The values are then described as
 - a function of the distance δ = i - j (a Toeplitz matrix; symmetric in δ, causal δ >= 0, or two-sided), or
 - a function of the key position j alone (plus any per-row constant: Bloom's m_h j),
 and fitted per head by the families of the field, x = |δ| (or δ when the bias is not symmetric):
@@ -55,7 +56,8 @@ __all__ = [
     "near_bias_precision",
 ]
 
-MASK_THRESHOLD = -1e4  # a bias entry at or below this (or -inf, nan) masks the key: no encoding reads it
+MASK_THRESHOLD = -1e4  # a fill value at or below this, repeated over at least a row, masks the key
+FILL_THRESHOLD = -1e8  # an entry at or below this (or -inf, nan) masks the key whatever else is there
 FAMILIES = ("linear", "kerple_log", "kerple_power", "sandwich", "bucketed")
 _ROUNDOFF_FACTOR = 64  # a formula of a few ops (a sum of dim/2 cosines for Sandwich) rounded in the dtype
 
@@ -80,7 +82,12 @@ class MaskRule:
 def split_mask(bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(values as float64 with masked entries set to nan, mask) for a bias [..., Sq, Sk]."""
     b = np.asarray(bias, dtype=np.float64)
-    mask = ~np.isfinite(b) | (b <= MASK_THRESHOLD)
+    mask = ~np.isfinite(b) | (b <= FILL_THRESHOLD)
+    rest = b[~mask]
+    if rest.size:  # a fill value such as -10000 or float16's -65504: the least value, at least a row's worth
+        low = float(rest.min())
+        if low <= MASK_THRESHOLD and int(np.count_nonzero(b == low)) >= b.shape[-1]:
+            mask |= b == low
     return np.where(mask, np.nan, b), mask
 
 
@@ -232,11 +239,12 @@ def bias_values(
     symmetric: bool = True, scale: float = 1.0,
 ) -> np.ndarray:
     """The bias [H, Sq, Sk] (float64, no mask) of a fitted family, queries the last Sq keys; distances
-    divided by `scale` (distance interpolation). form "key_only": linear in j (Bloom), m_h (j - (Sk - 1))."""
+    divided by `scale` (distance interpolation). form "key_only": linear in the key position j (Bloom),
+    c_h + m_h j."""
     sk = int(key_length if key_length is not None else query_length)
     d = _delta(int(query_length), sk).astype(np.float64)
     if form == "key_only":
-        j = np.arange(sk, dtype=np.float64) - (sk - 1)
+        j = np.arange(sk, dtype=np.float64)
         m = np.asarray(params["slopes"], dtype=np.float64)[:, None, None]
         c = np.asarray(params["offset"], dtype=np.float64)[:, None, None]
         return np.broadcast_to(c + m * j[None, None, :] / scale, (m.shape[0], int(query_length), sk)).copy()
@@ -417,7 +425,8 @@ def fit_buckets(delta: np.ndarray, f: np.ndarray, tol: float, max_buckets: int =
     classes = int(want.max()) + 1
     one_sided = bool(rel.max() <= 0 or rel.min() >= 0)
     for bidirectional in ((False, True) if one_sided else (True,)):
-        for nb in range(max(4, classes), max_buckets + 1, 2 if bidirectional else 1):
+        start = max(4, classes)
+        for nb in range(start + start % 2 if bidirectional else start, max_buckets + 1, 2 if bidirectional else 1):
             half = nb // 2 if bidirectional else nb
             max_exact = half // 2
             if max_exact < 1:

@@ -50,6 +50,7 @@ class ScoreBiasSite(EncodingSite):
     add_nodes: tuple[ir.Node, ...]
     scores: tuple[ir.Value, ...]
     bias_shape: tuple[int, ...]  # the probed shape of the bias (leading dims: 1s and heads)
+    nodes: tuple[ir.Node, ...] = ()  # the nodes that compute the bias (a Cos of Sandwich is no RoPE)
     standard_slopes: bool | None = None  # linear: the paper's geometric slopes
     rewritable: bool = True
     reason: str | None = None  # why not rewritable

@@ -342,10 +342,6 @@ def sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
 
 
-def _nodes(model: ir.Model) -> list[ir.Node]:
-    return list(model.graph)
-
-
 def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every ALiBi, learned absolute, sinusoidal and T5 relative-bias encoding in `model`'s main graph, and
     the candidates that were not understood: position tables, then computed sinusoids, then score biases."""
@@ -367,11 +363,11 @@ def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Re
     ):
         sites.extend(found)
         refusals.extend(refused)
-    # the Adds no reader explained, read by value; a site found there replaces the reader's refusal (a value
-    # refusal of an Add a reader refused already is not repeated)
-    quiet = [n for n in _nodes(model) if id(n) in refused_adds]
-    by_value, by_value_refused = score_bias_sites(ctx, claimed, quiet=quiet)
+    # the Adds no reader explained, read by value: a site found there replaces the reader's refusal, and so
+    # does a refusal (it says what the values are, the reader only what their syntax is not)
+    by_value, by_value_refused = score_bias_sites(ctx, claimed)
     replaced = {id(refused_adds[id(a)]) for s in by_value for a in s.add_nodes if id(a) in refused_adds}
-    refusals = [r for r in refusals if id(r) not in replaced] + by_value_refused
+    replaced |= {id(refused_adds[id(a)]) for _, adds in by_value_refused for a in adds if id(a) in refused_adds}
+    refusals = [r for r in refusals if id(r) not in replaced] + [r for r, _ in by_value_refused]
     sites.extend(by_value)
     return sites, refusals

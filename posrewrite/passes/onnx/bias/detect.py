@@ -121,6 +121,20 @@ def _cone(bias: ir.Value) -> tuple[list[ir.Node], list[ir.Value], int]:
     return nodes, inputs, elements
 
 
+def _sliced_table_length(nodes: list[ir.Node]) -> int | None:
+    """The length of a constant float table [.., T, T] that the bias slices to the runtime length (a bias
+    cached at T positions: x-transformers' ALiBi buffer, MPT's table); None when there is none."""
+    lengths = []
+    for node in nodes:
+        data = node.inputs[0] if node.op_type == "Slice" and node.inputs else None
+        if data is None or data.const_value is None or data.dtype is None or not data.dtype.is_floating_point():
+            continue
+        shape = data.const_value.shape
+        if shape is not None and len(shape) >= 2:
+            lengths.append(int(shape[-1]))
+    return min(lengths) if lengths else None
+
+
 def _heads(values: np.ndarray) -> np.ndarray | None:
     """[H, Sq, Sk] from a bias [..., Sq, Sk] whose leading dims are 1 but one (the heads)."""
     if values.ndim < 2:
@@ -132,12 +146,11 @@ def _heads(values: np.ndarray) -> np.ndarray | None:
 
 
 def score_bias_sites(
-    ctx: DetectionContext, claimed: Iterable[ir.Node] = (), *, quiet: Iterable[ir.Node] = ()
-) -> tuple[list[ScoreBiasSite], list[Refusal]]:
-    """The score biases of `ctx.model` that no Add in `claimed` brings (see module doc); no refusal is made
-    for a bias brought by an Add in `quiet` (refused already by another reader)."""
+    ctx: DetectionContext, claimed: Iterable[ir.Node] = ()
+) -> tuple[list[ScoreBiasSite], list[tuple[Refusal, tuple[ir.Node, ...]]]]:
+    """The score biases of `ctx.model` that no Add in `claimed` brings (see module doc), and the refusals,
+    each with the Adds of its bias."""
     skip = {id(n) for n in claimed}
-    hush = {id(n) for n in quiet}
     groups: dict[int, tuple[ir.Value, list[ir.Node], list[ir.Value]]] = {}
     for node, b in pattern_matches(_ScoresBias(), ctx.model):
         if id(node) in skip:
@@ -153,15 +166,14 @@ def score_bias_sites(
         return [], []
     probes = (_Probe(ctx.model, FIT_LENGTH), _Probe(ctx.model, CHECK_LENGTH), _Probe(ctx.model, FIT_LENGTH, 9))
     sites: list[ScoreBiasSite] = []
-    refusals: list[Refusal] = []
+    refusals: list[tuple[Refusal, tuple[ir.Node, ...]]] = []
     for bias, adds, scores in groups.values():
         try:
             found = _classify(ctx, probes, bias, adds, scores)
         except (ValueError, FloatingPointError, IndexError, MemoryError) as exc:  # a hostile bias: say so
             found = Refusal("score_bias", bias.name or "?", f"bias could not be read ({type(exc).__name__})")
         if isinstance(found, Refusal):
-            if not any(id(a) in hush for a in adds):
-                refusals.append(found)
+            refusals.append((found, tuple(adds)))
         elif found is not None:
             sites.append(found)
     return sites, refusals
@@ -195,18 +207,20 @@ def _classify(ctx: DetectionContext, probes, bias: ir.Value, adds, scores) -> Sc
     if not np.any(rows > atol):
         return None  # a mask (and per-row constants): no position encoding
     other = token_probe(bias)
-    if other is not None and (other.shape != raw.shape or not np.array_equal(np.isnan(other), np.isnan(raw))
-                              or np.nanmax(np.abs(np.nan_to_num(other - raw, posinf=0, neginf=0))) > atol):
+    if other is not None and (other.shape != raw.shape or not np.array_equal(split_mask(other)[1], split_mask(raw)[1])
+                              or np.nanmax(np.abs(split_mask(other)[0] - split_mask(raw)[0])) > atol):
         return Refusal("score_bias", where, "the bias changes with the token ids: content-dependent, not a "
                        "function of positions")
     if rule.kind == "other":
         return Refusal("score_bias", where, "a mask folded into the bias follows no causal / sliding-window rule")
     constant = not inputs and ctx.const(bias) is not None
+    baked = int(values.shape[-1]) if constant else _sliced_table_length(nodes)
     common = dict(
-        num_heads=values.shape[0], mask=rule, source="constant" if constant else "computed",
-        max_positions=int(values.shape[-1]) if constant else None,
+        num_heads=values.shape[0], mask=rule, source="constant" if baked is not None else "computed",
+        max_positions=baked,
         static_inputs=all(isinstance(d, int) for v in ctx.model.graph.inputs for d in (v.shape or ())),
         dtype=dtype, bias=bias, add_nodes=tuple(adds), scores=tuple(scores), bias_shape=tuple(raw.shape),
+        nodes=tuple(nodes),
     )
     network = any(n.op_type in _NETWORK_OPS for n in nodes) and any(n.op_type in _ACTIVATIONS
                                                                      or n.op_type == "Mul" for n in nodes)
@@ -245,13 +259,16 @@ def _site(fit: BiasFit, profile: DistanceProfile, form: str, check_probe, common
     notes = []
     if form == "key_only":
         notes.append("key-only form m_h j (Bloom's): equal to the relative form after softmax")
-    if common["source"] == "constant":
+    if common["source"] == "constant" and common["max_positions"] == common["bias_shape"][-1]:
         n = common["max_positions"]
         shape = list(common["bias_shape"])
         fix = ("re-export with a dynamic sequence axis (torch.onnx.export(..., dynamic_shapes=...)), or "
                "--max-positions N regenerates it from the fitted formula")
         notes.append(f"bias baked as a constant {shape} table by a static export: runs only at {n} tokens; {fix}")
-    else:
+    elif common["source"] == "constant":
+        notes.append(f"bias sliced from a constant table of {common['max_positions']} positions: fails past them; "
+                     "--max-positions N regenerates it from the fitted formula")
+    if common["source"] == "computed" or common["max_positions"] != common["bias_shape"][-1]:
         check = check_probe(common["bias"])
         if check is not None:
             c3 = _heads(check)
@@ -266,7 +283,8 @@ def _site(fit: BiasFit, profile: DistanceProfile, form: str, check_probe, common
                     if float(diff.max()) > fit.tolerance:
                         return Refusal("score_bias", where, f"fits {fit.family} at {FIT_LENGTH} tokens but not at "
                                        f"{CHECK_LENGTH}: the bias changes with the sequence length")
-        notes.append("computed from the runtime sequence: runs at any length as is")
+        if common["source"] == "computed":
+            notes.append("computed from the runtime sequence: runs at any length as is")
     standard = None
     if fit.family == "linear":
         slopes = np.asarray(fit.params["slopes"], dtype=np.float64)

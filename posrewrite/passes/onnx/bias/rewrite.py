@@ -81,7 +81,7 @@ def _rebuild(graph: ir.Graph, site: ScoreBiasSite, scale: float) -> None:
     heads = site.num_heads
     p = site.params
     if site.form == "key_only":
-        x = w.op("Cast", w.op("Sub", j, w.op("Sub", sk0, one)), to=_F32)
+        x = w.op("Cast", j, to=_F32)  # c_h + m_h j, the key position as the model had it
         if scale != 1.0:
             x = w.op("Mul", x, f32(1.0 / scale))
         m = f32(np.asarray(p["slopes"], np.float64).reshape(heads, 1, 1))
