@@ -16,7 +16,10 @@ import onnx_ir as ir
 from posrewrite.math.bias import MaskRule
 from posrewrite.sites.base import EncodingSite
 
-__all__ = ["ScoreBiasSite", "LEARNED_NETWORK"]
+__all__ = ["ScoreBiasSite", "LEARNED_NETWORK", "BiasParam"]
+
+#: a fitted parameter: a scalar (dim, base, num_buckets, bidirectional), per-head values, or a bucket table
+BiasParam = float | int | bool | list[float] | list[list[float | None]]
 
 LEARNED_NETWORK = "learned_network"  # the family of a bias computed by a network from the distance
 
@@ -37,7 +40,7 @@ class ScoreBiasSite(EncodingSite):
     form: str
     symmetric: bool
     two_sided: bool
-    params: dict[str, Any]
+    params: dict[str, BiasParam]
     residual: float
     tolerance: float
     num_heads: int

@@ -170,7 +170,7 @@ def score_bias_sites(
     for bias, adds, scores in groups.values():
         try:
             found = _classify(ctx, probes, bias, adds, scores)
-        except (ValueError, FloatingPointError, IndexError, MemoryError) as exc:  # a hostile bias: say so
+        except Exception as exc:  # noqa: BLE001 - a hostile bias (odd shapes, dtypes): a refusal, not a traceback
             found = Refusal("score_bias", bias.name or "?", f"bias could not be read ({type(exc).__name__})")
         if isinstance(found, Refusal):
             refusals.append((found, tuple(adds)))
