@@ -173,6 +173,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
             f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model "
             "(use --allow-partial)"
         )
+    blocked = [s for s in found.sites if getattr(s, "rewritable", True) is False]
+    if blocked and not opts.allow_partial:
+        raise errors.PartialMatchError(
+            f"found but not rewritable: {blocked[0].bias.name}: {blocked[0].reason}; refusing to write a partly "
+            "rewritten model (use --allow-partial)"
+        )
     if opts.max_positions:
         _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
     plans = rope_plans(opts, path, found)
@@ -351,7 +357,8 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
             if plan is not None:
                 plans.append(plan)
     others = [s for s in found.sites if not isinstance(s, RopeSite)]
-    other_changes = ["tables"] if others and (opts.max_positions or opts.pos_scale or opts.alibi_scale) else []
+    table_options = opts.max_positions or opts.pos_scale or opts.alibi_scale or opts.bias_scale
+    other_changes = ["tables"] if others and table_options else []
     rows = None
     if not any(s.angles.value == "fused_op" for s in found.rope_sites):  # fused by the rewrite: probe its caches
         try:
@@ -409,6 +416,12 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
             rows.append(rope_precision(site, n, k))
         elif site.kind == "alibi":
             row = alibi_precision(site, n)
+            row.setdefault("site", k)
+            rows.append(row)
+        elif site.kind == "score_bias":
+            from posrewrite.passes.onnx.bias.rewrite import score_bias_precision
+
+            row = score_bias_precision(site, n)
             row.setdefault("site", k)
             rows.append(row)
     return CheckResult(str(path), n, rows)

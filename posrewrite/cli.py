@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pos-scale", type=float, metavar="S", help="interpolate learned absolute positions by S")
     g.add_argument("--alibi-scale", type=float, metavar="S", help="scale ALiBi slopes by S")
+    g.add_argument("--bias-scale", type=float, metavar="S", help="distance interpolation of every score bias "
+                   "with a formula (ALiBi, KERPLE, Sandwich): distances / S (--alibi-scale is its ALiBi spelling)")
     g = p.add_argument_group("attention-level extension (the model is unchanged inside the window)")
     g.add_argument("--extend", metavar="METHOD", help="self-extend (Jin et al. 2024: grouped positions beyond the "
                    "window) or rerope (Su 2023: relative positions clipped at the window)")

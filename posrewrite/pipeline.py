@@ -136,6 +136,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
+    from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
     from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
@@ -148,9 +149,10 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     if plans:
         passes.append(RescaleRopePass(plans, context, usage_errors=options.rescales_rope))
     others = [s for s in detection.sites if not isinstance(s, RopeSite)]
-    if others and (options.max_positions or options.pos_scale or options.alibi_scale):
+    if others and (options.max_positions or options.pos_scale or options.alibi_scale or options.bias_scale):
         passes.append(ExtendTablesPass(None, context=context, max_positions=options.max_positions,
-                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale))
+                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale,
+                                       bias_scale=options.bias_scale))
     if options.max_positions:
         passes.append(ExtendSquareMasksPass(int(options.max_positions), context))
     fp32_preface: list[str] = []
@@ -165,6 +167,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
             passes.append(Fp32PositionsPass(None, context=context, alibi=False, preface=fp32_preface))
             fp32_preface = []
         passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
+        passes.append(Fp32ScoreBiasPass(None, context=context))
     if options.fuse != "none":
         passes.append(FuseRotaryPass(None, context=context, target=options.fuse,
                                      max_positions=fused_cache_rows_for(options, model_path)))

@@ -195,6 +195,7 @@ def _validation_table(console: Any, validation: Any) -> None:
 # Site fields shown as their own columns (when a site has them); the rest go to "details".
 _INSPECT_COLUMNS = [
     "kind",
+    "family",
     "layout",
     "head_dim",
     "rotary_dim",

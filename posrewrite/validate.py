@@ -912,7 +912,7 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
         lengths.update(n for n in (fused_cache_rows, options.max_positions) if n and n <= 4 * MAX_VALIDATION_LENGTH)
         report.rows.extend(check_rotations(model, references, sorted(lengths), vocab))
     half_positions = any(_half(s.position_dtype) or _half(s.angle_dtype) for s in rope_sites)
-    changes_outputs = (rescaled or bool(options.pos_scale) or bool(options.alibi_scale)
+    changes_outputs = (rescaled or bool(options.pos_scale) or bool(options.alibi_scale) or bool(options.bias_scale)
                        or (options.fp32_positions and half_positions))
     lengths = set(compare_lengths)
     if not changes_outputs:

@@ -12,16 +12,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "posrewrite"
 
-#: low to high; a module prefix matches itself and everything under it (first match wins, so specific
-#: prefixes come before their package)
+#: low to high; a module prefix matches itself and everything under it (the longest matching prefix wins); a
+#: name written "=name" matches that module only (a package's __init__, not the modules under it)
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["posrewrite", "posrewrite.errors", "posrewrite.limits", "posrewrite.progress",
+    ("foundations", ["=posrewrite", "posrewrite.errors", "posrewrite.limits", "posrewrite.progress",
                      "posrewrite.math"]),
     ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options"]),
-    ("graph helpers, kernels", ["posrewrite.passes", "posrewrite.passes.onnx", "posrewrite.passes.onnx._graph",
+    ("graph helpers, kernels", ["=posrewrite.passes", "=posrewrite.passes.onnx", "posrewrite.passes.onnx._graph",
                                 "posrewrite.passes.onnx._build", "posrewrite.passes.onnx.opset",
                                 "posrewrite.passes.onnx.rope._dtypes", "posrewrite.ops",
-                                "posrewrite.passes.fx._graph", "posrewrite.passes.fx.sites", "posrewrite.passes.fx"]),
+                                "posrewrite.passes.fx._graph", "posrewrite.passes.fx.sites", "=posrewrite.passes.fx"]),
     ("identification", ["posrewrite.passes.onnx.rope.detect", "posrewrite.passes.onnx.rope.patterns",
                         "posrewrite.passes.onnx.rope.sources", "posrewrite.passes.onnx.rope.angles",
                         "posrewrite.passes.onnx.rope.tables", "posrewrite.passes.onnx.rope.fused",
@@ -29,10 +29,11 @@ LAYERS: list[tuple[str, list[str]]] = [
                         "posrewrite.passes.onnx.rope.lint", "posrewrite.passes.onnx.detect_other",
                         "posrewrite.passes.onnx.alibi.detect", "posrewrite.passes.onnx.t5.detect",
                         "posrewrite.passes.onnx.absolute.detect", "posrewrite.passes.onnx.detect",
-                        "posrewrite.passes.fx.detect_rope", "posrewrite.passes.fx.detect_alibi"]),
+                        "posrewrite.passes.fx.detect_rope", "posrewrite.passes.fx.detect_alibi",
+                        "posrewrite.passes.onnx.bias.detect"]),
     ("pass infrastructure", ["posrewrite.passes.onnx._infra"]),
     ("passes", ["posrewrite.passes.onnx.rope", "posrewrite.passes.onnx.alibi", "posrewrite.passes.onnx.t5",
-                "posrewrite.passes.onnx.absolute", "posrewrite.passes.onnx.attention",
+                "posrewrite.passes.onnx.absolute", "posrewrite.passes.onnx.attention", "posrewrite.passes.onnx.bias",
                 "posrewrite.passes.onnx.extend_tables", "posrewrite.passes.onnx.masks",
                 "posrewrite.passes.fx.rescale", "posrewrite.passes.fx.fp32_positions",
                 "posrewrite.passes.fx.fuse_rope", "posrewrite.passes.fx.pipeline"]),
@@ -93,6 +94,10 @@ def _layer(name: str) -> int | None:
     best: tuple[int, int] | None = None  # (prefix length, layer)
     for rank, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
+            if prefix.startswith("="):
+                if name == prefix[1:]:
+                    return rank
+                continue
             if name == prefix or name.startswith(prefix + "."):
                 if best is None or len(prefix) > best[0]:
                     best = (len(prefix), rank)

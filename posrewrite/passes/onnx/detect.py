@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
 from posrewrite.passes.onnx.alibi.detect import alibi_site
+from posrewrite.passes.onnx.bias.detect import score_bias_sites
 from posrewrite.passes.onnx.detect_other import DetectionContext, score_biases
 from posrewrite.passes.onnx.rope.detect import detect_rope
 from posrewrite.passes.onnx.t5.detect import t5_site
@@ -81,11 +82,20 @@ def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Re
     ctx = DetectionContext(model)
     sites: list[EncodingSite] = []
     refusals: list[Refusal] = []
+    claimed: list[ir.Node] = []
+    refused_adds: dict[int, Refusal] = {}
     for found, refused in (
         detect_position_tables(ctx),
         detect_computed_sinusoids(ctx),
-        score_biases(ctx, alibi=alibi_site, t5=t5_site),
+        score_biases(ctx, alibi=alibi_site, t5=t5_site, claimed=claimed, refused=refused_adds),
     ):
         sites.extend(found)
         refusals.extend(refused)
+    # the Adds no reader explained, read by value: a site found there replaces the reader's refusal, and so
+    # does a refusal (it says what the values are, the reader only what their syntax is not)
+    by_value, by_value_refused = score_bias_sites(ctx, claimed)
+    replaced = {id(refused_adds[id(a)]) for s in by_value for a in s.add_nodes if id(a) in refused_adds}
+    replaced |= {id(refused_adds[id(a)]) for _, adds in by_value_refused for a in adds if id(a) in refused_adds}
+    refusals = [r for r in refusals if id(r) not in replaced] + [r for r, _ in by_value_refused]
+    sites.extend(by_value)
     return sites, refusals

@@ -237,11 +237,13 @@ BiasReader = Callable[[DetectionContext, BiasGroup], EncodingSite | Refusal | No
 
 
 def score_biases(
-    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader
+    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader, claimed: list[ir.Node] | None = None,
+    refused: dict[int, Refusal] | None = None,
 ) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every bias added to attention scores, classified by what builds it and read by its kind's reader:
     `alibi` for slopes x distances products and constant tables, `t5` for Gathers from bucket tables
-    (ALiBi groups first, each kind in the order found)."""
+    (ALiBi groups first, each kind in the order found). `claimed` receives the Adds of the groups read as a
+    site, `refused` the refusal of each Add (by id) whose group was refused."""
     groups: dict[str, dict[int, BiasGroup]] = {"alibi": {}, "t5": {}}
     for node, b in pattern_matches(_ScoresBias(), ctx.model):
         for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
@@ -261,8 +263,12 @@ def score_biases(
             site = reader(ctx, group)
             if isinstance(site, Refusal):
                 refusals.append(site)
+                if refused is not None:
+                    refused.update((id(a), site) for a in group.adds)
             elif site is not None:
                 sites.append(site)
+                if claimed is not None:
+                    claimed.extend(group.adds)
     return sites, refusals
 
 
