@@ -342,7 +342,7 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
     if require_work and not opts.has_work():
         raise UsageError(
             "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
-            "--max-positions, --pos-scale or --alibi-scale"
+            "--max-positions, --pos-scale, --alibi-scale, --extend or --logn-scaling"
         )
     return opts
 

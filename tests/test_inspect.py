@@ -31,7 +31,7 @@ def test_inspect_hf_exports(arch):
     bases = _expected_bases(info)
     assert len(rope) == len(bases), result.to_dict()
     assert sorted(s["base"] for s in rope) == pytest.approx(bases, rel=1e-4)
-    assert sum(s["sites"] for s in rope) == 2 * info["num_layers"]  # q and k in every layer
+    assert sum(s["rotations"] for s in rope) == 2 * info["num_layers"]  # q and k in every layer
     for site in rope:
         assert site["layout"] == info["layout"]
         assert site["rotary_dim"] == info["rotary_dim"]
