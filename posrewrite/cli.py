@@ -380,7 +380,8 @@ def _recorded_rewrite(path: str, opts: RewriteOptions, out: Output) -> RewriteOp
     if not fields:
         return opts
     if not out.json:
-        print(f"checking the rewrite {path} records: {provenance.describe(items[-1])}", file=sys.stderr)
+        out.console().print(f"checking the rewrite {render.escape(str(path))} records: "
+                            f"{render.escape(provenance.describe(items[-1]))}")
     return dataclasses.replace(opts, **fields)
 
 

@@ -195,8 +195,9 @@ FAULTS = {
     "positions off by one": ("direct_half", dict(YARN, fuse="ort"), YARN_FLAGS, positions_off_by_one),
     "wrong rotary_dim": ("direct_half", dict(YARN, fuse="ort"), YARN_FLAGS, wrong_rotary_dim),
     "sin sign flipped": ("direct_interleaved", dict(YARN, fuse="onnx"), YARN_FLAGS, flip_sin),
-    # the fused caches hold 4096 rows (the default): the rewrite claims them, `validate` is told with --max-positions
-    "caches one row short": ("direct_half", dict(YARN, fuse="ort"), [*YARN_FLAGS, "--max-positions", "4096"],
+    # the fused caches hold 4096 rows (--max-positions): the rewrite claims them, `validate` is told so
+    "caches one row short": ("direct_half", dict(YARN, fuse="ort", max_positions=4096),
+                             [*YARN_FLAGS, "--max-positions", "4096"],
                              caches_one_row_short),
     "GQA kv heads swapped": ("llama", dict(fuse="ort"), [], swap_kv_heads),
 }
