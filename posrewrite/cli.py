@@ -342,6 +342,7 @@ def _show_written(out: Output, model: Path, result: object, replacing: bool) -> 
 
 def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns, require_work=False)
+    ns.original, ns.rewritten = _model_file(ns.original), _model_file(ns.rewritten)
     _preload(ns.original)
     _preload(ns.rewritten)
     from posrewrite import api
@@ -366,6 +367,15 @@ def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:
         render.print_error(f"validation failed: {describe_failure(result.validation)}{hint}")
         return ValidationError.exit_code
     return 0
+
+
+def _model_file(path: str) -> str:
+    """A model folder (genai_config.json, or config.json + *.onnx) stands for its model, as in inspect."""
+    if not Path(path).is_dir():
+        return path
+    from posrewrite.folders import model_files
+
+    return str(model_files(path)[0])
 
 
 def _recorded_rewrite(path: str, opts: RewriteOptions, out: Output) -> RewriteOptions:

@@ -147,6 +147,7 @@ def _env(bin_parent: Path) -> dict[str, str]:
     env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["OLIVE_DISABLE_TELEMETRY"] = "1"  # Olive's usage telemetry: tests send nothing anywhere
     return env
 
 

@@ -240,4 +240,8 @@ def test_genai_folder_output_records_its_rewrite(tmp_path, capsys):
     doc = json.loads(_cli(capsys, "inspect", out, "--json").stdout)
     (item,) = doc["rewrites"]
     assert item["rope_parameters"][0]["rope_type"] == "yarn" and item["context_length"] == 4 * 128
+    # validate takes folders as inspect does, and checks the recorded rewrite without flags
+    res = _cli(capsys, "validate", genai_folder("llama"), out, "--json")
+    assert res.returncode == 0, res.stderr
+    assert max(r["length"] or 0 for r in json.loads(res.stdout)["validation"]["rows"]) == 4 * 128
     shutil.rmtree(out)

@@ -51,7 +51,7 @@ def test_inspect_json_cli():
     data = json.loads(proc.stdout)
     (enc,) = data["encodings"]
     for key in ("kind", "layout", "head_dim", "rotary_dim", "base", "angles", "max_positions", "position_dtype",
-                "sites"):
+                "rotations"):
         assert key in enc
     assert enc["kind"] == "rope" and enc["rotary_dim"] == 8 and enc["head_dim"] == 16
 

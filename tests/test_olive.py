@@ -9,6 +9,7 @@ ModelBuilder folder rewrites the whole folder, as ``posrewrite FOLDER -o OUT`` d
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
+os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")  # tests send nothing anywhere (read by olive at import)
 pytest.importorskip("torch")
 pytest.importorskip("olive")
 

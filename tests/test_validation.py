@@ -321,7 +321,12 @@ def test_validate_command_rope_params_and_errors(tmp_path, capsys):
     assert cli.main(["validate", str(src), str(out), "--rope-params", params]) == 0, capsys.readouterr().err
     # the same file is not a linear rescale, nor unchanged
     assert cli.main(["validate", str(src), str(out), "--rope-scale", "4"]) == 6
-    assert cli.main(["validate", str(src), str(out)]) == 6
+    # without flags: the rewrite the file records (issue 25); with the record removed, "unchanged", which it is not
+    assert cli.main(["validate", str(src), str(out)]) == 0, capsys.readouterr().err
+    bare = ir.load(out)
+    bare.metadata_props.pop("posrewrite.rewrites")
+    ir.save(bare, tmp_path / "bare.onnx")
+    assert cli.main(["validate", str(src), str(tmp_path / "bare.onnx")]) == 6
     capsys.readouterr()
     assert cli.main(["validate", str(src), str(tmp_path / "missing.onnx")]) == 3
     err = capsys.readouterr().err.strip().splitlines()

@@ -279,8 +279,9 @@ class FuseRotaryPass(ReportingPass):
             return self._caches_from_inv(w, inv, site.attention_factor, dtype, positions)
         if plan is not None:
             factor = plan.attention_factor  # replaces the export's own factor (HF semantics)
-            # the rescaled length (at least --max-positions: rope_plans folds it into new_length), not 4096
-            rows = int(plan.new_length or plan.params.target_length() or 0) or self._default_rows(site)
+            # the rescaled length, at least --max-positions (or config.json's max_position_embeddings), not 4096
+            rows = max(int(plan.new_length or plan.params.target_length() or 0), int(self.max_positions or 0))
+            rows = rows or self._default_rows(site)
             inv_freq = np.asarray(plan.inv_freq, np.float32)
             key = ("plan", inv_freq.tobytes(), float(factor), rows, dtype)
             if key not in memo:
