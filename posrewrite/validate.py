@@ -773,7 +773,7 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
     found = len(rotations) + 2 * len(gqa)
     rows: list[dict[str, Any]] = [{
         "site": "rotations", "length": None, "max_abs_error": None, "tolerance": None, "ok": found >= expected,
-        "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original sites ({expected})"}]
+        "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original model ({expected})"}]
     runner = _RotationRunner(model, rotations, vocab)
     for n in lengths:
         worst: dict[str, dict[str, Any]] = {}

@@ -66,7 +66,7 @@ def test_genai_rotations_count_q_and_k_inside_group_query_attention(tmp_path, ca
     res = _cli(capsys, src, "--rope-scale", 2, "--rope-method", "yarn", "-o", tmp_path / "out", "--json")
     assert res.returncode == 0, res.stderr
     (row,) = [r for r in json.loads(res.stdout)["validation"]["rows"] if r["site"] == "rotations"]
-    assert "(4) vs in the original sites (4)" in row["compared"]
+    assert "(4) vs in the original model (4)" in row["compared"]
 
 
 def test_prior_scaling_reads_as_a_sentence(yarn4, capsys):

@@ -282,7 +282,7 @@ METHODS = {
 def _rotation_rows(result) -> list[dict]:
     rows = result.validation.rows
     (found,) = [r for r in rows if r["site"] == "rotations"]
-    assert found["ok"] and "(4) vs in the original sites (4)" in found["compared"]
+    assert found["ok"] and "(4) vs in the original model (4)" in found["compared"]
     checked = [r for r in rows if r.get("compared", "").startswith("rotated q/k")]
     assert checked and all(r["max_abs_error"] is not None for r in checked)
     return checked
