@@ -118,14 +118,20 @@ def test_plot_without_matplotlib_says_what_to_install(llama_onnx, tmp_path, caps
 
 
 def test_validate_prints_no_onnxruntime_log_lines(llama_onnx, tmp_path):
+    """A check whose model run fails (caches of 256 rows asked to reach 4096): onnxruntime logged two ANSI-red
+    error lines on stderr before posrewrite's own one line."""
     fused = tmp_path / "f.onnx"
     from posrewrite import api
 
-    api.rewrite(llama_onnx, fuse="ort", output=fused)
-    run = subprocess.run([sys.executable, "-m", "posrewrite", "validate", str(llama_onnx), str(fused)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "\x1b" not in run.stderr and "[W:onnxruntime" not in run.stderr
+    yarn = dict(rope_scale=4, rope_method="yarn", original_max_positions=L)
+    api.rewrite(llama_onnx, fuse="ort", output=fused, **yarn)
+    flags = ["--rope-scale", "4", "--rope-method", "yarn", "--original-max-positions", str(L)]
+    for extra, code in (([], 0), (["--max-positions", "4096"], 6)):
+        run = subprocess.run([sys.executable, "-m", "posrewrite", "validate", str(llama_onnx), str(fused), *flags,
+                              *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == code, run.stderr
+        assert "\x1b" not in run.stderr and "onnxruntime:" not in run.stderr.replace("[ONNXRuntimeError]", "")
+        assert len(run.stderr.splitlines()) == (1 if code else 0), run.stderr
 
 
 def test_an_interrupt_after_the_output_is_written_says_so(llama_onnx, tmp_path, capsys, monkeypatch):
