@@ -221,3 +221,18 @@ def test_readme_is_a_front_door():
         # pages other engineers add in parallel (the lead links them when they land)
         if name not in ("validation.md", "bias.md", "goldens.md", "rope-identification.md", "long-context.md"):
             assert (ROOT / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_demo_on_a_cold_cache_prints_only_posrewrite(tmp_path):
+    """Issue 25: on a fresh machine `make demo` showed torch.onnx's "torchvision is not installed" log lines and the
+    genai builder's "Writing model shards: 0%" bar, which read like errors. Cold fixture cache: every export runs."""
+    pytest.importorskip("torch")
+    env = _env(tmp_path) | {"POSREWRITE_FIXTURE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "fixtures.demo", "--out", str(tmp_path / "out" / "demo")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout + run.stderr
+    for noise in ("torchvision", "Writing model shards", "Warning", "WARNING"):
+        assert noise not in text, noise
+    assert f"everything is in {tmp_path / 'out' / 'demo'}/" in run.stdout
