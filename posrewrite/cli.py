@@ -389,10 +389,17 @@ def _recorded_rewrite(path: str, opts: RewriteOptions, out: Output) -> RewriteOp
     fields = provenance.validation_options(items)
     if not fields:
         return opts
+    try:
+        recorded = dataclasses.replace(opts, **fields)
+    except (PosrewriteError, ValueError, TypeError, OverflowError) as exc:
+        from posrewrite.errors import ModelLoadError
+
+        raise ModelLoadError(f"{path}: the rewrite it records ({provenance.KEY}) is not valid: {exc}; give the "
+                             "flags it was made with") from None
     if not out.json:
         out.console().print(f"checking the rewrite {render.escape(str(path))} records: "
                             f"{render.escape(provenance.describe(items[-1]))}")
-    return dataclasses.replace(opts, **fields)
+    return recorded
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:

@@ -66,7 +66,29 @@ def history(model: ir.Model) -> list[dict[str, Any]]:
         data = json.loads(text)
     except ValueError:
         return []
-    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+    return [_clean(d) for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value == value else None
+
+
+def _clean(item: dict[str, Any]) -> dict[str, Any]:
+    """An entry as read from a file (which anyone may have edited): the keys posrewrite reads, of the types it
+    reads them as; anything else dropped."""
+    rope = [dict(rp) for rp in item.get("rope_parameters") or [] if isinstance(rp, dict)] \
+        if isinstance(item.get("rope_parameters"), list) else []
+    for rp in rope:
+        if not isinstance(rp.get("rope_type"), str):
+            rp.pop("rope_type", None)
+        for key in ("factor", "rope_theta", "original_max_position_embeddings"):
+            if key in rp and _number(rp[key]) is None:
+                rp.pop(key)
+    options = item.get("options") if isinstance(item.get("options"), dict) else {}
+    length = _number(item.get("context_length"))
+    return {"posrewrite_version": str(item.get("posrewrite_version", "?")), "options": options,
+            "rope_parameters": rope, "context_length": None if length is None else int(length),
+            "changes": int(_number(item.get("changes")) or 0)}
 
 
 def record(model: ir.Model, item: dict[str, Any]) -> None:
@@ -121,6 +143,6 @@ def validation_options(items: list[dict[str, Any]]) -> dict[str, Any]:
         options = item.get("options") or {}
         if options.get("fp32_positions"):
             out["fp32_positions"] = True
-        if options.get("max_positions"):
+        if _number(options.get("max_positions")):
             out["max_positions"] = int(options["max_positions"])
     return out

@@ -251,3 +251,25 @@ def test_genai_folder_output_records_its_rewrite(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     assert max(r["length"] or 0 for r in json.loads(res.stdout)["validation"]["rows"]) == 4 * 128
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("record", [
+    '[{"rope_parameters": [{"rope_type": "yarn", "factor": 1e308, "original_max_position_embeddings": 64}]}]',
+    '[{"rope_parameters": [{"rope_type": "no-such-method", "factor": 4}]}]',
+    '[{"rope_parameters": [{"rope_type": "yarn", "factor": -4, "original_max_position_embeddings": 64}]}]',
+    '[{"rope_parameters": "yarn", "options": {"max_positions": "x"}}, 7, null]',
+    "{not json",
+])
+def test_a_forged_record_is_a_clean_error(llama_onnx, yarn4, tmp_path, capsys, record):
+    """A record is input like any other: nonsense in it is one error line and a documented code, never exit 1."""
+    forged = tmp_path / "forged.onnx"
+    proto = onnx.load(yarn4)
+    for p in proto.metadata_props:
+        if p.key == "posrewrite.rewrites":
+            p.value = record
+    onnx.save(proto, forged)
+    for argv in (["validate", llama_onnx, forged], ["inspect", forged], [forged, "--rope-scale", 2, "--rope-method",
+                                                                          "yarn", "-o", tmp_path / "o.onnx"]):
+        res = _cli(capsys, *argv)
+        assert res.returncode in (0, 2, 3, 6), (argv, res.stderr)
+        assert "internal error" not in res.stderr and "Traceback" not in res.stderr
