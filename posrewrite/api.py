@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from posrewrite import errors, io
+from posrewrite import errors, io, provenance
 from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
 from posrewrite.math import rope as rope_math
-from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
+from posrewrite.options import NOTHING_TO_DO, RewriteOptions, read_config_json, rope_parameters_from_options
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
 from posrewrite.passes.onnx.detect import Detection, detect
 from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_site_precision
@@ -35,12 +35,15 @@ class InspectResult:
     model_path: str
     sites: list[EncodingSite]
     refusals: list[Refusal]
+    rewrites: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # posrewrite.provenance history
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_path,
             "encodings": [s.to_dict() for s in self.sites],
+            "rotations": sum(int(s.to_dict().get("rotations") or 0) for s in self.sites),
             "refusals": [r.to_dict() for r in self.refusals],
+            "rewrites": [item | {"description": provenance.describe(item)} for item in self.rewrites],
         }
 
 
@@ -53,7 +56,7 @@ def inspect(path: str | os.PathLike) -> InspectResult:
         path = model_files(path)[0]
     model = io.load_model(path)
     found = detect(model)
-    return InspectResult(str(path), found.sites, found.refusals)
+    return InspectResult(str(path), found.sites, found.refusals, provenance.history(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +101,11 @@ def rope_parameters_for(
     hf.pop("partial_rotary_factor", None)
     method = hf.get("rope_type", "default")
     if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
-        if site.max_positions is not None:
+        record = site.encoding.rescaled
+        recorded = record.original_max_position_embeddings if record is not None else None
+        if recorded:  # an earlier posrewrite rescale recorded the trained length: a second one starts from it
+            hf["original_max_position_embeddings"] = int(recorded)
+        elif site.max_positions is not None:
             hf["original_max_position_embeddings"] = int(rescale_switched_threshold(site) or site.max_positions)
         elif config and config.get("max_position_embeddings"):
             hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
@@ -154,9 +161,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
     if not opts.has_work():
-        raise errors.UsageError(
-            "nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions"
-        )
+        raise errors.UsageError(NOTHING_TO_DO)
     output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
     io.ensure_distinct_output(path, output)
     io.check_output_path(output)
@@ -186,6 +191,14 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                            half_precision_positions=bool(opts.rescales_rope and _half_precision_positions(found)))
     steps.context.seed(model, found)
     report = steps.run(model)
+    claimed = report.rope_plans
+    context = max([p.new_length or p.params.target_length() or 0 for p in claimed]
+                  + [report.fused_cache_rows or 0]) or None
+    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
+    provenance.record(model, provenance.entry(
+        opts, [({"rope_theta": float(p.site.base)} if p.site.base else {}) | hf
+               for p, hf in zip([p for p in claimed if not p.extends_only], hf_params, strict=True)],
+        context_length=context, changes=len(report.changes)))
     if steps.options.validate:
         _check_inputs_fit_budget(model)
     # Write beside the output, validate what was written, and only then switch it into place: a failure or an
@@ -203,10 +216,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
 
             raise errors.ValidationError(f"validation failed: {describe_failure(validation)}")
         saved = staged.commit()
-    claimed = report.rope_plans
-    context = max([p.new_length or p.params.target_length() or 0 for p in claimed]
-                  + [report.fused_cache_rows or 0]) or None
-    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
     return RewriteResult(str(path), str(saved), bool(report.changes), list(report.changes), list(report.notes),
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
 

@@ -265,6 +265,11 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
+#: what a rewrite without any rewrite flag says (the CLI and the API alike)
+NOTHING_TO_DO = ("nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
+                 "--max-positions, --pos-scale, --alibi-scale, --bias-scale, --extend or --logn-scaling")
+
+
 def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -> RewriteOptions:
     """RewriteOptions from a command's flags (argparse's names: ``rope_scale``, ``rope_freq_scale``,
     ``yarn_orig_ctx``...; absent ones are not given), refusing contradictions with one line each.
@@ -349,10 +354,7 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
         fields["fuse"] = fields["fuse"].strip().lower()
     opts = RewriteOptions(**fields)
     if require_work and not opts.has_work():
-        raise UsageError(
-            "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
-            "--max-positions, --pos-scale, --alibi-scale or --bias-scale"
-        )
+        raise UsageError(NOTHING_TO_DO)
     return opts
 
 

@@ -31,7 +31,7 @@ def test_inspect_hf_exports(arch):
     bases = _expected_bases(info)
     assert len(rope) == len(bases), result.to_dict()
     assert sorted(s["base"] for s in rope) == pytest.approx(bases, rel=1e-4)
-    assert sum(s["sites"] for s in rope) == 2 * info["num_layers"]  # q and k in every layer
+    assert sum(s["rotations"] for s in rope) == 2 * info["num_layers"]  # q and k in every layer
     for site in rope:
         assert site["layout"] == info["layout"]
         assert site["rotary_dim"] == info["rotary_dim"]
@@ -51,7 +51,7 @@ def test_inspect_json_cli():
     data = json.loads(proc.stdout)
     (enc,) = data["encodings"]
     for key in ("kind", "layout", "head_dim", "rotary_dim", "base", "angles", "max_positions", "position_dtype",
-                "sites"):
+                "rotations"):
         assert key in enc
     assert enc["kind"] == "rope" and enc["rotary_dim"] == 8 and enc["head_dim"] == 16
 

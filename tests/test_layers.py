@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "posrewrite"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["=posrewrite", "posrewrite.errors", "posrewrite.limits", "posrewrite.progress",
                      "posrewrite.math"]),
-    ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options"]),
+    ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options",
+                                      "posrewrite.provenance"]),
     ("graph helpers, kernels", ["=posrewrite.passes", "=posrewrite.passes.onnx", "posrewrite.passes.onnx._graph",
                                 "posrewrite.passes.onnx._build", "posrewrite.passes.onnx.opset",
                                 "posrewrite.passes.onnx.rope._dtypes", "posrewrite.ops",
@@ -41,7 +42,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("pipeline", ["posrewrite.pipeline"]),
     ("folders", ["posrewrite.folders"]),
     ("API", ["posrewrite.api", "posrewrite.torch"]),
-    ("tools on the API", ["posrewrite.advise", "posrewrite.advise_eval", "posrewrite.plot"]),
+    ("tools on the API", ["posrewrite.advise", "posrewrite.advise_eval", "posrewrite.plot",
+                          "posrewrite.olive"]),
     ("command line", ["posrewrite.render", "posrewrite.cli", "posrewrite.__main__"]),
 ]
 

@@ -466,7 +466,10 @@ class PriorScaling:
                 "(llama3 / YaRN style)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "factor": float(self.factor), "unscaled_frequencies": int(self.unscaled)}
+        out: dict[str, Any] = {"kind": self.kind, "factor": float(self.factor)}
+        if self.kind in ("linear", "by_frequency"):  # a count of frequencies means something only there
+            out["unscaled_frequencies"] = int(self.unscaled)
+        return out | {"description": self.describe()}
 
 
 def _decimals(value: float) -> Iterator[float]:

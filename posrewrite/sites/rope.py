@@ -286,7 +286,6 @@ class RopeEncoding:
             "angle_dtype": self.angle_dtype,
             "attention_factor": float(self.attention_factor),
             "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
-            "sites": rotations,  # the name `inspect --json` users and its table read (q/k rotations)
             "rotations": rotations,
             "cos": cos,
             "sin": sin,
@@ -447,8 +446,11 @@ class RopeSite(RopeEncodingFields, EncodingSite):
 
     @property
     def rotations(self) -> int:
-        """How many q/k rotations use this encoding (applications, or fused nodes)."""
-        return len(self.applications) if self.applications else len(self.fused_nodes)
+        """How many q/k rotations use this encoding: one per rotated q or k tensor (a written-out rotation or a
+        RotaryEmbedding node), two per attention node rotating q and k inside (GroupQueryAttention do_rotary)."""
+        if self.applications:
+            return len(self.applications)
+        return sum(2 if n.op_type == "GroupQueryAttention" else 1 for n in self.fused_nodes)
 
     def computed_handles(self) -> OnnxComputedHandles:
         """The graph handles of computed angles; ValueError for other sources."""

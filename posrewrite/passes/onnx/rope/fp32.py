@@ -282,7 +282,7 @@ def _rewrite_computed(
         node.replace_input_with(idx, new)
     _remove_dead(graph, lift.replaced, lift.replaced_constants)
     act_names = sorted({dtype_of(other) for _, _, _, other in meetings if other is not None})
-    what = (f"rope site {index} ({site.rotations} q/k applications): positions, angles and cos/sin computed in "
+    what = (f"rope site {index} ({site.rotations} q/k rotations): positions, angles and cos/sin computed in "
             f"float32, cast to {'/'.join(act_names) or 'the activation dtype'} where they meet q/k")
     if lift.regenerated:
         what += f"; inverse frequencies regenerated from fp32 math ({', '.join(lift.regenerated)})"

@@ -62,12 +62,16 @@ class SitePlan:
 
     def describe(self) -> str:
         if self.extends_only:
-            return (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications): tables "
+            return (f"{self.site.angles.value} rope ({self.site.rotations} q/k rotations): tables "
                     f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
-        what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
-        if self.params.rope_theta is not None:
-            what += f", base {self.params.rope_theta:g}"
-        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications, "
+        factor = self.params.effective_factor()
+        if self.params.rope_type == "default" and factor == 1 and self.params.rope_theta is not None:
+            what = f"new base {self.params.rope_theta:g} (no context scaling)"
+        else:
+            what = f"{self.params.rope_type} x{factor:g}"
+            if self.params.rope_theta is not None:
+                what += f", base {self.params.rope_theta:g}"
+        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k rotations, "
                  f"rotary_dim {self.site.rotary_dim})")
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         rows = f", tables {self.site.max_positions} -> {self.new_length} rows" if self.site.max_positions else ""
