@@ -242,6 +242,10 @@ class ApplicationMatch:
     layout: Layout
     rotary_dim: int
     nodes: tuple[ir.Node, ...]
+    head_dim: int | None = None  # set when identified by probing (per head, also for [.., H·D] rotations)
+    num_heads: int | None = None  # heads on x's last axis ([B, S, H·D] rotations), by probing
+    decay: object | None = None  # sites.rope.PositionDecay of an xPos rotation, by probing
+    probed: bool = False
 
 
 def find_applications(

@@ -1,0 +1,610 @@
+"""RoPE rotations identified by what they compute, not by how a library spells them.
+
+A RoPE application is y = a(p)·x + b(p)·P(x) on some channels of an activation x: P pairs channels with a sign,
+a and b come from cos/sin of angles that depend on the positions. Structure only finds *candidates*:
+
+1. seeds: the outputs of Cos / Sin nodes (and, given by the caller, rows of cos/sin tables);
+2. the cos/sin family: every value computed from the seeds together with constants and position inputs only
+   (broadcasts, slices, casts, scalar or position-dependent factors such as xPos' scale);
+3. the terms: Muls where a family value meets an activation (a value depending on hidden states);
+4. x: the nearest common ancestor of the terms of one rotation, walking up through data movement
+   (Slice / Split / Gather / Squeeze / Reshape / Transpose / Neg / Concat / ... whatever the library wrote);
+   y: the first value that depends on every term, followed through reshapes back to x's shape.
+
+The cone from x (and the position inputs) to y is then *evaluated* on probe inputs (unit vectors of x at a few
+positions; no weight is read: x is an input of the cut-out subgraph). The matrices M(p) with y = M(p)·x give the
+channel pairing and signs, the rotated range (pass-through channels), whether the rotation is per head, the
+angle of every pair at every probed position, and the magnitude |a|² + |b|² (xPos when it depends on position).
+A library's new spelling of the same arithmetic needs no new code here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.sites.rope import Layout, PositionDecay
+
+#: ops that only move, select, negate or retype activation elements (a rotation's plumbing)
+_MOVE_OPS = frozenset({
+    "Slice", "Split", "Gather", "GatherElements", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Neg",
+    "Concat", "Cast", "Identity", "Flatten", "Expand", "Tile",
+})
+#: ops followed from y0 back to x's shape (stack + flatten, view_as_real + flatten)
+_RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose"})
+_PROBE_POSITIONS = 6  # positions 0..5 in every probe
+_MAX_PROBE_CHANNELS = 4096
+_MAX_CONE_NODES = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbedRotation:
+    """One rotation identified by probing. `layout` None: a pairing no rewrite supports (`pairs` says which)."""
+
+    x: ir.Value
+    output: ir.Value
+    cos: ir.Value  # the family value multiplied with x itself (the cos term)
+    sin: ir.Value  # the family value multiplied with the partner channels (the sin term)
+    layout: Layout | None
+    rotary_dim: int  # channels of one head that rotate (the first rotary_dim of the head)
+    head_dim: int  # channels of one head (x's last axis, or its block when x is [.., H·D])
+    heads_in_last_axis: int  # 1, or H when x holds H heads of head_dim channels on its last axis
+    pairs: tuple[tuple[int, int], ...]  # (first, second) channel pairs of one head: y_f = x_f cos - x_s sin
+    angles: np.ndarray  # [positions, rotary_dim/2] probed angle of each pair (pairs' order), positions 0..5
+    magnitude: np.ndarray  # [positions, rotary_dim/2] probed |a|² + |b|² (cos²+sin² times any factor²)
+    decay: PositionDecay | None
+    nodes: tuple[ir.Node, ...]
+
+
+class NotARotation(Exception):
+    """A candidate whose cone is not y = a·x + b·P(x); the message is why."""
+
+
+# -- structure: candidates ------------------------------------------------------------------------------------
+
+
+def _is_position_input(v: ir.Value) -> bool:
+    name = (v.name or "").lower()
+    if v.dtype is not None and v.dtype.is_floating_point():
+        return False
+    return "pos" in name or "mask" in name
+
+
+class _Hidden:
+    """Whether a value depends on hidden states (a float graph input, or token ids read other than through
+    Shape): memoised backward walk. Initializers, constants and position inputs are not hidden."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._inputs = {id(v): v for v in graph.inputs}
+        self._memo: dict[int, bool] = {}
+
+    def __call__(self, value: ir.Value | None) -> bool:
+        if value is None:
+            return False
+        stack = [value]
+        while stack:
+            v = stack[-1]
+            if id(v) in self._memo:
+                stack.pop()
+                continue
+            if id(v) in self._inputs:
+                self._memo[id(v)] = not _is_position_input(v)
+                stack.pop()
+                continue
+            node = v.producer()
+            if node is None or node.op_type in ("Shape", "Size"):
+                self._memo[id(v)] = False
+                stack.pop()
+                continue
+            pending = [i for i in node.inputs if i is not None and id(i) not in self._memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            self._memo[id(v)] = any(self._memo[id(i)] for i in node.inputs if i is not None)
+            stack.pop()
+        return self._memo[id(value)]
+
+
+def _family(seeds: Iterable[ir.Value], hidden: _Hidden, limit: int = 4000) -> set[int]:
+    """Values computed from the seeds with constants and positions only (no hidden state)."""
+    family: set[int] = set()
+    stack = list(seeds)
+    while stack and len(family) < limit:
+        v = stack.pop()
+        if id(v) in family:
+            continue
+        family.add(id(v))
+        for use in v.uses():
+            node = use.node
+            if node.op_type in ("Shape", "Size"):
+                continue
+            if any(i is not None and id(i) not in family and i is not v and hidden(i) for i in node.inputs):
+                continue
+            stack.extend(node.outputs)
+    return family
+
+
+@dataclasses.dataclass
+class _Term:
+    mul: ir.Node
+    activation: ir.Value
+    factor: ir.Value  # the family operand
+
+
+def _terms(graph: ir.Graph, family: set[int], hidden: _Hidden) -> list[_Term]:
+    terms = []
+    for node in graph:
+        if node.op_type != "Mul" or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a is None or b is None:
+            continue
+        if id(a) in family and id(b) not in family and hidden(b):
+            terms.append(_Term(node, b, a))
+        elif id(b) in family and id(a) not in family and hidden(a):
+            terms.append(_Term(node, a, b))
+    return terms
+
+
+def _ancestors(value: ir.Value, limit: int = 64) -> dict[int, ir.Value]:
+    """`value` and the values above it through data-movement ops (every data input of a Concat)."""
+    found: dict[int, ir.Value] = {}
+    stack = [value]
+    while stack and len(found) < limit:
+        v = stack.pop()
+        if id(v) in found:
+            continue
+        found[id(v)] = v
+        node = v.producer()
+        if node is None or node.op_type not in _MOVE_OPS:
+            continue
+        data = list(node.inputs) if node.op_type == "Concat" else node.inputs[:1]
+        stack.extend(i for i in data if i is not None)
+    return found
+
+
+def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[ir.Value, list[_Term]]]:
+    """(x, terms) for every group of cos/sin terms that share an activation ancestor."""
+    graph = model.graph
+    hidden = _Hidden(graph)
+    family = _family([s for s in seeds if not hidden(s)], hidden)
+    terms = _terms(graph, family, hidden)
+    order = {id(n): k for k, n in enumerate(graph)}
+
+    def position(v: ir.Value) -> int:
+        p = v.producer()
+        return -1 if p is None else order.get(id(p), -1)
+
+    groups: list[tuple[dict[int, ir.Value], list[_Term]]] = []
+    for term in terms:
+        anc = _ancestors(term.activation)
+        for g in groups:
+            if set(g[0]) & set(anc):
+                common = {k: v for k, v in g[0].items() if k in anc}
+                g[0].clear()
+                g[0].update(common)
+                g[1].append(term)
+                break
+        else:
+            groups.append((anc, [term]))
+    found = []
+    for anc, members in groups:
+        if len(members) < 2:
+            continue
+        x = max(anc.values(), key=position)
+        found.append((x, members))
+    return found
+
+
+def _output(x: ir.Value, terms: list[_Term], graph: ir.Graph) -> ir.Value | None:
+    """The first value depending on every term's Mul, followed through reshapes to x's rank and width."""
+    need = {id(t.mul.outputs[0]): k for k, t in enumerate(terms)}
+    full = (1 << len(terms)) - 1
+    deps: dict[int, int] = {}
+    start = min((k for k, n in enumerate(graph) if any(n is t.mul for t in terms)), default=0)
+    y0 = None
+    for k, node in enumerate(graph):
+        if k < start:
+            continue
+        mask = 0
+        for i in node.inputs:
+            if i is not None:
+                mask |= deps.get(id(i), 0)
+        for o in node.outputs:
+            m = mask | (1 << need[id(o)] if id(o) in need else 0)
+            if m:
+                deps[id(o)] = m
+            if m == full and y0 is None:
+                y0 = o
+        if y0 is not None:
+            break
+    if y0 is None:
+        return None
+    y = y0
+    for _ in range(6):
+        if _same_layout(x, y):
+            return y
+        uses = [u.node for u in y.uses()]
+        if len(uses) != 1 or uses[0].op_type not in _RESHAPE_OPS:
+            return y
+        y = uses[0].outputs[0]
+    return y
+
+
+def _same_layout(x: ir.Value, y: ir.Value) -> bool:
+    if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
+        return False
+    return x.shape[-1] == y.shape[-1]
+
+
+def _nodes_between(x: ir.Value, y: ir.Value) -> list[ir.Node]:
+    """Nodes on some path from x to y, in graph order."""
+    back: dict[int, ir.Node] = {}
+    stack = [y]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or id(node) in back:
+            continue
+        back[id(node)] = node
+        if len(back) > _MAX_CONE_NODES:
+            raise NotARotation("the cone from x to the rotated value is too large")
+        stack.extend(i for i in node.inputs if i is not None)
+    fwd: set[int] = set()
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        for use in v.uses():
+            n = use.node
+            if id(n) in back and id(n) not in fwd:
+                fwd.add(id(n))
+                stack.extend(n.outputs)
+    return [n for n in back.values() if id(n) in fwd]
+
+
+# -- identity: probing ----------------------------------------------------------------------------------------
+
+
+def _cone_inputs(graph: ir.Graph, y: ir.Value, x: ir.Value) -> list[ir.Value]:
+    inputs = {id(v): v for v in graph.inputs}
+    found: dict[int, ir.Value] = {}
+    stack, seen = [y], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in inputs:
+            found[id(v)] = v
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return [v for v in graph.inputs if id(v) in found]
+
+
+def _feed(v: ir.Value, batch: int, length: int) -> np.ndarray:
+    name = (v.name or "").lower()
+    dims = list(v.shape.dims) if v.shape is not None else [batch, length]
+    cache = ("past" in name or "cache" in name) and len(dims) >= 3
+    shape, first = [], True
+    for d in dims:
+        if isinstance(d, int):
+            shape.append(d)
+        elif cache:
+            shape.append(batch if first else 0)
+        else:
+            shape.append(batch if first and len(dims) > 1 else length)
+        first = False
+    dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
+    if "position" in name and not cache:
+        return np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
+    import onnxruntime as ort
+
+    sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [y.name])
+    for init in list(sub.initializers.values()):
+        if isinstance(init.const_value, ir.ExternalTensor):
+            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+    sub.opset_imports.update(model.graph.opset_imports)
+    proto = ir.to_proto(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value) -> np.ndarray:
+    """M [heads, positions, W, W] with y[.., p, i] = sum_j M[h, p, i, j] x[.., p, j] (W: x's last axis), from
+    one run of the cut-out cone on unit vectors of x placed on its batch axis."""
+    if x.shape is None or x.dtype is None or not x.dtype.is_floating_point():
+        raise NotARotation("the rotated value has no known float shape")
+    dims = list(x.shape.dims)
+    width = dims[-1]
+    if not isinstance(width, int):
+        raise NotARotation("the rotated width is not static")
+    if width > _MAX_PROBE_CHANNELS:
+        raise NotARotation(f"{width} channels is more than a probe handles")
+    symbolic = [k for k, d in enumerate(dims[:-1]) if not isinstance(d, int)]
+    if len(symbolic) != 2 or symbolic[0] != 0:
+        raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
+    seq_axis = symbolic[1]
+    length = _PROBE_POSITIONS
+    shape = [width if k == 0 else (length if k == seq_axis else d) for k, d in enumerate(dims)]
+    probe = np.zeros(shape, dtype=numpy_dtype(x.dtype))
+    eye = np.eye(width, dtype=probe.dtype)
+    moved = np.moveaxis(probe, 0, -2)  # [.., W(batch), W]
+    moved[...] = eye
+    graph = model.graph
+    others = _cone_inputs(graph, y, x)
+    feeds = {v.name: _feed(v, width, length) for v in others}
+    feeds[x.name] = probe
+    try:
+        (out,) = _session(model, [x, *others], y).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+        raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
+    if out.shape != probe.shape:
+        raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+    out = np.asarray(out, np.float64)
+    # out[b, .., p, .., i] = M[.., p][i, b]
+    out = np.moveaxis(out, seq_axis, 1)  # [W(b), P, rest.., W(i)]
+    out = out.reshape(width, length, -1, width)  # [b, P, heads, i]
+    return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
+
+
+def _block(m: np.ndarray, width: int) -> int:
+    """The smallest head width D dividing W such that M is block-diagonal with identical D x D blocks."""
+    for d in range(2, width + 1, 2):
+        if width % d:
+            continue
+        blocks = width // d
+        ok = True
+        mask = np.kron(np.eye(blocks), np.ones((d, d))).astype(bool)
+        if np.max(np.abs(m[..., ~mask]), initial=0.0) > 1e-6:
+            continue
+        first = m[..., :d, :d]
+        for b in range(1, blocks):
+            s = slice(b * d, (b + 1) * d)
+            if np.max(np.abs(m[..., s, s] - first)) > 1e-5 * max(1.0, float(np.max(np.abs(first)))):
+                ok = False
+                break
+        if ok:
+            return d
+    return width
+
+
+def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
+    """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
+    m_all = probe_matrices(model, x, y)
+    scale = max(1.0, float(np.max(np.abs(m_all))))
+    if np.max(np.abs(m_all - m_all[:1])) > 1e-5 * scale:
+        raise NotARotation("the rotation differs between heads")
+    m = m_all[0]  # [P, W, W]
+    width = m.shape[-1]
+    d = _block(m, width)
+    heads = width // d
+    m = m[:, :d, :d]
+    at0 = m[0]
+    # position 0: angle 0, so M(0) is a (scaled) identity on rotated and pass-through channels alike
+    diag0 = np.diag(at0)
+    if np.max(np.abs(at0 - np.diag(diag0))) > 1e-5 * scale:
+        out_perm = np.argmax(np.abs(at0), axis=1)
+        if np.max(np.abs(at0[np.arange(d), out_perm])) > 0 and len(set(out_perm.tolist())) == d:
+            return _identify_permuted(x, y, terms, m, out_perm, d, heads)
+        raise NotARotation("at position 0 the output is not a copy of the input")
+    off = m.copy()
+    idx = np.arange(d)
+    off[:, idx, idx] = 0.0
+    moving = np.max(np.abs(off), axis=0)  # [i, j]
+    partner = np.argmax(moving, axis=1)
+    strength = moving[idx, partner]
+    rotated = strength > 1e-6 * scale
+    if not rotated.any():
+        raise NotARotation("no channel is mixed with another one")
+    # every row mixes with at most one other channel
+    second = np.sort(moving, axis=1)[:, -2] if d > 1 else np.zeros(d)
+    if np.any(second > 1e-5 * scale):
+        raise NotARotation("an output channel mixes more than two input channels")
+    pairs: list[tuple[int, int]] = []
+    for i in np.flatnonzero(rotated):
+        j = int(partner[i])
+        if not rotated[j] or int(partner[j]) != i:
+            raise NotARotation(f"channel {i} is mixed with {j} but not the other way round")
+        if i < j:
+            # y_i = a x_i - b x_j, y_j = a x_j + b x_i: the coefficient of x_j in y_i is -sin
+            first, second_ = (i, j) if _sin_sign(m, i, j) < 0 else (j, i)
+            pairs.append((first, second_))
+    return _finish(x, y, terms, m, pairs, d, heads, rotated, scale)
+
+
+def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
+    """Sign of the coefficient of x_j in y_i at the first probed position where it is not 0 (position 1: angle
+    pos·f with f > 0 small enough that sin > 0)."""
+    col = m[:, i, j]
+    k = int(np.argmax(np.abs(col) > 1e-9))
+    return float(np.sign(col[k]))
+
+
+def _finish(x, y, terms, m, pairs, d, heads, rotated, scale) -> ProbedRotation:
+    pairs.sort(key=lambda p: min(p))
+    firsts = [p[0] for p in pairs]
+    seconds = [p[1] for p in pairs]
+    rot_channels = sorted(firsts + seconds)
+    rd = len(rot_channels)
+    passing = [c for c in range(d) if not rotated[c]]
+    if passing:
+        ident = m[:, passing, :][:, :, passing]
+        if np.max(np.abs(ident - np.eye(len(passing))[None])) > 1e-5 * scale:
+            raise NotARotation("channels that do not rotate are not passed through unchanged")
+    layout = None
+    half = rd // 2
+    if rot_channels == list(range(rd)):
+        if firsts == list(range(half)) and seconds == list(range(half, rd)):
+            layout = Layout.ROTATE_HALF
+        elif firsts == list(range(0, rd, 2)) and seconds == list(range(1, rd, 2)):
+            layout = Layout.INTERLEAVED
+    f, s = np.array(firsts), np.array(seconds)
+    a = m[:, f, f]
+    b = m[:, s, f]  # coefficient of x_first in y_second: +sin
+    if np.max(np.abs(m[:, s, s] - a)) > 1e-5 * scale or np.max(np.abs(m[:, f, s] + b)) > 1e-5 * scale:
+        raise NotARotation("paired channels are not rotated by one angle (not a rotation)")
+    angles = np.unwrap(np.arctan2(b, a), axis=0)
+    magnitude = a * a + b * b
+    decay = _decay(magnitude)
+    return ProbedRotation(
+        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=layout, rotary_dim=rd,
+        head_dim=d, heads_in_last_axis=heads, pairs=tuple((int(p), int(q)) for p, q in pairs), angles=angles,
+        magnitude=magnitude, decay=decay, nodes=tuple(_nodes_between(x, y)),
+    )
+
+
+def _identify_permuted(x, y, terms, m, out_perm, d, heads) -> ProbedRotation:
+    """y = Q·R(p)·x with Q a channel permutation (DeepSeek's interleave written as even/odd slices and a
+    concatenation of halves): read R from the rows put back in input order."""
+    inverse = np.empty(d, dtype=np.int64)
+    inverse[out_perm] = np.arange(d)  # output row holding input channel c's copy
+    r = m[:, inverse, :]  # rows in input order: r[c] = row of y that equals x_c at position 0
+    inner = identify_matrix(r)
+    if inner is None:
+        raise NotARotation("a permuted output that is not a permuted rotation")
+    pairs, layout = inner
+    rd = 2 * len(pairs)
+    is_interleaved_to_half = (
+        layout == Layout.INTERLEAVED
+        and list(out_perm[: rd // 2]) == list(range(0, rd, 2))
+        and list(out_perm[rd // 2: rd]) == list(range(1, rd, 2))
+        and list(out_perm[rd:]) == list(range(rd, d))
+    )
+    f, s = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    a, b = r[:, f, f], r[:, s, f]
+    angles = np.unwrap(np.arctan2(b, a), axis=0)
+    magnitude = a * a + b * b
+    return ProbedRotation(
+        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x),
+        layout=Layout.INTERLEAVED_TO_HALF if is_interleaved_to_half else None, rotary_dim=rd, head_dim=d,
+        heads_in_last_axis=heads, pairs=tuple(pairs), angles=angles, magnitude=magnitude,
+        decay=_decay(magnitude), nodes=tuple(_nodes_between(x, y)),
+    )
+
+
+def identify_matrix(m: np.ndarray) -> tuple[list[tuple[int, int]], Layout | None] | None:
+    """Pairs and layout of rotation matrices m [P, d, d] (rows = outputs in input order); None if not one."""
+    d = m.shape[-1]
+    scale = max(1.0, float(np.max(np.abs(m))))
+    idx = np.arange(d)
+    off = m.copy()
+    off[:, idx, idx] = 0.0
+    moving = np.max(np.abs(off), axis=0)
+    partner = np.argmax(moving, axis=1)
+    rotated = moving[idx, partner] > 1e-6 * scale
+    pairs = []
+    for i in np.flatnonzero(rotated):
+        j = int(partner[i])
+        if int(partner[j]) != i:
+            return None
+        if i < j:
+            pairs.append((i, j) if _sin_sign(m, i, j) < 0 else (j, i))
+    pairs.sort(key=lambda p: min(p))
+    rd = 2 * len(pairs)
+    firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+    layout = None
+    if firsts == list(range(0, rd, 2)) and seconds == list(range(1, rd, 2)):
+        layout = Layout.INTERLEAVED
+    elif firsts == list(range(rd // 2)) and seconds == list(range(rd // 2, rd)):
+        layout = Layout.ROTATE_HALF
+    return [(int(a), int(b)) for a, b in pairs], layout
+
+
+def _decay(magnitude: np.ndarray) -> PositionDecay | None:
+    """xPos: |a|² + |b|² = ζ_c^(2 (p - p0)/γ) changes with position. Fit log r_c(p) = k_c (p - p0) + log r_c(p0)
+    per pair; None when the magnitude is constant (a plain attention factor)."""
+    r = np.sqrt(np.maximum(magnitude, 1e-300))
+    if np.max(np.abs(r - r[:1])) <= 1e-5 * max(1.0, float(np.max(r))):
+        return None
+    logs = np.log(r)
+    pos = np.arange(r.shape[0], dtype=np.float64)
+    pc = pos - pos.mean()
+    rate = (pc @ (logs - logs.mean(axis=0))) / (pc @ pc)  # per pair: d log r / d position
+    fitted = logs.mean(axis=0) + np.outer(pc, rate)
+    if np.max(np.abs(fitted - logs)) > 1e-4:
+        raise NotARotation("the rotation's magnitude changes with position, but not exponentially (not xPos)")
+    # log r(p) = rate (p - p0): p0 = position where the magnitude is 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p0 = np.where(np.abs(rate) > 0, -(logs[0]) / rate, 0.0)
+    return PositionDecay(log_rate=rate.astype(np.float64), zero_position=float(np.median(p0)),
+                         probed_length=int(r.shape[0]))
+
+
+def _cos_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
+    for t in terms:
+        if t.activation is x:
+            return t.factor
+    return terms[0].factor
+
+
+def _sin_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
+    cos = _cos_operand(terms, x)
+    for t in terms:
+        if t.factor is not cos:
+            return t.factor
+    return terms[-1].factor
+
+
+def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
+                ) -> tuple[list[ProbedRotation], list[tuple[ir.Value, str]]]:
+    """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
+    Returns (rotations, [(where, why not a rotation)])."""
+    found, failed = [], []
+    for x, terms in candidates(model, seeds):
+        if any(id(t.mul.outputs[0]) in claimed for t in terms):
+            continue
+        y = _output(x, terms, model.graph)
+        if y is None:
+            failed.append((x, "no value combines the cos and sin terms"))
+            continue
+        try:
+            found.append(identify(model, x, y, terms))
+        except NotARotation as why:
+            failed.append((y, str(why)))
+    return found, failed
+
+
+def fp16_decay_limit(decay: PositionDecay) -> float:
+    """Positions from `zero_position` at which ζ^((p-p0)/γ) passes float16's largest value (65504)."""
+    rate = float(np.max(np.abs(decay.log_rate)))
+    return math.inf if rate == 0 else math.log(65504.0) / rate
+
+
+def rotation_seeds(model: ir.Model) -> list[ir.Value]:
+    """Where cos/sin come from: Cos / Sin outputs, and rows of constant float tables (2-D or more) selected by
+    Gather / Slice (hidden-state lookups, embeddings, are dropped by `candidates`)."""
+    seeds = []
+    for node in model.graph:
+        if node.op_type in ("Cos", "Sin"):
+            seeds.append(node.outputs[0])
+        elif node.op_type in ("Gather", "Slice") and node.inputs and node.inputs[0] is not None:
+            table = node.inputs[0]
+            tensor = ir.convenience.get_const_tensor(table)
+            if (tensor is not None and tensor.dtype.is_floating_point() and tensor.shape is not None
+                    and len(tensor.shape) >= 2):
+                seeds.append(node.outputs[0])
+    return seeds
+
+
+def describe_pairs(pairs: tuple[tuple[int, int], ...], limit: int = 4) -> str:
+    shown = ", ".join(f"({a},{b})" for a, b in pairs[:limit])
+    return shown + (f", ... ({len(pairs)} pairs)" if len(pairs) > limit else "")
