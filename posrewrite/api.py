@@ -266,6 +266,14 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
 
 
+def _xpos_ratio(params) -> float:
+    """--xpos-decay scaled: positions divided by the factor before the decay too (linear interpolation only)."""
+    if params.rope_type != "linear" or params.rope_theta is not None:
+        raise errors.UsageError("--xpos-decay scaled divides the decay's positions like the angles': it goes with "
+                                "--rope-method linear only")
+    return 1.0 / float(params.factor)
+
+
 def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
     """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
     plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
@@ -287,6 +295,8 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
             plan = rescale.plan_site(site, params)
         except ValueError as exc:
             raise errors.UsageError(str(exc)) from None
+        if site.encoding.decay is not None and opts.xpos_decay == "scaled":
+            plan = dataclasses.replace(plan, decay_ratio=_xpos_ratio(params))
         if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
             plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
         if plan.new_length is not None:

@@ -98,6 +98,10 @@ def _add_rope_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yarn-beta-fast", type=float, metavar="X", help="YaRN beta_fast (default 32)")
     g.add_argument("--yarn-beta-slow", type=float, metavar="X", help="YaRN beta_slow (default 1)")
     g.add_argument(
+        "--xpos-decay", choices=("angles", "scaled"), default="angles",
+        help="xPos models: rescale the angles only (x-transformers' interpolation, default) or divide the "
+             "decay's positions too (rotary-embedding-torch's interpolate_factor)")
+    g.add_argument(
         "--yarn-attn-factor",
         type=float,
         metavar="X",

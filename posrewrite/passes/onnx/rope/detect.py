@@ -270,8 +270,8 @@ def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSit
     if decays:
         if len(decays) != len(site.applications):
             raise NotUnderstood("xPos decay on some rotations of a site but not on others")
-        growing = [d for d in decays if float(np.mean(d.log_rate)) > 0]
-        decay = growing[0] if growing else decays[0]
+        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
+        decay = on_q[0] if on_q else decays[0]
         gamma = decay.scale_base
         notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
                      + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")

@@ -21,7 +21,6 @@ A library's new spelling of the same arithmetic needs no new code here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -581,12 +580,6 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
         except NotARotation as why:
             failed.append((y, str(why)))
     return found, failed
-
-
-def fp16_decay_limit(decay: PositionDecay) -> float:
-    """Positions from `zero_position` at which ζ^((p-p0)/γ) passes float16's largest value (65504)."""
-    rate = float(np.max(np.abs(decay.log_rate)))
-    return math.inf if rate == 0 else math.log(65504.0) / rate
 
 
 def rotation_seeds(model: ir.Model) -> list[ir.Value]:
