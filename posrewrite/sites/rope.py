@@ -108,8 +108,8 @@ class LengthSelection:
 @dataclasses.dataclass(frozen=True)
 class PositionDecay:
     """xPos (Sun et al. 2022): the rotation is also scaled by ζ_c^((p - p0)/γ) on q and its inverse on k, so
-    q·k decays with distance. Read by probing: `log_rate` [rotary_dim/2] = log(ζ_c)/γ per pair (positive on q,
-    negative on k), `zero_position` p0 where the scale is 1 on the probe (rotary-embedding-torch centres it on
+    q·k decays with distance. Read by probing: `log_rate` [rotary_dim/2] = log(ζ_c)/γ per pair (negative on q:
+    ζ_c < 1; positive on k), `zero_position` p0 where the scale is 1 on the probe (rotary-embedding-torch centres it on
     the sequence: p0 = length // 2), at `probed_length` positions."""
 
     log_rate: np.ndarray
