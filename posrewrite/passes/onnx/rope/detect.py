@@ -86,7 +86,10 @@ class RopeDetector:
         fused = FusedRopeDetector(self.model, self.fold)
         sites.extend(fused.detect())
         self.refusals.extend(fused.refusals)
-        self.refusals.extend(unclaimed_cos(self.model, sites, _best_failure(self.tracer)))
+        closest = _best_failure(self.tracer)
+        if self.probe_failures:
+            closest = f"probing {self.probe_failures[0]}" + (f"; pattern: {closest}" if closest else "")
+        self.refusals.extend(unclaimed_cos(self.model, sites, closest))
         for site in sites:
             self.refusals.extend(unmatched_uses(site, self.fold))
         return sites
@@ -98,7 +101,9 @@ class RopeDetector:
         seeds = rotation_seeds(self.model)
         if not seeds:
             return []
-        rotations, failed = find_probed(self.model, seeds, claimed)
+        rotations, refused, failed = find_probed(self.model, seeds, claimed)
+        for where, why in refused:
+            self.refusals.append(Refusal("rope", where.name or "?", why))
         found = []
         for rot in rotations:
             where = rot.output.name or "?"

@@ -64,6 +64,11 @@ class NotARotation(Exception):
     """A candidate whose cone is not y = a·x + b·P(x); the message is why."""
 
 
+class StaticLength(Exception):
+    """A rotation identified on an export whose sequence length is fixed (a static export): it cannot run past
+    that many positions, so no rescale or extension can help; the message says so and what to do."""
+
+
 # -- structure: candidates ------------------------------------------------------------------------------------
 
 
@@ -327,7 +332,27 @@ def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value) -> np.ndarray:
+def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> None:
+    """x has no symbolic position axis: try each static axis before the channels as positions; a rotation read
+    there raises StaticLength (else returns: not identified)."""
+    for axis in range(len(dims) - 2, 0, -1):
+        n = dims[axis]
+        if not isinstance(n, int) or n < 2:
+            continue
+        try:
+            m = probe_matrices(model, x, y, static_axis=axis)
+        except NotARotation:
+            continue
+        pairs = identify_matrix(m[0, :, : m.shape[-1], : m.shape[-1]])
+        if pairs is not None and pairs[0]:
+            raise StaticLength(
+                f"RoPE rotation of {x.name} exported at a fixed length of {n} positions (a static export: the "
+                f"graph cannot run past {n}); re-export with a dynamic sequence axis (torch.onnx.export "
+                "dynamic_shapes / dynamic_axes) and rewrite that")
+    return
+
+
+def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None) -> np.ndarray:
     """M [heads, positions, W, W] with y[.., p, i] = sum_j M[h, p, i, j] x[.., p, j] (W: x's last axis), from
     one run of the cut-out cone on unit vectors of x placed on its batch axis."""
     if x.shape is None or x.dtype is None or not x.dtype.is_floating_point():
@@ -339,10 +364,16 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value) -> np.ndarray:
     if width > _MAX_PROBE_CHANNELS:
         raise NotARotation(f"{width} channels is more than a probe handles")
     symbolic = [k for k, d in enumerate(dims[:-1]) if not isinstance(d, int)]
-    if len(symbolic) != 2 or symbolic[0] != 0:
+    if len(symbolic) <= 1 and len(dims) >= 3 and not static_axis:
+        _identify_static(model, x, y, dims)
+    if static_axis:
+        seq_axis, length = static_axis, int(dims[static_axis])
+        dims = ["batch", *dims[1:]]
+    elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
-    seq_axis = symbolic[1]
-    length = _PROBE_POSITIONS
+    else:
+        seq_axis = symbolic[1]
+        length = _PROBE_POSITIONS
     shape = [width if k == 0 else (length if k == seq_axis else d) for k, d in enumerate(dims)]
     probe = np.zeros(shape, dtype=numpy_dtype(x.dtype))
     eye = np.eye(width, dtype=probe.dtype)
@@ -564,10 +595,10 @@ def _sin_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
 
 
 def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
-                ) -> tuple[list[ProbedRotation], list[tuple[ir.Value, str]]]:
+                ) -> tuple[list[ProbedRotation], list[tuple[ir.Value, str]], list[tuple[ir.Value, str]]]:
     """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
-    Returns (rotations, [(where, why not a rotation)])."""
-    found, failed = [], []
+    Returns (rotations, [(where, why it is a rotation that cannot be rewritten)], [(where, why not a rotation)])."""
+    found, refused, failed = [], [], []
     for x, terms in candidates(model, seeds):
         if any(id(t.mul.outputs[0]) in claimed for t in terms):
             continue
@@ -577,15 +608,23 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
             continue
         try:
             found.append(identify(model, x, y, terms))
+        except StaticLength as why:
+            refused.append((y, str(why)))
         except NotARotation as why:
             failed.append((y, str(why)))
-    return found, failed
+    return found, refused, failed
 
 
 def rotation_seeds(model: ir.Model) -> list[ir.Value]:
-    """Where cos/sin come from: Cos / Sin outputs, and rows of constant float tables (2-D or more) selected by
-    Gather / Slice (hidden-state lookups, embeddings, are dropped by `candidates`)."""
+    """Where cos/sin come from: Cos / Sin outputs, rows of constant float tables (2-D or more) selected by
+    Gather / Slice (hidden-state lookups, embeddings, are dropped by `candidates`), and such tables multiplied
+    directly (a static export bakes cos/sin of its fixed positions as constants)."""
     seeds = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if (tensor is not None and tensor.dtype.is_floating_point() and tensor.shape is not None
+                and len(tensor.shape) >= 2 and any(u.node.op_type == "Mul" for u in value.uses())):
+            seeds.append(value)
     for node in model.graph:
         if node.op_type in ("Cos", "Sin"):
             seeds.append(node.outputs[0])
