@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def export_ret(*, xpos: bool = False) -> Path:
 # -- x-transformers ----------------------------------------------------------------------------------------------
 
 
-def xt_module(*, interpolation_factor: float = 1.0, xpos: bool = False, base_rescale_factor: float = 1.0):
+def xt_module(*, interpolation_factor: float = 1.0, xpos: bool = False, base_rescale_factor: float = 1.0,
+              xpos_scale_base: float = 512):
     from x_transformers import Decoder, TransformerWrapper
 
     with torch.random.fork_rng(devices=[]):
@@ -111,7 +113,7 @@ def xt_module(*, interpolation_factor: float = 1.0, xpos: bool = False, base_res
         model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=0, attn_layers=Decoder(
             dim=64, depth=1, heads=2, attn_dim_head=32, rotary_pos_emb=True,
             rotary_interpolation_factor=interpolation_factor, rotary_xpos=xpos,
-            rotary_base_rescale_factor=base_rescale_factor))
+            rotary_base_rescale_factor=base_rescale_factor, rotary_xpos_scale_base=xpos_scale_base))
     return model.eval()
 
 
@@ -210,3 +212,201 @@ def export_hf(name: str) -> Path:
 
     path, _ = cached({"kind": "third-party-hf", "name": name, "config": repr(_HF[name][2])}, build)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+
+from posrewrite import api  # noqa: E402
+from posrewrite.cli import main  # noqa: E402
+from posrewrite.errors import PartialMatchError  # noqa: E402
+
+TOL = 1e-5  # relative to the largest |logit|: float32 round-off of two ~1e-1 logit computations is ~1e-6
+
+
+def _ids(n: int = SEQ) -> np.ndarray:
+    return np.random.default_rng(0).integers(3, VOCAB, size=(2, n))
+
+
+def _site(path: Path):
+    found = api.inspect(path)
+    assert len(found.sites) == 1 and not found.refusals, found.to_dict()
+    return found.sites[0]
+
+
+def _library_inv_freq(name: str) -> np.ndarray:
+    """The frequencies the library itself holds (its buffer), the reference for what detection reads."""
+    if name == "ret":
+        return ret_module().rot.freqs.detach().numpy()
+    if name.startswith("xt"):
+        return xt_module().attn_layers.rotary_pos_emb.inv_freq.numpy()
+    return hf_module(name).model.model.rotary_emb.inv_freq.numpy()
+
+
+#: name -> (export, layout, head_dim, rotary_dim, base): the constructor arguments of the builders above, and
+#: the pairing each library writes (rotary-embedding-torch / x-transformers: pairs (2i, 2i+1); gpt-oss:
+#: rotate-half; DeepSeek-V3: pairs (2i, 2i+1) written de-interleaved; Llama 4: complex pairs (2i, 2i+1)).
+DETECT = {
+    "ret": (lambda: export_ret(), "interleaved", 32, 16, 10000.0),
+    "xt": (lambda: export_xt(), "interleaved", 32, 16, 10000.0),
+    "xt_xpos": (lambda: export_xt(xpos=True), "interleaved", 32, 16, 10000.0),
+    "gpt_oss": (lambda: export_hf("gpt_oss"), "rotate_half", 16, 16, 150000.0),
+    "deepseek_v3": (lambda: export_hf("deepseek_v3"), "interleaved_to_half", 8, 8, 10000.0),
+    "llama4": (lambda: export_hf("llama4"), "interleaved", 16, 16, 500000.0),
+}
+_SLOW = {"gpt_oss", "deepseek_v3", "llama4"}
+
+
+def _marks(name: str):
+    return (pytest.mark.slow,) if name in _SLOW else ()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in DETECT])
+def test_detected_with_the_library_parameters(name):
+    export, layout, head_dim, rotary_dim, base = DETECT[name]
+    site = _site(export())
+    assert site.layout.value == layout
+    assert (site.head_dim, site.rotary_dim) == (head_dim, rotary_dim)
+    assert site.base == pytest.approx(base, rel=1e-4)
+    inv = _library_inv_freq("xt" if name == "xt_xpos" else name)
+    np.testing.assert_allclose(site.inv_freq, inv, rtol=1e-6)
+    if name == "xt_xpos":
+        decay = site.encoding.decay
+        assert decay is not None and decay.length_centred
+        # the paper's zeta_c = (2c + 0.4 d) / (1.4 d) with x-transformers' default scale_base 512
+        assert decay.scale_base == pytest.approx(512.0, rel=1e-3)
+    else:
+        assert site.encoding.decay is None
+
+
+def _rescaled(src: Path, tmp_path: Path, tag: str, **kw) -> Path:
+    out = tmp_path / f"{tag}.onnx"
+    result = api.rewrite(src, output=out, **kw)
+    assert result.modified and result.validation is not None and result.validation.ok, result.to_dict()
+    return out
+
+
+#: (library, posrewrite options, the library's own equivalent built with its settings)
+_D = 16  # rotary dim of the rotary-embedding-torch / x-transformers builders
+LIBRARY_RESCALES = {
+    "ret-linear": ("ret", dict(rope_scale=4.0, rope_method="linear"), lambda: ret_module(interpolate_factor=4.0)),
+    "ret-ntk": ("ret", dict(rope_scale=4.0, rope_method="ntk", original_max_positions=16),
+                lambda: ret_module(theta=10000.0 * 4.0 ** (_D / (_D - 2)))),
+    "ret-base": ("ret", dict(rope_base=123456.0), lambda: ret_module(theta=123456.0)),
+    "xt-linear": ("xt", dict(rope_scale=4.0, rope_method="linear"), lambda: xt_module(interpolation_factor=4.0)),
+    "xt-ntk": ("xt", dict(rope_scale=4.0, rope_method="ntk", original_max_positions=16),
+               lambda: xt_module(base_rescale_factor=4.0)),
+    # xPos, angles only: x-transformers' own interpolation keeps the decay on the original positions
+    "xt_xpos-angles": ("xt_xpos", dict(rope_scale=4.0, rope_method="linear", xpos_decay="angles"),
+                       lambda: xt_module(xpos=True, interpolation_factor=4.0)),
+    # xPos, decay too (rotary-embedding-torch's convention): zeta^((p - p0)/(gamma s)) = scale_base x s
+    "xt_xpos-scaled": ("xt_xpos", dict(rope_scale=4.0, rope_method="linear", xpos_decay="scaled"),
+                       lambda: xt_module(xpos=True, interpolation_factor=4.0, xpos_scale_base=512 * 4.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(LIBRARY_RESCALES))
+def test_rescale_equals_the_library(case, tmp_path):
+    name, options, reference = LIBRARY_RESCALES[case]
+    src = DETECT[name][0]()
+    out = _rescaled(src, tmp_path, case, **options)
+    ids = _ids()
+    ref = _torch_out(reference(), ids)
+    assert _rel(_run(out, ids), ref) <= TOL
+    assert _rel(_run(src, ids), ref) > 1e-3  # the rescale matters at these positions
+
+
+def _hf_params(method: str, rotary_dim: int, base: float, L: int = 16) -> dict:
+    if method == "ntk":
+        return {"rope_type": "default", "rope_theta": base * 4.0 ** (rotary_dim / (rotary_dim - 2))}
+    p = {"rope_type": method, "factor": 4.0}
+    if method != "linear":
+        p["original_max_position_embeddings"] = L
+    if method == "llama3":
+        p.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return p
+
+
+HF_METHODS = ("linear", "dynamic", "yarn", "llama3", "ntk")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", HF_METHODS)
+@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "llama4"])
+def test_rescale_equals_hf(name, method, tmp_path):
+    pytest.importorskip("transformers")
+    _, _, _, rotary_dim, base = DETECT[name]
+    src = export_hf(name)
+    L = 16
+    out = _rescaled(src, tmp_path, f"{name}-{method}", rope_scale=4.0, rope_method=method,
+                    original_max_positions=L)
+    ids = _ids()
+    # HF's own model (Llama 4 in its own complex arithmetic) rebuilt with the new rope_parameters
+    ref = _torch_out(hf_module(name, _hf_params(method, rotary_dim, base, L)), ids)
+    assert _rel(_run(out, ids), ref) <= TOL
+
+
+def test_hf_rescale_quick(tmp_path):
+    """One HF architecture (gpt-oss, rotate-half without Neg) in the default run: linear = HF linear."""
+    pytest.importorskip("transformers")
+    src = export_hf("gpt_oss")
+    out = _rescaled(src, tmp_path, "gpt_oss-linear", rope_scale=4.0, rope_method="linear")
+    ids = _ids()
+    ref = _torch_out(hf_module("gpt_oss", _hf_params("linear", 16, 150000.0)), ids)
+    assert _rel(_run(out, ids), ref) <= TOL
+
+
+def test_fuse_refused_with_the_reason_where_the_op_cannot(tmp_path, capsys):
+    """DeepSeek-V3 writes its rotated pairs de-interleaved: RotaryEmbedding cannot, so exit 5 with the reason;
+    xPos has a decay RotaryEmbedding lacks: exit 5 too."""
+    pytest.importorskip("transformers")
+    for src, why in ((export_hf("deepseek_v3"), "interleaved_to_half"), (export_xt(xpos=True), "xPos")):
+        with pytest.raises(PartialMatchError, match=why):
+            api.rewrite(src, output=tmp_path / "fused.onnx", fuse="ort")
+        assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_fuse_where_the_contract_allows(tmp_path):
+    src = export_ret()
+    out = tmp_path / "fused.onnx"
+    api.rewrite(src, output=out, fuse="ort")
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("RotaryEmbedding") == 2 and "Cos" not in ops
+    ids = _ids()
+    assert _rel(_run(out, ids), _torch_out(ret_module(), ids)) <= TOL
+
+
+def test_static_export_reported_with_the_fix(tmp_path, capsys):
+    """rotary-embedding-torch's xPos reads len(t) as a Python int, so torch.export fixes the sequence length even
+    with dynamic_shapes: the rotation is identified, and the rewrite refused (exit 5) saying why and what to do."""
+    src = export_ret(xpos=True)
+    rc = main(["rewrite", str(src), "--rope-scale", "4", "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 5
+    assert "fixed length of 12" in err and "dynamic sequence axis" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["inspect", str(src)]) == 5
+
+
+def test_xpos_check_reports_the_fp16_overflow():
+    """zeta^((p - p0)/gamma) with zeta_0 = 0.4/1.4 and gamma = 512 passes 65504 at |p - p0| = 512 ln(65504) /
+    ln(1.4/0.4) (the paper's numbers; p0 = length // 2): check says so past that length, not before, and calls it
+    safe in this float32 model."""
+    src = export_xt(xpos=True)
+    limit = 2 * 512 * math.log(65504.0) / math.log(1.4 / 0.4)
+
+    def notes(n):
+        (row,) = api.check(src, max_length=n).to_dict()["sites"]
+        return row, " ".join(row.get("notes", []))
+
+    row, text = notes(int(limit * 0.95))
+    assert "stays within float16" in text and row["safe"]
+    row, text = notes(int(limit * 1.05))
+    assert "exceeds float16" in text and row["safe"]
+    import re
+
+    said = float(re.search(r"past about (\d+) positions", text).group(1))
+    assert said == pytest.approx(limit, rel=1e-3)

@@ -91,3 +91,23 @@ def fp16_overflow_position(decay: PositionDecay) -> float:
     """Distance |p - p0| past which the decay (or its inverse on k) exceeds float16's largest value 65504."""
     rate = float(np.max(np.abs(decay.log_rate)))
     return float("inf") if rate == 0 else float(np.log(65504.0) / rate)
+
+
+def decay_precision(site: RopeSite, n: int) -> tuple[list[str], bool]:
+    """(notes, safe) of an xPos site's decay over `n` positions: ζ^((p - p0)/γ) on k (its inverse on q) grows
+    past float16's largest value at |p - p0| = ln(65504) / max|log ζ_c / γ|; q and k rotated in half precision
+    (or a decay computed in it) overflow there."""
+    decay = site.encoding.decay
+    if decay is None:
+        return [], True
+    reach = n / 2 if decay.length_centred else max(n - 1 - decay.zero_position, decay.zero_position)
+    limit = fp16_overflow_position(decay)
+    span = 2 * limit if decay.length_centred else limit
+    half = [a for a in site.applications if a.output.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)]
+    half += [a for a in site.applications for node, k in decay_operands(site)
+             if node.inputs[k].dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)][:1]
+    if reach <= limit:
+        return [f"xPos decay stays within float16 up to {n} positions (overflows past about {span:.0f})"], True
+    where = "this model computes it in half precision: unsafe" if half else "safe here (float32)"
+    return [f"xPos decay zeta^((p - p0)/gamma) exceeds float16's range past about {span:.0f} positions "
+            f"(here up to {n}): {where}"], not half
