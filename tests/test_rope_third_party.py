@@ -130,19 +130,19 @@ _HF = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=16,
         rope_parameters={"rope_type": "default", "rope_theta": 150000.0})),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=1, max_position_embeddings=64, rope_interleave=True,
+        first_k_dense_replace=1, max_position_embeddings=16, rope_interleave=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
         interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=1024, use_qk_norm=False,
-        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+        max_position_embeddings=16, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
 }
 
 

@@ -21,6 +21,7 @@ A library's new spelling of the same arithmetic needs no new code here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -39,6 +40,7 @@ _RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", 
 _PROBE_POSITIONS = 6  # positions 0..5 in every probe
 _MAX_PROBE_CHANNELS = 4096
 _MAX_CONE_NODES = 400
+_MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +298,23 @@ def _cone_inputs(graph: ir.Graph, y: ir.Value, x: ir.Value) -> list[ir.Value]:
     return [v for v in graph.inputs if id(v) in found]
 
 
+def _reads_values(inp: ir.Value, y: ir.Value, x: ir.Value) -> bool:
+    """Whether `y` reads the graph input `inp`'s values (not only its shape) other than through x."""
+    stack, seen = [y], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or node.op_type in ("Shape", "Size"):
+            continue
+        if any(i is inp for i in node.inputs):
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
 def _feed(v: ir.Value, batch: int, length: int) -> np.ndarray:
     name = (v.name or "").lower()
     dims = list(v.shape.dims) if v.shape is not None else [batch, length]
@@ -321,6 +340,10 @@ def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
     import onnxruntime as ort
 
     sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [y.name])
+    elements = sum(math.prod(init.shape.dims) for init in sub.initializers.values()
+                   if init.shape is not None and init.shape.is_static())
+    if elements > _MAX_CONE_ELEMENTS:  # a rotation's cone holds frequencies and tables, never weights
+        raise NotARotation(f"the cut-out rotation reads {elements} constant elements (weights?)")
     for init in list(sub.initializers.values()):
         if isinstance(init.const_value, ir.ExternalTensor):
             init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
@@ -381,6 +404,9 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     moved[...] = eye
     graph = model.graph
     others = _cone_inputs(graph, y, x)
+    hidden = [v.name for v in others if not _is_position_input(v) and _reads_values(v, y, x)]
+    if hidden:
+        raise NotARotation(f"the rotated value depends on {hidden[0]} other than through {x.name}")
     feeds = {v.name: _feed(v, width, length) for v in others}
     feeds[x.name] = probe
     try:
