@@ -101,6 +101,51 @@ def export_ret(*, xpos: bool = False) -> Path:
     return path
 
 
+# -- a spelling written here: real pairs on merged heads [B, S, H·D] (Llama 4's rotation, heads not split) -----
+
+
+class MergedHeadsPairs(torch.nn.Module if hasattr(torch, "nn") else object):
+    """Meta's complex rotation in real pairs applied to q/k as [B, S, H·D] (the heads are only split by the view
+    into pairs), then causal attention. `factor` divides the positions (linear interpolation: the reference)."""
+
+    def __init__(self, *, factor: float = 1.0, base: float = 10000.0, heads: int = 2, head_dim: int = 16) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            width = heads * head_dim
+            self.emb = torch.nn.Embedding(VOCAB, width)
+            self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+            self.o = torch.nn.Linear(width, VOCAB)
+        inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv)
+        self.heads, self.head_dim, self.factor = heads, head_dim, factor
+
+    def _rotate(self, x, cos, sin):
+        b, s, _ = x.shape
+        pairs = x.view(b, s, self.heads, self.head_dim // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(b, s, -1)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        angles = (torch.arange(s, dtype=torch.float32) / self.factor)[:, None] * self.inv_freq[None, :]
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        q, k = self._rotate(self.q(x), cos, sin), self._rotate(self.k(x), cos, sin)
+
+        def split(t):
+            return t.view(b, s, self.heads, -1).transpose(1, 2)
+
+        a = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(self.v(x)), is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def export_merged() -> Path:
+    path, _ = cached({"kind": "third-party-merged-heads"},
+                     lambda tmp: _export(MergedHeadsPairs(), tmp / "model.onnx") or {})
+    return path
+
+
 # -- x-transformers ----------------------------------------------------------------------------------------------
 
 
@@ -239,6 +284,8 @@ def _library_inv_freq(name: str) -> np.ndarray:
     """The frequencies the library itself holds (its buffer), the reference for what detection reads."""
     if name == "ret":
         return ret_module().rot.freqs.detach().numpy()
+    if name == "merged_heads":
+        return MergedHeadsPairs().inv_freq.numpy()
     if name.startswith("xt"):
         return xt_module().attn_layers.rotary_pos_emb.inv_freq.numpy()
     return hf_module(name).model.model.rotary_emb.inv_freq.numpy()
@@ -254,6 +301,7 @@ DETECT = {
     "gpt_oss": (lambda: export_hf("gpt_oss"), "rotate_half", 16, 16, 150000.0),
     "deepseek_v3": (lambda: export_hf("deepseek_v3"), "interleaved_to_half", 8, 8, 10000.0),
     "llama4": (lambda: export_hf("llama4"), "interleaved", 16, 16, 500000.0),
+    "merged_heads": (export_merged, "interleaved", 16, 16, 10000.0),
 }
 _SLOW = {"gpt_oss", "deepseek_v3", "llama4"}
 
@@ -294,6 +342,8 @@ LIBRARY_RESCALES = {
     "ret-ntk": ("ret", dict(rope_scale=4.0, rope_method="ntk", original_max_positions=16),
                 lambda: ret_module(theta=10000.0 * 4.0 ** (_D / (_D - 2)))),
     "ret-base": ("ret", dict(rope_base=123456.0), lambda: ret_module(theta=123456.0)),
+    "merged_heads-linear": ("merged_heads", dict(rope_scale=4.0, rope_method="linear"),
+                            lambda: MergedHeadsPairs(factor=4.0)),
     "xt-linear": ("xt", dict(rope_scale=4.0, rope_method="linear"), lambda: xt_module(interpolation_factor=4.0)),
     "xt-ntk": ("xt", dict(rope_scale=4.0, rope_method="ntk", original_max_positions=16),
                lambda: xt_module(base_rescale_factor=4.0)),

@@ -125,7 +125,7 @@ class RopeDetector:
 
     def _application(self, app: ApplicationMatch) -> RopeApplication:
         x, out = app.x, app.output
-        if app.probed and app.head_dim is not None and app.num_heads is not None:
+        if app.head_dim is not None and app.num_heads is not None:
             # [B, S, H·D]: H heads on the last axis, each rotated on its first rotary_dim channels
             return RopeApplication(input=x, output=out, layout=app.layout, rotary_dim=app.rotary_dim,
                                    head_dim=app.head_dim, num_heads=app.num_heads, nodes=tuple(app.nodes),

@@ -174,8 +174,9 @@ def _ancestors(value: ir.Value, limit: int = 64) -> dict[int, ir.Value]:
     return found
 
 
-def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[ir.Value, list[_Term]]]:
-    """(x, terms) for every group of cos/sin terms that share an activation ancestor."""
+def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Value], list[_Term]]]:
+    """([x, ...], terms) for every group of cos/sin terms that share an activation ancestor: the common
+    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D])."""
     graph = model.graph
     hidden = _Hidden(graph)
     family = _family([s for s in seeds if not hidden(s)], hidden)
@@ -202,8 +203,8 @@ def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[ir.Value, l
     for anc, members in groups:
         if len(members) < 2:
             continue
-        x = max(anc.values(), key=position)
-        found.append((x, members))
+        xs = sorted(anc.values(), key=position, reverse=True)[:4]
+        found.append((xs, members))
     return found
 
 
@@ -605,7 +606,27 @@ def _decay(magnitude: np.ndarray) -> PositionDecay | None:
                          probed_length=int(r.shape[0]))
 
 
+def _trig_kind(value: ir.Value, limit: int = 32) -> str | None:
+    """"Cos" or "Sin": the trig node a family value is computed from (nearest first), None for tables."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop(0)
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None:
+            continue
+        if node.op_type in ("Cos", "Sin"):
+            return node.op_type
+        stack.extend(node.inputs)
+    return None
+
+
 def _cos_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
+    for t in terms:
+        if _trig_kind(t.factor) == "Cos":
+            return t.factor
     for t in terms:
         if t.activation is x:
             return t.factor
@@ -614,6 +635,9 @@ def _cos_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
 
 def _sin_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
     cos = _cos_operand(terms, x)
+    for t in terms:
+        if _trig_kind(t.factor) == "Sin" and t.factor is not cos:
+            return t.factor
     for t in terms:
         if t.factor is not cos:
             return t.factor
@@ -625,19 +649,26 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
     """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
     Returns (rotations, [(where, why it is a rotation that cannot be rewritten)], [(where, why not a rotation)])."""
     found, refused, failed = [], [], []
-    for x, terms in candidates(model, seeds):
+    for xs, terms in candidates(model, seeds):
         if any(id(t.mul.outputs[0]) in claimed for t in terms):
             continue
-        y = _output(x, terms, model.graph)
-        if y is None:
-            failed.append((x, "no value combines the cos and sin terms"))
-            continue
-        try:
-            found.append(identify(model, x, y, terms))
-        except StaticLength as why:
-            refused.append((y, str(why)))
-        except NotARotation as why:
-            failed.append((y, str(why)))
+        first_failure = None
+        for x in xs:  # the nearest common ancestor first, then the values it was viewed from
+            y = _output(x, terms, model.graph)
+            if y is None:
+                first_failure = first_failure or (x, "no value combines the cos and sin terms")
+                continue
+            try:
+                found.append(identify(model, x, y, terms))
+            except StaticLength as why:
+                refused.append((y, str(why)))
+            except NotARotation as why:
+                first_failure = first_failure or (y, str(why))
+                continue
+            first_failure = None
+            break
+        if first_failure is not None:
+            failed.append(first_failure)
     return found, refused, failed
 
 
