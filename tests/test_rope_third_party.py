@@ -460,3 +460,21 @@ def test_xpos_check_reports_the_fp16_overflow():
 
     said = float(re.search(r"past about (\d+) positions", text).group(1))
     assert said == pytest.approx(limit, rel=1e-3)
+
+
+def export_ret_fp16() -> Path:
+    pytest.importorskip("rotary_embedding_torch")
+    path, _ = cached({"kind": "third-party-ret-fp16"},
+                     lambda tmp: _export(ret_module().half(), tmp / "model.onnx") or {})
+    return path
+
+
+def test_fp32_positions_on_a_probed_half_precision_rotation(tmp_path):
+    """rotary-embedding-torch in float16 makes its positions in float16 (exact only up to 2048): check says
+    unsafe at 8192 tokens; after --fp32-positions the same check says safe, and the rotations still validate."""
+    src = export_ret_fp16()
+    site = _site(src)
+    assert site.position_dtype == "float16" and site.encoding.identified_by == "probe"
+    assert not api.check(src, max_length=8192).safe
+    out = _rescaled(src, tmp_path, "fp32", fp32_positions=True)
+    assert api.check(out, max_length=8192).safe

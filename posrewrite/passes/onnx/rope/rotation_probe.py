@@ -27,7 +27,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.math.precision import machine_epsilon
+from posrewrite.passes.onnx._graph import dtype_name, numpy_dtype
 from posrewrite.sites.rope import Layout, PositionDecay
 
 #: ops that only move, select, negate or retype activation elements (a rotation's plumbing)
@@ -37,7 +38,7 @@ _MOVE_OPS = frozenset({
 })
 #: ops followed from y0 back to x's shape (stack + flatten, view_as_real + flatten)
 _RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose"})
-_PROBE_POSITIONS = 6  # positions 0..5 in every probe
+_PROBE_POSITIONS = 16  # positions 0..15 in every probe (low frequencies turn by 15·f: seen in any dtype)
 _MAX_PROBE_CHANNELS = 4096
 _MAX_CONE_NODES = 400
 _MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
@@ -423,7 +424,7 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
 
 
-def _block(m: np.ndarray, width: int) -> int:
+def _block(m: np.ndarray, width: int, tol: float) -> int:
     """The smallest head width D dividing W such that M is block-diagonal with identical D x D blocks."""
     for d in range(2, width + 1, 2):
         if width % d:
@@ -436,7 +437,7 @@ def _block(m: np.ndarray, width: int) -> int:
         first = m[..., :d, :d]
         for b in range(1, blocks):
             s = slice(b * d, (b + 1) * d)
-            if np.max(np.abs(m[..., s, s] - first)) > 1e-5 * max(1.0, float(np.max(np.abs(first)))):
+            if np.max(np.abs(m[..., s, s] - first)) > tol * max(1.0, float(np.max(np.abs(first)))):
                 ok = False
                 break
         if ok:
@@ -444,24 +445,32 @@ def _block(m: np.ndarray, width: int) -> int:
     return width
 
 
+def _tolerance(x: ir.Value) -> float:
+    """Relative agreement expected between probed coefficients that are equal in exact arithmetic: a few
+    round-offs of x's dtype (cos/sin and their products are rounded to it), 1e-5 at least."""
+    name = dtype_name(x)
+    return max(1e-5, 8 * machine_epsilon(name if name in ("float16", "bfloat16") else "float32"))
+
+
 def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
     """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
     m_all = probe_matrices(model, x, y)
+    tol = _tolerance(x)
     scale = max(1.0, float(np.max(np.abs(m_all))))
-    if np.max(np.abs(m_all - m_all[:1])) > 1e-5 * scale:
+    if np.max(np.abs(m_all - m_all[:1])) > tol * scale:
         raise NotARotation("the rotation differs between heads")
     m = m_all[0]  # [P, W, W]
     width = m.shape[-1]
-    d = _block(m, width)
+    d = _block(m, width, tol)
     heads = width // d
     m = m[:, :d, :d]
     at0 = m[0]
     # position 0: angle 0, so M(0) is a (scaled) identity on rotated and pass-through channels alike
     diag0 = np.diag(at0)
-    if np.max(np.abs(at0 - np.diag(diag0))) > 1e-5 * scale:
+    if np.max(np.abs(at0 - np.diag(diag0))) > tol * scale:
         out_perm = np.argmax(np.abs(at0), axis=1)
         if np.max(np.abs(at0[np.arange(d), out_perm])) > 0 and len(set(out_perm.tolist())) == d:
-            return _identify_permuted(x, y, terms, m, out_perm, d, heads)
+            return _identify_permuted(x, y, terms, m, out_perm, d, heads, tol)
         raise NotARotation("at position 0 the output is not a copy of the input")
     off = m.copy()
     idx = np.arange(d)
@@ -474,7 +483,7 @@ def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> P
         raise NotARotation("no channel is mixed with another one")
     # every row mixes with at most one other channel
     second = np.sort(moving, axis=1)[:, -2] if d > 1 else np.zeros(d)
-    if np.any(second > 1e-5 * scale):
+    if np.any(second > tol * scale):
         raise NotARotation("an output channel mixes more than two input channels")
     pairs: list[tuple[int, int]] = []
     for i in np.flatnonzero(rotated):
@@ -485,7 +494,7 @@ def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> P
             # y_i = a x_i - b x_j, y_j = a x_j + b x_i: the coefficient of x_j in y_i is -sin
             first, second_ = (i, j) if _sin_sign(m, i, j) < 0 else (j, i)
             pairs.append((first, second_))
-    return _finish(x, y, terms, m, pairs, d, heads, rotated, scale)
+    return _finish(x, y, terms, m, pairs, d, heads, rotated, scale, tol)
 
 
 def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
@@ -496,7 +505,7 @@ def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
     return float(np.sign(col[k]))
 
 
-def _finish(x, y, terms, m, pairs, d, heads, rotated, scale) -> ProbedRotation:
+def _finish(x, y, terms, m, pairs, d, heads, rotated, scale, tol) -> ProbedRotation:
     pairs.sort(key=lambda p: min(p))
     firsts = [p[0] for p in pairs]
     seconds = [p[1] for p in pairs]
@@ -505,7 +514,7 @@ def _finish(x, y, terms, m, pairs, d, heads, rotated, scale) -> ProbedRotation:
     passing = [c for c in range(d) if not rotated[c]]
     if passing:
         ident = m[:, passing, :][:, :, passing]
-        if np.max(np.abs(ident - np.eye(len(passing))[None])) > 1e-5 * scale:
+        if np.max(np.abs(ident - np.eye(len(passing))[None])) > tol * scale:
             raise NotARotation("channels that do not rotate are not passed through unchanged")
     layout = None
     half = rd // 2
@@ -517,11 +526,11 @@ def _finish(x, y, terms, m, pairs, d, heads, rotated, scale) -> ProbedRotation:
     f, s = np.array(firsts), np.array(seconds)
     a = m[:, f, f]
     b = m[:, s, f]  # coefficient of x_first in y_second: +sin
-    if np.max(np.abs(m[:, s, s] - a)) > 1e-5 * scale or np.max(np.abs(m[:, f, s] + b)) > 1e-5 * scale:
+    if np.max(np.abs(m[:, s, s] - a)) > tol * scale or np.max(np.abs(m[:, f, s] + b)) > tol * scale:
         raise NotARotation("paired channels are not rotated by one angle (not a rotation)")
     angles = np.unwrap(np.arctan2(b, a), axis=0)
     magnitude = a * a + b * b
-    decay = _decay(magnitude)
+    decay = _decay(magnitude, tol)
     return ProbedRotation(
         x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=layout, rotary_dim=rd,
         head_dim=d, heads_in_last_axis=heads, pairs=tuple((int(p), int(q)) for p, q in pairs), angles=angles,
@@ -529,7 +538,7 @@ def _finish(x, y, terms, m, pairs, d, heads, rotated, scale) -> ProbedRotation:
     )
 
 
-def _identify_permuted(x, y, terms, m, out_perm, d, heads) -> ProbedRotation:
+def _identify_permuted(x, y, terms, m, out_perm, d, heads, tol) -> ProbedRotation:
     """y = Q·R(p)·x with Q a channel permutation (DeepSeek's interleave written as even/odd slices and a
     concatenation of halves): read R from the rows put back in input order."""
     inverse = np.empty(d, dtype=np.int64)
@@ -554,7 +563,7 @@ def _identify_permuted(x, y, terms, m, out_perm, d, heads) -> ProbedRotation:
         x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x),
         layout=Layout.INTERLEAVED_TO_HALF if is_interleaved_to_half else None, rotary_dim=rd, head_dim=d,
         heads_in_last_axis=heads, pairs=tuple(pairs), angles=angles, magnitude=magnitude,
-        decay=_decay(magnitude), nodes=tuple(_nodes_between(x, y)),
+        decay=_decay(magnitude, tol), nodes=tuple(_nodes_between(x, y)),
     )
 
 
@@ -586,18 +595,18 @@ def identify_matrix(m: np.ndarray) -> tuple[list[tuple[int, int]], Layout | None
     return [(int(a), int(b)) for a, b in pairs], layout
 
 
-def _decay(magnitude: np.ndarray) -> PositionDecay | None:
+def _decay(magnitude: np.ndarray, tol: float) -> PositionDecay | None:
     """xPos: |a|² + |b|² = ζ_c^(2 (p - p0)/γ) changes with position. Fit log r_c(p) = k_c (p - p0) + log r_c(p0)
     per pair; None when the magnitude is constant (a plain attention factor)."""
     r = np.sqrt(np.maximum(magnitude, 1e-300))
-    if np.max(np.abs(r - r[:1])) <= 1e-5 * max(1.0, float(np.max(r))):
+    if np.max(np.abs(r - r[:1])) <= 4 * tol * max(1.0, float(np.max(r))):
         return None
     logs = np.log(r)
     pos = np.arange(r.shape[0], dtype=np.float64)
     pc = pos - pos.mean()
     rate = (pc @ (logs - logs.mean(axis=0))) / (pc @ pc)  # per pair: d log r / d position
     fitted = logs.mean(axis=0) + np.outer(pc, rate)
-    if np.max(np.abs(fitted - logs)) > 1e-4:
+    if np.max(np.abs(fitted - logs)) > max(1e-4, 4 * tol):
         raise NotARotation("the rotation's magnitude changes with position, but not exponentially (not xPos)")
     # log r(p) = rate (p - p0): p0 = position where the magnitude is 1
     with np.errstate(divide="ignore", invalid="ignore"):
