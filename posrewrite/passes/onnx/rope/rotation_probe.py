@@ -452,10 +452,34 @@ def _tolerance(x: ir.Value) -> float:
     return max(1e-5, 8 * machine_epsilon(name if name in ("float16", "bfloat16") else "float32"))
 
 
+@dataclasses.dataclass(frozen=True)
+class MatrixReading:
+    """What probe matrices M [heads, positions, W, W] (y = M(p)·x) say, free of any graph: shared by the ONNX
+    and the torch.fx side."""
+
+    layout: Layout | None
+    rotary_dim: int
+    head_dim: int
+    heads_in_last_axis: int
+    pairs: tuple[tuple[int, int], ...]
+    angles: np.ndarray
+    magnitude: np.ndarray
+    decay: PositionDecay | None
+
+
 def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
     """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
-    m_all = probe_matrices(model, x, y)
-    tol = _tolerance(x)
+    r = read_matrices(probe_matrices(model, x, y), _tolerance(x))
+    return ProbedRotation(
+        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=r.layout,
+        rotary_dim=r.rotary_dim, head_dim=r.head_dim, heads_in_last_axis=r.heads_in_last_axis, pairs=r.pairs,
+        angles=r.angles, magnitude=r.magnitude, decay=r.decay, nodes=tuple(_nodes_between(x, y)),
+    )
+
+
+def read_matrices(m_all: np.ndarray, tol: float) -> MatrixReading:
+    """Pairing, range, heads, angles and magnitude of probe matrices m_all [heads, positions, W, W]; NotARotation
+    with the reason when they are not a rotation. `tol`: relative round-off of the probed dtype."""
     scale = max(1.0, float(np.max(np.abs(m_all))))
     if np.max(np.abs(m_all - m_all[:1])) > tol * scale:
         raise NotARotation("the rotation differs between heads")
@@ -470,7 +494,7 @@ def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> P
     if np.max(np.abs(at0 - np.diag(diag0))) > tol * scale:
         out_perm = np.argmax(np.abs(at0), axis=1)
         if np.max(np.abs(at0[np.arange(d), out_perm])) > 0 and len(set(out_perm.tolist())) == d:
-            return _identify_permuted(x, y, terms, m, out_perm, d, heads, tol)
+            return _identify_permuted(m, out_perm, d, heads, tol)
         raise NotARotation("at position 0 the output is not a copy of the input")
     off = m.copy()
     idx = np.arange(d)
@@ -494,7 +518,7 @@ def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> P
             # y_i = a x_i - b x_j, y_j = a x_j + b x_i: the coefficient of x_j in y_i is -sin
             first, second_ = (i, j) if _sin_sign(m, i, j) < 0 else (j, i)
             pairs.append((first, second_))
-    return _finish(x, y, terms, m, pairs, d, heads, rotated, scale, tol)
+    return _finish(m, pairs, d, heads, rotated, scale, tol)
 
 
 def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
@@ -505,7 +529,7 @@ def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
     return float(np.sign(col[k]))
 
 
-def _finish(x, y, terms, m, pairs, d, heads, rotated, scale, tol) -> ProbedRotation:
+def _finish(m, pairs, d, heads, rotated, scale, tol) -> MatrixReading:
     pairs.sort(key=lambda p: min(p))
     firsts = [p[0] for p in pairs]
     seconds = [p[1] for p in pairs]
@@ -530,15 +554,12 @@ def _finish(x, y, terms, m, pairs, d, heads, rotated, scale, tol) -> ProbedRotat
         raise NotARotation("paired channels are not rotated by one angle (not a rotation)")
     angles = np.unwrap(np.arctan2(b, a), axis=0)
     magnitude = a * a + b * b
-    decay = _decay(magnitude, tol)
-    return ProbedRotation(
-        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=layout, rotary_dim=rd,
-        head_dim=d, heads_in_last_axis=heads, pairs=tuple((int(p), int(q)) for p, q in pairs), angles=angles,
-        magnitude=magnitude, decay=decay, nodes=tuple(_nodes_between(x, y)),
-    )
+    return MatrixReading(layout=layout, rotary_dim=rd, head_dim=d, heads_in_last_axis=heads,
+                         pairs=tuple((int(p), int(q)) for p, q in pairs), angles=angles, magnitude=magnitude,
+                         decay=_decay(magnitude, tol))
 
 
-def _identify_permuted(x, y, terms, m, out_perm, d, heads, tol) -> ProbedRotation:
+def _identify_permuted(m, out_perm, d, heads, tol) -> MatrixReading:
     """y = Q·R(p)·x with Q a channel permutation (DeepSeek's interleave written as even/odd slices and a
     concatenation of halves): read R from the rows put back in input order."""
     inverse = np.empty(d, dtype=np.int64)
@@ -559,12 +580,9 @@ def _identify_permuted(x, y, terms, m, out_perm, d, heads, tol) -> ProbedRotatio
     a, b = r[:, f, f], r[:, s, f]
     angles = np.unwrap(np.arctan2(b, a), axis=0)
     magnitude = a * a + b * b
-    return ProbedRotation(
-        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x),
-        layout=Layout.INTERLEAVED_TO_HALF if is_interleaved_to_half else None, rotary_dim=rd, head_dim=d,
-        heads_in_last_axis=heads, pairs=tuple(pairs), angles=angles, magnitude=magnitude,
-        decay=_decay(magnitude, tol), nodes=tuple(_nodes_between(x, y)),
-    )
+    return MatrixReading(layout=Layout.INTERLEAVED_TO_HALF if is_interleaved_to_half else None, rotary_dim=rd,
+                         head_dim=d, heads_in_last_axis=heads, pairs=tuple(pairs), angles=angles,
+                         magnitude=magnitude, decay=_decay(magnitude, tol))
 
 
 def identify_matrix(m: np.ndarray) -> tuple[list[tuple[int, int]], Layout | None] | None:
