@@ -478,3 +478,24 @@ def test_fp32_positions_on_a_probed_half_precision_rotation(tmp_path):
     assert not api.check(src, max_length=8192).safe
     out = _rescaled(src, tmp_path, "fp32", fp32_positions=True)
     assert api.check(out, max_length=8192).safe
+
+
+def test_torch_side_identifies_by_probing():
+    """posrewrite.torch on rotary-embedding-torch's ATen graph (its rearrange/unbind/stack spelling matches no
+    form in fx.detect_rope.ROTATIONS): found by probing with torch, and the linear rescale equals the library's
+    own interpolate_factor."""
+    pytest.importorskip("rotary_embedding_torch")
+    from posrewrite import torch as pt
+
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
+    program = torch.export.export(ret_module().eval(), (ids,), dynamic_shapes=dims)
+    sites = pt.detect(program)
+    assert sites and all(s.layout.value == "interleaved" and s.rotary_dim == 16 for s in sites)
+    assert all(s.base == pytest.approx(10000.0, rel=1e-4) for s in sites)
+    rescaled = pt.rewrite(program, rope_scale=4.0, rope_method="linear")
+    x = _ids()
+    with torch.no_grad():
+        got = rescaled.module()(torch.from_numpy(x)).numpy()
+    ref = _torch_out(ret_module(interpolate_factor=4.0), x)
+    assert _rel(got, ref) <= TOL
