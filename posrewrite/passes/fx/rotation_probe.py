@@ -275,7 +275,7 @@ def probed_rotations(ep: ExportedProgram, claimed: set[Node]
                 continue
             try:
                 reading = probe(ep, x, y)
-            except NotARotation as exc:
+            except (NotARotation, ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
                 why = why or f"{y.name}: {exc}"
                 continue
             cos = next((t[2] for t in terms if _trig(t[2]) == "cos"), terms[0][2])

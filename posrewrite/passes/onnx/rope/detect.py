@@ -101,7 +101,11 @@ class RopeDetector:
         seeds = rotation_seeds(self.model)
         if not seeds:
             return []
-        rotations, refused, failed = find_probed(self.model, seeds, claimed)
+        try:
+            rotations, refused, failed = find_probed(self.model, seeds, claimed)
+        except (ValueError, TypeError, IndexError, KeyError, ArithmeticError, RecursionError) as exc:
+            self.probe_failures.append(f"the graph could not be probed: {type(exc).__name__}: {exc}"[:200])
+            return []
         for where, why in refused:
             self.refusals.append(Refusal("rope", where.name or "?", why))
         found = []

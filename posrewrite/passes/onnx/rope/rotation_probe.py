@@ -390,6 +390,8 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
         _identify_static(model, x, y, dims)
     if static_axis:
         seq_axis, length = static_axis, int(dims[static_axis])
+        if any(not isinstance(d, int) for d in dims[1:]):
+            raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
         dims = ["batch", *dims[1:]]
     elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
@@ -496,6 +498,10 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
                 refused.append((y, str(why)))
             except NotARotation as why:
                 first_failure = first_failure or (y, str(why))
+                continue
+            except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
+                # a malformed graph (shapes that contradict each other...): not identified, never a crash
+                first_failure = first_failure or (y, f"probe not possible: {type(exc).__name__}: {exc}"[:200])
                 continue
             first_failure = None
             break
