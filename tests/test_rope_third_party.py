@@ -499,3 +499,23 @@ def test_torch_side_identifies_by_probing():
         got = rescaled.module()(torch.from_numpy(x)).numpy()
     ref = _torch_out(ret_module(interpolate_factor=4.0), x)
     assert _rel(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in DETECT])
+def test_probing_alone_identifies_every_spelling(name):
+    """The probe, with no pattern claiming anything first, reads the same pairing and range as the libraries
+    write (also where the existing patterns are the fast path: Llama 4's real pairs, the merged-heads form)."""
+    import onnx_ir as ir
+
+    from posrewrite.passes.onnx.rope.rotation_probe import find_probed, rotation_seeds
+
+    export, layout, head_dim, rotary_dim, _ = DETECT[name]
+    model = ir.load(export())
+    rotations, refused, failed = find_probed(model, rotation_seeds(model), set())
+    assert rotations and not refused and not failed
+    for rot in rotations:
+        assert rot.layout is not None and rot.layout.value == layout
+        assert rot.rotary_dim == rotary_dim
+        assert (rot.decay is not None) == (name == "xt_xpos")
+    if name == "merged_heads":
+        assert {r.heads_in_last_axis for r in rotations} == {2} and {r.head_dim for r in rotations} == {16}
