@@ -108,7 +108,8 @@ class MergedHeadsPairs(torch.nn.Module if hasattr(torch, "nn") else object):
     """Meta's complex rotation in real pairs applied to q/k as [B, S, H·D] (the heads are only split by the view
     into pairs), then causal attention. `factor` divides the positions (linear interpolation: the reference)."""
 
-    def __init__(self, *, factor: float = 1.0, base: float = 10000.0, heads: int = 2, head_dim: int = 16) -> None:
+    def __init__(self, *, factor: float = 1.0, base: float = 10000.0, heads: int = 2, head_dim: int = 16,
+                 heads_out: bool = False) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -118,13 +119,15 @@ class MergedHeadsPairs(torch.nn.Module if hasattr(torch, "nn") else object):
             self.o = torch.nn.Linear(width, VOCAB)
         inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv)
-        self.heads, self.head_dim, self.factor = heads, head_dim, factor
+        self.heads, self.head_dim, self.factor, self.heads_out = heads, head_dim, factor, heads_out
 
     def _rotate(self, x, cos, sin):
         b, s, _ = x.shape
         pairs = x.view(b, s, self.heads, self.head_dim // 2, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(b, s, -1)
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        # Llama 4's flatten(3): [B, S, H·D] in, [B, S, H, D] out
+        return out.flatten(3).reshape(b, s, -1) if self.heads_out else out.reshape(b, s, -1)
 
     def forward(self, ids):
         x = self.emb(ids)
@@ -140,9 +143,9 @@ class MergedHeadsPairs(torch.nn.Module if hasattr(torch, "nn") else object):
         return self.o(a.transpose(1, 2).reshape(b, s, -1))
 
 
-def export_merged() -> Path:
-    path, _ = cached({"kind": "third-party-merged-heads"},
-                     lambda tmp: _export(MergedHeadsPairs(), tmp / "model.onnx") or {})
+def export_merged(*, heads_out: bool = False) -> Path:
+    path, _ = cached({"kind": "third-party-merged-heads", "heads_out": heads_out},
+                     lambda tmp: _export(MergedHeadsPairs(heads_out=heads_out), tmp / "model.onnx") or {})
     return path
 
 
@@ -284,7 +287,7 @@ def _library_inv_freq(name: str) -> np.ndarray:
     """The frequencies the library itself holds (its buffer), the reference for what detection reads."""
     if name == "ret":
         return ret_module().rot.freqs.detach().numpy()
-    if name == "merged_heads":
+    if name.startswith("merged_heads"):
         return MergedHeadsPairs().inv_freq.numpy()
     if name.startswith("xt"):
         return xt_module().attn_layers.rotary_pos_emb.inv_freq.numpy()
@@ -302,6 +305,8 @@ DETECT = {
     "deepseek_v3": (lambda: export_hf("deepseek_v3"), "interleaved_to_half", 8, 8, 10000.0),
     "llama4": (lambda: export_hf("llama4"), "interleaved", 16, 16, 500000.0),
     "merged_heads": (export_merged, "interleaved", 16, 16, 10000.0),
+    # the rotation reads [B, S, H·D] and writes [B, S, H, D] (validation lines the two up)
+    "merged_heads_out": (lambda: export_merged(heads_out=True), "interleaved", 16, 16, 10000.0),
 }
 _SLOW = {"gpt_oss", "deepseek_v3", "llama4"}
 
@@ -344,6 +349,8 @@ LIBRARY_RESCALES = {
     "ret-base": ("ret", dict(rope_base=123456.0), lambda: ret_module(theta=123456.0)),
     "merged_heads-linear": ("merged_heads", dict(rope_scale=4.0, rope_method="linear"),
                             lambda: MergedHeadsPairs(factor=4.0)),
+    "merged_heads_out-linear": ("merged_heads_out", dict(rope_scale=4.0, rope_method="linear"),
+                                lambda: MergedHeadsPairs(factor=4.0, heads_out=True)),
     "xt-linear": ("xt", dict(rope_scale=4.0, rope_method="linear"), lambda: xt_module(interpolation_factor=4.0)),
     "xt-ntk": ("xt", dict(rope_scale=4.0, rope_method="ntk", original_max_positions=16),
                lambda: xt_module(base_rescale_factor=4.0)),
@@ -517,5 +524,5 @@ def test_probing_alone_identifies_every_spelling(name):
         assert rot.layout is not None and rot.layout.value == layout
         assert rot.rotary_dim == rotary_dim
         assert (rot.decay is not None) == (name == "xt_xpos")
-    if name == "merged_heads":
+    if name.startswith("merged_heads"):
         assert {r.heads_in_last_axis for r in rotations} == {2} and {r.head_dim for r in rotations} == {16}
