@@ -7,7 +7,8 @@ logits, present.{i}.key/value; RoPE computed HF-style from an inv_freq constant 
 
 Each rewrite runs in a fresh process (``/usr/bin/time``-style: the child's peak RSS from ``wait4``):
 
-    python benchmarks/large_model.py [--layers 32] [--dir /tmp/posrewrite-7b] [--what rescale,fuse]
+    python benchmarks/large_model.py [--layers 32] [--dir /tmp/posrewrite-7b] [--what rescale,fuse,inspect]
+                                     [--code /work/main]   # another checkout of posrewrite, side by side
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _child(what: str, src: str, out: str) -> None:
 
     stages = _StageTimes()
     t = time.perf_counter()
+    if what == "inspect":  # identification alone: reads no weights
+        found = api.inspect(src)
+        print(f"  inspect: {len(found.sites)} site(s), {len(found.refusals)} refusal(s), "
+              f"{time.perf_counter() - t:.1f} s")
+        return
     if what == "rescale":
         r = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=4096,
                         validate=False, progress=stages)
@@ -62,9 +68,10 @@ def _child(what: str, src: str, out: str) -> None:
         print("  note:", line)
 
 
-def measure(what: str, src: Path, out: Path) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MB, return code) of one rewrite in a fresh process."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+def measure(what: str, src: Path, out: Path, code: str | None = None) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MB, return code) of one rewrite in a fresh process (posrewrite from `code`, a
+    checkout, else this one)."""
+    env = dict(os.environ, PYTHONPATH=code or str(Path(__file__).resolve().parents[1]))
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", what, str(src), str(out)], env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -80,21 +87,25 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--dir", default="/tmp/posrewrite-7b")
     parser.add_argument("--what", default="rescale,fuse")
+    parser.add_argument("--code", action="append", default=[],
+                        help="also run with posrewrite from this checkout (repeatable): side-by-side figures")
     args = parser.parse_args()
     folder = Path(args.dir)
     src = folder / "model.onnx"
     t = time.perf_counter()
-    build_llama(src, layers=args.layers, hidden=args.hidden, heads=32, kv_heads=8,
-                intermediate=11008 if args.hidden == 4096 else args.hidden * 3)
+    if not src.exists():
+        build_llama(src, layers=args.layers, hidden=args.hidden, heads=32, kv_heads=8,
+                    intermediate=11008 if args.hidden == 4096 else args.hidden * 3)
     data = src.with_name(src.name + ".data")
     print(f"built {src} in {time.perf_counter() - t:.1f} s: {args.layers} layers, hidden {args.hidden}, "
           f"fp16 weights {data.stat().st_size / 2**30:.1f} GB (sparse file)")
     for what in args.what.split(","):
         out = folder / f"{what}.onnx"
-        seconds, rss, rc = measure(what, src, out)
-        print(f"{what:8s} {seconds:6.1f} s  peak RSS {rss:7.0f} MB  exit {rc}")
-        for p in (out, out.with_name(out.name + ".data")):
-            p.unlink(missing_ok=True)
+        for code in [None, *args.code]:
+            seconds, rss, rc = measure(what, src, out, code)
+            print(f"{what:8s} {seconds:6.1f} s  peak RSS {rss:7.0f} MB  exit {rc}  ({code or 'this checkout'})")
+            for p in (out, out.with_name(out.name + ".data")):
+                p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

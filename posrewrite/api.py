@@ -170,6 +170,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     with progress.stage("detecting"):
         found = detect(model)
     if not found.sites:
+        _refuse_identified(found, path)
         raise errors.NoEncodingError(f"no positional encoding found in {path}")
     if found.refusals and not opts.allow_partial:
         first = found.refusals[0]
@@ -220,6 +221,24 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
 
 
+def _refuse_identified(found: Detection, path) -> None:
+    """Exit 5 with the reason when an encoding was identified but cannot be rewritten (not exit 4)."""
+    identified = [r for r in found.refusals if not r.kind.endswith("?")]
+    if identified:
+        first = identified[0]
+        more = f" (and {len(identified) - 1} more)" if len(identified) > 1 else ""
+        raise errors.PartialMatchError(f"{path}: {first.kind} found but not rewritable: {first.where}: "
+                                       f"{first.reason}{more}")
+
+
+def _xpos_ratio(params) -> float:
+    """--xpos-decay scaled: positions divided by the factor before the decay too (linear interpolation only)."""
+    if params.rope_type != "linear" or params.rope_theta is not None:
+        raise errors.UsageError("--xpos-decay scaled divides the decay's positions like the angles': it goes with "
+                                "--rope-method linear only")
+    return 1.0 / float(params.factor)
+
+
 def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
     """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
     plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
@@ -233,6 +252,7 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
         # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
         return [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
     if not rope_sites:
+        _refuse_identified(found, path)
         raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
     plans = []
     for site in rope_sites:
@@ -241,6 +261,8 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
             plan = rescale.plan_site(site, params)
         except ValueError as exc:
             raise errors.UsageError(str(exc)) from None
+        if site.encoding.decay is not None and opts.xpos_decay == "scaled":
+            plan = dataclasses.replace(plan, decay_ratio=_xpos_ratio(params))
         if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
             plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
         if plan.new_length is not None:
@@ -417,6 +439,7 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
     model = io.load_model(path)
     found = detect(model)
     if not found.sites:
+        _refuse_identified(found, path)
         raise errors.NoEncodingError(f"no positional encoding found in {path}")
     n = int(max_length or DEFAULT_CHECK_LENGTH)
     rows = []

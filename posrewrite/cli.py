@@ -98,6 +98,10 @@ def _add_rope_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yarn-beta-fast", type=float, metavar="X", help="YaRN beta_fast (default 32)")
     g.add_argument("--yarn-beta-slow", type=float, metavar="X", help="YaRN beta_slow (default 1)")
     g.add_argument(
+        "--xpos-decay", choices=("angles", "scaled"), default="angles",
+        help="xPos models: rescale the angles only (x-transformers' interpolation, default) or divide the "
+             "decay's positions too (rotary-embedding-torch's interpolate_factor)")
+    g.add_argument(
         "--yarn-attn-factor",
         type=float,
         metavar="X",
@@ -412,8 +416,12 @@ def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
     result = api.inspect(Path(ns.model))
     render.show_inspect(out, ns.model, result.to_dict())
     if not result.sites:
-        from posrewrite.errors import NoEncodingError
+        from posrewrite.errors import NoEncodingError, PartialMatchError
 
+        identified = [r for r in result.refusals if not r.kind.endswith("?")]
+        if identified:  # found (the reason says what), but nothing a rewrite can take
+            render.print_error(f"{identified[0].kind} found in {ns.model} but not rewritable: {identified[0].reason}")
+            return PartialMatchError.exit_code
         render.print_error(f"no positional encoding found in {ns.model}")
         return NoEncodingError.exit_code
     return 0

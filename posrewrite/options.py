@@ -63,6 +63,7 @@ class RewriteOptions:
     rope_base: float | None = None
     rope_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     fp32_positions: bool = False
+    xpos_decay: str = "angles"  # xPos rescale: "angles" (decay kept) | "scaled" (decay's positions divided too)
     fuse: str = "none"
     validate: bool = True
     allow_partial: bool = False
@@ -86,6 +87,8 @@ class RewriteOptions:
             self.output = Path(self.output)
         self.rope_params = dict(self.rope_params or {})
         self.rope_method = _normalize_method(self.rope_method or "linear")
+        if self.xpos_decay not in ("angles", "scaled"):
+            raise UsageError(f"--xpos-decay must be 'angles' or 'scaled', not {self.xpos_decay!r}")
         if self.fuse not in FUSE_MODES:
             raise UsageError(f"--fuse must be one of {', '.join(FUSE_MODES)}, not {self.fuse!r}")
         check_positive(self.rope_scale, "--rope-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
@@ -244,6 +247,7 @@ class RewriteOptions:
 #: RewriteOptions fields a command's flags may set as they are (the RoPE flags are mapped by `options_from_flags`).
 _PLAIN_FIELDS = (
     "fp32_positions",
+    "xpos_decay",
     "fuse",
     "validate",
     "allow_partial",

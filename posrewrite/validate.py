@@ -12,6 +12,7 @@ Entry points: `validate_rewrite` (called by `api.rewrite` and `api.validate`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -335,7 +336,10 @@ def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions
     cos, sin = np.cos(angles) * factor, np.sin(angles) * factor
     xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    if layout == Layout.INTERLEAVED.value:
+    if layout == Layout.INTERLEAVED_TO_HALF.value:  # pairs (2i, 2i+1) rotated, written firsts then seconds
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    elif layout == Layout.INTERLEAVED.value:
         a, b = xr[..., 0::2], xr[..., 1::2]
         out = np.empty_like(xr)
         out[..., 0::2] = a * cos - b * sin
@@ -465,6 +469,7 @@ class _Rotation:
     layout: str
     rotary_dim: int
     fused: bool = False
+    decay: Any = None  # xPos: the original rotation's PositionDecay (sites.rope)
 
 
 def find_rotations(model: ir.Model, references: list[RopeReference]) -> tuple[list[_Rotation], list[ir.Node], int]:
@@ -488,7 +493,7 @@ def find_rotations(model: ir.Model, references: list[RopeReference]) -> tuple[li
                 continue  # counted with the fused nodes below
             head_dim = app.head_dim or site.head_dim or app.rotary_dim
             rotations.append(_Rotation(f"{k}: {app.output.name}", pre, post, ref, head_dim, app.layout.value,
-                                       app.rotary_dim))
+                                       app.rotary_dim, decay=app.decay))
             claimed.add(id(post))
     fused = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention" and "do_rotary" in n.attributes
@@ -551,12 +556,21 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
     """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions 0..length-1)."""
     row: dict[str, Any] = {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1],
                            "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
+    if seq_axis is not None and np.shape(y) != np.shape(x) and _same_rows(np.shape(x), np.shape(y), seq_axis):
+        y = np.reshape(y, np.shape(x))  # [B,S,H,D] written as [B,S,H·D] (or back): the same rows
     if seq_axis is None or np.shape(y) != np.shape(x):
         row["message"] = f"cannot line up pre-rotation {np.shape(x)} with rotated {np.shape(y)} at {length} positions"
         return row
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
     expected = numpy_rotation(xs, inv, factor, np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
+    if rot.decay is not None:  # xPos: the paper's decay at these positions (its exponent as the plan says)
+        from posrewrite.passes.onnx.rope.xpos import decay_magnitude
+
+        ratio = getattr(rot.reference.plan, "decay_ratio", 1.0) if rot.reference.plan is not None else 1.0
+        mag = decay_magnitude(rot.decay, xs.shape[-2], ratio)
+        expected[..., : rot.rotary_dim] *= np.concatenate([mag, mag], axis=-1) if rot.layout != "interleaved" \
+            else np.repeat(mag, 2, axis=-1)
     tol, how = _rotation_tolerance(xs, rot.rotary_dim, inv, factor, length, str(np.asarray(x).dtype))
     err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
     row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
@@ -564,6 +578,13 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
                         f"{factor:.6g}) of {source}, positions 0..{length - 1}",
                tolerance_from=how)
     return row
+
+
+def _same_rows(a: tuple, b: tuple, seq_axis: int) -> bool:
+    """Shapes that agree up to the position axis and hold the same elements per position (heads merged into or
+    split from the last axis)."""
+    k = seq_axis % len(a) + 1
+    return tuple(a[:k]) == tuple(b[:k]) and math.prod(a[k:]) == math.prod(b[k:])
 
 
 class _RotationRunner:

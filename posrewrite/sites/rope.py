@@ -26,6 +26,8 @@ from posrewrite.sites.base import EncodingSite
 class Layout(str, enum.Enum):
     ROTATE_HALF = "rotate_half"  # Llama/NeoX: rotate_half([x1, x2]) = [-x2, x1]
     INTERLEAVED = "interleaved"  # GPT-J / Meta Llama: pairs (2i, 2i+1)
+    # DeepSeek-V3: pairs (2i, 2i+1) rotated, the result written de-interleaved (firsts, then seconds)
+    INTERLEAVED_TO_HALF = "interleaved_to_half"
 
 
 class AngleSource(str, enum.Enum):
@@ -101,6 +103,38 @@ class LengthSelection:
     short: np.ndarray  # float32 [rotary_dim / 2]
     long: np.ndarray  # float32 [rotary_dim / 2]
     long_factor: float | None = None  # attention factor of the long caches, when the export holds both caches
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionDecay:
+    """xPos (Sun et al. 2022): the rotation is also scaled by ζ_c^((p - p0)/γ) on q and its inverse on k, so
+    q·k decays with distance. Read by probing: `log_rate` [rotary_dim/2] = log(ζ_c)/γ per pair (negative on q:
+    ζ_c < 1; positive on k), `zero_position` p0 where the scale is 1 on the probe (rotary-embedding-torch centres it on
+    the sequence: p0 = length // 2), at `probed_length` positions."""
+
+    log_rate: np.ndarray
+    zero_position: float
+    probed_length: int
+
+    @property
+    def length_centred(self) -> bool:
+        """p0 is the middle of the sequence (the scale depends on the call's length, not only on position)."""
+        return abs(self.zero_position - self.probed_length // 2) < 1e-3
+
+    @property
+    def scale_base(self) -> float | None:
+        """γ when ζ_c follows the paper's (2c + 0.4 d) / (1.4 d) (d = rotary_dim), else None."""
+        rate = np.abs(np.asarray(self.log_rate, np.float64))
+        d = 2 * rate.size
+        zeta = (np.arange(0, d, 2) + 0.4 * d) / (1.4 * d)
+        gammas = -np.log(zeta) / rate
+        if not np.all(np.isfinite(gammas)) or np.ptp(gammas) > 1e-3 * np.max(gammas):
+            return None
+        return float(np.median(gammas))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "xpos", "log_rate": [float(v) for v in self.log_rate], "scale_base": self.scale_base,
+                "zero_position": "length // 2" if self.length_centred else float(self.zero_position)}
 
 
 # -- the angle-source union ------------------------------------------------------------------------------
@@ -229,6 +263,8 @@ class RopeEncoding:
     inv_freq: np.ndarray | None  # float32 [rotary_dim/2], as found (computed) or fitted (tables)
     prior_scaling: PriorScaling | None = None  # set when inv_freq is already scaled
     notes: tuple[str, ...] = ()
+    decay: PositionDecay | None = None  # xPos: a position-dependent magnitude on q (its inverse on k)
+    identified_by: str = "pattern"  # "pattern" (a known spelling) | "probe" (read from what the graph computes)
 
     @property
     def angles(self) -> AngleSource:
@@ -292,6 +328,8 @@ class RopeEncoding:
             "inv_freq": inv_freq,
             "notes": list(self.notes),
             **({"op": self.op} if self.op else {}),
+            **({"decay": self.decay.to_dict()} if self.decay is not None else {}),
+            **({"identified_by": self.identified_by} if self.identified_by != "pattern" else {}),
         }
 
 
@@ -311,6 +349,8 @@ class RopeApplication:
     nodes: tuple[ir.Node, ...]  # nodes that only serve this application
     cos: ir.Value | None = None  # the values multiplied with x (after broadcasting ops)
     sin: ir.Value | None = None
+    decay: PositionDecay | None = None  # xPos: this rotation's position-dependent magnitude (q grows, k shrinks)
+    heads_in_last_axis: int = 1  # H when x is [.., H·D] (every head rotated alike), else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,6 +528,7 @@ __all__ = [
     "OnnxSwitchedCaches",
     "OnnxTableRead",
     "OnnxTrig",
+    "PositionDecay",
     "RescaleRecord",
     "RopeApplication",
     "RopeEncoding",

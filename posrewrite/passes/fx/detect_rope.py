@@ -301,6 +301,9 @@ def _split_product(ep: ExportedProgram, angles: Node, half: int):
     """(inv_freq node, value, positions, position cast) for ``angles = positions x inv_freq``."""
     if g.is_op(angles, aten.mul, aten.matmul, aten.bmm) and all(isinstance(a, Node) for a in angles.args[:2]):
         a, b = angles.args[:2]
+    elif (g.is_op(angles, aten.einsum) and len(angles.args) > 1 and len(angles.args[1]) == 2
+          and all(isinstance(a, Node) for a in angles.args[1])):  # einsum('i,j->ij', positions, inv_freq)
+        a, b = angles.args[1]
     else:
         return None
     for freq_side, pos_side in ((a, b), (b, a)):
@@ -329,7 +332,8 @@ def trace_angle_source(
         emb_c, emb_s = cos_node.args[0], sin_node.args[0]
         if emb_c is not emb_s:
             raise NotUnderstood("cos and sin are taken of different angles")
-        angles, _ = _walk_up(emb_c, lambda n: g.is_op(n, aten.mul, aten.matmul, aten.bmm) and g.scalar_mul(n) is None)
+        angles, _ = _walk_up(emb_c, lambda n: (g.is_op(n, aten.mul, aten.matmul, aten.bmm, aten.einsum)
+                                               and g.scalar_mul(n) is None))
         split = _split_product(ep, angles, half) if angles is not None else None
         if split is None:  # inv_freq made at run time (a dynamic rescale's output, ...)
             source = ComputedAngles(position_dtype="unknown", angle_dtype="unknown",
@@ -377,6 +381,30 @@ def _site_key(app: FxRopeApplication, handles: FxComputedHandles | FxTrigHandles
     return ("table", handles.table_node, app.layout, app.rotary_dim)
 
 
+def _probed_applications(ep: ExportedProgram, groups: dict, refusals: list[Refusal]) -> list[FxRopeApplication]:
+    """Rotations no form in `ROTATIONS` matched, identified by evaluating them (`fx.rotation_probe`)."""
+    from posrewrite.passes.fx.rotation_probe import cone, probed_rotations
+
+    claimed: set[Node] = set()
+    for members in groups.values():
+        for app, *_ in members:
+            claimed.update(cone(app.x, app.output))
+    found, _ = probed_rotations(ep, claimed)
+    apps = []
+    for x, y, cos, sin, reading, nodes in found:
+        if reading.layout not in (Layout.ROTATE_HALF, Layout.INTERLEAVED) or reading.heads_in_last_axis != 1:
+            refusals.append(Refusal("rope", y.name, f"a RoPE rotation with a {reading.layout or 'other'} pairing "
+                                                    f"on {reading.heads_in_last_axis} head(s) of x's last axis: "
+                                                    "not rewritable on the torch side"))
+            continue
+        if reading.decay is not None:
+            refusals.append(Refusal("rope", y.name, "xPos rotation: the torch side does not rewrite its decay"))
+            continue
+        rot = Rotation(x, reading.layout, reading.rotary_dim // 2, 1, nodes)
+        apps.append(_application(y, rot, cos, sin))
+    return apps
+
+
 def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
     """Every RoPE site of ``ep``'s graph, and refusals for rotation-like subgraphs not understood."""
     groups: dict[tuple, list[tuple[FxRopeApplication, ComputedAngles | CachedTable,
@@ -390,6 +418,14 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
         if app is None:
             continue
         claimed.add(app.output)
+        try:
+            source, handles, inv_freq = trace_angle_source(ep, app)
+        except NotUnderstood as refused:
+            refusals.append(Refusal("rope", app.output.name, f"{app.describe()}: {refused}"))
+            continue
+        groups.setdefault(_site_key(app, handles), []).append((app, source, handles, inv_freq))
+    probed = _probed_applications(ep, groups, refusals)
+    for app in probed:
         try:
             source, handles, inv_freq = trace_angle_source(ep, app)
         except NotUnderstood as refused:

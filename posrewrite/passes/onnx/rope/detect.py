@@ -23,6 +23,7 @@ from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_ind
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
@@ -55,10 +56,12 @@ class RopeDetector:
         self.fold = ConstantEvaluator(opset)
         self.tracer = orp.MatchingTracer()
         self.refusals: list[Refusal] = []
+        self.probe_failures: list[str] = []
 
     # -- assembling sites ------------------------------------------------------------------------
     def detect(self) -> list[RopeSite]:
         applications = find_applications(self.model, self.fold, self.tracer)
+        applications.extend(self._probed(applications))
         groups: dict[tuple[int, ...], list[tuple[ApplicationMatch, TrigSource | TableSource,
                                                   TrigSource | TableSource]]] = {}
         for app in applications:
@@ -83,13 +86,54 @@ class RopeDetector:
         fused = FusedRopeDetector(self.model, self.fold)
         sites.extend(fused.detect())
         self.refusals.extend(fused.refusals)
-        self.refusals.extend(unclaimed_cos(self.model, sites, _best_failure(self.tracer)))
+        closest = _best_failure(self.tracer)
+        if self.probe_failures:
+            closest = f"probing {self.probe_failures[0]}" + (f"; pattern: {closest}" if closest else "")
+        self.refusals.extend(unclaimed_cos(self.model, sites, closest))
         for site in sites:
             self.refusals.extend(unmatched_uses(site, self.fold))
         return sites
 
+    def _probed(self, matched: list[ApplicationMatch]) -> list[ApplicationMatch]:
+        """Rotations no pattern matched, identified by what they compute (`rotation_probe`); those identified
+        but not rewritable become refusals with the reason."""
+        claimed = {id(o) for app in matched for n in app.nodes for o in n.outputs}
+        seeds = rotation_seeds(self.model)
+        if not seeds:
+            return []
+        try:
+            rotations, refused, failed = find_probed(self.model, seeds, claimed)
+        except (ValueError, TypeError, IndexError, KeyError, ArithmeticError, RecursionError) as exc:
+            self.probe_failures.append(f"the graph could not be probed: {type(exc).__name__}: {exc}"[:200])
+            return []
+        for where, why in refused:
+            self.refusals.append(Refusal("rope", where.name or "?", why))
+        found = []
+        for rot in rotations:
+            where = rot.output.name or "?"
+            if rot.layout is None:
+                self.refusals.append(Refusal("rope", where, (
+                    f"a RoPE rotation pairing channels {describe_pairs(rot.pairs)}: no rewrite supports that "
+                    "pairing")))
+                continue
+            if rot.decay is not None and rot.decay.probed_length and not np.all(rot.decay.log_rate != 0):
+                self.refusals.append(Refusal("rope", where, "xPos decay on only some channels"))
+                continue
+            found.append(ApplicationMatch(
+                x=rot.x, cos=rot.cos, sin=rot.sin, output=rot.output, layout=rot.layout, rotary_dim=rot.rotary_dim,
+                nodes=rot.nodes, head_dim=rot.head_dim, num_heads=rot.heads_in_last_axis if
+                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True))
+        for where, why in failed:
+            self.probe_failures.append(f"{where.name}: {why}")
+        return found
+
     def _application(self, app: ApplicationMatch) -> RopeApplication:
         x, out = app.x, app.output
+        if app.head_dim is not None and app.num_heads is not None:
+            # [B, S, H·D]: H heads on the last axis, each rotated on its first rotary_dim channels
+            return RopeApplication(input=x, output=out, layout=app.layout, rotary_dim=app.rotary_dim,
+                                   head_dim=app.head_dim, num_heads=app.num_heads, nodes=tuple(app.nodes),
+                                   cos=app.cos, sin=app.sin, decay=app.decay, heads_in_last_axis=app.num_heads)
         head_dim = last_dim(x)
         nodes = list(app.nodes)
         # partial rotary: x = full[..., :rd] and out is concatenated with full[..., rd:]
@@ -113,7 +157,8 @@ class RopeDetector:
         if x.shape is not None and len(x.shape) == 4 and isinstance(x.shape[1], int):
             num_heads = x.shape[1]
         return RopeApplication(input=x, output=out, layout=app.layout, rotary_dim=app.rotary_dim,
-                               head_dim=head_dim, num_heads=num_heads, nodes=tuple(nodes), cos=app.cos, sin=app.sin)
+                               head_dim=head_dim, num_heads=num_heads, nodes=tuple(nodes), cos=app.cos, sin=app.sin,
+                               decay=app.decay)
 
     def _make_site(self, members: list[tuple[ApplicationMatch, TrigSource | TableSource, TrigSource | TableSource]]
                    ) -> RopeSite:
@@ -127,10 +172,15 @@ class RopeDetector:
         head_dims = {a.head_dim for a in apps if a.head_dim is not None}
         head_dim = max(head_dims) if head_dims else None
         if isinstance(cs, TrigSource) and isinstance(ss, TrigSource):
-            return self._computed_site(apps, cs, ss, layout, rotary_dim, head_dim)
-        if isinstance(cs, TableSource) and isinstance(ss, TableSource):
-            return self._cached_site(apps, cs, ss, layout, rotary_dim, head_dim)
-        raise NotUnderstood("cos and sin come from different kinds of source")
+            site = self._computed_site(apps, cs, ss, layout, rotary_dim, head_dim)
+        elif isinstance(cs, TableSource) and isinstance(ss, TableSource):
+            site = self._cached_site(apps, cs, ss, layout, rotary_dim, head_dim)
+        else:
+            raise NotUnderstood("cos and sin come from different kinds of source")
+        probed = [m[0] for m in members if m[0].probed]
+        if not probed:
+            return site
+        return _with_probe_facts(site, probed)
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
                        rotary_dim: int, head_dim: int | None) -> RopeSite:
@@ -217,6 +267,31 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=positions, cos_cache=cs.table,
                         sin_cache=ss.table, applications=tuple(apps), source_nodes=(cs.select, ss.select),
                         handles=handles)
+
+
+def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSite:
+    """The site's encoding with what probing read: identified_by, the xPos decay (q's, growing with position;
+    k's is its inverse), the heads of a [.., H·D] rotation."""
+    decays = [a.decay for a in probed if a.decay is not None]
+    encoding = site.encoding
+    notes = list(encoding.notes)
+    decay = None
+    if decays:
+        if len(decays) != len(site.applications):
+            raise NotUnderstood("xPos decay on some rotations of a site but not on others")
+        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
+        decay = on_q[0] if on_q else decays[0]
+        gamma = decay.scale_base
+        notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
+                     + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")
+                     + ("; p0 = length // 2" if decay.length_centred else ""))
+    heads = {a.num_heads for a in probed if a.num_heads}
+    if heads:
+        notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    import dataclasses as _dc
+
+    encoding = _dc.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes))
+    return _dc.replace(site, encoding=encoding)
 
 
 def _ensure_ranks(model: ir.Model) -> None:

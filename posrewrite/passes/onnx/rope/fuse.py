@@ -75,6 +75,10 @@ class FuseRefusal(errors.UsageError):
     """A fusion that cannot be done as asked (the message says why and what to do instead)."""
 
 
+class FuseNotPossible(errors.PartialMatchError):
+    """A rotation the fused op's contract cannot express (a property of the model, exit 5, not a usage error)."""
+
+
 @dataclasses.dataclass
 class _Caches:
     cos: ir.Value
@@ -149,10 +153,16 @@ class FuseRotaryPass(ReportingPass):
         plan = self.plans.get(site_key(site))
         apps = sorted(site.applications, key=lambda a: min(self._order.get(id(n), 1 << 30) for n in a.nodes))
         forms = []
+        if site.layout not in (Layout.ROTATE_HALF, Layout.INTERLEAVED):
+            raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: its {site.layout.value} "
+                                  "pairing is not one RotaryEmbedding computes (rotate-half or interleaved in place)")
+        if site.encoding.decay is not None:
+            raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: RotaryEmbedding has "
+                                  "no xPos decay")
         for app in apps:
             form = _input_form(app)
             if isinstance(form, str):
-                raise FuseRefusal(f"cannot fuse the rotation producing {app.output.name}: {form}")
+                raise FuseNotPossible(f"cannot fuse the rotation producing {app.output.name}: {form}")
             forms.append(form)
         anchor = min((n for n in apps[0].nodes), key=lambda n: self._order.get(id(n), 1 << 30))
         w = NodeWriter(graph, anchor, "rope_fuse")

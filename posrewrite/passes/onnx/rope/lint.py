@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator
+from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, last_dim, rank
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import AngleSource, RopeSite
 
@@ -41,7 +41,7 @@ def unmatched_uses(site: RopeSite, fold: ConstantEvaluator) -> list[Refusal]:
                 ):
                     stack.extend(node.outputs)
                     continue
-                if node.op_type == "Concat" and all(i is v for i in node.inputs):
+                if node.op_type == "Concat" and (all(i is v for i in node.inputs) or _stack(node)):
                     stack.extend(node.outputs)
                     continue
                 refusals.append(
@@ -53,6 +53,14 @@ def unmatched_uses(site: RopeSite, fold: ConstantEvaluator) -> list[Refusal]:
                     )
                 )
     return refusals
+
+
+def _stack(node: ir.Node) -> bool:
+    """Concat of parts one element wide on its last axis (stack((cos, sin), -1): real pairs of a complex
+    rotation, whose elements the rotation picks again)."""
+    r = rank(node.outputs[0])
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    return r is not None and axis in (-1, r - 1) and all(last_dim(i) == 1 for i in node.inputs)
 
 
 def unclaimed_cos(model: ir.Model, sites: list[RopeSite], closest_failure: str | None) -> list[Refusal]:

@@ -71,6 +71,7 @@ class _ApplicationPattern(orp.PatternBase):
         super().__init__()
         self.fold = fold
         self.rotary_dim: int | None = None
+        self.heads: int | None = None  # heads merged on x's last axis ([B, S, H·D] rotations)
 
     def combine(self, op, x, rotated, cos, sin):
         """x*cos + rotate(x)*sin, the sum every rotate-and-add pattern ends in."""
@@ -196,6 +197,13 @@ class InterleavedPairsPattern(_ApplicationPattern):
         if half is None:
             return result.fail("number of pairs unknown (no static shape)", pairs)
         self.rotary_dim = 2 * half
+        # [.., H·D] viewed as [.., H, D/2, 2]: the heads were merged on x's last axis
+        r_x, r_p = rank(x), rank(pairs)
+        if r_x is not None and r_p == r_x + 2:
+            heads = pairs.shape[-3]
+            if not isinstance(heads, int):
+                return result.fail("heads merged on the last axis but their number is not static", pairs)
+            self.heads = heads if heads > 1 else None
         return result
 
 
@@ -242,6 +250,10 @@ class ApplicationMatch:
     layout: Layout
     rotary_dim: int
     nodes: tuple[ir.Node, ...]
+    head_dim: int | None = None  # set when identified by probing (per head, also for [.., H·D] rotations)
+    num_heads: int | None = None  # heads on x's last axis ([B, S, H·D] rotations), by probing
+    decay: object | None = None  # sites.rope.PositionDecay of an xPos rotation, by probing
+    probed: bool = False
 
 
 def find_applications(
@@ -257,6 +269,7 @@ def find_applications(
         if node.op_type not in ("Add", "Sub", "Concat", "Reshape"):
             continue
         for owner, compiled in matchers:
+            owner.heads = None
             match = compiled.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
             if not match:
                 continue
@@ -267,7 +280,8 @@ def find_applications(
             found.append(
                 ApplicationMatch(
                     x=x, cos=b["cos"], sin=b["sin"], output=node.outputs[0], layout=owner.layout,
-                    rotary_dim=owner.rotary_dim, nodes=nodes,
+                    rotary_dim=owner.rotary_dim, nodes=nodes, num_heads=owner.heads,
+                    head_dim=owner.rotary_dim if owner.heads else None,
                 )
             )
             break

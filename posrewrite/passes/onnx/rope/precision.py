@@ -392,6 +392,12 @@ def rope_site_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any
                 notes.append("frequencies fitted from the table (no round base matches)")
         if site.max_positions is not None and n > site.max_positions:
             notes.append(f"table has {site.max_positions} rows: positions past it fail or read out of bounds")
+    if site.encoding.decay is not None:
+        from posrewrite.passes.onnx.rope.xpos import decay_precision
+
+        decay_notes, decay_safe = decay_precision(site, n)
+        notes.extend(decay_notes)
+        row["safe"] = bool(row.get("safe", True) and decay_safe)
     row.update({"site": index, "kind": "rope", "angles": site.angles.value})
     if notes:
         row["notes"] = notes

@@ -54,6 +54,7 @@ class SitePlan:
     new_length: int | None  # rows of regenerated tables
     runtime: bool
     keep_rows: bool = False  # extension only: the original rows are copied, new rows appended
+    decay_ratio: float = 1.0  # xPos: exponent multiplier of the decay (1/s for --xpos-decay scaled), rope/xpos.py
 
     @property
     def extends_only(self) -> bool:
@@ -242,6 +243,11 @@ class RescaleRopePass(ReportingPass):
 
 def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
+    if plan.decay_ratio != 1.0:
+        from posrewrite.passes.onnx.rope.xpos import scale_decay
+
+        return scale_decay(graph, site, plan.decay_ratio) + rescale_site(
+            graph, dataclasses.replace(plan, decay_ratio=1.0))
     if site.angles == AngleSource.COMPUTED:
         return _rescale_computed(graph, plan)
     if site.angles == AngleSource.CACHED:

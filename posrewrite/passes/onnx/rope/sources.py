@@ -48,6 +48,7 @@ def trace_source(value: ir.Value, fold: ConstantEvaluator) -> TrigSource | Table
     factor, scale = 1.0, None
     v = value
     columns: tuple[int, int] | None = None
+    pick: int | None = None  # element k of a trailing axis of stacked (cos, sin) parts picked by a Gather
     for _ in range(64):
         node = v.producer()
         if node is None:
@@ -65,6 +66,17 @@ def trace_source(value: ir.Value, fold: ConstantEvaluator) -> TrigSource | Table
                 v = b if scalar is ca else a
                 continue
             raise NotUnderstood(f"{value.name}: cos/sin scaled by a non-constant ({node.name})")
+        if op == "Gather" and pick is None:
+            k = _picked_element(node, fold)
+            if k is not None:  # x[..., k] of stack((cos, sin), -1) (real pairs of a complex rotation)
+                pick, v = k, node.inputs[0]
+                continue
+        if op == "Concat" and pick is not None:
+            part = _stacked_part(node, pick)
+            if part is None:
+                raise NotUnderstood(f"{value.name}: element {pick} of {node.name} is not one stacked part")
+            pick, v = None, part
+            continue
         if op in ("GatherElements", "Gather") and _repeats_columns(node, fold):
             v = node.inputs[0]  # repeat_interleave of the columns (interleaved layouts)
             continue
@@ -97,10 +109,33 @@ def trace_source(value: ir.Value, fold: ConstantEvaluator) -> TrigSource | Table
     raise NotUnderstood(f"{value.name}: source too far upstream")
 
 
+def _picked_element(node: ir.Node, fold: ConstantEvaluator) -> int | None:
+    """k of a Gather taking one element (a scalar index) of the last axis, else None."""
+    indices = fold(node.inputs[1]) if len(node.inputs) > 1 else None
+    r = rank(node.inputs[0])
+    axis = int_attr(node, "axis", 0)
+    if indices is None or np.ndim(indices) != 0 or r is None or axis not in (-1, r - 1):
+        return None
+    k = int(indices)
+    width = last_dim(node.inputs[0])
+    return k if k >= 0 or width is None else k + width
+
+
+def _stacked_part(node: ir.Node, k: int) -> ir.Value | None:
+    """The k-th input of a Concat along the last axis whose inputs are each one element wide there."""
+    r = rank(node.outputs[0])
+    axis = int_attr(node, "axis", 0)
+    if r is None or axis not in (-1, r - 1) or not 0 <= k < len(node.inputs):
+        return None
+    if any(last_dim(i) != 1 for i in node.inputs):
+        return None
+    return node.inputs[k]
+
+
 def _repeats_columns(node: ir.Node, fold: ConstantEvaluator) -> bool:
     """A gather along the last axis with constant indices that only repeats columns in order."""
     indices = fold(node.inputs[1])
-    if indices is None or indices.size == 0:
+    if indices is None or indices.size == 0 or np.ndim(indices) == 0:
         return False
     axis = int_attr(node, "axis", 0)
     r = rank(node.inputs[0])

@@ -1,0 +1,537 @@
+"""RoPE rotations identified by what they compute, not by how a library spells them.
+
+A RoPE application is y = a(p)·x + b(p)·P(x) on some channels of an activation x: P pairs channels with a sign,
+a and b come from cos/sin of angles that depend on the positions. Structure only finds *candidates*:
+
+1. seeds: the outputs of Cos / Sin nodes (and, given by the caller, rows of cos/sin tables);
+2. the cos/sin family: every value computed from the seeds together with constants and position inputs only
+   (broadcasts, slices, casts, scalar or position-dependent factors such as xPos' scale);
+3. the terms: Muls where a family value meets an activation (a value depending on hidden states);
+4. x: the nearest common ancestor of the terms of one rotation, walking up through data movement
+   (Slice / Split / Gather / Squeeze / Reshape / Transpose / Neg / Concat / ... whatever the library wrote);
+   y: the first value that depends on every term, followed through reshapes back to x's shape.
+
+The cone from x (and the position inputs) to y is then *evaluated* on probe inputs (unit vectors of x at a few
+positions; no weight is read: x is an input of the cut-out subgraph). The matrices M(p) with y = M(p)·x give the
+channel pairing and signs, the rotated range (pass-through channels), whether the rotation is per head, the
+angle of every pair at every probed position, and the magnitude |a|² + |b|² (xPos when it depends on position).
+A library's new spelling of the same arithmetic needs no new code here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from posrewrite.math.precision import machine_epsilon
+from posrewrite.passes.onnx._graph import dtype_name, numpy_dtype
+from posrewrite.passes.rotation_reading import NotARotation, identify_matrix, read_matrices
+from posrewrite.sites.rope import Layout, PositionDecay
+
+#: ops that only move, select, negate or retype activation elements (a rotation's plumbing)
+_MOVE_OPS = frozenset({
+    "Slice", "Split", "Gather", "GatherElements", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Neg",
+    "Concat", "Cast", "Identity", "Flatten", "Expand", "Tile",
+})
+#: ops followed from y0 back to x's shape (stack + flatten, view_as_real + flatten)
+_RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose"})
+_PROBE_POSITIONS = 16  # positions 0..15 in every probe (low frequencies turn by 15·f: seen in any dtype)
+_MAX_PROBE_CHANNELS = 4096
+_MAX_CONE_NODES = 400
+_MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbedRotation:
+    """One rotation identified by probing. `layout` None: a pairing no rewrite supports (`pairs` says which)."""
+
+    x: ir.Value
+    output: ir.Value
+    cos: ir.Value  # the family value multiplied with x itself (the cos term)
+    sin: ir.Value  # the family value multiplied with the partner channels (the sin term)
+    layout: Layout | None
+    rotary_dim: int  # channels of one head that rotate (the first rotary_dim of the head)
+    head_dim: int  # channels of one head (x's last axis, or its block when x is [.., H·D])
+    heads_in_last_axis: int  # 1, or H when x holds H heads of head_dim channels on its last axis
+    pairs: tuple[tuple[int, int], ...]  # (first, second) channel pairs of one head: y_f = x_f cos - x_s sin
+    angles: np.ndarray  # [positions, rotary_dim/2] probed angle of each pair (pairs' order), positions 0..5
+    magnitude: np.ndarray  # [positions, rotary_dim/2] probed |a|² + |b|² (cos²+sin² times any factor²)
+    decay: PositionDecay | None
+    nodes: tuple[ir.Node, ...]
+
+
+class StaticLength(Exception):
+    """A rotation identified on an export whose sequence length is fixed (a static export): it cannot run past
+    that many positions, so no rescale or extension can help; the message says so and what to do."""
+
+
+# -- structure: candidates ------------------------------------------------------------------------------------
+
+
+def _is_position_input(v: ir.Value) -> bool:
+    name = (v.name or "").lower()
+    if v.dtype is not None and v.dtype.is_floating_point():
+        return False
+    return "pos" in name or "mask" in name
+
+
+class _Hidden:
+    """Whether a value depends on hidden states (a float graph input, or token ids read other than through
+    Shape): memoised backward walk. Initializers, constants and position inputs are not hidden."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._inputs = {id(v): v for v in graph.inputs}
+        self._memo: dict[int, bool] = {}
+
+    def __call__(self, value: ir.Value | None) -> bool:
+        if value is None:
+            return False
+        stack = [value]
+        while stack:
+            v = stack[-1]
+            if id(v) in self._memo:
+                stack.pop()
+                continue
+            if id(v) in self._inputs:
+                self._memo[id(v)] = not _is_position_input(v)
+                stack.pop()
+                continue
+            node = v.producer()
+            if node is None or node.op_type in ("Shape", "Size"):
+                self._memo[id(v)] = False
+                stack.pop()
+                continue
+            pending = [i for i in node.inputs if i is not None and id(i) not in self._memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            self._memo[id(v)] = any(self._memo[id(i)] for i in node.inputs if i is not None)
+            stack.pop()
+        return self._memo[id(value)]
+
+
+def _family(seeds: Iterable[ir.Value], hidden: _Hidden, limit: int = 4000) -> set[int]:
+    """Values computed from the seeds with constants and positions only (no hidden state)."""
+    family: set[int] = set()
+    stack = list(seeds)
+    while stack and len(family) < limit:
+        v = stack.pop()
+        if id(v) in family:
+            continue
+        family.add(id(v))
+        for use in v.uses():
+            node = use.node
+            if node.op_type in ("Shape", "Size"):
+                continue
+            if any(i is not None and id(i) not in family and i is not v and hidden(i) for i in node.inputs):
+                continue
+            stack.extend(node.outputs)
+    return family
+
+
+@dataclasses.dataclass
+class _Term:
+    mul: ir.Node
+    activation: ir.Value
+    factor: ir.Value  # the family operand
+
+
+def _terms(graph: ir.Graph, family: set[int], hidden: _Hidden) -> list[_Term]:
+    terms = []
+    for node in graph:
+        if node.op_type != "Mul" or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a is None or b is None:
+            continue
+        if id(a) in family and id(b) not in family and hidden(b):
+            terms.append(_Term(node, b, a))
+        elif id(b) in family and id(a) not in family and hidden(a):
+            terms.append(_Term(node, a, b))
+    return terms
+
+
+def _ancestors(value: ir.Value, limit: int = 64) -> dict[int, ir.Value]:
+    """`value` and the values above it through data-movement ops (every data input of a Concat)."""
+    found: dict[int, ir.Value] = {}
+    stack = [value]
+    while stack and len(found) < limit:
+        v = stack.pop()
+        if id(v) in found:
+            continue
+        found[id(v)] = v
+        node = v.producer()
+        if node is None or node.op_type not in _MOVE_OPS:
+            continue
+        data = list(node.inputs) if node.op_type == "Concat" else node.inputs[:1]
+        stack.extend(i for i in data if i is not None)
+    return found
+
+
+def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Value], list[_Term]]]:
+    """([x, ...], terms) for every group of cos/sin terms that share an activation ancestor: the common
+    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D])."""
+    graph = model.graph
+    hidden = _Hidden(graph)
+    family = _family([s for s in seeds if not hidden(s)], hidden)
+    terms = _terms(graph, family, hidden)
+    order = {id(n): k for k, n in enumerate(graph)}
+
+    def position(v: ir.Value) -> int:
+        p = v.producer()
+        return -1 if p is None else order.get(id(p), -1)
+
+    groups: list[tuple[dict[int, ir.Value], list[_Term]]] = []
+    for term in terms:
+        anc = _ancestors(term.activation)
+        for g in groups:
+            if set(g[0]) & set(anc):
+                common = {k: v for k, v in g[0].items() if k in anc}
+                g[0].clear()
+                g[0].update(common)
+                g[1].append(term)
+                break
+        else:
+            groups.append((anc, [term]))
+    found = []
+    for anc, members in groups:
+        if len(members) < 2:
+            continue
+        xs = sorted(anc.values(), key=position, reverse=True)[:4]
+        found.append((xs, members))
+    return found
+
+
+def _output(x: ir.Value, terms: list[_Term], graph: ir.Graph) -> ir.Value | None:
+    """The first value depending on every term's Mul, followed through reshapes to x's rank and width."""
+    need = {id(t.mul.outputs[0]): k for k, t in enumerate(terms)}
+    full = (1 << len(terms)) - 1
+    deps: dict[int, int] = {}
+    start = min((k for k, n in enumerate(graph) if any(n is t.mul for t in terms)), default=0)
+    y0 = None
+    for k, node in enumerate(graph):
+        if k < start:
+            continue
+        mask = 0
+        for i in node.inputs:
+            if i is not None:
+                mask |= deps.get(id(i), 0)
+        for o in node.outputs:
+            m = mask | (1 << need[id(o)] if id(o) in need else 0)
+            if m:
+                deps[id(o)] = m
+            if m == full and y0 is None:
+                y0 = o
+        if y0 is not None:
+            break
+    if y0 is None:
+        return None
+    y = y0
+    for _ in range(6):
+        if _same_layout(x, y):
+            return y
+        uses = [u.node for u in y.uses()]
+        if len(uses) != 1 or uses[0].op_type not in _RESHAPE_OPS:
+            return y
+        y = uses[0].outputs[0]
+    return y
+
+
+def _same_layout(x: ir.Value, y: ir.Value) -> bool:
+    if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
+        return False
+    return x.shape[-1] == y.shape[-1]
+
+
+def _nodes_between(x: ir.Value, y: ir.Value) -> list[ir.Node]:
+    """Nodes on some path from x to y, in graph order."""
+    back: dict[int, ir.Node] = {}
+    stack = [y]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or id(node) in back:
+            continue
+        back[id(node)] = node
+        if len(back) > _MAX_CONE_NODES:
+            raise NotARotation("the cone from x to the rotated value is too large")
+        stack.extend(i for i in node.inputs if i is not None)
+    fwd: set[int] = set()
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        for use in v.uses():
+            n = use.node
+            if id(n) in back and id(n) not in fwd:
+                fwd.add(id(n))
+                stack.extend(n.outputs)
+    return [n for n in back.values() if id(n) in fwd]
+
+
+# -- identity: probing ----------------------------------------------------------------------------------------
+
+
+def _cone_inputs(graph: ir.Graph, y: ir.Value, x: ir.Value) -> list[ir.Value]:
+    inputs = {id(v): v for v in graph.inputs}
+    found: dict[int, ir.Value] = {}
+    stack, seen = [y], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in inputs:
+            found[id(v)] = v
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return [v for v in graph.inputs if id(v) in found]
+
+
+def _reads_values(inp: ir.Value, y: ir.Value, x: ir.Value) -> bool:
+    """Whether `y` reads the graph input `inp`'s values (not only its shape) other than through x."""
+    stack, seen = [y], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v is x or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or node.op_type in ("Shape", "Size"):
+            continue
+        if any(i is inp for i in node.inputs):
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
+def _feed(v: ir.Value, batch: int, length: int) -> np.ndarray:
+    name = (v.name or "").lower()
+    dims = list(v.shape.dims) if v.shape is not None else [batch, length]
+    cache = ("past" in name or "cache" in name) and len(dims) >= 3
+    shape, first = [], True
+    for d in dims:
+        if isinstance(d, int):
+            shape.append(d)
+        elif cache:
+            shape.append(batch if first else 0)
+        else:
+            shape.append(batch if first and len(dims) > 1 else length)
+        first = False
+    dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
+    if "position" in name and not cache:
+        return np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
+    import onnxruntime as ort
+
+    sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [y.name])
+    elements = sum(math.prod(init.shape.dims) for init in sub.initializers.values()
+                   if init.shape is not None and init.shape.is_static())
+    if elements > _MAX_CONE_ELEMENTS:  # a rotation's cone holds frequencies and tables, never weights
+        raise NotARotation(f"the cut-out rotation reads {elements} constant elements (weights?)")
+    for init in list(sub.initializers.values()):
+        if isinstance(init.const_value, ir.ExternalTensor):
+            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+    sub.opset_imports.update(model.graph.opset_imports)
+    proto = ir.to_proto(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> None:
+    """x has no symbolic position axis: try each static axis before the channels as positions; a rotation read
+    there raises StaticLength (else returns: not identified)."""
+    for axis in range(len(dims) - 2, 0, -1):
+        n = dims[axis]
+        if not isinstance(n, int) or n < 2:
+            continue
+        try:
+            m = probe_matrices(model, x, y, static_axis=axis)
+        except NotARotation:
+            continue
+        pairs = identify_matrix(m[0, :, : m.shape[-1], : m.shape[-1]])
+        if pairs is not None and pairs[0]:
+            raise StaticLength(
+                f"RoPE rotation of {x.name} exported at a fixed length of {n} positions (a static export: the "
+                f"graph cannot run past {n}); re-export with a dynamic sequence axis (torch.onnx.export "
+                "dynamic_shapes / dynamic_axes) and rewrite that")
+    return
+
+
+def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None) -> np.ndarray:
+    """M [heads, positions, W, W] with y[.., p, i] = sum_j M[h, p, i, j] x[.., p, j] (W: x's last axis), from
+    one run of the cut-out cone on unit vectors of x placed on its batch axis."""
+    if x.shape is None or x.dtype is None or not x.dtype.is_floating_point():
+        raise NotARotation("the rotated value has no known float shape")
+    dims = list(x.shape.dims)
+    width = dims[-1]
+    if not isinstance(width, int):
+        raise NotARotation("the rotated width is not static")
+    if width > _MAX_PROBE_CHANNELS:
+        raise NotARotation(f"{width} channels is more than a probe handles")
+    symbolic = [k for k, d in enumerate(dims[:-1]) if not isinstance(d, int)]
+    if len(symbolic) <= 1 and len(dims) >= 3 and not static_axis:
+        _identify_static(model, x, y, dims)
+    if static_axis:
+        seq_axis, length = static_axis, int(dims[static_axis])
+        if any(not isinstance(d, int) for d in dims[1:]):
+            raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
+        dims = ["batch", *dims[1:]]
+    elif len(symbolic) != 2 or symbolic[0] != 0:
+        raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
+    else:
+        seq_axis = symbolic[1]
+        length = _PROBE_POSITIONS
+    shape = [width if k == 0 else (length if k == seq_axis else d) for k, d in enumerate(dims)]
+    probe = np.zeros(shape, dtype=numpy_dtype(x.dtype))
+    eye = np.eye(width, dtype=probe.dtype)
+    moved = np.moveaxis(probe, 0, -2)  # [.., W(batch), W]
+    moved[...] = eye
+    graph = model.graph
+    others = _cone_inputs(graph, y, x)
+    hidden = [v.name for v in others if not _is_position_input(v) and _reads_values(v, y, x)]
+    if hidden:
+        raise NotARotation(f"the rotated value depends on {hidden[0]} other than through {x.name}")
+    feeds = {v.name: _feed(v, width, length) for v in others}
+    feeds[x.name] = probe
+    try:
+        (out,) = _session(model, [x, *others], y).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+        raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
+    if out.shape != probe.shape:
+        raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+    out = np.asarray(out, np.float64)
+    # out[b, .., p, .., i] = M[.., p][i, b]
+    out = np.moveaxis(out, seq_axis, 1)  # [W(b), P, rest.., W(i)]
+    out = out.reshape(width, length, -1, width)  # [b, P, heads, i]
+    return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
+
+
+def _tolerance(x: ir.Value) -> float:
+    """Relative agreement expected between probed coefficients that are equal in exact arithmetic: a few
+    round-offs of x's dtype (cos/sin and their products are rounded to it), 1e-5 at least."""
+    name = dtype_name(x)
+    return max(1e-5, 8 * machine_epsilon(name if name in ("float16", "bfloat16") else "float32"))
+
+
+def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
+    """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
+    r = read_matrices(probe_matrices(model, x, y), _tolerance(x))
+    return ProbedRotation(
+        x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=r.layout,
+        rotary_dim=r.rotary_dim, head_dim=r.head_dim, heads_in_last_axis=r.heads_in_last_axis, pairs=r.pairs,
+        angles=r.angles, magnitude=r.magnitude, decay=r.decay, nodes=tuple(_nodes_between(x, y)),
+    )
+
+
+def _trig_kind(value: ir.Value, limit: int = 32) -> str | None:
+    """"Cos" or "Sin": the trig node a family value is computed from (nearest first), None for tables."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop(0)
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None:
+            continue
+        if node.op_type in ("Cos", "Sin"):
+            return node.op_type
+        stack.extend(node.inputs)
+    return None
+
+
+def _cos_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
+    for t in terms:
+        if _trig_kind(t.factor) == "Cos":
+            return t.factor
+    for t in terms:
+        if t.activation is x:
+            return t.factor
+    return terms[0].factor
+
+
+def _sin_operand(terms: list[_Term], x: ir.Value) -> ir.Value:
+    cos = _cos_operand(terms, x)
+    for t in terms:
+        if _trig_kind(t.factor) == "Sin" and t.factor is not cos:
+            return t.factor
+    for t in terms:
+        if t.factor is not cos:
+            return t.factor
+    return terms[-1].factor
+
+
+def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
+                ) -> tuple[list[ProbedRotation], list[tuple[ir.Value, str]], list[tuple[ir.Value, str]]]:
+    """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
+    Returns (rotations, [(where, why it is a rotation that cannot be rewritten)], [(where, why not a rotation)])."""
+    found, refused, failed = [], [], []
+    for xs, terms in candidates(model, seeds):
+        if any(id(t.mul.outputs[0]) in claimed for t in terms):
+            continue
+        first_failure = None
+        for x in xs:  # the nearest common ancestor first, then the values it was viewed from
+            y = _output(x, terms, model.graph)
+            if y is None:
+                first_failure = first_failure or (x, "no value combines the cos and sin terms")
+                continue
+            try:
+                found.append(identify(model, x, y, terms))
+            except StaticLength as why:
+                refused.append((y, str(why)))
+            except NotARotation as why:
+                first_failure = first_failure or (y, str(why))
+                continue
+            except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
+                # a malformed graph (shapes that contradict each other...): not identified, never a crash
+                first_failure = first_failure or (y, f"probe not possible: {type(exc).__name__}: {exc}"[:200])
+                continue
+            first_failure = None
+            break
+        if first_failure is not None:
+            failed.append(first_failure)
+    return found, refused, failed
+
+
+def rotation_seeds(model: ir.Model) -> list[ir.Value]:
+    """Where cos/sin come from: Cos / Sin outputs, rows of constant float tables (2-D or more) selected by
+    Gather / Slice (hidden-state lookups, embeddings, are dropped by `candidates`), and such tables multiplied
+    directly (a static export bakes cos/sin of its fixed positions as constants)."""
+    seeds = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if (tensor is not None and tensor.dtype.is_floating_point() and tensor.shape is not None
+                and len(tensor.shape) >= 2 and any(u.node.op_type == "Mul" for u in value.uses())):
+            seeds.append(value)
+    for node in model.graph:
+        if node.op_type in ("Cos", "Sin"):
+            seeds.append(node.outputs[0])
+        elif node.op_type in ("Gather", "Slice") and node.inputs and node.inputs[0] is not None:
+            table = node.inputs[0]
+            tensor = ir.convenience.get_const_tensor(table)
+            if (tensor is not None and tensor.dtype.is_floating_point() and tensor.shape is not None
+                    and len(tensor.shape) >= 2):
+                seeds.append(node.outputs[0])
+    return seeds
+
+
+def describe_pairs(pairs: tuple[tuple[int, int], ...], limit: int = 4) -> str:
+    shown = ", ".join(f"({a},{b})" for a, b in pairs[:limit])
+    return shown + (f", ... ({len(pairs)} pairs)" if len(pairs) > limit else "")
