@@ -95,12 +95,15 @@ def _reference_forward(rel: np.ndarray, logn: np.ndarray | None, rotary):
 
 
 def hf_reference(arch: str, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None,
-                 rope_parameters: dict | None = None) -> np.ndarray:
+                 rope_parameters: dict | None = None, model=None) -> np.ndarray:
+    """``model`` (an HF Llama-family model) replaces ``build_hf_model(arch)`` when given."""
     import types
 
     from fixtures.hf_models import build_hf_model
 
-    model = build_hf_model(arch, rope_parameters=rope_parameters).double()
+    if model is None:
+        model = build_hf_model(arch, rope_parameters=rope_parameters)
+    model = model.double()
     rotary = model.model.rotary_emb
     fwd = _reference_forward(rel, logn, rotary)
     for layer in model.model.layers:
@@ -347,3 +350,221 @@ def test_logn_kv_cache_decode_matches_reference(tmp_path):
         for a, r in zip(got, ref, strict=True):
             assert np.abs(a - r.numpy()).max() <= TOL
         assert np.abs(plain.run(None, feeds)[0] - ref[0].numpy()).max() > 10 * TOL
+
+
+# -- every method on Optimum's layout: TorchScript exporter, opset 14, KV cache -----------------------------------
+OPTIMUM_CASES = {
+    "self-extend": (["--extend", "self-extend", "--group-size", "3", "--window", "5"],
+                    lambda i, j: rel_selfextend(i, j, 5, 3), False),
+    "rerope": (["--extend", "rerope", "--window", "5"], lambda i, j: rel_rerope(i, j, 5), False),
+    "leaky-rerope": (["--extend", "rerope", "--window", "5", "--leaky", "3"],
+                     lambda i, j: rel_rerope(i, j, 5, 3.0), False),
+    "logn": (["--logn-scaling", "--original-max-positions", "8"], lambda i, j: (i - j).astype(np.float64), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMUM_CASES))
+def test_optimum_layout_opset14_prefill_and_decode(case, tmp_path):
+    """Optimum's ``text-generation-with-past`` layout (TorchScript, opset 14, KV cache): the rewrite loads in
+    onnxruntime (opset-14 nodes only), and a prefill of 9 tokens from an empty cache then 15 single-token steps,
+    each fed the presents of the step before, equal the paper reference over the whole sequence (batch 2)."""
+    import onnx
+
+    from fixtures.hf_models import export_optimum_layout, optimum_layout_hf_model, ort_session
+
+    flags, rel_fn, logn = OPTIMUM_CASES[case]
+    src = export_optimum_layout()
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, *flags)
+    proto = onnx.load(str(out))
+    assert {o.domain: o.version for o in proto.opset_import}.get("", 1) == 14  # opset kept, nodes written for it
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort_session(out)
+    s, batch = 24, 2
+    ids = np.random.default_rng(7).integers(3, 128, size=(batch, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    model = optimum_layout_hf_model()
+    ref = hf_reference("llama", ids, rel_fn(i, j), qwen_logn(s, 8) if logn else None, model=model)
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    past = [np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
+            for _ in range(2 * cfg.num_hidden_layers)]
+    t, worst = 0, 0.0
+    for n in [9] + [1] * 15:
+        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((batch, t + n), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(t, t + n), (batch, n)).copy()}
+        for layer in range(cfg.num_hidden_layers):
+            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+        logits, *past = sess.run(None, feeds)
+        err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
+        worst = max(worst, err)
+        assert err <= TOL, (t, n, err)
+        t += n
+    plain = ort_session(src)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((batch, s), np.int64),
+             "position_ids": np.broadcast_to(np.arange(s), (batch, s)).copy()}
+    for layer in range(cfg.num_hidden_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kv}"] = np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
+    assert np.abs(plain.run(None, feeds)[0] - ref).max() > 10 * TOL  # the rewrite changed what the model computes
+
+
+# -- an independently written LM (not HF, not posrewrite's fixtures) ----------------------------------------------
+# cos/sin computed once as [S, D] from torch.outer and broadcast over heads; attention through
+# scaled_dot_product_attention(is_causal=True); exported with the dynamo exporter.
+IND = dict(vocab=256, hidden=64, heads=4, layers=2, base=10000.0)
+
+
+def _independent_lm():
+    import torch.nn.functional as F
+    from torch import nn
+
+    hd = IND["hidden"] // IND["heads"]
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(IND["hidden"], 3 * IND["hidden"], bias=False)
+            self.out = nn.Linear(IND["hidden"], IND["hidden"], bias=False)
+
+        def forward(self, x, cos, sin):
+            b, s, _ = x.shape
+            q, k, v = self.qkv(x).view(b, s, 3, IND["heads"], hd).permute(2, 0, 3, 1, 4)
+
+            def rotate(t):
+                return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+
+            y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, s, -1))
+
+    class ByteLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(IND["vocab"], IND["hidden"])
+            self.blocks = nn.ModuleList(Attention() for _ in range(IND["layers"]))
+            self.head = nn.Linear(IND["hidden"], IND["vocab"], bias=False)
+            inv = 1.0 / IND["base"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+            self.register_buffer("inv_freq", inv, persistent=False)
+
+        def forward(self, ids):
+            angles = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32), self.inv_freq)
+            emb = torch.cat([angles, angles], -1)  # [S, D]
+            cos, sin = emb.cos(), emb.sin()
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = x + block(x, cos, sin)
+            return self.head(x)
+
+    torch.manual_seed(11)
+    return ByteLM().eval()
+
+
+@pytest.fixture(scope="module")
+def independent_lm(tmp_path_factory):
+    from fixtures.cache import cached
+
+    def build(tmp):
+        m = _independent_lm()
+        ids = torch.randint(0, IND["vocab"], (1, 40))
+        torch.onnx.export(m, (ids,), str(tmp / "model.onnx"), dynamo=True, verbose=False,
+                          dynamic_shapes={"ids": {1: torch.export.Dim("seq", max=4096)}})
+        return dict(IND)
+
+    path, _ = cached(dict(kind="test-independent-byte-lm", config=IND, version=1), build)
+    return path, _independent_lm()
+
+
+def independent_reference(module, ids: np.ndarray, rel: np.ndarray, logn: np.ndarray | None) -> np.ndarray:
+    """The module's forward in float64 with q_i rotated by rel(i, j) against k_j at position 0 (RoPE's relative
+    property), causal softmax with scale 1/sqrt(d), optional per-query log-n factor."""
+    w = {k: v.detach().double().numpy() for k, v in module.state_dict().items()}
+    nh, hd = IND["heads"], IND["hidden"] // IND["heads"]
+    inv = 1.0 / IND["base"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    b, s = ids.shape
+    ang = rel[:s, :s, None] * inv  # [i, j, D/2]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    x = w["embed.weight"][ids]
+    for layer in range(IND["layers"]):
+        qkv = (x @ w[f"blocks.{layer}.qkv.weight"].T).reshape(b, s, 3, nh, hd).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        q_half = np.concatenate([-q[..., hd // 2:], q[..., :hd // 2]], -1)
+        qr = q[:, :, :, None, :] * cos + q_half[:, :, :, None, :] * sin  # [b, h, i, j, d]
+        scores = np.einsum("bhijd,bhjd->bhij", qr, k) / math.sqrt(hd)
+        if logn is not None:
+            scores = scores * logn[:s, None]
+        scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        y = np.einsum("bhij,bhjd->bihd", p, v).reshape(b, s, -1)
+        x = x + y @ w[f"blocks.{layer}.out.weight"].T
+    return x @ w["head.weight"].T
+
+
+INDEPENDENT_CASES = {
+    "self-extend": (["--extend", "self-extend", "--group-size", "8", "--window", "32"],
+                    lambda i, j: rel_selfextend(i, j, 32, 8), None),
+    "rerope": (["--extend", "rerope", "--window", "24"], lambda i, j: rel_rerope(i, j, 24), None),
+    "leaky-rerope": (["--extend", "rerope", "--window", "24", "--leaky", "4"],
+                     lambda i, j: rel_rerope(i, j, 24, 4.0), None),
+    "logn": (["--logn-scaling", "--original-max-positions", "32"], lambda i, j: (i - j).astype(np.float64), 32),
+    "self-extend+logn": (["--extend", "self-extend", "--group-size", "4", "--window", "16", "--logn-scaling",
+                          "--original-max-positions", "32"], lambda i, j: rel_selfextend(i, j, 16, 4), 32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEPENDENT_CASES))
+def test_independent_lm_matches_paper_reference(case, independent_lm, tmp_path, capfd):
+    """The issue's failing form: the rewrite validates (exit 0, nothing from onnxruntime on stderr) and equals
+    the paper reference at 96 tokens; the model as exported does not."""
+    from fixtures.hf_models import ort_session
+
+    path, module = independent_lm
+    flags, rel_fn, logn = INDEPENDENT_CASES[case]
+    out = tmp_path / "out.onnx"
+    capfd.readouterr()
+    _rewrite(path, out, *flags)
+    err = capfd.readouterr().err
+    assert "\x1b[" not in err and "onnxruntime" not in err.lower(), err
+    s = 96
+    ids = np.random.default_rng(8).integers(0, IND["vocab"], size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    ref = independent_reference(module, ids, rel_fn(i, j), qwen_logn(s, logn) if logn else None)
+    got = ort_session(out).run(None, {"ids": ids})[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= TOL
+    plain = ort_session(path).run(None, {"ids": ids})[0]
+    assert np.abs(plain - ref).max() / np.abs(ref).max() > 10 * TOL
+
+
+def test_validation_failure_leaves_no_onnxruntime_log_on_stderr(independent_lm, tmp_path, monkeypatch, capfd):
+    """A rewrite whose model fails in onnxruntime at run time is refused with one line (exit 6) and
+    onnxruntime's own coloured log stays off stderr (file descriptor 2, where onnxruntime writes)."""
+    import onnx_ir as ir
+
+    from posrewrite import io
+    from posrewrite.cli import main
+
+    path, _ = independent_lm
+    real = io.stage_model
+
+    def faulty(model, *args, **kwargs):
+        logits = model.graph.outputs[0]
+        node = ir.node("Reshape", [logits, ir.Value(name="bad_shape")], name="injected_bad_reshape")
+        node.inputs[1].const_value = ir.tensor(np.array([7, -1, 5], np.int64))
+        bad = node.inputs[1]
+        bad.name = "injected_bad_shape"
+        model.graph.initializers["injected_bad_shape"] = bad
+        model.graph.append(node)
+        node.outputs[0].name = "injected_logits"
+        node.outputs[0].dtype = logits.dtype
+        model.graph.outputs[0] = node.outputs[0]
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(io, "stage_model", faulty)
+    capfd.readouterr()
+    rc = main([str(path), "--extend", "rerope", "--window", "24", "-o", str(tmp_path / "o.onnx")])
+    err = capfd.readouterr().err
+    assert rc == 6
+    assert "\x1b[" not in err and "[E:onnxruntime" not in err, err
+    assert err.count("\n") == 1 and err.startswith("posrewrite: error:")
+    assert not (tmp_path / "o.onnx").exists()

@@ -234,9 +234,40 @@ def _check_site(site: RopeSite, ext: AttentionExtension | None) -> None:
     if ext is not None and not ext.integer_positions and site.angles != AngleSource.COMPUTED:
         raise AttentionExtendError("leaky ReRoPE needs fractional positions, which a cached cos/sin table cannot "
                                    "index: this model gathers cos/sin rows")
-    if _squeeze_axis(site.positions) == "bad":
+    if _squeeze_axis(_position_source(site.positions)) == "bad":
         raise AttentionExtendError(f"positions of shape {site.positions.shape} (expected [seq], [batch, seq], "
                                    "[batch, seq, 1] or [batch, 1, seq])")
+
+
+def _ambiguous(positions: ir.Value) -> bool:
+    """True when the positions' rank and shape do not say which axis is the sequence: a static 1 where a
+    [batch, seq] reading would put the sequence ([S, 1] is an outer-product column, not one position of S
+    sequences), or a rank other than 1, 2 and 3."""
+    r = rank(positions)
+    if r is None:
+        return True
+    dims = list(positions.shape)
+    if r == 2:
+        return dims[1] == 1
+    if r == 3:
+        return not (dims[2] == 1 or dims[1] == 1) or dims[0] != 1 and dims[1] == 1 and dims[2] == 1
+    return r != 1
+
+
+def _position_source(positions: ir.Value) -> ir.Value:
+    """The positions as the graph made them before reshaping them for the angle product: from the value the
+    angles read, up through view ops, to the first value whose shape says where the sequence is ([S], [B, S],
+    [B, S, 1] or [B, 1, S]). ``Reshape(arange(S), [-1, 1])`` of an outer-product form gives the [S] range."""
+    v = positions
+    for _ in range(8):
+        if not _ambiguous(v):
+            return v
+        node = v.producer()
+        if node is None or node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast") or \
+                not node.inputs or node.inputs[0] is None:
+            return positions
+        v = node.inputs[0]
+    return positions
 
 
 def _squeeze_axis(positions: ir.Value) -> int | None | str:
@@ -311,9 +342,15 @@ def _check_cache_path(pair: ScorePair) -> None:
 
 def _key_positions_like(b: _Builder, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
     """Positions 0..T-1 of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions``
-    ([T], [1, T], [1, T, 1] or [1, 1, T]), and as rows [1, T] int64."""
-    end = {"end": axis + 1} if axis != -1 else {}
-    t = b.op("Squeeze", b.op("Shape", keys, start=axis, **end), b.const(np.array([0], np.int64)))
+    (the site's positions as the angles read them: its source [T], [1, T], [1, T, 1] or [1, 1, T] reshaped as
+    the graph reshapes it), and as rows [1, T] int64."""
+    source = _position_source(positions)
+    if source is not positions:
+        src_pos, rows = _key_positions_like(b, source, keys, axis)
+        between = _ancestors_until([positions], {id(source)}, limit=16)
+        return b.clone(positions, {id(source): src_pos}, between, {}), rows
+    # Shape then Gather (not Shape's start/end attributes, which need opset 15)
+    t = b.op("Gather", b.op("Shape", keys), b.const(np.array(axis, np.int64)), axis=0)
     r0 = b.op("Range", b.const(np.array(0, np.int64)), t, b.const(np.array(1, np.int64)))
     r0.dtype = ir.DataType.INT64
     rows = b.op("Unsqueeze", r0, b.const(np.array([0], np.int64)))
@@ -469,7 +506,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         uses = list(scores.uses())
         rows = rows_memo.get(id(pair.q_site.positions))
         if rows is None:
-            rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, pair.q_site.positions)
+            rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
         if extension is not None:
             q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0])
