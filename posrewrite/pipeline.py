@@ -405,7 +405,8 @@ class ValidationStep:
 
         opts, path = self.options, self.model_path
         report = ValidationReport()
-        inside = [opts.window] if opts.window else []
+        ext = opts.attention_extension
+        inside = [ext.unchanged_length] if ext is not None else []
         if opts.logn_scaling:
             inside.append(logn_length_for(opts, path))
         length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))

@@ -21,7 +21,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from posrewrite.math.positions import logn_factor, rerope, selfextend, selfextend_defaults  # noqa: E402
+from posrewrite.math.positions import (  # noqa: E402
+    dual_chunk,
+    logn_factor,
+    rerope,
+    selfextend,
+    selfextend_defaults,
+)
 
 TOL = 1e-5  # fp32 onnxruntime vs float64 reference, logits of magnitude ~1
 
@@ -36,6 +42,21 @@ def rel_rerope(i, j, W, k=None):
     if k is None:
         return np.where(d < W, d, W)
     return np.where(d < W, d, W + (d - W) / k)
+
+
+def rel_dual_chunk(i, j, C, W):
+    """An et al. 2024, Sec. 3, with Qwen2.5-1M's names: chunks of s = C - W tokens; keys at P_k = j mod s; queries
+    at P_q^intra = i mod s (same chunk), P_q^succ = s + i mod s for the first W tokens of a chunk and the largest
+    position (the paper's c - 1, here C) after them (the chunk right after the key's), P_q^inter = C (later
+    chunks)."""
+    s = C - W
+    pk = j % s
+    intra = i % s
+    succ = np.where(i % s < W, s + i % s, C)
+    inter = np.full_like(i, C)
+    gap = i // s - j // s
+    pq = np.where(gap == 0, intra, np.where(gap == 1, succ, inter))
+    return (pq - pk).astype(np.float64)
 
 
 def qwen_logn(n_positions: int, L: int) -> np.ndarray:
@@ -55,6 +76,11 @@ def test_position_maps_match_the_papers():
     np.testing.assert_allclose(logn_factor(np.arange(300), 128), qwen_logn(300, 128), rtol=0, atol=1e-12)
     # grouped positions continue the neighbour ones at the window edge
     assert se[100, 100 - 16] == 16 - 16 // 4 + (100 // 4 - (100 - 16) // 4) - 4 or se[100, 84] <= 16
+    for c, w in ((24, 8), (7, 2), (12, 5), (40, 8)):
+        dca = dual_chunk(c, w)
+        assert np.array_equal(dca.relative_positions(np.arange(200), np.arange(200))[causal],
+                              rel_dual_chunk(i, j, c, w)[causal])
+        assert dca.max_relative_position(200) == rel_dual_chunk(i, j, c, w)[causal].max() <= c
     g, w = selfextend_defaults(128, 1024)
     assert selfextend(w, g).max_relative_position(1024) <= 127
     assert selfextend(w, g - 1).max_relative_position(1024) > 127 if g > 1 else True
@@ -132,6 +158,10 @@ CASES = {
                           "--original-max-positions", "64"], lambda i, j: rel_selfextend(i, j, 8, 4), True),
     "rerope+logn32": (["--extend", "rerope", "--window", "8", "--logn-scaling", "--original-max-positions", "32"],
                       lambda i, j: rel_rerope(i, j, 8), 32),
+    "dual-chunk": (["--extend", "dual-chunk", "--chunk-size", "24", "--local-size", "8"],
+                   lambda i, j: rel_dual_chunk(i, j, 24, 8), False),
+    "dual-chunk-small": (["--extend", "dual-chunk", "--chunk-size", "14", "--local-size", "3"],
+                         lambda i, j: rel_dual_chunk(i, j, 14, 3), False),
 }
 
 
@@ -140,6 +170,8 @@ CASES = {
     ("llama", "logn", "dynamo"), ("qwen2", "self-extend", "dynamo"), ("qwen2", "rerope+logn", "dynamo"),
     ("mistral", "leaky-rerope", "dynamo"),
     ("llama", "self-extend+logn", "torchscript"),  # the exporter Optimum-style exports come from
+    ("llama", "dual-chunk", "dynamo"), ("qwen2", "dual-chunk-small", "dynamo"),
+    ("llama", "dual-chunk-small", "torchscript"),
 ])
 def test_hf_prefill_matches_paper_reference(arch, case, exporter, tmp_path):
     from fixtures.hf_models import export_hf_onnx, ort_logits
@@ -190,6 +222,8 @@ def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray, logn: np.ndar
     ("interleaved_rope_attention", dict(variant="gptj"), "leaky-rerope"),
     ("legacy_cached_rope", dict(variant="gather"), "rerope"),
     ("three_d_rope", {}, "rerope+logn32"),
+    ("legacy_cached_rope", dict(variant="gather"), "dual-chunk-small"),
+    ("interleaved_rope_attention", dict(variant="meta"), "dual-chunk"),
 ])
 def test_modules_match_paper_reference(module_onnx, kind, params, case, tmp_path):
     from fixtures.modules import ort_run
@@ -224,6 +258,12 @@ def _cli(capsys, *args) -> subprocess.CompletedProcess:
     (["--extend", "self-extend", "--group-size", "2", "--window", "8", "--rope-scale", "4"], "rope"),
     (["--extend", "rerope", "--window", "8", "--fuse", "ort"], "fuse"),
     (["--logn-scaling"], "original"),
+    (["--extend", "dual-chunk", "--chunk-size", "16"], "--local-size"),
+    (["--extend", "dual-chunk", "--chunk-size", "8", "--local-size", "8"], "chunk size"),
+    (["--extend", "dual-chunk", "--chunk-size", "16", "--local-size", "4", "--window", "8"], "--window"),
+    (["--extend", "rerope", "--window", "8", "--chunk-size", "16"], "dual-chunk"),
+    (["--extend", "dual-chunk", "--chunk-size", "16", "--local-size", "4", "--rope-params",
+      '{"dual_chunk_attention_config": {"chunk_size": 32, "local_size": 4}}'], "disagrees"),
 ])
 def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle, capsys):
     res = _cli(capsys, llama_onnx, *flags, "-o", tmp_path / "o.onnx")
@@ -240,11 +280,13 @@ KV_CASES = {
                     lambda i, j: rel_rerope(i, j, 4), True),
     "leaky-rerope": (["--extend", "rerope", "--window", "4", "--leaky", "3"],
                      lambda i, j: rel_rerope(i, j, 4, 3.0), False),
+    "dual-chunk": (["--extend", "dual-chunk", "--chunk-size", "7", "--local-size", "2"],
+                   lambda i, j: rel_dual_chunk(i, j, 7, 2), False),
 }
 
 
 @pytest.mark.parametrize("arch,case", [("llama", "self-extend"), ("llama", "rerope+logn"),
-                                       ("qwen2", "leaky-rerope")])
+                                       ("qwen2", "leaky-rerope"), ("qwen2", "dual-chunk")])
 def test_kv_cache_decode_step_by_step(arch, case, tmp_path):
     """KV-cache exports: the rewritten cache holds keys before rotation and every step rotates all keys at their
     positions (normal and second rotation). A prefill of 10 tokens from an empty cache, then 14 single-token
@@ -360,6 +402,11 @@ OPTIMUM_CASES = {
     "leaky-rerope": (["--extend", "rerope", "--window", "5", "--leaky", "3"],
                      lambda i, j: rel_rerope(i, j, 5, 3.0), False),
     "logn": (["--logn-scaling", "--original-max-positions", "8"], lambda i, j: (i - j).astype(np.float64), True),
+    "dual-chunk": (["--extend", "dual-chunk", "--chunk-size", "7", "--local-size", "2"],
+                   lambda i, j: rel_dual_chunk(i, j, 7, 2), False),
+    "dual-chunk-from-rope-params": (
+        ["--rope-params", '{"dual_chunk_attention_config": {"chunk_size": 8, "local_size": 3}}'],
+        lambda i, j: rel_dual_chunk(i, j, 8, 3), False),
 }
 
 
@@ -510,6 +557,8 @@ INDEPENDENT_CASES = {
     "logn": (["--logn-scaling", "--original-max-positions", "32"], lambda i, j: (i - j).astype(np.float64), 32),
     "self-extend+logn": (["--extend", "self-extend", "--group-size", "4", "--window", "16", "--logn-scaling",
                           "--original-max-positions", "32"], lambda i, j: rel_selfextend(i, j, 16, 4), 32),
+    "dual-chunk": (["--extend", "dual-chunk", "--chunk-size", "40", "--local-size", "8"],
+                   lambda i, j: rel_dual_chunk(i, j, 40, 8), None),
 }
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.errors import UsageError
-from posrewrite.math.positions import AttentionExtension
+from posrewrite.math.positions import AttentionExtension, PositionMap, Region
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.pipeline import PipelineContext, ReportingPass
@@ -294,26 +294,67 @@ def _as_rows(b: _Builder, positions: ir.Value) -> ir.Value:
     return positions
 
 
-def _map_positions(b: _Builder, positions: ir.Value, affine: tuple[float, float, int], integer: bool) -> ir.Value:
-    """``(p // divisor) * a + c`` in the graph, in the positions' dtype when the result is integer."""
-    a, c, div = affine
+def _map_positions(b: _Builder, positions: ir.Value, pmap: PositionMap) -> ir.Value:
+    """The steps of ``pmap`` in the graph, in the positions' dtype when the result is integer (integer Div
+    floors non-negative positions), else in float32."""
     p = positions
     is_int = positions.dtype is not None and not positions.dtype.is_floating_point()
     dtype = positions.dtype if positions.dtype is not None else ir.DataType.INT64
-    if integer:
-        if div != 1:
-            p = b.op("Div", p, b.const(np.array(div), dtype))
+    if is_int and not pmap.integer:
+        p = b.op("Cast", p, to=ir.DataType.FLOAT)
+        dtype, is_int = ir.DataType.FLOAT, False
+
+    def const(c: float) -> ir.Value:
+        return b.const(np.array(int(c) if is_int else c), dtype)
+
+    for op, c in pmap.steps:
+        if op == "floordiv":
+            p = b.op("Div", p, const(c))
             if not is_int:
                 p = b.op("Floor", p)
-        if a != 1.0:
-            p = b.op("Mul", p, b.const(np.array(int(a) if is_int else a), dtype))
-        if c != 0.0:
-            p = b.op("Add", p, b.const(np.array(int(c) if is_int else c), dtype))
-        return p
-    if is_int:
-        p = b.op("Cast", p, to=ir.DataType.FLOAT)
-        dtype = ir.DataType.FLOAT
-    return b.op("Add", b.op("Mul", p, b.const(np.array(a), dtype)), b.const(np.array(c), dtype))
+        elif op == "mod":
+            whole = b.op("Div", p, const(c))
+            if not is_int:
+                whole = b.op("Floor", whole)
+            p = b.op("Sub", p, b.op("Mul", whole, const(c)))
+        elif op == "mul":
+            p = b.op("Mul", p, const(c))
+        elif op == "add":
+            p = b.op("Add", p, const(c))
+        elif op == "min":
+            p = b.op("Min", p, const(c))
+        else:  # pragma: no cover - PositionMap validates its steps when evaluated
+            raise AttentionExtendError(f"position map step {op!r} has no graph form")
+    return p
+
+
+def _region(b: _Builder, rows: ir.Value, key_rows: ir.Value | None, region: Region,
+            memo: dict[tuple, ir.Value]) -> ir.Value:
+    """Boolean [B or 1, 1, S, T]: ``region(i, j)`` for the query rows and the key rows (the query rows when
+    ``key_rows`` is None)."""
+    key = (id(rows), id(key_rows), region)
+    if key in memo:
+        return memo[key]
+    if region.kind in ("distance_ge", "abs_distance_ge"):
+        d = _distance(b, rows, key_rows)
+        if region.kind == "abs_distance_ge":
+            d = b.op("Abs", d)
+        out = b.op("GreaterOrEqual", d, b.const(np.array(float(region.n), np.float32)))
+    else:
+        n = b.const(np.array(float(region.n), np.float32))
+
+        def chunk(r: ir.Value) -> ir.Value:
+            return b.op("Floor", b.op("Div", b.op("Cast", r, to=ir.DataType.FLOAT), n))
+
+        cq = chunk(rows)
+        ck = cq if key_rows is None else chunk(key_rows)
+        d = b.op("Sub", b.op("Unsqueeze", cq, b.const(np.array([-1], np.int64))),
+                 b.op("Unsqueeze", ck, b.const(np.array([-2], np.int64))))
+        d = b.op("Unsqueeze", d, b.const(np.array([1], np.int64)))
+        k = b.const(np.array(float(region.k), np.float32))
+        out = b.op("Equal" if region.kind == "chunk_eq" else "GreaterOrEqual", d, k)
+    memo[key] = out
+    return out
 
 
 def _distance(b: _Builder, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
@@ -419,10 +460,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     graph = model.graph
     b = _Builder(graph, "posrewrite_extend")
     rows_memo: dict[int, ir.Value] = {}
-    dist_memo: dict[int, ir.Value] = {}
     logn_memo: dict[tuple[int, ir.DataType], ir.Value] = {}
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}
-    posmap_memo: dict[tuple[int, str], ir.Value] = {}
+    posmap_memo: dict[tuple[int, PositionMap], ir.Value] = {}
+    region_memo: dict[tuple, ir.Value] = {}
 
     def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
         """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
@@ -439,24 +480,24 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         trig_memo[key] = {id(site.cos): cos2, id(site.sin): sin2}
         return trig_memo[key]
 
-    def mapped_positions(positions: ir.Value, side: str) -> ir.Value:
-        pkey = (id(positions), side)
+    def mapped_positions(positions: ir.Value, pmap: PositionMap) -> ir.Value:
+        pkey = (id(positions), pmap)
         if pkey not in posmap_memo:
-            affine = extension.query_affine() if side == "q" else extension.key_affine()
-            posmap_memo[pkey] = _map_positions(b, positions, affine, extension.integer_positions)
+            posmap_memo[pkey] = _map_positions(b, positions, pmap)
         return posmap_memo[pkey]
 
-    def second_trig(site: RopeSite, side: str) -> dict[int, ir.Value]:
-        """{id(site.cos): cos2, id(site.sin): sin2} for the second positions of one side."""
-        return trig_at(site, mapped_positions(site.positions, side))
+    def second_trig(site: RopeSite, pmap: PositionMap) -> dict[int, ir.Value]:
+        """{id(site.cos): cos2, id(site.sin): sin2} at the positions ``pmap`` gives."""
+        return trig_at(site, mapped_positions(site.positions, pmap))
 
     def rotation_allowed(site: RopeSite, app: RopeApplication) -> set[int]:
         return _rotation_nodes(app) | _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
 
-    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, object]:
         """KV-cache attention: the cache is made to hold keys before rotation, and every step rotates all keys
-        (past and new) at their positions 0..T-1, once normally and once at the second positions. Returns
-        (the key rows [1, T], the rotated keys, the second-rotation operand of the score MatMul)."""
+        (past and new) at their positions 0..T-1, once normally and once per key map of the method. Returns
+        (the key rows [1, T], the rotated keys, a function giving the score MatMul's right operand for a key
+        map)."""
         site, app = pair.k_site, pair.k_app
         concat = next(n for n in pair.k_path if n.op_type == "Concat")
         pos_in_path = pair.k_path.index(concat)
@@ -474,8 +515,6 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         allowed = rotation_allowed(site, app)
         subs = {id(app.input): unrot_all, **trig_at(site, kpos)}
         k_all = b.clone(app.output, subs, allowed, {})
-        subs2 = {id(app.input): unrot_all, **trig_at(site, mapped_positions(kpos, "k"))}
-        k2_all = b.clone(app.output, subs2, allowed, {})
         old = concat.outputs[0]
         after_ids = {id(n) for n in after}
         for node, idx in list(old.uses()):
@@ -486,12 +525,20 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 old.name = unique_name(graph, f"{name}_rotated")
                 unrot_all.name = name
                 graph.outputs[i] = unrot_all
-        k2 = b.clone(pair.matmul.inputs[1], {id(k_all): k2_all}, after_ids, {})
-        return key_rows, k_all, k2
+        k2_memo: dict[PositionMap, ir.Value] = {}
+
+        def k2_for(pmap: PositionMap) -> ir.Value:
+            if pmap not in k2_memo:
+                subs2 = {id(app.input): unrot_all, **trig_at(site, mapped_positions(kpos, pmap))}
+                k2_all = b.clone(app.output, subs2, allowed, {})
+                k2_memo[pmap] = b.clone(pair.matmul.inputs[1], {id(k_all): k2_all}, after_ids, {})
+            return k2_memo[pmap]
+
+        return key_rows, k_all, k2_for
 
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
-                       operand: ir.Value) -> ir.Value:
-        subs = dict(second_trig(site, side))
+                       operand: ir.Value, pmap: PositionMap) -> ir.Value:
+        subs = dict(second_trig(site, pmap))
         subs[id(app.input)] = app.input
         allowed = _rotation_nodes(app) | {id(n) for n in path}
         allowed |= _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
@@ -509,20 +556,18 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
         if extension is not None:
-            q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0])
+            key_rows = k2_for = None
             if pair.cached_keys:
-                key_rows, _, k2 = cached_keys(pair)
-                dist = _distance(b, rows, key_rows)
-            else:
-                k2 = second_operand(pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1])
-                dist = dist_memo.get(id(rows))
-                if dist is None:
-                    dist = dist_memo[id(rows)] = _distance(b, rows)
-            scores2 = b.op("MatMul", q2, k2)
-            if extension.method == "rerope":
-                dist = b.op("Abs", dist)
-            far = b.op("GreaterOrEqual", dist, b.const(np.array(float(extension.window), np.float32)))
-            merged = b.op("Where", far, scores2, scores)
+                key_rows, _, k2_for = cached_keys(pair)
+            k2_done: dict[PositionMap, ir.Value] = {}
+            for branch in extension.branches():
+                q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0], branch.query)
+                if branch.key not in k2_done:
+                    k2_done[branch.key] = k2_for(branch.key) if k2_for is not None else second_operand(
+                        pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1], branch.key)
+                scores2 = b.op("MatMul", q2, k2_done[branch.key])
+                where = _region(b, rows, key_rows, branch.region, region_memo)
+                merged = b.op("Where", where, scores2, merged)
         if logn_length is not None:
             dtype = scores.dtype or ir.DataType.FLOAT
             key = (id(rows), dtype)
@@ -547,9 +592,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     graph.sort()
     changes = []
     if extension is not None:
-        changes.append(f"attention: {extension.describe()} in {len(pairs)} attention layers (second score matrix "
-                       f"from {'grouped' if extension.method == 'self-extend' else 'clipped'} positions, merged by "
-                       "distance before the softmax)")
+        what = {"self-extend": "second score matrix from grouped positions, merged by distance",
+                "rerope": "second score matrix from clipped positions, merged by distance",
+                "dual-chunk": "successive-chunk and inter-chunk score matrices from chunk positions, merged by "
+                              "chunk distance"}[extension.method]
+        changes.append(f"attention: {extension.describe()} in {len(pairs)} attention layers ({what} before the "
+                       "softmax)")
     if logn_length is not None:
         changes.append(f"attention: log-n scaling in {len(pairs)} attention layers (scores of the query at position "
                        f"p times max(1, log(p+1)/log({logn_length})))")
