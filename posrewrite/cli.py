@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "is at most C; chunks hold C - W tokens)")
     g.add_argument("--local-size", type=int, metavar="W", help="dual-chunk: local_size (tokens at the start of a "
                    "chunk that see the chunk before at their true distance)")
+    g.add_argument("--runtime-decode", choices=("hf", "rerotate"), help="dynamic / longrope on KV-cache exports: hf "
+                   "(default: HF's cached behaviour, past keys keep the frequencies of their own step) or rerotate "
+                   "(the cache holds keys before rotation and every step rotates all of them with the current "
+                   "frequencies; see docs/long-context.md for what is exact)")
     g.add_argument("--logn-scaling", action="store_true", help="scale queries at position n > L by log(n)/log(L) "
                    "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")

@@ -77,6 +77,9 @@ class RewriteOptions:
     chunk_size: int | None = None  # dual-chunk (Qwen2.5-1M dual_chunk_attention_config names)
     local_size: int | None = None
     logn_scaling: bool = False
+    # run-time RoPE methods on KV-cache exports: "hf" (HF's cached behaviour, the default) or "rerotate" (the
+    # cache holds keys before rotation, every step rotates all of them with the current frequencies)
+    runtime_decode: str | None = None
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     json: bool = False
@@ -96,6 +99,10 @@ class RewriteOptions:
         check_positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         check_positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         self._check_attention_methods()
+        if self.runtime_decode is not None:
+            self.runtime_decode = str(self.runtime_decode).strip().lower()
+            if self.runtime_decode not in ("rerotate", "hf"):
+                raise UsageError(f"--runtime-decode must be rerotate or hf, not {self.runtime_decode!r}")
 
         params = self.rope_params
         factor = params.get("factor")
@@ -122,6 +129,11 @@ class RewriteOptions:
             check_positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
             if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
                 raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
+        if self.runtime_decode is not None and self.rope_method not in ("dynamic", "longrope"):
+            raise UsageError("--runtime-decode applies to the run-time methods (--rope-method dynamic or longrope)")
+        if self.runtime_decode == "rerotate" and self.fuse != "none":
+            raise UsageError("--runtime-decode rerotate cannot be combined with --fuse: fused attention ops read a "
+                             "rotated cache (use --runtime-decode hf)")
         scale = self.effective_rope_scale
         if scale is not None and scale < 1 and self.rope_method not in ("linear",):
             raise UsageError(f"--rope-scale {scale:g} is below 1, which only --rope-method linear accepts")
@@ -291,6 +303,7 @@ _PLAIN_FIELDS = (
     "chunk_size",
     "local_size",
     "logn_scaling",
+    "runtime_decode",
     "output",
     "link_weights",
 )

@@ -38,7 +38,11 @@ from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
 
-__all__ = ["AttentionExtendError", "AttentionExtendPass", "ScorePair", "extend_attention", "find_score_pairs"]
+__all__ = ["REROTATE_CHANGE", "AttentionExtendError", "AttentionExtendPass", "RerotatePastKeysPass",
+           "ScorePair", "extend_attention", "find_score_pairs"]
+
+#: the start of the change line of --runtime-decode rerotate (the validation step reads it as a claim)
+REROTATE_CHANGE = "past keys re-rotated at every step"
 
 _PATH_OPS = VIEW_OPS | {"Mul", "Div"}
 EXTENDED_KEY = "posrewrite.attention_extension"
@@ -428,10 +432,45 @@ class AttentionExtendPass(ReportingPass):
         return ir.passes.PassResult(model, bool(self.changes))
 
 
+class RerotatePastKeysPass(ReportingPass):
+    """``--runtime-decode rerotate`` for run-time RoPE methods (dynamic, longrope) on KV-cache exports: the cache
+    holds keys before rotation and every step rotates all keys, past and new, with the frequencies of the current
+    total length. Every score then uses one set of frequencies, as the whole sequence at once does; the past keys'
+    own values still come from hidden states computed under the frequencies of their step, so beyond the first
+    layer this is closer to the whole sequence at once than HF's cached behaviour, not equal to it (exactness
+    needs a new prefill whenever the frequencies change: docs/long-context.md). Runs after the rescale."""
+
+    def __init__(self, method: str, context: PipelineContext | None = None, *, required: bool = False) -> None:
+        super().__init__(context)
+        self.method = method
+        self.required = required  # asked for by name: a model that cannot take it is a usage error
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        if not any(v.name and "past" in v.name.lower() for v in model.graph.inputs):
+            if self.required:
+                raise UsageError("--runtime-decode rerotate applies to KV-cache exports (past_key_values inputs); "
+                                 "this model computes every position at once already")
+            return ir.passes.PassResult(model, False)
+        sites = self.context.detection(model).rope_sites
+        try:
+            self.changes.extend(extend_attention(model, sites, None, None, unrotated_cache=self.method))
+        except AttentionExtendError as exc:
+            if self.required:
+                raise UsageError(f"--runtime-decode rerotate: {exc} (--runtime-decode hf keeps HF's cached "
+                                 "behaviour)") from None
+            self.notes.append(f"decode keeps HF's cached behaviour (past keys keep the frequencies of their own "
+                              f"step): re-rotation cannot be written here: {exc}")
+            return ir.passes.PassResult(model, False)
+        self.context.report.attention_changes.extend(self.changes)
+        return ir.passes.PassResult(model, bool(self.changes))
+
+
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,
-                     logn_length: int | None) -> list[str]:
-    """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite."""
-    if extension is None and logn_length is None:
+                     logn_length: int | None, *, unrotated_cache: str | None = None) -> list[str]:
+    """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite.
+    ``unrotated_cache`` (the run-time method's name): KV-cache attention is made to cache keys before rotation and
+    to rotate every key with the current cos/sin at each step (with or without an extension)."""
+    if extension is None and logn_length is None and unrotated_cache is None:
         return []
     done = next((n.metadata_props[EXTENDED_KEY] for n in model.graph if EXTENDED_KEY in n.metadata_props), None)
     if done is not None:
@@ -441,7 +480,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         raise AttentionExtendError("no RoPE found: the attention-level methods rewrite RoPE attention")
     if extension is not None and extension.method == "self-extend" and int(extension.group_size) == 1:
         extension = None  # group size 1: grouped positions are the positions; the model's own attention
-        if logn_length is None:
+        if logn_length is None and unrotated_cache is None:
             return []
     for site in sites:
         _check_site(site, extension)
@@ -453,10 +492,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     if 2 * len(pairs) < apps:
         raise AttentionExtendError(f"only {len(pairs)} attention score MatMuls found for {apps} q/k rotations: "
                                    "refusing to rewrite some attentions and not others")
-    if extension is not None:
+    if extension is not None or unrotated_cache is not None:
         for p in pairs:
             if p.cached_keys:
                 _check_cache_path(p)
+    if unrotated_cache is not None and not all(p.cached_keys for p in pairs):
+        raise AttentionExtendError("not a KV-cache export (keys are not appended to a past): nothing to re-rotate")
     graph = model.graph
     b = _Builder(graph, "posrewrite_extend")
     rows_memo: dict[int, ir.Value] = {}
@@ -555,10 +596,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         if rows is None:
             rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
+        key_rows = k2_for = None
+        if pair.cached_keys and (extension is not None or unrotated_cache is not None):
+            key_rows, _, k2_for = cached_keys(pair)
         if extension is not None:
-            key_rows = k2_for = None
-            if pair.cached_keys:
-                key_rows, _, k2_for = cached_keys(pair)
             k2_done: dict[PositionMap, ir.Value] = {}
             for branch in extension.branches():
                 q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0], branch.query)
@@ -587,10 +628,15 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             if out is scores:
                 graph.outputs[out_index] = merged
         mm.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
-            f" log-n L={logn_length}" if logn_length else "")
+            f" log-n L={logn_length}" if logn_length else "") + (
+            f" {unrotated_cache} past keys re-rotated" if unrotated_cache else "")
     b.commit()
     graph.sort()
     changes = []
+    if unrotated_cache is not None:
+        changes.append(f"{REROTATE_CHANGE} ({unrotated_cache}) in {len(pairs)} attention layers: present.*.key "
+                       "holds keys before rotation; every step rotates all cached keys with the frequencies of the "
+                       "current total length (one rotation of T keys per layer and step)")
     if extension is not None:
         what = {"self-extend": "second score matrix from grouped positions, merged by distance",
                 "rerope": "second score matrix from clipped positions, merged by distance",
