@@ -617,3 +617,23 @@ def test_validation_failure_leaves_no_onnxruntime_log_on_stderr(independent_lm, 
     assert "\x1b[" not in err and "[E:onnxruntime" not in err, err
     assert err.count("\n") == 1 and err.startswith("posrewrite: error:")
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--extend", "rerope", "--window", "8"],
+    ["--extend", "dual-chunk", "--chunk-size", "24", "--local-size", "8"],
+])
+def test_genai_fused_attention_refused_with_reason(flags, tmp_path, capsys):
+    """An onnxruntime-genai builder folder (GroupQueryAttention with RoPE inside): no score MatMul to merge a second
+    matrix into, so --extend is refused with the reason (exit 2), nothing written, the folder untouched."""
+    pytest.importorskip("onnxruntime_genai")
+    from fixtures.genai_models import genai_folder
+
+    src = genai_folder("llama")
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    res = _cli(capsys, src, *flags, "-o", tmp_path / "out")
+    assert res.returncode == 2
+    assert res.stderr.startswith("posrewrite: error: ") and res.stderr.count("\n") == 1
+    assert "fused" in res.stderr and "unfused model" in res.stderr
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
