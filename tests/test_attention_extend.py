@@ -637,3 +637,25 @@ def test_genai_fused_attention_refused_with_reason(flags, tmp_path, capsys):
     assert "fused" in res.stderr and "unfused model" in res.stderr
     assert not (tmp_path / "out").exists()
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+def test_qwen25_1m_config_json_reads_dual_chunk(tmp_path):
+    """A Qwen2.5-1M-style config.json given to --rope-params: its dual_chunk_attention_config sets --extend
+    dual-chunk with its chunk_size and local_size, and nothing else (rope_theta, max_position_embeddings) turns
+    it into a frequency rescale."""
+    import json
+
+    from posrewrite.math.positions import dual_chunk
+    from posrewrite.options import options_from_flags
+
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+           "num_attention_heads": 4, "max_position_embeddings": 1010000, "rope_theta": 10000000.0,
+           "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192,
+                                           "original_max_position_embeddings": 262144}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    opts = options_from_flags({"rope_params": str(path)})
+    assert opts.extend == "dual-chunk" and (opts.chunk_size, opts.local_size) == (262144, 8192)
+    assert not opts.rescales_rope
+    assert opts.attention_extension == dual_chunk(262144, 8192)
+    assert opts.attention_extension.unchanged_length == 262144 - 8192

@@ -1,24 +1,28 @@
-"""SelfExtend, ReRoPE / Leaky ReRoPE and log-n scaling as rewrites of each attention's score computation.
+"""SelfExtend, ReRoPE / Leaky ReRoPE, Dual Chunk Attention and log-n scaling as rewrites of each attention's score
+computation (and, for run-time RoPE methods, re-rotation of cached keys: ``RerotatePastKeysPass``).
 
 For every pair of q and k rotations that meet in a score ``MatMul`` (q on the left, k on the right, through
-scaling by constants, transposes, reshapes and GQA's repeat_kv expands), the rewrite
+scaling by constants, transposes, reshapes and GQA's repeat_kv expands), the rewrite takes the method's branches
+(``AttentionExtension.branches()`` in ``posrewrite.math.positions``: a query position map, a key position map and
+the region of (i, j) where the branch's scores are used; one branch for SelfExtend / ReRoPE, two for Dual Chunk)
+and for each
 
 1. clones the model's own cos/sin computation (``positions -> ... -> Cos/Sin``, or the Gather of a cached table)
-   with the second positions of the method (``posrewrite.math.positions``): grouped positions for SelfExtend,
-   the window / 0 (or ``p/k + W(1-1/k)`` / ``p/k``) for ReRoPE;
+   at the branch's positions (the maps' steps written as ONNX ops: floor division, mod, mul, add, min);
 2. clones the rotation of q and of k and their path to the score MatMul with those cos/sin, and a second MatMul;
-3. merges the two score matrices by distance, ``Where(use_second(i, j), second, first)``, before the scale, mask
-   and softmax that follow (they are linear or elementwise per score, so merging at the MatMul is the same as
-   merging just before the softmax, as the papers do);
+3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
+   distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
+   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q).
 
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
-factors and earlier rescales carry over unchanged.
+factors and earlier rescales carry over unchanged. Positions are read where the graph made them (an [S, 1] column
+reshaped for an outer product is the [S] range above it). Only nodes of the model's opset (>= 14) are written.
 
 KV-cache exports (``past_key_values.*`` in, ``present.*`` out): keys are cached after rotation, and a second
-rotation of a rotated key cannot be formed, so SelfExtend / ReRoPE change what the cache holds: ``present.*.key``
+rotation of a rotated key cannot be formed, so the extensions change what the cache holds: ``present.*.key``
 becomes the keys *before* rotation, and every step rotates all keys (past and new) at their positions 0..T-1
-(T = the cache length), once with the model's cos/sin and once at the second positions.  Key positions are
+(T = the cache length), once with the model's cos/sin and once per key map of the method.  Key positions are
 their indices in the cache (no left padding).  A cache written by the original model cannot be continued by the
 rewritten one (and vice versa); prefill and decode must both run the rewritten model.  log-n only touches
 queries and leaves the cache as it is.
