@@ -419,9 +419,9 @@ class ValidationStep:
         cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
         with progress.stage("validating"):
             if cache and opts.extend is not None:
-                report.notes.append("KV-cache export: the cache now holds keys before rotation, so the original and "
-                                    "the rewritten model read a past differently and are not compared; the rewritten "
-                                    "model is run")
+                report.notes.append("KV-cache export: the cache now holds the keys of every position system (see "
+                                    "docs/long-context.md), so the original and the rewritten model read a past "
+                                    "differently and are not compared; the rewritten model is run")
             else:
                 row = compare_models(path, saved, length)
                 row["site"] = "model inside the window"

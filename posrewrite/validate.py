@@ -102,21 +102,34 @@ def _full_model_feeds(session, length: int, vocab: dict[str, int] | None = None,
     cache path of the graph (and of any fused attention) is exercised too."""
     inputs = session.get_inputs()
     caches = [i for i in inputs if _is_cache_input(i)]
-    past = length // 2 if caches and not empty_past else 0
+
+    def symbolic_axes(i) -> list[int]:
+        return [k for k, d in enumerate(i.shape) if not isinstance(d, int) and k != 0]
+
+    # a key cache packed on the heads axis by `--extend` (heads symbolic too) takes the shape of its value cache,
+    # and an empty past: a past of that shape reads as the empty cache of every position system
+    by_name = {i.name: i for i in caches}
+    shape_of = {}
+    for i in caches:
+        sibling = by_name.get("value".join(i.name.rsplit("key", 1)))  # past_key_values.0.key -> ....0.value
+        if len(symbolic_axes(i)) != 1 and sibling is not None and len(symbolic_axes(sibling)) == 1:
+            shape_of[i.name] = sibling
+    past = length // 2 if caches and not empty_past and not shape_of else 0
     seq = length - past
     rng = np.random.default_rng(0)
     feeds = {}
     vocab = vocab or {}
     for i in inputs:
-        name = i.name.lower()
+        name, name_of_input = i.name.lower(), i.name
         if i in caches:
-            symbolic = [k for k, d in enumerate(i.shape) if not isinstance(d, int) and k != 0]
+            i = shape_of.get(i.name, i)
+            symbolic = symbolic_axes(i)
             if len(symbolic) != 1:
                 return f"cache input {i.name} has no single length axis ({i.shape})"
             shape = [1 if k == 0 and not isinstance(d, int) else (past if k == symbolic[0] else d)
                      for k, d in enumerate(i.shape)]
             dtype = np.float16 if "float16" in i.type else np.float32
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[name_of_input] = rng.standard_normal(shape).astype(dtype)
             continue
         if "int" not in i.type:
             return f"input {i.name} is {i.type}"

@@ -659,3 +659,40 @@ def test_qwen25_1m_config_json_reads_dual_chunk(tmp_path):
     assert not opts.rescales_rope
     assert opts.attention_extension == dual_chunk(262144, 8192)
     assert opts.attention_extension.unchanged_length == 262144 - 8192
+
+
+def test_packed_cache_contract(tmp_path):
+    """--extend on a KV-cache export keeps the key cache of the model's own rotation and adds one per key position
+    system, packed on the heads axis (present.key [B, 2 H, T, D]); the keys of the model's own rotation are what
+    the original model caches; a cache written by the original model (H heads, some length) is refused by
+    onnxruntime instead of being misread; an empty past of H heads starts a sequence."""
+    import onnx
+
+    from fixtures.hf_models import export_optimum_layout, ort_session
+
+    src = export_optimum_layout()
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, "--extend", "self-extend", "--group-size", "2", "--window", "4")
+    proto = onnx.load(str(out), load_external_data=False)
+    present = next(o for o in proto.graph.output if o.name == "present.0.key")
+    assert present.type.tensor_type.shape.dim[1].dim_param  # heads: symbolic now (H in, 2 H out)
+    sess, plain = ort_session(out), ort_session(src)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 128, size=(1, 6)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64), "position_ids": np.arange(6)[None]}
+    for layer in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kv}"] = np.zeros((1, 2, 0, 16), np.float32)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    ref = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, feeds), strict=True))
+    assert got["present.0.key"].shape == (1, 4, 6, 16)
+    np.testing.assert_allclose(got["present.0.key"][:, :2], ref["present.0.key"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["present.0.value"], ref["present.0.value"], rtol=0, atol=1e-6)
+    step = {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 7), np.int64), "position_ids": np.array([[6]])}
+    for layer in range(2):
+        for kv in ("key", "value"):
+            step[f"past_key_values.{layer}.{kv}"] = ref[f"present.{layer}.{kv}"]  # the original model's cache
+    from fixtures.hf_models import ort_run_errors
+
+    with pytest.raises(ort_run_errors()):
+        sess.run(None, step)

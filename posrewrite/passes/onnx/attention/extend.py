@@ -470,7 +470,8 @@ class RerotatePastKeysPass(ReportingPass):
 
 
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,
-                     logn_length: int | None, *, unrotated_cache: str | None = None) -> list[str]:
+                     logn_length: int | None, *, unrotated_cache: str | None = None,
+                     packed_cache: bool = True) -> list[str]:
     """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite.
     ``unrotated_cache`` (the run-time method's name): KV-cache attention is made to cache keys before rotation and
     to rotate every key with the current cos/sin at each step (with or without an extension)."""
@@ -581,6 +582,106 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
 
         return key_rows, k_all, k2_for
 
+    def cache_input(value: ir.Value | None) -> ir.Value | None:
+        """The graph input a past value is (through Identity and one-input Concat nodes), or None."""
+        for _ in range(4):
+            if value is None:
+                return None
+            node = value.producer()
+            if node is None:
+                return value if value in graph.inputs else None
+            if node.op_type not in ("Identity", "Concat") or len(node.inputs) != 1:
+                return None
+            value = node.inputs[0]
+        return None
+
+    def packable(pair: ScorePair) -> bool:
+        """The packed cache contract applies: the keys [B, H, T, D] appended on axis 2 to a past that is a graph
+        input, and the Concat's output is the graph's present."""
+        concat = next(n for n in pair.k_path if n.op_type == "Concat")
+        out = concat.outputs[0]
+        pasts = [cache_input(v) for v in concat.inputs if v is not None and v is not pair.k_app.output
+                 and (v.producer() is None or v.producer() not in pair.k_path)]
+        axis = int(concat.attributes["axis"].value)
+        return (rank(out) == 4 and axis in (2, -2) and len(concat.inputs) == 2 and len(pasts) == 1
+                and pasts[0] is not None and rank(pasts[0]) == 4 and out in graph.outputs)
+
+    def cached_keys_packed(pair: ScorePair, key_maps: list[PositionMap]) -> tuple[ir.Value, object]:
+        """KV-cache attention without re-rotating the past: every key is rotated once per position system when it
+        is new (at its own position, and at each key map of it), and the cache holds them all, packed on the
+        heads axis: ``present.key`` = [B, (1 + m) H, T, D] (heads 0..H-1 the keys as the model rotates them,
+        then H heads per key map). A past of H heads (the empty past a generation loop starts with, sized from the
+        model's config) reads as an empty cache of every system. Returns (the key rows [1, T], a function giving
+        the score MatMul's right operand for a key map)."""
+        site, app = pair.k_site, pair.k_app
+        concat = next(n for n in pair.k_path if n.op_type == "Concat")
+        pos_in_path = pair.k_path.index(concat)
+        before, after = pair.k_path[:pos_in_path], pair.k_path[pos_in_path + 1:]
+        before_ids, after_ids = {id(n) for n in before}, {id(n) for n in after}
+        idx_new = next(i for i, v in enumerate(concat.inputs) if v is app.output or
+                       (v is not None and v.producer() is not None and v.producer() in before))
+        idx_past = 1 - idx_new
+        new_in, past = concat.inputs[idx_new], concat.inputs[idx_past]
+        i64 = ir.DataType.INT64
+
+        def dims(value: ir.Value, *axes: int) -> ir.Value:
+            shape = b.op("Shape", value)
+            return b.op("Gather", shape, b.const(np.array(list(axes), np.int64)), axis=0)
+
+        heads = dims(new_in, 1)
+        axis1 = b.const(np.array([1], np.int64))
+        # [B, H, -1, D] from the new keys (a past of H heads and length 0 reshapes to an empty cache)
+        as_cache = b.op("Concat", dims(new_in, 0, 1), b.const(np.array([-1], np.int64)), dims(new_in, 3), axis=0)
+        as_cache.dtype = i64
+
+        def past_part(k: int) -> ir.Value:
+            start = b.op("Mul", heads, b.const(np.array([k], np.int64)))
+            end = b.op("Add", start, heads)
+            return b.op("Reshape", b.op("Slice", past, start, end, axis1), as_cache)
+
+        normal_past = past_part(0)
+        inputs = list(concat.inputs)
+        inputs[idx_past] = normal_past
+        k_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+        k_all.dtype = concat.outputs[0].dtype
+        _, key_rows = _key_positions_like(b, site.positions, k_all, 2)
+        old = concat.outputs[0]
+        for node, idx in list(old.uses()):  # the score path, and any other reader (shapes of the cache)
+            node.replace_input_with(idx, k_all)
+        allowed = rotation_allowed(site, app)
+        packed = [k_all]
+        k2_memo: dict[PositionMap, ir.Value] = {}
+        for k, pmap in enumerate(key_maps, start=1):
+            subs = {id(app.input): app.input, **trig_at(site, mapped_positions(site.positions, pmap))}
+            new_rot = b.clone(app.output, subs, allowed, {})
+            new_second = b.clone(new_in, {id(app.output): new_rot}, before_ids, {}) if new_in is not app.output \
+                else new_rot
+            inputs = list(concat.inputs)
+            inputs[idx_new], inputs[idx_past] = new_second, past_part(k)
+            second_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+            # the same shape as the keys: a past that is not a packed cache (the original model's, of H heads and
+            # some length) fails here instead of being read as an empty one
+            second_all = b.op("Reshape", second_all, b.op("Shape", k_all))
+            packed.append(second_all)
+            k2_memo[pmap] = b.clone(pair.matmul.inputs[1], {id(k_all): second_all}, after_ids, {})
+        present = b.op("Concat", *packed, axis=1)
+        present.dtype = old.dtype
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                name = old.name
+                old.name = unique_name(graph, f"{name}_unpacked")
+                present.name = name
+                if old.shape is not None:
+                    present.shape = ir.Shape([old.shape[0], f"{name}_heads", *list(old.shape)[2:]])
+                graph.outputs[i] = present
+        declared = cache_input(past)
+        if declared is not None and declared.shape is not None:  # H heads (an empty past) or (1 + m) H (packed)
+            declared.shape = ir.Shape([declared.shape[0], f"{declared.name}_heads", *list(declared.shape)[2:]])
+            for node, _ in declared.uses():  # the one-input Concat / Identity between: their outputs too
+                if node.op_type in ("Identity", "Concat") and len(node.inputs) == 1:
+                    node.outputs[0].shape = None
+        return key_rows, k2_memo.__getitem__
+
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
                        operand: ir.Value, pmap: PositionMap) -> ir.Value:
         subs = dict(second_trig(site, pmap))
@@ -601,7 +702,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
         key_rows = k2_for = None
-        if pair.cached_keys and (extension is not None or unrotated_cache is not None):
+        if pair.cached_keys and unrotated_cache is None and extension is not None and packed_cache and \
+                packable(pair):
+            key_rows, k2_for = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())))
+        elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
             key_rows, _, k2_for = cached_keys(pair)
         if extension is not None:
             k2_done: dict[PositionMap, ir.Value] = {}
