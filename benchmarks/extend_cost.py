@@ -10,8 +10,10 @@ Medians of ``--repeat`` rounds and their ratio to the exported model are printed
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
 
-The CPU may be shared with other work: the interleaving puts every model under the same load, and the medians
-are what to compare (the figures move between runs on a loaded machine; the ratios much less).
+Decode feeds a past in each model's own cache layout (``--extend`` packs the keys of its position systems on the
+heads axis of ``present.key``: docs/long-context.md). The CPU may be shared with other work: the interleaving
+puts every model under the same load, and the medians are what to compare (the figures move between runs on a
+loaded machine; the ratios much less).
 """
 
 from __future__ import annotations
@@ -52,15 +54,32 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _cache_heads(sess) -> dict[str, int]:
+    """Heads of each past input as the model's own presents have them (a packed key cache of `--extend` has
+    (1 + m) H), read from a one-token prefill from an empty past of H heads."""
+    values = {i.name: i for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+    heads = {n: (i.shape[1] if isinstance(i.shape[1], int) else
+                 values["value".join(n.rsplit("key", 1))].shape[1]) for n, i in values.items()}
+    feeds = {"input_ids": np.ones((1, 1), np.int64), "attention_mask": np.ones((1, 1), np.int64),
+             "position_ids": np.zeros((1, 1), np.int64)}
+    for n, i in values.items():
+        feeds[n] = np.zeros((1, heads[n], 0, i.shape[3]), np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, feeds), strict=True))
+    return {n: outs[n.replace("past_key_values", "present")].shape[1] for n in values}
+
+
 def _feeds(sess, past: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {"input_ids": rng.integers(3, 1000, size=(1, seq)).astype(np.int64),
              "attention_mask": np.ones((1, past + seq), np.int64),
              "position_ids": np.arange(past, past + seq)[None].astype(np.int64)}
+    heads = _cache_heads(sess)
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
-            heads, dim = inp.shape[1], inp.shape[3]
-            feeds[inp.name] = rng.standard_normal((1, heads, past, dim)).astype(np.float32)
+            h = heads[inp.name] if past else (inp.shape[1] if isinstance(inp.shape[1], int) else
+                                              heads["value".join(inp.name.rsplit("key", 1))])
+            feeds[inp.name] = rng.standard_normal((1, h, past, inp.shape[3])).astype(np.float32)
     return feeds
 
 
@@ -95,17 +114,18 @@ def main() -> None:
         _rewrite(src, out, {**METHODS, **RUNTIME}[name])
         models[name] = out
     sessions = {name: _session(path, args.threads) for name, path in models.items()}
-    any_sess = next(iter(sessions.values()))
-    cases = {f"prefill {args.prefill}": _feeds(any_sess, 0, args.prefill),
-             f"decode at {args.past} past": _feeds(any_sess, args.past, 1)}
+    # the same tokens and values for every model; a past in each model's own cache layout (random keys: the
+    # packed systems of a --extend model get random keys too, which costs the same as real ones)
+    cases = {f"prefill {args.prefill}": {n: _feeds(s, 0, args.prefill) for n, s in sessions.items()},
+             f"decode at {args.past} past": {n: _feeds(s, args.past, 1) for n, s in sessions.items()}}
     times: dict[tuple[str, str], list[float]] = {}
-    for case, feeds in cases.items():
-        for sess in sessions.values():  # warm-up
-            sess.run(None, feeds)
+    for case, per_model in cases.items():
+        for name, sess in sessions.items():  # warm-up
+            sess.run(None, per_model[name])
         for _ in range(args.repeat):
             for name, sess in sessions.items():  # interleaved: every model under the same load
                 t0 = time.perf_counter()
-                sess.run(None, feeds)
+                sess.run(None, per_model[name])
                 times.setdefault((case, name), []).append(time.perf_counter() - t0)
     print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, Optimum "
           f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; median of {args.repeat} "
