@@ -285,18 +285,35 @@ KV_CASES = {
 }
 
 
-@pytest.mark.parametrize("arch,case", [("llama", "self-extend"), ("llama", "rerope+logn"),
-                                       ("qwen2", "leaky-rerope"), ("qwen2", "dual-chunk")])
-def test_kv_cache_decode_step_by_step(arch, case, tmp_path):
-    """KV-cache exports: the rewritten cache holds keys before rotation and every step rotates all keys at their
-    positions (normal and second rotation). A prefill of 10 tokens from an empty cache, then 14 single-token
+@pytest.mark.parametrize("arch,case,packed", [("llama", "self-extend", True), ("llama", "rerope+logn", True),
+                                              ("qwen2", "leaky-rerope", True), ("qwen2", "dual-chunk", True),
+                                              ("llama", "self-extend", False), ("qwen2", "dual-chunk", False)])
+def test_kv_cache_decode_step_by_step(arch, case, packed, tmp_path):
+    """KV-cache exports, both cache contracts: packed (the CLI's: keys of every position system rotated once and
+    cached on the heads axis) and keys before rotation (the fallback: every step rotates all keys at their
+    positions, normal and second rotation). A prefill of 10 tokens from an empty cache, then 14 single-token
     steps fed their own presents, equal the paper reference over the whole sequence at every position."""
+    import onnx_ir as ir
+
     from fixtures.hf_models import ARCHS, export_hf_onnx_with_cache, ort_session
+    from posrewrite import api
+    from posrewrite.options import options_from_flags
+    from posrewrite.passes.onnx.attention.extend import extend_attention
 
     flags, rel_fn, logn = KV_CASES[case]
     src = export_hf_onnx_with_cache(arch)
     out = tmp_path / "out.onnx"
-    _rewrite(src, out, *flags)
+    if packed:
+        _rewrite(src, out, *flags)
+    else:  # the fallback contract, through the pass's own function
+        opts = options_from_flags({"extend": flags[1], **dict(zip(
+            [f.lstrip("-").replace("-", "_") for f in flags[2::2]], [float(v) if "." in v else int(v)
+                                                                      for v in flags[3::2]], strict=True))})
+        model = ir.load(src)
+        extend_attention(model, api.detect(model).rope_sites, opts.attention_extension, None, packed_cache=False)
+        ir.save(model, out, external_data="out.onnx.data")
+    past_heads = ort_session(out).get_inputs()[3].shape[1]
+    assert isinstance(past_heads, str) == packed  # packed: heads symbolic (H in, 2 H out)
     sess = ort_session(out)
     s = 24
     ids = np.random.default_rng(3).integers(3, 128, size=(1, s)).astype(np.int64)
