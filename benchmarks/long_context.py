@@ -39,7 +39,7 @@ from fixtures import train_lm  # noqa: E402
 
 FREQUENCY_METHODS = ("linear", "ntk", "dynamic", "yarn")
 # attention-level methods (posrewrite.math.positions.recommended gives their parameters for each length)
-ATTENTION_METHODS = ("self-extend", "rerope", "leaky-rerope", "rerope+logn")
+ATTENTION_METHODS = ("self-extend", "rerope", "leaky-rerope", "rerope+logn", "dual-chunk")
 METHODS = FREQUENCY_METHODS + ATTENTION_METHODS
 SCALES = (1, 2, 4, 8, 16)
 
@@ -112,6 +112,8 @@ def params_label(method: str, L: int, scales) -> str:
 
     base, _, logn = method.partition("+")
     per = [recommended(base, L, s * L) for s in scales]
+    if base == "dual-chunk":
+        return f"{method} (C {per[0]['chunk_size']}, W {per[0]['local_size']})"
     keys = [k for k in per[0] if k != "window"]
     what = f"W {per[0]['window']}" + "".join(f", {k.replace('group_size', 'G').replace('leaky', 'k')} "
                                              + "/".join(f"{p[k]:g}" for p in per) for k in keys)
@@ -220,7 +222,7 @@ def plot(results: dict, L: int, scales, methods, out_png: Path, title: str) -> N
     ax.plot(xs, [results["original"][s]["ppl"] for s in xs], "k--o", lw=2, label="original (plain extrapolation)")
     base1 = results["original"].get(1, {}).get("ppl")
     markers = {"linear": "s", "ntk": "^", "dynamic": "v", "yarn": "D", "self-extend": "P", "rerope": "X",
-               "leaky-rerope": "*", "rerope+logn": "h"}
+               "leaky-rerope": "*", "rerope+logn": "h", "dual-chunk": "p"}
     for m in methods:
         first = 1 if m in FREQUENCY_METHODS else 0
         pts = [(s, results[m][s]["ppl"]) for s in scales if s > first and "ppl" in results.get(m, {}).get(s, {})]

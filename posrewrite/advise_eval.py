@@ -1,7 +1,8 @@
 """``posrewrite advise MODEL --context N --eval-text FILE``: which long-context method works best on the user's text.
 
 Every candidate — the model as it is, the frequency methods (linear, ntk, dynamic, yarn at factor s = N / L) and
-the attention-level methods (SelfExtend, ReRoPE, Leaky ReRoPE, ReRoPE + log-n, with the parameters of
+the attention-level methods (SelfExtend, ReRoPE, Leaky ReRoPE, Dual Chunk Attention, ReRoPE + log-n, with the
+parameters of
 ``posrewrite.math.positions.recommended``) — is written by posrewrite's own rewrite into a temporary folder and
 run in onnxruntime on the text: non-overlapping windows of N tokens, perplexity = exp(mean next-token NLL over
 every predicted token).  The table is ranked by that perplexity; the winner's command line is printed.
@@ -164,7 +165,7 @@ def candidates(original: int, context: int) -> list[Candidate]:
         p = recommended(base, original, context)
         if base == "self-extend" and p.get("group_size") == 1:
             continue  # the model's own attention
-        opts = dict(extend="self-extend" if base == "self-extend" else "rerope", **p)
+        opts = dict(extend=base if base in ("self-extend", "dual-chunk") else "rerope", **p)
         flags = cli_flags(base, p)
         if m.endswith("+logn"):
             opts.update(logn_scaling=True, original_max_positions=original)

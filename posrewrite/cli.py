@@ -158,11 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a formula (ALiBi, KERPLE, Sandwich): distances / S (--alibi-scale is its ALiBi spelling)")
     g = p.add_argument_group("attention-level extension (the model is unchanged inside the window)")
     g.add_argument("--extend", metavar="METHOD", help="self-extend (Jin et al. 2024: grouped positions beyond the "
-                   "window) or rerope (Su 2023: relative positions clipped at the window)")
+                   "window), rerope (Su 2023: relative positions clipped at the window) or dual-chunk (An et al. "
+                   "2024: intra-, successive- and inter-chunk positions)")
     g.add_argument("--window", type=int, metavar="W", help="neighbour window in tokens (--extend)")
     g.add_argument("--group-size", type=int, metavar="G", help="self-extend group size")
     g.add_argument("--leaky", type=float, metavar="K", help="leaky ReRoPE: relative positions grow at slope 1/K "
                    "beyond the window")
+    g.add_argument("--chunk-size", type=int, metavar="C", help="dual-chunk: chunk_size (every relative position "
+                   "is at most C; chunks hold C - W tokens)")
+    g.add_argument("--local-size", type=int, metavar="W", help="dual-chunk: local_size (tokens at the start of a "
+                   "chunk that see the chunk before at their true distance)")
+    g.add_argument("--runtime-decode", choices=("hf", "rerotate"), help="dynamic / longrope on KV-cache exports: hf "
+                   "(default: HF's cached behaviour, past keys keep the frequencies of their own step) or rerotate "
+                   "(the cache holds keys before rotation and every step rotates all of them with the current "
+                   "frequencies; see docs/long-context.md for what is exact)")
     g.add_argument("--logn-scaling", action="store_true", help="scale queries at position n > L by log(n)/log(L) "
                    "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")

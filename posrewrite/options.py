@@ -72,11 +72,16 @@ class RewriteOptions:
     alibi_scale: float | None = None
     bias_scale: float | None = None  # distance interpolation of every distance-based score bias (ALiBi too)
     # attention-level methods (posrewrite.math.positions, posrewrite.passes.onnx.attention.extend)
-    extend: str | None = None  # "self-extend" | "rerope"
+    extend: str | None = None  # "self-extend" | "rerope" | "dual-chunk"
     window: int | None = None
     group_size: int | None = None
     leaky: float | None = None
+    chunk_size: int | None = None  # dual-chunk (Qwen2.5-1M dual_chunk_attention_config names)
+    local_size: int | None = None
     logn_scaling: bool = False
+    # run-time RoPE methods on KV-cache exports: "hf" (HF's cached behaviour, the default) or "rerotate" (the
+    # cache holds keys before rotation, every step rotates all of them with the current frequencies)
+    runtime_decode: str | None = None
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     json: bool = False
@@ -102,6 +107,10 @@ class RewriteOptions:
                 and not math.isclose(self.alibi_scale, self.bias_scale, rel_tol=1e-9):
             raise UsageError(f"--alibi-scale {self.alibi_scale:g} disagrees with --bias-scale {self.bias_scale:g}")
         self._check_attention_methods()
+        if self.runtime_decode is not None:
+            self.runtime_decode = str(self.runtime_decode).strip().lower()
+            if self.runtime_decode not in ("rerotate", "hf"):
+                raise UsageError(f"--runtime-decode must be rerotate or hf, not {self.runtime_decode!r}")
 
         params = self.rope_params
         factor = params.get("factor")
@@ -128,22 +137,62 @@ class RewriteOptions:
             check_positive(theta, "--rope-params rope_theta", maximum=MAX_ROPE_BASE)
             if self.rope_base is not None and not math.isclose(float(theta), self.rope_base, rel_tol=1e-9):
                 raise UsageError(f"--rope-params rope_theta {theta} disagrees with --rope-base {self.rope_base:g}")
+        if self.runtime_decode is not None and self.rope_method not in ("dynamic", "longrope"):
+            raise UsageError("--runtime-decode applies to the run-time methods (--rope-method dynamic or longrope)")
+        if self.runtime_decode == "rerotate" and self.fuse != "none":
+            raise UsageError("--runtime-decode rerotate cannot be combined with --fuse: fused attention ops read a "
+                             "rotated cache (use --runtime-decode hf)")
         scale = self.effective_rope_scale
         if scale is not None and scale < 1 and self.rope_method not in ("linear",):
             raise UsageError(f"--rope-scale {scale:g} is below 1, which only --rope-method linear accepts")
         if self.rope_method_requires_scale and scale is None and "long_factor" not in params:
             raise UsageError(f"--rope-method {self.rope_method} needs --rope-scale (or a factor in --rope-params)")
 
-    def _check_attention_methods(self) -> None:
-        from posrewrite.math.positions import AttentionExtension
+    def _dual_chunk_from_params(self) -> None:
+        """``--rope-params`` (or a config.json) with Qwen2.5-1M's ``dual_chunk_attention_config``: its
+        ``chunk_size`` and ``local_size`` (flags given as well must agree), and --extend dual-chunk."""
+        dca = self.rope_params.pop("dual_chunk_attention_config", None)
+        if dca is None:
+            return
+        if not isinstance(dca, dict) or "chunk_size" not in dca or "local_size" not in dca:
+            raise UsageError("--rope-params dual_chunk_attention_config needs chunk_size and local_size")
+        for name in ("chunk_size", "local_size"):
+            value = dca[name]
+            check_positive(value, f"--rope-params dual_chunk_attention_config {name}", integer=True,
+                           maximum=MAX_LENGTH)
+            given = getattr(self, name)
+            if given is not None and int(given) != int(value):
+                raise UsageError(f"--{name.replace('_', '-')} {given} disagrees with {name}={value} in "
+                                 "--rope-params dual_chunk_attention_config")
+            setattr(self, name, int(value))
+        if self.extend is None:
+            self.extend = "dual-chunk"
 
+    def _check_attention_methods(self) -> None:
+
+        self._dual_chunk_from_params()
         if self.extend is not None:
             self.extend = str(self.extend).strip().lower().replace("_", "-")
             if self.extend == "selfextend":
                 self.extend = "self-extend"
-            if self.extend not in ("self-extend", "rerope"):
-                raise UsageError(f"--extend must be self-extend or rerope, not {self.extend!r}")
-            if self.window is None:
+            if self.extend in ("dca", "dualchunk"):
+                self.extend = "dual-chunk"
+            if self.extend not in ("self-extend", "rerope", "dual-chunk"):
+                raise UsageError(f"--extend must be self-extend, rerope or dual-chunk, not {self.extend!r}")
+            if self.extend == "dual-chunk":
+                if self.chunk_size is None or self.local_size is None:
+                    raise UsageError("--extend dual-chunk needs --chunk-size C and --local-size W (or --rope-params "
+                                     "with a dual_chunk_attention_config)")
+                for flag, value in (("--window", self.window), ("--group-size", self.group_size),
+                                    ("--leaky", self.leaky)):
+                    if value is not None:
+                        raise UsageError(f"{flag} belongs to --extend self-extend / rerope, not dual-chunk "
+                                         "(--chunk-size, --local-size)")
+            else:
+                for flag, value in (("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
+                    if value is not None:
+                        raise UsageError(f"{flag} belongs to --extend dual-chunk")
+            if self.extend != "dual-chunk" and self.window is None:
                 raise UsageError(f"--extend {self.extend} needs --window W (the neighbour window in tokens)")
             if self.extend == "self-extend" and self.group_size is None:
                 raise UsageError("--extend self-extend needs --group-size G (and --window W)")
@@ -154,13 +203,14 @@ class RewriteOptions:
                 raise UsageError(f"--extend {self.extend} cannot be combined with --fuse: fused attention ops have no "
                                  "place for the second score matrix")
             try:
-                AttentionExtension(self.extend, int(self.window), self.group_size, self.leaky)
+                self.attention_extension  # noqa: B018 - built to check the parameters
             except ValueError as exc:
                 raise UsageError(f"--extend {self.extend}: {exc}") from None
         else:
-            for flag, value in (("--window", self.window), ("--group-size", self.group_size), ("--leaky", self.leaky)):
+            for flag, value in (("--window", self.window), ("--group-size", self.group_size), ("--leaky", self.leaky),
+                                ("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
                 if value is not None:
-                    raise UsageError(f"{flag} belongs to --extend self-extend / rerope")
+                    raise UsageError(f"{flag} belongs to --extend self-extend / rerope / dual-chunk")
         if self.logn_scaling and self.fuse != "none":
             raise UsageError("--logn-scaling cannot be combined with --fuse: fused attention ops have no place for it")
 
@@ -171,6 +221,8 @@ class RewriteOptions:
             return None
         from posrewrite.math.positions import AttentionExtension
 
+        if self.extend == "dual-chunk":
+            return AttentionExtension("dual-chunk", int(self.local_size), chunk_size=int(self.chunk_size))
         return AttentionExtension(self.extend, int(self.window), self.group_size, self.leaky)
 
     # -- derived -------------------------------------------------------------------------------------------------
@@ -221,7 +273,9 @@ class RewriteOptions:
             parts.append(f"base{self.rope_base:g}")
         if self.max_positions is not None:
             parts.append(f"pos{self.max_positions}")
-        if self.extend is not None:
+        if self.extend == "dual-chunk":
+            parts.append(f"dualchunk{self.chunk_size}l{self.local_size}")
+        elif self.extend is not None:
             group = f"g{self.group_size}" if self.group_size else ""
             parts.append(f"{self.extend.replace('-', '')}{self.window}{group}")
         if self.logn_scaling:
@@ -259,7 +313,10 @@ _PLAIN_FIELDS = (
     "window",
     "group_size",
     "leaky",
+    "chunk_size",
+    "local_size",
     "logn_scaling",
+    "runtime_decode",
     "output",
     "link_weights",
 )
@@ -422,6 +479,8 @@ def rope_params_from_config(config: dict[str, Any]) -> dict[str, Any]:
             params["original_max_position_embeddings"] = config["max_position_embeddings"]
     if "partial_rotary_factor" in config and "partial_rotary_factor" not in params:
         params["partial_rotary_factor"] = config["partial_rotary_factor"]
+    if isinstance(config.get("dual_chunk_attention_config"), dict):  # Qwen2.5-1M
+        params["dual_chunk_attention_config"] = dict(config["dual_chunk_attention_config"])
     return params
 
 

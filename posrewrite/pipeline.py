@@ -134,7 +134,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     6. cleanup.
     """
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
-    from posrewrite.passes.onnx.attention.extend import AttentionExtendPass
+    from posrewrite.passes.onnx.attention.extend import AttentionExtendPass, RerotatePastKeysPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
     from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
@@ -148,6 +148,9 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     passes: list[ir.passes.PassBase] = []
     if plans:
         passes.append(RescaleRopePass(plans, context, usage_errors=options.rescales_rope))
+        runtime = next((p.params.rope_type for p in plans if p.runtime), None)
+        if runtime is not None and options.runtime_decode == "rerotate":
+            passes.append(RerotatePastKeysPass(runtime, context, required=True))
     others = [s for s in detection.sites if not isinstance(s, RopeSite)]
     if others and (options.max_positions or options.pos_scale or options.alibi_scale or options.bias_scale):
         passes.append(ExtendTablesPass(None, context=context, max_positions=options.max_positions,
@@ -210,12 +213,15 @@ class ValidationStep:
         if report.attention_changes and not report.rope_plans and not report.other_changes:
             result = self._attention(saved, model, progress)
         else:
+            from posrewrite.passes.onnx.attention.extend import REROTATE_CHANGE
             from posrewrite.validate import validate_rewrite
 
             with progress.stage("validating"):
                 result = validate_rewrite(path, saved, self.options, found=self.detection,
                                           plans=list(report.rope_plans), other_changes=list(report.other_changes),
-                                          fused_cache_rows=report.fused_cache_rows, model=model)
+                                          fused_cache_rows=report.fused_cache_rows, model=model,
+                                          exact_decode=any(c.startswith(REROTATE_CHANGE)
+                                                           for c in report.attention_changes))
         refuse_if_original_cannot_load(result, path)
         return result
 
@@ -226,16 +232,17 @@ class ValidationStep:
 
         opts, path = self.options, self.model_path
         report = ValidationReport()
-        inside = [opts.window] if opts.window else []
+        ext = opts.attention_extension
+        inside = [ext.unchanged_length] if ext is not None else []
         if opts.logn_scaling:
             inside.append(logn_length_for(opts, path))
         length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
         cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
         with progress.stage("validating"):
             if cache and opts.extend is not None:
-                report.notes.append("KV-cache export: the cache now holds keys before rotation, so the original and "
-                                    "the rewritten model read a past differently and are not compared; the rewritten "
-                                    "model is run")
+                report.notes.append("KV-cache export: the cache now holds the keys of every position system (see "
+                                    "docs/long-context.md), so the original and the rewritten model read a past "
+                                    "differently and are not compared; the rewritten model is run")
             else:
                 row = compare_models(path, saved, length)
                 row["site"] = "model inside the window"

@@ -59,20 +59,26 @@ def test_eval_text_ranks_candidates_and_winner_command_works(llama_onnx, text_fi
     ranked = doc["ranked"]
     names = [c["name"] for c in ranked]
     for m in ("original (no rewrite)", "linear", "ntk", "dynamic", "yarn", "self-extend", "rerope", "leaky-rerope",
-              "rerope+logn"):
+              "rerope+logn", "dual-chunk"):
         assert m in names
     ppls = [c["perplexity"] for c in ranked]
     assert all(p is not None for p in ppls) and ppls == sorted(ppls)
     ids = np.frombuffer(text_file.read_bytes(), np.uint8).astype(np.int64).reshape(2, 128)
     original = next(c for c in ranked if c["name"] == "original (no rewrite)")
     assert original["perplexity"] == pytest.approx(_ppl(llama_onnx, ids), rel=1e-6)
-    # two windows of a random-weight model: no winner is declared (issue 25: a winner from noise), and the JSON
-    # says why; the leader is still the lowest perplexity
+    # two windows of a random-weight model: no winner is declared (a winner from noise), and the JSON says why;
+    # the leader is still the lowest perplexity
     assert doc["winner"] is None and "2 window(s)" in doc["no_winner_because"]
     leader = doc["leader"]
     assert leader["name"] == ranked[0]["name"]
     lo, hi = leader["interval"]
     assert lo <= leader["perplexity"] <= hi
+    # dual-chunk's command (L = 64: ChunkLlama's C = 3L/4, W = L/8), run as printed, gives its measured perplexity
+    dca = next(c for c in ranked if c["name"] == "dual-chunk")
+    assert "--extend dual-chunk --chunk-size 48 --local-size 8" in dca["command"]
+    out = tmp_path / "dca.onnx"
+    assert _cli(capsys, *shlex.split(dca["command"])[1:], "-o", out).returncode == 0
+    assert _ppl(out, ids) == pytest.approx(dca["perplexity"], rel=1e-6)
     # the leader's command line, run as printed (plus -o), gives the model measured for the table
     winner = leader
     argv = shlex.split(winner["command"])[1:]

@@ -1,24 +1,28 @@
-"""SelfExtend, ReRoPE / Leaky ReRoPE and log-n scaling as rewrites of each attention's score computation.
+"""SelfExtend, ReRoPE / Leaky ReRoPE, Dual Chunk Attention and log-n scaling as rewrites of each attention's score
+computation (and, for run-time RoPE methods, re-rotation of cached keys: ``RerotatePastKeysPass``).
 
 For every pair of q and k rotations that meet in a score ``MatMul`` (q on the left, k on the right, through
-scaling by constants, transposes, reshapes and GQA's repeat_kv expands), the rewrite
+scaling by constants, transposes, reshapes and GQA's repeat_kv expands), the rewrite takes the method's branches
+(``AttentionExtension.branches()`` in ``posrewrite.math.positions``: a query position map, a key position map and
+the region of (i, j) where the branch's scores are used; one branch for SelfExtend / ReRoPE, two for Dual Chunk)
+and for each
 
 1. clones the model's own cos/sin computation (``positions -> ... -> Cos/Sin``, or the Gather of a cached table)
-   with the second positions of the method (``posrewrite.math.positions``): grouped positions for SelfExtend,
-   the window / 0 (or ``p/k + W(1-1/k)`` / ``p/k``) for ReRoPE;
+   at the branch's positions (the maps' steps written as ONNX ops: floor division, mod, mul, add, min);
 2. clones the rotation of q and of k and their path to the score MatMul with those cos/sin, and a second MatMul;
-3. merges the two score matrices by distance, ``Where(use_second(i, j), second, first)``, before the scale, mask
-   and softmax that follow (they are linear or elementwise per score, so merging at the MatMul is the same as
-   merging just before the softmax, as the papers do);
+3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
+   distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
+   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q).
 
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
-factors and earlier rescales carry over unchanged.
+factors and earlier rescales carry over unchanged. Positions are read where the graph made them (an [S, 1] column
+reshaped for an outer product is the [S] range above it). Only nodes of the model's opset (>= 14) are written.
 
 KV-cache exports (``past_key_values.*`` in, ``present.*`` out): keys are cached after rotation, and a second
-rotation of a rotated key cannot be formed, so SelfExtend / ReRoPE change what the cache holds: ``present.*.key``
+rotation of a rotated key cannot be formed, so the extensions change what the cache holds: ``present.*.key``
 becomes the keys *before* rotation, and every step rotates all keys (past and new) at their positions 0..T-1
-(T = the cache length), once with the model's cos/sin and once at the second positions.  Key positions are
+(T = the cache length), once with the model's cos/sin and once per key map of the method.  Key positions are
 their indices in the cache (no left padding).  A cache written by the original model cannot be continued by the
 rewritten one (and vice versa); prefill and decode must both run the rewritten model.  log-n only touches
 queries and leaves the cache as it is.
@@ -32,13 +36,17 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.errors import UsageError
-from posrewrite.math.positions import AttentionExtension
+from posrewrite.math.positions import AttentionExtension, PositionMap, Region
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
 
-__all__ = ["AttentionExtendError", "AttentionExtendPass", "ScorePair", "extend_attention", "find_score_pairs"]
+__all__ = ["REROTATE_CHANGE", "AttentionExtendError", "AttentionExtendPass", "RerotatePastKeysPass",
+           "ScorePair", "extend_attention", "find_score_pairs"]
+
+#: the start of the change line of --runtime-decode rerotate (the validation step reads it as a claim)
+REROTATE_CHANGE = "past keys re-rotated at every step"
 
 _PATH_OPS = VIEW_OPS | {"Mul", "Div"}
 EXTENDED_KEY = "posrewrite.attention_extension"
@@ -234,9 +242,40 @@ def _check_site(site: RopeSite, ext: AttentionExtension | None) -> None:
     if ext is not None and not ext.integer_positions and site.angles != AngleSource.COMPUTED:
         raise AttentionExtendError("leaky ReRoPE needs fractional positions, which a cached cos/sin table cannot "
                                    "index: this model gathers cos/sin rows")
-    if _squeeze_axis(site.positions) == "bad":
+    if _squeeze_axis(_position_source(site.positions)) == "bad":
         raise AttentionExtendError(f"positions of shape {site.positions.shape} (expected [seq], [batch, seq], "
                                    "[batch, seq, 1] or [batch, 1, seq])")
+
+
+def _ambiguous(positions: ir.Value) -> bool:
+    """True when the positions' rank and shape do not say which axis is the sequence: a static 1 where a
+    [batch, seq] reading would put the sequence ([S, 1] is an outer-product column, not one position of S
+    sequences), or a rank other than 1, 2 and 3."""
+    r = rank(positions)
+    if r is None:
+        return True
+    dims = list(positions.shape)
+    if r == 2:
+        return dims[1] == 1
+    if r == 3:
+        return not (dims[2] == 1 or dims[1] == 1) or dims[0] != 1 and dims[1] == 1 and dims[2] == 1
+    return r != 1
+
+
+def _position_source(positions: ir.Value) -> ir.Value:
+    """The positions as the graph made them before reshaping them for the angle product: from the value the
+    angles read, up through view ops, to the first value whose shape says where the sequence is ([S], [B, S],
+    [B, S, 1] or [B, 1, S]). ``Reshape(arange(S), [-1, 1])`` of an outer-product form gives the [S] range."""
+    v = positions
+    for _ in range(8):
+        if not _ambiguous(v):
+            return v
+        node = v.producer()
+        if node is None or node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast") or \
+                not node.inputs or node.inputs[0] is None:
+            return positions
+        v = node.inputs[0]
+    return positions
 
 
 def _squeeze_axis(positions: ir.Value) -> int | None | str:
@@ -263,26 +302,67 @@ def _as_rows(b: _Builder, positions: ir.Value) -> ir.Value:
     return positions
 
 
-def _map_positions(b: _Builder, positions: ir.Value, affine: tuple[float, float, int], integer: bool) -> ir.Value:
-    """``(p // divisor) * a + c`` in the graph, in the positions' dtype when the result is integer."""
-    a, c, div = affine
+def _map_positions(b: _Builder, positions: ir.Value, pmap: PositionMap) -> ir.Value:
+    """The steps of ``pmap`` in the graph, in the positions' dtype when the result is integer (integer Div
+    floors non-negative positions), else in float32."""
     p = positions
     is_int = positions.dtype is not None and not positions.dtype.is_floating_point()
     dtype = positions.dtype if positions.dtype is not None else ir.DataType.INT64
-    if integer:
-        if div != 1:
-            p = b.op("Div", p, b.const(np.array(div), dtype))
+    if is_int and not pmap.integer:
+        p = b.op("Cast", p, to=ir.DataType.FLOAT)
+        dtype, is_int = ir.DataType.FLOAT, False
+
+    def const(c: float) -> ir.Value:
+        return b.const(np.array(int(c) if is_int else c), dtype)
+
+    for op, c in pmap.steps:
+        if op == "floordiv":
+            p = b.op("Div", p, const(c))
             if not is_int:
                 p = b.op("Floor", p)
-        if a != 1.0:
-            p = b.op("Mul", p, b.const(np.array(int(a) if is_int else a), dtype))
-        if c != 0.0:
-            p = b.op("Add", p, b.const(np.array(int(c) if is_int else c), dtype))
-        return p
-    if is_int:
-        p = b.op("Cast", p, to=ir.DataType.FLOAT)
-        dtype = ir.DataType.FLOAT
-    return b.op("Add", b.op("Mul", p, b.const(np.array(a), dtype)), b.const(np.array(c), dtype))
+        elif op == "mod":
+            whole = b.op("Div", p, const(c))
+            if not is_int:
+                whole = b.op("Floor", whole)
+            p = b.op("Sub", p, b.op("Mul", whole, const(c)))
+        elif op == "mul":
+            p = b.op("Mul", p, const(c))
+        elif op == "add":
+            p = b.op("Add", p, const(c))
+        elif op == "min":
+            p = b.op("Min", p, const(c))
+        else:  # pragma: no cover - PositionMap validates its steps when evaluated
+            raise AttentionExtendError(f"position map step {op!r} has no graph form")
+    return p
+
+
+def _region(b: _Builder, rows: ir.Value, key_rows: ir.Value | None, region: Region,
+            memo: dict[tuple, ir.Value]) -> ir.Value:
+    """Boolean [B or 1, 1, S, T]: ``region(i, j)`` for the query rows and the key rows (the query rows when
+    ``key_rows`` is None)."""
+    key = (id(rows), id(key_rows), region)
+    if key in memo:
+        return memo[key]
+    if region.kind in ("distance_ge", "abs_distance_ge"):
+        d = _distance(b, rows, key_rows)
+        if region.kind == "abs_distance_ge":
+            d = b.op("Abs", d)
+        out = b.op("GreaterOrEqual", d, b.const(np.array(float(region.n), np.float32)))
+    else:
+        n = b.const(np.array(float(region.n), np.float32))
+
+        def chunk(r: ir.Value) -> ir.Value:
+            return b.op("Floor", b.op("Div", b.op("Cast", r, to=ir.DataType.FLOAT), n))
+
+        cq = chunk(rows)
+        ck = cq if key_rows is None else chunk(key_rows)
+        d = b.op("Sub", b.op("Unsqueeze", cq, b.const(np.array([-1], np.int64))),
+                 b.op("Unsqueeze", ck, b.const(np.array([-2], np.int64))))
+        d = b.op("Unsqueeze", d, b.const(np.array([1], np.int64)))
+        k = b.const(np.array(float(region.k), np.float32))
+        out = b.op("Equal" if region.kind == "chunk_eq" else "GreaterOrEqual", d, k)
+    memo[key] = out
+    return out
 
 
 def _distance(b: _Builder, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
@@ -311,9 +391,15 @@ def _check_cache_path(pair: ScorePair) -> None:
 
 def _key_positions_like(b: _Builder, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
     """Positions 0..T-1 of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions``
-    ([T], [1, T], [1, T, 1] or [1, 1, T]), and as rows [1, T] int64."""
-    end = {"end": axis + 1} if axis != -1 else {}
-    t = b.op("Squeeze", b.op("Shape", keys, start=axis, **end), b.const(np.array([0], np.int64)))
+    (the site's positions as the angles read them: its source [T], [1, T], [1, T, 1] or [1, 1, T] reshaped as
+    the graph reshapes it), and as rows [1, T] int64."""
+    source = _position_source(positions)
+    if source is not positions:
+        src_pos, rows = _key_positions_like(b, source, keys, axis)
+        between = _ancestors_until([positions], {id(source)}, limit=16)
+        return b.clone(positions, {id(source): src_pos}, between, {}), rows
+    # Shape then Gather (not Shape's start/end attributes, which need opset 15)
+    t = b.op("Gather", b.op("Shape", keys), b.const(np.array(axis, np.int64)), axis=0)
     r0 = b.op("Range", b.const(np.array(0, np.int64)), t, b.const(np.array(1, np.int64)))
     r0.dtype = ir.DataType.INT64
     rows = b.op("Unsqueeze", r0, b.const(np.array([0], np.int64)))
@@ -350,10 +436,46 @@ class AttentionExtendPass(ReportingPass):
         return ir.passes.PassResult(model, bool(self.changes))
 
 
+class RerotatePastKeysPass(ReportingPass):
+    """``--runtime-decode rerotate`` for run-time RoPE methods (dynamic, longrope) on KV-cache exports: the cache
+    holds keys before rotation and every step rotates all keys, past and new, with the frequencies of the current
+    total length. Every score then uses one set of frequencies, as the whole sequence at once does; the past keys'
+    own values still come from hidden states computed under the frequencies of their step, so beyond the first
+    layer this is closer to the whole sequence at once than HF's cached behaviour, not equal to it (exactness
+    needs a new prefill whenever the frequencies change: docs/long-context.md). Runs after the rescale."""
+
+    def __init__(self, method: str, context: PipelineContext | None = None, *, required: bool = False) -> None:
+        super().__init__(context)
+        self.method = method
+        self.required = required  # asked for by name: a model that cannot take it is a usage error
+
+    def run(self, model: ir.Model) -> ir.passes.PassResult:
+        if not any(v.name and "past" in v.name.lower() for v in model.graph.inputs):
+            if self.required:
+                raise UsageError("--runtime-decode rerotate applies to KV-cache exports (past_key_values inputs); "
+                                 "this model computes every position at once already")
+            return ir.passes.PassResult(model, False)
+        sites = self.context.detection(model).rope_sites
+        try:
+            self.changes.extend(extend_attention(model, sites, None, None, unrotated_cache=self.method))
+        except AttentionExtendError as exc:
+            if self.required:
+                raise UsageError(f"--runtime-decode rerotate: {exc} (--runtime-decode hf keeps HF's cached "
+                                 "behaviour)") from None
+            self.notes.append(f"decode keeps HF's cached behaviour (past keys keep the frequencies of their own "
+                              f"step): re-rotation cannot be written here: {exc}")
+            return ir.passes.PassResult(model, False)
+        self.context.report.attention_changes.extend(self.changes)
+        return ir.passes.PassResult(model, bool(self.changes))
+
+
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,
-                     logn_length: int | None) -> list[str]:
-    """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite."""
-    if extension is None and logn_length is None:
+                     logn_length: int | None, *, unrotated_cache: str | None = None,
+                     packed_cache: bool = True) -> list[str]:
+    """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite.
+    ``unrotated_cache`` (the run-time method's name): KV-cache attention is made to cache keys before rotation and
+    to rotate every key with the current cos/sin at each step (with or without an extension)."""
+    if extension is None and logn_length is None and unrotated_cache is None:
         return []
     done = next((n.metadata_props[EXTENDED_KEY] for n in model.graph if EXTENDED_KEY in n.metadata_props), None)
     if done is not None:
@@ -363,7 +485,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         raise AttentionExtendError("no RoPE found: the attention-level methods rewrite RoPE attention")
     if extension is not None and extension.method == "self-extend" and int(extension.group_size) == 1:
         extension = None  # group size 1: grouped positions are the positions; the model's own attention
-        if logn_length is None:
+        if logn_length is None and unrotated_cache is None:
             return []
     for site in sites:
         _check_site(site, extension)
@@ -375,17 +497,19 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     if 2 * len(pairs) < apps:
         raise AttentionExtendError(f"only {len(pairs)} attention score MatMuls found for {apps} q/k rotations: "
                                    "refusing to rewrite some attentions and not others")
-    if extension is not None:
+    if extension is not None or unrotated_cache is not None:
         for p in pairs:
             if p.cached_keys:
                 _check_cache_path(p)
+    if unrotated_cache is not None and not all(p.cached_keys for p in pairs):
+        raise AttentionExtendError("not a KV-cache export (keys are not appended to a past): nothing to re-rotate")
     graph = model.graph
     b = _Builder(graph, "posrewrite_extend")
     rows_memo: dict[int, ir.Value] = {}
-    dist_memo: dict[int, ir.Value] = {}
     logn_memo: dict[tuple[int, ir.DataType], ir.Value] = {}
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}
-    posmap_memo: dict[tuple[int, str], ir.Value] = {}
+    posmap_memo: dict[tuple[int, PositionMap], ir.Value] = {}
+    region_memo: dict[tuple, ir.Value] = {}
 
     def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
         """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
@@ -402,24 +526,24 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         trig_memo[key] = {id(site.cos): cos2, id(site.sin): sin2}
         return trig_memo[key]
 
-    def mapped_positions(positions: ir.Value, side: str) -> ir.Value:
-        pkey = (id(positions), side)
+    def mapped_positions(positions: ir.Value, pmap: PositionMap) -> ir.Value:
+        pkey = (id(positions), pmap)
         if pkey not in posmap_memo:
-            affine = extension.query_affine() if side == "q" else extension.key_affine()
-            posmap_memo[pkey] = _map_positions(b, positions, affine, extension.integer_positions)
+            posmap_memo[pkey] = _map_positions(b, positions, pmap)
         return posmap_memo[pkey]
 
-    def second_trig(site: RopeSite, side: str) -> dict[int, ir.Value]:
-        """{id(site.cos): cos2, id(site.sin): sin2} for the second positions of one side."""
-        return trig_at(site, mapped_positions(site.positions, side))
+    def second_trig(site: RopeSite, pmap: PositionMap) -> dict[int, ir.Value]:
+        """{id(site.cos): cos2, id(site.sin): sin2} at the positions ``pmap`` gives."""
+        return trig_at(site, mapped_positions(site.positions, pmap))
 
     def rotation_allowed(site: RopeSite, app: RopeApplication) -> set[int]:
         return _rotation_nodes(app) | _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
 
-    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, object]:
         """KV-cache attention: the cache is made to hold keys before rotation, and every step rotates all keys
-        (past and new) at their positions 0..T-1, once normally and once at the second positions. Returns
-        (the key rows [1, T], the rotated keys, the second-rotation operand of the score MatMul)."""
+        (past and new) at their positions 0..T-1, once normally and once per key map of the method. Returns
+        (the key rows [1, T], the rotated keys, a function giving the score MatMul's right operand for a key
+        map)."""
         site, app = pair.k_site, pair.k_app
         concat = next(n for n in pair.k_path if n.op_type == "Concat")
         pos_in_path = pair.k_path.index(concat)
@@ -437,8 +561,6 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         allowed = rotation_allowed(site, app)
         subs = {id(app.input): unrot_all, **trig_at(site, kpos)}
         k_all = b.clone(app.output, subs, allowed, {})
-        subs2 = {id(app.input): unrot_all, **trig_at(site, mapped_positions(kpos, "k"))}
-        k2_all = b.clone(app.output, subs2, allowed, {})
         old = concat.outputs[0]
         after_ids = {id(n) for n in after}
         for node, idx in list(old.uses()):
@@ -449,12 +571,120 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 old.name = unique_name(graph, f"{name}_rotated")
                 unrot_all.name = name
                 graph.outputs[i] = unrot_all
-        k2 = b.clone(pair.matmul.inputs[1], {id(k_all): k2_all}, after_ids, {})
-        return key_rows, k_all, k2
+        k2_memo: dict[PositionMap, ir.Value] = {}
+
+        def k2_for(pmap: PositionMap) -> ir.Value:
+            if pmap not in k2_memo:
+                subs2 = {id(app.input): unrot_all, **trig_at(site, mapped_positions(kpos, pmap))}
+                k2_all = b.clone(app.output, subs2, allowed, {})
+                k2_memo[pmap] = b.clone(pair.matmul.inputs[1], {id(k_all): k2_all}, after_ids, {})
+            return k2_memo[pmap]
+
+        return key_rows, k_all, k2_for
+
+    def cache_input(value: ir.Value | None) -> ir.Value | None:
+        """The graph input a past value is (through Identity and one-input Concat nodes), or None."""
+        for _ in range(4):
+            if value is None:
+                return None
+            node = value.producer()
+            if node is None:
+                return value if value in graph.inputs else None
+            if node.op_type not in ("Identity", "Concat") or len(node.inputs) != 1:
+                return None
+            value = node.inputs[0]
+        return None
+
+    def packable(pair: ScorePair) -> bool:
+        """The packed cache contract applies: the keys [B, H, T, D] appended on axis 2 to a past that is a graph
+        input, and the Concat's output is the graph's present."""
+        concat = next(n for n in pair.k_path if n.op_type == "Concat")
+        out = concat.outputs[0]
+        pasts = [cache_input(v) for v in concat.inputs if v is not None and v is not pair.k_app.output
+                 and (v.producer() is None or v.producer() not in pair.k_path)]
+        axis = int(concat.attributes["axis"].value)
+        return (rank(out) == 4 and axis in (2, -2) and len(concat.inputs) == 2 and len(pasts) == 1
+                and pasts[0] is not None and rank(pasts[0]) == 4 and out in graph.outputs)
+
+    def cached_keys_packed(pair: ScorePair, key_maps: list[PositionMap]) -> tuple[ir.Value, object]:
+        """KV-cache attention without re-rotating the past: every key is rotated once per position system when it
+        is new (at its own position, and at each key map of it), and the cache holds them all, packed on the
+        heads axis: ``present.key`` = [B, (1 + m) H, T, D] (heads 0..H-1 the keys as the model rotates them,
+        then H heads per key map). A past of H heads (the empty past a generation loop starts with, sized from the
+        model's config) reads as an empty cache of every system. Returns (the key rows [1, T], a function giving
+        the score MatMul's right operand for a key map)."""
+        site, app = pair.k_site, pair.k_app
+        concat = next(n for n in pair.k_path if n.op_type == "Concat")
+        pos_in_path = pair.k_path.index(concat)
+        before, after = pair.k_path[:pos_in_path], pair.k_path[pos_in_path + 1:]
+        before_ids, after_ids = {id(n) for n in before}, {id(n) for n in after}
+        idx_new = next(i for i, v in enumerate(concat.inputs) if v is app.output or
+                       (v is not None and v.producer() is not None and v.producer() in before))
+        idx_past = 1 - idx_new
+        new_in, past = concat.inputs[idx_new], concat.inputs[idx_past]
+        i64 = ir.DataType.INT64
+
+        def dims(value: ir.Value, *axes: int) -> ir.Value:
+            shape = b.op("Shape", value)
+            return b.op("Gather", shape, b.const(np.array(list(axes), np.int64)), axis=0)
+
+        heads = dims(new_in, 1)
+        axis1 = b.const(np.array([1], np.int64))
+        # [B, H, -1, D] from the new keys (a past of H heads and length 0 reshapes to an empty cache)
+        as_cache = b.op("Concat", dims(new_in, 0, 1), b.const(np.array([-1], np.int64)), dims(new_in, 3), axis=0)
+        as_cache.dtype = i64
+
+        def past_part(k: int) -> ir.Value:
+            start = b.op("Mul", heads, b.const(np.array([k], np.int64)))
+            end = b.op("Add", start, heads)
+            return b.op("Reshape", b.op("Slice", past, start, end, axis1), as_cache)
+
+        normal_past = past_part(0)
+        inputs = list(concat.inputs)
+        inputs[idx_past] = normal_past
+        k_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+        k_all.dtype = concat.outputs[0].dtype
+        _, key_rows = _key_positions_like(b, site.positions, k_all, 2)
+        old = concat.outputs[0]
+        for node, idx in list(old.uses()):  # the score path, and any other reader (shapes of the cache)
+            node.replace_input_with(idx, k_all)
+        allowed = rotation_allowed(site, app)
+        packed = [k_all]
+        k2_memo: dict[PositionMap, ir.Value] = {}
+        for k, pmap in enumerate(key_maps, start=1):
+            subs = {id(app.input): app.input, **trig_at(site, mapped_positions(site.positions, pmap))}
+            new_rot = b.clone(app.output, subs, allowed, {})
+            new_second = b.clone(new_in, {id(app.output): new_rot}, before_ids, {}) if new_in is not app.output \
+                else new_rot
+            inputs = list(concat.inputs)
+            inputs[idx_new], inputs[idx_past] = new_second, past_part(k)
+            second_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+            # the same shape as the keys: a past that is not a packed cache (the original model's, of H heads and
+            # some length) fails here instead of being read as an empty one
+            second_all = b.op("Reshape", second_all, b.op("Shape", k_all))
+            packed.append(second_all)
+            k2_memo[pmap] = b.clone(pair.matmul.inputs[1], {id(k_all): second_all}, after_ids, {})
+        present = b.op("Concat", *packed, axis=1)
+        present.dtype = old.dtype
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                name = old.name
+                old.name = unique_name(graph, f"{name}_unpacked")
+                present.name = name
+                if old.shape is not None:
+                    present.shape = ir.Shape([old.shape[0], f"{name}_heads", *list(old.shape)[2:]])
+                graph.outputs[i] = present
+        declared = cache_input(past)
+        if declared is not None and declared.shape is not None:  # H heads (an empty past) or (1 + m) H (packed)
+            declared.shape = ir.Shape([declared.shape[0], f"{declared.name}_heads", *list(declared.shape)[2:]])
+            for node, _ in declared.uses():  # the one-input Concat / Identity between: their outputs too
+                if node.op_type in ("Identity", "Concat") and len(node.inputs) == 1:
+                    node.outputs[0].shape = None
+        return key_rows, k2_memo.__getitem__
 
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
-                       operand: ir.Value) -> ir.Value:
-        subs = dict(second_trig(site, side))
+                       operand: ir.Value, pmap: PositionMap) -> ir.Value:
+        subs = dict(second_trig(site, pmap))
         subs[id(app.input)] = app.input
         allowed = _rotation_nodes(app) | {id(n) for n in path}
         allowed |= _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
@@ -469,23 +699,24 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         uses = list(scores.uses())
         rows = rows_memo.get(id(pair.q_site.positions))
         if rows is None:
-            rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, pair.q_site.positions)
+            rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
+        key_rows = k2_for = None
+        if pair.cached_keys and unrotated_cache is None and extension is not None and packed_cache and \
+                packable(pair):
+            key_rows, k2_for = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())))
+        elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
+            key_rows, _, k2_for = cached_keys(pair)
         if extension is not None:
-            q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0])
-            if pair.cached_keys:
-                key_rows, _, k2 = cached_keys(pair)
-                dist = _distance(b, rows, key_rows)
-            else:
-                k2 = second_operand(pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1])
-                dist = dist_memo.get(id(rows))
-                if dist is None:
-                    dist = dist_memo[id(rows)] = _distance(b, rows)
-            scores2 = b.op("MatMul", q2, k2)
-            if extension.method == "rerope":
-                dist = b.op("Abs", dist)
-            far = b.op("GreaterOrEqual", dist, b.const(np.array(float(extension.window), np.float32)))
-            merged = b.op("Where", far, scores2, scores)
+            k2_done: dict[PositionMap, ir.Value] = {}
+            for branch in extension.branches():
+                q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0], branch.query)
+                if branch.key not in k2_done:
+                    k2_done[branch.key] = k2_for(branch.key) if k2_for is not None else second_operand(
+                        pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1], branch.key)
+                scores2 = b.op("MatMul", q2, k2_done[branch.key])
+                where = _region(b, rows, key_rows, branch.region, region_memo)
+                merged = b.op("Where", where, scores2, merged)
         if logn_length is not None:
             dtype = scores.dtype or ir.DataType.FLOAT
             key = (id(rows), dtype)
@@ -505,14 +736,22 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             if out is scores:
                 graph.outputs[out_index] = merged
         mm.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
-            f" log-n L={logn_length}" if logn_length else "")
+            f" log-n L={logn_length}" if logn_length else "") + (
+            f" {unrotated_cache} past keys re-rotated" if unrotated_cache else "")
     b.commit()
     graph.sort()
     changes = []
+    if unrotated_cache is not None:
+        changes.append(f"{REROTATE_CHANGE} ({unrotated_cache}) in {len(pairs)} attention layers: present.*.key "
+                       "holds keys before rotation; every step rotates all cached keys with the frequencies of the "
+                       "current total length (one rotation of T keys per layer and step)")
     if extension is not None:
-        changes.append(f"attention: {extension.describe()} in {len(pairs)} attention layers (second score matrix "
-                       f"from {'grouped' if extension.method == 'self-extend' else 'clipped'} positions, merged by "
-                       "distance before the softmax)")
+        what = {"self-extend": "second score matrix from grouped positions, merged by distance",
+                "rerope": "second score matrix from clipped positions, merged by distance",
+                "dual-chunk": "successive-chunk and inter-chunk score matrices from chunk positions, merged by "
+                              "chunk distance"}[extension.method]
+        changes.append(f"attention: {extension.describe()} in {len(pairs)} attention layers ({what} before the "
+                       "softmax)")
     if logn_length is not None:
         changes.append(f"attention: log-n scaling in {len(pairs)} attention layers (scores of the query at position "
                        f"p times max(1, log(p+1)/log({logn_length})))")
