@@ -130,7 +130,10 @@ def test_inspect(name, capsys):
 # rescale methods against HF with the new rope_parameters
 # ---------------------------------------------------------------------------------------------------------------
 
-METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "base")
+METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "base")
+_HALF = 8  # rotary_dim / 2 of every golden
+LONGROPE = {"short_factor": [float(v) for v in 1.0 + 0.1 * np.random.default_rng(0).random(_HALF)],
+            "long_factor": [float(v) for v in 1.0 + 3.0 * np.linspace(0, 1, _HALF)]}
 
 
 def _hf_params(method: str) -> dict:
@@ -144,13 +147,18 @@ def _hf_params(method: str) -> dict:
         p["original_max_position_embeddings"] = L
     if method == "llama3":
         p.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if method == "longrope":
+        p.update(LONGROPE)
     return p
 
 
 def _flags(method: str) -> list[str]:
+    import json
+
     if method == "base":
         return ["--rope-base", "123456"]
-    return ["--rope-scale", str(SCALE), "--rope-method", method, "--original-max-positions", str(L)]
+    flags = ["--rope-scale", str(SCALE), "--rope-method", method, "--original-max-positions", str(L)]
+    return flags + (["--rope-params", json.dumps(LONGROPE)] if method == "longrope" else [])
 
 
 @pytest.mark.slow
@@ -165,8 +173,9 @@ def test_rescale_vs_hf(name, method, tmp_path, capsys):
     for n in (L // 2, L + 8, 3 * L):
         ids = _ids(n)
         _assert_close(name, goldens.logits(out, ids), goldens.hf_logits(ARCH[name], ids, model=hf), f"{method} at {n}")
-    ids = _ids(3 * L)
-    assert float(np.abs(goldens.logits(src, ids) - goldens.logits(out, ids)).max()) > 1e-3  # it changed the model
+    ids = _ids(3 * L)  # it changed the model: far from the unscaled HF model (the golden's own caches end at L)
+    plain = goldens.hf_logits(ARCH[name], ids)
+    assert float(np.abs(plain - goldens.logits(out, ids)).max()) > 10 * _tol(name, plain)
 
 
 @pytest.mark.slow
@@ -177,6 +186,8 @@ def test_validate_command(name, tmp_path, capsys):
     src = goldens.model_path(name)
     out = _out(tmp_path, name, "yarn")
     assert _cli(capsys, src, *_flags("yarn"), "-o", out).returncode == 0
+    if out.is_dir():  # validate takes model files (a folder is refused with exit 3): the folders' models
+        src, out = src / "model.onnx", out / "model.onnx"
     ok = _cli(capsys, "validate", src, out, *_flags("yarn"))
     assert ok.returncode == 0, ok.stderr
     wrong = _cli(capsys, "validate", src, out, "--rope-scale", "2", "--rope-method", "yarn",
@@ -197,12 +208,17 @@ def test_same_model_features(name, flags, tmp_path, capsys):
     src = goldens.model_path(name)
     out = _out(tmp_path, name, "out")
     res = _cli(capsys, src, *flags, "-o", out)
+    if name.startswith("ortopt-") and flags == ["--fuse", "onnx"]:  # its com.microsoft norms have no opset-23 form
+        assert res.returncode == 2 and "--fuse onnx needs opset 23" in res.stderr, res.stderr
+        return
     assert res.returncode == 0, res.stderr
     if not out.exists():  # nothing to change: said, and no output written
         assert "nothing" in (res.stdout + res.stderr).lower()
         out = src
     hf = goldens.hf_model(ARCH[name])
-    lengths = (L // 2, 3 * L) if flags[0] == "--max-positions" else (L // 2, L + 8)
+    # fused caches and the genai builder's caches have L rows (more with --max-positions): positions past them
+    # are rejected by onnxruntime, as documented
+    lengths = (L // 2, 3 * L) if flags[0] == "--max-positions" else (L // 2, L)
     for n in lengths:
         ids = _ids(n)
         _assert_close(name, goldens.logits(out, ids), goldens.hf_logits(ARCH[name], ids, model=hf),
@@ -215,8 +231,9 @@ def test_same_model_features(name, flags, tmp_path, capsys):
 
 EXTEND = {"self-extend": ["--extend", "self-extend", "--group-size", "4", "--window", "16"],
           "rerope": ["--extend", "rerope", "--window", "16"]}
-#: goldens whose RoPE is inside fused RotaryEmbedding / GroupQueryAttention nodes: --extend is refused (exit 2)
-FUSED_ROPE = ("genai-", "ortopt-")
+#: goldens whose attention --extend cannot rewrite: refused with exit 2 and this reason
+EXTEND_REFUSED = {"genai-": "apply --extend to the unfused model",  # RoPE inside fused RotaryEmbedding/GQA nodes
+                  "ortopt-": "no attention score MatMul(q, k^T) found after the RoPE rotations"}  # fused attention
 
 
 def _rel(case: str, n: int) -> np.ndarray:
@@ -245,8 +262,10 @@ def test_extend(name, case, tmp_path, capsys):
     src = goldens.model_path(name)
     out = _out(tmp_path, name, case)
     res = _cli(capsys, src, *EXTEND[case], "-o", out)
-    if name.startswith(FUSED_ROPE):
-        assert res.returncode == 2 and "apply --extend to the unfused model" in res.stderr, res.stderr
+    refused = next((why for stem, why in EXTEND_REFUSED.items() if name.startswith(stem)), None)
+    if refused is not None:
+        assert res.returncode == 2 and refused in res.stderr, res.stderr
+        assert not out.exists()
         return
     assert res.returncode == 0, res.stderr
     n = 48
@@ -258,4 +277,4 @@ def test_extend(name, case, tmp_path, capsys):
         return
     ref = _extend_reference(ARCH[name], ids, _rel(case, n))
     _assert_close(name, got, ref, f"{case} at {n}")
-    assert float(np.abs(goldens.logits(src, ids) - ref).max()) > 1e-3  # the rewrite changed what it computes
+    assert float(np.abs(goldens.logits(src, ids) - ref).max()) > 10 * _tol(name, ref)  # it changed the model
