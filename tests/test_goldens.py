@@ -49,10 +49,10 @@ def _ids(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _tol(name: str, ref: np.ndarray) -> float:
-    """fp32: 1e-5 on logits of magnitude ~1 (as tests/test_rescale_vs_hf.py); fp16 goldens: 8 fp16 epsilons of
-    the logits' magnitude (the fp16 model itself is that far from the fp32 HF model)."""
+    """fp32: 1e-5 on logits of magnitude ~1 (as tests/test_rescale_vs_hf.py); fp16 goldens: 2 fp16 epsilons (4 unit
+    round-offs) of the logits' magnitude (the fp16 goldens are ~0.7 unit round-off from the fp32 HF model)."""
     if goldens.half_precision(name):
-        return 8 * float(np.finfo(np.float16).eps) * max(1.0, float(np.abs(ref).max()))
+        return 2 * float(np.finfo(np.float16).eps) * max(1.0, float(np.abs(ref).max()))
     return 1e-5
 
 
@@ -170,12 +170,14 @@ def test_rescale_vs_hf(name, method, tmp_path, capsys):
     res = _cli(capsys, src, *_flags(method), "-o", out)
     assert res.returncode == 0, res.stderr
     hf = goldens.hf_model(ARCH[name], _hf_params(method))
-    for n in (L // 2, L + 8, 3 * L):
+    # a new base does not lengthen the context: cos/sin caches of the golden's own (genai) keep their L rows
+    lengths = (L // 2, L) if method == "base" and name.startswith("genai-") else (L // 2, L + 8, 3 * L)
+    for n in lengths:
         ids = _ids(n)
         _assert_close(name, goldens.logits(out, ids), goldens.hf_logits(ARCH[name], ids, model=hf), f"{method} at {n}")
-    ids = _ids(3 * L)  # it changed the model: far from the unscaled HF model (the golden's own caches end at L)
-    plain = goldens.hf_logits(ARCH[name], ids)
-    assert float(np.abs(plain - goldens.logits(out, ids)).max()) > 10 * _tol(name, plain)
+    ids = _ids(lengths[-1])  # it changed the model: compared with the unscaled HF model (the golden's caches end at L)
+    plain = goldens.hf_logits(ARCH[name], ids)  # the unscaled model must fail the tolerance the rewrite meets
+    assert float(np.abs(plain - goldens.logits(out, ids)).max()) > _tol(name, plain)
 
 
 @pytest.mark.slow
@@ -277,4 +279,4 @@ def test_extend(name, case, tmp_path, capsys):
         return
     ref = _extend_reference(ARCH[name], ids, _rel(case, n))
     _assert_close(name, got, ref, f"{case} at {n}")
-    assert float(np.abs(goldens.logits(src, ids) - ref).max()) > 10 * _tol(name, ref)  # it changed the model
+    assert float(np.abs(goldens.logits(src, ids) - ref).max()) > _tol(name, ref)  # the original fails the test
