@@ -6,6 +6,7 @@
 #                        rescale an onnxruntime-genai model folder and generate past its old context
 #   make install         only the set-up (skipped while the lock, pyproject.toml and this Makefile are unchanged)
 #   make lint            ruff check, with the locked ruff
+#   make goldens         regenerate fixtures/goldens/ (optimum-cli in a throw-away venv, genai builder, torch.onnx)
 #   make lock            re-resolve requirements/dev.lock from pyproject.toml's ranges (newest releases today)
 #   make test-latest     the whole suite in .venv-latest against the newest releases the ranges admit
 #   make clean           remove build outputs (out/, build/, *.egg-info); `make distclean` also the venvs
@@ -29,7 +30,7 @@ PYTEST_ARGS ?=
 CHECK_TESTS := tests/test_math_rope.py tests/test_math_precision.py tests/test_other_math.py \
                tests/test_base_bound.py tests/test_rewrite_options.py tests/test_io.py
 
-.PHONY: all install lint test check demo lock test-latest clean distclean
+.PHONY: all install lint test check demo goldens lock test-latest clean distclean
 
 all: test
 
@@ -58,6 +59,10 @@ check: lint
 
 demo: $(STAMP)
 	$(PY) -m fixtures.demo
+
+# The golden exports of the tools users run (fixtures/goldens/make.py); optimum gets a venv of its own, deleted after.
+goldens: $(STAMP)
+	$(PY) -m fixtures.goldens.make
 
 # Re-resolve the lock in a throw-away venv (pip-tools pinned); torch's local "+cpu" label is dropped so the
 # lock also installs on machines without the CPU wheel on disk.

@@ -1,8 +1,12 @@
-"""`--fuse ort` on an Optimum-layout export (KV cache, position_ids, attention_mask): latency side by side.
+"""`--fuse ort` on an Optimum export (KV cache, position_ids, attention_mask): latency side by side.
 
-The model is a random-weight Llama exported as Optimum's ``text-generation-with-past`` does (see
-``fixtures.hf_models.export_optimum_layout``; optimum itself is not needed): default 8 layers, hidden 1024,
-16 q / 4 kv heads, intermediate 2816, vocab 32000, 4096 positions. It is rewritten with
+The model is a random-weight Llama (default 8 layers, hidden 1024, 16 q / 4 kv heads, intermediate 2816, vocab
+32000, 4096 positions) exported by optimum-cli itself (``--exporter optimum-cli``, the default:
+``optimum-cli export onnx --task text-generation-with-past``, run from the side venv given by ``--optimum-venv``
+or $POSREWRITE_OPTIMUM_VENV, default /work/venvs/optimum; see docs/goldens.md for its pins; the benchmark stops
+with a message when that venv is absent), or by ``fixtures.hf_models.export_optimum_layout``
+(``--exporter layout``: a reproduction of Optimum's layout with the TorchScript exporter at opset 14, no optimum
+needed). It is rewritten with
 ``posrewrite --fuse ort --max-positions 4096`` and both models are run in one process, interleaved (original,
 fused, original, ...), on the same feeds: prefill 512 and 2048 tokens (empty past) and one decode step at 2048
 past. Medians, their ratio, and the largest difference of logits / presents are printed. A column for an
@@ -12,7 +16,8 @@ onnxruntime-genai builder model of the same weights is printed only when ``onnxr
 Rewrite time: ``posrewrite --fuse ort`` against onnxscript's ``optimize_for_ort`` on the same file (the same
 kind of work: fusions of the whole model, no validation), and posrewrite's rescale alone.
 
-    python benchmarks/optimum_layout.py [--layers 8] [--hidden 1024] [--threads 2] [--repeat 5] [--kernel-times 3]
+    python benchmarks/optimum_layout.py [--exporter optimum-cli|layout] [--optimum-venv DIR] [--layers 8]
+                                        [--hidden 1024] [--threads 2] [--repeat 5] [--kernel-times 3]
                                         [--kernel-ops 12]
 
 Summed kernel times (``--kernel-times``, and per op type with ``--kernel-ops``) move much less than wall time
@@ -22,6 +27,7 @@ when other processes share the CPU: compare those on a loaded machine.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -45,9 +51,59 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _hf_folder(args, tmp: Path) -> Path:
+    """The HF checkpoint of the benchmark's weights (fixtures.hf_models.optimum_layout_hf_model) with a
+    one-word-per-id tokenizer (the genai builder and optimum-cli want one), written once under `tmp`."""
+    hf = tmp / "hf"
+    if (hf / "config.json").exists():
+        return hf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fixtures.hf_models import optimum_layout_hf_model
+
+    optimum_layout_hf_model(num_layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                            vocab=args.vocab, intermediate=args.intermediate,
+                            max_position_embeddings=4096).save_pretrained(hf)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(args.vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(hf)
+    return hf
+
+
+def _optimum_cli_export(args, tmp: Path) -> Path:
+    """``optimum-cli export onnx --task text-generation-with-past`` of the benchmark's HF checkpoint, run from
+    the side venv (offline); cached (fixtures.cache) by model size and the venv's optimum/transformers/torch."""
+    import json
+    import subprocess
+
+    from fixtures.cache import cached
+
+    python = Path(args.optimum_venv) / "bin" / "python"
+    code = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
+            "('optimum', 'optimum-onnx', 'transformers', 'torch')}))")
+    versions = json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True,
+                                         check=True).stdout)
+    spec = dict(kind="optimum-cli-llama", layers=args.layers, hidden=args.hidden, heads=args.heads,
+                kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab, versions=versions)
+
+    def build(out: Path) -> dict:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        cmd = [str(python.parent / "optimum-cli"), "export", "onnx", "--model", str(_hf_folder(args, tmp)),
+               "--task", "text-generation-with-past", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not (out / "model.onnx").exists():
+            raise SystemExit(f"optimum-cli export failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return {"command": cmd[1:], "versions": versions}
+
+    path, _ = cached(spec, build)
+    return path
+
+
 def _genai_model(args, tmp: Path) -> Path | None:
     """onnxruntime-genai's builder model (``-p fp32 -e cpu``) of the same weights, or None when the builder is
-    not installed. A one-word-per-id tokenizer is written beside the HF checkpoint (the builder wants one)."""
+    not installed."""
     import importlib.util
     import subprocess
 
@@ -57,19 +113,7 @@ def _genai_model(args, tmp: Path) -> Path | None:
     except ImportError:
         return None
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from fixtures.hf_models import optimum_layout_hf_model
-
-    hf = tmp / "hf"
-    optimum_layout_hf_model(num_layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-                            vocab=args.vocab, intermediate=args.intermediate,
-                            max_position_embeddings=4096).save_pretrained(hf)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(args.vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(hf)
+    hf = _hf_folder(args, tmp)
     out = tmp / "genai"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                     "-p", "fp32", "-e", "cpu", "-c", str(tmp / "genai-cache")], check=True,
@@ -183,17 +227,29 @@ def main() -> None:
     parser.add_argument("--kernel-ops", type=int, default=0,
                         help="with --kernel-times: also print the N op types with the most kernel time, per model")
     parser.add_argument("--no-genai", dest="genai", action="store_false", help="skip the genai builder column")
+    parser.add_argument("--exporter", choices=("optimum-cli", "layout"), default="optimum-cli",
+                        help="(a) made by optimum-cli (side venv) or by fixtures.hf_models.export_optimum_layout")
+    parser.add_argument("--optimum-venv", default=os.environ.get("POSREWRITE_OPTIMUM_VENV", "/work/venvs/optimum"),
+                        help="the side venv with optimum-cli (docs/goldens.md)")
     args = parser.parse_args()
 
     from fixtures.hf_models import export_optimum_layout, optimum_feeds
     from posrewrite import api
 
-    t = time.perf_counter()
-    src = export_optimum_layout(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
-                                kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
-                                max_position_embeddings=4096)
-    print(f"Optimum-layout export: {src} ({time.perf_counter() - t:.0f} s)")
+    if args.exporter == "optimum-cli" and not (Path(args.optimum_venv) / "bin" / "optimum-cli").exists():
+        print(f"skipped: no optimum-cli in the side venv {args.optimum_venv} (make one as docs/goldens.md says, "
+              "pass --optimum-venv DIR, or --exporter layout for the reproduction of Optimum's layout)")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="posrewrite-optimum-"))
+    t = time.perf_counter()
+    if args.exporter == "optimum-cli":
+        src = _optimum_cli_export(args, tmp)
+        print(f"optimum-cli export (text-generation-with-past): {src} ({time.perf_counter() - t:.0f} s)")
+    else:
+        src = export_optimum_layout(num_layers=args.layers, hidden=args.hidden, heads=args.heads,
+                                    kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                                    max_position_embeddings=4096)
+        print(f"Optimum-layout export: {src} ({time.perf_counter() - t:.0f} s)")
     fused = tmp / "fused.onnx"
     t = time.perf_counter()
     result = api.rewrite(src, output=fused, fuse="ort", max_positions=4096, validate=False)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                 "posrewrite.passes.onnx._build", "posrewrite.passes.onnx.opset",
                                 "posrewrite.passes.onnx.rope._dtypes", "posrewrite.ops",
                                 "posrewrite.passes.fx._graph", "posrewrite.passes.fx.sites", "=posrewrite.passes.fx",
-                                "posrewrite.passes.rotation_reading"]),
+                                "posrewrite.passes.rotation_reading", "posrewrite.graph_check"]),
     ("identification", ["posrewrite.passes.onnx.rope", "posrewrite.passes.onnx.detect_other",
                         "posrewrite.passes.onnx.alibi.detect", "posrewrite.passes.onnx.t5.detect",
                         "posrewrite.passes.onnx.absolute.detect", "posrewrite.passes.onnx.detect",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from posrewrite.graph_check import check_graph
 from posrewrite.passes.onnx.detect import Detection, detect
 from posrewrite.progress import NullReporter
 from posrewrite.sites.rope import RopeSite, site_key
@@ -216,6 +217,8 @@ class ReportingPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.changes, self.notes = [], list(self.preface)
         result = self.run(model)
+        if result.modified:  # a cycle or an undefined value is this pass's bug: said here, with its name
+            check_graph(result.model, type(self).__name__)
         self.context.record(self, result)
         return result
 

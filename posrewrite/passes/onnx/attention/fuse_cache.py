@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from posrewrite.graph_check import check_graph
 from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import concrete_dims
 
@@ -118,10 +119,13 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
 
         RemoveUnusedNodesPass()(model)
         _shape_without_concat(graph)
+        _shape_before_rotation(graph)
+        RemoveUnusedNodesPass()(model)  # the rotations read only for their shapes: gone, so are their uses
         for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
             if v is not None and v.producer() is not None and v.producer().graph is graph:
                 _shape_through_transpose(graph, v)
         RemoveUnusedNodesPass()(model)
+        check_graph(model, "the KV-cache GroupQueryAttention rewrite (fuse_cache_attention)")
         TopologicalSortPass()(model)
     inside = len(kept) - sum(outside.values())
     parts = [f"RoPE inside {inside} (do_rotary=1, cos/sin caches and the graph's position_ids)"] if inside else []
@@ -873,8 +877,12 @@ def _rewrite(model: ir.Model, att: _Attention, shared: dict) -> tuple[str | None
             full_shape.dtype, full_shape.shape = _I64, shape_node.outputs[0].shape
             w.commit()
             _replace(shape_node.outputs[0], full_shape)
-    _replace(att.k_all, gqa.outputs[1])
-    _replace(att.v_all, gqa.outputs[2])
+    # present keys/values are GroupQueryAttention's outputs -- for what follows it. What it reads itself (the
+    # bias may read the key length: transformers' SDPA path slices the mask to Shape(keys)[-2]) keeps reading the
+    # concatenation, which `_shape_without_concat` then reduces to the inputs' shapes.
+    upstream = _ancestors(gqa)
+    _replace(att.k_all, gqa.outputs[1], keep=upstream)
+    _replace(att.v_all, gqa.outputs[2], keep=upstream)
     return outside, all(f is not None for f in flat) and flat_out is not None
 
 
@@ -1010,6 +1018,15 @@ def _shape_through_transpose(graph: ir.Graph, v: ir.Value) -> None:
         _replace(out, full)
 
 
+def _shape_before_rotation(graph: ir.Graph) -> None:
+    """Shape(RotaryEmbedding(x, ...)) -> Shape(x) (a rotation keeps its input's shape), so that a rotation read
+    only for its shape (the new keys' length, once the cache concatenation is reduced to shapes) is not computed."""
+    for node in [n for n in graph if n.op_type == "Shape" and n.domain in ("", "ai.onnx")]:
+        rot = _rotary(node.inputs[0])
+        if rot is not None:
+            node.replace_input_with(0, rot.inputs[0])
+
+
 def _shape_without_concat(graph: ir.Graph) -> None:
     """Shape(Concat(past, new, axis)) -> the shape computed from the inputs' shapes, when the Concat of a cache
     input is read only for its shape (the export's total length): the concatenation (a copy of the whole
@@ -1049,9 +1066,35 @@ def _shape_without_concat(graph: ir.Graph) -> None:
             graph.remove(node, safe=True)
 
 
-def _replace(old: ir.Value, new: ir.Value) -> None:
+def _ancestors(node: ir.Node) -> set[int]:
+    """ids of the nodes `node` reads from, directly or not (within its graph and the enclosing ones)."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        for v in stack.pop().inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and id(producer) not in seen:
+                seen.add(id(producer))
+                stack.append(producer)
+    return seen
+
+
+def _replace(old: ir.Value, new: ir.Value, *, keep: set[int] = frozenset()) -> None:
+    """Every use of `old` reads `new` instead (and `new` takes its place among the graph outputs), except the
+    uses by the nodes in `keep` (ids): the nodes `new`'s producer itself depends on, which would otherwise make
+    a cycle."""
     if old.is_graph_output():
         name = old.name
         old.name = None
         new.name = name
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if not keep:
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        return
+    for use in list(old.uses()):
+        if id(use.node) not in keep:
+            use.node.replace_input_with(use.idx, new)
+    graph = old.graph if old.is_graph_output() else None
+    if graph is not None:
+        for k, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[k] = new

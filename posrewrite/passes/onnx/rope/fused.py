@@ -119,6 +119,10 @@ class FusedRopeDetector:
         num_heads = int_attr(node, "num_heads", 0) or None
         if head_dim is not None and rank(node.inputs[0]) == 3 and num_heads:
             head_dim //= num_heads
+        elif head_dim is not None and rank(node.inputs[0]) == 3 and contrib:
+            # com.microsoft's contract for [B, S, hidden] without num_heads: heads as wide as the caches say
+            # (2 * their width), every one rotated whole (what the genai builder's fp16 CPU model writes)
+            head_dim = 2 * int(cos_t.shape[1])
         notes = [f"fused {_FUSED_DOMAINS[node.domain]} RotaryEmbedding"]
         record = cache_record(self.model.graph, cos_v)
         base, prior = table_base(inv_freq, record, notes)

@@ -261,10 +261,18 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
     root = handles.inv_freq
     consumer = handles.inv_freq_consumer
     index = next(i for i, v in enumerate(consumer.inputs) if v is root)
-    shape = list(root.shape.dims) if root.shape is not None and root.shape.is_static() else [-1]
+    static = root.shape is not None and root.shape.is_static()
+    shape = list(root.shape.dims) if static else [-1]
     dtype = root.dtype or _F32
     if not plan.runtime:
         new = add_initializer(graph, plan.inv_freq.reshape(shape), (root.name or "inv_freq"), dtype)
+        if not static and root.producer() is not None:
+            # a folded value of unknown shape (optimum's Gemma export: inv_freq[None, :, None] expanded to a batch
+            # of 1 the exporter made constant): the new frequencies take its shape, whatever it is
+            w = NodeWriter(graph, consumer, "rope_inv_freq")
+            new = w.op("Reshape", new, w.op("Shape", root))
+            new.dtype = dtype
+            w.commit()
     else:
         w = NodeWriter(graph, consumer, "rope_runtime")
         positions = (
@@ -274,7 +282,9 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
         )
         seq = seq_from_positions(w, positions)
         inv = runtime_inv_freq(w, plan, seq)
-        inv = w.op("Reshape", inv, w.const(np.array(shape, dtype=np.int64)))
+        target = w.op("Shape", root) if not static and root.producer() is not None else w.const(
+            np.array(shape, dtype=np.int64))
+        inv = w.op("Reshape", inv, target)
         new = w.op("Cast", inv, to=dtype) if dtype != _F32 else inv
         new.producer().metadata_props[RUNTIME_INV_FREQ_KEY] = json.dumps({
             "rope_type": plan.params.rope_type, "factor": plan.params.factor,
