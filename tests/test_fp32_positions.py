@@ -238,14 +238,20 @@ def test_rescale_then_fp32_keeps_exact_frequencies(full_fp16, tmp_path):
     assert api.check(out, max_length=8192).sites[0]["safe"]
 
 
-def test_alibi_sites_go_to_the_alibi_pass(tmp_path):
+def test_alibi_sites_are_left_to_the_alibi_pass(tmp_path):
+    """Fp32PositionsPass touches RoPE sites only; the one route to fp32 ALiBi is Fp32AlibiPass."""
     from fixtures.other_models import export_other_onnx
+    from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
 
     path, _ = export_other_onnx("bloom", dtype="float16")
     model = io.load_model(path)
     sites = api.detect(model).sites
     assert needs_fp32_positions(sites)
+    before = ir.serde.serialize_model(model).SerializeToString()
     p = Fp32PositionsPass(sites)
-    assert p(model).modified and any("ALiBi" in c for c in p.changes)
+    assert not p(model).modified and not p.changes
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+    a = Fp32AlibiPass(sites)
+    assert a(model).modified and any("ALiBi" in c for c in a.changes)
     io.save_model(model, tmp_path / "fp32.onnx")
     assert not needs_fp32_positions(api.detect(io.load_model(tmp_path / "fp32.onnx")).sites)
