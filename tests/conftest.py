@@ -22,9 +22,10 @@ to the ranking: what is above 5 s there is marked; a slow test may not be the on
 ``--every-module`` (what ``make check`` passes): the run fails unless every module of the posrewrite package
 tree was exercised in this process: for a module that defines a function or method, at least one of its
 functions ran (a function frame whose code lies in that file); for a module without any (``__init__`` files,
-``__main__``), its body ran. The evidence comes from a global trace function that records the first frame of
-each module and returns None (no line tracing), and that removes itself as soon as every module has been seen,
-so the run is traced only until the last module is reached.
+``__main__``), its body ran; for a module that runs only in a child process (``SUBPROCESS_ONLY``: the Triton
+kernel), the test that runs it there passed. The evidence comes from a global trace function that records the
+first frame of each module and returns None (no line tracing), and that removes itself as soon as every module
+has been seen, so the run is traced only until the last module is reached.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (set POSREWRITE_SLOW=1 to run)")
     if config.getoption("--every-module"):
         config.pluginmanager.register(_ModuleEvidence(REPO / "posrewrite"), "posrewrite-every-module")
+
+
+#: modules whose code runs only in a child process (no frame in this one): the test that runs them there counts
+SUBPROCESS_ONLY = {
+    # Triton kernels run on CPU only under TRITON_INTERPRET=1, set before triton is imported: a fresh process
+    "posrewrite.ops.rope_triton": "tests/test_ops_rope.py::test_triton_kernel_in_interpreter",
+}
 
 
 class _ModuleEvidence:
@@ -99,6 +107,12 @@ class _ModuleEvidence:
             sys.settrace(None)
         threading.settrace(None)  # type: ignore[arg-type]
 
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and report.passed:
+            for module, test in SUBPROCESS_ONLY.items():
+                if report.nodeid == test:
+                    self.pending.difference_update(f for f, m in self.modules.items() if m == module)
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
         self._stop()
@@ -117,7 +131,33 @@ class _ModuleEvidence:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
+
+
+def _slow_entries() -> dict[str, str]:
+    """Node ids (a test function's id covers all its parameters) listed in slow_tests.txt -> their line."""
+    entries = {}
+    for line in SLOW_LIST.read_text(encoding="utf-8").splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            entries[entry] = line
+    return entries
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    entries = _slow_entries()
+    used = set()
+    for item in items:
+        for key in (item.nodeid, item.nodeid.split("[", 1)[0]):
+            if key in entries:
+                item.add_marker(pytest.mark.slow)
+                used.add(key)
+    if config.getoption("--every-module") and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        # on a whole-suite run, an entry that names no collected test is stale (renamed or removed): say so
+        stale = sorted(e for e in entries if e not in used)
+        if stale:
+            raise pytest.UsageError(f"{SLOW_LIST.name}: no collected test has these ids: {', '.join(stale)}")
     if os.environ.get("POSREWRITE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: set POSREWRITE_SLOW=1")
