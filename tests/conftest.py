@@ -117,7 +117,7 @@ class _ModuleEvidence:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
         self._stop()
-        if exitstatus not in (0, pytest.ExitCode.OK) or not self.pending:
+        if exitstatus != pytest.ExitCode.OK or not self.pending or session.config.option.collectonly:
             return
         missing = sorted(self.modules[f] for f in self.pending)
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
