@@ -78,6 +78,9 @@ class _ModuleEvidence:
             if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree)):
                 self.needs_function.add(fname)
         self.pending = set(self.modules)
+        self.tests = 0
+        self.last = ""
+        self.last_at = 0
         self._start()
 
     def _start(self) -> None:
@@ -92,6 +95,7 @@ class _ModuleEvidence:
             if name in pending:
                 if name not in needs_function or (code.co_flags & function_flags and code.co_name[0] != "<"):
                     pending.discard(name)
+                    self.last = self.modules[name]
                     if not pending:
                         sys.settrace(None)
                         threading.settrace(None)  # type: ignore[arg-type]
@@ -109,6 +113,10 @@ class _ModuleEvidence:
         threading.settrace(None)  # type: ignore[arg-type]
 
     def pytest_runtest_logreport(self, report):
+        if report.when == "setup":
+            self.tests += 1
+            if self.pending:
+                self.last_at = self.tests
         if report.when == "call" and report.passed:
             for module, test in SUBPROCESS_ONLY.items():
                 if report.nodeid == test:
@@ -117,10 +125,14 @@ class _ModuleEvidence:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session, exitstatus):
         self._stop()
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if not self.pending and tr is not None:
+            tr.ensure_newline()
+            tr.write_line(f"--every-module: all {len(self.modules)} posrewrite modules ran (the last, {self.last}, "
+                          f"in test {self.last_at} of {self.tests}; traced until then)")
         if exitstatus != pytest.ExitCode.OK or not self.pending or session.config.option.collectonly:
             return
         missing = sorted(self.modules[f] for f in self.pending)
-        tr = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = ["--every-module: these posrewrite modules did not run in this session (no fast test reaches "
                  "them; add one, or unmark a test):", *(f"  {m}" for m in missing)]
         if tr is not None:
