@@ -1,7 +1,8 @@
 # posrewrite: `make test` and `make demo` do all of the set-up on a fresh machine, then run.
 #
 #   make test            create .venv, install the locked versions, run ruff and the whole suite (slow tests too)
-#   make check           the same set-up, then ruff and a fast subset of the suite (< 2 minutes)
+#   make check           the same set-up, then ruff and every test not marked slow, failing unless every
+#                        posrewrite module ran (< 2 minutes)
 #   make demo            install, export a tiny HF Llama, inspect it, rescale it 4x with YaRN, inspect again, fuse;
 #                        rescale an onnxruntime-genai model folder and generate past its old context
 #   make install         only the set-up (skipped while the lock, pyproject.toml and this Makefile are unchanged)
@@ -26,9 +27,6 @@ TORCH       := torch==2.13.0
 PIP_TOOLS   := pip-tools==7.6.2
 LATEST      := .venv-latest
 PYTEST_ARGS ?=
-# the fast subset of `make check`: math against HF, options, CLI errors, io, inspect
-CHECK_TESTS := tests/test_math_rope.py tests/test_math_precision.py tests/test_other_math.py \
-               tests/test_base_bound.py tests/test_rewrite_options.py tests/test_io.py
 
 .PHONY: all install lint test check demo goldens lock test-latest clean distclean
 
@@ -54,8 +52,10 @@ test: lint
 	@POSREWRITE_SLOW=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
+# every test not marked slow (the rule is in tests/conftest.py); --every-module fails the run unless each
+# posrewrite module ran
 check: lint
-	$(PY) -m pytest $(CHECK_TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" --every-module $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m fixtures.demo

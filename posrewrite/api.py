@@ -460,7 +460,7 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
 
 
 def rope_precision(site: RopeSite, n: int, index: int = 0) -> dict[str, Any]:
-    try:  # dtype tracing along the graph and table measurement (issue 6)
+    try:  # dtype tracing along the graph and table measurement
         return rope_site_precision(site, n, index)
     except ValueError as exc:  # an element type the analysis does not know (or the model does not say)
         raise errors.ModelLoadError(

@@ -167,7 +167,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
         if options.fuse != "none":
             fp32_preface.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
         else:
-            passes.append(Fp32PositionsPass(None, context=context, alibi=False, preface=fp32_preface))
+            passes.append(Fp32PositionsPass(None, context=context, preface=fp32_preface))
             fp32_preface = []
         passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
         passes.append(Fp32ScoreBiasPass(None, context=context))

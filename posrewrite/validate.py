@@ -182,7 +182,7 @@ def _run_once(path, length: int, what: str) -> tuple[bool, str]:
 # threads 1 vs 2) move fp32 logits by up to 4.8e-7 of their magnitude (4 eps) and fp16 ones by 4.6e-4 (0.5 eps);
 # correct fusions of 8 architectures by up to 5.4e-7 (fp32) and 4.6e-4 (fp16). The bound is 64 eps (fp32: 7.6e-6)
 # and 8 eps (fp16: 7.8e-3), 14-17x above what correct rewrites move, far below what a wrong rotation moves
-# (the Cohere fusion without `interleaved`: 4e-3 of the magnitude).
+# (a Cohere fusion without `interleaved`, which pairs the wrong channels: 4e-3 of the magnitude).
 COMPARE_EPS_UNITS = {"float32": 64.0, "float16": 8.0, "bfloat16": 8.0, "float64": 2.0 ** 29}
 
 

@@ -38,11 +38,17 @@ def test_advise_head_dim_changes_the_bound():
 
 
 def test_advise_model_base_meets_or_not():
-    # base 10000, rotary dim 32 (the long-context fixture model): B(m) first turns negative at m = 474
+    # base 10000, rotary dim 32 (the long-context fixture model); reference: B(m) = sum_i cos(m theta_i) summed
+    # here directly, its first negative m found by scanning
+    theta = 10000.0 ** (-np.arange(0, 32, 2) / 32)
+    curve = np.cos(np.outer(np.arange(513, dtype=np.float64), theta)).sum(axis=1)
+    first = int(np.flatnonzero(curve < 0)[0])
+    assert first < 512
     low = adv.advise(512, base=10000, rotary_dim=32)
     (c,) = low.checks
-    assert not c.meets and c.first_negative == 474 and c.longest == 473
-    assert "does NOT meet" in low.lines[-1] and "474" in low.lines[-1]
+    assert not c.meets and c.first_negative == first and c.longest == first - 1
+    assert "does NOT meet" in low.lines[-1] and str(first) in low.lines[-1]
+    assert curve[:257].min() >= 0
     ok = adv.advise(256, base=10000, rotary_dim=32)
     assert ok.checks[0].meets
     assert "MEETS" in ok.lines[-1]

@@ -149,6 +149,18 @@ def test_missing_file_subprocess(tmp_path):
     assert_one_error_line(res.stderr, "no such file")
 
 
+def test_python_dash_m_runs_the_cli(tmp_path, monkeypatch, capsys):
+    """posrewrite/__main__.py, run as `python -m posrewrite` runs it (runpy, in this process): main's exit code
+    and its one error line, as in the subprocess test above."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["posrewrite", "check", str(tmp_path / "absent.onnx")])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("posrewrite", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 3
+    assert_one_error_line(capsys.readouterr().err, "no such file")
+
+
 def test_json_error_is_one_object_subprocess(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\x01\x02garbage")

@@ -96,8 +96,8 @@ class Fp32AlibiPass(ReportingPass):
 
 
 def make_alibi_fp32(model: ir.Model, sites: Sequence[EncodingSite], changes: list[str], notes: list[str]) -> bool:
-    """The rewrite of `Fp32AlibiPass` as a function (also what `Fp32PositionsPass` does with ALiBi sites it is
-    given): appends to ``changes`` / ``notes``; True when the model was modified."""
+    """The rewrite of `Fp32AlibiPass` as a function: appends to ``changes`` / ``notes``; True when the model
+    was modified."""
     return _AlibiFp32([s for s in sites if isinstance(s, AlibiSite)], changes, notes).rewrite(model)
 
 

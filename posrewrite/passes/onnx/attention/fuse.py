@@ -576,7 +576,6 @@ def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
             lengths.append(c + 2)
     order = {id(n): k for k, n in enumerate(graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
-    symbols = [d for i in graph.inputs if i.shape is not None for d in i.shape if not isinstance(d, int)]
     for n in lengths:
         sizes = {}
         for i in graph.inputs:
@@ -601,7 +600,6 @@ def _mask_kind(model: ir.Model, mask: ir.Value, lengths) -> str:
         if not (np.all(full[:, lower] == 0) and np.all(full[:, ~lower] <= _MASKED)):
             window = _sliding_window(full, n)
             return f"sliding window of {window} tokens" if window else "not a causal mask"
-    del symbols
     return "causal"
 
 

@@ -19,9 +19,8 @@ from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope.angles import read_angles
 from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_base
-from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_indices
+from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
-from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
 from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
@@ -40,9 +39,7 @@ from posrewrite.sites.rope import (
     RopeSite,
 )
 
-#: names the rewrites import from here
-__all__ = ["RESCALED_KEY", "RUNTIME_INV_FREQ_KEY", "RopeDetector", "detect_rope", "fused_cache_indices",
-           "mark_rescaled_cache"]
+__all__ = ["RopeDetector", "detect_rope"]
 
 
 class RopeDetector:

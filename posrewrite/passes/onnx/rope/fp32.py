@@ -8,8 +8,8 @@ when their values are the rounding of a geometric base^(-2i/d) (or of a rescale 
 one Cast to the activation dtype is inserted where cos/sin meet q/k. The old nodes are left to be removed
 when nothing else reads them; every other value keeps its dtype. Half-precision cos/sin tables whose values
 are not those of fp32 math are regenerated from fp32 math (correctly rounded to the table dtype). Sites that
-are already safe are not touched, so a safe model comes out unchanged. ALiBi sites given to the pass are made
-safe by ``posrewrite.passes.onnx.alibi.fp32.make_alibi_fp32`` (the pipeline runs ``Fp32AlibiPass`` as its own step).
+are already safe are not touched, so a safe model comes out unchanged. Sites that are not RoPE (ALiBi, score
+biases) are left alone: ``Fp32AlibiPass`` and ``Fp32ScoreBiasPass`` make those safe.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
-from posrewrite.passes.onnx.alibi.fp32 import make_alibi_fp32
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
     HALF_NAMES,
@@ -359,23 +358,21 @@ class Fp32PositionsPass(ReportingPass):
     ``sites``: the sites to make safe (from detection on the model the pass is run on); None: the sites of the
     pipeline's detection of the model as the pass finds it (re-detected after an earlier rewrite). ``plans``
     (default: the RoPE plans claimed in the context's report) let frequencies that a rescale stored in half
-    precision be restored exactly. ``alibi``: ALiBi sites among them are made safe too (`make_alibi_fp32`);
-    the pipeline runs `Fp32AlibiPass` as its own step instead. After a call, ``changes`` and ``notes``
-    describe what was done; ``modified`` is False (and the model untouched) when every site was already safe."""
+    precision be restored exactly. Sites other than RoPE are skipped (`Fp32AlibiPass` handles ALiBi). After a
+    call, ``changes`` and ``notes`` describe what was done; ``modified`` is False (and the model untouched) when
+    every site was already safe."""
 
     def __init__(self, sites: Iterable[EncodingSite] | None = None, *, plans: Iterable[SitePlan] | None = None,
-                 alibi: bool = True, context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
+                 context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
         super().__init__(context, preface=preface)
         self.sites = None if sites is None else list(sites)
         self.plans = None if plans is None else tuple(plans)
-        self.alibi = alibi
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         sites = self.sites if self.sites is not None else self.context.detection(model).sites
         plans = self.plans if self.plans is not None else tuple(self.context.report.rope_plans)
         modified = False
-        alibi = []
         for k, site in enumerate(sites):
             if isinstance(site, RopeSite):
                 if site.angles == AngleSource.COMPUTED:
@@ -390,8 +387,4 @@ class Fp32PositionsPass(ReportingPass):
                 self.changes.extend(changes)
                 self.notes.extend(notes)
                 modified = modified or bool(changes)
-            elif self.alibi and getattr(site, "kind", None) == "alibi":
-                alibi.append(site)
-        if alibi:
-            modified = make_alibi_fp32(model, alibi, self.changes, self.notes) or modified
         return ir.passes.PassResult(model, modified)

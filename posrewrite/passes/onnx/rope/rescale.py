@@ -22,12 +22,8 @@ from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
-from posrewrite.passes.onnx.rope.detect import (
-    RESCALED_KEY,
-    RUNTIME_INV_FREQ_KEY,
-    fused_cache_indices,
-    mark_rescaled_cache,
-)
+from posrewrite.passes.onnx.rope.fused import fused_cache_indices
+from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
