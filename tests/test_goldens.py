@@ -123,7 +123,8 @@ def test_inspect(name, capsys):
     rope = ropes[0]
     assert rope["head_dim"] == head_dim and rope["rotary_dim"] == head_dim
     assert rope["base"] == pytest.approx(cfg.rope_parameters["rope_theta"], rel=1e-3)
-    assert rope["sites"] >= 1
+    # one q and one k rotation per layer, whatever the exporter fused (a GroupQueryAttention node counts as two)
+    assert rope["rotations"] == 2 * cfg.num_hidden_layers and data["rotations"] == rope["rotations"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

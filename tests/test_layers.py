@@ -29,11 +29,15 @@ LAYERS: list[tuple[str, list[str]]] = [
                         "posrewrite.passes.onnx.absolute.detect", "posrewrite.passes.onnx.detect",
                         "posrewrite.passes.fx.detect_rope", "posrewrite.passes.fx.detect_alibi",
                         "posrewrite.passes.fx.rotation_probe",
-                        "posrewrite.passes.onnx.bias.detect"]),
+                        "posrewrite.passes.onnx.bias.detect",
+                        # the encoding kinds' packages import nothing: importing a detector runs no pass
+                        "=posrewrite.passes.onnx.alibi", "=posrewrite.passes.onnx.absolute",
+                        "=posrewrite.passes.onnx.t5", "=posrewrite.passes.onnx.bias",
+                        "=posrewrite.passes.onnx.attention"]),
     ("pass infrastructure", ["posrewrite.passes.onnx._infra"]),
     ("passes", ["posrewrite.passes.onnx.rope.rescale", "posrewrite.passes.onnx.rope.fp32",
                 "posrewrite.passes.onnx.rope.fuse", "posrewrite.passes.onnx.rope.precision",
-                "=posrewrite.passes.onnx.rope", "posrewrite.passes.onnx.alibi", "posrewrite.passes.onnx.t5",
+                "posrewrite.passes.onnx.alibi", "posrewrite.passes.onnx.t5",
                 "posrewrite.passes.onnx.absolute", "posrewrite.passes.onnx.attention", "posrewrite.passes.onnx.bias",
                 "posrewrite.passes.onnx.extend_tables", "posrewrite.passes.onnx.masks",
                 "posrewrite.passes.fx.rescale", "posrewrite.passes.fx.fp32_positions",
@@ -73,17 +77,24 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             for child in node.orelse:
                 visit(child)
             return
+        targets: list[str] = []
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name in known)
+            targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            for target in (module, *(f"{module}.{a.name}" for a in node.names)):
-                if target in known:
-                    found.add(target)
+            targets = [module, *(f"{module}.{a.name}" for a in node.names)]
+        for target in targets:
+            # importing a.b.c runs the __init__ of a and of a.b first: those are imported too (but for the
+            # packages that contain this module, which are initialised before it)
+            parts = target.split(".")
+            for k in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:k])
+                if prefix in known and not (name == prefix or name.startswith(prefix + ".")):
+                    found.add(prefix)
         for child in ast.iter_child_nodes(node):
             visit(child)
 

@@ -1,7 +1,5 @@
 """Absolute position encodings, learned and sinusoidal: detection of tables read by position and of computed
-sinusoids (`detect.py`), extension past the training length (`extend.py`)."""
+sinusoids (`detect.py`), extension past the training length (`extend.py`).
 
-from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
-from posrewrite.passes.onnx.absolute.extend import extend_learned, extend_sinusoidal
-
-__all__ = ["detect_position_tables", "detect_computed_sinusoids", "extend_learned", "extend_sinusoidal"]
+Modules are imported by their own path; this package imports nothing, so that importing one of its detectors
+does not import its rewriting passes (and, through them, the pass infrastructure)."""

@@ -1,6 +1,5 @@
 """Score biases classified by value (`detect.py`: families of `math.bias`) and rewritten from the fitted
-formula (`rewrite.py`: --max-positions, --bias-scale, --fp32-positions)."""
+formula (`rewrite.py`: --max-positions, --bias-scale, --fp32-positions).
 
-from posrewrite.passes.onnx.bias.detect import score_bias_sites
-
-__all__ = ["score_bias_sites"]
+Modules are imported by their own path; this package imports nothing, so that importing one of its detectors
+does not import its rewriting passes (and, through them, the pass infrastructure)."""
