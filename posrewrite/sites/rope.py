@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
+from posrewrite.sites.rope_axes import GridAxes, PositionRows
 
 
 class Layout(str, enum.Enum):
@@ -34,6 +35,7 @@ class AngleSource(str, enum.Enum):
     COMPUTED = "computed"  # cos/sin of positions x inv_freq computed in the graph
     CACHED = "cached"  # precomputed cos/sin tables gathered or sliced by positions
     FUSED_OP = "fused_op"  # a RotaryEmbedding node (or an attention op with rotary inside) holding its caches
+    GRID = "grid"  # angles computed from the row and column of a patch grid (2-D RoPE), identified by probing
 
 
 class InvFreqOrigin(str, enum.Enum):
@@ -121,6 +123,26 @@ class ComputedAngles:
     selection: LengthSelection | None = None  # origin LENGTH_SELECTED: the two vectors
     rescaled: RescaleRecord | None = None  # inv_freq written by an earlier posrewrite rescale
     duplicated: str | None = None  # how angles are widened to rotary_dim: "concat" | "repeat" | None
+    rows: PositionRows | None = None  # M-RoPE: the position row each frequency reads (probed)
+
+    @property
+    def max_positions(self) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GridAngles:
+    """cos/sin of angles computed from a patch grid made from the input's shape (2-D RoPE), fitted by probing."""
+
+    kind: ClassVar[AngleSource] = AngleSource.GRID
+
+    axes: GridAxes
+    angle_dtype: str
+    attention_factor: float = 1.0
+
+    @property
+    def position_dtype(self) -> str:
+        return "float32"  # grid coordinates are made in the graph
 
     @property
     def max_positions(self) -> None:
@@ -209,9 +231,9 @@ class AttentionRotary:
         return self.rows
 
 
-RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary
+RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary | GridAngles
 
-SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary)
+SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary, GridAngles)
 
 
 # -- the IR-free description ----------------------------------------------------------------------------
@@ -273,7 +295,16 @@ class RopeEncoding:
         source = self.source
         return source.rescaled if isinstance(source, ComputedAngles | FusedCaches | AttentionRotary) else None
 
+    @property
+    def position_axes(self) -> PositionRows | GridAxes | None:
+        """What the angles read from the positions when it is more than one sequence axis (M-RoPE rows, a grid)."""
+        source = self.source
+        if isinstance(source, GridAngles):
+            return source.axes
+        return source.rows if isinstance(source, ComputedAngles) else None
+
     def to_dict(self, *, rotations: int, cos: str | None, sin: str | None, inv_freq: str | None) -> dict[str, Any]:
+        axes = self.position_axes
         return {
             "kind": "rope",
             "layout": self.layout.value,
@@ -293,6 +324,7 @@ class RopeEncoding:
             "inv_freq": inv_freq,
             "notes": list(self.notes),
             **({"op": self.op} if self.op else {}),
+            **({"positions": axes.to_dict()} if axes is not None else {}),
         }
 
 
@@ -361,7 +393,16 @@ class OnnxSwitchedCaches:
     long_sin: ir.Node
 
 
-OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches
+@dataclasses.dataclass(frozen=True)
+class OnnxAngleHandles:
+    """Where a `GridAngles` source lives: the angle tensor and the Cos/Sin nodes reading it."""
+
+    angles: ir.Value
+    trig: tuple[ir.Node, ...]
+    channel_shape: tuple[int, ...]  # shape of a per-channel constant broadcast on `angles` (1 on position axes)
+
+
+OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches | OnnxAngleHandles
 
 
 class RopeEncodingFields:
@@ -475,6 +516,10 @@ __all__ = [
     "AngleSource",
     "AttentionRotary",
     "CachedTable",
+    "GridAngles",
+    "GridAxes",
+    "OnnxAngleHandles",
+    "PositionRows",
     "ComputedAngles",
     "FusedCaches",
     "InvFreqOrigin",
