@@ -23,7 +23,7 @@ from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_ind
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
-from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, position_rows
+from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, position_input, position_rows
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
@@ -152,16 +152,27 @@ class RopeDetector:
         cone = self._cones.get(id(cs.angles))
         if ss.angles is not cs.angles:
             raise NotUnderstood("cos and sin are computed from different angles")
+        grid_refused = None
+        if cone is not None and position_input(self.model, cs.angles) is None:
+            # no position input read as data: angles made from the input's shape (a patch grid)
+            try:
+                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as refused:
+                grid_refused = refused
         try:
             info = read_angles(cs.angles, self.fold)
             inv_freq = info.inv_freq
             if 2 * inv_freq.size != rotary_dim:
                 raise NotUnderstood(
                     f"inv_freq has {inv_freq.size} entries but the rotation spans {rotary_dim} channels")
-        except NotUnderstood:
-            if cone is None:
-                raise
-            return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+        except NotUnderstood as refused:
+            if grid_refused is not None:
+                raise NotUnderstood(f"{grid_refused}; {refused}") from None
+            try:
+                cone = cone or cone_trig(apps[0].cos, apps[0].sin, self.fold)
+                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as also:
+                raise NotUnderstood(f"{refused}; {also}") from None
         if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
             raise NotUnderstood("cos and sin are scaled by different factors")
         notes = []

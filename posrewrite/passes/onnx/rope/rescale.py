@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
 from posrewrite.passes.onnx.rope.detect import (
     RESCALED_KEY,
@@ -31,8 +32,10 @@ from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
+    GridAngles,
     Layout,
     LengthSelection,
+    OnnxAngleHandles,
     OnnxSwitchedCaches,
     OnnxTableRead,
     RopeSite,
@@ -54,6 +57,7 @@ class SitePlan:
     new_length: int | None  # rows of regenerated tables
     runtime: bool
     keep_rows: bool = False  # extension only: the original rows are copied, new rows appended
+    grid: GridRequest | None = None  # 2-D RoPE: per-channel ratios on the angle tensor (angle_ratio)
 
     @property
     def extends_only(self) -> bool:
@@ -61,6 +65,11 @@ class SitePlan:
         return self.params.rope_type == "default" and self.params.rope_theta is None
 
     def describe(self) -> str:
+        if self.grid is not None:
+            g = self.grid
+            extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
+            return (f"2-D rope ({self.site.rotations} q/k applications): {self.params.rope_type} per axis, grid "
+                    f"{g.original[0]}x{g.original[1]} -> {g.target[0]}x{g.target[1]}{extra}")
         if self.extends_only:
             return (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications): tables "
                     f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
@@ -75,9 +84,45 @@ class SitePlan:
         return f"{where}: {what}{extra}{rows}{mode}"
 
 
+@dataclasses.dataclass(frozen=True)
+class GridRequest:
+    """A 2-D RoPE rescale: trained and target patch grids, and the resulting ratio per angle channel."""
+
+    original: tuple[int, int]
+    target: tuple[int, int]
+    angle_ratio: np.ndarray  # float64, the angle tensor's channel shape (1 on its grid axes)
+
+
+class NotRewritable(ValueError):
+    """The site was identified but this request cannot be applied to it (exit 5 with the reason)."""
+
+
+def plan_grid_site(site: RopeSite, method: str, original: tuple[int, int], target: tuple[int, int]) -> SitePlan:
+    """Per-axis rescale of a 2-D RoPE (posrewrite.math.rope_grid); NotRewritable when the site cannot take it."""
+    source = site.source
+    if not isinstance(source, GridAngles) or not isinstance(site.handles, OnnxAngleHandles):
+        raise NotRewritable(f"--original-grid/--target-grid rescale 2-D RoPE; this is {site.angles.value} RoPE")
+    if source.axes.normalised:
+        raise NotRewritable("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
+                            "adapts to resolution, there is nothing to rescale")
+    try:
+        ratio, attention = rope_grid.channel_ratios(source.axes.row_slope, source.axes.col_slope, method,
+                                                    original, target)
+    except ValueError as exc:
+        raise NotRewritable(str(exc)) from None
+    ratio = ratio.reshape(site.handles.channel_shape)
+    factor = max(target[0] / original[0], target[1] / original[1])
+    params = rope_math.RopeParameters(rope_type=method, factor=float(factor))
+    return SitePlan(site, params, None, float(attention) * source.attention_factor, None, False,
+                    grid=GridRequest(tuple(original), tuple(target), ratio))
+
+
 def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     """Computes the new numbers for a site. Raises ValueError for requests the site cannot take."""
     params.validate()
+    if site.angles == AngleSource.GRID:
+        raise NotRewritable("2-D RoPE over a patch grid: rescale it with --original-grid HxW --target-grid HxW "
+                            "(per-axis), not with a 1-D --rope-scale")
     if site.encoding.runtime is not None:
         raise ValueError("this RoPE already computes inv_freq at run time (a posrewrite dynamic/longrope rewrite): "
                          "rescale the original model instead")
@@ -238,6 +283,8 @@ class RescaleRopePass(ReportingPass):
 
 def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
+    if plan.grid is not None:
+        return _rescale_grid(graph, plan)
     if site.angles == AngleSource.COMPUTED:
         return _rescale_computed(graph, plan)
     if site.angles == AngleSource.CACHED:
@@ -279,6 +326,29 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
             "rope_type": plan.params.rope_type, "factor": plan.params.factor,
             "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base})
     _set_attention_factor(graph, site, plan.attention_factor)
+    return [plan.describe()]
+
+
+def _rescale_grid(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    """The angle tensor times a per-channel ratio, read by the site's Cos and Sin (the graph's own way of making
+    the grid is left as it is); the attention factor multiplies cos and sin."""
+    handles = plan.site.handles
+    assert isinstance(handles, OnnxAngleHandles) and plan.grid is not None
+    angles = handles.angles
+    ratio = add_initializer(graph, plan.grid.angle_ratio.astype(np.float32), "rope_grid_ratio", angles.dtype or _F32)
+    first = min(handles.trig, key=lambda n: list(graph).index(n))
+    w = NodeWriter(graph, first, "rope_grid")
+    scaled = w.op("Mul", angles, ratio)
+    scaled.dtype, scaled.shape = angles.dtype, angles.shape
+    w.commit()
+    for node in handles.trig:
+        node.replace_input_with(0, scaled)
+    extra = plan.attention_factor / plan.site.attention_factor  # on top of what the export already multiplies
+    if extra != 1.0:
+        for node in handles.trig:
+            out = node.outputs[0]
+            scale = add_initializer(graph, np.array(extra), "attention_factor", out.dtype or _F32)
+            insert_after_and_redirect(graph, out, "Mul", scale, "attention_factor_mul")
     return [plan.describe()]
 
 
