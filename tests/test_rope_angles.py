@@ -1,0 +1,215 @@
+"""RoPE angles identified by probing and rescaled in angle space, on models from libraries nobody here wrote.
+
+References are the libraries themselves: HF transformers' Qwen2-VL / Qwen3-VL text models built with the new
+`rope_parameters` (M-RoPE with `mrope_section`), timm's RoPE ViTs built with `ref_feat_shape` (EVA-02's
+interpolation, per axis), timm's RoPE-Mixed with its learned frequencies divided by the factor (positions / s,
+the interpolation of Heo et al. 2024 written through the library's own parameter), and an NTK reference whose
+frequency bands the test computes from the NTK-aware formula (base · s^(d/(d-2))). Models are exported by the
+tests (fixtures/third_party.py, torch.onnx.export(dynamo=True)) and run in onnxruntime.
+
+Tolerance: float32 activations of magnitude ~1 through two layers; the rewrite's angles differ from the
+library's by float32 rounding of the ratio product (a few ulp of angles up to ~100 rad), so 1e-5 relative to the
+largest output holds with margin and a wrong ratio (or a missed channel) is off by far more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from fixtures import third_party as tp  # noqa: E402
+from posrewrite import api, errors  # noqa: E402
+
+REL_TOL = 1e-5
+
+
+def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _ort(path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def _encoding(path) -> dict:
+    result = api.inspect(path).to_dict()
+    assert not result["refusals"], result["refusals"]
+    (enc,) = [e for e in result["encodings"] if e["kind"] == "rope"]
+    return enc
+
+
+# -- M-RoPE (HF Qwen2-VL, Qwen3-VL) ---------------------------------------------------------------------
+
+
+def _mrope_positions(n: int) -> np.ndarray:
+    """3-row position_ids as a VL model sees them: text positions, then an image block whose rows (t, h, w)
+    differ, then text again."""
+    t = np.arange(n)
+    rows = np.stack([t, t, t]).astype(np.int64)
+    a, b = n // 4, n // 4 + min(12, n // 2)
+    k = np.arange(b - a)
+    rows[0, a:b] = a
+    rows[1, a:b] = a + k // 4
+    rows[2, a:b] = a + k % 4
+    rows[:, b:] = rows[:, b:] - (b - a) + 4
+    return rows[:, None, :]
+
+
+@pytest.mark.parametrize("family,sections,interleaved", [("qwen2_vl", [2, 3, 3], False),
+                                                         ("qwen3_vl", [4, 2, 2], True)])
+def test_mrope_detected_with_sections(family, sections, interleaved):
+    enc = _encoding(tp.export_vl_text(family))
+    assert enc["angles"] == "computed" and enc["base"] == 10000.0 and enc["rotary_dim"] == 16
+    rows = enc["positions"]
+    assert rows["kind"] == "rows" and rows["rows"] == 3
+    assert rows["sections"] == sections and rows["interleaved"] is interleaved
+    if interleaved:  # HF's interleaved layout: T H W T H W ... then T (Qwen3-VL's apply_interleaved_mrope)
+        assert rows["row_of_channel"] == [0, 1, 2, 0, 1, 2, 0, 0]
+    else:
+        assert rows["row_of_channel"] == sum(([r] * s for r, s in enumerate(sections)), [])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["linear", "yarn"])
+def test_mrope_rescale_equals_hf(family, method, tmp_path):
+    src = tp.export_vl_text(family)
+    L = tp.VL_TEXT["max_position_embeddings"]
+    out = tmp_path / "scaled.onnx"
+    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method=method, original_max_positions=L)
+    assert result.modified and result.validation is not None and result.validation.ok
+    params = {"rope_type": method, "factor": 4.0}
+    if method == "yarn":
+        params["original_max_position_embeddings"] = L
+    ref_model = tp.vl_text(family, params)
+    rng = np.random.default_rng(0)
+    for n in (L // 2, L + 8, 3 * L):
+        ids = rng.integers(0, tp.VL_TEXT["vocab_size"], size=(1, n)).astype(np.int64)
+        pos = _mrope_positions(n)
+        with torch.no_grad():
+            ref = ref_model(torch.from_numpy(ids), torch.from_numpy(pos)).numpy()
+        got = _ort(out, {"input_ids": ids, "position_ids": pos})
+        assert _rel_err(got, ref) <= REL_TOL, (family, method, n, _rel_err(got, ref))
+    before = _ort(src, {"input_ids": ids, "position_ids": pos})
+    assert _rel_err(before, ref) > 1e-3  # the rewrite changed what matters
+
+
+# -- timm 2-D RoPE ViTs ----------------------------------------------------------------------------------
+
+
+AXIAL = "vit_small_patch16_rope_224"
+MIXED = "vit_small_patch16_rope_mixed_224"
+
+
+def _image(rows: int, cols: int, patch: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 3, rows * patch, cols * patch)).astype(np.float32)
+
+
+def _timm_out(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_timm_axial_detected_as_2d():
+    enc = _encoding(tp.export_timm(AXIAL))
+    assert enc["angles"] == "grid" and enc["layout"] == "interleaved" and enc["rotary_dim"] == 32
+    grid = enc["positions"]
+    # head_dim 32: timm gives each axis head_dim / 4 = 8 frequency bands (each used by one rotated pair)
+    assert grid == {**grid, "kind": "grid", "mixed": False, "normalised": False, "channels_per_axis": [8, 8]}
+
+
+@pytest.mark.parametrize("target", [(8, 8), (8, 12)])
+def test_timm_axial_interpolation_equals_ref_feat_shape(target, tmp_path):
+    """--original-grid 4x4 --target-grid HxW = timm built with ref_feat_shape=(4, 4), run at HxW."""
+    src = tp.export_timm(AXIAL)
+    out = tmp_path / "grid.onnx"
+    result = api.rewrite(src, output=out, original_grid=(4, 4), target_grid=target)
+    assert result.modified and result.validation is not None and result.validation.ok
+    original = tp.timm_model(AXIAL)
+    reference = tp.timm_model(AXIAL, ref_feat_shape=(4, 4))
+    reference.load_state_dict(original.state_dict())
+    x = _image(*target)
+    ref = _timm_out(reference, x)
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL  # without the rewrite the model differs there
+    # at the trained grid the reference (ref_feat_shape = the grid) is the original model
+    x4 = _image(4, 4)
+    assert _rel_err(_ort(src, {"x": x4}), _timm_out(original, x4)) <= REL_TOL
+
+
+def test_timm_axial_ntk_per_axis_equals_paper_bands(tmp_path):
+    """NTK per axis: an axis's k geometric bands f_i = f_0 r^i rebuilt from a base raised so that the fastest
+    stays and the slowest is divided by s (NTK-aware scaling, base · s^(d/(d-2)) with d = 2k: f_i · s^(-i/(k-1))),
+    computed here and put into timm's own `bands` buffer."""
+    src = tp.export_timm(AXIAL)
+    out = tmp_path / "ntk.onnx"
+    result = api.rewrite(src, output=out, original_grid=(4, 4), target_grid=(8, 8), rope_method="ntk")
+    assert result.validation is not None and result.validation.ok
+    reference = tp.timm_model(AXIAL)
+    bands = reference.rope.bands.numpy().astype(np.float64)
+    k, s = bands.size, 2.0
+    np.testing.assert_allclose(bands[1:] / bands[:-1], bands[1] / bands[0], rtol=1e-5)  # geometric
+    with torch.no_grad():
+        reference.rope.bands.copy_(torch.from_numpy(bands * s ** (-np.arange(k) / (k - 1))))
+    x = _image(8, 8)
+    ref = _timm_out(reference, x)
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+def test_timm_mixed_detected_and_interpolated(tmp_path):
+    src = tp.export_timm(MIXED)
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["mixed"] is True
+    out = tmp_path / "mixed.onnx"
+    result = api.rewrite(src, output=out, original_grid=(4, 4), target_grid=(8, 8))
+    assert result.validation is not None and result.validation.ok
+    reference = tp.timm_model(MIXED)
+    with torch.no_grad():  # angle = x·f_x + y·f_y: positions / 2 is every learned frequency / 2
+        reference.rope.freqs.div_(2.0)
+    x = _image(8, 8)
+    assert _rel_err(_ort(out, {"x": x}), _timm_out(reference, x)) <= REL_TOL
+
+
+def test_timm_mixed_refuses_per_axis_factors(tmp_path):
+    src = tp.export_timm(MIXED)
+    with pytest.raises(errors.PartialMatchError, match="mixed 2-D RoPE"):
+        api.rewrite(src, output=tmp_path / "o.onnx", original_grid=(4, 4), target_grid=(8, 12))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("export", [
+    lambda: tp.export_timm("eva02_tiny_patch14_224", img_size=56, embed_dim=64, num_heads=2, ref_feat_shape=(4, 4)),
+    lambda: tp.export_dinov3(),
+], ids=["eva02_ref_feat_shape", "hf_dinov3"])
+def test_normalised_coordinates_already_adapt(export, tmp_path):
+    src = export()
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["normalised"] is True
+    assert any("already adapts to resolution" in n for n in enc["notes"])
+    with pytest.raises(errors.PartialMatchError, match="already adapts to resolution"):
+        api.rewrite(src, output=tmp_path / "o.onnx", original_grid=(4, 4), target_grid=(8, 8))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_grid_site_refuses_a_1d_rescale(tmp_path):
+    with pytest.raises(errors.PartialMatchError, match="--original-grid"):
+        api.rewrite(tp.export_timm(AXIAL), output=tmp_path / "o.onnx", rope_scale=2.0)
+
+
+def test_cli_grid_flags(tmp_path):
+    from posrewrite.cli import main
+
+    src = tp.export_timm(AXIAL)
+    out = tmp_path / "cli.onnx"
+    assert main([str(src), "--original-grid", "4x4", "--target-grid", "8x8", "-o", str(out)]) == 0
+    assert out.exists()
+    assert main([str(src), "--original-grid", "4x4", "-o", str(tmp_path / "bad.onnx")]) == 2
+    assert main([str(src), "--original-grid", "4by4", "--target-grid", "8x8", "-o", str(tmp_path / "b.onnx")]) == 2
