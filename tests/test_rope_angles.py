@@ -213,3 +213,58 @@ def test_cli_grid_flags(tmp_path):
     assert out.exists()
     assert main([str(src), "--original-grid", "4x4", "-o", str(tmp_path / "bad.onnx")]) == 2
     assert main([str(src), "--original-grid", "4by4", "--target-grid", "8x8", "-o", str(tmp_path / "b.onnx")]) == 2
+
+
+# -- angles read through real pairs (Llama 4 written without complex numbers) ----------------------------
+
+
+class _RealPairsRope(torch.nn.Module):
+    """q rotated by rotate-half RoPE whose cos/sin are picked from stacked real pairs (cis[..., 0], cis[..., 1]):
+    a scalar-index Gather between Cos/Sin and the rotation (what Llama 4 becomes when its complex RoPE is
+    written with real pairs)."""
+
+    def __init__(self, dim: int = 16, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        cis = torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+        cos, sin = cis[..., 0], cis[..., 1]
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        q = self.proj(x)
+        half = q.shape[-1] // 2
+        rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+        return q * cos + rotated * sin
+
+
+def _numpy_rope(q: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """rotate-half RoPE of Su et al. (2021) in float64: q [B, H, S, D], positions [B, S]."""
+    angles = positions[:, None, :, None].astype(np.float64) * inv_freq[None, None, None, :]
+    cos, sin = np.concatenate([np.cos(angles)] * 2, -1), np.concatenate([np.sin(angles)] * 2, -1)
+    half = q.shape[-1] // 2
+    return q * cos + np.concatenate([-q[..., half:], q[..., :half]], -1) * sin
+
+
+def test_real_pair_angles_detected_and_rescaled(tmp_path):
+    torch.manual_seed(0)
+    module = _RealPairsRope().eval()
+    x, pos = torch.randn(1, 2, 8, 16), torch.arange(8)[None]
+    src = tmp_path / "pairs.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(module, (x, pos), str(src), dynamo=True, input_names=["x", "position_ids"],
+                      dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    enc = _encoding(src)
+    assert enc["angles"] == "computed" and enc["base"] == 10000.0 and enc["rotary_dim"] == 16
+    out = tmp_path / "linear4.onnx"
+    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="linear")
+    assert result.validation is not None and result.validation.ok
+    n = 300
+    xs = np.random.default_rng(1).standard_normal((1, 2, n, 16)).astype(np.float32)
+    positions = np.arange(n, dtype=np.int64)[None]
+    with torch.no_grad():
+        q = module.proj(torch.from_numpy(xs)).numpy().astype(np.float64)
+    inv = 10000.0 ** (-np.arange(0, 16, 2) / 16) / 4.0  # linear interpolation: positions / 4
+    ref = _numpy_rope(q, positions, inv)
+    assert _rel_err(_ort(out, {"x": xs, "position_ids": positions}), ref) <= REL_TOL
