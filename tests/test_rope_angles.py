@@ -268,3 +268,62 @@ def test_real_pair_angles_detected_and_rescaled(tmp_path):
     inv = 10000.0 ** (-np.arange(0, 16, 2) / 16) / 4.0  # linear interpolation: positions / 4
     ref = _numpy_rope(q, positions, inv)
     assert _rel_err(_ort(out, {"x": xs, "position_ids": positions}), ref) <= REL_TOL
+
+
+class _CyclesRope(torch.nn.Module):
+    """Interleaved (GPT-J) RoPE whose angles are written in cycles: (pos x f) x 2π after the product, so no
+    positions x inv_freq product feeds Cos/Sin directly and the angles are identified by probing."""
+
+    def __init__(self, dim: int = 16, base: float = 10000.0):
+        super().__init__()
+        cycles = 1.0 / (2 * np.pi * base ** (np.arange(0, dim, 2) / dim))
+        self.register_buffer("cycles", torch.tensor(cycles, dtype=torch.float32))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, position_ids):
+        angles = (position_ids[..., None].float() * self.cycles) * (2 * np.pi)
+        cos = angles.cos().repeat_interleave(2, -1)[:, None]
+        sin = angles.sin().repeat_interleave(2, -1)[:, None]
+        q = self.proj(x)
+        rotated = torch.stack([-q[..., 1::2], q[..., 0::2]], dim=-1).flatten(-2)
+        return q * cos + rotated * sin
+
+
+def _numpy_rope_interleaved(q: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """GPT-J's interleaved RoPE in float64: pairs (2i, 2i+1) rotated by pos·f_i."""
+    angles = positions[:, None, :, None].astype(np.float64) * inv_freq[None, None, None, :]
+    cos, sin = np.repeat(np.cos(angles), 2, -1), np.repeat(np.sin(angles), 2, -1)
+    rotated = np.stack([-q[..., 1::2], q[..., 0::2]], -1).reshape(q.shape)
+    return q * cos + rotated * sin
+
+
+@pytest.mark.parametrize("method", ["linear", "yarn"])
+def test_probed_angles_rescaled_in_angle_space(method, tmp_path):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    torch.manual_seed(0)
+    module = _CyclesRope().eval()
+    src = tmp_path / "cycles.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(module, (torch.randn(1, 2, 8, 16), torch.arange(8)[None]), str(src), dynamo=True,
+                      input_names=["x", "position_ids"], dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    enc = _encoding(src)
+    assert enc["angles"] == "probed" and enc["layout"] == "interleaved" and enc["base"] == 10000.0
+    L = 64
+    out = tmp_path / f"{method}.onnx"
+    result = api.rewrite(src, output=out, rope_scale=4.0, rope_method=method, original_max_positions=L)
+    assert result.validation is not None and result.validation.ok
+    # the reference frequencies and attention factor from HF's own rope init functions
+    params = {"rope_type": method, "factor": 4.0, "rope_theta": 10000.0}
+    if method == "yarn":
+        params["original_max_position_embeddings"] = L
+    config = LlamaConfig(hidden_size=32, num_attention_heads=2, max_position_embeddings=L, rope_parameters=params)
+    inv, factor = ROPE_INIT_FUNCTIONS[method](config, "cpu")
+    n = 3 * L
+    xs = np.random.default_rng(2).standard_normal((1, 2, n, 16)).astype(np.float32)
+    positions = np.arange(n, dtype=np.int64)[None]
+    with torch.no_grad():
+        q = module.proj(torch.from_numpy(xs)).numpy().astype(np.float64)
+    ref = factor * _numpy_rope_interleaved(q, positions, inv.numpy().astype(np.float64))
+    assert _rel_err(_ort(out, {"x": xs, "position_ids": positions}), ref) <= REL_TOL

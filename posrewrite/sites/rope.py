@@ -36,6 +36,7 @@ class AngleSource(str, enum.Enum):
     CACHED = "cached"  # precomputed cos/sin tables gathered or sliced by positions
     FUSED_OP = "fused_op"  # a RotaryEmbedding node (or an attention op with rotary inside) holding its caches
     GRID = "grid"  # angles computed from the row and column of a patch grid (2-D RoPE), identified by probing
+    PROBED = "probed"  # angles pos·f_c computed in a form not read term by term: identified by probing
 
 
 class InvFreqOrigin(str, enum.Enum):
@@ -231,9 +232,27 @@ class AttentionRotary:
         return self.rows
 
 
-RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary | GridAngles
+@dataclasses.dataclass(frozen=True)
+class ProbedAngles:
+    """Angles pos[row(c)]·f_c computed in the graph by ops not read term by term (no positions x inv_freq product
+    to replace), fitted by evaluating the angle tensor on probe positions. Rescaled in angle space."""
 
-SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary, GridAngles)
+    kind: ClassVar[AngleSource] = AngleSource.PROBED
+
+    position_dtype: str
+    angle_dtype: str
+    attention_factor: float = 1.0
+    rows: PositionRows | None = None  # multi-row positions (M-RoPE)
+
+    @property
+    def max_positions(self) -> None:
+        return None
+
+
+RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary | GridAngles | ProbedAngles
+
+SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary, GridAngles,
+                                  ProbedAngles)
 
 
 # -- the IR-free description ----------------------------------------------------------------------------
@@ -301,7 +320,7 @@ class RopeEncoding:
         source = self.source
         if isinstance(source, GridAngles):
             return source.axes
-        return source.rows if isinstance(source, ComputedAngles) else None
+        return source.rows if isinstance(source, ComputedAngles | ProbedAngles) else None
 
     def to_dict(self, *, rotations: int, cos: str | None, sin: str | None, inv_freq: str | None) -> dict[str, Any]:
         axes = self.position_axes
@@ -400,6 +419,7 @@ class OnnxAngleHandles:
     angles: ir.Value
     trig: tuple[ir.Node, ...]
     channel_shape: tuple[int, ...]  # shape of a per-channel constant broadcast on `angles` (1 on position axes)
+    channel_freq: np.ndarray | None = None  # probed 1-D angles: each element's frequency (channel_shape)
 
 
 OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches | OnnxAngleHandles
@@ -520,6 +540,7 @@ __all__ = [
     "GridAxes",
     "OnnxAngleHandles",
     "PositionRows",
+    "ProbedAngles",
     "ComputedAngles",
     "FusedCaches",
     "InvFreqOrigin",

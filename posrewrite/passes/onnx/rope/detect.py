@@ -23,7 +23,7 @@ from posrewrite.passes.onnx.rope.fused import FusedRopeDetector, fused_cache_ind
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
-from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, position_input, position_rows
+from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, fit_rows, position_input, position_rows
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
@@ -37,6 +37,7 @@ from posrewrite.sites.rope import (
     OnnxComputedHandles,
     OnnxTableRead,
     OnnxTrig,
+    ProbedAngles,
     RopeApplication,
     RopeEncoding,
     RopeSite,
@@ -170,6 +171,9 @@ class RopeDetector:
                 raise NotUnderstood(f"{grid_refused}; {refused}") from None
             try:
                 cone = cone or cone_trig(apps[0].cos, apps[0].sin, self.fold)
+                positions = position_input(self.model, cone.angles)
+                if positions is not None:  # angles of positions, written in a form not read term by term
+                    return self._probed_site(apps, cone, positions, layout, rotary_dim, head_dim)
                 return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
             except NotUnderstood as also:
                 raise NotUnderstood(f"{refused}; {also}") from None
@@ -235,6 +239,27 @@ class RopeDetector:
                 or len(positions.shape) != 3:
             return None
         return position_rows(self.model, positions, app.cos, app.sin, layout, rotary_dim)
+
+    def _probed_site(self, apps: list[RopeApplication], cone: ConeTrig, positions: ir.Value, layout: Layout,
+                     rotary_dim: int, head_dim: int | None) -> RopeSite:
+        """Angles pos·f_c (or pos[row(c)]·f_c) fitted by probing the angle tensor and the rotation's cos/sin."""
+        fit = fit_rows(self.model, cone, positions, apps[0].cos, apps[0].sin, layout, rotary_dim)
+        notes = ["angles identified by probing (pos x frequency per channel): a rescale multiplies them"]
+        base = rope_math.fit_base(fit.inv_freq, rotary_dim)
+        if base is None:
+            notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a base "
+                         "need --rope-base")
+        if fit.rows is not None:
+            notes.append(f"M-RoPE: {fit.rows.rows}-row positions, mrope_section {list(fit.rows.sections)}"
+                         + (" (interleaved)" if fit.rows.interleaved else ""))
+        source = ProbedAngles(position_dtype=dtype_name(positions), angle_dtype=dtype_name(cone.angles),
+                              attention_factor=fit.attention_factor, rows=fit.rows)
+        encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
+                                inv_freq=fit.inv_freq, notes=tuple(notes))
+        handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
+        return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=positions,
+                        applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
+                        handles=handles)
 
     def _grid_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
                    head_dim: int | None) -> RopeSite:

@@ -253,6 +253,81 @@ def _token_row(arr: np.ndarray, token: int) -> np.ndarray:
     return arr[index]
 
 
+@dataclasses.dataclass(frozen=True)
+class RowFit:
+    """Angles read as pos[row(c)]·f_c from probes of a position input."""
+
+    inv_freq: np.ndarray  # float32 [rotary_dim / 2]: each rotated frequency, from the rotation's cos/sin
+    channel_freq: np.ndarray  # float64, the angle tensor's channel shape: each element's frequency
+    channel_shape: tuple[int, ...]  # the angle tensor's shape with its token axis set to 1
+    rows: PositionRows | None  # multi-row positions (M-RoPE)
+    attention_factor: float
+
+
+def fit_rows(model: ir.Model, trig: ConeTrig, positions: ir.Value, cos: ir.Value, sin: ir.Value, layout: Layout,
+             rotary_dim: int) -> RowFit:
+    """Each element of the angle tensor fitted as pos·f along its token axis (zero at position 0), and each
+    rotated frequency read from the rotation's own cos/sin at token 1; NotUnderstood when the angles are not
+    linear in the positions."""
+    probes = _row_probes(model, [trig.angles, cos, sin], positions)
+    if any(a is None for probe in probes for a in probe):
+        raise NotUnderstood(f"angles {trig.angles.name} cannot be evaluated on probe values of {positions.name}")
+    base = np.asarray(probes[0][0], np.float64)
+    scale = max(1.0, float(np.max(np.abs(base), initial=0.0)))
+    if np.max(np.abs(base), initial=0.0) > 1e-6:
+        raise NotUnderstood("the angles are not 0 at position 0 (an offset the probe does not model)")
+    deltas = [np.asarray(p[0], np.float64) - base for p in probes[1:]]
+    token = _token_axis(deltas)
+    freq = sum(np.take(d, [1], axis=token) for d in deltas)
+    for d in deltas:
+        slope = np.take(d, [1], axis=token)
+        steps = np.arange(d.shape[token]).reshape([-1 if k == token else 1 for k in range(d.ndim)])
+        scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
+        if np.max(np.abs(d - slope * steps), initial=0.0) > 1e-5 * scale:
+            raise NotUnderstood("the angles are not proportional to the positions")
+    reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
+    if np.any(reads.sum(axis=0) > 1):
+        raise NotUnderstood("an angle reads several rows of the position input")
+    phi = sum(_token_row(np.arctan2(p[2], p[1]), token=1) for p in probes[1:])
+    if phi.shape[0] < rotary_dim:
+        raise NotUnderstood(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
+    inv = phi[: rotary_dim // 2] if layout == Layout.ROTATE_HALF else phi[0:rotary_dim:2]
+    c0, s0 = (np.asarray(a, np.float64) for a in probes[0][1:])
+    amplitude = np.sqrt(c0 ** 2 + s0 ** 2)
+    factor = trig.factor
+    if trig.cos_scale is None and amplitude.size and np.ptp(amplitude) <= 1e-5 * max(float(np.max(amplitude)), 1.0):
+        factor = float(np.median(amplitude))
+    rows = position_rows(model, positions, cos, sin, layout, rotary_dim) if len(positions.shape) == 3 else None
+    return RowFit(np.asarray(inv, np.float32), freq, tuple(freq.shape), rows, factor)
+
+
+def _token_axis(deltas: list[np.ndarray]) -> int:
+    arr = deltas[0]
+    for axis in range(arr.ndim - 1, -1, -1):
+        if arr.shape[axis] != _SEQ:
+            continue
+        if all(np.any(np.take(d, [1], axis=axis) != 0) for d in deltas if np.any(d != 0)):
+            return axis
+    raise NotUnderstood(f"no token axis of size {_SEQ} in the probed angles {arr.shape}")
+
+
+def frequency_ratio(channel_freq: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """new/old for each element of `channel_freq`, matched to the nearest of the `old` frequencies (1 where an
+    element does not rotate); NotUnderstood when an element matches none."""
+    f = np.abs(np.asarray(channel_freq, np.float64))
+    old = np.asarray(old, np.float64)
+    ratio = np.ones(f.shape)
+    flat, out = f.reshape(-1), ratio.reshape(-1)
+    for k, v in enumerate(flat):
+        if v == 0:
+            continue
+        i = int(np.argmin(np.abs(old - v)))
+        if abs(old[i] - v) > 1e-4 * v:
+            raise NotUnderstood(f"an angle channel's frequency {v:.6g} is none of the rotation's")
+        out[k] = float(new[i]) / old[i]
+    return ratio
+
+
 # -- patch grids (2-D RoPE) ------------------------------------------------------------------------------
 
 
@@ -357,4 +432,5 @@ def _fit_one_grid(arr: np.ndarray, h: int, w: int) -> tuple[np.ndarray, tuple[in
     return coef[:2], channel_shape
 
 
-__all__ = ["ConeTrig", "GridFit", "cone_trig", "fit_grid", "position_input", "position_rows"]
+__all__ = ["ConeTrig", "GridFit", "RowFit", "cone_trig", "fit_grid", "fit_rows", "frequency_ratio", "position_input",
+           "position_rows"]

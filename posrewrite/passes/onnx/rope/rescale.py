@@ -123,6 +123,9 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     if site.angles == AngleSource.GRID:
         raise NotRewritable("2-D RoPE over a patch grid: rescale it with --original-grid HxW --target-grid HxW "
                             "(per-axis), not with a 1-D --rope-scale")
+    if site.angles == AngleSource.PROBED and params.rope_type in RUNTIME_METHODS:
+        raise NotRewritable(f"{params.rope_type} computes frequencies at run time, which needs the graph's "
+                            "positions x inv_freq product; these angles were identified by probing only")
     if site.encoding.runtime is not None:
         raise ValueError("this RoPE already computes inv_freq at run time (a posrewrite dynamic/longrope rewrite): "
                          "rescale the original model instead")
@@ -285,6 +288,8 @@ def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
     site = plan.site
     if plan.grid is not None:
         return _rescale_grid(graph, plan)
+    if site.angles == AngleSource.PROBED:
+        return _rescale_probed(graph, plan)
     if site.angles == AngleSource.COMPUTED:
         return _rescale_computed(graph, plan)
     if site.angles == AngleSource.CACHED:
@@ -330,12 +335,34 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
 
 
 def _rescale_grid(graph: ir.Graph, plan: SitePlan) -> list[str]:
-    """The angle tensor times a per-channel ratio, read by the site's Cos and Sin (the graph's own way of making
-    the grid is left as it is); the attention factor multiplies cos and sin."""
+    """2-D RoPE: the angles times the plan's per-channel (per-axis) ratios."""
+    assert plan.grid is not None
+    _scale_angles(graph, plan, plan.grid.angle_ratio, "rope_grid_ratio")
+    return [plan.describe()]
+
+
+def _rescale_probed(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    """Probed angles: each element times new/old of its frequency (static methods)."""
+    from posrewrite.passes.onnx.rope.probe import frequency_ratio
+    from posrewrite.passes.onnx.rope.tables import NotUnderstood
+
     handles = plan.site.handles
-    assert isinstance(handles, OnnxAngleHandles) and plan.grid is not None
+    assert isinstance(handles, OnnxAngleHandles) and handles.channel_freq is not None and plan.inv_freq is not None
+    try:
+        ratio = frequency_ratio(handles.channel_freq, plan.site.inv_freq, plan.inv_freq)
+    except NotUnderstood as exc:
+        raise RescaleError(str(exc)) from None
+    _scale_angles(graph, plan, ratio, "rope_angle_ratio")
+    return [plan.describe()]
+
+
+def _scale_angles(graph: ir.Graph, plan: SitePlan, ratio_array: np.ndarray, stem: str) -> None:
+    """The angle tensor times a per-channel ratio, read by the site's Cos and Sin (the graph's own way of making
+    the angles is left as it is); the plan's attention factor multiplies cos and sin."""
+    handles = plan.site.handles
+    assert isinstance(handles, OnnxAngleHandles)
     angles = handles.angles
-    ratio = add_initializer(graph, plan.grid.angle_ratio.astype(np.float32), "rope_grid_ratio", angles.dtype or _F32)
+    ratio = add_initializer(graph, np.asarray(ratio_array, np.float32), stem, angles.dtype or _F32)
     first = min(handles.trig, key=lambda n: list(graph).index(n))
     w = NodeWriter(graph, first, "rope_grid")
     scaled = w.op("Mul", angles, ratio)
@@ -349,7 +376,6 @@ def _rescale_grid(graph: ir.Graph, plan: SitePlan) -> list[str]:
             out = node.outputs[0]
             scale = add_initializer(graph, np.array(extra), "attention_factor", out.dtype or _F32)
             insert_after_and_redirect(graph, out, "Mul", scale, "attention_factor_mul")
-    return [plan.describe()]
 
 
 def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> None:
