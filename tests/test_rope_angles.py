@@ -78,7 +78,7 @@ def test_mrope_detected_with_sections(family, sections, interleaved):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-@pytest.mark.parametrize("method", ["linear", "yarn"])
+@pytest.mark.parametrize("method", ["linear", "yarn", "dynamic", "llama3"])
 def test_mrope_rescale_equals_hf(family, method, tmp_path):
     src = tp.export_vl_text(family)
     L = tp.VL_TEXT["max_position_embeddings"]
@@ -86,8 +86,10 @@ def test_mrope_rescale_equals_hf(family, method, tmp_path):
     result = api.rewrite(src, output=out, rope_scale=4.0, rope_method=method, original_max_positions=L)
     assert result.modified and result.validation is not None and result.validation.ok
     params = {"rope_type": method, "factor": 4.0}
-    if method == "yarn":
+    if method in ("yarn", "llama3"):
         params["original_max_position_embeddings"] = L
+    if method == "llama3":
+        params.update(low_freq_factor=1.0, high_freq_factor=4.0)
     ref_model = tp.vl_text(family, params)
     rng = np.random.default_rng(0)
     for n in (L // 2, L + 8, 3 * L):
