@@ -329,3 +329,30 @@ def test_probed_angles_rescaled_in_angle_space(method, tmp_path):
         q = module.proj(torch.from_numpy(xs)).numpy().astype(np.float64)
     ref = factor * _numpy_rope_interleaved(q, positions, inv.numpy().astype(np.float64))
     assert _rel_err(_ort(out, {"x": xs, "position_ids": positions}), ref) <= REL_TOL
+
+
+# -- the torch.export side reads M-RoPE the same way ------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,sections", [("qwen2_vl", (2, 3, 3)), ("qwen3_vl", (4, 2, 2))])
+@pytest.mark.parametrize("method", ["linear", "yarn"])
+def test_fx_mrope_detected_and_rescaled_like_hf(family, sections, method):
+    import posrewrite.torch as pt
+
+    module = tp.vl_text(family)
+    ids, pos = torch.randint(0, 128, (1, 8)), torch.arange(8).expand(3, 1, 8).contiguous()
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    program = torch.export.export(module, (ids, pos), dynamic_shapes={"input_ids": {1: seq}, "position_ids": {2: seq}})
+    (site,) = pt.detect(program)
+    assert site.encoding.base == 10000.0 and site.encoding.source.rows.sections == sections
+    L = tp.VL_TEXT["max_position_embeddings"]
+    new = pt.rewrite(program, rope_scale=4.0, rope_method=method, original_max_positions=L)
+    params = {"rope_type": method, "factor": 4.0, **({"original_max_position_embeddings": L} if method == "yarn"
+                                                      else {})}
+    reference = tp.vl_text(family, params)
+    n = 3 * L
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, 128, size=(1, n)))
+    pos = torch.from_numpy(_mrope_positions(n))
+    with torch.no_grad():
+        got, want = new.module()(ids, pos).numpy(), reference(ids, pos).numpy()
+    assert _rel_err(got, want) <= REL_TOL

@@ -29,6 +29,7 @@ from torch.fx import Node
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
+from posrewrite.passes.fx import probe as fx_probe
 from posrewrite.passes.fx._graph import aten
 from posrewrite.passes.fx.sites import (
     FxComputedHandles,
@@ -325,6 +326,14 @@ def trace_angle_source(
     half = app.rotary_dim // 2
     cos_node, cos_path = _walk_up(app.cos, lambda n: g.is_op(n, aten.cos))
     sin_node, sin_path = _walk_up(app.sin, lambda n: g.is_op(n, aten.sin))
+    if cos_node is None or sin_node is None:  # something not walked lies in between (M-RoPE sections, ...)
+        try:
+            cos_node, sin_node = fx_probe.cone_trig(app.cos, app.sin)
+        except fx_probe.ProbeFailed:
+            cos_node = sin_node = None
+        else:
+            cos_path = [n for n in (fx_probe.trig_factor(cos_node)[0],) if n is not None]
+            sin_path = [n for n in (fx_probe.trig_factor(sin_node)[0],) if n is not None]
     if cos_node is not None and sin_node is not None:
         emb_c, emb_s = cos_node.args[0], sin_node.args[0]
         if emb_c is not emb_s:
@@ -422,6 +431,17 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
             notes.append(TABLE_NOTE)
         elif inv_freq is None:
             notes.append(RUNTIME_NOTE)
+        if isinstance(handles, FxComputedHandles) and isinstance(source, ComputedAngles):
+            try:  # M-RoPE: which row of a multi-row position input each frequency reads
+                rows = fx_probe.position_rows(ep, handles.positions, apps[0].cos, apps[0].sin, apps[0].layout,
+                                              apps[0].rotary_dim)
+            except fx_probe.ProbeFailed as failed:
+                refusals.append(Refusal("rope", apps[0].output.name, f"M-RoPE positions not read: {failed}"))
+                continue
+            if rows is not None:
+                source = dataclasses.replace(source, rows=rows)
+                notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
+                             + (" (interleaved)" if rows.interleaved else ""))
         encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
                                 source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
         sites.append(FxRopeSite(encoding=encoding, applications=apps, handles=handles))
