@@ -356,3 +356,12 @@ def test_fx_mrope_detected_and_rescaled_like_hf(family, sections, method):
     with torch.no_grad():
         got, want = new.module()(ids, pos).numpy(), reference(ids, pos).numpy()
     assert _rel_err(got, want) <= REL_TOL
+
+
+def test_static_timm_export_reported_as_baked(tmp_path):
+    """timm's default export (fixed image size) bakes cos/sin into constants: reported with the fix, not as
+    "no positional encoding"."""
+    result = api.inspect(tp.export_timm(AXIAL, static=True)).to_dict()
+    assert not result["encodings"] and result["refusals"]
+    for refusal in result["refusals"]:
+        assert "static export" in refusal["reason"] and "dynamic_img_size=True" in refusal["reason"]

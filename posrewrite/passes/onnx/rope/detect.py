@@ -73,7 +73,9 @@ class RopeDetector:
                 try:  # what lies between Cos/Sin and the rotation is evaluated, not read (probe.py)
                     cs, ss = self._cone_sources(app)
                 except NotUnderstood as also:
-                    self.refusals.append(Refusal("rope", app.output.name or "?", f"{refused}; {also}"))
+                    baked = self._baked(app)
+                    reason = baked if baked is not None else f"{refused}; {also}"
+                    self.refusals.append(Refusal("rope", app.output.name or "?", reason))
                     continue
             if type(cs) is not type(ss):
                 self.refusals.append(
@@ -95,6 +97,19 @@ class RopeDetector:
         for site in sites:
             self.refusals.extend(unmatched_uses(site, self.fold))
         return sites
+
+    def _baked(self, app: ApplicationMatch) -> str | None:
+        """The reason for a rotation whose cos and sin are constants (a static export baked them for its one
+        length or grid), None when they are not."""
+        cos, sin = self.fold(app.cos), self.fold(app.sin)
+        if cos is None or sin is None or cos.shape != sin.shape or cos.size == 0:
+            return None
+        amplitude = np.sqrt(np.asarray(cos, np.float64) ** 2 + np.asarray(sin, np.float64) ** 2)
+        if np.ptp(amplitude) > 1e-3 * max(float(np.max(amplitude)), 1e-30):
+            return None
+        return (f"RoPE cos/sin baked into constants of shape {list(cos.shape)} by a static export: the model runs "
+                "at that one length (or patch grid) only and there is nothing to rescale; re-export with a dynamic "
+                "sequence axis (timm ViTs: dynamic_img_size=True and dynamic image height/width)")
 
     def _cone_sources(self, app: ApplicationMatch) -> tuple[TrigSource, TrigSource]:
         cone = cone_trig(app.cos, app.sin, self.fold)
