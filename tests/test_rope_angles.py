@@ -365,3 +365,23 @@ def test_static_timm_export_reported_as_baked(tmp_path):
     assert not result["encodings"] and result["refusals"]
     for refusal in result["refusals"]:
         assert "static export" in refusal["reason"] and "dynamic_img_size=True" in refusal["reason"]
+
+
+def test_pixtral_2d_rope_from_position_ids_detected_and_interpolated(tmp_path):
+    """HF Pixtral: 2-D RoPE whose positions (row, column) are made from the image size inside the model. The
+    reference is HF's own module with its inv_freq divided by the factor (angle = pos·f: positions / 2)."""
+    src = tp.export_pixtral()
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["layout"] == "rotate_half"
+    assert enc["positions"]["mixed"] is False and enc["positions"]["normalised"] is False
+    out = tmp_path / "pixtral8.onnx"
+    result = api.rewrite(src, output=out, original_grid=(4, 4), target_grid=(8, 8))
+    assert result.validation is not None and result.validation.ok
+    reference = tp.pixtral()
+    rope = reference.inner.patch_positional_embedding
+    with torch.no_grad():
+        rope.inv_freq.div_(2.0)
+    x = _image(8, 8)
+    ref = _timm_out(reference, x)
+    assert _rel_err(_ort(out, {"pixel_values": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"pixel_values": x}), ref) > 20 * REL_TOL
