@@ -64,6 +64,7 @@ def _mrope_positions(n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family,sections,interleaved", [("qwen2_vl", [2, 3, 3], False),
+                                                         ("qwen2_5_vl", [4, 2, 2], False),
                                                          ("qwen3_vl", [4, 2, 2], True)])
 def test_mrope_detected_with_sections(family, sections, interleaved):
     enc = _encoding(tp.export_vl_text(family))
@@ -77,7 +78,7 @@ def test_mrope_detected_with_sections(family, sections, interleaved):
         assert rows["row_of_channel"] == sum(([r] * s for r, s in enumerate(sections)), [])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", ["linear", "yarn", "dynamic", "llama3"])
 def test_mrope_rescale_equals_hf(family, method, tmp_path):
     src = tp.export_vl_text(family)
