@@ -23,6 +23,42 @@ import numpy as np
 from posrewrite.math import rope as rope_math
 
 GRID_METHODS = ("linear", "ntk", "yarn")
+#: the patch grids 2-D angles are probed at: sizes unlikely to equal a channel count, of different shapes
+PROBE_GRIDS = ((7, 11), (13, 5))
+
+
+def fit_grid_angles(arr: np.ndarray, h: int, w: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(slopes [2, channels], channel shape) of an angle tensor evaluated on an h x w patch grid: every channel
+    (the axes that are not the grid's, flattened) fitted as a·row + b·column + c over the grid, whose axes are
+    one of size h·w (row-major) or two of sizes h and w. ValueError when there is no such axis or the angles
+    are not linear in row and column."""
+    shape = arr.shape
+    if h * w in shape:
+        axis = shape.index(h * w)
+        moved = np.moveaxis(arr, axis, 0).reshape(h * w, -1)
+        rows, cols = np.divmod(np.arange(h * w), w)
+        grid_axes = (axis,)
+    elif h in shape and w in shape and shape.index(h) < shape.index(w):
+        ah, aw = shape.index(h), shape.index(w)
+        moved = np.moveaxis(arr, (ah, aw), (0, 1)).reshape(h * w, -1)
+        rows, cols = np.divmod(np.arange(h * w), w)
+        grid_axes = (ah, aw)
+    else:
+        raise ValueError(f"angles of shape {shape} have no axis for a {h}x{w} probe grid")
+    design = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, moved, rcond=None)
+    residual = float(np.max(np.abs(design @ coef - moved), initial=0.0))
+    if residual > 1e-4 * max(1.0, float(np.max(np.abs(moved), initial=0.0))):
+        raise ValueError(f"angles are not linear in the grid's row and column (residual {residual:.3g})")
+    channel_shape = tuple(1 if k in grid_axes else d for k, d in enumerate(shape))
+    return coef[:2], channel_shape
+
+
+def slopes_depend_on_grid(slopes: np.ndarray, other: np.ndarray) -> bool:
+    """Whether the slopes read at two grids differ (coordinates normalised by the grid size)."""
+    scale = max(float(np.max(np.abs(slopes), initial=0.0)), 1e-30)
+    return not np.allclose(slopes, other, rtol=1e-4, atol=1e-6 * scale)
+
 
 
 def axis_frequencies(slopes: np.ndarray) -> np.ndarray:
@@ -91,4 +127,5 @@ def channel_ratios(row_slope: np.ndarray, col_slope: np.ndarray, method: str, or
     return ratio, attention
 
 
-__all__ = ["GRID_METHODS", "axis_frequencies", "axis_ratios", "channel_ratios"]
+__all__ = ["GRID_METHODS", "PROBE_GRIDS", "axis_frequencies", "axis_ratios", "channel_ratios", "fit_grid_angles",
+           "slopes_depend_on_grid"]

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, model_opset
 from posrewrite.passes.onnx.rope.tables import NotUnderstood
 from posrewrite.sites.rope import Layout
@@ -37,7 +38,7 @@ _CONE_LIMIT = 400
 _EVAL_LIMIT = 4000
 #: the probe sequence length and grids: sizes unlikely to equal a channel count (odd, prime)
 _SEQ = 7
-_GRIDS = ((7, 11), (13, 5))
+_GRIDS = rope_grid.PROBE_GRIDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,7 +395,10 @@ def fit_grid(model: ir.Model, trig: ConeTrig, cos: ir.Value, sin: ir.Value) -> G
         arr = fold(trig.angles)
         if arr is None:
             raise NotUnderstood(f"angles {trig.angles.name} cannot be evaluated on a {h}x{w} probe grid")
-        fits.append(_fit_one_grid(np.asarray(arr, np.float64), h, w))
+        try:
+            fits.append(rope_grid.fit_grid_angles(np.asarray(arr, np.float64), h, w))
+        except ValueError as exc:
+            raise NotUnderstood(str(exc)) from None
         if k == 0 and trig.cos_scale is None:
             c_arr, s_arr = fold(cos), fold(sin)
             if c_arr is not None and s_arr is not None:
@@ -402,34 +406,9 @@ def fit_grid(model: ir.Model, trig: ConeTrig, cos: ir.Value, sin: ir.Value) -> G
                 if amplitude.size and np.ptp(amplitude) <= 1e-5 * max(float(np.max(amplitude)), 1.0):
                     factor = float(np.median(amplitude))
     (slope1, channel_shape), (slope2, _) = fits
-    scale = max(float(np.max(np.abs(slope1))), 1e-30)
-    normalised = not np.allclose(slope1, slope2, rtol=1e-4, atol=1e-6 * scale)
+    normalised = rope_grid.slopes_depend_on_grid(slope1, slope2)
     axes = GridAxes(row_slope=slope1[0], col_slope=slope1[1], normalised=bool(normalised), probe_grid=_GRIDS[0])
     return GridFit(axes, channel_shape, dtype_name(trig.angles), factor)
-
-
-def _fit_one_grid(arr: np.ndarray, h: int, w: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(slopes [2, channels], channel shape) of an angle tensor evaluated on an h x w grid."""
-    shape = arr.shape
-    if h * w in shape:
-        axis = shape.index(h * w)
-        moved = np.moveaxis(arr, axis, 0).reshape(h * w, -1)
-        rows, cols = np.divmod(np.arange(h * w), w)
-        grid_axes = (axis,)
-    elif h in shape and w in shape and shape.index(h) < shape.index(w):
-        ah, aw = shape.index(h), shape.index(w)
-        moved = np.moveaxis(arr, (ah, aw), (0, 1)).reshape(h * w, -1)
-        rows, cols = np.divmod(np.arange(h * w), w)
-        grid_axes = (ah, aw)
-    else:
-        raise NotUnderstood(f"angles of shape {shape} have no axis for a {h}x{w} probe grid")
-    design = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
-    coef, *_ = np.linalg.lstsq(design, moved, rcond=None)
-    residual = float(np.max(np.abs(design @ coef - moved), initial=0.0))
-    if residual > 1e-4 * max(1.0, float(np.max(np.abs(moved), initial=0.0))):
-        raise NotUnderstood(f"angles are not linear in the grid's row and column (residual {residual:.3g})")
-    channel_shape = tuple(1 if k in grid_axes else d for k, d in enumerate(shape))
-    return coef[:2], channel_shape
 
 
 __all__ = ["ConeTrig", "GridFit", "RowFit", "cone_trig", "fit_grid", "fit_rows", "frequency_ratio", "position_input",
