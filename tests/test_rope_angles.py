@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from fixtures import third_party as tp  # noqa: E402
-from posrewrite import api, errors  # noqa: E402
+from posrewrite import api, errors, io  # noqa: E402
 
 REL_TOL = 1e-5
 
@@ -386,3 +386,26 @@ def test_pixtral_2d_rope_from_position_ids_detected_and_interpolated(tmp_path):
     ref = _timm_out(reference, x)
     assert _rel_err(_ort(out, {"pixel_values": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"pixel_values": x}), ref) > 20 * REL_TOL
+
+
+@pytest.mark.parametrize("name,overrides", [
+    (AXIAL, {}), (MIXED, {}),
+    ("eva02_tiny_patch14_224", dict(img_size=56, embed_dim=64, num_heads=2, ref_feat_shape=(4, 4))),
+], ids=["axial", "mixed", "eva02_ref_feat_shape"])
+def test_fx_reads_2d_rope_as_onnx_does(name, overrides):
+    """The torch.export program of a timm RoPE ViT is read as the same 2-D RoPE as its ONNX export (same
+    per-channel slopes at the probe grid), and a 1-D rescale of it is refused with the reason (exit 5)."""
+    import posrewrite.torch as pt
+
+    model = tp.timm_model(name, **overrides)
+    patch = int(model.patch_embed.patch_size[0])
+    rows, cols = torch.export.Dim("rows", min=2, max=64), torch.export.Dim("cols", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(1, 3, 4 * patch, 4 * patch),),
+                                  dynamic_shapes={"x": {2: patch * rows, 3: patch * cols}})
+    (site,) = pt.detect(program)
+    (onnx_site,) = api.detect(io.load_model(tp.export_timm(name, **overrides))).rope_sites
+    fx_axes, onnx_axes = site.encoding.position_axes, onnx_site.encoding.position_axes
+    assert site.encoding.angles.value == "grid" and fx_axes.to_dict() == onnx_axes.to_dict()
+    np.testing.assert_allclose(np.sort(np.abs(fx_axes.row_slope)), np.sort(np.abs(onnx_axes.row_slope)), rtol=1e-5)
+    with pytest.raises(errors.PartialMatchError):
+        pt.rewrite(program, rope_scale=2.0)

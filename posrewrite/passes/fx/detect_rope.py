@@ -40,7 +40,7 @@ from posrewrite.passes.fx.sites import (
     Layout,
 )
 from posrewrite.sites.base import Refusal
-from posrewrite.sites.rope import CachedTable, ComputedAngles, InvFreqOrigin, RopeEncoding
+from posrewrite.sites.rope import CachedTable, ComputedAngles, GridAngles, InvFreqOrigin, RopeEncoding
 
 
 class NotUnderstood(Exception):
@@ -51,6 +51,9 @@ class NotUnderstood(Exception):
 TABLE_NOTE = "cos/sin are read from a precomputed table"
 #: why computed angles without a constant inv_freq are not rescaled
 RUNTIME_NOTE = "angles are not positions x a constant inv_freq"
+#: why an fx 2-D RoPE is not rescaled here
+GRID_NOTE = ("2-D RoPE over a patch grid (identified by probing): rescale the ONNX export with --original-grid/"
+             "--target-grid")
 
 __all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
 
@@ -427,7 +430,19 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                     base, prior = fitted
                     notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
                                  "replaces that scaling (as new rope_parameters in the config would)")
-        if isinstance(source, CachedTable):
+        grid = None
+        if isinstance(handles, FxTrigHandles):  # angles not made as positions x inv_freq: a patch grid?
+            try:
+                grid = fx_probe.fit_grid(ep, handles.cos_node.args[0])
+            except fx_probe.ProbeFailed:
+                grid = None
+        if grid is not None:
+            source = GridAngles(axes=grid, angle_dtype=str(g.dtype(handles.cos_node)).replace("torch.", ""),
+                                attention_factor=source.attention_factor)
+            notes.append(GRID_NOTE if not grid.normalised else
+                         "2-D RoPE on grid coordinates normalised by the grid size: the model already adapts to "
+                         "resolution, nothing to rescale")
+        elif isinstance(source, CachedTable):
             notes.append(TABLE_NOTE)
         elif inv_freq is None:
             notes.append(RUNTIME_NOTE)

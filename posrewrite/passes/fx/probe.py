@@ -14,9 +14,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from posrewrite.math import rope_grid
 from posrewrite.passes.fx import _graph as g
 from posrewrite.sites.rope import Layout
-from posrewrite.sites.rope_axes import PositionRows
+from posrewrite.sites.rope_axes import GridAxes, PositionRows
 
 aten = torch.ops.aten
 
@@ -172,6 +173,65 @@ def position_rows(ep: ExportedProgram, positions: Node, cos: Node, sin: Node, la
     return PositionRows(rows=rows, row_of_channel=tuple(int(np.argmax(c)) if c.any() else 0 for c in nonzero.T))
 
 
+def _shape_only_inputs(ep: ExportedProgram, value: Node) -> tuple[list[Node], list[Node]]:
+    """User inputs in the cone of `value`: read as data, and read only through their size (sym_size / size)."""
+    users = set(_user_inputs(ep))
+    data: dict[Node, None] = {}
+    shaped: dict[Node, None] = {}
+    stack: list[tuple[Node, bool]] = [(value, False)]
+    seen: set[tuple[Node, bool]] = set()
+    while stack:
+        n, via_size = stack.pop()
+        if (n, via_size) in seen or len(seen) > _EVAL_LIMIT:
+            continue
+        seen.add((n, via_size))
+        if n in users:
+            (shaped if via_size else data)[n] = None
+            continue
+        size_op = g.is_op(n, aten.sym_size, aten.size) if n.op == "call_function" else False
+        stack.extend((a, via_size or size_op) for a in n.all_input_nodes)
+    return list(data), [n for n in shaped if n not in data]
+
+
+def _patch_stride(image: Node) -> int:
+    for user in image.users:
+        if g.is_op(user, aten.conv2d, aten.convolution) and len(user.args) > 3:
+            stride = user.args[3]
+            return int(max(stride)) if isinstance(stride, list | tuple) else int(stride)
+    return 1
+
+
+def fit_grid(ep: ExportedProgram, angles: Node) -> GridAxes:
+    """2-D RoPE: each channel of `angles` fitted as a·row + b·column + c over patch grids made by feeding an
+    image input (read only through its size) at two grid sizes."""
+    data, shaped = _shape_only_inputs(ep, angles)
+    if data:
+        raise ProbeFailed(f"angles read input {data[0].name} as data, not only its size")
+    candidates = []
+    for n in shaped:
+        v = g.val(n)
+        if isinstance(v, torch.Tensor):
+            spatial = [k for k, d in enumerate(v.shape) if k > 0 and not isinstance(d, int)]
+            if len(spatial) == 2:
+                candidates.append((n, v, spatial))
+    if len(candidates) != 1:
+        raise ProbeFailed("angles are not made from the two spatial axes of one input")
+    image, meta, spatial = candidates[0]
+    stride = _patch_stride(image)
+    fits = []
+    for h, w in rope_grid.PROBE_GRIDS:
+        dims = [_concrete(d, 1) for d in meta.shape]
+        dims[spatial[0]], dims[spatial[1]] = h * stride, w * stride
+        (arr,) = evaluate(ep, [angles], {image: torch.zeros(dims, dtype=meta.dtype)})
+        try:
+            fits.append(rope_grid.fit_grid_angles(arr.double().numpy(), h, w))
+        except ValueError as exc:
+            raise ProbeFailed(str(exc)) from None
+    (slope1, _), (slope2, _) = fits
+    return GridAxes(row_slope=slope1[0], col_slope=slope1[1],
+                    normalised=rope_grid.slopes_depend_on_grid(slope1, slope2), probe_grid=rope_grid.PROBE_GRIDS[0])
+
+
 def trig_factor(trig: Node) -> tuple[Node | None, float]:
     """A scalar multiplication that is the only user of a cos/sin node (an attention factor)."""
     users = list(trig.users)
@@ -182,4 +242,4 @@ def trig_factor(trig: Node) -> tuple[Node | None, float]:
     return None, 1.0
 
 
-__all__ = ["ProbeFailed", "cone_trig", "evaluate", "position_rows", "trig_factor"]
+__all__ = ["ProbeFailed", "cone_trig", "evaluate", "fit_grid", "position_rows", "trig_factor"]
