@@ -409,3 +409,20 @@ def test_fx_reads_2d_rope_as_onnx_does(name, overrides):
     np.testing.assert_allclose(np.sort(np.abs(fx_axes.row_slope)), np.sort(np.abs(onnx_axes.row_slope)), rtol=1e-5)
     with pytest.raises(errors.PartialMatchError):
         pt.rewrite(program, rope_scale=2.0)
+
+
+def test_grid_validation_catches_a_wrong_ratio(tmp_path):
+    """The 2-D check re-fits the rewritten angles: a model rewritten for 8x12 fails the claims of an 8x8 plan
+    (fault injection: the wrong plan checked against the written graph), and passes its own."""
+    from posrewrite.passes.onnx.rope import rescale
+    from posrewrite.validate import check_grid_rescales
+
+    src = tp.export_timm(AXIAL)
+    out = tmp_path / "8x12.onnx"
+    api.rewrite(src, output=out, original_grid=(4, 4), target_grid=(8, 12))
+    (site,) = api.detect(io.load_model(src)).rope_sites
+    rewritten = io.load_model(out)
+    right = rescale.plan_grid_site(site, "linear", (4, 4), (8, 12))
+    wrong = rescale.plan_grid_site(site, "linear", (4, 4), (8, 8))
+    assert all(row["ok"] for row in check_grid_rescales(rewritten, [right]))
+    assert not any(row["ok"] for row in check_grid_rescales(rewritten, [wrong]))
