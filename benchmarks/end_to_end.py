@@ -35,9 +35,10 @@ def build_variants(src: Path, tmp: Path, with_onnxscript: bool, with_rope: bool,
     import onnx_ir as ir
 
     from posrewrite import api
+    from posrewrite.passes.onnx._infra import cleanup_passes
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
     from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
-    from posrewrite.pipeline import cleanup_passes, run_passes
+    from posrewrite.pipeline import run_passes
 
     variants = {"original": src}
     if with_rope:

@@ -26,22 +26,81 @@ import numpy as np
 from posrewrite import errors
 from posrewrite.math.positions import ATTENTION_METHODS, cli_flags, recommended
 
-__all__ = ["Candidate", "EvalAdvice", "candidates", "evaluate_candidates", "rule_of_thumb"]
+__all__ = ["Candidate", "EvalAdvice", "Ranking", "candidates", "evaluate_candidates", "rank", "rule_of_thumb"]
 
 FREQUENCY_METHODS = ("linear", "ntk", "dynamic", "yarn")
-MAX_EVAL_TOKENS = 65536  # tokens of the text evaluated at most (whole windows)
+MAX_EVAL_TOKENS = 65536  # tokens of the text evaluated at most (whole windows), unless MIN_WINDOWS need more
+MIN_WINDOWS = 8  # fewer windows than this give no usable bootstrap: no winner is declared
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+MIN_RELATIVE_GAP = 1e-3  # perplexities closer than 0.1 % are a tie, however consistent the difference
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (it holds arrays)
 class Candidate:
     name: str
     flags: list[str]  # posrewrite flags ([] = the model as it is)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the same as RewriteOptions fields
     perplexity: float | None = None
     error: str | None = None
+    window_nll: np.ndarray | None = dataclasses.field(default=None, repr=False)  # summed NLL per window
+    window_tokens: np.ndarray | None = dataclasses.field(default=None, repr=False)  # predicted tokens per window
+    interval: tuple[float, float] | None = None  # bootstrap interval of the perplexity
+    beats_leader: float | None = None  # fraction of paired resamples in which the leader is not better
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "flags": self.flags, "perplexity": self.perplexity, "error": self.error}
+        return {"name": self.name, "flags": self.flags, "perplexity": self.perplexity,
+                "interval": None if self.interval is None else list(self.interval),
+                "error": self.error}
+
+
+@dataclasses.dataclass
+class Ranking:
+    """Candidates ranked by perplexity with a paired bootstrap over windows: ``leader`` is the lowest perplexity;
+    ``tied`` the candidates not distinguishable from it (the leader better in fewer than ``CONFIDENCE`` of the
+    resamples, or perplexities within ``MIN_RELATIVE_GAP``); ``winner`` the leader when nothing is tied with it
+    and there were at least ``MIN_WINDOWS`` windows, else None; ``reason`` says why there is none."""
+
+    ranked: list[Candidate]
+    leader: Candidate | None
+    tied: list[Candidate]
+    winner: Candidate | None
+    reason: str | None
+
+
+def rank(cands: list[Candidate], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Ranking:
+    """Rank candidates measured on the same windows (``window_nll``/``window_tokens`` set) with a paired bootstrap:
+    windows are resampled with replacement, the same indices for every candidate, and each candidate's perplexity
+    recomputed per resample."""
+    ok = [c for c in cands if c.perplexity is not None and c.window_nll is not None]
+    ranked = sorted(ok, key=lambda c: c.perplexity) + [c for c in cands if c not in ok]
+    if not ok:
+        return Ranking(ranked, None, [], None, "no candidate could be measured")
+    n = ok[0].window_nll.size
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    counts = ok[0].window_tokens[idx].sum(1)
+    log_ppl = {c.name: c.window_nll[idx].sum(1) / counts for c in ok}  # [resamples] per candidate
+    lo, hi = (1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2
+    for c in ok:
+        q = np.exp(np.quantile(log_ppl[c.name], [lo, hi]))
+        c.interval = (float(q[0]), float(q[1]))
+    leader = ranked[0]
+    tied = []
+    for c in ranked[1:len(ok)]:
+        c.beats_leader = float(np.mean(log_ppl[c.name] <= log_ppl[leader.name]))
+        close = c.perplexity <= leader.perplexity * (1 + MIN_RELATIVE_GAP)
+        if c.beats_leader > 1 - CONFIDENCE or close:
+            tied.append(c)
+    if n < MIN_WINDOWS:
+        reason = (f"only {n} window(s) of text: at least {MIN_WINDOWS} are needed to tell candidates apart "
+                  "(give a longer --eval-text)")
+        return Ranking(ranked, leader, tied, None, reason)
+    if tied:
+        reason = (f"{', '.join([leader.name, *(c.name for c in tied)])} are not distinguishable on this text "
+                  f"(paired bootstrap over {n} windows: the leader is not better in {CONFIDENCE:.0%} of resamples, "
+                  f"or within {MIN_RELATIVE_GAP:.1%})")
+        return Ranking(ranked, leader, tied, None, reason)
+    return Ranking(ranked, leader, [], leader, None)
 
 
 @dataclasses.dataclass
@@ -52,13 +111,17 @@ class EvalAdvice:
     tokens: int
     windows: int
     tokenizer: str
-    ranked: list[Candidate]
+    ranking: Ranking
     lines: list[str]
 
     @property
+    def ranked(self) -> list[Candidate]:
+        return self.ranking.ranked
+
+    @property
     def winner(self) -> Candidate | None:
-        ok = [c for c in self.ranked if c.perplexity is not None]
-        return ok[0] if ok else None
+        """The leader when it is distinguishable from every other candidate, else None (see `rank`)."""
+        return self.ranking.winner
 
     def command(self, c: Candidate) -> str:
         if not c.flags:
@@ -66,7 +129,7 @@ class EvalAdvice:
         return shlex.join(["posrewrite", self.model, *c.flags])
 
     def to_dict(self) -> dict[str, Any]:
-        w = self.winner
+        w, lead = self.winner, self.ranking.leader
         return {
             "model": self.model,
             "context": self.context,
@@ -76,7 +139,13 @@ class EvalAdvice:
             "tokenizer": self.tokenizer,
             "measured": True,
             "ranked": [c.to_dict() | {"command": self.command(c)} for c in self.ranked],
+            "leader": None if lead is None else {"name": lead.name, "perplexity": lead.perplexity,
+                                                 "interval": list(lead.interval or ()), "command": self.command(lead)},
+            "tied_with_leader": [c.name for c in self.ranking.tied],
             "winner": None if w is None else {"name": w.name, "perplexity": w.perplexity, "command": self.command(w)},
+            "no_winner_because": self.ranking.reason,
+            "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": CONFIDENCE, "unit": "window",
+                          "min_windows": MIN_WINDOWS, "min_relative_gap": MIN_RELATIVE_GAP},
             "lines": list(self.lines),
         }
 
@@ -104,8 +173,8 @@ def candidates(original: int, context: int) -> list[Candidate]:
     return out
 
 
-def rule_of_thumb(original: int | None, context: int) -> list[str]:
-    """What advise says without --eval-text: a rule, stated as one."""
+def rule_of_thumb(original: int | None, context: int, model: str | os.PathLike | None = None) -> list[str]:
+    """What advise says without --eval-text: a rule, stated as one; its command names ``model`` when given."""
     if original is None:
         return ["method: not measured (no --eval-text) and the training length is unknown: pass "
                 "--original-max-positions L (or keep config.json beside MODEL) for a rule of thumb, or --eval-text "
@@ -116,8 +185,9 @@ def rule_of_thumb(original: int | None, context: int) -> list[str]:
                 "(rule of thumb, not measured)"]
     p = recommended("self-extend", original, context)
     flags = " ".join(cli_flags("self-extend", p))
+    target = shlex.quote(str(model)) if model is not None else "MODEL"
     return [
-        f"method (RULE OF THUMB, not measured on your text): SelfExtend, `posrewrite MODEL {flags}`. The rule: "
+        f"method (RULE OF THUMB, not measured on your text): SelfExtend, `posrewrite {target} {flags}`. The rule: "
         "an attention-level method keeps the model exactly as trained for tokens within the window and maps "
         "far tokens to trained relative positions (W = L/4, the smallest group size G keeping every relative "
         f"position below L = {original:,}). Evidence for the rule: on this project's byte model "
@@ -158,7 +228,8 @@ def _tokens(model_path: Path, text_path: Path) -> tuple[np.ndarray, str]:
     return ids, f"bytes (byte-level vocabulary of {vocab})"
 
 
-def _perplexity(path: Path, windows: np.ndarray) -> float:
+def _perplexity(path: Path, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Summed next-token NLL and the number of predicted tokens, per window."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -169,8 +240,8 @@ def _perplexity(path: Path, windows: np.ndarray) -> float:
         raise errors.UsageError("--eval-text measures prefill models: this export has KV-cache inputs")
     outs = [o.name for o in sess.get_outputs()]
     logits_name = "logits" if "logits" in outs else outs[0]
-    total, count = 0.0, 0
-    for w in windows:
+    total, count = np.zeros(len(windows)), np.zeros(len(windows))
+    for k, w in enumerate(windows):
         ids = w[None]
         feeds: dict[str, np.ndarray] = {}
         for inp in sess.get_inputs():
@@ -187,9 +258,8 @@ def _perplexity(path: Path, windows: np.ndarray) -> float:
         mx = x.max(-1, keepdims=True)
         lse = (mx + np.log(np.exp(x - mx).sum(-1, keepdims=True)))[:, 0]
         nll = lse - x[np.arange(x.shape[0]), ids[0, 1:]]
-        total += float(nll.sum())
-        count += nll.size
-    return math.exp(total / count)
+        total[k], count[k] = float(nll.sum()), nll.size
+    return total, count
 
 
 def evaluate_candidates(model_path: str | os.PathLike, context: int, text_path: str | os.PathLike,
@@ -202,7 +272,7 @@ def evaluate_candidates(model_path: str | os.PathLike, context: int, text_path: 
     progress = progress or NullReporter()
     model_path, text_path = Path(model_path), Path(text_path)
     tokens, how = _tokens(model_path, text_path)
-    n = min(tokens.size // context, max(1, MAX_EVAL_TOKENS // context))
+    n = min(tokens.size // context, max(MIN_WINDOWS, MAX_EVAL_TOKENS // context))
     if n < 1:
         raise errors.UsageError(f"--eval-text has {tokens.size:,} tokens, fewer than one window of --context "
                                 f"{context:,}: give a longer text")
@@ -217,12 +287,12 @@ def evaluate_candidates(model_path: str | os.PathLike, context: int, text_path: 
                     out = Path(tmp) / f"candidate{i}.onnx"
                     api.rewrite(model_path, RewriteOptions(**c.options, output=out, validate=False))
                     path = out
-                c.perplexity = _perplexity(path, windows)
+                c.window_nll, c.window_tokens = _perplexity(path, windows)
+                c.perplexity = math.exp(c.window_nll.sum() / c.window_tokens.sum())
             except errors.PosrewriteError as exc:
                 c.error = str(exc)
             stage.advance()
-    ranked = sorted(cands, key=lambda c: (c.perplexity is None, c.perplexity or 0.0))
-    adv = EvalAdvice(os.fspath(model_path), context, original, int(n * context), n, how, ranked, [])
+    adv = EvalAdvice(os.fspath(model_path), context, original, int(n * context), n, how, rank(cands), [])
     adv.lines = _lines(adv)
     return adv
 
@@ -231,13 +301,20 @@ def _lines(adv: EvalAdvice) -> list[str]:
     lines = [f"measured on {adv.windows} window(s) of {adv.context:,} tokens ({adv.tokens:,} tokens; {adv.tokenizer}),"
              f" trained length {adv.original:,}; perplexity in onnxruntime, lower is better:"]
     base = next((c.perplexity for c in adv.ranked if not c.flags), None)
-    for rank, c in enumerate(adv.ranked, 1):
+    for position, c in enumerate(adv.ranked, 1):
         if c.perplexity is None:
             lines.append(f"  -  {c.name:<22} failed: {c.error}")
             continue
         rel = f"  ({c.perplexity / base:.2f}x the model as it is)" if base else ""
-        lines.append(f"  {rank}. {c.name:<22} {c.perplexity:10.3f}{rel}   {' '.join(c.flags) or '(no rewrite)'}")
+        ci = f" [{c.interval[0]:.4g}, {c.interval[1]:.4g}]" if c.interval else ""
+        tie = "  (not distinguishable from 1.)" if c in adv.ranking.tied else ""
+        lines.append(f"  {position}. {c.name:<22} {c.perplexity:10.4g}{ci}{rel}{tie}   "
+                     f"{' '.join(c.flags) or '(no rewrite)'}")
+    lines.append(f"  [a, b]: {CONFIDENCE:.0%} interval of a bootstrap over the {adv.windows} window(s)")
     w = adv.winner
     if w is not None:
         lines.append(f"winner: {w.name}: {adv.command(w)}")
+    elif adv.ranking.leader is not None:
+        lines.append(f"no winner: {adv.ranking.reason}. Lowest perplexity: {adv.ranking.leader.name}: "
+                     f"{adv.command(adv.ranking.leader)}")
     return lines

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from posrewrite import errors, io
+from posrewrite import errors, io, provenance
 from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
 from posrewrite.math import rope as rope_math
-from posrewrite.options import RewriteOptions, read_config_json, rope_parameters_from_options
+from posrewrite.options import NOTHING_TO_DO, RewriteOptions, read_config_json, rope_parameters_from_options
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
-from posrewrite.passes.onnx.detect_other import detect_other_encodings
-from posrewrite.passes.onnx.rope.detect import detect_rope
+from posrewrite.passes.onnx.detect import Detection, detect
 from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_site_precision
 from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
@@ -31,77 +30,20 @@ if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# detection
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Detection:
-    sites: list[EncodingSite]
-    refusals: list[Refusal]
-
-    @property
-    def rope_sites(self) -> list[RopeSite]:
-        return [s for s in self.sites if isinstance(s, RopeSite)]
-
-
-def detect(model: ir.Model) -> Detection:
-    """Every positional encoding the detectors know, and what looked like one but was not understood."""
-    sites: list[EncodingSite] = []
-    refusals: list[Refusal] = []
-    rope_sites, rope_refusals = detect_rope(model)
-    sites.extend(rope_sites)
-    other_nodes: set[int] = set()
-    other_sites, other_refusals = detect_other_encodings(model)
-    # cos/sin caches are RoPE tables, not learned or sinusoidal position tables
-    rope_tables = {id(v) for s in rope_sites for v in (s.cos_cache, s.sin_cache) if v is not None}
-    other_sites = [s for s in other_sites if id(getattr(s, "table", None)) not in rope_tables]
-    sites.extend(other_sites)
-    refusals.extend(other_refusals)
-    for s in other_sites:
-        for attr in ("nodes", "source_nodes"):
-            for n in getattr(s, attr, ()) or ():
-                other_nodes.add(id(n))
-    # a Cos claimed by another encoding (sinusoidal tables) is not an unrecognised RoPE
-    by_name = {n.name: n for n in model.graph}
-    for r in rope_refusals:
-        node = by_name.get(r.where)
-        if r.kind == "rope?" and node is not None and id(node) in other_nodes:
-            continue
-        if r.kind == "rope?" and other_nodes and _feeds_other(node, other_nodes):
-            continue
-        refusals.append(r)
-    return Detection(sites, refusals)
-
-
-def _feeds_other(node: ir.Node | None, other_nodes: set[int]) -> bool:
-    if node is None:
-        return False
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or len(seen) > 64:
-            continue
-        seen.add(id(n))
-        if id(n) in other_nodes:
-            return True
-        for out in n.outputs:
-            stack.extend(u.node for u in out.uses())
-    return False
-
-
 @dataclasses.dataclass
 class InspectResult:
     model_path: str
     sites: list[EncodingSite]
     refusals: list[Refusal]
+    rewrites: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # posrewrite.provenance history
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_path,
             "encodings": [s.to_dict() for s in self.sites],
+            "rotations": sum(int(s.to_dict().get("rotations") or 0) for s in self.sites),
             "refusals": [r.to_dict() for r in self.refusals],
+            "rewrites": [item | {"description": provenance.describe(item)} for item in self.rewrites],
         }
 
 
@@ -114,7 +56,7 @@ def inspect(path: str | os.PathLike) -> InspectResult:
         path = model_files(path)[0]
     model = io.load_model(path)
     found = detect(model)
-    return InspectResult(str(path), found.sites, found.refusals)
+    return InspectResult(str(path), found.sites, found.refusals, provenance.history(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +101,11 @@ def rope_parameters_for(
     hf.pop("partial_rotary_factor", None)
     method = hf.get("rope_type", "default")
     if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
-        if site.max_positions is not None:
+        record = site.encoding.rescaled
+        recorded = record.original_max_position_embeddings if record is not None else None
+        if recorded:  # an earlier posrewrite rescale recorded the trained length: a second one starts from it
+            hf["original_max_position_embeddings"] = int(recorded)
+        elif site.max_positions is not None:
             hf["original_max_position_embeddings"] = int(rescale_switched_threshold(site) or site.max_positions)
         elif config and config.get("max_position_embeddings"):
             hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
@@ -211,13 +157,11 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     if Path(path).is_dir():
         from posrewrite.folders import rewrite_folder
 
-        return rewrite_folder(path, _options(options, kwargs), progress=progress)
+        return rewrite_folder(path, _options(options, kwargs), rewrite_model=rewrite, progress=progress)
     opts = _options(options, kwargs)
     progress = progress or NullReporter()
     if not opts.has_work():
-        raise errors.UsageError(
-            "nothing to do: give --rope-scale, --rope-base, --fp32-positions, --fuse or --max-positions"
-        )
+        raise errors.UsageError(NOTHING_TO_DO)
     output = Path(opts.output) if opts.output is not None else io.default_output_path(path, opts.output_suffix())
     io.ensure_distinct_output(path, output)
     io.check_output_path(output)
@@ -234,6 +178,12 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
             f"not understood: {first.where}: {first.reason}{more}; refusing to write a partly rewritten model "
             "(use --allow-partial)"
         )
+    blocked = [s for s in found.sites if getattr(s, "rewritable", True) is False]
+    if blocked and not opts.allow_partial:
+        raise errors.PartialMatchError(
+            f"found but not rewritable: {blocked[0].bias.name}: {blocked[0].reason}; refusing to write a partly "
+            "rewritten model (use --allow-partial)"
+        )
     if opts.max_positions:
         _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
     plans = rope_plans(opts, path, found)
@@ -241,6 +191,14 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                            half_precision_positions=bool(opts.rescales_rope and _half_precision_positions(found)))
     steps.context.seed(model, found)
     report = steps.run(model)
+    claimed = report.rope_plans
+    context = max([p.new_length or p.params.target_length() or 0 for p in claimed]
+                  + [report.fused_cache_rows or 0]) or None
+    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
+    provenance.record(model, provenance.entry(
+        opts, [({"rope_theta": float(p.site.base)} if p.site.base else {}) | hf
+               for p, hf in zip([p for p in claimed if not p.extends_only], hf_params, strict=True)],
+        context_length=context, changes=len(report.changes)))
     if steps.options.validate:
         _check_inputs_fit_budget(model)
     # Write beside the output, validate what was written, and only then switch it into place: a failure or an
@@ -258,10 +216,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
 
             raise errors.ValidationError(f"validation failed: {describe_failure(validation)}")
         saved = staged.commit()
-    claimed = report.rope_plans
-    context = max([p.new_length or p.params.target_length() or 0 for p in claimed]
-                  + [report.fused_cache_rows or 0]) or None
-    hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
     return RewriteResult(str(path), str(saved), bool(report.changes), list(report.changes), list(report.notes),
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
 
@@ -433,7 +387,8 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
             if plan is not None:
                 plans.append(plan)
     others = [s for s in found.sites if not isinstance(s, RopeSite)]
-    other_changes = ["tables"] if others and (opts.max_positions or opts.pos_scale or opts.alibi_scale) else []
+    table_options = opts.max_positions or opts.pos_scale or opts.alibi_scale or opts.bias_scale
+    other_changes = ["tables"] if others and table_options else []
     rows = None
     if not any(s.angles.value == "fused_op" for s in found.rope_sites):  # fused by the rewrite: probe its caches
         try:
@@ -491,6 +446,12 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
             rows.append(rope_precision(site, n, k))
         elif site.kind == "alibi":
             row = alibi_precision(site, n)
+            row.setdefault("site", k)
+            rows.append(row)
+        elif site.kind == "score_bias":
+            from posrewrite.passes.onnx.bias.rewrite import score_bias_precision
+
+            row = score_bias_precision(site, n)
             row.setdefault("site", k)
             rows.append(row)
     return CheckResult(str(path), n, rows)

@@ -37,7 +37,7 @@ absolute/ALiBi tables, fuse RoPE into fused ops, and validate the result in onnx
   posrewrite MODEL.onnx --rope-scale 4 --rope-method yarn --original-max-positions 4096 -o out.onnx
   posrewrite inspect MODEL.onnx
   posrewrite check MODEL.onnx --max-length 131072
-  posrewrite plot MODEL.onnx --rope-scale 4 --rope-method yarn -o rope.png
+  posrewrite plot MODEL.onnx --rope-scale 4 --rope-method yarn --original-max-positions 4096 -o rope.png
   posrewrite advise --context 131072 --head-dim 128
 """
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pos-scale", type=float, metavar="S", help="interpolate learned absolute positions by S")
     g.add_argument("--alibi-scale", type=float, metavar="S", help="scale ALiBi slopes by S")
+    g.add_argument("--bias-scale", type=float, metavar="S", help="distance interpolation of every score bias "
+                   "with a formula (ALiBi, KERPLE, Sandwich): distances / S (--alibi-scale is its ALiBi spelling)")
     g = p.add_argument_group("attention-level extension (the model is unchanged inside the window)")
     g.add_argument("--extend", metavar="METHOD", help="self-extend (Jin et al. 2024: grouped positions beyond the "
                    "window) or rerope (Su 2023: relative positions clipped at the window)")
@@ -250,18 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from posrewrite import __version__
 
-        return version("posrewrite")
-    except Exception:
-        return "unknown"
+    return __version__
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
     """``posrewrite MODEL ...`` (or flags first) means ``posrewrite rewrite MODEL ...``."""
     if not argv or argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version"):
         return argv
+    first = argv[0]
+    if not first.startswith("-") and not Path(first).exists() and Path(first).suffix == "":
+        import difflib
+
+        close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6)
+        if close:  # a mistyped command, not a model path
+            raise UsageError(f"unknown command '{first}' (did you mean '{close[0]}'? see '{PROG} --help')")
     return ["rewrite", *argv]
 
 
@@ -273,7 +279,7 @@ def options_from_args(ns: argparse.Namespace, *, require_work: bool = True) -> R
     return options_from_flags(vars(ns), require_work=require_work)
 
 
-def _rope_flags_given(ns: argparse.Namespace) -> bool:
+def _rope_flags_given(ns: argparse.Namespace, ignore: tuple[str, ...] = ()) -> bool:
     names = (
         "rope_scale",
         "rope_freq_scale",
@@ -288,7 +294,7 @@ def _rope_flags_given(ns: argparse.Namespace) -> bool:
         "original_grid",
         "target_grid",
     )
-    return any(getattr(ns, n, None) is not None for n in names)
+    return any(getattr(ns, n, None) is not None for n in names if n not in ignore)
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -317,10 +323,22 @@ def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
 
     if not opts.debug:
         _quiet_onnxruntime()
+    target = Path(opts.output) if opts.output is not None else None
+    replacing = target is not None and target.is_file()
     with progress_reporter(enabled=not out.json) as reporter:
         result = api.rewrite(model, opts, progress=reporter)
+    try:  # the output is in place: an interrupt from here on must not claim that nothing was left behind
+        return _show_written(out, model, result, replacing)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted after {result.output_path} was written: the output is complete",
+              file=sys.stderr)
+        return 0
 
+
+def _show_written(out: Output, model: Path, result: object, replacing: bool) -> int:
     render.show_rewrite(out, model, result)
+    if replacing and not out.json:
+        out.console().print(f"  note: {render.escape(str(result.output_path))} existed and was replaced")
     validation = getattr(result, "validation", None)
     if validation is not None and not validation.ok:
         from posrewrite.errors import ValidationError
@@ -333,19 +351,64 @@ def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
 
 def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns, require_work=False)
+    ns.original, ns.rewritten = _model_file(ns.original), _model_file(ns.rewritten)
     _preload(ns.original)
     _preload(ns.rewritten)
     from posrewrite import api
 
+    hint = ""
+    if not (_rope_flags_given(ns) or ns.fp32_positions or ns.max_positions):
+        recorded = _recorded_rewrite(ns.rewritten, opts, out)
+        if recorded is opts:
+            hint = (f" ({ns.rewritten} records no posrewrite rewrite, so it was checked as computing the same as "
+                    f"{ns.original}: for a rescale, give the flags it was made with, e.g. --rope-scale S "
+                    "--rope-method M --original-max-positions L)")
+        opts = recorded
+
+    if not opts.debug:
+        _quiet_onnxruntime()
     result = api.validate(Path(ns.original), Path(ns.rewritten), opts)
     render.show_validation(out, result)
     if not result.validation.ok:
         from posrewrite.errors import ValidationError
         from posrewrite.validate import describe_failure
 
-        render.print_error(f"validation failed: {describe_failure(result.validation)}")
+        render.print_error(f"validation failed: {describe_failure(result.validation)}{hint}")
         return ValidationError.exit_code
     return 0
+
+
+def _model_file(path: str) -> str:
+    """A model folder (genai_config.json, or config.json + *.onnx) stands for its model, as in inspect."""
+    if not Path(path).is_dir():
+        return path
+    from posrewrite.folders import model_files
+
+    return str(model_files(path)[0])
+
+
+def _recorded_rewrite(path: str, opts: RewriteOptions, out: Output) -> RewriteOptions:
+    """The options REWRITTEN records (posrewrite.provenance), so that `validate ORIGINAL REWRITTEN` checks the
+    recorded rewrite by default; `opts` unchanged when it records none."""
+    import dataclasses
+
+    from posrewrite import io, provenance
+
+    items = provenance.history(io.load_model(path))
+    fields = provenance.validation_options(items)
+    if not fields:
+        return opts
+    try:
+        recorded = dataclasses.replace(opts, **fields)
+    except (PosrewriteError, ValueError, TypeError, OverflowError) as exc:
+        from posrewrite.errors import ModelLoadError
+
+        raise ModelLoadError(f"{path}: the rewrite it records ({provenance.KEY}) is not valid: {exc}; give the "
+                             "flags it was made with") from None
+    if not out.json:
+        out.console().print(f"checking the rewrite {render.escape(str(path))} records: "
+                            f"{render.escape(provenance.describe(items[-1]))}")
+    return recorded
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
@@ -383,6 +446,10 @@ def _cmd_check(ns: argparse.Namespace, out: Output) -> int:
 
 
 def _cmd_plot(ns: argparse.Namespace, out: Output) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("posrewrite plot needs matplotlib: pip install 'posrewrite[plot]'") from None
     opts = options_from_args(ns, require_work=False) if _rope_flags_given(ns) else None
     _preload(ns.model, output=ns.output)
     from posrewrite import plot
@@ -398,7 +465,8 @@ def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
     if getattr(ns, "eval_text", None) is not None:
         return _cmd_advise_eval(ns, out)
     rope_params = None
-    if _rope_flags_given(ns):
+    # --original-max-positions alone says what the model was trained for, not a planned rescale
+    if _rope_flags_given(ns, ignore=("original_max_positions", "yarn_orig_ctx")):
         if ns.model is None:
             raise UsageError("a planned rescaling (--rope-scale, --rope-method, ...) needs a MODEL to apply it to")
         from posrewrite.options import read_config_json, rope_parameters_from_options
@@ -411,7 +479,7 @@ def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
     result = advise.advise_model(ns.context, head_dim=ns.head_dim, path=path, rope_params=rope_params)
     from posrewrite.advise_eval import rule_of_thumb
 
-    rule = rule_of_thumb(_training_length(ns), ns.context)
+    rule = rule_of_thumb(_training_length(ns), ns.context, model=ns.model)
     result.lines.extend(rule)
     render.show_lines(out, result, extra={"method": {"measured": False, "rule_of_thumb": rule}})
     return 0
@@ -458,11 +526,12 @@ def _cmd_advise_eval(ns: argparse.Namespace, out: Output) -> int:
 
 
 def _quiet_onnxruntime() -> None:
-    """onnxruntime's own log (coloured warnings about unused initializers...) stays off stderr: errors only."""
+    """onnxruntime's own log (coloured warnings, and the errors of the runs validation expects to fail) stays off
+    stderr."""
     try:
         import onnxruntime as ort
 
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)  # fatal only: a failed run is reported by posrewrite, in one line
     except Exception:  # noqa: BLE001 - no onnxruntime: nothing to quiet
         pass
 

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +216,12 @@ def default_output_folder(folder: Path, suffix: str) -> Path:
     return folder.with_name(f"{folder.name}.{suffix}")
 
 
-def rewrite_folder(folder: str | os.PathLike, options, *, progress=None):
-    """Rewrites every model of a genai / HF export folder into a new folder (see the module docstring)."""
-    from posrewrite import api
+def rewrite_folder(folder: str | os.PathLike, options, *, rewrite_model: Callable[..., Any], progress=None):
+    """Rewrites every model of a genai / HF export folder into a new folder (see the module docstring).
 
+    ``rewrite_model(path, options, progress=, saver=)`` rewrites one model and returns its result (the API's
+    `rewrite`, handed down by the caller: this module sits below the API and does not import it); the folder's
+    result is the first model's, with the folder's paths and every model's lines."""
     src = Path(folder)
     kind = folder_kind(src)
     models = model_files(src)
@@ -241,7 +244,7 @@ def rewrite_folder(folder: str | os.PathLike, options, *, progress=None):
         for model in models:
             opts = dataclasses.replace(options, output=stage / model.name)
             try:
-                results.append(api.rewrite(model, opts, progress=progress, saver=saver))
+                results.append(rewrite_model(model, opts, progress=progress, saver=saver))
             except errors.NoEncodingError:
                 if kind == "genai" or len(models) == 1:
                     raise
@@ -297,8 +300,9 @@ def rewrite_folder(folder: str | os.PathLike, options, *, progress=None):
         shutil.rmtree(stage, ignore_errors=True)
         raise
     first = results[0]
-    return api.RewriteResult(
-        str(src), str(out), any(r.modified for r in results), changes, notes,
+    return dataclasses.replace(
+        first, input_path=str(src), output_path=str(out), modified=any(r.modified for r in results),
+        changes=changes, notes=notes,
         validation=first.validation if len(results) == 1 else _merge_validation(results),
         sites=[s for r in results for s in r.sites], context_length=context,
         rope_parameters=[p for r in results for p in (r.rope_parameters or [])],

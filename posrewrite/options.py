@@ -69,6 +69,7 @@ class RewriteOptions:
     max_positions: int | None = None
     pos_scale: float | None = None
     alibi_scale: float | None = None
+    bias_scale: float | None = None  # distance interpolation of every distance-based score bias (ALiBi too)
     # attention-level methods (posrewrite.math.positions, posrewrite.passes.onnx.attention.extend)
     extend: str | None = None  # "self-extend" | "rerope"
     window: int | None = None
@@ -96,6 +97,10 @@ class RewriteOptions:
         check_positive(self.max_positions, "--max-positions", integer=True, maximum=MAX_LENGTH)
         check_positive(self.pos_scale, "--pos-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
         check_positive(self.alibi_scale, "--alibi-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        check_positive(self.bias_scale, "--bias-scale", maximum=MAX_SCALE, minimum=1 / MAX_SCALE)
+        if self.alibi_scale is not None and self.bias_scale is not None \
+                and not math.isclose(self.alibi_scale, self.bias_scale, rel_tol=1e-9):
+            raise UsageError(f"--alibi-scale {self.alibi_scale:g} disagrees with --bias-scale {self.bias_scale:g}")
         self._check_attention_methods()
         self.original_grid = parse_grid(self.original_grid, "--original-grid")
         self.target_grid = parse_grid(self.target_grid, "--target-grid")
@@ -207,6 +212,7 @@ class RewriteOptions:
             or self.max_positions is not None
             or self.pos_scale is not None
             or self.alibi_scale is not None
+            or self.bias_scale is not None
             or self.extend is not None
             or self.logn_scaling
             or self.target_grid is not None
@@ -233,6 +239,8 @@ class RewriteOptions:
             parts.append(f"posx{self.pos_scale:g}")
         if self.alibi_scale is not None:
             parts.append(f"alibi{self.alibi_scale:g}")
+        if self.bias_scale is not None and self.alibi_scale is None:
+            parts.append(f"biasx{self.bias_scale:g}")
         if self.fp32_positions:
             parts.append("fp32pos")
         if self.fuse != "none":
@@ -256,6 +264,7 @@ _PLAIN_FIELDS = (
     "max_positions",
     "pos_scale",
     "alibi_scale",
+    "bias_scale",
     "extend",
     "window",
     "group_size",
@@ -268,6 +277,11 @@ _PLAIN_FIELDS = (
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
+
+
+#: what a rewrite without any rewrite flag says (the CLI and the API alike)
+NOTHING_TO_DO = ("nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
+                 "--max-positions, --pos-scale, --alibi-scale, --bias-scale, --extend or --logn-scaling")
 
 
 def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -> RewriteOptions:
@@ -354,10 +368,7 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
         fields["fuse"] = fields["fuse"].strip().lower()
     opts = RewriteOptions(**fields)
     if require_work and not opts.has_work():
-        raise UsageError(
-            "nothing to do: give --rope-scale, --rope-base, --rope-params, --fp32-positions, --fuse, "
-            "--max-positions, --pos-scale or --alibi-scale"
-        )
+        raise UsageError(NOTHING_TO_DO)
     return opts
 
 

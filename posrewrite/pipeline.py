@@ -26,210 +26,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from posrewrite import errors
 from posrewrite.options import RewriteOptions, read_config_json
+from posrewrite.passes.onnx._infra import PipelineContext, RewriteReport, cleanup_passes
+from posrewrite.passes.onnx.detect import Detection
 from posrewrite.progress import NullReporter
 from posrewrite.sites.rope import RopeSite
 
 if TYPE_CHECKING:
-    from posrewrite.api import Detection
     from posrewrite.passes.onnx.rope.rescale import SitePlan
     from posrewrite.validate import ValidationReport
 
 __all__ = [
     "NOTHING_CHANGED",
-    "DropUntypedValueInfoPass",
-    "PassRecord",
     "Pipeline",
-    "PipelineContext",
-    "ReportingPass",
-    "RewriteReport",
     "ValidationStep",
     "build_pipeline",
-    "cleanup_passes",
     "logn_length_for",
     "run_passes",
-    "site_key",
 ]
 
 NOTHING_CHANGED = "nothing changed: the model already is as requested"
-
-
-def site_key(site: RopeSite) -> tuple[str | None, ...]:
-    """A name for a RoPE site that survives rewrites of its angles (rescale, fp32): the inputs of its q/k
-    rotations and the names of its fused nodes. Plans made on one detection are found again on a later one
-    by this key."""
-    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)
-
-
-def _still_in(graph: ir.Graph, site: RopeSite) -> bool:
-    """Whether every rotation node (or fused node) of ``site`` is still a node of ``graph``."""
-    nodes = [n for a in site.applications for n in a.nodes] or list(site.fused_nodes)
-    return bool(nodes) and all(n.graph is graph for n in nodes)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the shared report
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PassRecord:
-    """What one pass did: its name, whether it modified the model, and its own lines."""
-
-    name: str
-    modified: bool
-    changes: tuple[str, ...]
-    notes: tuple[str, ...]
-
-
-@dataclasses.dataclass
-class RewriteReport:
-    """Every pass's changes and notes, in the order the passes ran, and what the rewrite claims (checked by
-    the validation step)."""
-
-    changes: list[str] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    passes: list[PassRecord] = dataclasses.field(default_factory=list)
-    #: claim: the RoPE sites rescaled or extended, with their plans (a fused site: the plan of its fused form)
-    rope_plans: list[SitePlan] = dataclasses.field(default_factory=list)
-    #: claim: ALiBi / learned / sinusoidal / T5 tables and baked masks rewritten
-    other_changes: list[str] = dataclasses.field(default_factory=list)
-    #: claim: rows of the shortest static fused RoPE cache (positions from here on are outside it)
-    fused_cache_rows: int | None = None
-    #: the RotaryEmbedding nodes the fusion wrote (what attention fusion follows)
-    fused_rotary_nodes: list[ir.Node] = dataclasses.field(default_factory=list)
-    #: claim: attention-level extension (SelfExtend / ReRoPE / log-n) written
-    attention_changes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def modified(self) -> bool:
-        return any(p.modified for p in self.passes) or bool(self.changes)
-
-    def claim_plan(self, plan: SitePlan) -> None:
-        """Claims that ``plan`` was applied to its site."""
-        self.rope_plans.append(plan)
-
-    def replace_plan(self, old: SitePlan, new: SitePlan) -> None:
-        """A later pass rewrote ``old``'s site into another form: ``new`` (derived from ``old``) is what the
-        rewrite now claims for it."""
-        for k, p in enumerate(self.rope_plans):
-            if p is old:
-                self.rope_plans[k] = new
-                return
-        self.rope_plans.append(new)
-
-
-@dataclasses.dataclass
-class PipelineContext:
-    """What the passes of one pipeline share: the report, the cached detection, where the model came from."""
-
-    report: RewriteReport = dataclasses.field(default_factory=RewriteReport)
-    model_path: str | os.PathLike | None = None
-    progress: Any = dataclasses.field(default_factory=NullReporter)
-    _detection: Detection | None = dataclasses.field(default=None, repr=False)
-    _detected_model: int | None = dataclasses.field(default=None, repr=False)
-    #: counts the rewrites (passes that reported modified=True) since the context was made
-    generation: int = 0
-
-    def detection(self, model: ir.Model) -> Detection:
-        """The detection of ``model`` as it is now: cached until a pass reports a modification."""
-        if self._detection is None or self._detected_model != id(model):
-            from posrewrite.api import detect
-
-            self._detection = detect(model)
-            self._detected_model = id(model)
-        return self._detection
-
-    def rope_sites(self, model: ir.Model) -> list[RopeSite]:
-        """The RoPE sites of ``model`` as it is now: those of `detection`, and, in the order of the report's
-        claims, the site of a claimed plan that the detector cannot read back. A runtime rescale (dynamic,
-        longrope) of a cached table or of fused caches computes them in the graph in a form the detector does not
-        match; the rescale left that site's rotations (or fused nodes) as they were (checked here: each is still
-        in the graph) and the plan describes its new angle source."""
-        detected = list(self.detection(model).rope_sites)
-        by_key = {site_key(s): s for s in detected}
-        out: list[RopeSite] = []
-        for plan in self.report.rope_plans:
-            key = site_key(plan.site)
-            if key in by_key:
-                out.append(by_key.pop(key))
-            elif _still_in(model.graph, plan.site):
-                out.append(plan.site)
-        kept = {id(s) for s in out}
-        return out + [s for s in detected if id(s) not in kept]
-
-    def seed(self, model: ir.Model, detection: Detection) -> None:
-        """A detection the caller made on ``model`` before any pass ran (the one its plans come from)."""
-        self._detection = detection
-        self._detected_model = id(model)
-
-    def record(self, pass_: ReportingPass, result: ir.passes.PassResult) -> None:
-        report = self.report
-        report.changes.extend(pass_.changes)
-        report.notes.extend(pass_.notes)
-        report.passes.append(PassRecord(type(pass_).__name__, bool(result.modified), tuple(pass_.changes),
-                                        tuple(pass_.notes)))
-        if result.modified:
-            self._detection = None
-            self.generation += 1
-
-
-class ReportingPass(ir.passes.InPlacePass):
-    """A posrewrite pass: implements `run(model) -> PassResult`, writes its own ``changes`` / ``notes`` lines;
-    `call` hands them to the shared context (which appends them to its report and drops its cached detection
-    when the model was modified). Without a context the pass has one of its own (standalone use)."""
-
-    def __init__(self, context: PipelineContext | None = None, *, preface: Sequence[str] = ()) -> None:
-        super().__init__()
-        self.context = context if context is not None else PipelineContext()
-        #: notes the pipeline attaches to this step (why it runs, how it is configured), reported first
-        self.preface = tuple(preface)
-        self.changes: list[str] = []
-        self.notes: list[str] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.changes, self.notes = [], list(self.preface)
-        result = self.run(model)
-        self.context.record(self, result)
-        return result
-
-    def run(self, model: ir.Model) -> ir.passes.PassResult:  # pragma: no cover - every pass implements it
-        raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# cleanup
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class DropUntypedValueInfoPass(ir.passes.InPlacePass):
-    """A value whose type is a tensor of unknown element type (shape inference failed on a model whose declared
-    shapes contradict its ops) cannot be written as value_info: forget its type and shape, as if never inferred.
-    Graph inputs and outputs keep theirs (they are the model's interface). onnx_ir has no pass for this."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
-        for graph in model.graphs():
-            interface = {id(v) for v in (*graph.inputs, *graph.outputs)}
-            for node in graph:
-                for value in node.outputs:
-                    if id(value) in interface or value.type is None:
-                        continue
-                    if getattr(value.type, "dtype", True) is None:
-                        value.type = None
-                        value.shape = None
-                        modified = True
-        return ir.passes.PassResult(model, modified)
-
-
-def cleanup_passes() -> list[ir.passes.PassBase]:
-    """The cleanup after rewrites: nodes nothing reads (the replaced rotations, cos/sin computations, ALiBi
-    products), a topological order for the nodes the passes inserted, and value types nobody can write.
-    Opsets and initializers are left as they are: a rewrite never drops an opset import or an input."""
-    return [RemoveUnusedNodesPass(), TopologicalSortPass(), DropUntypedValueInfoPass()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,6 +136,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
+    from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
     from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
@@ -330,9 +149,10 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     if plans:
         passes.append(RescaleRopePass(plans, context, usage_errors=options.rescales_rope))
     others = [s for s in detection.sites if not isinstance(s, RopeSite)]
-    if others and (options.max_positions or options.pos_scale or options.alibi_scale):
+    if others and (options.max_positions or options.pos_scale or options.alibi_scale or options.bias_scale):
         passes.append(ExtendTablesPass(None, context=context, max_positions=options.max_positions,
-                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale))
+                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale,
+                                       bias_scale=options.bias_scale))
     if options.max_positions:
         passes.append(ExtendSquareMasksPass(int(options.max_positions), context))
     fp32_preface: list[str] = []
@@ -347,6 +167,7 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
             passes.append(Fp32PositionsPass(None, context=context, alibi=False, preface=fp32_preface))
             fp32_preface = []
         passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
+        passes.append(Fp32ScoreBiasPass(None, context=context))
     if options.fuse != "none":
         passes.append(FuseRotaryPass(None, context=context, target=options.fuse,
                                      max_positions=fused_cache_rows_for(options, model_path)))

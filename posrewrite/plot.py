@@ -261,6 +261,16 @@ def plot_model(
     dim = int(site.rotary_dim)
     rp = dict(rope_params) if rope_params else None
     L = original_context or (rp or {}).get("original_max_position_embeddings") or site.max_positions
+    assumed = ""
+    if L is None:  # what an earlier posrewrite rescale recorded, else config.json beside the model
+        from posrewrite import provenance
+        from posrewrite.options import read_config_json
+
+        recorded = provenance.last_rescale(found.rewrites) or {}
+        L = recorded.get("original_max_position_embeddings") or (read_config_json(path) or {}).get(
+            "max_position_embeddings")
+    if L is None and not rp:  # frequencies alone: the context lines are drawn at an assumed length, and say so
+        L, assumed = 4096, " (assumed: pass --original-max-positions)"
     if L is None:
         from posrewrite import errors
 
@@ -282,7 +292,8 @@ def plot_model(
     else:
         T = int(target_context or L)
     base = "not geometric" if site.base is None else f"base {site.base:g}"
-    title = f"{Path(path).name}: RoPE {base}, rotary dim {dim}; training context {L:,} \u2192 target {T:,}"
+    title = (f"{Path(path).name}: RoPE {base}, rotary dim {dim}; training context {L:,}{assumed} \u2192 "
+             f"target {T:,}")
     res = plot_rope(
         inv,
         original_context=L,

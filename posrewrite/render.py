@@ -195,6 +195,7 @@ def _validation_table(console: Any, validation: Any) -> None:
 # Site fields shown as their own columns (when a site has them); the rest go to "details".
 _INSPECT_COLUMNS = [
     "kind",
+    "family",
     "layout",
     "head_dim",
     "rotary_dim",
@@ -204,7 +205,8 @@ _INSPECT_COLUMNS = [
     "angle_dtype",
     "max_positions",
     "attention_factor",
-    "sites",
+    "rotations",
+    "bias_adds",
 ]
 _INSPECT_TITLES = {
     "head_dim": "dim",
@@ -213,8 +215,23 @@ _INSPECT_TITLES = {
     "angle_dtype": "angle dtype",
     "max_positions": "max pos",
     "attention_factor": "attn",
-    "sites": "uses",
+    "bias_adds": "bias adds",
 }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def inspect_headline(payload: dict[str, Any]) -> str:
+    """"N positional encoding site(s), M q/k rotations": the words and numbers of ``inspect --json`` (a site is
+    one entry of ``encodings``; a rotation is one q or k tensor rotated by a RoPE site, its ``rotations``)."""
+    sites = payload.get("encodings", [])
+    text = _count(len(sites), "positional encoding site")
+    rotations = sum(int(s.get("rotations") or 0) for s in sites)
+    if any(s.get("kind") == "rope" for s in sites):
+        text += f", {_count(rotations, 'q/k rotation')}"
+    return text
 
 
 def show_inspect(out: Output, model: object, payload: dict[str, Any]) -> None:
@@ -224,15 +241,19 @@ def show_inspect(out: Output, model: object, payload: dict[str, Any]) -> None:
         return
     console = out.console()
     sites = payload.get("encodings", [])
-    console.print(f"[bold]{escape(str(model))}[/bold]: {len(sites)} positional encoding site(s)")
+    console.print(f"[bold]{escape(str(model))}[/bold]: {inspect_headline(payload)}")
     if sites:
         keys = [k for k in _INSPECT_COLUMNS if any(k in site for site in sites)]
         rows = [[i, *(site.get(k) for k in keys)] for i, site in enumerate(sites)]
         console.print(_table(None, ["#", *(_INSPECT_TITLES.get(k, k) for k in keys)], rows))
         for i, site in enumerate(sites):
             details = {k: v for k, v in site.items() if k not in keys and v not in (None, [], {}, "")}
+            if isinstance(details.get("prior_scaling"), dict) and "description" in details["prior_scaling"]:
+                details["prior_scaling"] = details["prior_scaling"]["description"]
             if details:
                 console.print(f"  [dim]#{i}:[/dim] {escape(fmt(details))}")
+    for item in payload.get("rewrites", []):
+        console.print(f"  [dim]recorded rewrite:[/dim] {escape(str(item.get('description')))}")
     refusals = payload.get("refusals", [])
     if refusals:
         rows = [[r.get("kind"), r.get("where"), r.get("reason")] for r in refusals]
@@ -251,13 +272,21 @@ _CHECK_COLUMNS = [
 ]
 
 
+def _check_cell(key: str, value: Any) -> Any:
+    """A cell of the check table: the exact-position fraction of the JSON as a percentage (a bare 1 read as a
+    count)."""
+    if key == "exact_position_fraction" and isinstance(value, int | float):
+        return f"{100 * value:.4g}%"
+    return value
+
+
 def show_check(out: Output, model: object, result: Any) -> None:
     """The precision table of ``posrewrite check`` and its verdict."""
     if out.json:
         out.emit_json(result.to_dict())
         return
     console = out.console()
-    rows = [[site.get(key) for key, _ in _CHECK_COLUMNS] for site in result.sites]
+    rows = [[_check_cell(key, site.get(key)) for key, _ in _CHECK_COLUMNS] for site in result.sites]
     console.print(_table(f"{model}: precision check", [title for _, title in _CHECK_COLUMNS], rows))
     verdict = "[green]safe[/green]" if result.safe else "[red]unsafe[/red] (try --fp32-positions)"
     console.print(f"verdict: {verdict}")

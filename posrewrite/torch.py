@@ -232,6 +232,14 @@ def export_onnx(
             new, args, kwargs=kwargs, dynamo=True, custom_translation_table=translation_table(target),
             opset_version=opset, input_names=input_names, output_names=output_names, optimize=optimize,
         )
+    from types import SimpleNamespace
+
+    from posrewrite import provenance
+
+    # what was done, in the model's metadata as every posrewrite output records it (posrewrite.provenance)
+    provenance.record(onnx_program.model, provenance.entry(
+        SimpleNamespace(**{k: v for k, v in options.items() if k != "fuse_angles"}), [], context_length=None,
+        changes=len(messages)) | {"exported_by": "posrewrite.torch.export_onnx"})
     onnx_program.save(str(out), external_data=external_data)
     ops: dict[str, int] = {}
     for node in onnx_program.model_proto.graph.node:

@@ -80,7 +80,7 @@ def test_human_table(capsys, fp16_legacy):
     code = main(["check", str(fp16_legacy), "--max-length", "4096"])
     out = capsys.readouterr().out
     assert code == 7
-    assert "float16" in out and "0.75" in out and "unsafe" in out
+    assert "float16" in out and "75%" in out and "unsafe" in out  # the exact fraction 0.75, as a percentage
 
 
 def test_rewritten_model_checks_safe(capsys, fp16_legacy, tmp_path):

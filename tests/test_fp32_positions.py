@@ -239,7 +239,6 @@ def test_rescale_then_fp32_keeps_exact_frequencies(full_fp16, tmp_path):
 
 
 def test_alibi_sites_go_to_the_alibi_pass(tmp_path):
-    pytest.importorskip("posrewrite.passes.onnx.alibi.fp32")
     from fixtures.other_models import export_other_onnx
 
     path, _ = export_other_onnx("bloom", dtype="float16")

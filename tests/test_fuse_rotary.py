@@ -287,7 +287,6 @@ def test_raise_opset_refuses_changed_meaning():
 
 
 def test_combined_with_fp32_positions(fp16_rope_onnx, tmp_path):
-    pytest.importorskip("posrewrite.passes.onnx.rope.fp32")
     src, _ = fp16_rope_onnx
     out, result = _fuse(src, tmp_path, "ort", fp32_positions=True)
     ops = _ops(out)

@@ -52,6 +52,14 @@ def test_export_onnx_fused_matches_hf(tmp_path, arch, fuse, method, rope_paramet
     assert result.onnx_ops.get(f"{domain}::RotaryEmbedding") == 2  # q and k
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
     assert any("fuse-rope" in m for m in result.messages)
+    # the export records what was done, as every posrewrite output does (issue 25)
+    import json
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(result.path, load_external_data=False).metadata_props}
+    (item,) = json.loads(meta["posrewrite.rewrites"])
+    assert item["options"]["rope_scale"] == 4.0 and item["options"]["fuse"] == fuse
     # longer than the training length, another batch size
     ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(5))
     pos = torch.arange(150)[None]

@@ -195,7 +195,7 @@ def test_refusals_are_explained():
 def test_sites_json():
     site = pt.detect(_export(RopeAttention("interleaved", rotary_dim=4)))[0]
     d = site.to_dict()
-    assert d["kind"] == "rope" and d["layout"] == "interleaved" and d["rotary_dim"] == 4 and d["sites"] == 2
+    assert d["kind"] == "rope" and d["layout"] == "interleaved" and d["rotary_dim"] == 4 and d["rotations"] == 2
     assert d["angles"] == "computed" and d["position_dtype"] == "float32"
     assert np.isclose(d["base"], BASE)
 

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import hostile
@@ -506,36 +508,28 @@ def _env() -> dict:
     return env
 
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the dev extra
-    given = None
+_extra_flags = st.lists(st.tuples(st.sampled_from(sorted(hostile.FLAG_VALUES)), st.integers(0, 20)), max_size=2)
 
 
-if given is not None:
-
-    _extra_flags = st.lists(st.tuples(st.sampled_from(sorted(hostile.FLAG_VALUES)), st.integers(0, 20)), max_size=2)
-
-    @settings(max_examples=1000, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3), which=st.integers(0, len(hostile.ARG_LISTS) - 1),
-           extra=st.one_of(st.just([]), _extra_flags))
-    def test_fuzz_the_command_line_contract(tmp_path_factory, seed, rounds, which, extra):
-        root = tmp_path_factory.mktemp("fuzz")
-        model_dir, out_dir = root / "model", root / "out"
-        out_dir.mkdir()
-        base = save(rope_proto(weight_elems=1024), model_dir / "model.onnx", external=True)
-        (root / "secret.bin").write_bytes(SECRET)
-        base.write_bytes(hostile.mutate(base.read_bytes(), seed, rounds=rounds))
-        args = hostile.ARG_LISTS[which]
-        if args[0] == "{model}":  # a rewrite: hostile flag values too
-            args = args + hostile.fill_extra(extra)
-        argv = hostile.fill_args(args, model=base, out=out_dir / "out.onnx", missing=root / "nowhere" / "out.onnx")
-        before = tree_digest(model_dir)
-        run = run_cli(argv)
-        written = sorted(p.name for p in out_dir.iterdir())
-        problems = hostile.contract_violations(run, before=before, after=tree_digest(model_dir), out_files=written)
-        assert not problems, (seed, rounds, argv[1:], problems, run.stderr[-400:])
-        assert all(SECRET not in p.read_bytes() for p in out_dir.iterdir())
-        assert not (root / "nowhere").exists()
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3), which=st.integers(0, len(hostile.ARG_LISTS) - 1),
+       extra=st.one_of(st.just([]), _extra_flags))
+def test_fuzz_the_command_line_contract(tmp_path_factory, seed, rounds, which, extra):
+    root = tmp_path_factory.mktemp("fuzz")
+    model_dir, out_dir = root / "model", root / "out"
+    out_dir.mkdir()
+    base = save(rope_proto(weight_elems=1024), model_dir / "model.onnx", external=True)
+    (root / "secret.bin").write_bytes(SECRET)
+    base.write_bytes(hostile.mutate(base.read_bytes(), seed, rounds=rounds))
+    args = hostile.ARG_LISTS[which]
+    if args[0] == "{model}":  # a rewrite: hostile flag values too
+        args = args + hostile.fill_extra(extra)
+    argv = hostile.fill_args(args, model=base, out=out_dir / "out.onnx", missing=root / "nowhere" / "out.onnx")
+    before = tree_digest(model_dir)
+    run = run_cli(argv)
+    written = sorted(p.name for p in out_dir.iterdir())
+    problems = hostile.contract_violations(run, before=before, after=tree_digest(model_dir), out_files=written)
+    assert not problems, (seed, rounds, argv[1:], problems, run.stderr[-400:])
+    assert all(SECRET not in p.read_bytes() for p in out_dir.iterdir())
+    assert not (root / "nowhere").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from fixtures.old_opsets import alibi_attention, alibi_slopes, rope_attention
 from posrewrite import api
-from posrewrite.passes.onnx.detect_other import detect_other_encodings
+from posrewrite.passes.onnx.detect import detect_other_encodings
 
 OPSETS = [11, 12]
 

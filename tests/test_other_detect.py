@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import onnx_ir as ir  # noqa: E402
 
 from fixtures.other_models import export_module_onnx, export_other_onnx  # noqa: E402
-from posrewrite.passes.onnx.detect_other import detect_other_encodings  # noqa: E402
+from posrewrite.passes.onnx.detect import detect_other_encodings  # noqa: E402
 from tests.test_other_math import paper_slopes  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from fixtures.other_models import (  # noqa: E402
     ort_run,
     torch_logits,
 )
-from posrewrite.passes.onnx.detect_other import detect_other_encodings  # noqa: E402
+from posrewrite.passes.onnx.detect import detect_other_encodings  # noqa: E402
 from posrewrite.passes.onnx.extend_tables import ExtendTablesPass  # noqa: E402
 
 LONG = 4 * TABLE

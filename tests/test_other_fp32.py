@@ -16,7 +16,7 @@ import onnxruntime as ort  # noqa: E402
 
 from fixtures.other_models import export_other_onnx, ort_run, torch_logits  # noqa: E402
 from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass, alibi_precision  # noqa: E402
-from posrewrite.passes.onnx.detect_other import detect_other_encodings  # noqa: E402
+from posrewrite.passes.onnx.detect import detect_other_encodings  # noqa: E402
 from tests.test_other_math import paper_slopes  # noqa: E402
 
 N, WINDOW = 8192, 256

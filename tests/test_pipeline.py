@@ -13,15 +13,9 @@ import pytest
 
 from posrewrite import api, errors, io
 from posrewrite.options import RewriteOptions
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, cleanup_passes
 from posrewrite.passes.onnx.rope.rescale import RescaleRopePass, SitePlan
-from posrewrite.pipeline import (
-    NOTHING_CHANGED,
-    PipelineContext,
-    ReportingPass,
-    build_pipeline,
-    cleanup_passes,
-    run_passes,
-)
+from posrewrite.pipeline import NOTHING_CHANGED, build_pipeline, run_passes
 from posrewrite.sites.rope import AngleSource
 
 
@@ -173,7 +167,76 @@ def test_alibi_fp32_is_its_own_step():
     steps = build_pipeline(RewriteOptions(fp32_positions=True, validate=False), found, [], model_path=path)
     report = steps.run(model)
     records = {r.name: r for r in report.passes}
-    assert list(records) == ["Fp32PositionsPass", "Fp32AlibiPass"]
+    assert list(records) == ["Fp32PositionsPass", "Fp32AlibiPass", "Fp32ScoreBiasPass"]
     assert not records["Fp32PositionsPass"].modified and not records["Fp32PositionsPass"].changes
+    # BLOOM's bias is read as ALiBi: the score-bias step (biases classified by value) has nothing left
+    assert not records["Fp32ScoreBiasPass"].modified and not records["Fp32ScoreBiasPass"].changes
     assert records["Fp32AlibiPass"].modified and len(alibi) == 1
     assert len(records["Fp32AlibiPass"].changes) == len(alibi) and not records["Fp32AlibiPass"].notes
+
+
+class _HalveInvFreq(ir.passes.InPlacePass):
+    """A foreign onnx_ir pass (not a posrewrite pass; it shares no context): halves the RoPE inverse frequencies
+    held by one initializer or Constant node, as a user's own pass between two posrewrite passes could."""
+
+    def __init__(self, value: ir.Value) -> None:
+        super().__init__()
+        self.value = value
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value = self.value
+        half = ir.tensor(value.const_value.numpy() / 2)
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Constant":
+            producer.attributes["value"] = ir.AttrTensor("value", half)
+        value.const_value = half
+        return ir.passes.PassResult(model, True)
+
+
+def test_a_foreign_pass_between_two_posrewrite_passes_drops_the_cached_detection(llama_onnx):
+    """A plain onnx_ir pass that halves inv_freq between the start of the pipeline and the RoPE fusion: the
+    fusion must build its caches from the model as it is now (cos(n * theta_i / 2), theta_i from the paper's
+    formula), not from the detection cached before the foreign pass ran."""
+    from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
+
+    model, found, _, steps = _pipeline(llama_onnx, fuse="ort", validate=False)
+    (site,) = found.rope_sites
+    assert site.inv_freq_value is not None and site.inv_freq_value.const_value is not None
+    fuse = next(p for p in steps.passes if isinstance(p, FuseRotaryPass))
+    run_passes([_HalveInvFreq(site.inv_freq_value), fuse], model)
+    nodes = steps.context.report.fused_rotary_nodes
+    assert nodes and all(n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft" for n in nodes)
+    # com.microsoft.RotaryEmbedding(input, position_ids, cos_cache, sin_cache)
+    (cos,) = {id(n.inputs[2]): ir.convenience.get_const_tensor(n.inputs[2]).numpy() for n in nodes}.values()
+    cos = cos.astype(np.float64)
+    rows = np.arange(cos.shape[0], dtype=np.float64)[:, None]
+    expected = np.cos(rows * _inv_freq(10000.0, site.rotary_dim)[None, :] / 2)
+    eps = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(cos, expected, rtol=0, atol=(cos.shape[0] + 1) * eps)
+
+
+def test_fingerprint_sees_in_place_changes_and_nothing_else(llama_onnx):
+    """The detection cache's key: unchanged by reading the model; changed by a new node, a rewired input, an
+    attribute, and the bytes of a small constant changed in place."""
+    from posrewrite.passes.onnx._infra import model_fingerprint
+
+    model = io.load_model(llama_onnx)
+    first = model_fingerprint(model)
+    api.detect(model)
+    assert model_fingerprint(model) == first
+    (site,) = api.detect(model).rope_sites
+    arr = site.inv_freq_value.const_value.numpy().copy()
+    site.inv_freq_value.const_value = ir.Tensor(arr)  # an in-memory tensor over an array we hold
+    first = model_fingerprint(model)
+    assert first == model_fingerprint(model)
+    arr[0] *= 2  # the bytes changed in place, the tensor object is the same
+    assert model_fingerprint(model) != first
+    arr[0] /= 2
+    assert model_fingerprint(model) == first
+    node = next(iter(model.graph))
+    node.attributes["posrewrite_test"] = ir.AttrInt64("posrewrite_test", 1)
+    second = model_fingerprint(model)
+    assert second != first
+    extra = ir.node("Identity", [model.graph.inputs[0]])
+    model.graph.append(extra)
+    assert model_fingerprint(model) != second

@@ -137,7 +137,8 @@ def test_fused_caches_from_a_fused_rotary(llama_onnx, tmp_path):
     from posrewrite.passes.onnx.rope import fuse as fuse_rotary
 
     model = ir.load(str(llama_onnx))
-    from posrewrite.pipeline import cleanup_passes, run_passes
+    from posrewrite.passes.onnx._infra import cleanup_passes
+    from posrewrite.pipeline import run_passes
 
     run_passes([fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort"), *cleanup_passes()], model)
     out = tmp_path / "fused.onnx"

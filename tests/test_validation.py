@@ -195,8 +195,9 @@ FAULTS = {
     "positions off by one": ("direct_half", dict(YARN, fuse="ort"), YARN_FLAGS, positions_off_by_one),
     "wrong rotary_dim": ("direct_half", dict(YARN, fuse="ort"), YARN_FLAGS, wrong_rotary_dim),
     "sin sign flipped": ("direct_interleaved", dict(YARN, fuse="onnx"), YARN_FLAGS, flip_sin),
-    # the fused caches hold 4096 rows (the default): the rewrite claims them, `validate` is told with --max-positions
-    "caches one row short": ("direct_half", dict(YARN, fuse="ort"), [*YARN_FLAGS, "--max-positions", "4096"],
+    # the fused caches hold 4096 rows (--max-positions): the rewrite claims them, `validate` is told so
+    "caches one row short": ("direct_half", dict(YARN, fuse="ort", max_positions=4096),
+                             [*YARN_FLAGS, "--max-positions", "4096"],
                              caches_one_row_short),
     "GQA kv heads swapped": ("llama", dict(fuse="ort"), [], swap_kv_heads),
 }
@@ -281,7 +282,7 @@ METHODS = {
 def _rotation_rows(result) -> list[dict]:
     rows = result.validation.rows
     (found,) = [r for r in rows if r["site"] == "rotations"]
-    assert found["ok"] and "(4) vs in the original sites (4)" in found["compared"]
+    assert found["ok"] and "(4) vs in the original model (4)" in found["compared"]
     checked = [r for r in rows if r.get("compared", "").startswith("rotated q/k")]
     assert checked and all(r["max_abs_error"] is not None for r in checked)
     return checked
@@ -320,7 +321,12 @@ def test_validate_command_rope_params_and_errors(tmp_path, capsys):
     assert cli.main(["validate", str(src), str(out), "--rope-params", params]) == 0, capsys.readouterr().err
     # the same file is not a linear rescale, nor unchanged
     assert cli.main(["validate", str(src), str(out), "--rope-scale", "4"]) == 6
-    assert cli.main(["validate", str(src), str(out)]) == 6
+    # without flags: the rewrite the file records (issue 25); with the record removed, "unchanged", which it is not
+    assert cli.main(["validate", str(src), str(out)]) == 0, capsys.readouterr().err
+    bare = ir.load(out)
+    bare.metadata_props.pop("posrewrite.rewrites")
+    ir.save(bare, tmp_path / "bare.onnx")
+    assert cli.main(["validate", str(src), str(tmp_path / "bare.onnx")]) == 6
     capsys.readouterr()
     assert cli.main(["validate", str(src), str(tmp_path / "missing.onnx")]) == 3
     err = capsys.readouterr().err.strip().splitlines()

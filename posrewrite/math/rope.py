@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from posrewrite.math.precision import dtype_name, mantissa_bits, round_to_dtype, smallest_subnormal, unit_roundoff
+from posrewrite.math.dtypes import dtype_name, mantissa_bits, round_to_dtype, smallest_subnormal, unit_roundoff
 
 __all__ = [
     "ROPE_METHODS",
@@ -466,7 +466,10 @@ class PriorScaling:
                 "(llama3 / YaRN style)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "factor": float(self.factor), "unscaled_frequencies": int(self.unscaled)}
+        out: dict[str, Any] = {"kind": self.kind, "factor": float(self.factor)}
+        if self.kind in ("linear", "by_frequency"):  # a count of frequencies means something only there
+            out["unscaled_frequencies"] = int(self.unscaled)
+        return out | {"description": self.describe()}
 
 
 def _decimals(value: float) -> Iterator[float]:

@@ -62,7 +62,7 @@ class AlibiSite(EncodingSite):
             "compute_dtype": self.compute_dtype,
             "dtype": self.dtype,
             "max_positions": self.max_positions,
-            "sites": len(self.add_nodes),
+            "bias_adds": len(self.add_nodes),  # where the bias is added to attention scores
             "bias": self.bias.name,
             "table": getattr(self.table, "name", None),
             "slopes_value": getattr(self.slopes_value, "name", None),

@@ -336,7 +336,6 @@ class RopeEncoding:
             "angle_dtype": self.angle_dtype,
             "attention_factor": float(self.attention_factor),
             "prior_scaling": None if self.prior_scaling is None else self.prior_scaling.to_dict(),
-            "sites": rotations,  # the name `inspect --json` users and its table read (q/k rotations)
             "rotations": rotations,
             "cos": cos,
             "sin": sin,
@@ -508,8 +507,11 @@ class RopeSite(RopeEncodingFields, EncodingSite):
 
     @property
     def rotations(self) -> int:
-        """How many q/k rotations use this encoding (applications, or fused nodes)."""
-        return len(self.applications) if self.applications else len(self.fused_nodes)
+        """How many q/k rotations use this encoding: one per rotated q or k tensor (a written-out rotation or a
+        RotaryEmbedding node), two per attention node rotating q and k inside (GroupQueryAttention do_rotary)."""
+        if self.applications:
+            return len(self.applications)
+        return sum(2 if n.op_type == "GroupQueryAttention" else 1 for n in self.fused_nodes)
 
     def computed_handles(self) -> OnnxComputedHandles:
         """The graph handles of computed angles; ValueError for other sources."""
@@ -560,4 +562,12 @@ __all__ = [
     "RopeSource",
     "RuntimeInvFreq",
     "SOURCE_KINDS",
+    "site_key",
 ]
+
+
+def site_key(site: RopeSite) -> tuple[str | None, ...]:
+    """A name for a RoPE site that survives rewrites of its angles (rescale, fp32): the inputs of its q/k
+    rotations and the names of its fused nodes. Plans made on one detection are found again on a later one
+    by this key."""
+    return tuple(a.input.name for a in site.applications) + tuple(n.name for n in site.fused_nodes)

@@ -96,7 +96,7 @@ def make_fp32(ep: ExportedProgram, sites: list[FxRopeSite]) -> list[str]:
                     back = w.call(aten._to_copy.default, (n,), {"dtype": dt})
                 for u in users:
                     u.replace_input_with(n, back)
-        done.append(f"rope ({site.rotations} applications): positions {site.source.position_dtype}, "
+        done.append(f"rope ({site.rotations} q/k rotations): positions {site.source.position_dtype}, "
                      f"angles {site.source.angle_dtype} "
                      f"-> float32 (cos/sin cast after)")
     w.graph.eliminate_dead_code()

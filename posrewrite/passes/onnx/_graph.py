@@ -65,15 +65,19 @@ class ConstantEvaluator:
         feed: Callable[[ir.Value], np.ndarray | None] | None = None,
         inputs: Iterable[ir.Value] = (),
         max_nodes: int | None = None,
+        shape_of: Callable[[ir.Value], list[int] | None] | None = None,
     ) -> None:
         """`opset`: default-domain opset the nodes are run at (None: the opset of the node's graph, else 18).
         `feed`: the value of each graph input in `inputs` (None: that input is unknown). `max_nodes`: nodes
-        evaluated per call at most (a bigger cone is reported as unknown)."""
+        evaluated per call at most (a bigger cone is reported as unknown). `shape_of`: the concrete shape of a
+        value whose declared shape is symbolic (the probe's binding of symbolic dims), so that `Shape` of an
+        activation is answered without computing the activation (and reading the weights that make it)."""
         self._cache: dict[int, np.ndarray | None] = {}
         self._opset = opset
         self._feed = feed
         self._inputs = {id(v): v for v in inputs}
         self._max_nodes = max_nodes
+        self._shape_of = shape_of
         self._budget: int | None = None
 
     @classmethod
@@ -124,6 +128,8 @@ class ConstantEvaluator:
             return None
         if node.op_type == "Shape":
             static = _static_shape_slice(node)
+            if static is None and self._shape_of is not None and node.inputs[0] is not None:
+                static = _bound_shape_slice(node, self._shape_of(node.inputs[0]))
             if static is not None or self._feed is None:
                 return static
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None \
@@ -243,6 +249,15 @@ def _sliced_last_dim(value: ir.Value):
     elif end > 1 << 40 or start < 0 or end < 0:
         return value.shape.dims[-1]
     return end - start
+
+
+def _bound_shape_slice(shape_node: ir.Node, dims: list[int] | None) -> np.ndarray | None:
+    """What `shape_node` returns when its input has the concrete shape `dims` (None: unknown)."""
+    if dims is None:
+        return None
+    start = int_attr(shape_node, "start", 0)
+    end = int_attr(shape_node, "end", None)
+    return np.array(list(dims)[start:end], dtype=np.int64)
 
 
 def _static_shape_slice(shape_node: ir.Node) -> np.ndarray | None:

@@ -1,5 +1,5 @@
 """The machinery that finds ALiBi, learned absolute, sinusoidal and T5 relative-bias encodings in an ONNX
-graph, and `detect_other_encodings`, which runs each kind's detector (in `absolute/`, `alibi/`, `t5/`).
+graph, shared by each kind's detector (in `absolute/`, `alibi/`, `t5/`); `passes.onnx.detect` runs them.
 
 Where a candidate is found is structural (onnxscript patterns, match only):
 - `TableGather`  Gather(table, indices) of a constant 2-D table   -> learned / sinusoidal / T5 table
@@ -34,7 +34,7 @@ from posrewrite.passes.onnx._graph import (
 )
 from posrewrite.sites.base import EncodingSite, Refusal
 
-__all__ = ["detect_other_encodings", "score_biases", "BiasGroup", "DetectionContext", "PROBE_LENGTH"]
+__all__ = ["score_biases", "BiasGroup", "DetectionContext", "PROBE_LENGTH"]
 
 PROBE_LENGTH = 6  # sequence length of the probe input that position computations are evaluated on
 _MAX_CONE = 400  # nodes evaluated per probe value; bigger cones are not position computations
@@ -237,11 +237,13 @@ BiasReader = Callable[[DetectionContext, BiasGroup], EncodingSite | Refusal | No
 
 
 def score_biases(
-    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader
+    ctx: DetectionContext, *, alibi: BiasReader, t5: BiasReader, claimed: list[ir.Node] | None = None,
+    refused: dict[int, Refusal] | None = None,
 ) -> tuple[list[EncodingSite], list[Refusal]]:
     """Every bias added to attention scores, classified by what builds it and read by its kind's reader:
     `alibi` for slopes x distances products and constant tables, `t5` for Gathers from bucket tables
-    (ALiBi groups first, each kind in the order found)."""
+    (ALiBi groups first, each kind in the order found). `claimed` receives the Adds of the groups read as a
+    site, `refused` the refusal of each Add (by id) whose group was refused."""
     groups: dict[str, dict[int, BiasGroup]] = {"alibi": {}, "t5": {}}
     for node, b in pattern_matches(_ScoresBias(), ctx.model):
         for scores, bias in ((b["scores"], b["bias"]), (b["bias"], b["scores"])):
@@ -261,8 +263,12 @@ def score_biases(
             site = reader(ctx, group)
             if isinstance(site, Refusal):
                 refusals.append(site)
+                if refused is not None:
+                    refused.update((id(a), site) for a in group.adds)
             elif site is not None:
                 sites.append(site)
+                if claimed is not None:
+                    claimed.extend(group.adds)
     return sites, refusals
 
 
@@ -334,24 +340,3 @@ def slopes_side(const: ConstantEvaluator, mul: ir.Node) -> int | None:
 
 def sin_tolerance(table: ir.Value) -> float:
     return {"float16": 2e-3, "bfloat16": 1e-2}.get(dtype_name(table), 1e-4)
-
-
-def detect_other_encodings(model: ir.Model) -> tuple[list[EncodingSite], list[Refusal]]:
-    """Every ALiBi, learned absolute, sinusoidal and T5 relative-bias encoding in `model`'s main graph, and
-    the candidates that were not understood: position tables, then computed sinusoids, then score biases."""
-    # each kind's detector is built on the machinery above, hence imported here and not at the top
-    from posrewrite.passes.onnx.absolute.detect import detect_computed_sinusoids, detect_position_tables
-    from posrewrite.passes.onnx.alibi.detect import alibi_site
-    from posrewrite.passes.onnx.t5.detect import t5_site
-
-    ctx = DetectionContext(model)
-    sites: list[EncodingSite] = []
-    refusals: list[Refusal] = []
-    for found, refused in (
-        detect_position_tables(ctx),
-        detect_computed_sinusoids(ctx),
-        score_biases(ctx, alibi=alibi_site, t5=t5_site),
-    ):
-        sites.extend(found)
-        refusals.extend(refused)
-    return sites, refusals

@@ -4,6 +4,8 @@ Per kind (sites from `detect_other.py`), the rewrite lives with the encoding:
 - learned absolute and sinusoidal tables, computed sinusoids: `absolute/extend.py`
 - ALiBi (computed, or a baked table and the Slice bounds computed from its length): `alibi/extend.py`
 - T5 relative bias: runs at any length (distances past max_distance share the last bucket).
+- score biases read by value (KERPLE, Sandwich, ALiBi as other libraries write it, baked tables):
+  `bias/rewrite.py` (the fitted formula; --bias-scale, or --alibi-scale, divides the distances).
 Baked causal masks are extended by `masks.py`.
 """
 
@@ -13,12 +15,14 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.absolute.extend import extend_learned, extend_sinusoidal
 from posrewrite.passes.onnx.alibi.extend import extend_alibi
-from posrewrite.pipeline import PipelineContext, ReportingPass
+from posrewrite.passes.onnx.bias.rewrite import rewrite_score_bias
 from posrewrite.sites.absolute import LearnedAbsoluteSite, SinusoidalSite
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite
+from posrewrite.sites.bias import ScoreBiasSite
 from posrewrite.sites.rope import RopeSite
 from posrewrite.sites.t5 import T5BiasSite
 
@@ -40,18 +44,20 @@ class ExtendTablesPass(ReportingPass):
         max_positions: int | None = None,
         pos_scale: float | None = None,
         alibi_scale: float | None = None,
+        bias_scale: float | None = None,
         context: PipelineContext | None = None,
     ) -> None:
         super().__init__(context)
         if max_positions is not None and max_positions < 1:
             raise ValueError("max_positions must be positive")
-        for name, v in (("pos_scale", pos_scale), ("alibi_scale", alibi_scale)):
+        for name, v in (("pos_scale", pos_scale), ("alibi_scale", alibi_scale), ("bias_scale", bias_scale)):
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive")
         self.sites = None if sites is None else list(sites)
         self.max_positions = max_positions
         self.pos_scale = pos_scale
-        self.alibi_scale = alibi_scale
+        self.alibi_scale = alibi_scale if alibi_scale is not None else bias_scale
+        self.bias_scale = bias_scale if bias_scale is not None else alibi_scale
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -65,6 +71,9 @@ class ExtendTablesPass(ReportingPass):
                 modified |= self._sinusoidal(model.graph, site)
             elif isinstance(site, AlibiSite):
                 modified |= self._alibi(model.graph, site)
+            elif isinstance(site, ScoreBiasSite):
+                modified |= self._record(rewrite_score_bias(model.graph, site, max_positions=self.max_positions,
+                                                            scale=self.bias_scale))
             elif isinstance(site, T5BiasSite):
                 self.notes.append(
                     f"T5 relative bias {site.table.name}: runs at any length as is (distances past "

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from posrewrite.errors import UsageError
 from posrewrite.limits import MEMORY_BUDGET_BYTES, fits_budget
 from posrewrite.passes.onnx._build import replace_initializer, retarget_length
-from posrewrite.pipeline import PipelineContext, ReportingPass
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 
 __all__ = ["ExtendSquareMasksPass", "extend_square_masks"]
 

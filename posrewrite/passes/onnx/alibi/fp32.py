@@ -24,7 +24,7 @@ from posrewrite.math.alibi import near_bias_error
 from posrewrite.math.precision import colliding_positions, exact_position_count, machine_epsilon
 from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import VIEW_OPS
-from posrewrite.pipeline import PipelineContext, ReportingPass
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.alibi import AlibiSite
 from posrewrite.sites.base import EncodingSite
 

@@ -35,7 +35,7 @@ from posrewrite.errors import UsageError
 from posrewrite.math.positions import AttentionExtension
 from posrewrite.passes.onnx._build import add_initializer, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
-from posrewrite.pipeline import PipelineContext, ReportingPass
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
 
 __all__ = ["AttentionExtendError", "AttentionExtendPass", "ScorePair", "extend_attention", "find_score_pairs"]

@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from posrewrite.passes.onnx._graph import concrete_dims
-from posrewrite.pipeline import PipelineContext, ReportingPass
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"
 _MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp underflows to 0 in fp32/fp16)

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import add_initializer, unique_name
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.alibi.fp32 import make_alibi_fp32
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
@@ -34,9 +35,8 @@ from posrewrite.passes.onnx.rope._dtypes import (
     is_float,
 )
 from posrewrite.passes.onnx.rope.precision import TablePrecision, site_needs_fp32, table_precision
-from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite
+from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite, site_key
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
@@ -282,7 +282,7 @@ def _rewrite_computed(
         node.replace_input_with(idx, new)
     _remove_dead(graph, lift.replaced, lift.replaced_constants)
     act_names = sorted({dtype_of(other) for _, _, _, other in meetings if other is not None})
-    what = (f"rope site {index} ({site.rotations} q/k applications): positions, angles and cos/sin computed in "
+    what = (f"rope site {index} ({site.rotations} q/k rotations): positions, angles and cos/sin computed in "
             f"float32, cast to {'/'.join(act_names) or 'the activation dtype'} where they meet q/k")
     if lift.regenerated:
         what += f"; inverse frequencies regenerated from fp32 math ({', '.join(lift.regenerated)})"

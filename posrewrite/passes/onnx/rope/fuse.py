@@ -41,9 +41,9 @@ from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, unique_name
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
 from posrewrite.passes.onnx.rope.markers import mark_rescaled_cache
-from posrewrite.pipeline import PipelineContext, ReportingPass, site_key
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
@@ -56,6 +56,7 @@ from posrewrite.sites.rope import (
     OnnxComputedHandles,
     RopeApplication,
     RopeSite,
+    site_key,
 )
 
 #: cache rows when nothing tells the model's maximum length (computed angles, no rescale, no config.json)
@@ -219,10 +220,15 @@ class FuseRotaryPass(ReportingPass):
             shortest = min(r for r in rows if r)
             claimed = self.context.report.fused_cache_rows
             self.context.report.fused_cache_rows = shortest if claimed is None else min(claimed, shortest)
+            if plan is not None:
+                sized = "the rescaled length; --max-positions N makes them longer"
+            elif site.encoding.rescaled is not None:
+                sized = "the length the model's recorded rescale supports; --max-positions N sizes them otherwise"
+            else:
+                sized = "--max-positions N sizes them"
             self.notes.append(
                 f"positions >= {max(r for r in rows if r)} are outside the fused caches: onnxruntime CPU rejects them "
-                "with an error, the CUDA contrib kernel has been seen to pass q/k through unrotated; use "
-                "--max-positions N (or a rescale) to size the caches"
+                f"with an error, the CUDA contrib kernel has been seen to pass q/k through unrotated ({sized})"
             )
 
     # -- position ids [B, S] int64 ------------------------------------------------------------------
@@ -277,9 +283,8 @@ class FuseRotaryPass(ReportingPass):
             return self._caches_from_inv(w, inv, site.attention_factor, dtype, positions)
         if plan is not None:
             factor = plan.attention_factor  # replaces the export's own factor (HF semantics)
-            rows = int(plan.new_length or plan.params.target_length() or 0)
-            if site.angles == AngleSource.COMPUTED:
-                rows = max(rows, self._default_rows(site))
+            # the rescaled length, at least --max-positions (or config.json's max_position_embeddings), not 4096
+            rows = max(int(plan.new_length or plan.params.target_length() or 0), int(self.max_positions or 0))
             rows = rows or self._default_rows(site)
             inv_freq = np.asarray(plan.inv_freq, np.float32)
             key = ("plan", inv_freq.tobytes(), float(factor), rows, dtype)
@@ -344,7 +349,16 @@ class FuseRotaryPass(ReportingPass):
         return memo[key]
 
     def _default_rows(self, site: RopeSite) -> int:
-        return int(self.max_positions or site.max_positions or DEFAULT_MAX_POSITIONS)
+        """--max-positions, else the site's table length, else the length an earlier posrewrite rescale recorded
+        (factor x L), else config.json's max_position_embeddings (the pass's max_positions), else 4096."""
+        if self.max_positions:
+            return int(self.max_positions)
+        if site.max_positions:
+            return int(site.max_positions)
+        record = site.encoding.rescaled
+        if record is not None and record.factor and record.original_max_position_embeddings:
+            return int(round(record.factor * record.original_max_position_embeddings))
+        return DEFAULT_MAX_POSITIONS
 
     def _runtime_caches(self, w: NodeWriter, site: RopeSite, plan, dtype, positions: ir.Value) -> _Caches:
         """dynamic/longrope: the runtime inv_freq (from max(position)+1, HF's rule), rows 0..max(position)."""

@@ -22,13 +22,13 @@ from posrewrite import errors
 from posrewrite.math import rope as rope_math
 from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
+from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope.detect import (
     RESCALED_KEY,
     RUNTIME_INV_FREQ_KEY,
     fused_cache_indices,
     mark_rescaled_cache,
 )
-from posrewrite.pipeline import PipelineContext, ReportingPass
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
@@ -71,12 +71,16 @@ class SitePlan:
             return (f"2-D rope ({self.site.rotations} q/k applications): {self.params.rope_type} per axis, grid "
                     f"{g.original[0]}x{g.original[1]} -> {g.target[0]}x{g.target[1]}{extra}")
         if self.extends_only:
-            return (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications): tables "
+            return (f"{self.site.angles.value} rope ({self.site.rotations} q/k rotations): tables "
                     f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
-        what = f"{self.params.rope_type} x{self.params.effective_factor():g}"
-        if self.params.rope_theta is not None:
-            what += f", base {self.params.rope_theta:g}"
-        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k applications, "
+        factor = self.params.effective_factor()
+        if self.params.rope_type == "default" and factor == 1 and self.params.rope_theta is not None:
+            what = f"new base {self.params.rope_theta:g} (no context scaling)"
+        else:
+            what = f"{self.params.rope_type} x{factor:g}"
+            if self.params.rope_theta is not None:
+                what += f", base {self.params.rope_theta:g}"
+        where = (f"{self.site.angles.value} rope ({self.site.rotations} q/k rotations, "
                  f"rotary_dim {self.site.rotary_dim})")
         extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         rows = f", tables {self.site.max_positions} -> {self.new_length} rows" if self.site.max_positions else ""
