@@ -426,3 +426,33 @@ def test_grid_validation_catches_a_wrong_ratio(tmp_path):
     wrong = rescale.plan_grid_site(site, "linear", (4, 4), (8, 8))
     assert all(row["ok"] for row in check_grid_rescales(rewritten, [right]))
     assert not any(row["ok"] for row in check_grid_rescales(rewritten, [wrong]))
+
+
+def test_timm_axial_yarn_per_axis_equals_hf_yarn_bands(tmp_path):
+    """YaRN per axis: each axis's bands and the attention factor from HF's own YaRN init function (the axis as a
+    1-D RoPE: head_dim 2k, its base, the original grid side as the trained length), put into timm: its bands
+    buffer, and its [sin, cos] embedding times the factor (the prefix token, which timm does not rotate, keeps
+    its q and k)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    src = tp.export_timm(AXIAL)
+    out = tmp_path / "yarn.onnx"
+    result = api.rewrite(src, output=out, original_grid=(4, 4), target_grid=(8, 8), rope_method="yarn")
+    assert result.validation is not None and result.validation.ok
+    reference = tp.timm_model(AXIAL)
+    bands = reference.rope.bands.numpy().astype(np.float64)
+    k = bands.size
+    base = (bands[0] / bands[1]) ** k  # bands = base^(-2i/(2k))
+    config = LlamaConfig(hidden_size=2 * k, num_attention_heads=1, head_dim=2 * k, max_position_embeddings=8,
+                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": float(base),
+                                          "original_max_position_embeddings": 4})
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    with torch.no_grad():
+        reference.rope.bands.copy_(inv.to(torch.float32))
+    get_embed = reference.rope.get_embed
+    reference.rope.get_embed = lambda *a, **kw: get_embed(*a, **kw) * factor
+    x = _image(8, 8)
+    ref = _timm_out(reference, x)
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
