@@ -251,6 +251,9 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
             return grid_plans
         # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
         return [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
+    if not rope_sites and grid_plans:
+        raise errors.UsageError("--rope-scale/--rope-base rescale 1-D RoPE and this model has only 2-D RoPE: "
+                                "--original-grid/--target-grid (with --rope-method) rescale it")
     if not rope_sites:
         raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
     plans = list(grid_plans)

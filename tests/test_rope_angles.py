@@ -456,3 +456,10 @@ def test_timm_axial_yarn_per_axis_equals_hf_yarn_bands(tmp_path):
     ref = _timm_out(reference, x)
     assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+def test_grid_and_1d_flags_together_on_a_2d_model(tmp_path):
+    with pytest.raises(errors.UsageError, match="only 2-D RoPE"):
+        api.rewrite(tp.export_timm(AXIAL), output=tmp_path / "o.onnx", original_grid=(4, 4), target_grid=(8, 8),
+                    rope_scale=2.0)
+    assert not (tmp_path / "o.onnx").exists()
