@@ -463,3 +463,39 @@ def test_grid_and_1d_flags_together_on_a_2d_model(tmp_path):
         api.rewrite(tp.export_timm(AXIAL), output=tmp_path / "o.onnx", original_grid=(4, 4), target_grid=(8, 8),
                     rope_scale=2.0)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _axial_reference(module, x: np.ndarray, ratio: tuple[float, float]) -> np.ndarray:
+    """rotary-embedding-torch's own rotation of the module's projection, its per-axis frequencies taken from the
+    library's `forward` at positions arange(n) * ratio (interpolation: positions scaled per axis), broadcast
+    over the grid and concatenated (axis 0's channels, then axis 1's) as get_axial_freqs lays them out."""
+    from rotary_embedding_torch import apply_rotary_emb
+
+    _, rows, cols, _ = x.shape
+    with torch.no_grad():
+        f_rows = module.rope(torch.arange(rows, dtype=torch.float32) * ratio[0])  # [rows, 2*bands]
+        f_cols = module.rope(torch.arange(cols, dtype=torch.float32) * ratio[1])
+        freqs = torch.cat([f_rows[:, None, :].expand(rows, cols, -1), f_cols[None, :, :].expand(rows, cols, -1)],
+                          dim=-1)
+        return apply_rotary_emb(freqs, module.proj(torch.from_numpy(x))).numpy()
+
+
+def test_rotary_embedding_torch_axial_identified_and_interpolated(tmp_path):
+    """rotary-embedding-torch's get_axial_freqs over a [batch 1, rows, cols, channels] grid: the rotation
+    (rearrange + unbind + stack) is identified by probing (rotation_probe, one run per channel over the grid),
+    its angles as axial 2-D RoPE; --original-grid 6x10 --target-grid 12x15 = the library's frequencies at
+    positions scaled by 6/12 and 10/15."""
+    src = tp.export_axial_rotary("lang")
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["identified_by"] == "probe" and enc["rotary_dim"] == 32
+    grid = enc["positions"]
+    assert grid == {**grid, "mixed": False, "normalised": False, "channels_per_axis": [16, 16]}
+    module = tp.axial_rotary("lang")
+    x = np.random.default_rng(0).standard_normal((1, 12, 15, 32)).astype(np.float32)
+    assert _rel_err(_ort(src, {"x": x}), _axial_reference(module, x, (1.0, 1.0))) <= REL_TOL
+    out = tmp_path / "axial.onnx"
+    result = api.rewrite(src, output=out, original_grid=(6, 10), target_grid=(12, 15))
+    assert result.modified and result.validation is not None and result.validation.ok
+    ref = _axial_reference(module, x, (6 / 12, 10 / 15))
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
