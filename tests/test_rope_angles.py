@@ -368,6 +368,21 @@ def test_static_timm_export_reported_as_baked(tmp_path):
         assert "static export" in refusal["reason"] and "dynamic_img_size=True" in refusal["reason"]
 
 
+@pytest.mark.parametrize("flags", [["--original-grid", "4x4", "--target-grid", "8x8"], ["--rope-scale", "2"]],
+                         ids=["grid", "rope_scale"])
+def test_static_timm_export_rewrite_exits_5_with_the_fix(flags, tmp_path, capsys):
+    """A rewrite of timm's static export: exit 5 (identified, not rewritable) with the baked reason and its fix
+    on one stderr line, not exit 4 (no encoding); nothing written."""
+    from posrewrite.cli import main
+
+    out = tmp_path / "static.onnx"
+    assert main([str(tp.export_timm(AXIAL, static=True)), *flags, "-o", str(out)]) == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "static export" in err and "dynamic_img_size=True" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_pixtral_2d_rope_from_position_ids_detected_and_interpolated(tmp_path):
     """HF Pixtral: 2-D RoPE whose positions (row, column) are made from the image size inside the model. The
     reference is HF's own module with its inv_freq divided by the factor (angle = pos·f: positions / 2)."""
