@@ -240,15 +240,17 @@ def _xpos_ratio(params) -> float:
 
 
 def _grid_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
-    """--original-grid/--target-grid: a per-axis plan for every 2-D RoPE site; exit 4 when there is none, exit 5
-    when one cannot take it (normalised coordinates: the model already adapts to resolution)."""
+    """--original-grid/--target-grid: a per-axis plan for every 2-D RoPE site; exit 4 when there is none (exit 5
+    with the reason when a RoPE was identified but is not rewritable, e.g. baked by a static export), exit 5 when
+    one cannot take it (normalised coordinates: the model already adapts to resolution)."""
     from posrewrite.passes.onnx.rope import rescale
 
     if opts.target_grid is None or opts.original_grid is None:
         return []
     grid = [s for s in found.rope_sites if s.angles == AngleSource.GRID]
     if not grid:
-        _refuse_identified(found, path)
+        if not found.rope_sites:  # a RoPE identified but not rewritable (a static export...): exit 5, the reason
+            _refuse_identified(found, path)
         raise errors.NoEncodingError(f"--original-grid/--target-grid given but no 2-D RoPE found in {path}")
     try:
         return [rescale.plan_grid_site(s, opts.rope_method, opts.original_grid, opts.target_grid) for s in grid]
