@@ -24,6 +24,10 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.posrewrite-installed
 LOCK        := requirements/dev.lock
 TORCH       := torch==2.13.0
+# timm requires torchvision, whose wheels do not import beside the CPU torch: installed without dependencies (the
+# tests stub torchvision, fixtures/third_party.py); `pip check` knows that one missing requirement
+TIMM        := timm==1.0.31
+PIP_CHECK_KNOWN := ^timm [^ ]+ requires torchvision, which is not installed\.$$
 PIP_TOOLS   := pip-tools==7.6.2
 LATEST      := .venv-latest
 PYTEST_ARGS ?=
@@ -38,8 +42,10 @@ $(PY):
 
 $(STAMP): $(LOCK) pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps $(TIMM)
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -m pip check
+	@out=$$($(PY) -m pip check 2>&1 | grep -Ev '$(PIP_CHECK_KNOWN)' | grep -v '^No broken requirements found'); \
+	if [ -n "$$out" ]; then echo "$$out"; exit 1; fi; echo "pip check: no broken requirements (timm's torchvision stubbed)"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -81,6 +87,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet $(TORCH)
 	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install --quiet --no-deps $(TIMM)
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|onnx|onnx-ir|onnxscript|onnxruntime|numpy)=='
 	$(LATEST)/bin/python -m ruff check .
 	@POSREWRITE_SLOW=1 $(LATEST)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -24,7 +24,7 @@ from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_sit
 from posrewrite.pipeline import build_pipeline
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
-from posrewrite.sites.rope import RopeSite
+from posrewrite.sites.rope import AngleSource, RopeSite
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
@@ -239,6 +239,25 @@ def _xpos_ratio(params) -> float:
     return 1.0 / float(params.factor)
 
 
+def _grid_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
+    """--original-grid/--target-grid: a per-axis plan for every 2-D RoPE site; exit 4 when there is none (exit 5
+    with the reason when a RoPE was identified but is not rewritable, e.g. baked by a static export), exit 5 when
+    one cannot take it (normalised coordinates: the model already adapts to resolution)."""
+    from posrewrite.passes.onnx.rope import rescale
+
+    if opts.target_grid is None or opts.original_grid is None:
+        return []
+    grid = [s for s in found.rope_sites if s.angles == AngleSource.GRID]
+    if not grid:
+        if not found.rope_sites:  # a RoPE identified but not rewritable (a static export...): exit 5, the reason
+            _refuse_identified(found, path)
+        raise errors.NoEncodingError(f"--original-grid/--target-grid given but no 2-D RoPE found in {path}")
+    try:
+        return [rescale.plan_grid_site(s, opts.rope_method, opts.original_grid, opts.target_grid) for s in grid]
+    except rescale.NotRewritable as exc:
+        raise errors.PartialMatchError(str(exc)) from None
+
+
 def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
     """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
     plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
@@ -246,19 +265,27 @@ def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) 
     from posrewrite.passes.onnx.rope import rescale
 
     rope_sites = found.rope_sites
+    grid_plans = _grid_plans(opts, path, found)
+    if grid_plans:
+        rope_sites = [s for s in rope_sites if all(p.site is not s for p in grid_plans)]
     if not opts.rescales_rope:
         if not opts.max_positions:
-            return []
+            return grid_plans
         # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
         return [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
+    if not rope_sites and grid_plans:
+        raise errors.UsageError("--rope-scale/--rope-base rescale 1-D RoPE and this model has only 2-D RoPE: "
+                                "--original-grid/--target-grid (with --rope-method) rescale it")
     if not rope_sites:
         _refuse_identified(found, path)
         raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
-    plans = []
+    plans = list(grid_plans)
     for site in rope_sites:
         params = rope_parameters_for(opts, path, site)
         try:
             plan = rescale.plan_site(site, params)
+        except rescale.NotRewritable as exc:
+            raise errors.PartialMatchError(str(exc)) from None
         except ValueError as exc:
             raise errors.UsageError(str(exc)) from None
         if site.encoding.decay is not None and opts.xpos_decay == "scaled":

@@ -95,6 +95,11 @@ def _add_rope_flags(p: argparse.ArgumentParser) -> None:
         metavar="JSON|FILE",
         help="HF-style rope parameters as JSON text or a JSON file; a whole HF config.json works too",
     )
+    g.add_argument("--original-grid", metavar="HxW",
+                   help="2-D RoPE (ViTs): the patch grid the model was trained at (timm's ref_feat_shape), e.g. 14x14")
+    g.add_argument("--target-grid", metavar="HxW",
+                   help="2-D RoPE: the patch grid to run at; each axis is rescaled by target/original with "
+                   "--rope-method linear (interpolation, default), ntk or yarn")
     g.add_argument("--yarn-beta-fast", type=float, metavar="X", help="YaRN beta_fast (default 32)")
     g.add_argument("--yarn-beta-slow", type=float, metavar="X", help="YaRN beta_slow (default 1)")
     g.add_argument(
@@ -299,6 +304,8 @@ def _rope_flags_given(ns: argparse.Namespace, ignore: tuple[str, ...] = ()) -> b
         "yarn_beta_fast",
         "yarn_beta_slow",
         "yarn_attn_factor",
+        "original_grid",
+        "target_grid",
     )
     return any(getattr(ns, n, None) is not None for n in names if n not in ignore)
 

@@ -82,6 +82,9 @@ class RewriteOptions:
     # run-time RoPE methods on KV-cache exports: "hf" (HF's cached behaviour, the default) or "rerotate" (the
     # cache holds keys before rotation, every step rotates all of them with the current frequencies)
     runtime_decode: str | None = None
+    # 2-D RoPE (ViTs): the patch grid the model was trained at (timm's ref_feat_shape) and the one to run at
+    original_grid: tuple[int, int] | None = None
+    target_grid: tuple[int, int] | None = None
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     json: bool = False
@@ -111,6 +114,11 @@ class RewriteOptions:
             self.runtime_decode = str(self.runtime_decode).strip().lower()
             if self.runtime_decode not in ("rerotate", "hf"):
                 raise UsageError(f"--runtime-decode must be rerotate or hf, not {self.runtime_decode!r}")
+        self.original_grid = parse_grid(self.original_grid, "--original-grid")
+        self.target_grid = parse_grid(self.target_grid, "--target-grid")
+        if (self.original_grid is None) != (self.target_grid is None):
+            raise UsageError("--original-grid and --target-grid go together (e.g. --original-grid 14x14 "
+                             "--target-grid 28x28)")
 
         params = self.rope_params
         factor = params.get("factor")
@@ -145,7 +153,8 @@ class RewriteOptions:
         scale = self.effective_rope_scale
         if scale is not None and scale < 1 and self.rope_method not in ("linear",):
             raise UsageError(f"--rope-scale {scale:g} is below 1, which only --rope-method linear accepts")
-        if self.rope_method_requires_scale and scale is None and "long_factor" not in params:
+        if (self.rope_method_requires_scale and scale is None and "long_factor" not in params
+                and self.target_grid is None):
             raise UsageError(f"--rope-method {self.rope_method} needs --rope-scale (or a factor in --rope-params)")
 
     def _dual_chunk_from_params(self) -> None:
@@ -261,6 +270,7 @@ class RewriteOptions:
             or self.bias_scale is not None
             or self.extend is not None
             or self.logn_scaling
+            or self.target_grid is not None
         )
 
     def output_suffix(self) -> str:
@@ -280,6 +290,8 @@ class RewriteOptions:
             parts.append(f"{self.extend.replace('-', '')}{self.window}{group}")
         if self.logn_scaling:
             parts.append("logn")
+        if self.target_grid is not None:
+            parts.append(f"grid{self.target_grid[0]}x{self.target_grid[1]}")
         if self.pos_scale is not None:
             parts.append(f"posx{self.pos_scale:g}")
         if self.alibi_scale is not None:
@@ -300,6 +312,8 @@ class RewriteOptions:
 
 #: RewriteOptions fields a command's flags may set as they are (the RoPE flags are mapped by `options_from_flags`).
 _PLAIN_FIELDS = (
+    "original_grid",
+    "target_grid",
     "fp32_positions",
     "xpos_decay",
     "fuse",
@@ -373,7 +387,7 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
         params_type = None
     # an explicit --rope-method (linear too, which RewriteOptions cannot tell from its default) must be used
     has_factor = params.get("factor") is not None or "long_factor" in params
-    if method is not None and scale is None and not has_factor:
+    if method is not None and scale is None and not has_factor and not flags.get("target_grid"):
         raise UsageError(f"--rope-method {method} needs --rope-scale (or a factor in --rope-params)")
     if method is not None and params_type is not None and str(params_type).lower() != method:
         raise UsageError(f"--rope-params rope_type {params_type!r} disagrees with --rope-method {method!r}")
@@ -417,6 +431,23 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
     if require_work and not opts.has_work():
         raise UsageError(NOTHING_TO_DO)
     return opts
+
+
+def parse_grid(value: Any, flag: str) -> tuple[int, int] | None:
+    """``"14x14"`` (or a pair of ints) as (rows, columns); UsageError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.lower().replace("×", "x").split("x")
+        try:
+            pair = tuple(int(p) for p in parts)
+        except ValueError:
+            raise UsageError(f"{flag} takes ROWSxCOLUMNS (e.g. 14x14), not {_shown(value)}") from None
+    else:
+        pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or not all(0 < v <= 1 << 16 for v in pair):
+        raise UsageError(f"{flag} takes two positive sizes ROWSxCOLUMNS (e.g. 14x14), not {_shown(value)}")
+    return (pair[0], pair[1])
 
 
 def _bound(value: float) -> str:

@@ -945,7 +945,15 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     Whole models are run one after the other, never skipped for their size."""
     report = ValidationReport()
     start = time.perf_counter()
-    rope_sites = list(found.rope_sites)
+    grid_plans = [p for p in plans if p.grid is not None]
+    if grid_plans:  # 2-D RoPE: the rewritten angles re-fitted by probing against the planned ones
+        if model is None:
+            from posrewrite import io
+
+            model = io.load_model(rewritten)
+        report.rows.extend(check_grid_rescales(model, grid_plans))
+        plans = [p for p in plans if p.grid is None]
+    rope_sites = [s for s in found.rope_sites if all(p.site is not s for p in grid_plans)]
     if len(plans) == len(rope_sites) and all(_plan_for(s, plans) is None for s in rope_sites):
         references = [RopeReference(s, p) for s, p in zip(rope_sites, plans, strict=True)]  # one plan per site
     else:
@@ -997,6 +1005,41 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
         report.rows.append(probe_past_cache(rewritten, int(rows)))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_grid_rescales(model: ir.Model, plans: list) -> list[dict[str, Any]]:
+    """Each 2-D RoPE plan against the rewritten model: its angle tensor is found and fitted again by probing
+    (a·row + b·column per channel at the same probe grid), and must equal the original slopes times the planned
+    per-channel ratio, with the planned attention factor on cos/sin."""
+    from posrewrite.passes.onnx.rope.detect import detect_rope
+
+    sites, _ = detect_rope(model)
+    by_key = {site_key(s): s for s in sites}
+    rows = []
+    for index, plan in enumerate(plans):
+        row = {"site": index, "length": None, "tolerance": None, "max_abs_error": None,
+               "compared": "2-D RoPE angles of the rewritten model (fitted per channel on probe grids) vs the "
+                           "original's times the planned per-axis ratios"}
+        new = by_key.get(site_key(plan.site))
+        if new is None or new.angles.value != "grid":
+            rows.append({**row, "ok": False, "message": "the 2-D RoPE is not found in the rewritten model"})
+            continue
+        ratio = np.asarray(plan.grid.angle_ratio, np.float64).reshape(-1)
+        old_axes, new_axes = plan.site.source.axes, new.source.axes
+        want = np.stack([old_axes.row_slope * ratio, old_axes.col_slope * ratio])
+        got = np.stack([new_axes.row_slope, new_axes.col_slope])
+        if want.shape != got.shape:
+            rows.append({**row, "ok": False, "message": f"angle channels {got.shape} vs planned {want.shape}"})
+            continue
+        err = float(np.max(np.abs(got - want)))
+        # the slopes are fitted from float32 angles of up to slope x grid size: a few roundings of those
+        tol = 16 * precision.unit_roundoff("float32") * max(1.0, float(np.max(np.abs(want)))) * max(
+            old_axes.probe_grid)
+        factor_ok = bool(np.isclose(new.attention_factor, plan.attention_factor, rtol=1e-6))
+        rows.append({**row, "max_abs_error": err, "tolerance": tol, "ok": err <= tol and factor_ok,
+                     **({} if factor_ok else {"message": f"attention factor {new.attention_factor:g}, planned "
+                                                         f"{plan.attention_factor:g}"})})
+    return rows
 
 
 def describe_failure(report: ValidationReport) -> str:

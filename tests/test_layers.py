@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                         "posrewrite.passes.onnx.alibi.detect", "posrewrite.passes.onnx.t5.detect",
                         "posrewrite.passes.onnx.absolute.detect", "posrewrite.passes.onnx.detect",
                         "posrewrite.passes.fx.detect_rope", "posrewrite.passes.fx.detect_alibi",
-                        "posrewrite.passes.fx.rotation_probe",
+                        "posrewrite.passes.fx.rotation_probe", "posrewrite.passes.fx.probe",
                         "posrewrite.passes.onnx.bias.detect",
                         # the encoding kinds' packages import nothing: importing a detector runs no pass
                         "=posrewrite.passes.onnx.alibi", "=posrewrite.passes.onnx.absolute",

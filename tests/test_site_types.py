@@ -69,14 +69,18 @@ def test_no_any_in_site_types():
     assert checked > 60  # every site, source and handle type was seen (not an empty loop)
 
 
-def test_the_source_union_is_the_four_kinds_with_their_facts():
+def test_the_source_union_is_the_six_kinds_with_their_facts():
     kinds = set(typing.get_args(sites_rope.RopeSource))
-    assert kinds == {ComputedAngles, CachedTable, FusedCaches, AttentionRotary}
+    assert kinds == {ComputedAngles, CachedTable, FusedCaches, AttentionRotary, sites_rope.GridAngles,
+                     sites_rope.ProbedAngles}
     fields = {k: {f.name for f in dataclasses.fields(k)} for k in kinds}
     assert {"inv_freq_origin", "position_dtype", "attention_factor", "runtime", "selection"} <= fields[ComputedAngles]
     assert {"rows", "cos_columns", "sin_columns", "row_selection"} <= fields[CachedTable]
     assert {"op", "rows", "rescaled"} <= fields[FusedCaches]
     assert {"op", "rows", "interleaved", "selection"} <= fields[AttentionRotary]
+    assert {"axes", "angle_dtype", "attention_factor"} <= fields[sites_rope.GridAngles]  # 2-D RoPE over a grid
+    assert "rows" in {f.name for f in dataclasses.fields(ComputedAngles)}  # M-RoPE: the row each frequency reads
+    assert {"rows", "position_dtype", "angle_dtype", "attention_factor"} <= fields[sites_rope.ProbedAngles]
     # the description holds no graph object: no onnx_ir type anywhere in RopeEncoding or a source
     for cls in (RopeEncoding, *kinds):
         hints = typing.get_type_hints(cls, vars(sites_rope))

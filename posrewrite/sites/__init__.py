@@ -7,6 +7,7 @@ from posrewrite.sites.rope import (
     CachedTable,
     ComputedAngles,
     FusedCaches,
+    GridAngles,
     InvFreqOrigin,
     Layout,
     LengthSelection,
@@ -17,6 +18,7 @@ from posrewrite.sites.rope import (
     RopeSource,
     RuntimeInvFreq,
 )
+from posrewrite.sites.rope_axes import GridAxes, PositionRows
 
 __all__ = [
     "AngleSource",
@@ -25,9 +27,12 @@ __all__ = [
     "ComputedAngles",
     "EncodingSite",
     "FusedCaches",
+    "GridAngles",
+    "GridAxes",
     "InvFreqOrigin",
     "Layout",
     "LengthSelection",
+    "PositionRows",
     "Refusal",
     "RescaleRecord",
     "RopeApplication",

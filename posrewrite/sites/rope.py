@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from posrewrite.math.rope import PriorScaling
 from posrewrite.sites.base import EncodingSite
+from posrewrite.sites.rope_axes import GridAxes, PositionRows
 
 
 class Layout(str, enum.Enum):
@@ -36,6 +37,8 @@ class AngleSource(str, enum.Enum):
     COMPUTED = "computed"  # cos/sin of positions x inv_freq computed in the graph
     CACHED = "cached"  # precomputed cos/sin tables gathered or sliced by positions
     FUSED_OP = "fused_op"  # a RotaryEmbedding node (or an attention op with rotary inside) holding its caches
+    GRID = "grid"  # angles computed from the row and column of a patch grid (2-D RoPE), identified by probing
+    PROBED = "probed"  # angles pos·f_c computed in a form not read term by term: identified by probing
 
 
 class InvFreqOrigin(str, enum.Enum):
@@ -155,6 +158,26 @@ class ComputedAngles:
     selection: LengthSelection | None = None  # origin LENGTH_SELECTED: the two vectors
     rescaled: RescaleRecord | None = None  # inv_freq written by an earlier posrewrite rescale
     duplicated: str | None = None  # how angles are widened to rotary_dim: "concat" | "repeat" | None
+    rows: PositionRows | None = None  # M-RoPE: the position row each frequency reads (probed)
+
+    @property
+    def max_positions(self) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GridAngles:
+    """cos/sin of angles computed from a patch grid made from the input's shape (2-D RoPE), fitted by probing."""
+
+    kind: ClassVar[AngleSource] = AngleSource.GRID
+
+    axes: GridAxes
+    angle_dtype: str
+    attention_factor: float = 1.0
+
+    @property
+    def position_dtype(self) -> str:
+        return "float32"  # grid coordinates are made in the graph
 
     @property
     def max_positions(self) -> None:
@@ -243,9 +266,27 @@ class AttentionRotary:
         return self.rows
 
 
-RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary
+@dataclasses.dataclass(frozen=True)
+class ProbedAngles:
+    """Angles pos[row(c)]·f_c computed in the graph by ops not read term by term (no positions x inv_freq product
+    to replace), fitted by evaluating the angle tensor on probe positions. Rescaled in angle space."""
 
-SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary)
+    kind: ClassVar[AngleSource] = AngleSource.PROBED
+
+    position_dtype: str
+    angle_dtype: str
+    attention_factor: float = 1.0
+    rows: PositionRows | None = None  # multi-row positions (M-RoPE)
+
+    @property
+    def max_positions(self) -> None:
+        return None
+
+
+RopeSource = ComputedAngles | CachedTable | FusedCaches | AttentionRotary | GridAngles | ProbedAngles
+
+SOURCE_KINDS: tuple[type, ...] = (ComputedAngles, CachedTable, FusedCaches, AttentionRotary, GridAngles,
+                                  ProbedAngles)
 
 
 # -- the IR-free description ----------------------------------------------------------------------------
@@ -309,7 +350,16 @@ class RopeEncoding:
         source = self.source
         return source.rescaled if isinstance(source, ComputedAngles | FusedCaches | AttentionRotary) else None
 
+    @property
+    def position_axes(self) -> PositionRows | GridAxes | None:
+        """What the angles read from the positions when it is more than one sequence axis (M-RoPE rows, a grid)."""
+        source = self.source
+        if isinstance(source, GridAngles):
+            return source.axes
+        return source.rows if isinstance(source, ComputedAngles | ProbedAngles) else None
+
     def to_dict(self, *, rotations: int, cos: str | None, sin: str | None, inv_freq: str | None) -> dict[str, Any]:
+        axes = self.position_axes
         return {
             "kind": "rope",
             "layout": self.layout.value,
@@ -330,6 +380,7 @@ class RopeEncoding:
             **({"op": self.op} if self.op else {}),
             **({"decay": self.decay.to_dict()} if self.decay is not None else {}),
             **({"identified_by": self.identified_by} if self.identified_by != "pattern" else {}),
+            **({"positions": axes.to_dict()} if axes is not None else {}),
         }
 
 
@@ -400,7 +451,17 @@ class OnnxSwitchedCaches:
     long_sin: ir.Node
 
 
-OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches
+@dataclasses.dataclass(frozen=True)
+class OnnxAngleHandles:
+    """Where a `GridAngles` source lives: the angle tensor and the Cos/Sin nodes reading it."""
+
+    angles: ir.Value
+    trig: tuple[ir.Node, ...]
+    channel_shape: tuple[int, ...]  # shape of a per-channel constant broadcast on `angles` (1 on position axes)
+    channel_freq: np.ndarray | None = None  # probed 1-D angles: each element's frequency (channel_shape)
+
+
+OnnxHandles = OnnxComputedHandles | OnnxCachedHandles | OnnxSwitchedCaches | OnnxAngleHandles
 
 
 class RopeEncodingFields:
@@ -517,6 +578,11 @@ __all__ = [
     "AngleSource",
     "AttentionRotary",
     "CachedTable",
+    "GridAngles",
+    "GridAxes",
+    "OnnxAngleHandles",
+    "PositionRows",
+    "ProbedAngles",
     "ComputedAngles",
     "FusedCaches",
     "InvFreqOrigin",

@@ -29,6 +29,7 @@ from torch.fx import Node
 
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx import _graph as g
+from posrewrite.passes.fx import probe as fx_probe
 from posrewrite.passes.fx._graph import aten
 from posrewrite.passes.fx.sites import (
     FxComputedHandles,
@@ -39,7 +40,7 @@ from posrewrite.passes.fx.sites import (
     Layout,
 )
 from posrewrite.sites.base import Refusal
-from posrewrite.sites.rope import CachedTable, ComputedAngles, InvFreqOrigin, RopeEncoding
+from posrewrite.sites.rope import CachedTable, ComputedAngles, GridAngles, InvFreqOrigin, RopeEncoding
 
 
 class NotUnderstood(Exception):
@@ -50,6 +51,9 @@ class NotUnderstood(Exception):
 TABLE_NOTE = "cos/sin are read from a precomputed table"
 #: why computed angles without a constant inv_freq are not rescaled
 RUNTIME_NOTE = "angles are not positions x a constant inv_freq"
+#: why an fx 2-D RoPE is not rescaled here
+GRID_NOTE = ("2-D RoPE over a patch grid (identified by probing): rescale the ONNX export with --original-grid/"
+             "--target-grid")
 
 __all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
 
@@ -328,6 +332,14 @@ def trace_angle_source(
     half = app.rotary_dim // 2
     cos_node, cos_path = _walk_up(app.cos, lambda n: g.is_op(n, aten.cos))
     sin_node, sin_path = _walk_up(app.sin, lambda n: g.is_op(n, aten.sin))
+    if cos_node is None or sin_node is None:  # something not walked lies in between (M-RoPE sections, ...)
+        try:
+            cos_node, sin_node = fx_probe.cone_trig(app.cos, app.sin)
+        except fx_probe.ProbeFailed:
+            cos_node = sin_node = None
+        else:
+            cos_path = [n for n in (fx_probe.trig_factor(cos_node)[0],) if n is not None]
+            sin_path = [n for n in (fx_probe.trig_factor(sin_node)[0],) if n is not None]
     if cos_node is not None and sin_node is not None:
         emb_c, emb_s = cos_node.args[0], sin_node.args[0]
         if emb_c is not emb_s:
@@ -454,10 +466,33 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                     base, prior = fitted
                     notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
                                  "replaces that scaling (as new rope_parameters in the config would)")
-        if isinstance(source, CachedTable):
+        grid = None
+        if isinstance(handles, FxTrigHandles):  # angles not made as positions x inv_freq: a patch grid?
+            try:
+                grid = fx_probe.fit_grid(ep, handles.cos_node.args[0])
+            except fx_probe.ProbeFailed:
+                grid = None
+        if grid is not None:
+            source = GridAngles(axes=grid, angle_dtype=str(g.dtype(handles.cos_node)).replace("torch.", ""),
+                                attention_factor=source.attention_factor)
+            notes.append(GRID_NOTE if not grid.normalised else
+                         "2-D RoPE on grid coordinates normalised by the grid size: the model already adapts to "
+                         "resolution, nothing to rescale")
+        elif isinstance(source, CachedTable):
             notes.append(TABLE_NOTE)
         elif inv_freq is None:
             notes.append(RUNTIME_NOTE)
+        if isinstance(handles, FxComputedHandles) and isinstance(source, ComputedAngles):
+            try:  # M-RoPE: which row of a multi-row position input each frequency reads
+                rows = fx_probe.position_rows(ep, handles.positions, apps[0].cos, apps[0].sin, apps[0].layout,
+                                              apps[0].rotary_dim)
+            except fx_probe.ProbeFailed as failed:
+                refusals.append(Refusal("rope", apps[0].output.name, f"M-RoPE positions not read: {failed}"))
+                continue
+            if rows is not None:
+                source = dataclasses.replace(source, rows=rows)
+                notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
+                             + (" (interleaved)" if rows.interleaved else ""))
         encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
                                 source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
         sites.append(FxRopeSite(encoding=encoding, applications=apps, handles=handles))

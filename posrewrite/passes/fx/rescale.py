@@ -23,7 +23,7 @@ from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
 from posrewrite.passes.fx.detect_rope import RUNTIME_NOTE, TABLE_NOTE
 from posrewrite.passes.fx.sites import FxRopeSite
-from posrewrite.sites.rope import CachedTable, ComputedAngles
+from posrewrite.sites.rope import AngleSource, CachedTable, ComputedAngles
 
 __all__ = ["RUNTIME_METHODS", "RescalePlan", "plan_rescale", "apply_rescale", "RescaleRefused"]
 
@@ -58,7 +58,8 @@ class RescalePlan:
 def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescalePlan:
     """The new inv_freq / attention factor of ``site``; raises `RescaleRefused` when impossible."""
     if not isinstance(site.source, ComputedAngles) or site.inv_freq is None:
-        why = TABLE_NOTE if isinstance(site.source, CachedTable) else RUNTIME_NOTE
+        why = (TABLE_NOTE if isinstance(site.source, CachedTable) else site.notes[0]
+               if site.angles == AngleSource.GRID and site.notes else RUNTIME_NOTE)
         raise RescaleRefused(f"{why}: cannot rescale ({site.applications[0].output.name})")
     try:
         params.validate()

@@ -12,6 +12,7 @@ position bias) is reported as such and is not rewritable; anything else is refus
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -71,24 +72,29 @@ class _Probe:
                 arr = np.full(arr.shape, token, dtype=arr.dtype)
             return arr
 
+        # shape_of reads `binding`, not self: a bound method would make a reference cycle (probe -> evaluator ->
+        # probe) that keeps the evaluator's arrays, views of memory-mapped external data, alive until the cyclic
+        # collector runs, and saving the model next cannot close its external data file (BufferError)
         self.evaluate = ConstantEvaluator(model_opset(model), feed=feed, inputs=model.graph.inputs,
-                                          max_nodes=_MAX_CONE, shape_of=self._shape_of)
-
-    def _shape_of(self, value: ir.Value) -> list[int] | None:
-        if value.shape is None:
-            return None
-        dims = []
-        for d in value.shape:
-            if isinstance(d, int):
-                dims.append(d)
-            elif d.value is not None and str(d.value) in self.binding:
-                dims.append(self.binding[str(d.value)])
-            else:
-                return None
-        return dims
+                                          max_nodes=_MAX_CONE, shape_of=functools.partial(_shape_of, binding))
 
     def __call__(self, value: ir.Value) -> np.ndarray | None:
         return self.evaluate(value)
+
+
+def _shape_of(binding: dict[str, int], value: ir.Value) -> list[int] | None:
+    """The shape of `value` on a probe: static dims, and symbolic ones from the probe's `binding`."""
+    if value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif d.value is not None and str(d.value) in binding:
+            dims.append(binding[str(d.value)])
+        else:
+            return None
+    return dims
 
 
 def _cone(bias: ir.Value) -> tuple[list[ir.Node], list[ir.Value], int]:

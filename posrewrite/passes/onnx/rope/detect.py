@@ -22,6 +22,7 @@ from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_bas
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, fit_rows, position_input, position_rows
 from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
@@ -29,11 +30,14 @@ from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     CachedTable,
     ComputedAngles,
+    GridAngles,
     Layout,
+    OnnxAngleHandles,
     OnnxCachedHandles,
     OnnxComputedHandles,
     OnnxTableRead,
     OnnxTrig,
+    ProbedAngles,
     RopeApplication,
     RopeEncoding,
     RopeSite,
@@ -54,6 +58,7 @@ class RopeDetector:
         self.tracer = orp.MatchingTracer()
         self.refusals: list[Refusal] = []
         self.probe_failures: list[str] = []
+        self._cones: dict[int, ConeTrig] = {}  # angle tensors found by searching the cone (probed sites)
 
     # -- assembling sites ------------------------------------------------------------------------
     def detect(self) -> list[RopeSite]:
@@ -65,8 +70,13 @@ class RopeDetector:
             try:
                 cs, ss = trace_source(app.cos, self.fold), trace_source(app.sin, self.fold)
             except NotUnderstood as refused:
-                self.refusals.append(Refusal("rope", app.output.name or "?", str(refused)))
-                continue
+                try:  # what lies between Cos/Sin and the rotation is evaluated, not read (probe.py)
+                    cs, ss = self._cone_sources(app)
+                except NotUnderstood as also:
+                    baked = self._baked(app)
+                    reason = baked if baked is not None else f"{refused}; {also}"
+                    self.refusals.append(Refusal("rope", app.output.name or "?", reason))
+                    continue
             if type(cs) is not type(ss):
                 self.refusals.append(
                     Refusal("rope", app.output.name or "?", "cos and sin come from different kinds of source")
@@ -123,6 +133,27 @@ class RopeDetector:
         for where, why in failed:
             self.probe_failures.append(f"{where.name}: {why}")
         return found
+
+    def _baked(self, app: ApplicationMatch) -> str | None:
+        """The reason for a rotation whose cos and sin are constants (a static export baked them for its one
+        length or grid), None when they are not."""
+        cos, sin = self.fold(app.cos), self.fold(app.sin)
+        if cos is None or sin is None or cos.shape != sin.shape or cos.size == 0:
+            return None
+        amplitude = np.sqrt(np.asarray(cos, np.float64) ** 2 + np.asarray(sin, np.float64) ** 2)
+        if np.ptp(amplitude) > 1e-3 * max(float(np.max(amplitude)), 1e-30):
+            return None
+        return (f"RoPE cos/sin baked into constants of shape {list(cos.shape)} by a static export: the model runs "
+                "at that one length (or patch grid) only and there is nothing to rescale; re-export with a dynamic "
+                "sequence axis (timm ViTs: dynamic_img_size=True and dynamic image height/width)")
+
+    def _cone_sources(self, app: ApplicationMatch) -> tuple[TrigSource, TrigSource]:
+        cone = cone_trig(app.cos, app.sin, self.fold)
+        self._cones[id(cone.angles)] = cone
+        cos_value = cone.cos_scale.outputs[0] if cone.cos_scale is not None else cone.cos.outputs[0]
+        sin_value = cone.sin_scale.outputs[0] if cone.sin_scale is not None else cone.sin.outputs[0]
+        return (TrigSource(cos_value, cone.cos, cone.factor, cone.cos_scale),
+                TrigSource(sin_value, cone.sin, cone.factor, cone.sin_scale))
 
     def _application(self, app: ApplicationMatch) -> RopeApplication:
         x, out = app.x, app.output
@@ -181,12 +212,33 @@ class RopeDetector:
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
                        rotary_dim: int, head_dim: int | None) -> RopeSite:
-        info = read_angles(cs.angles, self.fold)
+        cone = self._cones.get(id(cs.angles))
         if ss.angles is not cs.angles:
             raise NotUnderstood("cos and sin are computed from different angles")
-        inv_freq = info.inv_freq
-        if 2 * inv_freq.size != rotary_dim:
-            raise NotUnderstood(f"inv_freq has {inv_freq.size} entries but the rotation spans {rotary_dim} channels")
+        grid_refused = None
+        if cone is not None and position_input(self.model, cs.angles) is None:
+            # no position input read as data: angles made from the input's shape (a patch grid)
+            try:
+                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as refused:
+                grid_refused = refused
+        try:
+            info = read_angles(cs.angles, self.fold)
+            inv_freq = info.inv_freq
+            if 2 * inv_freq.size != rotary_dim:
+                raise NotUnderstood(
+                    f"inv_freq has {inv_freq.size} entries but the rotation spans {rotary_dim} channels")
+        except NotUnderstood as refused:
+            if grid_refused is not None:
+                raise NotUnderstood(f"{grid_refused}; {refused}") from None
+            try:
+                cone = cone or cone_trig(apps[0].cos, apps[0].sin, self.fold)
+                positions = position_input(self.model, cone.angles)
+                if positions is not None:  # angles of positions, written in a form not read term by term
+                    return self._probed_site(apps, cone, positions, layout, rotary_dim, head_dim)
+                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as also:
+                raise NotUnderstood(f"{refused}; {also}") from None
         if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
             raise NotUnderstood("cos and sin are scaled by different factors")
         notes = []
@@ -225,8 +277,12 @@ class RopeDetector:
             position_dtype=info.position_dtype, angle_dtype=info.angle_dtype, inv_freq_origin=info.origin,
             inv_freq_dtype=root_dtype.name if root_dtype is not None and root_dtype.is_floating_point() else None,
             attention_factor=cs.factor, runtime=info.runtime, selection=info.selection, rescaled=info.rescaled,
-            duplicated=info.duplicated,
+            duplicated=info.duplicated, rows=self._rows(apps[0], info.position_source, layout, rotary_dim),
         )
+        if source.rows is not None:
+            rows = source.rows
+            notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
+                         + (" (interleaved)" if rows.interleaved else ""))
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
                                 inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
         handles = OnnxComputedHandles(
@@ -236,7 +292,57 @@ class RopeDetector:
         )
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=info.positions,
                         inv_freq_value=info.inv_freq_root, applications=tuple(apps),
-                        source_nodes=(cs.trig, ss.trig, info.product), handles=handles)
+                        source_nodes=(cs.trig, ss.trig, info.product, *(cone.between if cone else ())),
+                        handles=handles)
+
+    def _rows(self, app: RopeApplication, positions: ir.Value, layout: Layout, rotary_dim: int):
+        """M-RoPE: the row each frequency reads, when the positions are a multi-row graph input."""
+        if not any(positions is v for v in self.model.graph.inputs) or positions.shape is None \
+                or len(positions.shape) != 3:
+            return None
+        return position_rows(self.model, positions, app.cos, app.sin, layout, rotary_dim)
+
+    def _probed_site(self, apps: list[RopeApplication], cone: ConeTrig, positions: ir.Value, layout: Layout,
+                     rotary_dim: int, head_dim: int | None) -> RopeSite:
+        """Angles pos·f_c (or pos[row(c)]·f_c) fitted by probing the angle tensor and the rotation's cos/sin."""
+        fit = fit_rows(self.model, cone, positions, apps[0].cos, apps[0].sin, layout, rotary_dim)
+        notes = ["angles identified by probing (pos x frequency per channel): a rescale multiplies them"]
+        base = rope_math.fit_base(fit.inv_freq, rotary_dim)
+        if base is None:
+            notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a base "
+                         "need --rope-base")
+        if fit.rows is not None:
+            notes.append(f"M-RoPE: {fit.rows.rows}-row positions, mrope_section {list(fit.rows.sections)}"
+                         + (" (interleaved)" if fit.rows.interleaved else ""))
+        source = ProbedAngles(position_dtype=dtype_name(positions), angle_dtype=dtype_name(cone.angles),
+                              attention_factor=fit.attention_factor, rows=fit.rows)
+        encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
+                                inv_freq=fit.inv_freq, notes=tuple(notes))
+        handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
+        return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=positions,
+                        applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
+                        handles=handles)
+
+    def _grid_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
+                   head_dim: int | None) -> RopeSite:
+        """Angles made from a patch grid (2-D RoPE), fitted by probing the angle tensor."""
+        fit = fit_grid(self.model, cone, apps[0].cos, apps[0].sin)
+        axes = fit.axes
+        rows, cols = axes.channels_per_axis()
+        if axes.normalised:
+            note = ("2-D RoPE on grid coordinates normalised by the grid size: the model already adapts to "
+                    "resolution, nothing to rescale")
+        elif axes.mixed:
+            note = f"2-D RoPE, mixed: {axes.axis_of_channel.count(-1)} angle channels read both grid axes"
+        else:
+            note = f"2-D RoPE, axial: {rows} angle channels read the grid row, {cols} the column"
+        source = GridAngles(axes=axes, angle_dtype=fit.angle_dtype, attention_factor=fit.attention_factor)
+        encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=None,
+                                inv_freq=None, notes=(note,))
+        handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape)
+        return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=None,
+                        applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
+                        handles=handles)
 
     def _cached_site(self, apps: list[RopeApplication], cs: TableSource, ss: TableSource, layout: Layout,
                      rotary_dim: int, head_dim: int | None) -> RopeSite:

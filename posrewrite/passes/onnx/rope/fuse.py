@@ -118,8 +118,11 @@ class FuseRotaryPass(ReportingPass):
         plans = self.given_plans if self.given_plans is not None else tuple(self.context.report.rope_plans)
         self.plans = {site_key(p.site): p for p in plans}
         self.fused_nodes = []
-        todo = [s for s in sites if s.angles != AngleSource.FUSED_OP and s.applications]
+        todo = [s for s in sites if s.angles not in (AngleSource.FUSED_OP, AngleSource.GRID) and s.applications]
         for s in sites:
+            if s.angles == AngleSource.GRID:  # a RotaryEmbedding op takes one position per token
+                self.notes.append(f"not fused: 2-D RoPE over a patch grid ({len(s.applications)} rotation(s)): "
+                                  "RotaryEmbedding reads one position per token")
             if s.angles == AngleSource.FUSED_OP:
                 self.notes.append(
                     f"already fused: {len(s.fused_nodes)} RotaryEmbedding node(s) "

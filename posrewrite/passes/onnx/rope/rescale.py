@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from posrewrite import errors
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope.fused import fused_cache_indices
@@ -27,8 +28,10 @@ from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_K
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
+    GridAngles,
     Layout,
     LengthSelection,
+    OnnxAngleHandles,
     OnnxSwitchedCaches,
     OnnxTableRead,
     RopeSite,
@@ -51,6 +54,7 @@ class SitePlan:
     runtime: bool
     keep_rows: bool = False  # extension only: the original rows are copied, new rows appended
     decay_ratio: float = 1.0  # xPos: exponent multiplier of the decay (1/s for --xpos-decay scaled), rope/xpos.py
+    grid: GridRequest | None = None  # 2-D RoPE: per-channel ratios on the angle tensor (angle_ratio)
 
     @property
     def extends_only(self) -> bool:
@@ -58,6 +62,11 @@ class SitePlan:
         return self.params.rope_type == "default" and self.params.rope_theta is None
 
     def describe(self) -> str:
+        if self.grid is not None:
+            g = self.grid
+            extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
+            return (f"2-D rope ({self.site.rotations} q/k applications): {self.params.rope_type} per axis, grid "
+                    f"{g.original[0]}x{g.original[1]} -> {g.target[0]}x{g.target[1]}{extra}")
         if self.extends_only:
             return (f"{self.site.angles.value} rope ({self.site.rotations} q/k rotations): tables "
                     f"{self.site.max_positions} -> {self.new_length} rows, same frequencies (trained rows kept)")
@@ -76,9 +85,48 @@ class SitePlan:
         return f"{where}: {what}{extra}{rows}{mode}"
 
 
+@dataclasses.dataclass(frozen=True)
+class GridRequest:
+    """A 2-D RoPE rescale: trained and target patch grids, and the resulting ratio per angle channel."""
+
+    original: tuple[int, int]
+    target: tuple[int, int]
+    angle_ratio: np.ndarray  # float64, the angle tensor's channel shape (1 on its grid axes)
+
+
+class NotRewritable(ValueError):
+    """The site was identified but this request cannot be applied to it (exit 5 with the reason)."""
+
+
+def plan_grid_site(site: RopeSite, method: str, original: tuple[int, int], target: tuple[int, int]) -> SitePlan:
+    """Per-axis rescale of a 2-D RoPE (posrewrite.math.rope_grid); NotRewritable when the site cannot take it."""
+    source = site.source
+    if not isinstance(source, GridAngles) or not isinstance(site.handles, OnnxAngleHandles):
+        raise NotRewritable(f"--original-grid/--target-grid rescale 2-D RoPE; this is {site.angles.value} RoPE")
+    if source.axes.normalised:
+        raise NotRewritable("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
+                            "adapts to resolution, there is nothing to rescale")
+    try:
+        ratio, attention = rope_grid.channel_ratios(source.axes.row_slope, source.axes.col_slope, method,
+                                                    original, target)
+    except ValueError as exc:
+        raise NotRewritable(str(exc)) from None
+    ratio = ratio.reshape(site.handles.channel_shape)
+    factor = max(target[0] / original[0], target[1] / original[1])
+    params = rope_math.RopeParameters(rope_type=method, factor=float(factor))
+    return SitePlan(site, params, None, float(attention) * source.attention_factor, None, False,
+                    grid=GridRequest(tuple(original), tuple(target), ratio))
+
+
 def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     """Computes the new numbers for a site. Raises ValueError for requests the site cannot take."""
     params.validate()
+    if site.angles == AngleSource.GRID:
+        raise NotRewritable("2-D RoPE over a patch grid: rescale it with --original-grid HxW --target-grid HxW "
+                            "(per-axis), not with a 1-D --rope-scale")
+    if site.angles == AngleSource.PROBED and params.rope_type in RUNTIME_METHODS:
+        raise NotRewritable(f"{params.rope_type} computes frequencies at run time, which needs the graph's "
+                            "positions x inv_freq product; these angles were identified by probing only")
     if site.encoding.runtime is not None:
         raise ValueError("this RoPE already computes inv_freq at run time (a posrewrite dynamic/longrope rewrite): "
                          "rescale the original model instead")
@@ -244,6 +292,10 @@ def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
 
         return scale_decay(graph, site, plan.decay_ratio) + rescale_site(
             graph, dataclasses.replace(plan, decay_ratio=1.0))
+    if plan.grid is not None:
+        return _rescale_grid(graph, plan)
+    if site.angles == AngleSource.PROBED:
+        return _rescale_probed(graph, plan)
     if site.angles == AngleSource.COMPUTED:
         return _rescale_computed(graph, plan)
     if site.angles == AngleSource.CACHED:
@@ -296,6 +348,50 @@ def _rescale_computed(graph: ir.Graph, plan: SitePlan) -> list[str]:
             "original_max_position_embeddings": plan.params.original_max_position_embeddings, "base": base})
     _set_attention_factor(graph, site, plan.attention_factor)
     return [plan.describe()]
+
+
+def _rescale_grid(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    """2-D RoPE: the angles times the plan's per-channel (per-axis) ratios."""
+    assert plan.grid is not None
+    _scale_angles(graph, plan, plan.grid.angle_ratio, "rope_grid_ratio")
+    return [plan.describe()]
+
+
+def _rescale_probed(graph: ir.Graph, plan: SitePlan) -> list[str]:
+    """Probed angles: each element times new/old of its frequency (static methods)."""
+    from posrewrite.passes.onnx.rope.probe import frequency_ratio
+    from posrewrite.passes.onnx.rope.tables import NotUnderstood
+
+    handles = plan.site.handles
+    assert isinstance(handles, OnnxAngleHandles) and handles.channel_freq is not None and plan.inv_freq is not None
+    try:
+        ratio = frequency_ratio(handles.channel_freq, plan.site.inv_freq, plan.inv_freq)
+    except NotUnderstood as exc:
+        raise RescaleError(str(exc)) from None
+    _scale_angles(graph, plan, ratio, "rope_angle_ratio")
+    return [plan.describe()]
+
+
+def _scale_angles(graph: ir.Graph, plan: SitePlan, ratio_array: np.ndarray, stem: str) -> None:
+    """The angle tensor times a per-channel ratio, read by the site's Cos and Sin (the graph's own way of making
+    the angles is left as it is); the plan's attention factor multiplies cos and sin."""
+    handles = plan.site.handles
+    assert isinstance(handles, OnnxAngleHandles)
+    angles = handles.angles
+    ratio = add_initializer(graph, np.asarray(ratio_array, np.float32), stem, angles.dtype or _F32)
+    first = min(handles.trig, key=lambda n: list(graph).index(n))
+    w = NodeWriter(graph, first, "rope_grid")
+    scaled = w.op("Mul", angles, ratio)
+    scaled.dtype, scaled.shape = angles.dtype, angles.shape
+    w.commit()
+    for node in handles.trig:
+        node.replace_input_with(0, scaled)
+    extra = plan.attention_factor / plan.site.attention_factor  # on top of what the export already multiplies
+    if extra != 1.0:
+        for node in handles.trig:
+            out = node.outputs[0]
+            scale = add_initializer(graph, np.array(extra), "attention_factor", out.dtype or _F32)
+            insert_after_and_redirect(graph, out, "Mul", scale, "attention_factor_mul")
 
 
 def _set_attention_factor(graph: ir.Graph, site: RopeSite, factor: float) -> None:

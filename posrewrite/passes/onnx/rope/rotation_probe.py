@@ -41,6 +41,7 @@ _MOVE_OPS = frozenset({
 _RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity", "Transpose"})
 _PROBE_POSITIONS = 16  # positions 0..15 in every probe (low frequencies turn by 15·f: seen in any dtype)
 _MAX_PROBE_CHANNELS = 4096
+_MAX_GRID_PROBE_CHANNELS = 512  # one probe run per channel on a grid (batch fixed to one)
 _MAX_CONE_NODES = 400
 _MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
 
@@ -393,6 +394,8 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
         if any(not isinstance(d, int) for d in dims[1:]):
             raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
         dims = ["batch", *dims[1:]]
+    elif len(symbolic) >= 2 and symbolic[0] != 0 and dims[0] == 1 and len(dims) - 1 not in symbolic:
+        return _probe_grid(model, x, y, dims, symbolic)
     elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
     else:
@@ -421,6 +424,40 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     out = np.moveaxis(out, seq_axis, 1)  # [W(b), P, rest.., W(i)]
     out = out.reshape(width, length, -1, width)  # [b, P, heads, i]
     return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
+
+
+def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int]) -> np.ndarray:
+    """`probe_matrices` for a batch of one (static) over several position axes (a patch grid, rotary-embedding-
+    torch's axial frequencies): one run per input channel, each with that unit vector at every grid point; the
+    grid points, row-major, are the positions (point (0, .., 0) first: angle 0)."""
+    width = int(dims[-1])
+    if width > _MAX_GRID_PROBE_CHANNELS:
+        raise NotARotation(f"{width} channels on a grid is more than a probe handles")
+    side = max(2, round(_PROBE_POSITIONS ** (1 / len(grid_axes))))
+    shape = [side if k in grid_axes else d for k, d in enumerate(dims)]
+    others = _cone_inputs(model.graph, y, x)
+    symbols = {str(dims[k]) for k in grid_axes}
+    feeds = {}
+    for v in others:  # read for their shape only (the grid size), fed with the probe's grid
+        if _reads_values(v, y, x) or v.shape is None or v.dtype is None:
+            raise NotARotation(f"the rotation over a grid reads {v.name} besides {x.name}")
+        if any(not isinstance(d, int) and str(d) not in symbols for d in v.shape.dims):
+            raise NotARotation(f"cannot tell the grid axes of {v.name} {v.shape}")
+        feeds[v.name] = np.zeros([d if isinstance(d, int) else side for d in v.shape.dims], numpy_dtype(v.dtype))
+    session = _session(model, [x, *others], y)
+    runs = []
+    for j in range(width):
+        probe = np.zeros(shape, dtype=numpy_dtype(x.dtype))
+        probe[..., j] = 1
+        try:
+            (out,) = session.run(None, {**feeds, x.name: probe})
+        except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+            raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
+        if out.shape != probe.shape:
+            raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+        out = np.moveaxis(np.asarray(out, np.float64)[0], [a - 1 for a in grid_axes], range(len(grid_axes)))
+        runs.append(out.reshape(side ** len(grid_axes), -1, width))  # [P, heads, i]
+    return np.transpose(np.stack(runs), (2, 1, 3, 0))  # [heads, P, i, j]
 
 
 def _tolerance(x: ir.Value) -> float:

@@ -136,7 +136,7 @@ def _repeats_columns(node: ir.Node, fold: ConstantEvaluator) -> bool:
     """A gather along the last axis with constant indices that only repeats columns in order."""
     indices = fold(node.inputs[1])
     if indices is None or indices.size == 0 or np.ndim(indices) == 0:
-        return False
+        return False  # a scalar index drops the axis (x[..., 0]): a selection, not a repeat
     axis = int_attr(node, "axis", 0)
     r = rank(node.inputs[0])
     if not (axis == -1 or (r is not None and axis == r - 1)):
