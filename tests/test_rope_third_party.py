@@ -149,6 +149,67 @@ def export_merged(*, heads_out: bool = False) -> Path:
     return path
 
 
+# -- a spelling written here: partial interleaved RoPE through a pairs view (einsum angles, unbind, stack) --------
+
+
+class PartialPairsRope(torch.nn.Module if hasattr(torch, "nn") else object):
+    """Hand-written attention with partial interleaved RoPE: the first `rot` of `head_dim` channels viewed as
+    [.., rot/2, 2] pairs, unbound, rotated, stacked and flattened back, then concatenated with the pass-through
+    channels; angles from einsum(positions, freqs). `factor` divides the positions (linear interpolation: the
+    reference for a linear rescale)."""
+
+    def __init__(self, *, factor: float = 1.0, base: float = 5000.0, heads: int = 2, head_dim: int = 32,
+                 rot: int = 16) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            width = heads * head_dim
+            self.emb = torch.nn.Embedding(VOCAB, width)
+            self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+            self.o = torch.nn.Linear(width, VOCAB)
+        self.heads, self.head_dim, self.rot, self.base, self.factor = heads, head_dim, rot, base, factor
+
+    def freqs(self):
+        return torch.pow(torch.tensor(self.base), -torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
+
+    def _rope(self, x, pos):
+        r = self.rot
+        ang = torch.einsum("i,j->ij", pos / self.factor, self.freqs())
+        c, s = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+        xr, xp = x[..., :r], x[..., r:]
+        x0, x1 = xr.reshape(*xr.shape[:-1], r // 2, 2).unbind(-1)
+        return torch.cat([torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2), xp], -1)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        pos = torch.arange(s, dtype=torch.float32)
+        q = self._rope(self.q(x).view(b, s, self.heads, self.head_dim), pos).transpose(1, 2)
+        k = self._rope(self.k(x).view(b, s, self.heads, self.head_dim), pos).transpose(1, 2)
+        v = self.v(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def export_partial_pairs(*, static_batch: bool) -> Path:
+    """Exported with the sequence axis dynamic; the batch static 1 (the common single-sequence export) or
+    dynamic."""
+
+    def build(tmp: Path) -> dict:
+        if not static_batch:
+            return _export(PartialPairsRope(), tmp / "model.onnx") or {}
+        ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(PartialPairsRope().eval(), (ids,), str(tmp / "model.onnx"), input_names=["input_ids"],
+                              output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({1: torch.export.Dim("seq")},))
+        return {}
+
+    path, _ = cached({"kind": "third-party-partial-pairs", "static_batch": static_batch}, build)
+    return path
+
+
 # -- x-transformers ----------------------------------------------------------------------------------------------
 
 
@@ -289,6 +350,8 @@ def _library_inv_freq(name: str) -> np.ndarray:
         return ret_module().rot.freqs.detach().numpy()
     if name.startswith("merged_heads"):
         return MergedHeadsPairs().inv_freq.numpy()
+    if name.startswith("partial_pairs"):
+        return PartialPairsRope().freqs().numpy()
     if name.startswith("xt"):
         return xt_module().attn_layers.rotary_pos_emb.inv_freq.numpy()
     return hf_module(name).model.model.rotary_emb.inv_freq.numpy()
@@ -307,6 +370,9 @@ DETECT = {
     "merged_heads": (export_merged, "interleaved", 16, 16, 10000.0),
     # the rotation reads [B, S, H·D] and writes [B, S, H, D] (validation lines the two up)
     "merged_heads_out": (lambda: export_merged(heads_out=True), "interleaved", 16, 16, 10000.0),
+    # pairs view [.., 8, 2] of the first 16 of 32 channels; batch static 1 (one symbolic axis) or dynamic
+    "partial_pairs": (lambda: export_partial_pairs(static_batch=True), "interleaved", 32, 16, 5000.0),
+    "partial_pairs_batch": (lambda: export_partial_pairs(static_batch=False), "interleaved", 32, 16, 5000.0),
 }
 _SLOW = {"gpt_oss", "deepseek_v3", "llama4"}
 
@@ -434,6 +500,22 @@ def test_fuse_where_the_contract_allows(tmp_path):
     assert ops.count("RotaryEmbedding") == 2 and "Cos" not in ops
     ids = _ids()
     assert _rel(_run(out, ids), _torch_out(ret_module(), ids)) <= TOL
+
+
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_partial_pairs_rescale_equals_the_module_on_scaled_positions(static_batch, tmp_path):
+    """The hand-written partial interleaved rotation (pairs view, einsum angles): x2 linear equals the module
+    run on positions / 2, at 40 and 200 tokens (past the 64 original positions), with batch static 1 or
+    dynamic."""
+    src = export_partial_pairs(static_batch=static_batch)
+    out = _rescaled(src, tmp_path, "linear", rope_scale=2.0, rope_method="linear", original_max_positions=64)
+    reference = PartialPairsRope(factor=2.0)
+    batch = 1 if static_batch else 2
+    for n in (40, 200):
+        ids = np.random.default_rng(n).integers(3, VOCAB, size=(batch, n))
+        ref = _torch_out(reference, ids)
+        assert _rel(_run(out, ids), ref) <= TOL
+        assert _rel(_run(src, ids), ref) > 1e-3  # the rescale matters at these positions
 
 
 def test_static_export_reported_with_the_fix(tmp_path, capsys):

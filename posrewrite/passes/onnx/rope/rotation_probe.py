@@ -242,6 +242,35 @@ def _output(x: ir.Value, terms: list[_Term], graph: ir.Graph) -> ir.Value | None
     return y
 
 
+def _merged_view(x: ir.Value, y: ir.Value, limit: int = 4) -> tuple[ir.Value, ir.Value] | None:
+    """(v, merged) when x is a pairs view of v made for the rotation — a Reshape that only splits v's last axis
+    (.., W) into (.., W/2, 2) or (.., 2, W/2) — and y, of x's shape, is merged back to v's shape by reshapes
+    (torch's `flatten(-2)`, a view): the rotation is then read on the W channels of v, not on the 2 of x's last
+    axis. None otherwise."""
+    prod = x.producer()
+    if prod is None or prod.op_type != "Reshape" or not prod.inputs or prod.inputs[0] is None:
+        return None
+    v = prod.inputs[0]
+    if v.shape is None or x.shape is None or y.shape is None:
+        return None
+    vd, xd = list(v.shape.dims), list(x.shape.dims)
+    width = vd[-1] if vd else None
+    if (len(xd) != len(vd) + 1 or not isinstance(width, int) or not all(isinstance(d, int) for d in xd[-2:])
+            or xd[-2] * xd[-1] != width or 2 not in (xd[-2], xd[-1]) or width < 4
+            or [str(d) for d in xd[:-2]] != [str(d) for d in vd[:-1]]
+            or [str(d) for d in y.shape.dims] != [str(d) for d in xd]):
+        return None
+    merged = y
+    for _ in range(limit):
+        uses = [u.node for u in merged.uses()]
+        if len(uses) != 1 or uses[0].op_type not in ("Reshape", "Flatten", "Identity", "Cast"):
+            return None
+        merged = uses[0].outputs[0]
+        if merged.shape is not None and [str(d) for d in merged.shape.dims] == [str(d) for d in vd]:
+            return v, merged
+    return None
+
+
 def _same_layout(x: ir.Value, y: ir.Value) -> bool:
     if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
         return False
@@ -394,7 +423,9 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
         if any(not isinstance(d, int) for d in dims[1:]):
             raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
         dims = ["batch", *dims[1:]]
-    elif len(symbolic) >= 2 and symbolic[0] != 0 and dims[0] == 1 and len(dims) - 1 not in symbolic:
+    elif symbolic and symbolic[0] != 0 and dims[0] == 1 and len(dims) - 1 not in symbolic:
+        # a static batch of one: one run per channel over the symbolic position axes (one axis: 1-D RoPE,
+        # positions 0..15; several: a patch grid)
         return _probe_grid(model, x, y, dims, symbolic)
     elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
@@ -429,7 +460,8 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
 def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int]) -> np.ndarray:
     """`probe_matrices` for a batch of one (static) over several position axes (a patch grid, rotary-embedding-
     torch's axial frequencies): one run per input channel, each with that unit vector at every grid point; the
-    grid points, row-major, are the positions (point (0, .., 0) first: angle 0)."""
+    grid points, row-major, are the positions (point (0, .., 0) first: angle 0). One position axis: positions
+    0..15 of a 1-D sequence, read as any other 1-D probe."""
     width = int(dims[-1])
     if width > _MAX_GRID_PROBE_CHANNELS:
         raise NotARotation(f"{width} channels on a grid is more than a probe handles")
@@ -529,6 +561,7 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
             if y is None:
                 first_failure = first_failure or (x, "no value combines the cos and sin terms")
                 continue
+            x, y = _merged_view(x, y) or (x, y)
             try:
                 found.append(identify(model, x, y, terms))
             except StaticLength as why:
