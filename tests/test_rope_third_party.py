@@ -180,10 +180,10 @@ class PartialPairsRope(torch.nn.Module if hasattr(torch, "nn") else object):
         x0, x1 = xr.reshape(*xr.shape[:-1], r // 2, 2).unbind(-1)
         return torch.cat([torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], -1).flatten(-2), xp], -1)
 
-    def forward(self, ids):
+    def forward(self, ids, position_ids=None):
         x = self.emb(ids)
         b, s, _ = x.shape
-        pos = torch.arange(s, dtype=torch.float32)
+        pos = torch.arange(s, dtype=torch.float32) if position_ids is None else position_ids[0].float()
         q = self._rope(self.q(x).view(b, s, self.heads, self.head_dim), pos).transpose(1, 2)
         k = self._rope(self.k(x).view(b, s, self.heads, self.head_dim), pos).transpose(1, 2)
         v = self.v(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
@@ -191,22 +191,26 @@ class PartialPairsRope(torch.nn.Module if hasattr(torch, "nn") else object):
         return self.o(a.transpose(1, 2).reshape(b, s, -1))
 
 
-def export_partial_pairs(*, static_batch: bool) -> Path:
+def export_partial_pairs(*, static_batch: bool, position_ids: bool = False) -> Path:
     """Exported with the sequence axis dynamic; the batch static 1 (the common single-sequence export) or
-    dynamic."""
+    dynamic; with a `position_ids` input [1, S] (static batch only) or positions made from the length."""
 
     def build(tmp: Path) -> dict:
         if not static_batch:
             return _export(PartialPairsRope(), tmp / "model.onnx") or {}
         ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+        seq = torch.export.Dim("seq")
+        args, names, dyn = (ids,), ["input_ids"], ({1: seq},)
+        if position_ids:
+            args, names, dyn = (ids, torch.arange(12)[None]), [*names, "position_ids"], (*dyn, {1: seq})
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(PartialPairsRope().eval(), (ids,), str(tmp / "model.onnx"), input_names=["input_ids"],
-                              output_names=["logits"], dynamo=True,
-                              dynamic_shapes=({1: torch.export.Dim("seq")},))
+            torch.onnx.export(PartialPairsRope().eval(), args, str(tmp / "model.onnx"), input_names=names,
+                              output_names=["logits"], dynamo=True, dynamic_shapes=dyn)
         return {}
 
-    path, _ = cached({"kind": "third-party-partial-pairs", "static_batch": static_batch}, build)
+    key = {"kind": "third-party-partial-pairs", "static_batch": static_batch, "position_ids": position_ids}
+    path, _ = cached(key, build)
     return path
 
 
@@ -373,6 +377,8 @@ DETECT = {
     # pairs view [.., 8, 2] of the first 16 of 32 channels; batch static 1 (one symbolic axis) or dynamic
     "partial_pairs": (lambda: export_partial_pairs(static_batch=True), "interleaved", 32, 16, 5000.0),
     "partial_pairs_batch": (lambda: export_partial_pairs(static_batch=False), "interleaved", 32, 16, 5000.0),
+    "partial_pairs_ids": (lambda: export_partial_pairs(static_batch=True, position_ids=True), "interleaved", 32,
+                          16, 5000.0),
 }
 _SLOW = {"gpt_oss", "deepseek_v3", "llama4"}
 
@@ -502,20 +508,32 @@ def test_fuse_where_the_contract_allows(tmp_path):
     assert _rel(_run(out, ids), _torch_out(ret_module(), ids)) <= TOL
 
 
-@pytest.mark.parametrize("static_batch", [True, False])
-def test_partial_pairs_rescale_equals_the_module_on_scaled_positions(static_batch, tmp_path):
+@pytest.mark.parametrize(("static_batch", "position_ids"), [(True, False), (False, False), (True, True)])
+def test_partial_pairs_rescale_equals_the_module_on_scaled_positions(static_batch, position_ids, tmp_path):
     """The hand-written partial interleaved rotation (pairs view, einsum angles): x2 linear equals the module
     run on positions / 2, at 40 and 200 tokens (past the 64 original positions), with batch static 1 or
-    dynamic."""
-    src = export_partial_pairs(static_batch=static_batch)
+    dynamic, positions from the length or a position_ids input."""
+    import onnxruntime as ort
+
+    src = export_partial_pairs(static_batch=static_batch, position_ids=position_ids)
     out = _rescaled(src, tmp_path, "linear", rope_scale=2.0, rope_method="linear", original_max_positions=64)
-    reference = PartialPairsRope(factor=2.0)
+    reference = PartialPairsRope(factor=2.0).eval()
+
+    def run(path: Path, feeds: dict) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
     batch = 1 if static_batch else 2
     for n in (40, 200):
         ids = np.random.default_rng(n).integers(3, VOCAB, size=(batch, n))
-        ref = _torch_out(reference, ids)
-        assert _rel(_run(out, ids), ref) <= TOL
-        assert _rel(_run(src, ids), ref) > 1e-3  # the rescale matters at these positions
+        feeds = {"input_ids": ids}
+        with torch.no_grad():
+            if position_ids:
+                feeds["position_ids"] = np.arange(n, dtype=np.int64)[None]
+                ref = reference(torch.from_numpy(ids), torch.from_numpy(feeds["position_ids"])).numpy()
+            else:
+                ref = reference(torch.from_numpy(ids)).numpy()
+        assert _rel(run(out, feeds), ref) <= TOL
+        assert _rel(run(src, feeds), ref) > 1e-3  # the rescale matters at these positions
 
 
 def test_static_export_reported_with_the_fix(tmp_path, capsys):

@@ -471,6 +471,9 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
     symbols = {str(dims[k]) for k in grid_axes}
     feeds = {}
     for v in others:  # read for their shape only (the grid size), fed with the probe's grid
+        if len(grid_axes) == 1 and _is_position_input(v):  # 1-D: position ids 0..side-1, a mask of ones
+            feeds[v.name] = _feed(v, 1, side)
+            continue
         if _reads_values(v, y, x) or v.shape is None or v.dtype is None:
             raise NotARotation(f"the rotation over a grid reads {v.name} besides {x.name}")
         if any(not isinstance(d, int) and str(d) not in symbols for d in v.shape.dims):
