@@ -59,7 +59,7 @@ class ProbedRotation:
     head_dim: int  # channels of one head (x's last axis, or its block when x is [.., H·D])
     heads_in_last_axis: int  # 1, or H when x holds H heads of head_dim channels on its last axis
     pairs: tuple[tuple[int, int], ...]  # (first, second) channel pairs of one head: y_f = x_f cos - x_s sin
-    angles: np.ndarray  # [positions, rotary_dim/2] probed angle of each pair (pairs' order), positions 0..5
+    angles: np.ndarray  # [positions, rotary_dim/2] probed angle of each pair (pairs' order), positions 0..15
     magnitude: np.ndarray  # [positions, rotary_dim/2] probed |a|² + |b|² (cos²+sin² times any factor²)
     decay: PositionDecay | None
     nodes: tuple[ir.Node, ...]
