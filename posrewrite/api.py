@@ -223,6 +223,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     io.check_output_path(output)
     with progress.stage("loading"):
         model = io.load_model(path)
+    io.remove_leftovers(Path(os.path.abspath(output)), io.external_data_files(model))  # of killed runs
     with progress.stage("detecting"):
         found = detect(model)
     if not found.sites:
@@ -249,6 +250,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         if saver is not None:  # a folder rewrite writes into its own staging folder and switches the folder
             staged = _WrittenInStage(saver(model, output))
         else:
+            _announce_disk(model, output, report, progress)
             staged = io.stage_model(model, output)
     with staged:
         saved = staged.path
@@ -264,6 +266,31 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     hf_params = [p.params.to_hf(base=p.site.base, dim=p.site.rotary_dim) for p in claimed if not p.extends_only]
     return RewriteResult(str(path), str(saved), bool(report.changes), list(report.changes), list(report.notes),
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
+
+
+def _announce_disk(model: ir.Model, output: Path, report, progress) -> None:
+    """Say how much new disk the output's data takes before writing it (holes of a sparse input stay holes);
+    refuse (exit 8) when the output's file system has less free space than that."""
+    from posrewrite.memory import describe_bytes
+
+    try:
+        new, apparent = io.output_disk_bytes(model)
+    except OSError:
+        return
+    if not apparent:
+        return
+    line = (f"writing {output.name}: {describe_bytes(new)} of new disk for its data ({describe_bytes(apparent)} "
+            "apparent: the input's holes stay holes)")
+    try:
+        st = os.statvfs(Path(os.path.abspath(output)).parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and new > free:
+        raise errors.OutputError(f"cannot write {output}: its data needs {describe_bytes(new)} of new disk, "
+                                 f"{describe_bytes(free)} free")
+    progress.note(line)
+    report.notes.append(line)
 
 
 def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
@@ -363,8 +390,9 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
         static = [int(d) for d in shape.dims if isinstance(d, int)]
         symbolic = len(shape.dims) - len(static)
         itemsize = max(1.0, float(value.dtype.itemsize))
-        # symbolic axes are fed at most the longest validation length (one of them; batch is 1)
-        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize):
+        # symbolic axes are fed at most the longest validation length (one of them; batch is 1); every element
+        # fed becomes at least a row of activations (an embedding, a hidden state): 64 values of 8 bytes
+        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], max(itemsize, 8.0) * 64):
             raise errors.UsageError(
                 f"input '{value.name}' declares the shape {list(shape.dims)}, over the memory budget of "
                 f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"

@@ -65,6 +65,7 @@ class RewriteOptions:
     fp32_positions: bool = False
     fuse: str = "none"
     validate: bool = True
+    validate_scope: str = "bounded"  # "bounded": model-level checks on a cut; "full": the whole models
     allow_partial: bool = False
     max_positions: int | None = None
     pos_scale: float | None = None
@@ -238,6 +239,7 @@ _PLAIN_FIELDS = (
     "fp32_positions",
     "fuse",
     "validate",
+    "validate_scope",
     "allow_partial",
     "max_positions",
     "pos_scale",
