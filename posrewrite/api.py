@@ -391,8 +391,9 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
         symbolic = len(shape.dims) - len(static)
         itemsize = max(1.0, float(value.dtype.itemsize))
         # symbolic axes are fed at most the longest validation length (one of them; batch is 1); every element
-        # fed becomes at least a row of activations (an embedding, a hidden state): 64 values of 8 bytes
-        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], max(itemsize, 8.0) * 64):
+        # of a static shape (fed as declared) becomes at least a row of activations: 64 values of 8 bytes
+        if not (fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize)
+                and fits_budget(static, max(itemsize, 8.0) * 64)):
             raise errors.UsageError(
                 f"input '{value.name}' declares the shape {list(shape.dims)}, over the memory budget of "
                 f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"

@@ -89,8 +89,10 @@ def find_cut(original: ir.Model, rewritten: ir.Model, seed_groups: list[list[str
             if order[id(node)] < at:
                 continue
             for o in node.outputs:
-                if (id(o) in reach and id(o) not in later and o.name in new_names and o.dtype is not None
-                        and o.dtype.is_floating_point() and new_names[o.name].dtype == o.dtype):
+                if id(o) not in reach or id(o) in later or o.name not in new_names:
+                    continue
+                dtypes = {t for t in (o.dtype, new_names[o.name].dtype) if t is not None}
+                if len(dtypes) <= 1 and all(t.is_floating_point() for t in dtypes):  # untyped: checked when run
                     candidates.append(o.name)
         if not candidates:
             continue
@@ -163,6 +165,15 @@ def extracted_session(model: ir.Model, *, quiet: bool = False):
     finally:
         for v, t in restore:
             v.const_value = t
+    if any(not o.type.HasField("tensor_type") for o in proto.graph.output):  # untyped outputs: ONNX's inference
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        types = {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]
+                 if v.type.HasField("tensor_type")}
+        for o in proto.graph.output:
+            if not o.type.HasField("tensor_type") and o.name in types:
+                o.type.CopyFrom(types[o.name])
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3
     options.enable_cpu_mem_arena = False  # what a run allocates is given back when it ends
@@ -239,8 +250,9 @@ def estimate(model: ir.Model, length: int) -> dict[str, Any]:
 
 def onnxruntime_load_error(model: ir.Model) -> str | None:
     """Why onnxruntime's CPU provider refuses to load `model` (None when it loads), checked without a byte of
-    weights: every initializer of the main graph of 1 KiB or more becomes a graph input of the same type and
-    shape, so the session resolves every op, type and kernel of the whole graph while holding no weight."""
+    weights: every initializer of the main graph of 1 KiB or more (or stored outside) becomes a graph input of
+    the same type and shape, so the session resolves every op, type and kernel of the whole graph while holding
+    no weight."""
     import onnxruntime as ort
 
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
@@ -249,7 +261,7 @@ def onnxruntime_load_error(model: ir.Model) -> str | None:
         for v in values:
             t = v.const_value
             try:
-                big = int(t.nbytes) >= 1024
+                big = int(t.nbytes) >= 1024 or isinstance(t, ir.ExternalTensor)
             except Exception:  # noqa: BLE001
                 big = False
             if not big:

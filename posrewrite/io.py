@@ -981,6 +981,9 @@ def _write_data_file(model: ir.Model, data: Path) -> list[tuple[ir.Value, object
                 continue
             nbytes = int(tensor.nbytes)
             if nbytes < _EXTERNAL_THRESHOLD_BYTES:
+                if isinstance(tensor, ir.ExternalTensor):  # small: inside the .onnx (its file is not beside OUT)
+                    restore.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
                 continue
             align = _ALIGNMENT if nbytes >= _ALIGN_THRESHOLD else 16
             offset = (offset + align - 1) // align * align

@@ -7,8 +7,9 @@ validation opens, so that posrewrite refuses (or falls back to a smaller check) 
   activations at the probe length. Measured on onnxruntime 1.32 (CPU): an fp16 weight read by MatMul/Gemm is
   turned into an fp32 copy by the Cast onnxruntime inserts and folds (the CPU MatMul has no fp16 kernel), so it
   costs its own bytes plus twice them; posrewrite's sessions disable pre-packing (which would copy fp32 MatMul
-  weights once more). Activations: every float value a node writes, at the probe's sequence and total
-  lengths, summed over one layer's worth of distinct shapes, plus the attention scores.
+  weights once more). Activations: four times the largest float value the graph declares at the probe's
+  sequence and total lengths (or the attention scores of every head, when larger), plus a few [sequence, width]
+  buffers per distinct matrix width.
 Reads no weight bytes: shapes and dtypes only.
 """
 
@@ -87,21 +88,27 @@ def describe_bytes(n: float) -> str:
 
 
 def _dims(value: ir.Value, seq: int, total: int) -> list[int] | None:
-    """Static dims of `value`, symbolic ones read as the batch (1, first axis), then the sequence length, then
-    the total length, further ones 1; None when a dimension is unknown (the value is not counted)."""
+    """Static dims of `value`; symbolic ones by name: a batch (a name with 'batch', or the first axis when
+    unnamed otherwise) is 1, the first other name is the sequence length, the second the total length, further
+    ones 1; None when a dimension is unknown (the value is not counted)."""
     if value.shape is None:
         return None
     dims = []
+    named: dict[str, int] = {}
     long_axes = [seq, total]
     for k, d in enumerate(value.shape.dims):
         if isinstance(d, int):
             dims.append(max(d, 0))
-        elif d is None or getattr(d, "value", None) is None:
+            continue
+        name = getattr(d, "value", None)
+        if name is None:
             return None
-        elif k == 0 and len(value.shape.dims) > 1:
+        if "batch" in str(name).lower() or (k == 0 and len(value.shape.dims) > 2):
             dims.append(1)
-        else:
-            dims.append(long_axes.pop(0) if long_axes else 1)
+            continue
+        if name not in named:
+            named[name] = long_axes.pop(0) if long_axes else 1
+        dims.append(named[name])
     return dims
 
 
@@ -147,5 +154,7 @@ def session_estimate(model: ir.Model, seq: int, total: int | None = None, heads:
     hidden = max(widths, key=lambda w: (widths[w], w)) if widths else 1
     heads = heads or max(1, hidden // 128)
     scores = 3 * heads * seq * total * 4  # scores, softmax, the masked copy (fp32)
-    activations = sum(shapes.values()) + 4 * seq * sum(widths) * 4 + scores
+    # onnxruntime frees a value after its last use: a few of the largest are alive at once
+    largest = 4 * max(shapes.values(), default=0)
+    activations = max(largest, scores) + 4 * seq * sum(widths) * 4
     return {"weights": weights, "activations": activations, "total": weights + activations + _BASE_BYTES}
