@@ -237,17 +237,20 @@ def _compare_outputs(row: dict[str, Any], ref, new, length: int, where: str) -> 
     worst, tol_at_worst, how_at_worst, ok = 0.0, None, "", True
     for k, (x, y) in enumerate(pairs):  # logits, and present keys/values where the model returns them
         a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        if not np.all(np.isfinite(a)):
+        if np.any(np.isnan(a)):
             if k == 0:
-                row["message"] = f"comparison skipped: the original model itself gives non-finite outputs {where}"
+                row["message"] = f"comparison skipped: the original model itself gives NaN outputs {where}"
                 return row
             continue
         if a.shape != b.shape:
             row.update(ok=False, message=f"output {k} shapes differ: {a.shape} vs {b.shape}")
             return row
-        tol, how = output_tolerance(x)
+        finite = np.isfinite(a)  # masked scores inside a cut hold -inf: the same entries must, the rest compare
+        same_inf = bool(np.array_equal(np.isfinite(b), finite) and np.array_equal(a[~finite], b[~finite]))
+        a, b = a[finite], b[finite]
+        tol, how = output_tolerance(np.asarray(x)[finite] if not finite.all() else x)
         err = float(np.max(np.abs(a - b))) if a.size else 0.0
-        good = bool(err <= tol and np.all(np.isfinite(b)))
+        good = bool(err <= tol and np.all(np.isfinite(b)) and same_inf)
         if tol_at_worst is None or (not good and ok) or (good == ok and err / tol > worst / tol_at_worst):
             worst, tol_at_worst, how_at_worst = err, tol, how
         ok = ok and good
@@ -293,6 +296,13 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
 #: Largest weights (as onnxruntime holds them) a cut may take: past it a shallower cut is taken (the first
 #: attention's own result rather than the whole first layer).
 CUT_WEIGHT_CAP = 2 << 30
+
+
+def _graph_of(path) -> ir.Model:
+    """The graph of a model loaded (and checked) before: onnx_ir's lazy load, no weight read (a folder rewrite
+    with --link-weights hard-links the data files, which io.load_model refuses to read; nothing here reads them:
+    onnxruntime maps them)."""
+    return ir.load(str(path))
 
 
 class MemoryRefusal(errors.UsageError):
@@ -343,11 +353,10 @@ class BoundedRuns:
 
     def __init__(self, original, rewritten, sites, vocab: dict[str, int] | None) -> None:
         from posrewrite import cut as cut_mod
-        from posrewrite import io
 
         self.original, self.rewritten, self.vocab = original, rewritten, vocab
-        self.orig_model = io.load_model(original)
-        self.new_model = io.load_model(rewritten)
+        self.orig_model = _graph_of(original)
+        self.new_model = _graph_of(rewritten)
         self.cut = cut_mod.find_cut(self.orig_model, self.new_model, _seed_groups(self.orig_model, sites))
         self.orig_sub = self.new_sub = None
         if self.cut is None:
@@ -390,7 +399,7 @@ class BoundedRuns:
         return session.run(None, {k: v for k, v in feeds.items() if k in names})
 
     def compare(self, length: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"site": "model (cut)", "length": length, "max_abs_error": None, "tolerance": None,
+        row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                                "ok": True, "compared": f"original vs rewritten cut outputs at {length} tokens"}
         fed = self._feeds(length)
         if isinstance(fed, str):
@@ -426,9 +435,9 @@ class BoundedRuns:
         except Exception as exc:  # noqa: BLE001
             return False, f"the rewritten model's cut fails at {length} positions ({how}): " \
                           f"{str(exc).splitlines()[0][:200]}"
-        for o in outputs:
-            if np.issubdtype(np.asarray(o).dtype, np.floating) and not np.all(np.isfinite(o)):
-                return False, f"the rewritten model's cut gives non-finite values at {length} positions ({how})"
+        for o in outputs:  # -inf is a masked score inside a cut; NaN is never right
+            if np.issubdtype(np.asarray(o).dtype, np.floating) and (np.any(np.isnan(o)) or np.any(np.isposinf(o))):
+                return False, f"the rewritten model's cut gives NaN or +inf at {length} positions ({how})"
         return True, f"the rewritten model's cut ran at {length} positions ({how}), {self.describe()}"
 
     def probe_past_cache(self, rows: int) -> dict[str, Any]:
@@ -1110,10 +1119,9 @@ class FullRuns:
     memory estimate does not fit falls back to the bounded check of the same thing, and says so."""
 
     def __init__(self, original, rewritten, report: ValidationReport, fallback) -> None:
-        from posrewrite import io
 
         self.original, self.rewritten, self.report, self.fallback = original, rewritten, report, fallback
-        self.models = {str(original): io.load_model(original), str(rewritten): io.load_model(rewritten)}
+        self.models = {str(original): _graph_of(original), str(rewritten): _graph_of(rewritten)}
 
     def _fits(self, path, length: int) -> str | None:
         from posrewrite import memory
@@ -1160,10 +1168,9 @@ def model_runs(original, rewritten, options, sites, vocab, report: ValidationRep
             made.append(runs if runs.usable else None)
         return made[0]
 
-    from posrewrite import io
     from posrewrite.cut import onnxruntime_load_error
 
-    reason = onnxruntime_load_error(io.load_model(original))  # the whole graph, no weight held
+    reason = onnxruntime_load_error(_graph_of(original))  # the whole graph, no weight held
     if reason is not None:
         raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
 
