@@ -250,8 +250,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         if saver is not None:  # a folder rewrite writes into its own staging folder and switches the folder
             staged = _WrittenInStage(saver(model, output))
         else:
-            _announce_disk(model, output, report, progress)
-            staged = io.stage_model(model, output)
+            share = _share_weights(opts, model, output)
+            _announce_disk(model, output, report, progress, share)
+            staged = io.stage_model(model, output, share_weights=share)
     with staged:
         saved = staged.path
         validation = steps.validation(report, saved, model, progress)
@@ -268,19 +269,32 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
 
 
-def _announce_disk(model: ir.Model, output: Path, report, progress) -> None:
+def _share_weights(opts: RewriteOptions, model: ir.Model, output: Path) -> bool:
+    if not getattr(opts, "share_weights", False):
+        return False
+    if not io.shares_weights_with(model, Path(os.path.abspath(output))):
+        raise errors.UsageError("--share-weights: the output must be written in the folder of the input's data "
+                                "files (the output reads them there); drop the flag to copy them")
+    return True
+
+
+def _announce_disk(model: ir.Model, output: Path, report, progress, share: bool = False) -> None:
     """Say how much new disk the output's data takes before writing it (holes of a sparse input stay holes);
     refuse (exit 8) when the output's file system has less free space than that."""
     from posrewrite.memory import describe_bytes
 
     try:
-        new, apparent = io.output_disk_bytes(model)
+        new, apparent = io.output_disk_bytes(model, share)
     except OSError:
         return
-    if not apparent:
+    if share:
+        line = (f"writing {output.name}: {describe_bytes(new)} of new disk; untouched weights are read from the "
+                "input's data file (--share-weights: keep the input beside the output)")
+    elif not apparent:
         return
-    line = (f"writing {output.name}: {describe_bytes(new)} of new disk for its data ({describe_bytes(apparent)} "
-            "apparent: the input's holes stay holes)")
+    else:
+        line = (f"writing {output.name}: {describe_bytes(new)} of new disk for its data "
+                f"({describe_bytes(apparent)} apparent: the input's holes stay holes)")
     try:
         st = os.statvfs(Path(os.path.abspath(output)).parent)
         free = st.f_bavail * st.f_frsize

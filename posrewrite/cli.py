@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folders: hard-link the external weights into OUT (onnxruntime reads them; onnx/onnx_ir refuse "
         "hard-linked data) instead of a copy-on-write clone or copy",
     )
+    g.add_argument(
+        "--share-weights", action="store_true",
+        help="one model: the output reads the weights no pass changed from the input's data file (OUT must be in "
+        "its folder; keep the input) instead of a copy (sparse files stay sparse)",
+    )
     g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime validation")
     _add_validate_scope(g)
     g.add_argument(

@@ -33,7 +33,10 @@ __all__ = [
     "preload_model",
     "StagedModel",
     "check_output_path",
+    "output_disk_bytes",
+    "remove_leftovers",
     "save_model",
+    "shares_weights_with",
     "stage_model",
     "source_path",
 ]
@@ -768,9 +771,11 @@ def stage_model(
     path: str | os.PathLike,
     *,
     external_data: Literal["auto"] | bool | None = "auto",
+    share_weights: bool = False,
 ) -> StagedModel:
     """Write ``model`` beside ``path`` without touching ``path`` or any file a reader of it uses (see
-    :class:`StagedModel`); ``external_data`` as for :func:`save_model`.
+    :class:`StagedModel`); ``external_data`` as for :func:`save_model`. ``share_weights``: external tensors no
+    pass touched keep reading the input's data file (which must lie in the output's folder), nothing is copied.
 
     Raises:
         UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
@@ -814,7 +819,7 @@ def stage_model(
             os.close(fd)
             staged.data = data
             staged.hold(data)
-            restore = _write_data_file(model, data)
+            restore = _write_data_file(model, data, share=share_weights)
             try:
                 ir.save(model, staged.path)
             finally:
@@ -966,10 +971,18 @@ def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: in
             done += copied
 
 
-def _write_data_file(model: ir.Model, data: Path) -> list[tuple[ir.Value, object]]:
+def shares_weights_with(model: ir.Model, out: Path) -> bool:
+    """Whether every external tensor of `model` lives in `out`'s folder (the output can read them there)."""
+    folder = os.path.realpath(out.parent)
+    return all(os.path.dirname(os.path.realpath(os.path.join(str(t.base_dir), str(t.location)))) == folder
+               for t in _external_tensors(model))
+
+
+def _write_data_file(model: ir.Model, data: Path, share: bool = False) -> list[tuple[ir.Value, object]]:
     """Write the main graph's tensors of at least _EXTERNAL_THRESHOLD_BYTES to `data` and point them there
     (returns what to restore). External tensors are copied file to file keeping the input's holes (a sparse
-    input gives a sparse output); tensors in memory are written as they are."""
+    input gives a sparse output), or with `share` left where they are (their file is in `data`'s folder);
+    tensors in memory are written as they are."""
     restore: list[tuple[ir.Value, object]] = []
     offset = 0
     sources: dict[str, int] = {}
@@ -985,6 +998,8 @@ def _write_data_file(model: ir.Model, data: Path) -> list[tuple[ir.Value, object
                     restore.append((value, tensor))
                     value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
                 continue
+            if share and isinstance(tensor, ir.ExternalTensor):
+                continue  # read from the input's data file, beside the output
             align = _ALIGNMENT if nbytes >= _ALIGN_THRESHOLD else 16
             offset = (offset + align - 1) // align * align
             if isinstance(tensor, ir.ExternalTensor):
@@ -1013,9 +1028,10 @@ def _write_data_file(model: ir.Model, data: Path) -> list[tuple[ir.Value, object
     return restore
 
 
-def output_disk_bytes(model: ir.Model) -> tuple[int, int]:
+def output_disk_bytes(model: ir.Model, share: bool = False) -> tuple[int, int]:
     """(bytes of new disk, apparent bytes) the external data of `model` will take when saved: the data extents
-    of its external tensors (holes stay holes) plus tensors in memory. Nothing is read but extent maps."""
+    of its external tensors (holes stay holes; none with `share`) plus tensors in memory. Nothing is read but
+    extent maps."""
     new = apparent = 0
     files: dict[str, int] = {}
     try:
@@ -1025,6 +1041,8 @@ def output_disk_bytes(model: ir.Model) -> tuple[int, int]:
                 continue
             nbytes = int(tensor.nbytes)
             if nbytes < _EXTERNAL_THRESHOLD_BYTES:
+                continue
+            if share and isinstance(tensor, ir.ExternalTensor):
                 continue
             apparent += nbytes
             if isinstance(tensor, ir.ExternalTensor):

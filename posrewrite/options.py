@@ -78,6 +78,7 @@ class RewriteOptions:
     logn_scaling: bool = False
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
+    share_weights: bool = False  # one model: untouched weights read from the input's data file (same folder)
     json: bool = False
     debug: bool = False
 
@@ -251,6 +252,7 @@ _PLAIN_FIELDS = (
     "logn_scaling",
     "output",
     "link_weights",
+    "share_weights",
 )
 
 

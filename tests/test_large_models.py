@@ -315,3 +315,32 @@ def test_validate_command_takes_the_scope(tmp_path, capsys):
     for scope in ("bounded", "full"):
         assert cli.main(["validate", str(src), str(out), *flags, "--validate", scope, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["validation"]["scope"] == scope
+
+
+def test_share_weights_reads_untouched_weights_from_the_input(tmp_path):
+    folder = tmp_path / "m"
+    src = _small_llama(folder)
+    data = src.with_name(src.name + ".data")
+    model = io.load_model(src)
+    big = [v for v in model.graph.initializers.values()
+           if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= 4096]
+    t = big[-1].const_value
+    arr = np.random.default_rng(1).standard_normal(t.shape.numpy()).astype(t.dtype.numpy())
+    with open(data, "r+b") as f:
+        f.seek(t.offset)
+        f.write(arr.tobytes())
+    before = data.stat()
+    out = folder / "shared.onnx"
+    result = api.rewrite(src, output=out, share_weights=True, **dict(YARN, original_max_positions=2048))
+    assert result.validation.ok and any("--share-weights" in n for n in result.notes), result.notes
+    proto = onnx.load(out, load_external_data=False)
+    locations = {e.value for x in proto.graph.initializer for e in x.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}, locations  # nothing changed past the threshold: no data file of its own
+    assert not out.with_name(out.name + ".data").exists()
+    assert data.stat().st_size == before.st_size and data.stat().st_mtime_ns == before.st_mtime_ns
+    np.testing.assert_array_equal(ir.load(out).graph.initializers[big[-1].name].const_value.numpy(), arr)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    run = run_cli([str(src), "--rope-scale", "4", "--share-weights", "-o", str(other / "o.onnx")])
+    _one_line_error(run, 2, "--share-weights")
+    assert list(other.iterdir()) == []
