@@ -33,6 +33,7 @@ __all__ = [
     "preload_model",
     "StagedModel",
     "check_output_path",
+    "copy_sparse",
     "output_disk_bytes",
     "remove_leftovers",
     "save_model",
@@ -976,6 +977,25 @@ def shares_weights_with(model: ir.Model, out: Path) -> bool:
     folder = os.path.realpath(out.parent)
     return all(os.path.dirname(os.path.realpath(os.path.join(str(t.base_dir), str(t.location)))) == folder
                for t in _external_tensors(model))
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy the file `src` to a new file `dst`, its holes left as holes (SEEK_DATA/SEEK_HOLE), mode and times
+    as shutil.copy2 keeps them."""
+    import shutil
+
+    size = os.stat(src).st_size
+    fd_in = os.open(src, os.O_RDONLY)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _copy_range(fd_in, 0, fd_out, 0, size)
+            os.ftruncate(fd_out, size)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    shutil.copystat(src, dst)
 
 
 def _write_data_file(model: ir.Model, data: Path, share: bool = False) -> list[tuple[ir.Value, object]]:

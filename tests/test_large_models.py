@@ -344,3 +344,21 @@ def test_share_weights_reads_untouched_weights_from_the_input(tmp_path):
     run = run_cli([str(src), "--rope-scale", "4", "--share-weights", "-o", str(other / "o.onnx")])
     _one_line_error(run, 2, "--share-weights")
     assert list(other.iterdir()) == []
+
+
+def test_a_genai_folder_with_sparse_data_stays_sparse(tmp_path):
+    from benchmarks.large_model import genai_folder
+
+    src = genai_folder(tmp_path / "in", (2, 256, 4, 2, 512, 512))
+    data = src / "model.onnx.data"
+    with open(data, "r+b") as f:  # one data extent in the middle of holes
+        f.seek(data.stat().st_size // 2 // 4096 * 4096)
+        f.write(b"\1" * 8192)
+    assert _allocated(data) < data.stat().st_size // 4
+    out = tmp_path / "out"
+    result = api.rewrite(src, output=out, **dict(YARN, original_max_positions=2048))
+    assert result.validation is None or result.validation.ok
+    copied = out / "model.onnx.data"
+    assert copied.stat().st_size == data.stat().st_size
+    assert _allocated(copied) <= _allocated(data) + 64 * 4096, (_allocated(copied), _allocated(data))
+    assert copied.read_bytes() == data.read_bytes()
