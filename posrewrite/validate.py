@@ -1019,18 +1019,32 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
             counts[key] = counts.get(key, 0) + 1
             if key not in worst or _worse(row, worst[key]):
                 worst[key] = row
-        for node in gqa:
+        for node, same in _distinct_gqa(gqa):
             ref = references[0] if len(references) == 1 else None
             if ref is None:
                 continue
             row = check_gqa_rotation(model, node, ref, n, vocab)
-            counts["gqa"] = counts.get("gqa", 0) + 1
+            counts["gqa"] = counts.get("gqa", 0) + same
             if "gqa" not in worst or _worse(row, worst["gqa"]):
                 worst["gqa"] = row
         for key, row in worst.items():
             row["rotations_checked"] = counts[key]  # the row shows the worst of them
         rows.extend(worst.values())
     return rows
+
+
+def _distinct_gqa(nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
+    """GroupQueryAttention nodes with distinct rotations, each with how many nodes share it: the check of one
+    (`check_gqa_rotation`) reads only its cos/sin caches, rotary_interleaved and num_heads, so nodes that read the
+    same cache values with the same attributes rotate alike (layers of one model share their caches)."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in nodes:
+        attrs = node.attributes
+        key = (id(node.inputs[7]) if len(node.inputs) > 7 else None, id(node.inputs[8]) if len(node.inputs) > 8
+               else None, attrs["rotary_interleaved"].as_int() if "rotary_interleaved" in attrs else 0,
+               attrs["num_heads"].as_int() if "num_heads" in attrs else None)
+        groups.setdefault(key, []).append(node)
+    return [(group[0], len(group)) for group in groups.values()]
 
 
 def _worse(a: dict[str, Any], b: dict[str, Any]) -> bool:
