@@ -9,7 +9,7 @@ RoPE computed HF-style. The weights being zeros, the numbers say nothing about c
 measure what each path costs in time, memory and disk.
 
     python benchmarks/large_model.py --shapes 7b [--what inspect,check,yarn,...] [--dir /tmp/posrewrite-large]
-    python benchmarks/large_model.py --optimum   # the 623 MB Optimum-layout export at --rope-scale 2 and 4
+    python benchmarks/large_model.py --shapes "" --optimum [--optimum-model model.onnx]   # 623 MB Optimum export
 
 Each path runs as ``python -m posrewrite ...`` in a child process; its peak RSS is the child's ru_maxrss
 (os.wait4), its disk the blocks its outputs allocate (du), and the outputs are deleted after each path.
@@ -171,13 +171,17 @@ def bench_shape(name: str, base: Path, what: list[str] | None) -> None:
     shutil.rmtree(genai, ignore_errors=True)
 
 
-def bench_optimum(base: Path) -> None:
-    """The Optimum-layout export at a comparable size to the issue's 623 MB one (8 layers, hidden 1024,
-    16/4 heads, fp32, weights inline): exported by fixtures.hf_models.export_optimum_layout (no optimum-cli)."""
-    from fixtures.hf_models import export_optimum_layout
+def bench_optimum(base: Path, model: str | None) -> None:
+    """The issue's 623 MB Optimum export (`optimum-cli export onnx --task text-generation-with-past`, Llama 8
+    layers, hidden 1024, 16/4 heads, fp32, weights inline) when `model` names it; else the same shape exported
+    by fixtures.hf_models.export_optimum_layout (Optimum's layout without optimum-cli)."""
+    if model:
+        src = Path(model)
+    else:
+        from fixtures.hf_models import export_optimum_layout
 
-    src = export_optimum_layout(num_layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000, intermediate=2816,
-                                max_position_embeddings=4096)
+        src = export_optimum_layout(num_layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000,
+                                    intermediate=2816, max_position_embeddings=4096)
     print(f"\noptimum-layout export: {src} ({src.stat().st_size / 2**20:.0f} MB, fp32 inline)")
     print(f"{'path':24s} {'seconds':>8s} {'peak RSS MB':>12s} exit  note")
     folder = base / "optimum"
@@ -201,13 +205,14 @@ def main() -> None:
     parser.add_argument("--what", default="", help="comma-separated path labels (default: all)")
     parser.add_argument("--dir", default="/tmp/posrewrite-large")
     parser.add_argument("--optimum", action="store_true", help="also the Optimum-layout export")
+    parser.add_argument("--optimum-model", help="a real optimum-cli export to use for --optimum")
     args = parser.parse_args()
     base = Path(args.dir)
     what = [w for w in args.what.split(",") if w] or None
     for name in [s for s in args.shapes.split(",") if s]:
         bench_shape(name, base, what)
     if args.optimum:
-        bench_optimum(base)
+        bench_optimum(base, args.optimum_model)
 
 
 if __name__ == "__main__":
