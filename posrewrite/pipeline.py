@@ -387,7 +387,12 @@ class ValidationStep:
             return None
         path = self.model_path
         if report.attention_changes and not report.rope_plans and not report.other_changes:
-            result = self._attention(saved, model, progress)
+            from posrewrite.validate import release_graphs
+
+            try:
+                result = self._attention(saved, model, progress)
+            finally:
+                release_graphs()
         else:
             from posrewrite.validate import validate_rewrite
 

@@ -59,6 +59,8 @@ def _session_for(path, quiet: bool = False):
 
     options = ort.SessionOptions()
     options.log_severity_level = 4 if quiet else 3  # quiet: an expected failure is not logged to stderr
+    options.enable_cpu_mem_arena = False  # a whole-model run gives back each layer's scores (the arena keeps them)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -298,11 +300,26 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
 CUT_WEIGHT_CAP = 2 << 30
 
 
+_GRAPHS: dict[tuple[str, int, int], ir.Model] = {}
+
+
+def release_graphs() -> None:
+    """Forget the graphs `_graph_of` loaded (the end of a validation)."""
+    _GRAPHS.clear()
+
+
 def _graph_of(path) -> ir.Model:
     """The graph of a model loaded (and checked) before: onnx_ir's lazy load, no weight read (a folder rewrite
     with --link-weights hard-links the data files, which io.load_model refuses to read; nothing here reads them:
-    onnxruntime maps them)."""
-    return ir.load(str(path))
+    onnxruntime maps them). Loaded once per validation (`validate_rewrite` clears them): a model with inline
+    weights holds them in its graph."""
+    import os
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = ir.load(str(path))
+    return _GRAPHS[key]
 
 
 class MemoryRefusal(errors.UsageError):
@@ -1216,6 +1233,16 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
 
     `found` is the detection of the original, `plans` the SitePlans of the rewrite (from that detection).
     Whole models are run one after the other, never skipped for their size."""
+    try:
+        return _validate_rewrite(original, rewritten, options, found=found, plans=plans, other_changes=other_changes,
+                                 fused_cache_rows=fused_cache_rows, compare_lengths=compare_lengths, model=model,
+                                 rotations=rotations)
+    finally:
+        _GRAPHS.clear()
+
+
+def _validate_rewrite(original, rewritten, options, *, found, plans, other_changes, fused_cache_rows,
+                      compare_lengths, model, rotations) -> ValidationReport:
     report = ValidationReport()
     start = time.perf_counter()
     rope_sites = list(found.rope_sites)
