@@ -1292,7 +1292,7 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
         ok, message = runs.run_far(length)
         report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                             "ok": ok, "message": message,
-                            "compared": f"the rewritten model at {length} positions: runs, every output finite"})
+                            "compared": f"the rewritten model at {length} positions: runs, no NaN or +inf"})
     rows = fused_cache_rows
     if rows and rows < 4 * MAX_VALIDATION_LENGTH:
         report.rows.append(runs.probe_past_cache(int(rows)))
