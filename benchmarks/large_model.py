@@ -1,111 +1,218 @@
-"""Rewrite time and peak memory on a 7B-shaped Llama export (Optimum layout, fp16, external data).
+"""Every path of the command line on 7B-, 13B- and 70B-shaped Llama exports, with the default flags
+(validation on): time and peak RSS of each, in a fresh process, beside the goal (peak RSS under 2 GB plus the
+largest layer's weights; under 60 s at 7B apart from the byte copy of the data file, reported on its own row).
 
-The graph is built directly with onnx (no torch): 32 layers, hidden 4096, 32 q / 8 kv heads, intermediate
-11008, vocab 32000, fp16 weights in one *sparse* external data file (13.5 GB apparent, almost nothing on disk:
-the values are zeros). Inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value; outputs
-logits, present.{i}.key/value; RoPE computed HF-style from an inv_freq constant and position_ids.
+The graphs are built directly with onnx (no torch; fixtures.llama_graph.build_llama): Optimum's KV-cache layout
+(input_ids, attention_mask, position_ids, past_key_values.{i}.key/value -> logits, present.*), fp16 weights in
+one *sparse* external data file (the values are zeros: apparent size of the real model, almost nothing on disk),
+RoPE computed HF-style. The weights being zeros, the numbers say nothing about correctness (the tests do); they
+measure what each path costs in time, memory and disk.
 
-Each rewrite runs in a fresh process (``/usr/bin/time``-style: the child's peak RSS from ``wait4``):
+    python benchmarks/large_model.py --shapes 7b [--what inspect,check,yarn,...] [--dir /tmp/posrewrite-large]
+    python benchmarks/large_model.py --shapes "" --optimum [--optimum-model model.onnx]   # 623 MB Optimum export
 
-    python benchmarks/large_model.py [--layers 32] [--dir /tmp/posrewrite-7b] [--what rescale,fuse,inspect]
-                                     [--code /work/main]   # another checkout of posrewrite, side by side
+Each path runs as ``python -m posrewrite ...`` in a child process; its peak RSS is the child's ru_maxrss
+(os.wait4), its disk the blocks its outputs allocate (du), and the outputs are deleted after each path.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from fixtures.llama_graph import build_llama  # noqa: E402
 
-
-class _StageTimes:
-    """A posrewrite progress reporter that records how long each stage took."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, description: str, total: float | None = None):
-        from posrewrite.progress import NullReporter
-
-        t = time.perf_counter()
-        with NullReporter().stage(description, total) as s:
-            yield s
-        self.times[description] = self.times.get(description, 0.0) + time.perf_counter() - t
-
-    def note(self, message: str) -> None:
-        pass
+SHAPES = {  # layers, hidden, heads, kv heads, intermediate, vocab
+    "tiny": (2, 256, 4, 2, 512, 512),  # a smoke test of the script
+    "7b": (32, 4096, 32, 8, 11008, 32000),
+    "13b": (40, 5120, 40, 40, 13824, 32000),
+    "70b": (80, 8192, 64, 8, 28672, 32000),
+}
+L = 4096
+YARN = ["--rope-scale", "4", "--rope-method", "yarn", "--original-max-positions", str(L)]
 
 
-def _child(what: str, src: str, out: str) -> None:
-    from posrewrite import api
+def _longrope(half: int) -> str:
+    return json.dumps({"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": L,
+                       "short_factor": [1.0 + 0.01 * i for i in range(half)],
+                       "long_factor": [1.0 + 0.1 * i for i in range(half)]})
 
-    stages = _StageTimes()
+
+LLAMA3 = json.dumps({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": L})
+
+
+def paths(src: Path, out: Path, half: int, genai: Path, kept: Path) -> dict[str, list[str]]:
+    o = ["-o", str(out)]
+    return {
+        "inspect": ["inspect", str(src)],
+        "check": ["check", str(src)],
+        "linear": [str(src), "--rope-scale", "4", *o],
+        "ntk": [str(src), "--rope-scale", "4", "--rope-method", "ntk", "--original-max-positions", str(L), *o],
+        "dynamic": [str(src), "--rope-scale", "4", "--rope-method", "dynamic", "--original-max-positions", str(L),
+                    *o],
+        "yarn": [str(src), *YARN, *o],
+        "llama3": [str(src), "--rope-params", LLAMA3, *o],
+        "longrope": [str(src), "--rope-params", _longrope(half), *o],
+        "fp32-positions": [str(src), "--fp32-positions", *o],
+        "fuse-ort": [str(src), "--fuse", "ort", *o],
+        "fuse-onnx": [str(src), "--fuse", "onnx", *o],
+        "extend": [str(src), "--extend", "self-extend", "--window", "1024", "--group-size", "4", *o],
+        "max-positions": [str(src), "--max-positions", "16384", *o],
+        "genai-folder": [str(genai), *YARN, "-o", str(out.with_suffix(""))],
+        "validate": ["validate", str(src), str(kept), *YARN],
+    }
+
+
+def run(args: list[str]) -> tuple[float, float, int, str]:
+    """(seconds, peak RSS MB, exit code, last stderr line) of `python -m posrewrite args` in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t = time.perf_counter()
-    if what == "inspect":  # identification alone: reads no weights
-        found = api.inspect(src)
-        print(f"  inspect: {len(found.sites)} site(s), {len(found.refusals)} refusal(s), "
-              f"{time.perf_counter() - t:.1f} s")
-        return
-    if what == "rescale":
-        r = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=4096,
-                        validate=False, progress=stages)
-    else:
-        r = api.rewrite(src, output=out, fuse="ort", max_positions=16384, validate=False, progress=stages)
-    rest = time.perf_counter() - t - sum(stages.times.values())
-    print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.times.items()) + f", other {rest:.1f} s")
-    for line in r.changes:
-        print("  change:", line)
-    for line in r.notes:
-        print("  note:", line)
+    proc = subprocess.Popen([sys.executable, "-m", "posrewrite", *args], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    lines = [x for x in err.splitlines() if x.strip()]
+    return time.perf_counter() - t, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), (lines or [""])[-1]
 
 
-def measure(what: str, src: Path, out: Path, code: str | None = None) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MB, return code) of one rewrite in a fresh process (posrewrite from `code`, a
-    checkout, else this one)."""
-    env = dict(os.environ, PYTHONPATH=code or str(Path(__file__).resolve().parents[1]))
+def byte_copy(src: Path, out: Path) -> tuple[float, float, int]:
+    """The data file's copy alone (load, save with nothing changed): seconds, peak RSS MB, exit code."""
+    code = ("import sys; from posrewrite import io; "
+            "io.save_model(io.load_model(sys.argv[1]), sys.argv[2])")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", what, str(src), str(out)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(out)], env=env, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - t, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:])
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--dir", default="/tmp/posrewrite-7b")
-    parser.add_argument("--what", default="rescale,fuse")
-    parser.add_argument("--code", action="append", default=[],
-                        help="also run with posrewrite from this checkout (repeatable): side-by-side figures")
-    args = parser.parse_args()
-    folder = Path(args.dir)
-    src = folder / "model.onnx"
-    t = time.perf_counter()
-    if not src.exists():
-        build_llama(src, layers=args.layers, hidden=args.hidden, heads=32, kv_heads=8,
-                    intermediate=11008 if args.hidden == 4096 else args.hidden * 3)
+def allocated(paths_: list[Path]) -> int:
+    total = 0
+    for p in paths_:
+        if p.is_dir():
+            total += allocated(list(p.rglob("*")))
+        elif p.exists():
+            total += p.stat().st_blocks * 512
+    return total
+
+
+def outputs_of(folder: Path, keep: set[str]) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name not in keep]
+
+
+def genai_folder(folder: Path, shape: tuple) -> Path:
+    layers, hidden, heads, kv, inter, vocab = shape
+    build_llama(folder / "model.onnx", layers=layers, hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter,
+                vocab=vocab)
+    config = {"model": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "type": "llama",
+                        "vocab_size": vocab, "context_length": L,
+                        "decoder": {"filename": "model.onnx", "head_size": hidden // heads, "hidden_size": hidden,
+                                    "num_attention_heads": heads, "num_key_value_heads": kv,
+                                    "num_hidden_layers": layers, "session_options": {"provider_options": []},
+                                    "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                                               "position_ids": "position_ids",
+                                               "past_key_names": "past_key_values.%d.key",
+                                               "past_value_names": "past_key_values.%d.value"},
+                                    "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                                                "present_value_names": "present.%d.value"}}},
+              "search": {"max_length": L}}
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def bench_shape(name: str, base: Path, what: list[str] | None) -> None:
+    shape = SHAPES[name]
+    layers, hidden, heads, kv, inter, vocab = shape
+    folder = base / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    src = build_llama(folder / "model.onnx", layers=layers, hidden=hidden, heads=heads, kv_heads=kv,
+                      intermediate=inter, vocab=vocab)
     data = src.with_name(src.name + ".data")
-    print(f"built {src} in {time.perf_counter() - t:.1f} s: {args.layers} layers, hidden {args.hidden}, "
-          f"fp16 weights {data.stat().st_size / 2**30:.1f} GB (sparse file)")
-    for what in args.what.split(","):
-        out = folder / f"{what}.onnx"
-        for code in [None, *args.code]:
-            seconds, rss, rc = measure(what, src, out, code)
-            print(f"{what:8s} {seconds:6.1f} s  peak RSS {rss:7.0f} MB  exit {rc}  ({code or 'this checkout'})")
-            for p in (out, out.with_name(out.name + ".data")):
-                p.unlink(missing_ok=True)
+    d = hidden // heads
+    layer_bytes = 2 * (hidden * d * (heads + 2 * kv) + heads * d * hidden + 3 * hidden * inter)
+    goal_mb = 2048 + layer_bytes / 2**20
+    genai = genai_folder(base / f"{name}-genai", shape)
+    kept = folder / "kept.onnx"
+    rc = run([str(src), *YARN, "-o", str(kept), "--no-validate"])[2]
+    assert rc == 0, "the output for `validate` could not be written"
+    keep = {"model.onnx", "model.onnx.data", "kept.onnx", "kept.onnx.data"}
+    print(f"\n{name}: {layers} layers, hidden {hidden}, {heads}/{kv} heads, intermediate {inter}, vocab {vocab}; "
+          f"fp16 data {data.stat().st_size / 2**30:.1f} GB apparent, {allocated([data]) / 2**20:.0f} MB on disk; "
+          f"largest layer {layer_bytes / 2**20:.0f} MB; goal: peak RSS < {goal_mb:.0f} MB"
+          + (", < 60 s" if name == "7b" else ""))
+    print(f"{'path':16s} {'seconds':>8s} {'peak RSS MB':>12s} {'RSS/goal':>9s} {'new disk MB':>12s} exit  note")
+    for label, args in paths(src, folder / "out.onnx", d // 2, genai, kept).items():
+        if what and label not in what:
+            continue
+        seconds, rss, code, last = run(args)
+        made = outputs_of(folder, keep)
+        disk = allocated(made) / 2**20
+        for p in made:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        note = last[:110] if code else ""
+        print(f"{label:16s} {seconds:8.1f} {rss:12.0f} {rss / goal_mb:9.2f} {disk:12.1f} {code:4d}  {note}",
+              flush=True)
+    seconds, rss, code = byte_copy(src, folder / "copy.onnx")
+    disk = allocated(outputs_of(folder, keep)) / 2**20
+    print(f"{'byte copy':16s} {seconds:8.1f} {rss:12.0f} {rss / goal_mb:9.2f} {disk:12.1f} {code:4d}  "
+          "(load + save, nothing changed: the data file's copy alone)")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(genai, ignore_errors=True)
+
+
+def bench_optimum(base: Path, model: str | None) -> None:
+    """The issue's 623 MB Optimum export (`optimum-cli export onnx --task text-generation-with-past`, Llama 8
+    layers, hidden 1024, 16/4 heads, fp32, weights inline) when `model` names it; else the same shape exported
+    by fixtures.hf_models.export_optimum_layout (Optimum's layout without optimum-cli)."""
+    if model:
+        src = Path(model)
+    else:
+        from fixtures.hf_models import export_optimum_layout
+
+        src = export_optimum_layout(num_layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000,
+                                    intermediate=2816, max_position_embeddings=4096)
+    print(f"\noptimum-layout export: {src} ({src.stat().st_size / 2**20:.0f} MB, fp32 inline)")
+    print(f"{'path':24s} {'seconds':>8s} {'peak RSS MB':>12s} exit  note")
+    folder = base / "optimum"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for scale in ("2", "4"):
+        for extra in ([], ["--validate", "full"]):
+            out = folder / "out.onnx"
+            seconds, rss, code, last = run([str(src), "--rope-scale", scale, "--rope-method", "yarn",
+                                            "--original-max-positions", str(L), "-o", str(out), *extra])
+            label = f"yarn x{scale}" + (" --validate full" if extra else "")
+            print(f"{label:24s} {seconds:8.1f} {rss:12.0f} {code:4d}  {last[:110] if code else ''}", flush=True)
+            for p in folder.iterdir():
+                p.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="7b", help="comma-separated: 7b,13b,70b")
+    parser.add_argument("--what", default="", help="comma-separated path labels (default: all)")
+    parser.add_argument("--dir", default="/tmp/posrewrite-large")
+    parser.add_argument("--optimum", action="store_true", help="also the Optimum-layout export")
+    parser.add_argument("--optimum-model", help="a real optimum-cli export to use for --optimum")
+    args = parser.parse_args()
+    base = Path(args.dir)
+    what = [w for w in args.what.split(",") if w] or None
+    for name in [s for s in args.shapes.split(",") if s]:
+        bench_shape(name, base, what)
+    if args.optimum:
+        bench_optimum(base, args.optimum_model)
 
 
 if __name__ == "__main__":

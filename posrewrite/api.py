@@ -167,6 +167,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     io.check_output_path(output)
     with progress.stage("loading"):
         model = io.load_model(path)
+    io.remove_leftovers(Path(os.path.abspath(output)), io.external_data_files(model))  # of killed runs
     with progress.stage("detecting"):
         found = detect(model)
     if not found.sites:
@@ -208,7 +209,9 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         if saver is not None:  # a folder rewrite writes into its own staging folder and switches the folder
             staged = _WrittenInStage(saver(model, output))
         else:
-            staged = io.stage_model(model, output)
+            share = _share_weights(opts, model, output)
+            _announce_disk(model, output, report, progress, share)
+            staged = io.stage_model(model, output, share_weights=share)
     with staged:
         saved = staged.path
         validation = steps.validation(report, saved, model, progress)
@@ -256,6 +259,44 @@ def _grid_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection)
         return [rescale.plan_grid_site(s, opts.rope_method, opts.original_grid, opts.target_grid) for s in grid]
     except rescale.NotRewritable as exc:
         raise errors.PartialMatchError(str(exc)) from None
+
+
+def _share_weights(opts: RewriteOptions, model: ir.Model, output: Path) -> bool:
+    if not getattr(opts, "share_weights", False):
+        return False
+    if not io.shares_weights_with(model, Path(os.path.abspath(output))):
+        raise errors.UsageError("--share-weights: the output must be written in the folder of the input's data "
+                                "files (the output reads them there); drop the flag to copy them")
+    return True
+
+
+def _announce_disk(model: ir.Model, output: Path, report, progress, share: bool = False) -> None:
+    """Say how much new disk the output's data takes before writing it (holes of a sparse input stay holes);
+    refuse (exit 8) when the output's file system has less free space than that."""
+    from posrewrite.memory import describe_bytes
+
+    try:
+        new, apparent = io.output_disk_bytes(model, share)
+    except OSError:
+        return
+    if share:
+        line = (f"writing {output.name}: {describe_bytes(new)} of new disk; untouched weights are read from the "
+                "input's data file (--share-weights: keep the input beside the output)")
+    elif not apparent:
+        return
+    else:
+        line = (f"writing {output.name}: {describe_bytes(new)} of new disk for its data "
+                f"({describe_bytes(apparent)} apparent: the input's holes stay holes)")
+    try:
+        st = os.statvfs(Path(os.path.abspath(output)).parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and new > free:
+        raise errors.OutputError(f"cannot write {output}: its data needs {describe_bytes(new)} of new disk, "
+                                 f"{describe_bytes(free)} free")
+    progress.note(line)
+    report.notes.append(line)
 
 
 def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
@@ -366,8 +407,10 @@ def _check_inputs_fit_budget(model: ir.Model) -> None:
         static = [int(d) for d in shape.dims if isinstance(d, int)]
         symbolic = len(shape.dims) - len(static)
         itemsize = max(1.0, float(value.dtype.itemsize))
-        # symbolic axes are fed at most the longest validation length (one of them; batch is 1)
-        if not fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize):
+        # symbolic axes are fed at most the longest validation length (one of them; batch is 1); every element
+        # of a static shape (fed as declared) becomes at least a row of activations: 64 values of 8 bytes
+        if not (fits_budget([*static, *([4 * 4096] if symbolic else [])], itemsize)
+                and fits_budget(static, max(itemsize, 8.0) * 64)):
             raise errors.UsageError(
                 f"input '{value.name}' declares the shape {list(shape.dims)}, over the memory budget of "
                 f"{MEMORY_BUDGET_BYTES >> 20} MiB for validation; rerun with --no-validate to write it unvalidated"

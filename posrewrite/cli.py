@@ -189,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folders: hard-link the external weights into OUT (onnxruntime reads them; onnx/onnx_ir refuse "
         "hard-linked data) instead of a copy-on-write clone or copy",
     )
+    g.add_argument(
+        "--share-weights", action="store_true",
+        help="one model: the output reads the weights no pass changed from the input's data file (OUT must be in "
+        "its folder; keep the input) instead of a copy (sparse files stay sparse)",
+    )
     g.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime validation")
+    _add_validate_scope(g)
     g.add_argument(
         "--allow-partial", action="store_true", help="rewrite the understood sites even if others were not understood"
     )
@@ -213,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp32-positions", action="store_true",
                    help="the rewrite made half-precision positions fp32 (outputs of such models are not compared)")
     g.add_argument("--max-positions", type=int, metavar="N", help="the rewrite extended tables to N positions")
+    _add_validate_scope(g)
     _add_common(p)
     p.set_defaults(handler=_cmd_validate)
 
@@ -360,6 +367,15 @@ def _show_written(out: Output, model: Path, result: object, replacing: bool) -> 
         render.print_error(f"validation failed for {len(bad)} site(s): {', '.join(map(str, bad))}")
         return ValidationError.exit_code
     return 0
+
+
+def _add_validate_scope(g) -> None:
+    g.add_argument(
+        "--validate", dest="validate_scope", choices=("bounded", "full"), default="bounded",
+        help="bounded (default): rotations on their own subgraphs, outputs compared on a cut of both models (the "
+        "first layer), memory independent of the model's size; full: also the whole models, up to 4096 tokens "
+        "(docs/validation.md)",
+    )
 
 
 def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:

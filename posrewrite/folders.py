@@ -109,7 +109,7 @@ def place_file(src: Path, dst: Path, *, link: bool = False) -> str:
                 raise
     if _reflink(src, dst):
         return "reflinked"
-    shutil.copy2(src, dst)
+    io.copy_sparse(src, dst)  # holes of a sparse file stay holes
     return "copied"
 
 

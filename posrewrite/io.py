@@ -33,13 +33,18 @@ __all__ = [
     "preload_model",
     "StagedModel",
     "check_output_path",
+    "copy_sparse",
+    "output_disk_bytes",
+    "remove_leftovers",
     "save_model",
+    "shares_weights_with",
     "stage_model",
     "source_path",
 ]
 
+import errno
+import fcntl
 import functools
-import glob
 import math
 import os
 import re
@@ -400,7 +405,7 @@ class _ProtoChecker:
             self.files[real] = st.st_size
         if length is not None and length < nbytes:
             self.fail(f"{label} declares {length} bytes of external data, its shape {list(t.dims)} needs {nbytes}")
-        end = offset + nbytes
+        end = offset + max(nbytes, length or 0)  # onnx_ir reads the declared length, not the shape's bytes
         if end > self.files[real]:
             self.fail(
                 f"external data file '{shown}' is truncated: {label} needs bytes up to {end} but the file has "
@@ -694,6 +699,27 @@ class StagedModel:
         self.data = data
         self._protected = protected
         self.committed = False
+        self._locks: list[int] = []
+
+    def hold(self, path: Path) -> None:
+        """Keep an exclusive lock on a staged file while this run lives: `remove_leftovers` (of another run)
+        removes only staged files nobody holds, i.e. those of killed runs."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        self._locks.append(fd)
+
+    def _release(self) -> None:
+        for fd in self._locks:
+            with _suppress_os_error():
+                os.close(fd)
+        self._locks = []
 
     def commit(self) -> Path:
         if self.committed:
@@ -706,13 +732,14 @@ class StagedModel:
             self.discard()
             raise OutputError(f"cannot write {_printable(self.out, 300)}: {e.strerror or e}") from None
         self.committed = True
-        stale = [p for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*.onnx") if p != self.path]
-        for p in old_data + stale:  # the replaced model's data, and what killed runs (SIGKILL) left
+        self._release()
+        for p in old_data:  # the replaced model's data
             if any(_same_file(p, keep) for keep in self._protected):
                 continue
             with _suppress_os_error():
                 if stat.S_ISREG(os.lstat(p).st_mode):
                     p.unlink()
+        remove_leftovers(self.out, self._protected)  # and what killed runs (SIGKILL) left
         return self.out
 
     def discard(self) -> None:
@@ -722,6 +749,7 @@ class StagedModel:
             if p is not None:
                 with _suppress_os_error():
                     p.unlink()
+        self._release()
 
     def __enter__(self) -> StagedModel:
         return self
@@ -744,9 +772,11 @@ def stage_model(
     path: str | os.PathLike,
     *,
     external_data: Literal["auto"] | bool | None = "auto",
+    share_weights: bool = False,
 ) -> StagedModel:
     """Write ``model`` beside ``path`` without touching ``path`` or any file a reader of it uses (see
-    :class:`StagedModel`); ``external_data`` as for :func:`save_model`.
+    :class:`StagedModel`); ``external_data`` as for :func:`save_model`. ``share_weights``: external tensors no
+    pass touched keep reading the input's data file (which must lie in the output's folder), nothing is copied.
 
     Raises:
         UsageError: ``path`` is the file the model was loaded from, or one of its external data files.
@@ -775,6 +805,8 @@ def stage_model(
     except OSError as e:
         raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
     staged = StagedModel(out, Path(tmp_name), None, protected)
+    staged.hold(staged.path)
+    remove_leftovers(out, protected)
     nested: list[tuple[object, str, object]] = []
     try:
         nested = _inline_nested_external_tensors(model)
@@ -787,7 +819,13 @@ def stage_model(
                 fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.close(fd)
             staged.data = data
-            ir.save(model, staged.path, external_data=data.name, size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES)
+            staged.hold(data)
+            restore = _write_data_file(model, data, share=share_weights)
+            try:
+                ir.save(model, staged.path)
+            finally:
+                for value, tensor in restore:
+                    value.const_value = tensor
             if data.stat().st_size == 0:  # every tensor was small: no data file
                 data.unlink()
                 staged.data = None
@@ -808,6 +846,237 @@ def stage_model(
         raise
     _restore(nested)
     return staged
+
+
+def _locked_by_a_live_run(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _referenced_data(out: Path) -> set[str]:
+    """Names of the data files the model at `out` reads (none read; an unreadable model reads nothing)."""
+    try:
+        proto = onnx.load(os.fspath(out), load_external_data=False)
+    except Exception:  # noqa: BLE001 - no model or not a model: nothing of ours is referenced
+        return set()
+    names = set()
+    for t in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001 - walks subgraphs and functions too
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    names.add(os.path.basename(e.value))
+    return names
+
+
+def remove_leftovers(out: Path, protected: list[Path] = ()) -> list[Path]:
+    """Remove what runs killed while writing left beside their outputs in `out`'s folder: staged models
+    (``.NAME.tmp-*.onnx``, any NAME), onnx_ir's staging folders (``.NAME.data.*``, ``.NAME.<hex>.data.*``) and
+    data files of ``out`` (``OUT.data``, ``OUT.<hex>.data``) that the model at ``out`` does not read. A file a
+    live run holds (an exclusive lock, see StagedModel.hold) is left; so are protected files (the input's
+    data). Returns what was removed."""
+    folder = out.parent
+    removed: list[Path] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    owned = _data_name_pattern(out)
+    staging_dir = re.compile(r"\..+\.data\.[A-Za-z0-9_]{8}")
+    referenced = None
+    for name in names:
+        p = folder / name
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if any(_same_file(p, keep) for keep in protected):
+            continue
+        if stat.S_ISREG(st.st_mode) and name.startswith(".") and ".tmp-" in name and name.endswith(".onnx"):
+            doomed = [p]
+        elif stat.S_ISDIR(st.st_mode) and staging_dir.fullmatch(name):
+            try:
+                inner = [p / n for n in os.listdir(p)]
+            except OSError:
+                continue
+            if not all(stat.S_ISREG(os.lstat(q).st_mode) for q in inner):
+                continue
+            doomed = [*inner, p]
+        elif stat.S_ISREG(st.st_mode) and owned.fullmatch(name):
+            if referenced is None:
+                referenced = _referenced_data(out)
+            if name in referenced:
+                continue
+            doomed = [p]
+        else:
+            continue
+        if any(not q.is_dir() and _locked_by_a_live_run(q) for q in doomed):
+            continue
+        for q in doomed:
+            with _suppress_os_error():
+                q.rmdir() if q.is_dir() else q.unlink()
+        removed.append(p)
+    return removed
+
+
+#: Tensors of at least this many bytes start at a multiple of _ALIGNMENT in the data file (onnxruntime maps
+#: them page by page); smaller ones at a multiple of 16.
+_ALIGN_THRESHOLD = 1 << 20
+_ALIGNMENT = 1 << 16
+_COPY_CHUNK = 8 << 20
+
+
+def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """[a, b) ranges of `fd` within [start, end) that hold data (SEEK_DATA / SEEK_HOLE); the whole range where
+    the file system cannot say."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole up to the end of the file
+                return
+            yield pos, end  # no SEEK_DATA here: copy everything
+            return
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
+    """Copy `length` bytes file to file, the holes of `src` left as holes in `dst` (nothing written there)."""
+    for a, b in _data_extents(src, src_offset, src_offset + length):
+        done = a
+        while done < b:
+            n = min(_COPY_CHUNK, b - done)
+            target = dst_offset + (done - src_offset)
+            try:
+                copied = os.copy_file_range(src, dst, n, done, target)
+            except OSError:
+                copied = 0
+            if copied <= 0:  # another file system, or no copy_file_range: through a bounded buffer
+                chunk = os.pread(src, n, done)
+                if not chunk:
+                    raise OSError(errno.EIO, "external data ends early")
+                copied = os.pwrite(dst, chunk, target)
+            done += copied
+
+
+def shares_weights_with(model: ir.Model, out: Path) -> bool:
+    """Whether every external tensor of `model` lives in `out`'s folder (the output can read them there)."""
+    folder = os.path.realpath(out.parent)
+    return all(os.path.dirname(os.path.realpath(os.path.join(str(t.base_dir), str(t.location)))) == folder
+               for t in _external_tensors(model))
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy the file `src` to a new file `dst`, its holes left as holes (SEEK_DATA/SEEK_HOLE), mode and times
+    as shutil.copy2 keeps them."""
+    import shutil
+
+    size = os.stat(src).st_size
+    fd_in = os.open(src, os.O_RDONLY)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _copy_range(fd_in, 0, fd_out, 0, size)
+            os.ftruncate(fd_out, size)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    shutil.copystat(src, dst)
+
+
+def _write_data_file(model: ir.Model, data: Path, share: bool = False) -> list[tuple[ir.Value, object]]:
+    """Write the main graph's tensors of at least _EXTERNAL_THRESHOLD_BYTES to `data` and point them there
+    (returns what to restore). External tensors are copied file to file keeping the input's holes (a sparse
+    input gives a sparse output), or with `share` left where they are (their file is in `data`'s folder);
+    tensors in memory are written as they are."""
+    restore: list[tuple[ir.Value, object]] = []
+    offset = 0
+    sources: dict[str, int] = {}
+    fd = os.open(data, os.O_WRONLY)
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            nbytes = int(tensor.nbytes)
+            if nbytes < _EXTERNAL_THRESHOLD_BYTES:
+                if isinstance(tensor, ir.ExternalTensor):  # small: inside the .onnx (its file is not beside OUT)
+                    restore.append((value, tensor))
+                    value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+                continue
+            if share and isinstance(tensor, ir.ExternalTensor):
+                continue  # read from the input's data file, beside the output
+            align = _ALIGNMENT if nbytes >= _ALIGN_THRESHOLD else 16
+            offset = (offset + align - 1) // align * align
+            if isinstance(tensor, ir.ExternalTensor):
+                path = os.path.join(str(tensor.base_dir), str(tensor.location))
+                if path not in sources:
+                    sources[path] = os.open(path, os.O_RDONLY)
+                _copy_range(sources[path], int(tensor.offset or 0), fd, offset, nbytes)
+            else:
+                view = memoryview(tensor.tobytes())
+                done = 0
+                while done < nbytes:
+                    done += os.pwrite(fd, view[done:done + _COPY_CHUNK], offset + done)
+            restore.append((value, tensor))
+            value.const_value = ir.ExternalTensor(data.name, offset, nbytes, tensor.dtype, shape=tensor.shape,
+                                                  name=tensor.name or value.name, base_dir=str(data.parent))
+            offset += nbytes
+        os.ftruncate(fd, offset)  # holes up to the end are kept
+    except BaseException:
+        for value, tensor in restore:
+            value.const_value = tensor
+        raise
+    finally:
+        os.close(fd)
+        for src in sources.values():
+            os.close(src)
+    return restore
+
+
+def output_disk_bytes(model: ir.Model, share: bool = False) -> tuple[int, int]:
+    """(bytes of new disk, apparent bytes) the external data of `model` will take when saved: the data extents
+    of its external tensors (holes stay holes; none with `share`) plus tensors in memory. Nothing is read but
+    extent maps."""
+    new = apparent = 0
+    files: dict[str, int] = {}
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            nbytes = int(tensor.nbytes)
+            if nbytes < _EXTERNAL_THRESHOLD_BYTES:
+                continue
+            if share and isinstance(tensor, ir.ExternalTensor):
+                continue
+            apparent += nbytes
+            if isinstance(tensor, ir.ExternalTensor):
+                path = os.path.join(str(tensor.base_dir), str(tensor.location))
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY)
+                start = int(tensor.offset or 0)
+                new += sum(b - a for a, b in _data_extents(files[path], start, start + nbytes))
+            else:
+                new += nbytes
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return new, apparent
 
 
 def _umask() -> int:

@@ -66,6 +66,7 @@ class RewriteOptions:
     xpos_decay: str = "angles"  # xPos rescale: "angles" (decay kept) | "scaled" (decay's positions divided too)
     fuse: str = "none"
     validate: bool = True
+    validate_scope: str = "bounded"  # "bounded": model-level checks on a cut; "full": the whole models
     allow_partial: bool = False
     max_positions: int | None = None
     pos_scale: float | None = None
@@ -87,6 +88,7 @@ class RewriteOptions:
     target_grid: tuple[int, int] | None = None
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
+    share_weights: bool = False  # one model: untouched weights read from the input's data file (same folder)
     json: bool = False
     debug: bool = False
 
@@ -318,6 +320,7 @@ _PLAIN_FIELDS = (
     "xpos_decay",
     "fuse",
     "validate",
+    "validate_scope",
     "allow_partial",
     "max_positions",
     "pos_scale",
@@ -333,6 +336,7 @@ _PLAIN_FIELDS = (
     "runtime_decode",
     "output",
     "link_weights",
+    "share_weights",
 )
 
 

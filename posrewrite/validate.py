@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite import errors
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import numpy_dtype
@@ -32,6 +33,7 @@ class ValidationReport:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    scope: str = "full"  # "bounded": model-level checks ran on a cut (posrewrite.cut), see docs/validation.md
 
     @property
     def ok(self) -> bool:
@@ -39,7 +41,8 @@ class ValidationReport:
         return all(r["ok"] for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "rows": self.rows, "notes": self.notes, "seconds": round(self.seconds, 3)}
+        return {"ok": self.ok, "scope": self.scope, "rows": self.rows, "notes": self.notes,
+                "seconds": round(self.seconds, 3)}
 
 
 def _session(model_proto_bytes: bytes):
@@ -47,6 +50,7 @@ def _session(model_proto_bytes: bytes):
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failed run becomes a row of the report (and one error line), not a log line
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(model_proto_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -56,6 +60,8 @@ def _session_for(path, quiet: bool = False):
     options = ort.SessionOptions()
     # a failed run becomes a row of the report (and one error line): onnxruntime's own log stays off stderr
     options.log_severity_level = 4
+    options.enable_cpu_mem_arena = False  # a whole-model run gives back each layer's scores (the arena keeps them)
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -242,6 +248,12 @@ def compare_models(original, rewritten, length: int, *, cache_contract_changed: 
         return row
     if cache_contract_changed:
         new = new[:1]
+    return _compare_outputs(row, ref, new, length, f"at {length} tokens")
+
+
+def _compare_outputs(row: dict[str, Any], ref, new, length: int, where: str) -> dict[str, Any]:
+    """Fills `row` with the comparison of every floating output of `ref` (the original's) with `new`'s, within
+    `output_tolerance`; the row reports the worst one relative to its bound."""
     pairs = [(a, b) for a, b in zip(ref, new) if np.issubdtype(np.asarray(a).dtype, np.floating)]  # noqa: B905
     if not pairs or len(ref) != len(new):
         row.update(ok=not pairs and len(ref) == len(new),
@@ -250,25 +262,27 @@ def compare_models(original, rewritten, length: int, *, cache_contract_changed: 
     worst, tol_at_worst, how_at_worst, ok = 0.0, None, "", True
     for k, (x, y) in enumerate(pairs):  # logits, and present keys/values where the model returns them
         a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-        if not np.all(np.isfinite(a)):
+        if np.any(np.isnan(a)):
             if k == 0:
-                row["message"] = ("comparison skipped: the original model itself gives non-finite outputs at "
-                                  f"{length} tokens")
+                row["message"] = f"comparison skipped: the original model itself gives NaN outputs {where}"
                 return row
             continue
         if a.shape != b.shape:
             row.update(ok=False, message=f"output {k} shapes differ: {a.shape} vs {b.shape}")
             return row
-        tol, how = output_tolerance(x)
+        finite = np.isfinite(a)  # masked scores inside a cut hold -inf: the same entries must, the rest compare
+        same_inf = bool(np.array_equal(np.isfinite(b), finite) and np.array_equal(a[~finite], b[~finite]))
+        a, b = a[finite], b[finite]
+        tol, how = output_tolerance(np.asarray(x)[finite] if not finite.all() else x)
         err = float(np.max(np.abs(a - b))) if a.size else 0.0
-        good = bool(err <= tol and np.all(np.isfinite(b)))
+        good = bool(err <= tol and np.all(np.isfinite(b)) and same_inf)
         if tol_at_worst is None or (not good and ok) or (good == ok and err / tol > worst / tol_at_worst):
             worst, tol_at_worst, how_at_worst = err, tol, how
         ok = ok and good
     outputs = "outputs" if len(pairs) > 1 else "output"
     row.update(max_abs_error=worst, tolerance=tol_at_worst, ok=ok, tolerance_from=how_at_worst,
-               message=f"original and rewritten {outputs} ({len(pairs)}) at {length} tokens",
-               compared=f"original vs rewritten {outputs} ({len(pairs)}) on the same inputs at {length} tokens")
+               message=f"original and rewritten {outputs} ({len(pairs)}) {where}",
+               compared=f"original vs rewritten {outputs} ({len(pairs)}) on the same inputs {where}")
     return row
 
 
@@ -298,6 +312,198 @@ def probe_past_cache(path, rows: int) -> dict[str, Any]:
         return row
     row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
     return row
+
+
+# ==================================================================================================
+# The bounded check (the default): the same comparisons on a cut of the model (posrewrite.cut)
+# ==================================================================================================
+
+#: Largest weights (as onnxruntime holds them) a cut may take: past it a shallower cut is taken (the first
+#: attention's own result rather than the whole first layer).
+CUT_WEIGHT_CAP = 2 << 30
+
+
+_GRAPHS: dict[tuple[str, int, int], ir.Model] = {}
+
+
+def release_graphs() -> None:
+    """Forget the graphs `_graph_of` loaded (the end of a validation)."""
+    _GRAPHS.clear()
+
+
+def _graph_of(path) -> ir.Model:
+    """The graph of a model loaded (and checked) before: onnx_ir's lazy load, no weight read (a folder rewrite
+    with --link-weights hard-links the data files, which io.load_model refuses to read; nothing here reads them:
+    onnxruntime maps them). Loaded once per validation (`validate_rewrite` clears them): a model with inline
+    weights holds them in its graph."""
+    import os
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = ir.load(str(path))
+    return _GRAPHS[key]
+
+
+class MemoryRefusal(errors.UsageError):
+    """A session would not fit in the memory available (message: the estimate and the way out; exit 2)."""
+
+
+def _check_fits(sub: ir.Model, length: int, what: str, way_out: str) -> None:
+    from posrewrite import cut, memory
+
+    est = cut.estimate(sub, length)
+    avail, source = memory.available_bytes()
+    if avail is not None and est["total"] > avail:
+        raise MemoryRefusal(
+            f"{what} at {length} tokens would need about {memory.describe_bytes(est['total'])} (weights as "
+            f"onnxruntime holds them {memory.describe_bytes(est['weights'])}, activations "
+            f"{memory.describe_bytes(est['activations'])}), {memory.describe_bytes(avail)} available ({source}); "
+            f"{way_out}")
+
+
+def _seed_groups(model: ir.Model, sites) -> list[list[str]]:
+    """Per RoPE site, the names of its first-layer rotation outputs (the applications whose input depends on no
+    other rotation of any site), or of its fused nodes' outputs; then [] (the model's first attention)."""
+    from posrewrite.cut import _descendants
+
+    by_name = {o.name: o for n in model.graph for o in n.outputs if o.name}
+    groups = []
+    all_out = [by_name[a.output.name] for site in sites for a in site.applications if a.output.name in by_name]
+    all_out += [by_name[n.outputs[0].name] for site in sites for n in site.fused_nodes
+                if n.outputs and n.outputs[0].name in by_name]
+    after = _descendants(model.graph, {id(v) for v in all_out}) - {id(v) for v in all_out}
+    for site in sites:
+        names = [a.output.name for a in site.applications
+                 if a.input.name in by_name and id(by_name[a.input.name]) not in after]
+        names += [n.outputs[0].name for n in site.fused_nodes if n.outputs and n.inputs and n.inputs[0] is not None
+                  and n.inputs[0].name in by_name and id(by_name[n.inputs[0].name]) not in after]
+        if names:
+            groups.append(names)
+    return [*groups, []]
+
+
+class BoundedRuns:
+    """The model-level checks run on a cut (posrewrite.cut) of the original and of the rewritten model: the
+    first attention after each RoPE site's first-layer rotations, up to the inputs of the next attention.
+    Positions far past the old length are reached by a short call after a random first-layer past (KV-cache
+    exports) or by position_ids. External weights stay in their files (onnxruntime maps them)."""
+
+    WAY_OUT = "rerun with --no-validate to write the model unvalidated, or free memory"
+
+    def __init__(self, original, rewritten, sites, vocab: dict[str, int] | None) -> None:
+        from posrewrite import cut as cut_mod
+
+        self.original, self.rewritten, self.vocab = original, rewritten, vocab
+        self.orig_model = _graph_of(original)
+        self.new_model = _graph_of(rewritten)
+        self.cut = cut_mod.find_cut(self.orig_model, self.new_model, _seed_groups(self.orig_model, sites))
+        self.orig_sub = self.new_sub = None
+        if self.cut is None:
+            return
+        names = list(self.cut.outputs)
+        while names:
+            try:
+                orig_sub = cut_mod.sub_model(self.orig_model, names)
+                new_sub = cut_mod.sub_model(self.new_model, names)
+            except Exception:  # noqa: BLE001 - a name the rewritten graph holds but cannot bound: a shallower cut
+                orig_sub = new_sub = None
+            if orig_sub is not None and max(cut_mod.estimate(m, SHORT_CALL_LENGTH)["weights"]
+                                            for m in (orig_sub, new_sub)) <= CUT_WEIGHT_CAP:
+                self.orig_sub, self.new_sub, self.cut.outputs = orig_sub, new_sub, names
+                break
+            names = names[:-1]
+
+    @property
+    def usable(self) -> bool:
+        return self.new_sub is not None
+
+    def describe(self) -> str:
+        if not self.usable:
+            return ""
+        names = ", ".join(self.cut.outputs[:3]) + (", ..." if len(self.cut.outputs) > 3 else "")
+        return f"cut at {names} ({self.cut.reason})"
+
+    def _feeds(self, length: int, seed: int = 0):
+        from posrewrite import cut
+
+        inputs = {v.name: v for m in (self.orig_sub, self.new_sub) for v in m.graph.inputs}
+        return cut.cut_feeds(list(inputs.values()), length, self.vocab, _token_ids, seed)
+
+    def _run(self, sub: ir.Model, feeds: dict[str, np.ndarray], length: int, what: str, quiet: bool = False):
+        from posrewrite import cut
+
+        _check_fits(sub, length, f"the bounded check of {what}", self.WAY_OUT)
+        session = cut.extracted_session(sub, quiet=quiet)
+        names = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+    def compare(self, length: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
+                               "ok": True, "compared": f"original vs rewritten cut outputs at {length} tokens"}
+        fed = self._feeds(length)
+        if isinstance(fed, str):
+            row["message"] = f"comparison skipped: {fed}"
+            return row
+        feeds, how = fed
+        try:
+            ref = self._run(self.orig_sub, feeds, length, "the original model", quiet=True)
+        except MemoryRefusal:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            row["message"] = f"comparison skipped: the original: {str(exc).splitlines()[0][:200]}"
+            return row
+        try:
+            new = self._run(self.new_sub, feeds, length, "the rewritten model")
+        except MemoryRefusal:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            row.update(ok=False, message=f"the rewritten model's cut fails ({how}): {str(exc).splitlines()[0][:200]}")
+            return row
+        where = f"at {length} positions ({how}), {self.describe()}"
+        return _compare_outputs(row, ref, new, length, where)
+
+    def run_far(self, length: int) -> tuple[bool, str]:
+        fed = self._feeds(length, seed=1)
+        if isinstance(fed, str):
+            return True, f"far-position run skipped: {fed}"
+        feeds, how = fed
+        try:
+            outputs = self._run(self.new_sub, feeds, length, "the rewritten model")
+        except MemoryRefusal:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return False, f"the rewritten model's cut fails at {length} positions ({how}): " \
+                          f"{str(exc).splitlines()[0][:200]}"
+        for o in outputs:  # -inf is a masked score inside a cut; NaN is never right
+            if np.issubdtype(np.asarray(o).dtype, np.floating) and (np.any(np.isnan(o)) or np.any(np.isposinf(o))):
+                return False, f"the rewritten model's cut gives NaN or +inf at {length} positions ({how})"
+        return True, f"the rewritten model's cut ran at {length} positions ({how}), {self.describe()}"
+
+    def probe_past_cache(self, rows: int) -> dict[str, Any]:
+        length = rows + 1
+        row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None,
+                               "ok": True, "compared": f"the fused model's cut at {length} positions, one past its "
+                                                      f"{rows}-row caches: must be rejected"}
+        fed = self._feeds(length, seed=2)
+        if isinstance(fed, str):
+            row["message"] = f"probe skipped: {fed}"
+            return row
+        try:
+            self._run(self.new_sub, fed[0], length, "the rewritten model", quiet=True)
+        except MemoryRefusal:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            text = str(exc).splitlines()[0].split("Status Message:", 1)[-1].strip()
+            row["message"] = f"position {rows} is rejected by onnxruntime: {text[:160]}"
+            return row
+        row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
+        return row
+
+
+SHORT_CALL_LENGTH = 16
+#: Positions per run when the rotation oracle captures a model's own q/k through position_ids.
+CAPTURE_CHUNK = 1024
 
 
 # ==================================================================================================
@@ -417,13 +623,13 @@ def _outer_values(sub: ir.Graph) -> list[ir.Value]:
 
 
 def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
+    """A session of the part of `model` between `inputs` and `outputs`; external weights stay in their files
+    (onnxruntime maps them: nothing is read here)."""
+    from posrewrite.cut import extracted_session
+
     sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [v.name for v in outputs])
-    for init in list(sub.initializers.values()):
-        if isinstance(init.const_value, ir.ExternalTensor):  # only what the rotation needs (small tables)
-            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
     sub.opset_imports.update(model.graph.opset_imports)
-    proto = ir.to_proto(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
-    return _session(proto.SerializeToString())
+    return extracted_session(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
 
 
 def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray]:
@@ -574,8 +780,9 @@ def _reference_by_caches(node: ir.Node, references: list[RopeReference]) -> Rope
 
 
 def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: int | None, length: int,
-                      source: str) -> dict[str, Any]:
-    """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions 0..length-1)."""
+                      source: str, start: int = 0) -> dict[str, Any]:
+    """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions start.., in a call
+    over positions 0..length-1)."""
     row: dict[str, Any] = {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1],
                            "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
     if seq_axis is not None and np.shape(y) != np.shape(x) and _same_rows(np.shape(x), np.shape(y), seq_axis):
@@ -585,12 +792,12 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
         return row
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
-    expected = numpy_rotation(xs, inv, factor, np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
+    expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
     if rot.decay is not None:  # xPos: the paper's decay at these positions (its exponent as the plan says)
         from posrewrite.passes.onnx.rope.xpos import decay_magnitude
 
         ratio = getattr(rot.reference.plan, "decay_ratio", 1.0) if rot.reference.plan is not None else 1.0
-        mag = decay_magnitude(rot.decay, xs.shape[-2], ratio)
+        mag = decay_magnitude(rot.decay, start + xs.shape[-2], ratio)[start:]
         expected[..., : rot.rotary_dim] *= np.concatenate([mag, mag], axis=-1) if rot.layout != "interleaved" \
             else np.repeat(mag, 2, axis=-1)
     tol, how = _rotation_tolerance(xs, rot.rotary_dim, inv, factor, length, str(np.asarray(x).dtype))
@@ -609,16 +816,38 @@ def _same_rows(a: tuple, b: tuple, seq_axis: int) -> bool:
     return tuple(a[:k]) == tuple(b[:k]) and math.prod(a[k:]) == math.prod(b[k:])
 
 
+def _chunks(fed: list, max_length: int) -> list[list]:
+    """`fed` rotations in groups whose inputs, outputs and temporaries at `max_length` positions (8 arrays of the
+    input's size) stay within a quarter of the memory available (at most 1 GiB)."""
+    from posrewrite import memory
+
+    avail, _ = memory.available_bytes()
+    budget = min(1 << 30, (avail or 1 << 32) // 4)
+    chunks: list[list] = [[]]
+    used = 0
+    for rot, feed_at in fed:
+        dims = [d if isinstance(d, int) else 1 for d in feed_at.shape.dims]
+        size = 8 * max(4, feed_at.dtype.itemsize) * int(np.prod(dims)) * max_length
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append((rot, feed_at))
+        used += size
+    return chunks
+
+
 class _RotationRunner:
     """Runs the rotations of a rewritten model at given lengths. A rotation whose rotated q/k depends on the
     hidden states only through its pre-rotation q/k is run on its own subgraph with random q/k (no weights
     read); the others are captured together from one run of the model's prefix that computes them."""
 
-    def __init__(self, model: ir.Model, rotations: list[_Rotation], vocab: dict[str, int] | None) -> None:
+    def __init__(self, model: ir.Model, rotations: list[_Rotation], vocab: dict[str, int] | None,
+                 max_length: int = MAX_VALIDATION_LENGTH, bounded: bool = False) -> None:
         self.model, self.vocab = model, vocab
         self.alone: list[tuple[_Rotation, ir.Value, Any, list[ir.Value]]] = []
         self.captured: list[_Rotation] = []
         self.errors: dict[int, str] = {}
+        self.skipped = 0
         fed: list[tuple[_Rotation, ir.Value]] = []
         for rot in rotations:
             feed_at = _feed_point(rot.pre, rot.post)
@@ -626,16 +855,25 @@ class _RotationRunner:
                 self.captured.append(rot)
             else:
                 fed.append((rot, feed_at))
-        self.together = None
-        if len({id(f) for _, f in fed}) == len(fed) > 1:  # one session for all of them (each its own input)
+        if bounded and len(self.captured) > 1:  # the model's own q/k: only the first layer's (a bounded prefix)
+            posts = [r.post for r in self.captured]
+            from posrewrite.cut import _descendants
+
+            after = _descendants(model.graph, {id(v) for v in posts}) - {id(v) for v in posts}
+            first = [r for r in self.captured if id(r.pre) not in after]
+            self.skipped = len(self.captured) - len(first)
+            self.captured = first
+        self.together: list[tuple[list, Any, list[ir.Value]]] = []
+        if len({id(f) for _, f in fed}) == len(fed) > 1:  # few sessions for all of them (each its own input)
             try:
-                feeds_at = [f for _, f in fed]
-                others = _graph_inputs_for(model.graph, [r.post for r, _ in fed], feeds_at)
-                session = _extracted_session(model, [*feeds_at, *others], [r.post for r, _ in fed])
-                self.together = (fed, session, others)
+                for chunk in _chunks(fed, max_length):
+                    feeds_at = [f for _, f in chunk]
+                    others = _graph_inputs_for(model.graph, [r.post for r, _ in chunk], feeds_at)
+                    session = _extracted_session(model, [*feeds_at, *others], [r.post for r, _ in chunk])
+                    self.together.append((chunk, session, others))
                 fed = []
             except Exception:  # noqa: BLE001 - one session per rotation then
-                pass
+                self.together = []
         for rot, feed_at in fed:
             try:
                 others = _graph_inputs_for(model.graph, [rot.post], [feed_at])
@@ -660,8 +898,7 @@ class _RotationRunner:
             if id(rot) in self.errors:
                 rows.append(self._failed(rot, length, self.errors[id(rot)]))
         rng = np.random.default_rng(seed + length)
-        if self.together is not None:
-            fed, session, others = self.together
+        for fed, session, others in self.together:
             feeds = _input_feeds(others, length, self.vocab)
             xs = [_random_input(f, length, rng) for _, f in fed]
             for (_, f), (x, _) in zip(fed, xs, strict=True):
@@ -686,16 +923,29 @@ class _RotationRunner:
                 continue
             rows.append(_compare_rotation(rot, x, y, seq_axis, length, "random pre-rotation values"))
         if self.prefix is not None:
-            try:
-                values = self.prefix.run(None, _input_feeds(self.prefix_inputs, length, self.vocab))
-            except Exception as exc:  # noqa: BLE001
-                message = f"rotations do not run at {length} positions: {str(exc).splitlines()[0][:200]}"
-                rows.extend(self._failed(rot, length, message) for rot in self.captured)
-                return rows
-            for k, rot in enumerate(self.captured):
-                x, y = values[2 * k], values[2 * k + 1]
-                rows.append(_compare_rotation(rot, x, y, _seq_axis(np.shape(x), length), length,
-                                              "the model's pre-rotation values"))
+            # a model fed position_ids: its own q/k computed CAPTURE_CHUNK positions at a time (memory of one chunk)
+            positions = [v for v in self.prefix_inputs if "position" in (v.name or "").lower()]
+            step = CAPTURE_CHUNK if positions and length > CAPTURE_CHUNK else length
+            worst: dict[int, dict[str, Any]] = {}
+            for start in range(0, length, step):
+                n = min(step, length - start)
+                feeds = _input_feeds(self.prefix_inputs, n, self.vocab)
+                for v in positions:
+                    feeds[v.name] = feeds[v.name] + np.asarray(start, feeds[v.name].dtype)
+                try:
+                    values = self.prefix.run(None, feeds)
+                except Exception as exc:  # noqa: BLE001
+                    message = f"rotations do not run at {length} positions: {str(exc).splitlines()[0][:200]}"
+                    rows.extend(self._failed(rot, length, message) for rot in self.captured)
+                    return rows
+                for k, rot in enumerate(self.captured):
+                    x, y = values[2 * k], values[2 * k + 1]
+                    row = _compare_rotation(rot, x, y, _seq_axis(np.shape(x), n), length,
+                                            "the model's pre-rotation values", start)
+                    if k not in worst or _worse(row, worst[k]):
+                        worst[k] = row
+                del values
+            rows.extend(worst[k] for k in sorted(worst))
         return rows
 
     @staticmethod
@@ -809,8 +1059,8 @@ def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, lengt
 
 
 def check_rotations(model: ir.Model, references: list[RopeReference], lengths: list[int],
-                    vocab: dict[str, int] | None = None, *, keys_rotated_after_cache: bool = False
-                    ) -> list[dict[str, Any]]:
+                    vocab: dict[str, int] | None = None, *, keys_rotated_after_cache: bool = False,
+                    bounded: bool = False) -> list[dict[str, Any]]:
     """Rows of the rotation oracle: every rotation of every site at every length (the rotation subgraphs only,
     no weights), plus a row saying whether every rotation of the original sites was found.
     ``keys_rotated_after_cache``: key rotations moved behind the cache (exact decode) are not expected by name;
@@ -824,7 +1074,10 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
     rows: list[dict[str, Any]] = [{
         "site": "rotations", "length": None, "max_abs_error": None, "tolerance": None, "ok": found >= expected,
         "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original model ({expected})"}]
-    runner = _RotationRunner(model, rotations, vocab)
+    runner = _RotationRunner(model, rotations, vocab, max(lengths, default=MAX_VALIDATION_LENGTH), bounded)
+    if runner.skipped:
+        rows[0]["message"] = (f"{runner.skipped} rotation(s) of later layers read the model's own q/k: checked "
+                              "with --validate full only")
     for n in lengths:
         worst: dict[str, dict[str, Any]] = {}
         counts: dict[str, int] = {}
@@ -833,18 +1086,32 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
             counts[key] = counts.get(key, 0) + 1
             if key not in worst or _worse(row, worst[key]):
                 worst[key] = row
-        for node in gqa:
+        for node, same in _distinct_gqa(gqa):
             ref = references[0] if len(references) == 1 else None
             if ref is None:
                 continue
             row = check_gqa_rotation(model, node, ref, n, vocab)
-            counts["gqa"] = counts.get("gqa", 0) + 1
+            counts["gqa"] = counts.get("gqa", 0) + same
             if "gqa" not in worst or _worse(row, worst["gqa"]):
                 worst["gqa"] = row
         for key, row in worst.items():
             row["rotations_checked"] = counts[key]  # the row shows the worst of them
         rows.extend(worst.values())
     return rows
+
+
+def _distinct_gqa(nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
+    """GroupQueryAttention nodes with distinct rotations, each with how many nodes share it: the check of one
+    (`check_gqa_rotation`) reads only its cos/sin caches, rotary_interleaved and num_heads, so nodes that read the
+    same cache values with the same attributes rotate alike (layers of one model share their caches)."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in nodes:
+        attrs = node.attributes
+        key = (id(node.inputs[7]) if len(node.inputs) > 7 else None, id(node.inputs[8]) if len(node.inputs) > 8
+               else None, attrs["rotary_interleaved"].as_int() if "rotary_interleaved" in attrs else 0,
+               attrs["num_heads"].as_int() if "num_heads" in attrs else None)
+        groups.setdefault(key, []).append(node)
+    return [(group[0], len(group)) for group in groups.values()]
 
 
 def _worse(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -928,6 +1195,79 @@ def _switch_lengths(sites) -> set[int]:
     return lengths
 
 
+class FullRuns:
+    """The model-level checks on the whole original and rewritten models (`--validate full`); a run whose
+    memory estimate does not fit falls back to the bounded check of the same thing, and says so."""
+
+    def __init__(self, original, rewritten, report: ValidationReport, fallback) -> None:
+
+        self.original, self.rewritten, self.report, self.fallback = original, rewritten, report, fallback
+        self.models = {str(original): _graph_of(original), str(rewritten): _graph_of(rewritten)}
+
+    def _fits(self, path, length: int) -> str | None:
+        from posrewrite import memory
+
+        est = memory.session_estimate(self.models[str(path)], length - length // 2, length)
+        avail, source = memory.available_bytes()
+        if avail is None or est["total"] <= avail:
+            return None
+        return (f"the whole model at {length} tokens would need about {memory.describe_bytes(est['total'])}, "
+                f"{memory.describe_bytes(avail)} available ({source}): checked on the bounded cut instead")
+
+    def _bounded(self, why: str):
+        if why not in self.report.notes:
+            self.report.notes.append(why)
+        runs = self.fallback()
+        if runs is None:
+            raise MemoryRefusal(why.replace(": checked on the bounded cut instead", "") + "; no cut of the model "
+                                "was found for the bounded check: rerun with --no-validate")
+        return runs
+
+    def compare(self, length: int) -> dict[str, Any]:
+        why = self._fits(self.original, length) or self._fits(self.rewritten, length)
+        return self._bounded(why).compare(length) if why else compare_models(self.original, self.rewritten, length)
+
+    def run_far(self, length: int) -> tuple[bool, str]:
+        why = self._fits(self.rewritten, length)
+        return self._bounded(why).run_far(length) if why else run_full_model(self.rewritten, length,
+                                                                               original=self.original)
+
+    def probe_past_cache(self, rows: int) -> dict[str, Any]:
+        why = self._fits(self.rewritten, rows + 1)
+        return self._bounded(why).probe_past_cache(rows) if why else probe_past_cache(self.rewritten, rows)
+
+
+def model_runs(original, rewritten, options, sites, vocab, report: ValidationReport):
+    """The runner of the model-level checks (compare, run_far, probe_past_cache) for `options.validate_scope`:
+    BoundedRuns (the default) or FullRuns. In the bounded scope, a model whose original onnxruntime cannot
+    load is refused (ModelLoadError, exit 3)."""
+    made: list = []
+
+    def bounded():
+        if not made:
+            runs = BoundedRuns(original, rewritten, sites, vocab)
+            made.append(runs if runs.usable else None)
+        return made[0]
+
+    from posrewrite.cut import onnxruntime_load_error
+
+    reason = onnxruntime_load_error(_graph_of(original))  # the whole graph, no weight held
+    if reason is not None:
+        raise errors.ModelLoadError(f"{original}: onnxruntime cannot load the model: {reason}")
+
+    if getattr(options, "validate_scope", "bounded") == "full":
+        return FullRuns(original, rewritten, report, bounded)
+    report.scope = "bounded"
+    runs = bounded()
+    if runs is None:
+        report.notes.append("no cut of the model was found (no attention whose result both models hold): the "
+                            "whole models are run instead, within the memory estimate")
+        return FullRuns(original, rewritten, report, lambda: None)
+    report.notes.append(f"model-level checks on a cut of both models ({runs.describe()}); --validate full runs "
+                        "the whole models")
+    return runs
+
+
 def validate_rewrite(original, rewritten, options, *, found, plans, other_changes, fused_cache_rows=None,
                      compare_lengths=(), model: ir.Model | None = None, exact_decode: bool = False,
                      rotations: bool | None = None) -> ValidationReport:
@@ -943,6 +1283,16 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
 
     `found` is the detection of the original, `plans` the SitePlans of the rewrite (from that detection).
     Whole models are run one after the other, never skipped for their size."""
+    try:
+        return _validate_rewrite(original, rewritten, options, found=found, plans=plans, other_changes=other_changes,
+                                 fused_cache_rows=fused_cache_rows, compare_lengths=compare_lengths, model=model,
+                                 rotations=rotations, exact_decode=exact_decode)
+    finally:
+        _GRAPHS.clear()
+
+
+def _validate_rewrite(original, rewritten, options, *, found, plans, other_changes, fused_cache_rows,
+                      compare_lengths, model, rotations, exact_decode=False) -> ValidationReport:
     report = ValidationReport()
     start = time.perf_counter()
     grid_plans = [p for p in plans if p.grid is not None]
@@ -969,8 +1319,9 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
         lengths = set(rotation_lengths(references))
         # the fused caches' last row (claimed by the rewrite, or by --max-positions) must be reachable
         lengths.update(n for n in (fused_cache_rows, options.max_positions) if n and n <= 4 * MAX_VALIDATION_LENGTH)
+        bounded = getattr(options, "validate_scope", "bounded") != "full"
         report.rows.extend(check_rotations(model, references, sorted(lengths), vocab,
-                                           keys_rotated_after_cache=exact_decode))
+                                           keys_rotated_after_cache=exact_decode, bounded=bounded))
     half_positions = any(_half(s.position_dtype) or _half(s.angle_dtype) for s in rope_sites)
     changes_outputs = (rescaled or bool(options.pos_scale) or bool(options.alibi_scale) or bool(options.bias_scale)
                        or (options.fp32_positions and half_positions))
@@ -986,23 +1337,27 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     elif options.fp32_positions and half_positions and not rescaled:
         report.notes.append("outputs not compared with the original: its positions or angles are in half "
                             "precision, which --fp32-positions changes on purpose (rotations were checked)")
+    runs = model_runs(original, rewritten, options, rope_sites, vocab, report)
     if not changes_outputs or rescaled:
         for n in sorted(lengths):
             if n <= MAX_VALIDATION_LENGTH:
-                report.rows.append(compare_models(original, rewritten, n, cache_contract_changed=exact_decode))
+                # exact decode (--runtime-decode rerotate): the caches hold other values, so the whole models
+                # are compared from an empty past
+                report.rows.append(compare_models(original, rewritten, n, cache_contract_changed=True)
+                                   if exact_decode else runs.compare(n))
     length = None
     if rescaled:
         length = min(max(rotation_lengths(references)), MAX_VALIDATION_LENGTH)
     elif (other_changes or plans) and options.max_positions:  # extended tables: run at their new length
         length = min(int(options.max_positions), MAX_VALIDATION_LENGTH)
     if length:
-        ok, message = run_full_model(rewritten, length, original=original)
+        ok, message = runs.run_far(length)
         report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
                             "ok": ok, "message": message,
-                            "compared": f"the rewritten model at {length} tokens: runs, every output finite"})
+                            "compared": f"the rewritten model at {length} positions: runs, no NaN or +inf"})
     rows = fused_cache_rows
     if rows and rows < 4 * MAX_VALIDATION_LENGTH:
-        report.rows.append(probe_past_cache(rewritten, int(rows)))
+        report.rows.append(runs.probe_past_cache(int(rows)))
     report.seconds = time.perf_counter() - start
     return report
 

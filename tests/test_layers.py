@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "posrewrite"
 #: name written "=name" matches that module only (a package's __init__, not the modules under it)
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["=posrewrite", "posrewrite.errors", "posrewrite.limits", "posrewrite.progress",
+                     "posrewrite.memory",
                      "posrewrite.math"]),
     ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options",
                                       "posrewrite.provenance"]),
@@ -42,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "posrewrite.passes.onnx.extend_tables", "posrewrite.passes.onnx.masks",
                 "posrewrite.passes.fx.rescale", "posrewrite.passes.fx.fp32_positions",
                 "posrewrite.passes.fx.fuse_rope", "posrewrite.passes.fx.pipeline"]),
-    ("validation", ["posrewrite.validate"]),
+    ("validation", ["posrewrite.validate", "posrewrite.cut"]),
     ("pipeline", ["posrewrite.pipeline"]),
     ("folders", ["posrewrite.folders"]),
     ("API", ["posrewrite.api", "posrewrite.torch"]),
