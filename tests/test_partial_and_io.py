@@ -9,18 +9,20 @@ import sys
 import numpy as np
 import onnx_ir as ir
 
-from fixtures.hf_models import export_hf_onnx, export_llama_onnx_large, ort_logits
+from fixtures.hf_models import build_hf_model, export_hf_onnx, export_llama_onnx_large, ort_logits
+from posrewrite import api
 
 
 def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _break_one_rotation(src, dst) -> None:
-    """Rewrites one Neg of a q/k rotation as Mul(x, -1): same numbers, a shape no rotation pattern knows."""
+def _break_one_rotation(src, dst, sign: float = -1.0) -> None:
+    """Rewrites one Neg of a q/k rotation as Mul(x, sign): with -1 the same numbers in a shape no rotation pattern
+    knows (the probe still reads a rotation); with +1 no longer a rotation at all ([[c, s], [s, c]])."""
     model = ir.load(src)
     neg = next(n for n in model.graph if n.op_type == "Neg")
-    minus_one = ir.Value(name="minus_one", const_value=ir.tensor(np.array(-1.0, np.float32), name="minus_one"),
+    minus_one = ir.Value(name="minus_one", const_value=ir.tensor(np.array(sign, np.float32), name="minus_one"),
                          type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
     model.graph.register_initializer(minus_one)
     mul = ir.node("Mul", [neg.inputs[0], minus_one], name="odd_neg")
@@ -34,9 +36,25 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "posrewrite", *map(str, args)], capture_output=True, text=True)
 
 
-def test_partial_match_refused_then_allowed(tmp_path):
+def test_a_rotation_in_an_unknown_spelling_is_read_by_probing(tmp_path):
+    """Neg written as Mul(x, -1): no pattern matches, the probe reads the same rotation, so every q/k rotation is
+    found and the rescale goes through (it was refused when only patterns identified rotations)."""
     src = tmp_path / "odd.onnx"
-    _break_one_rotation(export_hf_onnx("llama"), src)
+    _break_one_rotation(export_hf_onnx("llama"), src, sign=-1.0)
+    found = api.inspect(src)
+    rope = [s for s in found.sites if s.kind == "rope"]
+    layers = build_hf_model("llama").config.num_hidden_layers
+    assert sum(s.rotations for s in rope) == 2 * layers and not found.refusals  # q and k in every layer
+    out = tmp_path / "out.onnx"
+    proc = _cli(src, "--rope-scale", "4", "--original-max-positions", "64", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_partial_match_refused_then_allowed(tmp_path):
+    """One rotation broken into something that is not a rotation (rotate-half without its sign): refused with the
+    reason (exit 5), written with --allow-partial."""
+    src = tmp_path / "odd.onnx"
+    _break_one_rotation(export_hf_onnx("llama"), src, sign=1.0)
     out = tmp_path / "out.onnx"
     proc = _cli(src, "--rope-scale", "4", "--original-max-positions", "64", "-o", out)
     assert proc.returncode == 5, proc.stderr
