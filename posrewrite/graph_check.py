@@ -67,6 +67,19 @@ def _cycle(graph: ir.Graph) -> list[ir.Node] | None:
     return None
 
 
+def check_input_graph(model: ir.Model, path: object) -> None:
+    """The same check on a model as it was read, before any pass: a cycle or an undefined value there is the
+    input's fault, not posrewrite's (`ModelLoadError`, exit 3), and must not be blamed on the first pass that
+    modifies the model."""
+    from posrewrite.errors import ModelLoadError
+
+    try:
+        check_graph(model, "the input model")
+    except BrokenGraphError as exc:
+        reason = str(exc).removeprefix("the input model left ").removesuffix(": a bug in posrewrite")
+        raise ModelLoadError(f"{path}: not a valid ONNX graph: {reason}") from None
+
+
 def check_graph(model: ir.Model, step: str) -> None:
     """Raises `BrokenGraphError` naming `step` when ``model``'s main graph or a subgraph has a cycle or reads an
     undefined value; returns None otherwise."""

@@ -366,6 +366,17 @@ def _feed(v: ir.Value, batch: int, length: int) -> np.ndarray:
 
 
 def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
+    """An onnxruntime session of the cone from `inputs` to `y`, cut out of `model`; NotARotation when it cannot be
+    cut out or loaded (a malformed graph is never identified, and never an internal error)."""
+    try:
+        return _cone_session(model, inputs, y)
+    except NotARotation:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx_ir, onnx and onnxruntime raise many types on malformed cones
+        raise NotARotation(f"the rotation's cone cannot be run: {str(exc).splitlines()[0][:160]}") from exc
+
+
+def _cone_session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
     import onnxruntime as ort
 
     sub = ir.convenience.extract(model.graph, [v.name for v in inputs], [y.name])
