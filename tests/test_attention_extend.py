@@ -604,7 +604,9 @@ def test_independent_lm_matches_paper_reference(case, independent_lm, tmp_path, 
 
 def test_validation_failure_leaves_no_onnxruntime_log_on_stderr(independent_lm, tmp_path, monkeypatch, capfd):
     """A rewrite whose model fails in onnxruntime at run time is refused with one line (exit 6) and
-    onnxruntime's own coloured log stays off stderr (file descriptor 2, where onnxruntime writes)."""
+    onnxruntime's own coloured log stays off stderr (file descriptor 2, where onnxruntime writes). The fault is
+    injected after the last layer, which the default (bounded) validation's cut does not reach: --validate full
+    runs the whole model."""
     import onnx_ir as ir
 
     from posrewrite import io
@@ -628,7 +630,7 @@ def test_validation_failure_leaves_no_onnxruntime_log_on_stderr(independent_lm, 
 
     monkeypatch.setattr(io, "stage_model", faulty)
     capfd.readouterr()
-    rc = main([str(path), "--extend", "rerope", "--window", "24", "-o", str(tmp_path / "o.onnx")])
+    rc = main([str(path), "--extend", "rerope", "--window", "24", "--validate", "full", "-o", str(tmp_path / "o.onnx")])
     err = capfd.readouterr().err
     assert rc == 6
     assert "\x1b[" not in err and "[E:onnxruntime" not in err, err
