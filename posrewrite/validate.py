@@ -22,7 +22,7 @@ import onnx_ir as ir
 from posrewrite import errors
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
-from posrewrite.passes.onnx._graph import numpy_dtype
+from posrewrite.passes.onnx._graph import call_input, numpy_dtype
 from posrewrite.sites.rope import Layout, RopeSite, site_key
 
 MAX_VALIDATION_LENGTH = 4096
@@ -634,33 +634,9 @@ def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir
 
 def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Graph inputs for a call over positions 0..length-1 with no past: ids from the middle of the vocabulary,
-    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions."""
-    feeds = {}
-    for v in inputs:
-        name = (v.name or "").lower()
-        dims = list(v.shape.dims) if v.shape is not None else [None, None]
-        cache = ("past" in name or "cache" in name) and len(dims) >= 3
-        shape, first = [], True
-        for d in dims:
-            if isinstance(d, int):
-                shape.append(d)
-            elif cache:
-                shape.append(1 if first else 0)
-            else:
-                shape.append(1 if first and len(dims) > 1 else length)
-            first = False
-        dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
-        if "position" in name and not cache:
-            arr = np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
-        elif "mask" in name:
-            arr = np.ones(shape, dtype=dtype)
-        elif np.issubdtype(dtype, np.integer) and not cache:
-            ids = _token_ids(shape[-1] if shape else 1, (vocab or {}).get(v.name)).astype(dtype)
-            arr = np.broadcast_to(ids, shape).copy()
-        else:
-            arr = np.zeros(shape, dtype=dtype)
-        feeds[v.name] = arr
-    return feeds
+    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions (`_graph.call_input`)."""
+    return {v.name: call_input(v, 1, length, ids=lambda n, v=v: _token_ids(n, (vocab or {}).get(v.name)))
+            for v in inputs}
 
 
 def _random_input(value: ir.Value, length: int, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:

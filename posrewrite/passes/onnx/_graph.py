@@ -41,6 +41,34 @@ def numpy_dtype(dtype: ir.DataType) -> np.dtype:
     return np.dtype(dtype.numpy())
 
 
+def call_input(v: ir.Value, batch: int, length: int,
+               ids: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """A graph input for a call over positions 0..length-1 with no past: KV-cache inputs (``past``/``cache`` in the
+    name, rank >= 3) with 0 past positions, positions 0..length-1, masks of ones, integer ids from
+    ``ids(length)`` (zeros without it), zeros otherwise; symbolic dimensions: the first is ``batch``, the others
+    ``length``. Shared by the rotation probe and the validation's oracle."""
+    name = (v.name or "").lower()
+    dims = list(v.shape.dims) if v.shape is not None else [batch, length]
+    cache = ("past" in name or "cache" in name) and len(dims) >= 3
+    shape, first = [], True
+    for d in dims:
+        if isinstance(d, int):
+            shape.append(d)
+        elif cache:
+            shape.append(batch if first else 0)
+        else:
+            shape.append(batch if first and len(dims) > 1 else length)
+        first = False
+    dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
+    if "position" in name and not cache:
+        return np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    if ids is not None and np.issubdtype(dtype, np.integer) and not cache:
+        return np.broadcast_to(ids(shape[-1] if shape else 1).astype(dtype), shape).copy()
+    return np.zeros(shape, dtype=dtype)
+
+
 def _tensor_size(tensor: ir.TensorProtocol) -> int:
     return int(np.prod([d for d in tensor.shape.dims])) if tensor.shape is not None else 0
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math.precision import machine_epsilon
-from posrewrite.passes.onnx._graph import dtype_name, numpy_dtype
+from posrewrite.passes.onnx._graph import call_input, dtype_name, numpy_dtype
 from posrewrite.passes.rotation_reading import NotARotation, identify_matrix, read_matrices
 from posrewrite.sites.rope import Layout, PositionDecay
 
@@ -344,27 +344,6 @@ def _reads_values(inp: ir.Value, y: ir.Value, x: ir.Value) -> bool:
     return False
 
 
-def _feed(v: ir.Value, batch: int, length: int) -> np.ndarray:
-    name = (v.name or "").lower()
-    dims = list(v.shape.dims) if v.shape is not None else [batch, length]
-    cache = ("past" in name or "cache" in name) and len(dims) >= 3
-    shape, first = [], True
-    for d in dims:
-        if isinstance(d, int):
-            shape.append(d)
-        elif cache:
-            shape.append(batch if first else 0)
-        else:
-            shape.append(batch if first and len(dims) > 1 else length)
-        first = False
-    dtype = numpy_dtype(v.dtype) if v.dtype is not None else np.dtype(np.int64)
-    if "position" in name and not cache:
-        return np.broadcast_to(np.arange(length).astype(dtype), shape).copy()
-    if "mask" in name:
-        return np.ones(shape, dtype=dtype)
-    return np.zeros(shape, dtype=dtype)
-
-
 def _session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
     """An onnxruntime session of the cone from `inputs` to `y`, cut out of `model`; NotARotation when it cannot be
     cut out or loaded (a malformed graph is never identified, and never an internal error)."""
@@ -453,7 +432,7 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     hidden = [v.name for v in others if not _is_position_input(v) and _reads_values(v, y, x)]
     if hidden:
         raise NotARotation(f"the rotated value depends on {hidden[0]} other than through {x.name}")
-    feeds = {v.name: _feed(v, width, length) for v in others}
+    feeds = {v.name: call_input(v, width, length) for v in others}
     feeds[x.name] = probe
     try:
         (out,) = _session(model, [x, *others], y).run(None, feeds)
@@ -483,7 +462,7 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
     feeds = {}
     for v in others:  # read for their shape only (the grid size), fed with the probe's grid
         if len(grid_axes) == 1 and _is_position_input(v):  # 1-D: position ids 0..side-1, a mask of ones
-            feeds[v.name] = _feed(v, 1, side)
+            feeds[v.name] = call_input(v, 1, side)
             continue
         if _reads_values(v, y, x) or v.shape is None or v.dtype is None:
             raise NotARotation(f"the rotation over a grid reads {v.name} besides {x.name}")
