@@ -111,15 +111,26 @@ def sub_model(model: ir.Model, outputs: list[str]) -> ir.Model:
     """The part of `model` that computes `outputs` from the graph inputs (external tensors left external)."""
     values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
     outs = [values[name] for name in outputs]
-    graph_inputs = {id(v) for v in model.graph.inputs}
-    needed, seen, stack = set(), set(), list(outs)
+    sub = ir.convenience.extract(model.graph, graph_inputs_for(model.graph, outs), outs)
+    sub.opset_imports.update(model.graph.opset_imports)
+    return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
+
+
+def graph_inputs_for(graph: ir.Graph, outputs: list[ir.Value], stop: list[ir.Value] = ()) -> list[ir.Value]:
+    """Graph inputs that `outputs` depend on other than through the values in `stop` (values read by subgraphs
+    of If / Loop / Scan from the enclosing graph included), in the graph's input order."""
+    graph_inputs = {id(v) for v in graph.inputs}
+    stops = {id(v) for v in stop}
+    seen: set[int] = set()
+    found: set[int] = set()
+    stack = list(outputs)
     while stack:
         v = stack.pop()
-        if v is None or id(v) in seen:
+        if v is None or id(v) in seen or id(v) in stops:
             continue
         seen.add(id(v))
         if id(v) in graph_inputs:
-            needed.add(id(v))
+            found.add(id(v))
             continue
         node = v.producer()
         if node is not None:
@@ -130,10 +141,7 @@ def sub_model(model: ir.Model, outputs: list[str]) -> ir.Model:
                 elif attr.type == ir.AttributeType.GRAPHS:
                     for g in attr.value:
                         stack.extend(_outer(g))
-    inputs = [v for v in model.graph.inputs if id(v) in needed]
-    sub = ir.convenience.extract(model.graph, inputs, outs)
-    sub.opset_imports.update(model.graph.opset_imports)
-    return ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values()))
+    return [v for v in graph.inputs if id(v) in found]
 
 
 def _outer(sub: ir.Graph) -> list[ir.Value]:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite import errors
+from posrewrite.cut import graph_inputs_for
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import call_input, numpy_dtype
@@ -591,37 +592,6 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return found
 
 
-def _graph_inputs_for(graph: ir.Graph, outputs: list[ir.Value], stop: list[ir.Value]) -> list[ir.Value]:
-    """Graph inputs that `outputs` depend on other than through the values in `stop`."""
-    graph_inputs = {id(v) for v in graph.inputs}
-    stops = {id(v) for v in stop}
-    seen: set[int] = set()
-    found: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen or id(v) in stops:
-            continue
-        seen.add(id(v))
-        if id(v) in graph_inputs:
-            found.add(id(v))
-            continue
-        node = v.producer()
-        if node is not None:
-            stack.extend(i for i in node.inputs if i is not None)
-            for attr in node.attributes.values():  # outer values read by If/Loop bodies
-                if attr.type == ir.AttributeType.GRAPH:
-                    stack.extend(_outer_values(attr.value))
-    return [v for v in graph.inputs if id(v) in found]
-
-
-def _outer_values(sub: ir.Graph) -> list[ir.Value]:
-    inner = {id(v) for v in sub.inputs}
-    for node in sub:
-        inner.update(id(o) for o in node.outputs)
-    return [v for node in sub for v in node.inputs if v is not None and id(v) not in inner]
-
-
 def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
     """A session of the part of `model` between `inputs` and `outputs`; external weights stay in their files
     (onnxruntime maps them: nothing is read here)."""
@@ -844,7 +814,7 @@ class _RotationRunner:
             try:
                 for chunk in _chunks(fed, max_length):
                     feeds_at = [f for _, f in chunk]
-                    others = _graph_inputs_for(model.graph, [r.post for r, _ in chunk], feeds_at)
+                    others = graph_inputs_for(model.graph, [r.post for r, _ in chunk], feeds_at)
                     session = _extracted_session(model, [*feeds_at, *others], [r.post for r, _ in chunk])
                     self.together.append((chunk, session, others))
                 fed = []
@@ -852,7 +822,7 @@ class _RotationRunner:
                 self.together = []
         for rot, feed_at in fed:
             try:
-                others = _graph_inputs_for(model.graph, [rot.post], [feed_at])
+                others = graph_inputs_for(model.graph, [rot.post], [feed_at])
                 session = _extracted_session(model, [feed_at, *others], [rot.post])
             except Exception as exc:  # noqa: BLE001 - reported as a failed row
                 self.errors[id(rot)] = f"cannot extract the rotation: {str(exc).splitlines()[0][:200]}"
@@ -862,7 +832,7 @@ class _RotationRunner:
         if self.captured:
             outputs = [v for rot in self.captured for v in (rot.pre, rot.post)]
             try:
-                self.prefix_inputs = _graph_inputs_for(model.graph, outputs, [])
+                self.prefix_inputs = graph_inputs_for(model.graph, outputs, [])
                 self.prefix = _extracted_session(model, self.prefix_inputs, outputs)
             except Exception as exc:  # noqa: BLE001
                 for rot in self.captured:
@@ -995,7 +965,7 @@ def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, lengt
                            "tolerance": None, "ok": False}
     try:
         cos_v, sin_v = node.inputs[7], node.inputs[8]
-        others = _graph_inputs_for(model.graph, [cos_v, sin_v], [])
+        others = graph_inputs_for(model.graph, [cos_v, sin_v], [])
         cos, sin = _extracted_session(model, others, [cos_v, sin_v]).run(None, _input_feeds(others, length, vocab))
         heads = node.attributes["num_heads"].as_int()
         interleaved = node.attributes["rotary_interleaved"].as_int() if "rotary_interleaved" in node.attributes else 0
