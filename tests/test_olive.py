@@ -64,7 +64,6 @@ def test_documented_workflow_equals_hf_yarn(llama_onnx, tmp_path):
         assert float(np.max(np.abs(ref - got))) <= 1e-5
 
 
-@pytest.mark.slow
 def test_pass_on_a_model_builder_folder(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     from fixtures.genai_models import genai_folder
