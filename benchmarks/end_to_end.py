@@ -44,7 +44,7 @@ def build_variants(src: Path, tmp: Path, with_onnxscript: bool, with_rope: bool,
     if with_rope:
         model = ir.load(str(src))
         found = api.detect(model)
-        rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
+        rope = FuseRotaryPass(sites=found.rope_sites, target="ort", max_positions=max_positions)
         run_passes([rope, *cleanup_passes()], model)
         out = tmp / "rope.onnx"
         ir.save(model, str(out), external_data="rope.onnx.data")
@@ -52,8 +52,8 @@ def build_variants(src: Path, tmp: Path, with_onnxscript: bool, with_rope: bool,
         del model
     model = ir.load(str(src))
     found = api.detect(model)
-    rope = FuseRotaryPass(found.rope_sites, target="ort", max_positions=max_positions)
-    attention = FuseAttentionPass(target="ort", context=rope.context, after_rotary=True)
+    rope = FuseRotaryPass(sites=found.rope_sites, target="ort", max_positions=max_positions)
+    attention = FuseAttentionPass(target="ort", after=rope, context=rope.context)
     t = time.perf_counter()
     run_passes([rope, *cleanup_passes(), attention, *cleanup_passes()], model)
     full = rope.context.report

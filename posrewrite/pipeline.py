@@ -147,17 +147,17 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     context.report.notes.extend(f"skipped {r.where}: {r.reason}" for r in detection.refusals)
     passes: list[ir.passes.PassBase] = []
     if plans:
-        passes.append(RescaleRopePass(plans, context, usage_errors=options.rescales_rope))
+        passes.append(RescaleRopePass(plans=plans, usage_errors=options.rescales_rope, context=context))
         runtime = next((p.params.rope_type for p in plans if p.runtime), None)
         if runtime is not None and options.runtime_decode == "rerotate":
-            passes.append(RerotatePastKeysPass(runtime, context, required=True))
+            passes.append(RerotatePastKeysPass(method=runtime, required=True, context=context))
     others = [s for s in detection.sites if not isinstance(s, RopeSite)]
     if others and (options.max_positions or options.pos_scale or options.alibi_scale or options.bias_scale):
-        passes.append(ExtendTablesPass(None, context=context, max_positions=options.max_positions,
-                                       pos_scale=options.pos_scale, alibi_scale=options.alibi_scale,
-                                       bias_scale=options.bias_scale))
+        passes.append(ExtendTablesPass(max_positions=options.max_positions, pos_scale=options.pos_scale,
+                                       alibi_scale=options.alibi_scale, bias_scale=options.bias_scale,
+                                       context=context))
     if options.max_positions:
-        passes.append(ExtendSquareMasksPass(int(options.max_positions), context))
+        passes.append(ExtendSquareMasksPass(rows=int(options.max_positions), context=context))
     fp32_preface: list[str] = []
     if options.rescales_rope and not options.fp32_positions and half_precision_positions:
         options = dataclasses.replace(options, fp32_positions=True)
@@ -167,18 +167,19 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
         if options.fuse != "none":
             fp32_preface.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
         else:
-            passes.append(Fp32PositionsPass(None, context=context, preface=fp32_preface))
+            passes.append(Fp32PositionsPass(context=context, preface=fp32_preface))
             fp32_preface = []
-        passes.append(Fp32AlibiPass(None, context=context, preface=fp32_preface))
-        passes.append(Fp32ScoreBiasPass(None, context=context))
+        passes.append(Fp32AlibiPass(context=context, preface=fp32_preface))
+        passes.append(Fp32ScoreBiasPass(context=context))
     if options.fuse != "none":
-        passes.append(FuseRotaryPass(None, context=context, target=options.fuse,
-                                     max_positions=fused_cache_rows_for(options, model_path)))
+        rotary = FuseRotaryPass(target=options.fuse, max_positions=fused_cache_rows_for(options, model_path),
+                                context=context)
+        passes.append(rotary)
         passes.extend(cleanup_passes())
-        passes.append(FuseAttentionPass(target=options.fuse, context=context, after_rotary=True))
+        passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
     if options.extend is not None or options.logn_scaling:
         logn = logn_length_for(options, model_path) if options.logn_scaling else None
-        passes.append(AttentionExtendPass(options.attention_extension, logn, context))
+        passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=logn, context=context))
     passes.extend(cleanup_passes())
     return Pipeline(options, passes, context, ValidationStep(options, detection, model_path))
 

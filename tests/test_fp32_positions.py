@@ -214,7 +214,7 @@ def test_cached_fp16_math_tables_regenerated(rotary_cached, tmp_path):
 def test_safe_model_is_not_changed(llama_onnx, tmp_path):
     model = io.load_model(llama_onnx)
     before = ir.serde.serialize_model(model).SerializeToString()
-    p = Fp32PositionsPass(api.detect(model).sites)
+    p = Fp32PositionsPass(sites=api.detect(model).sites)
     assert not p(model).modified and p.changes == []
     assert ir.serde.serialize_model(model).SerializeToString() == before
     result = _rewrite(llama_onnx, tmp_path / "same.onnx")
@@ -228,7 +228,7 @@ def test_second_run_changes_nothing(full_fp16, tmp_path):
     path, _ = full_fp16
     _rewrite(path, tmp_path / "once.onnx")
     model = io.load_model(tmp_path / "once.onnx")
-    p = Fp32PositionsPass(api.detect(model).sites)
+    p = Fp32PositionsPass(sites=api.detect(model).sites)
     assert not p(model).modified and not p.changes
 
 
@@ -254,10 +254,10 @@ def test_alibi_sites_are_left_to_the_alibi_pass(tmp_path):
     sites = api.detect(model).sites
     assert needs_fp32_positions(sites)
     before = ir.serde.serialize_model(model).SerializeToString()
-    p = Fp32PositionsPass(sites)
+    p = Fp32PositionsPass(sites=sites)
     assert not p(model).modified and not p.changes
     assert ir.serde.serialize_model(model).SerializeToString() == before
-    a = Fp32AlibiPass(sites)
+    a = Fp32AlibiPass(sites=sites)
     assert a(model).modified and any("ALiBi" in c for c in a.changes)
     io.save_model(model, tmp_path / "fp32.onnx")
     assert not needs_fp32_positions(api.detect(io.load_model(tmp_path / "fp32.onnx")).sites)

@@ -102,7 +102,7 @@ def test_hidden_roundings_are_found_and_fixed(tmp_path, variant, position_dtype,
     assert (trace.position_dtype, trace.angle_dtype) == (position_dtype, angle_dtype)
     row = rope_site_precision(site, 4096)
     assert not row["safe"] and row["exact_position_fraction"] == 0.75
-    p = Fp32PositionsPass(api.detect(model).sites)
+    p = Fp32PositionsPass(sites=api.detect(model).sites)
     assert p(model).modified
     io.save_model(model, out)
     (fixed,) = api.detect(io.load_model(out)).rope_sites
@@ -123,7 +123,7 @@ def test_half_precision_position_input_is_reported(tmp_path):
     trace = trace_rope_dtypes(site)
     assert trace.inexact_sources == ["positions"] and trace.position_dtype == "float16"
     assert any("positions" in note for note in rope_site_precision(site, 4096)["notes"])
-    p = Fp32PositionsPass(api.detect(model).sites)
+    p = Fp32PositionsPass(sites=api.detect(model).sites)
     assert p(model).modified
     assert any("positions enters the graph in float16" in note for note in p.notes)
     m = model.graph

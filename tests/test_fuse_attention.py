@@ -89,7 +89,7 @@ def test_fuse_onnx_attention23(arch, with_positions, hf_onnx, tmp_path):
 def test_mask_probe_tells_causal_from_sliding(hf_onnx):
     """Gemma 2 alternates sliding-window (32 tokens) and full causal layers: the probe sees both."""
     model = ir.load(str(hf_onnx("gemma2")))
-    FuseRotaryPass(api.detect(model).rope_sites, target="ort")(model)
+    FuseRotaryPass(sites=api.detect(model).rope_sites, target="ort")(model)
     kinds = set()
     for node in model.graph:
         if node.op_type == "Softmax":

@@ -39,14 +39,14 @@ def test_optimum_layout_fused_equals_original(form, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from fixtures.hf_models import export_optimum_layout, optimum_feeds, ort_session
-    from posrewrite.passes.onnx.attention import fuse_cache as fca
+    from posrewrite.passes.onnx.attention import cache_probe, cache_views
 
     rotary_inside = form != "rotary_outside"
     if not rotary_inside:
-        monkeypatch.setattr(fca, "_rotary_probe", lambda *a: "simulated: the kernel rotates differently")
+        monkeypatch.setattr(cache_probe, "rotary_probe", lambda *a: "simulated: the kernel rotates differently")
     if form == "views_unproven":
-        monkeypatch.setattr(fca, "_flat_projection", lambda *a: None)
-        monkeypatch.setattr(fca, "_flat_output", lambda *a: None)
+        monkeypatch.setattr(cache_views, "flat_projection", lambda *a: None)
+        monkeypatch.setattr(cache_views, "flat_output", lambda *a: None)
     src = export_optimum_layout(num_layers=2)
     out = tmp_path / "fused.onnx"
     result = api.rewrite(src, output=out, fuse="ort")
@@ -131,7 +131,7 @@ def test_head_reshape_is_read_as_a_view_only_when_proven(order):
     may read x itself only when (a, b) = (0, 1); with batch and sequence swapped the heads are other data."""
     from types import SimpleNamespace
 
-    from posrewrite.passes.onnx.attention import fuse_cache as fca
+    from posrewrite.passes.onnx.attention import cache_views
 
     x = ir.Value(name="x", shape=ir.Shape(["B", "S", 8]), type=ir.TensorType(ir.DataType.FLOAT))
     shape = ir.node("Shape", [x])
@@ -143,5 +143,5 @@ def test_head_reshape_is_read_as_a_view_only_when_proven(order):
     transpose = ir.node("Transpose", [reshape.outputs[0]], {"perm": [0, 2, 1, 3]})
     att = SimpleNamespace(out=ir.Value(name="out"), q_rot=SimpleNamespace(inputs=[transpose.outputs[0]]),
                           k_rot=SimpleNamespace(inputs=[ir.Value(name="k")]), heads=2, kv_heads=2, head_size=4)
-    found = fca._flat_projection(fca._Dims(att), transpose.outputs[0], 2)
+    found = cache_views.flat_projection(cache_views.Dims(att), transpose.outputs[0], 2)
     assert (found is x) == (order == (0, 1))

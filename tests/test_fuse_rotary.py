@@ -217,9 +217,7 @@ def test_rescale_cached_table_and_fuse(hf_onnx, tmp_path):
 
 def _fuse_small(src, out, rows: int) -> fuse_rotary.FuseRotaryPass:
     model = ir.load(str(src))
-    fuse = fuse_rotary.FuseRotaryPass(
-        api.detect(model).rope_sites, target="ort", max_positions=rows
-    )
+    fuse = fuse_rotary.FuseRotaryPass(sites=api.detect(model).rope_sites, target="ort", max_positions=rows)
     fuse(model)
     ir.save(model, str(out))
     return fuse

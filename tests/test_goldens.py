@@ -95,9 +95,9 @@ def test_fuse_ort_on_optimum_export(name, tmp_path, capsys):
 def test_a_pass_that_leaves_a_cycle_is_named(tmp_path, capsys, monkeypatch):
     """The graph check after every rewriting pass names the pass (exit 1, one line), instead of an internal
     error in a later topological sort: the fix of issue 27 taken out again (present keys replaced everywhere)."""
-    from posrewrite.passes.onnx.attention import fuse_cache
+    from posrewrite.passes.onnx.attention import cache_rewrite
 
-    monkeypatch.setattr(fuse_cache, "_ancestors", lambda node: set())
+    monkeypatch.setattr(cache_rewrite, "ancestors", lambda node: set())
     res = _cli(capsys, goldens.model_path("optimum-llama"), "--fuse", "ort", "-o", tmp_path / "x.onnx")
     assert res.returncode == 1
     assert "fuse_cache_attention" in res.stderr and "cycle" in res.stderr and "Traceback" not in res.stderr

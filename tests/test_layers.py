@@ -31,6 +31,10 @@ LAYERS: list[tuple[str, list[str]]] = [
                         "posrewrite.passes.fx.detect_rope", "posrewrite.passes.fx.detect_alibi",
                         "posrewrite.passes.fx.rotation_probe", "posrewrite.passes.fx.probe",
                         "posrewrite.passes.onnx.bias.detect",
+                        # KV-cache attention read before it is fused: matched, its bias evaluated, its views
+                        # proven, the kernel's rotary contract probed (the rewrite: attention.cache_rewrite)
+                        "posrewrite.passes.onnx.attention.cache_match", "posrewrite.passes.onnx.attention.cache_bias",
+                        "posrewrite.passes.onnx.attention.cache_views", "posrewrite.passes.onnx.attention.cache_probe",
                         # the encoding kinds' packages import nothing: importing a detector runs no pass
                         "=posrewrite.passes.onnx.alibi", "=posrewrite.passes.onnx.absolute",
                         "=posrewrite.passes.onnx.t5", "=posrewrite.passes.onnx.bias",

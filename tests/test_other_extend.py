@@ -34,7 +34,7 @@ def ids(n, seed=0):
 def extend(path, out, **kw):
     model = ir.load(path)
     sites, _ = detect_other_encodings(model)
-    p = ExtendTablesPass(sites, **kw)
+    p = ExtendTablesPass(sites=sites, **kw)
     result = p(model)
     ir.save(result.model, out)
     return p, result.modified

@@ -25,7 +25,7 @@ N, WINDOW = 8192, 256
 def rewrite(path, out):
     model = ir.load(path)
     sites, _ = detect_other_encodings(model)
-    p = Fp32AlibiPass(sites)
+    p = Fp32AlibiPass(sites=sites)
     modified = p(model).modified
     ir.save(model, out)
     return sites, p, modified
@@ -68,7 +68,7 @@ def test_fp16_alibi_near_bias_exact_after_rewrite(tmp_path):
     # short inputs: same logits; a second pass has nothing to do
     x = np.random.default_rng(0).integers(3, 100, size=(1, 24))
     np.testing.assert_allclose(ort_run(tmp_path / "fp32.onnx", x), ort_run(path, x), atol=2e-3, rtol=0)
-    assert not Fp32AlibiPass([new_site])(ir.load(tmp_path / "fp32.onnx")).modified
+    assert not Fp32AlibiPass(sites=[new_site])(ir.load(tmp_path / "fp32.onnx")).modified
 
 
 def test_fp32_bloom_is_already_safe(tmp_path):

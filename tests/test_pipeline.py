@@ -77,8 +77,8 @@ def test_plans_made_before_a_rewrite_are_refused(llama_onnx):
     """A rescale whose plans were made before another pass modified the model refuses to run."""
     model, _, plans, steps = _pipeline(llama_onnx, rope_base=500000.0, validate=False)
     context = steps.context
-    first = RescaleRopePass(plans, context)
-    stale = RescaleRopePass(plans, context)
+    first = RescaleRopePass(plans=plans, context=context)
+    stale = RescaleRopePass(plans=plans, context=context)
     with pytest.raises(ir.passes.PreconditionError, match="rewritten after its plans were made"):
         run_passes([first, stale], model)
 

@@ -140,7 +140,7 @@ def test_fused_caches_from_a_fused_rotary(llama_onnx, tmp_path):
     from posrewrite.passes.onnx._infra import cleanup_passes
     from posrewrite.pipeline import run_passes
 
-    run_passes([fuse_rotary.FuseRotaryPass(api.detect(model).rope_sites, target="ort"), *cleanup_passes()], model)
+    run_passes([fuse_rotary.FuseRotaryPass(sites=api.detect(model).rope_sites, target="ort"), *cleanup_passes()], model)
     out = tmp_path / "fused.onnx"
     ir.save(model, str(out))
     (site,) = _rope_sites(out)

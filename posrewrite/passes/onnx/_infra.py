@@ -204,9 +204,14 @@ class PipelineContext:
 class ReportingPass(ir.passes.InPlacePass):
     """A posrewrite pass: implements `run(model) -> PassResult`, writes its own ``changes`` / ``notes`` lines;
     `call` hands them to the shared context (which appends them to its report and drops its cached detection
-    when the model was modified). Without a context the pass has one of its own (standalone use)."""
+    when the model was modified). Without a context the pass has one of its own (standalone use): it detects
+    what it needs on the model as it finds it.
 
-    def __init__(self, context: PipelineContext | None = None, *, preface: Sequence[str] = ()) -> None:
+    Every posrewrite pass takes keyword arguments only: its own configuration, then ``context`` (a
+    `PipelineContext` shared by the passes of one pipeline, so that they write one report and the later ones
+    see the earlier ones' claims) and ``preface`` (notes reported first: why the pass runs)."""
+
+    def __init__(self, *, context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
         super().__init__()
         self.context = context if context is not None else PipelineContext()
         #: notes the pipeline attaches to this step (why it runs, how it is configured), reported first

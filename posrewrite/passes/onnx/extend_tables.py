@@ -39,15 +39,16 @@ class ExtendTablesPass(ReportingPass):
 
     def __init__(
         self,
-        sites: Sequence[EncodingSite] | None = None,
         *,
+        sites: Sequence[EncodingSite] | None = None,
         max_positions: int | None = None,
         pos_scale: float | None = None,
         alibi_scale: float | None = None,
         bias_scale: float | None = None,
         context: PipelineContext | None = None,
+        preface: Sequence[str] = (),
     ) -> None:
-        super().__init__(context)
+        super().__init__(context=context, preface=preface)
         if max_positions is not None and max_positions < 1:
             raise ValueError("max_positions must be positive")
         for name, v in (("pos_scale", pos_scale), ("alibi_scale", alibi_scale), ("bias_scale", bias_scale)):

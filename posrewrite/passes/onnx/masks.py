@@ -7,6 +7,8 @@ i - j (`rewrite --max-positions`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 
@@ -21,8 +23,10 @@ __all__ = ["ExtendSquareMasksPass", "extend_square_masks"]
 class ExtendSquareMasksPass(ReportingPass):
     """--max-positions: causal masks baked as [T, T] constants grow to ``rows`` (`extend_square_masks`)."""
 
-    def __init__(self, rows: int, context: PipelineContext | None = None) -> None:
-        super().__init__(context)
+    def __init__(self, *, rows: int, context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
+        super().__init__(context=context, preface=preface)
+        if int(rows) < 1:
+            raise ValueError("rows must be positive")
         self.rows = int(rows)
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:

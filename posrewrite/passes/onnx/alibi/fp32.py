@@ -85,9 +85,9 @@ class Fp32AlibiPass(ReportingPass):
     ``sites``: None reads the ALiBi sites of the pipeline's (cached) detection. `changes` and `notes` say what
     was done per site after `call` (and are appended to the context's report)."""
 
-    def __init__(self, sites: Sequence[EncodingSite] | None = None, *, context: PipelineContext | None = None,
+    def __init__(self, *, sites: Sequence[EncodingSite] | None = None, context: PipelineContext | None = None,
                  preface: Sequence[str] = ()) -> None:
-        super().__init__(context, preface=preface)
+        super().__init__(context=context, preface=preface)
         self.sites = None if sites is None else [s for s in sites if isinstance(s, AlibiSite)]
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:

@@ -31,6 +31,7 @@ queries and leaves the cache as it is.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -420,9 +421,13 @@ class AttentionExtendPass(ReportingPass):
     pipeline's detection, after any earlier rewrite); its changes are claimed as the attention extension. A
     request the model cannot take is a usage error (exit 2)."""
 
-    def __init__(self, extension: AttentionExtension | None, logn_length: int | None,
-                 context: PipelineContext | None = None) -> None:
-        super().__init__(context)
+    def __init__(self, *, extension: AttentionExtension | None = None, logn_length: int | None = None,
+                 context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
+        super().__init__(context=context, preface=preface)
+        if extension is None and logn_length is None:
+            raise ValueError("AttentionExtendPass needs an extension, a log-n length (logn_length) or both")
+        if logn_length is not None and logn_length < 1:
+            raise ValueError("logn_length must be positive")
         self.extension = extension
         self.logn_length = logn_length
 
@@ -444,8 +449,9 @@ class RerotatePastKeysPass(ReportingPass):
     layer this is closer to the whole sequence at once than HF's cached behaviour, not equal to it (exactness
     needs a new prefill whenever the frequencies change: docs/long-context.md). Runs after the rescale."""
 
-    def __init__(self, method: str, context: PipelineContext | None = None, *, required: bool = False) -> None:
-        super().__init__(context)
+    def __init__(self, *, method: str, required: bool = False, context: PipelineContext | None = None,
+                 preface: Sequence[str] = ()) -> None:
+        super().__init__(context=context, preface=preface)
         self.method = method
         self.required = required  # asked for by name: a model that cannot take it is a usage error
 

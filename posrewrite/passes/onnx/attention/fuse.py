@@ -22,12 +22,19 @@ and adds the checks they leave out:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from posrewrite.errors import UsageError
 from posrewrite.passes.onnx._graph import concrete_dims
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
+
+if TYPE_CHECKING:
+    from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
 
 _FUSION_DOMAIN = "ai.onnxruntime._fusion"
 _MASKED = -1.0e4  # additive mask values at or below this are "masked" (exp underflows to 0 in fp32/fp16)
@@ -50,23 +57,30 @@ def _pre_optimize(model: ir.Model) -> None:
 class FuseAttentionPass(ReportingPass):
     """Attention (and its normalisations) into onnxruntime / ONNX attention ops, after RotaryEmbedding fusion.
 
-    ``after_rotary``: run only when an earlier `FuseRotaryPass` of the same pipeline fused rotations (the
-    report's fused nodes); without them the model's attention is left as it is."""
+    ``target``: "ort" (GroupQueryAttention / MultiHeadAttention) or "onnx" (Attention-23).
+    ``after``: the `FuseRotaryPass` run before this one; attention is then fused only when that pass wrote
+    RotaryEmbedding nodes in its last call (a model whose rotations it refused keeps its attention as it is).
+    None: the model is taken as it is (its RotaryEmbedding nodes, if any, written by anyone). The graph must be
+    free of the nodes the rotary fusion replaced (run the cleanup passes in between: `cleanup_passes`)."""
 
     def __init__(
-        self, *, target: str = "ort", allow_gqa: bool = True, probe_lengths: tuple[int, ...] = (3, 7, 12),
-        context: PipelineContext | None = None, after_rotary: bool = False,
+        self, *, target: str = "ort", allow_gqa: bool = True, probe_lengths: Sequence[int] = (3, 7, 12),
+        after: FuseRotaryPass | None = None, context: PipelineContext | None = None, preface: Sequence[str] = (),
     ) -> None:
-        super().__init__(context)
+        super().__init__(context=context, preface=preface)
+        if target not in ("ort", "onnx"):
+            raise UsageError(f"--fuse must be 'ort' or 'onnx', not {target!r}")
         self.target = target
         self.allow_gqa = allow_gqa
-        self.probe_lengths = tuple(probe_lengths)
-        self.after_rotary = after_rotary
+        self.probe_lengths = tuple(int(n) for n in probe_lengths)
+        if not self.probe_lengths or min(self.probe_lengths) < 2:
+            raise ValueError("probe_lengths must be lengths of at least 2 tokens")
+        self.after = after
         self.counts: dict[str, int] = {}
         self._att23_detail = ""
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.after_rotary and not self.context.report.fused_rotary_nodes:
+        if self.after is not None and not self.after.fused_nodes:
             return ir.passes.PassResult(model, False)
         try:
             from onnxscript.optimizer import optimize

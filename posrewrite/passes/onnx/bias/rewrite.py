@@ -173,8 +173,9 @@ class Fp32ScoreBiasPass(ReportingPass):
     """--fp32-positions for the score biases read by value: half-precision ones rebuilt in float32 (module doc).
     ``sites``: None reads the pipeline's (cached) detection."""
 
-    def __init__(self, sites: Sequence[EncodingSite] | None = None, *, context: PipelineContext | None = None) -> None:
-        super().__init__(context)
+    def __init__(self, *, sites: Sequence[EncodingSite] | None = None, context: PipelineContext | None = None,
+                 preface: Sequence[str] = ()) -> None:
+        super().__init__(context=context, preface=preface)
         self.sites = None if sites is None else [s for s in sites if isinstance(s, ScoreBiasSite)]
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:

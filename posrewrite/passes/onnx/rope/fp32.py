@@ -362,9 +362,9 @@ class Fp32PositionsPass(ReportingPass):
     call, ``changes`` and ``notes`` describe what was done; ``modified`` is False (and the model untouched) when
     every site was already safe."""
 
-    def __init__(self, sites: Iterable[EncodingSite] | None = None, *, plans: Iterable[SitePlan] | None = None,
+    def __init__(self, *, sites: Iterable[EncodingSite] | None = None, plans: Iterable[SitePlan] | None = None,
                  context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
-        super().__init__(context, preface=preface)
+        super().__init__(context=context, preface=preface)
         self.sites = None if sites is None else list(sites)
         self.plans = None if plans is None else tuple(plans)
 

@@ -31,7 +31,7 @@ consumer are removed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -99,10 +99,10 @@ class FuseRotaryPass(ReportingPass):
     """
 
     def __init__(
-        self, sites: Iterable[RopeSite] | None = None, *, target: str = "ort", plans: Iterable[SitePlan] | None = None,
-        max_positions: int | None = None, context: PipelineContext | None = None,
+        self, *, sites: Iterable[RopeSite] | None = None, target: str = "ort", plans: Iterable[SitePlan] | None = None,
+        max_positions: int | None = None, context: PipelineContext | None = None, preface: Sequence[str] = (),
     ) -> None:
-        super().__init__(context)
+        super().__init__(context=context, preface=preface)
         if target not in ("ort", "onnx"):
             raise FuseRefusal(f"--fuse must be 'ort' or 'onnx', not {target!r}")
         self.sites: list[RopeSite] | None = None if sites is None else list(sites)

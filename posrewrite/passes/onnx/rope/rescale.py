@@ -250,30 +250,54 @@ class RescaleError(ValueError):
 
 
 class RescaleRopePass(ReportingPass):
-    """Applies frozen `SitePlan`s (rescales, or --max-positions extensions of RoPE tables) to the sites of the
-    detection they were made from; claims each plan in the shared report.
+    """Rescales (or extends) the RoPE sites of a model; claims each site's plan in the shared report.
 
-    The plans must come from the model as it is when the pass runs: `requires` refuses a model that an
-    earlier pass of the same pipeline modified (its sites would no longer be the plans' sites).
+    Give either ``params`` or ``plans``:
+
+    - ``params`` (`posrewrite.math.rope.RopeParameters`, HF's ``rope_parameters`` names): the pass detects the
+      RoPE sites of the model as it finds it and plans each one (`plan_site`) when it runs, so it is correct
+      after any earlier pass, posrewrite's or not. No RoPE site: `NoEncodingError` (exit 4); a site that cannot
+      take the request: `PartialMatchError` (exit 5) or `UsageError` (exit 2).
+    - ``plans``: frozen `SitePlan`s made beforehand from a detection of the model (what the pipeline does, with
+      the plans its planning checked). They must come from the model as it is when the pass runs: `requires`
+      refuses a model that an earlier pass of the same context modified, or whose graph no longer holds a
+      plan's rotations.
+
     ``usage_errors``: a plan the graph cannot take is a usage error (exit 2), as for a user's rescale."""
 
-    def __init__(self, plans: Sequence[SitePlan], context: PipelineContext | None = None, *,
-                 usage_errors: bool = True) -> None:
-        super().__init__(context)
-        self.plans: tuple[SitePlan, ...] = tuple(plans)
+    def __init__(self, *, params: rope_math.RopeParameters | None = None, plans: Sequence[SitePlan] | None = None,
+                 usage_errors: bool = True, context: PipelineContext | None = None,
+                 preface: Sequence[str] = ()) -> None:
+        super().__init__(context=context, preface=preface)
+        if (params is None) == (plans is None):
+            raise ValueError("RescaleRopePass takes either params (planned on the model it runs on) or plans")
+        if params is not None:
+            params.validate()
+        self.params = params
+        self.plans: tuple[SitePlan, ...] = () if plans is None else tuple(plans)
         self.usage_errors = usage_errors
         self._generation = self.context.generation
 
     def requires(self, model: ir.Model) -> None:
+        if self.params is not None:
+            return
         if self.context.generation != self._generation:
             raise ir.passes.PreconditionError(
                 "RescaleRopePass: the model was rewritten after its plans were made; plan on a new detection")
+        graphs = {id(g) for g in model.graphs()}
+        for plan in self.plans:
+            nodes = [n for a in plan.site.applications for n in a.nodes] or list(plan.site.fused_nodes)
+            if any(n.graph is None or id(n.graph) not in graphs for n in nodes):
+                raise ir.passes.PreconditionError(
+                    "RescaleRopePass: a plan's rotations are not in this model (plans made on another model, or "
+                    "before a pass replaced them); plan on a detection of this model, or give params")
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.plans:
+        plans = self.plans if self.params is None else self._plan(model)
+        if not plans:
             return ir.passes.PassResult(model, False)
-        with self.context.progress.stage("rescaling", total=len(self.plans)) as stage:
-            for plan in self.plans:
+        with self.context.progress.stage("rescaling", total=len(plans)) as stage:
+            for plan in plans:
                 try:
                     self.changes.extend(rescale_site(model.graph, plan))
                 except RescaleError as exc:
@@ -283,6 +307,20 @@ class RescaleRopePass(ReportingPass):
                 self.context.report.claim_plan(plan)
                 stage.advance()
         return ir.passes.PassResult(model, True)
+
+    def _plan(self, model: ir.Model) -> tuple[SitePlan, ...]:
+        sites = self.context.detection(model).rope_sites
+        if not sites:
+            raise errors.NoEncodingError("RescaleRopePass: no RoPE site found in the model")
+        plans = []
+        for site in sites:
+            try:
+                plans.append(plan_site(site, self.params))
+            except NotRewritable as exc:
+                raise errors.PartialMatchError(str(exc)) from None
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
+        return tuple(plans)
 
 
 def rescale_site(graph: ir.Graph, plan: SitePlan) -> list[str]:
