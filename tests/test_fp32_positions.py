@@ -1,4 +1,4 @@
-"""--fp32-positions (issue 6): the dtype trace, the rewrite of half-precision RoPE, and what onnxruntime
+"""--fp32-positions: the dtype trace, the rewrite of half-precision RoPE, and what onnxruntime
 computes before and after at 4096 tokens against a float64 reference.
 
 Bound (fixtures.precision_models.ROTARY_BOUND_FACTOR): a float16 rotation whose cos/sin are correctly rounded

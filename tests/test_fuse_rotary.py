@@ -81,7 +81,7 @@ def test_every_arch_fused_equals_original(arch, target, hf_onnx, tmp_path):
     for n in (7, 60):  # GPT-J's sincos table has 64 rows: stay inside it
         ids = _ids(n)
         ref = ort_logits(src, ids)
-        # of the logits' magnitude (issue 12: a fused Cohere without `interleaved` moved them by 4e-3 of it)
+        # of the logits' magnitude (a fused Cohere without `interleaved` moved them by 4e-3 of it)
         assert float(np.max(np.abs(ort_logits(out, ids) - ref))) <= TOL * float(np.max(np.abs(ref)))
 
 

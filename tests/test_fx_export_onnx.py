@@ -52,7 +52,7 @@ def test_export_onnx_fused_matches_hf(tmp_path, arch, fuse, method, rope_paramet
     assert result.onnx_ops.get(f"{domain}::RotaryEmbedding") == 2  # q and k
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
     assert any("fuse-rope" in m for m in result.messages)
-    # the export records what was done, as every posrewrite output does (issue 25)
+    # the export records what was done, as every posrewrite output does
     import json
 
     import onnx

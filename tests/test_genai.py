@@ -47,7 +47,7 @@ def test_inspect_builder_model(arch, base):
     (site,) = found.sites
     d = site.to_dict()
     assert d["op"] == "com.microsoft.GroupQueryAttention" and d["angles"] == "fused_op"
-    # q and k rotated inside each GroupQueryAttention of the 2 layers: 4 rotations (issue 25: it said 2)
+    # q and k rotated inside each GroupQueryAttention of the 2 layers: 4 rotations (it once said 2)
     assert (d["max_positions"], d["rotary_dim"], d["head_dim"], d["rotations"]) == (L, 16, 16, 4)
     assert "sites" not in d
     assert d["base"] == pytest.approx(base, rel=1e-6) and d["attention_factor"] == pytest.approx(1.0, abs=1e-6)

@@ -62,7 +62,7 @@ def _assert_close(name: str, got: np.ndarray, ref: np.ndarray, what: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the crash of issue 27: --fuse ort on a real optimum-cli export (a cycle left by the KV-cache attention rewrite)
+# a crash once seen: --fuse ort on a real optimum-cli export (a cycle left by the KV-cache attention rewrite)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -94,7 +94,8 @@ def test_fuse_ort_on_optimum_export(name, tmp_path, capsys):
 
 def test_a_pass_that_leaves_a_cycle_is_named(tmp_path, capsys, monkeypatch):
     """The graph check after every rewriting pass names the pass (exit 1, one line), instead of an internal
-    error in a later topological sort: the fix of issue 27 taken out again (present keys replaced everywhere)."""
+    error in a later topological sort: the KV-cache rewrite made to replace the present keys everywhere, its own
+    inputs included (a cycle)."""
     from posrewrite.passes.onnx.attention import cache_rewrite
 
     monkeypatch.setattr(cache_rewrite, "ancestors", lambda node: set())

@@ -1,4 +1,4 @@
-"""Hostile and broken inputs (issue 14): one test per family of failures, the issue's bad inputs, and a
+"""Hostile and broken inputs: one test per family of failures, the reported bad inputs, and a
 hypothesis fuzz test of the command line's contract over mutated models and argument lists.
 
 Every command runs in-process through ``fixtures.hostile.run_cli``, which captures file descriptors 1 and 2, so

@@ -1,4 +1,4 @@
-"""Real-size models (issue 26): validation whose memory does not grow with the model, the memory estimate
+"""Real-size models: validation whose memory does not grow with the model, the memory estimate
 before onnxruntime sessions, sparse data kept sparse, leftovers of a killed run removed, and the last four
 hostile-input holes."""
 

@@ -27,8 +27,8 @@ def _inv_freq(base: float, dim: int) -> np.ndarray:
 class _Probe(ReportingPass):
     """Records the RoPE sites the pipeline's detection gives when it runs (what any later pass would read)."""
 
-    def __init__(self, context: PipelineContext) -> None:
-        super().__init__(context)
+    def __init__(self, *, context: PipelineContext) -> None:
+        super().__init__(context=context)
         self.seen = None
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
@@ -64,7 +64,7 @@ def test_later_pass_sees_the_rewritten_model(llama_onnx):
     np.testing.assert_allclose(site.inv_freq, _inv_freq(10000.0, site.rotary_dim), rtol=1e-6)
     context = steps.context
     rescale = next(p for p in steps.passes if isinstance(p, RescaleRopePass))
-    probe = _Probe(context)
+    probe = _Probe(context=context)
     run_passes([rescale, probe], model)
     (seen,) = probe.seen.rope_sites
     assert probe.seen is not found and seen is not site

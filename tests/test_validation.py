@@ -1,4 +1,4 @@
-"""Validation you can trust (issue 12): fused interleaved models equal the original, the validator's own
+"""Validation you can trust: fused interleaved models equal the original, the validator's own
 oracle catches injected faults and passes correct rewrites."""
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def test_validate_command_rope_params_and_errors(tmp_path, capsys):
     assert cli.main(["validate", str(src), str(out), "--rope-params", params]) == 0, capsys.readouterr().err
     # the same file is not a linear rescale, nor unchanged
     assert cli.main(["validate", str(src), str(out), "--rope-scale", "4"]) == 6
-    # without flags: the rewrite the file records (issue 25); with the record removed, "unchanged", which it is not
+    # without flags: the rewrite the file records; with the record removed, "unchanged", which it is not
     assert cli.main(["validate", str(src), str(out)]) == 0, capsys.readouterr().err
     bare = ir.load(out)
     bare.metadata_props.pop("posrewrite.rewrites")

@@ -78,7 +78,7 @@ class ScoreBiasSite(EncodingSite):
             "dtype": self.dtype,
             "rewritable": self.rewritable,
             "reason": self.reason,
-            "sites": len(self.add_nodes),
+            "bias_adds": len(self.add_nodes),  # where the bias is added to attention scores
             "bias": self.bias.name,
             "notes": list(self.notes),
         }
