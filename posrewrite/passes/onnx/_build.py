@@ -36,18 +36,35 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, stem: str, dtype: ir.Dat
 
 
 class NodeWriter:
-    """Creates nodes that are inserted before `anchor` (whose inputs all precede it) in one go."""
+    """posrewrite's one node builder: new nodes recorded on an onnx_ir tape (`ir.tape.Tape`) and put into the
+    graph in one go by `commit`, before ``anchor`` (whose inputs all precede it), or at the end of the graph when
+    there is no anchor (the caller sorts the graph afterwards).
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, stem: str) -> None:
+    With a ``stem``, every node, its output and every new constant get a unique name from it (constants are
+    initializers); without one, nodes and outputs are left unnamed and constants are Constant nodes (the form of
+    onnxscript's own rewrites, for nodes written beside them)."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node | None = None, stem: str | None = None) -> None:
         self.graph = graph
         self.anchor = anchor
         self.stem = stem
-        self.nodes: list[ir.Node] = []
+        self.tape = ir.tape.Tape()
+
+    @property
+    def nodes(self) -> tuple[ir.Node, ...]:
+        """The nodes written since the last `commit`, in order."""
+        return tuple(self.tape.nodes)
 
     def const(self, array, dtype: ir.DataType | None = None) -> ir.Value:
+        if self.stem is None:
+            tensor = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype.numpy())
+            return self.op("Constant", value=ir.tensor(tensor))
         return add_initializer(self.graph, np.asarray(array), f"{self.stem}_c", dtype)
 
-    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+    def op(self, op_type: str, *inputs: ir.Value | None, _domain: str = "", _name: str | None = None,
+           **attributes) -> ir.Value:
+        """One node ``op_type(*inputs, **attributes)`` (in ``_domain``; named ``_name`` instead of from the stem);
+        its output."""
         if op_type == "Shape" and ("start" in attributes or "end" in attributes) and self._opset() < 15:
             # Shape's start/end attributes are opset 15; before that they are ignored (the whole shape)
             start, end = int(attributes.pop("start", 0)), int(attributes.pop("end", 1 << 62))
@@ -55,20 +72,94 @@ class NodeWriter:
             return self.op(
                 "Slice", whole, self.const(np.array([start], np.int64)), self.const(np.array([end], np.int64))
             )
-        name = unique_name(self.graph, f"{self.stem}_{op_type}")
-        node = ir.node(op_type, list(inputs), attributes or None, name=name)
-        node.outputs[0].name = node.name + "_out"
-        self.nodes.append(node)
-        return node.outputs[0]
+        name = _name
+        if name is None and self.stem is not None:
+            name = unique_name(self.graph, f"{self.stem}_{op_type}")
+        out = self.tape.op(op_type, list(inputs), attributes or None, domain=_domain, name=name)
+        if name is not None:
+            out.name = name + "_out"
+        return out
+
+    def op_multi(self, op_type: str, *inputs: ir.Value | None, _num_outputs: int, _domain: str = "",
+                 _name: str | None = None, **attributes) -> tuple[ir.Value, ...]:
+        """One node with ``_num_outputs`` outputs (named ``<node>_out`` for one, ``<node>_out<k>`` for several)."""
+        name = _name
+        if name is None and self.stem is not None:
+            name = unique_name(self.graph, f"{self.stem}_{op_type}")
+        outs = tuple(self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=_num_outputs,
+                                            domain=_domain, name=name))
+        if name is not None:
+            for k, out in enumerate(outs):
+                out.name = f"{name}_out{k}" if _num_outputs > 1 else f"{name}_out"
+        return outs
+
+    def clone(self, target: ir.Value, subs: dict[int, ir.Value], allowed: set[int] | None,
+              memo: dict[int, ir.Value]) -> ir.Value:
+        """``target`` recomputed with the values in ``subs`` (by id) replaced; only nodes in ``allowed`` (all when
+        None) are cloned, the rest are kept as they are. Iterative, in dependency order. The clones' outputs keep
+        their dtypes and lose their shapes (a clone may run on other lengths)."""
+        order: list[ir.Node] = []
+        state: dict[int, int] = {}
+        stack: list[tuple[ir.Node, bool]] = []
+
+        def visit(value: ir.Value | None) -> None:
+            if value is None or id(value) in subs or id(value) in memo:
+                return
+            node = value.producer()
+            if node is None or (allowed is not None and id(node) not in allowed) or id(node) in state:
+                return
+            stack.append((node, False))
+
+        visit(target)
+        while stack:
+            node, done = stack.pop()
+            if done:
+                state[id(node)] = 2
+                order.append(node)
+                continue
+            if id(node) in state:
+                continue
+            state[id(node)] = 1
+            stack.append((node, True))
+            for inp in node.inputs:
+                visit(inp)
+
+        def mapped(value: ir.Value | None) -> ir.Value | None:
+            if value is None:
+                return None
+            if id(value) in subs:
+                return subs[id(value)]
+            return memo.get(id(value), value)
+
+        for node in order:
+            inputs = [mapped(v) for v in node.inputs]
+            if all(a is b for a, b in zip(inputs, node.inputs, strict=True)):
+                for out in node.outputs:
+                    memo[id(out)] = out
+                continue
+            name = unique_name(self.graph, f"{self.stem}_{node.op_type}") if self.stem is not None else None
+            outs = self.tape.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
+                                          num_outputs=len(node.outputs), version=node.version, name=name)
+            for old_out, new_out in zip(node.outputs, outs, strict=True):
+                if name is not None:
+                    new_out.name = name + f"_out{old_out.index()}"
+                new_out.dtype = old_out.dtype
+                new_out.shape = None
+                memo[id(old_out)] = new_out
+        return mapped(target)
 
     def _opset(self) -> int:
         imports = self.graph.opset_imports
         return int(imports.get("", imports.get("ai.onnx", 21)))
 
     def commit(self) -> None:
-        if self.nodes:
-            self.graph.insert_before(self.anchor, self.nodes)
-            self.nodes = []
+        nodes = list(self.tape.nodes)
+        if nodes:
+            if self.anchor is not None:
+                self.graph.insert_before(self.anchor, nodes)
+            else:
+                self.graph.extend(nodes)
+        self.tape = ir.tape.Tape()
 
 
 def insert_after_and_redirect(graph: ir.Graph, value: ir.Value, op_type: str, other: ir.Value, stem: str) -> ir.Node:

@@ -28,11 +28,8 @@ def _bsd(w: NodeWriter, x: ir.Value) -> ir.Value:
 def _rotary_3d(w: NodeWriter, node: ir.Node, x3: ir.Value, heads: int) -> ir.Value:
     attrs = {k: a.value for k, a in node.attributes.items()}
     attrs["num_heads"] = heads
-    name = (node.name or "rope") + "_bsd"
-    rot = ir.node("RotaryEmbedding", [x3, *node.inputs[1:]], attrs, domain=CONTRIB, name=name)
-    rot.outputs[0].name = rot.name + "_out"
-    w.nodes.append(rot)
-    return rot.outputs[0]
+    return w.op("RotaryEmbedding", x3, *node.inputs[1:], _domain=CONTRIB, _name=(node.name or "rope") + "_bsd",
+                **attrs)
 
 
 def _shared_lengths(w: NodeWriter, att: Attention, q3: ir.Value, shared: dict
@@ -102,15 +99,11 @@ def rewrite_attention(model: ir.Model, att: Attention, shared: dict) -> tuple[st
         positions = cos = sin = None
     seqlens, total, query_seqlens = _shared_lengths(w, att, q3, shared)
     bias = _clamped_bias(w, att.bias, shared)
-    gqa = ir.node(
-        "GroupQueryAttention",
-        [q3, k3, v3, att.past_key, att.past_value, seqlens, total, cos, sin, positions, bias, None, None, None,
-         None, None, query_seqlens],
-        attrs,
-        domain=CONTRIB,
-        num_outputs=3,
-        name=(att.softmax.name or "attention") + "_gqa",
-    )
+    gqa = w.op_multi(
+        "GroupQueryAttention", q3, k3, v3, att.past_key, att.past_value, seqlens, total, cos, sin, positions, bias,
+        None, None, None, None, None, query_seqlens,
+        _num_outputs=3, _domain=CONTRIB, _name=(att.softmax.name or "attention") + "_gqa", **attrs,
+    )[0].producer()
     for o, stem in zip(gqa.outputs, ("out", "present_key", "present_value"), strict=True):
         o.name = f"{gqa.name}_{stem}"
     dtype = att.out.dtype or att.q_rot.inputs[0].dtype
@@ -124,7 +117,6 @@ def rewrite_attention(model: ir.Model, att: Attention, shared: dict) -> tuple[st
     for o, old in ((gqa.outputs[1], att.k_all), (gqa.outputs[2], att.v_all)):
         o.dtype = old.dtype
         o.shape = old.shape
-    w.nodes.append(gqa)
     out4 = w.op("Reshape", gqa.outputs[0], w.const(np.array([0, 0, att.heads, att.head_size], np.int64)))
     out4.dtype, out4.shape = dtype, ir.Shape([batch, seq, att.heads, att.head_size])
     if flat_out is not None:  # the graph's [B, S, H*D] attention output is GroupQueryAttention's: read it

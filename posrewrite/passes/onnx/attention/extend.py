@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from posrewrite.errors import UsageError
 from posrewrite.math.positions import AttentionExtension, PositionMap, Region
-from posrewrite.passes.onnx._build import add_initializer, unique_name
+from posrewrite.passes.onnx._build import NodeWriter, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
@@ -119,84 +119,6 @@ def find_score_pairs(model: ir.Model, sites: list[RopeSite]) -> list[ScorePair]:
     order = {id(n): i for i, n in enumerate(model.graph)}
     pairs.sort(key=lambda p: order.get(id(p.matmul), 0))
     return pairs
-
-
-class _Builder:
-    """New nodes appended to the graph (sorted topologically at the end of the pass)."""
-
-    def __init__(self, graph: ir.Graph, stem: str) -> None:
-        self.graph = graph
-        self.stem = stem
-        self.nodes: list[ir.Node] = []
-
-    def const(self, array, dtype: ir.DataType | None = None) -> ir.Value:
-        return add_initializer(self.graph, np.asarray(array), f"{self.stem}_c", dtype)
-
-    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
-        name = unique_name(self.graph, f"{self.stem}_{op_type}")
-        node = ir.node(op_type, list(inputs), attributes or None, name=name)
-        node.outputs[0].name = node.name + "_out"
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def clone(self, target: ir.Value, subs: dict[int, ir.Value], allowed: set[int] | None,
-              memo: dict[int, ir.Value]) -> ir.Value:
-        """``target`` recomputed with the values in ``subs`` (by id) replaced; only nodes in ``allowed`` (all when
-        None) are cloned, the rest are kept as they are. Iterative, in dependency order."""
-        order: list[ir.Node] = []
-        state: dict[int, int] = {}
-        stack: list[tuple[ir.Node, bool]] = []
-
-        def visit(value: ir.Value | None) -> None:
-            if value is None or id(value) in subs or id(value) in memo:
-                return
-            node = value.producer()
-            if node is None or (allowed is not None and id(node) not in allowed) or id(node) in state:
-                return
-            stack.append((node, False))
-
-        visit(target)
-        while stack:
-            node, done = stack.pop()
-            if done:
-                state[id(node)] = 2
-                order.append(node)
-                continue
-            if id(node) in state:
-                continue
-            state[id(node)] = 1
-            stack.append((node, True))
-            for inp in node.inputs:
-                visit(inp)
-
-        def mapped(value: ir.Value | None) -> ir.Value | None:
-            if value is None:
-                return None
-            if id(value) in subs:
-                return subs[id(value)]
-            return memo.get(id(value), value)
-
-        for node in order:
-            inputs = [mapped(v) for v in node.inputs]
-            if all(a is b for a, b in zip(inputs, node.inputs, strict=True)):
-                for out in node.outputs:
-                    memo[id(out)] = out
-                continue
-            attrs = list(node.attributes.values())
-            new = ir.Node(node.domain, node.op_type, inputs, attributes=attrs, num_outputs=len(node.outputs),
-                          name=unique_name(self.graph, f"{self.stem}_{node.op_type}"), version=node.version)
-            for old_out, new_out in zip(node.outputs, new.outputs, strict=True):
-                new_out.name = new.name + f"_out{old_out.index()}"
-                new_out.dtype = old_out.dtype
-                new_out.shape = None  # a clone may run on other lengths (all keys of a cache)
-                memo[id(old_out)] = new_out
-            self.nodes.append(new)
-        return mapped(target)
-
-    def commit(self) -> None:
-        for node in self.nodes:
-            self.graph.append(node)
-        self.nodes = []
 
 
 def _ancestors_until(targets: list[ir.Value], stops: set[int], limit: int = 4000) -> set[int]:
@@ -293,7 +215,7 @@ def _squeeze_axis(positions: ir.Value) -> int | None | str:
     return "bad"
 
 
-def _as_rows(b: _Builder, positions: ir.Value) -> ir.Value:
+def _as_rows(b: NodeWriter, positions: ir.Value) -> ir.Value:
     """positions as [batch or 1, seq]."""
     if rank(positions) == 1:
         return b.op("Unsqueeze", positions, b.const(np.array([0], np.int64)))
@@ -303,7 +225,7 @@ def _as_rows(b: _Builder, positions: ir.Value) -> ir.Value:
     return positions
 
 
-def _map_positions(b: _Builder, positions: ir.Value, pmap: PositionMap) -> ir.Value:
+def _map_positions(b: NodeWriter, positions: ir.Value, pmap: PositionMap) -> ir.Value:
     """The steps of ``pmap`` in the graph, in the positions' dtype when the result is integer (integer Div
     floors non-negative positions), else in float32."""
     p = positions
@@ -337,7 +259,7 @@ def _map_positions(b: _Builder, positions: ir.Value, pmap: PositionMap) -> ir.Va
     return p
 
 
-def _region(b: _Builder, rows: ir.Value, key_rows: ir.Value | None, region: Region,
+def _region(b: NodeWriter, rows: ir.Value, key_rows: ir.Value | None, region: Region,
             memo: dict[tuple, ir.Value]) -> ir.Value:
     """Boolean [B or 1, 1, S, T]: ``region(i, j)`` for the query rows and the key rows (the query rows when
     ``key_rows`` is None)."""
@@ -366,7 +288,7 @@ def _region(b: _Builder, rows: ir.Value, key_rows: ir.Value | None, region: Regi
     return out
 
 
-def _distance(b: _Builder, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
+def _distance(b: NodeWriter, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
     """[B or 1, 1, S, T] float32: p_q - p_k (keys at the query positions unless ``key_rows`` are given)."""
     p = b.op("Cast", rows, to=ir.DataType.FLOAT)
     pk = p if key_rows is None else b.op("Cast", key_rows, to=ir.DataType.FLOAT)
@@ -390,7 +312,7 @@ def _check_cache_path(pair: ScorePair) -> None:
         raise AttentionExtendError(f"keys are scaled before they are cached ({concat.name}): not supported")
 
 
-def _key_positions_like(b: _Builder, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
+def _key_positions_like(b: NodeWriter, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
     """Positions 0..T-1 of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions``
     (the site's positions as the angles read them: its source [T], [1, T], [1, T, 1] or [1, 1, T] reshaped as
     the graph reshapes it), and as rows [1, T] int64."""
@@ -510,7 +432,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     if unrotated_cache is not None and not all(p.cached_keys for p in pairs):
         raise AttentionExtendError("not a KV-cache export (keys are not appended to a past): nothing to re-rotate")
     graph = model.graph
-    b = _Builder(graph, "posrewrite_extend")
+    b = NodeWriter(graph, None, "posrewrite_extend")  # appended: the pass sorts the graph
     rows_memo: dict[int, ir.Value] = {}
     logn_memo: dict[tuple[int, ir.DataType], ir.Value] = {}
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}

@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from posrewrite.errors import UsageError
+from posrewrite.passes.onnx._build import NodeWriter
 from posrewrite.passes.onnx._graph import concrete_dims
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 
@@ -443,9 +444,8 @@ def _decompose_simplified_layer_norm(model: ir.Model) -> int:
         eps = node.attributes.get_float("epsilon", 1e-5)
         stash = node.attributes.get_int("stash_type", 1)
         dtype = x.dtype or ir.DataType.FLOAT
-        nodes: list[ir.Node] = []
-        op = _Emitter(nodes)
-        const = op.const
+        w = NodeWriter(graph, node)  # unnamed nodes and Constant nodes, as onnxscript's rewrites write them
+        op, const = w.op, w.const
 
         compute = ir.DataType.FLOAT if stash == 1 else dtype
         xc = op("Cast", x, to=compute) if compute != dtype else x
@@ -470,26 +470,11 @@ def _decompose_simplified_layer_norm(model: ir.Model) -> int:
         if out.shape is not None:
             y.shape = out.shape
         out.name = None
-        graph.insert_before(node, nodes)
+        w.commit()
         ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         done += 1
     return done
-
-
-class _Emitter:
-    """op("Mul", a, b, attr=...) -> output value; the nodes are collected in order."""
-
-    def __init__(self, nodes: list[ir.Node]) -> None:
-        self.nodes = nodes
-
-    def __call__(self, op_type: str, *inputs: ir.Value, **attrs) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attrs or None)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, arr) -> ir.Value:
-        return self("Constant", value=ir.tensor(np.asarray(arr)))
 
 
 def _unrepeat_kv(value: ir.Value) -> ir.Value | None:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
-from posrewrite.passes.onnx._build import add_initializer, unique_name
+from posrewrite.passes.onnx._build import NodeWriter, add_initializer
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
@@ -69,7 +69,7 @@ class _Lift:
         self.stem = stem
         self.candidates = list(candidates)
         self.notes = notes
-        self.nodes: list[ir.Node] = []  # new nodes, in dependency order
+        self.writer = NodeWriter(graph, None, stem)  # new nodes, in dependency order
         self.replaced: list[ir.Node] = []  # old nodes whose outputs were lifted
         self.replaced_constants: list[ir.Value] = []
         self._memo: dict[int, ir.Value] = {}
@@ -96,13 +96,8 @@ class _Lift:
 
     def _new(self, op_type: str, inputs: list[ir.Value | None], attributes: Iterable[ir.Attr] = (), *,
              num_outputs: int = 1, domain: str = "") -> ir.Node:
-        name = unique_name(self.graph, f"{self.stem}_{op_type}")
-        node = ir.Node(domain, op_type, inputs, [ir.Attr(a.name, a.type, a.value) for a in attributes],
-                       num_outputs=num_outputs, name=name)
-        for k, out in enumerate(node.outputs):
-            out.name = f"{name}_out{k}" if num_outputs > 1 else f"{name}_out"
-        self.nodes.append(node)
-        return node
+        copies = {a.name: ir.Attr(a.name, a.type, a.value) for a in attributes}
+        return self.writer.op_multi(op_type, *inputs, _num_outputs=num_outputs, _domain=domain, **copies)[0].producer()
 
     def cast(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
         node = self._new("Cast", [value], [ir.AttrInt64("to", int(dtype))])
@@ -275,8 +270,8 @@ def _rewrite_computed(
     # every new node only reads values computed before the first q/k Mul that reads cos/sin
     meeting_ids = {id(n) for n, *_ in meetings}
     anchor = next(n for n in graph if id(n) in meeting_ids)
-    if lift.nodes:
-        graph.insert_before(anchor, lift.nodes)
+    lift.writer.anchor = anchor
+    lift.writer.commit()
     for node, idx, new in redirect:
         node.replace_input_with(idx, new)
     _remove_dead(graph, lift.replaced, lift.replaced_constants)

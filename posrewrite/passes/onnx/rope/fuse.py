@@ -411,15 +411,14 @@ class FuseRotaryPass(ReportingPass):
             attrs["num_heads"] = int(form.num_heads)
         elif form.num_heads:
             attrs["num_heads"] = int(form.num_heads)
+        name = unique_name(graph, "rope_RotaryEmbedding")
         if self.target == "ort":
-            node = ir.node("RotaryEmbedding", [x, positions, caches.cos, caches.sin], attrs, domain=CONTRIB_DOMAIN)
+            y = w.op("RotaryEmbedding", x, positions, caches.cos, caches.sin, _domain=CONTRIB_DOMAIN, _name=name,
+                     **attrs)
         else:
-            node = ir.node("RotaryEmbedding", [x, caches.cos, caches.sin, positions], attrs)
-        node.name = unique_name(graph, "rope_RotaryEmbedding")
-        y = node.outputs[0]
-        y.name = node.name + "_out"
+            y = w.op("RotaryEmbedding", x, caches.cos, caches.sin, positions, _name=name, **attrs)
+        node = y.producer()
         y.dtype = app.input.dtype
-        w.nodes.append(node)
         if form.kind == "bshd":
             y.shape = None
             y = w.op("Reshape", y, w.const(np.array([0, 0, -1, head_dim], np.int64)))
