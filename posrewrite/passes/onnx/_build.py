@@ -162,6 +162,32 @@ class NodeWriter:
         self.tape = ir.tape.Tape()
 
 
+def _unread(node: ir.Node, outputs: frozenset[ir.Value]) -> bool:
+    return not any(out in outputs or out.uses() for out in node.outputs)
+
+
+def unread_nodes(graph: ir.Graph) -> frozenset[int]:
+    """Ids of the nodes of ``graph`` whose outputs nothing reads (and that give no graph output): dead code as the
+    graph holds it now (what `remove_made_dead` leaves alone)."""
+    outputs = frozenset(graph.outputs)
+    return frozenset(id(n) for n in graph if _unread(n, outputs))
+
+
+def remove_made_dead(graph: ir.Graph, before: frozenset[int]) -> int:
+    """Removes the nodes of ``graph`` that a rewrite left unread: every node nothing reads now, but those already
+    unread before it (``before``, from `unread_nodes`), in one sweep from the graph's end (a node read only by
+    removed nodes after it goes too). What the rewrite replaced goes with it; dead code it found, the other nodes'
+    inputs and outputs and the initializers are left to the caller's cleanup (`cleanup_passes`). Returns how
+    many nodes went."""
+    outputs = frozenset(graph.outputs)
+    removed = 0
+    for node in reversed(list(graph)):
+        if id(node) not in before and _unread(node, outputs):
+            graph.remove(node, safe=True)
+            removed += 1
+    return removed
+
+
 def insert_after_and_redirect(graph: ir.Graph, value: ir.Value, op_type: str, other: ir.Value, stem: str) -> ir.Node:
     """Inserts `op_type(value, other)` right after value's producer and makes every other use read it."""
     uses = list(value.uses())

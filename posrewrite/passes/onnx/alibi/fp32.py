@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from posrewrite.math.alibi import near_bias_error
 from posrewrite.math.precision import colliding_positions, exact_position_count, machine_epsilon
-from posrewrite.passes.onnx._build import NodeWriter
+from posrewrite.passes.onnx._build import NodeWriter, remove_made_dead, unread_nodes
 from posrewrite.passes.onnx._graph import VIEW_OPS
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.alibi import AlibiSite
@@ -109,6 +109,7 @@ class _AlibiFp32:
 
     def rewrite(self, model: ir.Model) -> bool:
         modified = False
+        dead_before = unread_nodes(model.graph)
         for site in self.sites:
             if is_fp32_safe(site):
                 self.notes.append(
@@ -123,7 +124,7 @@ class _AlibiFp32:
         if modified:
             # the replaced products go now, not at the pipeline's cleanup: a model written by this function
             # alone is detected as rewritten (the dead half-precision ALiBi would be found again)
-            ir.passes.common.RemoveUnusedNodesPass()(model)
+            remove_made_dead(model.graph, dead_before)
         return modified
 
     def _promote(self, graph: ir.Graph, site: AlibiSite) -> bool:

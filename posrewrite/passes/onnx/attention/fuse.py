@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from posrewrite.errors import UsageError
-from posrewrite.passes.onnx._build import NodeWriter
+from posrewrite.passes.onnx._build import NodeWriter, remove_made_dead, unread_nodes
 from posrewrite.passes.onnx._graph import concrete_dims
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 
@@ -142,11 +142,7 @@ class FuseAttentionPass(ReportingPass):
                 if counts["mha1"] or counts["mha2"]:
                     counts["mha_bias"] = fuse_mha_bias(model)
                 counts["sdpa_via_mha"] = replace_sdpa_by_mha(model)
-            if light:
-                from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-                RemoveUnusedNodesPass()(model)
-            else:
+            if not light:
                 optimize(model)
             # onnxscript writes SimplifiedLayerNormalization into the ONNX domain, where only onnxruntime knows it
             # (onnx.checker rejects it): write it back as standard ops; onnxruntime fuses them again at load time
@@ -349,6 +345,7 @@ def _fuse_rms_norm_other_forms(model: ir.Model) -> int:
     SimplifiedLayerNormalization(x, scale, epsilon=eps, stash_type=1) (computed in fp32 as well)."""
     graph = model.graph
     done = 0
+    dead_before = unread_nodes(graph)
     for r in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
         axes = r.attributes.get_ints("axes") if len(r.inputs) < 2 else None
         if axes is None and len(r.inputs) > 1:
@@ -406,10 +403,8 @@ def _fuse_rms_norm_other_forms(model: ir.Model) -> int:
         y.name = name
         ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
         done += 1
-    if done:
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-        RemoveUnusedNodesPass()(model)
+    if done:  # the replaced forms go now: the onnxscript rules that follow match on uses, dead readers count
+        remove_made_dead(graph, dead_before)
     return done
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from posrewrite.graph_check import check_graph
+from posrewrite.passes.onnx._build import remove_made_dead, unread_nodes
 from posrewrite.passes.onnx.attention import cache_rewrite
 from posrewrite.passes.onnx.attention.cache_bias import bias_is_at_least_causal, same_computation
 from posrewrite.passes.onnx.attention.cache_match import Attention, NotFused, match_attention
@@ -75,6 +76,7 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
                 reasons.append(f"{att.softmax.name or 'Softmax'}: attention bias {att.bias.name}: {verdicts[key]}")
                 continue
         kept.append(att)
+    dead_before = unread_nodes(graph)  # the caller's dead code stays theirs to clean
     shared: dict = {}
     heads_views = [v for att in kept for v in (att.q_rot.inputs[0], att.k_rot.inputs[0], att.v_new)]
     outside: dict[str, int] = {}
@@ -85,18 +87,19 @@ def fuse_cache_attention(model: ir.Model) -> tuple[int, list[str], str]:
             outside[why] = outside.get(why, 0) + 1
         copies += not views
     if kept:
-        from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
-
-        RemoveUnusedNodesPass()(model)
+        # the replaced attention goes now, not at the caller's cleanup: what reads the cache concatenation, the
+        # rotations and the head transposes only for their shapes is found by what is left reading them
+        remove_made_dead(graph, dead_before)
         cache_rewrite.shape_without_concat(graph)
         cache_rewrite.shape_before_rotation(graph)
-        RemoveUnusedNodesPass()(model)  # the rotations read only for their shapes: gone, so are their uses
+        remove_made_dead(graph, dead_before)  # the rotations read only for their shapes: gone, so are their uses
         for v in heads_views:  # [B, H, S, D] transposes now read only for their shapes: read the shape before them
             if v is not None and v.producer() is not None and v.producer().graph is graph:
                 cache_rewrite.shape_through_transpose(graph, v)
-        RemoveUnusedNodesPass()(model)
+        remove_made_dead(graph, dead_before)
         check_graph(model, "the KV-cache GroupQueryAttention rewrite (fuse_cache_attention)")
-        TopologicalSortPass()(model)
+        # nodes before GroupQueryAttention now read its present keys: the shape inference that follows needs order
+        graph.sort()
     inside = len(kept) - sum(outside.values())
     parts = [f"RoPE inside {inside} (do_rotary=1, cos/sin caches and the graph's position_ids)"] if inside else []
     parts += [f"RotaryEmbedding before {n}: {why}" for why, n in outside.items()]
