@@ -118,7 +118,7 @@ class RewriteReport:
     other_changes: list[str] = dataclasses.field(default_factory=list)
     #: claim: rows of the shortest static fused RoPE cache (positions from here on are outside it)
     fused_cache_rows: int | None = None
-    #: the RotaryEmbedding nodes the fusion wrote (what attention fusion follows)
+    #: the RotaryEmbedding nodes the fusion wrote
     fused_rotary_nodes: list[ir.Node] = dataclasses.field(default_factory=list)
     #: claim: attention-level extension (SelfExtend / ReRoPE / log-n) written
     attention_changes: list[str] = dataclasses.field(default_factory=list)

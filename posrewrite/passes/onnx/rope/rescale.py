@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite import errors
+from posrewrite.limits import MAX_LENGTH
 from posrewrite.math import rope as rope_math
 from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
@@ -263,7 +264,10 @@ class RescaleRopePass(ReportingPass):
       refuses a model that an earlier pass of the same context modified, or whose graph no longer holds a
       plan's rotations.
 
-    ``usage_errors``: a plan the graph cannot take is a usage error (exit 2), as for a user's rescale."""
+    ``usage_errors``: a plan the graph cannot take is a usage error (exit 2), as for a user's rescale.
+    With ``params`` each site's plan is `plan_site`'s, bounded by `posrewrite.limits.MAX_LENGTH` rows; what the
+    CLI adds to a request (--max-positions rows, the xPos decay, 2-D grids, config.json's values) comes with
+    plans made by the rewrite's planning."""
 
     def __init__(self, *, params: rope_math.RopeParameters | None = None, plans: Sequence[SitePlan] | None = None,
                  usage_errors: bool = True, context: PipelineContext | None = None,
@@ -315,11 +319,15 @@ class RescaleRopePass(ReportingPass):
         plans = []
         for site in sites:
             try:
-                plans.append(plan_site(site, self.params))
+                plan = plan_site(site, self.params)
             except NotRewritable as exc:
                 raise errors.PartialMatchError(str(exc)) from None
             except ValueError as exc:
                 raise errors.UsageError(str(exc)) from None
+            if plan.new_length is not None and plan.new_length > MAX_LENGTH:
+                raise errors.UsageError(f"RescaleRopePass: the rescaled length {plan.new_length} is over the limit of "
+                                        f"{MAX_LENGTH} (a smaller factor)")
+            plans.append(plan)
         return tuple(plans)
 
 
