@@ -164,3 +164,30 @@ def test_fusions_alone_without_a_shared_context(llama_onnx, tmp_path):
         ids = np.random.default_rng(n).integers(3, 100, size=(1, n))
         ref = ort_logits(llama_onnx, ids)
         assert float(np.abs(ort_logits(out, ids) - ref).max()) <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_node_writer_and_what_a_rewrite_leaves_unread():
+    """NodeWriter (on onnx_ir's tape): named nodes inserted before their anchor, constants as initializers; without
+    a stem, unnamed nodes and Constant nodes. remove_made_dead removes what the rewrite left unread, cascading up,
+    and leaves the dead code that was there before."""
+    from posrewrite.passes.onnx._build import NodeWriter, remove_made_dead, unread_nodes
+
+    x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.FLOAT))
+    old = ir.node("Neg", [x], name="old")
+    relu = ir.node("Relu", [old.outputs[0]], name="relu")
+    stale = ir.node("Abs", [x], name="stale")  # dead before the rewrite: the caller's
+    graph = ir.Graph([x], relu.outputs, nodes=[old, stale, relu], opset_imports={"": 18})
+    before = unread_nodes(graph)
+    w = NodeWriter(graph, relu, "t")
+    y = w.op("Mul", x, w.const(np.array(2.0, np.float32)))
+    w.commit()
+    relu.replace_input_with(0, y)
+    assert [n.name for n in graph] == ["old", "stale", y.producer().name, "relu"] and y.name.endswith("_out")
+    assert len(graph.initializers) == 1
+    assert remove_made_dead(graph, before) == 1
+    assert [n.name for n in graph][0] == "stale"
+    bare = NodeWriter(graph, relu)
+    z = bare.op("Add", y, bare.const(np.array(1.0, np.float32)))
+    bare.commit()
+    assert [n.op_type for n in graph][-3:] == ["Constant", "Add", "Relu"]
+    assert y.producer().name.startswith("t_Mul") and not z.producer().name.startswith("t_")  # the graph names it
