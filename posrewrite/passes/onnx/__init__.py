@@ -43,13 +43,16 @@ _EXPORTS: dict[str, str] = {
     "PipelineContext": "posrewrite.passes.onnx._infra",
     "RewriteReport": "posrewrite.passes.onnx._infra",
     "PassRecord": "posrewrite.passes.onnx._infra",
-    # RoPE plans (RescaleRopePass(plans=...)); the sites they are made from: posrewrite.passes.onnx.detect
+    # what detection found (`posrewrite.passes.onnx.detect.detect(model)`: the module shares the function's name)
+    # and RoPE plans made from its sites (RescaleRopePass(plans=...))
+    "Detection": "posrewrite.passes.onnx.detect",
     "SitePlan": "posrewrite.passes.onnx.rope.rescale",
     "plan_site": "posrewrite.passes.onnx.rope.rescale",
 }
 
 __all__ = [
     "AttentionExtendPass",
+    "Detection",
     "DropUntypedValueInfoPass",
     "ExtendSquareMasksPass",
     "ExtendTablesPass",
@@ -82,6 +85,7 @@ if TYPE_CHECKING:
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass, RerotatePastKeysPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
     from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
+    from posrewrite.passes.onnx.detect import Detection
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
     from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
