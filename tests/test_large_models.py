@@ -128,13 +128,14 @@ def test_validate_full_over_the_limit_falls_back_to_the_cut_and_says_so(tmp_path
     limit between the two estimates `--validate full` checks the cut and says why."""
     from posrewrite import memory
     from posrewrite.cut import estimate, find_cut, sub_model
-    from posrewrite.validate import MAX_VALIDATION_LENGTH, _seed_groups
+    from posrewrite.validate import MAX_VALIDATION_LENGTH
+    from posrewrite.validation.bounded import seed_groups
 
     src = _small_llama(tmp_path / "m")
     model = io.load_model(src)
     whole = memory.session_estimate(model, MAX_VALIDATION_LENGTH // 2, MAX_VALIDATION_LENGTH)["total"]
     found = api.detect(model)
-    cut = find_cut(model, model, _seed_groups(model, found.rope_sites))
+    cut = find_cut(model, model, seed_groups(model, found.rope_sites))
     part = estimate(sub_model(model, cut.outputs), MAX_VALIDATION_LENGTH)["total"]
     assert part < whole
     monkeypatch.setenv("POSREWRITE_MEMORY_LIMIT", str((part + whole) // 2))
