@@ -15,6 +15,7 @@ ones callers import from here.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -23,14 +24,16 @@ import onnx_ir as ir
 
 from posrewrite.math import precision
 from posrewrite.sites.rope import RopeSite, site_key
-from posrewrite.validation.report import ValidationReport, describe_failure
+from posrewrite.validation.report import Check, GridCheck, RunCheck, ValidationReport, describe_failure
 from posrewrite.validation.rotations import RopeReference, check_rotations
 from posrewrite.validation.runs import MAX_VALIDATION_LENGTH, compare_models, release_graphs, token_id_limits
 from posrewrite.validation.scope import model_runs
 
 __all__ = [
     "FUSE_COMPARE_LENGTH",
+    "Check",
     "MAX_VALIDATION_LENGTH",
+    "RunCheck",
     "ValidationReport",
     "check_grid_rescales",
     "compare_models",
@@ -196,9 +199,8 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
         length = min(int(options.max_positions), MAX_VALIDATION_LENGTH)
     if length:
         ok, message = runs.run_far(length)
-        report.rows.append({"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
-                            "ok": ok, "message": message,
-                            "compared": f"the rewritten model at {length} positions: runs, no NaN or +inf"})
+        report.rows.append(RunCheck(site="model", length=length, ok=ok, message=message,
+                                    compared=f"the rewritten model at {length} positions: runs, no NaN or +inf"))
     rows = fused_cache_rows
     if rows and rows < 4 * MAX_VALIDATION_LENGTH:
         report.rows.append(runs.probe_past_cache(int(rows)))
@@ -206,7 +208,7 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
     return report
 
 
-def check_grid_rescales(model: ir.Model, plans: list) -> list[dict[str, Any]]:
+def check_grid_rescales(model: ir.Model, plans: list) -> list[GridCheck]:
     """Each 2-D RoPE plan against the rewritten model: its angle tensor is found and fitted again by probing
     (a·row + b·column per channel at the same probe grid), and must equal the original slopes times the planned
     per-channel ratio, with the planned attention factor on cos/sin."""
@@ -214,28 +216,29 @@ def check_grid_rescales(model: ir.Model, plans: list) -> list[dict[str, Any]]:
 
     sites, _ = detect_rope(model)
     by_key = {site_key(s): s for s in sites}
-    rows = []
+    rows: list[GridCheck] = []
     for index, plan in enumerate(plans):
-        row = {"site": index, "length": None, "tolerance": None, "max_abs_error": None,
-               "compared": "2-D RoPE angles of the rewritten model (fitted per channel on probe grids) vs the "
-                           "original's times the planned per-axis ratios"}
+        row = GridCheck(site=index, length=None, ok=False,
+                        compared="2-D RoPE angles of the rewritten model (fitted per channel on probe grids) vs the "
+                                 "original's times the planned per-axis ratios")
         new = by_key.get(site_key(plan.site))
         if new is None or new.angles.value != "grid":
-            rows.append({**row, "ok": False, "message": "the 2-D RoPE is not found in the rewritten model"})
+            rows.append(dataclasses.replace(row, message="the 2-D RoPE is not found in the rewritten model"))
             continue
         ratio = np.asarray(plan.grid.angle_ratio, np.float64).reshape(-1)
         old_axes, new_axes = plan.site.source.axes, new.source.axes
         want = np.stack([old_axes.row_slope * ratio, old_axes.col_slope * ratio])
         got = np.stack([new_axes.row_slope, new_axes.col_slope])
         if want.shape != got.shape:
-            rows.append({**row, "ok": False, "message": f"angle channels {got.shape} vs planned {want.shape}"})
+            rows.append(dataclasses.replace(row, message=f"angle channels {got.shape} vs planned {want.shape}"))
             continue
         err = float(np.max(np.abs(got - want)))
         # the slopes are fitted from float32 angles of up to slope x grid size: a few roundings of those
         tol = 16 * precision.unit_roundoff("float32") * max(1.0, float(np.max(np.abs(want)))) * max(
             old_axes.probe_grid)
         factor_ok = bool(np.isclose(new.attention_factor, plan.attention_factor, rtol=1e-6))
-        rows.append({**row, "max_abs_error": err, "tolerance": tol, "ok": err <= tol and factor_ok,
-                     **({} if factor_ok else {"message": f"attention factor {new.attention_factor:g}, planned "
-                                                         f"{plan.attention_factor:g}"})})
+        rows.append(dataclasses.replace(
+            row, max_abs_error=err, tolerance=tol, ok=err <= tol and factor_ok,
+            message=None if factor_ok else f"attention factor {new.attention_factor:g}, planned "
+                                           f"{plan.attention_factor:g}"))
     return rows

@@ -3,11 +3,12 @@ attention after each RoPE site's first-layer rotations, with a memory estimate b
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.validation.report import ModelCheck
 from posrewrite.validation.runs import MemoryRefusal, compare_outputs, graph_of, token_ids
 
 __all__ = ["CUT_WEIGHT_CAP", "SHORT_CALL_LENGTH", "BoundedRuns", "seed_groups"]
@@ -106,28 +107,27 @@ class BoundedRuns:
         names = {i.name for i in session.get_inputs()}
         return session.run(None, {k: v for k, v in feeds.items() if k in names})
 
-    def compare(self, length: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None,
-                               "ok": True, "compared": f"original vs rewritten cut outputs at {length} tokens"}
+    def compare(self, length: int) -> ModelCheck:
+        row = ModelCheck(site="model", length=length, ok=True,
+                         compared=f"original vs rewritten cut outputs at {length} tokens")
         fed = self._feeds(length)
         if isinstance(fed, str):
-            row["message"] = f"comparison skipped: {fed}"
-            return row
+            return dataclasses.replace(row, message=f"comparison skipped: {fed}")
         feeds, how = fed
         try:
             ref = self._run(self.orig_sub, feeds, length, "the original model", quiet=True)
         except MemoryRefusal:
             raise
         except Exception as exc:  # noqa: BLE001
-            row["message"] = f"comparison skipped: the original: {str(exc).splitlines()[0][:200]}"
-            return row
+            return dataclasses.replace(row, message="comparison skipped: the original: "
+                                                    f"{str(exc).splitlines()[0][:200]}")
         try:
             new = self._run(self.new_sub, feeds, length, "the rewritten model")
         except MemoryRefusal:
             raise
         except Exception as exc:  # noqa: BLE001
-            row.update(ok=False, message=f"the rewritten model's cut fails ({how}): {str(exc).splitlines()[0][:200]}")
-            return row
+            return dataclasses.replace(row, ok=False, message=f"the rewritten model's cut fails ({how}): "
+                                                              f"{str(exc).splitlines()[0][:200]}")
         where = f"at {length} positions ({how}), {self.describe()}"
         return compare_outputs(row, ref, new, length, where)
 
@@ -148,25 +148,23 @@ class BoundedRuns:
                 return False, f"the rewritten model's cut gives NaN or +inf at {length} positions ({how})"
         return True, f"the rewritten model's cut ran at {length} positions ({how}), {self.describe()}"
 
-    def probe_past_cache(self, rows: int) -> dict[str, Any]:
+    def probe_past_cache(self, rows: int) -> ModelCheck:
         length = rows + 1
-        row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None,
-                               "ok": True, "compared": f"the fused model's cut at {length} positions, one past its "
-                                                      f"{rows}-row caches: must be rejected"}
+        row = ModelCheck(site="past cache", length=length, ok=True,
+                         compared=f"the fused model's cut at {length} positions, one past its {rows}-row caches: "
+                                  "must be rejected")
         fed = self._feeds(length, seed=2)
         if isinstance(fed, str):
-            row["message"] = f"probe skipped: {fed}"
-            return row
+            return dataclasses.replace(row, message=f"probe skipped: {fed}")
         try:
             self._run(self.new_sub, fed[0], length, "the rewritten model", quiet=True)
         except MemoryRefusal:
             raise
         except Exception as exc:  # noqa: BLE001
             text = str(exc).splitlines()[0].split("Status Message:", 1)[-1].strip()
-            row["message"] = f"position {rows} is rejected by onnxruntime: {text[:160]}"
-            return row
-        row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
-        return row
+            return dataclasses.replace(row, message=f"position {rows} is rejected by onnxruntime: {text[:160]}")
+        return dataclasses.replace(row, ok=False, message=f"position {rows} is past the {rows}-row caches but the "
+                                                          "model ran without error")
 
 
 SHORT_CALL_LENGTH = 16

@@ -16,7 +16,7 @@ from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import call_input, numpy_dtype
 from posrewrite.sites.rope import Layout, RopeSite
-from posrewrite.validation.report import worse
+from posrewrite.validation.report import Check, RotationCheck, RotationCount, worse
 from posrewrite.validation.runs import MAX_VALIDATION_LENGTH, dtype_eps, session_from_bytes, token_ids
 
 __all__ = ["CAPTURE_CHUNK", "RopeReference", "check_gqa_rotation", "check_rotations", "find_rotations",
@@ -239,16 +239,15 @@ def _reference_by_caches(node: ir.Node, references: list[RopeReference]) -> Rope
 
 
 def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: int | None, length: int,
-                      source: str, start: int = 0) -> dict[str, Any]:
+                      source: str, start: int = 0) -> RotationCheck:
     """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions start.., in a call
     over positions 0..length-1)."""
-    row: dict[str, Any] = {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1],
-                           "length": length, "max_abs_error": None, "tolerance": None, "ok": False}
+    row = RotationCheck(site=rot.label.split(":")[0], rotation=rot.label.split(": ", 1)[-1], length=length, ok=False)
     if seq_axis is not None and np.shape(y) != np.shape(x) and _same_rows(np.shape(x), np.shape(y), seq_axis):
         y = np.reshape(y, np.shape(x))  # [B,S,H,D] written as [B,S,H·D] (or back): the same rows
     if seq_axis is None or np.shape(y) != np.shape(x):
-        row["message"] = f"cannot line up pre-rotation {np.shape(x)} with rotated {np.shape(y)} at {length} positions"
-        return row
+        return dataclasses.replace(row, message=f"cannot line up pre-rotation {np.shape(x)} with rotated "
+                                                f"{np.shape(y)} at {length} positions")
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
     expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
@@ -261,11 +260,11 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
             else np.repeat(mag, 2, axis=-1)
     tol, how = _rotation_tolerance(xs, rot.rotary_dim, inv, factor, length, str(np.asarray(x).dtype))
     err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
-    row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
-               compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
-                        f"{factor:.6g}) of {source}, positions 0..{length - 1}",
-               tolerance_from=how)
-    return row
+    return dataclasses.replace(
+        row, max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
+        compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
+                 f"{factor:.6g}) of {source}, positions 0..{length - 1}",
+        tolerance_from=how)
 
 
 def _same_rows(a: tuple, b: tuple, seq_axis: int) -> bool:
@@ -351,8 +350,8 @@ class _RotationRunner:
                 for rot in self.captured:
                     self.errors[id(rot)] = f"cannot extract the rotations: {str(exc).splitlines()[0][:200]}"
 
-    def rows(self, rotations: list[_Rotation], length: int, seed: int = 0) -> list[dict[str, Any]]:
-        rows = []
+    def rows(self, rotations: list[_Rotation], length: int, seed: int = 0) -> list[RotationCheck]:
+        rows: list[RotationCheck] = []
         for rot in rotations:
             if id(rot) in self.errors:
                 rows.append(self._failed(rot, length, self.errors[id(rot)]))
@@ -385,7 +384,7 @@ class _RotationRunner:
             # a model fed position_ids: its own q/k computed CAPTURE_CHUNK positions at a time (memory of one chunk)
             positions = [v for v in self.prefix_inputs if "position" in (v.name or "").lower()]
             step = CAPTURE_CHUNK if positions and length > CAPTURE_CHUNK else length
-            worst: dict[int, dict[str, Any]] = {}
+            worst: dict[int, RotationCheck] = {}
             for start in range(0, length, step):
                 n = min(step, length - start)
                 feeds = _input_feeds(self.prefix_inputs, n, self.vocab)
@@ -408,9 +407,9 @@ class _RotationRunner:
         return rows
 
     @staticmethod
-    def _failed(rot: _Rotation, length: int, message: str) -> dict[str, Any]:
-        return {"site": rot.label.split(":")[0], "rotation": rot.label.split(": ", 1)[-1], "length": length,
-                "max_abs_error": None, "tolerance": None, "ok": False, "message": message}
+    def _failed(rot: _Rotation, length: int, message: str) -> RotationCheck:
+        return RotationCheck(site=rot.label.split(":")[0], rotation=rot.label.split(": ", 1)[-1], length=length,
+                             ok=False, message=message)
 
 
 _PASS_THROUGH = ("Cast", "Identity")
@@ -468,14 +467,13 @@ def _seq_axis(shape, length: int) -> int | None:
 
 
 def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, length: int,
-                       vocab: dict[str, int] | None = None) -> dict[str, Any]:
+                       vocab: dict[str, int] | None = None) -> RotationCheck:
     """A GroupQueryAttention node rotating q/k inside: its q/k are not exposed, so its cos/sin caches (as the
     graph computes them at this length) and its `rotary_interleaved` flag drive a lone com.microsoft.RotaryEmbedding
     on random q, compared with the numpy rotation."""
     import onnx
 
-    row: dict[str, Any] = {"site": str(0), "rotation": node.name, "length": length, "max_abs_error": None,
-                           "tolerance": None, "ok": False}
+    row = RotationCheck(site=str(0), rotation=node.name, length=length, ok=False)
     try:
         cos_v, sin_v = node.inputs[7], node.inputs[8]
         others = graph_inputs_for(model.graph, [cos_v, sin_v], [])
@@ -502,24 +500,23 @@ def check_gqa_rotation(model: ir.Model, node: ir.Node, ref: RopeReference, lengt
         (y,) = session_from_bytes(proto.SerializeToString()).run(None, {"x": x, "p": np.arange(length)[None], "c": cos,
                                                               "s": sin})
     except Exception as exc:  # noqa: BLE001
-        row["message"] = (f"GroupQueryAttention rotation does not run at {length} positions: "
-                          f"{str(exc).splitlines()[0][:200]}")
-        return row
+        return dataclasses.replace(row, message=f"GroupQueryAttention rotation does not run at {length} positions: "
+                                                f"{str(exc).splitlines()[0][:200]}")
     xs, ys = _heads_last(x, 1, head_dim), _heads_last(y, 1, head_dim)
     inv, factor = ref.frequencies(length)
     expected = numpy_rotation(xs, inv, factor, np.arange(length), ref.site.layout.value, ref.site.rotary_dim)
     tol, how = _rotation_tolerance(xs, ref.site.rotary_dim, inv, factor, length, str(cos.dtype))
     err = float(np.max(np.abs(ys - expected)))
-    row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
-               compared=f"RotaryEmbedding with this GroupQueryAttention's caches and rotary_interleaved on random q "
-                        f"vs numpy {ref.site.layout.value} rotation, positions 0..{length - 1}",
-               tolerance_from=how)
-    return row
+    return dataclasses.replace(
+        row, max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
+        compared=f"RotaryEmbedding with this GroupQueryAttention's caches and rotary_interleaved on random q "
+                 f"vs numpy {ref.site.layout.value} rotation, positions 0..{length - 1}",
+        tolerance_from=how)
 
 
 def check_rotations(model: ir.Model, references: list[RopeReference], lengths: list[int],
                     vocab: dict[str, int] | None = None, *, keys_rotated_after_cache: bool = False,
-                    bounded: bool = False) -> list[dict[str, Any]]:
+                    bounded: bool = False) -> list[Check]:
     """Rows of the rotation oracle: every rotation of every site at every length (the rotation subgraphs only,
     no weights), plus a row saying whether every rotation of the original sites was found.
     ``keys_rotated_after_cache``: key rotations moved behind the cache (exact decode) are not expected by name;
@@ -530,18 +527,17 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
         expected -= sum(1 for ref in references for app in ref.site.applications
                         if by_name.get(app.output.name) is None and by_name.get(app.input.name) is not None)
     found = len(rotations) + 2 * len(gqa)
-    rows: list[dict[str, Any]] = [{
-        "site": "rotations", "length": None, "max_abs_error": None, "tolerance": None, "ok": found >= expected,
-        "compared": f"q/k rotations found in the rewritten model ({found}) vs in the original model ({expected})"}]
     runner = _RotationRunner(model, rotations, vocab, max(lengths, default=MAX_VALIDATION_LENGTH), bounded)
-    if runner.skipped:
-        rows[0]["message"] = (f"{runner.skipped} rotation(s) of later layers read the model's own q/k: checked "
-                              "with --validate full only")
+    rows: list[Check] = [RotationCount(
+        site="rotations", length=None, ok=found >= expected,
+        compared=f"q/k rotations found in the rewritten model ({found}) vs in the original model ({expected})",
+        message=(f"{runner.skipped} rotation(s) of later layers read the model's own q/k: checked with --validate "
+                 "full only") if runner.skipped else None)]
     for n in lengths:
-        worst: dict[str, dict[str, Any]] = {}
+        worst: dict[str, RotationCheck] = {}
         counts: dict[str, int] = {}
         for row in runner.rows(rotations, n):
-            key = row["site"]
+            key = row.site
             counts[key] = counts.get(key, 0) + 1
             if key not in worst or worse(row, worst[key]):
                 worst[key] = row
@@ -553,9 +549,8 @@ def check_rotations(model: ir.Model, references: list[RopeReference], lengths: l
             counts["gqa"] = counts.get("gqa", 0) + same
             if "gqa" not in worst or worse(row, worst["gqa"]):
                 worst["gqa"] = row
-        for key, row in worst.items():
-            row["rotations_checked"] = counts[key]  # the row shows the worst of them
-        rows.extend(worst.values())
+        # each row shows the worst of the rotations it counts
+        rows.extend(dataclasses.replace(row, rotations_checked=counts[key]) for key, row in worst.items())
     return rows
 
 

@@ -6,13 +6,14 @@ comparisons within `output_tolerance`, the probe one position past fused caches,
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
 
 from posrewrite import errors
 from posrewrite.math import precision
+from posrewrite.validation.report import ModelCheck
 
 __all__ = [
     "COMPARE_EPS_UNITS",
@@ -219,49 +220,45 @@ def _run_model(path, feeds_from=None, length: int = 0, vocab=None, empty_past: b
         return f"fails at {length} tokens: {str(exc).splitlines()[0][:200]}", feeds
 
 
-def compare_models(original, rewritten, length: int, *, cache_contract_changed: bool = False) -> dict[str, Any]:
+def compare_models(original, rewritten, length: int, *, cache_contract_changed: bool = False) -> ModelCheck:
     """Runs the original and the rewritten model on the same inputs at `length` tokens, one after the other
     (one model in memory at a time), and compares every floating output (logits, and presents of KV-cache
     models) within `output_tolerance`; the row reports the worst one relative to its bound.
     ``cache_contract_changed`` (the rewritten cache holds other values, e.g. keys before rotation): a prefill
     from an empty past, the first output (logits) only."""
-    row: dict[str, Any] = {"site": "model", "length": length, "max_abs_error": None, "tolerance": None, "ok": True,
-                           "compared": f"original vs rewritten outputs at {length} tokens"}
+    row = ModelCheck(site="model", length=length, ok=True, compared=f"original vs rewritten outputs at {length} tokens")
     ref, feeds = _run_model(original, length=length, vocab=token_id_limits(original),
                             empty_past=cache_contract_changed)
     if cache_contract_changed and not isinstance(ref, str):
         ref = ref[:1]
     if isinstance(ref, str):
-        row["message"] = f"comparison skipped: the original: {ref}"
-        return row
+        return dataclasses.replace(row, message=f"comparison skipped: the original: {ref}")
     new, _ = _run_model(rewritten, feeds_from=feeds, length=length)
     if isinstance(new, str):
-        row.update(ok=False, message=f"the rewritten model {new}")
-        return row
+        return dataclasses.replace(row, ok=False, message=f"the rewritten model {new}")
     if cache_contract_changed:
         new = new[:1]
     return compare_outputs(row, ref, new, length, f"at {length} tokens")
 
 
-def compare_outputs(row: dict[str, Any], ref, new, length: int, where: str) -> dict[str, Any]:
-    """Fills `row` with the comparison of every floating output of `ref` (the original's) with `new`'s, within
+def compare_outputs(row: ModelCheck, ref, new, length: int, where: str) -> ModelCheck:
+    """`row` completed with the comparison of every floating output of `ref` (the original's) with `new`'s, within
     `output_tolerance`; the row reports the worst one relative to its bound."""
     pairs = [(a, b) for a, b in zip(ref, new) if np.issubdtype(np.asarray(a).dtype, np.floating)]  # noqa: B905
     if not pairs or len(ref) != len(new):
-        row.update(ok=not pairs and len(ref) == len(new),
-                   message="comparison skipped: no floating output" if not pairs else "output counts differ")
-        return row
+        return dataclasses.replace(
+            row, ok=not pairs and len(ref) == len(new),
+            message="comparison skipped: no floating output" if not pairs else "output counts differ")
     worst, tol_at_worst, how_at_worst, ok = 0.0, None, "", True
     for k, (x, y) in enumerate(pairs):  # logits, and present keys/values where the model returns them
         a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         if np.any(np.isnan(a)):
             if k == 0:
-                row["message"] = f"comparison skipped: the original model itself gives NaN outputs {where}"
-                return row
+                return dataclasses.replace(
+                    row, message=f"comparison skipped: the original model itself gives NaN outputs {where}")
             continue
         if a.shape != b.shape:
-            row.update(ok=False, message=f"output {k} shapes differ: {a.shape} vs {b.shape}")
-            return row
+            return dataclasses.replace(row, ok=False, message=f"output {k} shapes differ: {a.shape} vs {b.shape}")
         finite = np.isfinite(a)  # masked scores inside a cut hold -inf: the same entries must, the rest compare
         same_inf = bool(np.array_equal(np.isfinite(b), finite) and np.array_equal(a[~finite], b[~finite]))
         a, b = a[finite], b[finite]
@@ -272,38 +269,35 @@ def compare_outputs(row: dict[str, Any], ref, new, length: int, where: str) -> d
             worst, tol_at_worst, how_at_worst = err, tol, how
         ok = ok and good
     outputs = "outputs" if len(pairs) > 1 else "output"
-    row.update(max_abs_error=worst, tolerance=tol_at_worst, ok=ok, tolerance_from=how_at_worst,
-               message=f"original and rewritten {outputs} ({len(pairs)}) {where}",
-               compared=f"original vs rewritten {outputs} ({len(pairs)}) on the same inputs {where}")
-    return row
+    return dataclasses.replace(
+        row, max_abs_error=worst, tolerance=tol_at_worst, ok=ok, tolerance_from=how_at_worst,
+        message=f"original and rewritten {outputs} ({len(pairs)}) {where}",
+        compared=f"original vs rewritten {outputs} ({len(pairs)}) on the same inputs {where}")
 
 
-def probe_past_cache(path, rows: int) -> dict[str, Any]:
+def probe_past_cache(path, rows: int) -> ModelCheck:
     """Runs a fused model at `rows + 1` tokens, one position past its caches: the run must fail with an error
     (onnxruntime CPU checks position ids against the cache) rather than give outputs from unrotated or
     out-of-bounds values. The error comes from the first layer's RotaryEmbedding, so the probe is cheap."""
     length = rows + 1
-    row: dict[str, Any] = {"site": "past cache", "length": length, "max_abs_error": None, "tolerance": None, "ok": True,
-                           "compared": f"the fused model at {length} tokens, one past its {rows}-row caches: must be "
-                                       "rejected"}
+    row = ModelCheck(site="past cache", length=length, ok=True,
+                     compared=f"the fused model at {length} tokens, one past its {rows}-row caches: must be rejected")
     try:
         session = session_for(path, quiet=True)
     except Exception as exc:  # noqa: BLE001
-        row.update(ok=False, message=f"onnxruntime cannot load the rewritten model: {str(exc).splitlines()[0][:200]}")
-        return row
+        return dataclasses.replace(row, ok=False, message="onnxruntime cannot load the rewritten model: "
+                                                          f"{str(exc).splitlines()[0][:200]}")
     feeds = full_model_feeds(session, length, token_id_limits(path))
     if isinstance(feeds, str):
-        row["message"] = f"probe skipped: {feeds}"
-        return row
+        return dataclasses.replace(row, message=f"probe skipped: {feeds}")
     try:
         session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001
         text = str(exc).splitlines()[0]
         text = text.split("Status Message:", 1)[-1].strip()  # onnxruntime's own reason, without the node preamble
-        row["message"] = f"position {rows} is rejected by onnxruntime: {text[:160]}"
-        return row
-    row.update(ok=False, message=f"position {rows} is past the {rows}-row caches but the model ran without error")
-    return row
+        return dataclasses.replace(row, message=f"position {rows} is rejected by onnxruntime: {text[:160]}")
+    return dataclasses.replace(row, ok=False, message=f"position {rows} is past the {rows}-row caches but the model "
+                                                      "ran without error")
 
 
 _GRAPHS: dict[tuple[str, int, int], ir.Model] = {}

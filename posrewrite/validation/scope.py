@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from posrewrite import errors
 from posrewrite.validation.bounded import BoundedRuns
-from posrewrite.validation.report import ValidationReport
+from posrewrite.validation.report import ModelCheck, ValidationReport
 from posrewrite.validation.runs import MemoryRefusal, compare_models, graph_of, probe_past_cache, run_full_model
 
 __all__ = ["FullRuns", "model_runs"]
@@ -41,7 +39,7 @@ class FullRuns:
                                 "was found for the bounded check: rerun with --no-validate")
         return runs
 
-    def compare(self, length: int) -> dict[str, Any]:
+    def compare(self, length: int) -> ModelCheck:
         why = self._fits(self.original, length) or self._fits(self.rewritten, length)
         return self._bounded(why).compare(length) if why else compare_models(self.original, self.rewritten, length)
 
@@ -50,7 +48,7 @@ class FullRuns:
         return self._bounded(why).run_far(length) if why else run_full_model(self.rewritten, length,
                                                                                original=self.original)
 
-    def probe_past_cache(self, rows: int) -> dict[str, Any]:
+    def probe_past_cache(self, rows: int) -> ModelCheck:
         why = self._fits(self.rewritten, rows + 1)
         return self._bounded(why).probe_past_cache(rows) if why else probe_past_cache(self.rewritten, rows)
 
