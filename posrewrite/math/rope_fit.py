@@ -1,10 +1,11 @@
 """Reading RoPE parameters back from the numbers a model holds: the base of a stored ``b^(-2i/d)`` within the
 storage dtype's round-off (`fit_base`, `inv_freq_tolerance`), the float32 vector a half-precision export rounded
 (`recover_base`, `recover_inv_freq`, `round_base_inv_freq`), and an already-scaled vector's base and scaling
-(`fit_scaled_base`, a `posrewrite.math.rope.PriorScaling`).
+(`fit_scaled_base`, a `PriorScaling`).
 
-The formulas these fits invert (``default_inv_freq`` and the scaled vectors) live in `posrewrite.math.rope`;
-this module only compares numbers with them.
+The formulas these fits invert live elsewhere: the plain ``default_inv_freq`` and `PriorScaling` in
+`posrewrite.math.rope_freq`, the scaling methods in `posrewrite.math.rope` (which calls `fit_base` when a base is
+not given); this module only compares numbers with them.
 """
 
 from __future__ import annotations
