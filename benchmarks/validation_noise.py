@@ -1,5 +1,5 @@
 """What benign changes move a model's outputs, beside what correct fusions move: the numbers behind the bound
-of validation's original-vs-rewritten comparison (posrewrite.validate.COMPARE_EPS_UNITS).
+of validation's original-vs-rewritten comparison (posrewrite.validation.runs.COMPARE_EPS_UNITS).
 
     python benchmarks/validation_noise.py [--archs llama,cohere,...] [--length 48]
 
@@ -49,11 +49,11 @@ def measure(path: Path, length: int) -> dict[str, float]:
     import onnxruntime as ort
 
     from posrewrite import api
-    from posrewrite.validate import _full_model_feeds, token_id_limits
+    from posrewrite.validation.runs import full_model_feeds, token_id_limits
 
     levels = ort.GraphOptimizationLevel
     base = _session(path, 1, levels.ORT_ENABLE_ALL)
-    feeds = _full_model_feeds(base, length, token_id_limits(path))
+    feeds = full_model_feeds(base, length, token_id_limits(path))
     ref = base.run(None, feeds)
     row = {
         "threads2": _rel(ref, _session(path, 2, levels.ORT_ENABLE_ALL).run(None, feeds)),
@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     from fixtures.hf_models import export_hf_onnx
     from fixtures.modules import build_fp16_legacy_rope
-    from posrewrite.validate import _DTYPE_EPS, COMPARE_EPS_UNITS
+    from posrewrite.validation.runs import COMPARE_EPS_UNITS, dtype_eps
 
     paths = [(a, export_hf_onnx(a)) for a in args.archs.split(",") if a]
     paths.append(("fp16 module", build_fp16_legacy_rope()[0]))
@@ -89,7 +89,7 @@ def main() -> None:
     print(f"{'model':14s} {'dtype':8s} " + " ".join(f"{k:>10s}" for k in keys) + f" {'bound':>10s}")
     for name, path in paths:
         row = measure(Path(path), args.length)
-        bound = COMPARE_EPS_UNITS[row["dtype"]] * _DTYPE_EPS[row["dtype"]]
+        bound = COMPARE_EPS_UNITS[row["dtype"]] * dtype_eps(row["dtype"])
         print(f"{name:14s} {row['dtype']:8s} " + " ".join(f"{row[k]:10.2e}" for k in keys) + f" {bound:10.2e}")
 
 

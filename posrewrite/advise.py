@@ -41,7 +41,7 @@ def _fmt(x: float | None) -> str:
 def effective_base(inv_freq: np.ndarray, dim: int | None = None) -> tuple[float, bool]:
     """(base, geometric): the base of a geometric vector b^(-2i/d), or for any other vector the base whose
     geometric vector has the same lowest frequency (theta_last = b^(-(d-2)/d)); ``geometric`` tells which."""
-    from posrewrite.math.rope import fit_base
+    from posrewrite.math.rope_fit import fit_base
 
     f = np.asarray(inv_freq, dtype=np.float64).reshape(-1)
     d = 2 * f.size if dim is None else int(dim)

@@ -363,7 +363,7 @@ def _show_written(out: Output, model: Path, result: object, replacing: bool) -> 
     if validation is not None and not validation.ok:
         from posrewrite.errors import ValidationError
 
-        bad = [r.get("site") for r in validation.rows if not r.get("ok")]
+        bad = [r.site for r in validation.rows if not r.ok]
         render.print_error(f"validation failed for {len(bad)} site(s): {', '.join(map(str, bad))}")
         return ValidationError.exit_code
     return 0

@@ -234,7 +234,7 @@ class ValidationStep:
     def _attention(self, saved, model: ir.Model, progress) -> ValidationReport:
         """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it
         must run."""
-        from posrewrite.validate import MAX_VALIDATION_LENGTH, ValidationReport, model_runs, token_id_limits
+        from posrewrite.validate import MAX_VALIDATION_LENGTH, RunCheck, ValidationReport, model_runs, token_id_limits
 
         opts, path = self.options, self.model_path
         report = ValidationReport()
@@ -251,21 +251,18 @@ class ValidationStep:
                                     "docs/long-context.md), so the original and the rewritten model read a past "
                                     "differently and are not compared; the rewritten model is run")
             else:
-                row = runs.compare(length)
-                row["site"] = "model inside the window"
-                report.rows.append(row)
+                report.rows.append(dataclasses.replace(runs.compare(length), site="model inside the window"))
             far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
             ok, message = runs.run_far(far)
-            report.rows.append({"site": "model", "length": far, "max_abs_error": None, "tolerance": None, "ok": ok,
-                                "message": message,
-                                "compared": f"the rewritten model at {far} tokens: runs, every output finite"})
+            report.rows.append(RunCheck(site="model", length=far, ok=ok, message=message,
+                                        compared=f"the rewritten model at {far} tokens: runs, every output finite"))
         return report
 
 
 def refuse_if_original_cannot_load(report: ValidationReport | None, original) -> None:
     """A validation row skipped because the original does not run says nothing about the rewrite; when
     onnxruntime cannot even load the original, that is an error (exit 3), not a validation that passed."""
-    if report is None or not any("skipped" in str(r.get("message", "")) for r in report.rows):
+    if report is None or not any("skipped" in str(r.message or "") for r in report.rows):
         return
     if report.scope == "bounded":  # the bounded check loaded the original's cut itself (a whole load is not bounded)
         return

@@ -178,16 +178,13 @@ def show_validation(out: Output, result: Any) -> None:
 
 def _validation_table(console: Any, validation: Any) -> None:
     """The validation table: each row with what was compared with what, its error and tolerance."""
-    rows = [
-        [r.get("site"), r.get("length"), r.get("max_abs_error"), r.get("tolerance"), r.get("ok"),
-         r.get("compared") or r.get("message") or ""]
-        for r in validation.rows
-    ]
+    rows = [[r.site, r.length, r.max_abs_error, r.tolerance, r.ok, r.compared or r.message or ""]
+            for r in validation.rows]
     console.print(_table("validation (onnxruntime)", ["site", "length", "max |error|", "tolerance", "ok", "compared"],
                          rows))
     for r in validation.rows:
-        if r.get("message") and (r.get("site") == "past cache" or not r.get("ok")):
-            console.print(f"  [dim]{escape(str(r.get('site')))}:[/dim] {escape(r['message'])}")
+        if r.message and (r.site == "past cache" or not r.ok):
+            console.print(f"  [dim]{escape(str(r.site))}:[/dim] {escape(r.message)}")
     for line in getattr(validation, "notes", []) or []:
         console.print(f"  [dim]note:[/dim] {escape(line)}")
 

@@ -470,7 +470,9 @@ class _Result:
 
 
 def _rewrite_result(ok: bool = True) -> _Result:
-    rows = [{"site": "rope0", "length": 256, "max_abs_error": 1e-6 if ok else 0.5, "tolerance": 1e-4, "ok": ok}]
+    from posrewrite.validation.report import ModelCheck
+
+    rows = [ModelCheck(site="rope0", length=256, max_abs_error=1e-6 if ok else 0.5, tolerance=1e-4, ok=ok)]
     return _Result(
         {"output": "x.onnx", "modified": True, "inf": float("inf"), "arr": np.arange(2)},
         output_path=Path("x.onnx"),

@@ -295,12 +295,12 @@ def test_fuse_only_rewrite_is_compared_with_the_original(llama_onnx, tmp_path):
     """With validation on, a fusion alone is checked by running the original and the fused model in
     onnxruntime on the same tokens (the original export is the reference)."""
     result = api.rewrite(llama_onnx, output=tmp_path / "f.onnx", fuse="ort", validate=True)
-    rows = [r for r in result.validation.rows if r["site"] == "model"]
-    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["max_abs_error"] is not None
-    assert rows[0]["max_abs_error"] <= 1e-4
+    rows = [r for r in result.validation.rows if r.site == "model"]
+    assert len(rows) == 1 and rows[0].ok and rows[0].max_abs_error is not None
+    assert rows[0].max_abs_error <= 1e-4
     # one position past the caches: validation shows that onnxruntime rejects it rather than reading past
-    past = [r for r in result.validation.rows if r["site"] == "past cache"]
-    assert len(past) == 1 and past[0]["ok"] and past[0]["length"] == 4097 and "rejected" in past[0]["message"]
+    past = [r for r in result.validation.rows if r.site == "past cache"]
+    assert len(past) == 1 and past[0].ok and past[0].length == 4097 and "rejected" in past[0].message
 
 
 def test_comparison_catches_a_wrong_fused_cache(llama_onnx, tmp_path):
@@ -317,9 +317,9 @@ def test_comparison_catches_a_wrong_fused_cache(llama_onnx, tmp_path):
     bad = tmp_path / "bad.onnx"
     ir.save(model, bad)
     row = compare_models(llama_onnx, bad, 48)
-    assert not row["ok"] and row["max_abs_error"] > row["tolerance"]
+    assert not row.ok and row.max_abs_error > row.tolerance
     good = compare_models(llama_onnx, out, 48)
-    assert good["ok"]
+    assert good.ok
 
 
 def test_cache_rows_follow_config_json(llama_onnx, tmp_path):

@@ -6,6 +6,11 @@ References, never posrewrite's own code: the Hugging Face model rebuilt from the
 --max-positions: HF computes RoPE at any position), or with each pair scored at the paper's relative position
 (--extend, tests/test_attention_extend.py's reference); and the original golden's own outputs (KV-cache steps).
 Where posrewrite refuses a feature on a golden, the documented refusal (exit code and reason) is asserted.
+
+The goldens themselves are SNAPSHOTS: what each tool wrote once, at the versions its manifest.json records,
+checked in and never re-exported by the tests (`make goldens` regenerates them; a newer tool may write otherwise).
+`test_goldens_are_the_snapshots_their_manifests_record` checks that each folder still holds exactly the files
+its manifest lists, byte for byte (sha256). No test compares posrewrite's outputs with stored outputs of its own.
 """
 
 from __future__ import annotations
@@ -59,6 +64,20 @@ def _tol(name: str, ref: np.ndarray) -> float:
 def _assert_close(name: str, got: np.ndarray, ref: np.ndarray, what: str) -> None:
     err = float(np.abs(got - ref).max())
     assert err <= _tol(name, ref), f"{name} {what}: max |logit diff| {err:.3g} > {_tol(name, ref):.3g}"
+
+
+def test_goldens_are_the_snapshots_their_manifests_record():
+    """Each golden folder holds exactly the files its manifest lists, with the sha256 recorded when the tool
+    wrote them: a snapshot edited by hand (or half regenerated) is caught here, not by a puzzling feature test."""
+    import hashlib
+
+    assert NAMES
+    for name in NAMES:
+        folder = goldens.HERE / name
+        recorded = goldens.manifest(name)["files"]
+        held = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+                if p.is_file() and p.name != "manifest.json"}
+        assert held == recorded, name
 
 
 # ---------------------------------------------------------------------------------------------------------------

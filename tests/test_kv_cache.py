@@ -29,8 +29,8 @@ def test_rescale_with_cache_equals_hf(arch, tmp_path):
     src = export_hf_onnx_with_cache(arch)
     out = tmp_path / "yarn.onnx"
     result = api.rewrite(src, output=out, rope_scale=4.0, rope_method="yarn", original_max_positions=L)
-    whole = [r for r in result.validation.rows if r["site"] == "model"]
-    assert whole and whole[0]["ok"] and "ran" in whole[0]["message"]
+    whole = [r for r in result.validation.rows if r.site == "model"]
+    assert whole and whole[0].ok and "ran" in whole[0].message
     params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L}
     for past, seq in ((0, L // 2), (L + 3, 5), (3 * L, 1)):
         feeds = kv_cache_inputs(arch, past, seq)
@@ -47,8 +47,8 @@ def test_fuse_with_cache_equals_original(target, tmp_path):
     src = export_hf_onnx_with_cache("llama")
     out = tmp_path / "fused.onnx"
     result = api.rewrite(src, output=out, fuse=target)
-    compared = [r for r in result.validation.rows if r["site"] == "model"]
-    assert compared and compared[0]["max_abs_error"] is not None  # the cache model was really run
+    compared = [r for r in result.validation.rows if r.site == "model"]
+    assert compared and compared[0].max_abs_error is not None  # the cache model was really run
     ops = [n.op_type for n in onnx.load(out).graph.node]
     assert ops.count("Cos") == ops.count("Sin") == 0
     for past, seq in ((9, 4), (40, 1)):

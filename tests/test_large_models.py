@@ -58,11 +58,11 @@ def test_default_validation_is_bounded_and_full_runs_whole_models(tmp_path):
     src = build_direct_rope("rotate_half")
     bounded = api.rewrite(src, output=tmp_path / "b.onnx", **YARN).validation
     assert bounded.ok and bounded.scope == "bounded", bounded.to_dict()
-    far = [r for r in bounded.rows if r["site"] == "model"]
-    assert far and all("cut" in r["message"] for r in far), bounded.rows
+    far = [r for r in bounded.rows if r.site == "model"]
+    assert far and all("cut" in r.message for r in far), bounded.rows
     full = api.rewrite(src, output=tmp_path / "f.onnx", validate_scope="full", **YARN).validation
     assert full.ok and full.scope == "full", full.to_dict()
-    assert any("whole model ran" in r.get("message", "") for r in full.rows), full.rows
+    assert any("whole model ran" in (r.message or "") for r in full.rows), full.rows
 
 
 def test_the_cut_catches_what_only_outputs_show(hf_onnx, tmp_path, monkeypatch):
@@ -128,13 +128,14 @@ def test_validate_full_over_the_limit_falls_back_to_the_cut_and_says_so(tmp_path
     limit between the two estimates `--validate full` checks the cut and says why."""
     from posrewrite import memory
     from posrewrite.cut import estimate, find_cut, sub_model
-    from posrewrite.validate import MAX_VALIDATION_LENGTH, _seed_groups
+    from posrewrite.validate import MAX_VALIDATION_LENGTH
+    from posrewrite.validation.bounded import seed_groups
 
     src = _small_llama(tmp_path / "m")
     model = io.load_model(src)
     whole = memory.session_estimate(model, MAX_VALIDATION_LENGTH // 2, MAX_VALIDATION_LENGTH)["total"]
     found = api.detect(model)
-    cut = find_cut(model, model, _seed_groups(model, found.rope_sites))
+    cut = find_cut(model, model, seed_groups(model, found.rope_sites))
     part = estimate(sub_model(model, cut.outputs), MAX_VALIDATION_LENGTH)["total"]
     assert part < whole
     monkeypatch.setenv("POSREWRITE_MEMORY_LIMIT", str((part + whole) // 2))

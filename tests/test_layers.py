@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "posrewrite.passes.onnx.extend_tables", "posrewrite.passes.onnx.masks",
                 "posrewrite.passes.fx.rescale", "posrewrite.passes.fx.fp32_positions",
                 "posrewrite.passes.fx.fuse_rope", "posrewrite.passes.fx.pipeline"]),
-    ("validation", ["posrewrite.validate", "posrewrite.cut"]),
+    ("validation", ["posrewrite.validate", "posrewrite.validation", "posrewrite.cut"]),
     ("pipeline", ["posrewrite.pipeline"]),
     ("folders", ["posrewrite.folders"]),
     ("API", ["posrewrite.api", "posrewrite.torch"]),

@@ -26,15 +26,12 @@ from posrewrite.math.rope import (  # noqa: E402
     cos_sin_tables,
     default_inv_freq,
     dynamic_ntk_base,
-    fit_base,
     longrope_attention_factor,
     ntk_base,
-    recover_base,
-    recover_inv_freq,
-    round_base_inv_freq,
     scaled_inv_freq,
     yarn_attention_factor,
 )
+from posrewrite.math.rope_fit import fit_base, recover_base, recover_inv_freq, round_base_inv_freq  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

@@ -141,7 +141,7 @@ def test_longrope_export_fused(target, tmp_path):
     src = export_hf_onnx("llama", rope_parameters=prior)
     out = tmp_path / "fused.onnx"
     result = api.rewrite(src, output=out, fuse=target)
-    assert result.validation.ok and any(r["length"] == L + 1 for r in result.validation.rows)
+    assert result.validation.ok and any(r.length == L + 1 for r in result.validation.rows)
     import onnx
 
     ops = [n.op_type for n in onnx.load(out).graph.node]

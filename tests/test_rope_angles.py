@@ -439,8 +439,8 @@ def test_grid_validation_catches_a_wrong_ratio(tmp_path):
     rewritten = io.load_model(out)
     right = rescale.plan_grid_site(site, "linear", (4, 4), (8, 12))
     wrong = rescale.plan_grid_site(site, "linear", (4, 4), (8, 8))
-    assert all(row["ok"] for row in check_grid_rescales(rewritten, [right]))
-    assert not any(row["ok"] for row in check_grid_rescales(rewritten, [wrong]))
+    assert all(row.ok for row in check_grid_rescales(rewritten, [right]))
+    assert not any(row.ok for row in check_grid_rescales(rewritten, [wrong]))
 
 
 def test_timm_axial_yarn_per_axis_equals_hf_yarn_bands(tmp_path):

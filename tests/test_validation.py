@@ -279,12 +279,12 @@ METHODS = {
 }
 
 
-def _rotation_rows(result) -> list[dict]:
+def _rotation_rows(result) -> list:
     rows = result.validation.rows
-    (found,) = [r for r in rows if r["site"] == "rotations"]
-    assert found["ok"] and "(4) vs in the original model (4)" in found["compared"]
-    checked = [r for r in rows if r.get("compared", "").startswith("rotated q/k")]
-    assert checked and all(r["max_abs_error"] is not None for r in checked)
+    (found,) = [r for r in rows if r.site == "rotations"]
+    assert found.ok and "(4) vs in the original model (4)" in found.compared
+    checked = [r for r in rows if (r.compared or "").startswith("rotated q/k")]
+    assert checked and all(r.max_abs_error is not None for r in checked)
     return checked
 
 
@@ -297,7 +297,7 @@ def test_no_false_alarm_every_method(layout, method, tmp_path):
     rows = _rotation_rows(result)
     options = METHODS[method]
     if "original_max_positions" in options or "original_max_position_embeddings" in options.get("rope_params", {}):
-        assert {r["length"] for r in rows} >= {L // 2, L + 1}
+        assert {r.length for r in rows} >= {L // 2, L + 1}
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
@@ -331,3 +331,26 @@ def test_validate_command_rope_params_and_errors(tmp_path, capsys):
     assert cli.main(["validate", str(src), str(tmp_path / "missing.onnx")]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("posrewrite: error:")
+
+
+def test_rows_are_typed_frozen_and_their_json_loses_nothing(tmp_path):
+    """Validation rows are frozen `Check`s, one class per kind of row; the JSON row of each (`to_dict`, what
+    `--json` prints) holds every field the row has set, so the row is rebuilt from it unchanged."""
+    import dataclasses
+    import json
+
+    from posrewrite.render import jsonable
+    from posrewrite.validation.report import Check, RotationCheck, RotationCount, RunCheck
+
+    result = api.rewrite(_direct(), output=tmp_path / "yarn.onnx", **YARN)
+    rows = result.validation.rows
+    assert {RotationCount, RotationCheck, RunCheck} <= {type(r) for r in rows}
+    written = json.loads(json.dumps(jsonable(result.to_dict())))["validation"]["rows"]
+    assert len(written) == len(rows)
+    for row, data in zip(rows, written, strict=True):
+        assert isinstance(row, Check)
+        assert type(row)(**data) == row, data
+        unset = {f.name for f in dataclasses.fields(row) if getattr(row, f.name) is None} & row.OPTIONAL
+        assert not unset & set(data), data
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            row.ok = not row.ok

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_fit
 
 GRID_METHODS = ("linear", "ntk", "yarn")
 #: the patch grids 2-D angles are probed at: sizes unlikely to equal a channel count, of different shapes
@@ -81,7 +82,7 @@ def axis_ratios(method: str, frequencies: np.ndarray, factor: float, original: i
     if method == "linear" or factor == 1.0:
         return np.full(f.shape, 1.0 / factor), 1.0
     dim = 2 * f.size
-    base = rope_math.fit_base(f.astype(np.float32), dim) if f.size >= 2 else None
+    base = rope_fit.fit_base(f.astype(np.float32), dim) if f.size >= 2 else None
     if base is None or abs(f[0] - 1.0) > 1e-4:
         raise ValueError(f"{method} per axis needs frequencies b^(-2i/d) on the axis (starting at 1); "
                          "these are not (use --rope-method linear)")

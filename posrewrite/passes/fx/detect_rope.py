@@ -27,7 +27,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_fit
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx import probe as fx_probe
 from posrewrite.passes.fx._graph import aten
@@ -456,9 +456,9 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
                                         f"inv_freq has {inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
                 continue
             dtype = source.inv_freq_dtype if isinstance(source, ComputedAngles) else None
-            base = rope_math.fit_base(inv_freq, dtype=dtype)
+            base = rope_fit.fit_base(inv_freq, dtype=dtype)
             if base is None:
-                fitted = rope_math.fit_scaled_base(inv_freq, dtype=dtype)
+                fitted = rope_fit.fit_scaled_base(inv_freq, dtype=dtype)
                 if fitted is None:
                     notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
                                  "(or the model's config) to rescale it")

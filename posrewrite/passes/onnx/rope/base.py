@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_fit
 from posrewrite.sites.rope import RescaleRecord
 
 
@@ -19,14 +20,14 @@ def _stored_dtype(stored: ir.Value | None) -> str | None:
 
 def stored_base(inv_freq: np.ndarray, stored: ir.Value | None) -> float | None:
     """The base of an inv_freq vector, within the round-off of the precision it is stored in."""
-    return rope_math.fit_base(inv_freq, dtype=_stored_dtype(stored))
+    return rope_fit.fit_base(inv_freq, dtype=_stored_dtype(stored))
 
 
 def scaled_base(
     inv_freq: np.ndarray, stored: ir.Value | None, notes: list[str]
 ) -> tuple[float | None, rope_math.PriorScaling | None]:
     """(base, PriorScaling) of an already-scaled inv_freq, or (None, None); adds a note saying what was found."""
-    fitted = rope_math.fit_scaled_base(inv_freq, dtype=_stored_dtype(stored))
+    fitted = rope_fit.fit_scaled_base(inv_freq, dtype=_stored_dtype(stored))
     if fitted is None:
         notes.append("inv_freq is not geometric and its scaling is not recognised: pass --rope-base (or a "
                      "config.json with rope_theta beside the model) to rescale it")
@@ -42,7 +43,7 @@ def table_base(
 ) -> tuple[float | None, rope_math.PriorScaling | None]:
     """(base, prior scaling) of frequencies fitted from tables: plain, already scaled, or (when neither fits
     and posrewrite wrote the caches: `record`) the base its rescale recorded."""
-    base = rope_math.fit_base(inv_freq)
+    base = rope_fit.fit_base(inv_freq)
     if base is not None:
         return base, None
     base, prior = scaled_base(inv_freq, None, notes)

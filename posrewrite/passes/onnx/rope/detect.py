@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_fit
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope.angles import read_angles
 from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_base
@@ -307,7 +308,7 @@ class RopeDetector:
         """Angles pos·f_c (or pos[row(c)]·f_c) fitted by probing the angle tensor and the rotation's cos/sin."""
         fit = fit_rows(self.model, cone, positions, apps[0].cos, apps[0].sin, layout, rotary_dim)
         notes = ["angles identified by probing (pos x frequency per channel): a rescale multiplies them"]
-        base = rope_math.fit_base(fit.inv_freq, rotary_dim)
+        base = rope_fit.fit_base(fit.inv_freq, rotary_dim)
         if base is None:
             notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a base "
                          "need --rope-base")

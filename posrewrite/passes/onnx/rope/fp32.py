@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.math import precision
+from posrewrite.math import precision, rope_fit
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
@@ -164,7 +164,7 @@ class _Lift:
                 exact = replacement
                 break
         if exact is None and values.size > 1:
-            exact = rope_math.recover_inv_freq(values, dname)
+            exact = rope_fit.recover_inv_freq(values, dname)
         if exact is not None:
             values = np.asarray(exact, dtype=np.float64).reshape(values.shape)
             self.regenerated.append(value.name or "?")
@@ -230,7 +230,7 @@ def _plan_candidates(site: RopeSite, plans: Sequence[SitePlan]) -> list[tuple[np
                         else planned.angle_dtype)
         original = None
         if planned.inv_freq is not None and stored_dtype in HALF_NAMES:
-            original = rope_math.recover_base(planned.inv_freq, stored_dtype)
+            original = rope_fit.recover_base(planned.inv_freq, stored_dtype)
         match = np.asarray(plan.inv_freq, dtype=np.float64).reshape(-1)
         exact, factor = match, float(plan.attention_factor)
         if original is not None:

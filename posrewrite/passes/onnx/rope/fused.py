@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_fit
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, int_attr, last_dim, rank
 from posrewrite.passes.onnx.rope.base import table_base
 from posrewrite.passes.onnx.rope.markers import cache_record
@@ -219,7 +220,7 @@ class FusedRopeDetector:
                  f"switched by {if_node.name}: short [{short_consts[0][1].shape[0]}, {short_inv.size}] up to {L} "
                  f"tokens (attention factor {short_factor:.6g}), long [{rows}, {long_inv.size}] beyond (up to "
                  f"{np.max(ratio):.4g}x slower, attention factor {long_factor:.6g}); inv_freq shown is the short one"]
-        base, prior = rope_math.fit_base(short_inv), rope_math.PriorScaling("by_length", float(np.max(ratio)), 0)
+        base, prior = rope_fit.fit_base(short_inv), rope_math.PriorScaling("by_length", float(np.max(ratio)), 0)
         if base is None:
             notes.append("the base is not recoverable from LongRoPE frequencies: a rescale needs --rope-base "
                          "(the model's rope_theta)")

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.math import precision
-from posrewrite.math import rope as rope_math
+from posrewrite.math import precision, rope_fit
 from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe
 from posrewrite.passes.onnx.rope._dtypes import (
     DTYPE_NAMES,
@@ -210,7 +209,7 @@ def _true_inv_freq(site: RopeSite, trace: RopeDtypeTrace) -> tuple[np.ndarray, n
         stored = np.asarray(site.inv_freq, dtype=np.float64).reshape(-1)
     true, recovered = stored, True
     if stored_dtype in HALF_NAMES:
-        exact = rope_math.recover_inv_freq(stored, stored_dtype)
+        exact = rope_fit.recover_inv_freq(stored, stored_dtype)
         if exact is None:
             recovered = False
         else:
@@ -304,7 +303,7 @@ def table_precision(site: RopeSite, n: int | None = None) -> TablePrecision | No
     rows = cos_t.shape[0]
     m = rows if n is None else max(1, min(int(n), rows))
     dname = dtype if dtype in DTYPE_NAMES.values() else "float32"
-    snapped = rope_math.round_base_inv_freq(site.inv_freq, rtol=2e-3) if site.inv_freq is not None else None
+    snapped = rope_fit.round_base_inv_freq(site.inv_freq, rtol=2e-3) if site.inv_freq is not None else None
     inv = snapped if snapped is not None else np.asarray(site.inv_freq, dtype=np.float32)
     true = inv.astype(np.float64)
     factor = float(np.median(cos_t[0]))
