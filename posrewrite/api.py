@@ -7,28 +7,24 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx_ir as ir
 
 from posrewrite import errors, io, provenance
 from posrewrite.graph_check import check_input_graph
 from posrewrite.limits import DEFAULT_CHECK_LENGTH, MAX_LENGTH
-from posrewrite.math import rope as rope_math
-from posrewrite.options import NOTHING_TO_DO, RewriteOptions, read_config_json, rope_parameters_from_options
+from posrewrite.options import NOTHING_TO_DO, RewriteOptions
 from posrewrite.passes.onnx.alibi.fp32 import alibi_precision
-from posrewrite.passes.onnx.detect import Detection, detect
-from posrewrite.passes.onnx.rope.precision import needs_fp32_positions, rope_site_precision
+from posrewrite.passes.onnx.detect import detect
+from posrewrite.passes.onnx.rope.precision import rope_site_precision
 from posrewrite.pipeline import build_pipeline
+from posrewrite.plan import make_plan, refuse_identified
 from posrewrite.progress import NullReporter
 from posrewrite.sites.base import EncodingSite, Refusal
-from posrewrite.sites.rope import AngleSource, RopeSite
-
-if TYPE_CHECKING:
-    from posrewrite.passes.onnx.rope.rescale import SitePlan
+from posrewrite.sites.rope import RopeSite
 
 
 @dataclasses.dataclass
@@ -91,53 +87,6 @@ class RewriteResult:
         }
 
 
-def rope_parameters_for(
-    options: RewriteOptions, model_path: str | os.PathLike, site: RopeSite
-) -> rope_math.RopeParameters:
-    """The RoPE request for one site: flags, then --rope-params, then config.json, then what the graph tells."""
-    from posrewrite.passes.onnx.rope.rescale import switched_threshold as rescale_switched_threshold
-
-    config = read_config_json(model_path)
-    hf = rope_parameters_from_options(options, config_json=config)
-    hf.pop("partial_rotary_factor", None)
-    method = hf.get("rope_type", "default")
-    if method in ("dynamic", "yarn", "llama3", "longrope") and "original_max_position_embeddings" not in hf:
-        record = site.encoding.rescaled
-        recorded = record.original_max_position_embeddings if record is not None else None
-        if recorded:  # an earlier posrewrite rescale recorded the trained length: a second one starts from it
-            hf["original_max_position_embeddings"] = int(recorded)
-        elif site.max_positions is not None:
-            hf["original_max_position_embeddings"] = int(rescale_switched_threshold(site) or site.max_positions)
-        elif config and config.get("max_position_embeddings"):
-            hf["original_max_position_embeddings"] = int(config["max_position_embeddings"])
-        else:
-            raise errors.UsageError(
-                f"--rope-method {method} needs the training length and the graph does not tell it "
-                "(angles are computed on the fly, no config.json beside the model): pass --original-max-positions N"
-            )
-    try:
-        params = rope_math.RopeParameters.from_hf(hf)
-        params.validate()
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise errors.UsageError(str(exc)) from None
-    _check_target_length(hf, site)
-    return params
-
-
-def _check_target_length(hf: dict[str, Any], site: RopeSite) -> None:
-    """A rescale's target length (scale x the trained length) within the documented bound (exit 2)."""
-    factor = hf.get("factor")
-    trained = hf.get("original_max_position_embeddings") or site.max_positions
-    if factor is None or not trained:
-        return
-    target = float(factor) * float(trained)
-    if target > MAX_LENGTH:
-        raise errors.UsageError(
-            f"--rope-scale {float(factor):g} x the trained length {int(trained)} = {target:.4g} positions, over the "
-            f"limit of {MAX_LENGTH} (see README, Reliability)"
-        )
-
-
 def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteOptions:
     if options is None:
         return RewriteOptions(**kwargs)
@@ -173,7 +122,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     with progress.stage("detecting"):
         found = detect(model)
     if not found.sites:
-        _refuse_identified(found, path)
+        refuse_identified(found, path)
         raise errors.NoEncodingError(f"no positional encoding found in {path}")
     if found.refusals and not opts.allow_partial:
         first = found.refusals[0]
@@ -188,11 +137,8 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
             f"found but not rewritable: {blocked[0].bias.name}: {blocked[0].reason}; refusing to write a partly "
             "rewritten model (use --allow-partial)"
         )
-    if opts.max_positions:
-        _check_table_budget(found.sites, int(opts.max_positions), "--max-positions")
-    plans = rope_plans(opts, path, found)
-    steps = build_pipeline(opts, found, plans, model_path=path, progress=progress,
-                           half_precision_positions=bool(opts.rescales_rope and _half_precision_positions(found)))
+    plan = make_plan(opts, path, found)
+    steps = build_pipeline(plan, found, progress=progress)
     steps.context.seed(model, found)
     report = steps.run(model)
     claimed = report.rope_plans
@@ -203,7 +149,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         opts, [({"rope_theta": float(p.site.base)} if p.site.base else {}) | hf
                for p, hf in zip([p for p in claimed if not p.extends_only], hf_params, strict=True)],
         context_length=context, changes=len(report.changes)))
-    if steps.options.validate:
+    if opts.validate:
         _check_inputs_fit_budget(model)
     # Write beside the output, validate what was written, and only then switch it into place: a failure or an
     # interrupt at any point (validation included) leaves the previous output, if any, and nothing else.
@@ -224,43 +170,6 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
         saved = staged.commit()
     return RewriteResult(str(path), str(saved), bool(report.changes), list(report.changes), list(report.notes),
                          validation, found.sites, context_length=context, rope_parameters=hf_params)
-
-
-def _refuse_identified(found: Detection, path) -> None:
-    """Exit 5 with the reason when an encoding was identified but cannot be rewritten (not exit 4)."""
-    identified = [r for r in found.refusals if not r.kind.endswith("?")]
-    if identified:
-        first = identified[0]
-        more = f" (and {len(identified) - 1} more)" if len(identified) > 1 else ""
-        raise errors.PartialMatchError(f"{path}: {first.kind} found but not rewritable: {first.where}: "
-                                       f"{first.reason}{more}")
-
-
-def _xpos_ratio(params) -> float:
-    """--xpos-decay scaled: positions divided by the factor before the decay too (linear interpolation only)."""
-    if params.rope_type != "linear" or params.rope_theta is not None:
-        raise errors.UsageError("--xpos-decay scaled divides the decay's positions like the angles': it goes with "
-                                "--rope-method linear only")
-    return 1.0 / float(params.factor)
-
-
-def _grid_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
-    """--original-grid/--target-grid: a per-axis plan for every 2-D RoPE site; exit 4 when there is none (exit 5
-    with the reason when a RoPE was identified but is not rewritable, e.g. baked by a static export), exit 5 when
-    one cannot take it (normalised coordinates: the model already adapts to resolution)."""
-    from posrewrite.passes.onnx.rope import rescale
-
-    if opts.target_grid is None or opts.original_grid is None:
-        return []
-    grid = [s for s in found.rope_sites if s.angles == AngleSource.GRID]
-    if not grid:
-        if not found.rope_sites:  # a RoPE identified but not rewritable (a static export...): exit 5, the reason
-            _refuse_identified(found, path)
-        raise errors.NoEncodingError(f"--original-grid/--target-grid given but no 2-D RoPE found in {path}")
-    try:
-        return [rescale.plan_grid_site(s, opts.rope_method, opts.original_grid, opts.target_grid) for s in grid]
-    except rescale.NotRewritable as exc:
-        raise errors.PartialMatchError(str(exc)) from None
 
 
 def _share_weights(opts: RewriteOptions, model: ir.Model, output: Path) -> bool:
@@ -301,50 +210,6 @@ def _announce_disk(model: ir.Model, output: Path, report, progress, share: bool 
     report.notes.append(line)
 
 
-def rope_plans(opts: RewriteOptions, path: str | os.PathLike, found: Detection) -> list[SitePlan]:
-    """The frozen plans of a rewrite, from the detection of the model before anything is touched: a rescale
-    plan per RoPE site (tables at least --max-positions rows), or, with --max-positions alone, an extension
-    plan per RoPE table that is shorter. Usage errors (exit 2) for requests a site cannot take."""
-    from posrewrite.passes.onnx.rope import rescale
-
-    rope_sites = found.rope_sites
-    grid_plans = _grid_plans(opts, path, found)
-    if grid_plans:
-        rope_sites = [s for s in rope_sites if all(p.site is not s for p in grid_plans)]
-    if not opts.rescales_rope:
-        if not opts.max_positions:
-            return grid_plans
-        # RoPE tables (GPT-J/CodeGen sincos tables, fused caches) grow to --max-positions, same frequencies
-        return [p for p in (rescale.plan_extension(s, opts.max_positions) for s in rope_sites) if p is not None]
-    if not rope_sites and grid_plans:
-        raise errors.UsageError("--rope-scale/--rope-base rescale 1-D RoPE and this model has only 2-D RoPE: "
-                                "--original-grid/--target-grid (with --rope-method) rescale it")
-    if not rope_sites:
-        _refuse_identified(found, path)
-        raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {path}")
-    plans = list(grid_plans)
-    for site in rope_sites:
-        params = rope_parameters_for(opts, path, site)
-        try:
-            plan = rescale.plan_site(site, params)
-        except rescale.NotRewritable as exc:
-            raise errors.PartialMatchError(str(exc)) from None
-        except ValueError as exc:
-            raise errors.UsageError(str(exc)) from None
-        if site.encoding.decay is not None and opts.xpos_decay == "scaled":
-            plan = dataclasses.replace(plan, decay_ratio=_xpos_ratio(params))
-        if opts.max_positions and plan.new_length is not None:  # tables at least --max-positions rows
-            plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
-        if plan.new_length is not None:
-            if plan.new_length > MAX_LENGTH:
-                raise errors.UsageError(
-                    f"the rescaled length {plan.new_length} is over the limit of {MAX_LENGTH} (lower --rope-scale)"
-                )
-            _check_table_budget([site], int(plan.new_length), "--rope-scale")
-        plans.append(plan)
-    return plans
-
-
 class _WrittenInStage:
     """A model already written inside a staging folder (folder rewrites): nothing to switch or remove here."""
 
@@ -359,43 +224,6 @@ class _WrittenInStage:
 
     def commit(self) -> Path:
         return self.path
-
-
-def _check_table_budget(sites, rows: int, flag: str) -> None:
-    """Tables grown to ``rows`` positions (learned, sinusoidal, ALiBi, RoPE cos/sin) stay within the memory
-    budget, counted at TABLE_BYTES_PER_ELEMENT (float64 math and temporaries); exit 2 naming the flag otherwise."""
-    from posrewrite.limits import MEMORY_BUDGET_BYTES, TABLE_BYTES_PER_ELEMENT
-
-    for site in sites:
-        for attr in ("table", "cos_cache", "sin_cache"):
-            value = getattr(site, attr, None)
-            shape = getattr(value, "shape", None)
-            if shape is None or not shape.is_static() or not len(shape.dims):
-                continue
-            dims = [int(d) for d in shape.dims]
-            elements = math.prod(dims)
-            if elements == 0:
-                continue
-            width = getattr(site, "dim", None)
-            old_rows = getattr(site, "rows", None) or getattr(site, "max_positions", None)
-            axis = getattr(site, "table_axis", None)
-            if isinstance(width, int) and width > 0 and attr == "table" and not isinstance(axis, int):
-                new_elements = rows * width  # learned / sinusoidal: [rows, dim]
-            elif isinstance(axis, int) and -len(dims) <= axis < len(dims):  # ALiBi baked along a key axis
-                old = dims[axis]
-                square = dims.count(old) >= 2 and old > 1  # [.., T, T]: both axes grow
-                new_elements = elements // (old * old) * rows * rows if square else elements // old * rows
-            elif isinstance(old_rows, int) and old_rows > 0 and elements % old_rows == 0:
-                new_elements = elements // old_rows * rows  # RoPE caches: [rows, width]
-            else:
-                new_elements = elements // max(dims) * rows
-            new_bytes = new_elements * TABLE_BYTES_PER_ELEMENT
-            if new_bytes > MEMORY_BUDGET_BYTES:
-                raise errors.UsageError(
-                    f"{flag} {rows}: the table {getattr(value, 'name', '?')} {dims} would need about "
-                    f"{new_bytes / 2**30:.3g} GiB, over the memory budget of {MEMORY_BUDGET_BYTES >> 20} MiB "
-                    "(see README, Reliability)"
-                )
 
 
 def _check_inputs_fit_budget(model: ir.Model) -> None:
@@ -436,32 +264,14 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
     """The rewrite's own oracle for a model rewritten earlier or by another tool: without RoPE options,
     REWRITTEN must compute what ORIGINAL computes (and its rotations the original's); with them, REWRITTEN
     must be that rescale of ORIGINAL. Raises nothing for a failed check: see `.validation.ok`."""
-    from posrewrite.passes.onnx.rope import rescale
     from posrewrite.validate import validate_rewrite
 
     opts = _options(options, kwargs)
     orig_model = io.load_model(original)
     io.load_model(rewritten)  # a bad file fails here, with exit 3
     found = detect(orig_model)
-    if opts.rescales_rope and not found.rope_sites:
-        raise errors.NoEncodingError(f"--rope-scale/--rope-base given but no RoPE found in {original}")
-    plans = []
-    for site in found.rope_sites:
-        if opts.rescales_rope:
-            try:
-                plan = rescale.plan_site(site, rope_parameters_for(opts, original, site))
-            except ValueError as exc:
-                raise errors.UsageError(str(exc)) from None
-            if opts.max_positions and plan.new_length is not None:
-                plan = dataclasses.replace(plan, new_length=max(plan.new_length, int(opts.max_positions)))
-            plans.append(plan)
-        elif opts.max_positions:
-            plan = rescale.plan_extension(site, opts.max_positions)
-            if plan is not None:
-                plans.append(plan)
-    others = [s for s in found.sites if not isinstance(s, RopeSite)]
-    table_options = opts.max_positions or opts.pos_scale or opts.alibi_scale or opts.bias_scale
-    other_changes = ["tables"] if others and table_options else []
+    plan = make_plan(opts, original, found)  # the plan a rewrite makes, with its checks
+    other_changes = ["tables"] if plan.rewrites_other_tables else []
     rows = None
     if not any(s.angles.value == "fused_op" for s in found.rope_sites):  # fused by the rewrite: probe its caches
         try:
@@ -470,13 +280,9 @@ def validate(original: str | os.PathLike, rewritten: str | os.PathLike, options:
         except Exception:  # noqa: BLE001 - the probe is an extra; the rotations are checked regardless
             fused = []
         rows = min(fused) if fused else None
-    report = validate_rewrite(original, rewritten, opts, found=found, plans=plans, other_changes=other_changes,
-                              fused_cache_rows=rows, rotations=True)
+    report = validate_rewrite(original, rewritten, plan, found=found, plans=list(plan.site_plans),
+                              other_changes=other_changes, fused_cache_rows=rows, rotations=True)
     return ValidateResult(str(original), str(rewritten), report)
-
-
-def _half_precision_positions(found: Detection) -> bool:
-    return bool(needs_fp32_positions(found.rope_sites))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,7 +317,7 @@ def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckRes
     model = io.load_model(path)
     found = detect(model)
     if not found.sites:
-        _refuse_identified(found, path)
+        refuse_identified(found, path)
         raise errors.NoEncodingError(f"no positional encoding found in {path}")
     n = int(max_length or DEFAULT_CHECK_LENGTH)
     rows = []

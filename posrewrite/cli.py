@@ -23,8 +23,8 @@ from pathlib import Path
 
 from posrewrite import render
 from posrewrite.errors import EXIT_CODES, PosrewriteError, UsageError
-from posrewrite.limits import DEFAULT_CHECK_LENGTH
-from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, check_positive, options_from_flags
+from posrewrite.limits import DEFAULT_CHECK_LENGTH, check_positive
+from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, options_from_flags
 from posrewrite.render import PROG, Output
 
 COMMANDS = ("rewrite", "inspect", "check", "plot", "advise", "validate")
@@ -341,7 +341,7 @@ def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
     from posrewrite import api
     from posrewrite.progress import progress_reporter
 
-    if not opts.debug:
+    if not ns.debug:
         _quiet_onnxruntime()
     target = Path(opts.output) if opts.output is not None else None
     replacing = target is not None and target.is_file()
@@ -394,7 +394,7 @@ def _cmd_validate(ns: argparse.Namespace, out: Output) -> int:
                     "--rope-method M --original-max-positions L)")
         opts = recorded
 
-    if not opts.debug:
+    if not ns.debug:
         _quiet_onnxruntime()
     result = api.validate(Path(ns.original), Path(ns.rewritten), opts)
     render.show_validation(out, result)
@@ -498,35 +498,49 @@ def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
     if getattr(ns, "eval_text", None) is not None:
         return _cmd_advise_eval(ns, out)
     rope_params = None
+    config = _ConfigOnce(ns.model)
     # --original-max-positions alone says what the model was trained for, not a planned rescale
     if _rope_flags_given(ns, ignore=("original_max_positions", "yarn_orig_ctx")):
         if ns.model is None:
             raise UsageError("a planned rescaling (--rope-scale, --rope-method, ...) needs a MODEL to apply it to")
-        from posrewrite.options import read_config_json, rope_parameters_from_options
+        from posrewrite.plan import requested_rope_parameters
 
         opts = options_from_args(ns, require_work=False)
-        rope_params = rope_parameters_from_options(opts, config_json=read_config_json(ns.model))
+        rope_params = requested_rope_parameters(opts, config())
     path = _preload(ns.model) if ns.model is not None else None
     from posrewrite import advise
 
     result = advise.advise_model(ns.context, head_dim=ns.head_dim, path=path, rope_params=rope_params)
     from posrewrite.advise_eval import rule_of_thumb
 
-    rule = rule_of_thumb(_training_length(ns), ns.context, model=ns.model)
+    rule = rule_of_thumb(_training_length(ns, config), ns.context, model=ns.model)
     result.lines.extend(rule)
     render.show_lines(out, result, extra={"method": {"measured": False, "rule_of_thumb": rule}})
     return 0
 
 
-def _training_length(ns: argparse.Namespace) -> int | None:
+class _ConfigOnce:
+    """config.json beside MODEL, read on first use and at most once (None: no MODEL, or no config.json)."""
+
+    def __init__(self, model: str | None) -> None:
+        self.model = model
+        self.read: list[dict | None] = []
+
+    def __call__(self) -> dict | None:
+        if not self.read:
+            from posrewrite.config import read_config_json
+
+            self.read.append(read_config_json(self.model) if self.model is not None else None)
+        return self.read[0]
+
+
+def _training_length(ns: argparse.Namespace, config: _ConfigOnce | None = None) -> int | None:
     """--original-max-positions (or --yarn-orig-ctx), else config.json beside MODEL."""
     orig = ns.original_max_positions or ns.yarn_orig_ctx
     if orig:
         return int(orig)
     if ns.model is not None:
-        from posrewrite.options import read_config_json
-
-        config = read_config_json(ns.model) or {}
+        config = (config or _ConfigOnce(ns.model))() or {}
         rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
         for value in (rp.get("original_max_position_embeddings") if isinstance(rp, dict) else None,
                       config.get("original_max_position_embeddings"), config.get("max_position_embeddings")):

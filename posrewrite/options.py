@@ -1,37 +1,32 @@
 """What the user asked for, as one checked object: :class:`RewriteOptions`.
 
 The CLI and the Python API build the same object; contradictions are refused here, each with one line
-(:class:`~posrewrite.errors.UsageError`), before any model is read. :func:`rope_parameters_from_options` turns
-the RoPE part into an HF-style ``rope_parameters`` dict (``rope_type``, ``factor``,
-``original_max_position_embeddings``, ``rope_theta`` and any extra keys such as ``beta_fast``), the form that
-``posrewrite.math.rope.RopeParameters.from_hf`` reads.
+(:class:`~posrewrite.errors.UsageError`), before any model is read. What the request means for a model (the
+HF-style ``rope_parameters``, per-site plans, budgets, implied --fp32-positions) is worked out once, in
+`posrewrite.plan`; the JSON files a request names are read by `posrewrite.config`. How a command shows its result
+(``--json``, ``--debug``) is the CLI's, not part of the request.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "FUSE_MODES",
+    "NOTHING_TO_DO",
     "ROPE_METHODS",
     "RewriteOptions",
-    "check_positive",
-    "load_rope_params",
     "options_from_flags",
-    "read_config_json",
-    "rope_parameters_from_options",
-    "rope_params_from_config",
+    "parse_grid",
 ]
 
 import dataclasses
-import json
 import math
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posrewrite.errors import ModelLoadError, UsageError
-from posrewrite.limits import MAX_CONFIG_BYTES, MAX_LENGTH, MAX_ROPE_BASE, MAX_SCALE
+from posrewrite.config import NO_SCALING_TYPES, load_rope_params
+from posrewrite.errors import UsageError
+from posrewrite.limits import MAX_LENGTH, MAX_ROPE_BASE, MAX_SCALE, check_positive, shown
 
 #: Scaling methods, named as HF's ``rope_type`` where HF has one ("ntk" is static NTK-aware base scaling).
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
@@ -41,9 +36,6 @@ FUSE_MODES = ("none", "ort", "onnx")
 
 # Accepted spellings of HF rope types / llama.cpp scaling names.
 _METHOD_ALIASES = {"ntk-aware": "ntk", "ntk_aware": "ntk", "dynamic-ntk": "dynamic", "su": "longrope"}
-
-# HF ``rope_type`` values that mean "no scaling".
-_NO_SCALING_TYPES = ("default", "none")
 
 
 def _normalize_method(name: str, flag: str = "--rope-method") -> str:
@@ -89,8 +81,6 @@ class RewriteOptions:
     output: Path | None = None
     link_weights: bool = False  # folder rewrites: hard-link external weights instead of clone/copy
     share_weights: bool = False  # one model: untouched weights read from the input's data file (same folder)
-    json: bool = False
-    debug: bool = False
 
     def __post_init__(self) -> None:
         if self.output is not None:
@@ -129,7 +119,7 @@ class RewriteOptions:
             if self.rope_scale is not None and not math.isclose(float(factor), self.rope_scale, rel_tol=1e-9):
                 raise UsageError(f"--rope-params factor {factor} disagrees with --rope-scale {self.rope_scale:g}")
         ptype = params.get("rope_type")
-        if ptype is not None and str(ptype).lower() not in _NO_SCALING_TYPES:
+        if ptype is not None and str(ptype).lower() not in NO_SCALING_TYPES:
             ptype = _normalize_method(str(ptype), "--rope-params rope_type")
             if self.rope_method != "linear" and ptype != self.rope_method:
                 raise UsageError(f"--rope-params rope_type {ptype!r} disagrees with --rope-method {self.rope_method!r}")
@@ -387,7 +377,7 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
 
     params = load_rope_params(flags["rope_params"]) if flags.get("rope_params") else {}
     params_type = params.get("rope_type")
-    if params_type in _NO_SCALING_TYPES:
+    if params_type in NO_SCALING_TYPES:
         params_type = None
     # an explicit --rope-method (linear too, which RewriteOptions cannot tell from its default) must be used
     has_factor = params.get("factor") is not None or "long_factor" in params
@@ -425,8 +415,6 @@ def options_from_flags(flags: Mapping[str, Any], *, require_work: bool = True) -
         original_max_positions=orig,
         rope_base=flags.get("rope_base"),
         rope_params=params,
-        json=bool(flags.get("json", False)),
-        debug=bool(flags.get("debug", False)),
     )
     fields.update({name: flags[name] for name in _PLAIN_FIELDS if name in flags})
     if isinstance(fields.get("fuse"), str):
@@ -446,224 +434,9 @@ def parse_grid(value: Any, flag: str) -> tuple[int, int] | None:
         try:
             pair = tuple(int(p) for p in parts)
         except ValueError:
-            raise UsageError(f"{flag} takes ROWSxCOLUMNS (e.g. 14x14), not {_shown(value)}") from None
+            raise UsageError(f"{flag} takes ROWSxCOLUMNS (e.g. 14x14), not {shown(value)}") from None
     else:
         pair = tuple(int(v) for v in value)
     if len(pair) != 2 or not all(0 < v <= 1 << 16 for v in pair):
-        raise UsageError(f"{flag} takes two positive sizes ROWSxCOLUMNS (e.g. 14x14), not {_shown(value)}")
+        raise UsageError(f"{flag} takes two positive sizes ROWSxCOLUMNS (e.g. 14x14), not {shown(value)}")
     return (pair[0], pair[1])
-
-
-def _bound(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and value < 1e12 else f"{value:g}"
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def check_positive(
-    value: Any, flag: str, *, integer: bool = False, maximum: float | None = None, minimum: float | None = None
-) -> None:
-    """``value`` is None or a finite number > 0 (a whole one with ``integer``) within [minimum, maximum]."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{flag} must be a number, not {_shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # a 400-digit integer
-        raise UsageError(f"{flag} is out of range ({_shown(value)})") from None
-    if not math.isfinite(number) or number <= 0:
-        raise UsageError(f"{flag} must be greater than 0, not {_shown(value)}")
-    if integer and number != int(number):
-        raise UsageError(f"{flag} must be a whole number, not {_shown(value)}")
-    if maximum is not None and number > maximum:
-        raise UsageError(f"{flag} {_shown(value)} is over the limit of {_bound(maximum)} (see README, Reliability)")
-    if minimum is not None and number < minimum:
-        raise UsageError(f"{flag} {_shown(value)} is under the limit of {_bound(minimum)} (see README, Reliability)")
-
-
-# ------------------------------------------------------------------------------------------ --rope-params
-
-
-def _is_hf_config(d: dict[str, Any]) -> bool:
-    return any(k in d for k in ("rope_parameters", "rope_scaling", "max_position_embeddings", "model_type"))
-
-
-def rope_params_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The RoPE part of an HF ``config.json`` as one flat dict (HF 5 ``rope_parameters`` or HF 4
-    ``rope_scaling`` + ``rope_theta``), with ``original_max_position_embeddings`` filled from
-    ``max_position_embeddings`` when the config does not scale. A ``rope_type`` meaning "no scaling" is dropped.
-    """
-    params: dict[str, Any] = {}
-    if "rope_theta" in config and config["rope_theta"] is not None:
-        params["rope_theta"] = config["rope_theta"]
-    rope = config.get("rope_parameters")
-    if rope is None:
-        rope = config.get("rope_scaling")
-    if isinstance(rope, dict):
-        params.update(rope)
-    if "type" in params and "rope_type" not in params:  # HF 4's older spelling
-        params["rope_type"] = params.pop("type")
-    if str(params.get("rope_type", "")).lower() in _NO_SCALING_TYPES:
-        params.pop("rope_type")
-    if "original_max_position_embeddings" not in params and config.get("max_position_embeddings"):
-        if "factor" not in params or "rope_type" not in params:
-            params["original_max_position_embeddings"] = config["max_position_embeddings"]
-    if "partial_rotary_factor" in config and "partial_rotary_factor" not in params:
-        params["partial_rotary_factor"] = config["partial_rotary_factor"]
-    if isinstance(config.get("dual_chunk_attention_config"), dict):  # Qwen2.5-1M
-        params["dual_chunk_attention_config"] = dict(config["dual_chunk_attention_config"])
-    return params
-
-
-def load_rope_params(text: str) -> dict[str, Any]:
-    """Parse ``--rope-params``: JSON text, or the path of a JSON file (which may be a whole HF config.json)."""
-    stripped = text.strip()
-    if stripped.startswith(("{", "[")):
-        source = "--rope-params"
-        raw = stripped
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise UsageError(f"--rope-params text is over {MAX_CONFIG_BYTES} bytes")
-    else:
-        path = Path(os.path.expanduser(stripped))
-        try:
-            is_file = path.is_file()
-        except (OSError, ValueError):  # a name too long, a NUL
-            is_file = False
-        if not is_file:
-            raise UsageError(f"--rope-params is neither JSON text nor an existing file: {_shown(text)}")
-        source = str(path)
-        raw = _read_small_json_file(path, "--rope-params file", UsageError)
-    data = _parse_json(raw, source, UsageError)
-    if not isinstance(data, dict):
-        raise UsageError(f"{source} must be a JSON object, not {type(data).__name__}")
-    _check_config_values(data, Path(source))
-    if _is_hf_config(data):
-        return rope_params_from_config(data)
-    if "type" in data and "rope_type" not in data:
-        data["rope_type"] = data.pop("type")
-    return data
-
-
-def read_config_json(model_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The HF ``config.json`` beside the model, or ``None`` when there is none (or it is not a JSON object)."""
-    path = Path(model_path).parent / "config.json"
-    if not os.path.lexists(path):
-        return None
-    raw = _read_small_json_file(path, "config.json beside the model", ModelLoadError)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        return None  # not JSON: as if there were none (the flags must then say what the graph does not)
-    if not isinstance(data, dict):
-        return None
-    _check_config_values(data, path)
-    return data
-
-
-def _read_small_json_file(path: Path, what: str, error: type[Exception]) -> str:
-    """The text of ``path``, read only when it is a regular file of at most MAX_CONFIG_BYTES (a FIFO would block
-    forever, a link to /dev/zero would never end)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {path} is not a regular file (a FIFO, device or directory); refused")
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise error(f"{what} {path} has {st.st_size} bytes, over the limit of {MAX_CONFIG_BYTES}")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise error(f"{what} {path} is not a regular file; refused")
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise error(f"{what} {path} is over the limit of {MAX_CONFIG_BYTES} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise error(f"{what} {path} is not UTF-8 text") from None
-
-
-def _parse_json(raw: str, source: str, error: type[Exception]) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise error(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise error(f"{source} is nested too deeply") from None
-    except ValueError as e:  # e.g. an integer with more digits than Python converts
-        raise error(f"{source} is not usable JSON: {' '.join(str(e).split())[:120]}") from None
-
-
-# keys of config.json (top level, or inside rope_scaling / rope_parameters) that must be numbers, and their bound
-_CONFIG_NUMBERS: dict[str, tuple[bool, float]] = {
-    "max_position_embeddings": (True, MAX_LENGTH),
-    "original_max_position_embeddings": (True, MAX_LENGTH),
-    "rope_theta": (False, MAX_ROPE_BASE),
-    "factor": (False, MAX_SCALE),
-    "partial_rotary_factor": (False, 1.0),
-    "beta_fast": (False, 1e6),
-    "beta_slow": (False, 1e6),
-    "attention_factor": (False, 1e6),
-    "low_freq_factor": (False, 1e6),
-    "high_freq_factor": (False, 1e6),
-}
-
-
-def _check_config_values(config: dict[str, Any], path: Path) -> None:
-    """config.json values posrewrite uses are numbers within the documented bounds (exit 2 naming the key)."""
-    sections = [(config, "")]
-    for key in ("rope_scaling", "rope_parameters"):
-        section = config.get(key)
-        if section is not None and not isinstance(section, dict):
-            raise UsageError(f"{path}: {key} must be a JSON object, not {type(section).__name__}")
-        if isinstance(section, dict):
-            sections.append((section, f"{key}."))
-    for section, prefix in sections:
-        for key, (integer, bound) in _CONFIG_NUMBERS.items():
-            if section.get(key) is not None:
-                check_positive(section[key], f"{path}: {prefix}{key}", integer=integer, maximum=bound)
-        for key in ("long_factor", "short_factor"):
-            values = section.get(key)
-            if values is None:
-                continue
-            if not isinstance(values, list) or len(values) > 65536:
-                raise UsageError(f"{path}: {prefix}{key} must be a list of numbers")
-            for v in values:
-                check_positive(v, f"{path}: {prefix}{key}", maximum=MAX_SCALE * 1e3)
-
-
-def rope_parameters_from_options(opts: RewriteOptions, *, config_json: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An HF-style ``rope_parameters`` dict for the rescaled model.
-
-    Precedence for each key: the explicit flag (``--rope-scale``, ``--rope-method``, ``--original-max-positions``,
-    ``--rope-base``), then ``--rope-params``, then the model's ``config.json`` (its ``rope_theta`` and
-    ``max_position_embeddings``). Keys that stay unknown are left out: the caller takes them from the graph.
-    Without any scale the result has ``rope_type`` ``"default"`` (a new base alone).
-    """
-    from_config = rope_params_from_config(config_json) if config_json else {}
-    params: dict[str, Any] = {}
-    scale = opts.effective_rope_scale
-    params["rope_type"] = opts.rope_method if (scale is not None or "long_factor" in opts.rope_params) else "default"
-    if scale is not None:
-        params["factor"] = scale
-    orig = opts.original_max_positions or opts.rope_params.get("original_max_position_embeddings")
-    if orig is None:
-        orig = from_config.get("original_max_position_embeddings")
-    if orig is not None:
-        params["original_max_position_embeddings"] = int(orig)
-    theta = opts.rope_base or opts.rope_params.get("rope_theta") or from_config.get("rope_theta")
-    if theta is not None:
-        params["rope_theta"] = float(theta)
-    for key, value in opts.rope_params.items():
-        params.setdefault(key, value)
-    if "partial_rotary_factor" in from_config:
-        params.setdefault("partial_rotary_factor", from_config["partial_rotary_factor"])
-    return params

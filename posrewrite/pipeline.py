@@ -1,4 +1,5 @@
-"""The rewrite pipeline: which passes run for a `RewriteOptions`, in what order and why, and what they claim.
+"""The rewrite pipeline: which passes run for a `RewritePlan` (`posrewrite.plan`), in what order and why, and
+what they claim.
 
     detection (cached) ──▶ PassManager([rescale RoPE, extend tables, extend masks, fp32 RoPE, fp32 ALiBi,
                                          fuse RotaryEmbedding, cleanup, fuse attention, extend attention,
@@ -28,14 +29,12 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from posrewrite import errors
-from posrewrite.options import RewriteOptions, read_config_json
 from posrewrite.passes.onnx._infra import PipelineContext, RewriteReport, cleanup_passes
 from posrewrite.passes.onnx.detect import Detection
 from posrewrite.progress import NullReporter
-from posrewrite.sites.rope import RopeSite
 
 if TYPE_CHECKING:
-    from posrewrite.passes.onnx.rope.rescale import SitePlan
+    from posrewrite.plan import RewritePlan
     from posrewrite.validate import ValidationReport
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "Pipeline",
     "ValidationStep",
     "build_pipeline",
-    "logn_length_for",
     "run_passes",
 ]
 
@@ -55,35 +53,12 @@ NOTHING_CHANGED = "nothing changed: the model already is as requested"
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def fused_cache_rows_for(options: RewriteOptions, model_path: str | os.PathLike | None) -> int | None:
-    """Rows of fused caches for sites without a table of their own: --max-positions, else config.json's
-    max_position_embeddings (None: the pass's default)."""
-    if options.max_positions:
-        return int(options.max_positions)
-    config = read_config_json(model_path) if model_path is not None else None
-    value = (config or {}).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def logn_length_for(options: RewriteOptions, model_path: str | os.PathLike) -> int:
-    """L of --logn-scaling: --original-max-positions, else config.json's seq_length (Qwen-1),
-    original_max_position_embeddings or max_position_embeddings."""
-    if options.original_max_positions:
-        return int(options.original_max_positions)
-    config = read_config_json(model_path) or {}
-    for key in ("seq_length", "original_max_position_embeddings", "max_position_embeddings"):
-        if config.get(key):
-            return int(config[key])
-    raise errors.UsageError("--logn-scaling needs the trained length L: pass --original-max-positions N "
-                            "(or keep the model's config.json beside it)")
-
-
 @dataclasses.dataclass
 class Pipeline:
-    """What a rewrite runs: the passes (in order), the options they run under (an implied --fp32-positions
-    included), the shared context, and the validation of the written model."""
+    """What a rewrite runs: the plan it follows (`posrewrite.plan.RewritePlan`), the passes (in order), the shared
+    context, and the validation of the written model."""
 
-    options: RewriteOptions
+    plan: RewritePlan
     passes: list[ir.passes.PassBase]
     context: PipelineContext
     validation: ValidationStep
@@ -118,12 +93,11 @@ def run_passes(passes: Sequence[ir.passes.PassBase], model: ir.Model) -> ir.pass
         raise cause from None
 
 
-def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequence[SitePlan], *,
-                   model_path: str | os.PathLike | None = None, half_precision_positions: bool = False,
-                   progress: Any = None) -> Pipeline:
-    """The passes a rewrite runs for ``options`` on a model whose ``detection`` is given, and why:
+def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = None) -> Pipeline:
+    """The passes a rewrite runs for ``plan`` (`posrewrite.plan.make_plan`) on a model whose ``detection`` (the
+    one the plan was made from) is given, and why:
 
-    1. RoPE rescale or --max-positions extension (``plans``, made from ``detection`` before anything is touched);
+    1. RoPE rescale or --max-positions extension (the plan's site plans, made before anything is touched);
     2. other encodings (ALiBi / learned / sinusoidal / T5 tables), then causal masks baked as [T, T] constants
        (--max-positions);
     3. fp32 positions: RoPE, then ALiBi (implied by a rescale of half-precision positions; with --fuse the
@@ -143,7 +117,8 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
     from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
     from posrewrite.passes.onnx.rope.rescale import RescaleRopePass
 
-    context = PipelineContext(model_path=model_path, progress=progress or NullReporter())
+    options, plans = plan.options, plan.site_plans
+    context = PipelineContext(model_path=plan.model_path, progress=progress or NullReporter())
     context.report.notes.extend(f"skipped {r.where}: {r.reason}" for r in detection.refusals)
     passes: list[ir.passes.PassBase] = []
     if plans:
@@ -151,19 +126,17 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
         runtime = next((p.params.rope_type for p in plans if p.runtime), None)
         if runtime is not None and options.runtime_decode == "rerotate":
             passes.append(RerotatePastKeysPass(method=runtime, required=True, context=context))
-    others = [s for s in detection.sites if not isinstance(s, RopeSite)]
-    if others and (options.max_positions or options.pos_scale or options.alibi_scale or options.bias_scale):
+    if plan.rewrites_other_tables:
         passes.append(ExtendTablesPass(max_positions=options.max_positions, pos_scale=options.pos_scale,
                                        alibi_scale=options.alibi_scale, bias_scale=options.bias_scale,
                                        context=context))
     if options.max_positions:
         passes.append(ExtendSquareMasksPass(rows=int(options.max_positions), context=context))
     fp32_preface: list[str] = []
-    if options.rescales_rope and not options.fp32_positions and half_precision_positions:
-        options = dataclasses.replace(options, fp32_positions=True)
+    if plan.fp32_implied:
         fp32_preface.append("positions or angles are computed in half precision: --fp32-positions is implied by "
                             "the rescale")
-    if options.fp32_positions:
+    if plan.fp32_positions:
         if options.fuse != "none":
             fp32_preface.append("RoPE caches of the fused ops are computed in fp32 and cast to the activation dtype")
         else:
@@ -172,16 +145,15 @@ def build_pipeline(options: RewriteOptions, detection: Detection, plans: Sequenc
         passes.append(Fp32AlibiPass(context=context, preface=fp32_preface))
         passes.append(Fp32ScoreBiasPass(context=context))
     if options.fuse != "none":
-        rotary = FuseRotaryPass(target=options.fuse, max_positions=fused_cache_rows_for(options, model_path),
-                                context=context)
+        rotary = FuseRotaryPass(target=options.fuse, max_positions=plan.fused_cache_rows, context=context)
         passes.append(rotary)
         passes.extend(cleanup_passes())
         passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
     if options.extend is not None or options.logn_scaling:
-        logn = logn_length_for(options, model_path) if options.logn_scaling else None
-        passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=logn, context=context))
+        passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
+                                          context=context))
     passes.extend(cleanup_passes())
-    return Pipeline(options, passes, context, ValidationStep(options, detection, model_path))
+    return Pipeline(plan, passes, context, ValidationStep(plan, detection))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,16 +173,15 @@ class ValidationStep:
     None when validation is off or nothing changed. A model whose original onnxruntime cannot load is an error
     (exit 3), not a validation that passed."""
 
-    options: RewriteOptions
+    plan: RewritePlan
     detection: Detection
-    model_path: str | os.PathLike | None
 
     def __call__(self, report: RewriteReport, saved: str | os.PathLike, model: ir.Model,
                  progress: Any = None) -> ValidationReport | None:
         progress = progress or NullReporter()
-        if not self.options.validate or not report.changes:
+        if not self.plan.options.validate or not report.changes:
             return None
-        path = self.model_path
+        path = self.plan.model_path
         if report.attention_changes and not report.rope_plans and not report.other_changes:
             from posrewrite.validate import release_graphs
 
@@ -223,7 +194,7 @@ class ValidationStep:
             from posrewrite.validate import validate_rewrite
 
             with progress.stage("validating"):
-                result = validate_rewrite(path, saved, self.options, found=self.detection,
+                result = validate_rewrite(path, saved, self.plan, found=self.detection,
                                           plans=list(report.rope_plans), other_changes=list(report.other_changes),
                                           fused_cache_rows=report.fused_cache_rows, model=model,
                                           exact_decode=any(c.startswith(REROTATE_CHANGE)
@@ -236,13 +207,13 @@ class ValidationStep:
         must run."""
         from posrewrite.validate import MAX_VALIDATION_LENGTH, RunCheck, ValidationReport, model_runs, token_id_limits
 
-        opts, path = self.options, self.model_path
+        opts, path = self.plan.options, self.plan.model_path
         report = ValidationReport()
         runs = model_runs(path, saved, opts, list(self.detection.rope_sites), token_id_limits(path), report)
         ext = opts.attention_extension
         inside = [ext.unchanged_length] if ext is not None else []
         if opts.logn_scaling:
-            inside.append(logn_length_for(opts, path))
+            inside.append(int(self.plan.logn_length))
         length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
         cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
         with progress.stage("validating"):

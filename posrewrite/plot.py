@@ -264,7 +264,7 @@ def plot_model(
     assumed = ""
     if L is None:  # what an earlier posrewrite rescale recorded, else config.json beside the model
         from posrewrite import provenance
-        from posrewrite.options import read_config_json
+        from posrewrite.config import read_config_json
 
         recorded = provenance.last_rescale(found.rewrites) or {}
         L = recorded.get("original_max_position_embeddings") or (read_config_json(path) or {}).get(
@@ -328,8 +328,9 @@ def plot(path: str | os.PathLike, out_png: str | os.PathLike, opts=None) -> Plot
     if isinstance(opts, dict):
         rope_params = dict(opts)
     elif opts is not None:
-        from posrewrite.options import read_config_json, rope_parameters_from_options
+        from posrewrite.config import read_config_json
+        from posrewrite.plan import requested_rope_parameters
 
-        rope_params = rope_parameters_from_options(opts, config_json=read_config_json(path))
+        rope_params = requested_rope_parameters(opts, read_config_json(path))
         original = getattr(opts, "original_max_positions", None)
     return plot_model(path, out_png, rope_params or None, original_context=original)

@@ -32,11 +32,12 @@ import torch
 
 from posrewrite.errors import UsageError, ValidationError
 from posrewrite.math.rope import RopeParameters
-from posrewrite.options import RewriteOptions, rope_parameters_from_options
+from posrewrite.options import RewriteOptions
 from posrewrite.passes.fx.detect_alibi import detect_alibi
 from posrewrite.passes.fx.detect_rope import detect_rope
 from posrewrite.passes.fx.pipeline import Fp32Positions, FuseRope, FxPass, FxPassManager, RescaleRope, prepare
 from posrewrite.passes.fx.sites import FxAlibiSite, FxRopeSite
+from posrewrite.plan import requested_rope_parameters
 
 __all__ = ["detect", "rewrite", "export_onnx", "TorchExportResult", "rope_parameters"]
 
@@ -87,7 +88,7 @@ def rope_parameters(opts: RewriteOptions, config: Any = None) -> RopeParameters 
     if not opts.rescales_rope:
         return None
     cfg = _config_dict(config)
-    params = rope_parameters_from_options(opts, config_json=cfg)
+    params = requested_rope_parameters(opts, cfg)
     max_pos = cfg.get("max_position_embeddings") if cfg else None
     try:
         rp = RopeParameters.from_hf(params, max_position_embeddings=max_pos)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +28,9 @@ from posrewrite.validation.report import Check, GridCheck, RunCheck, ValidationR
 from posrewrite.validation.rotations import RopeReference, check_rotations
 from posrewrite.validation.runs import MAX_VALIDATION_LENGTH, compare_models, release_graphs, token_id_limits
 from posrewrite.validation.scope import model_runs
+
+if TYPE_CHECKING:
+    from posrewrite.plan import RewritePlan
 
 __all__ = [
     "FUSE_COMPARE_LENGTH",
@@ -115,10 +118,11 @@ def _switch_lengths(sites) -> set[int]:
     return lengths
 
 
-def validate_rewrite(original, rewritten, options, *, found, plans, other_changes, fused_cache_rows=None,
+def validate_rewrite(original, rewritten, plan: RewritePlan, *, found, plans, other_changes, fused_cache_rows=None,
                      compare_lengths=(), model: ir.Model | None = None, exact_decode: bool = False,
                      rotations: bool | None = None) -> ValidationReport:
-    """The oracle of what a rewrite of `original` into `rewritten` (saved files) claims, from the options:
+    """The oracle of what a rewrite of `original` into `rewritten` (saved files) claims, from the rewrite's
+    `plan` (`posrewrite.plan.RewritePlan`: the request, and what it implies, e.g. fp32 positions):
 
     - every RoPE rotation of the rewritten model (each site, each layer) against a numpy rotation of its own
       pre-rotation q/k with the frequencies and attention factor `posrewrite.math.rope` gives for the request
@@ -128,18 +132,20 @@ def validate_rewrite(original, rewritten, options, *, found, plans, other_change
     - rescales: the whole rewritten model at the new length is finite;
     - fused caches: a position past them is rejected.
 
-    `found` is the detection of the original, `plans` the SitePlans of the rewrite (from that detection).
+    `found` is the detection of the original the plan was made from, `plans` the SitePlans the rewrite claims
+    (the plan's own, or the forms a pass derived from them, e.g. a fused site's).
     Whole models are run one after the other, never skipped for their size."""
     try:
-        return _validate_rewrite(original, rewritten, options, found=found, plans=plans, other_changes=other_changes,
+        return _validate_rewrite(original, rewritten, plan, found=found, plans=plans, other_changes=other_changes,
                                  fused_cache_rows=fused_cache_rows, compare_lengths=compare_lengths, model=model,
                                  rotations=rotations, exact_decode=exact_decode)
     finally:
         release_graphs()
 
 
-def _validate_rewrite(original, rewritten, options, *, found, plans, other_changes, fused_cache_rows,
+def _validate_rewrite(original, rewritten, plan: RewritePlan, *, found, plans, other_changes, fused_cache_rows,
                       compare_lengths, model, rotations, exact_decode=False) -> ValidationReport:
+    options, fp32_positions = plan.options, plan.fp32_positions
     report = ValidationReport()
     start = time.perf_counter()
     grid_plans = [p for p in plans if p.grid is not None]
@@ -156,7 +162,7 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
     else:
         references = [RopeReference(s, _plan_for(s, plans)) for s in rope_sites]
     rescaled = any(p.params.rope_type != "default" or p.params.rope_theta is not None for p in plans)
-    touches_rope = bool(plans) or options.fuse != "none" or options.fp32_positions if rotations is None else rotations
+    touches_rope = bool(plans) or options.fuse != "none" or fp32_positions if rotations is None else rotations
     vocab = token_id_limits(original)
     if touches_rope and references:
         if model is None:
@@ -171,7 +177,7 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
                                            keys_rotated_after_cache=exact_decode, bounded=bounded))
     half_positions = any(_half(s.position_dtype) or _half(s.angle_dtype) for s in rope_sites)
     changes_outputs = (rescaled or bool(options.pos_scale) or bool(options.alibi_scale) or bool(options.bias_scale)
-                       or (options.fp32_positions and half_positions))
+                       or (fp32_positions and half_positions))
     lengths = set(compare_lengths)
     if not changes_outputs:
         lengths.update(_switch_lengths(rope_sites))
@@ -181,7 +187,7 @@ def _validate_rewrite(original, rewritten, options, *, found, plans, other_chang
             lengths.add(max(2, int(p.params.original_max_position_embeddings) // 2))  # dynamic keeps it below L
     if not changes_outputs and (touches_rope or other_changes):
         lengths.add(FUSE_COMPARE_LENGTH)
-    elif options.fp32_positions and half_positions and not rescaled:
+    elif fp32_positions and half_positions and not rescaled:
         report.notes.append("outputs not compared with the original: its positions or angles are in half "
                             "precision, which --fp32-positions changes on purpose (rotations were checked)")
     runs = model_runs(original, rewritten, options, rope_sites, vocab, report)

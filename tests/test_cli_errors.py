@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import posrewrite
 from posrewrite.cli import main
+from posrewrite.config import load_rope_params, read_config_json
 from posrewrite.errors import (
     EXIT_CODES,
     ModelLoadError,
@@ -34,7 +35,8 @@ from posrewrite.errors import (
     UsageError,
     ValidationError,
 )
-from posrewrite.options import RewriteOptions, load_rope_params, read_config_json, rope_parameters_from_options
+from posrewrite.options import RewriteOptions
+from posrewrite.plan import requested_rope_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -415,10 +417,10 @@ def test_rope_params_from_hf4_config_without_scaling(tmp_path):
     assert load_rope_params(str(path)) == {"rope_theta": 10000.0, "original_max_position_embeddings": 4096}
 
 
-def test_rope_parameters_from_options():
+def test_requested_rope_parameters():
     opts = RewriteOptions(rope_scale=4, rope_method="yarn", rope_params={"beta_fast": 16})
     config = {"max_position_embeddings": 64, "rope_theta": 10000.0}
-    assert rope_parameters_from_options(opts, config_json=config) == {
+    assert requested_rope_parameters(opts, config) == {
         "rope_type": "yarn",
         "factor": 4.0,
         "original_max_position_embeddings": 64,
@@ -426,14 +428,14 @@ def test_rope_parameters_from_options():
         "beta_fast": 16,
     }
     explicit = RewriteOptions(rope_scale=2, original_max_positions=128, rope_base=5e5)
-    assert rope_parameters_from_options(explicit, config_json=config) == {
+    assert requested_rope_parameters(explicit, config) == {
         "rope_type": "linear",
         "factor": 2.0,
         "original_max_position_embeddings": 128,
         "rope_theta": 5e5,
     }
     base_only = RewriteOptions(rope_base=5e5)
-    assert rope_parameters_from_options(base_only, config_json=None) == {"rope_type": "default", "rope_theta": 5e5}
+    assert requested_rope_parameters(base_only, None) == {"rope_type": "default", "rope_theta": 5e5}
 
 
 def test_options_output_suffix():

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                      "posrewrite.memory",
                      "posrewrite.math"]),
     ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options",
-                                      "posrewrite.provenance"]),
+                                      "posrewrite.config", "posrewrite.provenance"]),
     ("graph helpers, kernels", ["=posrewrite.passes", "=posrewrite.passes.onnx", "posrewrite.passes.onnx._graph",
                                 "posrewrite.passes.onnx._build", "posrewrite.passes.onnx.opset",
                                 "posrewrite.passes.onnx.rope._dtypes", "posrewrite.ops",
@@ -47,6 +47,8 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "posrewrite.passes.onnx.extend_tables", "posrewrite.passes.onnx.masks",
                 "posrewrite.passes.fx.rescale", "posrewrite.passes.fx.fp32_positions",
                 "posrewrite.passes.fx.fuse_rope", "posrewrite.passes.fx.pipeline"]),
+    # one frozen plan per rewrite, read by the pipeline and by validation alike
+    ("plan", ["posrewrite.plan"]),
     ("validation", ["posrewrite.validate", "posrewrite.validation", "posrewrite.cut"]),
     ("pipeline", ["posrewrite.pipeline"]),
     ("folders", ["posrewrite.folders"]),

@@ -16,6 +16,7 @@ from posrewrite.options import RewriteOptions
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass, cleanup_passes
 from posrewrite.passes.onnx.rope.rescale import RescaleRopePass, SitePlan
 from posrewrite.pipeline import NOTHING_CHANGED, build_pipeline, run_passes
+from posrewrite.plan import make_plan
 from posrewrite.sites.rope import AngleSource
 
 
@@ -40,11 +41,10 @@ class _Probe(ReportingPass):
 def _pipeline(path, **options):
     model = io.load_model(path)
     found = api.detect(model)
-    opts = RewriteOptions(**options)
-    plans = api.rope_plans(opts, path, found)
-    steps = build_pipeline(opts, found, plans, model_path=path)
+    plan = make_plan(RewriteOptions(**options), path, found)
+    steps = build_pipeline(plan, found)
     steps.context.seed(model, found)
-    return model, found, plans, steps
+    return model, found, list(plan.site_plans), steps
 
 
 def test_plans_are_frozen(llama_onnx):
@@ -120,8 +120,8 @@ def test_second_run_is_idempotent(fp16_rope_onnx):
     first = steps.run(model)
     assert first.changes and any(r.modified for r in first.passes)
     nodes = len(list(model.graph))
-    again = build_pipeline(RewriteOptions(fp32_positions=True, validate=False), api.detect(model), [],
-                           model_path=path)
+    found = api.detect(model)
+    again = build_pipeline(make_plan(RewriteOptions(fp32_positions=True, validate=False), path, found), found)
     second = again.run(model)
     assert second.changes == [] and second.notes[-1] == NOTHING_CHANGED
     assert not any(r.modified for r in second.passes)
@@ -164,7 +164,7 @@ def test_alibi_fp32_is_its_own_step():
     model = io.load_model(path)
     found = api.detect(model)
     alibi = [s for s in found.sites if s.kind == "alibi"]
-    steps = build_pipeline(RewriteOptions(fp32_positions=True, validate=False), found, [], model_path=path)
+    steps = build_pipeline(make_plan(RewriteOptions(fp32_positions=True, validate=False), path, found), found)
     report = steps.run(model)
     records = {r.name: r for r in report.passes}
     assert list(records) == ["Fp32PositionsPass", "Fp32AlibiPass", "Fp32ScoreBiasPass"]

@@ -45,6 +45,7 @@ def test_interleaved_fused_with_position_ids_equals_original(arch, target, hf_on
 import onnx_ir as ir  # noqa: E402
 
 from posrewrite import cli, errors, io  # noqa: E402
+from posrewrite import plan as plan_module  # noqa: E402
 
 L = 128  # the hand-written modules' "trained" length
 YARN = dict(rope_scale=4.0, rope_method="yarn", original_max_positions=L)
@@ -252,7 +253,7 @@ def test_half_precision_positions_left_in_are_caught(module_onnx, tmp_path, monk
     good = tmp_path / "good.onnx"
     api.rewrite(src, output=good, **opts)
     assert cli.main(["validate", str(src), str(good), *flags]) == 0, capsys.readouterr().err
-    monkeypatch.setattr(api, "_half_precision_positions", lambda found: False)
+    monkeypatch.setattr(plan_module, "needs_fp32_positions", lambda sites: False)
     with pytest.raises(errors.ValidationError):
         api.rewrite(src, output=tmp_path / "bad-rewrite.onnx", **opts)
     bad = tmp_path / "bad.onnx"
