@@ -22,15 +22,19 @@ from __future__ import annotations
 
 __all__ = [
     "INLINE_LIMIT_BYTES",
+    "InlineTensor",
     "MAX_OPSET",
     "MIN_OPSET",
     "default_output_path",
     "ensure_distinct_output",
     "external_data_files",
     "external_data_path",
+    "has_inline_tensors",
     "load_model",
     "max_supported_opset",
     "preload_model",
+    "read_model",
+    "read_proto",
     "StagedModel",
     "check_output_path",
     "copy_sparse",
@@ -46,6 +50,7 @@ import errno
 import fcntl
 import functools
 import math
+import mmap
 import os
 import re
 import secrets
@@ -58,6 +63,7 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 
+from posrewrite import protowire
 from posrewrite.errors import ModelLoadError, OutputError, UsageError
 
 #: Oldest default-domain opset accepted (onnxruntime guarantees nothing below 7).
@@ -73,6 +79,9 @@ _EXTERNAL_THRESHOLD_BYTES = 1024
 # Keys in ``model.meta`` (not serialized) recorded by load_model and read by save_model.
 _META_SOURCE = "posrewrite.source_path"
 _META_DATA_FILES = "posrewrite.external_data_files"
+_META_SOURCE_STAT = "posrewrite.source_stat"
+#: Inline tensors (raw_data) of at least this many bytes stay in the model file until something reads them.
+LAZY_INLINE_BYTES = 1024
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -177,10 +186,71 @@ def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
         yield from _graph_tensors(function)
 
 
+class InlineTensor(ir.ExternalTensor):
+    """A tensor stored inline in the model file (its ``raw_data``), read from there (mapped) only when something
+    reads it: loading and saving never hold it (see :mod:`posrewrite.protowire`). An ``ExternalTensor`` whose
+    file is the model itself, so that onnxruntime sessions of cuts read it from the file too; written back
+    inline (or into the output's data file when the output has one)."""
+
+    __slots__ = ()
+
+    def _check_path_containment(self) -> None:
+        # onnx_ir's check refuses a hard-linked data file; this file is the model the user gave, already opened
+        # and checked by load_model (a hard-linked .onnx file is the user's own business, as before).
+        return None
+
+
+def has_inline_tensors(model: ir.Model) -> bool:
+    """Whether some tensor of the model is still read from its .onnx file (InlineTensor): onnx_ir's writer
+    would store it as external data of that file; save_model writes it inline."""
+    return any(isinstance(t, InlineTensor) for t in _all_tensors(model))
+
+
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Tensors stored in external data files (not the model's own inline tensors read lazily)."""
     for tensor in _all_tensors(model):
-        if isinstance(tensor, ir.ExternalTensor):
+        if isinstance(tensor, ir.ExternalTensor) and not isinstance(tensor, InlineTensor):
             yield tensor
+
+
+def _replace_tensors(model: ir.Model, replace) -> list[tuple[object, str, object]]:
+    """Replace each tensor `t` of the model (initializers and tensor attributes, in every graph, subgraph and
+    function body) for which ``replace(t, main)`` (main: an initializer of the main graph) returns a tensor;
+    return what to restore (see _restore)."""
+    done: list[tuple[object, str, object]] = []
+
+    def visit(graph, is_main: bool) -> None:
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                new = None if value.const_value is None else replace(value.const_value, is_main)
+                if new is not None:
+                    done.append((value, "const_value", value.const_value))
+                    value.const_value = new
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    new = replace(attr.value, False)
+                    if new is not None:
+                        done.append((node.attributes, name, attr))
+                        node.attributes[name] = ir.AttrTensor(name, new, doc_string=attr.doc_string)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    news = [replace(t, False) for t in attr.value]
+                    if any(n is not None for n in news):
+                        done.append((node.attributes, name, attr))
+                        tensors = [t if n is None else n for t, n in zip(attr.value, news, strict=True)]
+                        node.attributes[name] = ir.AttrTensors(name, tensors, doc_string=attr.doc_string)
+                elif attr.type == ir.AttributeType.GRAPH:
+                    visit(attr.value, False)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        visit(sub, False)
+
+    visit(model.graph, True)
+    for function in model.functions.values():
+        visit(function, False)
+    return done
 
 
 # ----------------------------------------------------------------------------------- the loading policy
@@ -214,6 +284,8 @@ class _ProtoChecker:
         self.base_real = os.path.realpath(base_dir)
         self.files: dict[str, int] = {}  # real path -> size
         self.opset = MIN_OPSET
+        # inline payloads left in the model file by protowire.read_skeleton: (its location, their offsets)
+        self.inline: tuple[str, set[int]] = ("", set())
 
     def fail(self, message: str) -> None:
         raise ModelLoadError(f"{self.path}: {message}")
@@ -370,6 +442,12 @@ class _ProtoChecker:
                 self.fail(f"{label}: external data entries are not valid UTF-8")
             entries[e.key] = e.value
         location = entries.get("location", "")
+        if location == self.inline[0] and entries.get("offset", "").isdigit() and \
+                int(entries["offset"]) in self.inline[1]:  # raw_data left in the model file: the inline rule
+            have = int(entries.get("length", -1))
+            if have != nbytes:
+                self.fail(f"{label} has {have} bytes of raw_data, its shape {list(t.dims)} needs {nbytes}")
+            return
         shown = _printable(location)
         if not location:
             self.fail(f"{label} is stored as external data without a location")
@@ -413,9 +491,12 @@ class _ProtoChecker:
             )
 
 
-def _check_proto(proto: onnx.ModelProto, path: Path, base_dir: Path) -> list[str]:
-    """Apply the loading policy to every tensor and string of ``proto``; return the external data files."""
+def _check_proto(proto: onnx.ModelProto, path: Path, base_dir: Path,
+                 inline: tuple[str, set[int]] = ("", set())) -> list[str]:
+    """Apply the loading policy to every tensor and string of ``proto``; return the external data files.
+    ``inline``: the location and offsets of the raw_data payloads left in the model file (read_skeleton)."""
     checker = _ProtoChecker(path, base_dir)
+    checker.inline = inline
     checker.opset = max((op.version for op in proto.opset_import if op.domain in _DEFAULT_DOMAINS), default=MIN_OPSET)
     try:
         checker.walk(proto, "model")
@@ -493,18 +574,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: cannot read: permission denied")
 
-    try:
-        proto = onnx.load(os.fspath(path), format="protobuf", load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError, or anything from a garbage file
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise ModelLoadError(
-            f"{path}: not an ONNX model, or the file is corrupt or truncated (protobuf parse failed: {reason})"
-        ) from None
+    proto, offsets = _parse(path, st.st_size)
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph; truncated or another format?)")
     _check_opset(proto, path)
     base_dir = Path(os.path.abspath(path)).parent
-    data_files = _check_proto(proto, path, base_dir)
+    data_files = _check_proto(proto, path, base_dir, (path.name, offsets))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
@@ -515,9 +590,74 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     for tensor in _all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.base_dir = os.fspath(base_dir)
+    _make_inline(model, path, offsets)
     model.meta[_META_SOURCE] = os.path.abspath(path)
     model.meta[_META_DATA_FILES] = data_files
+    model.meta[_META_SOURCE_STAT] = (st.st_size, st.st_mtime_ns, st.st_ino)
     return model
+
+
+def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model's protobuf without the payloads of its large inline tensors (they are marked as external data
+    of the model file itself): shapes, names and graphs of a model of any size, for a few MB. No loading
+    policy: for files loaded (checked) before, or written by posrewrite. Raises ModelLoadError."""
+    path = Path(path)
+    return _parse(path, path.stat().st_size)[0]
+
+
+def read_model(path: str | os.PathLike) -> ir.Model:
+    """onnx_ir's lazy load of a file loaded (checked) before or written by posrewrite, without the loading
+    policy (a folder written with --link-weights has hard-linked data files, which load_model refuses): no
+    weight is read, inline ones included (InlineTensor). Raises ModelLoadError."""
+    path = Path(path)
+    proto, offsets = _parse(path, path.stat().st_size)
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for tensor in _all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = base_dir
+    _make_inline(model, path, offsets)
+    return model
+
+
+def _make_inline(model: ir.Model, path: Path, offsets: set[int]) -> None:
+    """The external tensors read_skeleton marked (the model file's name as location, a payload's offset) become
+    InlineTensor objects."""
+    if not offsets:
+        return
+
+    def lazy(t: ir.TensorProtocol, _main: bool) -> InlineTensor | None:
+        if isinstance(t, ir.ExternalTensor) and t.offset in offsets and t.location == path.name:
+            return InlineTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                doc_string=t.doc_string, metadata_props=t.metadata_props, base_dir=t.base_dir)
+        return None
+
+    _replace_tensors(model, lazy)
+
+
+def _parse(path: Path, size: int) -> tuple[onnx.ModelProto, set[int]]:
+    """The model's protobuf without the payloads of its large inline tensors (left in the file: their offsets
+    are returned), see protowire.read_skeleton; a file that walk cannot follow is parsed whole by protobuf, whose
+    verdict counts."""
+    skeleton = None
+    offsets: set[int] = set()
+    if size < 2**31:  # protobuf's limit for a model file: larger ones get protobuf's own verdict
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                skeleton, found = protowire.read_skeleton(mm, path.name, LAZY_INLINE_BYTES)
+            offsets = {p.offset for p in found}
+        except (protowire.WireError, RecursionError, OSError, ValueError):
+            skeleton, offsets = None, set()
+    try:
+        if skeleton is None:
+            return onnx.load(os.fspath(path), format="protobuf", load_external_data=False), set()
+        return onnx.load_model_from_string(skeleton), offsets
+    except Exception as e:  # protobuf's DecodeError, or anything from a garbage file
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ModelLoadError(
+            f"{path}: not an ONNX model, or the file is corrupt or truncated (protobuf parse failed: {reason})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -562,59 +702,6 @@ def _initializer_bytes(model: ir.Model) -> int:
         except Exception:  # a tensor type that cannot say its size counts as small
             pass
     return total
-
-
-def _inline_external_tensors(model: ir.Model) -> list[tuple[object, ir.TensorProtocol]]:
-    """Replace external initializers by in-memory copies; return what to restore afterwards."""
-    restore = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                restore.append((value, tensor))
-                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
-    return restore
-
-
-def _inline_nested_external_tensors(model: ir.Model) -> list[tuple[object, str, object]]:
-    """ir.save moves only the main graph's initializers into the new data file: external tensors anywhere else
-    (node attributes, subgraph initializers, local function bodies) would keep a location relative to the input's
-    folder, which means nothing (or another file) beside the output. They are read (within the checked bounds) and
-    written inline; return what to restore afterwards."""
-    restore: list[tuple[object, str, object]] = []
-
-    def copy(t: ir.ExternalTensor) -> ir.Tensor:
-        return ir.Tensor(t.numpy().copy(), name=t.name, dtype=t.dtype)
-
-    def visit(graph, is_main: bool) -> None:
-        if isinstance(graph, ir.Graph) and not is_main:
-            for value in graph.initializers.values():
-                if isinstance(value.const_value, ir.ExternalTensor):
-                    restore.append((value, "const_value", value.const_value))
-                    value.const_value = copy(value.const_value)
-        for node in graph:
-            for name, attr in list(node.attributes.items()):
-                if attr.is_ref() or attr.value is None:
-                    continue
-                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                    restore.append((node.attributes, name, attr))
-                    node.attributes[name] = ir.AttrTensor(name, copy(attr.value))
-                elif attr.type == ir.AttributeType.TENSORS and any(
-                    isinstance(t, ir.ExternalTensor) for t in attr.value
-                ):
-                    restore.append((node.attributes, name, attr))
-                    tensors = [copy(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value]
-                    node.attributes[name] = ir.AttrTensors(name, tensors)
-                elif attr.type == ir.AttributeType.GRAPH:
-                    visit(attr.value, False)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for sub in attr.value:
-                        visit(sub, False)
-
-    visit(model.graph, True)
-    for function in model.functions.values():
-        visit(function, False)
-    return restore
 
 
 def _restore(restore: list[tuple[object, str, object]]) -> None:
@@ -807,9 +894,7 @@ def stage_model(
     staged = StagedModel(out, Path(tmp_name), None, protected)
     staged.hold(staged.path)
     remove_leftovers(out, protected)
-    nested: list[tuple[object, str, object]] = []
     try:
-        nested = _inline_nested_external_tensors(model)
         if use_external:
             data = external_data_path(out)
             try:  # claim the name: never write into a data file that exists (an older OUT may read it)
@@ -822,7 +907,7 @@ def stage_model(
             staged.hold(data)
             restore = _write_data_file(model, data, share=share_weights)
             try:
-                ir.save(model, staged.path)
+                _write_model(model, staged.path, external_main=True)
             finally:
                 for value, tensor in restore:
                     value.const_value = tensor
@@ -830,22 +915,83 @@ def stage_model(
                 data.unlink()
                 staged.data = None
         else:
-            restore = _inline_external_tensors(model)
-            try:
-                ir.save(model, staged.path)
-            finally:
-                for value, tensor in restore:
-                    value.const_value = tensor
+            _write_model(model, staged.path, external_main=False)
     except BaseException as e:
-        _restore(nested)
         staged.discard()
         if isinstance(e, OSError):
             raise OutputError(f"cannot write {shown}: {e.strerror or e}") from None
         if isinstance(e, ValueError):  # protobuf refuses messages over 2 GiB
             raise OutputError(f"cannot write {shown}: {' '.join(str(e).split())}") from None
         raise
-    _restore(nested)
     return staged
+
+
+#: protobuf cannot read a message (a model file) of 2 GiB or more
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _write_model(model: ir.Model, path: Path, *, external_main: bool) -> None:
+    """Write `model`'s .onnx file to `path` without holding a weight: tensors that are read from a file (the
+    input's inline tensors, external tensors) are written inline, their bytes copied file to file into their
+    TensorProto's raw_data (protowire.write_spliced); with `external_main`, the main graph's external tensors
+    (those in the output's data file, or the input's with --share-weights) stay external. The model is left as
+    it was."""
+    source = model.meta.get(_META_SOURCE)
+    ranges: dict[str, protowire.FileRange] = {}
+
+    def placeholder(t: ir.TensorProtocol, main: bool) -> ir.ExternalTensor | None:
+        if not isinstance(t, ir.ExternalTensor) or (external_main and main and not isinstance(t, InlineTensor)):
+            return None
+        if isinstance(t, InlineTensor) and source is not None:
+            _check_unchanged(model, Path(source))
+        key = f"\0posrewrite-{len(ranges)}"  # no location of a loaded model holds NUL (refused at load)
+        ranges[key] = protowire.FileRange(os.path.abspath(t.path), int(t.offset or 0), int(t.nbytes))
+        return ir.ExternalTensor(key, None, None, t.dtype, shape=t.shape, name=t.name or "",
+                                 doc_string=t.doc_string, metadata_props=t.metadata_props)
+
+    restore = _replace_tensors(model, placeholder)
+    try:
+        data = ir.to_proto(model).SerializeToString()
+    finally:
+        _restore(restore)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    sources: dict[str, int] = {}
+    pos = 0
+
+    def write(part: bytes) -> None:
+        nonlocal pos
+        view = memoryview(part)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:done + _COPY_CHUNK], pos + done)
+        pos += len(view)
+
+    def copy(part: protowire.FileRange) -> None:
+        nonlocal pos
+        if part.path not in sources:
+            sources[part.path] = os.open(part.path, os.O_RDONLY)
+        _copy_range(sources[part.path], part.offset, fd, pos, part.length)
+        pos += part.length
+
+    try:
+        protowire.write_spliced(data, ranges, write, copy, max_size=_PROTOBUF_LIMIT)
+        os.ftruncate(fd, pos)
+    finally:
+        os.close(fd)
+        for src in sources.values():
+            os.close(src)
+
+
+def _check_unchanged(model: ir.Model, source: Path) -> None:
+    """The model's inline tensors are copied from its file: refuse when that file is no longer the one read."""
+    try:
+        st = source.stat()
+        now = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        now = None
+    if now != model.meta.get(_META_SOURCE_STAT):
+        raise OutputError(f"{_printable(source, 300)} changed on disk after it was read (its inline weights are "
+                          "copied from it): nothing written; run again")
 
 
 def _locked_by_a_live_run(path: Path) -> bool:
@@ -1018,7 +1164,7 @@ def _write_data_file(model: ir.Model, data: Path, share: bool = False) -> list[t
                     restore.append((value, tensor))
                     value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
                 continue
-            if share and isinstance(tensor, ir.ExternalTensor):
+            if share and isinstance(tensor, ir.ExternalTensor) and not isinstance(tensor, InlineTensor):
                 continue  # read from the input's data file, beside the output
             align = _ALIGNMENT if nbytes >= _ALIGN_THRESHOLD else 16
             offset = (offset + align - 1) // align * align
@@ -1062,7 +1208,7 @@ def output_disk_bytes(model: ir.Model, share: bool = False) -> tuple[int, int]:
             nbytes = int(tensor.nbytes)
             if nbytes < _EXTERNAL_THRESHOLD_BYTES:
                 continue
-            if share and isinstance(tensor, ir.ExternalTensor):
+            if share and isinstance(tensor, ir.ExternalTensor) and not isinstance(tensor, InlineTensor):
                 continue
             apparent += nbytes
             if isinstance(tensor, ir.ExternalTensor):

@@ -347,13 +347,13 @@ def test_save_refuses_the_input(tmp_path):
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     src = write_external(tmp_path / "m.onnx")
     model = pio.load_model(src)
-    real_save = ir.save
+    real_save = pio._write_model
 
     def failing_save(m, path, **kw):
-        real_save(m, path, **kw)  # everything written to the temporary directory ...
+        real_save(m, path, **kw)  # everything written beside the output ...
         raise OSError(28, "No space left on device")  # ... then the disk fills up
 
-    monkeypatch.setattr(pio.ir, "save", failing_save)
+    monkeypatch.setattr(pio, "_write_model", failing_save)
     with pytest.raises(OutputError, match="No space left on device"):
         pio.save_model(model, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
@@ -368,7 +368,7 @@ def test_failed_save_keeps_previous_output(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pio.ir, "save", failing_save)
+    monkeypatch.setattr(pio, "_write_model", failing_save)
     with pytest.raises(RuntimeError):
         pio.save_model(model, target)
     assert target.read_bytes() == b"previous"

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["=posrewrite", "posrewrite.errors", "posrewrite.limits", "posrewrite.progress",
                      "posrewrite.memory",
                      "posrewrite.math"]),
-    ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.options",
+    ("descriptions, files, options", ["posrewrite.sites", "posrewrite.io", "posrewrite.protowire", "posrewrite.options",
                                       "posrewrite.provenance"]),
     ("graph helpers, kernels", ["=posrewrite.passes", "=posrewrite.passes.onnx", "posrewrite.passes.onnx._graph",
                                 "posrewrite.passes.onnx._build", "posrewrite.passes.onnx.opset",
