@@ -11,7 +11,7 @@ directions simple: a message is a sequence of (tag, value) fields in any order, 
 length then its bytes, so a message can be read or assembled from parts.
 
 - :func:`read_skeleton`: the file's bytes with every ``raw_data`` of at least ``threshold`` bytes taken out of
-  its TensorProto (main graph, subgraphs, node attributes, local functions), the tensor marked as external data
+  its TensorProto (the main graph's initializers: the weights), the tensor marked as external data
   stored in the model file itself at the payload's offset. The skeleton parses like any model (a few MB for a
   model of any size); onnx_ir turns the marked tensors into :class:`onnx_ir.ExternalTensor` objects that map
   the file only when something reads them. Only messages long enough to hold such a payload are walked.
@@ -28,6 +28,7 @@ from __future__ import annotations
 __all__ = ["FileRange", "Lazy", "WireError", "read_skeleton", "write_spliced"]
 
 import dataclasses
+import mmap
 from collections.abc import Callable
 
 import onnx
@@ -53,6 +54,13 @@ _SCHEMA: dict[str, dict[int, str]] = {
                          (_TENSOR, _GRAPH, _TENSOR, _GRAPH), strict=True)),
     # (a function's attribute defaults are left alone: onnx_ir does not give their tensors a folder)
     _FUNCTION: dict(zip(_numbers(onnx.FunctionProto, "node"), (_NODE,), strict=True)),
+}
+# What read_skeleton leaves in the file: the main graph's initializers only, where weights live. Tensors of node
+# attributes (Constant) and of subgraphs are parsed: onnxruntime sessions built from parts of the graph in memory
+# (rotation cones, masks, the load check) serialise them, and those sessions have no folder to read a file from.
+_READ_SCHEMA: dict[str, dict[int, str]] = {
+    _MODEL: {_numbers(onnx.ModelProto, "graph")[0]: _GRAPH},
+    _GRAPH: {_numbers(onnx.GraphProto, "initializer")[0]: _TENSOR},
 }
 _RAW_DATA, _EXTERNAL_DATA, _DATA_LOCATION, _DATA_TYPE = _numbers(onnx.TensorProto, "raw_data", "external_data",
                                                                "data_location", "data_type")
@@ -133,7 +141,7 @@ def _entry(key: str, value: str) -> bytes:
     return _tag(_EXTERNAL_DATA, _LENGTH_DELIMITED) + _encode_varint(len(body)) + body
 
 
-def read_skeleton(buf, location: str, threshold: int) -> tuple[bytes, list[Lazy]]:
+def read_skeleton(buf: bytes | mmap.mmap, location: str, threshold: int) -> tuple[bytes, list[Lazy]]:
     """(the model's bytes without its large inline payloads, where they are). ``buf``: the whole file (an mmap:
     only the pages of the messages walked are read); ``location``: the model file's name, written as the marked
     tensors' external-data location. A tensor that has external data already is left as it is."""
@@ -162,7 +170,7 @@ def read_skeleton(buf, location: str, threshold: int) -> tuple[bytes, list[Lazy]
         """The message's new bytes, or None when nothing in it changes."""
         if kind == _TENSOR:
             return tensor(pos, end)
-        schema = _SCHEMA[kind]
+        schema = _READ_SCHEMA[kind]
         parts: list[bytes] = []
         copied = pos  # bytes [copied, field start) are still to be copied as they are
         changed = False
