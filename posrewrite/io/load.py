@@ -98,7 +98,7 @@ def replace_tensors(model: ir.Model, replace: Callable[[ir.TensorProtocol, bool]
                     ) -> list[tuple[object, str, object]]:
     """Replace each tensor `t` of the model (initializers and tensor attributes, in every graph, subgraph and
     function body) for which ``replace(t, main)`` (main: an initializer of the main graph) returns a tensor;
-    return what to restore (see restore_tensors)."""
+    return what to restore (see restore_tensors). When ``replace`` raises, the model is restored first."""
     done: list[tuple[object, str, object]] = []
 
     def visit(graph, is_main: bool) -> None:
@@ -129,9 +129,13 @@ def replace_tensors(model: ir.Model, replace: Callable[[ir.TensorProtocol, bool]
                     for sub in attr.value:
                         visit(sub, False)
 
-    visit(model.graph, True)
-    for function in model.functions.values():
-        visit(function, False)
+    try:
+        visit(model.graph, True)
+        for function in model.functions.values():
+            visit(function, False)
+    except BaseException:
+        restore_tensors(done)
+        raise
     return done
 
 

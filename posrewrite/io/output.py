@@ -326,13 +326,13 @@ def _write_model(model: ir.Model, path: Path, *, external_main: bool) -> None:
     (those in the output's data file, or the input's with --share-weights) stay external. The model is left as
     it was."""
     source = model.meta.get(META_SOURCE)
+    if source is not None and any(isinstance(t, InlineTensor) for t in all_tensors(model)):
+        _check_unchanged(model, Path(source))
     ranges: dict[str, protowire.FileRange] = {}
 
     def placeholder(t: ir.TensorProtocol, main: bool) -> ir.ExternalTensor | None:
         if not isinstance(t, ir.ExternalTensor) or (external_main and main and not isinstance(t, InlineTensor)):
             return None
-        if isinstance(t, InlineTensor) and source is not None:
-            _check_unchanged(model, Path(source))
         key = f"\0posrewrite-{len(ranges)}"  # no location of a loaded model holds NUL (refused at load)
         ranges[key] = protowire.FileRange(os.path.abspath(t.path), int(t.offset or 0), int(t.nbytes))
         return ir.ExternalTensor(key, None, None, t.dtype, shape=t.shape, name=t.name or "",
@@ -365,6 +365,8 @@ def _write_model(model: ir.Model, path: Path, *, external_main: bool) -> None:
     try:
         protowire.write_spliced(data, ranges, write, copy, max_size=_PROTOBUF_LIMIT)
         os.ftruncate(fd, pos)
+        if source is not None and ranges:
+            _check_unchanged(model, Path(source))  # and not while it was copied
     finally:
         os.close(fd)
         for src in sources.values():
