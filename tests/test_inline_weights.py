@@ -242,3 +242,17 @@ def test_the_command_line_reads_the_model_once(inline_llama, tmp_path, monkeypat
     assert cli.main([str(inline_llama), "--rope-scale", "4", "--rope-method", "yarn", "--original-max-positions",
                      str(L), "--no-validate", "-o", str(tmp_path / "o.onnx")]) == 0
     assert len(calls) == 2
+
+
+def test_a_hard_linked_model_file_reads_its_inline_weights(tmp_path):
+    """onnx_ir refuses to map a hard-linked external data file; an inline weight lives in the model file itself,
+    which the user gave (as before the weights stayed inline, a hard-linked .onnx is read)."""
+    src = _every_kind(tmp_path / "m.onnx")
+    os.link(src, tmp_path / "h.onnx")
+    model = pio.load_model(tmp_path / "h.onnx")
+    w = model.graph.initializers["W"].const_value
+    assert isinstance(w, pio.InlineTensor)
+    want = numpy_helper.to_array(next(t for t in onnx.load(os.fspath(src)).graph.initializer if t.name == "W"))
+    assert np.array_equal(w.numpy(), want)
+    out = pio.save_model(model, tmp_path / "o.onnx")
+    assert out.read_bytes() == pio.save_model(pio.load_model(src), tmp_path / "p.onnx").read_bytes()
