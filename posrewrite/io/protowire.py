@@ -269,7 +269,7 @@ def write_spliced(data: bytes, splice: dict[str, FileRange], write: Callable[[by
         parts.append(data[copied:end])
         return parts, size + (end - copied)
 
-    new = message(_MODEL, 0, len(data))
+    new = message(_MODEL, 0, len(data)) if splice else None  # nothing to splice: no walk
     parts, size = new if new is not None else ([data], len(data))
     if max_size is not None and size > max_size:
         raise ValueError(f"the model would take {size} bytes in one file, more than protobuf can read (2 GiB)")
