@@ -9,7 +9,8 @@ RoPE computed HF-style. The weights being zeros, the numbers say nothing about c
 measure what each path costs in time, memory and disk.
 
     python benchmarks/large_model.py --shapes 7b [--what inspect,check,yarn,...] [--dir /tmp/posrewrite-large]
-    python benchmarks/large_model.py --shapes "" --optimum [--optimum-model model.onnx]   # 623 MB Optimum export
+    python benchmarks/large_model.py --shapes "" --optimum [--optimum-model model.onnx] [--baseline /work/main]
+    # the 623 MB Optimum export (weights inline): every path, before (the baseline checkout) and after
 
 Each path runs as ``python -m posrewrite ...`` in a child process; its peak RSS is the child's ru_maxrss
 (os.wait4), its disk the blocks its outputs allocate (du), and the outputs are deleted after each path.
@@ -171,31 +172,112 @@ def bench_shape(name: str, base: Path, what: list[str] | None) -> None:
     shutil.rmtree(genai, ignore_errors=True)
 
 
-def bench_optimum(base: Path, model: str | None) -> None:
+def layer_weights(src: Path) -> tuple[dict[int, int], int]:
+    """Bytes of the initializers of each decoder layer (by the layer index in its name or in the names of the
+    nodes that read it: `layers.N`), and of those outside any layer (embedding, final norm, lm_head); read from
+    the model's shapes only."""
+    import math
+    import re
+
+    import onnx_ir as ir
+
+    from posrewrite import io
+
+    proto = io.read_proto(src)  # the file's protobuf without its inline payloads
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    per_layer: dict[int, int] = {}
+    outside = 0
+    for t in proto.graph.initializer:
+        nbytes = math.ceil(math.prod(t.dims) * ir.DataType(t.data_type).itemsize)
+        found = {int(m) for text in [t.name, *readers.get(t.name, [])] for m in re.findall(r"layers\.(\d+)", text)}
+        if len(found) == 1:
+            layer = found.pop()
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes
+        else:
+            outside += nbytes
+    return per_layer, outside
+
+
+def optimum_paths(src: Path, out: Path, half: int, kept: Path) -> dict[str, list[str]]:
+    """The command line's paths on an Optimum export (original length 4096), every one with its default flags."""
+    o = ["-o", str(out)]
+    every = paths(src, out, half, src.parent, kept)
+    every.pop("genai-folder")
+    rows = {"inspect": every.pop("inspect"), "check": every.pop("check")}
+    for scale in ("2", "4"):
+        rows[f"yarn x{scale}"] = [str(src), "--rope-scale", scale, "--rope-method", "yarn",
+                                  "--original-max-positions", str(L), *o]
+    every.pop("yarn")
+    rows.update(every)
+    rows["yarn x2 --validate full"] = [*rows["yarn x2"], "--validate", "full"]
+    return rows
+
+
+def run_with(repo: Path, args: list[str]) -> tuple[float, float, int, str]:
+    """`run` with the posrewrite of another checkout (the baseline)."""
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "posrewrite", *args], env=env, cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    lines = [x for x in err.splitlines() if x.strip()]
+    return time.perf_counter() - t, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), (lines or [""])[-1]
+
+
+def bench_optimum(base: Path, model: str | None, baseline: Path | None, what: list[str] | None) -> None:
     """The issue's 623 MB Optimum export (`optimum-cli export onnx --task text-generation-with-past`, Llama 8
     layers, hidden 1024, 16/4 heads, fp32, weights inline) when `model` names it; else the same shape exported
-    by fixtures.hf_models.export_optimum_layout (Optimum's layout without optimum-cli)."""
+    by fixtures.hf_models.export_optimum_layout (Optimum's layout without optimum-cli). Every path in a fresh
+    process; with `baseline` (another checkout, e.g. main) each path runs there first, then here."""
+    folder = base / "optimum"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     if model:
-        src = Path(model)
+        src = folder / "model.onnx"
+        shutil.copyfile(model, src)  # the input is never modified; a copy of our own all the same
     else:
         from fixtures.hf_models import export_optimum_layout
 
         src = export_optimum_layout(num_layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000,
                                     intermediate=2816, max_position_embeddings=4096)
-    print(f"\noptimum-layout export: {src} ({src.stat().st_size / 2**20:.0f} MB, fp32 inline)")
-    print(f"{'path':24s} {'seconds':>8s} {'peak RSS MB':>12s} exit  note")
-    folder = base / "optimum"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for scale in ("2", "4"):
-        for extra in ([], ["--validate", "full"]):
-            out = folder / "out.onnx"
-            seconds, rss, code, last = run([str(src), "--rope-scale", scale, "--rope-method", "yarn",
-                                            "--original-max-positions", str(L), "-o", str(out), *extra])
-            label = f"yarn x{scale}" + (" --validate full" if extra else "")
-            print(f"{label:24s} {seconds:8.1f} {rss:12.0f} {code:4d}  {last[:110] if code else ''}", flush=True)
-            for p in folder.iterdir():
-                p.unlink()
+    per_layer, outside = layer_weights(src)
+    largest = max(per_layer.values(), default=0)
+    goal_mb = 2048 + largest / 2**20
+    load = os.getloadavg()
+    print(f"\noptimum export: {src} ({src.stat().st_size / 2**20:.0f} MB, weights inline); {len(per_layer)} layers, "
+          f"largest layer {largest} bytes ({largest / 2**20:.1f} MB), outside the layers {outside / 2**20:.0f} MB; "
+          f"goal: peak RSS < 2048 MB + largest layer = {goal_mb:.0f} MB; load average {load[0]:.2f} "
+          f"{load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)")
+    sides = [("before", baseline), ("after", REPO)] if baseline else [("after", REPO)]
+    head = "".join(f" {side + ' s':>9s} {side + ' MB':>10s} {'exit':>4s}" for side, _ in sides)
+    print(f"{'path':26s}{head} {'after/goal':>10s}" + (f" {'MB after/before':>15s}" if baseline else "") + "  note")
+    kept = {side: folder / f"kept-{side}.onnx" for side, _ in sides}
+    for side, repo in sides:  # the rewritten model `validate` compares with, written by that side's code
+        rc = run_with(repo, [str(src), *YARN, "-o", str(kept[side]), "--no-validate"])[2]
+        assert rc == 0, f"the output for `validate` could not be written ({side})"
+    keep = {src.name, *(p.name for p in kept.values())}
+    labels = optimum_paths(src, folder / "out.onnx", 32, kept["after"])
+    for label in labels:
+        if what and label not in what:
+            continue
+        cells, results = "", {}
+        for side, repo in sides:
+            args = optimum_paths(src, folder / "out.onnx", 32, kept[side])[label]
+            seconds, rss, code, last = run_with(repo, args)
+            results[side] = (seconds, rss, code, last)
+            for p in outputs_of(folder, keep):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            cells += f" {seconds:9.1f} {rss:10.0f} {code:4d}"
+        after = results["after"]
+        ratio = f" {after[1] / results['before'][1]:15.2f}" if baseline else ""
+        notes = "; ".join(f"{side}: {r[3][:80]}" for side, r in results.items() if r[2])
+        print(f"{label:26s}{cells} {after[1] / goal_mb:10.2f}{ratio}  {notes}", flush=True)
+    seconds, rss, code = byte_copy(src, folder / "copy.onnx")
+    print(f"{'byte copy (load + save)':26s} {seconds:9.1f} {rss:10.0f} {code:4d}  (after only: nothing changed)")
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -205,14 +287,16 @@ def main() -> None:
     parser.add_argument("--what", default="", help="comma-separated path labels (default: all)")
     parser.add_argument("--dir", default="/tmp/posrewrite-large")
     parser.add_argument("--optimum", action="store_true", help="also the Optimum-layout export")
-    parser.add_argument("--optimum-model", help="a real optimum-cli export to use for --optimum")
+    parser.add_argument("--optimum-model", help="a real optimum-cli export to use for --optimum (copied)")
+    parser.add_argument("--baseline", help="another checkout (e.g. /work/main): --optimum runs each path there "
+                        "too, side by side")
     args = parser.parse_args()
     base = Path(args.dir)
     what = [w for w in args.what.split(",") if w] or None
     for name in [s for s in args.shapes.split(",") if s]:
         bench_shape(name, base, what)
     if args.optimum:
-        bench_optimum(base, args.optimum_model)
+        bench_optimum(base, args.optimum_model, Path(args.baseline) if args.baseline else None, what)
 
 
 if __name__ == "__main__":

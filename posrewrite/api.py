@@ -44,14 +44,14 @@ class InspectResult:
         }
 
 
-def inspect(path: str | os.PathLike) -> InspectResult:
+def inspect(path: str | os.PathLike, *, loaded: ir.Model | None = None) -> InspectResult:
     """Describes the positional encodings of the model at `path` (weights are not read). A genai / HF export
-    folder: its (first) model."""
+    folder: its (first) model. `loaded`: the model at `path` as io.load_model read it (not read again)."""
     if Path(path).is_dir():
         from posrewrite.folders import model_files
 
         path = model_files(path)[0]
-    model = io.load_model(path)
+    model = loaded if loaded is not None else io.load_model(path)
     found = detect(model)
     return InspectResult(str(path), found.sites, found.refusals, provenance.history(model))
 
@@ -96,13 +96,15 @@ def _options(options: RewriteOptions | None, kwargs: dict[str, Any]) -> RewriteO
 
 
 def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, progress=None, saver=None,
-            **kwargs) -> RewriteResult:
+            loaded: ir.Model | None = None, **kwargs) -> RewriteResult:
     """Rewrites the model at `path` as `options` say and saves it (atomically) beside it or to options.output.
 
     Keyword arguments are RewriteOptions fields: `rewrite("m.onnx", rope_scale=4, rope_method="yarn",
     original_max_positions=4096, output="m-yarn.onnx")`. A folder (onnxruntime-genai's genai_config.json, or
     an HF/Optimum export with config.json) is rewritten into a new folder: `posrewrite.folders`.
     `saver(model, output) -> Path` replaces `io.save_model` (the folder rewrite's weight-sharing save).
+    `loaded`: the model at `path` as io.load_model read it (the command line reads it up front to fail fast);
+    rewritten in place instead of reading the file again.
     """
     if Path(path).is_dir():
         from posrewrite.folders import rewrite_folder
@@ -116,7 +118,7 @@ def rewrite(path: str | os.PathLike, options: RewriteOptions | None = None, *, p
     io.ensure_distinct_output(path, output)
     io.check_output_path(output)
     with progress.stage("loading"):
-        model = io.load_model(path)
+        model = loaded if loaded is not None else io.load_model(path)
     check_input_graph(model, path)  # broken as read: exit 3 (the passes' own check would blame the first pass)
     io.remove_leftovers(Path(os.path.abspath(output)), io.external_data_files(model))  # of killed runs
     with progress.stage("detecting"):
@@ -306,15 +308,16 @@ class CheckResult:
                 "notes": self.notes}
 
 
-def check(path: str | os.PathLike, *, max_length: int | None = None) -> CheckResult:
-    """Precision analysis of every positional-encoding site at `max_length` tokens (a model folder: its model)."""
+def check(path: str | os.PathLike, *, max_length: int | None = None, loaded: ir.Model | None = None) -> CheckResult:
+    """Precision analysis of every positional-encoding site at `max_length` tokens (a model folder: its model).
+    `loaded`: the model at `path` as io.load_model read it (not read again)."""
     if max_length is not None and not 0 < int(max_length) <= MAX_LENGTH:
         raise errors.UsageError(f"--max-length {max_length} is outside 1..{MAX_LENGTH} (see README, Reliability)")
     if Path(path).is_dir():
         from posrewrite.folders import model_files
 
         path = model_files(path)[0]
-    model = io.load_model(path)
+    model = loaded if loaded is not None else io.load_model(path)
     found = detect(model)
     if not found.sites:
         refuse_identified(found, path)

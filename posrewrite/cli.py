@@ -320,23 +320,25 @@ def _rope_flags_given(ns: argparse.Namespace, ignore: tuple[str, ...] = ()) -> b
 # ------------------------------------------------------------------------------------------------- commands
 
 
-def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None) -> Path:
-    """Read the model once up front so a bad file fails fast with exit 3 (the API reuses the parsed model), and
-    refuse an ``output`` that would overwrite the model or its external data."""
-    from posrewrite.io import check_output_path, ensure_distinct_output, external_data_files, preload_model
+def _preload(path: str | os.PathLike, *, output: str | os.PathLike | None = None):
+    """Read the model once up front so a bad file fails fast with exit 3, and refuse an ``output`` that would
+    overwrite the model or its external data. Returns the model: the command hands it to the API (``loaded=``)
+    where the API would read the file again."""
+    from posrewrite import io
 
     if output is not None:
-        ensure_distinct_output(path, output)
-        check_output_path(output)  # before a possibly long load: a missing folder or a device fails at once
-    model = preload_model(path)
+        io.ensure_distinct_output(path, output)
+        io.check_output_path(output)  # before a possibly long load: a missing folder or a device fails at once
+    model = io.load_model(path)
     if output is not None:
-        ensure_distinct_output(path, output, data_files=external_data_files(model))
-    return Path(path)
+        io.ensure_distinct_output(path, output, data_files=io.external_data_files(model))
+    return model
 
 
 def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
     opts = options_from_args(ns)
-    model = Path(ns.model) if Path(ns.model).is_dir() else _preload(ns.model, output=opts.output)
+    model = Path(ns.model)
+    loaded = None if model.is_dir() else _preload(model, output=opts.output)
 
     from posrewrite import api
     from posrewrite.progress import progress_reporter
@@ -346,7 +348,7 @@ def _cmd_rewrite(ns: argparse.Namespace, out: Output) -> int:
     target = Path(opts.output) if opts.output is not None else None
     replacing = target is not None and target.is_file()
     with progress_reporter(enabled=not out.json) as reporter:
-        result = api.rewrite(model, opts, progress=reporter)
+        result = api.rewrite(model, opts, progress=reporter, loaded=loaded)
     try:  # the output is in place: an interrupt from here on must not claim that nothing was left behind
         return _show_written(out, model, result, replacing)
     except KeyboardInterrupt:
@@ -441,11 +443,10 @@ def _recorded_rewrite(path: str, opts: RewriteOptions, out: Output) -> RewriteOp
 
 
 def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
-    if not Path(ns.model).is_dir():  # a model folder: api.inspect reads its model
-        _preload(ns.model)
+    loaded = None if Path(ns.model).is_dir() else _preload(ns.model)  # a folder: api.inspect reads its model
     from posrewrite import api
 
-    result = api.inspect(Path(ns.model))
+    result = api.inspect(Path(ns.model), loaded=loaded)
     render.show_inspect(out, ns.model, result.to_dict())
     if not result.sites:
         from posrewrite.errors import NoEncodingError, PartialMatchError
@@ -461,11 +462,10 @@ def _cmd_inspect(ns: argparse.Namespace, out: Output) -> int:
 
 def _cmd_check(ns: argparse.Namespace, out: Output) -> int:
     check_positive(ns.max_length, "--max-length", integer=True)
-    if not Path(ns.model).is_dir():  # a model folder: api.check reads its model
-        _preload(ns.model)
+    loaded = None if Path(ns.model).is_dir() else _preload(ns.model)  # a folder: api.check reads its model
     from posrewrite import api
 
-    result = api.check(Path(ns.model), max_length=ns.max_length)
+    result = api.check(Path(ns.model), max_length=ns.max_length, loaded=loaded)
     render.show_check(out, ns.model, result)
     if not result.safe:
         from posrewrite.errors import UnsafeModelError
@@ -507,7 +507,9 @@ def _cmd_advise(ns: argparse.Namespace, out: Output) -> int:
 
         opts = options_from_args(ns, require_work=False)
         rope_params = requested_rope_parameters(opts, config())
-    path = _preload(ns.model) if ns.model is not None else None
+    path = Path(ns.model) if ns.model is not None else None
+    if path is not None:
+        _preload(path)
     from posrewrite import advise
 
     result = advise.advise_model(ns.context, head_dim=ns.head_dim, path=path, rope_params=rope_params)
@@ -559,7 +561,8 @@ def _cmd_advise_eval(ns: argparse.Namespace, out: Output) -> int:
     if original is None:
         raise UsageError("--eval-text needs the training length: pass --original-max-positions L (or keep "
                          "config.json beside MODEL)")
-    path = _preload(ns.model)
+    path = Path(ns.model)
+    _preload(path)
     from posrewrite.advise_eval import evaluate_candidates
     from posrewrite.progress import progress_reporter
 

@@ -124,6 +124,8 @@ class SharingSaver:
     def __call__(self, model: ir.Model, output: str | os.PathLike) -> Path:
         out = Path(os.path.abspath(output))
         source = io.source_path(model)
+        if io.has_inline_tensors(model):  # weights inline in the input's .onnx: written inline, file to file
+            return io.save_model(model, out)
         external = [v for v in model.graph.initializers.values()
                     if isinstance(v.const_value, ir.ExternalTensor)]
         src_dir = Path(os.path.abspath(source)).parent if source is not None else None

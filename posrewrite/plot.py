@@ -213,7 +213,7 @@ def _save_figure(fig, out: Path) -> None:
     import tempfile
 
     from posrewrite.errors import OutputError
-    from posrewrite.io import _umask, check_output_path
+    from posrewrite.io.output import check_output_path, current_umask
 
     out = check_output_path(out)
     try:
@@ -223,7 +223,7 @@ def _save_figure(fig, out: Path) -> None:
         raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -219,7 +219,7 @@ def test_internal_error_is_one_line_and_exit_1(model, capsys, monkeypatch):
     def broken(path):
         raise RuntimeError("something\nunexpected")
 
-    monkeypatch.setattr(posrewrite.io, "preload_model", broken)
+    monkeypatch.setattr(posrewrite.io, "load_model", broken)
     assert main(["inspect", str(model)]) == 1
     err = capsys.readouterr().err
     assert_one_error_line(err, "internal error: RuntimeError: something unexpected")
@@ -230,7 +230,7 @@ def test_internal_error_is_one_line_and_exit_1(model, capsys, monkeypatch):
 def test_internal_error_with_json(model, capsys, monkeypatch):
     import posrewrite.io
 
-    monkeypatch.setattr(posrewrite.io, "preload_model", lambda path: 1 / 0)
+    monkeypatch.setattr(posrewrite.io, "load_model", lambda path: 1 / 0)
     assert main(["check", str(model), "--json"]) == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["error"]["exit_code"] == 1
@@ -484,9 +484,10 @@ def _rewrite_result(ok: bool = True) -> _Result:
 
 
 def _install_fake_api(monkeypatch, **functions):
+    """A fake posrewrite.api; the model the command line read up front (`loaded=`) is not handed to the fakes."""
     fake = types.ModuleType("posrewrite.api")
     for name, fn in functions.items():
-        setattr(fake, name, fn)
+        setattr(fake, name, lambda *args, _fn=fn, loaded=None, **kwargs: _fn(*args, **kwargs))
     monkeypatch.setitem(sys.modules, "posrewrite.api", fake)
     monkeypatch.setattr(posrewrite, "api", fake, raising=False)
     return fake

@@ -152,8 +152,6 @@ def _ort_output(path: Path) -> np.ndarray:
 
 
 def test_an_interrupt_at_the_switch_keeps_the_previous_model_and_its_data(model_dir, out_dir, monkeypatch):
-    import posrewrite.io as pio
-
     model = save(rope_proto(weight_elems=1024), model_dir / "model.onnx", external=True)
     out = out_dir / "o.onnx"
     assert run_cli(rescale_args(model, out, "--no-validate")).code == 0
@@ -165,7 +163,7 @@ def test_an_interrupt_at_the_switch_keeps_the_previous_model_and_its_data(model_
             raise KeyboardInterrupt
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(pio.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     run = run_cli([str(model), "--rope-scale", "4", "--original-max-positions", "64", "--no-validate", "-o", str(out)])
     assert run.code == 130 and len(run.stderr.splitlines()) == 1
     assert tree_digest(out_dir) == before  # the old pair, whole; nothing else

@@ -308,7 +308,7 @@ def test_save_changed_tensor_with_external_data(tmp_path):
 
 def test_save_auto_goes_external_when_large(tmp_path, monkeypatch):
     model = pio.load_model(write_inline(tmp_path / "m.onnx"))
-    monkeypatch.setattr(pio, "INLINE_LIMIT_BYTES", 16)
+    monkeypatch.setattr(pio.output, "INLINE_LIMIT_BYTES", 16)
     out = pio.save_model(model, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").exists()
     np.testing.assert_allclose(run_ort(out), EXPECTED)
@@ -347,13 +347,13 @@ def test_save_refuses_the_input(tmp_path):
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     src = write_external(tmp_path / "m.onnx")
     model = pio.load_model(src)
-    real_save = ir.save
+    real_save = pio.output._write_model
 
     def failing_save(m, path, **kw):
-        real_save(m, path, **kw)  # everything written to the temporary directory ...
+        real_save(m, path, **kw)  # everything written beside the output ...
         raise OSError(28, "No space left on device")  # ... then the disk fills up
 
-    monkeypatch.setattr(pio.ir, "save", failing_save)
+    monkeypatch.setattr(pio.output, "_write_model", failing_save)
     with pytest.raises(OutputError, match="No space left on device"):
         pio.save_model(model, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
@@ -368,7 +368,7 @@ def test_failed_save_keeps_previous_output(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pio.ir, "save", failing_save)
+    monkeypatch.setattr(pio.output, "_write_model", failing_save)
     with pytest.raises(RuntimeError):
         pio.save_model(model, target)
     assert target.read_bytes() == b"previous"
@@ -390,8 +390,8 @@ def test_save_under_a_file_fails_cleanly(tmp_path):
     assert info.value.exit_code == 8
 
 
-def test_preloaded_model_is_handed_over_once(tmp_path):
+def test_loading_keeps_no_state_between_calls(tmp_path):
     path = write_inline(tmp_path / "m.onnx")
-    first = pio.preload_model(path)
-    assert pio.load_model(path) is first
+    first = pio.load_model(path)
     assert pio.load_model(path) is not first
+    assert not [name for name, value in vars(pio.load).items() if isinstance(value, dict) and name != "__builtins__"]

@@ -61,9 +61,9 @@ def session_for(path, quiet: bool = False):
 def token_id_limits(path) -> dict[str, int]:
     """Vocabulary size per integer graph input that indexes an embedding table (a Gather whose data is an
     initializer), read from shapes only: the table's weights are not loaded."""
-    import onnx
+    from posrewrite import io
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = io.read_proto(path)  # inline weights left in the file
     inputs = {i.name for i in proto.graph.input}
     tables = {t.name: t.dims for t in proto.graph.initializer}
     limits: dict[str, int] = {}
@@ -311,14 +311,16 @@ def release_graphs() -> None:
 def graph_of(path) -> ir.Model:
     """The graph of a model loaded (and checked) before: onnx_ir's lazy load, no weight read (a folder rewrite
     with --link-weights hard-links the data files, which io.load_model refuses to read; nothing here reads them:
-    onnxruntime maps them). Loaded once per validation (`validate_rewrite` clears them): a model with inline
-    weights holds them in its graph."""
+    onnxruntime maps them). Loaded once per validation (`validate_rewrite` clears them); inline weights stay
+    in the file too (io.read_model)."""
     import os
+
+    from posrewrite import io
 
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
     if key not in _GRAPHS:
-        _GRAPHS[key] = ir.load(str(path))
+        _GRAPHS[key] = io.read_model(path)
     return _GRAPHS[key]
 
 
