@@ -33,6 +33,7 @@ _RESHAPE = frozenset({"view", "_unsafe_view", "reshape", "flatten", "squeeze", "
                       "alias", "to", "type_as"})
 _PROBE_POSITIONS = 16
 _MAX_CHANNELS = 4096
+_MAX_GRID_CHANNELS = 512  # one probe run per channel on a grid
 
 
 def _name(node: Node) -> str:
@@ -213,6 +214,7 @@ def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch:
             env[n] = tensor
         elif n.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+            kwargs = {k: (torch.device("cpu") if k == "device" else a) for k, a in kwargs.items()}
             env[n] = n.target(*args, **kwargs)
         else:
             raise NotARotation(f"cannot evaluate {n.op} {n.name}")
@@ -240,6 +242,8 @@ def probe(ep: ExportedProgram, x: Node, y: Node) -> MatrixReading:
     if width is None or width > _MAX_CHANNELS:
         raise NotARotation("the rotated width is not static (or too large to probe)")
     symbolic = [k for k, d in enumerate(dims[:-1]) if g.static_int(d) is None]
+    if symbolic and symbolic[0] != 0 and g.static_int(dims[0]) == 1:
+        return _read(_probe_grid(ep, x, y, dims, symbolic), v.dtype)
     if len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {tuple(dims)}")
     seq_axis, length = symbolic[1], _PROBE_POSITIONS
@@ -256,9 +260,78 @@ def probe(ep: ExportedProgram, x: Node, y: Node) -> MatrixReading:
     if tuple(out.shape) != tuple(shape):
         raise NotARotation(f"rotated value {tuple(out.shape)} does not line up with its input {tuple(shape)}")
     m = np.moveaxis(out.double().numpy(), seq_axis, 1).reshape(width, length, -1, width)
-    m_all = np.transpose(m, (2, 1, 3, 0))
-    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(v.dtype, "float32")
+    return _read(np.transpose(m, (2, 1, 3, 0)), v.dtype)
+
+
+def _read(m_all: np.ndarray, dtype: torch.dtype) -> MatrixReading:
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     return read_matrices(m_all, max(1e-5, 8 * machine_epsilon(name)))
+
+
+def _probe_grid(ep: ExportedProgram, x: Node, y: Node, dims: list, grid_axes: list[int]) -> np.ndarray:
+    """Probe matrices [heads, positions, W, W] for a batch of one (static) over one or more symbolic position
+    axes (a patch grid: rotary-embedding-torch's axial frequencies): one run per input channel, that unit vector
+    at every grid point; the grid points, row-major, are the positions (point (0, .., 0) first: angle 0). Other
+    inputs of the cone may be read only through their size (fed at the probe's grid), or be a position input
+    (fed 0..n-1 on a 1-D sequence)."""
+    width = g.static_int(dims[-1])
+    if width is None or width > _MAX_GRID_CHANNELS:
+        raise NotARotation("the rotated width is not static (or too large to probe on a grid)")
+    side = max(2, round(_PROBE_POSITIONS ** (1 / len(grid_axes))))
+    symbols = {str(dims[k]) for k in grid_axes}
+    shape = [side if k in grid_axes else g.static_int(d) for k, d in enumerate(dims)]
+    hidden = _Hidden(ep)
+    inside = set(cone(x, y))
+    feeds: dict[Node, torch.Tensor] = {}
+    for n in inside:
+        if n.op != "placeholder" or g.placeholder_tensor(ep, n) is not None:
+            continue
+        meta = g.val(n)
+        sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
+        if len(grid_axes) == 1 and _position_like(n):
+            feeds[n] = _position_feed(n, 1, side)
+            continue
+        if (hidden(n) and not sizes_only) or not isinstance(meta, torch.Tensor):
+            raise NotARotation(f"the rotation over a grid reads {n.name} besides {x.name}")
+        if any(g.static_int(d) is None and str(d) not in symbols for d in meta.shape):
+            raise NotARotation(f"cannot tell the grid axes of {n.name} {tuple(meta.shape)}")
+        feeds[n] = torch.zeros([side if g.static_int(d) is None else g.static_int(d) for d in meta.shape],
+                               dtype=meta.dtype)
+    runs = []
+    for j in range(width):
+        probe_x = torch.zeros(shape, dtype=g.val(x).dtype)
+        probe_x[..., j] = 1
+        with torch.no_grad():
+            try:
+                out = _run_cone(ep, x, y, probe_x, feeds)
+            except NotARotation:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+                raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
+        if tuple(out.shape) != tuple(shape):
+            raise NotARotation(f"rotated value {tuple(out.shape)} does not line up with its input {tuple(shape)}")
+        moved = np.moveaxis(out.double().numpy()[0], [a - 1 for a in grid_axes], range(len(grid_axes)))
+        runs.append(moved.reshape(side ** len(grid_axes), -1, width))  # [P, heads, i]
+    return np.transpose(np.stack(runs), (2, 1, 3, 0))
+
+
+def _run_cone(ep: ExportedProgram, x: Node, y: Node, probe_x: torch.Tensor, feeds: dict[Node, torch.Tensor]
+              ) -> torch.Tensor:
+    env: dict[Node, object] = {x: probe_x}
+    for n in cone(x, y):
+        if n.op == "placeholder":
+            tensor = g.placeholder_tensor(ep, n)
+            env[n] = tensor if tensor is not None else feeds[n]
+        elif n.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+            kwargs = {k: (torch.device("cpu") if k == "device" else a) for k, a in kwargs.items()}
+            env[n] = n.target(*args, **kwargs)
+        else:
+            raise NotARotation(f"cannot evaluate {n.op} {n.name}")
+    out = env[y]
+    if not isinstance(out, torch.Tensor):
+        raise NotARotation("the rotated value is not a tensor")
+    return out
 
 
 def probed_rotations(ep: ExportedProgram, claimed: set[Node]
