@@ -214,17 +214,24 @@ def _application(out: Node, rot: Rotation, cos: Node, sin: Node) -> FxRopeApplic
     sx = g.slice_of(rot.x)
     if (sx is not None and sx.start == 0 and sx.step == 1 and sx.dim == g.rank(sx.source) - 1
             and (sx.end == r or (sx.end is None and g.last_dim(sx.source) == r))):
+        width = g.last_dim(sx.source)
         for user in out.users:
             if not g.is_op(user, aten.cat) or not g.is_last_dim(user, g.arg(user, 1, "dim", 0), of=user):
                 continue
-            parts = user.args[0]
-            if len(parts) != 2 or parts[0] is not out:
-                continue
-            rest = g.slice_of(parts[1])
-            if (rest is not None and rest.source is sx.source and rest.start == r and rest.end is None
-                    and rest.step == 1):
-                x, output = sx.source, user
-                break
+            # [rotated, x[..., r:]], or with an empty x[..., :0] before (rotary-embedding-torch's t_left)
+            at = 0
+            for part in user.args[0]:
+                piece = (0, r) if part is out else None
+                sp = g.slice_of(part) if part is not out else None
+                if sp is not None and sp.source is sx.source and sp.step == 1 and sp.dim == sx.dim:
+                    piece = (sp.start, width if sp.end is None else sp.end)
+                if piece is None or piece[0] != at:
+                    break
+                at = piece[1]
+            else:
+                if at == width and width is not None:
+                    x, output = sx.source, user
+                    break
     head_dim = g.last_dim(x) or r
     return FxRopeApplication(x=x, output=output, rotated=rot.x, layout=rot.layout, rotary_dim=r, head_dim=head_dim,
                              cos=cos, sin=sin, nodes=rot.nodes)

@@ -221,9 +221,23 @@ def prepare(ep: ExportedProgram) -> ExportedProgram:
     graph.output(out)
     gm = torch.fx.GraphModule(ep.graph_module, graph)
     inline_regions(gm)
-    sig = ExportGraphSignature(input_specs=list(ep.graph_signature.input_specs),
+    sig = ExportGraphSignature(input_specs=_renamed_inputs(gm, ep.graph_signature.input_specs),
                                output_specs=_renamed_outputs(gm, ep.graph_signature.output_specs))
     return _rebuild(ep, gm, sig, dict(ep.state_dict), dict(ep.constants))
+
+
+def _renamed_inputs(gm: torch.fx.GraphModule, specs: list) -> list:
+    """The input specs with the names the copied graph gave its placeholders (a copy renames a placeholder whose
+    name shadows a Python builtin, e.g. ``input`` -> ``input_1``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(specs):
+        return list(specs)
+    renamed = []
+    for spec, node in zip(specs, placeholders, strict=True):
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        renamed.append(spec)
+    return renamed
 
 
 def _renamed_outputs(gm: torch.fx.GraphModule, specs: list) -> list:
