@@ -322,6 +322,11 @@ def test_pixtral_grid_interpolated():
     ref = ra._timm_out(reference, x)
     assert _rel(_run(new, torch.from_numpy(x)), ref) <= TOL
     assert _rel(_run(ep, torch.from_numpy(x)), ref) > 20 * TOL
+    # fusion leaves a 2-D RoPE as it is, with a note (the fused op reads one position per token), as on ONNX
+    messages: list[str] = []
+    fused = pt.rewrite(ep, original_grid=(4, 4), target_grid=(8, 8), fuse=True, messages=messages)
+    assert any("not fused: 2-D RoPE" in m for m in messages)
+    assert _rel(_run(fused, torch.from_numpy(x)), ref) <= TOL
 
 
 def test_grid_refusals_as_on_the_onnx_side():
@@ -397,3 +402,18 @@ def test_no_rope_is_exit_4():
     ep = torch.export.export(module, (torch.randn(2, 8),))
     with pytest.raises(NoEncodingError):
         pt.rewrite(ep, rope_scale=2.0)
+
+
+def test_static_exports_refused_with_the_fix():
+    """rotary-embedding-torch's xPos reads the length as a Python int, so torch.export fixes it: the rotation is
+    identified (probed along each static axis) and the rewrite refused (exit 5) saying why and what to do; timm's
+    default export (fixed image size) holds its cos/sin as a constant table no input selects: refused as baked."""
+    ids = torch.randint(3, t3.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    ep = torch.export.export(t3.ret_module(xpos=True).eval(), (ids,), strict=False)
+    with pytest.raises(PartialMatchError, match="fixed length of 12.*dynamic sequence axis"):
+        pt.rewrite(ep, rope_scale=4.0)
+    model = tp.timm_model(ra.AXIAL, dynamic_img_size=False)
+    ep = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
+    for options in (dict(original_grid=(4, 4), target_grid=(8, 8)), dict(rope_scale=2.0)):
+        with pytest.raises(PartialMatchError, match="static export.*dynamic_img_size=True"):
+            pt.rewrite(ep, **options)

@@ -417,7 +417,8 @@ def _probed_applications(ep: ExportedProgram, groups: dict, refusals: list[Refus
     for members in groups.values():
         for app, *_ in members:
             claimed.update(cone(app.x, app.output))
-    found, _ = probed_rotations(ep, claimed)
+    found, _, static = probed_rotations(ep, claimed)
+    refusals.extend(Refusal("rope", y.name, why) for y, why in static)
     apps = []
     for x, y, cos, sin, reading, nodes in found:
         if reading.layout is None:
@@ -476,6 +477,12 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
     return sites, refusals
 
 
+#: what probing a malformed or unusual graph may raise: the candidate is then not described that way (never an
+#: internal error)
+_PROBE_ERRORS = (fx_probe.ProbeFailed, ValueError, TypeError, IndexError, KeyError, AttributeError, ArithmeticError,
+                 RuntimeError)
+
+
 def _made_by_posrewrite(angles: Node, limit: int = 200) -> bool:
     """Whether the angle cone holds nodes a posrewrite run-time rescale wrote (inv_freq of the run-time length)."""
     stack, seen = [angles], set()
@@ -497,7 +504,7 @@ def _grid_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], cos_nod
     angles = cos_node.args[0]
     try:
         fit = fx_probe.grid_fit(ep, angles)
-    except fx_probe.ProbeFailed:
+    except _PROBE_ERRORS:  # not a grid (or a graph the probe cannot run): described otherwise
         return None
     axes = fit.axes
     rows, cols = axes.channels_per_axis()
@@ -526,7 +533,7 @@ def _probed_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], handl
     app = apps[0]
     try:
         fit = fx_probe.fit_rows(ep, angles, app.cos, app.sin, app.layout, app.rotary_dim)
-    except fx_probe.ProbeFailed:
+    except _PROBE_ERRORS:
         return None
     notes = ["angles identified by probing (pos x frequency per channel): a rescale multiplies them"]
     base = rope_math.fit_base(fit.inv_freq, app.rotary_dim)
@@ -585,6 +592,12 @@ def _make_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...],
                 notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
                              "replaces that scaling (as new rope_parameters in the config would)")
     if isinstance(source, CachedTable):
+        if not fx_probe.reads_user_inputs(ep, [apps[0].cos, apps[0].sin]):
+            shape = list(g.shape(apps[0].cos) or ())
+            raise NotUnderstood(f"RoPE cos/sin baked into constants of shape {shape} by a static export: the program "
+                                "runs at that one length (or patch grid) only and there is nothing to rescale; "
+                                "re-export with a dynamic sequence axis (timm ViTs: dynamic_img_size=True and "
+                                "dynamic image height/width)")
         notes.append(TABLE_NOTE)
     elif inv_freq is None:
         notes.append(RUNTIME_NOTE)

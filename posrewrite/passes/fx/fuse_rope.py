@@ -102,7 +102,7 @@ def site_not_fusable(site: FxRopeSite) -> str | None:
     """Why no application of ``site`` can become the fused op (its contract: one angle per token, pairs rotated in
     place, rotate-half or interleaved, no magnitude), None when that is not ruled out."""
     if site.angles == AngleSource.GRID:
-        return "2-D RoPE over a patch grid: the fused op reads one position per token"
+        return "2-D RoPE over a patch grid: the fused op reads one position per token"  # (FuseRope skips these)
     if site.layout not in (Layout.ROTATE_HALF, Layout.INTERLEAVED):
         return (f"its {site.layout.value} pairing is not one the fused op computes (rotate-half or interleaved "
                 "in place)")

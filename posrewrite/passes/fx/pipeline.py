@@ -187,11 +187,16 @@ class FuseRope(FxPass):
         sites, refusals = detect_rope(ep)
         if not sites:
             raise not_found(refusals)
-        done, refused = fuse_sites(ep, sites, angles=self.angles)
+        # a 2-D RoPE is left as it is with a note, as on the ONNX side (the op reads one position per token)
+        grid = [s for s in sites if s.angles == AngleSource.GRID]
+        notes = [f"not fused: 2-D RoPE over a patch grid ({s.rotations} rotation(s)): the fused op reads one "
+                 "position per token" for s in grid]
+        done, refused = fuse_sites(ep, [s for s in sites if s.angles != AngleSource.GRID], angles=self.angles)
         refused = [r.reason for r in refusals] + refused
         if refused and not self.allow_partial:
             raise PartialMatchError(f"{len(refused)} RoPE applications cannot be fused: {refused[0]}", detail=refused)
-        return FxPassResult(ep, bool(done), [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused])
+        return FxPassResult(ep, bool(done),
+                            [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused] + notes)
 
 
 class FxPassManager:

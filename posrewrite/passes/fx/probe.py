@@ -305,6 +305,11 @@ def _cone_user_inputs(values: list[Node], users: set[Node]) -> list[Node]:
     return list(found)
 
 
+def reads_user_inputs(ep: ExportedProgram, values: list[Node]) -> bool:
+    """Whether `values` depend on any user input (as data or through its size)."""
+    return bool(_cone_user_inputs(values, set(_user_inputs(ep))))
+
+
 def position_input(ep: ExportedProgram, angles: Node) -> Node | None:
     """The integer user input of rank 2 or 3 the angles read as data (positions), when there is exactly one."""
     data, _ = _shape_only_inputs(ep, angles)
@@ -398,4 +403,4 @@ def trig_factor(trig: Node) -> tuple[Node | None, float]:
 
 
 __all__ = ["GridFit", "ProbeFailed", "RowFit", "cone_trig", "evaluate", "fit_grid", "fit_rows", "grid_fit",
-           "position_input", "position_rows", "trig_factor"]
+           "position_input", "position_rows", "reads_user_inputs", "trig_factor"]

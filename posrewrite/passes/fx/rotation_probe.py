@@ -242,6 +242,8 @@ def probe(ep: ExportedProgram, x: Node, y: Node) -> MatrixReading:
     if width is None or width > _MAX_CHANNELS:
         raise NotARotation("the rotated width is not static (or too large to probe)")
     symbolic = [k for k, d in enumerate(dims[:-1]) if g.static_int(d) is None]
+    if symbolic in ([], [0]) and len(dims) >= 3:
+        _identify_static(ep, x, y, dims)
     if symbolic and symbolic[0] != 0 and g.static_int(dims[0]) == 1:
         return _read(_probe_grid(ep, x, y, dims, symbolic), v.dtype)
     if len(symbolic) != 2 or symbolic[0] != 0:
@@ -315,6 +317,53 @@ def _probe_grid(ep: ExportedProgram, x: Node, y: Node, dims: list, grid_axes: li
     return np.transpose(np.stack(runs), (2, 1, 3, 0))
 
 
+class StaticLength(Exception):
+    """A rotation identified on a program whose sequence length is fixed (a static export): it cannot run past
+    that many positions, so no rescale helps; the message says so and what to do (as on the ONNX side)."""
+
+
+def _identify_static(ep: ExportedProgram, x: Node, y: Node, dims: list) -> None:
+    """x has no symbolic position axis: each static axis before the channels is tried as the positions (one run
+    per channel, its unit vector everywhere, the program's own sizes); a rotation read there raises
+    `StaticLength`, else this returns (not identified)."""
+    width = g.static_int(dims[-1])
+    if width is None or width > _MAX_GRID_CHANNELS or any(g.static_int(d) is None for d in dims[1:]):
+        return
+    hidden = _Hidden(ep)
+    inside = set(cone(x, y))
+    shape = [g.static_int(d) or 1 for d in dims]
+    for axis in range(len(dims) - 2, 0, -1):
+        n = shape[axis]
+        if n < 2:
+            continue
+        feeds: dict[Node, torch.Tensor] = {}
+        try:
+            for p in inside:
+                if p.op != "placeholder" or g.placeholder_tensor(ep, p) is not None:
+                    continue
+                sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in p.users if u in inside)
+                if hidden(p) and not sizes_only:
+                    return
+                feeds[p] = _position_feed(p, shape[0], n)
+            runs = []
+            for j in range(width):
+                probe_x = torch.zeros(shape, dtype=g.val(x).dtype)
+                probe_x[..., j] = 1
+                with torch.no_grad():
+                    out = _run_cone(ep, x, y, probe_x, feeds)
+                if tuple(out.shape) != tuple(shape):
+                    raise NotARotation("shapes do not line up")
+                runs.append(np.moveaxis(out.double().numpy(), axis, 0).reshape(n, -1, width))
+            reading = _read(np.transpose(np.stack(runs), (2, 1, 3, 0)), g.val(x).dtype)
+        except Exception:  # noqa: BLE001 - this axis is not the positions of a rotation
+            continue
+        if reading.rotary_dim:
+            raise StaticLength(
+                f"RoPE rotation of {x.name} exported at a fixed length of {n} positions (a static export: the "
+                f"program cannot run past {n}); re-export with a dynamic sequence axis (torch.export "
+                "dynamic_shapes) and rewrite that")
+
+
 def _run_cone(ep: ExportedProgram, x: Node, y: Node, probe_x: torch.Tensor, feeds: dict[Node, torch.Tensor]
               ) -> torch.Tensor:
     env: dict[Node, object] = {x: probe_x}
@@ -335,9 +384,11 @@ def _run_cone(ep: ExportedProgram, x: Node, y: Node, probe_x: torch.Tensor, feed
 
 
 def probed_rotations(ep: ExportedProgram, claimed: set[Node]
-                     ) -> tuple[list[tuple[Node, Node, Node, Node, MatrixReading, tuple[Node, ...]]], list[str]]:
-    """[(x, y, cos, sin, reading, nodes)] for rotations no pattern claimed, and why other candidates are not."""
-    found, failed = [], []
+                     ) -> tuple[list[tuple[Node, Node, Node, Node, MatrixReading, tuple[Node, ...]]], list[str],
+                                list[tuple[Node, str]]]:
+    """[(x, y, cos, sin, reading, nodes)] for rotations no pattern claimed, why other candidates are not, and
+    [(y, reason)] for rotations identified but not rewritable (a static export)."""
+    found, failed, refused = [], [], []
     for xs, terms in _candidates(ep):
         if any(t[0] in claimed for t in terms):
             continue
@@ -348,6 +399,10 @@ def probed_rotations(ep: ExportedProgram, claimed: set[Node]
                 continue
             try:
                 reading = probe(ep, x, y)
+            except StaticLength as exc:
+                refused.append((y, str(exc)))
+                why = None
+                break
             except (NotARotation, ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
                 why = why or f"{y.name}: {exc}"
                 continue
@@ -358,7 +413,7 @@ def probed_rotations(ep: ExportedProgram, claimed: set[Node]
             break
         if why:
             failed.append(why)
-    return found, failed
+    return found, failed, refused
 
 
 def _trig(node: Node, limit: int = 32) -> str | None:
