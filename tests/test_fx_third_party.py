@@ -369,17 +369,18 @@ class CumsumAngles(torch.nn.Module):
     """q [batch, heads, seq, 16] rotated (rotate-half) by angles written as a running sum of inv_freq over the
     positions (= p·θ, but no positions x inv_freq product for a pattern to read): identified by probing."""
 
-    def __init__(self, factor: float = 1.0) -> None:
+    def __init__(self, factor: float = 1.0, inv_freq=None, attention: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
-        self.factor = factor
+        default = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+        self.register_buffer("inv_freq", default if inv_freq is None else inv_freq.to(torch.float32))
+        self.factor, self.attention = factor, attention
 
     def forward(self, q):
         n = q.shape[-2]
         ang = torch.cumsum(self.inv_freq.expand(n, -1), dim=0) - self.inv_freq
         ang = torch.cat([ang, ang], dim=-1) / self.factor
         x1, x2 = q.chunk(2, dim=-1)
-        return q * ang.cos() + torch.cat([-x2, x1], dim=-1) * ang.sin()
+        return q * (ang.cos() * self.attention) + torch.cat([-x2, x1], dim=-1) * (ang.sin() * self.attention)
 
 
 def test_probed_angles_rescaled_and_runtime_methods_refused():
@@ -395,6 +396,18 @@ def test_probed_angles_rescaled_and_runtime_methods_refused():
     assert _rel(_run(ep, q), ref) > 1e-3
     with pytest.raises(PartialMatchError, match="identified by probing only"):
         pt.rewrite(ep, rope_scale=4.0, rope_method="dynamic", original_max_positions=16)
+    # YaRN: a ratio that differs per frequency and an attention factor on cos/sin = HF's own YaRN numbers
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=16, num_attention_heads=1, head_dim=16, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                          "original_max_position_embeddings": 16})
+    inv, attention = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    new = pt.rewrite(ep, rope_scale=4.0, rope_method="yarn", original_max_positions=16)
+    with torch.no_grad():
+        ref = CumsumAngles(inv_freq=inv, attention=float(attention))(q).numpy()
+    assert _rel(_run(new, q), ref) <= TOL
 
 
 def test_no_rope_is_exit_4():

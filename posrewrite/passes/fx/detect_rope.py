@@ -483,18 +483,23 @@ _PROBE_ERRORS = (fx_probe.ProbeFailed, ValueError, TypeError, IndexError, KeyErr
                  RuntimeError)
 
 
-def _made_by_posrewrite(angles: Node, limit: int = 200) -> bool:
-    """Whether the angle cone holds nodes a posrewrite run-time rescale wrote (inv_freq of the run-time length)."""
+#: ops by which angles may switch with the run-time length (LongRoPE's choice of frequencies, a dynamic base)
+_SWITCHING = (aten.where, aten.gt, aten.ge, aten.lt, aten.le, aten.max, aten.amax)
+
+
+def _length_dependent(angles: Node, limit: int = 200) -> bool:
+    """Whether the angle cone may choose its frequencies by the run-time length: it holds nodes a posrewrite
+    run-time rescale wrote, a comparison or a max (probing at one length could not see another)."""
     stack, seen = [angles], set()
     while stack and len(seen) < limit:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.meta.get(RUNTIME_META):
+        if n.meta.get(RUNTIME_META) or g.is_op(n, *_SWITCHING):
             return True
         stack.extend(n.all_input_nodes)
-    return False
+    return len(seen) >= limit
 
 
 def _grid_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], cos_node: Node, sin_node: Node,
@@ -528,7 +533,7 @@ def _probed_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], handl
     the graph computes them in a form not split into positions x a constant inv_freq; None when they are not
     that (e.g. a run-time inv_freq)."""
     angles = handles.cos_node.args[0]
-    if not isinstance(angles, Node) or _made_by_posrewrite(angles):
+    if not isinstance(angles, Node) or _length_dependent(angles):
         return None
     app = apps[0]
     try:

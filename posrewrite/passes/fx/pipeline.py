@@ -171,9 +171,13 @@ class Fp32Positions(FxPass):
     def call(self, ep: ExportedProgram) -> FxPassResult:
         sites, _ = detect_rope(ep)
         todo = [s for s in sites if needs_fp32(s)]
+        # what this pass does not rebuild (angles identified by probing, 2-D grids, tables) is said, not hidden
+        left = [f"left in {s.angle_dtype}: {s.angles.value} angles ({s.rotations} rotation(s)) are not rebuilt in "
+                "float32 on the torch side" for s in sites
+                if all(s is not t for t in todo) and s.angle_dtype in ("float16", "bfloat16")]
         if not todo:
-            return FxPassResult(ep, False, ["positions and angles are already float32"])
-        return FxPassResult(ep, True, make_fp32(ep, todo))
+            return FxPassResult(ep, False, left or ["positions and angles are already float32"])
+        return FxPassResult(ep, True, make_fp32(ep, todo) + left)
 
 
 class FuseRope(FxPass):

@@ -64,14 +64,13 @@ class RescalePlan:
             (oh, ow), (th, tw) = self.grid
             return (f"2-D rope ({self.site.rotations} q/k applications): {p.rope_type} per axis, grid {oh}x{ow} -> "
                     f"{th}x{tw}{extra}")
-        decay = f", xPos decay exponent x{self.decay_ratio:.6g}" if self.decay_ratio != 1.0 else ""
         what = f"{p.rope_type} x{p.effective_factor():g}"
         if p.rope_theta is not None:
             what += f", base {p.rope_theta:g}"
         mode = ", inv_freq from the runtime length" if self.runtime else ""
         angles = " (in angle space)" if self.angle_ratio is not None else ""
         return (f"rope ({self.site.rotations} applications, rotary_dim {self.site.rotary_dim}): "
-                f"{what}{extra}{mode}{decay}{angles}")
+                f"{what}{extra}{mode}{angles}")
 
 
 #: why a 2-D RoPE takes no 1-D rescale (the ONNX side's words)
