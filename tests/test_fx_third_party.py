@@ -331,8 +331,8 @@ def test_pixtral_grid_interpolated():
 
 def test_grid_refusals_as_on_the_onnx_side():
     """A 1-D rescale of a 2-D RoPE: exit 5 with the way to rescale it; both kinds of flags on a model with only
-    2-D RoPE: exit 2; grid flags on a 1-D model: exit 4; EVA-02 with a reference grid (normalised coordinates):
-    exit 5, it already adapts to resolution."""
+    2-D RoPE: exit 2; grid flags on a 1-D model: exit 4; EVA-02 with a reference grid and HF DINOv3 (coordinates
+    normalised by the grid size): exit 5, they already adapt to resolution."""
     _, ep = _timm_program(ra.AXIAL)
     with pytest.raises(PartialMatchError, match="original_grid"):
         pt.rewrite(ep, rope_scale=2.0)
@@ -341,10 +341,14 @@ def test_grid_refusals_as_on_the_onnx_side():
     with pytest.raises(NoEncodingError, match="no 2-D RoPE"):
         pt.rewrite(program("ret"), original_grid=(4, 4), target_grid=(8, 8))
     _, eva = _timm_program("eva02_tiny_patch14_224", img_size=56, embed_dim=64, num_heads=2, ref_feat_shape=(4, 4))
-    (site,) = pt.detect(eva)
-    assert site.encoding.position_axes.normalised
-    with pytest.raises(PartialMatchError, match="already adapts to resolution"):
-        pt.rewrite(eva, original_grid=(4, 4), target_grid=(8, 8))
+    rows, cols = torch.export.Dim("rows", min=2, max=64), torch.export.Dim("cols", min=2, max=64)
+    dinov3 = torch.export.export(tp.dinov3(), (torch.randn(1, 3, 64, 64),),
+                                 dynamic_shapes={"pixel_values": {2: 16 * rows, 3: 16 * cols}})
+    for normalised in (eva, dinov3):
+        (site,) = pt.detect(normalised)
+        assert site.encoding.position_axes.normalised
+        with pytest.raises(PartialMatchError, match="already adapts to resolution"):
+            pt.rewrite(normalised, original_grid=(4, 4), target_grid=(8, 8))
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
