@@ -434,3 +434,16 @@ def test_static_exports_refused_with_the_fix():
     for options in (dict(original_grid=(4, 4), target_grid=(8, 8)), dict(rope_scale=2.0)):
         with pytest.raises(PartialMatchError, match="static export.*dynamic_img_size=True"):
             pt.rewrite(ep, **options)
+
+
+def test_export_onnx_of_an_xpos_rewrite_equals_the_library(tmp_path):
+    """export + rewrite + ONNX in one call (x-transformers' xPos, linear x4, decay scaled): onnxruntime's logits
+    = x-transformers built with interpolation_factor 4 and xpos_scale_base 512·4."""
+    ids = torch.randint(3, t3.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
+    result = pt.export_onnx(t3.xt_module(xpos=True), (ids,), tmp_path / "xt.onnx", dynamic_shapes=dims,
+                            input_names=["input_ids"], rope_scale=4.0, rope_method="linear", xpos_decay="scaled")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    x = t3._ids()
+    ref = t3._torch_out(t3.xt_module(xpos=True, interpolation_factor=4.0, xpos_scale_base=512 * 4.0), x)
+    assert _rel(t3._run(result.path, x), ref) <= TOL
