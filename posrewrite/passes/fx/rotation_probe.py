@@ -34,6 +34,7 @@ _RESHAPE = frozenset({"view", "_unsafe_view", "reshape", "flatten", "squeeze", "
 _PROBE_POSITIONS = 16
 _MAX_CHANNELS = 4096
 _MAX_GRID_CHANNELS = 512  # one probe run per channel on a grid
+_MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
 
 
 def _name(node: Node) -> str:
@@ -198,6 +199,15 @@ def cone(x: Node, y: Node) -> list[Node]:
     return [n for n in y.graph.nodes if n in seen]
 
 
+def _cone_constant(ep: ExportedProgram, n: Node) -> torch.Tensor | None:
+    """The program tensor behind placeholder `n` (None for a user input); NotARotation when it is large: a
+    rotation's cone holds frequencies and tables, never weights (as the ONNX side's limit)."""
+    tensor = g.placeholder_tensor(ep, n)
+    if tensor is not None and tensor.numel() > _MAX_CONE_ELEMENTS:
+        raise NotARotation(f"the rotation's cone reads {n.name} of {tensor.numel()} elements (a weight?)")
+    return tensor
+
+
 def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     hidden = _Hidden(ep)
     env: dict[Node, object] = {x: probe}
@@ -205,7 +215,7 @@ def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch:
     inside = set(nodes)
     for n in nodes:
         if n.op == "placeholder":
-            tensor = g.placeholder_tensor(ep, n)
+            tensor = _cone_constant(ep, n)
             if tensor is None:
                 sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
                 if hidden(n) and not sizes_only:
@@ -369,7 +379,7 @@ def _run_cone(ep: ExportedProgram, x: Node, y: Node, probe_x: torch.Tensor, feed
     env: dict[Node, object] = {x: probe_x}
     for n in cone(x, y):
         if n.op == "placeholder":
-            tensor = g.placeholder_tensor(ep, n)
+            tensor = _cone_constant(ep, n)
             env[n] = tensor if tensor is not None else feeds[n]
         elif n.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
