@@ -11,10 +11,10 @@
 Options have the names and meanings of the ONNX side (`posrewrite.options.RewriteOptions`): ``rope_scale``,
 ``rope_method`` (linear, ntk, dynamic, yarn, llama3, longrope), ``original_max_positions`` (L),
 ``rope_base``, ``rope_params`` (an HF ``rope_parameters`` dict for the rest: beta_fast, short_factor, ...),
-``fp32_positions``, ``fuse`` (False/"none", True/"ort" -> com.microsoft.RotaryEmbedding in ONNX, "onnx" ->
-opset-23 RotaryEmbedding; in the torch program both are the `torch.ops.posrewrite.rope_qk` custom op) and
-``allow_partial``. ``config`` (an HF config or its dict) supplies defaults such as
-``max_position_embeddings``.
+``xpos_decay``, ``original_grid`` / ``target_grid`` (2-D RoPE), ``fp32_positions``, ``fuse`` (False/"none",
+True/"ort" -> com.microsoft.RotaryEmbedding in ONNX, "onnx" -> opset-23 RotaryEmbedding; in the torch program
+both are the `torch.ops.posrewrite.rope_qk` custom op) and ``allow_partial``. ``config`` (an HF config or its
+dict) supplies defaults such as ``max_position_embeddings``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,15 @@ from posrewrite.math.rope import RopeParameters
 from posrewrite.options import RewriteOptions
 from posrewrite.passes.fx.detect_alibi import detect_alibi
 from posrewrite.passes.fx.detect_rope import detect_rope
-from posrewrite.passes.fx.pipeline import Fp32Positions, FuseRope, FxPass, FxPassManager, RescaleRope, prepare
+from posrewrite.passes.fx.pipeline import (
+    Fp32Positions,
+    FuseRope,
+    FxPass,
+    FxPassManager,
+    RescaleGrid,
+    RescaleRope,
+    prepare,
+)
 from posrewrite.passes.fx.sites import FxAlibiSite, FxRopeSite
 from posrewrite.plan import requested_rope_parameters
 
@@ -80,6 +88,9 @@ def _options(**kw: Any) -> RewriteOptions:
         fp32_positions=bool(kw.get("fp32_positions")),
         fuse=_fuse_mode(kw.get("fuse")),
         allow_partial=bool(kw.get("allow_partial")),
+        xpos_decay=kw.get("xpos_decay") or "angles",
+        original_grid=kw.get("original_grid"),
+        target_grid=kw.get("target_grid"),
     )
 
 
@@ -100,9 +111,13 @@ def rope_parameters(opts: RewriteOptions, config: Any = None) -> RopeParameters 
 
 def _steps(opts: RewriteOptions, config: Any, fuse_angles: str = "tables") -> list[FxPass]:
     steps: list[FxPass] = []
+    if opts.target_grid is not None:
+        steps.append(RescaleGrid(opts.rope_method, opts.original_grid, opts.target_grid,
+                                 allow_partial=opts.allow_partial))
     params = rope_parameters(opts, config)
     if params is not None:
-        steps.append(RescaleRope(params, allow_partial=opts.allow_partial))
+        steps.append(RescaleRope(params, allow_partial=opts.allow_partial, xpos_decay=opts.xpos_decay,
+                                 grid_requested=opts.target_grid is not None))
     if opts.fp32_positions:
         steps.append(Fp32Positions())
     if opts.fuse != "none":
@@ -122,6 +137,9 @@ def rewrite(
     fuse: bool | str = False,
     fuse_angles: str = "tables",
     allow_partial: bool = False,
+    xpos_decay: str = "angles",
+    original_grid: tuple[int, int] | str | None = None,
+    target_grid: tuple[int, int] | str | None = None,
     config: Any = None,
     messages: list[str] | None = None,
 ) -> torch.export.ExportedProgram:
@@ -131,6 +149,15 @@ def rewrite(
     computes them in float32 from positions and inv_freq where the site allows; in ONNX the angles are
     then computed just before RotaryEmbedding). ``messages``, when given a list, receives one line per
     change (and per site skipped).
+
+    ``original_grid`` / ``target_grid`` ((rows, columns) or "HxW"): a 2-D RoPE (ViTs) run at the target patch
+    grid, per axis by ``rope_method`` (linear: timm's ``ref_feat_shape``, rotary-embedding-torch's
+    ``interpolate_factor``; ntk; yarn). ``xpos_decay``: what a rescale does to an xPos decay, "angles" (kept on
+    the original positions, x-transformers' interpolation) or "scaled" (its positions divided too; linear only).
+
+    Raises `PartialMatchError` (exit 5) when a RoPE is identified but cannot take the request (the reason in
+    the message; other sites are rewritten with ``allow_partial``), `NoEncodingError` (exit 4) when none is
+    found, `UsageError` (exit 2) for options that do not go together.
     """
     from posrewrite.passes.fx.fuse_rope import ANGLE_MODES
 
@@ -138,7 +165,8 @@ def rewrite(
         raise UsageError(f"fuse_angles must be one of {', '.join(ANGLE_MODES)}, not {fuse_angles!r}")
     opts = _options(rope_scale=rope_scale, rope_method=rope_method, original_max_positions=original_max_positions,
                     rope_base=rope_base, rope_params=rope_params, fp32_positions=fp32_positions, fuse=fuse,
-                    allow_partial=allow_partial)
+                    allow_partial=allow_partial, xpos_decay=xpos_decay, original_grid=original_grid,
+                    target_grid=target_grid)
     new, lines, _ = FxPassManager(_steps(opts, config, fuse_angles))(program)
     if messages is not None:
         messages.extend(lines)
@@ -206,7 +234,8 @@ def export_onnx(
     from posrewrite.ops.rope_onnx import onnx_opset_for, translation_table
 
     unknown = set(options) - {"rope_scale", "rope_method", "original_max_positions", "rope_base", "rope_params",
-                              "fp32_positions", "fuse", "fuse_angles", "allow_partial"}
+                              "fp32_positions", "fuse", "fuse_angles", "allow_partial", "xpos_decay",
+                              "original_grid", "target_grid"}
     if unknown:
         raise UsageError(f"export_onnx got unknown option {sorted(unknown)[0]!r}")
     args = tuple(args)

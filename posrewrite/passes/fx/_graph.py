@@ -144,7 +144,9 @@ def slice_of(node: Any) -> SliceOf | None:
                 piece = -(-total // n)
                 sizes = [min(piece, total - i * piece) for i in range(n)]
             elif is_op(parent, aten.split_with_sizes):
-                sizes = list(parent.args[1])
+                sizes = [static_int(v) for v in parent.args[1]]
+                if any(v is None for v in sizes):  # symbolic sizes (DINOv3's prefix tokens / patches)
+                    return None
             else:
                 piece = parent.args[1]
                 if total is None or not isinstance(piece, int):

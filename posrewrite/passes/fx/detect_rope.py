@@ -32,6 +32,7 @@ from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx import probe as fx_probe
 from posrewrite.passes.fx._graph import aten
 from posrewrite.passes.fx.sites import (
+    FxAngleHandles,
     FxComputedHandles,
     FxRopeApplication,
     FxRopeSite,
@@ -40,7 +41,14 @@ from posrewrite.passes.fx.sites import (
     Layout,
 )
 from posrewrite.sites.base import Refusal
-from posrewrite.sites.rope import CachedTable, ComputedAngles, GridAngles, InvFreqOrigin, RopeEncoding
+from posrewrite.sites.rope import (
+    CachedTable,
+    ComputedAngles,
+    GridAngles,
+    InvFreqOrigin,
+    ProbedAngles,
+    RopeEncoding,
+)
 
 
 class NotUnderstood(Exception):
@@ -51,11 +59,10 @@ class NotUnderstood(Exception):
 TABLE_NOTE = "cos/sin are read from a precomputed table"
 #: why computed angles without a constant inv_freq are not rescaled
 RUNTIME_NOTE = "angles are not positions x a constant inv_freq"
-#: why an fx 2-D RoPE is not rescaled here
-GRID_NOTE = ("2-D RoPE over a patch grid (identified by probing): rescale the ONNX export with --original-grid/"
-             "--target-grid")
+#: meta key on the nodes a run-time rescale (dynamic, longrope) writes: their angles are not probed as pos·f
+RUNTIME_META = "posrewrite_runtime_inv_freq"
 
-__all__ = ["ROTATIONS", "detect_rope", "match_rotation", "trace_angle_source"]
+__all__ = ["ROTATIONS", "RUNTIME_META", "detect_rope", "match_rotation", "trace_angle_source"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,17 +214,24 @@ def _application(out: Node, rot: Rotation, cos: Node, sin: Node) -> FxRopeApplic
     sx = g.slice_of(rot.x)
     if (sx is not None and sx.start == 0 and sx.step == 1 and sx.dim == g.rank(sx.source) - 1
             and (sx.end == r or (sx.end is None and g.last_dim(sx.source) == r))):
+        width = g.last_dim(sx.source)
         for user in out.users:
             if not g.is_op(user, aten.cat) or not g.is_last_dim(user, g.arg(user, 1, "dim", 0), of=user):
                 continue
-            parts = user.args[0]
-            if len(parts) != 2 or parts[0] is not out:
-                continue
-            rest = g.slice_of(parts[1])
-            if (rest is not None and rest.source is sx.source and rest.start == r and rest.end is None
-                    and rest.step == 1):
-                x, output = sx.source, user
-                break
+            # [rotated, x[..., r:]], or with an empty x[..., :0] before (rotary-embedding-torch's t_left)
+            at = 0
+            for part in user.args[0]:
+                piece = (0, r) if part is out else None
+                sp = g.slice_of(part) if part is not out else None
+                if sp is not None and sp.source is sx.source and sp.step == 1 and sp.dim == sx.dim:
+                    piece = (sp.start, width if sp.end is None else sp.end)
+                if piece is None or piece[0] != at:
+                    break
+                at = piece[1]
+            else:
+                if at == width and width is not None:
+                    x, output = sx.source, user
+                    break
     head_dim = g.last_dim(x) or r
     return FxRopeApplication(x=x, output=output, rotated=rot.x, layout=rot.layout, rotary_dim=r, head_dim=head_dim,
                              cos=cos, sin=sin, nodes=rot.nodes)
@@ -245,8 +259,10 @@ def _walk_up(node: object, stop: Callable[[Node], bool], limit: int = 64) -> tup
         sm = g.scalar_mul(cur)
         if sm is not None:
             cur = sm[0]
-        elif g.is_op(cur, aten.cat) and len(cur.args[0]) == 2 and cur.args[0][0] is cur.args[0][1]:
-            cur = cur.args[0][0]
+        elif g.is_op(cur, aten.div) and isinstance(cur.args[1], int | float) and isinstance(cur.args[0], Node):
+            cur = cur.args[0]  # angles / a number (x-transformers' interpolation factor)
+        elif g.is_op(cur, aten.cat, aten.stack) and len(cur.args[0]) == 2 and cur.args[0][0] is cur.args[0][1]:
+            cur = cur.args[0][0]  # [f, f] (rotate-half) or stack([f, f], -1) (each angle for both of a pair)
         elif g.is_op(cur, *_CARRY):
             cur = cur.args[0]
         elif g.is_op(cur, aten.embedding):
@@ -401,19 +417,24 @@ def _probed_applications(ep: ExportedProgram, groups: dict, refusals: list[Refus
     for members in groups.values():
         for app, *_ in members:
             claimed.update(cone(app.x, app.output))
-    found, _ = probed_rotations(ep, claimed)
+    found, _, static = probed_rotations(ep, claimed)
+    refusals.extend(Refusal("rope", y.name, why) for y, why in static)
     apps = []
     for x, y, cos, sin, reading, nodes in found:
-        if reading.layout not in (Layout.ROTATE_HALF, Layout.INTERLEAVED) or reading.heads_in_last_axis != 1:
-            refusals.append(Refusal("rope", y.name, f"a RoPE rotation with a {reading.layout or 'other'} pairing "
-                                                    f"on {reading.heads_in_last_axis} head(s) of x's last axis: "
-                                                    "not rewritable on the torch side"))
+        if reading.layout is None:
+            shown = ", ".join(f"({a},{b})" for a, b in reading.pairs[:4])
+            more = f", ... ({len(reading.pairs)} pairs)" if len(reading.pairs) > 4 else ""
+            refusals.append(Refusal("rope", y.name, f"a RoPE rotation pairing channels {shown}{more}: no rewrite "
+                                                    "supports that pairing"))
             continue
-        if reading.decay is not None:
-            refusals.append(Refusal("rope", y.name, "xPos rotation: the torch side does not rewrite its decay"))
+        if reading.decay is not None and not np.all(reading.decay.log_rate != 0):
+            refusals.append(Refusal("rope", y.name, "xPos decay on only some channels"))
             continue
         rot = Rotation(x, reading.layout, reading.rotary_dim // 2, 1, nodes)
-        apps.append(_application(y, rot, cos, sin))
+        app = _application(y, rot, cos, sin)
+        if reading.heads_in_last_axis > 1:  # [.., H·D]: H heads on x's last axis, each rotated alike
+            app = dataclasses.replace(app, head_dim=reading.head_dim, heads_in_last_axis=reading.heads_in_last_axis)
+        apps.append(dataclasses.replace(app, decay=reading.decay))
     return apps
 
 
@@ -444,56 +465,182 @@ def detect_rope(ep: ExportedProgram) -> tuple[list[FxRopeSite], list[Refusal]]:
             refusals.append(Refusal("rope", app.output.name, f"{app.describe()}: {refused}"))
             continue
         groups.setdefault(_site_key(app, handles), []).append((app, source, handles, inv_freq))
+    probed_ids = {id(a) for a in probed}
     sites: list[FxRopeSite] = []
     for members in groups.values():
         apps = tuple(m[0] for m in members)
-        _, source, handles, inv_freq = members[0]
-        notes: list[str] = []
-        base = prior = None
-        if inv_freq is not None:
-            if inv_freq.size * 2 != apps[0].rotary_dim:
-                refusals.append(Refusal("rope", apps[0].output.name,
-                                        f"inv_freq has {inv_freq.size} values for rotary_dim {apps[0].rotary_dim}"))
-                continue
-            dtype = source.inv_freq_dtype if isinstance(source, ComputedAngles) else None
-            base = rope_fit.fit_base(inv_freq, dtype=dtype)
-            if base is None:
-                fitted = rope_fit.fit_scaled_base(inv_freq, dtype=dtype)
-                if fitted is None:
-                    notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
-                                 "(or the model's config) to rescale it")
-                else:
-                    base, prior = fitted
-                    notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
-                                 "replaces that scaling (as new rope_parameters in the config would)")
-        grid = None
-        if isinstance(handles, FxTrigHandles):  # angles not made as positions x inv_freq: a patch grid?
-            try:
-                grid = fx_probe.fit_grid(ep, handles.cos_node.args[0])
-            except fx_probe.ProbeFailed:
-                grid = None
-        if grid is not None:
-            source = GridAngles(axes=grid, angle_dtype=str(g.dtype(handles.cos_node)).replace("torch.", ""),
-                                attention_factor=source.attention_factor)
-            notes.append(GRID_NOTE if not grid.normalised else
-                         "2-D RoPE on grid coordinates normalised by the grid size: the model already adapts to "
-                         "resolution, nothing to rescale")
-        elif isinstance(source, CachedTable):
-            notes.append(TABLE_NOTE)
-        elif inv_freq is None:
-            notes.append(RUNTIME_NOTE)
-        if isinstance(handles, FxComputedHandles) and isinstance(source, ComputedAngles):
-            try:  # M-RoPE: which row of a multi-row position input each frequency reads
-                rows = fx_probe.position_rows(ep, handles.positions, apps[0].cos, apps[0].sin, apps[0].layout,
-                                              apps[0].rotary_dim)
-            except fx_probe.ProbeFailed as failed:
-                refusals.append(Refusal("rope", apps[0].output.name, f"M-RoPE positions not read: {failed}"))
-                continue
-            if rows is not None:
-                source = dataclasses.replace(source, rows=rows)
-                notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
-                             + (" (interleaved)" if rows.interleaved else ""))
-        encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
-                                source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
-        sites.append(FxRopeSite(encoding=encoding, applications=apps, handles=handles))
+        try:
+            site = _make_site(ep, apps, *members[0][1:])
+            sites.append(_with_probe_facts(site, [a for a in apps if id(a) in probed_ids]))
+        except NotUnderstood as refused:
+            refusals.append(Refusal("rope", apps[0].output.name, str(refused)))
     return sites, refusals
+
+
+#: what probing a malformed or unusual graph may raise: the candidate is then not described that way (never an
+#: internal error)
+_PROBE_ERRORS = (fx_probe.ProbeFailed, ValueError, TypeError, IndexError, KeyError, AttributeError, ArithmeticError,
+                 RuntimeError)
+
+
+#: ops by which angles may switch with the run-time length (LongRoPE's choice of frequencies, a dynamic base)
+_SWITCHING = (aten.where, aten.gt, aten.ge, aten.lt, aten.le, aten.max, aten.amax)
+
+
+def _length_dependent(angles: Node, limit: int = 200) -> bool:
+    """Whether the angle cone may choose its frequencies by the run-time length: it holds nodes a posrewrite
+    run-time rescale wrote, a comparison or a max (probing at one length could not see another)."""
+    stack, seen = [angles], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.meta.get(RUNTIME_META) or g.is_op(n, *_SWITCHING):
+            return True
+        stack.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
+def _grid_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], cos_node: Node, sin_node: Node,
+               factor: float, cos_scale: Node | None, sin_scale: Node | None) -> FxRopeSite | None:
+    """A 2-D RoPE site when the angles are made from the two spatial axes of one input (read only through its
+    size), else None."""
+    angles = cos_node.args[0]
+    try:
+        fit = fx_probe.grid_fit(ep, angles)
+    except _PROBE_ERRORS:  # not a grid (or a graph the probe cannot run): described otherwise
+        return None
+    axes = fit.axes
+    rows, cols = axes.channels_per_axis()
+    if axes.normalised:
+        note = ("2-D RoPE on grid coordinates normalised by the grid size: the model already adapts to "
+                "resolution, nothing to rescale")
+    elif axes.mixed:
+        note = f"2-D RoPE, mixed: {axes.axis_of_channel.count(-1)} angle channels read both grid axes"
+    else:
+        note = f"2-D RoPE, axial: {rows} angle channels read the grid row, {cols} the column"
+    source = GridAngles(axes=axes, angle_dtype=str(g.dtype(angles)).replace("torch.", ""), attention_factor=factor)
+    encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
+                            source=source, base=None, inv_freq=None, notes=(note,))
+    handles = FxAngleHandles(angles, cos_node, sin_node, fit.channel_shape, cos_scale=cos_scale, sin_scale=sin_scale)
+    return FxRopeSite(encoding=encoding, applications=apps, handles=handles)
+
+
+def _probed_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...], handles: FxTrigHandles
+                 ) -> FxRopeSite | None:
+    """Angles pos·f_c (or pos[row(c)]·f_c) fitted by probing the angle tensor and the rotation's cos/sin, when
+    the graph computes them in a form not split into positions x a constant inv_freq; None when they are not
+    that (e.g. a run-time inv_freq)."""
+    angles = handles.cos_node.args[0]
+    if not isinstance(angles, Node) or _length_dependent(angles):
+        return None
+    app = apps[0]
+    try:
+        fit = fx_probe.fit_rows(ep, angles, app.cos, app.sin, app.layout, app.rotary_dim)
+    except _PROBE_ERRORS:
+        return None
+    notes = ["angles identified by probing (pos x frequency per channel): a rescale multiplies them"]
+    base = rope_fit.fit_base(fit.inv_freq, app.rotary_dim)
+    if base is None:
+        notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a base "
+                     "need rope_base")
+    if fit.rows is not None:
+        notes.append(f"M-RoPE: {fit.rows.rows}-row positions, mrope_section {list(fit.rows.sections)}"
+                     + (" (interleaved)" if fit.rows.interleaved else ""))
+    cos_scale, _ = fx_probe.trig_factor(handles.cos_node)
+    sin_scale, _ = fx_probe.trig_factor(handles.sin_node)
+    source = ProbedAngles(position_dtype=fit.position_dtype, angle_dtype=str(g.dtype(angles)).replace("torch.", ""),
+                          attention_factor=fit.attention_factor, rows=fit.rows)
+    encoding = RopeEncoding(layout=app.layout, head_dim=app.head_dim, rotary_dim=app.rotary_dim, source=source,
+                            base=base, inv_freq=fit.inv_freq, notes=tuple(notes))
+    fx_handles = FxAngleHandles(angles, handles.cos_node, handles.sin_node, fit.channel_shape, fit.channel_freq,
+                                cos_scale=cos_scale, sin_scale=sin_scale)
+    return FxRopeSite(encoding=encoding, applications=apps, handles=fx_handles)
+
+
+def _make_site(ep: ExportedProgram, apps: tuple[FxRopeApplication, ...],
+               source: ComputedAngles | CachedTable, handles: FxComputedHandles | FxTrigHandles | FxTableHandles,
+               inv_freq: np.ndarray | None) -> FxRopeSite:
+    """One site from the applications sharing a cos/sin source; NotUnderstood with the reason when it cannot be
+    described."""
+    if len({(a.layout, a.rotary_dim) for a in apps}) != 1:
+        raise NotUnderstood("applications sharing one cos/sin disagree on layout or rotary_dim")
+    if isinstance(handles, FxComputedHandles | FxTrigHandles):
+        if isinstance(handles, FxComputedHandles):
+            cos_scale, sin_scale, factor = handles.cos_scale, handles.sin_scale, source.attention_factor
+        else:
+            (cos_scale, factor), (sin_scale, _) = (fx_probe.trig_factor(handles.cos_node),
+                                                   fx_probe.trig_factor(handles.sin_node))
+        # angles made from the input's shape (no position input read as data): a patch grid?
+        grid = _grid_site(ep, apps, handles.cos_node, handles.sin_node, factor, cos_scale, sin_scale)
+        if grid is not None:
+            return grid
+    if isinstance(handles, FxTrigHandles):
+        probed = _probed_site(ep, apps, handles)
+        if probed is not None:
+            return probed
+    notes: list[str] = []
+    base = prior = None
+    if inv_freq is not None:
+        if inv_freq.size * 2 != apps[0].rotary_dim:
+            raise NotUnderstood(f"inv_freq has {inv_freq.size} values for rotary_dim {apps[0].rotary_dim}")
+        dtype = source.inv_freq_dtype if isinstance(source, ComputedAngles) else None
+        base = rope_fit.fit_base(inv_freq, dtype=dtype)
+        if base is None:
+            fitted = rope_fit.fit_scaled_base(inv_freq, dtype=dtype)
+            if fitted is None:
+                notes.append("inv_freq is not geometric and its scaling is not recognised: pass rope_base "
+                             "(or the model's config) to rescale it")
+            else:
+                base, prior = fitted
+                notes.append(f"inv_freq is already scaled: {prior.describe()}, base {base:g}; a rescale "
+                             "replaces that scaling (as new rope_parameters in the config would)")
+    if isinstance(source, CachedTable):
+        if not fx_probe.reads_user_inputs(ep, [apps[0].cos, apps[0].sin]):
+            shape = list(g.shape(apps[0].cos) or ())
+            raise NotUnderstood(f"RoPE cos/sin baked into constants of shape {shape} by a static export: the program "
+                                "runs at that one length (or patch grid) only and there is nothing to rescale; "
+                                "re-export with a dynamic sequence axis (timm ViTs: dynamic_img_size=True and "
+                                "dynamic image height/width)")
+        notes.append(TABLE_NOTE)
+    elif inv_freq is None:
+        notes.append(RUNTIME_NOTE)
+    if isinstance(handles, FxComputedHandles) and isinstance(source, ComputedAngles):
+        try:  # M-RoPE: which row of a multi-row position input each frequency reads
+            rows = fx_probe.position_rows(ep, handles.positions, apps[0].cos, apps[0].sin, apps[0].layout,
+                                          apps[0].rotary_dim)
+        except fx_probe.ProbeFailed as failed:
+            raise NotUnderstood(f"M-RoPE positions not read: {failed}") from None
+        if rows is not None:
+            source = dataclasses.replace(source, rows=rows)
+            notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
+                         + (" (interleaved)" if rows.interleaved else ""))
+    encoding = RopeEncoding(layout=apps[0].layout, head_dim=apps[0].head_dim, rotary_dim=apps[0].rotary_dim,
+                            source=source, base=base, inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
+    return FxRopeSite(encoding=encoding, applications=apps, handles=handles)
+
+
+def _with_probe_facts(site: FxRopeSite, probed: list[FxRopeApplication]) -> FxRopeSite:
+    """The site's encoding with what probing read (as the ONNX side records it): identified_by, the xPos decay
+    (q's, whose scale grows towards early positions; k's is its inverse), the heads of a [.., H·D] rotation."""
+    if not probed:
+        return site
+    decays = [a.decay for a in site.applications if a.decay is not None]
+    encoding = site.encoding
+    notes = list(encoding.notes)
+    decay = None
+    if decays:
+        if len(decays) != len(site.applications):
+            raise NotUnderstood("xPos decay on some rotations of a site but not on others")
+        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
+        decay = on_q[0] if on_q else decays[0]
+        gamma = decay.scale_base
+        notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
+                     + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")
+                     + ("; p0 = length // 2" if decay.length_centred else ""))
+    heads = {a.heads_in_last_axis for a in probed if a.heads_in_last_axis > 1}
+    if heads:
+        notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    encoding = dataclasses.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes))
+    return dataclasses.replace(site, encoding=encoding)

@@ -22,9 +22,9 @@ import posrewrite.ops.rope  # noqa: F401  (registers torch.ops.posrewrite.*)
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
 from posrewrite.passes.fx.detect_rope import _walk_up
-from posrewrite.passes.fx.sites import FxComputedHandles, FxRopeApplication, FxRopeSite, Layout
+from posrewrite.passes.fx.sites import AngleSource, FxComputedHandles, FxRopeApplication, FxRopeSite, Layout
 
-__all__ = ["FusionRefused", "fusable", "fuse_sites"]
+__all__ = ["FusionRefused", "fusable", "fuse_sites", "site_not_fusable"]
 
 
 class FusionRefused(ValueError):
@@ -98,8 +98,24 @@ def _seq_axis(app: FxRopeApplication) -> int | None:
     return None
 
 
+def site_not_fusable(site: FxRopeSite) -> str | None:
+    """Why no application of ``site`` can become the fused op (its contract: one angle per token, pairs rotated in
+    place, rotate-half or interleaved, no magnitude), None when that is not ruled out."""
+    if site.angles == AngleSource.GRID:
+        return "2-D RoPE over a patch grid: the fused op reads one position per token"  # (FuseRope skips these)
+    if site.layout not in (Layout.ROTATE_HALF, Layout.INTERLEAVED):
+        return (f"its {site.layout.value} pairing is not one the fused op computes (rotate-half or interleaved "
+                "in place)")
+    if site.encoding.decay is not None:
+        return "the fused op has no xPos decay"
+    return None
+
+
 def fusable(app: FxRopeApplication) -> tuple[int | None, str]:
     """(seq_axis, "") when ``app`` can be fused, else (None, reason)."""
+    if app.heads_in_last_axis > 1:
+        return None, (f"x holds {app.heads_in_last_axis} heads on its last axis ([.., H·D]; the fused op takes "
+                      "[batch, heads, seq, head_dim] q/k)")
     if g.rank(app.x) != 4:
         return None, f"x has rank {g.rank(app.x)} (the fused op takes 4-D q/k)"
     seq_axis = _seq_axis(app)
@@ -176,6 +192,10 @@ def fuse_sites(ep: ExportedProgram, sites: list[FxRopeSite], *, angles: str = "t
     refused: list[str] = []
     groups: dict[tuple, list[_Item]] = {}
     for site in sites:
+        why = site_not_fusable(site)
+        if why is not None:
+            refused.extend(f"{app.output.name}: {why}" for app in site.applications)
+            continue
         for app in site.applications:
             seq_axis, why = fusable(app)
             if seq_axis is None:

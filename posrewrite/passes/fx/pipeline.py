@@ -3,7 +3,9 @@
 Each pass has one job, runs detection on the program it is given (node references do not survive a
 previous rewrite) and returns an `FxPassResult` whose ``modified`` flag says whether anything changed:
 
-    RescaleRope(params)   new inv_freq / attention factor (static) or runtime inv_freq (dynamic, longrope)
+    RescaleRope(params)   new inv_freq / attention factor (static) or runtime inv_freq (dynamic, longrope);
+                          probed angles times per-element ratios; xPos decay (xpos_decay="scaled")
+    RescaleGrid(...)      2-D RoPE: angles times per-axis ratios for another patch grid
     Fp32Positions()       positions, angles and cos/sin in float32
     FuseRope()            applications -> torch.ops.posrewrite.rope_qk / rope
 
@@ -22,16 +24,19 @@ import warnings
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature
+from torch.export.graph_signature import ExportGraphSignature, TensorArgument
 
-from posrewrite.errors import NoEncodingError, PartialMatchError
+from posrewrite.errors import NoEncodingError, PartialMatchError, UsageError
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.fx.detect_rope import detect_rope
 from posrewrite.passes.fx.fp32_positions import make_fp32, needs_fp32
 from posrewrite.passes.fx.fuse_rope import fuse_sites
-from posrewrite.passes.fx.rescale import RescaleRefused, apply_rescale, plan_rescale
+from posrewrite.passes.fx.rescale import RescaleRefused, apply_rescale, plan_grid, plan_rescale
+from posrewrite.sites.base import Refusal
+from posrewrite.sites.rope import AngleSource
 
-__all__ = ["FxPass", "FxPassResult", "FxPassRecord", "FxReport", "RescaleRope", "Fp32Positions", "FuseRope",
+__all__ = ["FxPass", "FxPassResult", "FxPassRecord", "FxReport", "RescaleRope", "RescaleGrid", "Fp32Positions",
+           "FuseRope", "not_found",
            "FxPassManager", "prepare", "finalize"]
 
 
@@ -81,22 +86,45 @@ class FxPass:
         raise NotImplementedError
 
 
+def not_found(refusals: list[Refusal], what: str = "RoPE site") -> Exception:
+    """The error for a program with no site to rewrite: exit 5 with the first reason when a RoPE was identified
+    but is not rewritable (as the ONNX side), exit 4 when nothing was found."""
+    if refusals:
+        first = refusals[0]
+        more = f" (and {len(refusals) - 1} more)" if len(refusals) > 1 else ""
+        return PartialMatchError(f"rope found but not rewritable: {first.where}: {first.reason}{more}",
+                                 detail=[r.reason for r in refusals])
+    return NoEncodingError(f"no {what} found in the exported program")
+
+
 class RescaleRope(FxPass):
+    """1-D rescale of every RoPE site (static and run-time methods; probed angles in angle space). With
+    ``grid_requested`` (a `RescaleGrid` runs too) 2-D sites are left to it."""
+
     name = "rescale-rope"
 
-    def __init__(self, params: rope_math.RopeParameters, *, allow_partial: bool = False) -> None:
+    def __init__(self, params: rope_math.RopeParameters, *, allow_partial: bool = False, xpos_decay: str = "angles",
+                 grid_requested: bool = False) -> None:
         params.validate()
         self.params = params
         self.allow_partial = allow_partial
+        self.xpos_decay = xpos_decay
+        self.grid_requested = grid_requested
 
     def call(self, ep: ExportedProgram) -> FxPassResult:
         sites, refusals = detect_rope(ep)
+        if self.grid_requested:
+            one_d = [s for s in sites if s.angles != AngleSource.GRID]
+            if sites and not one_d:
+                raise UsageError("rope_scale/rope_base rescale 1-D RoPE and this program has only 2-D RoPE: "
+                                 "original_grid/target_grid (with rope_method) rescale it")
+            sites = one_d
         if not sites:
-            raise NoEncodingError("no RoPE site found in the exported program")
+            raise not_found(refusals)
         plans, refused = [], [r.reason for r in refusals]
         for site in sites:
             try:
-                plans.append(plan_rescale(site, self.params))
+                plans.append(plan_rescale(site, self.params, xpos_decay=self.xpos_decay))
             except RescaleRefused as e:
                 refused.append(str(e))
         if refused and not self.allow_partial:
@@ -107,15 +135,49 @@ class RescaleRope(FxPass):
         return FxPassResult(ep, bool(plans), messages + [f"skipped: {r}" for r in refused])
 
 
+class RescaleGrid(FxPass):
+    """2-D RoPE run at another patch grid: per-axis interpolation / NTK / YaRN from ``original`` to ``target``
+    (timm's ``ref_feat_shape``), in angle space."""
+
+    name = "rescale-grid"
+
+    def __init__(self, method: str, original: tuple[int, int], target: tuple[int, int], *,
+                 allow_partial: bool = False) -> None:
+        self.method, self.original, self.target = method, tuple(original), tuple(target)
+        self.allow_partial = allow_partial
+
+    def call(self, ep: ExportedProgram) -> FxPassResult:
+        sites, refusals = detect_rope(ep)
+        grid = [s for s in sites if s.angles == AngleSource.GRID]
+        if not grid:
+            if not sites:
+                raise not_found(refusals)
+            raise NoEncodingError("original_grid/target_grid given but no 2-D RoPE found in the exported program")
+        plans, refused = [], []
+        for site in grid:
+            try:
+                plans.append(plan_grid(site, self.method, self.original, self.target))
+            except RescaleRefused as e:
+                refused.append(str(e))
+        if refused and not self.allow_partial:
+            raise PartialMatchError(refused[0], detail=refused)
+        messages = apply_rescale(ep, plans)
+        return FxPassResult(ep, bool(plans), messages + [f"skipped: {r}" for r in refused])
+
+
 class Fp32Positions(FxPass):
     name = "fp32-positions"
 
     def call(self, ep: ExportedProgram) -> FxPassResult:
         sites, _ = detect_rope(ep)
         todo = [s for s in sites if needs_fp32(s)]
+        # what this pass does not rebuild (angles identified by probing, 2-D grids, tables) is said, not hidden
+        left = [f"left in {s.angle_dtype}: {s.angles.value} angles ({s.rotations} rotation(s)) are not rebuilt in "
+                "float32 on the torch side" for s in sites
+                if all(s is not t for t in todo) and s.angle_dtype in ("float16", "bfloat16")]
         if not todo:
-            return FxPassResult(ep, False, ["positions and angles are already float32"])
-        return FxPassResult(ep, True, make_fp32(ep, todo))
+            return FxPassResult(ep, False, left or ["positions and angles are already float32"])
+        return FxPassResult(ep, True, make_fp32(ep, todo) + left)
 
 
 class FuseRope(FxPass):
@@ -128,12 +190,17 @@ class FuseRope(FxPass):
     def call(self, ep: ExportedProgram) -> FxPassResult:
         sites, refusals = detect_rope(ep)
         if not sites:
-            raise NoEncodingError("no RoPE site found in the exported program")
-        done, refused = fuse_sites(ep, sites, angles=self.angles)
+            raise not_found(refusals)
+        # a 2-D RoPE is left as it is with a note, as on the ONNX side (the op reads one position per token)
+        grid = [s for s in sites if s.angles == AngleSource.GRID]
+        notes = [f"not fused: 2-D RoPE over a patch grid ({s.rotations} rotation(s)): the fused op reads one "
+                 "position per token" for s in grid]
+        done, refused = fuse_sites(ep, [s for s in sites if s.angles != AngleSource.GRID], angles=self.angles)
         refused = [r.reason for r in refusals] + refused
         if refused and not self.allow_partial:
             raise PartialMatchError(f"{len(refused)} RoPE applications cannot be fused: {refused[0]}", detail=refused)
-        return FxPassResult(ep, bool(done), [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused])
+        return FxPassResult(ep, bool(done),
+                            [f"fused {d}" for d in done] + [f"not fused: {r}" for r in refused] + notes)
 
 
 class FxPassManager:
@@ -163,9 +230,39 @@ def prepare(ep: ExportedProgram) -> ExportedProgram:
     graph.output(out)
     gm = torch.fx.GraphModule(ep.graph_module, graph)
     inline_regions(gm)
-    sig = ExportGraphSignature(input_specs=list(ep.graph_signature.input_specs),
-                               output_specs=list(ep.graph_signature.output_specs))
+    sig = ExportGraphSignature(input_specs=_renamed_inputs(gm, ep.graph_signature.input_specs),
+                               output_specs=_renamed_outputs(gm, ep.graph_signature.output_specs))
     return _rebuild(ep, gm, sig, dict(ep.state_dict), dict(ep.constants))
+
+
+def _renamed_inputs(gm: torch.fx.GraphModule, specs: list) -> list:
+    """The input specs with the names the copied graph gave its placeholders (a copy renames a placeholder whose
+    name shadows a Python builtin, e.g. ``input`` -> ``input_1``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(specs):
+        return list(specs)
+    renamed = []
+    for spec, node in zip(specs, placeholders, strict=True):
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        renamed.append(spec)
+    return renamed
+
+
+def _renamed_outputs(gm: torch.fx.GraphModule, specs: list) -> list:
+    """The output specs with the names of the values the output node now returns: an output that was the
+    ``getitem`` of an inlined region (rotary-embedding-torch runs under autocast) is now the region's own
+    value."""
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = list(torch.utils._pytree.tree_leaves(out_node.args[0]))
+    if len(values) != len(specs):
+        return list(specs)
+    renamed = []
+    for spec, value in zip(specs, values, strict=True):
+        if isinstance(value, torch.fx.Node) and isinstance(spec.arg, TensorArgument) and spec.arg.name != value.name:
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=value.name))
+        renamed.append(spec)
+    return renamed
 
 
 def _rebuild(ep, gm, sig, state_dict, constants) -> ExportedProgram:

@@ -7,6 +7,7 @@ values runs (program constants and made-up user inputs); no weight is read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -166,7 +167,7 @@ def position_rows(ep: ExportedProgram, positions: Node, cos: Node, sin: Node, la
             raise ProbeFailed("no sequence axis in the probed cos/sin")
         phis.append(phi[tuple(1 if k == axes[-1] else 0 for k in range(phi.ndim - 1))])
     phi = np.stack(phis)
-    freq = phi[:, : rotary_dim // 2] if layout == Layout.ROTATE_HALF else phi[:, 0:rotary_dim:2]
+    freq = phi[:, : rotary_dim // 2] if layout != Layout.INTERLEAVED else phi[:, 0:rotary_dim:2]
     nonzero = np.abs(freq) > 1e-9
     if np.any(nonzero.sum(axis=0) > 1):
         raise ProbeFailed("a rotated frequency reads several rows of the position input")
@@ -194,16 +195,38 @@ def _shape_only_inputs(ep: ExportedProgram, value: Node) -> tuple[list[Node], li
 
 
 def _patch_stride(image: Node) -> int:
-    for user in image.users:
-        if g.is_op(user, aten.conv2d, aten.convolution) and len(user.args) > 3:
-            stride = user.args[3]
-            return int(max(stride)) if isinstance(stride, list | tuple) else int(stride)
+    """The stride of the patch embedding reading `image` (through casts and pads), 1 when there is none."""
+    stack, seen = [image], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if g.is_op(user, aten.conv2d, aten.convolution) and len(user.args) > 3:
+                stride = user.args[3]
+                return int(max(stride)) if isinstance(stride, list | tuple) else int(stride)
+            if g.is_op(user, *g.CAST_OPS, aten.pad, aten.constant_pad_nd):
+                stack.append(user)
     return 1
 
 
 def fit_grid(ep: ExportedProgram, angles: Node) -> GridAxes:
     """2-D RoPE: each channel of `angles` fitted as a·row + b·column + c over patch grids made by feeding an
     image input (read only through its size) at two grid sizes."""
+    return grid_fit(ep, angles).axes
+
+
+@dataclasses.dataclass(frozen=True)
+class GridFit:
+    """A 2-D RoPE's angles fitted over patch grids (`grid_fit`)."""
+
+    axes: GridAxes
+    channel_shape: tuple[int, ...]  # the angle tensor's shape with its grid axes set to 1
+
+
+def grid_fit(ep: ExportedProgram, angles: Node) -> GridFit:
+    """`fit_grid` with the shape of a per-channel constant that broadcasts on `angles` (1 on the grid axes)."""
     data, shaped = _shape_only_inputs(ep, angles)
     if data:
         raise ProbeFailed(f"angles read input {data[0].name} as data, not only its size")
@@ -227,9 +250,146 @@ def fit_grid(ep: ExportedProgram, angles: Node) -> GridAxes:
             fits.append(rope_grid.fit_grid_angles(arr.double().numpy(), h, w))
         except ValueError as exc:
             raise ProbeFailed(str(exc)) from None
-    (slope1, _), (slope2, _) = fits
-    return GridAxes(row_slope=slope1[0], col_slope=slope1[1],
+    (slope1, channel_shape), (slope2, _) = fits
+    axes = GridAxes(row_slope=slope1[0], col_slope=slope1[1],
                     normalised=rope_grid.slopes_depend_on_grid(slope1, slope2), probe_grid=rope_grid.PROBE_GRIDS[0])
+    return GridFit(axes, tuple(int(d) for d in channel_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFit:
+    """Angles read as pos[row(c)]·f_c by probing (the torch side of the ONNX `probe.RowFit`)."""
+
+    inv_freq: np.ndarray  # float32 [rotary_dim / 2]: each rotated frequency, from the rotation's cos/sin
+    channel_freq: np.ndarray  # float64, `channel_shape`: each element's frequency
+    channel_shape: tuple[int, ...]  # the angle tensor's shape with its token axis set to 1
+    rows: PositionRows | None
+    attention_factor: float
+    position_dtype: str
+
+
+def _feeds_for(ep: ExportedProgram, values: list[Node], positions: Node | None) -> tuple[dict[Node, torch.Tensor], str]:
+    """Zero feeds for the user inputs the cone of `values` reads (the sequence axis _SEQ long, other symbolic
+    axes 1) and the name of the sequence axis' symbol: the last axis of `positions`, else the one symbol of the
+    angles' shape."""
+    if positions is not None:
+        seq = str(g.val(positions).shape[-1])
+    else:
+        symbols = {str(d) for d in g.val(values[0]).shape if not isinstance(d, int)}
+        if len(symbols) != 1:
+            raise ProbeFailed("cannot tell the sequence axis of the angles")
+        (seq,) = symbols
+    feeds: dict[Node, torch.Tensor] = {}
+    users = set(_user_inputs(ep))
+    for n in _cone_user_inputs(values, users):
+        v = g.val(n)
+        if not isinstance(v, torch.Tensor):
+            raise ProbeFailed(f"input {n.name} is not a tensor")
+        dims = [d if isinstance(d, int) else (_SEQ if str(d) == seq else 1) for d in v.shape]
+        feeds[n] = torch.zeros(dims, dtype=v.dtype)
+    return feeds, seq
+
+
+def _cone_user_inputs(values: list[Node], users: set[Node]) -> list[Node]:
+    found: dict[Node, None] = {}
+    stack, seen = list(values), set()
+    while stack:
+        n = stack.pop()
+        if n in seen or len(seen) > _EVAL_LIMIT:
+            continue
+        seen.add(n)
+        if n in users:
+            found[n] = None
+            continue
+        stack.extend(n.all_input_nodes)
+    return list(found)
+
+
+def reads_user_inputs(ep: ExportedProgram, values: list[Node]) -> bool:
+    """Whether `values` depend on any user input (as data or through its size)."""
+    return bool(_cone_user_inputs(values, set(_user_inputs(ep))))
+
+
+def position_input(ep: ExportedProgram, angles: Node) -> Node | None:
+    """The integer user input of rank 2 or 3 the angles read as data (positions), when there is exactly one."""
+    data, _ = _shape_only_inputs(ep, angles)
+    ints = [n for n in data if isinstance(g.val(n), torch.Tensor) and not g.val(n).dtype.is_floating_point
+            and g.val(n).dim() in (2, 3)]
+    return ints[0] if len(ints) == 1 and len(data) == 1 else None
+
+
+def fit_rows(ep: ExportedProgram, angles: Node, cos: Node, sin: Node, layout: Layout, rotary_dim: int) -> RowFit:
+    """Each element of the angle tensor fitted as pos·f along its token axis (zero at position 0), with positions
+    from an integer position input (one probe per row, that row 0..S-1) or made from an input's length; each
+    rotated frequency read from the rotation's own cos/sin at token 1. ProbeFailed when the angles are not
+    linear in the positions."""
+    data, _ = _shape_only_inputs(ep, angles)
+    positions = position_input(ep, angles)
+    if data and positions is None:
+        raise ProbeFailed(f"angles read input {data[0].name} as data, not a position input")
+    feeds, _ = _feeds_for(ep, [angles, cos, sin], positions)
+    if positions is None:
+        runs = [evaluate(ep, [angles, cos, sin], feeds)]
+        base = torch.zeros_like(runs[0][0])
+        rows = 0
+    else:
+        zero = feeds[positions]
+        base = evaluate(ep, [angles], feeds)[0]
+        rows = int(zero.shape[0]) if zero.dim() == 3 else 1
+        if rows > 8:
+            raise ProbeFailed(f"position input {positions.name}: {rows} rows")
+        runs = []
+        for r in range(rows):
+            p = torch.zeros_like(zero)
+            (p[r] if zero.dim() == 3 else p)[...] = torch.arange(_SEQ, dtype=p.dtype)
+            runs.append(evaluate(ep, [angles, cos, sin], {**feeds, positions: p}))
+    base_np = base.double().numpy()
+    if np.max(np.abs(base_np), initial=0.0) > 1e-6:
+        raise ProbeFailed("the angles are not 0 at position 0 (an offset the probe does not model)")
+    deltas = [r[0].double().numpy() - base_np for r in runs]
+    token = _token_axis(deltas)
+    freq = sum(np.take(d, [1], axis=token) for d in deltas)
+    scale = 1.0
+    for d in deltas:
+        slope = np.take(d, [1], axis=token)
+        steps = np.arange(d.shape[token]).reshape([-1 if k == token else 1 for k in range(d.ndim)])
+        scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
+        if np.max(np.abs(d - slope * steps), initial=0.0) > 1e-5 * scale:
+            raise ProbeFailed("the angles are not proportional to the positions")
+    reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
+    if np.any(reads.sum(axis=0) > 1):
+        raise ProbeFailed("an angle reads several rows of the position input")
+    phi = sum(_token_vector(np.arctan2(r[2].double().numpy(), r[1].double().numpy())) for r in runs)
+    if phi.shape[0] < rotary_dim:
+        raise ProbeFailed(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
+    inv = phi[: rotary_dim // 2] if layout != Layout.INTERLEAVED else phi[0:rotary_dim:2]
+    c0, s0 = runs[0][1].double().numpy(), runs[0][2].double().numpy()
+    amplitude = np.sqrt(c0 ** 2 + s0 ** 2)
+    factor = 1.0
+    if amplitude.size and np.ptp(amplitude) <= 1e-5 * max(float(np.max(amplitude)), 1.0):
+        factor = float(np.median(amplitude))
+    row_fit = None
+    if positions is not None and rows > 1:
+        row_fit = position_rows(ep, positions, cos, sin, layout, rotary_dim)
+    dtype = str(g.dtype(positions) if positions is not None else g.dtype(angles)).replace("torch.", "")
+    return RowFit(np.asarray(inv, np.float32), freq, tuple(freq.shape), row_fit, factor, dtype)
+
+
+def _token_axis(deltas: list[np.ndarray]) -> int:
+    arr = deltas[0]
+    for axis in range(arr.ndim - 1, -1, -1):
+        if arr.shape[axis] != _SEQ:
+            continue
+        if all(np.any(np.take(d, [1], axis=axis) != 0) for d in deltas if np.any(d != 0)):
+            return axis
+    raise ProbeFailed(f"no token axis of size {_SEQ} in the probed angles {arr.shape}")
+
+
+def _token_vector(arr: np.ndarray, token: int = 1) -> np.ndarray:
+    axes = [k for k in range(arr.ndim - 1) if arr.shape[k] == _SEQ]
+    if not axes:
+        raise ProbeFailed(f"no sequence axis of size {_SEQ} in the probed cos/sin {arr.shape}")
+    return arr[tuple(token if k == axes[-1] else 0 for k in range(arr.ndim - 1))]
 
 
 def trig_factor(trig: Node) -> tuple[Node | None, float]:
@@ -242,4 +402,5 @@ def trig_factor(trig: Node) -> tuple[Node | None, float]:
     return None, 1.0
 
 
-__all__ = ["ProbeFailed", "cone_trig", "evaluate", "fit_grid", "position_rows", "trig_factor"]
+__all__ = ["GridFit", "ProbeFailed", "RowFit", "cone_trig", "evaluate", "fit_grid", "fit_rows", "grid_fit",
+           "position_input", "position_rows", "reads_user_inputs", "trig_factor"]

@@ -6,6 +6,13 @@
   ``max(positions) + 1``, in float32 and in the order HF computes it per forward pass (dynamic NTK: the
   base ``b * ((s * n / L) - (s - 1)) ** (d / (d - 2))`` for n > L; longrope: ``where(n > L, long, short)``).
 
+- angles identified by probing (`ProbedAngles`: 1-D angles the graph writes in a form not split into positions x
+  inv_freq; `GridAngles`: 2-D RoPE over a patch grid) are rescaled in angle space, as on the ONNX side: the
+  angle tensor cos/sin read is multiplied by a per-element ratio (new / old frequency of each element; per axis
+  for a grid, `posrewrite.math.rope_grid`), static methods only;
+- xPos (a probed position-dependent magnitude): the rotation is rescaled like any RoPE; with
+  ``xpos_decay="scaled"`` every decay factor is also raised to 1/s (its positions divided by s).
+
 Sites whose angles come from a precomputed table are refused with the reason (not rescaled here).
 """
 
@@ -18,14 +25,17 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from posrewrite.errors import UsageError
 from posrewrite.math import rope as rope_math
+from posrewrite.math import rope_grid
 from posrewrite.passes.fx import _graph as g
 from posrewrite.passes.fx._graph import GraphWriter, aten
-from posrewrite.passes.fx.detect_rope import RUNTIME_NOTE, TABLE_NOTE
-from posrewrite.passes.fx.sites import FxRopeSite
-from posrewrite.sites.rope import AngleSource, CachedTable, ComputedAngles
+from posrewrite.passes.fx.detect_rope import RUNTIME_META, RUNTIME_NOTE, TABLE_NOTE
+from posrewrite.passes.fx.sites import FxAngleHandles, FxComputedHandles, FxRopeSite
+from posrewrite.sites.rope import AngleSource, CachedTable, ComputedAngles, GridAngles
 
-__all__ = ["RUNTIME_METHODS", "RescalePlan", "plan_rescale", "apply_rescale", "RescaleRefused"]
+__all__ = ["RUNTIME_METHODS", "XPOS_DECAY_CONVENTIONS", "RescalePlan", "plan_rescale", "plan_grid", "apply_rescale",
+           "RescaleRefused", "decay_operands"]
 
 RUNTIME_METHODS = ("dynamic", "longrope")
 
@@ -43,24 +53,49 @@ class RescalePlan:
     inv_freq: np.ndarray | None  # static methods: float32 [rotary_dim / 2]
     attention_factor: float
     runtime: bool
+    angle_ratio: np.ndarray | None = None  # probed / 2-D angles: the angle tensor times this (channel shape)
+    decay_ratio: float = 1.0  # xPos: exponent multiplier of the decay (1/s for xpos_decay="scaled")
+    grid: tuple[tuple[int, int], tuple[int, int]] | None = None  # 2-D RoPE: (original, target) patch grids
 
     def describe(self) -> str:
         p = self.params
+        extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
+        if self.grid is not None:
+            (oh, ow), (th, tw) = self.grid
+            return (f"2-D rope ({self.site.rotations} q/k applications): {p.rope_type} per axis, grid {oh}x{ow} -> "
+                    f"{th}x{tw}{extra}")
         what = f"{p.rope_type} x{p.effective_factor():g}"
         if p.rope_theta is not None:
             what += f", base {p.rope_theta:g}"
-        extra = f", attention factor {self.attention_factor:.6g}" if self.attention_factor != 1.0 else ""
         mode = ", inv_freq from the runtime length" if self.runtime else ""
+        angles = " (in angle space)" if self.angle_ratio is not None else ""
         return (f"rope ({self.site.rotations} applications, rotary_dim {self.site.rotary_dim}): "
-                f"{what}{extra}{mode}")
+                f"{what}{extra}{mode}{angles}")
 
 
-def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescalePlan:
-    """The new inv_freq / attention factor of ``site``; raises `RescaleRefused` when impossible."""
-    if not isinstance(site.source, ComputedAngles) or site.inv_freq is None:
-        why = (TABLE_NOTE if isinstance(site.source, CachedTable) else site.notes[0]
-               if site.angles == AngleSource.GRID and site.notes else RUNTIME_NOTE)
-        raise RescaleRefused(f"{why}: cannot rescale ({site.applications[0].output.name})")
+#: why a 2-D RoPE takes no 1-D rescale (the ONNX side's words)
+GRID_1D_NOTE = ("2-D RoPE over a patch grid: rescale it with original_grid=(H, W) and target_grid=(H, W) (per-axis), "
+                "not with a 1-D rope_scale")
+#: the conventions for the decay of a rescaled xPos rotation (as `posrewrite.passes.onnx.rope.xpos`)
+XPOS_DECAY_CONVENTIONS = ("angles", "scaled")
+
+
+def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters, *, xpos_decay: str = "angles") -> RescalePlan:
+    """The new inv_freq / attention factor of ``site`` (or the ratio its probed angles are multiplied by); raises
+    `RescaleRefused` when impossible. ``xpos_decay``: "angles" (an xPos decay keeps reading the original positions,
+    x-transformers' interpolation) or "scaled" (the decay's positions are divided too, rotary-embedding-torch's
+    interpolate_factor; linear only)."""
+    where = site.applications[0].output.name
+    if site.angles == AngleSource.GRID:
+        raise RescaleRefused(f"{GRID_1D_NOTE} ({where})")
+    if site.angles == AngleSource.PROBED and params.rope_type in RUNTIME_METHODS:
+        raise RescaleRefused(f"{params.rope_type} computes frequencies at run time, which needs the graph's "
+                             f"positions x inv_freq product; these angles were identified by probing only ({where})")
+    if site.angles != AngleSource.PROBED and (not isinstance(site.source, ComputedAngles) or site.inv_freq is None):
+        why = TABLE_NOTE if isinstance(site.source, CachedTable) else RUNTIME_NOTE
+        raise RescaleRefused(f"{why}: cannot rescale ({where})")
+    if xpos_decay not in XPOS_DECAY_CONVENTIONS:
+        raise UsageError(f"xpos_decay must be 'angles' or 'scaled', not {xpos_decay!r}")
     try:
         params.validate()
         params = rope_math.parameters_for_site(params, site.base, site.prior_scaling)
@@ -68,7 +103,46 @@ def plan_rescale(site: FxRopeSite, params: rope_math.RopeParameters) -> RescaleP
     except ValueError as e:
         raise RescaleRefused(str(e)) from None
     runtime = params.rope_type in RUNTIME_METHODS
-    return RescalePlan(site, params, None if runtime else inv, factor, runtime)
+    decay_ratio = 1.0
+    if site.encoding.decay is not None and xpos_decay == "scaled":
+        if params.rope_type != "linear" or params.rope_theta is not None:
+            raise UsageError("xpos_decay='scaled' divides the decay's positions like the angles': it goes with "
+                             "rope_method='linear' only")
+        decay_ratio = 1.0 / float(params.factor)
+    ratio = None
+    if site.angles == AngleSource.PROBED:
+        from posrewrite.passes.onnx.rope.probe import frequency_ratio
+        from posrewrite.passes.onnx.rope.tables import NotUnderstood
+
+        handles = site.handles
+        assert isinstance(handles, FxAngleHandles) and handles.channel_freq is not None
+        try:
+            ratio = frequency_ratio(handles.channel_freq, site.inv_freq, inv).reshape(handles.channel_shape)
+        except NotUnderstood as exc:
+            raise RescaleRefused(f"{exc} ({where})") from None
+    return RescalePlan(site, params, None if runtime else inv, factor, runtime, angle_ratio=ratio,
+                       decay_ratio=decay_ratio)
+
+
+def plan_grid(site: FxRopeSite, method: str, original: tuple[int, int], target: tuple[int, int]) -> RescalePlan:
+    """Per-axis rescale of a 2-D RoPE to run at the ``target`` patch grid (numbers from
+    `posrewrite.math.rope_grid`, as the ONNX side); `RescaleRefused` when the site cannot take it."""
+    source, handles = site.source, site.handles
+    if not isinstance(source, GridAngles) or not isinstance(handles, FxAngleHandles):
+        raise RescaleRefused(f"original_grid/target_grid rescale 2-D RoPE; this is {site.angles.value} RoPE "
+                             f"({site.applications[0].output.name})")
+    if source.axes.normalised:
+        raise RescaleRefused("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
+                             "adapts to resolution, there is nothing to rescale")
+    try:
+        ratio, attention = rope_grid.channel_ratios(source.axes.row_slope, source.axes.col_slope, method,
+                                                    original, target)
+    except ValueError as exc:
+        raise RescaleRefused(str(exc)) from None
+    factor = max(target[0] / original[0], target[1] / original[1])
+    params = rope_math.RopeParameters(rope_type=method, factor=float(factor))
+    return RescalePlan(site, params, None, float(attention) * source.attention_factor, False,
+                       angle_ratio=ratio.reshape(handles.channel_shape), grid=(tuple(original), tuple(target)))
 
 
 def _replace_inv_freq(ep: ExportedProgram, w: GraphWriter, node: Node, value: torch.Tensor) -> None:
@@ -83,7 +157,13 @@ def _replace_inv_freq(ep: ExportedProgram, w: GraphWriter, node: Node, value: to
 
 
 def _set_attention_factor(w: GraphWriter, site: FxRopeSite, factor: float) -> None:
-    src = site.computed_handles()
+    """cos and sin carry ``factor`` in all: a scalar mul the export already has takes it (the new method's factor
+    replaces the old one, as new rope_parameters do in HF); without one, a mul is inserted (by ``factor`` over
+    the amplitude the probe measured, for probed angles)."""
+    src = site.handles
+    assert isinstance(src, FxComputedHandles | FxAngleHandles)
+    if isinstance(src, FxAngleHandles) and src.cos_scale is None and site.attention_factor != 0:
+        factor = factor / site.attention_factor
     for fn, scale in ((src.cos_node, src.cos_scale), (src.sin_node, src.sin_scale)):
         if scale is not None:
             a, b = scale.args
@@ -105,7 +185,9 @@ class FxOps:
 
     def _call(self, target, args: tuple) -> Node:
         with self.w.graph.inserting_before(self.anchor):
-            return self.w.call(target, args)
+            node = self.w.call(target, args)
+        node.meta[RUNTIME_META] = True  # a later detection does not probe these angles as pos·f
+        return node
 
     def const(self, value: np.ndarray) -> Node | float:
         value = np.asarray(value, dtype=np.float32)
@@ -152,6 +234,12 @@ def apply_rescale(ep: ExportedProgram, plans: list[RescalePlan]) -> list[str]:
     done: list[str] = []
     replaced: set[Node] = set()
     for plan in plans:
+        if plan.decay_ratio != 1.0:
+            done.append(_scale_decay(w, plan.site, plan.decay_ratio))
+        if plan.angle_ratio is not None:
+            _scale_angles(ep, w, plan)
+            done.append(plan.describe())
+            continue
         src = plan.site.computed_handles()
         if plan.runtime:
             _swap_operand_root(w, src.angles, src.inv_freq_operand, src.inv_freq_node, _runtime_inv_freq(w, plan))
@@ -182,3 +270,62 @@ def _swap_operand_root(w: GraphWriter, user: Node, operand: Node, root: Node, ne
         w._fill_meta(copy)
         env[n] = copy
     user.replace_input_with(operand, env[operand])
+
+
+def _scale_angles(ep: ExportedProgram, w: GraphWriter, plan: RescalePlan) -> None:
+    """The angle tensor times the plan's per-element ratio, read by the site's cos and sin (the graph's own way of
+    making the angles is left as it is); the plan's attention factor on cos and sin."""
+    handles = plan.site.handles
+    assert isinstance(handles, FxAngleHandles) and plan.angle_ratio is not None
+    angles = handles.angles
+    dtype = g.dtype(angles) or torch.float32
+    value = torch.from_numpy(np.asarray(plan.angle_ratio, np.float32)).to(dtype)
+    ratio = w.add_constant("posrewrite_angle_ratio", value)
+    order = {n: k for k, n in enumerate(w.graph.nodes)}
+    first = min((handles.cos_node, handles.sin_node), key=order.__getitem__)
+    with w.graph.inserting_before(first):
+        scaled = w.call(aten.mul.Tensor, (angles, ratio))
+    for trig in (handles.cos_node, handles.sin_node):
+        trig.replace_input_with(angles, scaled)
+    _set_attention_factor(w, plan.site, plan.attention_factor)
+
+
+def decay_operands(site: FxRopeSite) -> list[tuple[Node, int]]:
+    """(mul, argument index) of every xPos decay factor the site's rotations multiply with: operands of muls in a
+    rotation's cone that do not depend on x and are not its cos/sin terms (the fx side of
+    `posrewrite.passes.onnx.rope.xpos.decay_operands`)."""
+    found = []
+    for app in site.applications:
+        if app.decay is None:
+            continue
+        from_x = {app.rotated, app.x}
+        for n in app.nodes:  # graph order: a node's inputs come before it
+            if any(i in from_x for i in n.all_input_nodes):
+                from_x.add(n)
+        for n in app.nodes:
+            if not g.is_op(n, aten.mul) or len(n.args) != 2 or not all(isinstance(a, Node) for a in n.args):
+                continue
+            flags = [a in from_x for a in n.args]
+            if flags.count(True) != 1:
+                continue
+            k = flags.index(False)
+            other = n.args[k]
+            if other is app.cos or other is app.sin:
+                continue
+            found.append((n, k))
+    return found
+
+
+def _scale_decay(w: GraphWriter, site: FxRopeSite, ratio: float) -> str:
+    """Raises every decay factor of ``site`` to ``ratio`` (1/s: the decay of positions divided by s)."""
+    operands = decay_operands(site)
+    if not operands:
+        raise RescaleRefused("no decay factor found in the xPos rotations")
+    done: dict[Node, Node] = {}
+    for mul, k in operands:
+        value = mul.args[k]
+        if value not in done:
+            with w.graph.inserting_before(mul):
+                done[value] = w.call(aten.pow.Tensor_Scalar, (value, ratio))
+        mul.replace_input_with(value, done[value])
+    return f"xPos decay exponent x{ratio:.6g} on {len(done)} factor(s) ({len(operands)} use(s))"

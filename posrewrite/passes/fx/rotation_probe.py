@@ -33,6 +33,8 @@ _RESHAPE = frozenset({"view", "_unsafe_view", "reshape", "flatten", "squeeze", "
                       "alias", "to", "type_as"})
 _PROBE_POSITIONS = 16
 _MAX_CHANNELS = 4096
+_MAX_GRID_CHANNELS = 512  # one probe run per channel on a grid
+_MAX_CONE_ELEMENTS = 1 << 23  # constants a rotation's cone may read (cos/sin tables of 64k x 128 fit)
 
 
 def _name(node: Node) -> str:
@@ -197,6 +199,15 @@ def cone(x: Node, y: Node) -> list[Node]:
     return [n for n in y.graph.nodes if n in seen]
 
 
+def _cone_constant(ep: ExportedProgram, n: Node) -> torch.Tensor | None:
+    """The program tensor behind placeholder `n` (None for a user input); NotARotation when it is large: a
+    rotation's cone holds frequencies and tables, never weights (as the ONNX side's limit)."""
+    tensor = g.placeholder_tensor(ep, n)
+    if tensor is not None and tensor.numel() > _MAX_CONE_ELEMENTS:
+        raise NotARotation(f"the rotation's cone reads {n.name} of {tensor.numel()} elements (a weight?)")
+    return tensor
+
+
 def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     hidden = _Hidden(ep)
     env: dict[Node, object] = {x: probe}
@@ -204,7 +215,7 @@ def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch:
     inside = set(nodes)
     for n in nodes:
         if n.op == "placeholder":
-            tensor = g.placeholder_tensor(ep, n)
+            tensor = _cone_constant(ep, n)
             if tensor is None:
                 sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
                 if hidden(n) and not sizes_only:
@@ -213,6 +224,7 @@ def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch:
             env[n] = tensor
         elif n.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+            kwargs = {k: (torch.device("cpu") if k == "device" else a) for k, a in kwargs.items()}
             env[n] = n.target(*args, **kwargs)
         else:
             raise NotARotation(f"cannot evaluate {n.op} {n.name}")
@@ -240,6 +252,10 @@ def probe(ep: ExportedProgram, x: Node, y: Node) -> MatrixReading:
     if width is None or width > _MAX_CHANNELS:
         raise NotARotation("the rotated width is not static (or too large to probe)")
     symbolic = [k for k, d in enumerate(dims[:-1]) if g.static_int(d) is None]
+    if symbolic in ([], [0]) and len(dims) >= 3:
+        _identify_static(ep, x, y, dims)
+    if symbolic and symbolic[0] != 0 and g.static_int(dims[0]) == 1:
+        return _read(_probe_grid(ep, x, y, dims, symbolic), v.dtype)
     if len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {tuple(dims)}")
     seq_axis, length = symbolic[1], _PROBE_POSITIONS
@@ -256,15 +272,133 @@ def probe(ep: ExportedProgram, x: Node, y: Node) -> MatrixReading:
     if tuple(out.shape) != tuple(shape):
         raise NotARotation(f"rotated value {tuple(out.shape)} does not line up with its input {tuple(shape)}")
     m = np.moveaxis(out.double().numpy(), seq_axis, 1).reshape(width, length, -1, width)
-    m_all = np.transpose(m, (2, 1, 3, 0))
-    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(v.dtype, "float32")
+    return _read(np.transpose(m, (2, 1, 3, 0)), v.dtype)
+
+
+def _read(m_all: np.ndarray, dtype: torch.dtype) -> MatrixReading:
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     return read_matrices(m_all, max(1e-5, 8 * machine_epsilon(name)))
 
 
+def _probe_grid(ep: ExportedProgram, x: Node, y: Node, dims: list, grid_axes: list[int]) -> np.ndarray:
+    """Probe matrices [heads, positions, W, W] for a batch of one (static) over one or more symbolic position
+    axes (a patch grid: rotary-embedding-torch's axial frequencies): one run per input channel, that unit vector
+    at every grid point; the grid points, row-major, are the positions (point (0, .., 0) first: angle 0). Other
+    inputs of the cone may be read only through their size (fed at the probe's grid), or be a position input
+    (fed 0..n-1 on a 1-D sequence)."""
+    width = g.static_int(dims[-1])
+    if width is None or width > _MAX_GRID_CHANNELS:
+        raise NotARotation("the rotated width is not static (or too large to probe on a grid)")
+    side = max(2, round(_PROBE_POSITIONS ** (1 / len(grid_axes))))
+    symbols = {str(dims[k]) for k in grid_axes}
+    shape = [side if k in grid_axes else g.static_int(d) for k, d in enumerate(dims)]
+    hidden = _Hidden(ep)
+    inside = set(cone(x, y))
+    feeds: dict[Node, torch.Tensor] = {}
+    for n in inside:
+        if n.op != "placeholder" or g.placeholder_tensor(ep, n) is not None:
+            continue
+        meta = g.val(n)
+        sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
+        if len(grid_axes) == 1 and _position_like(n):
+            feeds[n] = _position_feed(n, 1, side)
+            continue
+        if (hidden(n) and not sizes_only) or not isinstance(meta, torch.Tensor):
+            raise NotARotation(f"the rotation over a grid reads {n.name} besides {x.name}")
+        if any(g.static_int(d) is None and str(d) not in symbols for d in meta.shape):
+            raise NotARotation(f"cannot tell the grid axes of {n.name} {tuple(meta.shape)}")
+        feeds[n] = torch.zeros([side if g.static_int(d) is None else g.static_int(d) for d in meta.shape],
+                               dtype=meta.dtype)
+    runs = []
+    for j in range(width):
+        probe_x = torch.zeros(shape, dtype=g.val(x).dtype)
+        probe_x[..., j] = 1
+        with torch.no_grad():
+            try:
+                out = _run_cone(ep, x, y, probe_x, feeds)
+            except NotARotation:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+                raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
+        if tuple(out.shape) != tuple(shape):
+            raise NotARotation(f"rotated value {tuple(out.shape)} does not line up with its input {tuple(shape)}")
+        moved = np.moveaxis(out.double().numpy()[0], [a - 1 for a in grid_axes], range(len(grid_axes)))
+        runs.append(moved.reshape(side ** len(grid_axes), -1, width))  # [P, heads, i]
+    return np.transpose(np.stack(runs), (2, 1, 3, 0))
+
+
+class StaticLength(Exception):
+    """A rotation identified on a program whose sequence length is fixed (a static export): it cannot run past
+    that many positions, so no rescale helps; the message says so and what to do (as on the ONNX side)."""
+
+
+def _identify_static(ep: ExportedProgram, x: Node, y: Node, dims: list) -> None:
+    """x has no symbolic position axis: each static axis before the channels is tried as the positions (one run
+    per channel, its unit vector everywhere, the program's own sizes); a rotation read there raises
+    `StaticLength`, else this returns (not identified)."""
+    width = g.static_int(dims[-1])
+    if width is None or width > _MAX_GRID_CHANNELS or any(g.static_int(d) is None for d in dims[1:]):
+        return
+    hidden = _Hidden(ep)
+    inside = set(cone(x, y))
+    shape = [g.static_int(d) or 1 for d in dims]
+    for axis in range(len(dims) - 2, 0, -1):
+        n = shape[axis]
+        if n < 2:
+            continue
+        feeds: dict[Node, torch.Tensor] = {}
+        try:
+            for p in inside:
+                if p.op != "placeholder" or g.placeholder_tensor(ep, p) is not None:
+                    continue
+                sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in p.users if u in inside)
+                if hidden(p) and not sizes_only:
+                    return
+                feeds[p] = _position_feed(p, shape[0], n)
+            runs = []
+            for j in range(width):
+                probe_x = torch.zeros(shape, dtype=g.val(x).dtype)
+                probe_x[..., j] = 1
+                with torch.no_grad():
+                    out = _run_cone(ep, x, y, probe_x, feeds)
+                if tuple(out.shape) != tuple(shape):
+                    raise NotARotation("shapes do not line up")
+                runs.append(np.moveaxis(out.double().numpy(), axis, 0).reshape(n, -1, width))
+            reading = _read(np.transpose(np.stack(runs), (2, 1, 3, 0)), g.val(x).dtype)
+        except Exception:  # noqa: BLE001 - this axis is not the positions of a rotation
+            continue
+        if reading.rotary_dim:
+            raise StaticLength(
+                f"RoPE rotation of {x.name} exported at a fixed length of {n} positions (a static export: the "
+                f"program cannot run past {n}); re-export with a dynamic sequence axis (torch.export "
+                "dynamic_shapes) and rewrite that")
+
+
+def _run_cone(ep: ExportedProgram, x: Node, y: Node, probe_x: torch.Tensor, feeds: dict[Node, torch.Tensor]
+              ) -> torch.Tensor:
+    env: dict[Node, object] = {x: probe_x}
+    for n in cone(x, y):
+        if n.op == "placeholder":
+            tensor = _cone_constant(ep, n)
+            env[n] = tensor if tensor is not None else feeds[n]
+        elif n.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+            kwargs = {k: (torch.device("cpu") if k == "device" else a) for k, a in kwargs.items()}
+            env[n] = n.target(*args, **kwargs)
+        else:
+            raise NotARotation(f"cannot evaluate {n.op} {n.name}")
+    out = env[y]
+    if not isinstance(out, torch.Tensor):
+        raise NotARotation("the rotated value is not a tensor")
+    return out
+
+
 def probed_rotations(ep: ExportedProgram, claimed: set[Node]
-                     ) -> tuple[list[tuple[Node, Node, Node, Node, MatrixReading, tuple[Node, ...]]], list[str]]:
-    """[(x, y, cos, sin, reading, nodes)] for rotations no pattern claimed, and why other candidates are not."""
-    found, failed = [], []
+                     ) -> tuple[list[tuple[Node, Node, Node, Node, MatrixReading, tuple[Node, ...]]], list[str],
+                                list[tuple[Node, str]]]:
+    """[(x, y, cos, sin, reading, nodes)] for rotations no pattern claimed, why other candidates are not, and
+    [(y, reason)] for rotations identified but not rewritable (a static export)."""
+    found, failed, refused = [], [], []
     for xs, terms in _candidates(ep):
         if any(t[0] in claimed for t in terms):
             continue
@@ -275,6 +409,10 @@ def probed_rotations(ep: ExportedProgram, claimed: set[Node]
                 continue
             try:
                 reading = probe(ep, x, y)
+            except StaticLength as exc:
+                refused.append((y, str(exc)))
+                why = None
+                break
             except (NotARotation, ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
                 why = why or f"{y.name}: {exc}"
                 continue
@@ -285,7 +423,7 @@ def probed_rotations(ep: ExportedProgram, claimed: set[Node]
             break
         if why:
             failed.append(why)
-    return found, failed
+    return found, failed, refused
 
 
 def _trig(node: Node, limit: int = 32) -> str | None:

@@ -14,10 +14,10 @@ import numpy as np
 from torch.fx import Node
 
 from posrewrite.sites.base import EncodingSite
-from posrewrite.sites.rope import AngleSource, Layout, RopeEncoding, RopeEncodingFields
+from posrewrite.sites.rope import AngleSource, Layout, PositionDecay, RopeEncoding, RopeEncodingFields
 
-__all__ = ["FxRopeApplication", "FxComputedHandles", "FxTrigHandles", "FxTableHandles", "FxRopeSite", "FxAlibiSite",
-           "AngleSource", "Layout"]
+__all__ = ["FxRopeApplication", "FxComputedHandles", "FxTrigHandles", "FxAngleHandles", "FxTableHandles",
+           "FxRopeSite", "FxAlibiSite", "AngleSource", "Layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,8 @@ class FxRopeApplication:
     cos: Node  # the tensors multiplied with x (broadcast to it), full rotary width
     sin: Node
     nodes: tuple[Node, ...] = ()  # the matched rotation nodes (for reports)
+    heads_in_last_axis: int = 1  # H when x is [.., H·head_dim] (every head rotated alike), else 1
+    decay: PositionDecay | None = None  # xPos: this rotation's position-dependent magnitude (probed)
 
     def describe(self) -> str:
         part = f", rotary_dim {self.rotary_dim} of {self.head_dim}" if self.rotary_dim != self.head_dim else ""
@@ -66,13 +68,28 @@ class FxTrigHandles:
 
 
 @dataclasses.dataclass(frozen=True)
+class FxAngleHandles:
+    """Angles identified by probing (`GridAngles`, `ProbedAngles`): the angle tensor the ``aten.cos``/``aten.sin``
+    calls read. A rescale multiplies it by a per-element ratio of shape ``channel_shape`` (1 on its position
+    axes); ``channel_freq`` holds each element's frequency for 1-D probed angles."""
+
+    angles: Node
+    cos_node: Node
+    sin_node: Node
+    channel_shape: tuple[int, ...]
+    channel_freq: np.ndarray | None = None
+    cos_scale: Node | None = None  # a scalar mul after cos / sin (an attention factor), when there is one
+    sin_scale: Node | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class FxTableHandles:
     """Where a `CachedTable` lives in an fx graph: the table placeholder the rows are read from."""
 
     table_node: Node
 
 
-FxHandles = FxComputedHandles | FxTrigHandles | FxTableHandles
+FxHandles = FxComputedHandles | FxTrigHandles | FxAngleHandles | FxTableHandles
 
 
 @dataclasses.dataclass(frozen=True)
