@@ -514,3 +514,92 @@ def test_rotary_embedding_torch_axial_identified_and_interpolated(tmp_path):
     ref = _axial_reference(module, x, (6 / 12, 10 / 15))
     assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+# -- positions that are an affine map of the index (rotary-embedding-torch offsets and pixel frequencies) -----
+
+
+@pytest.mark.parametrize("freqs_for,offset", [("pixel", 0), ("lang", 3), ("pixel", 5)])
+def test_rotary_embedding_torch_1d_offset_and_pixel_rescaled_like_interpolate_factor(freqs_for, offset, tmp_path):
+    """rotate_queries_or_keys with the library's own `offset` (positions start at 3: no token has angle 0) and
+    pixel frequencies (linspace(1, 32)·pi: above pi per token, so the rotation's per-token turn aliases): found
+    with the library's frequencies and offset; x2 linear equals the library built with interpolate_factor=2
+    (its positions (t + offset) / 2) at 50 tokens."""
+    src = tp.export_rotary_1d(freqs_for, offset=offset)
+    enc = _encoding(src)
+    library = tp.rotary_1d(freqs_for, offset=offset)
+    assert enc["layout"] == "interleaved" and enc["rotary_dim"] == 16
+    (site,) = api.detect(io.load_model(src)).rope_sites
+    np.testing.assert_allclose(site.inv_freq, library.rope.freqs.detach().numpy(), rtol=1e-6)
+    assert enc.get("position_offset", 0.0) == pytest.approx(offset, rel=1e-5)
+    out = tmp_path / "x2.onnx"
+    result = api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+    assert result.modified and result.validation is not None and result.validation.ok
+    reference = tp.rotary_1d(freqs_for, offset=offset, interpolate_factor=2.0)
+    reference.load_state_dict(library.state_dict())
+    x = np.random.default_rng(4).standard_normal((1, 50, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x)).numpy()
+    # float32 angles up to (50 + offset)·32π are rounded to ~4 ulp of their size before cos/sin
+    tol = max(REL_TOL, 4 * 50 * float(library.rope.freqs.max()) * np.finfo(np.float32).eps)
+    assert _rel_err(_ort(out, {"x": x}), ref) <= tol
+    assert _rel_err(_ort(src, {"x": x}), ref) > 1e-3
+
+
+def test_rotary_embedding_torch_pixel_axial(tmp_path, capsys):
+    """get_axial_freqs with freqs_for="pixel" makes its coordinates with torch.linspace(-1, 1, n), whose number
+    of steps torch.export fixes: the export is static, reported with the fix (exit 5 on a rewrite). The same
+    coordinates written with arange (equal to the library's at every size, checked here) export dynamically and
+    are read as normalised: each grid spans [-1, 1], so at a larger grid the model computes what the library
+    computes there, already interpolated, and a rewrite is refused as nothing to do."""
+    from posrewrite.cli import main
+
+    static = tp.export_axial_rotary("pixel")
+    result = api.inspect(static).to_dict()
+    assert not result["encodings"] and result["refusals"]
+    assert any("fixed size of 6x10" in r["reason"] and "linspace" in r["reason"] for r in result["refusals"])
+    out = tmp_path / "o.onnx"
+    assert main([str(static), "--original-grid", "6x10", "--target-grid", "12x15", "-o", str(out)]) == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "static export" in err and not out.exists()
+
+    library, written = tp.axial_rotary("pixel"), tp.axial_rotary("pixel", coordinates="arange")
+    bound = 4 * float(library.rope.freqs.max()) * np.finfo(np.float32).eps  # angles up to 32π, float32
+    for rows, cols in ((6, 10), (12, 15), (3, 7)):
+        x = torch.randn(1, rows, cols, 32)
+        with torch.no_grad():
+            assert _rel_err(written(x).numpy(), library(x).numpy()) <= bound
+    src = tp.export_axial_rotary("pixel", coordinates="arange")
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["normalised"] is True
+    assert any("already adapts to resolution" in n for n in enc["notes"])
+    with pytest.raises(errors.PartialMatchError, match="already adapts to resolution"):
+        api.rewrite(src, output=out, original_grid=(6, 10), target_grid=(12, 15))
+    assert not out.exists()
+    x = np.random.default_rng(5).standard_normal((1, 12, 15, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = library(torch.from_numpy(x)).numpy()
+    assert _rel_err(_ort(src, {"x": x}), ref) <= bound
+
+
+def test_rotary_embedding_torch_axial_offsets_interpolated(tmp_path):
+    """get_axial_freqs with the library's own `offsets` (rows start at 2, columns at 5): identified as axial 2-D
+    RoPE; --original-grid 6x10 --target-grid 12x15 equals the library's frequencies at the positions
+    (t + offset) scaled by 6/12 and 10/15."""
+    from rotary_embedding_torch import apply_rotary_emb
+
+    src = tp.export_axial_rotary("lang", offsets=(2, 5))
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["channels_per_axis"] == [16, 16]
+    out = tmp_path / "axial.onnx"
+    result = api.rewrite(src, output=out, original_grid=(6, 10), target_grid=(12, 15))
+    assert result.modified and result.validation is not None and result.validation.ok
+    module = tp.axial_rotary("lang", offsets=(2, 5))
+    x = np.random.default_rng(6).standard_normal((1, 12, 15, 32)).astype(np.float32)
+    with torch.no_grad():
+        f_rows = module.rope((torch.arange(12, dtype=torch.float32) + 2) * (6 / 12))
+        f_cols = module.rope((torch.arange(15, dtype=torch.float32) + 5) * (10 / 15))
+        freqs = torch.cat([f_rows[:, None, :].expand(12, 15, -1), f_cols[None, :, :].expand(12, 15, -1)], dim=-1)
+        ref = apply_rotary_emb(freqs, module.proj(torch.from_numpy(x))).numpy()
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL

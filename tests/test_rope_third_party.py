@@ -24,11 +24,20 @@ VOCAB = 64
 SEQ = 40  # positions compared (past the original contexts below)
 
 
-def _export(module, path: Path, *, vocab: int = VOCAB) -> None:
+def _export(module, path: Path, *, vocab: int = VOCAB, strict: bool = False) -> None:
+    """torch.onnx.export(dynamo=True) with dynamic batch and sequence; `strict`: the module is first exported by
+    torch.export.export(strict=True) (dynamo traces len(t) symbolically where the non-strict export fixes it) and
+    that program handed to torch.onnx.export."""
     ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     dyn = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        if strict:  # rotary-embedding-torch's cache guard compares the length with cache_max_seq_len (8192)
+            dyn = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=8192)},)
+            program = torch.export.export(module.eval(), (ids,), dynamic_shapes=dyn, strict=True)
+            torch.onnx.export(program, (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
+                              dynamo=True)
+            return
         torch.onnx.export(module.eval(), (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
                           dynamo=True, dynamic_shapes=dyn)
 
@@ -94,10 +103,10 @@ def ret_module(*, xpos: bool = False, interpolate_factor: float = 1.0, theta: fl
     return module
 
 
-def export_ret(*, xpos: bool = False) -> Path:
+def export_ret(*, xpos: bool = False, strict: bool = False) -> Path:
     pytest.importorskip("rotary_embedding_torch")
-    path, _ = cached({"kind": "third-party-ret", "xpos": xpos}, lambda tmp: _export(ret_module(xpos=xpos),
-                                                                                    tmp / "model.onnx") or {})
+    key = {"kind": "third-party-ret", "xpos": xpos, **({"strict": True} if strict else {})}
+    path, _ = cached(key, lambda tmp: _export(ret_module(xpos=xpos), tmp / "model.onnx", strict=strict) or {})
     return path
 
 

@@ -22,7 +22,16 @@ from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_bas
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
-from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, fit_rows, position_input, position_rows
+from posrewrite.passes.onnx.rope.probe import (
+    ConeTrig,
+    angle_offsets,
+    cone_trig,
+    fit_grid,
+    fit_length,
+    fit_rows,
+    position_input,
+    position_rows,
+)
 from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
@@ -219,7 +228,7 @@ class RopeDetector:
         if cone is not None and position_input(self.model, cs.angles) is None:
             # no position input read as data: angles made from the input's shape (a patch grid)
             try:
-                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+                return self._shape_site(apps, cone, layout, rotary_dim, head_dim)
             except NotUnderstood as refused:
                 grid_refused = refused
         try:
@@ -236,7 +245,7 @@ class RopeDetector:
                 positions = position_input(self.model, cone.angles)
                 if positions is not None:  # angles of positions, written in a form not read term by term
                     return self._probed_site(apps, cone, positions, layout, rotary_dim, head_dim)
-                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+                return self._shape_site(apps, cone, layout, rotary_dim, head_dim)
             except NotUnderstood as also:
                 raise NotUnderstood(f"{refused}; {also}") from None
         if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
@@ -283,8 +292,9 @@ class RopeDetector:
             rows = source.rows
             notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
                          + (" (interleaved)" if rows.interleaved else ""))
+        offset = self._offsets(cs.angles, inv_freq, notes)
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
-                                inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
+                                inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes), position_offset=offset)
         handles = OnnxComputedHandles(
             product=info.product, inv_freq=info.inv_freq_root, inv_freq_consumer=info.inv_freq_consumer,
             positions=info.positions, position_source=info.position_source,
@@ -293,6 +303,51 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=info.positions,
                         inv_freq_value=info.inv_freq_root, applications=tuple(apps),
                         source_nodes=(cs.trig, ss.trig, info.product, *(cone.between if cone else ())),
+                        handles=handles)
+
+    def _offsets(self, angles: ir.Value, inv_freq: np.ndarray, notes: list[str]) -> np.ndarray | None:
+        """The positions the angles start at (`probe.angle_offsets`), with a note; None when they start at 0."""
+        offset = angle_offsets(self.model, angles, inv_freq)
+        if offset is not None:
+            shown = (f"{float(offset[0]):g}" if np.ptp(offset) <= 1e-6 * max(1.0, float(np.max(np.abs(offset))))
+                     else "per frequency")
+            notes.append(f"positions start at {shown}, not 0 (an offset inside the model): a rescale scales it "
+                         "with the positions")
+        return offset
+
+    def _shape_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
+                    head_dim: int | None) -> RopeSite:
+        """Angles made from the input's shape alone: a patch grid (2-D RoPE), else one sequence axis (1-D)."""
+        try:
+            return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+        except NotUnderstood as grid:
+            try:
+                return self._length_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as length:
+                raise NotUnderstood(f"{grid}; {length}") from None
+
+    def _length_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
+                     head_dim: int | None) -> RopeSite:
+        """1-D angles a·t + c made from the sequence length alone, fitted by probing two lengths."""
+        fit = fit_length(self.model, cone, apps[0].cos, apps[0].sin, layout, rotary_dim)
+        notes = ["angles identified by probing (token index x frequency per channel): a rescale multiplies them"]
+        base = None if fit.normalised else rope_math.fit_base(fit.inv_freq, rotary_dim)
+        offset = None
+        if fit.normalised:
+            notes.append("positions normalised by the sequence length (coordinates of a fixed range): the model "
+                         "already adapts to length, nothing to rescale")
+        else:
+            offset = self._offsets(cone.angles, fit.inv_freq, notes)
+            if base is None:
+                notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a "
+                             "base need --rope-base")
+        source = ProbedAngles(position_dtype=dtype_name(cone.angles), angle_dtype=dtype_name(cone.angles),
+                              attention_factor=fit.attention_factor, normalised=fit.normalised)
+        encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
+                                inv_freq=fit.inv_freq, notes=tuple(notes), position_offset=offset)
+        handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
+        return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=None,
+                        applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
                         handles=handles)
 
     def _rows(self, app: RopeApplication, positions: ir.Value, layout: Layout, rotary_dim: int):
@@ -314,10 +369,11 @@ class RopeDetector:
         if fit.rows is not None:
             notes.append(f"M-RoPE: {fit.rows.rows}-row positions, mrope_section {list(fit.rows.sections)}"
                          + (" (interleaved)" if fit.rows.interleaved else ""))
+        offset = self._offsets(cone.angles, fit.inv_freq, notes)
         source = ProbedAngles(position_dtype=dtype_name(positions), angle_dtype=dtype_name(cone.angles),
                               attention_factor=fit.attention_factor, rows=fit.rows)
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
-                                inv_freq=fit.inv_freq, notes=tuple(notes))
+                                inv_freq=fit.inv_freq, notes=tuple(notes), position_offset=offset)
         handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
         return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=positions,
                         applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),

@@ -162,6 +162,9 @@ class FuseRotaryPass(ReportingPass):
         if site.encoding.decay is not None:
             raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: RotaryEmbedding has "
                                   "no xPos decay")
+        if site.encoding.position_offset is not None:
+            raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: its positions start at "
+                                  "an offset inside the model, and RotaryEmbedding reads the positions as given")
         for app in apps:
             form = _input_form(app)
             if isinstance(form, str):

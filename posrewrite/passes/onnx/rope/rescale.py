@@ -124,6 +124,9 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     if site.angles == AngleSource.GRID:
         raise NotRewritable("2-D RoPE over a patch grid: rescale it with --original-grid HxW --target-grid HxW "
                             "(per-axis), not with a 1-D --rope-scale")
+    if getattr(site.source, "normalised", False):
+        raise NotRewritable("this RoPE reads positions normalised by the sequence length: the model already adapts "
+                            "to length, there is nothing to rescale")
     if site.angles == AngleSource.PROBED and params.rope_type in RUNTIME_METHODS:
         raise NotRewritable(f"{params.rope_type} computes frequencies at run time, which needs the graph's "
                             "positions x inv_freq product; these angles were identified by probing only")
