@@ -635,3 +635,83 @@ def test_probing_alone_identifies_every_spelling(name):
         assert (rot.decay is not None) == (name == "xt_xpos")
     if name.startswith("merged_heads"):
         assert {r.heads_in_last_axis for r in rotations} == {2} and {r.head_dim for r in rotations} == {16}
+
+
+# -- rotary-embedding-torch xPos, exported with a dynamic sequence ---------------------------------------------
+# Its get_scale computes `len(t) // 2`: the non-strict torch.export (torch.onnx.export's default) turns len() of a
+# tensor into a Python int and fixes the length (test_static_export_reported_with_the_fix); torch.export.export
+# with strict=True traces len() symbolically, and torch.onnx.export takes that program: the export stays dynamic.
+
+
+def _paper_xpos_module(factor: float):
+    """The tiny attention with xPos written here from Sun et al. (2022): interleaved RoPE on the first 16 of 32
+    channels at positions p / factor (angles only interpolated), q times zeta_i^((p - n//2)/gamma) and k times
+    its inverse on the rotated channels, zeta_i = (2i + 0.4 d) / (1.4 d), gamma = 512, theta = 10000."""
+    d, gamma = 16, 512.0
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    zeta = (torch.arange(0, d, 2, dtype=torch.float32) + 0.4 * d) / (1.4 * d)
+
+    def rotate(q, k):
+        n = q.shape[-2]
+        pos = torch.arange(n, dtype=torch.float32)
+        angles = (pos / factor)[:, None] * inv[None, :]
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        scale = (zeta[None, :] ** ((pos - n // 2) / gamma)[:, None]).repeat_interleave(2, -1)
+
+        def rot(x, s):
+            xr, rest = x[..., :d], x[..., d:]
+            pairs = torch.stack([-xr[..., 1::2], xr[..., 0::2]], -1).flatten(-2)
+            return torch.cat([(xr * cos + pairs * sin) * s, rest], -1)
+
+        return rot(q, scale), rot(k, 1.0 / scale)
+
+    return _TinyAttention(rotate)
+
+
+def test_xpos_dynamic_export_detected_with_the_library_parameters():
+    site = _site(export_ret(xpos=True, strict=True))
+    library = ret_module(xpos=True).rot
+    assert site.layout.value == "interleaved" and (site.head_dim, site.rotary_dim) == (32, 16)
+    assert site.base == pytest.approx(10000.0, rel=1e-4)
+    np.testing.assert_allclose(site.inv_freq, library.freqs.detach().numpy(), rtol=1e-6)
+    decay = site.encoding.decay
+    assert decay is not None and decay.length_centred
+    assert decay.scale_base == pytest.approx(library.scale_base, rel=1e-3)
+    # q's decay: log(zeta_i) / gamma per pair with the library's own zeta buffer; read from float32 magnitudes
+    # over 16 positions: an absolute error of a few float32 ulp of log r over 15 positions
+    rate = np.log(library.scale.numpy().astype(np.float64)) / library.scale_base
+    np.testing.assert_allclose(decay.log_rate, rate, rtol=0, atol=8 * np.finfo(np.float32).eps / 15)
+
+
+#: --xpos-decay -> the reference: rotary-embedding-torch's own interpolate_factor divides the positions before both
+#: the angles and the decay ("scaled"); for the angles alone it has no setting: the paper's formula written above
+XPOS_REFERENCES = {
+    "scaled": lambda: ret_module(xpos=True, interpolate_factor=4.0),
+    "angles": lambda: _paper_xpos_module(4.0),
+}
+
+
+@pytest.mark.parametrize("decay", list(XPOS_REFERENCES))
+def test_xpos_dynamic_rescale_equals_the_reference(decay, tmp_path):
+    src = export_ret(xpos=True, strict=True)
+    out = _rescaled(src, tmp_path, f"xpos-{decay}", rope_scale=4.0, rope_method="linear", xpos_decay=decay)
+    for n in (SEQ, 100):
+        ids = _ids(n)
+        ref = _torch_out(XPOS_REFERENCES[decay](), ids)
+        assert _rel(_run(out, ids), ref) <= TOL
+        assert _rel(_run(src, ids), ref) > 1e-3  # the rescale matters at these positions
+    # the two conventions differ (the decay's exponent), so each reference tells them apart
+    ids = _ids(100)
+    other = "angles" if decay == "scaled" else "scaled"
+    assert _rel(_run(out, ids), _torch_out(XPOS_REFERENCES[other](), ids)) > 1e-3
+
+
+def test_xpos_dynamic_check_reports_the_fp16_overflow():
+    """The paper's numbers (zeta_0 = 0.4/1.4, gamma = 512, p0 = length // 2): the decay passes float16's 65504 at
+    2 x 512 ln(65504) / ln(1.4/0.4) positions; check says so past that length and not before."""
+    src = export_ret(xpos=True, strict=True)
+    limit = 2 * 512 * math.log(65504.0) / math.log(1.4 / 0.4)
+    (row,) = api.check(src, max_length=int(limit * 0.95)).to_dict()["sites"]
+    assert "stays within float16" in " ".join(row["notes"])
+    (row,) = api.check(src, max_length=int(limit * 1.05)).to_dict()["sites"]
+    assert "exceeds float16" in " ".join(row["notes"])
