@@ -715,3 +715,118 @@ def test_xpos_dynamic_check_reports_the_fp16_overflow():
     assert "stays within float16" in " ".join(row["notes"])
     (row,) = api.check(src, max_length=int(limit * 1.05)).to_dict()["sites"]
     assert "exceeds float16" in " ".join(row["notes"])
+
+
+# -- a spelling written here: a cache stacking (cos, sin) on its last axis, gathered by position (torchtune's form) --
+
+
+class StackedCacheRope(torch.nn.Module if hasattr(torch, "nn") else object):
+    """Interleaved RoPE whose cache is stack([cos, sin], -1) of shape [rows, d/2, 2], rows picked by position_ids,
+    q/k viewed as [.., d/2, 2] pairs and rotated with cache[..., 0] and cache[..., 1]. `factor` divides the
+    frequencies the cache is built from (linear interpolation: the reference)."""
+
+    def __init__(self, *, factor: float = 1.0, base: float = 10000.0, heads: int = 2, head_dim: int = 32,
+                 rows: int = 128) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            width = heads * head_dim
+            self.emb = torch.nn.Embedding(VOCAB, width)
+            self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+            self.o = torch.nn.Linear(width, VOCAB)
+        theta = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim) / factor
+        angles = torch.arange(rows, dtype=torch.float32)[:, None] * theta[None, :]
+        self.register_buffer("cache", torch.stack([angles.cos(), angles.sin()], dim=-1))
+        self.heads, self.head_dim = heads, head_dim
+
+    def _rope(self, x, position_ids):  # x [B, S, H, D]
+        rope = self.cache[position_ids][:, :, None]  # [B, S, 1, D/2, 2]
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        out = torch.stack([pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1],
+                           pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]], -1)
+        return out.flatten(3)
+
+    def forward(self, ids, position_ids):
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        q, k, v = (m(x).view(b, s, self.heads, self.head_dim) for m in (self.q, self.k, self.v))
+        q, k = self._rope(q, position_ids).transpose(1, 2), self._rope(k, position_ids).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def export_stacked_cache() -> Path:
+    def build(tmp: Path) -> dict:
+        ids, pos = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1)), torch.arange(12)[None]
+        seq = torch.export.Dim("seq", max=128)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(StackedCacheRope().eval(), (ids, pos), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "position_ids"], output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({1: seq}, {1: seq}))
+        return {}
+
+    path, _ = cached({"kind": "third-party-stacked-cache"}, build)
+    return path
+
+
+def test_stacked_cos_sin_cache_detected_and_rescaled(tmp_path):
+    """A cache [rows, d/2, 2] holding cos and sin on its last axis: read as a cached table (128 rows, base 10000,
+    interleaved, all 32 channels); x2 linear regenerates it (256 rows) equal to the module built with its
+    frequencies / 2, at 40 and 200 tokens (past the old rows)."""
+    import onnxruntime as ort
+
+    src = export_stacked_cache()
+    found = api.inspect(src)
+    assert found.sites and not found.refusals  # the exporter keeps one copy of the table per rotation: a site each
+    for site in found.sites:
+        assert site.angles.value == "cached" and site.max_positions == 128
+        assert site.layout.value == "interleaved" and site.rotary_dim == 32
+        assert site.base == pytest.approx(10000.0, rel=1e-4)
+    out = _rescaled(src, tmp_path, "stacked", rope_scale=2.0, rope_method="linear")
+    reference = StackedCacheRope(factor=2.0, rows=256).eval()
+    for n in (40, 200):
+        ids = np.random.default_rng(n).integers(3, VOCAB, size=(1, n))
+        pos = np.arange(n, dtype=np.int64)[None]
+        with torch.no_grad():
+            ref = reference(torch.from_numpy(ids), torch.from_numpy(pos)).numpy()
+        feeds = {"input_ids": ids, "position_ids": pos}
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert _rel(got, ref) <= TOL
+        if n <= 128:  # the original's table has 128 rows
+            before = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            assert _rel(before, ref) > 1e-3
+
+
+class _HalfModelRope(torch.nn.Module if hasattr(torch, "nn") else object):
+    """HF's way in a model cast to float16 (`model.half()` turns its inv_freq buffer to float16), the angles made
+    in float32 (`inv_freq.float()` after it, as HF's rotary embeddings do): the exporter folds a float32 constant
+    holding float16 values."""
+
+    def __init__(self, base: float = 1e6, dim: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat([freqs, freqs], -1)[:, None]
+        q = self.proj(x)
+        half = q.shape[-1] // 2
+        rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
+        return (q * emb.cos().to(q.dtype) + rotated * emb.sin().to(q.dtype))
+
+
+def test_half_model_frequencies_upcast_by_the_exporter(tmp_path):
+    """A float32 inv_freq constant whose values are all float16 values: the base comes from float16's
+    round-off (1e6 exactly, not "not geometric"), and the exact frequencies are assumed."""
+    module = _HalfModelRope().half().eval()
+    src = tmp_path / "half.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(1, 2, 8, 32).half(), torch.arange(8)[None]), str(src), dynamo=True,
+                          input_names=["x", "position_ids"], dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    site = _site(src)
+    assert site.base == 1e6 and any("stored in float16" in n for n in site.notes)
+    np.testing.assert_allclose(site.inv_freq, 1.0 / 1e6 ** (np.arange(0, 32, 2) / 32), rtol=1e-6)

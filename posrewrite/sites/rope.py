@@ -196,6 +196,9 @@ class CachedTable:
     row_selection: str  # op selecting rows: "Gather" | "GatherElements" | "GatherND" | "Slice"
     attention_factor: float  # amplitude of the tables times any constant Mul after the selection
     cos_columns: tuple[int, int] | None = None  # column range of a combined table holding cos (GPT-J: concat)
+    # element of a trailing axis of the table holding cos / sin (a table stacking them: torchtune's cache)
+    cos_component: int | None = None
+    sin_component: int | None = None
     sin_columns: tuple[int, int] | None = None
     cos_scale: float = 1.0  # constant Mul applied after selecting the cos rows
     sin_scale: float = 1.0

@@ -18,7 +18,7 @@ from onnxscript.rewriter import pattern as orp
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope.angles import read_angles
-from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_base
+from posrewrite.passes.onnx.rope.base import half_rounded, scaled_base, stored_base, table_base
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
@@ -276,10 +276,11 @@ class RopeDetector:
                          f"{base:g}); a rescale starts again from that base")
         elif base is None:
             base, prior = scaled_base(inv_freq, info.inv_freq_root, notes)
-        if base is not None and info.inv_freq_root.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        half = half_rounded(inv_freq) if info.inv_freq_root.dtype == ir.DataType.FLOAT else None
+        if base is not None and (info.inv_freq_root.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or half):
             # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
             inv_freq = rope_math.default_inv_freq(base, rotary_dim)
-            notes.append(f"inv_freq stored in {dtype_name(info.inv_freq_root)}: exact base-{base:g} "
+            notes.append(f"inv_freq stored in {half or dtype_name(info.inv_freq_root)}: exact base-{base:g} "
                          "frequencies assumed")
         root_dtype = info.inv_freq_root.dtype
         source = ComputedAngles(
@@ -402,8 +403,8 @@ class RopeDetector:
 
     def _cached_site(self, apps: list[RopeApplication], cs: TableSource, ss: TableSource, layout: Layout,
                      rotary_dim: int, head_dim: int | None) -> RopeSite:
-        cos_table = table_array(self.fold, cs.table, cs.columns)
-        sin_table = table_array(self.fold, ss.table, ss.columns)
+        cos_table = table_array(self.fold, cs.table, cs.columns, cs.component)
+        sin_table = table_array(self.fold, ss.table, ss.columns, ss.component)
         if cos_table is None or sin_table is None or cos_table.shape != sin_table.shape:
             raise NotUnderstood("cos/sin tables have different or unknown shapes")
         inv_freq, factor = fit_tables(cos_table, sin_table, layout, table_eps(cs.table))
@@ -417,6 +418,7 @@ class RopeDetector:
             rows=int(cos_table.shape[0]), dtype=dtype_name(cs.table),
             position_dtype=dtype_name(positions) if positions is not None else "int64", row_selection=sel.op_type,
             attention_factor=factor * cs.factor, cos_columns=cs.columns, sin_columns=ss.columns,
+            cos_component=cs.component, sin_component=ss.component,
             cos_scale=cs.factor, sin_scale=ss.factor,
         )
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
