@@ -603,3 +603,55 @@ def test_rotary_embedding_torch_axial_offsets_interpolated(tmp_path):
         ref = apply_rotary_emb(freqs, module.proj(torch.from_numpy(x))).numpy()
     assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+class _LengthCyclesRope(torch.nn.Module):
+    """Interleaved RoPE with no position input: positions made from the length, (t + offset) / factor, or
+    normalised to [-1, 1] (t·2/(n-1) - 1); angles written in cycles ((pos × f) × 2π, no readable product)."""
+
+    def __init__(self, *, normalised: bool = False, offset: float = 3.0, factor: float = 1.0, base: float = 10000.0):
+        super().__init__()
+        torch.manual_seed(0)
+        cycles = 1.0 / (2 * np.pi * base ** (np.arange(0, 16, 2) / 16))
+        self.register_buffer("cycles", torch.tensor(cycles, dtype=torch.float32))
+        self.proj = torch.nn.Linear(16, 16)
+        self.normalised, self.offset, self.factor = normalised, offset, factor
+
+    def forward(self, x):
+        t = torch.arange(x.shape[1], dtype=torch.float32)
+        t = t * 2.0 / t[-1] - 1.0 if self.normalised else (t + self.offset) / self.factor
+        angles = (t[:, None] * self.cycles) * (2 * np.pi)
+        q = self.proj(x)
+        rotated = torch.stack([-q[..., 1::2], q[..., 0::2]], dim=-1).flatten(-2)
+        return q * angles.cos().repeat_interleave(2, -1) + rotated * angles.sin().repeat_interleave(2, -1)
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_positions_from_the_length_alone(normalised, tmp_path):
+    """Angles made from the length only, in a form not read term by term: probed at two lengths. Offset
+    positions (t + 3): found with base 10000 and offset 3, x2 linear = the module with (t + 3) / 2 at 50 tokens.
+    Positions normalised by the length: reported as already adapting to length, a rescale refused (exit 5)."""
+    module = _LengthCyclesRope(normalised=normalised).eval()
+    src = tmp_path / "len.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(module, (torch.randn(1, 12, 16),), str(src), dynamo=True, input_names=["x"],
+                      dynamic_shapes={"x": {1: seq}})
+    enc = _encoding(src)
+    assert enc["angles"] == "probed" and enc["layout"] == "interleaved"
+    out = tmp_path / "x2.onnx"
+    if normalised:
+        assert any("already adapts to length" in n for n in enc["notes"])
+        with pytest.raises(errors.PartialMatchError, match="already adapts to length"):
+            api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+        assert not out.exists()
+        return
+    assert enc["base"] == 10000.0 and enc["position_offset"] == pytest.approx(3.0, rel=1e-5)
+    result = api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+    assert result.validation is not None and result.validation.ok
+    reference = _LengthCyclesRope(factor=2.0).eval()
+    reference.load_state_dict(module.state_dict())
+    x = np.random.default_rng(7).standard_normal((1, 50, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x)).numpy()
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 1e-3
