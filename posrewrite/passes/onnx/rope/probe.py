@@ -21,6 +21,7 @@ rotation (sections picked per row, sin and cos concatenated then split, repeats)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,6 +39,8 @@ _CONE_LIMIT = 400
 _EVAL_LIMIT = 4000
 #: the probe sequence length and grids: sizes unlikely to equal a channel count (odd, prime)
 _SEQ = 7
+#: elements a probe input may hold (a static axis of 2**40 positions is refused, not allocated)
+_MAX_PROBE_ELEMENTS = 1 << 24
 _GRIDS = rope_grid.PROBE_GRIDS
 
 
@@ -165,6 +168,8 @@ def _zeros(value: ir.Value, sizes: dict[str, int], default: int = 1) -> np.ndarr
     if value.shape is None:
         return None
     dims = [d if isinstance(d, int) else sizes.get(str(d), default) for d in value.shape]
+    if math.prod(dims) > _MAX_PROBE_ELEMENTS:  # a huge static size is never materialised
+        raise NotUnderstood(f"graph input {value.name} {value.shape} is too large to probe")
     return np.zeros(dims, dtype=_np_dtype(value))
 
 
@@ -368,6 +373,9 @@ def _call_feeds(model: ir.Model, values: list[ir.Value], length: int) -> dict[in
     for v in (*inputs.data, *inputs.shape_only):
         if v.shape is None:
             raise NotUnderstood(f"graph input {v.name} has no shape to probe with")
+        static = [d for d in v.shape.dims if isinstance(d, int)]
+        if math.prod(static) * length > _MAX_PROBE_ELEMENTS:  # a huge static size is never materialised
+            raise NotUnderstood(f"graph input {v.name} {v.shape} is too large to probe")
         feeds[id(v)] = call_input(v, 1, length)
     return feeds
 

@@ -384,18 +384,20 @@ def _identify_static_batch_one(model: ir.Model, x: ir.Value, y: ir.Value, dims: 
     """x of a fully static shape with a batch of one: one run per channel (its unit vector at every position);
     a rotation read over the axes between batch and channels raises StaticLength."""
     width = int(dims[-1])
-    if width > _MAX_GRID_PROBE_CHANNELS or width < 2:
+    positions = math.prod(int(d) for d in dims[1:-1])
+    if width > _MAX_GRID_PROBE_CHANNELS or width < 2 or positions * width > _MAX_CONE_ELEMENTS:
         return
     others = _cone_inputs(model.graph, y, x)
     if any(_reads_values(v, y, x) for v in others) or any(
             v.shape is None or v.dtype is None or not v.shape.is_static() for v in others):
+        return
+    if any(math.prod(v.shape.dims) > _MAX_CONE_ELEMENTS for v in others):
         return
     feeds = {v.name: np.zeros(list(v.shape.dims), numpy_dtype(v.dtype)) for v in others}
     try:
         session = _session(model, [x, *others], y)
     except NotARotation:
         return
-    positions = math.prod(int(d) for d in dims[1:-1])
     keep = min(positions, 64)
     runs = []
     for j in range(width):
