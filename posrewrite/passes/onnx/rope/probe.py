@@ -39,6 +39,7 @@ _CONE_LIMIT = 400
 _EVAL_LIMIT = 4000
 #: the probe sequence length and grids: sizes unlikely to equal a channel count (odd, prime)
 _SEQ = 7
+_SEQ_2 = 13  # a second probe length (the token axis is the one that follows the length)
 #: elements a probe input may hold (a static axis of 2**40 positions is refused, not allocated)
 _MAX_PROBE_ELEMENTS = 1 << 24
 _GRIDS = rope_grid.PROBE_GRIDS
@@ -388,16 +389,19 @@ def angle_offsets(model: ir.Model, angles: ir.Value, inv_freq: np.ndarray) -> np
     evaluated alone; NotUnderstood when elements of one frequency disagree."""
     try:
         arr = _evaluator(model, _call_feeds(model, [angles], _SEQ))(angles)
+        if arr is None or not np.any(np.asarray(arr) != 0):
+            return None
+        other = _evaluator(model, _call_feeds(model, [angles], _SEQ_2))(angles)
     except NotUnderstood:
         return None
-    if arr is None:
+    if other is None or np.ndim(other) != np.ndim(arr):
         return None
     arr = np.asarray(arr, np.float64)
-    axes = [k for k in range(arr.ndim) if arr.shape[k] == _SEQ
-            and np.any(np.abs(np.take(arr, [1], axis=k) - np.take(arr, [0], axis=k)) > 0)]
-    if not axes:
+    # the token axis: the one axis whose size follows the call's length (never a channel axis of the same size)
+    axes = [k for k in range(arr.ndim) if arr.shape[k] == _SEQ and np.shape(other)[k] == _SEQ_2]
+    if len(axes) != 1:
         return None
-    token = axes[-1]
+    token = axes[0]
     first = np.moveaxis(np.take(arr, [0], axis=token), token, -1).reshape(-1)
     step = np.moveaxis(np.take(arr, [1], axis=token), token, -1).reshape(-1) - first
     if np.max(np.abs(first), initial=0.0) <= 1e-7 * max(1.0, float(np.max(np.abs(step), initial=0.0))):
@@ -461,7 +465,7 @@ def fit_length(model: ir.Model, trig: ConeTrig, cos: ir.Value, sin: ir.Value, la
     slopes = []
     phi = None
     factor = trig.factor
-    for n in (_SEQ, 13):
+    for n in (_SEQ, _SEQ_2):
         feeds = {}
         for u in (*found.data, *found.shape_only):
             z = _zeros(u, {sym: n})
