@@ -655,3 +655,37 @@ def test_positions_from_the_length_alone(normalised, tmp_path):
         ref = reference(torch.from_numpy(x)).numpy()
     assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"x": x}), ref) > 1e-3
+
+
+class _ReversedRope(torch.nn.Module):
+    """rotate-half whose partner enters with the other sign (cat([x2, -x1])): a rotation by minus its angles."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], -1)[:, None]
+        q = self.proj(x)
+        half = q.shape[-1] // 2
+        return q * emb.cos() + torch.cat([q[..., half:], -q[..., :half]], -1) * emb.sin()
+
+
+def test_a_rotation_opposite_to_its_angles_is_refused(tmp_path):
+    """The probe puts reversed pairs in the standard orientation (a frequency above π per position aliases), so the
+    direction is checked against the angles: a rotation by -θ is refused with the reason (exit 5), not rescaled as
+    if it turned by +θ."""
+    src = tmp_path / "reversed.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(_ReversedRope().eval(), (torch.randn(1, 2, 8, 16), torch.arange(8)[None]), str(src),
+                      dynamo=True, input_names=["x", "position_ids"],
+                      dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    result = api.inspect(src).to_dict()
+    assert not result["encodings"]
+    assert any("turns opposite to its angles" in r["reason"] for r in result["refusals"])
+    with pytest.raises(errors.PartialMatchError, match="opposite to its angles"):
+        api.rewrite(src, output=tmp_path / "o.onnx", rope_scale=2.0)
+    assert not (tmp_path / "o.onnx").exists()

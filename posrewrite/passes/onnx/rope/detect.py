@@ -37,6 +37,7 @@ from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_s
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
+    AngleSource,
     CachedTable,
     ComputedAngles,
     GridAngles,
@@ -138,7 +139,8 @@ class RopeDetector:
             found.append(ApplicationMatch(
                 x=rot.x, cos=rot.cos, sin=rot.sin, output=rot.output, layout=rot.layout, rotary_dim=rot.rotary_dim,
                 nodes=rot.nodes, head_dim=rot.head_dim, num_heads=rot.heads_in_last_axis if
-                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True))
+                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True,
+                steps=rot.angles[1] - rot.angles[0] if rot.angles.shape[0] > 1 else None))
         for where, why in failed:
             self.probe_failures.append(f"{where.name}: {why}")
         return found
@@ -217,6 +219,7 @@ class RopeDetector:
         probed = [m[0] for m in members if m[0].probed]
         if not probed:
             return site
+        _check_direction(site, probed)
         return _with_probe_facts(site, probed)
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
@@ -428,6 +431,28 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=positions, cos_cache=cs.table,
                         sin_cache=ss.table, applications=tuple(apps), source_nodes=(cs.select, ss.select),
                         handles=handles)
+
+
+def _check_direction(site: RopeSite, probed: list[ApplicationMatch]) -> None:
+    """NotUnderstood when a probed rotation turns by exactly minus its angles' step (sin entering with the other
+    sign): the probe puts reversed pairs in the standard orientation (aliasing makes one position's direction
+    meaningless), so the sign is checked here against the frequencies read from the angles. Inconclusive steps
+    (positions scaled inside the model, 2-D grids) are left alone."""
+    inv = site.encoding.inv_freq
+    if inv is None or site.angles == AngleSource.GRID:
+        return
+    f = np.asarray(inv, np.float64)
+    for app in probed:
+        steps = np.asarray(app.steps, np.float64) if app.steps is not None else None
+        if steps is None or steps.shape != f.shape:
+            continue
+        same = np.abs((steps - f + np.pi) % (2 * np.pi) - np.pi)
+        opposite = np.abs((steps + f + np.pi) % (2 * np.pi) - np.pi)
+        tol = 1e-3 * np.maximum(np.abs(f), 1e-3)
+        moving = np.abs(np.sin(f)) > 1e-3  # a step of 0 or π reads the same both ways
+        if np.any(moving & (opposite <= tol) & (same > tol)):
+            raise NotUnderstood(f"the rotation producing {app.output.name} turns opposite to its angles (sin enters "
+                                "with the other sign): no rewrite supports that")
 
 
 def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSite:
