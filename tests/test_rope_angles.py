@@ -514,3 +514,178 @@ def test_rotary_embedding_torch_axial_identified_and_interpolated(tmp_path):
     ref = _axial_reference(module, x, (6 / 12, 10 / 15))
     assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
     assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+# -- positions that are an affine map of the index (rotary-embedding-torch offsets and pixel frequencies) -----
+
+
+@pytest.mark.parametrize("freqs_for,offset", [("pixel", 0), ("lang", 3), ("pixel", 5)])
+def test_rotary_embedding_torch_1d_offset_and_pixel_rescaled_like_interpolate_factor(freqs_for, offset, tmp_path):
+    """rotate_queries_or_keys with the library's own `offset` (positions start at 3: no token has angle 0) and
+    pixel frequencies (linspace(1, 32)·pi: above pi per token, so the rotation's per-token turn aliases): found
+    with the library's frequencies and offset; x2 linear equals the library built with interpolate_factor=2
+    (its positions (t + offset) / 2) at 50 tokens."""
+    src = tp.export_rotary_1d(freqs_for, offset=offset)
+    enc = _encoding(src)
+    library = tp.rotary_1d(freqs_for, offset=offset)
+    assert enc["layout"] == "interleaved" and enc["rotary_dim"] == 16
+    (site,) = api.detect(io.load_model(src)).rope_sites
+    np.testing.assert_allclose(site.inv_freq, library.rope.freqs.detach().numpy(), rtol=1e-6)
+    assert enc.get("position_offset", 0.0) == pytest.approx(offset, rel=1e-5)
+    out = tmp_path / "x2.onnx"
+    result = api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+    assert result.modified and result.validation is not None and result.validation.ok
+    reference = tp.rotary_1d(freqs_for, offset=offset, interpolate_factor=2.0)
+    reference.load_state_dict(library.state_dict())
+    x = np.random.default_rng(4).standard_normal((1, 50, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x)).numpy()
+    # float32 angles up to (50 + offset)·32π are rounded to ~4 ulp of their size before cos/sin
+    tol = max(REL_TOL, 4 * 50 * float(library.rope.freqs.max()) * np.finfo(np.float32).eps)
+    assert _rel_err(_ort(out, {"x": x}), ref) <= tol
+    assert _rel_err(_ort(src, {"x": x}), ref) > 1e-3
+
+
+def test_rotary_embedding_torch_pixel_axial(tmp_path, capsys):
+    """get_axial_freqs with freqs_for="pixel" makes its coordinates with torch.linspace(-1, 1, n), whose number
+    of steps torch.export fixes: the export is static, reported with the fix (exit 5 on a rewrite). The same
+    coordinates written with arange (equal to the library's at every size, checked here) export dynamically and
+    are read as normalised: each grid spans [-1, 1], so at a larger grid the model computes what the library
+    computes there, already interpolated, and a rewrite is refused as nothing to do."""
+    from posrewrite.cli import main
+
+    static = tp.export_axial_rotary("pixel")
+    result = api.inspect(static).to_dict()
+    assert not result["encodings"] and result["refusals"]
+    assert any("fixed size of 6x10" in r["reason"] and "linspace" in r["reason"] for r in result["refusals"])
+    out = tmp_path / "o.onnx"
+    assert main([str(static), "--original-grid", "6x10", "--target-grid", "12x15", "-o", str(out)]) == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "static export" in err and not out.exists()
+
+    library, written = tp.axial_rotary("pixel"), tp.axial_rotary("pixel", coordinates="arange")
+    bound = 4 * float(library.rope.freqs.max()) * np.finfo(np.float32).eps  # angles up to 32π, float32
+    for rows, cols in ((6, 10), (12, 15), (3, 7)):
+        x = torch.randn(1, rows, cols, 32)
+        with torch.no_grad():
+            assert _rel_err(written(x).numpy(), library(x).numpy()) <= bound
+    src = tp.export_axial_rotary("pixel", coordinates="arange")
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["normalised"] is True
+    assert any("already adapts to resolution" in n for n in enc["notes"])
+    with pytest.raises(errors.PartialMatchError, match="already adapts to resolution"):
+        api.rewrite(src, output=out, original_grid=(6, 10), target_grid=(12, 15))
+    assert not out.exists()
+    x = np.random.default_rng(5).standard_normal((1, 12, 15, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = library(torch.from_numpy(x)).numpy()
+    assert _rel_err(_ort(src, {"x": x}), ref) <= bound
+
+
+def test_rotary_embedding_torch_axial_offsets_interpolated(tmp_path):
+    """get_axial_freqs with the library's own `offsets` (rows start at 2, columns at 5): identified as axial 2-D
+    RoPE; --original-grid 6x10 --target-grid 12x15 equals the library's frequencies at the positions
+    (t + offset) scaled by 6/12 and 10/15."""
+    from rotary_embedding_torch import apply_rotary_emb
+
+    src = tp.export_axial_rotary("lang", offsets=(2, 5))
+    enc = _encoding(src)
+    assert enc["angles"] == "grid" and enc["positions"]["channels_per_axis"] == [16, 16]
+    out = tmp_path / "axial.onnx"
+    result = api.rewrite(src, output=out, original_grid=(6, 10), target_grid=(12, 15))
+    assert result.modified and result.validation is not None and result.validation.ok
+    module = tp.axial_rotary("lang", offsets=(2, 5))
+    x = np.random.default_rng(6).standard_normal((1, 12, 15, 32)).astype(np.float32)
+    with torch.no_grad():
+        f_rows = module.rope((torch.arange(12, dtype=torch.float32) + 2) * (6 / 12))
+        f_cols = module.rope((torch.arange(15, dtype=torch.float32) + 5) * (10 / 15))
+        freqs = torch.cat([f_rows[:, None, :].expand(12, 15, -1), f_cols[None, :, :].expand(12, 15, -1)], dim=-1)
+        ref = apply_rotary_emb(freqs, module.proj(torch.from_numpy(x))).numpy()
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 20 * REL_TOL
+
+
+class _LengthCyclesRope(torch.nn.Module):
+    """Interleaved RoPE with no position input: positions made from the length, (t + offset) / factor, or
+    normalised to [-1, 1] (t·2/(n-1) - 1); angles written in cycles ((pos × f) × 2π, no readable product)."""
+
+    def __init__(self, *, normalised: bool = False, offset: float = 3.0, factor: float = 1.0, base: float = 10000.0):
+        super().__init__()
+        torch.manual_seed(0)
+        cycles = 1.0 / (2 * np.pi * base ** (np.arange(0, 16, 2) / 16))
+        self.register_buffer("cycles", torch.tensor(cycles, dtype=torch.float32))
+        self.proj = torch.nn.Linear(16, 16)
+        self.normalised, self.offset, self.factor = normalised, offset, factor
+
+    def forward(self, x):
+        t = torch.arange(x.shape[1], dtype=torch.float32)
+        t = t * 2.0 / t[-1] - 1.0 if self.normalised else (t + self.offset) / self.factor
+        angles = (t[:, None] * self.cycles) * (2 * np.pi)
+        q = self.proj(x)
+        rotated = torch.stack([-q[..., 1::2], q[..., 0::2]], dim=-1).flatten(-2)
+        return q * angles.cos().repeat_interleave(2, -1) + rotated * angles.sin().repeat_interleave(2, -1)
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_positions_from_the_length_alone(normalised, tmp_path):
+    """Angles made from the length only, in a form not read term by term: probed at two lengths. Offset
+    positions (t + 3): found with base 10000 and offset 3, x2 linear = the module with (t + 3) / 2 at 50 tokens.
+    Positions normalised by the length: reported as already adapting to length, a rescale refused (exit 5)."""
+    module = _LengthCyclesRope(normalised=normalised).eval()
+    src = tmp_path / "len.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(module, (torch.randn(1, 12, 16),), str(src), dynamo=True, input_names=["x"],
+                      dynamic_shapes={"x": {1: seq}})
+    enc = _encoding(src)
+    assert enc["angles"] == "probed" and enc["layout"] == "interleaved"
+    out = tmp_path / "x2.onnx"
+    if normalised:
+        assert any("already adapts to length" in n for n in enc["notes"])
+        with pytest.raises(errors.PartialMatchError, match="already adapts to length"):
+            api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+        assert not out.exists()
+        return
+    assert enc["base"] == 10000.0 and enc["position_offset"] == pytest.approx(3.0, rel=1e-5)
+    result = api.rewrite(src, output=out, rope_scale=2.0, rope_method="linear")
+    assert result.validation is not None and result.validation.ok
+    reference = _LengthCyclesRope(factor=2.0).eval()
+    reference.load_state_dict(module.state_dict())
+    x = np.random.default_rng(7).standard_normal((1, 50, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(x)).numpy()
+    assert _rel_err(_ort(out, {"x": x}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x}), ref) > 1e-3
+
+
+class _ReversedRope(torch.nn.Module):
+    """rotate-half whose partner enters with the other sign (cat([x2, -x1])): a rotation by minus its angles."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], -1)[:, None]
+        q = self.proj(x)
+        half = q.shape[-1] // 2
+        return q * emb.cos() + torch.cat([q[..., half:], -q[..., :half]], -1) * emb.sin()
+
+
+def test_a_rotation_opposite_to_its_angles_is_refused(tmp_path):
+    """The probe puts reversed pairs in the standard orientation (a frequency above π per position aliases), so the
+    direction is checked against the angles: a rotation by -θ is refused with the reason (exit 5), not rescaled as
+    if it turned by +θ."""
+    src = tmp_path / "reversed.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(_ReversedRope().eval(), (torch.randn(1, 2, 8, 16), torch.arange(8)[None]), str(src),
+                      dynamo=True, input_names=["x", "position_ids"],
+                      dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    result = api.inspect(src).to_dict()
+    assert not result["encodings"]
+    assert any("turns opposite to its angles" in r["reason"] for r in result["refusals"])
+    with pytest.raises(errors.PartialMatchError, match="opposite to its angles"):
+        api.rewrite(src, output=tmp_path / "o.onnx", rope_scale=2.0)
+    assert not (tmp_path / "o.onnx").exists()

@@ -24,11 +24,20 @@ VOCAB = 64
 SEQ = 40  # positions compared (past the original contexts below)
 
 
-def _export(module, path: Path, *, vocab: int = VOCAB) -> None:
+def _export(module, path: Path, *, vocab: int = VOCAB, strict: bool = False) -> None:
+    """torch.onnx.export(dynamo=True) with dynamic batch and sequence; `strict`: the module is first exported by
+    torch.export.export(strict=True) (dynamo traces len(t) symbolically where the non-strict export fixes it) and
+    that program handed to torch.onnx.export."""
     ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     dyn = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        if strict:  # rotary-embedding-torch's cache guard compares the length with cache_max_seq_len (8192)
+            dyn = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=8192)},)
+            program = torch.export.export(module.eval(), (ids,), dynamic_shapes=dyn, strict=True)
+            torch.onnx.export(program, (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
+                              dynamo=True)
+            return
         torch.onnx.export(module.eval(), (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
                           dynamo=True, dynamic_shapes=dyn)
 
@@ -94,10 +103,10 @@ def ret_module(*, xpos: bool = False, interpolate_factor: float = 1.0, theta: fl
     return module
 
 
-def export_ret(*, xpos: bool = False) -> Path:
+def export_ret(*, xpos: bool = False, strict: bool = False) -> Path:
     pytest.importorskip("rotary_embedding_torch")
-    path, _ = cached({"kind": "third-party-ret", "xpos": xpos}, lambda tmp: _export(ret_module(xpos=xpos),
-                                                                                    tmp / "model.onnx") or {})
+    key = {"kind": "third-party-ret", "xpos": xpos, **({"strict": True} if strict else {})}
+    path, _ = cached(key, lambda tmp: _export(ret_module(xpos=xpos), tmp / "model.onnx", strict=strict) or {})
     return path
 
 
@@ -626,3 +635,198 @@ def test_probing_alone_identifies_every_spelling(name):
         assert (rot.decay is not None) == (name == "xt_xpos")
     if name.startswith("merged_heads"):
         assert {r.heads_in_last_axis for r in rotations} == {2} and {r.head_dim for r in rotations} == {16}
+
+
+# -- rotary-embedding-torch xPos, exported with a dynamic sequence ---------------------------------------------
+# Its get_scale computes `len(t) // 2`: the non-strict torch.export (torch.onnx.export's default) turns len() of a
+# tensor into a Python int and fixes the length (test_static_export_reported_with_the_fix); torch.export.export
+# with strict=True traces len() symbolically, and torch.onnx.export takes that program: the export stays dynamic.
+
+
+def _paper_xpos_module(factor: float):
+    """The tiny attention with xPos written here from Sun et al. (2022): interleaved RoPE on the first 16 of 32
+    channels at positions p / factor (angles only interpolated), q times zeta_i^((p - n//2)/gamma) and k times
+    its inverse on the rotated channels, zeta_i = (2i + 0.4 d) / (1.4 d), gamma = 512, theta = 10000."""
+    d, gamma = 16, 512.0
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    zeta = (torch.arange(0, d, 2, dtype=torch.float32) + 0.4 * d) / (1.4 * d)
+
+    def rotate(q, k):
+        n = q.shape[-2]
+        pos = torch.arange(n, dtype=torch.float32)
+        angles = (pos / factor)[:, None] * inv[None, :]
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        scale = (zeta[None, :] ** ((pos - n // 2) / gamma)[:, None]).repeat_interleave(2, -1)
+
+        def rot(x, s):
+            xr, rest = x[..., :d], x[..., d:]
+            pairs = torch.stack([-xr[..., 1::2], xr[..., 0::2]], -1).flatten(-2)
+            return torch.cat([(xr * cos + pairs * sin) * s, rest], -1)
+
+        return rot(q, scale), rot(k, 1.0 / scale)
+
+    return _TinyAttention(rotate)
+
+
+def test_xpos_dynamic_export_detected_with_the_library_parameters():
+    site = _site(export_ret(xpos=True, strict=True))
+    library = ret_module(xpos=True).rot
+    assert site.layout.value == "interleaved" and (site.head_dim, site.rotary_dim) == (32, 16)
+    assert site.base == pytest.approx(10000.0, rel=1e-4)
+    np.testing.assert_allclose(site.inv_freq, library.freqs.detach().numpy(), rtol=1e-6)
+    decay = site.encoding.decay
+    assert decay is not None and decay.length_centred
+    assert decay.scale_base == pytest.approx(library.scale_base, rel=1e-3)
+    # q's decay: log(zeta_i) / gamma per pair with the library's own zeta buffer; read from float32 magnitudes
+    # over 16 positions: an absolute error of a few float32 ulp of log r over 15 positions
+    rate = np.log(library.scale.numpy().astype(np.float64)) / library.scale_base
+    np.testing.assert_allclose(decay.log_rate, rate, rtol=0, atol=8 * np.finfo(np.float32).eps / 15)
+
+
+#: --xpos-decay -> the reference: rotary-embedding-torch's own interpolate_factor divides the positions before both
+#: the angles and the decay ("scaled"); for the angles alone it has no setting: the paper's formula written above
+XPOS_REFERENCES = {
+    "scaled": lambda: ret_module(xpos=True, interpolate_factor=4.0),
+    "angles": lambda: _paper_xpos_module(4.0),
+}
+
+
+@pytest.mark.parametrize("decay", list(XPOS_REFERENCES))
+def test_xpos_dynamic_rescale_equals_the_reference(decay, tmp_path):
+    src = export_ret(xpos=True, strict=True)
+    out = _rescaled(src, tmp_path, f"xpos-{decay}", rope_scale=4.0, rope_method="linear", xpos_decay=decay)
+    for n in (SEQ, 100):
+        ids = _ids(n)
+        ref = _torch_out(XPOS_REFERENCES[decay](), ids)
+        assert _rel(_run(out, ids), ref) <= TOL
+        assert _rel(_run(src, ids), ref) > 1e-3  # the rescale matters at these positions
+    # the two conventions differ (the decay's exponent), so each reference tells them apart
+    ids = _ids(100)
+    other = "angles" if decay == "scaled" else "scaled"
+    assert _rel(_run(out, ids), _torch_out(XPOS_REFERENCES[other](), ids)) > 1e-3
+
+
+def test_xpos_dynamic_check_reports_the_fp16_overflow():
+    """The paper's numbers (zeta_0 = 0.4/1.4, gamma = 512, p0 = length // 2): the decay passes float16's 65504 at
+    2 x 512 ln(65504) / ln(1.4/0.4) positions; check says so past that length and not before."""
+    src = export_ret(xpos=True, strict=True)
+    limit = 2 * 512 * math.log(65504.0) / math.log(1.4 / 0.4)
+    (row,) = api.check(src, max_length=int(limit * 0.95)).to_dict()["sites"]
+    assert "stays within float16" in " ".join(row["notes"])
+    (row,) = api.check(src, max_length=int(limit * 1.05)).to_dict()["sites"]
+    assert "exceeds float16" in " ".join(row["notes"])
+
+
+# -- a spelling written here: a cache stacking (cos, sin) on its last axis, gathered by position (torchtune's form) --
+
+
+class StackedCacheRope(torch.nn.Module if hasattr(torch, "nn") else object):
+    """Interleaved RoPE whose cache is stack([cos, sin], -1) of shape [rows, d/2, 2], rows picked by position_ids,
+    q/k viewed as [.., d/2, 2] pairs and rotated with cache[..., 0] and cache[..., 1]. `factor` divides the
+    frequencies the cache is built from (linear interpolation: the reference)."""
+
+    def __init__(self, *, factor: float = 1.0, base: float = 10000.0, heads: int = 2, head_dim: int = 32,
+                 rows: int = 128) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            width = heads * head_dim
+            self.emb = torch.nn.Embedding(VOCAB, width)
+            self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+            self.o = torch.nn.Linear(width, VOCAB)
+        theta = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim) / factor
+        angles = torch.arange(rows, dtype=torch.float32)[:, None] * theta[None, :]
+        self.register_buffer("cache", torch.stack([angles.cos(), angles.sin()], dim=-1))
+        self.heads, self.head_dim = heads, head_dim
+
+    def _rope(self, x, position_ids):  # x [B, S, H, D]
+        rope = self.cache[position_ids][:, :, None]  # [B, S, 1, D/2, 2]
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        out = torch.stack([pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1],
+                           pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1]], -1)
+        return out.flatten(3)
+
+    def forward(self, ids, position_ids):
+        x = self.emb(ids)
+        b, s, _ = x.shape
+        q, k, v = (m(x).view(b, s, self.heads, self.head_dim) for m in (self.q, self.k, self.v))
+        q, k = self._rope(q, position_ids).transpose(1, 2), self._rope(k, position_ids).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def export_stacked_cache() -> Path:
+    def build(tmp: Path) -> dict:
+        ids, pos = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1)), torch.arange(12)[None]
+        seq = torch.export.Dim("seq", max=128)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(StackedCacheRope().eval(), (ids, pos), str(tmp / "model.onnx"),
+                              input_names=["input_ids", "position_ids"], output_names=["logits"], dynamo=True,
+                              dynamic_shapes=({1: seq}, {1: seq}))
+        return {}
+
+    path, _ = cached({"kind": "third-party-stacked-cache"}, build)
+    return path
+
+
+def test_stacked_cos_sin_cache_detected_and_rescaled(tmp_path):
+    """A cache [rows, d/2, 2] holding cos and sin on its last axis: read as a cached table (128 rows, base 10000,
+    interleaved, all 32 channels); x2 linear regenerates it (256 rows) equal to the module built with its
+    frequencies / 2, at 40 and 200 tokens (past the old rows)."""
+    import onnxruntime as ort
+
+    src = export_stacked_cache()
+    found = api.inspect(src)
+    assert found.sites and not found.refusals  # the exporter keeps one copy of the table per rotation: a site each
+    for site in found.sites:
+        assert site.angles.value == "cached" and site.max_positions == 128
+        assert site.layout.value == "interleaved" and site.rotary_dim == 32
+        assert site.base == pytest.approx(10000.0, rel=1e-4)
+    out = _rescaled(src, tmp_path, "stacked", rope_scale=2.0, rope_method="linear")
+    reference = StackedCacheRope(factor=2.0, rows=256).eval()
+    for n in (40, 200):
+        ids = np.random.default_rng(n).integers(3, VOCAB, size=(1, n))
+        pos = np.arange(n, dtype=np.int64)[None]
+        with torch.no_grad():
+            ref = reference(torch.from_numpy(ids), torch.from_numpy(pos)).numpy()
+        feeds = {"input_ids": ids, "position_ids": pos}
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert _rel(got, ref) <= TOL
+        if n <= 128:  # the original's table has 128 rows
+            before = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            assert _rel(before, ref) > 1e-3
+
+
+class _HalfModelRope(torch.nn.Module if hasattr(torch, "nn") else object):
+    """HF's way in a model cast to float16 (`model.half()` turns its inv_freq buffer to float16), the angles made
+    in float32 (`inv_freq.float()` after it, as HF's rotary embeddings do): the exporter folds a float32 constant
+    holding float16 values."""
+
+    def __init__(self, base: float = 1e6, dim: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat([freqs, freqs], -1)[:, None]
+        q = self.proj(x)
+        half = q.shape[-1] // 2
+        rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
+        return (q * emb.cos().to(q.dtype) + rotated * emb.sin().to(q.dtype))
+
+
+def test_half_model_frequencies_upcast_by_the_exporter(tmp_path):
+    """A float32 inv_freq constant whose values are all float16 values: the base comes from float16's
+    round-off (1e6 exactly, not "not geometric"), and the exact frequencies are assumed."""
+    module = _HalfModelRope().half().eval()
+    src = tmp_path / "half.onnx"
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randn(1, 2, 8, 32).half(), torch.arange(8)[None]), str(src), dynamo=True,
+                          input_names=["x", "position_ids"], dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
+    site = _site(src)
+    assert site.base == 1e6 and any("stored in float16" in n for n in site.notes)
+    np.testing.assert_allclose(site.inv_freq, 1.0 / 1e6 ** (np.arange(0, 32, 2) / 32), rtol=1e-6)

@@ -75,12 +75,18 @@ def read_matrices(m_all: np.ndarray, tol: float) -> MatrixReading:
     at0 = m[0]
     # position 0: angle 0, so M(0) is a (scaled) identity on rotated and pass-through channels alike
     diag0 = np.diag(at0)
+    relative = m
     if np.max(np.abs(at0 - np.diag(diag0))) > tol * scale:
         out_perm = np.argmax(np.abs(at0), axis=1)
-        if np.max(np.abs(at0[np.arange(d), out_perm])) > 0 and len(set(out_perm.tolist())) == d:
+        if (np.max(np.abs(at0[np.arange(d), out_perm])) > 0 and len(set(out_perm.tolist())) == d
+                and _is_permutation(at0, out_perm, tol * scale)):
             return _identify_permuted(m, out_perm, d, heads, tol)
-        raise NotARotation("at position 0 the output is not a copy of the input")
-    off = m.copy()
+        # positions that are an affine map of the index (a phase offset: coordinates from -1 to 1, an offset
+        # added to the positions): no probed position has angle 0. The pairing is read from the rotation
+        # relative to the first probed position, R(p) = M(0)^-1 M(p) (block rotations on the same pairs
+        # commute), the angles and magnitudes from M itself.
+        relative = _relative_to_first(m, tol, scale)
+    off = relative.copy()
     idx = np.arange(d)
     off[:, idx, idx] = 0.0
     moving = np.max(np.abs(off), axis=0)  # [i, j]
@@ -100,9 +106,45 @@ def read_matrices(m_all: np.ndarray, tol: float) -> MatrixReading:
             raise NotARotation(f"channel {i} is mixed with {j} but not the other way round")
         if i < j:
             # y_i = a x_i - b x_j, y_j = a x_j + b x_i: the coefficient of x_j in y_i is -sin
-            first, second_ = (i, j) if _sin_sign(m, i, j) < 0 else (j, i)
+            first, second_ = (i, j) if _sin_sign(relative, i, j) < 0 else (j, i)
             pairs.append((first, second_))
-    return _finish(m, pairs, d, heads, rotated, scale, tol)
+    return _finish(m, standard_orientation(pairs), d, heads, rotated, scale, tol)
+
+
+def _is_permutation(at0: np.ndarray, out_perm: np.ndarray, atol: float) -> bool:
+    """Whether M(0) holds one non-zero per row at `out_perm` (a channel permutation, possibly scaled)."""
+    rest = at0.copy()
+    rest[np.arange(at0.shape[0]), out_perm] = 0.0
+    return float(np.max(np.abs(rest), initial=0.0)) <= atol
+
+
+def _relative_to_first(m: np.ndarray, tol: float, scale: float) -> np.ndarray:
+    """M(0)^-1 M(p) for every probed position p; NotARotation when M(0) is not invertible (not a rotation)."""
+    at0 = m[0]
+    try:
+        cond = np.linalg.cond(at0)
+    except np.linalg.LinAlgError:
+        cond = np.inf
+    if not np.isfinite(cond) or cond > 1e6:
+        raise NotARotation("at position 0 the output is neither a copy of the input nor a rotation of it")
+    relative = np.linalg.solve(at0[None], m)
+    if np.max(np.abs(relative[0] - np.eye(at0.shape[0]))) > 16 * tol * max(1.0, cond):
+        raise NotARotation("at position 0 the output is neither a copy of the input nor a rotation of it")
+    return relative
+
+
+def standard_orientation(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs oriented as rotate-half (i, i + d/2) or interleaved (2i, 2i + 1) where they are those pairs with
+    some of them reversed. A reversed pair is the same rotation by the opposite angle: at integer positions a
+    frequency above pi per position aliases to a negative step (rotary-embedding-torch's pixel frequencies), so
+    the direction read from one position says nothing; the angles, read from the cone, keep their sign."""
+    unordered = sorted(tuple(sorted(p)) for p in pairs)
+    rd = 2 * len(pairs)
+    half = rd // 2
+    for standard in ([(i, i + half) for i in range(half)], [(i, i + 1) for i in range(0, rd, 2)]):
+        if unordered == standard:
+            return list(standard)
+    return list(pairs)
 
 
 def _sin_sign(m: np.ndarray, i: int, j: int) -> float:
@@ -186,7 +228,7 @@ def identify_matrix(m: np.ndarray) -> tuple[list[tuple[int, int]], Layout | None
             return None
         if i < j:
             pairs.append((i, j) if _sin_sign(m, i, j) < 0 else (j, i))
-    pairs.sort(key=lambda p: min(p))
+    pairs = standard_orientation(sorted(pairs, key=lambda p: min(p)))
     rd = 2 * len(pairs)
     firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
     layout = None

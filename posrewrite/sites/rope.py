@@ -196,6 +196,9 @@ class CachedTable:
     row_selection: str  # op selecting rows: "Gather" | "GatherElements" | "GatherND" | "Slice"
     attention_factor: float  # amplitude of the tables times any constant Mul after the selection
     cos_columns: tuple[int, int] | None = None  # column range of a combined table holding cos (GPT-J: concat)
+    # element of a trailing axis of the table holding cos / sin (a table stacking them: torchtune's cache)
+    cos_component: int | None = None
+    sin_component: int | None = None
     sin_columns: tuple[int, int] | None = None
     cos_scale: float = 1.0  # constant Mul applied after selecting the cos rows
     sin_scale: float = 1.0
@@ -277,6 +280,9 @@ class ProbedAngles:
     angle_dtype: str
     attention_factor: float = 1.0
     rows: PositionRows | None = None  # multi-row positions (M-RoPE)
+    # positions made from the length and divided by it (coordinates from -1 to 1): the angles already adapt to
+    # the length, there is nothing to rescale
+    normalised: bool = False
 
     @property
     def max_positions(self) -> None:
@@ -306,6 +312,9 @@ class RopeEncoding:
     notes: tuple[str, ...] = ()
     decay: PositionDecay | None = None  # xPos: a position-dependent magnitude on q (its inverse on k)
     identified_by: str = "pattern"  # "pattern" (a known spelling) | "probe" (read from what the graph computes)
+    # per frequency, the position of the first token when the angles are f_c·(t + b_c) (an offset added to the
+    # positions inside the model, or coordinates that do not start at 0); None: the angles start at 0
+    position_offset: np.ndarray | None = None
 
     @property
     def angles(self) -> AngleSource:
@@ -381,7 +390,16 @@ class RopeEncoding:
             **({"decay": self.decay.to_dict()} if self.decay is not None else {}),
             **({"identified_by": self.identified_by} if self.identified_by != "pattern" else {}),
             **({"positions": axes.to_dict()} if axes is not None else {}),
+            **({"position_offset": _offset_json(self.position_offset)} if self.position_offset is not None else {}),
         }
+
+
+def _offset_json(offset: np.ndarray) -> float | list[float]:
+    """One number when every frequency starts at the same position, else the list."""
+    values = np.asarray(offset, np.float64)
+    if values.size and np.ptp(values) <= 1e-6 * max(1.0, float(np.max(np.abs(values)))):
+        return float(np.median(values))
+    return [float(v) for v in values]
 
 
 # -- ONNX handles ----------------------------------------------------------------------------------------

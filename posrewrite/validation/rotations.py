@@ -69,12 +69,16 @@ class RopeReference:
 
 
 def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,
-                   rotary_dim: int) -> np.ndarray:
+                   rotary_dim: int, offset: np.ndarray | None = None) -> np.ndarray:
     """RoPE by the paper's definition, in float64: x [..., S, D] rotated on its first `rotary_dim` channels by
     angles positions × inv_freq, times `factor`; `layout` "rotate_half" pairs channel i with i + rotary_dim/2,
-    "interleaved" pairs 2i with 2i+1. The remaining channels pass through."""
+    "interleaved" pairs 2i with 2i+1. The remaining channels pass through. `offset` [rotary_dim/2]: the positions
+    of frequency c are positions + offset[c] (a model whose positions start elsewhere than 0)."""
     x = np.asarray(x, np.float64)
-    angles = np.asarray(positions, np.float64)[:, None] * np.asarray(inv_freq, np.float64)[None, :]
+    pos = np.asarray(positions, np.float64)[:, None]
+    if offset is not None:
+        pos = pos + np.asarray(offset, np.float64)[None, :]
+    angles = pos * np.asarray(inv_freq, np.float64)[None, :]
     cos, sin = np.cos(angles) * factor, np.sin(angles) * factor
     xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
@@ -250,7 +254,8 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
                                                 f"{np.shape(y)} at {length} positions")
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
-    expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim)
+    expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim,
+                              rot.reference.site.encoding.position_offset)
     if rot.decay is not None:  # xPos: the paper's decay at these positions (its exponent as the plan says)
         from posrewrite.passes.onnx.rope.xpos import decay_magnitude
 

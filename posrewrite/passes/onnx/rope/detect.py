@@ -19,16 +19,26 @@ from posrewrite.math import rope as rope_math
 from posrewrite.math import rope_fit
 from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, last_dim
 from posrewrite.passes.onnx.rope.angles import read_angles
-from posrewrite.passes.onnx.rope.base import scaled_base, stored_base, table_base
+from posrewrite.passes.onnx.rope.base import half_rounded, scaled_base, stored_base, table_base
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
-from posrewrite.passes.onnx.rope.probe import ConeTrig, cone_trig, fit_grid, fit_rows, position_input, position_rows
+from posrewrite.passes.onnx.rope.probe import (
+    ConeTrig,
+    angle_offsets,
+    cone_trig,
+    fit_grid,
+    fit_length,
+    fit_rows,
+    position_input,
+    position_rows,
+)
 from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
+    AngleSource,
     CachedTable,
     ComputedAngles,
     GridAngles,
@@ -130,7 +140,8 @@ class RopeDetector:
             found.append(ApplicationMatch(
                 x=rot.x, cos=rot.cos, sin=rot.sin, output=rot.output, layout=rot.layout, rotary_dim=rot.rotary_dim,
                 nodes=rot.nodes, head_dim=rot.head_dim, num_heads=rot.heads_in_last_axis if
-                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True))
+                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True,
+                steps=rot.angles[1] - rot.angles[0] if rot.angles.shape[0] > 1 else None))
         for where, why in failed:
             self.probe_failures.append(f"{where.name}: {why}")
         return found
@@ -209,6 +220,7 @@ class RopeDetector:
         probed = [m[0] for m in members if m[0].probed]
         if not probed:
             return site
+        _check_direction(site, probed)
         return _with_probe_facts(site, probed)
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
@@ -220,7 +232,7 @@ class RopeDetector:
         if cone is not None and position_input(self.model, cs.angles) is None:
             # no position input read as data: angles made from the input's shape (a patch grid)
             try:
-                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+                return self._shape_site(apps, cone, layout, rotary_dim, head_dim)
             except NotUnderstood as refused:
                 grid_refused = refused
         try:
@@ -237,7 +249,7 @@ class RopeDetector:
                 positions = position_input(self.model, cone.angles)
                 if positions is not None:  # angles of positions, written in a form not read term by term
                     return self._probed_site(apps, cone, positions, layout, rotary_dim, head_dim)
-                return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+                return self._shape_site(apps, cone, layout, rotary_dim, head_dim)
             except NotUnderstood as also:
                 raise NotUnderstood(f"{refused}; {also}") from None
         if not np.isclose(cs.factor, ss.factor, rtol=1e-6):
@@ -268,10 +280,11 @@ class RopeDetector:
                          f"{base:g}); a rescale starts again from that base")
         elif base is None:
             base, prior = scaled_base(inv_freq, info.inv_freq_root, notes)
-        if base is not None and info.inv_freq_root.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        half = half_rounded(inv_freq) if info.inv_freq_root.dtype == ir.DataType.FLOAT else None
+        if base is not None and (info.inv_freq_root.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or half):
             # a half-precision copy of b^(-2i/d): the frequencies the model means are the exact ones
             inv_freq = rope_math.default_inv_freq(base, rotary_dim)
-            notes.append(f"inv_freq stored in {dtype_name(info.inv_freq_root)}: exact base-{base:g} "
+            notes.append(f"inv_freq stored in {half or dtype_name(info.inv_freq_root)}: exact base-{base:g} "
                          "frequencies assumed")
         root_dtype = info.inv_freq_root.dtype
         source = ComputedAngles(
@@ -284,8 +297,9 @@ class RopeDetector:
             rows = source.rows
             notes.append(f"M-RoPE: {rows.rows}-row positions, mrope_section {list(rows.sections)}"
                          + (" (interleaved)" if rows.interleaved else ""))
+        offset = self._offsets(cs.angles, inv_freq, notes)
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
-                                inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes))
+                                inv_freq=inv_freq, prior_scaling=prior, notes=tuple(notes), position_offset=offset)
         handles = OnnxComputedHandles(
             product=info.product, inv_freq=info.inv_freq_root, inv_freq_consumer=info.inv_freq_consumer,
             positions=info.positions, position_source=info.position_source,
@@ -294,6 +308,51 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=info.positions,
                         inv_freq_value=info.inv_freq_root, applications=tuple(apps),
                         source_nodes=(cs.trig, ss.trig, info.product, *(cone.between if cone else ())),
+                        handles=handles)
+
+    def _offsets(self, angles: ir.Value, inv_freq: np.ndarray, notes: list[str]) -> np.ndarray | None:
+        """The positions the angles start at (`probe.angle_offsets`), with a note; None when they start at 0."""
+        offset = angle_offsets(self.model, angles, inv_freq)
+        if offset is not None:
+            shown = (f"{float(offset[0]):g}" if np.ptp(offset) <= 1e-6 * max(1.0, float(np.max(np.abs(offset))))
+                     else "per frequency")
+            notes.append(f"positions start at {shown}, not 0 (an offset inside the model): a rescale scales it "
+                         "with the positions")
+        return offset
+
+    def _shape_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
+                    head_dim: int | None) -> RopeSite:
+        """Angles made from the input's shape alone: a patch grid (2-D RoPE), else one sequence axis (1-D)."""
+        try:
+            return self._grid_site(apps, cone, layout, rotary_dim, head_dim)
+        except NotUnderstood as grid:
+            try:
+                return self._length_site(apps, cone, layout, rotary_dim, head_dim)
+            except NotUnderstood as length:
+                raise NotUnderstood(f"{grid}; {length}") from None
+
+    def _length_site(self, apps: list[RopeApplication], cone: ConeTrig, layout: Layout, rotary_dim: int,
+                     head_dim: int | None) -> RopeSite:
+        """1-D angles a·t + c made from the sequence length alone, fitted by probing two lengths."""
+        fit = fit_length(self.model, cone, apps[0].cos, apps[0].sin, layout, rotary_dim)
+        notes = ["angles identified by probing (token index x frequency per channel): a rescale multiplies them"]
+        base = None if fit.normalised else rope_fit.fit_base(fit.inv_freq, rotary_dim)
+        offset = None
+        if fit.normalised:
+            notes.append("positions normalised by the sequence length (coordinates of a fixed range): the model "
+                         "already adapts to length, nothing to rescale")
+        else:
+            offset = self._offsets(cone.angles, fit.inv_freq, notes)
+            if base is None:
+                notes.append("the frequencies are not base^(-2i/d): linear and llama3 apply, methods needing a "
+                             "base need --rope-base")
+        source = ProbedAngles(position_dtype=dtype_name(cone.angles), angle_dtype=dtype_name(cone.angles),
+                              attention_factor=fit.attention_factor, normalised=fit.normalised)
+        encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
+                                inv_freq=fit.inv_freq, notes=tuple(notes), position_offset=offset)
+        handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
+        return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=None,
+                        applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
                         handles=handles)
 
     def _rows(self, app: RopeApplication, positions: ir.Value, layout: Layout, rotary_dim: int):
@@ -315,10 +374,11 @@ class RopeDetector:
         if fit.rows is not None:
             notes.append(f"M-RoPE: {fit.rows.rows}-row positions, mrope_section {list(fit.rows.sections)}"
                          + (" (interleaved)" if fit.rows.interleaved else ""))
+        offset = self._offsets(cone.angles, fit.inv_freq, notes)
         source = ProbedAngles(position_dtype=dtype_name(positions), angle_dtype=dtype_name(cone.angles),
                               attention_factor=fit.attention_factor, rows=fit.rows)
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
-                                inv_freq=fit.inv_freq, notes=tuple(notes))
+                                inv_freq=fit.inv_freq, notes=tuple(notes), position_offset=offset)
         handles = OnnxAngleHandles(cone.angles, (cone.cos, cone.sin), fit.channel_shape, fit.channel_freq)
         return RopeSite(encoding=encoding, cos=cone.cos.outputs[0], sin=cone.sin.outputs[0], positions=positions,
                         applications=tuple(apps), source_nodes=(cone.cos, cone.sin, *cone.between),
@@ -347,8 +407,8 @@ class RopeDetector:
 
     def _cached_site(self, apps: list[RopeApplication], cs: TableSource, ss: TableSource, layout: Layout,
                      rotary_dim: int, head_dim: int | None) -> RopeSite:
-        cos_table = table_array(self.fold, cs.table, cs.columns)
-        sin_table = table_array(self.fold, ss.table, ss.columns)
+        cos_table = table_array(self.fold, cs.table, cs.columns, cs.component)
+        sin_table = table_array(self.fold, ss.table, ss.columns, ss.component)
         if cos_table is None or sin_table is None or cos_table.shape != sin_table.shape:
             raise NotUnderstood("cos/sin tables have different or unknown shapes")
         inv_freq, factor = fit_tables(cos_table, sin_table, layout, table_eps(cs.table))
@@ -362,6 +422,7 @@ class RopeDetector:
             rows=int(cos_table.shape[0]), dtype=dtype_name(cs.table),
             position_dtype=dtype_name(positions) if positions is not None else "int64", row_selection=sel.op_type,
             attention_factor=factor * cs.factor, cos_columns=cs.columns, sin_columns=ss.columns,
+            cos_component=cs.component, sin_component=ss.component,
             cos_scale=cs.factor, sin_scale=ss.factor,
         )
         encoding = RopeEncoding(layout=layout, head_dim=head_dim, rotary_dim=rotary_dim, source=source, base=base,
@@ -371,6 +432,28 @@ class RopeDetector:
         return RopeSite(encoding=encoding, cos=cs.value, sin=ss.value, positions=positions, cos_cache=cs.table,
                         sin_cache=ss.table, applications=tuple(apps), source_nodes=(cs.select, ss.select),
                         handles=handles)
+
+
+def _check_direction(site: RopeSite, probed: list[ApplicationMatch]) -> None:
+    """NotUnderstood when a probed rotation turns by exactly minus its angles' step (sin entering with the other
+    sign): the probe puts reversed pairs in the standard orientation (aliasing makes one position's direction
+    meaningless), so the sign is checked here against the frequencies read from the angles. Inconclusive steps
+    (positions scaled inside the model, 2-D grids) are left alone."""
+    inv = site.encoding.inv_freq
+    if inv is None or site.angles == AngleSource.GRID:
+        return
+    f = np.asarray(inv, np.float64)
+    for app in probed:
+        steps = np.asarray(app.steps, np.float64) if app.steps is not None else None
+        if steps is None or steps.shape != f.shape:
+            continue
+        same = np.abs((steps - f + np.pi) % (2 * np.pi) - np.pi)
+        opposite = np.abs((steps + f + np.pi) % (2 * np.pi) - np.pi)
+        tol = 1e-3 * np.maximum(np.abs(f), 1e-3)
+        moving = np.abs(np.sin(f)) > 1e-3  # a step of 0 or π reads the same both ways
+        if np.any(moving & (opposite <= tol) & (same > tol)):
+            raise NotUnderstood(f"the rotation producing {app.output.name} turns opposite to its angles (sin enters "
+                                "with the other sign): no rewrite supports that")
 
 
 def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSite:

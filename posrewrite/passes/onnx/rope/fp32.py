@@ -34,6 +34,7 @@ from posrewrite.passes.onnx.rope._dtypes import (
     is_float,
 )
 from posrewrite.passes.onnx.rope.precision import TablePrecision, site_needs_fp32, table_precision
+from posrewrite.passes.onnx.rope.tables import part_width, write_part
 from posrewrite.sites.base import EncodingSite
 from posrewrite.sites.rope import AngleSource, CachedTable, Layout, RopeSite, site_key
 
@@ -319,20 +320,19 @@ def _rewrite_tables(graph: ir.Graph, site: RopeSite, index: int, tp: TablePrecis
     else:
         handles, source = site.cached_handles(), site.source
         assert isinstance(source, CachedTable)
-        tables: dict[int, tuple[ir.Value, list[tuple[tuple[int, int] | None, str]]]] = {}
-        for read, columns, fn in ((handles.cos, source.cos_columns, "cos"), (handles.sin, source.sin_columns, "sin")):
-            tables.setdefault(id(read.table), (read.table, []))[1].append((columns, fn))
+        tables: dict[int, tuple[ir.Value, list[tuple[tuple[int, int] | None, str, int | None]]]] = {}
+        for read, columns, fn, comp in ((handles.cos, source.cos_columns, "cos", source.cos_component),
+                                        (handles.sin, source.sin_columns, "sin", source.sin_component)):
+            tables.setdefault(id(read.table), (read.table, []))[1].append((columns, fn, comp))
         for table_value, parts in tables.values():
             old = const_array(table_value)
             row_axis = next(k for k, d in enumerate(old.shape[:-1]) if d == rows)
             new = np.zeros(old.shape, dtype=np.float32)
-            for columns, fn in parts:
-                lo, hi = columns if columns is not None else (0, old.shape[-1])
+            for columns, fn, comp in parts:
+                lo, hi = part_width(old.shape, columns, comp)
                 c, s = rope_math.cos_sin_tables(tp.inv_freq, rows, attention_factor=tp.attention_factor,
                                                 layout=_part_layout(site, hi - lo))
-                block = c if fn == "cos" else s
-                shape = [rows if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo]
-                new[..., lo:hi] = block.reshape(shape)
+                write_part(new, c if fn == "cos" else s, columns, comp, row_axis, rows)
             replacement = add_initializer(graph, new, f"{table_value.name}_fp32math", table_value.dtype)
             for use in list(table_value.uses()):
                 use.node.replace_input_with(use.idx, replacement)

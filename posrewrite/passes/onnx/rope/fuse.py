@@ -44,6 +44,7 @@ from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, rank
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.opset import OpsetConversionError, convert_opset, model_onnx_opset
 from posrewrite.passes.onnx.rope.markers import mark_rescaled_cache
+from posrewrite.passes.onnx.rope.tables import table_part
 
 if TYPE_CHECKING:
     from posrewrite.passes.onnx.rope.rescale import SitePlan
@@ -162,6 +163,9 @@ class FuseRotaryPass(ReportingPass):
         if site.encoding.decay is not None:
             raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: RotaryEmbedding has "
                                   "no xPos decay")
+        if site.encoding.position_offset is not None:
+            raise FuseNotPossible(f"cannot fuse the rotation producing {apps[0].output.name}: its positions start at "
+                                  "an offset inside the model, and RotaryEmbedding reads the positions as given")
         for app in apps:
             form = _input_form(app)
             if isinstance(form, str):
@@ -314,13 +318,12 @@ class FuseRotaryPass(ReportingPass):
             tables = []
             cached, source = site.cached_handles(), site.source
             assert isinstance(source, CachedTable)
-            for read, columns in ((cached.cos, source.cos_columns), (cached.sin, source.sin_columns)):
+            for read, columns, comp in ((cached.cos, source.cos_columns, source.cos_component),
+                                        (cached.sin, source.sin_columns, source.sin_component)):
                 t = self._fold(read.table)
                 if t is None:
                     raise FuseRefusal(f"cos/sin table {read.table.name} is not a constant")
-                t = np.asarray(t)
-                if columns is not None:
-                    t = t[..., columns[0] : columns[1]]
+                t = table_part(np.asarray(t), columns, comp)
                 kept = [d for d in t.shape[:-1] if d != 1] or [1]
                 t = t.reshape(kept + [t.shape[-1]])
                 if t.ndim != 2:

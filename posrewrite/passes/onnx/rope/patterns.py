@@ -254,6 +254,7 @@ class ApplicationMatch:
     num_heads: int | None = None  # heads on x's last axis ([B, S, H·D] rotations), by probing
     decay: object | None = None  # sites.rope.PositionDecay of an xPos rotation, by probing
     probed: bool = False
+    steps: object | None = None  # numpy [rotary_dim/2]: each pair's turn from position 0 to 1, by probing
 
 
 def find_applications(

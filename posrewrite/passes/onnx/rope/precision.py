@@ -38,6 +38,7 @@ from posrewrite.passes.onnx.rope._dtypes import (
     dtype_of,
     is_float,
 )
+from posrewrite.passes.onnx.rope.tables import table_part
 from posrewrite.sites.rope import AngleSource, CachedTable, Layout, OnnxCachedHandles, OnnxComputedHandles, RopeSite
 
 __all__ = [
@@ -272,13 +273,12 @@ def _site_tables(site: RopeSite) -> tuple[np.ndarray, np.ndarray, str] | None:
         return None
     handles, source = site.handles, site.source
     out = []
-    for read, columns in ((handles.cos, source.cos_columns), (handles.sin, source.sin_columns)):
+    for read, columns, comp in ((handles.cos, source.cos_columns, source.cos_component),
+                                (handles.sin, source.sin_columns, source.sin_component)):
         t = const_array(read.table)
         if t is None:
             return None
-        t = as_float64(t)
-        if columns is not None:
-            t = t[..., columns[0]:columns[1]]
+        t = table_part(as_float64(t), columns, comp)
         kept = [d for d in t.shape[:-1] if d != 1] or [1]
         if len(kept) != 1:
             return None

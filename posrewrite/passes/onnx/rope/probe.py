@@ -21,6 +21,7 @@ rotation (sections picked per row, sin and cos concatenated then split, repeats)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,6 +39,9 @@ _CONE_LIMIT = 400
 _EVAL_LIMIT = 4000
 #: the probe sequence length and grids: sizes unlikely to equal a channel count (odd, prime)
 _SEQ = 7
+_SEQ_2 = 13  # a second probe length (the token axis is the one that follows the length)
+#: elements a probe input may hold (a static axis of 2**40 positions is refused, not allocated)
+_MAX_PROBE_ELEMENTS = 1 << 24
 _GRIDS = rope_grid.PROBE_GRIDS
 
 
@@ -165,6 +169,8 @@ def _zeros(value: ir.Value, sizes: dict[str, int], default: int = 1) -> np.ndarr
     if value.shape is None:
         return None
     dims = [d if isinstance(d, int) else sizes.get(str(d), default) for d in value.shape]
+    if math.prod(dims) > _MAX_PROBE_ELEMENTS:  # a huge static size is never materialised
+        raise NotUnderstood(f"graph input {value.name} {value.shape} is too large to probe")
     return np.zeros(dims, dtype=_np_dtype(value))
 
 
@@ -230,7 +236,7 @@ def position_rows(model: ir.Model, positions: ir.Value, cos: ir.Value, sin: ir.V
     rows = len(probes) - 1
     phis = []
     for c_arr, s_arr in probes[1:]:
-        phis.append(_token_row(np.arctan2(s_arr, c_arr), token=1))
+        phis.append(_token_step(c_arr, s_arr))
     phi = np.stack(phis)  # [rows, channels]
     if phi.shape[1] < rotary_dim:
         raise NotUnderstood(f"the rotation's cos has {phi.shape[1]} channels, fewer than rotary_dim {rotary_dim}")
@@ -273,10 +279,10 @@ def fit_rows(model: ir.Model, trig: ConeTrig, positions: ir.Value, cos: ir.Value
     probes = _row_probes(model, [trig.angles, cos, sin], positions)
     if any(a is None for probe in probes for a in probe):
         raise NotUnderstood(f"angles {trig.angles.name} cannot be evaluated on probe values of {positions.name}")
+    # θ = f·pos + c: a phase offset c (positions shifted inside the model) is allowed; a rescale multiplies the
+    # whole angle, i.e. f·s'·(pos + c/f): the offset is a position like any other (interpolated with them)
     base = np.asarray(probes[0][0], np.float64)
     scale = max(1.0, float(np.max(np.abs(base), initial=0.0)))
-    if np.max(np.abs(base), initial=0.0) > 1e-6:
-        raise NotUnderstood("the angles are not 0 at position 0 (an offset the probe does not model)")
     deltas = [np.asarray(p[0], np.float64) - base for p in probes[1:]]
     token = _token_axis(deltas)
     freq = sum(np.take(d, [1], axis=token) for d in deltas)
@@ -289,10 +295,10 @@ def fit_rows(model: ir.Model, trig: ConeTrig, positions: ir.Value, cos: ir.Value
     reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
     if np.any(reads.sum(axis=0) > 1):
         raise NotUnderstood("an angle reads several rows of the position input")
-    phi = sum(_token_row(np.arctan2(p[2], p[1]), token=1) for p in probes[1:])
+    phi = sum(_token_step(p[1], p[2]) for p in probes[1:])
     if phi.shape[0] < rotary_dim:
         raise NotUnderstood(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
-    inv = phi[: rotary_dim // 2] if layout == Layout.ROTATE_HALF else phi[0:rotary_dim:2]
+    inv = unalias(phi[: rotary_dim // 2] if layout == Layout.ROTATE_HALF else phi[0:rotary_dim:2], freq)
     c0, s0 = (np.asarray(a, np.float64) for a in probes[0][1:])
     amplitude = np.sqrt(c0 ** 2 + s0 ** 2)
     factor = trig.factor
@@ -300,6 +306,33 @@ def fit_rows(model: ir.Model, trig: ConeTrig, positions: ir.Value, cos: ir.Value
         factor = float(np.median(amplitude))
     rows = position_rows(model, positions, cos, sin, layout, rotary_dim) if len(positions.shape) == 3 else None
     return RowFit(np.asarray(inv, np.float32), freq, tuple(freq.shape), rows, factor)
+
+
+def _token_step(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Per channel, the angle the rotation's cos/sin turn by from token 0 to token 1 (the frequency, modulo 2π),
+    whatever the angle at token 0 (a phase offset)."""
+    c1, s1 = _token_row(cos, 1), _token_row(sin, 1)
+    c0, s0 = _token_row(cos, 0), _token_row(sin, 0)
+    return np.arctan2(s1 * c0 - c1 * s0, c1 * c0 + s1 * s0)
+
+
+def unalias(step: np.ndarray, channel_freq: np.ndarray) -> np.ndarray:
+    """The frequencies of the angle tensor (`channel_freq`, exact: read as slopes) that the rotation's per-token
+    steps (`step`, modulo 2π) are: at integer positions f and f + 2πk turn the same, so a frequency above π
+    (rotary-embedding-torch's pixel frequencies, up to max_freq/2·π) is read back from the angle tensor. A step
+    matching none of them is kept as read."""
+    known = np.unique(np.asarray(channel_freq, np.float64).reshape(-1))
+    known = known[known != 0]
+    out = np.asarray(step, np.float64).copy()
+    for k, phi in enumerate(out):
+        if known.size == 0:
+            break
+        wrapped = np.abs((known - phi + np.pi) % (2 * np.pi) - np.pi)
+        tol = 1e-4 * np.maximum(np.abs(known), 1.0)
+        hits = known[wrapped <= tol]
+        if hits.size:
+            out[k] = hits[np.argmin(np.abs(hits - phi))]  # the nearest (no aliasing) where several fit
+    return out
 
 
 def _token_axis(deltas: list[np.ndarray]) -> int:
@@ -316,7 +349,7 @@ def frequency_ratio(channel_freq: np.ndarray, old: np.ndarray, new: np.ndarray) 
     """new/old for each element of `channel_freq`, matched to the nearest of the `old` frequencies (1 where an
     element does not rotate); NotUnderstood when an element matches none."""
     f = np.abs(np.asarray(channel_freq, np.float64))
-    old = np.asarray(old, np.float64)
+    old = np.abs(np.asarray(old, np.float64))
     ratio = np.ones(f.shape)
     flat, out = f.reshape(-1), ratio.reshape(-1)
     for k, v in enumerate(flat):
@@ -327,6 +360,148 @@ def frequency_ratio(channel_freq: np.ndarray, old: np.ndarray, new: np.ndarray) 
             raise NotUnderstood(f"an angle channel's frequency {v:.6g} is none of the rotation's")
         out[k] = float(new[i]) / old[i]
     return ratio
+
+
+# -- affine positions: a phase offset, positions made from the length alone --------------------------------
+
+
+def _call_feeds(model: ir.Model, values: list[ir.Value], length: int) -> dict[int, np.ndarray]:
+    """Feeds for a call over `length` positions (batch 1) of the graph inputs `values` depend on."""
+    from posrewrite.passes.onnx._graph import call_input
+
+    inputs = cone_inputs(model, values)
+    feeds = {}
+    for v in (*inputs.data, *inputs.shape_only):
+        if v.shape is None:
+            raise NotUnderstood(f"graph input {v.name} has no shape to probe with")
+        static = [d for d in v.shape.dims if isinstance(d, int)]
+        if math.prod(static) * length > _MAX_PROBE_ELEMENTS:  # a huge static size is never materialised
+            raise NotUnderstood(f"graph input {v.name} {v.shape} is too large to probe")
+        feeds[id(v)] = call_input(v, 1, length)
+    return feeds
+
+
+def angle_offsets(model: ir.Model, angles: ir.Value, inv_freq: np.ndarray) -> np.ndarray | None:
+    """Per frequency of `inv_freq`, the position b_c of the first token when the angles are f_c·(t + b_c) (positions
+    an affine map of the index: an offset added inside the model, coordinates from -1 to 1): the angle tensor
+    evaluated on a call over positions 0..S-1 (no weight read), each element's angle at token 0 divided by its
+    step per token. None when every angle is 0 at token 0 (the usual RoPE) or the angle tensor cannot be
+    evaluated alone; NotUnderstood when elements of one frequency disagree."""
+    try:
+        arr = _evaluator(model, _call_feeds(model, [angles], _SEQ))(angles)
+        if arr is None or not np.any(np.asarray(arr) != 0):
+            return None
+        other = _evaluator(model, _call_feeds(model, [angles], _SEQ_2))(angles)
+    except NotUnderstood:
+        return None
+    if other is None or np.ndim(other) != np.ndim(arr):
+        return None
+    arr = np.asarray(arr, np.float64)
+    # the token axis: the one axis whose size follows the call's length (never a channel axis of the same size)
+    axes = [k for k in range(arr.ndim) if arr.shape[k] == _SEQ and np.shape(other)[k] == _SEQ_2]
+    if len(axes) != 1:
+        return None
+    token = axes[0]
+    first = np.moveaxis(np.take(arr, [0], axis=token), token, -1).reshape(-1)
+    step = np.moveaxis(np.take(arr, [1], axis=token), token, -1).reshape(-1) - first
+    if np.max(np.abs(first), initial=0.0) <= 1e-7 * max(1.0, float(np.max(np.abs(step), initial=0.0))):
+        return None
+    out = np.zeros(np.asarray(inv_freq).size)
+    for k, f in enumerate(np.asarray(inv_freq, np.float64)):
+        mine = np.abs(np.abs(step) - abs(f)) <= 1e-4 * abs(f)
+        if not mine.any():
+            raise NotUnderstood(f"no element of the angle tensor turns by the frequency {f:.6g} per token")
+        b = first[mine] / step[mine]
+        if np.ptp(b) > 1e-4 * max(1.0, float(np.max(np.abs(b)))):
+            raise NotUnderstood("angle elements of one frequency start at different positions")
+        out[k] = float(np.median(b))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthFit:
+    """1-D angles made from the sequence length alone (no position input), fitted as a·t + c per element."""
+
+    inv_freq: np.ndarray  # float32 [rotary_dim / 2]: per rotated frequency, its turn per token
+    channel_freq: np.ndarray  # float64, the angle tensor's channel shape: each element's turn per token
+    channel_shape: tuple[int, ...]
+    normalised: bool  # the turn per token changes with the length (coordinates divided by the length)
+    attention_factor: float
+
+
+def _length_symbol(model: ir.Model, angles: ir.Value) -> tuple[ir.Value, str]:
+    """The one symbolic dimension of the graph inputs that changes the angle tensor's shape (the sequence)."""
+    found = cone_inputs(model, [angles])
+    if found.data:
+        raise NotUnderstood(f"angles read graph input {found.data[0].name} as data, not only its shape")
+    symbols = []
+    for v in found.shape_only:
+        for d in v.shape.dims if v.shape is not None else ():
+            if not isinstance(d, int) and str(d) not in [s for _, s in symbols]:
+                symbols.append((v, str(d)))
+    hits = []
+    for v, sym in symbols:
+        feeds = {}
+        for u in found.shape_only:
+            z = _zeros(u, {sym: _SEQ})
+            if z is None:
+                raise NotUnderstood(f"graph input {u.name} has no shape to probe with")
+            feeds[id(u)] = z
+        arr = _evaluator(model, feeds)(angles)
+        if arr is not None and _SEQ in np.shape(arr):
+            hits.append((v, sym))
+    if len(hits) != 1:
+        raise NotUnderstood("angles are not made from the length of one sequence axis")
+    return hits[0]
+
+
+def fit_length(model: ir.Model, trig: ConeTrig, cos: ir.Value, sin: ir.Value, layout: Layout,
+               rotary_dim: int) -> LengthFit:
+    """Each element of the angle tensor fitted as a·t + c over the tokens t of calls at two lengths, and each
+    rotated frequency read from the rotation's own cos/sin (its turn from token 0 to 1, un-aliased against the
+    angle tensor's slopes); NotUnderstood when the angles are not affine in the token index."""
+    _, sym = _length_symbol(model, trig.angles)
+    found = cone_inputs(model, [trig.angles, cos, sin])
+    slopes = []
+    phi = None
+    factor = trig.factor
+    for n in (_SEQ, _SEQ_2):
+        feeds = {}
+        for u in (*found.data, *found.shape_only):
+            z = _zeros(u, {sym: n})
+            if z is None:
+                raise NotUnderstood(f"graph input {u.name} has no shape to probe with")
+            feeds[id(u)] = z
+        fold = _evaluator(model, feeds)
+        arr, c_arr, s_arr = fold(trig.angles), fold(cos), fold(sin)
+        if arr is None or c_arr is None or s_arr is None:
+            raise NotUnderstood(f"angles {trig.angles.name} cannot be evaluated at {n} tokens")
+        arr = np.asarray(arr, np.float64)
+        token = max((k for k in range(arr.ndim) if arr.shape[k] == n), default=None)
+        if token is None:
+            raise NotUnderstood(f"no token axis of size {n} in the probed angles {arr.shape}")
+        steps = np.arange(n).reshape([-1 if k == token else 1 for k in range(arr.ndim)])
+        first = np.take(arr, [0], axis=token)
+        slope = np.take(arr, [1], axis=token) - first
+        scale = max(1.0, float(np.max(np.abs(arr), initial=0.0)))
+        if np.max(np.abs(arr - first - slope * steps), initial=0.0) > 1e-5 * scale:
+            raise NotUnderstood("the angles are not affine in the token index")
+        slopes.append(slope)
+        if phi is None:
+            if n != _SEQ:
+                raise NotUnderstood("internal: first probe length")
+            phi = _token_step(c_arr, s_arr)
+            c0, s0 = np.asarray(c_arr, np.float64), np.asarray(s_arr, np.float64)
+            amplitude = np.sqrt(c0 ** 2 + s0 ** 2)
+            if trig.cos_scale is None and amplitude.size and \
+                    np.ptp(amplitude) <= 1e-5 * max(float(np.max(amplitude)), 1.0):
+                factor = float(np.median(amplitude))
+    freq = slopes[0]
+    normalised = rope_grid.slopes_depend_on_grid(slopes[0].reshape(1, -1), slopes[1].reshape(1, -1))
+    if phi.shape[0] < rotary_dim:
+        raise NotUnderstood(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
+    inv = unalias(phi[: rotary_dim // 2] if layout == Layout.ROTATE_HALF else phi[0:rotary_dim:2], freq)
+    return LengthFit(np.asarray(inv, np.float32), freq, tuple(freq.shape), bool(normalised), factor)
 
 
 # -- patch grids (2-D RoPE) ------------------------------------------------------------------------------
@@ -411,5 +586,5 @@ def fit_grid(model: ir.Model, trig: ConeTrig, cos: ir.Value, sin: ir.Value) -> G
     return GridFit(axes, channel_shape, dtype_name(trig.angles), factor)
 
 
-__all__ = ["ConeTrig", "GridFit", "RowFit", "cone_trig", "fit_grid", "fit_rows", "frequency_ratio", "position_input",
-           "position_rows"]
+__all__ = ["ConeTrig", "GridFit", "LengthFit", "RowFit", "angle_offsets", "cone_trig", "fit_grid", "fit_length",
+           "fit_rows", "frequency_ratio", "position_input", "position_rows", "unalias"]

@@ -26,6 +26,7 @@ from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_af
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope.fused import fused_cache_indices
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
+from posrewrite.passes.onnx.rope.tables import part_width, write_part
 from posrewrite.sites.rope import (
     AngleSource,
     CachedTable,
@@ -125,6 +126,9 @@ def plan_site(site: RopeSite, params: rope_math.RopeParameters) -> SitePlan:
     if site.angles == AngleSource.GRID:
         raise NotRewritable("2-D RoPE over a patch grid: rescale it with --original-grid HxW --target-grid HxW "
                             "(per-axis), not with a 1-D --rope-scale")
+    if getattr(site.source, "normalised", False):
+        raise NotRewritable("this RoPE reads positions normalised by the sequence length: the model already adapts "
+                            "to length, there is nothing to rescale")
     if site.angles == AngleSource.PROBED and params.rope_type in RUNTIME_METHODS:
         raise NotRewritable(f"{params.rope_type} computes frequencies at run time, which needs the graph's "
                             "positions x inv_freq product; these angles were identified by probing only")
@@ -478,10 +482,11 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
     handles, source = site.cached_handles(), site.source
     assert isinstance(source, CachedTable)
     changes = [plan.describe()]
-    tables: dict[int, tuple[ir.Value, list[tuple[OnnxTableRead, tuple[int, int] | None, float, str]]]] = {}
-    for read, columns, scale, fn in ((handles.cos, source.cos_columns, source.cos_scale, "cos"),
-                                     (handles.sin, source.sin_columns, source.sin_scale, "sin")):
-        tables.setdefault(id(read.table), (read.table, []))[1].append((read, columns, scale, fn))
+    tables: dict[int, tuple[ir.Value, list[tuple[OnnxTableRead, tuple[int, int] | None, float, str, int | None]]]] = {}
+    for read, columns, scale, fn, comp in (
+            (handles.cos, source.cos_columns, source.cos_scale, "cos", source.cos_component),
+            (handles.sin, source.sin_columns, source.sin_scale, "sin", source.sin_component)):
+        tables.setdefault(id(read.table), (read.table, []))[1].append((read, columns, scale, fn, comp))
     for table_value, parts in tables.values():
         old = (
             table_value.const_value.numpy()
@@ -497,16 +502,13 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
         new_shape[row_axis] = plan.new_length
         if not plan.runtime:
             new = np.zeros(new_shape, dtype=np.float64)
-            for _read, columns, _scale, fn in parts:
-                lo, hi = columns if columns is not None else (0, old.shape[-1])
+            for _read, columns, _scale, fn, comp in parts:
+                lo, hi = part_width(old.shape, columns, comp)
                 layout = _table_layout(site, hi - lo)
                 cos, sin = rope_math.cos_sin_tables(
                     plan.inv_freq, plan.new_length, attention_factor=factor, layout=layout
                 )
-                block = cos if fn == "cos" else sin
-                new[..., lo:hi] = block.reshape(
-                    [plan.new_length if k == row_axis else 1 for k in range(old.ndim - 1)] + [hi - lo]
-                )
+                write_part(new, cos if fn == "cos" else sin, columns, comp, row_axis, plan.new_length)
             if plan.keep_rows:
                 kept = [slice(None)] * old.ndim
                 kept[row_axis] = slice(0, old.shape[row_axis])
@@ -515,6 +517,9 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
                 graph, new.astype(np.float32), f"{table_value.name}_{plan.params.rope_type}", dtype
             )
         else:
+            if any(p[4] is not None for p in parts):
+                raise NotRewritable(f"{plan.params.rope_type} computes the table at run time; this table stacks cos "
+                                    "and sin on its last axis, which the run-time table does not write")
             w = NodeWriter(graph, select, "rope_table")
             if select.op_type in ("Gather", "GatherElements", "GatherND"):
                 seq = seq_from_positions(w, select.inputs[1])
@@ -523,7 +528,7 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
             inv = runtime_inv_freq(w, plan, seq)
             angles = table_angles(w, inv, w.const(np.int64(plan.new_length)))
             pieces = []
-            for _read, columns, _scale, fn in sorted(parts, key=lambda p: (p[1] or (0, 0))[0]):
+            for _read, columns, _scale, fn, _comp in sorted(parts, key=lambda p: (p[1] or (0, 0))[0]):
                 lo, hi = columns if columns is not None else (0, old.shape[-1])
                 t = w.op("Cos" if fn == "cos" else "Sin", angles)
                 if factor != 1.0:

@@ -374,9 +374,56 @@ def _cone_session(model: ir.Model, inputs: list[ir.Value], y: ir.Value):
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+_STATIC_HINT = ("re-export with a dynamic sequence axis (torch.onnx.export dynamic_shapes / dynamic_axes) and "
+                "rewrite that; torch.export fixes a size that reaches a Python int (len(t), a shape used in "
+                "arithmetic outside tensors) or torch.linspace's number of steps; torch.export.export(..., "
+                "strict=True) keeps len(t) symbolic: pass its program to torch.onnx.export")
+
+
+def _identify_static_batch_one(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> None:
+    """x of a fully static shape with a batch of one: one run per channel (its unit vector at every position);
+    a rotation read over the axes between batch and channels raises StaticLength."""
+    width = int(dims[-1])
+    positions = math.prod(int(d) for d in dims[1:-1])
+    if width > _MAX_GRID_PROBE_CHANNELS or width < 2 or positions * width > _MAX_CONE_ELEMENTS:
+        return
+    others = _cone_inputs(model.graph, y, x)
+    if any(_reads_values(v, y, x) for v in others) or any(
+            v.shape is None or v.dtype is None or not v.shape.is_static() for v in others):
+        return
+    if any(math.prod(v.shape.dims) > _MAX_CONE_ELEMENTS for v in others):
+        return
+    feeds = {v.name: np.zeros(list(v.shape.dims), numpy_dtype(v.dtype)) for v in others}
+    try:
+        session = _session(model, [x, *others], y)
+    except NotARotation:
+        return
+    keep = min(positions, 64)
+    runs = []
+    for j in range(width):
+        probe = np.zeros([int(d) for d in dims], dtype=numpy_dtype(x.dtype))
+        probe[..., j] = 1
+        try:
+            (out,) = session.run(None, {**feeds, x.name: probe})
+        except Exception:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
+            return
+        if out.shape != probe.shape:
+            return
+        runs.append(np.asarray(out, np.float64).reshape(positions, width)[:keep])  # [P, i]
+    m = np.transpose(np.stack(runs), (1, 2, 0))  # [P, i, j]
+    found = identify_matrix(m)
+    if found is not None and found[0]:
+        size = "x".join(str(d) for d in dims[1:-1])
+        raise StaticLength(f"RoPE rotation of {x.name} exported at a fixed size of {size} positions (a static "
+                           f"export: the graph cannot run at any other size); {_STATIC_HINT}")
+
+
 def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> None:
     """x has no symbolic position axis: try each static axis before the channels as positions; a rotation read
     there raises StaticLength (else returns: not identified)."""
+    if dims and dims[0] == 1 and all(isinstance(d, int) for d in dims):
+        _identify_static_batch_one(model, x, y, dims)
+        return
     for axis in range(len(dims) - 2, 0, -1):
         n = dims[axis]
         if not isinstance(n, int) or n < 2:
@@ -389,8 +436,7 @@ def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> N
         if pairs is not None and pairs[0]:
             raise StaticLength(
                 f"RoPE rotation of {x.name} exported at a fixed length of {n} positions (a static export: the "
-                f"graph cannot run past {n}); re-export with a dynamic sequence axis (torch.onnx.export "
-                "dynamic_shapes / dynamic_axes) and rewrite that")
+                f"graph cannot run past {n}); {_STATIC_HINT}")
     return
 
 

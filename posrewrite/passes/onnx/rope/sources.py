@@ -41,6 +41,7 @@ class TableSource:
     columns: tuple[int, int] | None = None
     factor: float = 1.0
     scale: ir.Node | None = None
+    component: int | None = None  # element of a trailing axis of stacked (cos, sin) in the table
 
 
 def trace_source(value: ir.Value, fold: ConstantEvaluator) -> TrigSource | TableSource:
@@ -95,6 +96,9 @@ def trace_source(value: ir.Value, fold: ConstantEvaluator) -> TrigSource | Table
                 columns = rng if columns is None else (rng[0] + columns[0], rng[0] + columns[1])
                 v = data
                 continue
+            if table is not None and table.ndim >= 3 and pick is not None and 0 <= pick < table.shape[-1]:
+                # x[..., k] of rows of a table stacking (cos, sin) on its last axis (torchtune's cache)
+                return TableSource(node.outputs[0], data, node, columns, factor, scale, component=pick)
             if table is not None and table.ndim >= 2:
                 return TableSource(node.outputs[0], data, node, columns, factor, scale)
             v = data

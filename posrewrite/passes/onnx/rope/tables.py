@@ -21,14 +21,41 @@ def table_eps(value: ir.Value | None) -> float:
     return machine_epsilon(name if name in ("float16", "bfloat16") else "float32")
 
 
-def table_array(fold: ConstantEvaluator, table: ir.Value, columns: tuple[int, int] | None) -> np.ndarray | None:
-    """The float64 rows of a constant table (its column range only), broadcast axes of size 1 dropped."""
+def table_part(t: np.ndarray, columns: tuple[int, int] | None, component: int | None) -> np.ndarray:
+    """The part of a stored table holding one function: element `component` of a trailing axis of stacked
+    (cos, sin) (torchtune's cache [positions, d/2, 2]), then the column range `columns` (GPT-J's concat)."""
+    if component is not None:
+        t = t[..., component]
+    if columns is not None:
+        t = t[..., columns[0]:columns[1]]
+    return t
+
+
+def part_width(shape: tuple[int, ...], columns: tuple[int, int] | None, component: int | None) -> tuple[int, int]:
+    """(lo, hi): the column range of a table part, over the whole width when `columns` is None."""
+    width = shape[-2] if component is not None else shape[-1]
+    return columns if columns is not None else (0, width)
+
+
+def write_part(new: np.ndarray, block: np.ndarray, columns: tuple[int, int] | None, component: int | None,
+               row_axis: int, rows: int) -> None:
+    """Writes `block` [rows, hi - lo] into the part of `new` that `table_part` reads."""
+    lo, hi = part_width(new.shape, columns, component)
+    axes = new.ndim - (2 if component is not None else 1)
+    shaped = block.reshape([rows if k == row_axis else 1 for k in range(axes)] + [hi - lo])
+    if component is not None:
+        new[..., lo:hi, component] = shaped
+    else:
+        new[..., lo:hi] = shaped
+
+
+def table_array(fold: ConstantEvaluator, table: ir.Value, columns: tuple[int, int] | None,
+                component: int | None = None) -> np.ndarray | None:
+    """The float64 rows of a constant table (its part holding one function), broadcast axes of size 1 dropped."""
     t = fold(table)
     if t is None:
         return None
-    t = np.asarray(t, dtype=np.float64)
-    if columns is not None:
-        t = t[..., columns[0]:columns[1]]
+    t = table_part(np.asarray(t, dtype=np.float64), columns, component)
     # drop broadcast axes of size 1: [1, N, w] or [N, 1, w] -> [N, w]
     kept = [d for d in t.shape[:-1] if d != 1] or [1]
     return t.reshape(kept + [t.shape[-1]]) if len(kept) == 1 else t
