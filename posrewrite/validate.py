@@ -556,16 +556,17 @@ class RopeReference:
 
 
 def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,
-                   rotary_dim: int, offset: np.ndarray | None = None) -> np.ndarray:
+                   rotary_dim: int, offset: np.ndarray | None = None, sign: int = 1) -> np.ndarray:
     """RoPE by the paper's definition, in float64: x [..., S, D] rotated on its first `rotary_dim` channels by
     angles positions × inv_freq, times `factor`; `layout` "rotate_half" pairs channel i with i + rotary_dim/2,
     "interleaved" pairs 2i with 2i+1. The remaining channels pass through. `offset` [rotary_dim/2]: the positions
-    of frequency c are positions + offset[c] (a model whose positions start elsewhere than 0)."""
+    of frequency c are positions + offset[c] (a model whose positions start elsewhere than 0). `sign` -1: a rotation
+    by -θ (`RopeEncoding.angle_sign`)."""
     x = np.asarray(x, np.float64)
     pos = np.asarray(positions, np.float64)[:, None]
     if offset is not None:
         pos = pos + np.asarray(offset, np.float64)[None, :]
-    angles = pos * np.asarray(inv_freq, np.float64)[None, :]
+    angles = float(sign) * pos * np.asarray(inv_freq, np.float64)[None, :]
     cos, sin = np.cos(angles) * factor, np.sin(angles) * factor
     xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
@@ -742,8 +743,9 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
         return row
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
+    encoding = rot.reference.site.encoding
     expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim,
-                              rot.reference.site.encoding.position_offset)
+                              encoding.position_offset, encoding.angle_sign)
     if rot.decay is not None:  # xPos: the paper's decay at these positions (its exponent as the plan says)
         from posrewrite.passes.onnx.rope.xpos import decay_magnitude
 
@@ -754,7 +756,8 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
     tol, how = _rotation_tolerance(xs, rot.rotary_dim, inv, factor, length, str(np.asarray(x).dtype))
     err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
     row.update(max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
-               compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
+               compared=f"rotated q/k vs numpy {rot.layout} rotation{' by -theta' if encoding.angle_sign < 0 else ''} "
+                        f"(rotary_dim {rot.rotary_dim}, factor "
                         f"{factor:.6g}) of {source}, positions 0..{length - 1}",
                tolerance_from=how)
     return row

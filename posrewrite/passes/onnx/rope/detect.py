@@ -138,7 +138,8 @@ class RopeDetector:
             found.append(ApplicationMatch(
                 x=rot.x, cos=rot.cos, sin=rot.sin, output=rot.output, layout=rot.layout, rotary_dim=rot.rotary_dim,
                 nodes=rot.nodes, head_dim=rot.head_dim, num_heads=rot.heads_in_last_axis if
-                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True))
+                rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True,
+                steps=_wrapped(rot.angles[1] - rot.angles[0]) if rot.angles.shape[0] > 1 else None))
         for where, why in failed:
             self.probe_failures.append(f"{where.name}: {why}")
         return found
@@ -449,10 +450,48 @@ def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSit
     heads = {a.num_heads for a in probed if a.num_heads}
     if heads:
         notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    sign = _angle_sign(encoding.inv_freq, [a.steps for a in probed])
+    if sign < 0:
+        notes.append("rotation by -theta (each pair turned the other way: x_f cos + x_s sin): rescaled in angle "
+                     "space as any other; checked and fused with sin negated")
     import dataclasses as _dc
 
-    encoding = _dc.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes))
+    encoding = _dc.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes), angle_sign=sign)
     return _dc.replace(site, encoding=encoding)
+
+
+def _wrapped(angle: np.ndarray) -> np.ndarray:
+    """Angles modulo 2π in (-π, π]."""
+    return np.angle(np.exp(1j * np.asarray(angle, np.float64)))
+
+
+def _angle_sign(inv_freq: np.ndarray | None, steps: list[np.ndarray | None]) -> int:
+    """+1 when the probed rotations turn by +f per position (f: the site's frequencies, read from its angles or
+    tables), -1 when they turn by -f (a rotation by -θ; pairs put in the standard orientation by the probe keep
+    the sign in their angles). A pair with f ≡ -f (mod 2π) says nothing; a rotation turning some pairs one way and
+    some the other, or q and k in opposite directions, is NotUnderstood (q·k would not depend on m - n)."""
+    if inv_freq is None:
+        return 1
+    f = np.asarray(inv_freq, np.float64).reshape(-1)
+    signs = set()
+    for step in steps:
+        if step is None or np.size(step) != f.size:
+            continue
+        plus = np.abs(_wrapped(np.asarray(step) - f)) <= 1e-3 * np.maximum(1.0, np.abs(f))
+        minus = np.abs(_wrapped(np.asarray(step) + f)) <= 1e-3 * np.maximum(1.0, np.abs(f))
+        telling = plus ^ minus
+        if not np.any(telling):
+            continue
+        if np.all(plus[telling]):
+            signs.add(1)
+        elif np.all(minus[telling]):
+            signs.add(-1)
+        else:
+            raise NotUnderstood("a rotation turning some pairs by +theta and others by -theta")
+    if len(signs) > 1:
+        raise NotUnderstood("rotations of one cos/sin turning in opposite directions (q·k would not depend on "
+                            "m - n)")
+    return signs.pop() if signs else 1
 
 
 def _ensure_ranks(model: ir.Model) -> None:
