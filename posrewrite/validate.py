@@ -607,11 +607,20 @@ def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir
     return extracted_session(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
 
 
-def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None,
+                 positions: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Graph inputs for a call over positions 0..length-1 with no past: ids from the middle of the vocabulary,
-    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions (`_graph.call_input`)."""
-    return {v.name: call_input(v, 1, length, ids=lambda n, v=v: _token_ids(n, (vocab or {}).get(v.name)))
-            for v in inputs}
+    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions (`_graph.call_input`); `positions`:
+    the feed kind of the inputs a site's positions read (`RopeSite.position_feeds`, found by probing)."""
+    from posrewrite.passes.onnx.rope.position_feed import feed_array
+
+    feeds = {}
+    for v in inputs:
+        kind = (positions or {}).get(v.name)
+        arr = feed_array(v, kind, 1, length) if kind is not None else None
+        feeds[v.name] = arr if arr is not None else call_input(
+            v, 1, length, ids=lambda n, v=v: _token_ids(n, (vocab or {}).get(v.name)))
+    return feeds
 
 
 def _random_input(value: ir.Value, length: int, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
@@ -798,6 +807,7 @@ class _RotationRunner:
     def __init__(self, model: ir.Model, rotations: list[_Rotation], vocab: dict[str, int] | None,
                  max_length: int = MAX_VALIDATION_LENGTH, bounded: bool = False) -> None:
         self.model, self.vocab = model, vocab
+        self.positions = {n: k for rot in rotations for n, k in rot.reference.site.position_feeds}
         self.alone: list[tuple[_Rotation, ir.Value, Any, list[ir.Value]]] = []
         self.captured: list[_Rotation] = []
         self.errors: dict[int, str] = {}
@@ -853,7 +863,7 @@ class _RotationRunner:
                 rows.append(self._failed(rot, length, self.errors[id(rot)]))
         rng = np.random.default_rng(seed + length)
         for fed, session, others in self.together:
-            feeds = _input_feeds(others, length, self.vocab)
+            feeds = _input_feeds(others, length, self.vocab, self.positions)
             xs = [_random_input(f, length, rng) for _, f in fed]
             for (_, f), (x, _) in zip(fed, xs, strict=True):
                 feeds[f.name] = x
@@ -867,7 +877,7 @@ class _RotationRunner:
                     rows.append(_compare_rotation(rot, x, y, seq_axis, length, "random pre-rotation values"))
         for rot, feed_at, session, others in self.alone:
             x, seq_axis = _random_input(feed_at, length, rng)
-            feeds = _input_feeds(others, length, self.vocab)
+            feeds = _input_feeds(others, length, self.vocab, self.positions)
             feeds[feed_at.name] = x
             try:
                 (y,) = session.run(None, feeds)
@@ -883,7 +893,7 @@ class _RotationRunner:
             worst: dict[int, dict[str, Any]] = {}
             for start in range(0, length, step):
                 n = min(step, length - start)
-                feeds = _input_feeds(self.prefix_inputs, n, self.vocab)
+                feeds = _input_feeds(self.prefix_inputs, n, self.vocab, self.positions)
                 for v in positions:
                     feeds[v.name] = feeds[v.name] + np.asarray(start, feeds[v.name].dtype)
                 try:

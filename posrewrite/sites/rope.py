@@ -566,6 +566,9 @@ class RopeSite(RopeEncodingFields, EncodingSite):
     applications: tuple[RopeApplication, ...] = ()
     source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
     fused_nodes: tuple[ir.Node, ...] = ()  # fused: the RotaryEmbedding / attention nodes
+    # (graph input name, "arange" | "ones" | "zeros"): the feed of each integer input the positions read as data
+    # under which they are 0..S-1 (a mask of ones for positions made from a mask's cumulative sum), by probing
+    position_feeds: tuple[tuple[str, str], ...] = ()
     handles: OnnxHandles | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property

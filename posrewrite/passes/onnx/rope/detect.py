@@ -11,6 +11,8 @@ ops with rotary inside) are described by `fused`. The base of what was found: `b
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
@@ -22,6 +24,7 @@ from posrewrite.passes.onnx.rope.base import half_rounded, scaled_base, stored_b
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.passes.onnx.rope.position_feed import position_feeds
 from posrewrite.passes.onnx.rope.probe import (
     ConeTrig,
     angle_offsets,
@@ -215,10 +218,25 @@ class RopeDetector:
             site = self._cached_site(apps, cs, ss, layout, rotary_dim, head_dim)
         else:
             raise NotUnderstood("cos and sin come from different kinds of source")
+        site = self._with_position_feeds(site)
         probed = [m[0] for m in members if m[0].probed]
         if not probed:
             return site
         return _with_probe_facts(site, probed)
+
+    def _with_position_feeds(self, site: RopeSite) -> RopeSite:
+        """The site with the feeds of its integer position inputs that give positions 0..S-1 (`position_feed`)."""
+        handles = site.handles
+        if isinstance(handles, OnnxComputedHandles):
+            angles, freqs = handles.product.outputs[0], site.inv_freq
+        elif isinstance(handles, OnnxAngleHandles) and site.inv_freq is not None:
+            angles, freqs = handles.angles, site.inv_freq
+        elif isinstance(handles, OnnxCachedHandles) and site.positions is not None:
+            angles, freqs = site.positions, np.ones(1)  # the row index is the position
+        else:
+            return site
+        feeds = position_feeds(self.model, angles, freqs)
+        return dataclasses.replace(site, position_feeds=feeds) if feeds else site
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
                        rotary_dim: int, head_dim: int | None) -> RopeSite:
