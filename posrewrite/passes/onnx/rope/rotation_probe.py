@@ -141,10 +141,15 @@ class _Term:
     factor: ir.Value  # the family operand
 
 
+#: where a cos/sin family value meets an activation: elementwise (a term of a·x + b·P(x)) or a matrix product
+#: (2x2 rotation matrices applied by MatMul / Einsum: the whole rotation in one term)
+_TERM_OPS = frozenset({"Mul", "MatMul", "Einsum"})
+
+
 def _terms(graph: ir.Graph, family: set[int], hidden: _Hidden) -> list[_Term]:
     terms = []
     for node in graph:
-        if node.op_type != "Mul" or len(node.inputs) != 2:
+        if node.op_type not in _TERM_OPS or len(node.inputs) != 2 or node.domain not in ("", "ai.onnx"):
             continue
         a, b = node.inputs
         if a is None or b is None:
@@ -200,7 +205,7 @@ def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Val
             groups.append((anc, [term]))
     found = []
     for anc, members in groups:
-        if len(members) < 2:
+        if len(members) < 2 and members[0].mul.op_type == "Mul":  # one elementwise product mixes no channels
             continue
         xs = sorted(anc.values(), key=position, reverse=True)[:4]
         found.append((xs, members))
@@ -232,14 +237,39 @@ def _output(x: ir.Value, terms: list[_Term], graph: ir.Graph) -> ir.Value | None
     if y0 is None:
         return None
     y = y0
+    rows = None  # the first value holding x's elements per position in another shape (a view of the result)
     for _ in range(6):
         if _same_layout(x, y):
             return y
+        if rows is None and _same_rows(x, y):
+            rows = y
         uses = [u.node for u in y.uses()]
         if len(uses) != 1 or uses[0].op_type not in _RESHAPE_OPS:
-            return y
+            return rows or y
         y = uses[0].outputs[0]
-    return y
+    return rows or y
+
+
+def _position_prefix(shape: ir.Shape) -> int | None:
+    """The number of leading axes up to and including the last symbolic one (batch and positions)."""
+    symbolic = [k for k, d in enumerate(shape.dims) if not isinstance(d, int)]
+    return symbolic[-1] + 1 if symbolic else None
+
+
+def _same_rows(x: ir.Value, y: ir.Value) -> bool:
+    """y holds x's channels per position in another static shape: the same axes up to the last symbolic one, and
+    the same number of elements after it ([B, S, H·D] rotated as [B, S, H, D/2, 2])."""
+    if x.shape is None or y.shape is None:
+        return False
+    k = _position_prefix(x.shape)
+    if k is None or _position_prefix(y.shape) != k:
+        return False
+    xd, yd = list(x.shape.dims), list(y.shape.dims)
+    if [str(d) for d in xd[:k]] != [str(d) for d in yd[:k]]:
+        return False
+    rest_x, rest_y = xd[k:], yd[k:]
+    return (all(isinstance(d, int) for d in rest_x + rest_y) and len(rest_x) > 0
+            and math.prod(rest_x) == math.prod(rest_y))
 
 
 def _merged_view(x: ir.Value, y: ir.Value, limit: int = 4) -> tuple[ir.Value, ir.Value] | None:
@@ -484,8 +514,7 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
         (out,) = _session(model, [x, *others], y).run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
         raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
-    if out.shape != probe.shape:
-        raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+    out = _lined_up(out, probe.shape, x, y)
     out = np.asarray(out, np.float64)
     # out[b, .., p, .., i] = M[.., p][i, b]
     out = np.moveaxis(out, seq_axis, 1)  # [W(b), P, rest.., W(i)]
@@ -524,11 +553,19 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
             (out,) = session.run(None, {**feeds, x.name: probe})
         except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
             raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
-        if out.shape != probe.shape:
-            raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+        out = _lined_up(out, probe.shape, x, y)
         out = np.moveaxis(np.asarray(out, np.float64)[0], [a - 1 for a in grid_axes], range(len(grid_axes)))
         runs.append(out.reshape(side ** len(grid_axes), -1, width))  # [P, heads, i]
     return np.transpose(np.stack(runs), (2, 1, 3, 0))  # [heads, P, i, j]
+
+
+def _lined_up(out: np.ndarray, shape: tuple[int, ...], x: ir.Value, y: ir.Value) -> np.ndarray:
+    """The probe's output in its input's shape: as is, or reshaped when y is a view of x's rows (`_same_rows`)."""
+    if out.shape != tuple(shape) and _same_rows(x, y) and out.size == math.prod(shape):
+        out = out.reshape(shape)
+    if out.shape != tuple(shape):
+        raise NotARotation(f"rotated value {out.shape} does not line up with its input {tuple(shape)}")
+    return out
 
 
 def _tolerance(x: ir.Value) -> float:
