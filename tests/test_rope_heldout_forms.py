@@ -75,11 +75,15 @@ class RotationMatrices(_Scores):
         return torch.einsum("sfij,bshfj->bshfi", rot, pairs).reshape(b, s, H * D)
 
 
-class MaskPositions(_Scores):
-    """positions = cumsum(mask) - 1 clamped at 0 (left padding aware); rotate-half."""
+class _FromMask:
+    """positions = cumsum(mask) - 1 clamped at 0 (left padding aware)."""
 
     def positions(self, x, cues):
         return (cues[0].cumsum(-1) - 1).clamp(min=0)[0].float()
+
+
+class MaskPositions(_FromMask, _Scores):
+    """positions from a mask, rotate-half written as HF writes it (a known pattern)."""
 
     def rope(self, x, pos):
         b, s, _ = x.shape
@@ -89,6 +93,14 @@ class MaskPositions(_Scores):
         x1, x2 = xh[..., : D // 2], xh[..., D // 2:]
         return (xh * emb.cos()[None, :, None] + torch.cat([-x2, x1], -1) * emb.sin()[None, :, None]).reshape(
             b, s, H * D)
+
+
+class MaskNegativeAngle(_FromMask, NegativeAngle):
+    """positions from a mask, rotated by -theta (identified by probing: the mask input is a position input)."""
+
+
+class MaskRotationMatrices(_FromMask, RotationMatrices):
+    """positions from a mask, 2x2 rotation matrices by einsum (identified by probing)."""
 
 
 def _export(module: _Scores, path: Path, with_mask: bool) -> Path:
@@ -194,14 +206,18 @@ def test_rotation_matrices_applied_with_einsum(tmp_path, capsys):
     _check_rescales(RotationMatrices, src, tmp_path, with_mask=False)
 
 
-def test_positions_from_a_mask_cumulative_sum(tmp_path, capsys):
+@pytest.mark.parametrize("cls, layout, sign", [(MaskPositions, "rotate_half", None),
+                                                (MaskNegativeAngle, "rotate_half", -1),
+                                                (MaskRotationMatrices, "interleaved", None)])
+def test_positions_from_a_mask_cumulative_sum(tmp_path, capsys, cls, layout, sign):
     """Positions cumsum(mask) - 1 from an input named `cues_0` by the exporter: the feed that gives positions
-    0..S-1 (ones) is found by probing and fed by the validation, which passes; the rescale equals the module with
-    scaled positions for a mask of ones and a left-padded mask."""
-    src = _export(MaskPositions(), tmp_path / "mask.onnx", with_mask=True)
+    0..S-1 (ones) is found by probing the angles, so the rotation probe treats it as positions (not hidden state)
+    and the validation feeds it (it passes); the rescale equals the module with scaled positions for a mask of ones
+    and a left-padded mask."""
+    src = _export(cls(), tmp_path / "mask.onnx", with_mask=True)
     names = [i.name for i in _session(src).get_inputs()]
     assert not any("mask" in n.lower() or "pos" in n.lower() for n in names)
     found = _inspect(src, capsys)
-    assert (found["layout"], found["rotary_dim"]) == ("rotate_half", D)
+    assert (found["layout"], found["rotary_dim"], found.get("angle_sign")) == (layout, D, sign)
     assert found["base"] == pytest.approx(BASE, rel=1e-4)
-    _check_rescales(MaskPositions, src, tmp_path, with_mask=True)
+    _check_rescales(cls, src, tmp_path, with_mask=True)

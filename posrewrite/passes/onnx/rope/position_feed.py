@@ -45,7 +45,7 @@ def _default_kind(value: ir.Value) -> str:
 
 
 def _counts(model: ir.Model, angles: ir.Value, inputs: list[ir.Value], kinds: dict[int, str],
-            freqs: np.ndarray) -> bool:
+            freqs: np.ndarray | None) -> bool:
     """Whether `angles` at both probe lengths is f·(t + b) along one token axis, with each non-zero step one of
     `freqs` and the same first angle at both lengths."""
     firsts = []
@@ -78,7 +78,7 @@ def _counts(model: ir.Model, angles: ir.Value, inputs: list[ir.Value], kinds: di
         moving = np.abs(step[step != 0])
         if moving.size == 0:
             return False
-        f = np.abs(np.asarray(freqs, np.float64).reshape(-1))
+        f = np.abs(np.asarray(freqs, np.float64).reshape(-1)) if freqs is not None else moving
         if not np.all(np.min(np.abs(moving[:, None] - f[None, :]), axis=1) <= 1e-4 * np.maximum(moving, 1e-30)):
             return False
         firsts.append(first.reshape(-1))
@@ -89,9 +89,9 @@ def _counts(model: ir.Model, angles: ir.Value, inputs: list[ir.Value], kinds: di
 
 def position_feeds(model: ir.Model, angles: ir.Value, freqs: np.ndarray | None) -> tuple[tuple[str, str], ...]:
     """(input name, feed kind) for each integer graph input `angles` reads as data, such that the angles are those
-    of positions 0..S-1; the name's default (`call_input`) first. () when there is none, more than two, or no feed
-    gives such angles."""
-    if freqs is None or np.size(freqs) == 0:
+    of positions 0..S-1; the name's default (`call_input`) first. `freqs` None: any step per token (the rotation
+    probe, before frequencies are known). () when there is none, more than two, or no feed gives such angles."""
+    if freqs is not None and np.size(freqs) == 0:
         return ()
     found = cone_inputs(model, [angles])
     ints = [v for v in found.data if v.dtype is not None and not v.dtype.is_floating_point()]

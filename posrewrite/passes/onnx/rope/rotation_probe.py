@@ -80,12 +80,43 @@ def _is_position_input(v: ir.Value) -> bool:
     return "pos" in name or "mask" in name
 
 
+_MAX_ANGLE_TENSORS = 8  # distinct angle tensors probed for position inputs whose names say nothing
+
+
+def trig_position_inputs(model: ir.Model, seeds: list[ir.Value]) -> dict[str, str]:
+    """Integer graph inputs the angles of Cos/Sin seeds read as data, by name, with the feed under which those
+    angles are positions 0..S-1 times a step (`position_feed`): positions made from a mask's cumulative sum or a
+    start added to the index, whatever the exporter named the input. Inputs whose names already say (`pos`,
+    `mask`) are left to `call_input`."""
+    from posrewrite.passes.onnx.rope.position_feed import position_feeds
+    from posrewrite.passes.onnx.rope.probe import cone_inputs
+
+    angles: dict[int, ir.Value] = {}
+    for s in seeds:
+        node = s.producer()
+        if node is not None and node.op_type in ("Cos", "Sin") and node.inputs and node.inputs[0] is not None:
+            angles.setdefault(id(node.inputs[0]), node.inputs[0])
+    found: dict[str, str] = {}
+    for a in list(angles.values())[:_MAX_ANGLE_TENSORS]:
+        data = cone_inputs(model, [a]).data
+        unnamed = [v for v in data if v.dtype is not None and not v.dtype.is_floating_point()
+                   and not _is_position_input(v) and v.name not in found]
+        if not unnamed:
+            continue
+        try:
+            found.update(position_feeds(model, a, None))
+        except Exception:  # noqa: BLE001 - an angle cone that cannot be evaluated leaves the names to decide
+            continue
+    return found
+
+
 class _Hidden:
     """Whether a value depends on hidden states (a float graph input, or token ids read other than through
     Shape): memoised backward walk. Initializers, constants and position inputs are not hidden."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, positions: dict[str, str] | None = None) -> None:
         self._inputs = {id(v): v for v in graph.inputs}
+        self._positions = positions or {}
         self._memo: dict[int, bool] = {}
 
     def __call__(self, value: ir.Value | None) -> bool:
@@ -98,7 +129,7 @@ class _Hidden:
                 stack.pop()
                 continue
             if id(v) in self._inputs:
-                self._memo[id(v)] = not _is_position_input(v)
+                self._memo[id(v)] = not _is_position_input(v) and v.name not in self._positions
                 stack.pop()
                 continue
             node = v.producer()
@@ -178,11 +209,13 @@ def _ancestors(value: ir.Value, limit: int = 64) -> dict[int, ir.Value]:
     return found
 
 
-def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Value], list[_Term]]]:
+def candidates(model: ir.Model, seeds: list[ir.Value], positions: dict[str, str] | None = None
+               ) -> list[tuple[list[ir.Value], list[_Term]]]:
     """([x, ...], terms) for every group of cos/sin terms that share an activation ancestor: the common
-    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D])."""
+    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D]).
+    `positions`: integer inputs that are positions whatever their names (`trig_position_inputs`)."""
     graph = model.graph
-    hidden = _Hidden(graph)
+    hidden = _Hidden(graph, positions)
     family = _family([s for s in seeds if not hidden(s)], hidden)
     terms = _terms(graph, family, hidden)
     order = {id(n): k for k, n in enumerate(graph)}
@@ -470,7 +503,8 @@ def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> N
     return
 
 
-def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None) -> np.ndarray:
+def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None,
+                   positions: dict[str, str] | None = None) -> np.ndarray:
     """M [heads, positions, W, W] with y[.., p, i] = sum_j M[h, p, i, j] x[.., p, j] (W: x's last axis), from
     one run of the cut-out cone on unit vectors of x placed on its batch axis."""
     if x.shape is None or x.dtype is None or not x.dtype.is_floating_point():
@@ -492,7 +526,7 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     elif symbolic and symbolic[0] != 0 and dims[0] == 1 and len(dims) - 1 not in symbolic:
         # a static batch of one: one run per channel over the symbolic position axes (one axis: 1-D RoPE,
         # positions 0..15; several: a patch grid)
-        return _probe_grid(model, x, y, dims, symbolic)
+        return _probe_grid(model, x, y, dims, symbolic, positions)
     elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
     else:
@@ -505,10 +539,12 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     moved[...] = eye
     graph = model.graph
     others = _cone_inputs(graph, y, x)
-    hidden = [v.name for v in others if not _is_position_input(v) and _reads_values(v, y, x)]
+    positions = positions or {}
+    hidden = [v.name for v in others if not _is_position_input(v) and v.name not in positions
+              and _reads_values(v, y, x)]
     if hidden:
         raise NotARotation(f"the rotated value depends on {hidden[0]} other than through {x.name}")
-    feeds = {v.name: call_input(v, width, length) for v in others}
+    feeds = {v.name: _position_feed(v, positions, width, length) for v in others}
     feeds[x.name] = probe
     try:
         (out,) = _session(model, [x, *others], y).run(None, feeds)
@@ -522,7 +558,16 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
 
 
-def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int]) -> np.ndarray:
+def _position_feed(v: ir.Value, positions: dict[str, str], batch: int, length: int) -> np.ndarray:
+    """A graph input for a probe over positions 0..length-1: the feed `positions` names, else `call_input`'s."""
+    from posrewrite.passes.onnx.rope.position_feed import feed_array
+
+    arr = feed_array(v, positions[v.name], batch, length) if v.name in positions else None
+    return arr if arr is not None else call_input(v, batch, length)
+
+
+def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int],
+                positions: dict[str, str] | None = None) -> np.ndarray:
     """`probe_matrices` for a batch of one (static) over several position axes (a patch grid, rotary-embedding-
     torch's axial frequencies): one run per input channel, each with that unit vector at every grid point; the
     grid points, row-major, are the positions (point (0, .., 0) first: angle 0). One position axis: positions
@@ -536,8 +581,8 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
     symbols = {str(dims[k]) for k in grid_axes}
     feeds = {}
     for v in others:  # read for their shape only (the grid size), fed with the probe's grid
-        if len(grid_axes) == 1 and _is_position_input(v):  # 1-D: position ids 0..side-1, a mask of ones
-            feeds[v.name] = call_input(v, 1, side)
+        if len(grid_axes) == 1 and (_is_position_input(v) or v.name in (positions or {})):
+            feeds[v.name] = _position_feed(v, positions or {}, 1, side)  # 1-D: ids 0..side-1, a mask of ones
             continue
         if _reads_values(v, y, x) or v.shape is None or v.dtype is None:
             raise NotARotation(f"the rotation over a grid reads {v.name} besides {x.name}")
@@ -575,9 +620,10 @@ def _tolerance(x: ir.Value) -> float:
     return max(1e-5, 8 * machine_epsilon(name if name in ("float16", "bfloat16") else "float32"))
 
 
-def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
+def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term],
+             positions: dict[str, str] | None = None) -> ProbedRotation:
     """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
-    r = read_matrices(probe_matrices(model, x, y), _tolerance(x))
+    r = read_matrices(probe_matrices(model, x, y, positions=positions), _tolerance(x))
     return ProbedRotation(
         x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=r.layout,
         rotary_dim=r.rotary_dim, head_dim=r.head_dim, heads_in_last_axis=r.heads_in_last_axis, pairs=r.pairs,
@@ -628,7 +674,8 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
     """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
     Returns (rotations, [(where, why it is a rotation that cannot be rewritten)], [(where, why not a rotation)])."""
     found, refused, failed = [], [], []
-    for xs, terms in candidates(model, seeds):
+    positions = trig_position_inputs(model, seeds)
+    for xs, terms in candidates(model, seeds, positions):
         if any(id(t.mul.outputs[0]) in claimed for t in terms):
             continue
         first_failure = None
@@ -639,7 +686,7 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
                 continue
             x, y = _merged_view(x, y) or (x, y)
             try:
-                found.append(identify(model, x, y, terms))
+                found.append(identify(model, x, y, terms, positions))
             except StaticLength as why:
                 refused.append((y, str(why)))
             except NotARotation as why:
