@@ -491,13 +491,18 @@ def _angle_sign(inv_freq: np.ndarray | None, steps: list[np.ndarray | None]) -> 
     if inv_freq is None:
         return 1
     f = np.asarray(inv_freq, np.float64).reshape(-1)
+    # +f and -f are told apart where they lie apart modulo 2π (not f ≈ 0 or π): a pair votes for the one its
+    # step is clearly nearer (half-precision cos/sin put ~1e-3 rad of noise on the step)
+    separable = np.abs(_wrapped(2 * f)) > 0.05
     signs = set()
     for step in steps:
         if step is None or np.size(step) != f.size:
             continue
-        plus = np.abs(_wrapped(np.asarray(step) - f)) <= 1e-3 * np.maximum(1.0, np.abs(f))
-        minus = np.abs(_wrapped(np.asarray(step) + f)) <= 1e-3 * np.maximum(1.0, np.abs(f))
-        telling = plus ^ minus
+        d_plus = np.abs(_wrapped(np.asarray(step) - f))
+        d_minus = np.abs(_wrapped(np.asarray(step) + f))
+        plus = separable & (d_plus < 0.25 * d_minus)
+        minus = separable & (d_minus < 0.25 * d_plus)
+        telling = plus | minus
         if not np.any(telling):
             continue
         if np.all(plus[telling]):
