@@ -103,14 +103,28 @@ class MaskRotationMatrices(_FromMask, RotationMatrices):
     """positions from a mask, 2x2 rotation matrices by einsum (identified by probing)."""
 
 
-def _export(module: _Scores, path: Path, with_mask: bool) -> Path:
+class StartOffset(_Scores):
+    """positions = 0..S-1 + a scalar start input (a past length); rotate-half."""
+
+    def positions(self, x, cues):
+        return torch.arange(x.shape[1], dtype=torch.float32) + cues[0].float()
+
+    rope = MaskPositions.rope
+
+
+def _export(module: _Scores, path: Path, with_mask: bool, start: bool = False) -> Path:
     x = torch.randn(1, 12, D * H)
     seq = torch.export.Dim("seq", max=4096)
     args = (x, torch.ones(1, 12, dtype=torch.int64)) if with_mask else (x,)
     dyn = ({1: seq}, ({1: seq},)) if with_mask else ({1: seq},)
+    if start:
+        args, dyn = (x, torch.tensor(5, dtype=torch.int64)), ({1: seq}, (None,))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), dynamo=True, dynamic_shapes=dyn, external_data=False)
+        # torch.onnx.export turns a nested (None,) into [None], which torch.export then rejects: the program
+        # is exported first and handed over
+        program = torch.export.export(module.eval(), args, dynamic_shapes=dyn, strict=False)
+        torch.onnx.export(program, args, str(path), dynamo=True, external_data=False)
     return path
 
 
@@ -221,3 +235,25 @@ def test_positions_from_a_mask_cumulative_sum(tmp_path, capsys, cls, layout, sig
     assert (found["layout"], found["rotary_dim"], found.get("angle_sign")) == (layout, D, sign)
     assert found["base"] == pytest.approx(BASE, rel=1e-4)
     _check_rescales(cls, src, tmp_path, with_mask=True)
+
+
+def test_positions_from_a_start_input(tmp_path, capsys):
+    """Positions 0..S-1 plus a scalar start input (fed 5 here, as a past length): validation feeds the start that
+    gives positions 0..S-1 (0, found by probing); the rescale equals the module with scaled positions, start
+    included ((t + 5) / 2)."""
+    src = _export(StartOffset(), tmp_path / "start.onnx", with_mask=False, start=True)
+    found = _inspect(src, capsys)
+    assert (found["layout"], found["rotary_dim"]) == ("rotate_half", D)
+    assert found["base"] == pytest.approx(BASE, rel=1e-4)
+    for k, (options, reference_kw) in enumerate(METHODS):
+        out = tmp_path / f"out{k}.onnx"
+        assert main(["rewrite", str(src), *options, "-o", str(out)]) == 0
+        reference = StartOffset(**reference_kw).eval()
+        sess = _session(out)
+        for n in (40, 300):
+            x = torch.randn(1, n, D * H, generator=torch.Generator().manual_seed(n))
+            start = torch.tensor(5, dtype=torch.int64)
+            with torch.no_grad():
+                ref = reference(x, start).numpy()
+            feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), (x, start), strict=True)}
+            assert _rel(sess.run(None, feeds)[0], ref) <= TOL, (options, n)
