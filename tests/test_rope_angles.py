@@ -674,18 +674,24 @@ class _ReversedRope(torch.nn.Module):
         return q * emb.cos() + torch.cat([q[..., half:], -q[..., :half]], -1) * emb.sin()
 
 
-def test_a_rotation_opposite_to_its_angles_is_refused(tmp_path):
+def test_a_rotation_opposite_to_its_angles_is_rescaled_as_one(tmp_path):
     """The probe puts reversed pairs in the standard orientation (a frequency above π per position aliases), so the
-    direction is checked against the angles: a rotation by -θ is refused with the reason (exit 5), not rescaled as
-    if it turned by +θ."""
+    direction is read against the angles: a rotation by -θ is described as such (angle_sign -1), not rescaled as
+    if it turned by +θ; linear x2 equals the module fed positions / 2."""
     src = tmp_path / "reversed.onnx"
     seq = torch.export.Dim("seq", min=2, max=4096)
-    torch.onnx.export(_ReversedRope().eval(), (torch.randn(1, 2, 8, 16), torch.arange(8)[None]), str(src),
+    module = _ReversedRope().eval()
+    torch.onnx.export(module, (torch.randn(1, 2, 8, 16), torch.arange(8)[None]), str(src),
                       dynamo=True, input_names=["x", "position_ids"],
                       dynamic_shapes={"x": {2: seq}, "position_ids": {1: seq}})
     result = api.inspect(src).to_dict()
-    assert not result["encodings"]
-    assert any("turns opposite to its angles" in r["reason"] for r in result["refusals"])
-    with pytest.raises(errors.PartialMatchError, match="opposite to its angles"):
-        api.rewrite(src, output=tmp_path / "o.onnx", rope_scale=2.0)
-    assert not (tmp_path / "o.onnx").exists()
+    (rope,) = [e for e in result["encodings"] if e["kind"] == "rope"]
+    assert rope["angle_sign"] == -1
+    out = tmp_path / "o.onnx"
+    api.rewrite(src, output=out, rope_scale=2.0)
+    x = np.random.default_rng(0).standard_normal((1, 2, 40, 16)).astype(np.float32)
+    pos = np.arange(40)[None]
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x), torch.from_numpy(pos) / 2.0).numpy()
+    assert _rel_err(_ort(out, {"x": x, "position_ids": pos}), ref) <= REL_TOL
+    assert _rel_err(_ort(src, {"x": x, "position_ids": pos}), ref) > 1e-3

@@ -315,6 +315,10 @@ class RopeEncoding:
     # per frequency, the position of the first token when the angles are f_c·(t + b_c) (an offset added to the
     # positions inside the model, or coordinates that do not start at 0); None: the angles start at 0
     position_offset: np.ndarray | None = None
+    # 1, or -1 when the rotation turns by -θ (y_f = x_f cos θ + x_s sin θ, y_s = x_s cos θ - x_f sin θ: the pairs'
+    # orientation reversed, which is a rotation by +θ of the pairs (s, f)): rescaling the angles is the same
+    # operation; the validation oracle and --fuse (a negated sin cache) rotate by sign·θ
+    angle_sign: int = 1
 
     @property
     def angles(self) -> AngleSource:
@@ -391,6 +395,7 @@ class RopeEncoding:
             **({"identified_by": self.identified_by} if self.identified_by != "pattern" else {}),
             **({"positions": axes.to_dict()} if axes is not None else {}),
             **({"position_offset": _offset_json(self.position_offset)} if self.position_offset is not None else {}),
+            **({"angle_sign": -1} if self.angle_sign < 0 else {}),
         }
 
 
@@ -561,6 +566,9 @@ class RopeSite(RopeEncodingFields, EncodingSite):
     applications: tuple[RopeApplication, ...] = ()
     source_nodes: tuple[ir.Node, ...] = ()  # nodes computing cos/sin from positions
     fused_nodes: tuple[ir.Node, ...] = ()  # fused: the RotaryEmbedding / attention nodes
+    # (graph input name, "arange" | "ones" | "zeros"): the feed of each integer input the positions read as data
+    # under which they are 0..S-1 (a mask of ones for positions made from a mask's cumulative sum), by probing
+    position_feeds: tuple[tuple[str, str], ...] = ()
     handles: OnnxHandles | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property

@@ -69,16 +69,17 @@ class RopeReference:
 
 
 def numpy_rotation(x: np.ndarray, inv_freq: np.ndarray, factor: float, positions: np.ndarray, layout: str,
-                   rotary_dim: int, offset: np.ndarray | None = None) -> np.ndarray:
+                   rotary_dim: int, offset: np.ndarray | None = None, sign: int = 1) -> np.ndarray:
     """RoPE by the paper's definition, in float64: x [..., S, D] rotated on its first `rotary_dim` channels by
     angles positions × inv_freq, times `factor`; `layout` "rotate_half" pairs channel i with i + rotary_dim/2,
     "interleaved" pairs 2i with 2i+1. The remaining channels pass through. `offset` [rotary_dim/2]: the positions
-    of frequency c are positions + offset[c] (a model whose positions start elsewhere than 0)."""
+    of frequency c are positions + offset[c] (a model whose positions start elsewhere than 0). `sign` -1: a rotation
+    by -θ (`RopeEncoding.angle_sign`)."""
     x = np.asarray(x, np.float64)
     pos = np.asarray(positions, np.float64)[:, None]
     if offset is not None:
         pos = pos + np.asarray(offset, np.float64)[None, :]
-    angles = pos * np.asarray(inv_freq, np.float64)[None, :]
+    angles = float(sign) * pos * np.asarray(inv_freq, np.float64)[None, :]
     cos, sin = np.cos(angles) * factor, np.sin(angles) * factor
     xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
@@ -119,11 +120,20 @@ def _extracted_session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir
     return extracted_session(ir.Model(sub, ir_version=model.ir_version, functions=list(model.functions.values())))
 
 
-def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def _input_feeds(inputs: list[ir.Value], length: int, vocab: dict[str, int] | None = None,
+                 positions: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """Graph inputs for a call over positions 0..length-1 with no past: ids from the middle of the vocabulary,
-    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions (`_graph.call_input`)."""
-    return {v.name: call_input(v, 1, length, ids=lambda n, v=v: token_ids(n, (vocab or {}).get(v.name)))
-            for v in inputs}
+    masks ones, positions 0..length-1, KV-cache inputs with 0 past positions (`_graph.call_input`); `positions`:
+    the feed kind of the inputs a site's positions read (`RopeSite.position_feeds`, found by probing)."""
+    from posrewrite.passes.onnx.rope.position_feed import feed_array
+
+    feeds = {}
+    for v in inputs:
+        kind = (positions or {}).get(v.name)
+        arr = feed_array(v, kind, 1, length) if kind is not None else None
+        feeds[v.name] = arr if arr is not None else call_input(
+            v, 1, length, ids=lambda n, v=v: token_ids(n, (vocab or {}).get(v.name)))
+    return feeds
 
 
 def _random_input(value: ir.Value, length: int, rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
@@ -254,8 +264,9 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
                                                 f"{np.shape(y)} at {length} positions")
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
     inv, factor = rot.reference.frequencies(length)
+    encoding = rot.reference.site.encoding
     expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim,
-                              rot.reference.site.encoding.position_offset)
+                              encoding.position_offset, encoding.angle_sign)
     if rot.decay is not None:  # xPos: the paper's decay at these positions (its exponent as the plan says)
         from posrewrite.passes.onnx.rope.xpos import decay_magnitude
 
@@ -267,7 +278,8 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
     err = float(np.max(np.abs(ys - expected))) if ys.size else 0.0
     return dataclasses.replace(
         row, max_abs_error=err, tolerance=tol, ok=bool(np.isfinite(err) and err <= tol),
-        compared=f"rotated q/k vs numpy {rot.layout} rotation (rotary_dim {rot.rotary_dim}, factor "
+        compared=f"rotated q/k vs numpy {rot.layout} rotation{' by -theta' if encoding.angle_sign < 0 else ''} "
+                 f"(rotary_dim {rot.rotary_dim}, factor "
                  f"{factor:.6g}) of {source}, positions 0..{length - 1}",
         tolerance_from=how)
 
@@ -307,6 +319,7 @@ class _RotationRunner:
     def __init__(self, model: ir.Model, rotations: list[_Rotation], vocab: dict[str, int] | None,
                  max_length: int = MAX_VALIDATION_LENGTH, bounded: bool = False) -> None:
         self.model, self.vocab = model, vocab
+        self.positions = {n: k for rot in rotations for n, k in rot.reference.site.position_feeds}
         self.alone: list[tuple[_Rotation, ir.Value, Any, list[ir.Value]]] = []
         self.captured: list[_Rotation] = []
         self.errors: dict[int, str] = {}
@@ -362,7 +375,7 @@ class _RotationRunner:
                 rows.append(self._failed(rot, length, self.errors[id(rot)]))
         rng = np.random.default_rng(seed + length)
         for fed, session, others in self.together:
-            feeds = _input_feeds(others, length, self.vocab)
+            feeds = _input_feeds(others, length, self.vocab, self.positions)
             xs = [_random_input(f, length, rng) for _, f in fed]
             for (_, f), (x, _) in zip(fed, xs, strict=True):
                 feeds[f.name] = x
@@ -376,7 +389,7 @@ class _RotationRunner:
                     rows.append(_compare_rotation(rot, x, y, seq_axis, length, "random pre-rotation values"))
         for rot, feed_at, session, others in self.alone:
             x, seq_axis = _random_input(feed_at, length, rng)
-            feeds = _input_feeds(others, length, self.vocab)
+            feeds = _input_feeds(others, length, self.vocab, self.positions)
             feeds[feed_at.name] = x
             try:
                 (y,) = session.run(None, feeds)
@@ -392,7 +405,7 @@ class _RotationRunner:
             worst: dict[int, RotationCheck] = {}
             for start in range(0, length, step):
                 n = min(step, length - start)
-                feeds = _input_feeds(self.prefix_inputs, n, self.vocab)
+                feeds = _input_feeds(self.prefix_inputs, n, self.vocab, self.positions)
                 for v in positions:
                     feeds[v.name] = feeds[v.name] + np.asarray(start, feeds[v.name].dtype)
                 try:

@@ -11,6 +11,8 @@ ops with rotary inside) are described by `fused`. The base of what was found: `b
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
@@ -23,6 +25,7 @@ from posrewrite.passes.onnx.rope.base import half_rounded, scaled_base, stored_b
 from posrewrite.passes.onnx.rope.fused import FusedRopeDetector
 from posrewrite.passes.onnx.rope.lint import unclaimed_cos, unmatched_uses
 from posrewrite.passes.onnx.rope.patterns import ApplicationMatch, find_applications, read_slice
+from posrewrite.passes.onnx.rope.position_feed import position_feeds
 from posrewrite.passes.onnx.rope.probe import (
     ConeTrig,
     angle_offsets,
@@ -38,7 +41,6 @@ from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_s
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
-    AngleSource,
     CachedTable,
     ComputedAngles,
     GridAngles,
@@ -141,7 +143,7 @@ class RopeDetector:
                 x=rot.x, cos=rot.cos, sin=rot.sin, output=rot.output, layout=rot.layout, rotary_dim=rot.rotary_dim,
                 nodes=rot.nodes, head_dim=rot.head_dim, num_heads=rot.heads_in_last_axis if
                 rot.heads_in_last_axis > 1 else None, decay=rot.decay, probed=True,
-                steps=rot.angles[1] - rot.angles[0] if rot.angles.shape[0] > 1 else None))
+                steps=_wrapped(rot.angles[1] - rot.angles[0]) if rot.angles.shape[0] > 1 else None))
         for where, why in failed:
             self.probe_failures.append(f"{where.name}: {why}")
         return found
@@ -217,11 +219,25 @@ class RopeDetector:
             site = self._cached_site(apps, cs, ss, layout, rotary_dim, head_dim)
         else:
             raise NotUnderstood("cos and sin come from different kinds of source")
+        site = self._with_position_feeds(site)
         probed = [m[0] for m in members if m[0].probed]
         if not probed:
             return site
-        _check_direction(site, probed)
         return _with_probe_facts(site, probed)
+
+    def _with_position_feeds(self, site: RopeSite) -> RopeSite:
+        """The site with the feeds of its integer position inputs that give positions 0..S-1 (`position_feed`)."""
+        handles = site.handles
+        if isinstance(handles, OnnxComputedHandles):
+            angles, freqs = handles.product.outputs[0], site.inv_freq
+        elif isinstance(handles, OnnxAngleHandles) and site.inv_freq is not None:
+            angles, freqs = handles.angles, site.inv_freq
+        elif isinstance(handles, OnnxCachedHandles) and site.positions is not None:
+            angles, freqs = site.positions, np.ones(1)  # the row index is the position
+        else:
+            return site
+        feeds = position_feeds(self.model, angles, freqs)
+        return dataclasses.replace(site, position_feeds=feeds) if feeds else site
 
     def _computed_site(self, apps: list[RopeApplication], cs: TrigSource, ss: TrigSource, layout: Layout,
                        rotary_dim: int, head_dim: int | None) -> RopeSite:
@@ -434,28 +450,6 @@ class RopeDetector:
                         handles=handles)
 
 
-def _check_direction(site: RopeSite, probed: list[ApplicationMatch]) -> None:
-    """NotUnderstood when a probed rotation turns by exactly minus its angles' step (sin entering with the other
-    sign): the probe puts reversed pairs in the standard orientation (aliasing makes one position's direction
-    meaningless), so the sign is checked here against the frequencies read from the angles. Inconclusive steps
-    (positions scaled inside the model, 2-D grids) are left alone."""
-    inv = site.encoding.inv_freq
-    if inv is None or site.angles == AngleSource.GRID:
-        return
-    f = np.asarray(inv, np.float64)
-    for app in probed:
-        steps = np.asarray(app.steps, np.float64) if app.steps is not None else None
-        if steps is None or steps.shape != f.shape:
-            continue
-        same = np.abs((steps - f + np.pi) % (2 * np.pi) - np.pi)
-        opposite = np.abs((steps + f + np.pi) % (2 * np.pi) - np.pi)
-        tol = 1e-3 * np.maximum(np.abs(f), 1e-3)
-        moving = np.abs(np.sin(f)) > 1e-3  # a step of 0 or π reads the same both ways
-        if np.any(moving & (opposite <= tol) & (same > tol)):
-            raise NotUnderstood(f"the rotation producing {app.output.name} turns opposite to its angles (sin enters "
-                                "with the other sign): no rewrite supports that")
-
-
 def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSite:
     """The site's encoding with what probing read: identified_by, the xPos decay (q's, growing with position;
     k's is its inverse), the heads of a [.., H·D] rotation."""
@@ -475,10 +469,53 @@ def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSit
     heads = {a.num_heads for a in probed if a.num_heads}
     if heads:
         notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    sign = _angle_sign(encoding.inv_freq, [a.steps for a in probed])
+    if sign < 0:
+        notes.append("rotation by -theta (each pair turned the other way: x_f cos + x_s sin): rescaled in angle "
+                     "space as any other; checked and fused with sin negated")
     import dataclasses as _dc
 
-    encoding = _dc.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes))
+    encoding = _dc.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes), angle_sign=sign)
     return _dc.replace(site, encoding=encoding)
+
+
+def _wrapped(angle: np.ndarray) -> np.ndarray:
+    """Angles modulo 2π in (-π, π]."""
+    return np.angle(np.exp(1j * np.asarray(angle, np.float64)))
+
+
+def _angle_sign(inv_freq: np.ndarray | None, steps: list[np.ndarray | None]) -> int:
+    """+1 when the probed rotations turn by +f per position (f: the site's frequencies, read from its angles or
+    tables), -1 when they turn by -f (a rotation by -θ; pairs put in the standard orientation by the probe keep
+    the sign in their angles). A pair with f ≡ -f (mod 2π) says nothing; a rotation turning some pairs one way and
+    some the other, or q and k in opposite directions, is NotUnderstood (q·k would not depend on m - n)."""
+    if inv_freq is None:
+        return 1
+    f = np.asarray(inv_freq, np.float64).reshape(-1)
+    # +f and -f are told apart where they lie apart modulo 2π (not f ≈ 0 or π): a pair votes for the one its
+    # step is clearly nearer (half-precision cos/sin put ~1e-3 rad of noise on the step)
+    separable = np.abs(_wrapped(2 * f)) > 0.05
+    signs = set()
+    for step in steps:
+        if step is None or np.size(step) != f.size:
+            continue
+        d_plus = np.abs(_wrapped(np.asarray(step) - f))
+        d_minus = np.abs(_wrapped(np.asarray(step) + f))
+        plus = separable & (d_plus < 0.25 * d_minus)
+        minus = separable & (d_minus < 0.25 * d_plus)
+        telling = plus | minus
+        if not np.any(telling):
+            continue
+        if np.all(plus[telling]):
+            signs.add(1)
+        elif np.all(minus[telling]):
+            signs.add(-1)
+        else:
+            raise NotUnderstood("a rotation turning some pairs by +theta and others by -theta")
+    if len(signs) > 1:
+        raise NotUnderstood("rotations of one cos/sin turning in opposite directions (q·k would not depend on "
+                            "m - n)")
+    return signs.pop() if signs else 1
 
 
 def _ensure_ranks(model: ir.Model) -> None:

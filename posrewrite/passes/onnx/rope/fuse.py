@@ -178,7 +178,10 @@ class FuseRotaryPass(ReportingPass):
         for app in apps:
             dtype = app.input.dtype or _F32
             if dtype not in caches_by_dtype:
-                caches_by_dtype[dtype] = self._caches(graph, w, site, plan, dtype, positions, memo)
+                caches = self._caches(graph, w, site, plan, dtype, positions, memo)
+                if site.encoding.angle_sign < 0:  # a rotation by -θ: RotaryEmbedding turns by +θ, sin(-θ) = -sin θ
+                    caches = _Caches(caches.cos, _negated(graph, w, caches.sin, memo), caches.rows)
+                caches_by_dtype[dtype] = caches
         w.commit()
         nodes = []
         for app, form in zip(apps, forms, strict=True):
@@ -431,6 +434,17 @@ class FuseRotaryPass(ReportingPass):
         self.fused_nodes.append(node)
         _redirect(graph, app.output, y)
         return node
+
+
+def _negated(graph: ir.Graph, w: NodeWriter, value: ir.Value, memo: dict) -> ir.Value:
+    """-value: a new initializer when `value` is one (shared by the sites reading it), else a Neg node."""
+    tensor = value.const_value
+    if tensor is None:
+        return w.op("Neg", value)
+    key = ("negated", id(value))
+    if key not in memo:
+        memo[key] = add_initializer(graph, -np.asarray(tensor.numpy()), f"{value.name}_negated", tensor.dtype)
+    return memo[key]
 
 
 def dtype_name_of(dtype: ir.DataType) -> str:

@@ -254,7 +254,9 @@ class ApplicationMatch:
     num_heads: int | None = None  # heads on x's last axis ([B, S, H·D] rotations), by probing
     decay: object | None = None  # sites.rope.PositionDecay of an xPos rotation, by probing
     probed: bool = False
-    steps: object | None = None  # numpy [rotary_dim/2]: each pair's turn from position 0 to 1, by probing
+    # by probing: per pair (pairs' order), the signed angle the rotation turns by from the first probed position
+    # to the next, modulo 2π in (-π, π] (its sign against the angles' frequencies: a rotation by -θ)
+    steps: np.ndarray | None = None
 
 
 def find_applications(

@@ -80,12 +80,43 @@ def _is_position_input(v: ir.Value) -> bool:
     return "pos" in name or "mask" in name
 
 
+_MAX_ANGLE_TENSORS = 8  # distinct angle tensors probed for position inputs whose names say nothing
+
+
+def trig_position_inputs(model: ir.Model, seeds: list[ir.Value]) -> dict[str, str]:
+    """Integer graph inputs the angles of Cos/Sin seeds read as data, by name, with the feed under which those
+    angles are positions 0..S-1 times a step (`position_feed`): positions made from a mask's cumulative sum or a
+    start added to the index, whatever the exporter named the input. Inputs whose names already say (`pos`,
+    `mask`) are left to `call_input`."""
+    from posrewrite.passes.onnx.rope.position_feed import position_feeds
+    from posrewrite.passes.onnx.rope.probe import cone_inputs
+
+    angles: dict[int, ir.Value] = {}
+    for s in seeds:
+        node = s.producer()
+        if node is not None and node.op_type in ("Cos", "Sin") and node.inputs and node.inputs[0] is not None:
+            angles.setdefault(id(node.inputs[0]), node.inputs[0])
+    found: dict[str, str] = {}
+    for a in list(angles.values())[:_MAX_ANGLE_TENSORS]:
+        data = cone_inputs(model, [a]).data
+        unnamed = [v for v in data if v.dtype is not None and not v.dtype.is_floating_point()
+                   and not _is_position_input(v) and v.name not in found]
+        if not unnamed:
+            continue
+        try:
+            found.update(position_feeds(model, a, None))
+        except Exception:  # noqa: BLE001 - an angle cone that cannot be evaluated leaves the names to decide
+            continue
+    return found
+
+
 class _Hidden:
     """Whether a value depends on hidden states (a float graph input, or token ids read other than through
     Shape): memoised backward walk. Initializers, constants and position inputs are not hidden."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, positions: dict[str, str] | None = None) -> None:
         self._inputs = {id(v): v for v in graph.inputs}
+        self._positions = positions or {}
         self._memo: dict[int, bool] = {}
 
     def __call__(self, value: ir.Value | None) -> bool:
@@ -98,7 +129,7 @@ class _Hidden:
                 stack.pop()
                 continue
             if id(v) in self._inputs:
-                self._memo[id(v)] = not _is_position_input(v)
+                self._memo[id(v)] = not _is_position_input(v) and v.name not in self._positions
                 stack.pop()
                 continue
             node = v.producer()
@@ -141,10 +172,15 @@ class _Term:
     factor: ir.Value  # the family operand
 
 
+#: where a cos/sin family value meets an activation: elementwise (a term of a·x + b·P(x)) or a matrix product
+#: (2x2 rotation matrices applied by MatMul / Einsum: the whole rotation in one term)
+_TERM_OPS = frozenset({"Mul", "MatMul", "Einsum"})
+
+
 def _terms(graph: ir.Graph, family: set[int], hidden: _Hidden) -> list[_Term]:
     terms = []
     for node in graph:
-        if node.op_type != "Mul" or len(node.inputs) != 2:
+        if node.op_type not in _TERM_OPS or len(node.inputs) != 2 or node.domain not in ("", "ai.onnx"):
             continue
         a, b = node.inputs
         if a is None or b is None:
@@ -173,11 +209,13 @@ def _ancestors(value: ir.Value, limit: int = 64) -> dict[int, ir.Value]:
     return found
 
 
-def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Value], list[_Term]]]:
+def candidates(model: ir.Model, seeds: list[ir.Value], positions: dict[str, str] | None = None
+               ) -> list[tuple[list[ir.Value], list[_Term]]]:
     """([x, ...], terms) for every group of cos/sin terms that share an activation ancestor: the common
-    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D])."""
+    ancestors nearest first (x may be a view made for the rotation, e.g. [.., H, D/2, 2] pairs of [.., H·D]).
+    `positions`: integer inputs that are positions whatever their names (`trig_position_inputs`)."""
     graph = model.graph
-    hidden = _Hidden(graph)
+    hidden = _Hidden(graph, positions)
     family = _family([s for s in seeds if not hidden(s)], hidden)
     terms = _terms(graph, family, hidden)
     order = {id(n): k for k, n in enumerate(graph)}
@@ -200,7 +238,7 @@ def candidates(model: ir.Model, seeds: list[ir.Value]) -> list[tuple[list[ir.Val
             groups.append((anc, [term]))
     found = []
     for anc, members in groups:
-        if len(members) < 2:
+        if len(members) < 2 and members[0].mul.op_type == "Mul":  # one elementwise product mixes no channels
             continue
         xs = sorted(anc.values(), key=position, reverse=True)[:4]
         found.append((xs, members))
@@ -232,14 +270,39 @@ def _output(x: ir.Value, terms: list[_Term], graph: ir.Graph) -> ir.Value | None
     if y0 is None:
         return None
     y = y0
+    rows = None  # the first value holding x's elements per position in another shape (a view of the result)
     for _ in range(6):
         if _same_layout(x, y):
             return y
+        if rows is None and _same_rows(x, y):
+            rows = y
         uses = [u.node for u in y.uses()]
         if len(uses) != 1 or uses[0].op_type not in _RESHAPE_OPS:
-            return y
+            return rows or y
         y = uses[0].outputs[0]
-    return y
+    return rows or y
+
+
+def _position_prefix(shape: ir.Shape) -> int | None:
+    """The number of leading axes up to and including the last symbolic one (batch and positions)."""
+    symbolic = [k for k, d in enumerate(shape.dims) if not isinstance(d, int)]
+    return symbolic[-1] + 1 if symbolic else None
+
+
+def _same_rows(x: ir.Value, y: ir.Value) -> bool:
+    """y holds x's channels per position in another static shape: the same axes up to the last symbolic one, and
+    the same number of elements after it ([B, S, H·D] rotated as [B, S, H, D/2, 2])."""
+    if x.shape is None or y.shape is None:
+        return False
+    k = _position_prefix(x.shape)
+    if k is None or _position_prefix(y.shape) != k:
+        return False
+    xd, yd = list(x.shape.dims), list(y.shape.dims)
+    if [str(d) for d in xd[:k]] != [str(d) for d in yd[:k]]:
+        return False
+    rest_x, rest_y = xd[k:], yd[k:]
+    return (all(isinstance(d, int) for d in rest_x + rest_y) and len(rest_x) > 0
+            and math.prod(rest_x) == math.prod(rest_y))
 
 
 def _merged_view(x: ir.Value, y: ir.Value, limit: int = 4) -> tuple[ir.Value, ir.Value] | None:
@@ -440,7 +503,8 @@ def _identify_static(model: ir.Model, x: ir.Value, y: ir.Value, dims: list) -> N
     return
 
 
-def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None) -> np.ndarray:
+def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int | None = None,
+                   positions: dict[str, str] | None = None) -> np.ndarray:
     """M [heads, positions, W, W] with y[.., p, i] = sum_j M[h, p, i, j] x[.., p, j] (W: x's last axis), from
     one run of the cut-out cone on unit vectors of x placed on its batch axis."""
     if x.shape is None or x.dtype is None or not x.dtype.is_floating_point():
@@ -462,7 +526,7 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     elif symbolic and symbolic[0] != 0 and dims[0] == 1 and len(dims) - 1 not in symbolic:
         # a static batch of one: one run per channel over the symbolic position axes (one axis: 1-D RoPE,
         # positions 0..15; several: a patch grid)
-        return _probe_grid(model, x, y, dims, symbolic)
+        return _probe_grid(model, x, y, dims, symbolic, positions)
     elif len(symbolic) != 2 or symbolic[0] != 0:
         raise NotARotation(f"cannot tell batch and position axes of {x.shape}")
     else:
@@ -475,17 +539,18 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     moved[...] = eye
     graph = model.graph
     others = _cone_inputs(graph, y, x)
-    hidden = [v.name for v in others if not _is_position_input(v) and _reads_values(v, y, x)]
+    positions = positions or {}
+    hidden = [v.name for v in others if not _is_position_input(v) and v.name not in positions
+              and _reads_values(v, y, x)]
     if hidden:
         raise NotARotation(f"the rotated value depends on {hidden[0]} other than through {x.name}")
-    feeds = {v.name: call_input(v, width, length) for v in others}
+    feeds = {v.name: _position_feed(v, positions, width, length) for v in others}
     feeds[x.name] = probe
     try:
         (out,) = _session(model, [x, *others], y).run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
         raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
-    if out.shape != probe.shape:
-        raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+    out = _lined_up(out, probe.shape, x, y)
     out = np.asarray(out, np.float64)
     # out[b, .., p, .., i] = M[.., p][i, b]
     out = np.moveaxis(out, seq_axis, 1)  # [W(b), P, rest.., W(i)]
@@ -493,7 +558,16 @@ def probe_matrices(model: ir.Model, x: ir.Value, y: ir.Value, static_axis: int |
     return np.transpose(out, (2, 1, 3, 0))  # [heads, P, i, j]
 
 
-def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int]) -> np.ndarray:
+def _position_feed(v: ir.Value, positions: dict[str, str], batch: int, length: int) -> np.ndarray:
+    """A graph input for a probe over positions 0..length-1: the feed `positions` names, else `call_input`'s."""
+    from posrewrite.passes.onnx.rope.position_feed import feed_array
+
+    arr = feed_array(v, positions[v.name], batch, length) if v.name in positions else None
+    return arr if arr is not None else call_input(v, batch, length)
+
+
+def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes: list[int],
+                positions: dict[str, str] | None = None) -> np.ndarray:
     """`probe_matrices` for a batch of one (static) over several position axes (a patch grid, rotary-embedding-
     torch's axial frequencies): one run per input channel, each with that unit vector at every grid point; the
     grid points, row-major, are the positions (point (0, .., 0) first: angle 0). One position axis: positions
@@ -507,8 +581,8 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
     symbols = {str(dims[k]) for k in grid_axes}
     feeds = {}
     for v in others:  # read for their shape only (the grid size), fed with the probe's grid
-        if len(grid_axes) == 1 and _is_position_input(v):  # 1-D: position ids 0..side-1, a mask of ones
-            feeds[v.name] = call_input(v, 1, side)
+        if len(grid_axes) == 1 and (_is_position_input(v) or v.name in (positions or {})):
+            feeds[v.name] = _position_feed(v, positions or {}, 1, side)  # 1-D: ids 0..side-1, a mask of ones
             continue
         if _reads_values(v, y, x) or v.shape is None or v.dtype is None:
             raise NotARotation(f"the rotation over a grid reads {v.name} besides {x.name}")
@@ -524,11 +598,19 @@ def _probe_grid(model: ir.Model, x: ir.Value, y: ir.Value, dims: list, grid_axes
             (out,) = session.run(None, {**feeds, x.name: probe})
         except Exception as exc:  # noqa: BLE001 - a cone that does not run on the probe is not a rotation
             raise NotARotation(f"probe run failed: {str(exc).splitlines()[0][:160]}") from exc
-        if out.shape != probe.shape:
-            raise NotARotation(f"rotated value {out.shape} does not line up with its input {probe.shape}")
+        out = _lined_up(out, probe.shape, x, y)
         out = np.moveaxis(np.asarray(out, np.float64)[0], [a - 1 for a in grid_axes], range(len(grid_axes)))
         runs.append(out.reshape(side ** len(grid_axes), -1, width))  # [P, heads, i]
     return np.transpose(np.stack(runs), (2, 1, 3, 0))  # [heads, P, i, j]
+
+
+def _lined_up(out: np.ndarray, shape: tuple[int, ...], x: ir.Value, y: ir.Value) -> np.ndarray:
+    """The probe's output in its input's shape: as is, or reshaped when y is a view of x's rows (`_same_rows`)."""
+    if out.shape != tuple(shape) and _same_rows(x, y) and out.size == math.prod(shape):
+        out = out.reshape(shape)
+    if out.shape != tuple(shape):
+        raise NotARotation(f"rotated value {out.shape} does not line up with its input {tuple(shape)}")
+    return out
 
 
 def _tolerance(x: ir.Value) -> float:
@@ -538,9 +620,10 @@ def _tolerance(x: ir.Value) -> float:
     return max(1e-5, 8 * machine_epsilon(name if name in ("float16", "bfloat16") else "float32"))
 
 
-def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term]) -> ProbedRotation:
+def identify(model: ir.Model, x: ir.Value, y: ir.Value, terms: list[_Term],
+             positions: dict[str, str] | None = None) -> ProbedRotation:
     """The rotation y = M(p)·x read from probes; NotARotation with the reason when it is not one."""
-    r = read_matrices(probe_matrices(model, x, y), _tolerance(x))
+    r = read_matrices(probe_matrices(model, x, y, positions=positions), _tolerance(x))
     return ProbedRotation(
         x=x, output=y, cos=_cos_operand(terms, x), sin=_sin_operand(terms, x), layout=r.layout,
         rotary_dim=r.rotary_dim, head_dim=r.head_dim, heads_in_last_axis=r.heads_in_last_axis, pairs=r.pairs,
@@ -591,7 +674,8 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
     """Rotations fed by `seeds` (cos/sin values) that no pattern claimed (`claimed`: ids of claimed outputs).
     Returns (rotations, [(where, why it is a rotation that cannot be rewritten)], [(where, why not a rotation)])."""
     found, refused, failed = [], [], []
-    for xs, terms in candidates(model, seeds):
+    positions = trig_position_inputs(model, seeds)
+    for xs, terms in candidates(model, seeds, positions):
         if any(id(t.mul.outputs[0]) in claimed for t in terms):
             continue
         first_failure = None
@@ -602,7 +686,7 @@ def find_probed(model: ir.Model, seeds: list[ir.Value], claimed: set[int]
                 continue
             x, y = _merged_view(x, y) or (x, y)
             try:
-                found.append(identify(model, x, y, terms))
+                found.append(identify(model, x, y, terms, positions))
             except StaticLength as why:
                 refused.append((y, str(why)))
             except NotARotation as why:
