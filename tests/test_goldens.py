@@ -306,3 +306,82 @@ def test_extend(name, case, tmp_path, capsys):
     ref = _extend_reference(ARCH[name], ids, _rel(case, n))
     _assert_close(name, got, ref, f"{case} at {n}")
     assert float(np.abs(goldens.logits(src, ids) - ref).max()) > _tol(name, ref)  # the original fails the test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run-time rescales (dynamic, longrope) with a training length L other than the config's, past the capture chunk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ort_cache_call(sess, ids: np.ndarray, start: int, past: list[np.ndarray] | None, kv_shape: tuple[int, int]):
+    """(logits, presents) of an Optimum cache model: `ids` at positions start.., after `past` (None: empty)."""
+    n = ids.shape[1]
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, start + n), np.int64),
+             "position_ids": (start + np.arange(n, dtype=np.int64))[None]}
+    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    for k, name in enumerate(pasts):
+        feeds[name] = past[k] if past is not None else np.zeros((1, kv_shape[0], 0, kv_shape[1]), np.float32)
+    out = sess.run(None, feeds)
+    return out[0], out[1:]
+
+
+@pytest.mark.parametrize("method", ["dynamic", "longrope"])
+@pytest.mark.parametrize("orig", [600, 1024])
+def test_runtime_rescale_with_other_training_length_vs_hf(method, orig, tmp_path, capsys):
+    """dynamic / longrope with --original-max-positions L (not the config's 128) on the Optimum export (position_ids
+    input, KV cache): the rewrite passes its own validation, whose captured q/k run in chunks of CAPTURE_CHUNK
+    positions (each chunk a call with its own run-time length), and its logits equal HF's LlamaForCausalLM built
+    with that L (dynamic: config.max_position_embeddings, which HF's dynamic compares with; longrope: the
+    rope_parameters' original_max_position_embeddings) at L, L+1 and past L, on a whole prompt and decoding after a
+    cache of L positions (HF's DynamicCache: each step's frequencies from its own max(position_ids) + 1)."""
+    import json
+
+    import onnxruntime as ort
+    from transformers import DynamicCache
+
+    name = "optimum-llama"
+    flags = ["--rope-scale", "2", "--rope-method", method, "--original-max-positions", str(orig)]
+    params = {"rope_type": method, "factor": 2.0, "original_max_position_embeddings": orig}
+    if method == "longrope":
+        flags += ["--rope-params", json.dumps(LONGROPE)]
+        params.update(LONGROPE)
+    out = tmp_path / "out.onnx"
+    res = _cli(capsys, goldens.model_path(name), *flags, "-o", out)
+    assert res.returncode == 0, res.stderr
+
+    def hf():  # a fresh model per sequence: HF's dynamic keeps the largest length it has seen
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = goldens.HERE / "hf" / ARCH[name]
+        config = AutoConfig.from_pretrained(str(folder))
+        config.rope_parameters = {"rope_theta": config.rope_parameters["rope_theta"], **params}
+        if method == "dynamic":  # HF's dynamic compares max(position_ids) + 1 with this, not with the dict's
+            config.max_position_embeddings = orig
+        return AutoModelForCausalLM.from_pretrained(str(folder), config=config, attn_implementation="eager",
+                                                    dtype=torch.float32).eval()
+
+    for n in (orig, orig + 1, orig + 9, 2 * orig):
+        ids = _ids(n)
+        got = goldens.logits(out, ids)
+        _assert_close(name, got, goldens.hf_logits(ARCH[name], ids, model=hf()), f"{method} L={orig} at {n} tokens")
+    plain = goldens.hf_logits(ARCH[name], ids)  # the unscaled model misses the tolerance the rewrite meets
+    assert float(np.abs(plain - got).max()) > _tol(name, plain)
+    # a cache: L positions (original frequencies), single tokens past L, L more tokens at once, one more: each call's
+    # frequencies from its own last position (past + new), the cached keys as their calls rotated them
+    cfg = goldens.manifest(name)["config"]
+    kv = (cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    steps = (orig, 1, 1, orig, 1)
+    ids = _ids(sum(steps), seed=1)
+    model, cache = hf(), DynamicCache()
+    start, past = 0, None
+    for n in steps:
+        chunk = ids[:, start:start + n]
+        got, past = _ort_cache_call(sess, chunk, start, past, kv)
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(chunk), position_ids=torch.arange(start, start + n)[None],
+                        cache=cache, use_cache=True).logits.float().numpy()
+        _assert_close(name, got, ref, f"{method} L={orig}: {n} token(s) after a cache of {start}")
+        start += n

@@ -254,8 +254,9 @@ def _reference_by_caches(node: ir.Node, references: list[RopeReference]) -> Rope
 
 def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: int | None, length: int,
                       source: str, start: int = 0) -> RotationCheck:
-    """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x` (positions start.., in a call
-    over positions 0..length-1)."""
+    """One row: the rotated q/k `y` against `numpy_rotation` of the pre-rotation `x`: positions start..start+n-1 (n
+    rows), one call of a check over positions 0..length-1, computed with the frequencies of a call whose largest
+    position is start+n-1 (what a run-time length sees: the whole check when start is 0)."""
     row = RotationCheck(site=rot.label.split(":")[0], rotation=rot.label.split(": ", 1)[-1], length=length, ok=False)
     if seq_axis is not None and np.shape(y) != np.shape(x) and _same_rows(np.shape(x), np.shape(y), seq_axis):
         y = np.reshape(y, np.shape(x))  # [B,S,H,D] written as [B,S,H·D] (or back): the same rows
@@ -263,7 +264,9 @@ def _compare_rotation(rot: _Rotation, x: np.ndarray, y: np.ndarray, seq_axis: in
         return dataclasses.replace(row, message=f"cannot line up pre-rotation {np.shape(x)} with rotated "
                                                 f"{np.shape(y)} at {length} positions")
     xs, ys = _heads_last(x, seq_axis, rot.head_dim), _heads_last(y, seq_axis, rot.head_dim)
-    inv, factor = rot.reference.frequencies(length)
+    # the frequencies of THIS call: a run-time method (dynamic, longrope) takes its length from the call's own
+    # positions (HF: max(position_ids) + 1), which for a chunk start..start+n-1 of a capture is start + n
+    inv, factor = rot.reference.frequencies(start + xs.shape[-2])
     encoding = rot.reference.site.encoding
     expected = numpy_rotation(xs, inv, factor, start + np.arange(xs.shape[-2]), rot.layout, rot.rotary_dim,
                               encoding.position_offset, encoding.angle_sign)
