@@ -11,6 +11,11 @@ import onnx_ir as ir
 _counter = itertools.count()
 
 
+#: the name prefix of the nodes the attention-level extension writes (attention/extend.py): the rotations it adds
+#: (ReRoPE's, SelfExtend's second position system) are the extension's, recorded by its marker, not the model's RoPE
+EXTEND_NODE_PREFIX = "posrewrite_extend"
+
+
 def unique_name(graph: ir.Graph, stem: str) -> str:
     taken = {v.name for v in graph.initializers.values()}
     while True:

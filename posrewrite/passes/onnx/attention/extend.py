@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from posrewrite.errors import UsageError
 from posrewrite.math.positions import AttentionExtension, PositionMap, Region
-from posrewrite.passes.onnx._build import NodeWriter, unique_name
+from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX, NodeWriter, unique_name
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
@@ -432,7 +432,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     if unrotated_cache is not None and not all(p.cached_keys for p in pairs):
         raise AttentionExtendError("not a KV-cache export (keys are not appended to a past): nothing to re-rotate")
     graph = model.graph
-    b = NodeWriter(graph, None, "posrewrite_extend")  # appended: the pass sorts the graph
+    b = NodeWriter(graph, None, EXTEND_NODE_PREFIX)  # appended: the pass sorts the graph
     rows_memo: dict[int, ir.Value] = {}
     logn_memo: dict[tuple[int, ir.DataType], ir.Value] = {}
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX
 from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, last_dim, rank
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import AngleSource, RopeSite
@@ -72,4 +73,5 @@ def unclaimed_cos(model: ir.Model, sites: list[RopeSite], closest_failure: str |
                 + (f" (closest pattern failed: {closest_failure})" if closest_failure else ""))
         for node in model.graph
         if node.op_type == "Cos" and id(node) not in claimed
+        and not (node.name or "").startswith(EXTEND_NODE_PREFIX)  # an attention extension's own angles
     ]

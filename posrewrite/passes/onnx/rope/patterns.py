@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as orp
 
+from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX
 from posrewrite.passes.onnx._graph import ConstantEvaluator, int_attr, normalise_axis, rank
 from posrewrite.sites.rope import Layout
 
@@ -270,6 +271,8 @@ def find_applications(
     found: list[ApplicationMatch] = []
     for node in list(model.graph):
         if node.op_type not in ("Add", "Sub", "Concat", "Reshape"):
+            continue
+        if (node.name or "").startswith(EXTEND_NODE_PREFIX):  # an attention extension's own rotation
             continue
         for owner, compiled in matchers:
             owner.heads = None

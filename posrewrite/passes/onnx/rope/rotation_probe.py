@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math.precision import machine_epsilon
+from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX
 from posrewrite.passes.onnx._graph import call_input, dtype_name, numpy_dtype
 from posrewrite.passes.rotation_reading import NotARotation, identify_matrix, read_matrices
 from posrewrite.sites.rope import Layout, PositionDecay
@@ -181,6 +182,8 @@ def _terms(graph: ir.Graph, family: set[int], hidden: _Hidden) -> list[_Term]:
     terms = []
     for node in graph:
         if node.op_type not in _TERM_OPS or len(node.inputs) != 2 or node.domain not in ("", "ai.onnx"):
+            continue
+        if (node.name or "").startswith(EXTEND_NODE_PREFIX):  # an attention extension's own rotation
             continue
         a, b = node.inputs
         if a is None or b is None:
