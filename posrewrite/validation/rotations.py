@@ -14,7 +14,7 @@ import onnx_ir as ir
 from posrewrite.cut import graph_inputs_for
 from posrewrite.math import precision
 from posrewrite.math import rope as rope_math
-from posrewrite.passes.onnx._graph import call_input, numpy_dtype
+from posrewrite.passes.onnx._graph import call_input, const_tensor, numpy_dtype
 from posrewrite.sites.rope import Layout, RopeSite
 from posrewrite.validation.report import Check, RotationCheck, RotationCount, worse
 from posrewrite.validation.runs import MAX_VALIDATION_LENGTH, dtype_eps, session_from_bytes, token_ids
@@ -234,7 +234,7 @@ def _reference_by_caches(node: ir.Node, references: list[RopeReference]) -> Rope
     factor give the first rows of the node's constant cos cache, when exactly one does."""
     k = 2 if node.domain == "com.microsoft" else 1  # contrib: (x, position_ids, cos, sin); opset 23: (x, cos, sin, ..)
     cos_v = node.inputs[k] if len(node.inputs) > k else None
-    tensor = ir.convenience.get_const_tensor(cos_v) if cos_v is not None else None
+    tensor = const_tensor(cos_v) if cos_v is not None else None
     if tensor is None:
         return None
     cos = np.asarray(tensor.numpy(), np.float64)

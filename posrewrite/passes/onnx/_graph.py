@@ -73,6 +73,18 @@ def _tensor_size(tensor: ir.TensorProtocol) -> int:
     return int(np.prod([d for d in tensor.shape.dims])) if tensor.shape is not None else 0
 
 
+def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    """The constant tensor of `value` (an initializer, or a Constant node's output), like onnx_ir's
+    `get_const_tensor`, without its side effect: that one renames a Constant node's `value` tensor to the output's
+    name, which changes the bytes of every model written after a mere look at it."""
+    node = value.producer() if value.const_value is None else None
+    if (node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+            and len(node.attributes) == 1 and "value" in node.attributes and len(node.outputs) == 1):
+        attr = node.attributes["value"]
+        return None if attr.is_ref() else attr.as_tensor()
+    return ir.convenience.get_const_tensor(value)
+
+
 class ConstantEvaluator:
     """Evaluates values whose whole cone of inputs is known: constants (inv_freq built from a base with Pow, ...)
     and, when `feed` is given, graph inputs fed with probe values (position computations evaluated on a short
@@ -142,7 +154,7 @@ class ConstantEvaluator:
     def _evaluate(self, value: ir.Value) -> np.ndarray | None:
         if self._feed is not None and id(value) in self._inputs:
             return self._feed(value)
-        tensor = ir.convenience.get_const_tensor(value)
+        tensor = const_tensor(value)
         if tensor is not None:
             if _tensor_size(tensor) > _MAX_FOLD_ELEMENTS:
                 return None

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._graph import concrete_dims
+from posrewrite.passes.onnx._graph import concrete_dims, const_tensor
 from posrewrite.passes.onnx.attention.cache_match import MASKED
 
 
@@ -139,7 +139,7 @@ def _session(model: ir.Model, cone: list[ir.Node], needed: list[ir.Value], targe
         if id(v) not in names:
             names[id(v)] = v.name if v in needed else f"v{len(names)}"
             if v.producer() is None and v not in needed:
-                t = ir.convenience.get_const_tensor(v)
+                t = const_tensor(v)
                 if t is None:
                     raise ValueError(f"{v.name} has no value")
                 if t.size > 1 << 20:
@@ -186,8 +186,8 @@ def same_computation(a: ir.Value, b: ir.Value) -> bool:
     for x, y in zip(na.inputs, nb.inputs, strict=True):
         if x is y:
             continue
-        tx = ir.convenience.get_const_tensor(x) if x is not None else None
-        ty = ir.convenience.get_const_tensor(y) if y is not None else None
+        tx = const_tensor(x) if x is not None else None
+        ty = const_tensor(y) if y is not None else None
         if tx is None or ty is None or tx.size > 64 or ty.size > 64 or tx.dtype != ty.dtype:
             return False
         ax, ay = np.asarray(tx.numpy()), np.asarray(ty.numpy())

@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._graph import const_tensor
+
 MASKED = -1.0e4  # additive bias values at or below this are masked (exp underflows to zero)
 CONTRIB = "com.microsoft"
 
@@ -48,7 +50,7 @@ def producer(v: ir.Value | None, *ops: str) -> ir.Node | None:
 def _scalar(v: ir.Value | None) -> float | None:
     if v is None:
         return None
-    t = ir.convenience.get_const_tensor(v)
+    t = const_tensor(v)
     if t is None:
         return None
     arr = t.numpy()
@@ -93,7 +95,7 @@ def _unrepeat(v: ir.Value) -> ir.Value:
         return v
     axes = unsq.attributes.get_ints("axes") if len(unsq.inputs) < 2 else None
     if axes is None and len(unsq.inputs) > 1:
-        t = ir.convenience.get_const_tensor(unsq.inputs[1])
+        t = const_tensor(unsq.inputs[1])
         axes = [int(a) for a in t.numpy().reshape(-1)] if t is not None else None
     if axes is None or list(axes) != [2]:
         return v
@@ -135,7 +137,7 @@ def match_attention(graph: ir.Graph, sm: ir.Node) -> Attention:
     where = next((u for u in users if u.op_type == "Where"), None)
     if where is not None:
         isnan = producer(where.inputs[0], "IsNaN")
-        zero = ir.convenience.get_const_tensor(where.inputs[1])
+        zero = const_tensor(where.inputs[1])
         if (isnan is None or isnan.inputs[0] is not probs or where.inputs[2] is not probs or zero is None
                 or zero.numpy().size != 1 or float(zero.numpy().reshape(-1)[0]) != 0.0):
             raise NotFused("the probabilities go through a Where that is not Where(IsNaN(p), 0, p)")

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.passes.onnx._build import NodeWriter
+from posrewrite.passes.onnx._graph import const_tensor
 from posrewrite.passes.onnx.attention import cache_probe, cache_views
 from posrewrite.passes.onnx.attention.cache_match import CONTRIB, Attention, producer, rotary_node
 
@@ -55,7 +56,7 @@ def _clamped_bias(w: NodeWriter, bias: ir.Value, shared: dict) -> ir.Value:
         dtype = bias.dtype or ir.DataType.FLOAT
         lowest = np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min
         where = producer(bias, "Where")
-        branches = [ir.convenience.get_const_tensor(i) for i in where.inputs[1:]] if where is not None else [None]
+        branches = [const_tensor(i) for i in where.inputs[1:]] if where is not None else [None]
         if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) and all(
                 t is not None and t.size <= 16 for t in branches):
             # Where(mask, a, b) with constant a, b (torch's bool mask -> 0 / -inf): clamp the constants instead

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._graph import const_tensor
 from posrewrite.passes.onnx.attention.cache_match import CONTRIB, Attention, producer
 
 
@@ -80,7 +81,7 @@ def _elements(v: ir.Value | None, depth: int = 0) -> list | None:
     None when the tensor's form is not one of Constant, Shape, Gather, Concat, Unsqueeze, Squeeze, Slice, Cast."""
     if v is None or depth > 16:
         return None
-    t = ir.convenience.get_const_tensor(v)
+    t = const_tensor(v)
     if t is not None:
         arr = np.asarray(t.numpy())
         if arr.ndim > 1 or arr.size > 8 or arr.dtype.kind not in "iu":
@@ -110,7 +111,7 @@ def _elements(v: ir.Value | None, depth: int = 0) -> list | None:
             out.extend(part)
         return out
     if op == "Gather":
-        data, idx = _elements(node.inputs[0], depth + 1), ir.convenience.get_const_tensor(node.inputs[1])
+        data, idx = _elements(node.inputs[0], depth + 1), const_tensor(node.inputs[1])
         if data is None or idx is None or node.attributes.get_int("axis", 0) != 0:
             return None
         picks = [int(k) for k in np.asarray(idx.numpy()).reshape(-1)]
@@ -119,7 +120,7 @@ def _elements(v: ir.Value | None, depth: int = 0) -> list | None:
         return [data[k] for k in picks]
     if op == "Slice":
         data = _elements(node.inputs[0], depth + 1)
-        bounds = [ir.convenience.get_const_tensor(i) if i is not None else None for i in node.inputs[1:]]
+        bounds = [const_tensor(i) if i is not None else None for i in node.inputs[1:]]
         if data is None or len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
             return None
         if len(bounds) > 2 and bounds[2] is not None and [int(a) for a in bounds[2].numpy().reshape(-1)] != [0]:

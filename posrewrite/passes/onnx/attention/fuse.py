@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from posrewrite.errors import UsageError
 from posrewrite.passes.onnx._build import NodeWriter, remove_made_dead, unread_nodes
-from posrewrite.passes.onnx._graph import concrete_dims
+from posrewrite.passes.onnx._graph import concrete_dims, const_tensor
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ def _restore_rotary_attributes(model: ir.Model, recorded: dict[tuple[str, str], 
 
 
 def _const_scalar(v: ir.Value | None) -> float | None:
-    t = ir.convenience.get_const_tensor(v) if v is not None else None
+    t = const_tensor(v) if v is not None else None
     if t is None or t.size != 1:
         return None
     return float(np.asarray(t.numpy(), dtype=np.float64).reshape(-1)[0])
@@ -349,7 +349,7 @@ def _fuse_rms_norm_other_forms(model: ir.Model) -> int:
     for r in [n for n in graph if n.op_type == "ReduceMean" and n.domain in ("", "ai.onnx")]:
         axes = r.attributes.get_ints("axes") if len(r.inputs) < 2 else None
         if axes is None and len(r.inputs) > 1:
-            t = ir.convenience.get_const_tensor(r.inputs[1])
+            t = const_tensor(r.inputs[1])
             axes = [int(a) for a in t.numpy().reshape(-1)] if t is not None else None
         pw = r.inputs[0].producer()
         if axes is None or list(axes) != [-1] or r.attributes.get_int("keepdims", 1) != 1 or pw is None:
@@ -484,7 +484,7 @@ def _unrepeat_kv(value: ir.Value) -> ir.Value | None:
     unsq = expand.inputs[0].producer()
     if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.inputs) < 2:
         return None
-    axes = ir.convenience.get_const_tensor(unsq.inputs[1])
+    axes = const_tensor(unsq.inputs[1])
     if axes is None or [int(a) for a in axes.numpy().reshape(-1)] != [2]:
         return None
     k0 = unsq.inputs[0]
@@ -514,8 +514,8 @@ def _positions_are_arange(value: ir.Value | None) -> bool:
         if node is None:
             return False
         if node.op_type == "Range":
-            start = ir.convenience.get_const_tensor(node.inputs[0])
-            delta = ir.convenience.get_const_tensor(node.inputs[2])
+            start = const_tensor(node.inputs[0])
+            delta = const_tensor(node.inputs[2])
             return (
                 start is not None
                 and delta is not None
@@ -604,7 +604,7 @@ def _integer_constants(nodes: list[ir.Node]) -> set[int]:
         if node.op_type == "Constant":
             values = list(node.outputs)
         for v in values:
-            t = ir.convenience.get_const_tensor(v) if v is not None else None
+            t = const_tensor(v) if v is not None else None
             if t is None:
                 continue
             arr = t.numpy()
@@ -645,7 +645,7 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], target: ir.Value, sizes: di
             return ""
         if id(v) not in names:
             names[id(v)] = f"v{len(names)}"
-            t = ir.convenience.get_const_tensor(v) if v.producer() is None else None
+            t = const_tensor(v) if v.producer() is None else None
             if t is not None:
                 arr = t.numpy()
                 if arr.size > 1 << 20:

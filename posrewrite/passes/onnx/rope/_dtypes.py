@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from posrewrite.passes.onnx._graph import const_tensor
+
 F32 = ir.DataType.FLOAT
 HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 FLOAT_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)
@@ -30,7 +32,7 @@ def is_float(value: ir.Value | None) -> bool:
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = const_tensor(value)
     if tensor is None:
         return None
     return np.asarray(tensor.numpy())

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._graph import ConstantEvaluator, dtype_name, trace_through
+from posrewrite.passes.onnx._graph import ConstantEvaluator, const_tensor, dtype_name, trace_through
 from posrewrite.passes.onnx.rope.markers import node_record, runtime_marker
 from posrewrite.passes.onnx.rope.tables import NotUnderstood
 from posrewrite.sites.rope import InvFreqOrigin, LengthSelection, RescaleRecord, RuntimeInvFreq
@@ -125,7 +125,7 @@ def _constant_operand(value: ir.Value, fold: ConstantEvaluator) -> _Operand | No
     arr = fold(root)
     if arr is None:
         return None
-    origin = InvFreqOrigin.CONSTANT if ir.convenience.get_const_tensor(root) is not None else InvFreqOrigin.FOLDED
+    origin = InvFreqOrigin.CONSTANT if const_tensor(root) is not None else InvFreqOrigin.FOLDED
     return _Operand(root, path[-1] if path else None, np.asarray(arr), origin)
 
 

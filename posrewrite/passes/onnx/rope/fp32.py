@@ -23,6 +23,7 @@ import onnx_ir as ir
 from posrewrite.math import precision, rope_fit
 from posrewrite.math import rope as rope_math
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer
+from posrewrite.passes.onnx._graph import const_tensor
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope._dtypes import (
     F32,
@@ -88,7 +89,7 @@ class _Lift:
             result = False
         else:
             node = value.producer()
-            if node is None or ir.convenience.get_const_tensor(value) is not None or not is_float(value):
+            if node is None or const_tensor(value) is not None or not is_float(value):
                 result = True
             else:
                 result = all(self.clean(i) for i in node.inputs if i is not None and is_float(i))

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from posrewrite.math import precision, rope_fit
+from posrewrite.passes.onnx._graph import const_tensor
 from posrewrite.passes.onnx.alibi.fp32 import is_fp32_safe
 from posrewrite.passes.onnx.rope._dtypes import (
     DTYPE_NAMES,
@@ -119,7 +120,7 @@ def _upstream(value: ir.Value, *, include_constants: bool) -> tuple[list[tuple[s
             continue
         seen.add(id(v))
         node = v.producer()
-        const = ir.convenience.get_const_tensor(v) is not None
+        const = const_tensor(v) is not None
         if node is None or const or (node.op_type == "Constant"):
             if const:
                 if include_constants:
@@ -140,7 +141,7 @@ def _chain(value: ir.Value) -> list[str]:
     steps: list[str] = []
     v: ir.Value | None = value
     for _ in range(32):
-        if v is None or not is_float(v) or ir.convenience.get_const_tensor(v) is not None:
+        if v is None or not is_float(v) or const_tensor(v) is not None:
             break
         node = v.producer()
         step = f"{node.op_type if node is not None else 'input'}:{dtype_of(v)}"
@@ -148,7 +149,7 @@ def _chain(value: ir.Value) -> list[str]:
             steps.append(step)
         if node is None:
             break
-        v = next((i for i in node.inputs if is_float(i) and ir.convenience.get_const_tensor(i) is None), None)
+        v = next((i for i in node.inputs if is_float(i) and const_tensor(i) is None), None)
     return steps[::-1]
 
 

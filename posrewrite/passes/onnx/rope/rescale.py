@@ -23,6 +23,7 @@ from posrewrite.limits import MAX_LENGTH
 from posrewrite.math import rope as rope_math
 from posrewrite.math import rope_grid
 from posrewrite.passes.onnx._build import NodeWriter, add_initializer, insert_after_and_redirect
+from posrewrite.passes.onnx._graph import const_tensor
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.passes.onnx.rope.fused import fused_cache_indices
 from posrewrite.passes.onnx.rope.markers import RESCALED_KEY, RUNTIME_INV_FREQ_KEY, mark_rescaled_cache
@@ -491,7 +492,7 @@ def _rescale_cached(graph: ir.Graph, plan: SitePlan) -> list[str]:
         old = (
             table_value.const_value.numpy()
             if table_value.const_value is not None
-            else ir.convenience.get_const_tensor(table_value).numpy()
+            else const_tensor(table_value).numpy()
         )
         dtype = table_value.dtype
         select = parts[0][0].select
@@ -586,7 +587,7 @@ def _rescale_fused(graph: ir.Graph, plan: SitePlan) -> list[str]:
         c, s = rope_math.cos_sin_tables(plan.inv_freq, plan.new_length, attention_factor=factor, layout="half")
         if plan.keep_rows:
             for table, cache in ((c, site.cos_cache), (s, site.sin_cache)):
-                old = ir.convenience.get_const_tensor(cache).numpy()
+                old = const_tensor(cache).numpy()
                 table[: old.shape[0]] = old
         cos = add_initializer(graph, c, "cos_cache", dtype)
         sin = add_initializer(graph, s, "sin_cache", dtype)

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from posrewrite.math.precision import machine_epsilon
 from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX
-from posrewrite.passes.onnx._graph import call_input, dtype_name, numpy_dtype
+from posrewrite.passes.onnx._graph import call_input, const_tensor, dtype_name, numpy_dtype
 from posrewrite.passes.rotation_reading import NotARotation, identify_matrix, read_matrices
 from posrewrite.sites.rope import Layout, PositionDecay
 
@@ -721,7 +721,7 @@ def rotation_seeds(model: ir.Model) -> list[ir.Value]:
             seeds.append(node.outputs[0])
         elif node.op_type in ("Gather", "Slice") and node.inputs and node.inputs[0] is not None:
             table = node.inputs[0]
-            tensor = ir.convenience.get_const_tensor(table)
+            tensor = const_tensor(table)
             if (tensor is not None and tensor.dtype.is_floating_point() and tensor.shape is not None
                     and len(tensor.shape) >= 2):
                 seeds.append(node.outputs[0])

@@ -8,7 +8,15 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, int_attr, last_dim, rank, trace_through
+from posrewrite.passes.onnx._graph import (
+    VIEW_OPS,
+    ConstantEvaluator,
+    const_tensor,
+    int_attr,
+    last_dim,
+    rank,
+    trace_through,
+)
 from posrewrite.passes.onnx.rope.patterns import read_slice
 from posrewrite.passes.onnx.rope.tables import NotUnderstood
 
@@ -153,8 +161,8 @@ def _repeats_columns(node: ir.Node, fold: ConstantEvaluator) -> bool:
 def stored_table(value: ir.Value) -> ir.Value | None:
     """The initializer/Constant a table operand is broadcast from (through Expand/Tile/Unsqueeze...)."""
     v, _ = trace_through(value, _TABLE_BROADCAST_OPS, limit=16,
-                         until=lambda x: ir.convenience.get_const_tensor(x) is not None)
-    return v if ir.convenience.get_const_tensor(v) is not None else None
+                         until=lambda x: const_tensor(x) is not None)
+    return v if const_tensor(v) is not None else None
 
 
 def _last_axis_op(node: ir.Node, fold: ConstantEvaluator) -> bool:
