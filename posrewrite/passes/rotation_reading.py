@@ -259,3 +259,23 @@ def _decay(magnitude: np.ndarray, tol: float) -> PositionDecay | None:
                          probed_length=int(r.shape[0]))
 
 
+def probed_site_facts(decays: list[PositionDecay], rotations: int, heads: set[int], head_dim: int | None,
+                      refuse: type[Exception]) -> tuple[PositionDecay | None, list[str]]:
+    """What probing read of a site's rotations, shared by the ONNX and fx detectors: the site's xPos decay (q's,
+    whose scale shrinks with position: ζ < 1; k's is its inverse) with its note, and a note for rotations applied
+    per head on a [.., H·D] activation. `decays` of the site's `rotations`: all or none carry one (else `refuse`)."""
+    notes: list[str] = []
+    decay = None
+    if decays:
+        if len(decays) != rotations:
+            raise refuse("xPos decay on some rotations of a site but not on others")
+        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
+        decay = on_q[0] if on_q else decays[0]
+        gamma = decay.scale_base
+        notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
+                     + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")
+                     + ("; p0 = length // 2" if decay.length_centred else ""))
+    if heads:
+        notes.append(f"rotation applied per head on a [.., {max(heads)}x{head_dim}] activation")
+    return decay, notes
+

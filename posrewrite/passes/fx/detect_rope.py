@@ -40,6 +40,7 @@ from posrewrite.passes.fx.sites import (
     FxTrigHandles,
     Layout,
 )
+from posrewrite.passes.rotation_reading import probed_site_facts
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     CachedTable,
@@ -626,21 +627,11 @@ def _with_probe_facts(site: FxRopeSite, probed: list[FxRopeApplication]) -> FxRo
     (q's, whose scale grows towards early positions; k's is its inverse), the heads of a [.., H·D] rotation."""
     if not probed:
         return site
-    decays = [a.decay for a in site.applications if a.decay is not None]
     encoding = site.encoding
-    notes = list(encoding.notes)
-    decay = None
-    if decays:
-        if len(decays) != len(site.applications):
-            raise NotUnderstood("xPos decay on some rotations of a site but not on others")
-        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
-        decay = on_q[0] if on_q else decays[0]
-        gamma = decay.scale_base
-        notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
-                     + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")
-                     + ("; p0 = length // 2" if decay.length_centred else ""))
-    heads = {a.heads_in_last_axis for a in probed if a.heads_in_last_axis > 1}
-    if heads:
-        notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    decay, read = probed_site_facts([a.decay for a in site.applications if a.decay is not None],
+                                    len(site.applications), {a.heads_in_last_axis for a in probed
+                                                             if a.heads_in_last_axis > 1},
+                                    encoding.head_dim, NotUnderstood)
+    notes = [*encoding.notes, *read]
     encoding = dataclasses.replace(encoding, decay=decay, identified_by="probe", notes=tuple(notes))
     return dataclasses.replace(site, encoding=encoding)

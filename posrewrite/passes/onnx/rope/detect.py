@@ -39,6 +39,7 @@ from posrewrite.passes.onnx.rope.probe import (
 from posrewrite.passes.onnx.rope.rotation_probe import describe_pairs, find_probed, rotation_seeds
 from posrewrite.passes.onnx.rope.sources import TableSource, TrigSource, trace_source
 from posrewrite.passes.onnx.rope.tables import NotUnderstood, fit_tables, table_array, table_eps
+from posrewrite.passes.rotation_reading import probed_site_facts
 from posrewrite.sites.base import Refusal
 from posrewrite.sites.rope import (
     CachedTable,
@@ -453,22 +454,10 @@ class RopeDetector:
 def _with_probe_facts(site: RopeSite, probed: list[ApplicationMatch]) -> RopeSite:
     """The site's encoding with what probing read: identified_by, the xPos decay (q's, growing with position;
     k's is its inverse), the heads of a [.., H·D] rotation."""
-    decays = [a.decay for a in probed if a.decay is not None]
     encoding = site.encoding
-    notes = list(encoding.notes)
-    decay = None
-    if decays:
-        if len(decays) != len(site.applications):
-            raise NotUnderstood("xPos decay on some rotations of a site but not on others")
-        on_q = [d for d in decays if float(np.mean(d.log_rate)) < 0]  # q: zeta^((p - p0)/gamma), zeta < 1
-        decay = on_q[0] if on_q else decays[0]
-        gamma = decay.scale_base
-        notes.append("xPos: rotation scaled by zeta^((p - p0)/gamma) on q and its inverse on k"
-                     + (f" (paper zeta, gamma = {gamma:g})" if gamma else "")
-                     + ("; p0 = length // 2" if decay.length_centred else ""))
-    heads = {a.num_heads for a in probed if a.num_heads}
-    if heads:
-        notes.append(f"rotation applied per head on a [.., {max(heads)}x{encoding.head_dim}] activation")
+    decay, read = probed_site_facts([a.decay for a in probed if a.decay is not None], len(site.applications),
+                                    {a.num_heads for a in probed if a.num_heads}, encoding.head_dim, NotUnderstood)
+    notes = [*encoding.notes, *read]
     sign = _angle_sign(encoding.inv_freq, [a.steps for a in probed])
     if sign < 0:
         notes.append("rotation by -theta (each pair turned the other way: x_f cos + x_s sin): rescaled in angle "
