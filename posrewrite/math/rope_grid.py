@@ -130,3 +130,28 @@ def channel_ratios(row_slope: np.ndarray, col_slope: np.ndarray, method: str, or
 
 __all__ = ["GRID_METHODS", "PROBE_GRIDS", "axis_frequencies", "axis_ratios", "channel_ratios", "fit_grid_angles",
            "slopes_depend_on_grid"]
+
+
+def read_position_deltas(deltas: list[np.ndarray], seq: int, scale: float,
+                         refuse: type[Exception]) -> tuple[int, np.ndarray]:
+    """(token axis, slope per element) of angle probes `deltas` (each: the angles with one row of the position
+    input set to 0..seq-1, minus the angles at positions 0), shared by the ONNX and fx probes. Every delta must be
+    proportional to the position along the token axis (within 1e-5 of the largest magnitude seen, at least
+    `scale`) and each angle element must read at most one row; else `refuse` with the reason."""
+    arr = deltas[0]
+    token = next((axis for axis in range(arr.ndim - 1, -1, -1) if arr.shape[axis] == seq
+                  and all(np.any(np.take(d, [1], axis=axis) != 0) for d in deltas if np.any(d != 0))), None)
+    if token is None:
+        raise refuse(f"no token axis of size {seq} in the probed angles {arr.shape}")
+    freq = sum(np.take(d, [1], axis=token) for d in deltas)
+    for d in deltas:
+        slope = np.take(d, [1], axis=token)
+        steps = np.arange(d.shape[token]).reshape([-1 if k == token else 1 for k in range(d.ndim)])
+        scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
+        if np.max(np.abs(d - slope * steps), initial=0.0) > 1e-5 * scale:
+            raise refuse("the angles are not proportional to the positions")
+    reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
+    if np.any(reads.sum(axis=0) > 1):
+        raise refuse("an angle reads several rows of the position input")
+    return token, freq
+

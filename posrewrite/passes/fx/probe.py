@@ -347,18 +347,7 @@ def fit_rows(ep: ExportedProgram, angles: Node, cos: Node, sin: Node, layout: La
     if np.max(np.abs(base_np), initial=0.0) > 1e-6:
         raise ProbeFailed("the angles are not 0 at position 0 (an offset the probe does not model)")
     deltas = [r[0].double().numpy() - base_np for r in runs]
-    token = _token_axis(deltas)
-    freq = sum(np.take(d, [1], axis=token) for d in deltas)
-    scale = 1.0
-    for d in deltas:
-        slope = np.take(d, [1], axis=token)
-        steps = np.arange(d.shape[token]).reshape([-1 if k == token else 1 for k in range(d.ndim)])
-        scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
-        if np.max(np.abs(d - slope * steps), initial=0.0) > 1e-5 * scale:
-            raise ProbeFailed("the angles are not proportional to the positions")
-    reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
-    if np.any(reads.sum(axis=0) > 1):
-        raise ProbeFailed("an angle reads several rows of the position input")
+    token, freq = rope_grid.read_position_deltas(deltas, _SEQ, 1.0, ProbeFailed)
     phi = sum(_token_vector(np.arctan2(r[2].double().numpy(), r[1].double().numpy())) for r in runs)
     if phi.shape[0] < rotary_dim:
         raise ProbeFailed(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
@@ -373,16 +362,6 @@ def fit_rows(ep: ExportedProgram, angles: Node, cos: Node, sin: Node, layout: La
         row_fit = position_rows(ep, positions, cos, sin, layout, rotary_dim)
     dtype = str(g.dtype(positions) if positions is not None else g.dtype(angles)).replace("torch.", "")
     return RowFit(np.asarray(inv, np.float32), freq, tuple(freq.shape), row_fit, factor, dtype)
-
-
-def _token_axis(deltas: list[np.ndarray]) -> int:
-    arr = deltas[0]
-    for axis in range(arr.ndim - 1, -1, -1):
-        if arr.shape[axis] != _SEQ:
-            continue
-        if all(np.any(np.take(d, [1], axis=axis) != 0) for d in deltas if np.any(d != 0)):
-            return axis
-    raise ProbeFailed(f"no token axis of size {_SEQ} in the probed angles {arr.shape}")
 
 
 def _token_vector(arr: np.ndarray, token: int = 1) -> np.ndarray:

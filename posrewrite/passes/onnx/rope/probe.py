@@ -282,19 +282,9 @@ def fit_rows(model: ir.Model, trig: ConeTrig, positions: ir.Value, cos: ir.Value
     # θ = f·pos + c: a phase offset c (positions shifted inside the model) is allowed; a rescale multiplies the
     # whole angle, i.e. f·s'·(pos + c/f): the offset is a position like any other (interpolated with them)
     base = np.asarray(probes[0][0], np.float64)
-    scale = max(1.0, float(np.max(np.abs(base), initial=0.0)))
     deltas = [np.asarray(p[0], np.float64) - base for p in probes[1:]]
-    token = _token_axis(deltas)
-    freq = sum(np.take(d, [1], axis=token) for d in deltas)
-    for d in deltas:
-        slope = np.take(d, [1], axis=token)
-        steps = np.arange(d.shape[token]).reshape([-1 if k == token else 1 for k in range(d.ndim)])
-        scale = max(scale, float(np.max(np.abs(d), initial=0.0)))
-        if np.max(np.abs(d - slope * steps), initial=0.0) > 1e-5 * scale:
-            raise NotUnderstood("the angles are not proportional to the positions")
-    reads = np.stack([np.abs(np.take(d, [1], axis=token)) > 0 for d in deltas])
-    if np.any(reads.sum(axis=0) > 1):
-        raise NotUnderstood("an angle reads several rows of the position input")
+    token, freq = rope_grid.read_position_deltas(
+        deltas, _SEQ, max(1.0, float(np.max(np.abs(base), initial=0.0))), NotUnderstood)
     phi = sum(_token_step(p[1], p[2]) for p in probes[1:])
     if phi.shape[0] < rotary_dim:
         raise NotUnderstood(f"the rotation's cos has {phi.shape[0]} channels, fewer than rotary_dim {rotary_dim}")
@@ -333,16 +323,6 @@ def unalias(step: np.ndarray, channel_freq: np.ndarray) -> np.ndarray:
         if hits.size:
             out[k] = hits[np.argmin(np.abs(hits - phi))]  # the nearest (no aliasing) where several fit
     return out
-
-
-def _token_axis(deltas: list[np.ndarray]) -> int:
-    arr = deltas[0]
-    for axis in range(arr.ndim - 1, -1, -1):
-        if arr.shape[axis] != _SEQ:
-            continue
-        if all(np.any(np.take(d, [1], axis=axis) != 0) for d in deltas if np.any(d != 0)):
-            return axis
-    raise NotUnderstood(f"no token axis of size {_SEQ} in the probed angles {arr.shape}")
 
 
 def frequency_ratio(channel_freq: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
