@@ -209,29 +209,19 @@ def _cone_constant(ep: ExportedProgram, n: Node) -> torch.Tensor | None:
 
 
 def _evaluate(ep: ExportedProgram, x: Node, y: Node, probe: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """y of `probe` fed at x: the cone's user inputs fed as positions 0..length-1 (batch `batch`), refused when y
+    reads another activation than x (an input read other than through its sizes)."""
     hidden = _Hidden(ep)
-    env: dict[Node, object] = {x: probe}
     nodes = cone(x, y)
     inside = set(nodes)
+    feeds: dict[Node, torch.Tensor] = {}
     for n in nodes:
-        if n.op == "placeholder":
-            tensor = _cone_constant(ep, n)
-            if tensor is None:
-                sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
-                if hidden(n) and not sizes_only:
-                    raise NotARotation(f"the rotated value depends on {n.name} other than through {x.name}")
-                tensor = _position_feed(n, batch, length)
-            env[n] = tensor
-        elif n.op == "call_function":
-            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
-            kwargs = {k: (torch.device("cpu") if k == "device" else a) for k, a in kwargs.items()}
-            env[n] = n.target(*args, **kwargs)
-        else:
-            raise NotARotation(f"cannot evaluate {n.op} {n.name}")
-    out = env[y]
-    if not isinstance(out, torch.Tensor):
-        raise NotARotation("the rotated value is not a tensor")
-    return out
+        if n.op == "placeholder" and _cone_constant(ep, n) is None:
+            sizes_only = all(_name(u) in ("sym_size", "size", "sym_numel", "numel") for u in n.users if u in inside)
+            if hidden(n) and not sizes_only:
+                raise NotARotation(f"the rotated value depends on {n.name} other than through {x.name}")
+            feeds[n] = _position_feed(n, batch, length)
+    return _run_cone(ep, x, y, probe, feeds)
 
 
 def _position_feed(n: Node, batch: int, length: int) -> torch.Tensor:
