@@ -155,3 +155,16 @@ def read_position_deltas(deltas: list[np.ndarray], seq: int, scale: float,
         raise refuse("an angle reads several rows of the position input")
     return token, freq
 
+
+def grid_rescale(axes, method: str, original: tuple[int, int], target: tuple[int, int]
+                 ) -> tuple[np.ndarray, float, rope_math.RopeParameters]:
+    """(per-channel angle ratio, attention factor, RopeParameters recorded) of a 2-D RoPE with grid axes `axes`
+    (`sites.rope_axes.GridAxes`) run at the `target` patch grid instead of `original`, shared by the ONNX and fx
+    planners; ValueError with the reason when it cannot take it (normalised coordinates: nothing to rescale)."""
+    if axes.normalised:
+        raise ValueError("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
+                         "adapts to resolution, there is nothing to rescale")
+    ratio, attention = channel_ratios(axes.row_slope, axes.col_slope, method, original, target)
+    factor = max(target[0] / original[0], target[1] / original[1])
+    return ratio, float(attention), rope_math.RopeParameters(rope_type=method, factor=float(factor))
+

@@ -131,16 +131,10 @@ def plan_grid(site: FxRopeSite, method: str, original: tuple[int, int], target: 
     if not isinstance(source, GridAngles) or not isinstance(handles, FxAngleHandles):
         raise RescaleRefused(f"original_grid/target_grid rescale 2-D RoPE; this is {site.angles.value} RoPE "
                              f"({site.applications[0].output.name})")
-    if source.axes.normalised:
-        raise RescaleRefused("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
-                             "adapts to resolution, there is nothing to rescale")
     try:
-        ratio, attention = rope_grid.channel_ratios(source.axes.row_slope, source.axes.col_slope, method,
-                                                    original, target)
+        ratio, attention, params = rope_grid.grid_rescale(source.axes, method, original, target)
     except ValueError as exc:
         raise RescaleRefused(str(exc)) from None
-    factor = max(target[0] / original[0], target[1] / original[1])
-    params = rope_math.RopeParameters(rope_type=method, factor=float(factor))
     return RescalePlan(site, params, None, float(attention) * source.attention_factor, False,
                        angle_ratio=ratio.reshape(handles.channel_shape), grid=(tuple(original), tuple(target)))
 

@@ -106,17 +106,11 @@ def plan_grid_site(site: RopeSite, method: str, original: tuple[int, int], targe
     source = site.source
     if not isinstance(source, GridAngles) or not isinstance(site.handles, OnnxAngleHandles):
         raise NotRewritable(f"--original-grid/--target-grid rescale 2-D RoPE; this is {site.angles.value} RoPE")
-    if source.axes.normalised:
-        raise NotRewritable("this 2-D RoPE reads grid coordinates normalised by the grid size: the model already "
-                            "adapts to resolution, there is nothing to rescale")
     try:
-        ratio, attention = rope_grid.channel_ratios(source.axes.row_slope, source.axes.col_slope, method,
-                                                    original, target)
+        ratio, attention, params = rope_grid.grid_rescale(source.axes, method, original, target)
     except ValueError as exc:
         raise NotRewritable(str(exc)) from None
     ratio = ratio.reshape(site.handles.channel_shape)
-    factor = max(target[0] / original[0], target[1] / original[1])
-    params = rope_math.RopeParameters(rope_type=method, factor=float(factor))
     return SitePlan(site, params, None, float(attention) * source.attention_factor, None, False,
                     grid=GridRequest(tuple(original), tuple(target), ratio))
 
