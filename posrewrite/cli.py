@@ -25,6 +25,7 @@ from posrewrite import render
 from posrewrite.errors import EXIT_CODES, PosrewriteError, UsageError
 from posrewrite.limits import DEFAULT_CHECK_LENGTH, check_positive
 from posrewrite.options import FUSE_MODES, ROPE_METHODS, RewriteOptions, options_from_flags
+from posrewrite.provenance import DECODE_MODES
 from posrewrite.render import PROG, Output
 
 COMMANDS = ("rewrite", "inspect", "check", "plot", "advise", "validate")
@@ -173,10 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "is at most C; chunks hold C - W tokens)")
     g.add_argument("--local-size", type=int, metavar="W", help="dual-chunk: local_size (tokens at the start of a "
                    "chunk that see the chunk before at their true distance)")
-    g.add_argument("--runtime-decode", choices=("hf", "rerotate"), help="dynamic / longrope on KV-cache exports: hf "
-                   "(default: HF's cached behaviour, past keys keep the frequencies of their own step) or rerotate "
-                   "(the cache holds keys before rotation and every step rotates all of them with the current "
-                   "frequencies; see docs/long-context.md for what is exact)")
+    g.add_argument("--runtime-decode", choices=DECODE_MODES, help="dynamic / longrope on KV-cache exports: exact "
+                   "(recommended: the hf graph, and metadata telling the generation loop to re-prefill when the "
+                   "frequencies change, so every step equals the whole sequence at once; posrewrite.decode does "
+                   "it: longrope once at L + 1, dynamic at every step past L), hf (default: HF's cached behaviour, "
+                   "past keys keep the frequencies of their own step) or rerotate (the cache holds keys before "
+                   "rotation and every step rotates all of them with the current frequencies; "
+                   "see docs/long-context.md)")
     g.add_argument("--logn-scaling", action="store_true", help="scale queries at position n > L by log(n)/log(L) "
                    "(Qwen-1 use_logn_attn); L from --original-max-positions or config.json")
     g = p.add_argument_group("output")

@@ -27,6 +27,7 @@ from typing import Any
 from posrewrite.config import NO_SCALING_TYPES, load_rope_params
 from posrewrite.errors import UsageError
 from posrewrite.limits import MAX_LENGTH, MAX_ROPE_BASE, MAX_SCALE, check_positive, shown
+from posrewrite.provenance import DECODE_MODES
 
 #: Scaling methods, named as HF's ``rope_type`` where HF has one ("ntk" is static NTK-aware base scaling).
 ROPE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
@@ -72,8 +73,10 @@ class RewriteOptions:
     chunk_size: int | None = None  # dual-chunk (Qwen2.5-1M dual_chunk_attention_config names)
     local_size: int | None = None
     logn_scaling: bool = False
-    # run-time RoPE methods on KV-cache exports: "hf" (HF's cached behaviour, the default) or "rerotate" (the
-    # cache holds keys before rotation, every step rotates all of them with the current frequencies)
+    # run-time RoPE methods on KV-cache exports: "hf" (HF's cached behaviour, the default), "exact" (the same
+    # graph; its metadata tells the generation loop when to re-prefill so that every step equals the whole
+    # sequence at once: posrewrite.decode) or "rerotate" (the cache holds keys before rotation, every step rotates
+    # all of them with the current frequencies)
     runtime_decode: str | None = None
     # 2-D RoPE (ViTs): the patch grid the model was trained at (timm's ref_feat_shape) and the one to run at
     original_grid: tuple[int, int] | None = None
@@ -104,8 +107,9 @@ class RewriteOptions:
         self._check_attention_methods()
         if self.runtime_decode is not None:
             self.runtime_decode = str(self.runtime_decode).strip().lower()
-            if self.runtime_decode not in ("rerotate", "hf"):
-                raise UsageError(f"--runtime-decode must be rerotate or hf, not {self.runtime_decode!r}")
+            if self.runtime_decode not in DECODE_MODES:
+                raise UsageError(f"--runtime-decode must be one of {', '.join(DECODE_MODES)}, not "
+                                 f"{self.runtime_decode!r}")
         self.original_grid = parse_grid(self.original_grid, "--original-grid")
         self.target_grid = parse_grid(self.target_grid, "--target-grid")
         if (self.original_grid is None) != (self.target_grid is None):

@@ -105,7 +105,9 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
     4. --fuse: RotaryEmbedding, cleanup (onnxscript's attention rules and the KV-cache fusion's shape inference
        read a sorted graph without the replaced rotations), attention fusion;
     5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites;
-    6. cleanup.
+    6. cleanup;
+    7. a run-time method (dynamic, longrope) on a KV-cache export: its decode contract in the metadata
+       (``--runtime-decode``: when a generation loop must re-prefill; `posrewrite.decode` honours it).
     """
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass, RerotatePastKeysPass
@@ -113,6 +115,7 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
     from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
+    from posrewrite.passes.onnx.rope.decode_contract import DecodeContractPass
     from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
     from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
     from posrewrite.passes.onnx.rope.rescale import RescaleRopePass
@@ -121,9 +124,11 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
     context = PipelineContext(model_path=plan.model_path, progress=progress or NullReporter())
     context.report.notes.extend(f"skipped {r.where}: {r.reason}" for r in detection.refusals)
     passes: list[ir.passes.PassBase] = []
+    runtime_plan = None
     if plans:
         passes.append(RescaleRopePass(plans=plans, usage_errors=options.rescales_rope, context=context))
-        runtime = next((p.params.rope_type for p in plans if p.runtime), None)
+        runtime_plan = next((p for p in plans if p.runtime), None)
+        runtime = runtime_plan.params.rope_type if runtime_plan is not None else None
         if runtime is not None and options.runtime_decode == "rerotate":
             passes.append(RerotatePastKeysPass(method=runtime, required=True, context=context))
     if plan.rewrites_other_tables:
@@ -153,6 +158,10 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
         passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
                                           context=context))
     passes.extend(cleanup_passes())
+    if runtime_plan is not None and runtime_plan.params.original_max_position_embeddings:
+        passes.append(DecodeContractPass(mode=options.runtime_decode or "hf", method=runtime,
+                                         original_max_positions=runtime_plan.params.original_max_position_embeddings,
+                                         asked=options.runtime_decode is not None, context=context))
     return Pipeline(plan, passes, context, ValidationStep(plan, detection))
 
 

@@ -7,26 +7,42 @@ was rescaled with (method, factor, trained length L, base) and the length it now
 a second rescale takes L and the base from it, and ``validate ORIGINAL REWRITTEN`` without flags checks the
 rewrite REWRITTEN records (:func:`validation_options`).
 
+A rewrite with a run-time RoPE method (dynamic, longrope) of a KV-cache export also records, under
+``metadata_props["posrewrite.decode"]``, the decode contract a generation loop must honour (:func:`decode_contract`,
+read back by :func:`read_decode_contract`; ``posrewrite.decode`` is the loop that honours it).
+
 This module is at the bottom of the import layers: onnx_ir and the standard library only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
 
 from posrewrite import __version__
 
-__all__ = ["KEY", "entry", "record", "history", "last_rescale", "describe", "validation_options"]
+__all__ = ["DECODE_KEY", "DECODE_MODES", "KEY", "REPREFILL", "decode_contract", "describe", "entry", "history",
+           "last_rescale", "read_decode_contract", "record", "validation_options"]
 
 KEY = "posrewrite.rewrites"
+DECODE_KEY = "posrewrite.decode"
+
+#: ``--runtime-decode`` modes: what the decode of a run-time RoPE method on a KV-cache export computes
+DECODE_MODES = ("hf", "rerotate", "exact")
+
+#: when a loop decoding with ``--runtime-decode exact`` must run the whole sequence so far from an empty past:
+#: never (``hf``, ``rerotate``: the cache is always reused), at the first step whose total length exceeds L
+#: (longrope: one set of frequencies up to L, one past it), at every step whose total length exceeds L (dynamic:
+#: the frequencies are a function of the total length past L)
+REPREFILL = {"never": "never", "longrope": "first_past_L", "dynamic": "every_past_L"}
 
 # option fields recorded when they differ from RewriteOptions' defaults (paths and output switches are not)
 _OPTION_FIELDS = ("rope_scale", "rope_method", "original_max_positions", "rope_base", "rope_params", "fp32_positions",
                   "fuse", "max_positions", "pos_scale", "alibi_scale", "extend", "window", "group_size", "leaky",
-                  "logn_scaling", "allow_partial")
+                  "logn_scaling", "runtime_decode", "allow_partial")
 _DEFAULTS: dict[str, Any] = {"rope_method": "linear", "fuse": "none", "fp32_positions": False, "logn_scaling": False,
                              "allow_partial": False, "rope_params": {}}
 
@@ -119,7 +135,8 @@ def describe(item: dict[str, Any]) -> str:
             detail.append(f"base {float(rp['rope_theta']):g}")
         parts.append(what + (f" ({', '.join(detail)})" if detail else ""))
     options = item.get("options") or {}
-    for name in ("extend", "window", "group_size", "leaky", "fuse", "max_positions", "pos_scale", "alibi_scale"):
+    for name in ("extend", "window", "group_size", "leaky", "fuse", "max_positions", "pos_scale", "alibi_scale",
+                 "runtime_decode"):
         if name in options:
             parts.append(f"{name.replace('_', '-')} {options[name]}")
     for flag in ("fp32_positions", "logn_scaling"):
@@ -146,3 +163,39 @@ def validation_options(items: list[dict[str, Any]]) -> dict[str, Any]:
         if _number(options.get("max_positions")):
             out["max_positions"] = int(options["max_positions"])
     return out
+
+
+def decode_contract(mode: str, method: str, original_max_positions: int) -> dict[str, Any]:
+    """The decode contract of a KV-cache export rewritten with the run-time method ``method`` (dynamic,
+    longrope; switching at ``original_max_positions`` = L) in ``--runtime-decode`` ``mode``: a JSON-able dict
+    ``{"mode", "rope_type", "original_max_position_embeddings", "reprefill"}``; ``reprefill`` (one of
+    `REPREFILL`'s values) says when a loop must run the whole sequence so far from an empty past instead of a
+    cached step (only ``exact`` asks for it)."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+    if method not in ("dynamic", "longrope"):
+        raise ValueError(f"{method!r} is not a run-time RoPE method (dynamic, longrope)")
+    return {"mode": mode, "rope_type": method, "original_max_position_embeddings": int(original_max_positions),
+            "reprefill": REPREFILL[method] if mode == "exact" else REPREFILL["never"]}
+
+
+def read_decode_contract(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The decode contract recorded in a model's metadata (``metadata_props``, or onnxruntime's
+    ``get_modelmeta().custom_metadata_map``), or None when there is none. A contract that is not posrewrite's
+    (unreadable JSON, an unknown mode or re-prefill rule, no positive L) raises ValueError: a loop must not guess
+    what a model's decode needs."""
+    text = metadata.get(DECODE_KEY)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{DECODE_KEY} metadata is not JSON: {text[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{DECODE_KEY} metadata is not a JSON object: {text[:80]!r}")
+    length = _number(data.get("original_max_position_embeddings"))
+    if data.get("mode") not in DECODE_MODES or data.get("reprefill") not in REPREFILL.values() \
+            or length is None or length < 1 or length != int(length):
+        raise ValueError(f"{DECODE_KEY} metadata is not a decode contract posrewrite wrote: {text[:120]!r}")
+    return {"mode": data["mode"], "rope_type": str(data.get("rope_type", "?")),
+            "original_max_position_embeddings": int(length), "reprefill": data["reprefill"]}

@@ -3,13 +3,15 @@
 References are Hugging Face's own models (same weights, the same ``rope_parameters``), in float64:
 - ``--runtime-decode hf`` (the default): every step equals HF's cached model fed the same steps (past keys keep the
   frequencies of their own step);
-- exact decode of LongRoPE (decode equal to the whole sequence at once at every step) with the hf-mode model and one
-  new prefill of the whole sequence at the step that crosses L: every step equals HF's model run on the whole
-  sequence so far at once (no cache);
+- ``--runtime-decode exact`` decoded by the shipped loop (``posrewrite.decode.CachedDecoder``, which reads the
+  model's decode contract and re-prefills where it says): every step equals HF's model run on the whole sequence
+  so far at once (no cache), for LongRoPE and dynamic NTK; the same file decoded without honouring the contract
+  equals HF's cached model (the HF-compatible mode);
 - ``--runtime-decode rerotate`` (the cache holds keys before rotation, every step rotates them with the current
   frequencies): equal to the whole sequence below L and, past it, closer to it than HF's cached behaviour at every
   step (not equal: the past keys' values come from hidden states of earlier frequencies);
 and HF's cached model differs from the whole sequence past the switch (so the tests cannot pass by accident).
+Edges: models without past inputs, without the contract, with a contract that is not posrewrite's.
 """
 
 from __future__ import annotations
@@ -61,23 +63,12 @@ def _rewrite(src, out, *flags) -> None:
 STEPS = [10] + [1] * 14  # prefill below L, then single tokens across it (positions 10 .. 23)
 
 
-def _decode(sess, ids: np.ndarray, spec, reprefill_at: int | None = None) -> list[np.ndarray]:
-    """The rewritten model run step by step, each step fed the presents of the step before; at the step whose
-    total length is ``reprefill_at`` the whole sequence so far is run again from an empty past."""
-    empty = [np.zeros((ids.shape[0], spec.num_kv_heads, 0, spec.head_dim), np.float32) for _ in range(4)]
-    past = empty
+def _decode(sess, ids: np.ndarray, spec) -> list[np.ndarray]:
+    """The rewritten model run step by step, each step fed the presents of the step before (a loop written here,
+    independent of posrewrite.decode)."""
+    past = [np.zeros((ids.shape[0], spec.num_kv_heads, 0, spec.head_dim), np.float32) for _ in range(4)]
     t, out = 0, []
     for n in STEPS:
-        if reprefill_at is not None and t + n == reprefill_at:
-            feeds = {"input_ids": ids[:, :t + n], "attention_mask": np.ones((ids.shape[0], t + n), np.int64),
-                     "position_ids": np.broadcast_to(np.arange(t + n), (ids.shape[0], t + n)).copy()}
-            for layer in range(2):
-                feeds[f"past_key_values.{layer}.key"] = empty[2 * layer]
-                feeds[f"past_key_values.{layer}.value"] = empty[2 * layer + 1]
-            logits, *past = sess.run(None, feeds)
-            out.append(logits[:, t:])
-            t += n
-            continue
         feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((ids.shape[0], t + n), np.int64),
                  "position_ids": np.broadcast_to(np.arange(t, t + n), (ids.shape[0], n)).copy()}
         for layer in range(2):
@@ -146,21 +137,106 @@ def test_hf_mode_equals_hf_cached_and_rerotate_is_closer_to_the_whole_sequence(m
     assert _rel(cached[-1], full[-1]) > 100 * TOL  # past the switch HF's cache is not the whole sequence
 
 
-def test_longrope_exact_decode_with_one_prefill_at_the_switch(tmp_path):
-    """LongRoPE changes frequencies once (at L + 1 tokens): the hf-mode model decoded with one new prefill of the
-    whole sequence at that step equals the whole sequence at once at every step."""
-    from fixtures.hf_models import ARCHS, export_hf_onnx_with_cache, ort_session
+def _shipped(sess, ids: np.ndarray, **kwargs) -> tuple[list[np.ndarray], object]:
+    """posrewrite's own loop (posrewrite.decode.CachedDecoder) over the same steps."""
+    from posrewrite.decode import CachedDecoder
+
+    dec = CachedDecoder(sess, **kwargs)
+    t, out = 0, []
+    for n in STEPS:
+        out.append(dec.step(ids[:, t:t + n]))
+        t += n
+    return out, dec
+
+
+@pytest.mark.parametrize("method", ["dynamic", "longrope"])
+def test_exact_mode_equals_the_whole_sequence_at_every_step(method, tmp_path):
+    """--runtime-decode exact, decoded by posrewrite.decode: every step across L equals HF's model run on the whole
+    sequence so far at once; the same model decoded with the cache only (honour_contract=False) and the hf-mode
+    model decoded by the same loop equal HF's cached model. Re-prefills: longrope once (at L + 1), dynamic at every
+    step past L."""
+    from fixtures.hf_models import export_hf_onnx_with_cache, ort_session
 
     src = export_hf_onnx_with_cache("llama")
-    out = tmp_path / "hf.onnx"
-    _rewrite(src, out, *_flags("longrope"))
+    exact, hf = tmp_path / "exact.onnx", tmp_path / "hf.onnx"
+    _rewrite(src, exact, *_flags(method), "--runtime-decode", "exact")
+    _rewrite(src, hf, *_flags(method))
     ids = np.random.default_rng(6).integers(3, 128, size=(2, sum(STEPS))).astype(np.int64)
-    full = _hf_full(_hf_model("longrope"), ids)
-    got = _decode(ort_session(out), ids, ARCHS["llama"], reprefill_at=L + 1)
-    worst = max(_rel(g, f) for g, f in zip(got, full, strict=True))
-    assert worst <= TOL, worst
-    plain = _decode(ort_session(out), ids, ARCHS["llama"])
-    assert _rel(plain[-1], full[-1]) > 100 * TOL  # without the new prefill: HF's cached behaviour
+    full, cached = _hf_full(_hf_model(method), ids), _hf_cached(_hf_model(method), ids)
+    got, dec = _shipped(ort_session(exact), ids)
+    for i, (g, f) in enumerate(zip(got, full, strict=True)):
+        assert _rel(g, f) <= TOL, (method, i, _rel(g, f))
+    past_l = sum(1 for t in np.cumsum(STEPS) if t > L)
+    assert dec.full_runs == 1 + (1 if method == "longrope" else past_l), dec.full_runs
+    assert dec.cached_steps == len(STEPS) - dec.full_runs
+    for model, kwargs in ((exact, {"honour_contract": False}), (hf, {})):
+        compat, dec = _shipped(ort_session(model), ids, **kwargs)
+        assert dec.full_runs == 1
+        for i, (g, c) in enumerate(zip(compat, cached, strict=True)):
+            assert _rel(g, c) <= TOL, (method, model.name, i, _rel(g, c))
+    assert _rel(cached[-1], full[-1]) > 100 * TOL  # past the switch HF's cache is not the whole sequence
+
+
+def test_decode_without_contract_or_past_inputs(llama_onnx, tmp_path):
+    """A model posrewrite did not rewrite (no contract) decodes with its cache: equal to HF's model, whose default
+    RoPE makes its cache exact; a model without past inputs runs the whole sequence at every step: a dynamic
+    rewrite of it equals HF's whole sequence at every step. ``--runtime-decode exact`` on it is refused."""
+    from fixtures.hf_models import build_hf_model, export_hf_onnx_with_cache, ort_session
+    from posrewrite.cli import main
+
+    ids = np.random.default_rng(7).integers(3, 128, size=(2, sum(STEPS))).astype(np.int64)
+    plain = build_hf_model("llama").double()
+    got, dec = _shipped(ort_session(export_hf_onnx_with_cache("llama")), ids)
+    assert dec.contract is None and dec.full_runs == 1
+    for i, (g, f) in enumerate(zip(got, _hf_full(plain, ids), strict=True)):
+        assert _rel(g, f) <= TOL, (i, _rel(g, f))
+    out = tmp_path / "dyn.onnx"
+    _rewrite(llama_onnx, out, *_flags("dynamic"))
+    got, dec = _shipped(ort_session(out), ids)
+    assert dec.full_runs == len(STEPS)
+    for i, (g, f) in enumerate(zip(got, _hf_full(_hf_model("dynamic"), ids), strict=True)):
+        assert _rel(g, f) <= TOL, (i, _rel(g, f))
+    rc = main([str(llama_onnx), *_flags("dynamic"), "--runtime-decode", "exact", "-o", str(tmp_path / "o.onnx")])
+    assert rc == 2 and not (tmp_path / "o.onnx").exists()
+
+
+def test_decode_refuses_what_it_cannot_feed(tmp_path):
+    """A decode contract that is not posrewrite's, inputs the loop cannot feed, and bad token arrays: ValueError
+    with the reason, and the decoder left as it was."""
+    import onnx
+
+    from fixtures.hf_models import export_hf_onnx_with_cache, ort_session
+    from posrewrite.decode import CachedDecoder
+
+    src = export_hf_onnx_with_cache("llama")
+    model = onnx.load(str(src))
+    onnx.helper.set_model_props(model, {"posrewrite.decode": '{"mode": "exact", "reprefill": "sometimes"}'})
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(ValueError, match="not a decode contract"):
+        CachedDecoder(ort_session(bad))
+    dec = CachedDecoder(ort_session(src))
+    for ids in (np.zeros((2, 0), np.int64), np.zeros(3, np.int64), np.zeros((2, 2), np.float32)):
+        with pytest.raises(ValueError, match="input_ids"):
+            dec.step(ids)
+    dec.step(np.ones((2, 3), np.int64))
+    with pytest.raises(ValueError, match="batch"):
+        dec.step(np.ones((3, 1), np.int64))
+    assert dec.length == 3
+
+    class Session:  # an input the loop does not know
+        def get_modelmeta(self):
+            return None
+
+        def get_inputs(self):
+            return [type("A", (), {"name": n, "shape": ["b", "s"], "type": "tensor(int64)"})()
+                    for n in ("input_ids", "token_type_ids")]
+
+        def get_outputs(self):
+            return [type("A", (), {"name": "logits"})()]
+
+    with pytest.raises(ValueError, match="token_type_ids"):
+        CachedDecoder(Session())
 
 
 def test_rerotate_on_optimum_layout(tmp_path):
@@ -192,6 +268,8 @@ def test_rerotate_on_optimum_layout(tmp_path):
       "rerotate"], "run-time methods"),
     (["--rope-scale", "4", "--rope-method", "dynamic", "--original-max-positions", "16", "--runtime-decode", "x"],
      "invalid choice"),
+    (["--rope-scale", "4", "--rope-method", "ntk", "--original-max-positions", "16", "--runtime-decode",
+      "exact"], "run-time methods"),
 ])
 def test_runtime_decode_usage_errors(flags, needle, tmp_path, capsys):
     from fixtures.hf_models import export_hf_onnx_with_cache

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                         "=posrewrite.passes.onnx.attention"]),
     ("pass infrastructure", ["posrewrite.passes.onnx._infra"]),
     ("passes", ["posrewrite.passes.onnx.rope.rescale", "posrewrite.passes.onnx.rope.fp32",
+                "posrewrite.passes.onnx.rope.decode_contract",
                 "posrewrite.passes.onnx.rope.fuse", "posrewrite.passes.onnx.rope.precision",
                 "posrewrite.passes.onnx.alibi", "posrewrite.passes.onnx.t5",
                 "posrewrite.passes.onnx.absolute", "posrewrite.passes.onnx.attention", "posrewrite.passes.onnx.bias",
@@ -55,7 +56,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("folders", ["posrewrite.folders"]),
     ("API", ["posrewrite.api", "posrewrite.torch"]),
     ("tools on the API", ["posrewrite.advise", "posrewrite.advise_eval", "posrewrite.plot",
-                          "posrewrite.olive"]),
+                          "posrewrite.olive",
+                          # the generation loop that honours a rewrite's decode contract (provenance below)
+                          "posrewrite.decode"]),
     ("command line", ["posrewrite.render", "posrewrite.cli", "posrewrite.__main__"]),
 ]
 

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "FuseAttentionPass": "posrewrite.passes.onnx.attention.fuse",
     "AttentionExtendPass": "posrewrite.passes.onnx.attention.extend",
     "RerotatePastKeysPass": "posrewrite.passes.onnx.attention.extend",
+    "DecodeContractPass": "posrewrite.passes.onnx.rope.decode_contract",
     "ExtendTablesPass": "posrewrite.passes.onnx.extend_tables",
     "ExtendSquareMasksPass": "posrewrite.passes.onnx.masks",
     "Fp32AlibiPass": "posrewrite.passes.onnx.alibi.fp32",
@@ -52,6 +53,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "AttentionExtendPass",
+    "DecodeContractPass",
     "Detection",
     "DropUntypedValueInfoPass",
     "ExtendSquareMasksPass",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
     from posrewrite.passes.onnx.detect import Detection
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
+    from posrewrite.passes.onnx.rope.decode_contract import DecodeContractPass
     from posrewrite.passes.onnx.rope.fp32 import Fp32PositionsPass
     from posrewrite.passes.onnx.rope.fuse import FuseRotaryPass
     from posrewrite.passes.onnx.rope.rescale import RescaleRopePass, SitePlan, plan_site
