@@ -17,6 +17,18 @@ extrapolation); each rewrite at the length matching its scale.  No fine-tuning a
 ``--crosscheck`` also builds each rescaled model in Hugging Face transformers (same weights, the
 corresponding ``rope_parameters``) and reports the largest logit difference from the rewritten ONNX model on
 the first window.
+
+``--decode-tokens N`` adds the decode rows of the run-time methods (dynamic, longrope) at ``--decode-scales``
+(2 and 4): the model exported with a KV cache (``fixtures/train_lm.py``'s ``export_onnx_with_cache``) is
+rewritten with ``--runtime-decode hf`` and with ``--runtime-decode exact``, and the first N held-out bytes, cut
+into windows of s x 128, are decoded one byte per step by ``posrewrite.decode.CachedDecoder`` (which honours the
+exact model's decode contract: longrope re-prefilled once at 129 tokens, dynamic at every step past 128), next to
+the perplexity of the same windows computed whole (one run from an empty past: the frequencies of the window's
+length at every position, what the table above measures) and of each position computed from its own prefix at
+once (what the whole sequence at once means at the step that produces it: the reference of exact decode).
+LongRoPE needs per-dimension factors the byte model was never searched for: short_factor 1 (the trained
+frequencies up to L) and, as long factors, YaRN's per-dimension ratios for the scale (beta 32 / 1;
+``longrope_factors``).
 """
 
 from __future__ import annotations
@@ -158,6 +170,142 @@ def crosscheck(path: Path, method: str, scale: int, tokens: np.ndarray, L: int, 
     return float(np.abs(got - ref).max())
 
 
+DECODE_METHODS = ("dynamic", "longrope")
+DECODE_MODES = ("hf", "exact")
+
+
+def longrope_factors(scale: int, L: int) -> dict:
+    """LongRoPE rope_parameters for the byte model: short_factor 1 and YaRN's per-dimension ratios as
+    long_factor (1 for dimensions turning more than 32 times in L, ``scale`` for those turning less than once, a
+    linear ramp of the interpolation weight between): LongRoPE's searched factors do not exist for this model."""
+    from posrewrite.math.rope import yarn_correction_range
+
+    dim = train_lm.MODEL_CONFIG["hidden_size"] // train_lm.MODEL_CONFIG["num_attention_heads"]
+    low, high = yarn_correction_range(32.0, 1.0, dim, train_lm.ROPE_THETA, L)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0.0, 1.0)  # 1: interpolated fully
+    long = 1.0 / (ramp / scale + (1.0 - ramp))
+    return {"short_factor": [1.0] * (dim // 2), "long_factor": [float(v) for v in long]}
+
+
+def decode_flags(method: str, scale: int, L: int, mode: str) -> list[str]:
+    flags = ["--rope-scale", str(scale), "--rope-method", method, "--original-max-positions", str(L),
+             "--runtime-decode", mode]
+    if method == "longrope":
+        flags += ["--rope-params", json.dumps(longrope_factors(scale, L))]
+    return flags
+
+
+def decode_rewrite(src: Path, method: str, scale: int, L: int, mode: str, cache: Path) -> tuple[Path | None, str]:
+    out = cache / f"byte_llama_kv.{method}.x{scale}.{mode}.onnx"
+    flags = decode_flags(method, scale, L, mode)
+    stamp = out.with_suffix(".flags")
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime and stamp.exists() and \
+            stamp.read_text() == " ".join(flags):
+        return out, ""
+    cmd = [sys.executable, "-m", "posrewrite", str(src), *flags, "-o", str(out), "--no-validate"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
+    stamp.write_text(" ".join(flags))
+    return out, ""
+
+
+def _run_from_empty(sess, ids: np.ndarray) -> np.ndarray:
+    """Logits of ``ids`` (a whole prefix) from an empty past: the KV-cache export fed as a prefill, written here
+    without posrewrite.decode (the reference its loop is compared with)."""
+    feeds = {"input_ids": ids, "attention_mask": np.ones(ids.shape, np.int64),
+             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+    return sess.run(["logits"], feeds)[0]
+
+
+def prefix_logits(path: Path, w: np.ndarray, train_length: int, threads: int) -> np.ndarray:
+    """Logits of every position p of the windows ``w`` computed from the prefix 0..p alone at once (what the
+    whole sequence at once means at the step that produces p): one run of the first ``train_length`` bytes (their
+    frequencies are all those of lengths <= L), then one run per longer prefix."""
+    sess = _session(path, threads)
+    out = [_run_from_empty(sess, w[:, :train_length])]
+    out += [_run_from_empty(sess, w[:, :p + 1])[:, -1:] for p in range(train_length, w.shape[1])]
+    return np.concatenate(out, axis=1)
+
+
+def decode_perplexity(path: Path, w: np.ndarray, prefix: np.ndarray, threads: int, train_length: int) -> dict:
+    """The windows ``w`` (one batch) decoded one byte per step by posrewrite.decode's loop (the first byte as the
+    prompt), next to the same windows computed whole (one run from an empty past) and to ``prefix`` (each
+    position from its own prefix at once, `prefix_logits`): perplexity over every predicted byte and over those at
+    positions >= train_length; the largest logit difference of the decode from ``prefix``; the loop's full runs
+    (prefills) and cached steps, and the seconds the decode took."""
+    from posrewrite.decode import CachedDecoder
+
+    sess = _session(path, threads)
+
+    def ppl(logits: np.ndarray) -> tuple[float, float]:
+        nll = _log_softmax_nll(logits[:, :-1], w[:, 1:])
+        return math.exp(float(nll.mean())), math.exp(float(nll[:, train_length - 1:].mean()))
+
+    whole = _run_from_empty(sess, w)
+    dec = CachedDecoder(sess)
+    t0 = time.perf_counter()
+    steps = [dec.step(w[:, :1])] + [dec.step(w[:, p:p + 1]) for p in range(1, w.shape[1])]
+    seconds = time.perf_counter() - t0
+    decoded = np.concatenate(steps, axis=1)
+    (ppl_w, tail_w), (ppl_p, tail_p), (ppl_d, tail_d) = ppl(whole), ppl(prefix), ppl(decoded)
+    return {"whole_ppl": ppl_w, "whole_ppl_past_train_length": tail_w,
+            "prefix_ppl": ppl_p, "prefix_ppl_past_train_length": tail_p,
+            "decode_ppl": ppl_d, "decode_ppl_past_train_length": tail_d, "windows": len(w),
+            "max_rel_logit_diff_decode_vs_prefix": float(np.abs(decoded - prefix).max() / np.abs(prefix).max()),
+            "full_runs": dec.full_runs, "cached_steps": dec.cached_steps, "decode_seconds": round(seconds, 2)}
+
+
+def decode_table(decode: dict, L: int, scales: tuple[int, ...], budget: int) -> list[str]:
+    """Rows: whole-sequence perplexity, then decode in each mode, per run-time method; columns per scale."""
+    lines = [f"decode across L (one byte per step with a KV cache, first {budget:,} held-out bytes in windows of "
+             "s × 128; perplexity of every predicted byte, and of those at positions ≥ 128 in brackets; decode rows: "
+             "the largest logit difference from each prefix at once, relative to the largest logit):",
+             "| run-time method | " + " | ".join(f"{s}× ({s * L})" for s in scales) + " |",
+             "|---|" + "---:|" * len(scales)]
+    for m in DECODE_METHODS:
+        label = m + (" (short 1, long: YaRN ratios)" if m == "longrope" else "")
+        first = {s: decode.get(m, {}).get("exact", {}).get(s) or decode.get(m, {}).get("hf", {}).get(s)
+                 for s in scales}
+
+        def cell(r: dict | None, key: str) -> str:
+            if r is None:
+                return "—"
+            if "error" in r:
+                return "failed"
+            return f"{fmt_ppl(r[key])} ({fmt_ppl(r[key + '_past_train_length'])})"
+
+        lines.append(f"| {label}, whole window at once | " + " | ".join(cell(first[s], "whole_ppl")
+                                                                    for s in scales) + " |")
+        lines.append(f"| {label}, each prefix at once | " + " | ".join(cell(first[s], "prefix_ppl")
+                                                                   for s in scales) + " |")
+        for mode in DECODE_MODES:
+            cells = []
+            for s in scales:
+                r = decode.get(m, {}).get(mode, {}).get(s)
+                diff = "" if r is None or "error" in r else \
+                    f"; {r['max_rel_logit_diff_decode_vs_prefix']:.1e} from it"
+                cells.append(cell(r, "decode_ppl") + diff)
+            lines.append(f"| {label}, decode `--runtime-decode {mode}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("cost of the decode (the same loop; full runs = the first step and every re-prefill):")
+    lines.append("| run-time method | mode | " + " | ".join(f"{s}×: full runs / steps, seconds" for s in scales)
+                 + " |")
+    lines.append("|---|---|" + "---:|" * len(scales))
+    for m in DECODE_METHODS:
+        for mode in DECODE_MODES:
+            cells = []
+            for s in scales:
+                r = decode.get(m, {}).get(mode, {}).get(s)
+                cells.append("—" if r is None or "error" in r else
+                             f"{r['full_runs']} / {r['full_runs'] + r['cached_steps']}, {r['decode_seconds']:.1f} s")
+            lines.append(f"| {m} | {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def fmt_ppl(x: float | None) -> str:
     if x is None:
         return "—"
@@ -258,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crosscheck", action="store_true", help="compare each rewrite with the HF model's logits")
+    ap.add_argument("--decode-tokens", type=int, default=0, metavar="N",
+                    help="also decode the first N held-out bytes one per step with a KV cache (dynamic, longrope; "
+                    "--runtime-decode hf and exact); 0: skip")
+    ap.add_argument("--decode-scales", type=int, nargs="+", default=[2, 4])
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -299,7 +451,29 @@ def main(argv: list[str] | None = None) -> int:
             extra = f", max |logit - HF| {r['max_abs_logit_diff_vs_hf']:.2e}" if "max_abs_logit_diff_vs_hf" in r else ""
             print(f"  {m} @ {s}x: ppl {r['ppl']:.3f}{extra}", flush=True)
 
+    decode: dict = {}
+    decode_scales = tuple(sorted(set(args.decode_scales)))
+    if args.decode_tokens:
+        src_kv = train_lm.ensure_onnx_with_cache(cache)
+        for m in DECODE_METHODS:
+            for s in decode_scales:
+                w = windows(tokens, s * L, args.decode_tokens)
+                prefix = None
+                for mode in DECODE_MODES:
+                    path, err = decode_rewrite(src_kv, m, s, L, mode, cache)
+                    if path is None:
+                        r = {"error": err}
+                        failures.append(f"{m} x{s} decode {mode}: {err}")
+                    else:
+                        if prefix is None:  # the same graph in both modes: one reference
+                            prefix = prefix_logits(path, w, L, args.threads)
+                        r = decode_perplexity(path, w, prefix, args.threads, L)
+                    decode.setdefault(m, {}).setdefault(mode, {})[s] = r
+                    print(f"  {m} @ {s}x decode {mode}: {r}", flush=True)
+
     lines = table(results, L, scales, methods)
+    if decode:
+        lines += ["", *decode_table(decode, L, decode_scales, args.decode_tokens)]
     print()
     print("\n".join(lines))
     base1 = results["original"].get(1, {}).get("ppl")
@@ -334,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_length": args.tokens,
         "model": {k: meta.get(k) for k in ("parameters", "seed", "train_seconds", "python", "heldout_digest")},
         "results": {m: {str(s): r for s, r in v.items()} for m, v in results.items()},
+        "decode_tokens": args.decode_tokens,
+        "decode": {m: {mode: {str(s): r for s, r in v.items()} for mode, v in d.items()} for m, d in decode.items()},
         "table": lines,
         "verdict": verdict,
         "seconds": round(time.perf_counter() - t0, 1),
