@@ -177,7 +177,7 @@ def test_exact_mode_equals_the_whole_sequence_at_every_step(method, tmp_path):
     assert _rel(cached[-1], full[-1]) > 100 * TOL  # past the switch HF's cache is not the whole sequence
 
 
-def test_decode_without_contract_or_past_inputs(llama_onnx, tmp_path):
+def test_decode_without_contract_or_past_inputs(llama_onnx, tmp_path, capsys):
     """A model posrewrite did not rewrite (no contract) decodes with its cache: equal to HF's model, whose default
     RoPE makes its cache exact; a model without past inputs runs the whole sequence at every step: a dynamic
     rewrite of it equals HF's whole sequence at every step. ``--runtime-decode exact`` on it is refused."""
@@ -196,8 +196,10 @@ def test_decode_without_contract_or_past_inputs(llama_onnx, tmp_path):
     assert dec.full_runs == len(STEPS)
     for i, (g, f) in enumerate(zip(got, _hf_full(_hf_model("dynamic"), ids), strict=True)):
         assert _rel(g, f) <= TOL, (i, _rel(g, f))
+    capsys.readouterr()
     rc = main([str(llama_onnx), *_flags("dynamic"), "--runtime-decode", "exact", "-o", str(tmp_path / "o.onnx")])
-    assert rc == 2 and not (tmp_path / "o.onnx").exists()
+    err = capsys.readouterr().err
+    assert rc == 2 and "KV-cache" in err and err.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
 
 
 def test_decode_refuses_what_it_cannot_feed(tmp_path):

@@ -60,7 +60,8 @@ class DecodeContractPass(ReportingPass):
             self.notes.append(f"decode contract (metadata {DECODE_KEY}): exact: a generation loop re-runs the whole "
                               f"sequence from an empty past {when} {L} (posrewrite.decode does)")
         elif mode == "hf" and not self.asked:  # the default: say what the recommended mode would do
-            self.notes.append(f"decode contract (metadata {DECODE_KEY}): hf: past {L} tokens a cached step differs "
-                              "from the whole sequence at once, as HF's cached model does; --runtime-decode exact "
-                              "(recommended) makes posrewrite.decode equal to the whole sequence at every step")
+            self.notes.append(f"decode: past {L} tokens a cached step differs from the whole sequence at once, as "
+                              "HF's cached model does (--runtime-decode hf, recorded in the metadata); "
+                              "--runtime-decode exact (recommended) records when a generation loop must re-prefill "
+                              "so that every step equals the whole sequence at once (posrewrite.decode does)")
         return ir.passes.PassResult(model, True)
