@@ -177,6 +177,25 @@ def test_exact_mode_equals_the_whole_sequence_at_every_step(method, tmp_path):
     assert _rel(cached[-1], full[-1]) > 100 * TOL  # past the switch HF's cache is not the whole sequence
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["optimum", "fused-ort", "optimum-fused-ort"])
+@pytest.mark.parametrize("method", ["dynamic", "longrope"])
+def test_exact_mode_on_other_export_forms(method, form, tmp_path):
+    """The same contract on Optimum's layout (TorchScript, opset 14) and on KV-cache attention fused for
+    onnxruntime (--fuse ort: GroupQueryAttention with the run-time caches): the shipped loop equals the whole
+    sequence at once at every step."""
+    from fixtures.hf_models import export_hf_onnx_with_cache, export_optimum_layout, ort_session
+
+    src = export_optimum_layout() if form.startswith("optimum") else export_hf_onnx_with_cache("llama")
+    out = tmp_path / "exact.onnx"
+    _rewrite(src, out, *_flags(method), "--runtime-decode", "exact", *(["--fuse", "ort"] if "fused" in form else []))
+    ids = np.random.default_rng(8).integers(3, 128, size=(2, sum(STEPS))).astype(np.int64)
+    got, _ = _shipped(ort_session(out), ids)
+    full = _hf_full(_hf_model(method), ids)
+    worst = max(_rel(g, f) for g, f in zip(got, full, strict=True))
+    assert worst <= TOL, (method, form, worst)
+
+
 def test_decode_without_contract_or_past_inputs(llama_onnx, tmp_path, capsys):
     """A model posrewrite did not rewrite (no contract) decodes with its cache: equal to HF's model, whose default
     RoPE makes its cache exact; a model without past inputs runs the whole sequence at every step: a dynamic
