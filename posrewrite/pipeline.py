@@ -104,7 +104,9 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
        fused caches are fp32 math already, so only ALiBi);
     4. --fuse: RotaryEmbedding, cleanup (onnxscript's attention rules and the KV-cache fusion's shape inference
        read a sorted graph without the replaced rotations), attention fusion;
-    5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites;
+    5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites (with --fuse: after the
+       rotary fusion, on the RotaryEmbedding nodes; --extend leaves attention unfused, --logn-scaling alone scales
+       the queries before attention fusion);
     6. cleanup.
     """
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
@@ -144,12 +146,27 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
             fp32_preface = []
         passes.append(Fp32AlibiPass(context=context, preface=fp32_preface))
         passes.append(Fp32ScoreBiasPass(context=context))
+    extends = options.extend is not None or options.logn_scaling
     if options.fuse != "none":
         rotary = FuseRotaryPass(target=options.fuse, max_positions=plan.fused_cache_rows, context=context)
         passes.append(rotary)
         passes.extend(cleanup_passes())
-        passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
-    if options.extend is not None or options.logn_scaling:
+        if options.extend is not None:
+            # a fused attention op computes one score matrix; the extension merges two or three: the rotations
+            # stay fused (the second position system is a second RotaryEmbedding), attention stays as it is
+            context.report.notes.append(
+                f"attention left unfused: --extend {options.extend} merges several score matrices, which "
+                "GroupQueryAttention / MultiHeadAttention / Attention-23 cannot express")
+            passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
+                                              context=context))
+        elif extends:
+            # log-n alone scales each query row (before the rotation, which is linear), so attention still fuses
+            passes.append(AttentionExtendPass(logn_length=plan.logn_length, logn_on_queries=True, context=context))
+            passes.extend(cleanup_passes())
+            passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
+        else:
+            passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
+    elif extends:
         passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
                                           context=context))
     passes.extend(cleanup_passes())
