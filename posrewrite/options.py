@@ -212,6 +212,11 @@ class RewriteOptions:
                                 ("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
                 if value is not None:
                     raise UsageError(f"{flag} belongs to --extend self-extend / rerope / dual-chunk")
+        if self.logn_scaling and self.fuse != "none" and self.rescales_rope and \
+                self.rope_method in ("dynamic", "longrope"):
+            raise UsageError(f"--logn-scaling with --rope-method {self.rope_method} cannot be combined with --fuse: "
+                             "the fused caches of a run-time method are computed per call, and the fused rotations "
+                             "are not found again to scale their queries (drop --fuse)")
 
     @property
     def attention_extension(self):

@@ -203,7 +203,7 @@ class ValidationStep:
             from posrewrite.validate import release_graphs
 
             try:
-                result = self._attention(saved, model, progress)
+                result = self._attention(saved, model, progress, report.fused_cache_rows)
             finally:
                 release_graphs()
         else:
@@ -219,9 +219,9 @@ class ValidationStep:
         refuse_if_original_cannot_load(result, path)
         return result
 
-    def _attention(self, saved, model: ir.Model, progress) -> ValidationReport:
+    def _attention(self, saved, model: ir.Model, progress, cache_rows: int | None = None) -> ValidationReport:
         """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it
-        must run."""
+        must run (up to the rows of fused RotaryEmbedding caches, ``cache_rows``, which no position may pass)."""
         from posrewrite.validate import MAX_VALIDATION_LENGTH, RunCheck, ValidationReport, model_runs, token_id_limits
 
         opts, path = self.plan.options, self.plan.model_path
@@ -240,7 +240,7 @@ class ValidationStep:
                                     "differently and are not compared; the rewritten model is run")
             else:
                 report.rows.append(dataclasses.replace(runs.compare(length), site="model inside the window"))
-            far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
+            far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH, cache_rows or MAX_VALIDATION_LENGTH)
             ok, message = runs.run_far(far)
             report.rows.append(RunCheck(site="model", length=far, ok=ok, message=message,
                                         compared=f"the rewritten model at {far} tokens: runs, every output finite"))
