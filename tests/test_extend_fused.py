@@ -13,9 +13,11 @@ import pytest
 pytest.importorskip("torch")
 
 from tests.test_attention_extend import (  # noqa: E402
+    CASES,
     TOL,
     _cli,
     hf_reference,
+    module_reference,
     qwen_logn,
     rel_dual_chunk,
     rel_rerope,
@@ -129,6 +131,37 @@ def test_optimum_layout_fused_prefill_and_decode(case, fuse, tmp_path, capsys):
         assert err <= TOL, (t, n, err)
         past = {name: got[name.replace("past_key_values", "present")] for name in past}
         t += n
+
+
+@pytest.mark.parametrize("kind,params,case,fuse", [
+    ("interleaved_rope_attention", dict(variant="meta"), "self-extend", "ort"),  # interleaved pairs
+    ("interleaved_rope_attention", dict(variant="gptj"), "rerope", "onnx"),  # [B, S, H, D], partial rotary
+    ("legacy_cached_rope", dict(variant="gather"), "dual-chunk-small", "ort"),  # a gathered cos/sin table
+    ("three_d_rope", {}, "rerope+logn32", "ort"),  # 3-D q/k
+    ("interleaved_rope_attention", dict(variant="gptj"), "logn", "ort"),
+])
+def test_hand_written_modules_fused_match_paper_reference(module_onnx, kind, params, case, fuse, tmp_path, capsys):
+    """Modules not written by HF (tests/test_attention_extend.py's): other layouts, partial rotary, a cached
+    table and 3-D q/k, rotated by fused nodes in both position systems."""
+    from fixtures.modules import ort_run
+
+    path, info = module_onnx(kind, **params)
+    flags, rel_fn, logn = CASES[case]
+    out = tmp_path / "out.onnx"
+    res = _cli(capsys, path, *flags, "--fuse", fuse, "-o", out)
+    assert res.returncode == 0, res.stderr
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "Cos" not in ops and "Sin" not in ops
+    extra = 3 if "dual-chunk" in case else 2 if "--extend" in flags else 0
+    if extra:
+        assert ops.count("RotaryEmbedding") == (2 + extra) * ops.count("Softmax") > 0
+    else:  # log-n alone: attention fused around the scaled query
+        assert {"GroupQueryAttention", "MultiHeadAttention"} & set(ops) and "Softmax" not in ops
+    s = 60  # the cached-table module holds 64 rows
+    ids = np.random.default_rng(5).integers(3, 128, size=(1, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    ref = module_reference(info, ids, rel_fn(i, j), qwen_logn(s, 64 if logn is True else logn) if logn else None)
+    assert np.abs(ort_run(out, ids) - ref).max() <= TOL * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("fuse", ["ort", "onnx"])

@@ -408,30 +408,40 @@ def _query_before_views(x: ir.Value, seq_axis: int) -> tuple[ir.Value, int, set[
         u = node.inputs[0]
         if any(n is not node and n.op_type != "Shape" for n, _ in u.uses()):
             break
-        chain.add(id(node))
-        if node.op_type in ("Identity", "Cast"):
-            v = u
-            continue
         if node.op_type == "Transpose":
             perm = node.attributes.get("perm")
             perm = list(perm.value) if perm is not None else None
             if perm is None or perm[0] != 0 or axis >= len(perm):
                 break
-            v, axis = u, int(perm[axis])
-            continue
-        if node.op_type == "Reshape":
+            axis = int(perm[axis])
+        elif node.op_type == "Reshape":
             si, so = u.shape, v.shape
-            if si is None or so is None or len(si) <= axis or len(so) <= axis:
+            target = _reshape_target(node)
+            copied = target is not None and target.size > axis and not np.any(target[:axis + 1]) and \
+                rank(u) is not None and rank(u) > axis  # 0 = copy the input's dim (allowzero unset)
+            if not copied and (si is None or so is None or len(si) <= axis or len(so) <= axis or
+                               not all(_same_dim(a, c) for a, c in zip(si[:axis + 1], so[:axis + 1], strict=True))):
                 break
-            same = all(isinstance(a, int) and a == c or not isinstance(a, int) and a.value is not None and
-                       not isinstance(c, int) and a.value == c.value for a, c in zip(si[:axis + 1], so[:axis + 1],
-                                                                                     strict=True))
-            if not same:
-                break
-            v = u
-            continue
-        break
+        elif node.op_type not in ("Identity", "Cast"):
+            break
+        chain.add(id(node))
+        v = u
     return v, axis, chain
+
+
+def _reshape_target(node: ir.Node) -> np.ndarray | None:
+    """The constant shape a Reshape reshapes to (None when computed, or when 0 does not mean "copy")."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None or \
+            (node.attributes.get("allowzero") is not None and node.attributes["allowzero"].value):
+        return None
+    return np.asarray(node.inputs[1].const_value.numpy()).reshape(-1)
+
+
+def _same_dim(a: int | ir.SymbolicDim, c: int | ir.SymbolicDim) -> bool:
+    """Two dimensions known to be equal: the same int, or the same named symbol."""
+    if isinstance(a, int) or isinstance(c, int):
+        return a == c
+    return a.value is not None and a.value == c.value
 
 
 def _scale_query(b: NodeWriter, pair: ScorePair, logn_length: int, memo: dict[tuple, ir.Value]) -> bool:
@@ -440,11 +450,16 @@ def _scale_query(b: NodeWriter, pair: ScorePair, logn_length: int, memo: dict[tu
     known or the positions are computed from the query itself (the caller scales the scores instead)."""
     node = pair.q_app.output.producer()
     x = pair.q_app.input
-    if node is None or node.op_type != "RotaryEmbedding" or rank(x) not in (3, 4):
+    x_rank = rank(x)
+    if x_rank is None and x.producer() is not None and x.producer().op_type == "Reshape":
+        target = _reshape_target(x.producer())
+        x_rank = None if target is None else target.size
+    if node is None or node.op_type != "RotaryEmbedding" or x_rank not in (3, 4):
         return False
-    v, axis, chain = _query_before_views(x, 1 if rank(x) == 3 else 2)
-    r = rank(v)
-    if r is None or axis < 1 or v.dtype is None or v.is_graph_output():
+    v, axis, chain = _query_before_views(x, 1 if x_rank == 3 else 2)
+    r = x_rank if v is x else rank(v)
+    dtype = v.dtype or x.dtype or node.outputs[0].dtype
+    if r is None or axis < 1 or dtype is None or v.is_graph_output():
         return False
     positions = pair.q_site.positions
     while positions.producer() is not None and positions.producer().op_type == "Expand":  # --fuse's [B, 1] expand
@@ -452,7 +467,7 @@ def _scale_query(b: NodeWriter, pair: ScorePair, logn_length: int, memo: dict[tu
     above = _ancestors_until([positions], set())
     if chain & above or (x.producer() is not None and id(x.producer()) in above) or rank(pair.q_site.positions) != 2:
         return False
-    key = (id(positions), v.dtype, r, axis)
+    key = (id(positions), dtype, r, axis)
     if key not in memo:
         # [batch, seq] again, the batch read from the query before scaling (positions are [batch, seq], so what
         # the Expand read has rank 1 or 2)
@@ -465,12 +480,12 @@ def _scale_query(b: NodeWriter, pair: ScorePair, logn_length: int, memo: dict[tu
         axes = [i for i in range(r) if i not in (0, axis)]
         if axes:
             f = b.op("Unsqueeze", f, b.const(np.array(axes, np.int64)))
-        if v.dtype != ir.DataType.FLOAT:
-            f = b.op("Cast", f, to=v.dtype)
+        if dtype != ir.DataType.FLOAT:
+            f = b.op("Cast", f, to=dtype)
         memo[key] = f
     uses = [(n, i) for n, i in v.uses() if n.op_type != "Shape"]
     scaled = b.op("Mul", v, memo[key])
-    scaled.dtype, scaled.shape = v.dtype, v.shape
+    scaled.dtype, scaled.shape = dtype, v.shape
     scaled.producer().metadata_props[EXTENDED_KEY] = f" log-n L={logn_length}"
     for n, i in uses:
         n.replace_input_with(i, scaled)
