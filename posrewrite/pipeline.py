@@ -5,6 +5,8 @@ what they claim.
                                          fuse RotaryEmbedding, cleanup, fuse attention, extend attention,
                                          cleanup]) ──▶ RewriteReport (changes, notes, claims) ──▶ validation step
 
+(with --fuse, --extend runs in place of the attention fusion and log-n alone just before it: step 5 below)
+
 Every posrewrite pass is a `ReportingPass`: an `onnx_ir` in-place pass that implements `run(model)`, fills its
 own `changes` / `notes` lines and hands them, with its `PassResult`, to the shared `PipelineContext`. The context
 appends them to one `RewriteReport` and keeps the detection of the model cached until a pass reports

@@ -13,7 +13,12 @@ and for each
 3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
    distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
    score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
-4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q).
+4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q;
+   with --fuse and no extension, q itself is scaled before its fused rotation, so attention can still be fused).
+
+Fused RotaryEmbedding nodes (``--fuse`` runs first): each node is one rotation, and its second position system is
+the node cloned with its ``position_ids`` replaced by the mapped positions (integer maps only, checked to stay
+inside the node's caches).
 
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
 factors and earlier rescales carry over unchanged. Positions are read where the graph made them (an [S, 1] column
