@@ -223,7 +223,8 @@ class ValidationStep:
 
     def _attention(self, saved, model: ir.Model, progress, cache_rows: int | None = None) -> ValidationReport:
         """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it
-        must run (up to the rows of fused RotaryEmbedding caches, ``cache_rows``, which no position may pass)."""
+        must run (up to the rows of fused RotaryEmbedding caches, ``cache_rows``; one position past them it must be
+        refused, as for --fuse alone)."""
         from posrewrite.validate import MAX_VALIDATION_LENGTH, RunCheck, ValidationReport, model_runs, token_id_limits
 
         opts, path = self.plan.options, self.plan.model_path
@@ -246,6 +247,8 @@ class ValidationStep:
             ok, message = runs.run_far(far)
             report.rows.append(RunCheck(site="model", length=far, ok=ok, message=message,
                                         compared=f"the rewritten model at {far} tokens: runs, every output finite"))
+            if cache_rows:  # fused RotaryEmbedding nodes (--fuse): one position past their caches must be refused
+                report.rows.append(runs.probe_past_cache(cache_rows))
         return report
 
 
