@@ -156,11 +156,10 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
         if options.extend is not None:
             # a fused attention op computes one score matrix; the extension merges two or three: the rotations
             # stay fused (the second position system is a second RotaryEmbedding), attention stays as it is
-            context.report.notes.append(
-                f"attention left unfused: --extend {options.extend} merges several score matrices, which "
-                "GroupQueryAttention / MultiHeadAttention / Attention-23 cannot express")
+            unfused = (f"attention left unfused: --extend {options.extend} merges several score matrices, which "
+                       "GroupQueryAttention / MultiHeadAttention / Attention-23 cannot express")
             passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
-                                              context=context))
+                                              context=context, preface=[unfused]))
         elif extends:
             # log-n alone scales each query row (before the rotation, which is linear), so attention still fuses
             passes.append(AttentionExtendPass(logn_length=plan.logn_length, logn_on_queries=True, context=context))
