@@ -2,11 +2,12 @@
 
 The model is a random-weight Llama in Optimum's ``text-generation-with-past`` layout (TorchScript, opset 14, KV
 cache; ``fixtures.hf_models.export_optimum_layout``), default 4 layers, hidden 512, 8 q / 4 kv heads, 4096
-positions. It is rewritten with each method (``posrewrite MODEL --extend ...``, and ``--runtime-decode rerotate``
-for dynamic NTK against dynamic's HF mode) and every model runs in one process, interleaved (exported, method 1,
-method 2, ..., exported, ...), on the same feeds: a prefill of ``--prefill`` tokens from an empty past, and one
-decode step at ``--past`` past (random past keys/values). onnxruntime CPU, ``--threads`` intra-op threads.
-Medians of ``--repeat`` rounds and their ratio to the exported model are printed.
+positions. It is rewritten with each method (``posrewrite MODEL --extend ...``; ``--fuse ort`` alone and each
+method with ``--fuse ort``; ``--runtime-decode rerotate`` for dynamic NTK against dynamic's HF mode) and every model
+runs in one process, interleaved (exported, method 1, method 2, ..., exported, ...), on the same feeds: a prefill
+of ``--prefill`` tokens from an empty past, and one decode step at ``--past`` past (random past keys/values).
+onnxruntime CPU, ``--threads`` intra-op threads. Medians of ``--repeat`` rounds and their ratio to the exported
+model are printed.
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
 
@@ -36,6 +37,10 @@ METHODS = {
     "rerope": ["--extend", "rerope", "--window", "1024"],
     "dual-chunk": ["--extend", "dual-chunk", "--chunk-size", "1536", "--local-size", "256"],
     "log-n": ["--logn-scaling", "--original-max-positions", "1024"],
+}
+FUSED = {  # --fuse ort alone (the rotary and attention fusion), and every method on top of it
+    "fuse ort": ["--fuse", "ort"],
+    **{f"{name} + fuse ort": [*flags, "--fuse", "ort"] for name, flags in METHODS.items()},
 }
 RUNTIME = {  # compared with each other: HF's cached behaviour against re-rotating the past
     "dynamic (hf)": ["--rope-scale", "4", "--rope-method", "dynamic", "--original-max-positions", "1024"],
@@ -100,7 +105,8 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=[*METHODS, *RUNTIME], choices=[*METHODS, *RUNTIME])
+    names = [*METHODS, *FUSED, *RUNTIME]
+    ap.add_argument("--methods", nargs="+", default=names, choices=names)
     args = ap.parse_args()
 
     from fixtures.hf_models import export_optimum_layout
@@ -110,8 +116,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="extend_cost_"))
     models = {"as exported": src}
     for name in args.methods:
-        out = tmp / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
-        _rewrite(src, out, {**METHODS, **RUNTIME}[name])
+        out = tmp / f"{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+', 'and')}.onnx"
+        _rewrite(src, out, {**METHODS, **FUSED, **RUNTIME}[name])
         models[name] = out
     sessions = {name: _session(path, args.threads) for name, path in models.items()}
     # the same tokens and values for every model; a past in each model's own cache layout (random keys: the

@@ -204,9 +204,9 @@ class RewriteOptions:
             if self.rescales_rope:
                 raise UsageError(f"--extend {self.extend} contradicts rescaling RoPE (--rope-scale/--rope-base/"
                                  "--rope-params): both map far positions into the trained range; use one of them")
-            if self.fuse != "none":
-                raise UsageError(f"--extend {self.extend} cannot be combined with --fuse: fused attention ops have no "
-                                 "place for the second score matrix")
+            if self.fuse != "none" and self.leaky is not None:
+                raise UsageError(f"--extend rerope --leaky cannot be combined with --fuse {self.fuse}: Leaky ReRoPE's "
+                                 "fractional positions cannot index the cos/sin caches of fused RotaryEmbedding nodes")
             try:
                 self.attention_extension  # noqa: B018 - built to check the parameters
             except ValueError as exc:
@@ -216,8 +216,11 @@ class RewriteOptions:
                                 ("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
                 if value is not None:
                     raise UsageError(f"{flag} belongs to --extend self-extend / rerope / dual-chunk")
-        if self.logn_scaling and self.fuse != "none":
-            raise UsageError("--logn-scaling cannot be combined with --fuse: fused attention ops have no place for it")
+        if self.logn_scaling and self.fuse != "none" and self.rescales_rope and \
+                self.rope_method in ("dynamic", "longrope"):
+            raise UsageError(f"--logn-scaling with --rope-method {self.rope_method} cannot be combined with --fuse: "
+                             "the fused caches of a run-time method are computed per call, and the fused rotations "
+                             "are not found again to scale their queries (drop --fuse)")
 
     @property
     def attention_extension(self):

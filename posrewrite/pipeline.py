@@ -5,6 +5,8 @@ what they claim.
                                          fuse RotaryEmbedding, cleanup, fuse attention, extend attention,
                                          cleanup]) ──▶ RewriteReport (changes, notes, claims) ──▶ validation step
 
+(with --fuse, --extend runs in place of the attention fusion and log-n alone just before it: step 5 below)
+
 Every posrewrite pass is a `ReportingPass`: an `onnx_ir` in-place pass that implements `run(model)`, fills its
 own `changes` / `notes` lines and hands them, with its `PassResult`, to the shared `PipelineContext`. The context
 appends them to one `RewriteReport` and keeps the detection of the model cached until a pass reports
@@ -104,7 +106,9 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
        fused caches are fp32 math already, so only ALiBi);
     4. --fuse: RotaryEmbedding, cleanup (onnxscript's attention rules and the KV-cache fusion's shape inference
        read a sorted graph without the replaced rotations), attention fusion;
-    5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites;
+    5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites (with --fuse: after the
+       rotary fusion, on the RotaryEmbedding nodes; --extend leaves attention unfused, --logn-scaling alone scales
+       the queries before attention fusion);
     6. cleanup;
     7. a run-time method (dynamic, longrope) on a KV-cache export: its decode contract in the metadata
        (``--runtime-decode``: when a generation loop must re-prefill; `posrewrite.decode` honours it).
@@ -149,12 +153,26 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
             fp32_preface = []
         passes.append(Fp32AlibiPass(context=context, preface=fp32_preface))
         passes.append(Fp32ScoreBiasPass(context=context))
+    extends = options.extend is not None or options.logn_scaling
     if options.fuse != "none":
         rotary = FuseRotaryPass(target=options.fuse, max_positions=plan.fused_cache_rows, context=context)
         passes.append(rotary)
         passes.extend(cleanup_passes())
-        passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
-    if options.extend is not None or options.logn_scaling:
+        if options.extend is not None:
+            # a fused attention op computes one score matrix; the extension merges two or three: the rotations
+            # stay fused (the second position system is a second RotaryEmbedding), attention stays as it is
+            unfused = (f"attention left unfused: --extend {options.extend} merges several score matrices, which "
+                       "GroupQueryAttention / MultiHeadAttention / Attention-23 cannot express")
+            passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
+                                              context=context, preface=[unfused]))
+        elif extends:
+            # log-n alone scales each query row (before the rotation, which is linear), so attention still fuses
+            passes.append(AttentionExtendPass(logn_length=plan.logn_length, logn_on_queries=True, context=context))
+            passes.extend(cleanup_passes())
+            passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
+        else:
+            passes.append(FuseAttentionPass(target=options.fuse, after=rotary, context=context))
+    elif extends:
         passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
                                           context=context))
     passes.extend(cleanup_passes())
@@ -195,7 +213,7 @@ class ValidationStep:
             from posrewrite.validate import release_graphs
 
             try:
-                result = self._attention(saved, model, progress)
+                result = self._attention(saved, model, progress, report.fused_cache_rows)
             finally:
                 release_graphs()
         else:
@@ -211,9 +229,10 @@ class ValidationStep:
         refuse_if_original_cannot_load(result, path)
         return result
 
-    def _attention(self, saved, model: ir.Model, progress) -> ValidationReport:
+    def _attention(self, saved, model: ir.Model, progress, cache_rows: int | None = None) -> ValidationReport:
         """Inside the window (and below L for log-n) the rewritten model must equal the original; past it, it
-        must run."""
+        must run (up to the rows of fused RotaryEmbedding caches, ``cache_rows``; one position past them it must be
+        refused, as for --fuse alone)."""
         from posrewrite.validate import MAX_VALIDATION_LENGTH, RunCheck, ValidationReport, model_runs, token_id_limits
 
         opts, path = self.plan.options, self.plan.model_path
@@ -232,10 +251,12 @@ class ValidationStep:
                                     "differently and are not compared; the rewritten model is run")
             else:
                 report.rows.append(dataclasses.replace(runs.compare(length), site="model inside the window"))
-            far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH)
+            far = min(max(4 * length, 16), MAX_VALIDATION_LENGTH, cache_rows or MAX_VALIDATION_LENGTH)
             ok, message = runs.run_far(far)
             report.rows.append(RunCheck(site="model", length=far, ok=ok, message=message,
                                         compared=f"the rewritten model at {far} tokens: runs, every output finite"))
+            if cache_rows:  # fused RotaryEmbedding nodes (--fuse): one position past their caches must be refused
+                report.rows.append(runs.probe_past_cache(cache_rows))
         return report
 
 

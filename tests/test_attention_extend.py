@@ -256,7 +256,7 @@ def _cli(capsys, *args) -> subprocess.CompletedProcess:
     (["--extend", "rerope", "--window", "8", "--group-size", "2"], "group"),
     (["--extend", "rerope", "--window", "8", "--leaky", "1"], "k > 1"),
     (["--extend", "self-extend", "--group-size", "2", "--window", "8", "--rope-scale", "4"], "rope"),
-    (["--extend", "rerope", "--window", "8", "--fuse", "ort"], "fuse"),
+    (["--extend", "rerope", "--window", "8", "--leaky", "4", "--fuse", "ort"], "fuse"),
     (["--logn-scaling"], "original"),
     (["--extend", "dual-chunk", "--chunk-size", "16"], "--local-size"),
     (["--extend", "dual-chunk", "--chunk-size", "8", "--local-size", "8"], "chunk size"),

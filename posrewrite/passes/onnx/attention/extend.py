@@ -13,7 +13,12 @@ and for each
 3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
    distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
    score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
-4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q).
+4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q;
+   with --fuse and no extension, q itself is scaled before its fused rotation, so attention can still be fused).
+
+Fused RotaryEmbedding nodes (``--fuse`` runs first): each node is one rotation, and its second position system is
+the node cloned with its ``position_ids`` replaced by the mapped positions (integer maps only, checked to stay
+inside the node's caches).
 
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
 factors and earlier rescales carry over unchanged. Positions are read where the graph made them (an [S, 1] column
@@ -30,6 +35,7 @@ queries and leaves the cache as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -156,9 +162,38 @@ def _broadcast_nodes(app_value: ir.Value | None, site_value: ir.Value) -> set[in
     return set()
 
 
+def _fused_rotation_sites(site: RopeSite) -> list[RopeSite]:
+    """A site of fused RotaryEmbedding nodes (com.microsoft or ai.onnx opset 23, as ``--fuse`` writes them) as one
+    site per position input, each node one application (its x in, its rotated x out, its caches as cos/sin): the
+    second position system is then the node cloned with its position ids replaced (``trig_at``). Other sites (an
+    attention op rotating inside, written-out rotations) are returned as they are."""
+    if site.angles != AngleSource.FUSED_OP or site.applications or not site.fused_nodes or \
+            any(n.op_type != "RotaryEmbedding" for n in site.fused_nodes):
+        return [site]
+    groups: dict[int, list[ir.Node]] = {}
+    for node in site.fused_nodes:
+        contrib = node.domain == "com.microsoft"
+        positions = node.inputs[1] if contrib else (node.inputs[3] if len(node.inputs) > 3 else None)
+        if positions is None:
+            return [site]  # refused by _check_site: the caches are already gathered per token
+        groups.setdefault(id(positions), []).append(node)
+    out = []
+    for nodes in groups.values():
+        node = nodes[0]
+        positions = node.inputs[1] if node.domain == "com.microsoft" else node.inputs[3]
+        apps = tuple(RopeApplication(input=n.inputs[0], output=n.outputs[0], layout=site.layout,
+                                     rotary_dim=site.rotary_dim, head_dim=site.head_dim, num_heads=None, nodes=(n,),
+                                     cos=site.cos, sin=site.sin) for n in nodes)
+        out.append(dataclasses.replace(site, positions=positions, applications=apps, fused_nodes=tuple(nodes)))
+    return out
+
+
 def _check_site(site: RopeSite, ext: AttentionExtension | None) -> None:
+    if site.angles == AngleSource.FUSED_OP and not site.applications:
+        raise AttentionExtendError("RoPE inside fused attention ops (or RotaryEmbedding nodes without position "
+                                   "ids): apply --extend to the unfused model")
     if site.angles == AngleSource.FUSED_OP:
-        raise AttentionExtendError("RoPE inside fused RotaryEmbedding nodes: apply --extend to the unfused model")
+        _check_fused_site(site, ext)
     if site.positions is None:
         raise AttentionExtendError("the positions feeding RoPE were not found (a table sliced by length?): "
                                    "--extend needs position-indexed angles")
@@ -168,6 +203,33 @@ def _check_site(site: RopeSite, ext: AttentionExtension | None) -> None:
     if _squeeze_axis(_position_source(site.positions)) == "bad":
         raise AttentionExtendError(f"positions of shape {site.positions.shape} (expected [seq], [batch, seq], "
                                    "[batch, seq, 1] or [batch, 1, seq])")
+
+
+def _check_fused_site(site: RopeSite, ext: AttentionExtension | None) -> None:
+    """Fused RotaryEmbedding nodes: [batch, seq] integer position ids, and every mapped position inside the caches
+    wherever the model's own positions are (checked with the maps over every row of the caches, not assumed)."""
+    if site.positions is None or rank(site.positions) != 2:
+        shape = None if site.positions is None else site.positions.shape
+        raise AttentionExtendError(f"fused RotaryEmbedding with position ids of shape {shape} (expected [batch, "
+                                   "seq]): apply --extend to the unfused model")
+    if ext is None:
+        return
+    if not ext.integer_positions:
+        raise AttentionExtendError("leaky ReRoPE needs fractional positions, which cannot index the cos/sin caches "
+                                   "of fused RotaryEmbedding nodes: apply it without --fuse")
+    rows = site.max_positions
+    if rows is None:
+        raise AttentionExtendError("fused RotaryEmbedding whose caches are computed at run time: the positions "
+                                   f"{ext.describe()} maps to cannot be checked against them")
+    p = np.arange(int(rows), dtype=np.float64)
+    for branch in ext.branches():
+        for side, pmap in (("query", branch.query), ("key", branch.key)):
+            mapped = pmap(p)
+            if mapped.min() < 0 or mapped.max() > rows - 1:
+                raise AttentionExtendError(
+                    f"{ext.describe()} maps {side} positions up to {int(mapped.max())}, past the {rows} rows of the "
+                    "fused RotaryEmbedding caches: size them with --max-positions N (N > "
+                    f"{int(mapped.max())})")
 
 
 def _ambiguous(positions: ir.Value) -> bool:
@@ -338,14 +400,113 @@ def _key_positions_like(b: NodeWriter, positions: ir.Value, keys: ir.Value, axis
     return r, rows
 
 
+def _query_before_views(x: ir.Value, seq_axis: int) -> tuple[ir.Value, int, set[int]]:
+    """The highest tensor above ``x`` (the input of a fused q rotation) reached through views that keep the batch
+    axis first and the sequence axis readable (Transpose; Reshape whose dims up to the sequence axis are the
+    same), read by nothing but that chain and Shape nodes: (the tensor, its sequence axis, the ids of the views
+    between). Scaling it scales exactly the rotated queries."""
+    v, axis, chain = x, seq_axis, set()
+    for _ in range(8):
+        node = v.producer()
+        if node is None or not node.inputs or node.inputs[0] is None:
+            break
+        u = node.inputs[0]
+        if any(n is not node and n.op_type != "Shape" for n, _ in u.uses()):
+            break
+        if node.op_type == "Transpose":
+            perm = node.attributes.get("perm")
+            perm = list(perm.value) if perm is not None else None
+            if perm is None or perm[0] != 0 or axis >= len(perm):
+                break
+            axis = int(perm[axis])
+        elif node.op_type == "Reshape":
+            si, so = u.shape, v.shape
+            target = _reshape_target(node)
+            copied = target is not None and target.size > axis and not np.any(target[:axis + 1]) and \
+                rank(u) is not None and rank(u) > axis  # 0 = copy the input's dim (allowzero unset)
+            if not copied and (si is None or so is None or len(si) <= axis or len(so) <= axis or
+                               not all(_same_dim(a, c) for a, c in zip(si[:axis + 1], so[:axis + 1], strict=True))):
+                break
+        elif node.op_type not in ("Identity", "Cast"):
+            break
+        chain.add(id(node))
+        v = u
+    return v, axis, chain
+
+
+def _reshape_target(node: ir.Node) -> np.ndarray | None:
+    """The constant shape a Reshape reshapes to (None when computed, or when 0 does not mean "copy")."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None or \
+            (node.attributes.get("allowzero") is not None and node.attributes["allowzero"].value):
+        return None
+    return np.asarray(node.inputs[1].const_value.numpy()).reshape(-1)
+
+
+def _same_dim(a: int | ir.SymbolicDim, c: int | ir.SymbolicDim) -> bool:
+    """Two dimensions known to be equal: the same int, or the same named symbol."""
+    if isinstance(a, int) or isinstance(c, int):
+        return a == c
+    return a.value is not None and a.value == c.value
+
+
+def _scale_query(b: NodeWriter, pair: ScorePair, logn_length: int, memo: dict[tuple, ir.Value]) -> bool:
+    """log-n on the query of a fused q rotation: its input (or the projection above its views) times
+    max(1, log(p+1)/log(L)) per token. False where the rotation is not a fused node, the sequence axis is not
+    known or the positions are computed from the query itself (the caller scales the scores instead)."""
+    node = pair.q_app.output.producer()
+    x = pair.q_app.input
+    x_rank = rank(x)
+    if x_rank is None and x.producer() is not None and x.producer().op_type == "Reshape":
+        target = _reshape_target(x.producer())
+        x_rank = None if target is None else target.size
+    if node is None or node.op_type != "RotaryEmbedding" or x_rank not in (3, 4):
+        return False
+    v, axis, chain = _query_before_views(x, 1 if x_rank == 3 else 2)
+    r = x_rank if v is x else rank(v)
+    dtype = v.dtype or x.dtype or node.outputs[0].dtype
+    if r is None or axis < 1 or dtype is None or v.is_graph_output():
+        return False
+    positions = pair.q_site.positions
+    while positions.producer() is not None and positions.producer().op_type == "Expand":  # --fuse's [B, 1] expand
+        positions = positions.producer().inputs[0]  # (of the query's batch: a cycle once the query is scaled)
+    above = _ancestors_until([positions], set())
+    if chain & above or (x.producer() is not None and id(x.producer()) in above) or rank(pair.q_site.positions) != 2:
+        return False
+    key = (id(positions), dtype, r, axis)
+    if key not in memo:
+        # [batch, seq] again, the batch read from the query before scaling (positions are [batch, seq], so what
+        # the Expand read has rank 1 or 2)
+        batch = b.op("Gather", b.op("Shape", v), b.const(np.array([0], np.int64)), axis=0)
+        rows = b.op("Expand", positions, b.op("Concat", batch, b.const(np.array([1], np.int64)), axis=0))
+        p = b.op("Cast", rows, to=ir.DataType.FLOAT)
+        f = b.op("Mul", b.op("Log", b.op("Add", p, b.const(np.array(1.0, np.float32)))),
+                 b.const(np.array(1.0 / math.log(logn_length), np.float32)))
+        f = b.op("Max", f, b.const(np.array(1.0, np.float32)))
+        axes = [i for i in range(r) if i not in (0, axis)]
+        if axes:
+            f = b.op("Unsqueeze", f, b.const(np.array(axes, np.int64)))
+        if dtype != ir.DataType.FLOAT:
+            f = b.op("Cast", f, to=dtype)
+        memo[key] = f
+    uses = [(n, i) for n, i in v.uses() if n.op_type != "Shape"]
+    scaled = b.op("Mul", v, memo[key])
+    scaled.dtype, scaled.shape = dtype, v.shape
+    scaled.producer().metadata_props[EXTENDED_KEY] = f" log-n L={logn_length}"
+    for n, i in uses:
+        n.replace_input_with(i, scaled)
+    return True
+
+
 class AttentionExtendPass(ReportingPass):
     """--extend / --logn-scaling (`extend_attention`) on the RoPE sites of the model as the pass finds it (the
     pipeline's detection, after any earlier rewrite); its changes are claimed as the attention extension. A
     request the model cannot take is a usage error (exit 2)."""
 
     def __init__(self, *, extension: AttentionExtension | None = None, logn_length: int | None = None,
-                 context: PipelineContext | None = None, preface: Sequence[str] = ()) -> None:
+                 logn_on_queries: bool = False, context: PipelineContext | None = None,
+                 preface: Sequence[str] = ()) -> None:
         super().__init__(context=context, preface=preface)
+        self.logn_on_queries = logn_on_queries
         if extension is None and logn_length is None:
             raise ValueError("AttentionExtendPass needs an extension, a log-n length (logn_length) or both")
         if logn_length is not None and logn_length < 1:
@@ -356,7 +517,8 @@ class AttentionExtendPass(ReportingPass):
     def run(self, model: ir.Model) -> ir.passes.PassResult:
         sites = self.context.detection(model).rope_sites
         try:
-            self.changes.extend(extend_attention(model, sites, self.extension, self.logn_length))
+            self.changes.extend(extend_attention(model, sites, self.extension, self.logn_length,
+                                                 logn_on_queries=self.logn_on_queries))
         except AttentionExtendError as exc:
             raise UsageError(str(exc)) from None
         self.context.report.attention_changes.extend(self.changes)
@@ -399,10 +561,13 @@ class RerotatePastKeysPass(ReportingPass):
 
 def extend_attention(model: ir.Model, sites: list[RopeSite], extension: AttentionExtension | None,
                      logn_length: int | None, *, unrotated_cache: str | None = None,
-                     packed_cache: bool = True) -> list[str]:
+                     packed_cache: bool = True, logn_on_queries: bool = False) -> list[str]:
     """Rewrites every attention of ``model`` (in place); returns one change line per kind of rewrite.
     ``unrotated_cache`` (the run-time method's name): KV-cache attention is made to cache keys before rotation and
-    to rotate every key with the current cos/sin at each step (with or without an extension)."""
+    to rotate every key with the current cos/sin at each step (with or without an extension).
+    ``logn_on_queries``: log-n scales the queries that fused RotaryEmbedding nodes rotate (the [B, S, ..] tensor
+    the projection writes, before the views to heads) instead of the scores, so that attention can still be fused
+    afterwards; an attention whose query cannot be read that way gets its scores scaled."""
     if extension is None and logn_length is None and unrotated_cache is None:
         return []
     done = next((n.metadata_props[EXTENDED_KEY] for n in model.graph if EXTENDED_KEY in n.metadata_props), None)
@@ -415,6 +580,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         extension = None  # group size 1: grouped positions are the positions; the model's own attention
         if logn_length is None and unrotated_cache is None:
             return []
+    sites = [part for site in sites for part in _fused_rotation_sites(site)]
     for site in sites:
         _check_site(site, extension)
     pairs = find_score_pairs(model, sites)
@@ -445,6 +611,14 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         if key in trig_memo:
             return trig_memo[key]
         subs = {id(site.positions): positions}
+        if site.angles == AngleSource.FUSED_OP:
+            # a fused RotaryEmbedding: the node itself, cloned with other position ids ([batch, seq]: key rows
+            # [1, T] are expanded to the batch of the model's own position ids)
+            batch = b.op("Gather", b.op("Shape", site.positions), b.const(np.array([0], np.int64)), axis=0)
+            expanded = b.op("Expand", positions, b.op("Concat", batch, b.const(np.array([1], np.int64)), axis=0))
+            expanded.dtype = site.positions.dtype
+            trig_memo[key] = {id(site.positions): expanded}
+            return trig_memo[key]
         allowed = _ancestors_until([site.cos, site.sin], {id(site.positions)})
         memo: dict[int, ir.Value] = {}
         cos2 = b.clone(site.cos, subs, allowed, memo)
@@ -621,6 +795,11 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             raise AttentionExtendError(f"could not re-rotate {side} of {app.output.name}")
         return new
 
+    logn_done: set[int] = set()
+    if logn_length is not None and logn_on_queries:
+        for pair in pairs:
+            if _scale_query(b, pair, int(logn_length), logn_memo):
+                logn_done.add(id(pair))
     for pair in pairs:
         mm = pair.matmul
         scores = mm.outputs[0]
@@ -645,7 +824,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 scores2 = b.op("MatMul", q2, k2_done[branch.key])
                 where = _region(b, rows, key_rows, branch.region, region_memo)
                 merged = b.op("Where", where, scores2, merged)
-        if logn_length is not None:
+        if logn_length is not None and id(pair) not in logn_done:
             dtype = scores.dtype or ir.DataType.FLOAT
             key = (id(rows), dtype)
             if key not in logn_memo:
@@ -680,7 +859,11 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                               "chunk distance"}[extension.method]
         changes.append(f"attention: {extension.describe()} in {len(pairs)} attention layers ({what} before the "
                        "softmax)")
-    if logn_length is not None:
-        changes.append(f"attention: log-n scaling in {len(pairs)} attention layers (scores of the query at position "
-                       f"p times max(1, log(p+1)/log({logn_length})))")
+    if logn_length is not None and len(logn_done) < len(pairs):
+        changes.append(f"attention: log-n scaling in {len(pairs) - len(logn_done)} attention layers (scores of the "
+                       f"query at position p times max(1, log(p+1)/log({logn_length})))")
+    if logn_done:
+        changes.append(f"attention: log-n scaling in {len(logn_done)} attention layers (the query at position p "
+                       f"times max(1, log(p+1)/log({logn_length})) before its fused rotation, which is linear: the "
+                       "same scores, and attention can still be fused)")
     return changes
