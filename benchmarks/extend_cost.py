@@ -9,6 +9,7 @@ decode step at ``--past`` past (random past keys/values). onnxruntime CPU, ``--t
 Medians of ``--repeat`` rounds and their ratio to the exported model are printed.
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
+                                     [--compare OTHER_CHECKOUT]
 
 Decode feeds a past in each model's own cache layout (``--extend`` packs the keys of its position systems on the
 heads axis of ``present.key``: docs/long-context.md). The CPU may be shared with other work: the interleaving
@@ -83,9 +84,9 @@ def _feeds(sess, past: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _rewrite(src: Path, out: Path, flags: list[str]) -> None:
+def _rewrite(src: Path, out: Path, flags: list[str], checkout: Path = REPO) -> None:
     cmd = [sys.executable, "-m", "posrewrite", str(src), *flags, "-o", str(out), "--no-validate"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(flags)}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
 
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *RUNTIME], choices=[*METHODS, *RUNTIME])
+    ap.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                    help="also rewrite every method with the posrewrite of another checkout (rows 'method @ NAME', "
+                         "NAME the checkout's folder name), timed in the same rounds")
     args = ap.parse_args()
 
     from fixtures.hf_models import export_optimum_layout
@@ -113,6 +117,11 @@ def main() -> None:
         out = tmp / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
         _rewrite(src, out, {**METHODS, **RUNTIME}[name])
         models[name] = out
+        if args.compare is not None:
+            label = f"{name} @ {args.compare.resolve().name}"
+            other = tmp / f"compare_{out.name}"
+            _rewrite(src, other, {**METHODS, **RUNTIME}[name], args.compare)
+            models[label] = other
     sessions = {name: _session(path, args.threads) for name, path in models.items()}
     # the same tokens and values for every model; a past in each model's own cache layout (random keys: the
     # packed systems of a --extend model get random keys too, which costs the same as real ones)
