@@ -9,7 +9,7 @@ decode step at ``--past`` past (random past keys/values). onnxruntime CPU, ``--t
 Medians of ``--repeat`` rounds and their ratio to the exported model are printed.
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
-                                     [--compare OTHER_CHECKOUT]
+                                     [--repeat 5] [--decode-repeat N] [--compare OTHER_CHECKOUT]
 
 Decode feeds a past in each model's own cache layout (``--extend`` packs the keys of its position systems on the
 heads axis of ``present.key``: docs/long-context.md). The CPU may be shared with other work: the interleaving
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--decode-repeat", type=int, default=None,
+                    help="rounds of the decode step (default --repeat; a step is short and noisy on a shared CPU)")
     ap.add_argument("--methods", nargs="+", default=[*METHODS, *RUNTIME], choices=[*METHODS, *RUNTIME])
     ap.add_argument("--compare", type=Path, metavar="CHECKOUT",
                     help="also rewrite every method with the posrewrite of another checkout (rows 'method @ NAME', "
@@ -128,17 +130,19 @@ def main() -> None:
     cases = {f"prefill {args.prefill}": {n: _feeds(s, 0, args.prefill) for n, s in sessions.items()},
              f"decode at {args.past} past": {n: _feeds(s, args.past, 1) for n, s in sessions.items()}}
     times: dict[tuple[str, str], list[float]] = {}
+    rounds = {case: args.repeat if case.startswith("prefill") or args.decode_repeat is None else args.decode_repeat
+              for case in cases}
     for case, per_model in cases.items():
         for name, sess in sessions.items():  # warm-up
             sess.run(None, per_model[name])
-        for _ in range(args.repeat):
+        for _ in range(rounds[case]):
             for name, sess in sessions.items():  # interleaved: every model under the same load
                 t0 = time.perf_counter()
                 sess.run(None, per_model[name])
                 times.setdefault((case, name), []).append(time.perf_counter() - t0)
     print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, Optimum "
-          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; median of {args.repeat} "
-          "interleaved rounds")
+          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; medians of "
+          + ", ".join(f"{n} interleaved rounds ({c})" for c, n in rounds.items()))
     print()
     header = "| model | " + " | ".join(f"{c} (ms)" for c in cases) + " | " + " | ".join(
         f"{c} / exported" for c in cases) + " |"

@@ -509,7 +509,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}
     posmap_memo: dict[tuple[int, PositionMap], ir.Value] = {}
     region_memo: dict[tuple, ir.Value] = {}
-    box_memo: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+    box_memo: dict[tuple[int, int], tuple[list[tuple[ir.Value, tuple[int, ...]]], ir.Value]] = {}
 
     def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
         """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
@@ -722,41 +722,58 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             raise AttentionExtendError(f"could not re-rotate {side} of {app.output.name}")
         return new
 
-    def box(rows: ir.Value, key_rows: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """The row start and column end of the union of the branches' boxes (``_box``), the end at least 1."""
+    def box(rows: ir.Value, key_rows: ir.Value) -> tuple[list[tuple[ir.Value, tuple[int, ...]]], ir.Value]:
+        """The query rows and key columns the branches are computed on: ([(row start, branches from that row
+        on)], column end). The end is the largest of the branches' box ends (``_box``), at least 1. Branches whose
+        regions compare the same coordinate have row starts in the order of their reach (a larger reach starts
+        no earlier), so each computes from its own start (Dual Chunk: the inter-chunk matrix from two chunks
+        after the first key's on); otherwise all from the first start."""
         key = (id(rows), id(key_rows))
         if key not in box_memo:
-            starts, ends = zip(*(_box(b, rows, key_rows, br.region) for br in extension.branches()), strict=True)
+            branches = extension.branches()
+            starts, ends = zip(*(_box(b, rows, key_rows, br.region) for br in branches), strict=True)
             # at least one column: a key path cut to 0 keys would meet Reshape's 0 (copy the input's size)
-            ends = (*ends, b.const(np.array([1], np.int64)))
-            box_memo[key] = (starts[0] if len(starts) == 1 else b.op("Min", *starts), b.op("Max", *ends))
+            end = b.op("Max", *ends, b.const(np.array([1], np.int64)))
+            coordinate = {(br.region.kind == "distance_ge", br.region.n if br.region.kind != "distance_ge" else 0)
+                          for br in branches}
+            if len(coordinate) == 1:
+                order = sorted(range(len(branches)), key=lambda i: branches[i].region.reach)
+                segments = [(starts[i], tuple(sorted(order[:n + 1]))) for n, i in enumerate(order)]
+            else:
+                segments = [(starts[0] if len(starts) == 1 else b.op("Min", *starts), tuple(range(len(branches))))]
+            box_memo[key] = (segments, end)
         return box_memo[key]
 
     def merge_branches(pair: ScorePair, rows: ir.Value, key_rows: ir.Value, k_cols) -> ir.Value:
-        """The scores with every branch merged where its region holds, computed by blocks of the box (rows from
-        its start on, columns before its end): the keys before the end give the left columns, the model's own
-        product of the rows before the start over them on top of the box's block, where the branches' products
-        are merged with ``Where``; the keys from the end on give the right columns, the model's own product for
-        every row. ``k_cols(pmap or None, first, end)`` is the right operand over keys first..end-1 (of the
-        model's system, or of a key map's). The columns are concatenated back into [.., S, T]."""
+        """The scores with every branch merged where its region holds, computed by blocks: the keys before the
+        box's end give the left columns (the model's own product for the rows before the box's first start; from
+        each start on, the model's product, the products of the branches that start there or before and their
+        ``Where`` merges); the keys from the end on give the right columns, the model's own product for every row.
+        ``k_cols(pmap or None, first, end)`` is the right operand over keys first..end-1 (of the model's system,
+        or of a key map's). The blocks are concatenated back into [.., S, T]."""
         mm = pair.matmul
         q = mm.inputs[0]
-        start, end = box(rows, key_rows)
+        segments, end = box(rows, key_rows)
         zero, last = b.const(np.array([0], np.int64)), b.const(np.array([np.iinfo(np.int64).max], np.int64))
         rows_axis, cols_axis = b.const(np.array([-2], np.int64)), b.const(np.array([-1], np.int64))
-        q_low = b.op("Slice", q, start, last, rows_axis)
         k_left = k_cols(None, zero, end)
-        block = b.op("MatMul", q_low, k_left)
-        rows_in = b.op("Slice", rows, start, last, cols_axis)
         keys_in = b.op("Slice", key_rows, zero, end, cols_axis)
-        for branch in extension.branches():
-            q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, branch.query)
-            scores2 = b.op("MatMul", b.op("Slice", q2, start, last, rows_axis), k_cols(branch.key, zero, end))
-            where = _region(b, rows_in, keys_in, branch.region, region_memo, rank(mm.outputs[0]) != 3)
-            block = b.op("Where", where, scores2, block)
-        top = b.op("MatMul", b.op("Slice", q, zero, start, rows_axis), k_left)
+        branches = extension.branches()
+        q2s = {i: second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, br.query)
+               for i, br in enumerate(branches)}
+        blocks = [b.op("MatMul", b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)]
+        for n, (first, active) in enumerate(segments):
+            stop = segments[n + 1][0] if n + 1 < len(segments) else last
+            block = b.op("MatMul", b.op("Slice", q, first, stop, rows_axis), k_left)
+            rows_in = b.op("Slice", rows, first, stop, cols_axis)
+            for i in active:
+                q2 = b.op("Slice", q2s[i], first, stop, rows_axis)
+                scores2 = b.op("MatMul", q2, k_cols(branches[i].key, zero, end))
+                where = _region(b, rows_in, keys_in, branches[i].region, region_memo, rank(mm.outputs[0]) != 3)
+                block = b.op("Where", where, scores2, block)
+            blocks.append(block)
         right = b.op("MatMul", q, k_cols(None, end, last))
-        out = b.op("Concat", b.op("Concat", top, block, axis=-2), right, axis=-1)
+        out = b.op("Concat", b.op("Concat", *blocks, axis=-2), right, axis=-1)
         out.dtype = mm.outputs[0].dtype
         return out
 
