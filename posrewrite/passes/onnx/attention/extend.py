@@ -311,10 +311,12 @@ def _box(b: NodeWriter, rows: ir.Value, key_rows: ir.Value, region: Region) -> t
     return start, end
 
 
-def _between(source: ir.Value, target: ir.Value, stop: ir.Node, limit: int = 2000) -> set[int] | None:
+def _between(source: ir.Value, target: ir.Value, stop: ir.Node,
+             limit: int = 2000) -> tuple[set[int], set[int]] | None:
     """Ids of the nodes computing ``target`` from ``source``, shapes included (the descendants of ``source``, not
-    past ``stop``, that ``target`` depends on), or None when ``target``'s data path takes a value that is neither
-    a constant nor computed from ``source`` (a length read elsewhere: then ``source`` cannot be cut shorter)."""
+    past ``stop``, that ``target`` depends on), and of those the values themselves go through (not their shapes);
+    or None when ``target``'s data path takes a value that is neither a constant nor computed from ``source`` (a
+    length read elsewhere: then ``source`` cannot be cut shorter)."""
     below: set[int] = set()
     stack = [source]
     while stack:
@@ -347,7 +349,7 @@ def _between(source: ir.Value, target: ir.Value, stop: ir.Node, limit: int = 200
             if v is not None:
                 data_input = on_data and (i == 0 or node.op_type in ("Mul", "Div", "Concat"))
                 todo.append((v, "data" if data_input else "arg" if on_data else "shape"))
-    return between
+    return between, data
 
 
 def _literal_zero_reshapes(graph: ir.Graph, between: set[int]) -> None:
@@ -676,9 +678,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             for node, _ in declared.uses():  # the one-input Concat / Identity between: their outputs too
                 if node.op_type in ("Identity", "Concat") and len(node.inputs) == 1:
                     node.outputs[0].shape = None
-        between = _between(k_all, pair.matmul.inputs[1], pair.matmul)
+        found = _between(k_all, pair.matmul.inputs[1], pair.matmul)
+        between, data = found if found is not None else (None, set())
         if between is not None and b._opset() >= 14:
             _literal_zero_reshapes(graph, between)
+        data_values = {id(o) for n in graph if id(n) in data for o in n.outputs}
+        shape_memo: dict[tuple[int, int], dict[int, ir.Value]] = {}
         memo: dict[tuple[int, int, int], ir.Value] = {}
         cols_axis = b.const(np.array([-1], np.int64))
 
@@ -693,7 +698,14 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 if between is not None:  # system k's heads and keys, then the model's path (shapes from these keys)
                     keys = b.op("Slice", present, b.op("Concat", start, first, axis=0),
                                 b.op("Concat", stop, end, axis=0), b.const(np.array([1, 2], np.int64)))
-                    memo[key] = b.clone(pair.matmul.inputs[1], {id(k_all): keys}, between, {})
+                    # the same keys of another system have the same shape: their path's shape computations are
+                    # shared (each slice's would be some dozens of small nodes per layer and step)
+                    shared = shape_memo.get((id(first), id(end)))
+                    clone_memo = dict(shared) if shared is not None else {}
+                    memo[key] = b.clone(pair.matmul.inputs[1], {id(k_all): keys}, between, clone_memo)
+                    if shared is None:
+                        shape_memo[(id(first), id(end))] = {v: c for v, c in clone_memo.items()
+                                                            if v not in data_values}
                 else:
                     keys = k_all if k == 0 else b.op("Slice", present, start, stop, b.const(np.array([1], np.int64)))
                     whole = pair.matmul.inputs[1] if k == 0 else \
