@@ -12,7 +12,11 @@ and for each
 2. clones the rotation of q and of k and their path to the score MatMul with those cos/sin, and a second MatMul;
 3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
    distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
-   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
+   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do). Only on
+   the box that holds the regions (``Region.box``: query rows from a start, key columns before an end, read from
+   the position values at run time): the score MatMul is split into products of sliced q and k (columns before
+   and from the end; rows before and from the start), the branches' products and merges are made on the box's
+   block only, and the blocks are concatenated back;
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q).
 
 The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleaved), partial rotary, attention
