@@ -6,10 +6,11 @@ positions. It is rewritten with each method (``posrewrite MODEL --extend ...``; 
 method with ``--fuse ort``; ``--runtime-decode rerotate`` for dynamic NTK against dynamic's HF mode) and every model
 runs in one process, interleaved (exported, method 1, method 2, ..., exported, ...), on the same feeds: a prefill
 of ``--prefill`` tokens from an empty past, and one decode step at ``--past`` past (random past keys/values).
-onnxruntime CPU, ``--threads`` intra-op threads. Medians of ``--repeat`` rounds and their ratio to the exported
-model are printed.
+onnxruntime CPU, ``--threads`` intra-op threads. Medians (or, ``--statistic min``, the fastest) of ``--repeat``
+rounds (``--decode-repeat`` for the decode step) and their ratio to the exported model are printed.
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
+                                     [--repeat 5] [--decode-repeat N] [--compare OTHER_CHECKOUT]
 
 Decode feeds a past in each model's own cache layout (``--extend`` packs the keys of its position systems on the
 heads axis of ``present.key``: docs/long-context.md). The CPU may be shared with other work: the interleaving
@@ -88,9 +89,9 @@ def _feeds(sess, past: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _rewrite(src: Path, out: Path, flags: list[str]) -> None:
+def _rewrite(src: Path, out: Path, flags: list[str], checkout: Path = REPO) -> None:
     cmd = [sys.executable, "-m", "posrewrite", str(src), *flags, "-o", str(out), "--no-validate"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(flags)}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
 
@@ -105,8 +106,16 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--decode-repeat", type=int, default=None,
+                    help="rounds of the decode step (default --repeat; a step is short and noisy on a shared CPU)")
     names = [*METHODS, *FUSED, *RUNTIME]
     ap.add_argument("--methods", nargs="+", default=names, choices=names)
+    ap.add_argument("--statistic", choices=["median", "min"], default="median",
+                    help="per model and case: the median of the rounds, or the fastest (on a CPU shared with "
+                         "bursty work the fastest round is the one least disturbed)")
+    ap.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                    help="also rewrite every method with the posrewrite of another checkout (rows 'method @ NAME', "
+                         "NAME the checkout's folder name), timed in the same rounds")
     args = ap.parse_args()
 
     from fixtures.hf_models import export_optimum_layout
@@ -119,38 +128,46 @@ def main() -> None:
         out = tmp / f"{name.replace(' ', '_').replace('(', '').replace(')', '').replace('+', 'and')}.onnx"
         _rewrite(src, out, {**METHODS, **FUSED, **RUNTIME}[name])
         models[name] = out
+        if args.compare is not None:
+            label = f"{name} @ {args.compare.resolve().name}"
+            other = tmp / f"compare_{out.name}"
+            _rewrite(src, other, {**METHODS, **FUSED, **RUNTIME}[name], args.compare)
+            models[label] = other
     sessions = {name: _session(path, args.threads) for name, path in models.items()}
     # the same tokens and values for every model; a past in each model's own cache layout (random keys: the
     # packed systems of a --extend model get random keys too, which costs the same as real ones)
     cases = {f"prefill {args.prefill}": {n: _feeds(s, 0, args.prefill) for n, s in sessions.items()},
              f"decode at {args.past} past": {n: _feeds(s, args.past, 1) for n, s in sessions.items()}}
     times: dict[tuple[str, str], list[float]] = {}
+    rounds = {case: args.repeat if case.startswith("prefill") or args.decode_repeat is None else args.decode_repeat
+              for case in cases}
     for case, per_model in cases.items():
         for name, sess in sessions.items():  # warm-up
             sess.run(None, per_model[name])
-        for _ in range(args.repeat):
+        for _ in range(rounds[case]):
             for name, sess in sessions.items():  # interleaved: every model under the same load
                 t0 = time.perf_counter()
                 sess.run(None, per_model[name])
                 times.setdefault((case, name), []).append(time.perf_counter() - t0)
     print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, Optimum "
-          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; median of {args.repeat} "
-          "interleaved rounds")
+          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; {args.statistic} of "
+          + ", ".join(f"{n} interleaved rounds ({c})" for c, n in rounds.items()))
     print()
     header = "| model | " + " | ".join(f"{c} (ms)" for c in cases) + " | " + " | ".join(
         f"{c} / exported" for c in cases) + " |"
     print(header)
     print("|---|" + "---:|" * (2 * len(cases)))
-    base = {c: statistics.median(times[(c, "as exported")]) for c in cases}
+    stat = statistics.median if args.statistic == "median" else min
+    base = {c: stat(times[(c, "as exported")]) for c in cases}
     for name in models:
-        med = {c: statistics.median(times[(c, name)]) for c in cases}
+        med = {c: stat(times[(c, name)]) for c in cases}
         print(f"| {name} | " + " | ".join(f"{1000 * med[c]:.1f}" for c in cases) + " | " + " | ".join(
             f"{med[c] / base[c]:.2f}x" for c in cases) + " |")
     if "dynamic (hf)" in models and "dynamic (rerotate)" in models:
         print()
         for c in cases:
-            a = statistics.median(times[(c, "dynamic (rerotate)")])
-            b = statistics.median(times[(c, "dynamic (hf)")])
+            a = stat(times[(c, "dynamic (rerotate)")])
+            b = stat(times[(c, "dynamic (hf)")])
             print(f"rerotate / hf, {c}: {a / b:.2f}x")
 
 

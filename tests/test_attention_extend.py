@@ -198,6 +198,7 @@ def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray, logn: np.ndar
     w = {k: v.detach().double().numpy() for k, v in m.state_dict().items()}
     b, s = ids.shape
     nh, hd = info["num_heads"], info["head_dim"]
+    rel = rel if rel.ndim == 3 else rel[None]  # [b or 1, s, s]
     inv = default_inv_freq(info["rotary_dim"], info["base"])
     x = w["embed.weight"][ids]
     q = (x @ w["q_proj.weight"].T).reshape(b, s, nh, hd)
@@ -205,7 +206,7 @@ def module_reference(info: dict, ids: np.ndarray, rel: np.ndarray, logn: np.ndar
     v = (x @ w["v_proj.weight"].T).reshape(b, s, nh, hd)
     # q_i rotated by rel(i, j) for every pair: [b, s*s, nh, hd]
     pairs = np.repeat(q, s, axis=1)
-    qr = reference_rope(pairs, rel[:s, :s].reshape(1, -1), inv, info["layout"], info["rotary_dim"])
+    qr = reference_rope(pairs, rel[:, :s, :s].reshape(rel.shape[0], -1), inv, info["layout"], info["rotary_dim"])
     qr = qr.reshape(b, s, s, nh, hd)
     scores = np.einsum("bijhd,bjhd->bhij", qr, k) / math.sqrt(hd)
     if logn is not None:
@@ -237,6 +238,38 @@ def test_modules_match_paper_reference(module_onnx, kind, params, case, tmp_path
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     ref = module_reference(info, ids, rel_fn(i, j), qwen_logn(s, 64 if logn is True else logn) if logn else None)
     assert np.abs(ort_run(out, ids) - ref).max() <= TOL
+
+
+# the rewrite computes the branches only over a box of query rows and key columns (Region.box) found from the
+# position values: positions need not start at 0, be the same in every batch row or be ordered
+@pytest.mark.parametrize("case,s,order", [
+    ("self-extend", 40, "shuffled"), ("rerope", 40, "shuffled"), ("leaky-rerope", 40, "shifted"),
+    ("dual-chunk", 50, "shifted"), ("dual-chunk-small", 45, "shifted"),
+    ("self-extend", 6, "shifted"), ("dual-chunk", 12, "shifted"),  # every position pair inside the window
+])
+def test_batch_positions_shifted_or_shuffled(module_onnx, case, s, order, tmp_path):
+    """Batch of 2 with position_ids fed: row 0 the positions 0..s-1, row 1 shifted by 21 (crossing a window or
+    chunk edge elsewhere than row 0), or a shuffle of 5..s+4 (SelfExtend / ReRoPE, whose regions read the
+    distance of any two positions) whose last two are the smallest and the largest. Each row equals the paper
+    reference at its own positions."""
+    from fixtures.modules import ort_run
+
+    path, info = module_onnx("interleaved_rope_attention", variant="meta", with_position_ids=True)
+    flags, rel_fn, _ = CASES[case]
+    out = tmp_path / "out.onnx"
+    _rewrite(path, out, *flags)
+    rng = np.random.default_rng(11)
+    # shuffled: the first key of row 1 last but one, so that its column is needed by row 1's last query only
+    shuffled = np.concatenate([rng.permutation(np.arange(1, s - 1)), [0, s - 1]]) + 5
+    pos = np.stack([np.arange(s), shuffled if order == "shuffled" else np.arange(s) + 21])
+    ids = rng.integers(3, 128, size=(2, s)).astype(np.int64)
+    rel = np.stack([rel_fn(p[:, None], p[None, :]) for p in pos])
+    ref = module_reference(info, ids, rel)
+    got = ort_run(out, ids, pos)
+    assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
+    if s > 20:
+        plain = ort_run(path, ids, pos)
+        assert np.abs(plain - ref).max() > 10 * TOL  # the rewrite changed what the model computes
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------
@@ -472,6 +505,39 @@ def test_optimum_layout_opset14_prefill_and_decode(case, tmp_path):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{layer}.{kv}"] = np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
     assert np.abs(plain.run(None, feeds)[0] - ref).max() > 10 * TOL  # the rewrite changed what the model computes
+
+
+@pytest.mark.parametrize("case", ["self-extend", "rerope", "dual-chunk"])
+def test_optimum_layout_chunked_prefill_across_the_window(case, tmp_path):
+    """The box of rows and key columns the branches are computed on, on a KV cache: a first prefill of one token
+    (one key: the box is empty), chunks of several tokens on a past that cross the window (or several chunks of
+    Dual Chunk, s = 5), and single steps past it; batch 2. Every step equals the paper reference."""
+    from fixtures.hf_models import export_optimum_layout, optimum_layout_hf_model, ort_session
+
+    flags, rel_fn, _ = OPTIMUM_CASES[case]
+    out = tmp_path / "out.onnx"
+    _rewrite(export_optimum_layout(), out, *flags)
+    sess = ort_session(out)
+    s, batch = 27, 2
+    ids = np.random.default_rng(8).integers(3, 128, size=(batch, s)).astype(np.int64)
+    i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+    model = optimum_layout_hf_model()
+    ref = hf_reference("llama", ids, rel_fn(i, j), None, model=model)
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    past = [np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
+    t = 0
+    for n in [1, 2, 4, 1, 7, 1, 1, 8, 1, 1]:
+        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((batch, t + n), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(t, t + n), (batch, n)).copy()}
+        for layer in range(cfg.num_hidden_layers):
+            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+        logits, *past = sess.run(None, feeds)
+        err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
+        assert err <= TOL, (t, n, err)
+        t += n
+    assert t == s
 
 
 # -- an independently written LM (not HF, not posrewrite's fixtures) ----------------------------------------------

@@ -17,7 +17,9 @@ SelfExtend (Jin et al. 2024, arXiv 2401.01325, Algorithm 1): neighbour window W,
 that grouped relative positions continue the neighbour ones at the window edge.
 
 ReRoPE (Su 2023, kexue.fm/archives/9708 and github.com/bojone/rerope): relative positions clipped at W: where
-``|i - j| >= W`` the query is rotated to position W and the key to position 0.  Leaky ReRoPE with slope 1/k:
+``i - j >= W`` the query is rotated to position W and the key to position 0 (Su's mask is ``|i - j| >= W``; the keys
+W or more after a query are masked in causal attention, and keep the model's own scores here).  Leaky ReRoPE with
+slope 1/k:
 beyond W relative positions grow as ``W + (i - j - W) / k``: queries at ``i / k + W (1 - 1/k)``, keys at ``j / k``.
 
 Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Sec. 3; Qwen2.5-1M's ``dual_chunk_attention_config``
@@ -104,8 +106,8 @@ class PositionMap:
 @dataclasses.dataclass(frozen=True)
 class Region:
     """Where a branch's scores replace the ones before it, as a function of query and key positions i, j:
-    "distance_ge" ``i - j >= n``; "abs_distance_ge" ``|i - j| >= n``; "chunk_eq" ``i // n - j // n == k``;
-    "chunk_ge" ``i // n - j // n >= k``."""
+    "distance_ge" ``i - j >= n``; "chunk_eq" ``i // n - j // n == k``; "chunk_ge" ``i // n - j // n >= k``.
+    Every kind is a band below the diagonal (keys before the query), so :meth:`box` bounds it."""
 
     kind: str
     n: int
@@ -116,14 +118,35 @@ class Region:
         kk = np.asarray(p_k, np.float64)[..., None, :]
         if self.kind == "distance_ge":
             return q - kk >= self.n
-        if self.kind == "abs_distance_ge":
-            return np.abs(q - kk) >= self.n
         chunks = np.floor(q / self.n) - np.floor(kk / self.n)
         if self.kind == "chunk_eq":
             return chunks == self.k
         if self.kind == "chunk_ge":
             return chunks >= self.k
         raise ValueError(f"unknown region {self.kind!r}")
+
+    # -- the box that holds the region (pure arithmetic: the ONNX rewrite builds the same steps) ---------------
+    @property
+    def reach(self) -> int:
+        """k in ``coordinate(i) - coordinate(j) >= k``, which every pair of the region meets (n for the distance
+        regions, the chunk distance k for the chunk ones)."""
+        return int(self.n) if self.kind == "distance_ge" else int(self.k)
+
+    def coordinate(self, p: float) -> float:
+        """The position as the region compares it: p itself (distance regions) or its chunk ``floor(p / n)``."""
+        return float(p) if self.kind == "distance_ge" else float(math.floor(p / self.n))
+
+    def box(self, min_key: float, max_query: float) -> tuple[float, float]:
+        """(c_q, c_k): every pair (i, j) of the region with key positions >= ``min_key`` and query positions <=
+        ``max_query`` has ``coordinate(i) >= c_q`` and ``coordinate(j) <= c_k``, so the region lies in the box of
+        those queries (rows) and keys (columns); outside it the scores are the ones before this branch.
+
+        From ``coordinate(i) - coordinate(j) >= reach`` and the coordinate growing with the position:
+        ``coordinate(i) >= coordinate(min_key) + reach`` and ``coordinate(j) <= coordinate(max_query) - reach``.
+        SelfExtend (i - j >= W): queries at W or more past the first key, keys at W or more before the last
+        query. Dual Chunk (chunk distance k, chunks of s): queries from chunk k after the first key's chunk on,
+        keys up to chunk k before the last query's."""
+        return self.coordinate(min_key) + self.reach, self.coordinate(max_query) - self.reach
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +219,7 @@ class AttentionExtension:
             succ = PositionMap((("mod", s), ("add", s), ("min", c)))
             inter = PositionMap((("mul", 0.0), ("add", c)))
             return (Branch(succ, key, Region("chunk_eq", s, 1)), Branch(inter, key, Region("chunk_ge", s, 2)))
-        region = Region("distance_ge" if self.method == "self-extend" else "abs_distance_ge", int(self.window))
+        region = Region("distance_ge", int(self.window))
         return (Branch(PositionMap.affine(*self.query_affine()), PositionMap.affine(*self.key_affine()), region),)
 
     def query_affine(self) -> tuple[float, float, int]:
@@ -232,8 +255,9 @@ class AttentionExtension:
 
     def use_second(self, p_q: np.ndarray, p_k: np.ndarray) -> np.ndarray:
         """Boolean [..., q, k]: where an extra score matrix is used (SelfExtend: ``i - j >= W``, the
-        paper's ``mask[W:, :-W] -= tril``; ReRoPE: ``|i - j| >= W``, Su's ``rectified_mask``; dual-chunk: keys of
-        an earlier chunk)."""
+        paper's ``mask[W:, :-W] -= tril``; ReRoPE: ``i - j >= W``, the causal part of Su's ``rectified_mask``
+        ``|i - j| >= W``: keys W or more after the query, which causal attention masks, keep the model's own
+        scores; dual-chunk: keys of an earlier chunk)."""
         out = np.zeros(np.broadcast_shapes(np.shape(p_q)[:-1], np.shape(p_k)[:-1]) +
                        (np.shape(p_q)[-1], np.shape(p_k)[-1]), bool)
         for b in self.branches():

@@ -12,7 +12,11 @@ and for each
 2. clones the rotation of q and of k and their path to the score MatMul with those cos/sin, and a second MatMul;
 3. merges it into the scores, ``Where(region(i, j), branch, scores)`` (distance for SelfExtend / ReRoPE, chunk
    distance for Dual Chunk), before the scale, mask and softmax that follow (they are linear or elementwise per
-   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do);
+   score, so merging at the MatMul is the same as merging just before the softmax, as the papers do). Only on
+   the box that holds the regions (``Region.box``: query rows from a start, key columns before an end, read from
+   the position values at run time): the score MatMul is split into products of sliced q and k (columns before
+   and from the end; rows before and from the start), the branches' products and merges are made on the box's
+   block only, and the blocks are concatenated back;
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q;
    with --fuse and no extension, q itself is scaled before its fused rotation, so attention can still be fused).
 
@@ -321,42 +325,115 @@ def _map_positions(b: NodeWriter, positions: ir.Value, pmap: PositionMap) -> ir.
     return p
 
 
-def _region(b: NodeWriter, rows: ir.Value, key_rows: ir.Value | None, region: Region,
-            memo: dict[tuple, ir.Value]) -> ir.Value:
-    """Boolean [B or 1, 1, S, T]: ``region(i, j)`` for the query rows and the key rows (the query rows when
-    ``key_rows`` is None)."""
-    key = (id(rows), id(key_rows), region)
+def _region(b: NodeWriter, rows: ir.Value, key_rows: ir.Value, region: Region,
+            memo: dict[tuple, ir.Value], heads_axis: bool = True) -> ir.Value:
+    """Boolean [B or 1, 1, S, T] (without the heads axis: [B or 1, S, T]): ``region(i, j)`` for the query rows
+    [B or 1, S] and the key rows [B or 1, T]."""
+    key = (id(rows), id(key_rows), region, heads_axis)
     if key in memo:
         return memo[key]
-    if region.kind in ("distance_ge", "abs_distance_ge"):
-        d = _distance(b, rows, key_rows)
-        if region.kind == "abs_distance_ge":
-            d = b.op("Abs", d)
-        out = b.op("GreaterOrEqual", d, b.const(np.array(float(region.n), np.float32)))
-    else:
-        n = b.const(np.array(float(region.n), np.float32))
-
-        def chunk(r: ir.Value) -> ir.Value:
-            return b.op("Floor", b.op("Div", b.op("Cast", r, to=ir.DataType.FLOAT), n))
-
-        cq = chunk(rows)
-        ck = cq if key_rows is None else chunk(key_rows)
-        d = b.op("Sub", b.op("Unsqueeze", cq, b.const(np.array([-1], np.int64))),
-                 b.op("Unsqueeze", ck, b.const(np.array([-2], np.int64))))
+    cq = _coordinate(b, rows, region)
+    ck = _coordinate(b, key_rows, region)
+    d = b.op("Sub", b.op("Unsqueeze", cq, b.const(np.array([-1], np.int64))),
+             b.op("Unsqueeze", ck, b.const(np.array([-2], np.int64))))
+    if heads_axis:
         d = b.op("Unsqueeze", d, b.const(np.array([1], np.int64)))
-        k = b.const(np.array(float(region.k), np.float32))
-        out = b.op("Equal" if region.kind == "chunk_eq" else "GreaterOrEqual", d, k)
+    reach = b.const(np.array(float(region.reach), np.float32))
+    out = b.op("Equal" if region.kind == "chunk_eq" else "GreaterOrEqual", d, reach)
     memo[key] = out
     return out
 
 
-def _distance(b: NodeWriter, rows: ir.Value, key_rows: ir.Value | None = None) -> ir.Value:
-    """[B or 1, 1, S, T] float32: p_q - p_k (keys at the query positions unless ``key_rows`` are given)."""
+def _coordinate(b: NodeWriter, rows: ir.Value, region: Region) -> ir.Value:
+    """``region.coordinate`` of the positions in ``rows``, float32: the position, or its chunk."""
     p = b.op("Cast", rows, to=ir.DataType.FLOAT)
-    pk = p if key_rows is None else b.op("Cast", key_rows, to=ir.DataType.FLOAT)
-    d = b.op("Sub", b.op("Unsqueeze", p, b.const(np.array([-1], np.int64))),
-             b.op("Unsqueeze", pk, b.const(np.array([-2], np.int64))))
-    return b.op("Unsqueeze", d, b.const(np.array([1], np.int64)))
+    if region.kind == "distance_ge":
+        return p
+    return b.op("Floor", b.op("Div", p, b.const(np.array(float(region.n), np.float32))))
+
+
+def _reduce_axis0(b: NodeWriter, op: str, x: ir.Value) -> ir.Value:
+    """``op`` (ReduceMax, ...) over axis 0, dropped (axes an attribute before opset 18, an input from 18)."""
+    if b._opset() >= 18:
+        return b.op(op, x, b.const(np.array([0], np.int64)), keepdims=0)
+    return b.op(op, x, axes=[0], keepdims=0)
+
+
+def _box(b: NodeWriter, rows: ir.Value, key_rows: ir.Value, region: Region) -> tuple[ir.Value, ir.Value]:
+    """(row start, column end), int64 [1]: every query row before the start and every key column from the end
+    on is outside ``region`` (``Region.box`` from the smallest key and the largest query position). The start
+    is the first row whose position is in the box's rows in any batch row (the number of rows when none is),
+    the end one past the last key in the box's columns (0 when none is): positions need not be ordered."""
+    qc, kc = _coordinate(b, rows, region), _coordinate(b, key_rows, region)
+    reach = b.const(np.array(float(region.reach), np.float32))
+    first_q = b.op("Add", b.op("ReduceMin", kc, keepdims=0), reach)
+    last_k = b.op("Sub", b.op("ReduceMax", qc, keepdims=0), reach)
+    one = b.const(np.array([1.0], np.float32))
+    in_rows = _reduce_axis0(b, "ReduceMax", b.op("Cast", b.op("GreaterOrEqual", qc, first_q), to=ir.DataType.FLOAT))
+    start = b.op("ArgMax", b.op("Concat", in_rows, one, axis=0), axis=0, keepdims=1)  # the first 1
+    in_cols = _reduce_axis0(b, "ReduceMax", b.op("Cast", b.op("LessOrEqual", kc, last_k), to=ir.DataType.FLOAT))
+    end = b.op("ArgMax", b.op("Concat", one, in_cols, axis=0), axis=0, keepdims=1, select_last_index=1)
+    start.dtype = end.dtype = ir.DataType.INT64
+    return start, end
+
+
+def _between(source: ir.Value, target: ir.Value, stop: ir.Node,
+             limit: int = 2000) -> tuple[set[int], set[int]] | None:
+    """Ids of the nodes computing ``target`` from ``source``, shapes included (the descendants of ``source``, not
+    past ``stop``, that ``target`` depends on), and of those the values themselves go through (not their shapes);
+    or None when ``target``'s data path takes a value that is neither a constant nor computed from ``source`` (a
+    length read elsewhere: then ``source`` cannot be cut shorter)."""
+    below: set[int] = set()
+    stack = [source]
+    while stack:
+        for node, _ in stack.pop().uses():
+            if node is stop or id(node) in below:
+                continue
+            below.add(id(node))
+            if len(below) > limit:
+                return None
+            stack.extend(node.outputs)
+    between: set[int] = set()
+    data: set[int] = set()  # the nodes the values themselves go through (not their shapes)
+    todo = [(target, "data")]  # "data", "arg" (another input of a data node), "shape" (inside a shape's computation)
+    while todo:
+        value, kind = todo.pop()
+        node = value.producer()
+        if value is source:
+            continue
+        if node is None or id(node) not in below:
+            if kind != "shape" and value.const_value is None and (node is None or node.op_type != "Constant"):
+                return None
+            continue
+        on_data = kind == "data"
+        if id(node) in between and (not on_data or id(node) in data):
+            continue
+        between.add(id(node))
+        if on_data:
+            data.add(id(node))
+        for i, v in enumerate(node.inputs):
+            if v is not None:
+                data_input = on_data and (i == 0 or node.op_type in ("Mul", "Div", "Concat"))
+                todo.append((v, "data" if data_input else "arg" if on_data else "shape"))
+    return between, data
+
+
+def _literal_zero_reshapes(graph: ir.Graph, between: set[int]) -> None:
+    """Sets ``allowzero`` on the Reshapes among ``between`` whose target is computed from the keys' shape (a
+    Shape, or a Concat of such dims and constants without a 0): a part of the keys cut to 0 keys then reshapes
+    to 0 keys instead of reading the 0 as "the input's size" (opset 14)."""
+    for node in graph:
+        if id(node) not in between or node.op_type != "Reshape" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        target = node.inputs[1].producer()
+        if target is None or id(target) not in between:
+            continue
+        if target.op_type == "Concat":
+            parts = [v.const_value for v in target.inputs if v is not None and
+                     (v.producer() is None or id(v.producer()) not in between)]
+            if any(c is None or 0 in c.numpy().ravel() for c in parts):
+                continue
+        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 1)
 
 
 def _check_cache_path(pair: ScorePair) -> None:
@@ -604,6 +681,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     trig_memo: dict[tuple[int, str], dict[int, ir.Value]] = {}
     posmap_memo: dict[tuple[int, PositionMap], ir.Value] = {}
     region_memo: dict[tuple, ir.Value] = {}
+    box_memo: dict[tuple[int, int], tuple[list[tuple[ir.Value, tuple[int, ...]]], ir.Value]] = {}
 
     def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
         """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
@@ -712,9 +790,13 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         """KV-cache attention without re-rotating the past: every key is rotated once per position system when it
         is new (at its own position, and at each key map of it), and the cache holds them all, packed on the
         heads axis: ``present.key`` = [B, (1 + m) H, T, D] (heads 0..H-1 the keys as the model rotates them,
-        then H heads per key map). A past of H heads (the empty past a generation loop starts with, sized from the
-        model's config) reads as an empty cache of every system. Returns (the key rows [1, T], a function giving
-        the score MatMul's right operand for a key map)."""
+        then H heads per key map). A past of H heads and length 0 (the empty past a generation loop starts with,
+        sized from the model's config) reads as an empty cache of every system; a past of H heads and some length
+        (the original model's cache) fails in a Reshape. The step writes the present in one Concat (the past, then
+        the new keys of every system) and slices the model's keys out of it; the keys of a system ``m`` are sliced
+        to the columns its box needs before the path to the score MatMul (repeat_kv's Expand then copies only
+        those), when that path's shapes all come from the keys. Returns (the key rows [1, T], a function giving
+        the score MatMul's right operand for a key map, restricted to the key columns before an end)."""
         site, app = pair.k_site, pair.k_app
         concat = next(n for n in pair.k_path if n.op_type == "Concat")
         pos_in_path = pair.k_path.index(concat)
@@ -725,49 +807,41 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         idx_past = 1 - idx_new
         new_in, past = concat.inputs[idx_new], concat.inputs[idx_past]
         i64 = ir.DataType.INT64
+        systems = 1 + len(key_maps)
 
         def dims(value: ir.Value, *axes: int) -> ir.Value:
             shape = b.op("Shape", value)
             return b.op("Gather", shape, b.const(np.array(list(axes), np.int64)), axis=0)
 
         heads = dims(new_in, 1)
-        axis1 = b.const(np.array([1], np.int64))
-        # [B, H, -1, D] from the new keys (a past of H heads and length 0 reshapes to an empty cache)
-        as_cache = b.op("Concat", dims(new_in, 0, 1), b.const(np.array([-1], np.int64)), dims(new_in, 3), axis=0)
-        as_cache.dtype = i64
-
-        def past_part(k: int) -> ir.Value:
-            start = b.op("Mul", heads, b.const(np.array([k], np.int64)))
-            end = b.op("Add", start, heads)
-            return b.op("Reshape", b.op("Slice", past, start, end, axis1), as_cache)
-
-        normal_past = past_part(0)
+        allowed = rotation_allowed(site, app)
+        news = [new_in]
+        for pmap in key_maps:
+            subs = {id(app.input): app.input, **trig_at(site, mapped_positions(site.positions, pmap))}
+            new_rot = b.clone(app.output, subs, allowed, {})
+            news.append(b.clone(new_in, {id(app.output): new_rot}, before_ids, {}) if new_in is not app.output
+                        else new_rot)
+        new_packed = b.op("Concat", *news, axis=1)
+        # the past as [B, (1 + m) H, -1, D]: a packed past as it is, an empty past of H heads as an empty cache of
+        # every system; a past of H heads and some length gets the length 0, which its size contradicts
+        past_heads, past_len = dims(past, 1), dims(past, 2)
+        packed_heads = b.op("Mul", heads, b.const(np.array([systems], np.int64)))
+        ok = b.op("Or", b.op("Equal", past_heads, packed_heads), b.op("Equal", past_len,
+                                                                        b.const(np.array([0], np.int64))))
+        length = b.op("Where", ok, b.const(np.array([-1], np.int64)), b.const(np.array([0], np.int64)))
+        target = b.op("Concat", dims(new_in, 0), packed_heads, length, dims(new_in, 3), axis=0)
+        target.dtype = i64
         inputs = list(concat.inputs)
-        inputs[idx_past] = normal_past
-        k_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+        inputs[idx_past], inputs[idx_new] = b.op("Reshape", past, target), new_packed
+        present = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
+        present.dtype = concat.outputs[0].dtype
+        zero = b.const(np.array([0], np.int64))
+        k_all = b.op("Slice", present, zero, heads, b.const(np.array([1], np.int64)))
         k_all.dtype = concat.outputs[0].dtype
-        _, key_rows = _key_positions_like(b, site.positions, k_all, 2)
+        _, key_rows = _key_positions_like(b, site.positions, present, 2)
         old = concat.outputs[0]
         for node, idx in list(old.uses()):  # the score path, and any other reader (shapes of the cache)
             node.replace_input_with(idx, k_all)
-        allowed = rotation_allowed(site, app)
-        packed = [k_all]
-        k2_memo: dict[PositionMap, ir.Value] = {}
-        for k, pmap in enumerate(key_maps, start=1):
-            subs = {id(app.input): app.input, **trig_at(site, mapped_positions(site.positions, pmap))}
-            new_rot = b.clone(app.output, subs, allowed, {})
-            new_second = b.clone(new_in, {id(app.output): new_rot}, before_ids, {}) if new_in is not app.output \
-                else new_rot
-            inputs = list(concat.inputs)
-            inputs[idx_new], inputs[idx_past] = new_second, past_part(k)
-            second_all = b.op("Concat", *inputs, axis=int(concat.attributes["axis"].value))
-            # the same shape as the keys: a past that is not a packed cache (the original model's, of H heads and
-            # some length) fails here instead of being read as an empty one
-            second_all = b.op("Reshape", second_all, b.op("Shape", k_all))
-            packed.append(second_all)
-            k2_memo[pmap] = b.clone(pair.matmul.inputs[1], {id(k_all): second_all}, after_ids, {})
-        present = b.op("Concat", *packed, axis=1)
-        present.dtype = old.dtype
         for i, out in enumerate(graph.outputs):
             if out is old:
                 name = old.name
@@ -782,7 +856,50 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             for node, _ in declared.uses():  # the one-input Concat / Identity between: their outputs too
                 if node.op_type in ("Identity", "Concat") and len(node.inputs) == 1:
                     node.outputs[0].shape = None
-        return key_rows, k2_memo.__getitem__
+        found = _between(k_all, pair.matmul.inputs[1], pair.matmul)
+        between, data = found if found is not None else (None, set())
+        if between is not None and b._opset() >= 14:
+            _literal_zero_reshapes(graph, between)
+        data_values = {id(o) for n in graph if id(n) in data for o in n.outputs}
+        shape_memo: dict[tuple[int, int], dict[int, ir.Value]] = {}
+        memo: dict[tuple[int, int, int], ir.Value] = {}
+        cols_axis = b.const(np.array([-1], np.int64))
+
+        def k_cols(pmap: PositionMap | None, first: ir.Value, end: ir.Value) -> ir.Value:
+            """The score MatMul's right operand for keys first..end-1 of the model's system (``pmap`` None) or of
+            a key map's."""
+            k = 0 if pmap is None else 1 + key_maps.index(pmap)
+            key = (k, id(first), id(end))
+            if key not in memo:
+                start = b.op("Mul", heads, b.const(np.array([k], np.int64)))
+                stop = b.op("Add", start, heads)
+                if between is not None:  # system k's heads and keys, then the model's path (shapes from these keys)
+                    keys = b.op("Slice", present, b.op("Concat", start, first, axis=0),
+                                b.op("Concat", stop, end, axis=0), b.const(np.array([1, 2], np.int64)))
+                    # the same keys of another system have the same shape: their path's shape computations are
+                    # shared (each slice's would be some dozens of small nodes per layer and step)
+                    shared = shape_memo.get((id(first), id(end)))
+                    clone_memo = dict(shared) if shared is not None else {}
+                    memo[key] = b.clone(pair.matmul.inputs[1], {id(k_all): keys}, between, clone_memo)
+                    if shared is None:
+                        shape_memo[(id(first), id(end))] = {v: c for v, c in clone_memo.items()
+                                                            if v not in data_values}
+                else:
+                    keys = k_all if k == 0 else b.op("Slice", present, start, stop, b.const(np.array([1], np.int64)))
+                    whole = pair.matmul.inputs[1] if k == 0 else \
+                        b.clone(pair.matmul.inputs[1], {id(k_all): keys}, after_ids, {})
+                    memo[key] = b.op("Slice", whole, first, end, cols_axis)
+            return memo[key]
+
+        if between is not None:  # readers of the keys' shape read it from the present (the keys need not exist)
+            shape_all = b.op("Concat", dims(present, 0), heads, dims(present, 2, 3), axis=0)
+            shape_all.dtype = i64
+            for node, _ in list(k_all.uses()):
+                if node.op_type == "Shape" and not node.attributes:
+                    for user, idx in list(node.outputs[0].uses()):
+                        if id(user) not in between:  # the key path's own shapes are cloned with its keys
+                            user.replace_input_with(idx, shape_all)
+        return key_rows, k_cols
 
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
                        operand: ir.Value, pmap: PositionMap) -> ir.Value:
@@ -800,6 +917,74 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         for pair in pairs:
             if _scale_query(b, pair, int(logn_length), logn_memo):
                 logn_done.add(id(pair))
+
+    def box(rows: ir.Value, key_rows: ir.Value) -> tuple[list[tuple[ir.Value, tuple[int, ...]]], ir.Value]:
+        """The query rows and key columns the branches are computed on: ([(row start, branches from that row
+        on)], column end). The end is the largest of the branches' box ends (``_box``), at least 1. Branches whose
+        regions compare the same coordinate have row starts in the order of their reach (a larger reach starts
+        no earlier), so each computes from its own start (Dual Chunk: the inter-chunk matrix from two chunks
+        after the first key's on); otherwise all from the first start."""
+        key = (id(rows), id(key_rows))
+        if key not in box_memo:
+            branches = extension.branches()
+            starts, ends = zip(*(_box(b, rows, key_rows, br.region) for br in branches), strict=True)
+            # at least one column: a key path cut to 0 keys would meet Reshape's 0 (copy the input's size)
+            end = b.op("Max", *ends, b.const(np.array([1], np.int64)))
+            coordinate = {(br.region.kind == "distance_ge", br.region.n if br.region.kind != "distance_ge" else 0)
+                          for br in branches}
+            if len(coordinate) == 1:
+                order = sorted(range(len(branches)), key=lambda i: branches[i].region.reach)
+                segments = [(starts[i], tuple(sorted(order[:n + 1]))) for n, i in enumerate(order)]
+            else:
+                segments = [(starts[0] if len(starts) == 1 else b.op("Min", *starts), tuple(range(len(branches))))]
+            box_memo[key] = (segments, end)
+        return box_memo[key]
+
+    def merge_branches(pair: ScorePair, rows: ir.Value, key_rows: ir.Value, k_cols) -> ir.Value:
+        """The scores with every branch merged where its region holds, computed by blocks: the keys before the
+        box's end give the left columns (the model's own product for the rows before the box's first start; from
+        each start on, the model's product, the products of the branches that start there or before and their
+        ``Where`` merges); the keys from the end on give the right columns, the model's own product for every row.
+        ``k_cols(pmap or None, first, end)`` is the right operand over keys first..end-1 (of the model's system,
+        or of a key map's). The blocks are concatenated back into [.., S, T]."""
+        mm = pair.matmul
+        q = mm.inputs[0]
+        segments, end = box(rows, key_rows)
+        zero, last = b.const(np.array([0], np.int64)), b.const(np.array([np.iinfo(np.int64).max], np.int64))
+        rows_axis, cols_axis = b.const(np.array([-2], np.int64)), b.const(np.array([-1], np.int64))
+        k_left = k_cols(None, zero, end)
+        keys_in = b.op("Slice", key_rows, zero, end, cols_axis)
+        branches = extension.branches()
+        q2s = {i: second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, br.query)
+               for i, br in enumerate(branches)}
+        blocks = [b.op("MatMul", b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)]
+        for n, (first, active) in enumerate(segments):
+            stop = segments[n + 1][0] if n + 1 < len(segments) else last
+            block = b.op("MatMul", b.op("Slice", q, first, stop, rows_axis), k_left)
+            rows_in = b.op("Slice", rows, first, stop, cols_axis)
+            for i in active:
+                q2 = b.op("Slice", q2s[i], first, stop, rows_axis)
+                scores2 = b.op("MatMul", q2, k_cols(branches[i].key, zero, end))
+                where = _region(b, rows_in, keys_in, branches[i].region, region_memo, rank(mm.outputs[0]) != 3)
+                block = b.op("Where", where, scores2, block)
+            blocks.append(block)
+        right = b.op("MatMul", q, k_cols(None, end, last))
+        out = b.op("Concat", b.op("Concat", *blocks, axis=-2), right, axis=-1)
+        out.dtype = mm.outputs[0].dtype
+        return out
+
+    def operand_cols(pair: ScorePair, k2_whole=None):
+        """``k_cols`` for attention whose keys are not a packed cache: the right operands sliced."""
+        done: dict[PositionMap | None, ir.Value] = {None: pair.matmul.inputs[1]}
+
+        def k_cols(pmap: PositionMap | None, first: ir.Value, end: ir.Value) -> ir.Value:
+            if pmap not in done:
+                done[pmap] = k2_whole(pmap) if k2_whole is not None else second_operand(
+                    pair.k_site, pair.k_app, pair.k_path, "k", pair.matmul.inputs[1], pmap)
+            return b.op("Slice", done[pmap], first, end, b.const(np.array([-1], np.int64)))
+
+        return k_cols
+
     for pair in pairs:
         mm = pair.matmul
         scores = mm.outputs[0]
@@ -808,22 +993,16 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         if rows is None:
             rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
-        key_rows = k2_for = None
+        key_rows = k_cols = None
         if pair.cached_keys and unrotated_cache is None and extension is not None and packed_cache and \
                 packable(pair):
-            key_rows, k2_for = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())))
+            key_rows, k_cols = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())))
         elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
-            key_rows, _, k2_for = cached_keys(pair)
+            key_rows, _, k2_whole = cached_keys(pair)
+            k_cols = operand_cols(pair, k2_whole)
         if extension is not None:
-            k2_done: dict[PositionMap, ir.Value] = {}
-            for branch in extension.branches():
-                q2 = second_operand(pair.q_site, pair.q_app, pair.q_path, "q", mm.inputs[0], branch.query)
-                if branch.key not in k2_done:
-                    k2_done[branch.key] = k2_for(branch.key) if k2_for is not None else second_operand(
-                        pair.k_site, pair.k_app, pair.k_path, "k", mm.inputs[1], branch.key)
-                scores2 = b.op("MatMul", q2, k2_done[branch.key])
-                where = _region(b, rows, key_rows, branch.region, region_memo)
-                merged = b.op("Where", where, scores2, merged)
+            merged = merge_branches(pair, rows, rows if key_rows is None else key_rows,
+                                    k_cols if k_cols is not None else operand_cols(pair))
         if logn_length is not None and id(pair) not in logn_done:
             dtype = scores.dtype or ir.DataType.FLOAT
             key = (id(rows), dtype)
@@ -842,7 +1021,8 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         for out_index, out in enumerate(graph.outputs):
             if out is scores:
                 graph.outputs[out_index] = merged
-        mm.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
+        mark = merged.producer() if merged is not scores else mm
+        mark.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
             f" log-n L={logn_length}" if logn_length else "") + (
             f" {unrotated_cache} past keys re-rotated" if unrotated_cache else "")
     b.commit()
