@@ -95,8 +95,14 @@ class CachedDecoder:
         shape = list(self._inputs[name].shape or [])
         if len(shape) != 4:
             raise ValueError(f"past input {name!r} has shape {shape}: this loop feeds [batch, heads, past, head_dim]")
-        heads = shape[1] if isinstance(shape[1], int) else kv_heads
-        dim = shape[3] if isinstance(shape[3], int) else head_dim
+        # a packed --extend key cache declares its heads symbolic: its value cache has the model's own count
+        sibling = "value".join(name.rsplit("key", 1)) if "key" in name else None
+        other = list(self._inputs[sibling].shape or []) if sibling in self._inputs else []
+        other = other if len(other) == 4 else [None] * 4
+        heads = shape[1] if isinstance(shape[1], int) else kv_heads if kv_heads is not None else other[1]
+        dim = shape[3] if isinstance(shape[3], int) else head_dim if head_dim is not None else other[3]
+        heads = heads if isinstance(heads, int) else None
+        dim = dim if isinstance(dim, int) else None
         if heads is None or dim is None:
             raise ValueError(f"past input {name!r} declares {shape}: pass kv_heads= and head_dim= to size its "
                              "empty first past")
@@ -174,13 +180,14 @@ class CachedDecoder:
 
 
 def greedy_generate(session: Any, input_ids: np.ndarray, max_new_tokens: int, *, eos_token_id: int | None = None,
-                    honour_contract: bool = True) -> np.ndarray:
+                    honour_contract: bool = True, kv_heads: int | None = None,
+                    head_dim: int | None = None) -> np.ndarray:
     """``input_ids`` ``[batch, S]`` followed by up to ``max_new_tokens`` greedy tokens (the argmax of each step's
-    last logits), decoded by `CachedDecoder` (re-prefilling where the model's decode contract says so). Stops
-    early once every sequence has produced ``eos_token_id``."""
+    last logits), decoded by `CachedDecoder` (re-prefilling where the model's decode contract says so;
+    ``kv_heads`` / ``head_dim`` as there). Stops early once every sequence has produced ``eos_token_id``."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-    decoder = CachedDecoder(session, honour_contract=honour_contract)
+    decoder = CachedDecoder(session, honour_contract=honour_contract, kv_heads=kv_heads, head_dim=head_dim)
     ids = np.asarray(input_ids)
     if max_new_tokens == 0:
         return ids

@@ -153,12 +153,13 @@ class RewriteOptions:
                 and self.target_grid is None):
             raise UsageError(f"--rope-method {self.rope_method} needs --rope-scale (or a factor in --rope-params)")
 
-    def _dual_chunk_from_params(self) -> None:
+    def _dual_chunk_from_params(self) -> bool:
         """``--rope-params`` (or a config.json) with Qwen2.5-1M's ``dual_chunk_attention_config``: its
-        ``chunk_size`` and ``local_size`` (flags given as well must agree), and --extend dual-chunk."""
+        ``chunk_size`` and ``local_size`` (flags given as well must agree), and --extend dual-chunk. True when the
+        parameters held one."""
         dca = self.rope_params.pop("dual_chunk_attention_config", None)
         if dca is None:
-            return
+            return False
         if not isinstance(dca, dict) or "chunk_size" not in dca or "local_size" not in dca:
             raise UsageError("--rope-params dual_chunk_attention_config needs chunk_size and local_size")
         for name in ("chunk_size", "local_size"):
@@ -172,10 +173,14 @@ class RewriteOptions:
             setattr(self, name, int(value))
         if self.extend is None:
             self.extend = "dual-chunk"
+        return True
 
     def _check_attention_methods(self) -> None:
 
-        self._dual_chunk_from_params()
+        from_params = self._dual_chunk_from_params()
+        for flag, value in (("--window", self.window), ("--group-size", self.group_size),
+                            ("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
+            check_positive(value, flag, integer=True, maximum=MAX_LENGTH)
         if self.extend is not None:
             self.extend = str(self.extend).strip().lower().replace("_", "-")
             if self.extend == "selfextend":
@@ -194,6 +199,9 @@ class RewriteOptions:
                         raise UsageError(f"{flag} belongs to --extend self-extend / rerope, not dual-chunk "
                                          "(--chunk-size, --local-size)")
             else:
+                if from_params:
+                    raise UsageError(f"--rope-params dual_chunk_attention_config asks for --extend dual-chunk, not "
+                                     f"--extend {self.extend}")
                 for flag, value in (("--chunk-size", self.chunk_size), ("--local-size", self.local_size)):
                     if value is not None:
                         raise UsageError(f"{flag} belongs to --extend dual-chunk")

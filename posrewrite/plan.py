@@ -299,12 +299,19 @@ def _fused_cache_rows(options: RewriteOptions, config) -> int | None:
 def _logn_length(options: RewriteOptions, config) -> int:
     """L of --logn-scaling: --original-max-positions, else config.json's seq_length (Qwen-1),
     original_max_position_embeddings or max_position_embeddings."""
+    length, source = None, "--original-max-positions"
     if options.original_max_positions:
-        return int(options.original_max_positions)
-    found = config() or {}
-    for key in ("seq_length", "original_max_position_embeddings", "max_position_embeddings"):
-        if found.get(key):
-            return int(found[key])
+        length = int(options.original_max_positions)
+    else:
+        found = config() or {}
+        key = next((k for k in ("seq_length", "original_max_position_embeddings", "max_position_embeddings")
+                    if found.get(k)), None)
+        if key is not None:
+            length, source = int(found[key]), f"config.json {key}"
+    if length is not None:
+        if length < 2:  # the factor is log(p + 1) / log(L)
+            raise errors.UsageError(f"--logn-scaling needs a trained length L of at least 2 ({source} is {length})")
+        return length
     raise errors.UsageError("--logn-scaling needs the trained length L: pass --original-max-positions N "
                             "(or keep the model's config.json beside it)")
 

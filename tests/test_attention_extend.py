@@ -297,6 +297,12 @@ def _cli(capsys, *args) -> subprocess.CompletedProcess:
     (["--extend", "rerope", "--window", "8", "--chunk-size", "16"], "dual-chunk"),
     (["--extend", "dual-chunk", "--chunk-size", "16", "--local-size", "4", "--rope-params",
       '{"dual_chunk_attention_config": {"chunk_size": 32, "local_size": 4}}'], "disagrees"),
+    (["--extend", "rerope", "--window", "8", "--rope-params",
+      '{"dual_chunk_attention_config": {"chunk_size": 24, "local_size": 8}}'], "asks for --extend dual-chunk"),
+    (["--logn-scaling", "--original-max-positions", "1"], "at least 2"),
+    (["--extend", "rerope", "--window", str(2 ** 63)], "over the limit"),
+    (["--extend", "dual-chunk", "--chunk-size", str(2 ** 64), "--local-size", "4"], "over the limit"),
+    (["--extend", "rerope", "--window", "0"], "greater than 0"),
 ])
 def test_contradicting_flags_exit_2(llama_onnx, tmp_path, flags, needle, capsys):
     res = _cli(capsys, llama_onnx, *flags, "-o", tmp_path / "o.onnx")
@@ -505,6 +511,69 @@ def test_optimum_layout_opset14_prefill_and_decode(case, tmp_path):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{layer}.{kv}"] = np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
     assert np.abs(plain.run(None, feeds)[0] - ref).max() > 10 * TOL  # the rewrite changed what the model computes
+
+
+def test_greedy_generate_on_a_packed_cache(tmp_path):
+    """posrewrite.decode's loop sizes the first past of a packed --extend cache (heads declared symbolic) from the
+    value cache, and its greedy tokens are the argmax of the paper reference over the tokens so far."""
+    from fixtures.hf_models import export_optimum_layout, optimum_layout_hf_model, ort_session
+    from posrewrite.decode import greedy_generate
+
+    flags, rel_fn, _ = OPTIMUM_CASES["self-extend"]
+    out = tmp_path / "out.onnx"
+    _rewrite(export_optimum_layout(), out, *flags)
+    prompt = np.random.default_rng(10).integers(3, 128, size=(2, 12)).astype(np.int64)
+    tokens = greedy_generate(ort_session(out), prompt, 10)
+    assert tokens.shape == (2, 22) and (tokens[:, :12] == prompt).all()
+    n = tokens.shape[1]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    ref = hf_reference("llama", tokens, rel_fn(i, j), None, model=optimum_layout_hf_model())
+    assert (ref[:, 11:n - 1].argmax(-1) == tokens[:, 12:]).all()
+
+
+@pytest.mark.parametrize("case", ["self-extend", "rerope", "dual-chunk"])
+def test_optimum_layout_left_padding(case, tmp_path):
+    """Batched generation left-pads (Optimum: attention_mask 0 on the pads, position_ids ``cumsum(mask) - 1``):
+    key positions are read from the rows' positions, not from their index in the cache, so the padded row's
+    tokens equal the paper reference of that row alone at every step (prefill then single steps, across the
+    window), and the unpadded row equals its own."""
+    from fixtures.hf_models import export_optimum_layout, optimum_layout_hf_model, ort_session
+
+    flags, rel_fn, _ = OPTIMUM_CASES[case]
+    out = tmp_path / "out.onnx"
+    _rewrite(export_optimum_layout(), out, *flags)
+    sess = ort_session(out)
+    s, pad = 26, 5
+    ids = np.random.default_rng(9).integers(3, 128, size=(2, s)).astype(np.int64)
+    mask = np.ones((2, s), np.int64)
+    mask[0, :pad] = 0
+    positions = np.cumsum(mask, axis=1) - 1
+    positions[mask == 0] = 1
+    model = optimum_layout_hf_model()
+    refs = []
+    for row, start in ((0, pad), (1, 0)):
+        n = s - start
+        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        refs.append(hf_reference("llama", ids[row:row + 1, start:], rel_fn(i, j), None, model=model)[0])
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    past = [np.zeros((2, cfg.num_key_value_heads, 0, d), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
+    t = 0
+    for n in [9] + [1] * (s - 9):
+        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": mask[:, :t + n],
+                 "position_ids": positions[:, t:t + n]}
+        for layer in range(cfg.num_hidden_layers):
+            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
+        logits, *past = sess.run(None, feeds)
+        for row, start in ((0, pad), (1, 0)):
+            first = max(t, start)  # the pads' own logits are not compared
+            got = logits[row, first - t:]
+            want = refs[row][first - start:t + n - start]
+            if len(want):
+                err = np.abs(got - want).max() / np.abs(want).max()
+                assert err <= TOL, (row, t, n, err)
+        t += n
 
 
 @pytest.mark.parametrize("case", ["self-extend", "rerope", "dual-chunk"])

@@ -60,6 +60,9 @@ __all__ = ["REROTATE_CHANGE", "AttentionExtendError", "AttentionExtendPass", "Re
 REROTATE_CHANGE = "past keys re-rotated at every step"
 
 _PATH_OPS = VIEW_OPS | {"Mul", "Div"}
+#: fused attention ops (onnxruntime contrib ops and ONNX opset 23): no score MatMul to merge into
+_FUSED_ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedAttention",
+                                  "PackedMultiHeadAttention", "SparseAttention"})
 EXTENDED_KEY = "posrewrite.attention_extension"
 
 
@@ -451,13 +454,17 @@ def _check_cache_path(pair: ScorePair) -> None:
         raise AttentionExtendError(f"keys are scaled before they are cached ({concat.name}): not supported")
 
 
-def _key_positions_like(b: NodeWriter, positions: ir.Value, keys: ir.Value, axis: int) -> tuple[ir.Value, ir.Value]:
-    """Positions 0..T-1 of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions``
-    (the site's positions as the angles read them: its source [T], [1, T], [1, T, 1] or [1, 1, T] reshaped as
-    the graph reshapes it), and as rows [1, T] int64."""
+def _key_positions_like(b: NodeWriter, positions: ir.Value, keys: ir.Value, axis: int,
+                        query_rows: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """Positions of the keys (T = keys' length on the cache axis), in the shape and dtype of ``positions`` (the
+    site's positions as the angles read them: its source [T], [B, T], [B, T, 1] or [B, 1, T] reshaped as the graph
+    reshapes it), and as rows [B or 1, T] int64. Key j of a batch row is at ``j + offset``, the offset being that
+    row's last query position minus its index T - 1 (``query_rows``: the queries' positions as rows [B or 1, S];
+    without them the offset is 0): a left-padded row (Optimum's positions ``cumsum(mask) - 1``) puts its first
+    real key at 0, as its queries are."""
     source = _position_source(positions)
     if source is not positions:
-        src_pos, rows = _key_positions_like(b, source, keys, axis)
+        src_pos, rows = _key_positions_like(b, source, keys, axis, query_rows)
         between = _ancestors_until([positions], {id(source)}, limit=16)
         return b.clone(positions, {id(source): src_pos}, between, {}), rows
     # Shape then Gather (not Shape's start/end attributes, which need opset 15)
@@ -466,10 +473,27 @@ def _key_positions_like(b: NodeWriter, positions: ir.Value, keys: ir.Value, axis
     r0.dtype = ir.DataType.INT64
     rows = b.op("Unsqueeze", r0, b.const(np.array([0], np.int64)))
     rows.dtype = ir.DataType.INT64
+    offset = None
+    if query_rows is not None:  # [B or 1, 1]: the last query's position minus its index T - 1
+        last = b.op("Slice", query_rows, b.const(np.array([-1], np.int64)),
+                    b.const(np.array([np.iinfo(np.int64).max], np.int64)), b.const(np.array([1], np.int64)))
+        if query_rows.dtype != ir.DataType.INT64:
+            last = b.op("Cast", last, to=ir.DataType.INT64)
+        offset = b.op("Sub", last, b.op("Sub", t, b.const(np.array(1, np.int64))))
+        offset.dtype = ir.DataType.INT64
+        rows = b.op("Add", rows, offset)
+        rows.dtype = ir.DataType.INT64
     r = r0
-    axes = {None: [0], 2: [0, 2], 1: [0, 1]}.get(_squeeze_axis(positions)) if rank(positions) != 1 else None
+    squeeze = _squeeze_axis(positions) if rank(positions) != 1 else "flat"
+    axes = {None: [0], 2: [0, 2], 1: [0, 1]}.get(squeeze)
     if axes is not None:
         r = b.op("Unsqueeze", r0, b.const(np.array(axes, np.int64)))
+    if offset is not None:  # the offset in the positions' shape ([B, 1], [B, 1, 1]; [1] for shared positions)
+        shaped = {None: offset, 2: b.op("Unsqueeze", offset, b.const(np.array([2], np.int64))),
+                  1: b.op("Unsqueeze", offset, b.const(np.array([1], np.int64)))}.get(squeeze)
+        if shaped is None:
+            shaped = b.op("Reshape", offset, b.const(np.array([-1], np.int64)))
+        r = b.op("Add", r, shaped)
     r.dtype = ir.DataType.INT64
     if positions.dtype is not None and positions.dtype != ir.DataType.INT64:
         r = b.op("Cast", r, to=positions.dtype)
@@ -663,8 +687,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     pairs = find_score_pairs(model, sites)
     apps = sum(len(s.applications) for s in sites)
     if not pairs:
-        raise AttentionExtendError("no attention score MatMul(q, k^T) found after the RoPE rotations (fused "
-                                   "attention ops, or a layout not recognised)")
+        fused = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in _FUSED_ATTENTION_OPS})
+        raise AttentionExtendError("no attention score MatMul(q, k^T) found after the RoPE rotations: " + (
+            f"attention is fused ({', '.join(fused)}), and --extend merges score matrices: apply --extend to the "
+            "unfused model" if fused else "a layout not recognised"))
     if 2 * len(pairs) < apps:
         raise AttentionExtendError(f"only {len(pairs)} attention score MatMuls found for {apps} q/k rotations: "
                                    "refusing to rewrite some attentions and not others")
@@ -719,7 +745,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     def rotation_allowed(site: RopeSite, app: RopeApplication) -> set[int]:
         return _rotation_nodes(app) | _broadcast_nodes(app.cos, site.cos) | _broadcast_nodes(app.sin, site.sin)
 
-    def cached_keys(pair: ScorePair) -> tuple[ir.Value, ir.Value, object]:
+    def cached_keys(pair: ScorePair, query_rows: ir.Value) -> tuple[ir.Value, ir.Value, object]:
         """KV-cache attention: the cache is made to hold keys before rotation, and every step rotates all keys
         (past and new) at their positions 0..T-1, once normally and once per key map of the method. Returns
         (the key rows [1, T], the rotated keys, a function giving the score MatMul's right operand for a key
@@ -737,7 +763,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         inputs[idx_new] = unrot_new
         unrot_all = b.op("Concat", *inputs, axis=axis)
         unrot_all.dtype, unrot_all.shape = concat.outputs[0].dtype, concat.outputs[0].shape
-        kpos, key_rows = _key_positions_like(b, site.positions, unrot_all, axis)
+        kpos, key_rows = _key_positions_like(b, site.positions, unrot_all, axis, query_rows)
         allowed = rotation_allowed(site, app)
         subs = {id(app.input): unrot_all, **trig_at(site, kpos)}
         k_all = b.clone(app.output, subs, allowed, {})
@@ -786,7 +812,8 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         return (rank(out) == 4 and axis in (2, -2) and len(concat.inputs) == 2 and len(pasts) == 1
                 and pasts[0] is not None and rank(pasts[0]) == 4 and out in graph.outputs)
 
-    def cached_keys_packed(pair: ScorePair, key_maps: list[PositionMap]) -> tuple[ir.Value, object]:
+    def cached_keys_packed(pair: ScorePair, key_maps: list[PositionMap],
+                           query_rows: ir.Value) -> tuple[ir.Value, object]:
         """KV-cache attention without re-rotating the past: every key is rotated once per position system when it
         is new (at its own position, and at each key map of it), and the cache holds them all, packed on the
         heads axis: ``present.key`` = [B, (1 + m) H, T, D] (heads 0..H-1 the keys as the model rotates them,
@@ -838,7 +865,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         zero = b.const(np.array([0], np.int64))
         k_all = b.op("Slice", present, zero, heads, b.const(np.array([1], np.int64)))
         k_all.dtype = concat.outputs[0].dtype
-        _, key_rows = _key_positions_like(b, site.positions, present, 2)
+        _, key_rows = _key_positions_like(b, site.positions, present, 2, query_rows)
         old = concat.outputs[0]
         for node, idx in list(old.uses()):  # the score path, and any other reader (shapes of the cache)
             node.replace_input_with(idx, k_all)
@@ -996,9 +1023,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         key_rows = k_cols = None
         if pair.cached_keys and unrotated_cache is None and extension is not None and packed_cache and \
                 packable(pair):
-            key_rows, k_cols = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())))
+            key_rows, k_cols = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())),
+                                                  rows)
         elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
-            key_rows, _, k2_whole = cached_keys(pair)
+            key_rows, _, k2_whole = cached_keys(pair, rows)
             k_cols = operand_cols(pair, k2_whole)
         if extension is not None:
             merged = merge_branches(pair, rows, rows if key_rows is None else key_rows,
