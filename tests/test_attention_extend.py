@@ -850,3 +850,27 @@ def test_packed_cache_contract(tmp_path):
 
     with pytest.raises(ort_run_errors()):
         sess.run(None, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["self-extend", "dual-chunk"])
+def test_packed_cache_products_read_gqa_keys_without_repeat_kv(case, tmp_path):
+    """On Optimum's layout (GQA, 4 q / 2 kv heads: repeat_kv is Unsqueeze, Expand, Reshape) the extension's
+    products read the packed cache's keys as cached: the keys' repeat_kv Expand of every layer is gone (the
+    values' stays), so the exactness tests on this layout (above, test_optimum_layout_*) check the grouped
+    products against the paper references."""
+    import onnx
+
+    from fixtures.hf_models import export_optimum_layout
+
+    src = export_optimum_layout()
+    out = tmp_path / "out.onnx"
+    _rewrite(src, out, *OPTIMUM_CASES[case][0])
+    layers = sum(1 for o in onnx.load(str(src), load_external_data=False).graph.output
+                 if o.name.startswith("present.") and o.name.endswith(".key"))
+
+    def expands(path):
+        return sum(n.op_type == "Expand" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+    assert layers == 2
+    assert expands(out) == expands(src) - layers

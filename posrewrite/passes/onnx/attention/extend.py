@@ -16,7 +16,9 @@ and for each
    the box that holds the regions (``Region.box``: query rows from a start, key columns before an end, read from
    the position values at run time): the score MatMul is split into products of sliced q and k (columns before
    and from the end; rows before and from the start), the branches' products and merges are made on the box's
-   block only, and the blocks are concatenated back;
+   block only, and the blocks are concatenated back. On a packed KV cache whose key path is GQA's repeat_kv
+   (``_grouped_key_path``), the products read the cached keys [B, Hkv, c, D] with the queries viewed as
+   [B, Hkv, G, S, D] (no repeat_kv copies; the key path's constant scale moves to the queries);
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q;
    with --fuse and no extension, q itself is scaled before its fused rotation, so attention can still be fused).
 
@@ -439,6 +441,51 @@ def _literal_zero_reshapes(graph: ir.Graph, between: set[int]) -> None:
         node.attributes["allowzero"] = ir.AttrInt64("allowzero", 1)
 
 
+def _grouped_key_path(keys: ir.Value, target: ir.Value, data: set[int], graph: ir.Graph,
+                      fold: ConstantEvaluator) -> list[tuple[str, ir.Value]] | None:
+    """The key path from ``keys`` [B, Hkv, T, D] to the score MatMul's right operand ``target``, when it is
+    the model's GQA repeat_kv or nothing (``Unsqueeze`` at axis 2, ``Expand``, ``Reshape``: head h reads kv head
+    h // G, the order of ``[B, Hkv, G, T, D]`` merged), one transpose of the last two axes, and scaling by
+    constants of one element: the scalings ``[(Mul or Div, constant)]`` (which hold for the queries as well), or
+    None for any other path. The data path (``data``: node ids, from ``_between``) must be that chain."""
+    scales: list[tuple[str, ir.Value]] = []
+    repeat: list[str] = []
+    transposed = False
+    value = keys
+    nodes = {id(n): n for n in graph if id(n) in data}
+    for _ in range(len(nodes) + 1):
+        if value is target:
+            return scales if transposed and repeat in ([], ["Unsqueeze", "Expand", "Reshape"]) else None
+        users = [(n, i) for n, i in value.uses() if id(n) in nodes]
+        if len(users) != 1:
+            return None
+        node, idx = users[0]
+        op = node.op_type
+        if repeat and repeat[-1] != "Reshape" and op != {"Unsqueeze": "Expand", "Expand": "Reshape"}[repeat[-1]]:
+            return None  # repeat_kv's three ops, consecutive
+        if op == "Unsqueeze" and idx == 0 and not repeat:
+            axes = fold(node.inputs[1]) if len(node.inputs) > 1 else (
+                np.array(node.attributes["axes"].value) if "axes" in node.attributes else None)
+            if axes is None or np.asarray(axes).ravel().tolist() not in ([2], [-3]):
+                return None
+            repeat.append(op)
+        elif op in ("Expand", "Reshape") and idx == 0 and repeat and repeat[-1] != "Reshape":
+            repeat.append(op)
+        elif op == "Transpose" and not transposed and \
+                tuple(node.attributes["perm"].value if "perm" in node.attributes else ()) == (0, 1, 3, 2):
+            transposed = True
+        elif op in ("Mul", "Div") and idx in (0, 1) and (op == "Mul" or idx == 0):
+            other = node.inputs[1 - idx]
+            c = fold(other)
+            if c is None or c.size != 1 or c.ndim > 4 or c.dtype.kind != "f":
+                return None
+            scales.append((op, other))
+        else:
+            return None
+        value = node.outputs[0]
+    return None
+
+
 def _check_cache_path(pair: ScorePair) -> None:
     """KV-cache pairs: exactly one Concat (past keys, new keys) on the key path, the new keys reaching it from the
     rotation through view ops only, and the cache axis readable."""
@@ -708,6 +755,19 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
     posmap_memo: dict[tuple[int, PositionMap], ir.Value] = {}
     region_memo: dict[tuple, ir.Value] = {}
     box_memo: dict[tuple[int, int], tuple[list[tuple[ir.Value, tuple[int, ...]]], ir.Value]] = {}
+    fold = ConstantEvaluator(model.opset_imports.get("", 18))
+    key_rows_memo: dict[tuple[str, int], ir.Value] = {}
+    slice_memo: dict[tuple[int, int, int | None], ir.Value] = {}
+    zero_cols = b.const(np.array([0], np.int64))
+
+    def cut(x: ir.Value, first: ir.Value, stop: ir.Value | None) -> ir.Value:
+        """Columns first..stop-1 (stop None: to the end) of rows [B or 1, N], made once for the layers that
+        share them."""
+        key = (id(x), id(first), None if stop is None else id(stop))
+        if key not in slice_memo:
+            end = stop if stop is not None else b.const(np.array([np.iinfo(np.int64).max], np.int64))
+            slice_memo[key] = b.op("Slice", x, first, end, b.const(np.array([-1], np.int64)))
+        return slice_memo[key]
 
     def trig_at(site: RopeSite, positions: ir.Value) -> dict[int, ir.Value]:
         """{id(site.cos): cos', id(site.sin): sin'}: the model's cos/sin computation at other positions."""
@@ -813,7 +873,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 and pasts[0] is not None and rank(pasts[0]) == 4 and out in graph.outputs)
 
     def cached_keys_packed(pair: ScorePair, key_maps: list[PositionMap],
-                           query_rows: ir.Value) -> tuple[ir.Value, object]:
+                           query_rows: ir.Value) -> tuple[ir.Value, object, object]:
         """KV-cache attention without re-rotating the past: every key is rotated once per position system when it
         is new (at its own position, and at each key map of it), and the cache holds them all, packed on the
         heads axis: ``present.key`` = [B, (1 + m) H, T, D] (heads 0..H-1 the keys as the model rotates them,
@@ -823,7 +883,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         the new keys of every system) and slices the model's keys out of it; the keys of a system ``m`` are sliced
         to the columns its box needs before the path to the score MatMul (repeat_kv's Expand then copies only
         those), when that path's shapes all come from the keys. Returns (the key rows [1, T], a function giving
-        the score MatMul's right operand for a key map, restricted to the key columns before an end)."""
+        the score MatMul's right operand for a key map, restricted to the key columns before an end, and
+        ``grouped`` for ``merge_branches``: (kv heads, the key path's scalings) when that path is repeat_kv and
+        constant scalings (``_grouped_key_path``; the function then gives the keys as cached, [B, Hkv, c, D]), else
+        None)."""
         site, app = pair.k_site, pair.k_app
         concat = next(n for n in pair.k_path if n.op_type == "Concat")
         pos_in_path = pair.k_path.index(concat)
@@ -865,8 +928,18 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         zero = b.const(np.array([0], np.int64))
         k_all = b.op("Slice", present, zero, heads, b.const(np.array([1], np.int64)))
         k_all.dtype = concat.outputs[0].dtype
-        _, key_rows = _key_positions_like(b, site.positions, present, 2, query_rows)
         old = concat.outputs[0]
+        # the key rows (and with them the box and the region masks) are shared by the layers whose presents the
+        # model declares with the same symbolic length
+        length = old.shape[2] if old.shape is not None and len(old.shape) == 4 else None
+        # (and with the same query positions, which give each row's key offset)
+        shared = (str(length.value), id(query_rows)) if isinstance(length, ir.SymbolicDim) and length.value \
+            else None
+        if shared is None or shared not in key_rows_memo:
+            _, key_rows = _key_positions_like(b, site.positions, present, 2, query_rows)
+            if shared is not None:
+                key_rows_memo[shared] = key_rows
+        key_rows = key_rows_memo[shared] if shared is not None else key_rows
         for node, idx in list(old.uses()):  # the score path, and any other reader (shapes of the cache)
             node.replace_input_with(idx, k_all)
         for i, out in enumerate(graph.outputs):
@@ -888,8 +961,15 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         if between is not None and b._opset() >= 14:
             _literal_zero_reshapes(graph, between)
         data_values = {id(o) for n in graph if id(n) in data for o in n.outputs}
+        # GQA's repeat_kv (or no repeat) and scaling by constants: the branch products read the keys as they are
+        # cached, [B, Hkv, T, D], with the queries grouped by kv head (merge_branches), instead of copying the
+        # keys G times through the Expand
+        scales = _grouped_key_path(k_all, pair.matmul.inputs[1], data, graph, fold) \
+            if between is not None else None
+        grouped = None if scales is None else (heads, scales)
         shape_memo: dict[tuple[int, int], dict[int, ir.Value]] = {}
         memo: dict[tuple[int, int, int], ir.Value] = {}
+        head_range: dict[int, tuple[ir.Value, ir.Value]] = {}
         cols_axis = b.const(np.array([-1], np.int64))
 
         def k_cols(pmap: PositionMap | None, first: ir.Value, end: ir.Value) -> ir.Value:
@@ -898,11 +978,16 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             k = 0 if pmap is None else 1 + key_maps.index(pmap)
             key = (k, id(first), id(end))
             if key not in memo:
-                start = b.op("Mul", heads, b.const(np.array([k], np.int64)))
-                stop = b.op("Add", start, heads)
+                if k not in head_range:  # system k's heads: k H .. (k + 1) H - 1
+                    first_head = b.op("Mul", heads, b.const(np.array([k], np.int64)))
+                    head_range[k] = (first_head, b.op("Add", first_head, heads))
+                start, stop = head_range[k]
                 if between is not None:  # system k's heads and keys, then the model's path (shapes from these keys)
                     keys = b.op("Slice", present, b.op("Concat", start, first, axis=0),
                                 b.op("Concat", stop, end, axis=0), b.const(np.array([1, 2], np.int64)))
+                    if grouped is not None:  # [B, Hkv, c, D] as cached: merge_branches groups the queries
+                        memo[key] = keys
+                        return keys
                     # the same keys of another system have the same shape: their path's shape computations are
                     # shared (each slice's would be some dozens of small nodes per layer and step)
                     shared = shape_memo.get((id(first), id(end)))
@@ -926,7 +1011,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                     for user, idx in list(node.outputs[0].uses()):
                         if id(user) not in between:  # the key path's own shapes are cloned with its keys
                             user.replace_input_with(idx, shape_all)
-        return key_rows, k_cols
+        return key_rows, k_cols, grouped
 
     def second_operand(site: RopeSite, app: RopeApplication, path: list[ir.Node], side: str,
                        operand: ir.Value, pmap: PositionMap) -> ir.Value:
@@ -967,36 +1052,77 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             box_memo[key] = (segments, end)
         return box_memo[key]
 
-    def merge_branches(pair: ScorePair, rows: ir.Value, key_rows: ir.Value, k_cols) -> ir.Value:
+    def merge_branches(pair: ScorePair, rows: ir.Value, key_rows: ir.Value, k_cols,
+                       grouped: tuple[ir.Value, list[tuple[str, ir.Value]]] | None = None) -> ir.Value:
         """The scores with every branch merged where its region holds, computed by blocks: the keys before the
         box's end give the left columns (the model's own product for the rows before the box's first start; from
         each start on, the model's product, the products of the branches that start there or before and their
         ``Where`` merges); the keys from the end on give the right columns, the model's own product for every row.
         ``k_cols(pmap or None, first, end)`` is the right operand over keys first..end-1 (of the model's system,
-        or of a key map's). The blocks are concatenated back into [.., S, T]."""
+        or of a key map's). The blocks are concatenated back into [.., S, T].
+
+        ``grouped`` (kv heads Hkv, the key path's constant scalings): ``k_cols`` gives the keys as cached, [B, Hkv,
+        c, D], and every product is GQA's without the copies of repeat_kv: the queries [B, H, S, D] (scaled as
+        the key path scales the keys) viewed as [B, Hkv, G, S, D] (head h = kv head h // G, repeat_kv's order),
+        times the keys [B, Hkv, 1, D, c]; the blocks are [B, Hkv, G, .., ..] and the result is viewed back as
+        [B, H, S, T]."""
         mm = pair.matmul
         q = mm.inputs[0]
+        if grouped is not None:
+            kv_heads, scales = grouped
+            q_shape = b.op("Shape", q)
+            seq_dim = b.op("Slice", q_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64)))
+            grouped_shape = b.op("Concat", b.const(np.array([0], np.int64)), kv_heads,
+                                 b.const(np.array([-1], np.int64)), seq_dim, axis=0)
+            scores_shape = b.op("Concat", b.const(np.array([0], np.int64)),
+                                b.op("Slice", q_shape, b.const(np.array([1], np.int64)),
+                                     b.const(np.array([3], np.int64))), b.const(np.array([-1], np.int64)), axis=0)
+
+            def view(x: ir.Value) -> ir.Value:
+                for op, c in scales:
+                    x = b.op(op, x, c)
+                return b.op("Reshape", x, grouped_shape)
+
+            def product(qb: ir.Value, kc: ir.Value) -> ir.Value:
+                kt = b.op("Transpose", b.op("Unsqueeze", kc, b.const(np.array([2], np.int64))), perm=[0, 1, 2, 4, 3])
+                return b.op("MatMul", qb, kt)
+
+            def region_mask(m: ir.Value) -> ir.Value:
+                return b.op("Unsqueeze", m, b.const(np.array([1], np.int64)))
+        else:
+            def view(x: ir.Value) -> ir.Value:
+                return x
+
+            def product(qb: ir.Value, kc: ir.Value) -> ir.Value:
+                return b.op("MatMul", qb, kc)
+
+            def region_mask(m: ir.Value) -> ir.Value:
+                return m
         segments, end = box(rows, key_rows)
         zero, last = b.const(np.array([0], np.int64)), b.const(np.array([np.iinfo(np.int64).max], np.int64))
-        rows_axis, cols_axis = b.const(np.array([-2], np.int64)), b.const(np.array([-1], np.int64))
+        rows_axis = b.const(np.array([-2], np.int64))
         k_left = k_cols(None, zero, end)
-        keys_in = b.op("Slice", key_rows, zero, end, cols_axis)
+        keys_in = cut(key_rows, zero_cols, end)
         branches = extension.branches()
-        q2s = {i: second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, br.query)
+        q2s = {i: view(second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, br.query))
                for i, br in enumerate(branches)}
-        blocks = [b.op("MatMul", b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)]
+        q = view(q)
+        blocks = [product(b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)]
         for n, (first, active) in enumerate(segments):
             stop = segments[n + 1][0] if n + 1 < len(segments) else last
-            block = b.op("MatMul", b.op("Slice", q, first, stop, rows_axis), k_left)
-            rows_in = b.op("Slice", rows, first, stop, cols_axis)
+            block = product(b.op("Slice", q, first, stop, rows_axis), k_left)
+            rows_in = cut(rows, first, segments[n + 1][0] if n + 1 < len(segments) else None)
             for i in active:
                 q2 = b.op("Slice", q2s[i], first, stop, rows_axis)
-                scores2 = b.op("MatMul", q2, k_cols(branches[i].key, zero, end))
-                where = _region(b, rows_in, keys_in, branches[i].region, region_memo, rank(mm.outputs[0]) != 3)
-                block = b.op("Where", where, scores2, block)
+                scores2 = product(q2, k_cols(branches[i].key, zero, end))
+                where = _region(b, rows_in, keys_in, branches[i].region, region_memo,
+                                grouped is not None or rank(mm.outputs[0]) != 3)
+                block = b.op("Where", region_mask(where), scores2, block)
             blocks.append(block)
-        right = b.op("MatMul", q, k_cols(None, end, last))
+        right = product(q, k_cols(None, end, last))
         out = b.op("Concat", b.op("Concat", *blocks, axis=-2), right, axis=-1)
+        if grouped is not None:
+            out = b.op("Reshape", out, scores_shape)
         out.dtype = mm.outputs[0].dtype
         return out
 
@@ -1020,17 +1146,17 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         if rows is None:
             rows = rows_memo[id(pair.q_site.positions)] = _as_rows(b, _position_source(pair.q_site.positions))
         merged = scores
-        key_rows = k_cols = None
+        key_rows = k_cols = grouped = None
         if pair.cached_keys and unrotated_cache is None and extension is not None and packed_cache and \
                 packable(pair):
-            key_rows, k_cols = cached_keys_packed(pair, list(dict.fromkeys(br.key for br in extension.branches())),
-                                                  rows)
+            key_maps = list(dict.fromkeys(br.key for br in extension.branches()))
+            key_rows, k_cols, grouped = cached_keys_packed(pair, key_maps, rows)
         elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
             key_rows, _, k2_whole = cached_keys(pair, rows)
             k_cols = operand_cols(pair, k2_whole)
         if extension is not None:
             merged = merge_branches(pair, rows, rows if key_rows is None else key_rows,
-                                    k_cols if k_cols is not None else operand_cols(pair))
+                                    k_cols if k_cols is not None else operand_cols(pair), grouped)
         if logn_length is not None and id(pair) not in logn_done:
             dtype = scores.dtype or ir.DataType.FLOAT
             key = (id(rows), dtype)
