@@ -39,11 +39,9 @@ METHODS = {
     "dual-chunk": ["--extend", "dual-chunk", "--chunk-size", "1536", "--local-size", "256"],
     "log-n": ["--logn-scaling", "--original-max-positions", "1024"],
 }
-FUSED = {  # --fuse ort alone (the rotary and attention fusion), and every method on top of it (dual-chunk: --fuse
-    # onnx, since --fuse ort is refused for it)
+FUSED = {  # --fuse ort alone (the rotary and attention fusion), and every method on top of it
     "fuse ort": ["--fuse", "ort"],
-    **{f"{name} + fuse ort": [*flags, "--fuse", "ort"] for name, flags in METHODS.items() if name != "dual-chunk"},
-    "dual-chunk + fuse onnx": [*METHODS["dual-chunk"], "--fuse", "onnx"],
+    **{f"{name} + fuse ort": [*flags, "--fuse", "ort"] for name, flags in METHODS.items()},
 }
 RUNTIME = {  # compared with each other: HF's cached behaviour against re-rotating the past
     "dynamic (hf)": ["--rope-scale", "4", "--rope-method", "dynamic", "--original-max-positions", "1024"],

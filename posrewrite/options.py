@@ -212,11 +212,6 @@ class RewriteOptions:
             if self.rescales_rope:
                 raise UsageError(f"--extend {self.extend} contradicts rescaling RoPE (--rope-scale/--rope-base/"
                                  "--rope-params): both map far positions into the trained range; use one of them")
-            if self.fuse == "ort" and self.extend == "dual-chunk":
-                raise UsageError("--extend dual-chunk cannot be combined with --fuse ort: on KV-cache exports whose "
-                                 "first position is not 0 (left padding, an offset) its com.microsoft "
-                                 "RotaryEmbedding form disagrees with the paper reference (a known defect); use "
-                                 "--fuse onnx or no --fuse")
             if self.fuse != "none" and self.leaky is not None:
                 raise UsageError(f"--extend rerope --leaky cannot be combined with --fuse {self.fuse}: Leaky ReRoPE's "
                                  "fractional positions cannot index the cos/sin caches of fused RotaryEmbedding nodes")
