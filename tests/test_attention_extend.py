@@ -531,19 +531,25 @@ def test_greedy_generate_on_a_packed_cache(tmp_path):
     assert (ref[:, 11:n - 1].argmax(-1) == tokens[:, 12:]).all()
 
 
-@pytest.mark.parametrize("case", ["self-extend", "rerope", "dual-chunk"])
-def test_optimum_layout_left_padding(case, tmp_path):
+_DCA_24 = (["--extend", "dual-chunk", "--chunk-size", "24", "--local-size", "8"],
+           lambda i, j: rel_dual_chunk(i, j, 24, 8), False)
+
+
+@pytest.mark.parametrize("case,fuse", [("self-extend", None), ("rerope", None), ("dual-chunk", None),
+                                       ("dual-chunk-24", "ort"), ("self-extend", "onnx")])
+def test_optimum_layout_left_padding(case, fuse, tmp_path):
     """Batched generation left-pads (Optimum: attention_mask 0 on the pads, position_ids ``cumsum(mask) - 1``):
     key positions are read from the rows' positions, not from their index in the cache, so the padded row's
     tokens equal the paper reference of that row alone at every step (prefill then single steps, across the
-    window), and the unpadded row equals its own."""
+    window), and the unpadded row equals its own; also with the rotations fused, and for Dual Chunk with a
+    prefill whose queries pass C + 1."""
     from fixtures.hf_models import export_optimum_layout, optimum_layout_hf_model, ort_session
 
-    flags, rel_fn, _ = OPTIMUM_CASES[case]
+    flags, rel_fn, _ = _DCA_24 if case == "dual-chunk-24" else OPTIMUM_CASES[case]
     out = tmp_path / "out.onnx"
-    _rewrite(export_optimum_layout(), out, *flags)
+    _rewrite(export_optimum_layout(), out, *flags, *(["--fuse", fuse, "--max-positions", "128"] if fuse else []))
     sess = ort_session(out)
-    s, pad = 26, 5
+    s, pad = (41, 3) if case == "dual-chunk-24" else (26, 5)  # past C + 1 = 25 positions
     ids = np.random.default_rng(9).integers(3, 128, size=(2, s)).astype(np.int64)
     mask = np.ones((2, s), np.int64)
     mask[0, :pad] = 0
@@ -558,8 +564,8 @@ def test_optimum_layout_left_padding(case, tmp_path):
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     past = [np.zeros((2, cfg.num_key_value_heads, 0, d), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
-    t = 0
-    for n in [9] + [1] * (s - 9):
+    t, first = 0, 33 if case == "dual-chunk-24" else 9  # a prefill with queries past C + 1 = 25 too
+    for n in [first] + [1] * (s - first):
         feeds = {"input_ids": ids[:, t:t + n], "attention_mask": mask[:, :t + n],
                  "position_ids": positions[:, t:t + n]}
         for layer in range(cfg.num_hidden_layers):

@@ -30,13 +30,14 @@ The model's own cos/sin arithmetic is reused, so layouts (rotate-half, interleav
 factors and earlier rescales carry over unchanged. Positions are read where the graph made them (an [S, 1] column
 reshaped for an outer product is the [S] range above it). Only nodes of the model's opset (>= 14) are written.
 
-KV-cache exports (``past_key_values.*`` in, ``present.*`` out): keys are cached after rotation, and a second
-rotation of a rotated key cannot be formed, so the extensions change what the cache holds: ``present.*.key``
-becomes the keys *before* rotation, and every step rotates all keys (past and new) at their positions 0..T-1
-(T = the cache length), once with the model's cos/sin and once per key map of the method.  Key positions are
-their indices in the cache (no left padding).  A cache written by the original model cannot be continued by the
-rewritten one (and vice versa); prefill and decode must both run the rewritten model.  log-n only touches
-queries and leaves the cache as it is.
+KV-cache exports (``past_key_values.*`` in, ``present.*`` out): every key position of the methods is fixed once
+the key exists, so each new key is rotated once per position system and the cache keeps them all, packed on the
+heads axis (``cached_keys_packed``: ``present.*.key`` = [B, (1 + m) H, T, D]; docs/long-context.md states the
+contract). Exports whose key cache is not a plain ``Concat(past, new)`` of a [B, H, T, D] graph input/output pair
+(and ``--runtime-decode rerotate``) fall back to caching keys before rotation and rotating all of them at every
+step (``cached_keys``). Key positions are their indices in the cache shifted by each batch row's offset
+(``_key_positions_like``): left-padded rows are exact. A cache written by the original model cannot be continued
+by the rewritten one (and vice versa). log-n only touches queries and leaves the cache as it is.
 """
 
 from __future__ import annotations
