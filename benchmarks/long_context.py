@@ -132,9 +132,9 @@ def params_label(method: str, L: int, scales) -> str:
     return f"{method} ({what})"
 
 
-def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Path | None, str]:
-    out = cache / f"byte_llama.{method}.x{scale}.onnx"
-    flags = method_flags(method, scale, L)
+def _cached_rewrite(src: Path, out: Path, flags: list[str]) -> tuple[Path | None, str]:
+    """``posrewrite SRC FLAGS -o OUT`` unless OUT is newer than SRC and was written with the same flags (a
+    ``.flags`` stamp beside it): (the output or None, the error line)."""
     stamp = out.with_suffix(".flags")
     if out.exists() and out.stat().st_mtime >= src.stat().st_mtime and stamp.exists() and \
             stamp.read_text() == " ".join(flags):
@@ -145,6 +145,10 @@ def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Pa
         return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
     stamp.write_text(" ".join(flags))
     return out, ""
+
+
+def rewrite(src: Path, method: str, scale: int, L: int, cache: Path) -> tuple[Path | None, str]:
+    return _cached_rewrite(src, cache / f"byte_llama.{method}.x{scale}.onnx", method_flags(method, scale, L))
 
 
 def hf_rope_parameters(method: str, scale: int, L: int) -> dict:
@@ -196,18 +200,8 @@ def decode_flags(method: str, scale: int, L: int, mode: str) -> list[str]:
 
 
 def decode_rewrite(src: Path, method: str, scale: int, L: int, mode: str, cache: Path) -> tuple[Path | None, str]:
-    out = cache / f"byte_llama_kv.{method}.x{scale}.{mode}.onnx"
-    flags = decode_flags(method, scale, L, mode)
-    stamp = out.with_suffix(".flags")
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime and stamp.exists() and \
-            stamp.read_text() == " ".join(flags):
-        return out, ""
-    cmd = [sys.executable, "-m", "posrewrite", str(src), *flags, "-o", str(out), "--no-validate"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if p.returncode != 0:
-        return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['']}"
-    stamp.write_text(" ".join(flags))
-    return out, ""
+    return _cached_rewrite(src, cache / f"byte_llama_kv.{method}.x{scale}.{mode}.onnx",
+                           decode_flags(method, scale, L, mode))
 
 
 def _run_from_empty(sess, ids: np.ndarray) -> np.ndarray:

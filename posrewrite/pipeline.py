@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from posrewrite import errors
+from posrewrite.passes.onnx._graph import has_past_inputs
 from posrewrite.passes.onnx._infra import PipelineContext, RewriteReport, cleanup_passes
 from posrewrite.passes.onnx.detect import Detection
 from posrewrite.progress import NullReporter
@@ -243,7 +244,7 @@ class ValidationStep:
         if opts.logn_scaling:
             inside.append(int(self.plan.logn_length))
         length = max(1, min(min(inside), MAX_VALIDATION_LENGTH))
-        cache = any("past" in v.name.lower() for v in model.graph.inputs if v.name)
+        cache = has_past_inputs(model)
         with progress.stage("validating"):
             if cache and opts.extend is not None:
                 report.notes.append("KV-cache export: the cache now holds the keys of every position system (see "

@@ -466,6 +466,30 @@ OPTIMUM_CASES = {
 }
 
 
+def optimum_steps(sess, model, ids: np.ndarray, schedule, mask: np.ndarray | None = None,
+                  positions: np.ndarray | None = None):
+    """Optimum's generation loop over a KV-cache export: from an empty past of the model's H heads, run
+    ``ids`` in chunks of ``schedule`` tokens, each fed the presents of the step before by name (``present.*`` ->
+    ``past_key_values.*``); yields (first token, chunk length, logits). ``mask`` / ``positions`` default to all
+    ones and 0..S-1."""
+    batch, s = ids.shape
+    mask = np.ones((batch, s), np.int64) if mask is None else mask
+    positions = np.broadcast_to(np.arange(s), (batch, s)) if positions is None else positions
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    names = [o.name for o in sess.get_outputs()]
+    past = {f"past_key_values.{layer}.{kv}": np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
+            for layer in range(cfg.num_hidden_layers) for kv in ("key", "value")}
+    t = 0
+    for n in schedule:
+        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": mask[:, :t + n],
+                 "position_ids": np.ascontiguousarray(positions[:, t:t + n]), **past}
+        got = dict(zip(names, sess.run(None, feeds), strict=True))
+        yield t, n, got["logits"]
+        past = {name: got[name.replace("past_key_values", "present")] for name in past}
+        t += n
+
+
 @pytest.mark.parametrize("case", sorted(OPTIMUM_CASES))
 def test_optimum_layout_opset14_prefill_and_decode(case, tmp_path):
     """Optimum's ``text-generation-with-past`` layout (TorchScript, opset 14, KV cache): the rewrite loads in
@@ -488,22 +512,11 @@ def test_optimum_layout_opset14_prefill_and_decode(case, tmp_path):
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     model = optimum_layout_hf_model()
     ref = hf_reference("llama", ids, rel_fn(i, j), qwen_logn(s, 8) if logn else None, model=model)
+    for t, n, logits in optimum_steps(sess, model, ids, [9] + [1] * 15):
+        err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
+        assert err <= TOL, (t, n, err)
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
-    past = [np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
-            for _ in range(2 * cfg.num_hidden_layers)]
-    t, worst = 0, 0.0
-    for n in [9] + [1] * 15:
-        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((batch, t + n), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(t, t + n), (batch, n)).copy()}
-        for layer in range(cfg.num_hidden_layers):
-            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
-            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
-        logits, *past = sess.run(None, feeds)
-        err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
-        worst = max(worst, err)
-        assert err <= TOL, (t, n, err)
-        t += n
     plain = ort_session(src)
     feeds = {"input_ids": ids, "attention_mask": np.ones((batch, s), np.int64),
              "position_ids": np.broadcast_to(np.arange(s), (batch, s)).copy()}
@@ -561,17 +574,8 @@ def test_optimum_layout_left_padding(case, fuse, tmp_path):
         n = s - start
         i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         refs.append(hf_reference("llama", ids[row:row + 1, start:], rel_fn(i, j), None, model=model)[0])
-    cfg = model.config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    past = [np.zeros((2, cfg.num_key_value_heads, 0, d), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
-    t, first = 0, 33 if case == "dual-chunk-24" else 9  # a prefill with queries past C + 1 = 25 too
-    for n in [first] + [1] * (s - first):
-        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": mask[:, :t + n],
-                 "position_ids": positions[:, t:t + n]}
-        for layer in range(cfg.num_hidden_layers):
-            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
-            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
-        logits, *past = sess.run(None, feeds)
+    prefill = 33 if case == "dual-chunk-24" else 9  # a prefill with queries past C + 1 = 25 too
+    for t, n, logits in optimum_steps(sess, model, ids, [prefill] + [1] * (s - prefill), mask, positions):
         for row, start in ((0, pad), (1, 0)):
             first = max(t, start)  # the pads' own logits are not compared
             got = logits[row, first - t:]
@@ -579,7 +583,6 @@ def test_optimum_layout_left_padding(case, fuse, tmp_path):
             if len(want):
                 err = np.abs(got - want).max() / np.abs(want).max()
                 assert err <= TOL, (row, t, n, err)
-        t += n
 
 
 @pytest.mark.parametrize("case", ["self-extend", "rerope", "dual-chunk"])
@@ -598,21 +601,11 @@ def test_optimum_layout_chunked_prefill_across_the_window(case, tmp_path):
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     model = optimum_layout_hf_model()
     ref = hf_reference("llama", ids, rel_fn(i, j), None, model=model)
-    cfg = model.config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    past = [np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32) for _ in range(2 * cfg.num_hidden_layers)]
-    t = 0
-    for n in [1, 2, 4, 1, 7, 1, 1, 8, 1, 1]:
-        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((batch, t + n), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(t, t + n), (batch, n)).copy()}
-        for layer in range(cfg.num_hidden_layers):
-            feeds[f"past_key_values.{layer}.key"] = past[2 * layer]
-            feeds[f"past_key_values.{layer}.value"] = past[2 * layer + 1]
-        logits, *past = sess.run(None, feeds)
+    schedule = [1, 2, 4, 1, 7, 1, 1, 8, 1, 1]
+    assert sum(schedule) == s
+    for t, n, logits in optimum_steps(sess, model, ids, schedule):
         err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
         assert err <= TOL, (t, n, err)
-        t += n
-    assert t == s
 
 
 # -- an independently written LM (not HF, not posrewrite's fixtures) ----------------------------------------------

@@ -18,6 +18,7 @@ from tests.test_attention_extend import (  # noqa: E402
     _cli,
     hf_reference,
     module_reference,
+    optimum_steps,
     qwen_logn,
     rel_dual_chunk,
     rel_rerope,
@@ -117,20 +118,9 @@ def test_optimum_layout_fused_prefill_and_decode(case, fuse, tmp_path, capsys):
     i, j = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
     model = optimum_layout_hf_model()
     ref = hf_reference("llama", ids, rel_fn(i, j), qwen_logn(s, 8) if logn else None, model=model)
-    cfg = model.config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    names = [o.name for o in sess.get_outputs()]
-    past = {f"past_key_values.{layer}.{kv}": np.zeros((batch, cfg.num_key_value_heads, 0, d), np.float32)
-            for layer in range(cfg.num_hidden_layers) for kv in ("key", "value")}
-    t = 0
-    for n in [9] + [1] * 15:
-        feeds = {"input_ids": ids[:, t:t + n], "attention_mask": np.ones((batch, t + n), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(t, t + n), (batch, n)).copy(), **past}
-        got = dict(zip(names, sess.run(None, feeds), strict=True))
-        err = np.abs(got["logits"] - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
+    for t, n, logits in optimum_steps(sess, model, ids, [9] + [1] * 15):
+        err = np.abs(logits - ref[:, t:t + n]).max() / np.abs(ref[:, t:t + n]).max()
         assert err <= TOL, (t, n, err)
-        past = {name: got[name.replace("past_key_values", "present")] for name in past}
-        t += n
 
 
 @pytest.mark.parametrize("kind,params,case,fuse", [

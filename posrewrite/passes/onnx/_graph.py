@@ -395,3 +395,9 @@ def concrete_dims(shape: ir.Shape, sizes: Mapping[str, int]) -> list[int] | None
         else:
             return None
     return dims
+
+
+def has_past_inputs(model: ir.Model) -> bool:
+    """Whether the model takes a KV cache (a graph input named ``past...``, as Optimum's ``past_key_values.*`` and
+    onnxruntime-genai's inputs are)."""
+    return any(v.name and "past" in v.name.lower() for v in model.graph.inputs)

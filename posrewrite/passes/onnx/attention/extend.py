@@ -52,7 +52,7 @@ import onnx_ir as ir
 from posrewrite.errors import UsageError
 from posrewrite.math.positions import AttentionExtension, PositionMap, Region
 from posrewrite.passes.onnx._build import EXTEND_NODE_PREFIX, NodeWriter, unique_name
-from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, rank
+from posrewrite.passes.onnx._graph import VIEW_OPS, ConstantEvaluator, has_past_inputs, rank
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.sites.rope import AngleSource, RopeApplication, RopeSite
 
@@ -180,17 +180,15 @@ def _fused_rotation_sites(site: RopeSite) -> list[RopeSite]:
     if site.angles != AngleSource.FUSED_OP or site.applications or not site.fused_nodes or \
             any(n.op_type != "RotaryEmbedding" for n in site.fused_nodes):
         return [site]
-    groups: dict[int, list[ir.Node]] = {}
+    groups: dict[int, tuple[ir.Value, list[ir.Node]]] = {}
     for node in site.fused_nodes:
         contrib = node.domain == "com.microsoft"
         positions = node.inputs[1] if contrib else (node.inputs[3] if len(node.inputs) > 3 else None)
         if positions is None:
             return [site]  # refused by _check_site: the caches are already gathered per token
-        groups.setdefault(id(positions), []).append(node)
+        groups.setdefault(id(positions), (positions, []))[1].append(node)
     out = []
-    for nodes in groups.values():
-        node = nodes[0]
-        positions = node.inputs[1] if node.domain == "com.microsoft" else node.inputs[3]
+    for positions, nodes in groups.values():
         apps = tuple(RopeApplication(input=n.inputs[0], output=n.outputs[0], layout=site.layout,
                                      rotary_dim=site.rotary_dim, head_dim=site.head_dim, num_heads=None, nodes=(n,),
                                      cos=site.cos, sin=site.sin) for n in nodes)
@@ -689,7 +687,7 @@ class RerotatePastKeysPass(ReportingPass):
         self.required = required  # asked for by name: a model that cannot take it is a usage error
 
     def run(self, model: ir.Model) -> ir.passes.PassResult:
-        if not any(v.name and "past" in v.name.lower() for v in model.graph.inputs):
+        if not has_past_inputs(model):
             if self.required:
                 raise UsageError("--runtime-decode rerotate applies to KV-cache exports (past_key_values inputs); "
                                  "this model computes every position at once already")

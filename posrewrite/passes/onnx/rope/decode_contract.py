@@ -17,16 +17,11 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from posrewrite.errors import UsageError
+from posrewrite.passes.onnx._graph import has_past_inputs
 from posrewrite.passes.onnx._infra import PipelineContext, ReportingPass
 from posrewrite.provenance import DECODE_KEY, decode_contract
 
-__all__ = ["DecodeContractPass", "has_past_inputs"]
-
-
-def has_past_inputs(model: ir.Model) -> bool:
-    """Whether the model takes a KV cache (a graph input named ``past...``, as Optimum's ``past_key_values.*`` and
-    onnxruntime-genai's inputs are)."""
-    return any(v.name and "past" in v.name.lower() for v in model.graph.inputs)
+__all__ = ["DecodeContractPass"]
 
 
 class DecodeContractPass(ReportingPass):
