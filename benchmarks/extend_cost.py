@@ -4,23 +4,30 @@ The model is a random-weight Llama in Optimum's ``text-generation-with-past`` la
 cache; ``fixtures.hf_models.export_optimum_layout``), default 4 layers, hidden 512, 8 q / 4 kv heads, 4096
 positions. It is rewritten with each method (``posrewrite MODEL --extend ...``; ``--fuse ort`` alone and each
 method with ``--fuse ort``; ``--runtime-decode rerotate`` for dynamic NTK against dynamic's HF mode) and every model
-runs in one process, interleaved (exported, method 1, method 2, ..., exported, ...), on the same feeds: a prefill
-of ``--prefill`` tokens from an empty past, and one decode step at ``--past`` past (random past keys/values).
-onnxruntime CPU, ``--threads`` intra-op threads. Medians (or, ``--statistic min``, the fastest) of ``--repeat``
-rounds (``--decode-repeat`` for the decode step) and their ratio to the exported model are printed.
+runs in one process on the same feeds: a prefill of ``--prefill`` tokens from an empty past, and one decode step at
+``--past`` past (random past keys/values). onnxruntime CPU, ``--threads`` intra-op threads.
+
+Every round runs each model once, in an order shuffled per round (seeded), so that no model always follows the
+same one. Per model and case the table gives the fastest round (or, ``--statistic median``, the median) and two
+ratios to the model as exported: of those statistics, and the median over rounds of the ratio within a round
+(paired: both runs under the same load; the steadier figure on a shared CPU).
+
+``--extend`` also moves torch's NaN guard (``Where(IsNaN(p), 0, p)`` on the [.., S, T] probabilities) to the
+attention's output rows (exact; `posrewrite.passes.onnx.attention.softmax_guard`). The row ``guard moved`` is
+the exported model with that move alone (the Python API, no extension): the extension's own cost is its ratio
+to that row.
 
     python benchmarks/extend_cost.py [--layers 4] [--hidden 512] [--prefill 2048] [--past 2048] [--threads 2]
                                      [--repeat 5] [--decode-repeat N] [--compare OTHER_CHECKOUT]
 
 Decode feeds a past in each model's own cache layout (``--extend`` packs the keys of its position systems on the
-heads axis of ``present.key``: docs/long-context.md). The CPU may be shared with other work: the interleaving
-puts every model under the same load, and the medians are what to compare (the figures move between runs on a
-loaded machine; the ratios much less).
+heads axis of ``present.key``: docs/long-context.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import subprocess
 import sys
@@ -110,7 +117,10 @@ def main() -> None:
                     help="rounds of the decode step (default --repeat; a step is short and noisy on a shared CPU)")
     names = [*METHODS, *FUSED, *RUNTIME]
     ap.add_argument("--methods", nargs="+", default=names, choices=names)
-    ap.add_argument("--statistic", choices=["median", "min"], default="median",
+    ap.add_argument("--no-guard-row", action="store_true",
+                    help="leave out the 'guard moved' control row (the exported model with only torch's NaN guard "
+                         "moved)")
+    ap.add_argument("--statistic", choices=["median", "min"], default="min",
                     help="per model and case: the median of the rounds, or the fastest (on a CPU shared with "
                          "bursty work the fastest round is the one least disturbed)")
     ap.add_argument("--compare", type=Path, metavar="CHECKOUT",
@@ -133,6 +143,15 @@ def main() -> None:
             other = tmp / f"compare_{out.name}"
             _rewrite(src, other, {**METHODS, **FUSED, **RUNTIME}[name], args.compare)
             models[label] = other
+    if not args.no_guard_row:
+        import onnx_ir as ir
+
+        from posrewrite.passes.onnx.attention.softmax_guard import move_softmax_guards
+
+        guarded = ir.load(src)
+        if move_softmax_guards(guarded):
+            models["guard moved"] = tmp / "guard_moved.onnx"
+            ir.save(guarded, models["guard moved"])
     sessions = {name: _session(path, args.threads) for name, path in models.items()}
     # the same tokens and values for every model; a past in each model's own cache layout (random keys: the
     # packed systems of a --extend model get random keys too, which costs the same as real ones)
@@ -141,28 +160,35 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {}
     rounds = {case: args.repeat if case.startswith("prefill") or args.decode_repeat is None else args.decode_repeat
               for case in cases}
+    order = list(sessions)
+    shuffle = random.Random(0).shuffle
     for case, per_model in cases.items():
         for name, sess in sessions.items():  # warm-up
             sess.run(None, per_model[name])
         for _ in range(rounds[case]):
-            for name, sess in sessions.items():  # interleaved: every model under the same load
+            shuffle(order)  # every model under the same load, none always right after the same one
+            for name in order:
                 t0 = time.perf_counter()
-                sess.run(None, per_model[name])
+                sessions[name].run(None, per_model[name])
                 times.setdefault((case, name), []).append(time.perf_counter() - t0)
     print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, Optimum "
-          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; {args.statistic} of "
-          + ", ".join(f"{n} interleaved rounds ({c})" for c, n in rounds.items()))
+          f"layout (TorchScript, opset 14); onnxruntime CPU, {args.threads} threads; "
+          + ", ".join(f"{n} shuffled rounds ({c})" for c, n in rounds.items())
+          + f"; ms: the {args.statistic} of the rounds; ratio: of those; paired: median of the per-round ratios")
     print()
-    header = "| model | " + " | ".join(f"{c} (ms)" for c in cases) + " | " + " | ".join(
-        f"{c} / exported" for c in cases) + " |"
+    header = "| model | " + " | ".join(f"{c} (ms) | ratio | paired" for c in cases) + " |"
     print(header)
-    print("|---|" + "---:|" * (2 * len(cases)))
+    print("|---|" + "---:|---:|---:|" * len(cases))
     stat = statistics.median if args.statistic == "median" else min
     base = {c: stat(times[(c, "as exported")]) for c in cases}
     for name in models:
-        med = {c: stat(times[(c, name)]) for c in cases}
-        print(f"| {name} | " + " | ".join(f"{1000 * med[c]:.1f}" for c in cases) + " | " + " | ".join(
-            f"{med[c] / base[c]:.2f}x" for c in cases) + " |")
+        cells = []
+        for c in cases:
+            paired = statistics.median(a / b for a, b in zip(times[(c, name)], times[(c, "as exported")],
+                                                             strict=True))
+            cells.append(f"{1000 * stat(times[(c, name)]):.1f} | {stat(times[(c, name)]) / base[c]:.2f}x | "
+                         f"{paired:.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if "dynamic (hf)" in models and "dynamic (rerotate)" in models:
         print()
         for c in cases:

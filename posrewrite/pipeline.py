@@ -110,13 +110,15 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
     5. --extend / --logn-scaling: attention-level extension on the re-detected RoPE sites (with --fuse: after the
        rotary fusion, on the RotaryEmbedding nodes; --extend leaves attention unfused, --logn-scaling alone scales
        the queries before attention fusion);
-    6. cleanup;
+    6. with --extend or --fuse: torch's NaN guard of attention left unfused moved from its [.., S, T] probabilities
+       to its output rows (`SoftmaxGuardPass`, exact); cleanup;
     7. a run-time method (dynamic, longrope) on a KV-cache export: its decode contract in the metadata
        (``--runtime-decode``: when a generation loop must re-prefill; `posrewrite.decode` honours it).
     """
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass, RerotatePastKeysPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
+    from posrewrite.passes.onnx.attention.softmax_guard import SoftmaxGuardPass
     from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass
     from posrewrite.passes.onnx.masks import ExtendSquareMasksPass
@@ -176,6 +178,12 @@ def build_pipeline(plan: RewritePlan, detection: Detection, *, progress: Any = N
     elif extends:
         passes.append(AttentionExtendPass(extension=options.attention_extension, logn_length=plan.logn_length,
                                           context=context))
+    if options.fuse != "none" or options.extend is not None:
+        # attention left unfused (--extend rewrites its scores; --fuse leaves it where it cannot fuse): torch's NaN
+        # guard on its rows, not on the whole [.., S, T] matrix; exact (after a cleanup: the products the extension
+        # replaced still read the guarded probabilities until then)
+        passes.extend(cleanup_passes())
+        passes.append(SoftmaxGuardPass(context=context))
     passes.extend(cleanup_passes())
     if runtime_plan is not None and runtime_plan.params.original_max_position_embeddings:
         passes.append(DecodeContractPass(mode=options.runtime_decode or "hf", method=runtime,

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "FuseAttentionPass": "posrewrite.passes.onnx.attention.fuse",
     "AttentionExtendPass": "posrewrite.passes.onnx.attention.extend",
     "RerotatePastKeysPass": "posrewrite.passes.onnx.attention.extend",
+    "SoftmaxGuardPass": "posrewrite.passes.onnx.attention.softmax_guard",
     "DecodeContractPass": "posrewrite.passes.onnx.rope.decode_contract",
     "ExtendTablesPass": "posrewrite.passes.onnx.extend_tables",
     "ExtendSquareMasksPass": "posrewrite.passes.onnx.masks",
@@ -70,6 +71,7 @@ __all__ = [
     "RescaleRopePass",
     "RewriteReport",
     "SitePlan",
+    "SoftmaxGuardPass",
     "cleanup_passes",
     "plan_site",
 ]
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from posrewrite.passes.onnx.alibi.fp32 import Fp32AlibiPass
     from posrewrite.passes.onnx.attention.extend import AttentionExtendPass, RerotatePastKeysPass
     from posrewrite.passes.onnx.attention.fuse import FuseAttentionPass
+    from posrewrite.passes.onnx.attention.softmax_guard import SoftmaxGuardPass
     from posrewrite.passes.onnx.bias.rewrite import Fp32ScoreBiasPass
     from posrewrite.passes.onnx.detect import Detection
     from posrewrite.passes.onnx.extend_tables import ExtendTablesPass

@@ -18,7 +18,9 @@ and for each
    and from the end; rows before and from the start), the branches' products and merges are made on the box's
    block only, and the blocks are concatenated back. On a packed KV cache whose key path is GQA's repeat_kv
    (``_grouped_key_path``), the products read the cached keys [B, Hkv, c, D] with the queries viewed as
-   [B, Hkv, G, S, D] (no repeat_kv copies; the key path's constant scale moves to the queries);
+   [B, Hkv, G, S, D] (no repeat_kv copies; the key path's constant scale moves to the queries), and the
+   probabilities meet the values the same way (``_grouped_value_product``: [B, Hkv, G, S, T] times the values as
+   cached, [B, Hkv, 1, T, D]; repeat_kv's copy of the whole value cache was the largest of a decode step);
 4. log-n: multiplies the scores of the query at position p by ``max(1, log(p+1)/log(L))`` (the same as scaling q;
    with --fuse and no extension, q itself is scaled before its fused rotation, so attention can still be fused).
 
@@ -483,6 +485,96 @@ def _grouped_key_path(keys: ir.Value, target: ir.Value, data: set[int], graph: i
             return None
         value = node.outputs[0]
     return None
+
+
+def _value_product(scores: ir.Value) -> ir.Node | None:
+    """The MatMul of the probabilities with the values downstream of ``scores``: through single-use elementwise
+    ops (the mask's Add, log-n's Mul), the Softmax over the last axis and torch's ``Where(IsNaN(p), 0, p)``;
+    None for any other tail."""
+    value = scores
+    for _ in range(8):
+        uses = list(value.uses())
+        if value.is_graph_output() or not uses:
+            return None
+        if len(uses) == 2 and {n.op_type for n, _ in uses} == {"IsNaN", "Where"}:  # torch's guard
+            where, idx = next((n, i) for n, i in uses if n.op_type == "Where")
+            isnan = next(n for n, _ in uses if n.op_type == "IsNaN")
+            if idx != 2 or where.inputs[0] is not isnan.outputs[0]:
+                return None
+            value = where.outputs[0]
+            continue
+        if len(uses) != 1:
+            return None
+        node, idx = uses[0]
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "MatMul":
+            return node if idx == 0 else None
+        if node.op_type == "Softmax" and node.attributes.get_int("axis", -1) != -1:
+            return None
+        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Softmax", "Cast"):
+            return None
+        value = node.outputs[0]
+    return None
+
+
+def _repeated_values(value: ir.Value, fold: ConstantEvaluator) -> ir.Value | None:
+    """v0 [B, Hkv, T, D] when ``value`` is GQA's repeat_kv of it: Reshape(Expand(Unsqueeze(v0, axis 2), [.., 5
+    dims]), 4 dims) (head h reads kv head h // G), as `_grouped_key_path` reads the keys."""
+    reshape = value.producer()
+    expand = reshape.inputs[0].producer() if reshape is not None and reshape.op_type == "Reshape" else None
+    unsq = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
+    if unsq is None or unsq.op_type != "Unsqueeze":
+        return None
+    axes = fold(unsq.inputs[1]) if len(unsq.inputs) > 1 else (
+        np.array(unsq.attributes["axes"].value) if "axes" in unsq.attributes else None)
+    if axes is None or np.asarray(axes).ravel().tolist() not in ([2], [-3]):
+        return None
+    target, dims5 = reshape.inputs[1].shape, expand.inputs[1].shape
+    if (target is not None and list(target) != [4]) or (dims5 is not None and list(dims5) != [5]):
+        return None
+    return unsq.inputs[0]
+
+
+def _grouped_value_product(b: NodeWriter, scores: ir.Value, fold: ConstantEvaluator) -> bool:
+    """The probabilities times the values as GQA computes it, without repeat_kv's copies of the values: p [B, H,
+    S, T] viewed as [B, Hkv, G, S, T] times v [B, Hkv, 1, T, D], viewed back as [B, H, S, D]. The decode step's
+    largest copy (the whole value cache, G times, per layer). False when the tail is not the model's repeat_kv."""
+    product = _value_product(scores)
+    values = _repeated_values(product.inputs[1], fold) if product is not None else None
+    if values is None:
+        return False
+    p = product.inputs[0]
+    p_shape = b.op("Shape", scores)  # p's shape (elementwise ops and a Softmax between), without reading p
+    kv_heads = b.op("Gather", b.op("Shape", values), b.const(np.array([1], np.int64)), axis=0)
+    seq_keys = b.op("Slice", p_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64)))
+    grouped = b.op("Reshape", p, b.op("Concat", b.const(np.array([0], np.int64)), kv_heads,
+                                       b.const(np.array([-1], np.int64)), seq_keys, axis=0))
+    v5 = b.op("Unsqueeze", values, b.const(np.array([2], np.int64)))
+    rows = b.op("Slice", p_shape, b.const(np.array([0], np.int64)), b.const(np.array([3], np.int64)))
+    out = b.op("Reshape", b.op("MatMul", grouped, v5), b.op("Concat", rows, b.const(np.array([-1], np.int64)),
+                                                              axis=0))
+    old = product.outputs[0]
+    out.dtype = old.dtype
+    for node, idx in list(old.uses()):
+        node.replace_input_with(idx, out)
+    # readers of the repeated values' shape (the output's reshape) read [B, H, T, D] from p and the values, so
+    # that nothing reads the copies any more
+    v_shape = b.op("Shape", values)
+    repeated_shape = b.op("Concat", b.op("Gather", v_shape, b.const(np.array([0], np.int64)), axis=0),
+                          b.op("Gather", p_shape, b.const(np.array([1], np.int64)), axis=0),
+                          b.op("Slice", v_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64))),
+                          axis=0)
+    repeated_shape.dtype = ir.DataType.INT64
+    for node, _ in list(product.inputs[1].uses()):
+        if node.op_type == "Shape" and not node.attributes and node is not product:
+            for user, idx in list(node.outputs[0].uses()):
+                user.replace_input_with(idx, repeated_shape)
+    graph = product.graph
+    for i, o in enumerate(graph.outputs):
+        if o is old:
+            graph.outputs[i] = out
+    return True
 
 
 def _check_cache_path(pair: ScorePair) -> None:
@@ -1137,6 +1229,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
 
         return k_cols
 
+    values_grouped = 0
     for pair in pairs:
         mm = pair.matmul
         scores = mm.outputs[0]
@@ -1174,6 +1267,8 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         for out_index, out in enumerate(graph.outputs):
             if out is scores:
                 graph.outputs[out_index] = merged
+        if grouped is not None:  # the keys are read without repeat_kv's copies: the values as well
+            values_grouped += _grouped_value_product(b, merged, fold)
         mark = merged.producer() if merged is not scores else mm
         mark.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
             f" log-n L={logn_length}" if logn_length else "") + (
