@@ -72,14 +72,13 @@ def test_optimum_layout_same_outputs_with_fully_masked_rows():
         assert np.abs(a - b).max() <= 1e-6 * scale  # fp32 round-off of a different kernel choice at most
 
 
-def _attention_graph(scores_op: str) -> onnx.ModelProto:
+def _attention_graph(scores_op: str, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """Softmax(scores + bias) guarded as torch writes it, then times v; the scores are q @ k^T through
     ``scores_op``: "Div" (by a constant: finite), "Exp" or "MulInput" (by a graph input: may be infinite)."""
     nodes = [helper.make_node("MatMul", ["q", "kt"], ["qk"])]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+    inputs = [helper.make_tensor_value_info(n, dtype, s)
               for n, s in (("q", [1, 2, 5, 4]), ("kt", [1, 2, 4, 5]), ("v", [1, 2, 5, 4]), ("bias", [1, 1, 5, 5]))]
-    inits = [helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
-             helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
+    inits = [helper.make_tensor("zero", dtype, [1], [0.0]), helper.make_tensor("two", dtype, [], [2.0])]
     if scores_op == "Div":
         nodes.append(helper.make_node("Div", ["qk", "two"], ["s"]))
     elif scores_op == "Exp":
@@ -92,7 +91,7 @@ def _attention_graph(scores_op: str) -> onnx.ModelProto:
               helper.make_node("IsNaN", ["p"], ["nan"]),
               helper.make_node("Where", ["nan", "zero", "p"], ["w"]),
               helper.make_node("MatMul", ["w", "v"], ["o"])]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("o", dtype, None)],
                               inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
@@ -127,4 +126,12 @@ def test_guard_kept_where_scores_may_be_infinite(scores_op):
     model = ir.from_proto(_attention_graph(scores_op))
     result = SoftmaxGuardPass()(model)
     assert not result.modified
+    assert sum(n.op_type == "IsNaN" for n in model.graph) == 1
+
+
+def test_guard_kept_in_half_precision():
+    """An fp16 product overflows to inf at 65504: a row can be NaN with unmasked keys, which only the guard on the
+    whole matrix turns to zero; the guard stays."""
+    model = ir.from_proto(_attention_graph("Div", TensorProto.FLOAT16))
+    assert move_softmax_guards(model) == 0
     assert sum(n.op_type == "IsNaN" for n in model.graph) == 1

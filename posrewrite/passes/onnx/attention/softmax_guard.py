@@ -16,11 +16,13 @@ The same values come from the rows alone::
 - a row whose bias is -inf everywhere: the original gives ``0 @ v = 0``, the new graph selects 0 (the NaN of
   that row stays in the row and is not selected).
 
-Exact when the scores are finite wherever the inputs are: the pass only rewrites attention whose scores come from
-MatMul products through scalings by constants, views, slices, concatenations and selections (what exporters and
-posrewrite's ``--extend`` write), whose probabilities feed only the guard, and whose guarded probabilities feed only
-the product with the values. Anything else keeps its guard. Written for attention that stays unfused under
-``--fuse`` (the ``--extend`` methods: a fused attention op has no such matrix at all).
+Exact when the scores are finite wherever the inputs are: the pass only rewrites fp32 (fp64) attention whose scores
+come from MatMul products through scalings by constants, views, slices, concatenations and selections (what
+exporters and posrewrite's ``--extend`` write), whose probabilities feed only the guard, and whose guarded
+probabilities feed only the product with the values. Anything else keeps its guard: half-precision attention too,
+whose products overflow to inf at |score| > 65504 (an fp32 product would need activations near 1e19). Run with
+``--extend`` (which rewrites the scores of attention it leaves unfused) and ``--fuse`` (for attention it could not
+fuse: a fused attention op has no such matrix at all).
 """
 
 from __future__ import annotations
@@ -135,9 +137,11 @@ def _match(softmax: ir.Node) -> tuple[ir.Value, ir.Node, ir.Node, ir.Value, ir.V
     where, index = users["Where"]
     if index != 2 or where.inputs[0] is not isnan.outputs[0] or len(list(isnan.outputs[0].uses())) != 1:
         return None
-    zero = _small_array(where.inputs[1])
+    zero = _small_array(where.inputs[1])  # of the probabilities' dtype (Where's two branches share it)
     if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
         return None
+    if zero.dtype not in (np.float32, np.float64):
+        return None  # a half-precision product can overflow to inf: its NaN rows are not only the masked ones
     product = _sole_use(where.outputs[0], "MatMul")
     reader, out = (product[0], product[0].outputs[0]) if product is not None and product[1] == 0 else (None, None)
     if product is None:  # grouped by kv head (posrewrite's --extend on GQA): Reshape, MatMul, Reshape back
