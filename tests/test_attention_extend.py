@@ -858,7 +858,7 @@ def test_packed_cache_products_read_gqa_keys_without_repeat_kv(case, tmp_path):
     products read the packed cache's keys and the values as cached: the keys' and the values' repeat_kv Expand of
     every layer are gone (each copied the whole cache G times per layer and step), and torch's NaN guard is on the
     output rows (no IsNaN reading the probability matrix), so the exactness tests on this layout (above,
-    test_optimum_layout_*) check the grouped products against the paper references."""
+    test_optimum_layout_*) check the grouped products and the banded softmax against the paper references."""
     import onnx
 
     from fixtures.hf_models import export_optimum_layout
@@ -874,4 +874,9 @@ def test_packed_cache_products_read_gqa_keys_without_repeat_kv(case, tmp_path):
 
     assert layers == 2
     assert expands(out) == expands(src) - 2 * layers
-    assert not [n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "IsNaN"]
+    nodes = onnx.load(str(out), load_external_data=False).graph.node
+    assert not [n for n in nodes if n.op_type == "IsNaN"]
+    # the softmax runs per band of rows (before the box, then each segment: Dual Chunk's two regions start at
+    # different rows), so the score blocks are never concatenated back into one [.., S, T] matrix
+    bands = {"self-extend": 2, "dual-chunk": 3}[case]
+    assert sum(n.op_type == "Softmax" for n in nodes) == bands * layers

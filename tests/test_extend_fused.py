@@ -66,7 +66,7 @@ def _check_ops(path, src, fuse: str, layers: int, extra: int, tmp_path, capsys) 
     rotary = ops.get((ROTARY_DOMAIN[fuse], "RotaryEmbedding"), 0)
     if extra:
         assert rotary == layers * (2 + extra), ops
-        assert ops.get(("", "Softmax")) == layers, ops
+        assert ops.get(("", "Softmax"), 0) >= layers, ops  # unfused: one per band of query rows (extend.py)
         assert not any(op in ("GroupQueryAttention", "MultiHeadAttention", "Attention") for _, op in ops), ops
         return
     plain = tmp_path / "fused-only.onnx"
@@ -143,8 +143,9 @@ def test_hand_written_modules_fused_match_paper_reference(module_onnx, kind, par
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "Cos" not in ops and "Sin" not in ops
     extra = 3 if "dual-chunk" in case else 2 if "--extend" in flags else 0
-    if extra:
-        assert ops.count("RotaryEmbedding") == (2 + extra) * ops.count("Softmax") > 0
+    if extra:  # per attention of the module (a Softmax each before the rewrite, which runs one per band of rows)
+        attentions = [n.op_type for n in onnx.load(str(path)).graph.node].count("Softmax")
+        assert ops.count("RotaryEmbedding") == (2 + extra) * attentions > 0 and ops.count("Softmax") >= attentions
     else:  # log-n alone: attention fused around the scaled query
         assert {"GroupQueryAttention", "MultiHeadAttention"} & set(ops) and "Softmax" not in ops
     s = 60  # the cached-table module holds 64 rows

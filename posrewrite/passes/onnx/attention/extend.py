@@ -16,7 +16,9 @@ and for each
    the box that holds the regions (``Region.box``: query rows from a start, key columns before an end, read from
    the position values at run time): the score MatMul is split into products of sliced q and k (columns before
    and from the end; rows before and from the start), the branches' products and merges are made on the box's
-   block only, and the blocks are concatenated back. On a packed KV cache whose key path is GQA's repeat_kv
+   block only, and the model's tail (mask, softmax, torch's guard, product with the values: ``_tail_steps``) runs
+   per band of rows, so the blocks are never concatenated back into [.., S, T] (``_tail_by_bands``; any other tail:
+   they are, and the tail is the model's). On a packed KV cache whose key path is GQA's repeat_kv
    (``_grouped_key_path``), the products read the cached keys [B, Hkv, c, D] with the queries viewed as
    [B, Hkv, G, S, D] (no repeat_kv copies; the key path's constant scale moves to the queries), and the
    probabilities meet the values the same way (``_grouped_value_product``: [B, Hkv, G, S, T] times the values as
@@ -537,44 +539,139 @@ def _repeated_values(value: ir.Value, fold: ConstantEvaluator) -> ir.Value | Non
 
 
 def _grouped_value_product(b: NodeWriter, scores: ir.Value, fold: ConstantEvaluator) -> bool:
-    """The probabilities times the values as GQA computes it, without repeat_kv's copies of the values: p [B, H,
-    S, T] viewed as [B, Hkv, G, S, T] times v [B, Hkv, 1, T, D], viewed back as [B, H, S, D]. The decode step's
-    largest copy (the whole value cache, G times, per layer). False when the tail is not the model's repeat_kv."""
+    """The probabilities times the values as GQA computes it, without repeat_kv's copies of the values
+    (`_grouped_product`): the decode step's largest copy (the whole value cache, G times, per layer). False when the
+    tail is not the model's repeat_kv."""
     product = _value_product(scores)
     values = _repeated_values(product.inputs[1], fold) if product is not None else None
     if values is None:
         return False
-    p = product.inputs[0]
-    p_shape = b.op("Shape", scores)  # p's shape (elementwise ops and a Softmax between), without reading p
-    kv_heads = b.op("Gather", b.op("Shape", values), b.const(np.array([1], np.int64)), axis=0)
-    seq_keys = b.op("Slice", p_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64)))
-    grouped = b.op("Reshape", p, b.op("Concat", b.const(np.array([0], np.int64)), kv_heads,
-                                       b.const(np.array([-1], np.int64)), seq_keys, axis=0))
-    v5 = b.op("Unsqueeze", values, b.const(np.array([2], np.int64)))
-    rows = b.op("Slice", p_shape, b.const(np.array([0], np.int64)), b.const(np.array([3], np.int64)))
-    out = b.op("Reshape", b.op("MatMul", grouped, v5), b.op("Concat", rows, b.const(np.array([-1], np.int64)),
-                                                              axis=0))
+    out = _grouped_product(b, product.inputs[0], values, scores)
     old = product.outputs[0]
     out.dtype = old.dtype
     for node, idx in list(old.uses()):
         node.replace_input_with(idx, out)
-    # readers of the repeated values' shape (the output's reshape) read [B, H, T, D] from p and the values, so
-    # that nothing reads the copies any more
-    v_shape = b.op("Shape", values)
-    repeated_shape = b.op("Concat", b.op("Gather", v_shape, b.const(np.array([0], np.int64)), axis=0),
-                          b.op("Gather", p_shape, b.const(np.array([1], np.int64)), axis=0),
-                          b.op("Slice", v_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64))),
-                          axis=0)
-    repeated_shape.dtype = ir.DataType.INT64
-    for node, _ in list(product.inputs[1].uses()):
-        if node.op_type == "Shape" and not node.attributes and node is not product:
-            for user, idx in list(node.outputs[0].uses()):
-                user.replace_input_with(idx, repeated_shape)
+    _redirect_repeated_shape(b, product.inputs[1], values, scores)
     graph = product.graph
     for i, o in enumerate(graph.outputs):
         if o is old:
             graph.outputs[i] = out
     return True
+
+
+def _tail_steps(scores: ir.Value) -> tuple[list[tuple[str, ir.Node, int]], ir.Node] | None:
+    """What the model does from the score MatMul's output to the product with the values: ([(kind, node, index of
+    the chain's operand)], that product). Kinds: "binary" (Add / Sub / Mul / Div: the mask, a scale, whatever the
+    other operand), "unary" (Cast, the Softmax over the last axis), "guard" (torch's ``Where(IsNaN(p), 0, p)``: the
+    node is the Where). None for any other tail (a second reader, another op, the scores as a graph output)."""
+    steps: list[tuple[str, ir.Node, int]] = []
+    value = scores
+    for _ in range(12):
+        uses = list(value.uses())
+        if value.is_graph_output() or not uses:
+            return None
+        if len(uses) == 2 and {n.op_type for n, _ in uses} == {"IsNaN", "Where"}:
+            where, idx = next((n, i) for n, i in uses if n.op_type == "Where")
+            isnan = next(n for n, _ in uses if n.op_type == "IsNaN")
+            if idx != 2 or where.inputs[0] is not isnan.outputs[0] or len(list(isnan.outputs[0].uses())) != 1:
+                return None
+            steps.append(("guard", where, 2))
+            value = where.outputs[0]
+            continue
+        if len(uses) != 1:
+            return None
+        node, idx = uses[0]
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "MatMul":
+            return (steps, node) if idx == 0 else None
+        if node.op_type in ("Add", "Sub", "Mul", "Div") and idx in (0, 1):
+            steps.append(("binary", node, idx))
+        elif node.op_type == "Cast" or (node.op_type == "Softmax" and node.attributes.get_int("axis", -1) == -1):
+            steps.append(("unary", node, 0))
+        else:
+            return None
+        value = node.outputs[0]
+    return None
+
+
+def _rows_of(b: NodeWriter, x: ir.Value, first: ir.Value, stop: ir.Value, memo: dict) -> ir.Value:
+    """Rows first..stop-1 of ``x`` as it broadcasts against [.., S, T] scores: its axis -2 sliced when it has more
+    than one row; a rank below 2 or one row broadcasts over every row and is kept (read at run time)."""
+    if x.shape is not None and (len(x.shape) < 2 or x.shape[-2] == 1):
+        return x  # one row or none: it broadcasts over every band as it is
+    key = (id(x), id(first), id(stop))
+    if key not in memo:
+        shape = b.op("Shape", x)
+        short = b.op("Max", b.op("Sub", b.const(np.array([2], np.int64)), b.op("Size", shape)),
+                     b.const(np.array([0], np.int64)))
+        padded = b.op("Concat", b.op("ConstantOfShape", short, value=ir.tensor(np.array([1], np.int64))), shape,
+                      axis=0)
+        x2 = b.op("Reshape", x, padded)
+        rows = b.op("Slice", padded, b.const(np.array([-2], np.int64)), b.const(np.array([-1], np.int64)))
+        many = b.op("Greater", rows, b.const(np.array([1], np.int64)))
+        start = b.op("Where", many, first, b.const(np.array([0], np.int64)))
+        end = b.op("Where", many, stop, b.const(np.array([1], np.int64)))
+        x2.dtype = x.dtype
+        memo[key] = b.op("Slice", x2, start, end, b.const(np.array([-2], np.int64)))
+        memo[key].dtype = x.dtype
+    return memo[key]
+
+
+def _grouped_product(b: NodeWriter, p: ir.Value, values: ir.Value, shape_of: ir.Value) -> ir.Value:
+    """p [B, H, s, T] times values [B, Hkv, T, D] as GQA reads them (head h from kv head h // G), without
+    repeat_kv's copies: p viewed as [B, Hkv, G, s, T] times the values [B, Hkv, 1, T, D], viewed back as [B, H, s,
+    D]. Every dimension is read from the tensors (``allowzero``: s may be 0); p's from ``shape_of`` (the scores p
+    was computed from, elementwise: so that the softmax guard keeps p as its only reader's input)."""
+    p_shape, v_shape = b.op("Shape", shape_of), b.op("Shape", values)
+
+    def dim(shape: ir.Value, *axes: int) -> ir.Value:
+        return b.op("Gather", shape, b.const(np.array(list(axes), np.int64)), axis=0)
+
+    heads, kv_heads = dim(p_shape, 1), dim(v_shape, 1)
+    grouped = b.op("Reshape", p, b.op("Concat", dim(p_shape, 0), kv_heads, b.op("Div", heads, kv_heads),
+                                       dim(p_shape, 2, 3), axis=0), allowzero=1)
+    out5 = b.op("MatMul", grouped, b.op("Unsqueeze", values, b.const(np.array([2], np.int64))))
+    return b.op("Reshape", out5, b.op("Concat", dim(p_shape, 0, 1, 2), dim(v_shape, 3), axis=0), allowzero=1)
+
+
+def _redirect_repeated_shape(b: NodeWriter, repeated: ir.Value, values: ir.Value, heads_of: ir.Value) -> None:
+    """Readers of repeat_kv's output shape (the model's reshape after attention) read [B, H, T, D] from the values
+    and ``heads_of`` (a [B, H, ..] tensor) instead, so that nothing reads the copies any more."""
+    v_shape = b.op("Shape", values)
+    shape = b.op("Concat", b.op("Gather", v_shape, b.const(np.array([0], np.int64)), axis=0),
+                 b.op("Gather", b.op("Shape", heads_of), b.const(np.array([1], np.int64)), axis=0),
+                 b.op("Slice", v_shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64))), axis=0)
+    shape.dtype = ir.DataType.INT64
+    for node, _ in list(repeated.uses()):
+        if node.op_type == "Shape" and not node.attributes:
+            for user, idx in list(node.outputs[0].uses()):
+                user.replace_input_with(idx, shape)
+
+
+def _tail_by_bands(b: NodeWriter, bands: list[tuple[ir.Value, ir.Value, ir.Value]],
+                   steps: list[tuple[str, ir.Node, int]], product: ir.Node, values: ir.Value | None) -> ir.Value:
+    """The model's tail (``_tail_steps``: mask, scale, softmax, guard) and product with the values, run on each
+    band of query rows (first, stop, its scores [.., rows, T]); the outputs concatenated back on the rows. The
+    softmax is per row, so this is the model's computation; what it saves is putting the score blocks back
+    together into one [.., S, T] matrix. ``values``: [B, Hkv, T, D] to read without repeat_kv's copies, or None
+    (the product's own right operand)."""
+    memo: dict = {}
+    outs = []
+    for first, stop, x in bands:
+        band_scores = x
+        for kind, node, idx in steps:
+            if kind == "binary":
+                other = _rows_of(b, node.inputs[1 - idx], first, stop, memo)
+                x = b.op(node.op_type, *((x, other) if idx == 0 else (other, x)))
+            elif kind == "unary":
+                x = b.op(node.op_type, x, **dict(node.attributes))
+            else:
+                x = b.op("Where", b.op("IsNaN", x), node.inputs[1], x)
+            x.dtype = node.outputs[0].dtype
+        outs.append(b.op("MatMul", x, product.inputs[1]) if values is None else
+                    _grouped_product(b, x, values, band_scores))
+    return b.op("Concat", *outs, axis=-2)
 
 
 def _check_cache_path(pair: ScorePair) -> None:
@@ -1144,7 +1241,8 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         return box_memo[key]
 
     def merge_branches(pair: ScorePair, rows: ir.Value, key_rows: ir.Value, k_cols,
-                       grouped: tuple[ir.Value, list[tuple[str, ir.Value]]] | None = None) -> ir.Value:
+                       grouped: tuple[ir.Value, list[tuple[str, ir.Value]]] | None = None,
+                       bands_out: list[tuple[ir.Value, ir.Value, ir.Value]] | None = None) -> ir.Value | None:
         """The scores with every branch merged where its region holds, computed by blocks: the keys before the
         box's end give the left columns (the model's own product for the rows before the box's first start; from
         each start on, the model's product, the products of the branches that start there or before and their
@@ -1156,7 +1254,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         c, D], and every product is GQA's without the copies of repeat_kv: the queries [B, H, S, D] (scaled as
         the key path scales the keys) viewed as [B, Hkv, G, S, D] (head h = kv head h // G, repeat_kv's order),
         times the keys [B, Hkv, 1, D, c]; the blocks are [B, Hkv, G, .., ..] and the result is viewed back as
-        [B, H, S, T]."""
+        [B, H, S, T].
+
+        ``bands_out`` (a list): nothing is concatenated on the rows; the bands of rows are appended to it instead,
+        (first row, stop, scores [.., rows, T]): the rows before the box's first start (the model's product over
+        every key), then each segment's rows (its merged left block and its right block, side by side), for the
+        caller to run the rest of attention per band (`_tail_by_bands`). Returns None then."""
         mm = pair.matmul
         q = mm.inputs[0]
         if grouped is not None:
@@ -1197,8 +1300,21 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         branches = extension.branches()
         q2s = {i: view(second_operand(pair.q_site, pair.q_app, pair.q_path, "q", q, br.query))
                for i, br in enumerate(branches)}
+        q_model = q
         q = view(q)
-        blocks = [product(b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)]
+        if bands_out is not None:
+            def as_scores(x: ir.Value) -> ir.Value:  # grouped [B, Hkv, G, s, T] -> [B, H, s, T] (s may be 0)
+                if grouped is None:
+                    return x
+                xs = b.op("Shape", x)
+                target = b.op("Concat", b.op("Gather", xs, b.const(np.array([0], np.int64)), axis=0),
+                              b.op("Gather", b.op("Shape", q_model), b.const(np.array([1], np.int64)), axis=0),
+                              b.op("Gather", xs, b.const(np.array([3, 4], np.int64)), axis=0), axis=0)
+                return b.op("Reshape", x, target, allowzero=1)
+
+            bands_out.append((zero, segments[0][0], as_scores(
+                product(b.op("Slice", q, zero, segments[0][0], rows_axis), k_cols(None, zero, last)))))
+        blocks = [product(b.op("Slice", q, zero, segments[0][0], rows_axis), k_left)] if bands_out is None else []
         for n, (first, active) in enumerate(segments):
             stop = segments[n + 1][0] if n + 1 < len(segments) else last
             block = product(b.op("Slice", q, first, stop, rows_axis), k_left)
@@ -1209,7 +1325,12 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
                 where = _region(b, rows_in, keys_in, branches[i].region, region_memo,
                                 grouped is not None or rank(mm.outputs[0]) != 3)
                 block = b.op("Where", region_mask(where), scores2, block)
+            if bands_out is not None:
+                right_rows = product(b.op("Slice", q, first, stop, rows_axis), k_cols(None, end, last))
+                bands_out.append((first, stop, as_scores(b.op("Concat", block, right_rows, axis=-1))))
             blocks.append(block)
+        if bands_out is not None:
+            return None
         right = product(q, k_cols(None, end, last))
         out = b.op("Concat", b.op("Concat", *blocks, axis=-2), right, axis=-1)
         if grouped is not None:
@@ -1246,6 +1367,28 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         elif pair.cached_keys and (extension is not None or unrotated_cache is not None):
             key_rows, _, k2_whole = cached_keys(pair, rows)
             k_cols = operand_cols(pair, k2_whole)
+        tail = _tail_steps(scores) if extension is not None and (logn_length is None or id(pair) in logn_done) \
+            else None
+        if tail is not None:
+            # the rest of attention per band of rows: the score blocks are never put back together
+            steps, value_product = tail
+            values = _repeated_values(value_product.inputs[1], fold) if grouped is not None else None
+            bands: list[tuple[ir.Value, ir.Value, ir.Value]] = []
+            merge_branches(pair, rows, rows if key_rows is None else key_rows,
+                           k_cols if k_cols is not None else operand_cols(pair), grouped, bands)
+            out = _tail_by_bands(b, bands, steps, value_product, values)
+            old_out = value_product.outputs[0]
+            out.dtype = old_out.dtype
+            for node, idx in list(old_out.uses()):
+                node.replace_input_with(idx, out)
+            for out_index, o in enumerate(graph.outputs):
+                if o is old_out:
+                    graph.outputs[out_index] = out
+            if values is not None:
+                _redirect_repeated_shape(b, value_product.inputs[1], values, mm.inputs[0])  # q: [B, H, S, D]
+                values_grouped += 1
+            out.producer().metadata_props[EXTENDED_KEY] = extension.describe()
+            continue
         if extension is not None:
             merged = merge_branches(pair, rows, rows if key_rows is None else key_rows,
                                     k_cols if k_cols is not None else operand_cols(pair), grouped)
