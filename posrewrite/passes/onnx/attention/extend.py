@@ -490,34 +490,9 @@ def _grouped_key_path(keys: ir.Value, target: ir.Value, data: set[int], graph: i
 
 
 def _value_product(scores: ir.Value) -> ir.Node | None:
-    """The MatMul of the probabilities with the values downstream of ``scores``: through single-use elementwise
-    ops (the mask's Add, log-n's Mul), the Softmax over the last axis and torch's ``Where(IsNaN(p), 0, p)``;
-    None for any other tail."""
-    value = scores
-    for _ in range(8):
-        uses = list(value.uses())
-        if value.is_graph_output() or not uses:
-            return None
-        if len(uses) == 2 and {n.op_type for n, _ in uses} == {"IsNaN", "Where"}:  # torch's guard
-            where, idx = next((n, i) for n, i in uses if n.op_type == "Where")
-            isnan = next(n for n, _ in uses if n.op_type == "IsNaN")
-            if idx != 2 or where.inputs[0] is not isnan.outputs[0]:
-                return None
-            value = where.outputs[0]
-            continue
-        if len(uses) != 1:
-            return None
-        node, idx = uses[0]
-        if node.domain not in ("", "ai.onnx"):
-            return None
-        if node.op_type == "MatMul":
-            return node if idx == 0 else None
-        if node.op_type == "Softmax" and node.attributes.get_int("axis", -1) != -1:
-            return None
-        if node.op_type not in ("Add", "Sub", "Mul", "Div", "Softmax", "Cast"):
-            return None
-        value = node.outputs[0]
-    return None
+    """The MatMul of the probabilities with the values downstream of ``scores`` (`_tail_steps`), or None."""
+    tail = _tail_steps(scores)
+    return tail[1] if tail is not None else None
 
 
 def _repeated_values(value: ir.Value, fold: ConstantEvaluator) -> ir.Value | None:
@@ -607,7 +582,7 @@ def _rows_of(b: NodeWriter, x: ir.Value, first: ir.Value, stop: ir.Value, memo: 
                      b.const(np.array([0], np.int64)))
         padded = b.op("Concat", b.op("ConstantOfShape", short, value=ir.tensor(np.array([1], np.int64))), shape,
                       axis=0)
-        x2 = b.op("Reshape", x, padded)
+        x2 = b.op("Reshape", x, padded, allowzero=1)
         rows = b.op("Slice", padded, b.const(np.array([-2], np.int64)), b.const(np.array([-1], np.int64)))
         many = b.op("Greater", rows, b.const(np.array([1], np.int64)))
         start = b.op("Where", many, first, b.const(np.array([0], np.int64)))
@@ -1387,7 +1362,8 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             if values is not None:
                 _redirect_repeated_shape(b, value_product.inputs[1], values, mm.inputs[0])  # q: [B, H, S, D]
                 values_grouped += 1
-            out.producer().metadata_props[EXTENDED_KEY] = extension.describe()
+            out.producer().metadata_props[EXTENDED_KEY] = extension.describe() + (
+                f" log-n L={logn_length}" if logn_length else "")
             continue
         if extension is not None:
             merged = merge_branches(pair, rows, rows if key_rows is None else key_rows,
