@@ -522,15 +522,9 @@ def _grouped_value_product(b: NodeWriter, scores: ir.Value, fold: ConstantEvalua
     if values is None:
         return False
     out = _grouped_product(b, product.inputs[0], values, scores)
-    old = product.outputs[0]
-    out.dtype = old.dtype
-    for node, idx in list(old.uses()):
-        node.replace_input_with(idx, out)
+    out.dtype = product.outputs[0].dtype
+    product.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
     _redirect_repeated_shape(b, product.inputs[1], values, scores)
-    graph = product.graph
-    for i, o in enumerate(graph.outputs):
-        if o is old:
-            graph.outputs[i] = out
     return True
 
 
@@ -1278,12 +1272,14 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
         q_model = q
         q = view(q)
         if bands_out is not None:
+            q_heads = b.op("Gather", b.op("Shape", q_model), b.const(np.array([1], np.int64)), axis=0) \
+                if grouped is not None else None
+
             def as_scores(x: ir.Value) -> ir.Value:  # grouped [B, Hkv, G, s, T] -> [B, H, s, T] (s may be 0)
-                if grouped is None:
+                if q_heads is None:
                     return x
                 xs = b.op("Shape", x)
-                target = b.op("Concat", b.op("Gather", xs, b.const(np.array([0], np.int64)), axis=0),
-                              b.op("Gather", b.op("Shape", q_model), b.const(np.array([1], np.int64)), axis=0),
+                target = b.op("Concat", b.op("Gather", xs, b.const(np.array([0], np.int64)), axis=0), q_heads,
                               b.op("Gather", xs, b.const(np.array([3, 4], np.int64)), axis=0), axis=0)
                 return b.op("Reshape", x, target, allowzero=1)
 
@@ -1325,7 +1321,6 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
 
         return k_cols
 
-    values_grouped = 0
     for pair in pairs:
         mm = pair.matmul
         scores = mm.outputs[0]
@@ -1352,16 +1347,10 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             merge_branches(pair, rows, rows if key_rows is None else key_rows,
                            k_cols if k_cols is not None else operand_cols(pair), grouped, bands)
             out = _tail_by_bands(b, bands, steps, value_product, values)
-            old_out = value_product.outputs[0]
-            out.dtype = old_out.dtype
-            for node, idx in list(old_out.uses()):
-                node.replace_input_with(idx, out)
-            for out_index, o in enumerate(graph.outputs):
-                if o is old_out:
-                    graph.outputs[out_index] = out
+            out.dtype = value_product.outputs[0].dtype
+            value_product.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
             if values is not None:
                 _redirect_repeated_shape(b, value_product.inputs[1], values, mm.inputs[0])  # q: [B, H, S, D]
-                values_grouped += 1
             out.producer().metadata_props[EXTENDED_KEY] = extension.describe() + (
                 f" log-n L={logn_length}" if logn_length else "")
             continue
@@ -1387,7 +1376,7 @@ def extend_attention(model: ir.Model, sites: list[RopeSite], extension: Attentio
             if out is scores:
                 graph.outputs[out_index] = merged
         if grouped is not None:  # the keys are read without repeat_kv's copies: the values as well
-            values_grouped += _grouped_value_product(b, merged, fold)
+            _grouped_value_product(b, merged, fold)
         mark = merged.producer() if merged is not scores else mm
         mark.metadata_props[EXTENDED_KEY] = (extension.describe() if extension else "") + (
             f" log-n L={logn_length}" if logn_length else "") + (
